@@ -1,0 +1,205 @@
+//! Router: logits in float32, top-k selection, and the router's auxiliary losses.
+//!
+//! Two selection orders are in use in the field:
+//! - `topk_then_softmax` (Mixtral): keep the k largest logits, softmax over those k, so each
+//!   token's weights sum to 1.
+//! - `softmax_then_topk` (Switch, GShard, Megatron upcycling): softmax over all E logits, keep
+//!   the k largest probabilities, no renormalisation.
+//!
+//! Ties are broken deterministically: the lower expert index wins.
+
+use candle_core::{DType, Result, Tensor, D};
+use serde::{Deserialize, Serialize};
+
+/// The order of top-k selection and softmax in the router.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Routing {
+    TopkThenSoftmax,
+    SoftmaxThenTopk,
+}
+
+impl Routing {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Routing::TopkThenSoftmax => "topk_then_softmax",
+            Routing::SoftmaxThenTopk => "softmax_then_topk",
+        }
+    }
+}
+
+impl std::str::FromStr for Routing {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "topk_then_softmax" => Ok(Routing::TopkThenSoftmax),
+            "softmax_then_topk" => Ok(Routing::SoftmaxThenTopk),
+            other => Err(format!(
+                "unknown routing `{other}` (expected topk_then_softmax or softmax_then_topk)"
+            )),
+        }
+    }
+}
+
+/// A routing decision for T tokens.
+#[derive(Debug, Clone)]
+pub struct Routed {
+    /// [T, k] float32 weight of each selected expert (differentiable w.r.t. the logits).
+    pub weights: Tensor,
+    /// [T, k] u32 selected expert indices, best first.
+    pub experts: Tensor,
+    /// [T, E] float32 softmax over all experts (for the load-balancing loss).
+    pub probs: Tensor,
+}
+
+/// Softmax over the last dimension, built from differentiable primitives
+/// (candle's fused `softmax_last_dim` is detached from the graph).
+pub fn softmax_last(xs: &Tensor) -> Result<Tensor> {
+    let max = xs.max_keepdim(D::Minus1)?.detach();
+    let num = xs.broadcast_sub(&max)?.exp()?;
+    let den = num.sum_keepdim(D::Minus1)?;
+    num.broadcast_div(&den)
+}
+
+/// Indices of the k largest values of each row of `scores` [T, E]; ties go to the lower index.
+pub fn topk_indices(scores: &Tensor, k: usize) -> Result<Tensor> {
+    let (t, e) = scores.dims2()?;
+    if k == 0 || k > e {
+        candle_core::bail!("top-k: k = {k} must be in 1..={e} (the number of experts)");
+    }
+    let rows = scores.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+    let mut out = Vec::with_capacity(t * k);
+    let mut order: Vec<u32> = Vec::with_capacity(e);
+    for row in &rows {
+        order.clear();
+        order.extend(0..e as u32);
+        // Stable sort by descending score keeps the lower index first among equals; NaN sorts last.
+        order.sort_by(|&a, &b| {
+            let (x, y) = (row[a as usize], row[b as usize]);
+            y.partial_cmp(&x).unwrap_or_else(|| x.is_nan().cmp(&y.is_nan()))
+        });
+        out.extend_from_slice(&order[..k]);
+    }
+    Tensor::from_vec(out, (t, k), scores.device())
+}
+
+/// Route T tokens given router logits [T, E] (computed in float32 by the caller).
+pub fn route(logits: &Tensor, k: usize, routing: Routing) -> Result<Routed> {
+    let logits = logits.to_dtype(DType::F32)?;
+    let probs = softmax_last(&logits)?;
+    // Softmax is monotonic, so ranking logits and ranking probabilities agree.
+    let experts = topk_indices(&logits, k)?;
+    let weights = match routing {
+        Routing::TopkThenSoftmax => softmax_last(&logits.gather(&experts, D::Minus1)?)?,
+        Routing::SoftmaxThenTopk => probs.gather(&experts, D::Minus1)?,
+    };
+    Ok(Routed {
+        weights,
+        experts,
+        probs,
+    })
+}
+
+/// Number of assignments each expert received: [E] float32 (not differentiable).
+pub fn expert_counts(experts: &Tensor, num_experts: usize) -> Result<Vec<f32>> {
+    let mut counts = vec![0f32; num_experts];
+    for e in experts.flatten_all()?.to_vec1::<u32>()? {
+        counts[e as usize] += 1.0;
+    }
+    Ok(counts)
+}
+
+/// Switch Transformer load-balancing loss, without its coefficient:
+/// `E · Σ_i f_i · P_i`, where f_i is the share of the T·k assignments that went to expert i
+/// and P_i the mean router probability of expert i over the T tokens (Fedus et al. 2021, eq. 4;
+/// Megatron's top-k form). Equals 1 under perfectly uniform routing.
+pub fn load_balancing_loss(probs: &Tensor, experts: &Tensor) -> Result<Tensor> {
+    let (t, e) = probs.dims2()?;
+    let k = experts.dim(1)?;
+    let counts = expert_counts(experts, e)?;
+    let f = Tensor::from_vec(counts, e, probs.device())? / (t * k) as f64;
+    let p = probs.mean(0)?;
+    f?.mul(&p)?.sum_all()? * e as f64
+}
+
+/// Router z-loss without its coefficient: `mean_t(logsumexp(logits_t)²)` (Zoph et al. 2022, ST-MoE).
+pub fn z_loss(logits: &Tensor) -> Result<Tensor> {
+    let logits = logits.to_dtype(DType::F32)?;
+    let max = logits.max_keepdim(D::Minus1)?.detach();
+    let lse = (logits.broadcast_sub(&max)?.exp()?.sum_keepdim(D::Minus1)?.log()? + &max)?;
+    lse.sqr()?.mean_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn logits() -> Tensor {
+        Tensor::new(
+            &[[1.0f32, 3.0, 2.0, 3.0], [0.5, -1.0, 0.25, 4.0]],
+            &Device::Cpu,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn topk_breaks_ties_toward_lower_index() {
+        let idx = topk_indices(&logits(), 2).unwrap().to_vec2::<u32>().unwrap();
+        assert_eq!(idx, vec![vec![1, 3], vec![3, 0]]);
+    }
+
+    #[test]
+    fn topk_then_softmax_weights_sum_to_one() {
+        let r = route(&logits(), 2, Routing::TopkThenSoftmax).unwrap();
+        let w = r.weights.to_vec2::<f32>().unwrap();
+        assert_eq!(w[0], vec![0.5, 0.5]);
+        // Row 2 picks expert 3 (logit 4.0) then expert 0 (logit 0.5).
+        let e = (0.5f32 - 4.0).exp();
+        assert!((w[1][0] - 1.0 / (1.0 + e)).abs() < 1e-7);
+        assert!((w[1][1] - e / (1.0 + e)).abs() < 1e-7);
+    }
+
+    #[test]
+    fn softmax_then_topk_keeps_unnormalised_probabilities() {
+        let r = route(&logits(), 2, Routing::SoftmaxThenTopk).unwrap();
+        let w = r.weights.to_vec2::<f32>().unwrap();
+        let row: Vec<f64> = [1.0f64, 3.0, 2.0, 3.0].iter().map(|x| x.exp()).collect();
+        let z: f64 = row.iter().sum();
+        assert!((w[0][0] as f64 - row[1] / z).abs() < 1e-7);
+        assert!((w[0][1] as f64 - row[3] / z).abs() < 1e-7);
+    }
+
+    #[test]
+    fn load_balancing_loss_is_one_when_uniform() {
+        let logits = Tensor::zeros((4, 4), DType::F32, &Device::Cpu).unwrap();
+        let experts = Tensor::new(&[[0u32], [1], [2], [3]], &Device::Cpu).unwrap();
+        let probs = softmax_last(&logits).unwrap();
+        let l = load_balancing_loss(&probs, &experts).unwrap();
+        assert!((l.to_scalar::<f32>().unwrap() - 1.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn z_loss_matches_definition() {
+        let z = z_loss(&logits()).unwrap().to_scalar::<f32>().unwrap() as f64;
+        let lse = |r: &[f64]| r.iter().map(|x| x.exp()).sum::<f64>().ln();
+        let want = (lse(&[1.0, 3.0, 2.0, 3.0]).powi(2) + lse(&[0.5, -1.0, 0.25, 4.0]).powi(2)) / 2.0;
+        assert!((z - want).abs() < 1e-5, "{z} vs {want}");
+    }
+
+    #[test]
+    fn gradients_reach_the_logits_in_both_modes() {
+        for routing in [Routing::TopkThenSoftmax, Routing::SoftmaxThenTopk] {
+            let var = Var::from_tensor(&logits()).unwrap();
+            let r = route(var.as_tensor(), 2, routing).unwrap();
+            let loss = (r.weights.sqr().unwrap().sum_all().unwrap()
+                + load_balancing_loss(&r.probs, &r.experts).unwrap()
+                + z_loss(var.as_tensor()).unwrap())
+            .unwrap();
+            let grads = loss.backward().unwrap();
+            let g = grads.get(var.as_tensor()).expect("gradient reaches logits");
+            let g: f32 = g.abs().unwrap().sum_all().unwrap().to_scalar().unwrap();
+            assert!(g > 0.0, "{routing:?}");
+        }
+    }
+}

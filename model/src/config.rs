@@ -1,0 +1,621 @@
+//! The model's shape: [`ModelConfig`] (dense or MoE) and its translation to and from
+//! Hugging Face `config.json` for the Llama, Mistral, Qwen2, Mixtral and Qwen2-MoE families.
+
+use crate::error::{Error, Result};
+use btm_kernels::Routing;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value};
+
+/// RoPE frequency scaling.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "rope_type", rename_all = "snake_case")]
+pub enum RopeScaling {
+    /// Llama 3.1's piecewise frequency scaling.
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: usize,
+    },
+}
+
+/// An always-on expert beside the routed ones (Qwen2-MoE, DeepSeek-MoE).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SharedExpertConfig {
+    /// Width of the shared expert's SwiGLU.
+    pub ffn: usize,
+    /// Whether its output is multiplied by `sigmoid(x · w_gate)` (Qwen2-MoE).
+    pub gated: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MoeConfig {
+    pub experts: usize,
+    pub top_k: usize,
+    pub routing: Routing,
+    /// Width of each routed expert's SwiGLU.
+    pub expert_ffn: usize,
+    pub shared_expert: Option<SharedExpertConfig>,
+    /// Layers that keep a dense FFN of `intermediate_size` (Qwen2-MoE's `mlp_only_layers`).
+    #[serde(default)]
+    pub dense_layers: Vec<usize>,
+}
+
+/// A decoder-only Llama-family transformer, dense or MoE.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    /// Width of the dense SwiGLU FFN (also the dense layers of an MoE).
+    pub intermediate_size: usize,
+    pub max_position_embeddings: usize,
+    pub rope_theta: f64,
+    pub rope_scaling: Option<RopeScaling>,
+    pub rms_norm_eps: f64,
+    pub tie_word_embeddings: bool,
+    /// Biases on the q, k and v projections (Qwen2).
+    pub qkv_bias: bool,
+    /// A bias on the output projection (Llama with `attention_bias: true`).
+    pub o_bias: bool,
+    /// Mistral's sliding-window attention: a token attends to at most this many positions.
+    pub sliding_window: Option<usize>,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_id: Option<u32>,
+    pub moe: Option<MoeConfig>,
+}
+
+/// The Hugging Face architectures btm reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Architecture {
+    Llama,
+    Mistral,
+    Qwen2,
+    Mixtral,
+    Qwen2Moe,
+}
+
+impl Architecture {
+    pub const ALL: [Architecture; 5] = [
+        Architecture::Llama,
+        Architecture::Mistral,
+        Architecture::Qwen2,
+        Architecture::Mixtral,
+        Architecture::Qwen2Moe,
+    ];
+
+    pub fn class_name(self) -> &'static str {
+        match self {
+            Architecture::Llama => "LlamaForCausalLM",
+            Architecture::Mistral => "MistralForCausalLM",
+            Architecture::Qwen2 => "Qwen2ForCausalLM",
+            Architecture::Mixtral => "MixtralForCausalLM",
+            Architecture::Qwen2Moe => "Qwen2MoeForCausalLM",
+        }
+    }
+
+    pub fn model_type(self) -> &'static str {
+        match self {
+            Architecture::Llama => "llama",
+            Architecture::Mistral => "mistral",
+            Architecture::Qwen2 => "qwen2",
+            Architecture::Mixtral => "mixtral",
+            Architecture::Qwen2Moe => "qwen2_moe",
+        }
+    }
+
+    /// Identify the architecture from `architectures[0]`, falling back to `model_type`.
+    pub fn detect(cfg: &Value) -> Result<Self> {
+        let class = cfg
+            .get("architectures")
+            .and_then(|a| a.get(0))
+            .and_then(Value::as_str);
+        let model_type = cfg.get("model_type").and_then(Value::as_str);
+        for arch in Self::ALL {
+            if class == Some(arch.class_name()) || (class.is_none() && model_type == Some(arch.model_type())) {
+                return Ok(arch);
+            }
+        }
+        let name = class.or(model_type).unwrap_or("<none given>").to_string();
+        Err(Error::UnknownArchitecture(name))
+    }
+}
+
+impl ModelConfig {
+    pub fn is_moe_layer(&self, layer: usize) -> bool {
+        self.moe.as_ref().is_some_and(|m| !m.dense_layers.contains(&layer))
+    }
+
+    /// Total parameter count.
+    pub fn num_parameters(&self) -> usize {
+        crate::weights::expected_tensors(self)
+            .iter()
+            .map(|t| t.shape.iter().product::<usize>())
+            .sum()
+    }
+
+    /// Parameters one token passes through (the MoE's routed experts counted k times, not E).
+    pub fn num_active_parameters(&self) -> usize {
+        let total = self.num_parameters();
+        match &self.moe {
+            None => total,
+            Some(m) => {
+                let per_expert = 3 * self.hidden_size * m.expert_ffn;
+                let moe_layers = (0..self.num_layers).filter(|&l| self.is_moe_layer(l)).count();
+                total - moe_layers * (m.experts - m.top_k) * per_expert
+            }
+        }
+    }
+
+    /// Check internal consistency; every reader and builder calls this.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |msg: String| Err(Error::InvalidConfig(msg));
+        for (name, v) in [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("num_hidden_layers", self.num_layers),
+            ("num_attention_heads", self.num_heads),
+            ("num_key_value_heads", self.num_kv_heads),
+            ("head_dim", self.head_dim),
+            ("intermediate_size", self.intermediate_size),
+        ] {
+            if v == 0 {
+                return bad(format!("{name} must be positive"));
+            }
+        }
+        if self.head_dim % 2 != 0 {
+            return bad(format!("head_dim {} must be even for RoPE", self.head_dim));
+        }
+        if self.num_heads % self.num_kv_heads != 0 {
+            return bad(format!(
+                "num_attention_heads ({}) must be a multiple of num_key_value_heads ({})",
+                self.num_heads, self.num_kv_heads
+            ));
+        }
+        if let Some(m) = &self.moe {
+            if m.experts == 0 || m.expert_ffn == 0 {
+                return bad("an MoE needs at least one expert of positive width".into());
+            }
+            if m.top_k == 0 || m.top_k > m.experts {
+                return bad(format!(
+                    "num_experts_per_tok (top-k) = {} must be between 1 and the number of experts ({})",
+                    m.top_k, m.experts
+                ));
+            }
+            if let Some(l) = m.dense_layers.iter().find(|&&l| l >= self.num_layers) {
+                return bad(format!("dense layer {l} is out of range (the model has {} layers)", self.num_layers));
+            }
+        }
+        Ok(())
+    }
+
+    /// Parse a Hugging Face `config.json`.
+    pub fn from_hf(cfg: &Value) -> Result<(Self, Architecture)> {
+        let arch = Architecture::detect(cfg)?;
+        let get_usize = |key: &str| -> Result<Option<usize>> {
+            match cfg.get(key) {
+                None | Some(Value::Null) => Ok(None),
+                Some(v) => v
+                    .as_u64()
+                    .map(|x| Some(x as usize))
+                    .ok_or_else(|| Error::InvalidConfig(format!("config.json: `{key}` must be a non-negative integer, got {v}"))),
+            }
+        };
+        let need = |key: &str| -> Result<usize> {
+            get_usize(key)?.ok_or_else(|| Error::InvalidConfig(format!("config.json: missing `{key}`")))
+        };
+        let get_f64 = |v: &Value, key: &str| -> Result<Option<f64>> {
+            match v.get(key) {
+                None | Some(Value::Null) => Ok(None),
+                Some(x) => x
+                    .as_f64()
+                    .map(Some)
+                    .ok_or_else(|| Error::InvalidConfig(format!("config.json: `{key}` must be a number, got {x}"))),
+            }
+        };
+        let get_bool = |key: &str| cfg.get(key).and_then(Value::as_bool);
+        let token_id = |key: &str| -> Option<u32> {
+            match cfg.get(key) {
+                Some(Value::Number(n)) => n.as_u64().map(|x| x as u32),
+                Some(Value::Array(a)) => a.first().and_then(Value::as_u64).map(|x| x as u32),
+                _ => None,
+            }
+        };
+
+        let hidden_size = need("hidden_size")?;
+        let num_heads = need("num_attention_heads")?;
+        let num_kv_heads = get_usize("num_key_value_heads")?.unwrap_or(num_heads);
+        if num_heads == 0 {
+            return Err(Error::InvalidConfig("num_attention_heads must be positive".into()));
+        }
+        let head_dim = get_usize("head_dim")?.unwrap_or(hidden_size / num_heads);
+
+        // RoPE: transformers 5 writes `rope_parameters`; older files a top-level `rope_theta`
+        // plus an optional `rope_scaling`.
+        let rope = match cfg.get("rope_parameters") {
+            Some(v @ Value::Object(_)) => v.clone(),
+            _ => {
+                let mut m = match cfg.get("rope_scaling") {
+                    Some(Value::Object(m)) => m.clone(),
+                    _ => Map::new(),
+                };
+                if let Some(t) = cfg.get("rope_theta") {
+                    m.insert("rope_theta".into(), t.clone());
+                }
+                Value::Object(m)
+            }
+        };
+        let rope_theta = get_f64(&rope, "rope_theta")?.unwrap_or(10000.0);
+        let rope_type = rope
+            .get("rope_type")
+            .or_else(|| rope.get("type"))
+            .and_then(Value::as_str)
+            .unwrap_or("default");
+        let rope_scaling = match rope_type {
+            "default" => None,
+            "llama3" => {
+                let f = |k: &str| {
+                    get_f64(&rope, k)?.ok_or_else(|| Error::InvalidConfig(format!("config.json: llama3 rope scaling needs `{k}`")))
+                };
+                Some(RopeScaling::Llama3 {
+                    factor: f("factor")?,
+                    low_freq_factor: f("low_freq_factor")?,
+                    high_freq_factor: f("high_freq_factor")?,
+                    original_max_position_embeddings: f("original_max_position_embeddings")? as usize,
+                })
+            }
+            other => {
+                return Err(Error::Unsupported(format!(
+                    "rope type `{other}` (btm supports default and llama3)"
+                )))
+            }
+        };
+
+        if get_bool("mlp_bias") == Some(true) {
+            return Err(Error::Unsupported("mlp_bias: true (biases in the FFN)".into()));
+        }
+        let (qkv_bias, o_bias) = match arch {
+            Architecture::Llama => {
+                let b = get_bool("attention_bias").unwrap_or(false);
+                (b, b)
+            }
+            Architecture::Qwen2 | Architecture::Qwen2Moe => (true, false),
+            Architecture::Mistral | Architecture::Mixtral => (false, false),
+        };
+        let sliding_window = match arch {
+            Architecture::Mistral | Architecture::Mixtral => get_usize("sliding_window")?,
+            Architecture::Qwen2 | Architecture::Qwen2Moe => {
+                if get_bool("use_sliding_window") == Some(true) {
+                    return Err(Error::Unsupported("Qwen2 use_sliding_window: true".into()));
+                }
+                None
+            }
+            Architecture::Llama => None,
+        };
+
+        let intermediate_size = need("intermediate_size")?;
+        let moe = match arch {
+            Architecture::Mixtral => Some(MoeConfig {
+                experts: need("num_local_experts")?,
+                top_k: need("num_experts_per_tok")?,
+                routing: Routing::TopkThenSoftmax,
+                expert_ffn: intermediate_size,
+                shared_expert: None,
+                dense_layers: vec![],
+            }),
+            Architecture::Qwen2Moe => {
+                let num_layers = need("num_hidden_layers")?;
+                let step = get_usize("decoder_sparse_step")?.unwrap_or(1).max(1);
+                let mlp_only: Vec<usize> = match cfg.get("mlp_only_layers") {
+                    Some(Value::Array(a)) => a.iter().filter_map(Value::as_u64).map(|x| x as usize).collect(),
+                    _ => vec![],
+                };
+                let dense_layers = (0..num_layers)
+                    .filter(|l| mlp_only.contains(l) || (l + 1) % step != 0)
+                    .collect();
+                // btm's zero-output placeholder (`btm.shared_expert: "none"`) is dropped by the
+                // checkpoint reader once it has checked the weights really are zero.
+                let shared_ffn = get_usize("shared_expert_intermediate_size")?.unwrap_or(0);
+                let shared_expert = (shared_ffn > 0).then_some(SharedExpertConfig {
+                    ffn: shared_ffn,
+                    gated: true,
+                });
+                Some(MoeConfig {
+                    experts: need("num_experts")?,
+                    top_k: need("num_experts_per_tok")?,
+                    routing: if get_bool("norm_topk_prob").unwrap_or(false) {
+                        Routing::TopkThenSoftmax
+                    } else {
+                        Routing::SoftmaxThenTopk
+                    },
+                    expert_ffn: need("moe_intermediate_size")?,
+                    shared_expert,
+                    dense_layers,
+                })
+            }
+            _ => None,
+        };
+
+        let config = ModelConfig {
+            vocab_size: need("vocab_size")?,
+            hidden_size,
+            num_layers: need("num_hidden_layers")?,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            intermediate_size,
+            max_position_embeddings: get_usize("max_position_embeddings")?.unwrap_or(2048),
+            rope_theta,
+            rope_scaling,
+            rms_norm_eps: get_f64(cfg, "rms_norm_eps")?.unwrap_or(1e-6),
+            tie_word_embeddings: get_bool("tie_word_embeddings").unwrap_or(false),
+            qkv_bias,
+            o_bias,
+            sliding_window,
+            bos_token_id: token_id("bos_token_id"),
+            eos_token_id: token_id("eos_token_id"),
+            moe,
+        };
+        config.validate()?;
+        Ok((config, arch))
+    }
+
+    /// The architecture btm writes this model as: dense → Llama (Mistral with sliding-window
+    /// attention); `topk_then_softmax` MoE →
+    /// Mixtral (or Qwen2-MoE with `norm_topk_prob: true` when Mixtral cannot hold it: attention
+    /// biases, a shared expert, dense layers); `softmax_then_topk` MoE → Qwen2-MoE with
+    /// `norm_topk_prob: false`.
+    pub fn output_architecture(&self) -> Architecture {
+        match &self.moe {
+            None if self.sliding_window.is_some() => Architecture::Mistral,
+            None => Architecture::Llama,
+            Some(m) => {
+                let mixtral_fits = m.routing == Routing::TopkThenSoftmax
+                    && !self.qkv_bias
+                    && !self.o_bias
+                    && m.shared_expert.is_none()
+                    && m.dense_layers.is_empty();
+                if mixtral_fits {
+                    Architecture::Mixtral
+                } else {
+                    Architecture::Qwen2Moe
+                }
+            }
+        }
+    }
+
+    /// Width of the shared expert as written to disk: Qwen2-MoE always has one, so a model
+    /// without one gets a width-1 placeholder whose output is exactly zero.
+    pub fn written_shared_ffn(&self) -> Option<usize> {
+        match (self.output_architecture(), &self.moe) {
+            (Architecture::Qwen2Moe, Some(m)) => Some(m.shared_expert.as_ref().map_or(1, |s| s.ffn)),
+            _ => None,
+        }
+    }
+
+    /// A Hugging Face `config.json` for [`Self::output_architecture`].
+    pub fn to_hf(&self) -> Result<Value> {
+        let arch = self.output_architecture();
+        if arch == Architecture::Qwen2Moe && self.o_bias {
+            return Err(Error::Unsupported(
+                "an MoE with an output-projection bias has no Hugging Face layout btm can write".into(),
+            ));
+        }
+        let mut c = json!({
+            "architectures": [arch.class_name()],
+            "model_type": arch.model_type(),
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "attention_dropout": 0.0,
+            "initializer_range": 0.02,
+            "use_cache": true,
+            "torch_dtype": "float32",
+        });
+        let obj = c.as_object_mut().expect("object");
+        if let Some(id) = self.bos_token_id {
+            obj.insert("bos_token_id".into(), json!(id));
+        }
+        if let Some(id) = self.eos_token_id {
+            obj.insert("eos_token_id".into(), json!(id));
+        }
+        // Legacy RoPE keys: both transformers 4.x and 5.x (which converts them to
+        // `rope_parameters`), vLLM and llama.cpp's converter read them.
+        if let Some(RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings,
+        }) = &self.rope_scaling
+        {
+            obj.insert(
+                "rope_scaling".into(),
+                json!({"rope_type": "llama3", "factor": factor, "low_freq_factor": low_freq_factor,
+                       "high_freq_factor": high_freq_factor,
+                       "original_max_position_embeddings": original_max_position_embeddings}),
+            );
+        }
+        let mut btm = Map::new();
+        match (arch, &self.moe) {
+            (Architecture::Llama, _) => {
+                if self.qkv_bias != self.o_bias {
+                    // Llama's `attention_bias` covers q, k, v and o alike; a zero o bias is exact.
+                    btm.insert("o_bias".into(), json!("zero"));
+                }
+                obj.insert("attention_bias".into(), json!(self.qkv_bias || self.o_bias));
+                obj.insert("mlp_bias".into(), json!(false));
+            }
+            (Architecture::Mistral, None) => {
+                if self.qkv_bias || self.o_bias {
+                    return Err(Error::Unsupported(
+                        "attention biases together with sliding-window attention".into(),
+                    ));
+                }
+                obj.insert("sliding_window".into(), json!(self.sliding_window));
+            }
+            (Architecture::Mixtral, Some(m)) => {
+                obj.insert("num_local_experts".into(), json!(m.experts));
+                obj.insert("num_experts_per_tok".into(), json!(m.top_k));
+                obj.insert("intermediate_size".into(), json!(m.expert_ffn));
+                obj.insert("sliding_window".into(), json!(self.sliding_window));
+                obj.insert("router_aux_loss_coef".into(), json!(0.0));
+                obj.insert("output_router_logits".into(), json!(false));
+            }
+            (Architecture::Qwen2Moe, Some(m)) => {
+                if self.sliding_window.is_some() {
+                    return Err(Error::Unsupported("sliding-window attention in a Qwen2-MoE".into()));
+                }
+                obj.insert("num_experts".into(), json!(m.experts));
+                obj.insert("num_experts_per_tok".into(), json!(m.top_k));
+                obj.insert("moe_intermediate_size".into(), json!(m.expert_ffn));
+                obj.insert("shared_expert_intermediate_size".into(), json!(self.written_shared_ffn()));
+                obj.insert("norm_topk_prob".into(), json!(m.routing == Routing::TopkThenSoftmax));
+                obj.insert("decoder_sparse_step".into(), json!(1));
+                obj.insert("mlp_only_layers".into(), json!(m.dense_layers));
+                obj.insert("use_sliding_window".into(), json!(false));
+                obj.insert("qkv_bias".into(), json!(true));
+                obj.insert("router_aux_loss_coef".into(), json!(0.0));
+                obj.insert("output_router_logits".into(), json!(false));
+                match &m.shared_expert {
+                    None => {
+                        btm.insert("shared_expert".into(), json!("none"));
+                        btm.insert(
+                            "note".into(),
+                            json!("Qwen2-MoE always has a shared expert; this one's down_proj is zero, so its output is exactly zero"),
+                        );
+                    }
+                    Some(s) if !s.gated => {
+                        btm.insert("shared_expert".into(), json!("ungated"));
+                        btm.insert(
+                            "note".into(),
+                            json!("the shared expert is ungated: its gate weight is zero (sigmoid = 1/2) and its down_proj is doubled"),
+                        );
+                    }
+                    Some(_) => {}
+                }
+                if !self.qkv_bias {
+                    btm.insert("qkv_bias".into(), json!("zero"));
+                }
+            }
+            _ => unreachable!("output_architecture matches the MoE config"),
+        }
+        if let Some(m) = &self.moe {
+            btm.insert("routing".into(), json!(m.routing.as_str()));
+        }
+        if !btm.is_empty() {
+            obj.insert("btm".into(), Value::Object(btm));
+        }
+        Ok(c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny() -> ModelConfig {
+        ModelConfig {
+            vocab_size: 64,
+            hidden_size: 16,
+            num_layers: 2,
+            num_heads: 4,
+            num_kv_heads: 2,
+            head_dim: 4,
+            intermediate_size: 32,
+            max_position_embeddings: 64,
+            rope_theta: 10000.0,
+            rope_scaling: None,
+            rms_norm_eps: 1e-5,
+            tie_word_embeddings: false,
+            qkv_bias: false,
+            o_bias: false,
+            sliding_window: None,
+            bos_token_id: Some(0),
+            eos_token_id: Some(1),
+            moe: None,
+        }
+    }
+
+    #[test]
+    fn hf_round_trip_for_every_written_architecture() {
+        let dense = tiny();
+        let mut mixtral = tiny();
+        mixtral.moe = Some(MoeConfig {
+            experts: 4,
+            top_k: 2,
+            routing: Routing::TopkThenSoftmax,
+            expert_ffn: 8,
+            shared_expert: None,
+            dense_layers: vec![],
+        });
+        let mut qwen = mixtral.clone();
+        qwen.qkv_bias = true;
+        qwen.moe.as_mut().unwrap().routing = Routing::SoftmaxThenTopk;
+        let mut qwen_shared = qwen.clone();
+        qwen_shared.moe.as_mut().unwrap().shared_expert = Some(SharedExpertConfig { ffn: 12, gated: true });
+        let mut llama3 = tiny();
+        llama3.rope_scaling = Some(RopeScaling::Llama3 {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 16,
+        });
+        for (cfg, arch) in [
+            (dense, Architecture::Llama),
+            (mixtral, Architecture::Mixtral),
+            (qwen, Architecture::Qwen2Moe),
+            (qwen_shared, Architecture::Qwen2Moe),
+            (llama3, Architecture::Llama),
+        ] {
+            let hf = cfg.to_hf().unwrap();
+            let (back, got) = ModelConfig::from_hf(&hf).unwrap();
+            assert_eq!(got, arch);
+            // Qwen2-MoE always has q/k/v biases and a shared expert: btm writes zero ones, which
+            // the checkpoint reader (not the config parser) drops again after checking them.
+            let mut want = cfg.clone();
+            if arch == Architecture::Mixtral {
+                // Mixtral has one FFN width; the dense width is unused without dense layers.
+                want.intermediate_size = want.moe.as_ref().unwrap().expert_ffn;
+            }
+            if arch == Architecture::Qwen2Moe {
+                want.qkv_bias = true;
+                let m = want.moe.as_mut().unwrap();
+                m.shared_expert.get_or_insert(SharedExpertConfig { ffn: 1, gated: true });
+            }
+            assert_eq!(back, want);
+        }
+    }
+
+    #[test]
+    fn unknown_architecture_is_named() {
+        let err = ModelConfig::from_hf(&json!({"architectures": ["GPT2LMHeadModel"]})).unwrap_err();
+        assert_eq!(err.to_string(), "unknown architecture `GPT2LMHeadModel` (btm reads LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, MixtralForCausalLM, Qwen2MoeForCausalLM)");
+    }
+
+    #[test]
+    fn top_k_larger_than_experts_is_rejected() {
+        let mut cfg = tiny();
+        cfg.moe = Some(MoeConfig {
+            experts: 2,
+            top_k: 3,
+            routing: Routing::TopkThenSoftmax,
+            expert_ffn: 8,
+            shared_expert: None,
+            dense_layers: vec![],
+        });
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.contains("top-k) = 3 must be between 1 and the number of experts (2)"), "{err}");
+    }
+}

@@ -1,0 +1,27 @@
+//! btm's model core.
+//!
+//! Everything in btm reads, runs and writes models through this crate: the model's shape
+//! ([`config`]), its tensors and their Hugging Face names ([`weights`]), the transformer
+//! itself in candle ([`model`]), checkpoints in Hugging Face layout ([`checkpoint`]),
+//! `MANIFEST.json` ([`manifest`]) and `btm.json` lineage ([`lineage`]), tokenizers
+//! ([`tokenizer`]), perplexity ([`eval`]) and object-store URLs ([`storage`]).
+
+pub mod checkpoint;
+pub mod config;
+pub mod error;
+pub mod eval;
+pub mod jsonl;
+pub mod lineage;
+pub mod manifest;
+pub mod model;
+pub mod storage;
+pub mod tokenizer;
+pub mod weights;
+
+pub use btm_kernels::Routing;
+pub use checkpoint::{write_checkpoint, Checkpoint, Extras, WriteOptions};
+pub use config::{Architecture, ModelConfig, MoeConfig, RopeScaling, SharedExpertConfig};
+pub use error::{Error, Result};
+pub use lineage::Lineage;
+pub use manifest::Manifest;
+pub use model::Transformer;

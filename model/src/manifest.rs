@@ -1,0 +1,153 @@
+//! `MANIFEST.json`: every file of an artefact with its size and SHA-256, written last.
+//!
+//! An artefact (checkpoint, model, eval result) is complete exactly when its manifest exists
+//! and every listed file matches it; readers trust nothing without one.
+
+use crate::error::{Error, Result};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::Path;
+
+pub const MANIFEST: &str = "MANIFEST.json";
+const FORMAT: &str = "btm-manifest/1";
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileEntry {
+    pub path: String,
+    pub size: u64,
+    pub sha256: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: String,
+    pub files: Vec<FileEntry>,
+}
+
+/// SHA-256 and size of a file, streamed.
+pub fn hash_file(path: &Path) -> Result<(u64, String)> {
+    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut size = 0u64;
+    loop {
+        let n = f.read(&mut buf).map_err(|e| Error::io(path, e))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        size += n as u64;
+    }
+    Ok((size, hex::encode(hasher.finalize())))
+}
+
+fn collect(dir: &Path, rel: &str, out: &mut Vec<String>) -> Result<()> {
+    let here = dir.join(rel);
+    let mut entries: Vec<_> = std::fs::read_dir(&here)
+        .map_err(|e| Error::io(&here, e))?
+        .collect::<std::io::Result<_>>()
+        .map_err(|e| Error::io(&here, e))?;
+    entries.sort_by_key(|e| e.file_name());
+    for entry in entries {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let path = if rel.is_empty() { name.clone() } else { format!("{rel}/{name}") };
+        if entry.file_type().map_err(|e| Error::io(entry.path(), e))?.is_dir() {
+            collect(dir, &path, out)?;
+        } else if path != MANIFEST {
+            out.push(path);
+        }
+    }
+    Ok(())
+}
+
+impl Manifest {
+    /// Hash every file under `dir` (recursively), reusing `known` hashes of files just written.
+    pub fn build(dir: &Path, known: &BTreeMap<String, (u64, String)>) -> Result<Self> {
+        let mut paths = Vec::new();
+        collect(dir, "", &mut paths)?;
+        let files = paths
+            .into_iter()
+            .map(|path| {
+                let (size, sha256) = match known.get(&path) {
+                    Some(k) => k.clone(),
+                    None => hash_file(&dir.join(&path))?,
+                };
+                Ok(FileEntry { path, size, sha256 })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            format: FORMAT.into(),
+            files,
+        })
+    }
+
+    /// Write `dir/MANIFEST.json` through a temporary file and a rename, so it appears whole.
+    pub fn write(&self, dir: &Path) -> Result<()> {
+        let tmp = dir.join(format!(".{MANIFEST}.tmp"));
+        let bytes = serde_json::to_vec_pretty(self).expect("manifest serialises");
+        std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
+        let dst = dir.join(MANIFEST);
+        std::fs::rename(&tmp, &dst).map_err(|e| Error::io(&dst, e))
+    }
+
+    pub fn read(dir: &Path) -> Result<Self> {
+        let path = dir.join(MANIFEST);
+        let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+        let m: Manifest = serde_json::from_slice(&bytes)
+            .map_err(|e| Error::Manifest(format!("{}: {e}", path.display())))?;
+        if m.format != FORMAT {
+            return Err(Error::Manifest(format!("{}: unknown format `{}`", path.display(), m.format)));
+        }
+        Ok(m)
+    }
+
+    /// Check every listed file's size and hash.
+    pub fn verify(&self, dir: &Path) -> Result<()> {
+        for f in &self.files {
+            let path = dir.join(&f.path);
+            let (size, sha) = hash_file(&path)?;
+            if size != f.size {
+                return Err(Error::Manifest(format!(
+                    "{}: {size} bytes, the manifest says {}",
+                    path.display(),
+                    f.size
+                )));
+            }
+            if sha != f.sha256 {
+                return Err(Error::Manifest(format!("{}: SHA-256 differs from the manifest", path.display())));
+            }
+        }
+        Ok(())
+    }
+
+    /// The identity of an artefact: SHA-256 of its manifest's bytes.
+    pub fn id(dir: &Path) -> Result<String> {
+        let path = dir.join(MANIFEST);
+        let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+        Ok(hex::encode(Sha256::digest(&bytes)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn detects_truncation_and_tampering() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("sub")).unwrap();
+        std::fs::write(dir.path().join("a.bin"), b"hello").unwrap();
+        std::fs::write(dir.path().join("sub/b.bin"), b"world").unwrap();
+        let m = Manifest::build(dir.path(), &BTreeMap::new()).unwrap();
+        m.write(dir.path()).unwrap();
+        let m = Manifest::read(dir.path()).unwrap();
+        assert_eq!(m.files.len(), 2);
+        m.verify(dir.path()).unwrap();
+        std::fs::write(dir.path().join("sub/b.bin"), b"worle").unwrap();
+        assert!(m.verify(dir.path()).unwrap_err().to_string().contains("SHA-256 differs"));
+        std::fs::write(dir.path().join("a.bin"), b"hel").unwrap();
+        assert!(m.verify(dir.path()).unwrap_err().to_string().contains("3 bytes, the manifest says 5"));
+    }
+}

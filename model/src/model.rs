@@ -1,0 +1,476 @@
+//! A Llama-family decoder-only transformer in candle, dense or Mixture-of-Experts.
+//!
+//! Read top to bottom: RMSNorm → rotary embeddings → grouped-query attention → SwiGLU FFN or
+//! MoE block → decoder layer → the whole model. Everything is built from differentiable candle
+//! primitives (candle's fused `RmsNorm`, `softmax_last_dim` and `rope` kernels are detached
+//! from the autograd graph), so the same code serves evaluation and training. Numerics follow
+//! transformers' eager implementation: RMSNorm and attention softmax in float32, router in
+//! float32.
+
+use crate::config::{ModelConfig, MoeConfig, RopeScaling};
+use btm_kernels::{route, Routed, Routing};
+use candle_core::{DType, Device, Module, Result, Tensor, D};
+use candle_nn::{Embedding, Linear, VarBuilder};
+
+/// Root-mean-square layer norm (Zhang & Sennrich 2019), computed in float32 as Llama does.
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    pub fn new(size: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get(size, "weight")?,
+            eps,
+        })
+    }
+}
+
+impl Module for RmsNorm {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let dtype = xs.dtype();
+        let xs = xs.to_dtype(DType::F32)?;
+        let inv_rms = (xs.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?.sqrt()?.recip()?;
+        xs.broadcast_mul(&inv_rms)?.to_dtype(dtype)?.broadcast_mul(&self.weight)
+    }
+}
+
+/// Rotary position embeddings (Su et al. 2021) with the `rotate_half` convention of
+/// Hugging Face Llama checkpoints, and Llama 3.1's frequency scaling.
+#[derive(Debug, Clone)]
+pub struct Rotary {
+    /// Inverse frequencies, [head_dim / 2], float32.
+    inv_freq: Vec<f32>,
+}
+
+impl Rotary {
+    pub fn new(cfg: &ModelConfig) -> Self {
+        let dim = cfg.head_dim;
+        // float32 throughout, as transformers computes them.
+        let base = cfg.rope_theta as f32;
+        let mut inv_freq: Vec<f32> = (0..dim / 2)
+            .map(|i| 1.0 / base.powf((2 * i) as f32 / dim as f32))
+            .collect();
+        if let Some(RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings,
+        }) = &cfg.rope_scaling
+        {
+            let (factor, low, high) = (*factor as f32, *low_freq_factor as f32, *high_freq_factor as f32);
+            let old_ctx = *original_max_position_embeddings as f32;
+            let (low_wavelen, high_wavelen) = (old_ctx / low, old_ctx / high);
+            for f in inv_freq.iter_mut() {
+                let wavelen = 2.0 * std::f32::consts::PI / *f;
+                if wavelen > low_wavelen {
+                    *f /= factor;
+                } else if wavelen >= high_wavelen {
+                    let smooth = (old_ctx / wavelen - low) / (high - low);
+                    *f = (1.0 - smooth) * *f / factor + smooth * *f;
+                }
+            }
+        }
+        Self { inv_freq }
+    }
+
+    /// cos and sin tables for positions 0..seq_len, [seq_len, head_dim], float32.
+    pub fn tables(&self, seq_len: usize, device: &Device) -> Result<(Tensor, Tensor)> {
+        let half = self.inv_freq.len();
+        let mut angles = Vec::with_capacity(seq_len * half * 2);
+        for pos in 0..seq_len {
+            let row: Vec<f32> = self.inv_freq.iter().map(|f| f * pos as f32).collect();
+            angles.extend_from_slice(&row);
+            angles.extend_from_slice(&row);
+        }
+        let angles = Tensor::from_vec(angles, (seq_len, half * 2), device)?;
+        Ok((angles.cos()?, angles.sin()?))
+    }
+}
+
+/// x·cos + rotate_half(x)·sin for x of shape [B, H, T, D].
+fn apply_rotary(xs: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let half = xs.dim(D::Minus1)? / 2;
+    let x1 = xs.narrow(D::Minus1, 0, half)?;
+    let x2 = xs.narrow(D::Minus1, half, half)?;
+    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+    let (cos, sin) = (cos.to_dtype(xs.dtype())?, sin.to_dtype(xs.dtype())?);
+    xs.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?
+}
+
+/// Additive attention mask [T, T]: 0 where query i may see key j (j ≤ i, and i − j < window
+/// with sliding-window attention), −∞ elsewhere.
+pub fn causal_mask(seq_len: usize, sliding_window: Option<usize>, device: &Device) -> Result<Tensor> {
+    let window = sliding_window.unwrap_or(usize::MAX);
+    let mask: Vec<f32> = (0..seq_len)
+        .flat_map(|i| (0..seq_len).map(move |j| if j <= i && i - j < window { 0.0 } else { f32::NEG_INFINITY }))
+        .collect();
+    Tensor::from_vec(mask, (seq_len, seq_len), device)
+}
+
+/// Softmax over the last dimension from differentiable primitives.
+pub fn softmax_last(xs: &Tensor) -> Result<Tensor> {
+    btm_kernels::router::softmax_last(xs)
+}
+
+fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
+    let weight = vb.get((out_dim, in_dim), "weight")?;
+    let bias = if bias { Some(vb.get(out_dim, "bias")?) } else { None };
+    Ok(Linear::new(weight, bias))
+}
+
+/// Grouped-query attention (Ainslie et al. 2023): `num_kv_heads` key/value heads shared by
+/// groups of query heads.
+#[derive(Debug, Clone)]
+pub struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    pub fn new(cfg: &ModelConfig, vb: VarBuilder) -> Result<Self> {
+        let (h, d) = (cfg.hidden_size, cfg.head_dim);
+        Ok(Self {
+            q_proj: linear(h, cfg.num_heads * d, cfg.qkv_bias, vb.pp("q_proj"))?,
+            k_proj: linear(h, cfg.num_kv_heads * d, cfg.qkv_bias, vb.pp("k_proj"))?,
+            v_proj: linear(h, cfg.num_kv_heads * d, cfg.qkv_bias, vb.pp("v_proj"))?,
+            o_proj: linear(cfg.num_heads * d, h, cfg.o_bias, vb.pp("o_proj"))?,
+            num_heads: cfg.num_heads,
+            num_kv_heads: cfg.num_kv_heads,
+            head_dim: d,
+        })
+    }
+
+    pub fn forward(&self, xs: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let (b, t, _) = xs.dims3()?;
+        let heads = |proj: &Linear, n: usize| -> Result<Tensor> {
+            proj.forward(xs)?.reshape((b, t, n, self.head_dim))?.transpose(1, 2)?.contiguous()
+        };
+        let q = apply_rotary(&heads(&self.q_proj, self.num_heads)?, cos, sin)?;
+        let k = apply_rotary(&heads(&self.k_proj, self.num_kv_heads)?, cos, sin)?;
+        let v = heads(&self.v_proj, self.num_kv_heads)?;
+        let group = self.num_heads / self.num_kv_heads;
+        let (k, v) = (repeat_kv(&k, group)?, repeat_kv(&v, group)?);
+
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?.broadcast_add(mask)?;
+        let probs = softmax_last(&scores)?.to_dtype(v.dtype())?;
+        let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, self.num_heads * self.head_dim))?;
+        self.o_proj.forward(&out)
+    }
+}
+
+/// [B, n_kv, T, D] → [B, n_kv · group, T, D], each key/value head repeated `group` times.
+fn repeat_kv(xs: &Tensor, group: usize) -> Result<Tensor> {
+    if group == 1 {
+        return Ok(xs.clone());
+    }
+    let (b, n, t, d) = xs.dims4()?;
+    xs.unsqueeze(2)?.expand((b, n, group, t, d))?.reshape((b, n * group, t, d))
+}
+
+/// The SwiGLU feed-forward network (Shazeer 2020): down(silu(gate(x)) ⊙ up(x)).
+#[derive(Debug, Clone)]
+pub struct SwiGlu {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+impl SwiGlu {
+    pub fn new(hidden: usize, ffn: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            gate_proj: linear(hidden, ffn, false, vb.pp("gate_proj"))?,
+            up_proj: linear(hidden, ffn, false, vb.pp("up_proj"))?,
+            down_proj: linear(ffn, hidden, false, vb.pp("down_proj"))?,
+        })
+    }
+}
+
+impl Module for SwiGlu {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let gate = self.gate_proj.forward(xs)?.silu()?;
+        self.down_proj.forward(&(gate * self.up_proj.forward(xs)?)?)
+    }
+}
+
+/// What an MoE layer's router did for one forward pass.
+#[derive(Debug, Clone)]
+pub struct RouterOutput {
+    /// [T, E] router logits, float32.
+    pub logits: Tensor,
+    pub routed: Routed,
+}
+
+impl RouterOutput {
+    /// Switch load-balancing loss `E · Σ_i f_i · P_i`, without its coefficient.
+    pub fn load_balancing_loss(&self) -> Result<Tensor> {
+        btm_kernels::load_balancing_loss(&self.routed.probs, &self.routed.experts)
+    }
+
+    /// Router z-loss `mean(logsumexp(logits)²)`, without its coefficient.
+    pub fn z_loss(&self) -> Result<Tensor> {
+        btm_kernels::z_loss(&self.logits)
+    }
+
+    /// Share of the token-expert assignments each expert received.
+    pub fn expert_load(&self) -> Result<Vec<f32>> {
+        let e = self.logits.dim(1)?;
+        let counts = btm_kernels::router::expert_counts(&self.routed.experts, e)?;
+        let total: f32 = counts.iter().sum::<f32>().max(1.0);
+        Ok(counts.into_iter().map(|c| c / total).collect())
+    }
+}
+
+/// A Mixture-of-Experts FFN: a float32 router picks `top_k` of E SwiGLU experts per token;
+/// an optional shared expert (Qwen2-MoE) sees every token, optionally behind a sigmoid gate.
+///
+/// This is the plain reference path (a loop over experts with `index_select`/`index_add`);
+/// the fused kernels of `btm-kernels` are checked against it.
+#[derive(Debug, Clone)]
+pub struct MoeBlock {
+    /// Router weight [E, H]; applied in float32.
+    router: Tensor,
+    experts: Vec<SwiGlu>,
+    shared_expert: Option<SwiGlu>,
+    shared_expert_gate: Option<Linear>,
+    top_k: usize,
+    routing: Routing,
+}
+
+impl MoeBlock {
+    pub fn new(hidden: usize, moe: &MoeConfig, vb: VarBuilder) -> Result<Self> {
+        let router = vb.pp("gate").get((moe.experts, hidden), "weight")?;
+        let experts = (0..moe.experts)
+            .map(|e| SwiGlu::new(hidden, moe.expert_ffn, vb.pp("experts").pp(e)))
+            .collect::<Result<Vec<_>>>()?;
+        let (shared_expert, shared_expert_gate) = match &moe.shared_expert {
+            None => (None, None),
+            Some(s) => (
+                Some(SwiGlu::new(hidden, s.ffn, vb.pp("shared_expert"))?),
+                if s.gated {
+                    Some(linear(hidden, 1, false, vb.pp("shared_expert_gate"))?)
+                } else {
+                    None
+                },
+            ),
+        };
+        Ok(Self {
+            router,
+            experts,
+            shared_expert,
+            shared_expert_gate,
+            top_k: moe.top_k,
+            routing: moe.routing,
+        })
+    }
+
+    /// Router logits [T, E] in float32 for token rows [T, H].
+    pub fn router_logits(&self, xs: &Tensor) -> Result<Tensor> {
+        xs.to_dtype(DType::F32)?.matmul(&self.router.to_dtype(DType::F32)?.t()?)
+    }
+
+    pub fn forward(&self, xs: &Tensor, record: Option<&mut Vec<RouterOutput>>) -> Result<Tensor> {
+        let dims = xs.dims().to_vec();
+        let hidden = *dims.last().expect("hidden dim");
+        let xs = xs.reshape(((), hidden))?;
+        let logits = self.router_logits(&xs)?;
+        let routed = route(&logits, self.top_k, self.routing)?;
+
+        // Group the T·k assignments by expert on the host: the reference loop.
+        let k = self.top_k;
+        let assignments = routed.experts.flatten_all()?.to_vec1::<u32>()?;
+        let mut tokens: Vec<Vec<u32>> = vec![Vec::new(); self.experts.len()];
+        let mut slots: Vec<Vec<u32>> = vec![Vec::new(); self.experts.len()];
+        for (slot, &e) in assignments.iter().enumerate() {
+            tokens[e as usize].push((slot / k) as u32);
+            slots[e as usize].push(slot as u32);
+        }
+        let weights = routed.weights.flatten_all()?;
+        let mut out = xs.zeros_like()?;
+        for (e, expert) in self.experts.iter().enumerate() {
+            if tokens[e].is_empty() {
+                continue;
+            }
+            let n = tokens[e].len();
+            let token_idx = Tensor::from_slice(&tokens[e], n, xs.device())?;
+            let slot_idx = Tensor::from_slice(&slots[e], n, xs.device())?;
+            let y = expert.forward(&xs.index_select(&token_idx, 0)?)?;
+            let w = weights.index_select(&slot_idx, 0)?.to_dtype(y.dtype())?.unsqueeze(1)?;
+            out = out.index_add(&token_idx, &y.broadcast_mul(&w)?, 0)?;
+        }
+        if let Some(shared) = &self.shared_expert {
+            let mut s = shared.forward(&xs)?;
+            if let Some(gate) = &self.shared_expert_gate {
+                s = s.broadcast_mul(&sigmoid(&gate.forward(&xs)?)?)?;
+            }
+            out = (out + s)?;
+        }
+        if let Some(record) = record {
+            record.push(RouterOutput { logits, routed });
+        }
+        out.reshape(dims)
+    }
+}
+
+/// σ(x) = 1 / (1 + e^−x), from differentiable primitives.
+fn sigmoid(xs: &Tensor) -> Result<Tensor> {
+    (xs.neg()?.exp()? + 1.0)?.recip()
+}
+
+/// The FFN slot of a decoder layer.
+#[derive(Debug, Clone)]
+pub enum Ffn {
+    Dense(SwiGlu),
+    Moe(MoeBlock),
+}
+
+/// One pre-norm decoder layer: x + attn(norm(x)), then h + ffn(norm(h)).
+#[derive(Debug, Clone)]
+pub struct DecoderLayer {
+    input_layernorm: RmsNorm,
+    self_attn: Attention,
+    post_attention_layernorm: RmsNorm,
+    mlp: Ffn,
+}
+
+/// What to collect during a forward pass, beyond the logits.
+#[derive(Debug, Default)]
+pub struct Trace {
+    /// Collect every layer's FFN input (the post-attention norm output — the router's input).
+    pub collect_ffn_inputs: bool,
+    /// One [B, T, H] tensor per layer when `collect_ffn_inputs` is set.
+    pub ffn_inputs: Vec<Tensor>,
+    /// One entry per MoE layer, in layer order.
+    pub router: Vec<RouterOutput>,
+}
+
+impl DecoderLayer {
+    pub fn new(cfg: &ModelConfig, layer: usize, vb: VarBuilder) -> Result<Self> {
+        let h = cfg.hidden_size;
+        let mlp = match cfg.moe.as_ref().filter(|_| cfg.is_moe_layer(layer)) {
+            Some(moe) => Ffn::Moe(MoeBlock::new(h, moe, vb.pp("mlp"))?),
+            None => Ffn::Dense(SwiGlu::new(h, cfg.intermediate_size, vb.pp("mlp"))?),
+        };
+        Ok(Self {
+            input_layernorm: RmsNorm::new(h, cfg.rms_norm_eps, vb.pp("input_layernorm"))?,
+            self_attn: Attention::new(cfg, vb.pp("self_attn"))?,
+            post_attention_layernorm: RmsNorm::new(h, cfg.rms_norm_eps, vb.pp("post_attention_layernorm"))?,
+            mlp,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor, trace: &mut Trace) -> Result<Tensor> {
+        let h = (xs + self.self_attn.forward(&self.input_layernorm.forward(xs)?, cos, sin, mask)?)?;
+        let normed = self.post_attention_layernorm.forward(&h)?;
+        if trace.collect_ffn_inputs {
+            trace.ffn_inputs.push(normed.clone());
+        }
+        let ffn = match &self.mlp {
+            Ffn::Dense(mlp) => mlp.forward(&normed)?,
+            Ffn::Moe(moe) => moe.forward(&normed, Some(&mut trace.router))?,
+        };
+        h + ffn
+    }
+}
+
+/// The whole model: embeddings, decoder layers, final norm and LM head.
+#[derive(Debug, Clone)]
+pub struct Transformer {
+    embed_tokens: Embedding,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    rotary: Rotary,
+    config: ModelConfig,
+}
+
+impl Transformer {
+    /// Build from tensors named as in [`crate::weights::expected_tensors`].
+    pub fn new(cfg: &ModelConfig, vb: VarBuilder) -> Result<Self> {
+        let embed = vb.pp("model.embed_tokens").get((cfg.vocab_size, cfg.hidden_size), "weight")?;
+        let lm_head = if cfg.tie_word_embeddings {
+            Linear::new(embed.clone(), None)
+        } else {
+            linear(cfg.hidden_size, cfg.vocab_size, false, vb.pp("lm_head"))?
+        };
+        let layers = (0..cfg.num_layers)
+            .map(|l| DecoderLayer::new(cfg, l, vb.pp("model.layers").pp(l)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            embed_tokens: Embedding::new(embed, cfg.hidden_size),
+            layers,
+            norm: RmsNorm::new(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("model.norm"))?,
+            lm_head,
+            rotary: Rotary::new(cfg),
+            config: cfg.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// Logits [B, T, vocab] for token ids [B, T] (positions 0..T).
+    pub fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
+        self.forward_traced(input_ids, &mut Trace::default())
+    }
+
+    /// Like [`Self::forward`], also filling `trace` (router decisions, FFN inputs).
+    pub fn forward_traced(&self, input_ids: &Tensor, trace: &mut Trace) -> Result<Tensor> {
+        let (_, t) = input_ids.dims2()?;
+        if t > self.config.max_position_embeddings {
+            candle_core::bail!(
+                "sequence of {t} tokens is longer than max_position_embeddings ({})",
+                self.config.max_position_embeddings
+            );
+        }
+        let device = input_ids.device();
+        let (cos, sin) = self.rotary.tables(t, device)?;
+        let mask = causal_mask(t, self.config.sliding_window, device)?;
+        let mut xs = self.embed_tokens.forward(input_ids)?;
+        for layer in &self.layers {
+            xs = layer.forward(&xs, &cos, &sin, &mask, trace)?;
+        }
+        self.lm_head.forward(&self.norm.forward(&xs)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sliding_window_mask() {
+        let m = causal_mask(4, Some(2), &Device::Cpu).unwrap().to_vec2::<f32>().unwrap();
+        let allowed: Vec<Vec<bool>> = m.iter().map(|r| r.iter().map(|x| *x == 0.0).collect()).collect();
+        assert_eq!(
+            allowed,
+            vec![
+                vec![true, false, false, false],
+                vec![true, true, false, false],
+                vec![false, true, true, false],
+                vec![false, false, true, true],
+            ]
+        );
+    }
+
+    #[test]
+    fn rms_norm_has_gradient() {
+        let x = candle_core::Var::new(&[[1f32, 2.0, 3.0]], &Device::Cpu).unwrap();
+        let norm = RmsNorm {
+            weight: Tensor::new(&[1f32, 1.0, 1.0], &Device::Cpu).unwrap(),
+            eps: 1e-6,
+        };
+        let y = norm.forward(x.as_tensor()).unwrap();
+        let g = y.narrow(1, 0, 1).unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(g.get(x.as_tensor()).is_some());
+    }
+}

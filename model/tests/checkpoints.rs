@@ -1,0 +1,299 @@
+//! Parity with `transformers`, checkpoint round trips, and named errors for bad input.
+//!
+//! The fixtures in `tests/fixtures/` come from `scripts/make_fixtures.py`: tiny random
+//! checkpoints of every architecture btm reads, with the logits and perplexity `transformers`
+//! computes for them in float32.
+
+use btm_model::checkpoint::{parse_dtype, rewrite, write_checkpoint, Extras, WriteOptions};
+use btm_model::eval::perplexity;
+use btm_model::{Checkpoint, Error, Transformer};
+use candle_core::{DType, Device, Tensor};
+use std::path::{Path, PathBuf};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+const MODELS: [&str; 8] = [
+    "llama",
+    "llama_legacy",
+    "mistral",
+    "qwen2",
+    "mixtral",
+    "mixtral_fused",
+    "qwen2_moe",
+    "qwen2_moe_normtopk",
+];
+
+fn expected_eval(dir: &Path) -> (u64, f64) {
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("expected.json")).unwrap()).unwrap();
+    (v["eval"]["tokens"].as_u64().unwrap(), v["eval"]["ppl"].as_f64().unwrap())
+}
+
+fn eval_texts() -> Vec<String> {
+    btm_model::jsonl::read_texts(&fixtures().join("eval.jsonl"), None).unwrap()
+}
+
+fn max_logit_diff(model: &Transformer, dir: &Path) -> f32 {
+    let expected = candle_core::safetensors::load(dir.join("expected.safetensors"), &Device::Cpu).unwrap();
+    let ids = expected["input_ids"].to_dtype(DType::U32).unwrap();
+    let logits = model.forward(&ids).unwrap();
+    (logits - &expected["logits"]).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+}
+
+fn ppl(ckpt: &Checkpoint) -> btm_model::eval::Perplexity {
+    let model = ckpt.load_model(DType::F32, &Device::Cpu).unwrap();
+    perplexity(&model, &ckpt.tokenizer().unwrap(), &eval_texts(), 16, &Device::Cpu).unwrap()
+}
+
+#[test]
+fn logits_and_perplexity_match_transformers() {
+    for name in MODELS {
+        let dir = fixtures().join(name);
+        let ckpt = Checkpoint::open(&dir).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let model = ckpt.load_model(DType::F32, &Device::Cpu).unwrap();
+        let diff = max_logit_diff(&model, &dir);
+        assert!(diff <= 1e-4, "{name}: max |Δlogit| = {diff}");
+        let (tokens, want) = expected_eval(&dir);
+        let got = ppl(&ckpt);
+        assert_eq!(got.tokens, tokens, "{name}");
+        let rel = (got.ppl - want).abs() / want;
+        assert!(rel <= 1e-5, "{name}: ppl {} vs transformers {want} (rel {rel:e})", got.ppl);
+    }
+}
+
+#[test]
+fn architectures_are_understood() {
+    use btm_model::{Architecture, Routing};
+    let open = |n: &str| Checkpoint::open(fixtures().join(n)).unwrap();
+    let llama = open("llama");
+    assert_eq!(llama.architecture, Architecture::Llama);
+    assert!(llama.config.rope_scaling.is_some());
+    let legacy = open("llama_legacy");
+    assert_eq!((legacy.config.rope_theta, legacy.config.head_dim), (500000.0, 16));
+    assert!(legacy.config.tie_word_embeddings);
+    assert_eq!(open("mistral").config.sliding_window, Some(8));
+    let qwen2 = open("qwen2").config;
+    assert!(qwen2.qkv_bias && !qwen2.o_bias);
+    let mixtral = open("mixtral_fused").config.moe.unwrap();
+    assert_eq!((mixtral.experts, mixtral.top_k, mixtral.routing), (4, 2, Routing::TopkThenSoftmax));
+    let qwen = open("qwen2_moe").config.moe.unwrap();
+    assert_eq!(qwen.routing, Routing::SoftmaxThenTopk);
+    assert_eq!(qwen.shared_expert.unwrap().ffn, 40);
+    assert_eq!(open("qwen2_moe_normtopk").config.moe.unwrap().routing, Routing::TopkThenSoftmax);
+}
+
+fn assert_same_tensors(a: &Checkpoint, b: &Checkpoint) {
+    assert_eq!(a.config, b.config);
+    for spec in a.tensor_specs() {
+        let (x, y) = (a.tensor(&spec.name).unwrap(), b.tensor(&spec.name).unwrap());
+        assert_eq!(x.dtype(), y.dtype(), "{}", spec.name);
+        let (x, y) = (x.to_dtype(DType::F64).unwrap(), y.to_dtype(DType::F64).unwrap());
+        let x: Vec<f64> = x.flatten_all().unwrap().to_vec1().unwrap();
+        let y: Vec<f64> = y.flatten_all().unwrap().to_vec1().unwrap();
+        // Bitwise: compare the bit patterns, not approximate values.
+        assert!(
+            x.iter().zip(&y).all(|(p, q)| p.to_bits() == q.to_bits()),
+            "{} differs after the round trip",
+            spec.name
+        );
+    }
+}
+
+#[test]
+fn read_write_read_is_bit_identical_in_every_dtype_and_sharding() {
+    let tmp = tempfile::tempdir().unwrap();
+    for name in MODELS {
+        let src = Checkpoint::open(fixtures().join(name)).unwrap();
+        // float32, one file.
+        let out = tmp.path().join(format!("{name}-f32"));
+        rewrite(&src, &out, &WriteOptions::default(), None).unwrap();
+        let back = Checkpoint::open(&out).unwrap();
+        assert_same_tensors(&src, &back);
+        assert!(out.join("MANIFEST.json").exists());
+        btm_model::Manifest::read(&out).unwrap().verify(&out).unwrap();
+
+        // Sharded: every shard at most 64 KB, with an index.
+        let sharded = tmp.path().join(format!("{name}-sharded"));
+        let opts = WriteOptions {
+            max_shard_bytes: 64 << 10,
+            ..Default::default()
+        };
+        rewrite(&src, &sharded, &opts, None).unwrap();
+        assert!(sharded.join("model.safetensors.index.json").exists(), "{name}");
+        assert!(!sharded.join("model.safetensors").exists());
+        assert_same_tensors(&src, &Checkpoint::open(&sharded).unwrap());
+
+        // bfloat16 and float16: converting once, then read → write → read is exact.
+        for dtype in ["bfloat16", "float16"] {
+            let opts = WriteOptions {
+                dtype: parse_dtype(dtype).unwrap(),
+                ..Default::default()
+            };
+            let first = tmp.path().join(format!("{name}-{dtype}-1"));
+            rewrite(&src, &first, &opts, None).unwrap();
+            let first = Checkpoint::open(&first).unwrap();
+            assert_eq!(first.dtype(), opts.dtype);
+            let second = tmp.path().join(format!("{name}-{dtype}-2"));
+            rewrite(&first, &second, &opts, None).unwrap();
+            assert_same_tensors(&first, &Checkpoint::open(&second).unwrap());
+        }
+    }
+}
+
+#[test]
+fn written_models_keep_their_outputs() {
+    // What btm writes computes what it read: logits of the rewritten model equal transformers'.
+    let tmp = tempfile::tempdir().unwrap();
+    for name in MODELS {
+        let src = Checkpoint::open(fixtures().join(name)).unwrap();
+        let out = tmp.path().join(name);
+        rewrite(&src, &out, &WriteOptions::default(), None).unwrap();
+        let back = Checkpoint::open(&out).unwrap();
+        let model = back.load_model(DType::F32, &Device::Cpu).unwrap();
+        let diff = max_logit_diff(&model, &fixtures().join(name));
+        assert!(diff <= 1e-4, "{name}: max |Δlogit| = {diff} after rewrite");
+    }
+}
+
+/// A copy of a fixture in a temporary directory, to damage.
+fn copy_fixture(name: &str) -> tempfile::TempDir {
+    let tmp = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(fixtures().join(name)).unwrap() {
+        let p = entry.unwrap().path();
+        std::fs::copy(&p, tmp.path().join(p.file_name().unwrap())).unwrap();
+    }
+    tmp
+}
+
+fn edit_config(dir: &Path, f: impl FnOnce(&mut serde_json::Value)) {
+    let p = dir.join("config.json");
+    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+    f(&mut v);
+    std::fs::write(&p, serde_json::to_vec(&v).unwrap()).unwrap();
+}
+
+#[test]
+fn bad_checkpoints_get_named_errors() {
+    // Missing weights.
+    let d = copy_fixture("llama");
+    std::fs::remove_file(d.path().join("model.safetensors")).unwrap();
+    let err = Checkpoint::open(d.path()).unwrap_err();
+    assert!(matches!(err, Error::MissingFile(_)), "{err}");
+    assert!(err.to_string().ends_with("model.safetensors: file not found"), "{err}");
+
+    // Truncated weights.
+    let d = copy_fixture("llama");
+    let p = d.path().join("model.safetensors");
+    let len = std::fs::metadata(&p).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(&p).unwrap().set_len(len - 100).unwrap();
+    let err = Checkpoint::open(d.path()).unwrap_err().to_string();
+    assert!(err.contains("model.safetensors: truncated or corrupt safetensors file"), "{err}");
+
+    // A shape that disagrees with config.json.
+    let d = copy_fixture("llama");
+    edit_config(d.path(), |c| c["intermediate_size"] = 72.into());
+    let err = Checkpoint::open(d.path()).unwrap_err().to_string();
+    assert_eq!(
+        err,
+        "tensor `model.layers.0.mlp.gate_proj.weight` has shape [64, 32] but config.json implies [72, 32]"
+    );
+
+    // An MoE whose expert count disagrees with the fused tensors.
+    let d = copy_fixture("mixtral_fused");
+    edit_config(d.path(), |c| c["intermediate_size"] = 40.into());
+    let err = Checkpoint::open(d.path()).unwrap_err().to_string();
+    assert!(err.starts_with("tensor `model.layers.0.mlp.experts.gate_up_proj` has shape [4, 96, 32]"), "{err}");
+
+    // Unknown architecture.
+    let d = copy_fixture("llama");
+    edit_config(d.path(), |c| c["architectures"] = serde_json::json!(["FalconForCausalLM"]));
+    let err = Checkpoint::open(d.path()).unwrap_err().to_string();
+    assert!(err.starts_with("unknown architecture `FalconForCausalLM`"), "{err}");
+
+    // A missing tensor.
+    let d = copy_fixture("qwen2");
+    edit_config(d.path(), |c| c["tie_word_embeddings"] = false.into());
+    let err = Checkpoint::open(d.path()).unwrap_err().to_string();
+    assert!(err.starts_with("tensor `lm_head.weight` is missing from the checkpoint"), "{err}");
+}
+
+/// A random dense model of the fixtures' shape but with a smaller vocabulary.
+fn small_vocab_model(dir: &Path, vocab: usize) {
+    let src = Checkpoint::open(fixtures().join("llama")).unwrap();
+    let mut cfg = src.config.clone();
+    cfg.vocab_size = vocab;
+    let mut get = |name: &str| -> btm_model::Result<Tensor> {
+        let t = src.tensor(name)?;
+        Ok(if name == "model.embed_tokens.weight" || name == "lm_head.weight" {
+            t.narrow(0, 0, vocab)?
+        } else {
+            t
+        })
+    };
+    let extras = Extras {
+        tokenizer: Some(fixtures().join("tokenizer.json")),
+        lineage: None,
+    };
+    write_checkpoint(dir, &cfg, &mut get, &extras, &WriteOptions::default()).unwrap();
+}
+
+#[test]
+fn tokenizer_larger_than_the_embedding_is_rejected() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("m");
+    small_vocab_model(&dir, 300);
+    let err = Checkpoint::open(&dir).unwrap_err().to_string();
+    assert_eq!(err, "the tokenizer has 320 tokens but the model's embedding has only 300 rows (vocab_size)");
+}
+
+#[test]
+fn failed_write_leaves_nothing_behind() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = Checkpoint::open(fixtures().join("llama")).unwrap();
+    let dest = tmp.path().join("out");
+    let mut calls = 0;
+    let mut get = |name: &str| -> btm_model::Result<Tensor> {
+        calls += 1;
+        if calls == 5 {
+            return Err(Error::Storage("simulated failure".into()));
+        }
+        src.tensor(name)
+    };
+    let err = write_checkpoint(&dest, &src.config, &mut get, &Extras::default(), &WriteOptions::default()).unwrap_err();
+    assert_eq!(err.to_string(), "storage: simulated failure");
+    assert!(!dest.exists());
+    assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0, "no temporary directory is left");
+
+    // A tensor of the wrong shape is named and nothing is written either.
+    let mut get = |name: &str| -> btm_model::Result<Tensor> {
+        let t = src.tensor(name)?;
+        Ok(if name == "model.norm.weight" { t.narrow(0, 0, 4)? } else { t })
+    };
+    let err = write_checkpoint(&dest, &src.config, &mut get, &Extras::default(), &WriteOptions::default()).unwrap_err();
+    assert_eq!(err.to_string(), "tensor `model.norm.weight` has shape [4] but config.json implies [32]");
+    assert!(!dest.exists());
+
+    // An existing destination is not overwritten unless asked.
+    std::fs::create_dir(&dest).unwrap();
+    let err = rewrite(&src, &dest, &WriteOptions::default(), None).unwrap_err().to_string();
+    assert!(err.ends_with("already exists (refusing to overwrite)"), "{err}");
+}
+
+#[test]
+fn moe_placeholders_are_exact_and_dropped_on_read() {
+    // A softmax_then_topk MoE without biases or shared expert is written as Qwen2-MoE with
+    // zero biases and a zero-output shared expert; reading it back recovers the original.
+    let src = Checkpoint::open(fixtures().join("mixtral")).unwrap();
+    let mut cfg = src.config.clone();
+    cfg.moe.as_mut().unwrap().routing = btm_model::Routing::SoftmaxThenTopk;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("qwen");
+    write_checkpoint(&dir, &cfg, &mut |n| src.tensor(n), &Extras::default(), &WriteOptions::default()).unwrap();
+    let back = Checkpoint::open(&dir).unwrap();
+    assert_eq!(back.architecture, btm_model::Architecture::Qwen2Moe);
+    assert_eq!(back.config, cfg);
+    let hf: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
+    assert_eq!(hf["norm_topk_prob"], false);
+    assert_eq!(hf["btm"]["shared_expert"], "none");
+}

@@ -1,0 +1,57 @@
+//! `btm eval`: perplexity by the convention in `btm_model::eval`.
+
+use anyhow::{Context, Result};
+use btm_model::Checkpoint;
+use clap::Args;
+use std::path::PathBuf;
+
+#[derive(Args)]
+pub struct EvalArgs {
+    /// Model directory or object-store URL (file://, s3://, gs://, az://).
+    #[arg(long)]
+    model: String,
+    /// JSONL file with a `text` field per line.
+    #[arg(long)]
+    data: PathBuf,
+    /// Longest window, in tokens; documents are cut into non-overlapping windows.
+    #[arg(long, default_value_t = 128)]
+    seq_len: usize,
+    /// Score only the first N documents.
+    #[arg(long)]
+    max_docs: Option<usize>,
+    /// Print one JSON line {"tokens", "nll", "ppl"}.
+    #[arg(long)]
+    json: bool,
+    /// Compute dtype.
+    #[arg(long, default_value = "float32")]
+    dtype: String,
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+pub fn run(args: EvalArgs) -> Result<()> {
+    anyhow::ensure!(args.seq_len >= 2, "--seq-len must be at least 2");
+    let dir = btm_model::storage::local_dir(&args.model)?;
+    let ckpt = Checkpoint::open(&dir).with_context(|| format!("opening model {}", args.model))?;
+    let device = super::device(&args.device)?;
+    let model = ckpt.load_model(super::dtype(&args.dtype)?, &device)?;
+    let tokenizer = ckpt.tokenizer()?;
+    let texts = btm_model::jsonl::read_texts(&args.data, args.max_docs)?;
+    anyhow::ensure!(!texts.is_empty(), "{}: no documents", args.data.display());
+    let start = std::time::Instant::now();
+    let p = btm_model::eval::perplexity(&model, &tokenizer, &texts, args.seq_len, &device)?;
+    if args.json {
+        println!("{}", serde_json::to_string(&p)?);
+    } else {
+        println!(
+            "{}: {} documents, {} predicted tokens, nll {:.4}, perplexity {:.4} ({:.1}s)",
+            args.data.display(),
+            texts.len(),
+            p.tokens,
+            p.nll,
+            p.ppl,
+            start.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,22 @@
+//! One module per subcommand.
+
+pub mod convert;
+pub mod eval;
+pub mod inspect;
+pub mod tokenizer;
+
+use anyhow::{bail, Result};
+use candle_core::{DType, Device};
+
+/// The compute device: the CPU, or CUDA when built with the `cuda` feature.
+pub fn device(name: &str) -> Result<Device> {
+    match name {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => Ok(Device::new_cuda(0)?),
+        other => bail!("unknown device `{other}` (expected cpu or cuda)"),
+    }
+}
+
+pub fn dtype(name: &str) -> Result<DType> {
+    Ok(btm_model::checkpoint::parse_dtype(name)?)
+}

@@ -635,7 +635,7 @@ pub fn write_checkpoint(
         }
         total_size += offset;
         let mut header = serde_json::to_vec(&header).expect("header serialises");
-        while header.len() % 8 != 0 {
+        while !header.len().is_multiple_of(8) {
             header.push(b' ');
         }
         let file = std::fs::File::create(&path).map_err(|e| Error::io(&path, e))?;

@@ -1,0 +1,615 @@
+//! The job spec: one YAML file says everything a training run needs.
+//!
+//! Parsing is strict (`deny_unknown_fields` everywhere) and [`JobSpec::validate`] checks what
+//! types cannot: positive learning rates, a sequence length the model can hold, data files that
+//! exist and are not empty. Every error names the key path (`optimizer.lr`,
+//! `data.train[1].path`) and the reason, and all of it happens before any work starts.
+//! Relative paths are resolved against the job file's directory.
+//!
+//! ```yaml
+//! init: {checkpoint: seed/}          # or {config: config.json, tokenizer: tokenizer.json}
+//! out: runs/scripture                # a directory or file:// URL
+//! data:
+//!   train: [{path: scripture/train.jsonl, weight: 1.0}]
+//!   valid: [scripture/valid.jsonl]
+//! steps: 2000                        # or `tokens: 50_000_000`
+//! batch_size: 8
+//! seq_len: 256
+//! optimizer: {lr: 3.0e-4, betas: [0.9, 0.95], eps: 1.0e-8, weight_decay: 0.1}
+//! schedule: {warmup_steps: 100, decay: cosine, min_lr: 3.0e-5}
+//! ```
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// Where the weights come from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Init {
+    /// A checkpoint directory or object-store URL in Hugging Face layout.
+    #[serde(default)]
+    pub checkpoint: Option<String>,
+    /// Train from scratch: a Hugging Face `config.json` ...
+    #[serde(default)]
+    pub config: Option<PathBuf>,
+    /// ... and the `tokenizer.json` to train with.
+    #[serde(default)]
+    pub tokenizer: Option<PathBuf>,
+}
+
+/// One training data source.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Source {
+    /// JSONL file, one `{"text": ...}` per line.
+    pub path: PathBuf,
+    /// Share of training sequences drawn from this source (relative to the others).
+    #[serde(default = "one_f64")]
+    pub weight: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Data {
+    pub train: Vec<Source>,
+    #[serde(default)]
+    pub valid: Vec<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Optimizer {
+    #[serde(default = "default_lr")]
+    pub lr: f64,
+    #[serde(default = "default_betas")]
+    pub betas: [f64; 2],
+    #[serde(default = "default_eps")]
+    pub eps: f64,
+    /// Decoupled weight decay (Loshchilov & Hutter); never applied to norms and biases.
+    #[serde(default = "default_wd")]
+    pub weight_decay: f64,
+}
+
+impl Default for Optimizer {
+    fn default() -> Self {
+        Self {
+            lr: default_lr(),
+            betas: default_betas(),
+            eps: default_eps(),
+            weight_decay: default_wd(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Decay {
+    Cosine,
+    Constant,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Schedule {
+    #[serde(default)]
+    pub warmup_steps: u64,
+    #[serde(default = "cosine")]
+    pub decay: Decay,
+    /// The cosine decays to this; ignored by `constant`.
+    #[serde(default)]
+    pub min_lr: f64,
+}
+
+impl Default for Schedule {
+    fn default() -> Self {
+        Self {
+            warmup_steps: 0,
+            decay: Decay::Cosine,
+            min_lr: 0.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Eval {
+    /// Validate every this many steps (and at the start and the end); 0 = start and end only.
+    #[serde(default)]
+    pub interval: u64,
+    /// Number of `seq_len` windows of the validation stream to score.
+    #[serde(default = "default_eval_sequences")]
+    pub sequences: usize,
+}
+
+impl Default for Eval {
+    fn default() -> Self {
+        Self {
+            interval: 0,
+            sequences: default_eval_sequences(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Checkpointing {
+    /// Write a checkpoint every this many steps (and at the end); 0 = at the end only.
+    #[serde(default)]
+    pub interval: u64,
+    /// How many step checkpoints to keep (the newest).
+    #[serde(default = "default_keep")]
+    pub keep: usize,
+}
+
+impl Default for Checkpointing {
+    fn default() -> Self {
+        Self {
+            interval: 0,
+            keep: default_keep(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Moe {
+    /// Coefficient of the Switch load-balancing loss (mean over MoE layers).
+    #[serde(default = "default_aux")]
+    pub aux_loss_coef: f64,
+    /// Coefficient of the router z-loss (mean over MoE layers).
+    #[serde(default = "default_z")]
+    pub z_loss_coef: f64,
+}
+
+impl Default for Moe {
+    fn default() -> Self {
+        Self {
+            aux_loss_coef: default_aux(),
+            z_loss_coef: default_z(),
+        }
+    }
+}
+
+/// Which tensors train, by canonical name with `*` wildcards: e.g. only the routers
+/// (`include: ["*.mlp.gate.weight"]`) or only new experts
+/// (`include: ["*.mlp.gate.weight", "*.mlp.experts.4.*"]`). Default: everything.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Trainable {
+    #[serde(default)]
+    pub include: Vec<String>,
+    #[serde(default)]
+    pub exclude: Vec<String>,
+}
+
+impl Trainable {
+    pub fn selects(&self, name: &str) -> bool {
+        (self.include.is_empty() || self.include.iter().any(|p| glob(p, name)))
+            && !self.exclude.iter().any(|p| glob(p, name))
+    }
+}
+
+/// `*` matches any run of characters (dots included); everything else matches itself.
+pub fn glob(pattern: &str, name: &str) -> bool {
+    let parts: Vec<&str> = pattern.split('*').collect();
+    if parts.len() == 1 {
+        return pattern == name;
+    }
+    let (first, last) = (parts[0], parts[parts.len() - 1]);
+    if !name.starts_with(first) || name.len() < first.len() + last.len() || !name.ends_with(last) {
+        return false;
+    }
+    let mut rest = &name[first.len()..name.len() - last.len()];
+    for mid in &parts[1..parts.len() - 1] {
+        match rest.find(mid) {
+            Some(i) => rest = &rest[i + mid.len()..],
+            None => return false,
+        }
+    }
+    true
+}
+
+/// A training job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobSpec {
+    pub init: Init,
+    /// Output directory or file:// URL: checkpoints/, model/, metrics.jsonl.
+    pub out: String,
+    pub data: Data,
+    /// Optimizer steps to take; or give `tokens` instead.
+    #[serde(default)]
+    pub steps: Option<u64>,
+    /// Training-token budget: steps = ceil(tokens / (batch_size · seq_len · grad_accum)).
+    #[serde(default)]
+    pub tokens: Option<u64>,
+    pub batch_size: usize,
+    pub seq_len: usize,
+    #[serde(default = "one_usize")]
+    pub grad_accum: usize,
+    #[serde(default)]
+    pub optimizer: Optimizer,
+    #[serde(default)]
+    pub schedule: Schedule,
+    /// Clip the global gradient norm to this; null = no clipping.
+    #[serde(default = "default_clip")]
+    pub grad_clip: Option<f64>,
+    #[serde(default)]
+    pub seed: u64,
+    #[serde(default = "default_dtype")]
+    pub dtype: String,
+    #[serde(default = "default_device")]
+    pub device: String,
+    /// CPU threads (candle/rayon); default: all cores.
+    #[serde(default)]
+    pub threads: Option<usize>,
+    #[serde(default)]
+    pub eval: Eval,
+    #[serde(default)]
+    pub checkpoint: Checkpointing,
+    /// Write a metrics line every this many steps.
+    #[serde(default = "default_log_interval")]
+    pub log_interval: u64,
+    #[serde(default)]
+    pub moe: Moe,
+    #[serde(default)]
+    pub trainable: Trainable,
+    /// `auto` (newest valid checkpoint under `out`, if any), `never`, or a checkpoint directory.
+    #[serde(default = "default_resume")]
+    pub resume: String,
+    /// The domain this expert trains on (recorded in `btm.json`).
+    #[serde(default)]
+    pub domain: Option<String>,
+    /// Where tokenized data is cached; default `$BTM_CACHE/tokens` or `~/.cache/btm/tokens`.
+    #[serde(default)]
+    pub token_cache: Option<PathBuf>,
+}
+
+fn one_f64() -> f64 {
+    1.0
+}
+fn one_usize() -> usize {
+    1
+}
+fn default_lr() -> f64 {
+    3e-4
+}
+fn default_betas() -> [f64; 2] {
+    [0.9, 0.95]
+}
+fn default_eps() -> f64 {
+    1e-8
+}
+fn default_wd() -> f64 {
+    0.1
+}
+fn cosine() -> Decay {
+    Decay::Cosine
+}
+fn default_eval_sequences() -> usize {
+    32
+}
+fn default_keep() -> usize {
+    2
+}
+fn default_aux() -> f64 {
+    0.01
+}
+fn default_z() -> f64 {
+    0.001
+}
+fn default_clip() -> Option<f64> {
+    Some(1.0)
+}
+fn default_dtype() -> String {
+    "float32".into()
+}
+fn default_device() -> String {
+    "cpu".into()
+}
+fn default_log_interval() -> u64 {
+    10
+}
+fn default_resume() -> String {
+    "auto".into()
+}
+
+/// How to resume.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resume {
+    Auto,
+    Never,
+    From(PathBuf),
+}
+
+/// What the spec says about the model, read cheaply (config only) for validation.
+pub struct ModelFacts {
+    pub max_positions: usize,
+    pub tensor_names: Vec<String>,
+}
+
+impl JobSpec {
+    /// Parse YAML; relative paths are resolved against `base`.
+    pub fn parse(yaml: &str, base: &Path) -> Result<Self> {
+        let mut spec: JobSpec = serde_yaml::from_str(yaml).map_err(|e| anyhow::anyhow!("{e}"))?;
+        spec.resolve_paths(base);
+        Ok(spec)
+    }
+
+    /// Read, parse and validate a job file.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading job spec {}", path.display()))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let spec = Self::parse(&text, base).with_context(|| format!("job spec {}", path.display()))?;
+        spec.validate().with_context(|| format!("job spec {}", path.display()))?;
+        Ok(spec)
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        let fix_location = |s: &mut String| {
+            let is_url = s.split_once("://").is_some_and(|(scheme, _)| scheme.len() > 1);
+            if !is_url && Path::new(s.as_str()).is_relative() {
+                *s = base.join(s.as_str()).to_string_lossy().into_owned();
+            }
+        };
+        if let Some(c) = &mut self.init.checkpoint {
+            fix_location(c);
+        }
+        if let Some(c) = &mut self.init.config {
+            fix(c);
+        }
+        if let Some(t) = &mut self.init.tokenizer {
+            fix(t);
+        }
+        fix_location(&mut self.out);
+        for s in &mut self.data.train {
+            fix(&mut s.path);
+        }
+        for p in &mut self.data.valid {
+            fix(p);
+        }
+        if let Some(p) = &mut self.token_cache {
+            fix(p);
+        }
+        if !matches!(self.resume.as_str(), "auto" | "never") {
+            fix_location(&mut self.resume);
+        }
+    }
+
+    pub fn resume_mode(&self) -> Resume {
+        match self.resume.as_str() {
+            "auto" => Resume::Auto,
+            "never" => Resume::Never,
+            p => Resume::From(btm_model::storage::local_dir(p).unwrap_or_else(|_| PathBuf::from(p))),
+        }
+    }
+
+    /// The local output directory (file:// URLs and plain paths).
+    pub fn out_dir(&self) -> Result<PathBuf> {
+        match self.out.split_once("://") {
+            Some(("file", _)) => Ok(btm_model::storage::local_dir(&self.out)?),
+            Some((scheme, _)) if scheme.len() > 1 => {
+                bail!("out: `{}`: the trainer writes to local directories and file:// URLs only", self.out)
+            }
+            _ => Ok(PathBuf::from(&self.out)),
+        }
+    }
+
+    /// Sequences per optimizer step.
+    pub fn sequences_per_step(&self) -> usize {
+        self.batch_size * self.grad_accum
+    }
+
+    pub fn tokens_per_step(&self) -> u64 {
+        (self.sequences_per_step() * self.seq_len) as u64
+    }
+
+    /// Total optimizer steps (from `steps`, or from the `tokens` budget).
+    pub fn total_steps(&self) -> u64 {
+        match (self.steps, self.tokens) {
+            (Some(s), _) => s,
+            (None, Some(t)) => t.div_ceil(self.tokens_per_step()),
+            (None, None) => 0,
+        }
+    }
+
+    /// Read the model's config (not its weights) for validation.
+    pub fn model_facts(&self) -> Result<ModelFacts> {
+        let config_path = match (&self.init.checkpoint, &self.init.config) {
+            (Some(c), _) => btm_model::storage::local_dir(c)?.join("config.json"),
+            (None, Some(c)) => c.clone(),
+            (None, None) => bail!("init: give `checkpoint`, or `config` and `tokenizer`"),
+        };
+        let json = btm_model::error::read_json(&config_path)?;
+        let (cfg, _) = btm_model::ModelConfig::from_hf(&json)?;
+        Ok(ModelFacts {
+            max_positions: cfg.max_position_embeddings,
+            tensor_names: btm_model::weights::expected_tensors(&cfg).into_iter().map(|t| t.name).collect(),
+        })
+    }
+
+    /// Check everything that can be checked before work starts; errors name the key path.
+    pub fn validate(&self) -> Result<()> {
+        let fail = |key: &str, why: String| -> Result<()> { bail!("{key}: {why}") };
+        // init
+        match (&self.init.checkpoint, &self.init.config, &self.init.tokenizer) {
+            (Some(_), None, None) | (None, Some(_), Some(_)) => {}
+            (Some(_), _, _) => return fail("init", "give either `checkpoint` or `config` + `tokenizer`, not both".into()),
+            (None, _, _) => return fail("init", "give `checkpoint`, or `config` and `tokenizer` to train from scratch".into()),
+        }
+        if let Some(c) = &self.init.checkpoint {
+            let is_remote = c.split_once("://").is_some_and(|(s, _)| s.len() > 1 && s != "file");
+            if !is_remote {
+                let dir = btm_model::storage::local_dir(c)?;
+                if !dir.join("config.json").is_file() {
+                    return fail("init.checkpoint", format!("{}: no config.json there", dir.display()));
+                }
+            }
+        }
+        for (key, p) in [("init.config", &self.init.config), ("init.tokenizer", &self.init.tokenizer)] {
+            if let Some(p) = p {
+                check_file(key, p)?;
+            }
+        }
+        self.out_dir()?;
+        // steps
+        match (self.steps, self.tokens) {
+            (Some(_), Some(_)) => return fail("steps", "give `steps` or `tokens`, not both".into()),
+            (None, None) => return fail("steps", "missing: give `steps` or a `tokens` budget".into()),
+            (Some(0), _) => return fail("steps", "must be positive".into()),
+            (_, Some(0)) => return fail("tokens", "must be positive".into()),
+            _ => {}
+        }
+        for (key, v) in [("batch_size", self.batch_size), ("seq_len", self.seq_len), ("grad_accum", self.grad_accum)] {
+            if v == 0 {
+                return fail(key, "must be positive".into());
+            }
+        }
+        // optimizer and schedule
+        let o = &self.optimizer;
+        if !(o.lr.is_finite() && o.lr > 0.0) {
+            return fail("optimizer.lr", format!("must be positive, got {}", o.lr));
+        }
+        for (i, b) in o.betas.iter().enumerate() {
+            if !(0.0..1.0).contains(b) {
+                return fail(&format!("optimizer.betas[{i}]"), format!("must be in [0, 1), got {b}"));
+            }
+        }
+        if !(o.eps.is_finite() && o.eps > 0.0) {
+            return fail("optimizer.eps", format!("must be positive, got {}", o.eps));
+        }
+        if !(o.weight_decay.is_finite() && o.weight_decay >= 0.0) {
+            return fail("optimizer.weight_decay", format!("must be non-negative, got {}", o.weight_decay));
+        }
+        let s = &self.schedule;
+        if !(s.min_lr.is_finite() && s.min_lr >= 0.0 && s.min_lr <= o.lr) {
+            return fail("schedule.min_lr", format!("must be between 0 and optimizer.lr ({}), got {}", o.lr, s.min_lr));
+        }
+        if let Some(c) = self.grad_clip {
+            if !(c.is_finite() && c > 0.0) {
+                return fail("grad_clip", format!("must be positive (or null for no clipping), got {c}"));
+            }
+        }
+        for (key, v) in [("moe.aux_loss_coef", self.moe.aux_loss_coef), ("moe.z_loss_coef", self.moe.z_loss_coef)] {
+            if !(v.is_finite() && v >= 0.0) {
+                return fail(key, format!("must be non-negative, got {v}"));
+            }
+        }
+        if self.dtype != "float32" {
+            return fail(
+                "dtype",
+                format!("`{}`: the trainer computes in float32 only (bfloat16 with float32 master weights is not implemented yet)", self.dtype),
+            );
+        }
+        if !matches!(self.device.as_str(), "cpu" | "cuda") {
+            return fail("device", format!("`{}`: expected cpu or cuda", self.device));
+        }
+        if self.threads == Some(0) {
+            return fail("threads", "must be positive".into());
+        }
+        if self.log_interval == 0 {
+            return fail("log_interval", "must be positive".into());
+        }
+        if self.checkpoint.keep == 0 {
+            return fail("checkpoint.keep", "must be at least 1".into());
+        }
+        if self.eval.sequences == 0 && !self.data.valid.is_empty() {
+            return fail("eval.sequences", "must be positive when validation data is given".into());
+        }
+        // data
+        if self.data.train.is_empty() {
+            return fail("data.train", "needs at least one source".into());
+        }
+        for (i, src) in self.data.train.iter().enumerate() {
+            check_file(&format!("data.train[{i}].path"), &src.path)?;
+            if !(src.weight.is_finite() && src.weight > 0.0) {
+                return fail(&format!("data.train[{i}].weight"), format!("must be positive, got {}", src.weight));
+            }
+        }
+        for (i, p) in self.data.valid.iter().enumerate() {
+            check_file(&format!("data.valid[{i}]"), p)?;
+        }
+        if let Resume::From(dir) = self.resume_mode() {
+            if !dir.is_dir() {
+                return fail("resume", format!("{}: no such checkpoint directory", dir.display()));
+            }
+        }
+        // the model
+        let is_remote = self.init.checkpoint.as_ref().is_some_and(|c| c.split_once("://").is_some_and(|(s, _)| s.len() > 1 && s != "file"));
+        if !is_remote {
+            let facts = self.model_facts().context("init")?;
+            if self.seq_len > facts.max_positions {
+                return fail(
+                    "seq_len",
+                    format!("{} is longer than the model's max_position_embeddings ({})", self.seq_len, facts.max_positions),
+                );
+            }
+            self.check_trainable(&facts.tensor_names)?;
+        }
+        Ok(())
+    }
+
+    /// Every pattern must match at least one tensor, and something must train.
+    pub fn check_trainable(&self, names: &[String]) -> Result<()> {
+        for (key, list) in [("trainable.include", &self.trainable.include), ("trainable.exclude", &self.trainable.exclude)] {
+            for (i, p) in list.iter().enumerate() {
+                if !names.iter().any(|n| glob(p, n)) {
+                    bail!("{key}[{i}]: `{p}` matches no tensor of the model (names look like `model.layers.0.mlp.gate.weight`)");
+                }
+            }
+        }
+        if !names.iter().any(|n| self.trainable.selects(n)) {
+            bail!("trainable: selects no tensor, so nothing would train");
+        }
+        Ok(())
+    }
+}
+
+fn check_file(key: &str, p: &Path) -> Result<()> {
+    match std::fs::metadata(p) {
+        Err(_) => bail!("{key}: {}: file not found", p.display()),
+        Ok(m) if !m.is_file() => bail!("{key}: {}: not a file", p.display()),
+        Ok(m) if m.len() == 0 => bail!("{key}: {}: file is empty", p.display()),
+        Ok(_) => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn glob_matches_dotted_names() {
+        assert!(glob("*.mlp.gate.weight", "model.layers.3.mlp.gate.weight"));
+        assert!(!glob("*.mlp.gate.weight", "model.layers.3.mlp.gate_proj.weight"));
+        assert!(glob("*.mlp.experts.4.*", "model.layers.0.mlp.experts.4.up_proj.weight"));
+        assert!(!glob("*.mlp.experts.4.*", "model.layers.0.mlp.experts.14.up_proj.weight"));
+        assert!(glob("lm_head.weight", "lm_head.weight"));
+        assert!(glob("*", "anything"));
+        assert!(!glob("a*b*c", "acb"));
+    }
+
+    #[test]
+    fn unknown_keys_are_named_with_their_path() {
+        let yaml = "init: {checkpoint: x}\nout: o\ndata:\n  train:\n    - {path: a.jsonl, wieght: 2}\nsteps: 1\nbatch_size: 1\nseq_len: 8\n";
+        let err = JobSpec::parse(yaml, Path::new(".")).unwrap_err().to_string();
+        assert!(err.contains("data.train[0]: unknown field `wieght`"), "{err}");
+        let err = JobSpec::parse("init: {checkpoint: x}\nout: o\noptimiser: {}\n", Path::new(".")).unwrap_err().to_string();
+        assert!(err.contains("unknown field `optimiser`"), "{err}");
+    }
+
+    #[test]
+    fn token_budget_rounds_up_to_whole_steps() {
+        let yaml = "init: {checkpoint: x}\nout: o\ndata: {train: [{path: a}]}\ntokens: 1000\nbatch_size: 2\nseq_len: 16\ngrad_accum: 3\n";
+        let spec = JobSpec::parse(yaml, Path::new("/base")).unwrap();
+        assert_eq!(spec.total_steps(), 11); // 96 tokens a step
+        assert_eq!(spec.data.train[0].path, PathBuf::from("/base/a"));
+        assert_eq!(spec.out, "/base/o");
+    }
+}

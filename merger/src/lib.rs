@@ -1,0 +1,1 @@
+//! (being written) Merging experts into an MoE, upcycling, adding experts.

@@ -1,0 +1,95 @@
+//! Drive the `btm` binary the way a user does: real files in, exit codes and output checked.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn btm(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_btm")).args(args).output().expect("btm runs")
+}
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../model/tests/fixtures")
+}
+
+fn fixture(rel: &str) -> String {
+    fixtures().join(rel).to_string_lossy().into_owned()
+}
+
+fn eval_json(model: &str) -> serde_json::Value {
+    let out = btm(&["eval", "--model", model, "--data", &fixture("eval.jsonl"), "--seq-len", "16", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).expect("one JSON line")
+}
+
+#[test]
+fn eval_prints_transformers_perplexity() {
+    let expected: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixtures().join("mixtral/expected.json")).unwrap()).unwrap();
+    let got = eval_json(&fixture("mixtral"));
+    assert_eq!(got["tokens"], expected["eval"]["tokens"]);
+    let (g, w) = (got["ppl"].as_f64().unwrap(), expected["eval"]["ppl"].as_f64().unwrap());
+    assert!((g - w).abs() / w <= 1e-5, "{g} vs {w}");
+}
+
+#[test]
+fn convert_then_eval_agrees_and_accepts_file_urls() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("qwen-bf16");
+    let o = btm(&[
+        "convert",
+        "--model",
+        &fixture("qwen2_moe"),
+        "--out",
+        out.to_str().unwrap(),
+        "--dtype",
+        "bfloat16",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(out.join("MANIFEST.json").exists() && out.join("btm.json").exists());
+    let lineage: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("btm.json")).unwrap()).unwrap();
+    assert_eq!(lineage["kind"], "import");
+    assert_eq!(lineage["parents"][0]["uri"], fixture("qwen2_moe"));
+    let url = format!("file://{}", out.display());
+    let a = eval_json(out.to_str().unwrap());
+    let b = eval_json(&url);
+    assert_eq!(a, b);
+    // bfloat16 weights move perplexity a little, not a lot.
+    let f32_ppl = eval_json(&fixture("qwen2_moe"))["ppl"].as_f64().unwrap();
+    let rel = (a["ppl"].as_f64().unwrap() - f32_ppl).abs() / f32_ppl;
+    assert!(rel > 0.0 && rel < 0.01, "{rel}");
+}
+
+#[test]
+fn bad_input_fails_with_a_named_error_and_writes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let o = btm(&["eval", "--model", tmp.path().to_str().unwrap(), "--data", &fixture("eval.jsonl")]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("config.json: file not found"), "{err}");
+
+    let out = tmp.path().join("out");
+    let o = btm(&["convert", "--model", &fixture("llama"), "--out", out.to_str().unwrap(), "--dtype", "int8"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("dtype `int8`"));
+    assert!(!out.exists());
+}
+
+#[test]
+fn tokenizer_train_then_encode() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("tokenizer.json");
+    let o = btm(&[
+        "tokenizer",
+        "train",
+        "--data",
+        &fixture("eval.jsonl"),
+        "--vocab-size",
+        "300",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let tok: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+    assert_eq!(tok["model"]["type"], "BPE");
+    assert_eq!(tok["added_tokens"][0]["content"], "<s>");
+}

@@ -1,1 +1,26 @@
-//! (being written) The expert trainer.
+//! The expert trainer: trains a dense expert or an MoE model from a checkpoint on one or more
+//! JSONL sources, resumably and exactly.
+//!
+//! - [`spec`]: the job file (`btm train --job JOB.yaml`), strictly parsed and validated.
+//! - [`data`]: tokenize → cache → pack → deterministic weighted shuffle; a [`data::Position`]
+//!   is all the data state there is.
+//! - [`state`]: the weights as candle `Var`s, from a checkpoint or a seeded random init.
+//! - [`optim`], [`schedule`]: AdamW with decoupled weight decay, clipping, warmup + cosine.
+//! - [`checkpoint`]: atomic, manifest-verified checkpoints with optimizer and data state.
+//! - [`train`]: the loop; [`metrics`]: `metrics.jsonl` and progress lines; [`signals`]:
+//!   SIGINT/SIGTERM → checkpoint and exit.
+//! - [`bench`]: `btm bench train`.
+
+pub mod bench;
+pub mod checkpoint;
+pub mod data;
+pub mod metrics;
+pub mod optim;
+pub mod schedule;
+pub mod signals;
+pub mod spec;
+pub mod state;
+pub mod train;
+
+pub use spec::JobSpec;
+pub use train::{run, Options, Outcome};

@@ -253,6 +253,31 @@ impl Checkpoint {
         Ok(view.load(&Device::Cpu)?)
     }
 
+    /// Like [`Self::tensor`], then drops the tensor's memory-mapped pages from this process
+    /// (`madvise(MADV_DONTNEED)`; they stay in the page cache), so streaming through a whole
+    /// checkpoint does not accumulate it in the resident set.
+    pub fn tensor_streamed(&self, name: &str) -> Result<Tensor> {
+        let t = self.tensor(name)?;
+        let loc = &self.tensors[name];
+        #[cfg(unix)]
+        {
+            const PAGE: usize = 4096;
+            // Only whole pages inside the tensor's bytes; neighbours may share the edge pages.
+            let start = loc.start.div_ceil(PAGE) * PAGE;
+            let end = loc.end / PAGE * PAGE;
+            if end > start {
+                // SAFETY: the map is private and read-only; DONTNEED on it only drops this
+                // process's page-table entries, and a later access faults the same bytes back in.
+                unsafe {
+                    let _ = self.mmaps[loc.file].unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start);
+                }
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = loc;
+        Ok(t)
+    }
+
     /// A `VarBuilder` that loads tensors lazily from the memory maps, converting dtype and device.
     pub fn var_builder(&self, dtype: DType, device: &Device) -> VarBuilder<'static> {
         let backend = Backend {

@@ -49,6 +49,18 @@ pub fn sequence_nll(logits: &Tensor, ids: &Tensor) -> Result<Vec<f64>> {
 
 /// Perplexity of `model` on already-tokenized documents.
 pub fn perplexity_of_ids(model: &Transformer, docs: &[Vec<u32>], seq_len: usize, device: &Device) -> Result<Perplexity> {
+    Ok(score(model, docs, seq_len, device, false)?.0)
+}
+
+/// Perplexity, and for an MoE the share of token-expert assignments each expert received in
+/// each MoE layer (`[layer][expert]`, each row summing to 1) when `routing` is set.
+pub fn score(
+    model: &Transformer,
+    docs: &[Vec<u32>],
+    seq_len: usize,
+    device: &Device,
+    routing: bool,
+) -> Result<(Perplexity, Option<Vec<Vec<f64>>>)> {
     let windows = windows(docs, seq_len);
     // Batch windows of equal length; full windows are the common case.
     let mut by_len: std::collections::BTreeMap<usize, Vec<&[u32]>> = Default::default();
@@ -56,17 +68,38 @@ pub fn perplexity_of_ids(model: &Transformer, docs: &[Vec<u32>], seq_len: usize,
         by_len.entry(w.len()).or_default().push(w);
     }
     const BATCH: usize = 16;
+    let experts = model.config().moe.as_ref().map(|m| m.experts);
+    let mut counts: Vec<Vec<f64>> = vec![];
     let (mut tokens, mut nll) = (0u64, 0f64);
     for (len, group) in by_len {
         for batch in group.chunks(BATCH) {
             let flat: Vec<u32> = batch.iter().flat_map(|w| w.iter().copied()).collect();
             let ids = Tensor::from_vec(flat, (batch.len(), len), device)?;
-            let logits = model.forward(&ids)?;
+            let mut trace = crate::model::Trace::default();
+            let logits = model.forward_traced(&ids, &mut trace)?;
             nll += sequence_nll(&logits, &ids)?.iter().sum::<f64>();
             tokens += (batch.len() * (len - 1)) as u64;
+            if let (true, Some(e)) = (routing, experts) {
+                counts.resize(trace.router.len(), vec![0.0; e]);
+                for (layer, r) in trace.router.iter().enumerate() {
+                    let c = btm_kernels::router::expert_counts(&r.routed.experts, e)?;
+                    for (acc, x) in counts[layer].iter_mut().zip(c) {
+                        *acc += x as f64;
+                    }
+                }
+            }
         }
     }
-    Ok(Perplexity::from_sums(tokens, nll))
+    let shares = (routing && experts.is_some()).then(|| {
+        counts
+            .into_iter()
+            .map(|row| {
+                let total: f64 = row.iter().sum::<f64>().max(1.0);
+                row.into_iter().map(|c| c / total).collect()
+            })
+            .collect()
+    });
+    Ok((Perplexity::from_sums(tokens, nll), shares))
 }
 
 /// Perplexity of `model` on raw texts, tokenized one document at a time.

@@ -441,6 +441,42 @@ impl Transformer {
         }
         self.lm_head.forward(&self.norm.forward(&xs)?)
     }
+
+    /// The residual stream before layer 0: token embeddings [B, T, H] for ids [B, T].
+    /// With [`Self::forward_layers`], lets a caller run the model one layer at a time.
+    pub fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
+        self.embed_tokens.forward(input_ids)
+    }
+
+    /// Run decoder layers `layers` on the residual stream `xs` [B, T, H] (positions 0..T),
+    /// filling `trace` as [`Self::forward_traced`] does; returns the residual stream after them.
+    pub fn forward_layers(&self, xs: &Tensor, layers: std::ops::Range<usize>, trace: &mut Trace) -> Result<Tensor> {
+        let (_, t, _) = xs.dims3()?;
+        if layers.end > self.layers.len() {
+            candle_core::bail!("layers {layers:?} out of range (the model has {})", self.layers.len());
+        }
+        let (cos, sin) = self.rotary.tables(t, xs.device())?;
+        let mask = causal_mask(t, self.config.sliding_window, xs.device())?;
+        let mut xs = xs.clone();
+        for layer in &self.layers[layers] {
+            xs = layer.forward(&xs, &cos, &sin, &mask, trace)?;
+        }
+        Ok(xs)
+    }
+
+    /// Replace the router weight [E, H] of MoE layer `layer` (router initialisation).
+    pub fn set_router(&mut self, layer: usize, weight: Tensor) -> Result<()> {
+        match self.layers.get_mut(layer).map(|l| &mut l.mlp) {
+            Some(Ffn::Moe(moe)) => {
+                if weight.dims() != moe.router.dims() {
+                    candle_core::bail!("router for layer {layer}: shape {:?}, expected {:?}", weight.dims(), moe.router.dims());
+                }
+                moe.router = weight;
+                Ok(())
+            }
+            _ => candle_core::bail!("layer {layer} is not an MoE layer"),
+        }
+    }
 }
 
 #[cfg(test)]

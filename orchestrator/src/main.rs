@@ -4,6 +4,11 @@
 //! over the library crates (`btm-model`, and the trainer, merger and kernels as they land).
 
 mod commands;
+mod engine;
+mod executor;
+mod pipeline;
+mod plan;
+mod report;
 
 use clap::{Parser, Subcommand};
 
@@ -16,6 +21,16 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Carry out a pipeline: branch, train, merge, continue, evaluate, report. Resumable.
+    Run(commands::run::RunArgs),
+    /// Where a run stands: each job's state, step, loss and ETA.
+    Status(commands::run::RunDirArgs),
+    /// (Re)write a run's report.md and report.html.
+    Report(commands::run::RunDirArgs),
+    /// Check a pipeline file without running it.
+    Validate(commands::pipeline::ValidateArgs),
+    /// Print the pipeline files' JSON Schema (for editors).
+    Schema,
     /// Perplexity of a model on a JSONL file (one `{"text": ...}` per line).
     Eval(commands::eval::EvalArgs),
     /// Show a checkpoint's architecture, shape and parameter counts.
@@ -25,15 +40,36 @@ enum Command {
     /// Tokenizer utilities.
     #[command(subcommand)]
     Tokenizer(commands::tokenizer::TokenizerCommand),
+    /// Merge trained dense experts into a Mixture of Experts.
+    Merge(commands::merge::MergeArgs),
+    /// Turn a dense model into an MoE that computes the same function (sparse upcycling).
+    Upcycle(commands::upcycle::UpcycleArgs),
+    /// Append a dense model's FFN to an existing MoE as a new expert.
+    AddExpert(commands::add_expert::AddExpertArgs),
+    /// Train a model from a checkpoint (or from scratch) as a job file says; resumable.
+    Train(commands::train::TrainArgs),
+    /// Benchmarks.
+    #[command(subcommand)]
+    Bench(commands::bench::BenchCommand),
 }
 
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Run(args) => commands::run::run(args),
+        Command::Status(args) => commands::run::status(args),
+        Command::Report(args) => commands::run::report(args),
+        Command::Validate(args) => commands::pipeline::validate(args),
+        Command::Schema => commands::pipeline::schema(),
         Command::Eval(args) => commands::eval::run(args),
         Command::Inspect(args) => commands::inspect::run(args),
         Command::Convert(args) => commands::convert::run(args),
         Command::Tokenizer(cmd) => commands::tokenizer::run(cmd),
+        Command::Merge(args) => commands::merge::run(args),
+        Command::Upcycle(args) => commands::upcycle::run(args),
+        Command::AddExpert(args) => commands::add_expert::run(args),
+        Command::Train(args) => commands::train::run(args),
+        Command::Bench(cmd) => commands::bench::run(cmd),
     };
     if let Err(err) = result {
         eprintln!("error: {err:#}");

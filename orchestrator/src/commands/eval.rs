@@ -27,6 +27,12 @@ pub struct EvalArgs {
     dtype: String,
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// For an MoE, also report each layer's share of tokens per expert (`routing` in the JSON).
+    #[arg(long)]
+    routing: bool,
+    /// Also write the JSON result to this file (atomically).
+    #[arg(long)]
+    out: Option<PathBuf>,
 }
 
 pub fn run(args: EvalArgs) -> Result<()> {
@@ -39,9 +45,22 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let texts = btm_model::jsonl::read_texts(&args.data, args.max_docs)?;
     anyhow::ensure!(!texts.is_empty(), "{}: no documents", args.data.display());
     let start = std::time::Instant::now();
-    let p = btm_model::eval::perplexity(&model, &tokenizer, &texts, args.seq_len, &device)?;
+    let docs = texts
+        .iter()
+        .map(|t| btm_model::tokenizer::encode(&tokenizer, t))
+        .collect::<btm_model::Result<Vec<_>>>()?;
+    let (p, routing) = btm_model::eval::score(&model, &docs, args.seq_len, &device, args.routing)?;
+    let mut result = serde_json::to_value(p)?;
+    if let Some(shares) = &routing {
+        result["routing"] = serde_json::to_value(shares)?;
+    }
+    if let Some(out) = &args.out {
+        let tmp = out.with_extension("json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(&result)?)?;
+        std::fs::rename(&tmp, out)?;
+    }
     if args.json {
-        println!("{}", serde_json::to_string(&p)?);
+        println!("{}", serde_json::to_string(&result)?);
     } else {
         println!(
             "{}: {} documents, {} predicted tokens, nll {:.4}, perplexity {:.4} ({:.1}s)",

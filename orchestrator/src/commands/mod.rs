@@ -1,9 +1,16 @@
 //! One module per subcommand.
 
+pub mod add_expert;
+pub mod bench;
 pub mod convert;
 pub mod eval;
 pub mod inspect;
+pub mod merge;
+pub mod pipeline;
+pub mod run;
 pub mod tokenizer;
+pub mod upcycle;
+pub mod train;
 
 use anyhow::{bail, Result};
 use candle_core::{DType, Device};

@@ -1,0 +1,141 @@
+//! `btm bench train`: tokens per second and peak memory of forward + backward + AdamW on
+//! random tokens, for fixed model presets (random weights, no data pipeline, no checkpoints).
+//!
+//! | preset | vocab | hidden | layers | heads (KV) | FFN | seq | batch |
+//! |--------|-------|--------|--------|------------|-----|-----|-------|
+//! | tiny   | 4096  | 256    | 4      | 4 (4)      | 688 | 256 | 8     |
+//! | small  | 8192  | 512    | 8      | 8 (8)      | 1376| 512 | 8     |
+//!
+//! `--moe` turns every FFN into 4 experts of the same width, top-2 (Mixtral routing).
+
+use crate::data::SplitMix64;
+use crate::spec::{Moe, Optimizer, Trainable};
+use crate::state::Weights;
+use crate::train::{to_batch, Stepper};
+use anyhow::{bail, Result};
+use btm_model::{ModelConfig, MoeConfig, Routing};
+use candle_core::Device;
+use serde::Serialize;
+use std::time::Instant;
+
+/// A benchmark shape.
+#[derive(Debug, Clone)]
+pub struct Preset {
+    pub config: ModelConfig,
+    pub seq_len: usize,
+    pub batch_size: usize,
+}
+
+pub fn preset(name: &str, moe: bool) -> Result<Preset> {
+    let (vocab, hidden, layers, heads, ffn, seq_len) = match name {
+        "tiny" => (4096, 256, 4, 4, 688, 256),
+        "small" => (8192, 512, 8, 8, 1376, 512),
+        other => bail!("unknown preset `{other}` (expected tiny or small)"),
+    };
+    let config = ModelConfig {
+        vocab_size: vocab,
+        hidden_size: hidden,
+        num_layers: layers,
+        num_heads: heads,
+        num_kv_heads: heads,
+        head_dim: hidden / heads,
+        intermediate_size: ffn,
+        max_position_embeddings: 2048,
+        rope_theta: 10000.0,
+        rope_scaling: None,
+        rms_norm_eps: 1e-5,
+        tie_word_embeddings: false,
+        qkv_bias: false,
+        o_bias: false,
+        sliding_window: None,
+        bos_token_id: Some(0),
+        eos_token_id: Some(1),
+        moe: moe.then(|| MoeConfig {
+            experts: 4,
+            top_k: 2,
+            routing: Routing::TopkThenSoftmax,
+            expert_ffn: ffn,
+            shared_expert: None,
+            dense_layers: vec![],
+        }),
+    };
+    config.validate()?;
+    Ok(Preset {
+        config,
+        seq_len,
+        batch_size: 8,
+    })
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchResult {
+    pub tokens_per_s: f64,
+    pub peak_rss_mb: f64,
+    pub preset: String,
+    pub moe: bool,
+    pub threads: usize,
+    pub steps: usize,
+    pub step_s: f64,
+    pub parameters: usize,
+}
+
+/// Peak resident set size of this process in MiB (Linux `VmHWM`); 0 where unknown.
+pub fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// Time `steps` training steps (after one untimed warm-up step) of `preset`.
+pub fn run(name: &str, moe: bool, threads: usize, steps: usize) -> Result<BenchResult> {
+    crate::train::tune_runtime(Some(threads));
+    let p = preset(name, moe)?;
+    let device = Device::Cpu;
+    let weights = Weights::random(&p.config, 0, &device, &Trainable::default())?;
+    let mut stepper = Stepper::new(weights, &Optimizer::default(), &Moe::default(), Some(1.0))?;
+    let mut rng = SplitMix64::new(&[0]);
+    let mut batch = || {
+        let seqs: Vec<Vec<u32>> = (0..p.batch_size)
+            .map(|_| (0..=p.seq_len).map(|_| rng.below(p.config.vocab_size as u64) as u32).collect())
+            .collect();
+        to_batch(&seqs, &device)
+    };
+    stepper.step(&[batch()?], 1e-4)?;
+    let start = Instant::now();
+    for _ in 0..steps {
+        stepper.step(&[batch()?], 1e-4)?;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let tokens = (steps * p.batch_size * p.seq_len) as f64;
+    Ok(BenchResult {
+        tokens_per_s: tokens / secs,
+        peak_rss_mb: peak_rss_mb(),
+        preset: name.into(),
+        moe,
+        threads,
+        steps,
+        step_s: secs / steps as f64,
+        parameters: p.config.num_parameters(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presets_have_the_documented_shapes() {
+        let t = preset("tiny", false).unwrap();
+        assert_eq!((t.config.hidden_size, t.config.num_layers, t.config.vocab_size, t.seq_len, t.batch_size), (256, 4, 4096, 256, 8));
+        let m = preset("small", true).unwrap();
+        assert_eq!(m.config.moe.as_ref().map(|m| (m.experts, m.top_k)), Some((4, 2)));
+        assert_eq!((m.config.hidden_size, m.config.intermediate_size, m.seq_len), (512, 1376, 512));
+        assert!(preset("huge", false).is_err());
+        assert!(peak_rss_mb() > 0.0);
+    }
+}

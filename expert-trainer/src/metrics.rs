@@ -1,0 +1,110 @@
+//! Metrics and progress: one JSON object a line in `<out>/metrics.jsonl` (training lines have
+//! `step`, `loss`, `lr`, `grad_norm`, `tokens_per_s`, `tokens_seen`, and for MoE models
+//! `aux_loss`, `z_loss`, `expert_load`; validation lines have `step`, `val_loss`, `val_ppl`),
+//! and a plain progress line per logged step on stderr.
+//!
+//! On resume, lines for steps after the checkpoint are dropped first, so the file reads as
+//! one uninterrupted run.
+
+use anyhow::{Context, Result};
+use serde_json::Value;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+pub const METRICS: &str = "metrics.jsonl";
+
+pub struct Metrics {
+    path: PathBuf,
+    file: std::fs::File,
+    quiet: bool,
+}
+
+impl Metrics {
+    /// Open `<dir>/metrics.jsonl` for appending, keeping only lines with `step <= keep_through`.
+    pub fn open(dir: &Path, keep_through: u64, quiet: bool) -> Result<Self> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let path = dir.join(METRICS);
+        if path.exists() {
+            let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+            let kept: Vec<&str> = text
+                .lines()
+                .filter(|l| {
+                    serde_json::from_str::<Value>(l)
+                        .ok()
+                        .and_then(|v| v.get("step").and_then(Value::as_u64))
+                        .is_some_and(|s| s <= keep_through)
+                })
+                .collect();
+            let mut body = kept.join("\n");
+            if !body.is_empty() {
+                body.push('\n');
+            }
+            std::fs::write(&path, body).with_context(|| format!("rewriting {}", path.display()))?;
+        }
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        Ok(Self { path, file, quiet })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Append one record.
+    pub fn record(&mut self, v: &Value) -> Result<()> {
+        let mut line = serde_json::to_string(v)?;
+        line.push('\n');
+        self.file
+            .write_all(line.as_bytes())
+            .with_context(|| format!("writing {}", self.path.display()))
+    }
+
+    /// A progress line on stderr.
+    pub fn say(&self, msg: &str) {
+        if !self.quiet {
+            eprintln!("[btm train] {msg}");
+        }
+    }
+}
+
+/// "1h02m", "3m05s", "12s".
+pub fn human_duration(secs: f64) -> String {
+    let s = secs.max(0.0).round() as u64;
+    match (s / 3600, (s % 3600) / 60, s % 60) {
+        (0, 0, s) => format!("{s}s"),
+        (0, m, s) => format!("{m}m{s:02}s"),
+        (h, m, _) => format!("{h}h{m:02}m"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn reopening_drops_lines_after_the_resumed_step() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut m = Metrics::open(dir.path(), 0, true).unwrap();
+        for step in [0, 5, 10, 15] {
+            m.record(&json!({"step": step, "loss": 1.0})).unwrap();
+        }
+        drop(m);
+        let mut m = Metrics::open(dir.path(), 10, true).unwrap();
+        m.record(&json!({"step": 15, "loss": 2.0})).unwrap();
+        let text = std::fs::read_to_string(m.path()).unwrap();
+        let steps: Vec<u64> = text.lines().map(|l| serde_json::from_str::<Value>(l).unwrap()["step"].as_u64().unwrap()).collect();
+        assert_eq!(steps, vec![0, 5, 10, 15]);
+        assert!(text.ends_with("{\"step\":15,\"loss\":2.0}\n"));
+    }
+
+    #[test]
+    fn durations_read_naturally() {
+        assert_eq!(human_duration(12.4), "12s");
+        assert_eq!(human_duration(185.0), "3m05s");
+        assert_eq!(human_duration(3720.0), "1h02m");
+    }
+}

@@ -1,0 +1,440 @@
+//! The training loop.
+//!
+//! ```text
+//! set up: validate the spec → tokenize (cached) → weights from the newest valid checkpoint
+//!         under <out>/checkpoints, else from `init` → AdamW (moments restored on resume)
+//! each step: lr = schedule(step)
+//!            for each of grad_accum micro-batches: loss = CE (+ aux/z for MoE) → backward,
+//!            gradients summed (each micro-batch loss divided by grad_accum)
+//!            clip to the global norm → AdamW update
+//!            log / validate / checkpoint at their intervals; stop cleanly on SIGINT/SIGTERM
+//! at the end: a final checkpoint and <out>/model (the weights in Hugging Face layout)
+//! ```
+//!
+//! All randomness is a function of (seed, step or sample index), so a resumed run is
+//! bit-identical to one that never stopped (on the same machine and thread count).
+
+use crate::checkpoint::{self, TrainerState};
+use crate::data::{tokenize_cached, Mixture, Packed, Position, TokenizerInfo};
+use crate::metrics::{human_duration, Metrics};
+use crate::optim::{clip_global_norm, AdamW};
+use crate::schedule::Schedule;
+use crate::signals::StopFlag;
+use crate::spec::{self, JobSpec, Resume};
+use crate::state::Weights;
+use anyhow::{bail, Context, Result};
+use btm_model::lineage::Parent;
+use btm_model::model::Trace;
+use btm_model::{Checkpoint, Extras, Lineage, ModelConfig, Transformer, WriteOptions};
+use candle_core::{DType, Device, Tensor, D};
+use serde_json::json;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Called after each published checkpoint with its step and directory.
+pub type CheckpointHook = Box<dyn FnMut(u64, &Path)>;
+
+/// What the caller can add to a run.
+#[derive(Default)]
+pub struct Options {
+    /// Stop (with a checkpoint) when this is raised; see [`crate::signals::install`].
+    pub stop: StopFlag,
+    /// No progress lines on stderr.
+    pub quiet: bool,
+    pub on_checkpoint: Option<CheckpointHook>,
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// All steps done; the model is at `model_dir`.
+    Finished { step: u64, model_dir: PathBuf },
+    /// Stopped by a signal after writing `checkpoint`; rerun the job to continue.
+    Interrupted { step: u64, signal: i32, checkpoint: PathBuf },
+}
+
+/// Mean cross-entropy of next-token prediction: logits [B, T, V], targets [B, T].
+pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> candle_core::Result<Tensor> {
+    let v = logits.dim(D::Minus1)?;
+    let logits = logits.reshape(((), v))?.to_dtype(DType::F32)?;
+    let targets = targets.flatten_all()?.unsqueeze(1)?;
+    let max = logits.max_keepdim(D::Minus1)?.detach();
+    let lse = (logits.broadcast_sub(&max)?.exp()?.sum_keepdim(D::Minus1)?.log()? + max)?;
+    let picked = logits.gather(&targets, D::Minus1)?;
+    (lse - picked)?.mean_all()
+}
+
+/// Validation: mean next-token loss over the first `sequences` windows of each stream.
+pub fn evaluate(model: &Transformer, valid: &[Packed], sequences: usize, batch: usize, device: &Device) -> Result<(f64, u64)> {
+    let (mut nll, mut tokens) = (0f64, 0u64);
+    for src in valid {
+        let n = sequences.min(src.num_sequences());
+        let ids: Vec<Vec<u32>> = (0..n).map(|i| src.sequence(i)).collect();
+        for chunk in ids.chunks(batch.max(1)) {
+            let (inputs, targets) = to_batch(chunk, device)?;
+            let logits = model.forward(&inputs)?;
+            let loss = cross_entropy(&logits, &targets)?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            let count = targets.elem_count() as u64;
+            nll += loss * count as f64;
+            tokens += count;
+        }
+    }
+    Ok((if tokens == 0 { f64::NAN } else { nll / tokens as f64 }, tokens))
+}
+
+/// Sequences of T + 1 tokens → inputs [B, T] and targets [B, T].
+pub fn to_batch(seqs: &[Vec<u32>], device: &Device) -> Result<(Tensor, Tensor)> {
+    let t = seqs[0].len() - 1;
+    let mut inputs = Vec::with_capacity(seqs.len() * t);
+    let mut targets = Vec::with_capacity(seqs.len() * t);
+    for s in seqs {
+        inputs.extend_from_slice(&s[..t]);
+        targets.extend_from_slice(&s[1..]);
+    }
+    Ok((
+        Tensor::from_vec(inputs, (seqs.len(), t), device)?,
+        Tensor::from_vec(targets, (seqs.len(), t), device)?,
+    ))
+}
+
+/// What one optimizer step measured.
+#[derive(Debug, Clone, Default)]
+pub struct StepStats {
+    /// Mean cross-entropy over the micro-batches.
+    pub loss: f64,
+    pub aux_loss: Option<f64>,
+    pub z_loss: Option<f64>,
+    /// Per MoE layer, the share of assignments each expert got (mean over micro-batches).
+    pub expert_load: Vec<Vec<f32>>,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+}
+
+/// The model, its optimizer and the loss settings: one optimizer step at a time.
+pub struct Stepper {
+    pub weights: Weights,
+    pub model: Transformer,
+    pub opt: AdamW,
+    pub aux_coef: f64,
+    pub z_coef: f64,
+    pub grad_clip: Option<f64>,
+}
+
+impl Stepper {
+    pub fn new(weights: Weights, optimizer: &spec::Optimizer, moe: &spec::Moe, grad_clip: Option<f64>) -> Result<Self> {
+        let model = weights.model()?;
+        let opt = AdamW::new(weights.trainable.clone(), optimizer)?;
+        Ok(Self {
+            weights,
+            model,
+            opt,
+            aux_coef: moe.aux_loss_coef,
+            z_coef: moe.z_loss_coef,
+            grad_clip,
+        })
+    }
+
+    /// Forward and backward over `micro_batches` (inputs, targets), then one AdamW update at `lr`.
+    pub fn step(&mut self, micro_batches: &[(Tensor, Tensor)], lr: f64) -> Result<StepStats> {
+        let n = micro_batches.len() as f64;
+        let mut grads: Vec<Option<Tensor>> = vec![None; self.opt.params.len()];
+        let mut stats = StepStats::default();
+        let (mut aux_sum, mut z_sum) = (0f64, 0f64);
+        for (inputs, targets) in micro_batches {
+            let mut trace = Trace::default();
+            let logits = self.model.forward_traced(inputs, &mut trace)?;
+            let ce = cross_entropy(&logits, targets)?;
+            stats.loss += ce.to_dtype(DType::F64)?.to_scalar::<f64>()? / n;
+            let mut loss = ce;
+            if !trace.router.is_empty() {
+                let layers = trace.router.len() as f64;
+                let mut aux = Vec::with_capacity(trace.router.len());
+                let mut z = Vec::with_capacity(trace.router.len());
+                if stats.expert_load.is_empty() {
+                    stats.expert_load = vec![Vec::new(); trace.router.len()];
+                }
+                for (l, r) in trace.router.iter().enumerate() {
+                    aux.push(r.load_balancing_loss()?);
+                    z.push(r.z_loss()?);
+                    let load = r.expert_load()?;
+                    let acc = &mut stats.expert_load[l];
+                    acc.resize(load.len(), 0.0);
+                    for (a, x) in acc.iter_mut().zip(load) {
+                        *a += x / n as f32;
+                    }
+                }
+                let aux = (Tensor::stack(&aux, 0)?.sum_all()? / layers)?;
+                let z = (Tensor::stack(&z, 0)?.sum_all()? / layers)?;
+                aux_sum += aux.to_dtype(DType::F64)?.to_scalar::<f64>()? / n;
+                z_sum += z.to_dtype(DType::F64)?.to_scalar::<f64>()? / n;
+                loss = ((loss + (aux * self.aux_coef)?)? + (z * self.z_coef)?)?;
+            }
+            let loss = if n > 1.0 { (loss / n)? } else { loss };
+            let store = loss.backward()?;
+            for (slot, p) in grads.iter_mut().zip(&self.opt.params) {
+                // A tensor the batch never reached (an expert no token chose) gets no gradient.
+                if let Some(g) = store.get(p.var.as_tensor()) {
+                    *slot = Some(match slot.take() {
+                        None => g.clone(),
+                        Some(acc) => (acc + g)?,
+                    });
+                }
+            }
+        }
+        if !stats.expert_load.is_empty() {
+            stats.aux_loss = Some(aux_sum);
+            stats.z_loss = Some(z_sum);
+        }
+        let mut grads: Vec<Tensor> = grads
+            .into_iter()
+            .zip(&self.opt.params)
+            .map(|(g, p)| match g {
+                Some(g) => Ok(g),
+                None => Ok(p.var.as_tensor().zeros_like()?),
+            })
+            .collect::<Result<_>>()?;
+        stats.grad_norm = clip_global_norm(&mut grads, self.grad_clip)?;
+        self.opt.step(&grads, lr)?;
+        Ok(stats)
+    }
+}
+
+/// CPU runtime settings for training throughput, applied before any tensor work (thread
+/// pools start on first use and read the environment then):
+/// - the thread count for candle's matmuls and elementwise pool (`RAYON_NUM_THREADS`);
+/// - candle's elementwise pool spins less before parking (`CANDLE_BARRIER_POOL_SPIN_LIMIT`,
+///   unless set), so idle spinners do not take cores from the matmul threads: on 2 cores
+///   this alone doubled the tiny preset's throughput in a loaded session;
+/// - glibc malloc keeps freed blocks of up to 32 MiB in the heap instead of unmapping them,
+///   so each step's activations do not page-fault in afresh (the default made a third of
+///   the run kernel time).
+pub fn tune_runtime(threads: Option<usize>) {
+    if let Some(n) = threads {
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
+    if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
+        std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "1000");
+    }
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator tuning parameters.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_TOP_PAD, 64 << 20);
+    }
+}
+
+pub fn device(name: &str) -> Result<Device> {
+    match name {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => Device::new_cuda(0).context("device: cuda (build btm with `--features cuda`)"),
+        other => bail!("device: unknown device `{other}` (expected cpu or cuda)"),
+    }
+}
+
+/// Run a training job to the end (or until stopped).
+pub fn run(spec: &JobSpec, mut options: Options) -> Result<Outcome> {
+    spec.validate()?;
+    tune_runtime(spec.threads);
+    let device = device(&spec.device)?;
+    let out = spec.out_dir()?;
+    let ckpt_root = out.join("checkpoints");
+    let mut metrics = Metrics::open(&out, u64::MAX, options.quiet)?;
+    let say = |m: &Metrics, msg: &str| m.say(msg);
+
+    // Where the weights come from: a checkpoint of this job, or `init`.
+    checkpoint::remove_partials(&ckpt_root)?;
+    let resume_from: Option<(PathBuf, TrainerState)> = match spec.resume_mode() {
+        Resume::Never => None,
+        Resume::Auto => checkpoint::newest_valid(&ckpt_root, &mut |w| say(&metrics, &format!("warning: {w}")))?,
+        Resume::From(dir) => {
+            let state = checkpoint::verify(&dir).with_context(|| format!("resume: {} is not a valid checkpoint", dir.display()))?;
+            Some((dir, state))
+        }
+    };
+    let (init_dir, init_config, tokenizer_path): (Option<PathBuf>, ModelConfig, PathBuf) =
+        match (&spec.init.checkpoint, &spec.init.config, &spec.init.tokenizer) {
+            (Some(c), _, _) => {
+                let dir = btm_model::storage::local_dir(c).with_context(|| format!("init.checkpoint: {c}"))?;
+                let ckpt = Checkpoint::open(&dir).with_context(|| format!("init.checkpoint: {c}"))?;
+                (Some(dir.clone()), ckpt.config.clone(), dir.join("tokenizer.json"))
+            }
+            (None, Some(cfg), Some(tok)) => {
+                let (config, _) = ModelConfig::from_hf(&btm_model::error::read_json(cfg)?).context("init.config")?;
+                (None, config, tok.clone())
+            }
+            _ => bail!("init: give `checkpoint`, or `config` and `tokenizer`"),
+        };
+    let tok = TokenizerInfo::load(&tokenizer_path, init_config.eos_token_id).context("init: tokenizer")?;
+    btm_model::tokenizer::check_fits(&tok.tokenizer, init_config.vocab_size)?;
+
+    // Data.
+    let cache = spec.token_cache.clone().unwrap_or_else(crate::data::default_cache_dir);
+    let t0 = Instant::now();
+    let mut train_sources = Vec::new();
+    for (i, src) in spec.data.train.iter().enumerate() {
+        let key = format!("data.train[{i}]");
+        let tokens = tokenize_cached(&src.path, &tok, &cache).with_context(|| key.clone())?;
+        train_sources.push(Packed::new(tokens, spec.seq_len, &format!("{key}: {}", src.path.display()))?);
+    }
+    let mut valid = Vec::new();
+    for (i, p) in spec.data.valid.iter().enumerate() {
+        let key = format!("data.valid[{i}]");
+        let tokens = tokenize_cached(p, &tok, &cache).with_context(|| key.clone())?;
+        valid.push(Packed::new(tokens, spec.seq_len, &format!("{key}: {}", p.display()))?);
+    }
+    let weights_of: Vec<f64> = spec.data.train.iter().map(|s| s.weight).collect();
+    let train_tokens: usize = train_sources.iter().map(|s| s.tokens.len()).sum();
+    let mut mixture = Mixture::new(train_sources, &weights_of, spec.seed);
+    say(&metrics, &format!("data: {train_tokens} training tokens in {} source(s) ({:.1}s)", mixture.num_sources(), t0.elapsed().as_secs_f64()));
+
+    // Weights and optimizer.
+    let (weights, mut step, mut tokens_seen, mut position) = match &resume_from {
+        Some((dir, state)) => {
+            let ckpt = Checkpoint::open(dir).with_context(|| format!("resume: {}", dir.display()))?;
+            if ckpt.config != init_config {
+                bail!("resume: {} holds a different model shape than `init`", dir.display());
+            }
+            if state.seed != spec.seed {
+                bail!("resume: {} was trained with seed {}, the job says {}", dir.display(), state.seed, spec.seed);
+            }
+            say(&metrics, &format!("resuming from {} (step {})", dir.display(), state.step));
+            (Weights::from_checkpoint(&ckpt, &device, &spec.trainable)?, state.step, state.tokens_seen, state.data.clone())
+        }
+        None => {
+            let w = match &init_dir {
+                Some(dir) => Weights::from_checkpoint(&Checkpoint::open(dir)?, &device, &spec.trainable)?,
+                None => Weights::random(&init_config, spec.seed, &device, &spec.trainable)?,
+            };
+            (w, 0, 0, Position::default())
+        }
+    };
+    let mut stepper = Stepper::new(weights, &spec.optimizer, &spec.moe, spec.grad_clip)?;
+    if let Some((dir, state)) = &resume_from {
+        checkpoint::load_optimizer(dir, &mut stepper.opt, state)?;
+    }
+    metrics = Metrics::open(&out, step, options.quiet)?;
+    let total = spec.total_steps();
+    let schedule = Schedule {
+        lr: spec.optimizer.lr,
+        min_lr: spec.schedule.min_lr,
+        warmup_steps: spec.schedule.warmup_steps,
+        total_steps: total,
+        decay: spec.schedule.decay,
+    };
+    say(
+        &metrics,
+        &format!(
+            "model: {} parameters, {} trained; {} steps of {} tokens",
+            stepper.weights.config.num_parameters(),
+            stepper.weights.num_trainable(),
+            total,
+            spec.tokens_per_step()
+        ),
+    );
+
+    let lineage = |step: u64, tokens_seen: u64| -> Result<Lineage> {
+        let mut l = Lineage::new(if init_dir.is_some() { "expert" } else { "seed" });
+        if let (Some(uri), Some(dir)) = (&spec.init.checkpoint, &init_dir) {
+            let manifest = dir.join(btm_model::manifest::MANIFEST);
+            l.parents.push(Parent {
+                uri: uri.clone(),
+                manifest_sha256: if manifest.exists() { Some(btm_model::Manifest::id(dir)?) } else { None },
+                domain: None,
+            });
+        }
+        l.domain = spec.domain.clone();
+        l.steps = Some(step);
+        l.tokens_seen = Some(tokens_seen);
+        Ok(l)
+    };
+    let extras = |step: u64, tokens_seen: u64| -> Result<Extras> {
+        Ok(Extras {
+            tokenizer: Some(tokenizer_path.clone()),
+            lineage: Some(lineage(step, tokens_seen)?),
+        })
+    };
+    let trained_names: Vec<String> = stepper.opt.params.iter().map(|p| p.name.clone()).collect();
+    let save = |stepper: &Stepper, step: u64, tokens_seen: u64, position: &Position| -> Result<PathBuf> {
+        let state = TrainerState::new(step, tokens_seen, position.clone(), stepper.opt.t, spec.seed, trained_names.clone());
+        let dir = checkpoint::save(&ckpt_root, &stepper.weights, &stepper.opt, &state, &extras(step, tokens_seen)?)?;
+        checkpoint::prune(&ckpt_root, spec.checkpoint.keep)?;
+        Ok(dir)
+    };
+    let validate = |stepper: &Stepper, metrics: &mut Metrics, step: u64| -> Result<()> {
+        if valid.is_empty() {
+            return Ok(());
+        }
+        let (loss, tokens) = evaluate(&stepper.model, &valid, spec.eval.sequences, spec.batch_size, &device)?;
+        metrics.record(&json!({"step": step, "val_loss": loss, "val_ppl": loss.exp(), "val_tokens": tokens}))?;
+        metrics.say(&format!("step {step}: validation loss {loss:.4}, perplexity {:.2}", loss.exp()));
+        Ok(())
+    };
+
+    if step == 0 && total > 0 {
+        validate(&stepper, &mut metrics, 0)?;
+    }
+    let mut last_log = (Instant::now(), tokens_seen);
+    let started = Instant::now();
+    let start_step = step;
+    while step < total {
+        if let Some(signal) = options.stop.requested() {
+            let dir = save(&stepper, step, tokens_seen, &position)?;
+            metrics.say(&format!("signal {signal}: stopped at step {step}, checkpoint {}", dir.display()));
+            return Ok(Outcome::Interrupted { step, signal, checkpoint: dir });
+        }
+        let lr = schedule.lr(step);
+        let mut micro = Vec::with_capacity(spec.grad_accum);
+        for _ in 0..spec.grad_accum {
+            let seqs: Vec<Vec<u32>> = (0..spec.batch_size).map(|_| mixture.next(&mut position)).collect();
+            micro.push(to_batch(&seqs, &device)?);
+        }
+        let stats = stepper.step(&micro, lr)?;
+        if !stats.loss.is_finite() {
+            bail!("step {step}: the loss is {} (lower optimizer.lr?)", stats.loss);
+        }
+        step += 1;
+        tokens_seen += spec.tokens_per_step();
+
+        if step % spec.log_interval == 0 || step == total {
+            let elapsed = last_log.0.elapsed().as_secs_f64();
+            let tps = (tokens_seen - last_log.1) as f64 / elapsed.max(1e-9);
+            last_log = (Instant::now(), tokens_seen);
+            let mut rec = json!({
+                "step": step, "loss": stats.loss, "lr": lr, "grad_norm": stats.grad_norm,
+                "tokens_per_s": tps, "tokens_seen": tokens_seen,
+            });
+            if let (Some(aux), Some(z)) = (stats.aux_loss, stats.z_loss) {
+                rec["aux_loss"] = json!(aux);
+                rec["z_loss"] = json!(z);
+                rec["expert_load"] = json!(stats.expert_load);
+            }
+            metrics.record(&rec)?;
+            let rate = (step - start_step) as f64 / started.elapsed().as_secs_f64().max(1e-9);
+            let eta = human_duration((total - step) as f64 / rate.max(1e-9));
+            metrics.say(&format!(
+                "step {step}/{total} loss {:.4} lr {lr:.3e} grad {:.3} {tps:.0} tok/s, eta {eta}",
+                stats.loss, stats.grad_norm
+            ));
+        }
+        if (spec.eval.interval > 0 && step % spec.eval.interval == 0) || step == total {
+            validate(&stepper, &mut metrics, step)?;
+        }
+        if (spec.checkpoint.interval > 0 && step % spec.checkpoint.interval == 0) || step == total {
+            let dir = save(&stepper, step, tokens_seen, &position)?;
+            if let Some(cb) = options.on_checkpoint.as_mut() {
+                cb(step, &dir);
+            }
+        }
+    }
+
+    // The result: the weights alone, in Hugging Face layout.
+    let model_dir = out.join("model");
+    let opts = WriteOptions {
+        overwrite: true,
+        ..WriteOptions::default()
+    };
+    btm_model::write_checkpoint(&model_dir, &stepper.weights.config, &mut |n| stepper.weights.tensor(n), &extras(step, tokens_seen)?, &opts)?;
+    metrics.say(&format!("done: {step} steps, {tokens_seen} tokens; model at {}", model_dir.display()));
+    Ok(Outcome::Finished { step, model_dir })
+}

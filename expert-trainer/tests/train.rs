@@ -1,0 +1,178 @@
+//! Training behaviour: bad job specs fail early and say where; only the selected tensors
+//! train; gradient accumulation equals a bigger batch; a seed trains from scratch; and on
+//! real text (`../shared/corpus`) validation perplexity falls well below the start.
+
+mod common;
+
+use btm_model::Checkpoint;
+use btm_trainer::{JobSpec, Options, Outcome};
+use common::*;
+use std::path::Path;
+
+fn quiet() -> Options {
+    Options {
+        quiet: true,
+        ..Default::default()
+    }
+}
+
+fn spec_error(yaml: &str, base: &Path) -> String {
+    match JobSpec::parse(yaml, base) {
+        Err(e) => format!("{e:#}"),
+        Ok(spec) => format!("{:#}", spec.validate().expect_err("the spec should be rejected")),
+    }
+}
+
+#[test]
+fn bad_specs_name_the_key_and_the_reason() {
+    let (dir, train, valid) = data_dir();
+    let cache = dir.path().join("cache");
+    let out = dir.path().join("out");
+    let good = job_yaml("llama", &train, &valid, &out, &cache, "steps: 3\n");
+    JobSpec::parse(&good, dir.path()).unwrap().validate().unwrap();
+
+    let empty = dir.path().join("empty.jsonl");
+    std::fs::write(&empty, "").unwrap();
+    let cases: Vec<(String, &str)> = vec![
+        (good.replace("lr: 0.003", "lr: -0.1"), "optimizer.lr: must be positive, got -0.1"),
+        (good.replace("seq_len: 16", "seq_len: 4096"), "seq_len: 4096 is longer than the model's max_position_embeddings (512)"),
+        (good.replace(&train.display().to_string(), "nowhere.jsonl"), "data.train[0].path:"),
+        (good.replace(&valid.display().to_string(), &empty.display().to_string()), "data.valid[0]:"),
+        (format!("{good}learning_rate: 0.1\n"), "unknown field `learning_rate`"),
+        (good.replace("schedule: {", "schedule: {decay: linear, "), "schedule.decay: unknown variant `linear`"),
+        (good.replace("steps: 3\n", "steps: 3\ntrainable: {include: ['*.mlp.gate.weight']}\n"), "trainable.include[0]: `*.mlp.gate.weight` matches no tensor"),
+        (good.replace("steps: 3\n", ""), "steps: missing"),
+        (good.replace("steps: 3\n", "steps: 3\ndtype: bfloat16\n"), "dtype: `bfloat16`"),
+    ];
+    for (yaml, want) in cases {
+        let err = spec_error(&yaml, dir.path());
+        assert!(err.contains(want), "want `{want}` in: {err}");
+    }
+    let err = spec_error(&good.replace(&train.display().to_string(), "nowhere.jsonl"), dir.path());
+    assert!(err.ends_with("nowhere.jsonl: file not found"), "{err}");
+    let err = spec_error(&good.replace(&valid.display().to_string(), &empty.display().to_string()), dir.path());
+    assert!(err.ends_with("file is empty"), "{err}");
+    // Nothing was created: validation happens before any work.
+    assert!(!out.exists() && !cache.exists());
+}
+
+#[test]
+fn only_selected_tensors_change() {
+    let (dir, train, valid) = data_dir();
+    let out = dir.path().join("out");
+    let extra = "steps: 3\ntrainable: {include: ['*.mlp.gate.weight', '*.mlp.experts.2.*'], exclude: ['model.layers.1.*']}\n";
+    let yaml = job_yaml("mixtral", &train, &valid, &out, &dir.path().join("cache"), extra);
+    let spec = JobSpec::parse(&yaml, dir.path()).unwrap();
+    let outcome = btm_trainer::run(&spec, quiet()).unwrap();
+    let Outcome::Finished { model_dir, .. } = outcome else { panic!("{outcome:?}") };
+    let before = Checkpoint::open(fixtures().join("mixtral")).unwrap();
+    let after = Checkpoint::open(&model_dir).unwrap();
+    let mut changed = Vec::new();
+    for spec in before.tensor_specs() {
+        let a = before.tensor(&spec.name).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let b = after.tensor(&spec.name).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        if a != b {
+            changed.push(spec.name);
+        }
+    }
+    changed.sort();
+    assert_eq!(
+        changed,
+        vec![
+            "model.layers.0.mlp.experts.2.down_proj.weight",
+            "model.layers.0.mlp.experts.2.gate_proj.weight",
+            "model.layers.0.mlp.experts.2.up_proj.weight",
+            "model.layers.0.mlp.gate.weight",
+        ]
+    );
+    let lineage = after.lineage().unwrap().unwrap();
+    assert_eq!((lineage.kind.as_str(), lineage.steps), ("expert", Some(3)));
+    assert!(lineage.parents[0].uri.ends_with("mixtral"));
+}
+
+/// Dense model: the MoE load-balancing loss is not linear in the batch, so there the two differ.
+#[test]
+fn gradient_accumulation_equals_a_bigger_batch() {
+    let (dir, train, valid) = data_dir();
+    let cache = dir.path().join("cache");
+    let weights = |name: &str, extra: &str| {
+        let yaml = job_yaml("llama", &train, &valid, &dir.path().join(name), &cache, "");
+        let yaml = yaml.replace("batch_size: 2\n", "") + extra;
+        let spec = JobSpec::parse(&yaml, dir.path()).unwrap();
+        btm_trainer::run(&spec, quiet()).unwrap();
+        let ckpt = Checkpoint::open(dir.path().join(name).join("model")).unwrap();
+        ckpt.tensor("model.layers.1.self_attn.q_proj.weight").unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    };
+    let big = weights("big", "steps: 2\nbatch_size: 4\ngrad_accum: 1\n");
+    let accum = weights("accum", "steps: 2\nbatch_size: 2\ngrad_accum: 2\n");
+    let smaller = weights("small", "steps: 2\nbatch_size: 2\ngrad_accum: 1\n");
+    let max_diff = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    assert!(max_diff(&big, &accum) < 1e-5, "accumulated vs big batch: {}", max_diff(&big, &accum));
+    assert!(max_diff(&big, &smaller) > 1e-4, "a different batch does change the result");
+}
+
+#[test]
+fn a_seed_trains_from_scratch() {
+    let (dir, train, valid) = data_dir();
+    let out = dir.path().join("out");
+    let config = fixtures().join("llama/config.json");
+    let tokenizer = fixtures().join("tokenizer.json");
+    let yaml = job_yaml("llama", &train, &valid, &out, &dir.path().join("cache"), "steps: 2\ndomain: toy\n").replace(
+        &format!("init: {{checkpoint: {}}}", fixtures().join("llama").display()),
+        &format!("init: {{config: {}, tokenizer: {}}}", config.display(), tokenizer.display()),
+    );
+    let spec = JobSpec::parse(&yaml, dir.path()).unwrap();
+    btm_trainer::run(&spec, quiet()).unwrap();
+    let ckpt = Checkpoint::open(out.join("model")).unwrap();
+    let lineage = ckpt.lineage().unwrap().unwrap();
+    assert_eq!((lineage.kind.as_str(), lineage.domain.as_deref()), ("seed", Some("toy")));
+    assert!(lineage.parents.is_empty());
+    assert!(ckpt.dir().join("tokenizer.json").exists());
+}
+
+/// ~200 steps of a small Llama from scratch on the scripture domain.
+#[test]
+fn validation_perplexity_falls_on_real_text() {
+    let corpus = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/corpus/scripture");
+    if !corpus.join("train.jsonl").exists() {
+        eprintln!("skipping: {} not found (the shared corpus is not available here)", corpus.display());
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.json");
+    let mut hf: serde_json::Value = serde_json::from_slice(&read(&fixtures().join("llama/config.json"))).unwrap();
+    hf["hidden_size"] = 64.into();
+    hf["intermediate_size"] = 172.into();
+    hf["head_dim"] = 16.into();
+    hf["num_attention_heads"] = 4.into();
+    hf["num_key_value_heads"] = 4.into();
+    std::fs::write(&config, serde_json::to_vec(&hf).unwrap()).unwrap();
+    let out = dir.path().join("out");
+    let yaml = format!(
+        "init: {{config: {config}, tokenizer: {tok}}}\nout: {out}\n\
+         data: {{train: [{{path: {train}}}], valid: [{valid}]}}\n\
+         steps: 200\nbatch_size: 8\nseq_len: 64\nthreads: 2\nseed: 1\nlog_interval: 50\n\
+         optimizer: {{lr: 0.01, weight_decay: 0.01}}\nschedule: {{warmup_steps: 10, min_lr: 0.001}}\n\
+         eval: {{interval: 0, sequences: 64}}\ntoken_cache: {cache}\n",
+        config = config.display(),
+        tok = fixtures().join("tokenizer.json").display(),
+        out = out.display(),
+        train = corpus.join("train.jsonl").display(),
+        valid = corpus.join("valid.jsonl").display(),
+        cache = dir.path().join("cache").display(),
+    );
+    let spec = JobSpec::parse(&yaml, dir.path()).unwrap();
+    spec.validate().unwrap();
+    btm_trainer::run(&spec, quiet()).unwrap();
+    let ppl: Vec<(u64, f64)> = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter_map(|v| Some((v["step"].as_u64()?, v.get("val_ppl")?.as_f64()?)))
+        .collect();
+    assert_eq!(ppl.iter().map(|p| p.0).collect::<Vec<_>>(), vec![0, 200]);
+    let (start, end) = (ppl[0].1, ppl[1].1);
+    eprintln!("validation perplexity: {start:.1} at step 0, {end:.1} at step 200");
+    assert!(start > 200.0, "a random model is near uniform over 320 tokens: {start}");
+    assert!(end < start / 4.0, "perplexity should fall well below the start: {start} -> {end}");
+}

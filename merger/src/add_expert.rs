@@ -1,0 +1,447 @@
+//! Add an expert to an existing MoE: the new dense model's FFN becomes expert E (0-based) of
+//! every MoE layer, and each router gets one new row; the existing experts and router rows are
+//! copied bit for bit. With `topk_then_softmax`, a token whose top-k does not include the new
+//! expert therefore gets exactly the output it got before (its k logits, their softmax and the
+//! experts it visits are unchanged).
+//!
+//! The new row comes from calibration text of the new domain, measured on the *new* model
+//! layer by layer (as in [`crate::merge`]), against the existing router:
+//! - centroid: direction = mean router input of the new domain minus that of background text
+//!   (text of the existing domains: `--background`, or the calibration files recorded in the
+//!   MoE's `btm.json`), scaled so the new domain's tokens give the new expert a target
+//!   probability against the existing logits ([`crate::router_init::centroid_new_row`]);
+//! - fit: softmax regression of the new row only, with the new domain labelled E and background
+//!   tokens labelled with the existing router's own top-1 choice ("against the existing
+//!   experts' routing"), started from the centroid row.
+
+use crate::calib::{calibrate_layerwise, load_domain, CalibDomain, CalibOptions};
+use crate::merge::in_memory_model;
+use crate::names::{classify, dense_ffn, router, Proj, Slot};
+use crate::router_init::{
+    centroid_new_row, fit_softmax_regression, layer_seed, random_rows, share_routed_to, top1, FitOptions, RouterInit,
+};
+use crate::{parent_of, tokenizer_file, OutputOptions};
+use anyhow::{bail, Context, Result};
+use btm_kernels::Routing;
+use btm_model::{Checkpoint, Extras, Lineage, ModelConfig};
+use candle_core::{DType, Device, Tensor};
+use serde_json::{json, Map, Value};
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+#[derive(Debug, Clone)]
+pub struct AddExpertOptions {
+    pub moe: PathBuf,
+    pub expert: PathBuf,
+    pub out: PathBuf,
+    /// Calibration text of the new expert's domain.
+    pub calib: Option<PathBuf>,
+    /// The new domain's name (default: the expert's `btm.json` domain).
+    pub name: Option<String>,
+    /// Text of the existing domains (default: the calibration files in the MoE's `btm.json`).
+    pub background: Vec<PathBuf>,
+    pub router_init: RouterInit,
+    pub router_std: f64,
+    pub seed: u64,
+    pub target_prob: f64,
+    pub fit: FitOptions,
+    pub calib_options: CalibOptions,
+    /// Re-average the non-expert weights: (E·θ_moe + θ_new)/(E+1). Default: keep the MoE's.
+    pub reaverage: bool,
+    pub output: OutputOptions,
+}
+
+impl AddExpertOptions {
+    pub fn new(moe: impl Into<PathBuf>, expert: impl Into<PathBuf>, out: impl Into<PathBuf>) -> Self {
+        Self {
+            moe: moe.into(),
+            expert: expert.into(),
+            out: out.into(),
+            calib: None,
+            name: None,
+            background: vec![],
+            router_init: RouterInit::Centroid,
+            router_std: 0.02,
+            seed: 0,
+            target_prob: 0.8,
+            fit: FitOptions::default(),
+            calib_options: CalibOptions::default(),
+            reaverage: false,
+            output: OutputOptions::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct AddExpertReport {
+    pub config: ModelConfig,
+    pub lineage: Lineage,
+    pub warnings: Vec<String>,
+}
+
+/// Calibration files recorded in an MoE's `btm.json` by `btm merge` / `btm add-expert`.
+fn recorded_calibration(lineage: &Option<Lineage>) -> Vec<PathBuf> {
+    let Some(l) = lineage else { return vec![] };
+    let Some(list) = l.extra.get("calibration").and_then(Value::as_array) else { return vec![] };
+    list.iter().filter_map(|c| c.get("file")?.as_str().map(PathBuf::from)).filter(|p| p.is_file()).collect()
+}
+
+pub fn add_expert(o: &AddExpertOptions) -> Result<AddExpertReport> {
+    o.output.check_destination(&o.out)?;
+    let moe = Checkpoint::open(&o.moe).with_context(|| format!("opening --moe {}", o.moe.display()))?;
+    let Some(old) = moe.config.moe.clone() else {
+        bail!("--moe {} is a dense model; use `btm merge` or `btm upcycle` to make an MoE first", o.moe.display());
+    };
+    let expert = Checkpoint::open(&o.expert).with_context(|| format!("opening --expert {}", o.expert.display()))?;
+    crate::checks::require_dense(&expert, "--expert")?;
+    crate::checks::same_trunk(&moe, &expert)?;
+    if expert.config.intermediate_size != old.expert_ffn {
+        bail!(
+            "--expert {} has FFN width {} but the MoE's experts have width {}",
+            o.expert.display(),
+            expert.config.intermediate_size,
+            old.expert_ffn
+        );
+    }
+    crate::checks::same_tokenizer(&[&moe, &expert])?;
+    if o.router_init.needs_calibration() && o.calib.is_none() {
+        bail!("--router-init {} needs --calib FILE.jsonl (text of the new expert's domain)", o.router_init.as_str());
+    }
+    let mut warnings = vec![];
+    let moe_lineage = moe.lineage()?;
+    let expert_lineage = expert.lineage()?;
+    let e_old = old.experts;
+    // Lineage: the new expert should branch from the seed the MoE's experts came from.
+    let seeds: Vec<String> = moe_lineage
+        .as_ref()
+        .and_then(|l| l.extra.get("experts"))
+        .and_then(Value::as_array)
+        .map(|a| a.iter().filter_map(|e| e.get("seed")?.as_str().map(String::from)).collect())
+        .unwrap_or_default();
+    let new_seed = crate::checks::seed_of(&expert);
+    if !seeds.is_empty() && !new_seed.as_ref().is_some_and(|s| seeds.contains(s)) {
+        warnings.push(format!(
+            "lineage mismatch: {} does not branch from the seed the MoE's experts came from ({}); adding anyway",
+            o.expert.display(),
+            seeds[0]
+        ));
+    }
+    let scale = match moe_lineage.as_ref().and_then(|l| l.extra.get("expert_output_scale")).and_then(Value::as_f64) {
+        Some(a) => a,
+        None => {
+            if old.routing == Routing::SoftmaxThenTopk {
+                warnings.push("the MoE's btm.json records no expert output scale; the new expert is added unscaled".into());
+            }
+            1.0
+        }
+    };
+
+    let mut cfg = moe.config.clone();
+    cfg.moe.as_mut().expect("moe").experts = e_old + 1;
+    cfg.validate()?;
+    cfg.to_hf()?;
+    let hidden = cfg.hidden_size;
+    let name = o
+        .name
+        .clone()
+        .or_else(|| expert_lineage.as_ref().and_then(|l| l.domain.clone()))
+        .unwrap_or_else(|| format!("expert{e_old}"));
+
+    let source = |t: &str| -> btm_model::Result<Tensor> {
+        match classify(t) {
+            Slot::Expert { layer, expert: e, proj } if e == e_old => {
+                let w = expert.tensor_streamed(&dense_ffn(layer, proj))?;
+                if proj == Proj::Down && scale != 1.0 {
+                    return Ok((w.to_dtype(DType::F32)? * scale)?);
+                }
+                Ok(w)
+            }
+            Slot::Other if o.reaverage => {
+                let a = (moe.tensor_streamed(t)?.to_dtype(DType::F32)? * (e_old as f64 / (e_old + 1) as f64))?;
+                let b = (expert.tensor_streamed(t)?.to_dtype(DType::F32)? * (1.0 / (e_old + 1) as f64))?;
+                Ok((a + b)?)
+            }
+            _ => moe.tensor_streamed(t),
+        }
+    };
+    let fixed_row = |layer: usize| -> Result<Tensor> {
+        match o.router_init {
+            RouterInit::Random => random_rows(1, hidden, o.router_std, layer_seed(o.seed, layer)),
+            _ => Ok(Tensor::zeros((1, hidden), DType::F32, &Device::Cpu)?),
+        }
+    };
+    let with_row = |layer: usize, row: &Tensor| -> Result<Tensor> {
+        let existing = moe.tensor(&router(layer))?.to_dtype(DType::F32)?;
+        Ok(Tensor::cat(&[&existing, row], 0)?)
+    };
+
+    // Calibration: the new domain first, then the background.
+    let mut rows: HashMap<usize, Tensor> = HashMap::new();
+    let mut added = Map::new();
+    added.insert("index".into(), json!(e_old));
+    added.insert("domain".into(), json!(name));
+    added.insert("uri".into(), json!(o.expert.display().to_string()));
+    added.insert("router_init".into(), json!(o.router_init.as_str()));
+    added.insert("scale".into(), json!(scale));
+    let mut domains: Vec<CalibDomain> = vec![];
+    if let Some(calib) = &o.calib {
+        let tok = moe.tokenizer().context("calibration needs the MoE's tokenizer.json")?;
+        domains.push(load_domain(&name, calib, &tok, &o.calib_options)?);
+        let background = if o.background.is_empty() { recorded_calibration(&moe_lineage) } else { o.background.clone() };
+        if background.is_empty() {
+            warnings.push(
+                "no background text (--background, or calibration files recorded in the MoE's btm.json): the new router row is not centred against the existing domains and may attract their tokens".into(),
+            );
+        }
+        for (i, p) in background.iter().enumerate() {
+            domains.push(load_domain(&format!("background{i}"), p, &tok, &o.calib_options)?);
+        }
+        let mut model = in_memory_model(&cfg, &mut |t| match classify(t) {
+            Slot::Router { layer } => with_row(layer, &fixed_row(layer)?),
+            _ => Ok(source(t)?),
+        })?;
+        let mut layers = vec![];
+        calibrate_layerwise(&mut model, &domains, &o.calib_options, |f| {
+            if !cfg.is_moe_layer(f.layer) {
+                return Ok(None);
+            }
+            let existing = moe.tensor(&router(f.layer))?.to_dtype(DType::F32)?;
+            let new_train = &f.train[0];
+            let bg_train = if f.train.len() > 1 { Some(Tensor::cat(&f.train[1..], 0)?) } else { None };
+            let mut report = Map::new();
+            let row = match o.router_init {
+                RouterInit::Random | RouterInit::Zero => fixed_row(f.layer)?,
+                RouterInit::Centroid | RouterInit::Fit => {
+                    let c = centroid_new_row(&existing, new_train, bg_train.as_ref(), o.target_prob)?;
+                    report.insert("temperature".into(), json!(c.temperature));
+                    report.insert("own_probability".into(), json!(c.own_probability));
+                    if o.router_init == RouterInit::Centroid {
+                        c.weight
+                    } else {
+                        let n_new = new_train.dim(0)?;
+                        let mut xs = vec![new_train.clone()];
+                        let mut labels = vec![e_old as u32; n_new];
+                        let mut sw = vec![1.0 / n_new as f32; n_new];
+                        if let Some(bg) = &bg_train {
+                            let own = top1(&existing, bg)?;
+                            sw.extend(std::iter::repeat_n(1.0 / own.len() as f32, own.len()));
+                            labels.extend(own);
+                            xs.push(bg.clone());
+                        }
+                        let init = Tensor::cat(&[&existing, &c.weight], 0)?;
+                        let mut trainable = vec![false; e_old + 1];
+                        trainable[e_old] = true;
+                        let fitted = fit_softmax_regression(&Tensor::cat(&xs, 0)?, &labels, &sw, &init, &trainable, &o.fit)?;
+                        // Only the new row is taken: the existing rows stay bit-identical.
+                        fitted.narrow(0, e_old, 1)?
+                    }
+                }
+            };
+            let full = Tensor::cat(&[&existing, &row], 0)?;
+            report.insert("layer".into(), json!(f.layer));
+            report.insert("accuracy".into(), json!(share_routed_to(&full, &f.heldout[0], e_old)?));
+            if f.heldout.len() > 1 {
+                let bg = Tensor::cat(&f.heldout[1..], 0)?;
+                report.insert("background_routed_to_new".into(), json!(share_routed_to(&full, &bg, e_old)?));
+            }
+            layers.push(Value::Object(report));
+            rows.insert(f.layer, row);
+            Ok(Some(full))
+        })?;
+        added.insert("routing_accuracy".into(), Value::Array(layers));
+        added.insert("calibration".into(), json!({"file": calib.display().to_string(), "tokens": domains[0].tokens()}));
+        added.insert(
+            "background".into(),
+            json!(domains[1..].iter().map(|d| d.path.display().to_string()).collect::<Vec<_>>()),
+        );
+        added.insert("target_probability".into(), json!(o.target_prob));
+    }
+
+    // Lineage: the MoE's, extended.
+    let mut lineage = moe_lineage.clone().unwrap_or_else(|| Lineage::new("add_expert"));
+    lineage.tool = Lineage::new("add_expert").tool;
+    lineage.kind = "add_expert".into();
+    lineage.parents = vec![parent_of(&moe, None)?, parent_of(&expert, Some(name.clone()))?];
+    let x = &mut lineage.extra;
+    let mut experts = x.get("experts").and_then(Value::as_array).cloned().unwrap_or_default();
+    experts.push(json!({"index": e_old, "uri": o.expert.display().to_string(), "domain": name, "seed": new_seed}));
+    x.insert("experts".into(), Value::Array(experts));
+    if let Some(calib) = &o.calib {
+        let mut list = x.get("calibration").and_then(Value::as_array).cloned().unwrap_or_default();
+        list.push(json!({"domain": name, "file": calib.display().to_string(), "tokens": domains[0].tokens()}));
+        x.insert("calibration".into(), Value::Array(list));
+    }
+    x.insert("non_expert_on_add".into(), json!(if o.reaverage { "reaverage" } else { "keep" }));
+    x.insert("added_expert".into(), Value::Object(added));
+    if !warnings.is_empty() {
+        x.insert("warnings".into(), json!(warnings));
+    }
+
+    let mut get = |t: &str| -> btm_model::Result<Tensor> {
+        match classify(t) {
+            Slot::Router { layer } => {
+                let row = match rows.get(&layer) {
+                    Some(r) => r.clone(),
+                    None => fixed_row(layer).map_err(|e| btm_model::Error::InvalidConfig(e.to_string()))?,
+                };
+                with_row(layer, &row).map_err(|e| btm_model::Error::InvalidConfig(e.to_string()))
+            }
+            _ => source(t),
+        }
+    };
+    let extras = Extras { tokenizer: tokenizer_file(moe.dir()), lineage: Some(lineage.clone()) };
+    btm_model::write_checkpoint(&o.out, &cfg, &mut get, &extras, &o.output.write_options(moe.dtype()))
+        .with_context(|| format!("writing {}", o.out.display()))?;
+    Ok(AddExpertReport { config: cfg, lineage, warnings })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::merge::{merge, MergeOptions};
+    use crate::testutil::{domain_texts, fixture, perturbed, write_jsonl};
+    use btm_model::model::{MoeBlock, Trace};
+    use std::path::Path;
+
+    /// An MoE of two experts (prose, code) merged with centroid routers, and a third expert
+    /// (digits) with its own calibration text.
+    fn setup(tmp: &Path, top_k: usize) -> (PathBuf, PathBuf, PathBuf) {
+        let a = perturbed(&fixture("llama"), &tmp.join("prose"), 1, 0.5, false, "prose");
+        let b = perturbed(&fixture("llama"), &tmp.join("code"), 2, 0.5, false, "code");
+        let c = perturbed(&fixture("llama"), &tmp.join("digits"), 3, 0.5, false, "digits");
+        let moe = tmp.join("moe");
+        let mut o = MergeOptions::new(vec![a, b], &moe);
+        o.top_k = top_k;
+        o.router_init = RouterInit::Centroid;
+        o.calib = ["prose", "code"]
+            .iter()
+            .map(|d| (d.to_string(), write_jsonl(&tmp.join(format!("{d}.jsonl")), &domain_texts(d, 40, 0))))
+            .collect();
+        o.calib_options.seq_len = 32;
+        merge(&o).unwrap();
+        let calib = write_jsonl(&tmp.join("digits.jsonl"), &domain_texts("digits", 40, 0));
+        (moe, c, calib)
+    }
+
+    fn ids(texts: &[String], tok: &tokenizers::Tokenizer) -> Tensor {
+        let docs: Vec<Vec<u32>> = texts.iter().map(|t| btm_model::tokenizer::encode(tok, t).unwrap()).collect();
+        let t = docs.iter().map(Vec::len).min().unwrap();
+        let flat: Vec<u32> = docs.iter().flat_map(|d| d[..t].to_vec()).collect();
+        Tensor::from_vec(flat, (docs.len(), t), &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn tokens_not_routed_to_the_new_expert_are_bit_identical_and_the_new_domain_finds_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (moe, expert, calib) = setup(tmp.path(), 1);
+        let out = tmp.path().join("moe3");
+        let mut o = AddExpertOptions::new(&moe, &expert, &out);
+        o.calib = Some(calib);
+        o.calib_options.seq_len = 32;
+        let report = add_expert(&o).unwrap();
+        assert!(report.warnings.is_empty(), "background text comes from the MoE's btm.json: {:?}", report.warnings);
+
+        let (old, new) = (Checkpoint::open(&moe).unwrap(), Checkpoint::open(&out).unwrap());
+        assert_eq!(new.config.moe.as_ref().unwrap().experts, 3);
+        // Held-out tokens of the new domain mostly pick the new expert, per btm.json …
+        let added = &report.lineage.extra["added_expert"];
+        for layer in added["routing_accuracy"].as_array().unwrap() {
+            assert!(layer["accuracy"].as_f64().unwrap() > 0.5, "{layer}");
+            assert!(layer["background_routed_to_new"].as_f64().unwrap() < 0.5, "{layer}");
+        }
+
+        // … and on fresh text, through the written checkpoint.
+        let tok = new.tokenizer().unwrap();
+        let fresh = ids(&domain_texts("digits", 8, 1000), &tok);
+        let model = new.load_model(DType::F32, &Device::Cpu).unwrap();
+        let mut trace = Trace::default();
+        model.forward_traced(&fresh, &mut trace).unwrap();
+        for r in &trace.router {
+            let top: Vec<u32> = r.routed.experts.flatten_all().unwrap().to_vec1().unwrap();
+            let share = top.iter().filter(|&&e| e == 2).count() as f64 / top.len() as f64;
+            assert!(share > 0.5, "fresh digits routed to the new expert: {share}");
+        }
+
+        // Same MoE-layer input, old vs new block: every token whose top-k excludes the new
+        // expert gets bit-identical output.
+        let mixed = ids(
+            &[domain_texts("prose", 4, 500), domain_texts("code", 4, 500), domain_texts("digits", 4, 500)].concat(),
+            &tok,
+        );
+        let mut trace = Trace { collect_ffn_inputs: true, ..Default::default() };
+        model.forward_traced(&mixed, &mut trace).unwrap();
+        let (mut same, mut moved) = (0, 0);
+        for layer in 0..2 {
+            let block = |ck: &Checkpoint| {
+                let m = ck.config.moe.clone().unwrap();
+                MoeBlock::new(32, &m, ck.var_builder(DType::F32, &Device::Cpu).pp(format!("model.layers.{layer}.mlp"))).unwrap()
+            };
+            let x = trace.ffn_inputs[layer].reshape(((), 32)).unwrap();
+            let before = block(&old).forward(&x, None).unwrap().to_vec2::<f32>().unwrap();
+            let mut rec = vec![];
+            let after = block(&new).forward(&x, Some(&mut rec)).unwrap().to_vec2::<f32>().unwrap();
+            let experts = rec[0].routed.experts.to_vec2::<u32>().unwrap();
+            for (t, chosen) in experts.iter().enumerate() {
+                if chosen.contains(&2) {
+                    moved += 1;
+                    continue;
+                }
+                same += 1;
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&before[t]), bits(&after[t]), "layer {layer} token {t}");
+            }
+        }
+        assert!(same > 0 && moved > 0, "both kinds of token occur: {same} unchanged, {moved} moved");
+    }
+
+    #[test]
+    fn fit_and_clear_errors() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (moe, expert, calib) = setup(tmp.path(), 1);
+        let out = tmp.path().join("fit");
+        let mut o = AddExpertOptions::new(&moe, &expert, &out);
+        o.calib = Some(calib.clone());
+        o.router_init = RouterInit::Fit;
+        o.calib_options.seq_len = 32;
+        o.name = Some("numbers".into());
+        let report = add_expert(&o).unwrap();
+        let added = &report.lineage.extra["added_expert"];
+        assert_eq!(added["domain"], "numbers");
+        for layer in added["routing_accuracy"].as_array().unwrap() {
+            assert!(layer["accuracy"].as_f64().unwrap() > 0.5, "{layer}");
+        }
+        // The existing router rows are copied bit for bit.
+        let (old, new) = (Checkpoint::open(&moe).unwrap(), Checkpoint::open(&out).unwrap());
+        let r_old = old.tensor("model.layers.1.mlp.gate.weight").unwrap().to_vec2::<f32>().unwrap();
+        let r_new = new.tensor("model.layers.1.mlp.gate.weight").unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(r_old[..], r_new[..2]);
+
+        // An expert from another seed: a warning, not an error.
+        let stranger = tmp.path().join("stranger");
+        std::fs::create_dir(&stranger).unwrap();
+        for f in std::fs::read_dir(&expert).unwrap() {
+            let f = f.unwrap().path();
+            std::fs::copy(&f, stranger.join(f.file_name().unwrap())).unwrap();
+        }
+        std::fs::remove_file(stranger.join("MANIFEST.json")).unwrap();
+        let mut l: Value = serde_json::from_slice(&std::fs::read(stranger.join("btm.json")).unwrap()).unwrap();
+        l["parents"][0]["manifest_sha256"] = json!("another-seed");
+        std::fs::write(stranger.join("btm.json"), l.to_string()).unwrap();
+        let mut o = AddExpertOptions::new(&moe, &stranger, tmp.path().join("stranger-moe"));
+        o.router_init = RouterInit::Zero;
+        let report = add_expert(&o).unwrap();
+        assert!(report.warnings.iter().any(|w| w.contains("lineage mismatch")), "{:?}", report.warnings);
+
+        let never = tmp.path().join("never");
+        let err = |o: AddExpertOptions| format!("{:#}", add_expert(&o).unwrap_err());
+        let mut o = AddExpertOptions::new(&moe, &expert, &never);
+        assert!(err(o.clone()).contains("needs --calib"));
+        o.calib = Some(tmp.path().join("missing.jsonl"));
+        assert!(err(o.clone()).contains("not found"));
+        o.calib = Some(write_jsonl(&tmp.path().join("empty.jsonl"), &[]));
+        assert!(err(o.clone()).contains("is empty"));
+        assert!(err(AddExpertOptions::new(fixture("llama"), &expert, &never)).contains("is a dense model"));
+        assert!(err(AddExpertOptions::new(&moe, fixture("qwen2"), &never)).contains("architecture mismatch"));
+        assert!(!never.exists());
+    }
+}

@@ -1,0 +1,200 @@
+//! The merge benchmark: merge N synthetic dense experts (about 100M parameters each by default)
+//! and report peak resident memory and throughput next to `cp` of the same input bytes on the
+//! same disk. Targets from the issue: peak RSS below 2 × the largest single tensor + 300 MB,
+//! throughput at least 50 % of `cp`'s. Calibration forward passes are excluded (random router).
+//!
+//! Peak RSS is the process's `VmHWM` after resetting it through `/proc/self/clear_refs` just
+//! before the merge (Linux), so generating the inputs does not count. Both `cp` and the merge
+//! read inputs the page cache already holds (they were just written), so the comparison is of
+//! the two programs, not of the disk.
+
+use crate::merge::{merge, MergeOptions};
+use anyhow::{ensure, Context, Result};
+use btm_model::{Extras, ModelConfig, WriteOptions};
+use candle_core::{DType, Device, Tensor};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// The shape of the synthetic experts.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct BenchShape {
+    pub experts: usize,
+    pub hidden: usize,
+    pub layers: usize,
+    pub ffn: usize,
+    pub vocab: usize,
+    pub heads: usize,
+}
+
+impl Default for BenchShape {
+    /// ≈110M parameters per expert (Llama-style, 12 layers of width 768, tied 32k embedding).
+    fn default() -> Self {
+        Self { experts: 8, hidden: 768, layers: 12, ffn: 2048, vocab: 32000, heads: 12 }
+    }
+}
+
+impl BenchShape {
+    pub fn config(&self) -> ModelConfig {
+        ModelConfig {
+            vocab_size: self.vocab,
+            hidden_size: self.hidden,
+            num_layers: self.layers,
+            num_heads: self.heads,
+            num_kv_heads: self.heads,
+            head_dim: self.hidden / self.heads,
+            intermediate_size: self.ffn,
+            max_position_embeddings: 2048,
+            rope_theta: 10000.0,
+            rope_scaling: None,
+            rms_norm_eps: 1e-5,
+            tie_word_embeddings: true,
+            qkv_bias: false,
+            o_bias: false,
+            sliding_window: None,
+            bos_token_id: Some(0),
+            eos_token_id: Some(1),
+            moe: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchResult {
+    pub shape: BenchShape,
+    pub params_per_expert: usize,
+    pub input_bytes: u64,
+    pub output_bytes: u64,
+    pub largest_tensor_bytes: u64,
+    pub merge_seconds: f64,
+    /// Input bytes read per second by the merge.
+    pub merge_mb_per_s: f64,
+    pub cp_seconds: f64,
+    pub cp_mb_per_s: f64,
+    /// merge_mb_per_s / cp_mb_per_s (target ≥ 0.5).
+    pub throughput_vs_cp: f64,
+    /// Resident memory just before the merge.
+    pub baseline_rss_mb: f64,
+    /// Peak resident memory during the merge (VmHWM after reset).
+    pub peak_rss_mb: f64,
+    /// 2 × the largest tensor + 300 MB.
+    pub rss_target_mb: f64,
+}
+
+fn proc_status_kb(key: &str) -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with(key))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+fn dir_bytes(dir: &Path) -> Result<u64> {
+    let mut total = 0;
+    for e in std::fs::read_dir(dir)? {
+        let e = e?;
+        if e.file_type()?.is_file() {
+            total += e.metadata()?.len();
+        }
+    }
+    Ok(total)
+}
+
+/// Write expert 0 with seeded random weights, then copy it for the others (the merge reads
+/// every expert's files all the same; their values do not matter for speed or memory).
+pub fn synthesize_experts(dir: &Path, shape: &BenchShape) -> Result<Vec<PathBuf>> {
+    let cfg = shape.config();
+    let first = dir.join("expert-0");
+    let mut rng = StdRng::seed_from_u64(0);
+    let mut get = |name: &str| -> btm_model::Result<Tensor> {
+        let spec = btm_model::weights::expected_tensors(&cfg).into_iter().find(|s| s.name == name).expect("known tensor");
+        let n: usize = spec.shape.iter().product();
+        let data: Vec<f32> = (0..n).map(|_| rng.random_range(-0.02f32..0.02)).collect();
+        Ok(Tensor::from_vec(data, spec.shape.as_slice(), &Device::Cpu)?)
+    };
+    let opts = WriteOptions { dtype: DType::F32, max_shard_bytes: 1 << 30, overwrite: false };
+    btm_model::write_checkpoint(&first, &cfg, &mut get, &Extras::default(), &opts)?;
+    let mut out = vec![first.clone()];
+    for i in 1..shape.experts {
+        let d = dir.join(format!("expert-{i}"));
+        std::fs::create_dir(&d)?;
+        for f in std::fs::read_dir(&first)? {
+            let f = f?.path();
+            std::fs::copy(&f, d.join(f.file_name().expect("file name")))?;
+        }
+        out.push(d);
+    }
+    Ok(out)
+}
+
+/// Run the benchmark in `dir` (which must have room for about 3 × the experts' bytes).
+pub fn run(dir: &Path, shape: &BenchShape) -> Result<BenchResult> {
+    ensure!(shape.experts >= 2, "the benchmark merges at least two experts");
+    let experts = synthesize_experts(dir, shape)?;
+    let cfg = shape.config();
+    let input_bytes: u64 = experts.iter().map(|d| dir_bytes(d)).sum::<Result<u64>>()?;
+    let largest = btm_model::weights::expected_tensors(&cfg)
+        .iter()
+        .map(|t| t.shape.iter().product::<usize>() as u64 * 4)
+        .max()
+        .unwrap_or(0);
+
+    // cp of the same input bytes to the same disk.
+    let cp_dest = dir.join("cp");
+    std::fs::create_dir(&cp_dest)?;
+    let start = Instant::now();
+    let status = std::process::Command::new("cp").arg("-r").args(&experts).arg(&cp_dest).status().context("running cp")?;
+    ensure!(status.success(), "cp failed");
+    let cp_seconds = start.elapsed().as_secs_f64();
+    std::fs::remove_dir_all(&cp_dest)?;
+
+    // The merge (random router: no calibration forward passes).
+    let out = dir.join("merged");
+    let mut o = MergeOptions::new(experts, &out);
+    o.output.max_shard_bytes = 1 << 30;
+    // Reset the peak-RSS counter (Linux: writing 5 to clear_refs resets VmHWM).
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+    let baseline = proc_status_kb("VmRSS:").unwrap_or(f64::NAN) / 1024.0;
+    let start = Instant::now();
+    merge(&o)?;
+    let merge_seconds = start.elapsed().as_secs_f64();
+    let peak = proc_status_kb("VmHWM:").unwrap_or(f64::NAN) / 1024.0;
+    let output_bytes = dir_bytes(&out)?;
+    std::fs::remove_dir_all(&out)?;
+
+    let mb = |b: u64, s: f64| b as f64 / 1e6 / s;
+    Ok(BenchResult {
+        shape: *shape,
+        params_per_expert: cfg.num_parameters(),
+        input_bytes,
+        output_bytes,
+        largest_tensor_bytes: largest,
+        merge_seconds,
+        merge_mb_per_s: mb(input_bytes, merge_seconds),
+        cp_seconds,
+        cp_mb_per_s: mb(input_bytes, cp_seconds),
+        throughput_vs_cp: cp_seconds / merge_seconds,
+        baseline_rss_mb: baseline,
+        peak_rss_mb: peak,
+        rss_target_mb: 2.0 * largest as f64 / 1048576.0 + 300.0,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tiny_benchmark_runs_and_reports() {
+        let tmp = tempfile::tempdir().unwrap();
+        let shape = BenchShape { experts: 3, hidden: 64, layers: 2, ffn: 128, vocab: 512, heads: 4 };
+        let r = run(tmp.path(), &shape).unwrap();
+        assert_eq!(r.params_per_expert, shape.config().num_parameters());
+        assert!(r.input_bytes > 3 * 4 * r.params_per_expert as u64);
+        assert!(r.merge_seconds > 0.0 && r.cp_seconds > 0.0);
+        if cfg!(target_os = "linux") {
+            assert!(r.peak_rss_mb >= r.baseline_rss_mb * 0.5, "{r:?}");
+        }
+        assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 3, "only the inputs remain");
+    }
+}

@@ -1,0 +1,383 @@
+//! Router initialisation: where an MoE's routing comes from before (or instead of) training.
+//!
+//! - [`RouterInit::Random`]: i.i.d. normal rows, std 0.02 by default (Megatron-LM's
+//!   `init_method_std`). For upcycling, [`virtual_group_router`] draws E/G rows and repeats each
+//!   G times so the G shards of one dense copy always get identical logits (He et al. 2024).
+//! - [`RouterInit::Zero`]: all logits 0, i.e. uniform routing (ties go to the lower index).
+//! - [`RouterInit::Centroid`]: from calibration text per domain, [`centroid_router`]: row e is
+//!   the centred, normalised mean of domain e's router inputs, times a temperature τ chosen so
+//!   that calibration tokens give their own domain's expert a target probability on average.
+//! - [`RouterInit::Fit`]: [`fit_softmax_regression`], a few hundred steps of full-batch
+//!   softmax regression (domain = label) started from the centroid solution.
+//!
+//! The router's input is the post-attention RMSNorm output of the layer (what the router of a
+//! Mixtral / Qwen2-MoE block multiplies), not the residual stream; [`crate::calib`] collects it
+//! from the merged model one layer at a time.
+
+use anyhow::{bail, ensure, Result};
+use candle_core::{DType, Device, Tensor};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use rand_distr::{Distribution, Normal};
+
+/// How a router is initialised.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouterInit {
+    Random,
+    Zero,
+    Centroid,
+    Fit,
+}
+
+impl std::str::FromStr for RouterInit {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "random" => Ok(RouterInit::Random),
+            "zero" => Ok(RouterInit::Zero),
+            "centroid" => Ok(RouterInit::Centroid),
+            "fit" => Ok(RouterInit::Fit),
+            other => Err(format!("unknown router init `{other}` (expected random, zero, centroid or fit)")),
+        }
+    }
+}
+
+impl RouterInit {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RouterInit::Random => "random",
+            RouterInit::Zero => "zero",
+            RouterInit::Centroid => "centroid",
+            RouterInit::Fit => "fit",
+        }
+    }
+
+    /// Centroid and fit are computed from calibration text.
+    pub fn needs_calibration(self) -> bool {
+        matches!(self, RouterInit::Centroid | RouterInit::Fit)
+    }
+}
+
+/// A per-layer seed, so a layer's random router does not depend on the order tensors are made.
+pub fn layer_seed(seed: u64, layer: usize) -> u64 {
+    seed ^ (layer as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
+
+/// `rows` × `hidden` float32 matrix of N(0, std²) entries from a seeded `StdRng`; zeros if std = 0.
+pub fn random_rows(rows: usize, hidden: usize, std: f64, seed: u64) -> Result<Tensor> {
+    ensure!(std >= 0.0 && std.is_finite(), "router std must be finite and non-negative, got {std}");
+    if std == 0.0 {
+        return Ok(Tensor::zeros((rows, hidden), DType::F32, &Device::Cpu)?);
+    }
+    let normal = Normal::new(0.0f32, std as f32)?;
+    let mut rng = StdRng::seed_from_u64(seed);
+    let data: Vec<f32> = (0..rows * hidden).map(|_| normal.sample(&mut rng)).collect();
+    Ok(Tensor::from_vec(data, (rows, hidden), &Device::Cpu)?)
+}
+
+/// Virtual-group router for upcycling (He et al. 2024, §3): E/G random rows, each repeated G
+/// times consecutively, so experts c·G … c·G+G−1 (the G shards of dense copy c) tie exactly.
+pub fn virtual_group_router(experts: usize, granularity: usize, hidden: usize, std: f64, seed: u64) -> Result<Tensor> {
+    ensure!(granularity > 0 && experts.is_multiple_of(granularity), "{experts} experts are not a whole number of groups of {granularity}");
+    let copies = experts / granularity;
+    let base = random_rows(copies, hidden, std, seed)?;
+    Ok(base.unsqueeze(1)?.expand((copies, granularity, hidden))?.reshape((experts, hidden))?)
+}
+
+/// Softmax over the last dimension.
+fn softmax(xs: &Tensor) -> Result<Tensor> {
+    Ok(btm_kernels::router::softmax_last(xs)?)
+}
+
+/// Logits of a group of calibration tokens as `fixed + τ · scaled` ([N, E] each), and the
+/// expert they should prefer.
+pub struct ScoreGroup {
+    pub fixed: Tensor,
+    pub scaled: Tensor,
+    pub own: usize,
+}
+
+/// Mean over groups of the mean probability tokens give their own expert at temperature τ.
+pub fn mean_own_probability(groups: &[ScoreGroup], tau: f64) -> Result<f64> {
+    let mut total = 0.0;
+    for g in groups {
+        let probs = softmax(&(&g.fixed + (&g.scaled * tau)?)?)?;
+        total += probs.narrow(1, g.own, 1)?.mean_all()?.to_scalar::<f32>()? as f64;
+    }
+    Ok(total / groups.len() as f64)
+}
+
+/// The temperature τ at which [`mean_own_probability`] reaches `target`: a log-spaced scan over
+/// ten decades around the logits' natural scale, then bisection inside the first bracket.
+/// Returns (τ, achieved probability); if the target is out of reach, the τ that gets closest.
+pub fn solve_temperature(groups: &[ScoreGroup], target: f64) -> Result<(f64, f64)> {
+    ensure!(!groups.is_empty(), "no calibration tokens to choose a temperature from");
+    let mut magnitude = 0.0;
+    for g in groups {
+        magnitude += g.scaled.abs()?.mean_all()?.to_scalar::<f32>()? as f64;
+    }
+    let magnitude = (magnitude / groups.len() as f64).max(1e-12);
+    let taus: Vec<f64> = (0..120).map(|i| 10f64.powf(-4.0 + 10.0 * i as f64 / 119.0) / magnitude).collect();
+    let mut best = (taus[0], mean_own_probability(groups, taus[0])?);
+    if best.1 >= target {
+        return Ok(best);
+    }
+    for w in taus.windows(2) {
+        let p = mean_own_probability(groups, w[1])?;
+        if p >= target {
+            // Bisect in log τ between w[0] (below target) and w[1] (at or above).
+            let (mut lo, mut hi) = (w[0].ln(), w[1].ln());
+            for _ in 0..40 {
+                let mid = 0.5 * (lo + hi);
+                if mean_own_probability(groups, mid.exp())? >= target {
+                    hi = mid;
+                } else {
+                    lo = mid;
+                }
+            }
+            let tau = hi.exp();
+            return Ok((tau, mean_own_probability(groups, tau)?));
+        }
+        if p > best.1 {
+            best = (w[1], p);
+        }
+    }
+    Ok(best)
+}
+
+/// Row means [H] of [N, H] features.
+fn mean_row(x: &Tensor) -> Result<Tensor> {
+    Ok(x.to_dtype(DType::F32)?.mean(0)?)
+}
+
+/// `v / ‖v‖`, or zeros if v is (numerically) zero.
+fn normalised(v: &Tensor) -> Result<Tensor> {
+    let norm = v.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()? as f64;
+    if norm < 1e-20 {
+        return Ok(v.zeros_like()?);
+    }
+    Ok((v / norm)?)
+}
+
+/// `v` minus its component along `u`. A router has no bias, so the component of the hidden
+/// states shared by all domains (their mean μ̄) would add c_e·μ̄ to expert e's logit for *every*
+/// token; rows orthogonal to μ̄ see only each token's deviation from it.
+fn orthogonal_to(v: &Tensor, u: &Tensor) -> Result<Tensor> {
+    let uu = u.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+    if uu < 1e-20 {
+        return Ok(v.clone());
+    }
+    let vu = (v * u)?.sum_all()?.to_scalar::<f32>()? as f64;
+    Ok((v - (u * (vu / uu))?)?)
+}
+
+/// A router computed from calibration features.
+#[derive(Debug, Clone)]
+pub struct CalibratedRouter {
+    /// [E, H] float32.
+    pub weight: Tensor,
+    /// τ of the centroid solution (logit scale).
+    pub temperature: f64,
+    /// Mean probability calibration tokens give their own expert (training split).
+    pub own_probability: f64,
+}
+
+/// Centroid router: with μ_e the mean router input of domain e and μ̄ the mean of the μ_e,
+/// c_e = μ_e − μ̄ made orthogonal to μ̄ (see [`orthogonal_to`]), row e = τ · c_e/‖c_e‖, with τ
+/// from [`solve_temperature`] for `target`.
+pub fn centroid_router(train: &[Tensor], target: f64) -> Result<CalibratedRouter> {
+    let e = train.len();
+    ensure!(e >= 2, "a centroid router needs at least two domains");
+    ensure!(target > 1.0 / e as f64 && target < 1.0, "target probability {target} must lie between 1/E = {:.3} and 1", 1.0 / e as f64);
+    let means = train.iter().map(mean_row).collect::<Result<Vec<_>>>()?;
+    let centre = (Tensor::stack(&means, 0)?.mean(0))?;
+    let rows = means
+        .iter()
+        .map(|m| normalised(&orthogonal_to(&(m - &centre)?, &centre)?))
+        .collect::<Result<Vec<_>>>()?;
+    let unit = Tensor::stack(&rows, 0)?;
+    let groups = train
+        .iter()
+        .enumerate()
+        .map(|(own, x)| {
+            let scaled = x.to_dtype(DType::F32)?.matmul(&unit.t()?)?;
+            Ok(ScoreGroup { fixed: scaled.zeros_like()?, scaled, own })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let (tau, p) = solve_temperature(&groups, target)?;
+    Ok(CalibratedRouter { weight: (unit * tau)?, temperature: tau, own_probability: p })
+}
+
+/// A new router row for an existing router `existing` [E, H] (add an expert): the direction
+/// (μ_new − μ_bg)/‖·‖, where μ_bg is the mean of `background` tokens (text of the existing
+/// domains; without it the direction is μ_new/‖μ_new‖), times τ chosen so the new domain's
+/// tokens give the new expert probability `target` against the existing logits.
+pub fn centroid_new_row(existing: &Tensor, new: &Tensor, background: Option<&Tensor>, target: f64) -> Result<CalibratedRouter> {
+    ensure!(target > 0.0 && target < 1.0, "target probability {target} must lie between 0 and 1");
+    let new = new.to_dtype(DType::F32)?;
+    let mut direction = mean_row(&new)?;
+    if let Some(bg) = background {
+        direction = (direction - mean_row(bg)?)?;
+    }
+    let unit = normalised(&direction)?.unsqueeze(0)?;
+    let existing = existing.to_dtype(DType::F32)?;
+    let (n, e) = (new.dim(0)?, existing.dim(0)?);
+    let old_logits = new.matmul(&existing.t()?)?;
+    let fixed = Tensor::cat(&[&old_logits, &Tensor::zeros((n, 1), DType::F32, &Device::Cpu)?], 1)?;
+    let scaled = Tensor::cat(&[&Tensor::zeros((n, e), DType::F32, &Device::Cpu)?, &new.matmul(&unit.t()?)?], 1)?;
+    let (tau, p) = solve_temperature(&[ScoreGroup { fixed, scaled, own: e }], target)?;
+    Ok(CalibratedRouter { weight: (unit * tau)?, temperature: tau, own_probability: p })
+}
+
+/// Settings of [`fit_softmax_regression`].
+#[derive(Debug, Clone, Copy)]
+pub struct FitOptions {
+    pub steps: usize,
+    /// Step size on features rescaled to unit RMS norm.
+    pub lr: f64,
+    pub momentum: f64,
+    /// L2 penalty (on the rescaled problem).
+    pub l2: f64,
+}
+
+impl Default for FitOptions {
+    fn default() -> Self {
+        Self { steps: 300, lr: 1.0, momentum: 0.9, l2: 1e-4 }
+    }
+}
+
+/// Softmax regression `p(e | x) = softmax(W x)_e` by full-batch Nesterov gradient descent on
+/// the weighted cross-entropy Σ_n w_n · −log p(y_n | x_n) + l2/2 ‖W‖², starting from `init`
+/// [E, H]; rows with `trainable[e] == false` stay fixed. Features are divided by their RMS row
+/// norm s during the fit (so one step size suits any model) and the result mapped back (W / s).
+pub fn fit_softmax_regression(
+    x: &Tensor,
+    labels: &[u32],
+    sample_weight: &[f32],
+    init: &Tensor,
+    trainable: &[bool],
+    opts: &FitOptions,
+) -> Result<Tensor> {
+    let (n, _h) = x.dims2()?;
+    let e = init.dim(0)?;
+    ensure!(labels.len() == n && sample_weight.len() == n, "one label and weight per calibration token");
+    ensure!(trainable.len() == e, "one trainable flag per router row");
+    if let Some(bad) = labels.iter().find(|&&l| l as usize >= e) {
+        bail!("label {bad} out of range for {e} experts");
+    }
+    let x = x.to_dtype(DType::F32)?;
+    let s = (x.sqr()?.sum_keepdim(1)?.mean_all()?.to_scalar::<f32>()? as f64).sqrt().max(1e-12);
+    let xh = (x / s)?;
+    let dev = Device::Cpu;
+    let mut onehot = vec![0f32; n * e];
+    for (i, &l) in labels.iter().enumerate() {
+        onehot[i * e + l as usize] = 1.0;
+    }
+    let y = Tensor::from_vec(onehot, (n, e), &dev)?;
+    let total: f32 = sample_weight.iter().sum();
+    ensure!(total > 0.0, "sample weights sum to zero");
+    let sw = Tensor::from_vec(sample_weight.iter().map(|w| w / total).collect::<Vec<_>>(), (n, 1), &dev)?;
+    let mask = Tensor::from_vec(trainable.iter().map(|&t| if t { 1f32 } else { 0.0 }).collect::<Vec<_>>(), (e, 1), &dev)?;
+    let mut w = (init.to_dtype(DType::F32)? * s)?;
+    let mut v = w.zeros_like()?;
+    for _ in 0..opts.steps {
+        let p = softmax(&xh.matmul(&w.t()?)?)?;
+        let residual = (p - &y)?.broadcast_mul(&sw)?;
+        let grad = (residual.t()?.matmul(&xh)? + (&w * opts.l2)?)?.broadcast_mul(&mask)?;
+        v = ((v * opts.momentum)? + &grad)?;
+        let step = (&grad + (&v * opts.momentum)?)?;
+        w = (w - (step * opts.lr)?)?;
+    }
+    Ok((w / s)?)
+}
+
+/// Weighted cross-entropy of a router on features; used by tests to check `fit` improves.
+pub fn cross_entropy(router: &Tensor, x: &Tensor, labels: &[u32]) -> Result<f64> {
+    let p = softmax(&x.to_dtype(DType::F32)?.matmul(&router.to_dtype(DType::F32)?.t()?)?)?.to_vec2::<f32>()?;
+    Ok(labels.iter().zip(&p).map(|(&l, row)| -(row[l as usize].max(1e-30) as f64).ln()).sum::<f64>() / labels.len() as f64)
+}
+
+/// Top-1 expert of each token (ties to the lower index, as the router's top-k does).
+pub fn top1(router: &Tensor, x: &Tensor) -> Result<Vec<u32>> {
+    let logits = x.to_dtype(DType::F32)?.matmul(&router.to_dtype(DType::F32)?.t()?)?;
+    Ok(btm_kernels::router::topk_indices(&logits, 1)?.flatten_all()?.to_vec1::<u32>()?)
+}
+
+/// Share of `x`'s tokens whose top-1 expert is `expert`.
+pub fn share_routed_to(router: &Tensor, x: &Tensor, expert: usize) -> Result<f64> {
+    let top = top1(router, x)?;
+    if top.is_empty() {
+        return Ok(f64::NAN);
+    }
+    Ok(top.iter().filter(|&&t| t as usize == expert).count() as f64 / top.len() as f64)
+}
+
+/// Routing accuracy per domain: the share of domain e's (held-out) tokens whose top-1 expert is e.
+pub fn routing_accuracy(router: &Tensor, heldout: &[Tensor]) -> Result<Vec<f64>> {
+    heldout.iter().enumerate().map(|(e, x)| share_routed_to(router, x, e)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two Gaussian clusters in 8 dimensions sharing a large common offset (as hidden states do).
+    fn clusters(n: usize, seed: u64) -> Vec<Tensor> {
+        let offset = random_rows(1, 8, 3.0, 99).unwrap();
+        (0..3)
+            .map(|d| {
+                let centre = (random_rows(1, 8, 1.0, 10 + d).unwrap() + &offset).unwrap();
+                random_rows(n, 8, 0.3, seed + d).unwrap().broadcast_add(&centre).unwrap()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn virtual_groups_repeat_rows() {
+        let r = virtual_group_router(6, 2, 4, 0.02, 1).unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(r[0], r[1]);
+        assert_eq!(r[4], r[5]);
+        assert_ne!(r[1], r[2]);
+        assert!(virtual_group_router(6, 4, 4, 0.02, 1).is_err());
+        assert_eq!(random_rows(2, 3, 0.0, 1).unwrap().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
+    }
+
+    #[test]
+    fn centroid_reaches_target_probability_and_routes_held_out_tokens() {
+        let train = clusters(200, 0);
+        let held = clusters(100, 1000);
+        let r = centroid_router(&train, 0.8).unwrap();
+        assert!((r.own_probability - 0.8).abs() < 1e-3, "{}", r.own_probability);
+        let acc = routing_accuracy(&r.weight, &held).unwrap();
+        assert!(acc.iter().all(|&a| a > 0.9), "{acc:?}");
+        // Unreachable targets are an error, not a silent clamp.
+        assert!(centroid_router(&train, 0.2).is_err());
+    }
+
+    #[test]
+    fn fit_lowers_cross_entropy_from_the_centroid_start() {
+        let train = clusters(200, 0);
+        let x = Tensor::cat(&train, 0).unwrap();
+        let labels: Vec<u32> = (0..3u32).flat_map(|d| std::iter::repeat_n(d, 200)).collect();
+        let init = centroid_router(&train, 0.6).unwrap().weight;
+        let fitted = fit_softmax_regression(&x, &labels, &vec![1.0; 600], &init, &[true; 3], &FitOptions::default()).unwrap();
+        let (before, after) = (cross_entropy(&init, &x, &labels).unwrap(), cross_entropy(&fitted, &x, &labels).unwrap());
+        assert!(after < 0.5 * before, "{before} -> {after}");
+        // Frozen rows do not move.
+        let frozen = fit_softmax_regression(&x, &labels, &vec![1.0; 600], &init, &[false, true, false], &FitOptions::default()).unwrap();
+        let diff = |a: usize| (frozen.get(a).unwrap() - init.get(a).unwrap()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff(0) < 1e-4 && diff(2) < 1e-4 && diff(1) > 1e-3);
+    }
+
+    #[test]
+    fn new_row_takes_the_new_domain_and_leaves_the_rest() {
+        let data = clusters(200, 0);
+        let old = centroid_router(&data[..2], 0.8).unwrap().weight;
+        let r = centroid_new_row(&old, &data[2], Some(&Tensor::cat(&data[..2], 0).unwrap()), 0.8).unwrap();
+        let router = Tensor::cat(&[&old, &r.weight], 0).unwrap();
+        let held = clusters(100, 1000);
+        assert!(share_routed_to(&router, &held[2], 2).unwrap() > 0.9);
+        assert!(share_routed_to(&router, &held[0], 2).unwrap() < 0.1);
+        assert!(share_routed_to(&router, &held[1], 2).unwrap() < 0.1);
+    }
+}

@@ -1,0 +1,111 @@
+//! `btm merge`: assemble trained dense experts into a Mixture of Experts.
+
+use anyhow::Result;
+use btm_merger::calib::{parse_named, CalibOptions};
+use btm_merger::merge::{merge, MergeOptions, NonExpert};
+use btm_merger::router_init::{FitOptions, RouterInit};
+use btm_merger::OutputOptions;
+use btm_model::Routing;
+use clap::Args;
+use std::path::PathBuf;
+
+#[derive(Args)]
+pub struct MergeArgs {
+    /// Dense expert checkpoints (directories or URLs); expert i's FFN becomes expert i.
+    #[arg(long, num_args = 1.., required = true)]
+    experts: Vec<String>,
+    #[arg(long)]
+    out: PathBuf,
+    /// Experts per token.
+    #[arg(long, default_value_t = 2)]
+    top_k: usize,
+    /// topk_then_softmax (Mixtral) or softmax_then_topk (Qwen2-MoE, norm_topk_prob false).
+    #[arg(long, default_value = "topk_then_softmax")]
+    routing: Routing,
+    /// random | zero | centroid | fit (default: centroid with --calib, else random).
+    #[arg(long)]
+    router_init: Option<RouterInit>,
+    /// Std of a random router.
+    #[arg(long, default_value_t = 0.02)]
+    router_std: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Calibration text per expert, in expert order: NAME=FILE.jsonl …
+    #[arg(long, num_args = 1..)]
+    calib: Vec<String>,
+    /// Calibration window length in tokens.
+    #[arg(long, default_value_t = 128)]
+    calib_seq_len: usize,
+    /// Calibration tokens per domain (the last 20 % are held out for routing accuracy).
+    #[arg(long, default_value_t = 8192)]
+    calib_tokens: usize,
+    /// Centroid: mean probability a calibration token gives its own domain's expert.
+    #[arg(long, default_value_t = 0.8)]
+    target_prob: f64,
+    /// Fit: gradient steps of softmax regression per layer.
+    #[arg(long, default_value_t = 300)]
+    fit_steps: usize,
+    /// Non-expert weights: average (BTX) | weighted (with --weights) | from:CKPT.
+    #[arg(long, default_value = "average")]
+    non_expert: String,
+    /// One weight per expert for --non-expert weighted.
+    #[arg(long, num_args = 1..)]
+    weights: Option<Vec<f64>>,
+    /// Keep this dense model's FFN as an always-on shared expert.
+    #[arg(long)]
+    shared_expert: Option<String>,
+    /// Dtype on disk (default: the experts').
+    #[arg(long)]
+    dtype: Option<String>,
+    /// Largest shard in MiB.
+    #[arg(long, default_value_t = 2048)]
+    shard_mb: u64,
+    #[arg(long)]
+    overwrite: bool,
+}
+
+pub fn run(args: MergeArgs) -> Result<()> {
+    let experts = args.experts.iter().map(|e| btm_model::storage::local_dir(e)).collect::<Result<Vec<_>, _>>()?;
+    let mut o = MergeOptions::new(experts, &args.out);
+    o.top_k = args.top_k;
+    o.routing = args.routing;
+    o.router_init = args.router_init.unwrap_or(if args.calib.is_empty() { RouterInit::Random } else { RouterInit::Centroid });
+    o.router_std = args.router_std;
+    o.seed = args.seed;
+    o.calib = args.calib.iter().map(|c| parse_named(c)).collect::<Result<_>>()?;
+    o.calib_options = CalibOptions { seq_len: args.calib_seq_len, max_tokens: args.calib_tokens, ..Default::default() };
+    o.target_prob = args.target_prob;
+    o.fit = FitOptions { steps: args.fit_steps, ..Default::default() };
+    o.non_expert = match args.non_expert.strip_prefix("from:") {
+        Some(ckpt) => NonExpert::From(btm_model::storage::local_dir(ckpt)?),
+        None => NonExpert::parse(&args.non_expert, args.weights)?,
+    };
+    o.shared_expert = args.shared_expert.as_deref().map(btm_model::storage::local_dir).transpose()?;
+    o.output = OutputOptions {
+        dtype: args.dtype.as_deref().map(super::dtype).transpose()?,
+        max_shard_bytes: args.shard_mb << 20,
+        overwrite: args.overwrite,
+    };
+    let start = std::time::Instant::now();
+    let report = merge(&o)?;
+    for w in &report.warnings {
+        eprintln!("warning: {w}");
+    }
+    let m = report.config.moe.as_ref().expect("an MoE");
+    println!(
+        "wrote {} as {}: {} experts, top-{}, {}, router {} ({:.1}s)",
+        args.out.display(),
+        report.config.output_architecture().class_name(),
+        m.experts,
+        m.top_k,
+        m.routing.as_str(),
+        o.router_init.as_str(),
+        start.elapsed().as_secs_f64()
+    );
+    if let Some(layers) = report.lineage.extra.get("routing_accuracy").and_then(|v| v.as_array()) {
+        for l in layers {
+            println!("  layer {}: held-out routing accuracy {:.3} {}", l["layer"], l["mean"].as_f64().unwrap_or(f64::NAN), l["per_domain"]);
+        }
+    }
+    Ok(())
+}

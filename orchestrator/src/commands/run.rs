@@ -1,0 +1,158 @@
+//! `btm run`, `btm status`, `btm report`: carry out a pipeline, show where a run stands, and
+//! (re)write its report.
+
+use crate::engine::LocalEngine;
+use crate::pipeline::spec::EngineSpec;
+use crate::plan::{Job, Plan};
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+#[derive(Args)]
+pub struct RunArgs {
+    /// The pipeline YAML.
+    pub pipeline: PathBuf,
+    /// Where the run lives (default: `<storage>/<name>` from the pipeline).
+    #[arg(long)]
+    pub run_dir: Option<String>,
+    /// Override a value: `--set train.lr=3e-4` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub sets: Vec<String>,
+    /// Print the job plan (every job, its inputs, outputs and resources) and stop.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// No progress lines.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+fn local_run_dir(location: &str) -> Result<PathBuf> {
+    if let Some(p) = location.strip_prefix("file://") {
+        return Ok(PathBuf::from(p));
+    }
+    if location.contains("://") {
+        bail!(
+            "run storage `{location}`: runs live in a local folder or file:// URL for now; \
+             object-store runs arrive with the cluster engines"
+        );
+    }
+    Ok(PathBuf::from(location))
+}
+
+fn print_plan(plan: &Plan) {
+    println!("run folder: {}", plan.run_dir.display());
+    for j in &plan.jobs {
+        println!("{} [{}] ({:?})", j.name, j.id, j.kind);
+        if !j.deps.is_empty() {
+            println!("  after:   {}", j.deps.join(", "));
+        }
+        println!("  command: btm {}", j.args.join(" "));
+        for o in &j.outputs {
+            println!("  output:  {}", o.display());
+        }
+        println!("  resources: {} cpu(s), {} gpu(s)", j.resources.cpus, j.resources.gpus);
+    }
+}
+
+pub fn run(args: RunArgs) -> Result<()> {
+    let loaded = crate::pipeline::load(&args.pipeline, &args.sets).map_err(anyhow::Error::new)?;
+    let p = &loaded.pipeline;
+    let run_dir = match &args.run_dir {
+        Some(d) => local_run_dir(d)?,
+        None => local_run_dir(&p.storage)?.join(&p.name),
+    };
+    let plan = crate::plan::plan(p, &loaded.base_dir, &run_dir)?;
+    if args.dry_run {
+        print_plan(&plan);
+        return Ok(());
+    }
+    std::fs::create_dir_all(&plan.run_dir).with_context(|| format!("creating {}", plan.run_dir.display()))?;
+    let _lock = RunLock::take(&plan.run_dir)?;
+    std::fs::write(plan.run_dir.join("pipeline.yaml"), &loaded.resolved_yaml)?;
+    std::fs::write(plan.run_dir.join("plan.json"), serde_json::to_vec_pretty(&plan)?)?;
+    let EngineSpec::Local { slots, retries, .. } = &p.engine;
+    let engine = LocalEngine::new(*slots)?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let start = std::time::Instant::now();
+    let summary = runtime.block_on(crate::executor::execute(&plan, &engine, *retries, args.quiet))?;
+    let table = crate::report::write(&plan.run_dir)?;
+    if summary.ran.is_empty() {
+        println!("nothing to do: all {} jobs were already done", plan.jobs.len());
+    } else {
+        println!("ran {} jobs in {:.1}s", summary.ran.len(), start.elapsed().as_secs_f64());
+    }
+    println!("{table}");
+    println!("report: {}", plan.run_dir.join("report.md").display());
+    Ok(())
+}
+
+/// One orchestrator per run at a time.
+struct RunLock {
+    _file: std::fs::File,
+}
+
+impl RunLock {
+    fn take(run: &Path) -> Result<Self> {
+        use std::os::fd::AsRawFd;
+        let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(run.join(".lock"))?;
+        // SAFETY: flock on a file descriptor we own; released when the file closes.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            bail!("{} is in use by another `btm run`", run.display());
+        }
+        Ok(RunLock { _file: file })
+    }
+}
+
+#[derive(Args)]
+pub struct RunDirArgs {
+    /// The run folder.
+    pub run: PathBuf,
+}
+
+fn last_metrics(job: &Job) -> Option<Value> {
+    let text = std::fs::read_to_string(&job.train.as_ref()?.metrics).ok()?;
+    text.lines().rev().filter_map(|l| serde_json::from_str::<Value>(l).ok()).find(|v| v.get("loss").is_some())
+}
+
+pub fn status(args: RunDirArgs) -> Result<()> {
+    let plan = crate::report::read_plan(&args.run)?;
+    let mut done = 0;
+    for j in &plan.jobs {
+        let state = if crate::executor::is_done(&plan.run_dir, j) {
+            done += 1;
+            "done".to_string()
+        } else if j.dir(&plan.run_dir).join("started.json").exists() {
+            "started".to_string()
+        } else {
+            "pending".to_string()
+        };
+        let mut line = format!("{:<28} {:<8}", j.name, state);
+        if let (Some(t), Some(m)) = (&j.train, last_metrics(j)) {
+            let step = m["step"].as_u64().unwrap_or(0);
+            line.push_str(&format!(" step {step}/{}", t.steps));
+            if let Some(loss) = m["loss"].as_f64() {
+                line.push_str(&format!(" loss {loss:.3}"));
+            }
+            if state != "done" {
+                if let Some(tps) = m["tokens_per_s"].as_f64().filter(|t| *t > 0.0) {
+                    let left = t.tokens.saturating_sub(m["tokens_seen"].as_u64().unwrap_or(0)) as f64 / tps;
+                    line.push_str(&format!(" ETA {left:.0}s"));
+                }
+            }
+        }
+        if !j.deps.is_empty() && state == "pending" {
+            line.push_str(&format!(" (after {})", j.deps.join(", ")));
+        }
+        println!("{line}");
+    }
+    println!("{done}/{} jobs done", plan.jobs.len());
+    Ok(())
+}
+
+pub fn report(args: RunDirArgs) -> Result<()> {
+    let table = crate::report::write(&args.run)?;
+    println!("{table}");
+    println!("report: {}", args.run.join("report.md").display());
+    Ok(())
+}

@@ -1,0 +1,238 @@
+//! Walks the job DAG: a job whose `done.json` matches its id is skipped; the others start once
+//! their dependencies are done, up to the engine's slots; failures retry with backoff; Ctrl-C
+//! (or SIGTERM) stops the children gracefully so a later `btm run` continues where it stopped.
+
+use crate::engine::{Engine, JobHandle, JobState, Submission};
+use crate::plan::{Job, Plan};
+use anyhow::{bail, Context, Result};
+use serde_json::json;
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone, PartialEq)]
+enum Status {
+    Waiting,
+    /// Failed attempts so far; the next attempt may start at `not_before`.
+    Backoff { attempts: u32, not_before: Instant },
+    Running { handle: JobHandle, attempts: u32, started: Instant },
+    Done,
+    Failed(String),
+}
+
+/// The record that a job finished: written after its outputs were checked.
+pub fn done_marker(run: &Path, job: &Job) -> std::path::PathBuf {
+    job.dir(run).join("done.json")
+}
+
+/// Whether `job` finished with exactly this id (config and inputs unchanged).
+pub fn is_done(run: &Path, job: &Job) -> bool {
+    let Ok(bytes) = std::fs::read(done_marker(run, job)) else {
+        return false;
+    };
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
+        return false;
+    };
+    v["id"] == job.id.as_str() && outputs_complete(job)
+}
+
+/// Outputs exist, and a model output has its manifest (it was published whole).
+fn outputs_complete(job: &Job) -> bool {
+    if let Some(m) = &job.produces {
+        if !m.dir.join(btm_model::manifest::MANIFEST).exists() {
+            return false;
+        }
+    }
+    job.outputs.iter().all(|o| o.exists())
+}
+
+/// Get a job's folder ready: a job that did not start with this id before loses its old
+/// outputs (a trainer with the same id keeps them and resumes from its checkpoints).
+fn prepare(run: &Path, job: &Job) -> Result<()> {
+    let dir = job.dir(run);
+    std::fs::create_dir_all(&dir)?;
+    let started = dir.join("started.json");
+    let same_id = std::fs::read(&started)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .is_some_and(|v| v["id"] == job.id.as_str());
+    if !(job.resumable && same_id) {
+        for o in &job.outputs {
+            if o.is_dir() {
+                std::fs::remove_dir_all(o).with_context(|| format!("removing stale {}", o.display()))?;
+            } else if o.exists() {
+                std::fs::remove_file(o)?;
+            }
+        }
+    }
+    let _ = std::fs::remove_file(done_marker(run, job));
+    for (path, contents) in &job.files {
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        std::fs::write(path, contents)?;
+    }
+    for o in &job.outputs {
+        if let Some(parent) = o.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+    }
+    std::fs::write(&started, serde_json::to_vec(&json!({"id": job.id}))?)?;
+    Ok(())
+}
+
+/// What a run did.
+#[derive(Debug, Default)]
+pub struct Summary {
+    pub ran: Vec<String>,
+    pub skipped: Vec<String>,
+}
+
+/// Run every job of `plan` on `engine`; `retries` failed attempts are retried per job.
+pub async fn execute(plan: &Plan, engine: &dyn Engine, retries: u32, quiet: bool) -> Result<Summary> {
+    let run = &plan.run_dir;
+    let total = plan.jobs.len();
+    let index: HashMap<&str, usize> = plan.jobs.iter().enumerate().map(|(i, j)| (j.name.as_str(), i)).collect();
+    let mut status: Vec<Status> = plan
+        .jobs
+        .iter()
+        .map(|j| if is_done(run, j) { Status::Done } else { Status::Waiting })
+        .collect();
+    let mut summary = Summary {
+        skipped: plan.jobs.iter().zip(&status).filter(|(_, s)| **s == Status::Done).map(|(j, _)| j.name.clone()).collect(),
+        ..Default::default()
+    };
+    let say = |msg: String| {
+        if !quiet {
+            eprintln!("{msg}");
+        }
+    };
+    if !summary.skipped.is_empty() {
+        say(format!("{} of {total} jobs already done", summary.skipped.len()));
+    }
+    let mut interrupted = false;
+    let mut ctrl_c = Box::pin(tokio::signal::ctrl_c());
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        // Start what is ready, up to the engine's slots.
+        let running = status.iter().filter(|s| matches!(s, Status::Running { .. })).count();
+        let mut free = engine.slots().saturating_sub(running);
+        let failed_any = status.iter().any(|s| matches!(s, Status::Failed(_)));
+        for i in 0..total {
+            if free == 0 || interrupted || failed_any {
+                break;
+            }
+            let attempts = match &status[i] {
+                Status::Waiting => 0,
+                Status::Backoff { attempts, not_before } if Instant::now() >= *not_before => *attempts,
+                _ => continue,
+            };
+            let job = &plan.jobs[i];
+            if !job.deps.iter().all(|d| index.get(d.as_str()).is_some_and(|&k| status[k] == Status::Done)) {
+                continue;
+            }
+            prepare(run, job)?;
+            let handle = engine.submit(&Submission {
+                name: job.name.clone(),
+                args: job.args.clone(),
+                log: job.log(run),
+                cpus: job.resources.cpus,
+            })?;
+            say(format!("[{:>3}/{total}] start {}{}", done_count(&status) + 1, job.name, if attempts > 0 { format!(" (retry {attempts})") } else { String::new() }));
+            status[i] = Status::Running {
+                handle,
+                attempts,
+                started: Instant::now(),
+            };
+            free -= 1;
+        }
+
+        // Poll the running jobs.
+        for i in 0..total {
+            let Status::Running { handle, attempts, started } = &status[i] else { continue };
+            let job = &plan.jobs[i];
+            match engine.state(handle)? {
+                JobState::Running => {}
+                JobState::Succeeded if outputs_complete(job) => {
+                    let secs = started.elapsed().as_secs_f64();
+                    std::fs::write(
+                        done_marker(run, job),
+                        serde_json::to_vec_pretty(&json!({"id": job.id, "name": job.name, "seconds": secs}))?,
+                    )?;
+                    status[i] = Status::Done;
+                    summary.ran.push(job.name.clone());
+                    say(format!("[{:>3}/{total}] done  {} ({secs:.1}s)", done_count(&status), job.name));
+                }
+                state => {
+                    let why = match state {
+                        JobState::Failed(why) => why,
+                        _ => "finished without its outputs".into(),
+                    };
+                    let attempts = attempts + 1;
+                    if interrupted {
+                        status[i] = Status::Waiting;
+                    } else if attempts <= retries {
+                        let wait = Duration::from_secs(2u64.pow(attempts.min(6)));
+                        say(format!("job {} failed ({why}); retrying in {}s — log: {}", job.name, wait.as_secs(), job.log(run).display()));
+                        status[i] = Status::Backoff {
+                            attempts,
+                            not_before: Instant::now() + wait,
+                        };
+                    } else {
+                        say(format!("job {} failed ({why}) — log: {}", job.name, job.log(run).display()));
+                        status[i] = Status::Failed(why);
+                    }
+                }
+            }
+        }
+
+        let running = status.iter().any(|s| matches!(s, Status::Running { .. }));
+        if !running {
+            if interrupted {
+                bail!("interrupted; run `btm run` again to continue where it stopped");
+            }
+            if let Some((i, Status::Failed(why))) = status.iter().enumerate().find(|(_, s)| matches!(s, Status::Failed(_))) {
+                bail!("job {} failed: {why} (see {})", plan.jobs[i].name, plan.jobs[i].log(run).display());
+            }
+            if status.iter().all(|s| *s == Status::Done) {
+                return Ok(summary);
+            }
+            let waiting_on_backoff = status.iter().any(|s| matches!(s, Status::Backoff { .. }));
+            if !waiting_on_backoff && free_jobs_blocked(plan, &status, &index) {
+                bail!("no job can start: the plan has a dependency that is never produced");
+            }
+        }
+
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+            _ = &mut ctrl_c, if !interrupted => {
+                interrupted = true;
+                say("stopping: asking running jobs to checkpoint and exit…".into());
+                for s in &status {
+                    if let Status::Running { handle, .. } = s {
+                        engine.cancel(handle)?;
+                    }
+                }
+            }
+            _ = sigterm.recv(), if !interrupted => {
+                interrupted = true;
+                for s in &status {
+                    if let Status::Running { handle, .. } = s {
+                        engine.cancel(handle)?;
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn done_count(status: &[Status]) -> usize {
+    status.iter().filter(|s| **s == Status::Done).count()
+}
+
+/// True when nothing runs and every waiting job has a dependency that can never finish.
+fn free_jobs_blocked(plan: &Plan, status: &[Status], index: &HashMap<&str, usize>) -> bool {
+    plan.jobs.iter().zip(status).filter(|(_, s)| **s == Status::Waiting).all(|(j, _)| {
+        j.deps.iter().any(|d| index.get(d.as_str()).is_none_or(|&k| status[k] != Status::Done))
+    })
+}

@@ -1,0 +1,547 @@
+//! Loading a pipeline: YAML → `${VAR}` interpolation → `--set` overrides → typed spec →
+//! semantic checks. Every error carries `file:line:column` and the key path.
+
+use super::spec::{Domain, Pipeline, SeedSpec};
+use serde_yaml::Value;
+use std::collections::HashMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use yaml_rust2::parser::{Event, MarkedEventReceiver, Parser};
+use yaml_rust2::scanner::Marker;
+
+/// One problem in a pipeline file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PipelineError {
+    pub file: String,
+    /// 1-based line and column; 0 when the value came from `--set` or the defaults.
+    pub line: usize,
+    pub column: usize,
+    /// Key path like `domains[1].name`; empty for the document itself.
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for PipelineError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file)?;
+        if self.line > 0 {
+            write!(f, ":{}:{}", self.line, self.column)?;
+        }
+        if !self.path.is_empty() {
+            write!(f, ": {}", self.path)?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+/// All problems found, one per line.
+#[derive(Debug, Clone)]
+pub struct PipelineErrors(pub Vec<PipelineError>);
+
+impl fmt::Display for PipelineErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for PipelineErrors {}
+
+/// Where every key path starts in the source text: the value's position, and the key's.
+#[derive(Debug, Default)]
+pub struct Spans {
+    values: HashMap<String, (usize, usize)>,
+    keys: HashMap<String, (usize, usize)>,
+}
+
+enum Frame {
+    Map { path: String, key: Option<String> },
+    Seq { path: String, index: usize },
+}
+
+#[derive(Default)]
+struct SpanCollector {
+    stack: Vec<Frame>,
+    spans: Spans,
+}
+
+fn join(parent: &str, key: &str) -> String {
+    if parent.is_empty() {
+        key.to_string()
+    } else {
+        format!("{parent}.{key}")
+    }
+}
+
+impl SpanCollector {
+    /// The path of the node that starts now, or None if this event is a mapping key.
+    fn node_path(&mut self, ev: &Event, pos: (usize, usize)) -> Option<String> {
+        match self.stack.last_mut() {
+            None => Some(String::new()),
+            Some(Frame::Seq { path, index }) => {
+                let p = format!("{path}[{index}]");
+                *index += 1;
+                Some(p)
+            }
+            Some(Frame::Map { path, key }) => match key.take() {
+                Some(k) => Some(join(path, &k)),
+                None => {
+                    let k = match ev {
+                        Event::Scalar(s, ..) => s.clone(),
+                        _ => String::from("<complex key>"),
+                    };
+                    // libyaml-style parsers mark a block mapping's start after its first
+                    // key; the first key's position is where the mapping really starts.
+                    self.spans.values.entry(path.clone()).or_insert(pos);
+                    self.spans.keys.insert(join(path, &k), pos);
+                    *key = Some(k);
+                    None
+                }
+            },
+        }
+    }
+}
+
+impl MarkedEventReceiver for SpanCollector {
+    fn on_event(&mut self, ev: Event, mark: Marker) {
+        // yaml-rust2 lines are 1-based, columns 0-based.
+        let pos = (mark.line(), mark.col() + 1);
+        match &ev {
+            Event::Scalar(..) | Event::Alias(..) => {
+                if let Some(p) = self.node_path(&ev, pos) {
+                    self.spans.values.insert(p, pos);
+                }
+            }
+            Event::MappingStart(..) => {
+                let p = self.node_path(&ev, pos).unwrap_or_default();
+                self.stack.push(Frame::Map { path: p, key: None });
+            }
+            Event::SequenceStart(..) => {
+                let p = self.node_path(&ev, pos).unwrap_or_default();
+                self.spans.values.insert(p.clone(), pos);
+                self.stack.push(Frame::Seq { path: p, index: 0 });
+            }
+            Event::MappingEnd | Event::SequenceEnd => {
+                self.stack.pop();
+            }
+            _ => {}
+        }
+    }
+}
+
+impl Spans {
+    pub fn of(text: &str) -> Self {
+        let mut collector = SpanCollector::default();
+        // Syntax errors are reported by serde_yaml with their own location.
+        let _ = Parser::new_from_str(text).load(&mut collector, false);
+        collector.spans
+    }
+
+    /// Position of `path`'s value (or key), or of its nearest ancestor that has one.
+    pub fn find(&self, path: &str) -> (usize, usize) {
+        let mut p = path.to_string();
+        loop {
+            if let Some(&pos) = self.values.get(&p).or_else(|| self.keys.get(&p)) {
+                return pos;
+            }
+            match p.rfind(['.', '[']) {
+                Some(i) => p.truncate(i),
+                None => return self.values.get("").copied().unwrap_or((0, 0)),
+            }
+        }
+    }
+
+    /// Position of the key that names `path`, falling back to [`Self::find`].
+    pub fn find_key(&self, path: &str) -> (usize, usize) {
+        self.keys.get(path).copied().unwrap_or_else(|| self.find(path))
+    }
+}
+
+/// Replace `${VAR}` in every string value; an unset variable is an error at that value.
+fn interpolate(value: &mut Value, path: &str, errors: &mut Vec<(String, String)>) {
+    match value {
+        Value::String(s) if s.contains("${") => {
+            let mut out = String::new();
+            let mut rest = s.as_str();
+            while let Some(i) = rest.find("${") {
+                out.push_str(&rest[..i]);
+                match rest[i + 2..].find('}') {
+                    Some(j) => {
+                        let var = &rest[i + 2..i + 2 + j];
+                        match std::env::var(var) {
+                            Ok(v) => out.push_str(&v),
+                            Err(_) => errors.push((path.to_string(), format!("environment variable `{var}` is not set"))),
+                        }
+                        rest = &rest[i + 3 + j..];
+                    }
+                    None => {
+                        errors.push((path.to_string(), "unterminated `${`".into()));
+                        rest = "";
+                    }
+                }
+            }
+            out.push_str(rest);
+            *s = out;
+        }
+        Value::Mapping(m) => {
+            for (k, v) in m.iter_mut() {
+                let key = k.as_str().unwrap_or("?").to_string();
+                interpolate(v, &join(path, &key), errors);
+            }
+        }
+        Value::Sequence(seq) => {
+            for (i, v) in seq.iter_mut().enumerate() {
+                interpolate(v, &format!("{path}[{i}]"), errors);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Apply `a.b.c=value` (value parsed as YAML; `domains.0.name` indexes sequences).
+fn apply_set(root: &mut Value, assignment: &str) -> Result<(), String> {
+    let (path, raw) = assignment
+        .split_once('=')
+        .ok_or_else(|| format!("--set `{assignment}`: expected KEY.PATH=VALUE"))?;
+    let new: Value = serde_yaml::from_str(raw).map_err(|e| format!("--set {path}: {e}"))?;
+    let mut node = root;
+    let parts: Vec<&str> = path.split('.').collect();
+    for (i, part) in parts.iter().enumerate() {
+        let last = i + 1 == parts.len();
+        node = match node {
+            Value::Sequence(seq) => {
+                let idx: usize = part
+                    .parse()
+                    .map_err(|_| format!("--set {path}: `{part}` indexes a list and must be a number"))?;
+                let len = seq.len();
+                seq.get_mut(idx)
+                    .ok_or_else(|| format!("--set {path}: index {idx} is out of range (the list has {len})"))?
+            }
+            Value::Null => {
+                *node = Value::Mapping(Default::default());
+                let Value::Mapping(m) = node else { unreachable!() };
+                m.entry(Value::String(part.to_string())).or_insert(Value::Null)
+            }
+            Value::Mapping(m) => m.entry(Value::String(part.to_string())).or_insert(Value::Null),
+            _ => return Err(format!("--set {path}: `{part}` is inside a value that is not a mapping")),
+        };
+        if last {
+            *node = new.clone();
+        }
+    }
+    Ok(())
+}
+
+/// serde's "unknown field `x`, expected one of `a`, `b`" plus the closest valid name.
+fn suggest(message: &str) -> String {
+    let Some(rest) = message.strip_prefix("unknown field `") else {
+        return message.to_string();
+    };
+    let Some((unknown, tail)) = rest.split_once('`') else {
+        return message.to_string();
+    };
+    let expected: Vec<&str> = tail.split('`').skip(1).step_by(2).collect();
+    let best = expected
+        .iter()
+        .map(|e| (strsim::levenshtein(unknown, e), *e))
+        .filter(|(d, e)| *d <= 2.max(e.len() / 3))
+        .min();
+    match best {
+        Some((_, e)) => format!("unknown key `{unknown}`; did you mean `{e}`?"),
+        None => format!("unknown key `{unknown}` (expected one of: {})", expected.join(", ")),
+    }
+}
+
+/// Turn serde_path_to_error's path into ours: `domains[1].name`.
+fn key_path(path: &serde_path_to_error::Path) -> String {
+    let mut out = String::new();
+    for seg in path.iter() {
+        match seg {
+            serde_path_to_error::Segment::Seq { index } => out.push_str(&format!("[{index}]")),
+            serde_path_to_error::Segment::Map { key } => out = join(&out, key),
+            serde_path_to_error::Segment::Enum { variant } => out = join(&out, variant),
+            serde_path_to_error::Segment::Unknown => {}
+        }
+    }
+    out
+}
+
+/// A loaded pipeline and the file it came from.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub pipeline: Pipeline,
+    /// The folder relative data paths are resolved against.
+    pub base_dir: PathBuf,
+    /// The spec after interpolation and overrides, as YAML (stored in the run).
+    pub resolved_yaml: String,
+}
+
+/// Load, interpolate, override and check a pipeline file.
+pub fn load(file: &Path, sets: &[String]) -> Result<Loaded, PipelineErrors> {
+    let name = file.display().to_string();
+    let err = |line, column, path: &str, message: String| PipelineError {
+        file: name.clone(),
+        line,
+        column,
+        path: path.to_string(),
+        message,
+    };
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| PipelineErrors(vec![err(0, 0, "", format!("cannot read: {e}"))]))?;
+    let mut value: Value = serde_yaml::from_str(&text).map_err(|e| {
+        let (line, col) = e.location().map_or((0, 0), |l| (l.line(), l.column()));
+        PipelineErrors(vec![err(line, col, "", format!("invalid YAML: {e}"))])
+    })?;
+    let spans = Spans::of(&text);
+    let at = |path: &str, message: String| {
+        let (line, col) = spans.find(path);
+        err(line, col, path, message)
+    };
+
+    let mut interp = vec![];
+    interpolate(&mut value, "", &mut interp);
+    if !interp.is_empty() {
+        return Err(PipelineErrors(interp.into_iter().map(|(p, m)| at(&p, m)).collect()));
+    }
+    for s in sets {
+        apply_set(&mut value, s).map_err(|m| PipelineErrors(vec![err(0, 0, "", m)]))?;
+    }
+    let pipeline: Pipeline = serde_path_to_error::deserialize(value.clone()).map_err(|e| {
+        let path = key_path(e.path());
+        let message = e.inner().to_string();
+        // serde_yaml appends its own (meaningless for a Value) location; drop it.
+        let message = message.split(" at line ").next().unwrap_or(&message).to_string();
+        PipelineErrors(vec![at(&path, suggest(&message))])
+    })?;
+    let base_dir = file.parent().map(Path::to_path_buf).unwrap_or_default();
+    let problems = check(&pipeline, &base_dir);
+    if !problems.is_empty() {
+        return Err(PipelineErrors(problems.into_iter().map(|(p, m)| at(&p, m)).collect()));
+    }
+    Ok(Loaded {
+        resolved_yaml: serde_yaml::to_string(&value).unwrap_or_default(),
+        pipeline,
+        base_dir,
+    })
+}
+
+/// A name that can be a path segment in every object store.
+fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s != "."
+        && s != ".."
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+}
+
+/// Resolve a data location against the pipeline's folder; URLs stay as they are.
+pub fn resolve(base: &Path, location: &str) -> String {
+    if location.contains("://") || Path::new(location).is_absolute() {
+        location.to_string()
+    } else {
+        base.join(location).to_string_lossy().into_owned()
+    }
+}
+
+fn check_data(base: &Path, path: &str, location: &str, problems: &mut Vec<(String, String)>) {
+    let resolved = resolve(base, location);
+    let local = match resolved.strip_prefix("file://") {
+        Some(p) => PathBuf::from(p),
+        None if resolved.contains("://") => return, // checked when the job reads it
+        None => PathBuf::from(&resolved),
+    };
+    match std::fs::metadata(&local) {
+        Err(_) => problems.push((path.into(), format!("data file `{}` does not exist", local.display()))),
+        Ok(m) if m.len() == 0 => problems.push((path.into(), format!("data file `{}` is empty", local.display()))),
+        Ok(_) => {}
+    }
+}
+
+fn check_domains(domains: &[Domain], list: &str, base: &Path, seen: &mut Vec<String>, problems: &mut Vec<(String, String)>) {
+    for (i, d) in domains.iter().enumerate() {
+        let p = format!("{list}[{i}]");
+        if !valid_name(&d.name) {
+            problems.push((
+                format!("{p}.name"),
+                format!("`{}` cannot be used as a path segment (use letters, digits, `-`, `_`, `.`)", d.name),
+            ));
+        }
+        if seen.contains(&d.name) {
+            problems.push((format!("{p}.name"), format!("duplicate domain name `{}`", d.name)));
+        }
+        seen.push(d.name.clone());
+        check_data(base, &format!("{p}.train"), &d.train, problems);
+        for (key, loc) in [("valid", &d.valid), ("test", &d.test)] {
+            if let Some(loc) = loc {
+                check_data(base, &format!("{p}.{key}"), loc, problems);
+            }
+        }
+    }
+}
+
+/// Checks types cannot express. Returns (key path, message) pairs.
+pub fn check(p: &Pipeline, base: &Path) -> Vec<(String, String)> {
+    let mut problems = vec![];
+    if !valid_name(&p.name) {
+        problems.push((
+            "name".into(),
+            format!("`{}` cannot be used as a path segment (use letters, digits, `-`, `_`, `.`)", p.name),
+        ));
+    }
+    match &p.seed {
+        SeedSpec {
+            checkpoint: Some(_),
+            train: Some(_),
+        } => problems.push(("seed".into(), "give either `checkpoint` or `train`, not both".into())),
+        SeedSpec {
+            checkpoint: None,
+            train: None,
+        } => problems.push(("seed".into(), "give `checkpoint` (an existing model) or `train`".into())),
+        _ => {}
+    }
+    if p.domains.is_empty() {
+        problems.push(("domains".into(), "at least one domain is needed".into()));
+    }
+    let mut seen = vec![];
+    check_domains(&p.domains, "domains", base, &mut seen, &mut problems);
+    if let Some(add) = &p.add_experts {
+        check_domains(&add.domains, "add_experts.domains", base, &mut seen, &mut problems);
+    }
+    let mut check_params = |path: &str, t: &super::spec::TrainParams| {
+        if let Some(lr) = t.lr {
+            if !(lr > 0.0 && lr.is_finite()) {
+                problems.push((format!("{path}.lr"), format!("must be a positive number, got {lr}")));
+            }
+        }
+        if let Some(d) = &t.decay {
+            if d != "cosine" && d != "constant" {
+                problems.push((format!("{path}.decay"), format!("`{d}` is not a schedule (cosine or constant)")));
+            }
+        }
+        for (k, v) in [("batch_size", t.batch_size), ("seq_len", t.seq_len), ("grad_accum", t.grad_accum)] {
+            if v == Some(0) {
+                problems.push((format!("{path}.{k}"), "must be positive".into()));
+            }
+        }
+    };
+    check_params("train", &p.train);
+    for (i, d) in p.domains.iter().enumerate() {
+        check_params(&format!("domains[{i}].overrides"), &d.overrides);
+    }
+    if let Some(c) = &p.continue_training {
+        check_params("continue", c);
+    }
+    if let Some(t) = &p.seed.train {
+        check_params("seed.train.train", &t.train);
+    }
+    if let Some(m) = &p.merge {
+        let experts = p.domains.len();
+        if m.top_k == 0 || m.top_k > experts {
+            problems.push((
+                "merge.top_k".into(),
+                format!("must be between 1 and the number of domains ({experts}), got {}", m.top_k),
+            ));
+        }
+        if matches!(m.router_init, super::spec::RouterInit::Centroid | super::spec::RouterInit::Fit) {
+            for (i, d) in p.domains.iter().enumerate() {
+                if d.valid.is_none() {
+                    problems.push((
+                        format!("domains[{i}].valid"),
+                        format!("`{}` router init takes calibration text from every domain's `valid` file", m.router_init.as_str()),
+                    ));
+                }
+            }
+        }
+        if let Some(from) = m.non_expert.strip_prefix("from:") {
+            if !p.domains.iter().any(|d| d.name == from) {
+                problems.push(("merge.non_expert".into(), format!("no domain named `{from}`")));
+            }
+        } else if m.non_expert != "average" {
+            problems.push((
+                "merge.non_expert".into(),
+                format!("`{}`: expected `average` or `from:<domain>`", m.non_expert),
+            ));
+        }
+    }
+    if let Some(u) = &p.upcycle {
+        if u.top_k == 0 || u.top_k > u.experts {
+            problems.push(("upcycle.top_k".into(), format!("must be between 1 and upcycle.experts ({})", u.experts)));
+        }
+        if u.scaling != "exact" && u.scaling != "megatron" {
+            problems.push(("upcycle.scaling".into(), format!("`{}`: expected `exact` or `megatron`", u.scaling)));
+        }
+    }
+    if p.continue_training.is_some() && p.merge.is_none() && p.upcycle.is_none() {
+        problems.push(("continue".into(), "needs an MoE to continue: add `merge` or `upcycle`".into()));
+    }
+    if p.eval.split == super::spec::Split::Test {
+        for (i, d) in p.domains.iter().enumerate() {
+            if d.test.is_none() {
+                problems.push((format!("domains[{i}].test"), "eval.split is `test` but this domain has no `test` file".into()));
+            }
+        }
+    }
+    problems
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    #[test]
+    fn spans_follow_key_paths() {
+        let s = Spans::of("a: 1\nlist:\n  - name: x\n  - name: y\n    k: {z: 2}\n");
+        assert_eq!(s.find("a"), (1, 4));
+        assert_eq!(s.find_key("a"), (1, 1));
+        assert_eq!(s.find("list[1].name"), (4, 5));
+        assert_eq!(s.find("list[1].k.z"), (5, 9));
+        assert_eq!(s.find_key("list[1].k"), (5, 5));
+        assert_eq!(s.find("list[1].missing"), (4, 5));
+    }
+
+    #[test]
+    fn set_overrides_nested_and_list_values() {
+        let mut v: Value = serde_yaml::from_str("train: {lr: 1}\ndomains: [{name: a}]").unwrap();
+        apply_set(&mut v, "train.lr=0.5").unwrap();
+        apply_set(&mut v, "domains.0.name=b").unwrap();
+        apply_set(&mut v, "eval.baseline=true").unwrap();
+        assert_eq!(v["train"]["lr"], Value::from(0.5));
+        assert_eq!(v["domains"][0]["name"], Value::from("b"));
+        assert_eq!(v["eval"]["baseline"], Value::from(true));
+        assert_eq!(
+            apply_set(&mut v, "domains.3.name=c").unwrap_err(),
+            "--set domains.3.name: index 3 is out of range (the list has 1)"
+        );
+    }
+
+    #[test]
+    fn suggestions_for_unknown_keys() {
+        assert_eq!(
+            suggest("unknown field `lerning_rate`, expected one of `steps`, `lr`, `learning_rate`"),
+            "unknown key `lerning_rate`; did you mean `learning_rate`?"
+        );
+        assert_eq!(
+            suggest("unknown field `zzz`, expected `a` or `b`"),
+            "unknown key `zzz` (expected one of: a, b)"
+        );
+    }
+
+    #[test]
+    fn interpolation_reports_unset_variables() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = write(dir.path(), "p.yaml", "name: x\nstorage: ${BTM_TEST_UNSET_VAR_1}/runs\n");
+        let e = load(&f, &[]).unwrap_err().to_string();
+        assert!(e.ends_with("p.yaml:2:10: storage: environment variable `BTM_TEST_UNSET_VAR_1` is not set"), "{e}");
+    }
+}

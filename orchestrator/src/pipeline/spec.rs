@@ -1,0 +1,369 @@
+//! The pipeline YAML: one file describes a whole Branch-Train-Merge run.
+//!
+//! ```yaml
+//! name: quickstart
+//! storage: runs                     # local folder or object-store URL; the run lives in <storage>/<name>
+//! engine: {kind: local, slots: 4}
+//! seed:
+//!   train:                          # or `checkpoint: path/or/url` for an existing HF model
+//!     model: {hidden_size: 64, layers: 2, heads: 4, ffn: 176}
+//!     tokenizer: {vocab_size: 512}
+//!     train: {steps: 200, lr: 3.0e-3}
+//! domains:
+//!   - {name: scripture, train: data/scripture/train.jsonl, valid: data/scripture/valid.jsonl, test: data/scripture/test.jsonl}
+//! train: {steps: 100, batch_size: 8, seq_len: 128, lr: 1.0e-3}
+//! merge: {top_k: 2, routing: topk_then_softmax, router_init: centroid}
+//! continue: {steps: 50, lr: 5.0e-4}
+//! eval: {split: test, baseline: true}
+//! ```
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Pipeline {
+    /// Run name; the run's folder is `<storage>/<name>`.
+    pub name: String,
+    /// Where runs live: a local folder or an object-store URL (file://, s3://, gs://, az://).
+    #[serde(default = "default_storage")]
+    pub storage: String,
+    #[serde(default)]
+    pub engine: EngineSpec,
+    pub seed: SeedSpec,
+    pub domains: Vec<Domain>,
+    /// Hyperparameters of every expert's training (per-domain `overrides` win).
+    #[serde(default)]
+    pub train: TrainParams,
+    /// Merge the trained experts into an MoE (omit to only train experts).
+    #[serde(default)]
+    pub merge: Option<MergeSpec>,
+    /// Upcycle the seed into an MoE (instead of, or besides, branch-train-merge).
+    #[serde(default)]
+    pub upcycle: Option<UpcycleSpec>,
+    /// Continue training the MoE model(s) on the mix of all domains.
+    #[serde(default, rename = "continue")]
+    pub continue_training: Option<TrainParams>,
+    #[serde(default)]
+    pub eval: EvalSpec,
+    /// Append experts for new domains to an existing MoE without retraining the others.
+    #[serde(default)]
+    pub add_experts: Option<AddExperts>,
+}
+
+fn default_storage() -> String {
+    "runs".into()
+}
+
+/// Where jobs run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum EngineSpec {
+    /// Child processes on this machine.
+    Local {
+        /// Jobs that may run at once.
+        #[serde(default = "default_slots")]
+        slots: usize,
+        /// CPU threads per job (default: the machine's cores divided by the slots).
+        #[serde(default)]
+        threads_per_job: Option<usize>,
+        /// Retries of a failed job before the run fails.
+        #[serde(default = "default_retries")]
+        retries: u32,
+    },
+}
+
+fn default_slots() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+fn default_retries() -> u32 {
+    1
+}
+
+impl Default for EngineSpec {
+    fn default() -> Self {
+        EngineSpec::Local {
+            slots: default_slots(),
+            threads_per_job: None,
+            retries: default_retries(),
+        }
+    }
+}
+
+/// The model every expert branches from: an existing checkpoint, or one trained here.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SeedSpec {
+    /// An existing Hugging Face checkpoint (folder or URL).
+    #[serde(default)]
+    pub checkpoint: Option<String>,
+    /// Train a seed from scratch on the mix of all domains.
+    #[serde(default)]
+    pub train: Option<SeedTrain>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SeedTrain {
+    pub model: ModelShape,
+    pub tokenizer: TokenizerSpec,
+    #[serde(default)]
+    pub train: TrainParams,
+}
+
+/// The shape of a Llama-style seed trained from scratch.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ModelShape {
+    pub hidden_size: usize,
+    pub layers: usize,
+    pub heads: usize,
+    /// Key/value heads (grouped-query attention); default = heads.
+    #[serde(default)]
+    pub kv_heads: Option<usize>,
+    /// Width of the SwiGLU FFN.
+    pub ffn: usize,
+    #[serde(default = "default_max_positions")]
+    pub max_positions: usize,
+    #[serde(default = "default_rope_theta")]
+    pub rope_theta: f64,
+    #[serde(default)]
+    pub tie_embeddings: bool,
+}
+
+fn default_max_positions() -> usize {
+    1024
+}
+
+fn default_rope_theta() -> f64 {
+    10000.0
+}
+
+/// A byte-level BPE tokenizer trained on the domains' training text.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TokenizerSpec {
+    pub vocab_size: usize,
+    /// Documents per domain to train it on (default: all).
+    #[serde(default)]
+    pub max_docs_per_domain: Option<usize>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Domain {
+    /// Used in paths and reports: letters, digits, `-` and `_`.
+    pub name: String,
+    /// JSONL training text (path or URL).
+    pub train: String,
+    /// JSONL validation text: calibration data for the router and validation perplexity.
+    #[serde(default)]
+    pub valid: Option<String>,
+    /// JSONL test text for the evaluation.
+    #[serde(default)]
+    pub test: Option<String>,
+    /// Training hyperparameters for this domain's expert only.
+    #[serde(default)]
+    pub overrides: TrainParams,
+}
+
+/// Training hyperparameters; every field is optional so blocks can be layered
+/// (defaults ← `train` ← a domain's `overrides`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TrainParams {
+    pub steps: Option<u64>,
+    pub batch_size: Option<usize>,
+    pub seq_len: Option<usize>,
+    pub grad_accum: Option<usize>,
+    pub lr: Option<f64>,
+    pub min_lr: Option<f64>,
+    pub warmup_steps: Option<u64>,
+    /// `cosine` or `constant`.
+    pub decay: Option<String>,
+    pub weight_decay: Option<f64>,
+    pub betas: Option<[f64; 2]>,
+    pub grad_clip: Option<f64>,
+    pub seed: Option<u64>,
+    pub checkpoint_interval: Option<u64>,
+    pub keep_checkpoints: Option<usize>,
+    pub eval_interval: Option<u64>,
+    pub eval_sequences: Option<usize>,
+    pub log_interval: Option<u64>,
+    /// MoE load-balancing loss coefficient.
+    pub aux_loss_coef: Option<f64>,
+    /// MoE router z-loss coefficient.
+    pub z_loss_coef: Option<f64>,
+}
+
+macro_rules! overlay_fields {
+    ($base:expr, $over:expr, $($f:ident),*) => {
+        TrainParams { $($f: $over.$f.clone().or_else(|| $base.$f.clone()),)* }
+    };
+}
+
+impl TrainParams {
+    /// `self` with every field `over` sets replaced.
+    pub fn overlay(&self, over: &TrainParams) -> TrainParams {
+        overlay_fields!(
+            self, over, steps, batch_size, seq_len, grad_accum, lr, min_lr, warmup_steps, decay, weight_decay,
+            betas, grad_clip, seed, checkpoint_interval, keep_checkpoints, eval_interval, eval_sequences,
+            log_interval, aux_loss_coef, z_loss_coef
+        )
+    }
+
+    /// Tokens one run of these parameters consumes.
+    pub fn tokens(&self) -> u64 {
+        self.steps.unwrap_or(0)
+            * (self.batch_size.unwrap_or(8) * self.seq_len.unwrap_or(256) * self.grad_accum.unwrap_or(1)) as u64
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Routing {
+    TopkThenSoftmax,
+    SoftmaxThenTopk,
+}
+
+impl Routing {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Routing::TopkThenSoftmax => "topk_then_softmax",
+            Routing::SoftmaxThenTopk => "softmax_then_topk",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum RouterInit {
+    Random,
+    Zero,
+    Centroid,
+    Fit,
+}
+
+impl RouterInit {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RouterInit::Random => "random",
+            RouterInit::Zero => "zero",
+            RouterInit::Centroid => "centroid",
+            RouterInit::Fit => "fit",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MergeSpec {
+    #[serde(default = "default_top_k")]
+    pub top_k: usize,
+    #[serde(default = "default_routing")]
+    pub routing: Routing,
+    #[serde(default = "default_router_init")]
+    pub router_init: RouterInit,
+    /// Calibration tokens per domain (from its `valid` split) for centroid/fit router init.
+    #[serde(default = "default_calib_tokens")]
+    pub calib_tokens: usize,
+    /// Non-expert weights: `average` (BTX), or `from:<domain>` to copy one expert's.
+    #[serde(default = "default_non_expert")]
+    pub non_expert: String,
+    /// Keep the seed's FFN as an always-on shared expert.
+    #[serde(default)]
+    pub shared_expert_from_seed: bool,
+}
+
+fn default_top_k() -> usize {
+    2
+}
+fn default_routing() -> Routing {
+    Routing::TopkThenSoftmax
+}
+fn default_router_init() -> RouterInit {
+    RouterInit::Centroid
+}
+fn default_calib_tokens() -> usize {
+    8192
+}
+fn default_non_expert() -> String {
+    "average".into()
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpcycleSpec {
+    pub experts: usize,
+    #[serde(default = "default_top_k")]
+    pub top_k: usize,
+    /// Fine-grained experts: each expert is 1/granularity of the dense FFN.
+    #[serde(default = "one")]
+    pub granularity: usize,
+    #[serde(default = "default_routing")]
+    pub routing: Routing,
+    /// `exact` (√a on up and down) or `megatron` (a^(1/3) on gate, up and down).
+    #[serde(default = "default_scaling")]
+    pub scaling: String,
+}
+
+fn one() -> usize {
+    1
+}
+fn default_scaling() -> String {
+    "exact".into()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Split {
+    Valid,
+    Test,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EvalSpec {
+    #[serde(default = "default_split")]
+    pub split: Split,
+    #[serde(default = "default_eval_seq_len")]
+    pub seq_len: usize,
+    /// Documents per domain to score (default: all).
+    #[serde(default)]
+    pub max_docs: Option<usize>,
+    /// Also train a compute-matched dense baseline: the seed trained on the mix for the same
+    /// number of tokens as the experts plus the MoE's continued training.
+    #[serde(default)]
+    pub baseline: bool,
+}
+
+fn default_split() -> Split {
+    Split::Test
+}
+fn default_eval_seq_len() -> usize {
+    128
+}
+
+impl Default for EvalSpec {
+    fn default() -> Self {
+        Self {
+            split: default_split(),
+            seq_len: default_eval_seq_len(),
+            max_docs: None,
+            baseline: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AddExperts {
+    /// The MoE to extend (default: this run's merged model).
+    #[serde(default)]
+    pub moe: Option<String>,
+    /// The dense model new experts branch from (default: this run's seed).
+    #[serde(default)]
+    pub base: Option<String>,
+    pub domains: Vec<Domain>,
+}

@@ -1,0 +1,772 @@
+//! From a pipeline to a DAG of jobs.
+//!
+//! Every job is one `btm` subcommand run as its own process. A job's id is a hash of its
+//! kind, arguments, generated files and its dependencies' ids, so an unchanged job keeps its
+//! id across `btm run`s (and is skipped once done), and a change anywhere upstream gives every
+//! job downstream a new id (and redoes it).
+//!
+//! Run layout (under `<storage>/<name>/`):
+//! ```text
+//! pipeline.yaml                 the resolved spec
+//! plan.json                     this plan: every job, its inputs, outputs and resources
+//! jobs/<name>/                  job.yaml / config.json handed to the job, done.json once finished
+//! logs/<name>.log               the job's output
+//! tokenizer/  seed/  experts/<domain>/  merged/  continued/  upcycled/  upcycled-continued/
+//! baseline/  added/<domain>/  extended/<domain>/   models (trainer outputs keep the HF model in model/)
+//! eval/<model>/<domain>.json    {"tokens", "nll", "ppl"} (+ routing shares for MoE models)
+//! report.md  report.html  plots/
+//! ```
+
+use crate::pipeline::load::resolve;
+use crate::pipeline::spec::{Domain, EngineSpec, Pipeline, TrainParams};
+use anyhow::{bail, Context, Result};
+use btm_trainer::spec as job;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobKind {
+    Tokenizer,
+    TrainSeed,
+    TrainExpert,
+    Merge,
+    Upcycle,
+    Continue,
+    Baseline,
+    AddExpert,
+    Eval,
+}
+
+/// What a job asks of the engine.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Resources {
+    pub cpus: usize,
+    pub gpus: usize,
+    pub memory_mb: Option<u64>,
+    pub time_limit_min: Option<u64>,
+}
+
+/// A model the run produces (or starts from), for evaluation and the report.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelRef {
+    /// `seed`, `expert-<domain>`, `merged`, `continued`, `upcycled`, ...
+    pub label: String,
+    /// The Hugging Face directory.
+    pub dir: PathBuf,
+    /// Training tokens spent to get here after the seed, all ancestors included.
+    pub tokens_after_seed: u64,
+    /// Training FLOPs after the seed by the 6 · N_active · tokens rule, all ancestors included.
+    pub flops_after_seed: f64,
+}
+
+/// A training job's progress source.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainInfo {
+    pub steps: u64,
+    pub tokens: u64,
+    pub metrics: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Job {
+    pub id: String,
+    /// Unique, readable: `expert/scripture`, `eval/merged/code`.
+    pub name: String,
+    pub kind: JobKind,
+    /// Names of the jobs that must finish first.
+    pub deps: Vec<String>,
+    /// Arguments after `btm`.
+    pub args: Vec<String>,
+    /// Files written into the run before the job starts (path, contents).
+    pub files: Vec<(PathBuf, String)>,
+    /// What it produces; deleted before a (re)start unless the job resumes by itself.
+    pub outputs: Vec<PathBuf>,
+    /// Trainers resume from their own checkpoints, so their outputs are kept across restarts.
+    pub resumable: bool,
+    pub resources: Resources,
+    pub train: Option<TrainInfo>,
+    pub produces: Option<ModelRef>,
+}
+
+impl Job {
+    /// Folder of the job's own files in the run (`jobs/expert-scripture`).
+    pub fn dir(&self, run: &Path) -> PathBuf {
+        run.join("jobs").join(self.name.replace('/', "-"))
+    }
+
+    pub fn log(&self, run: &Path) -> PathBuf {
+        run.join("logs").join(format!("{}.log", self.name.replace('/', "-")))
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Plan {
+    pub run_dir: PathBuf,
+    pub jobs: Vec<Job>,
+}
+
+/// Training defaults under the pipeline's `train` blocks.
+fn defaults() -> TrainParams {
+    TrainParams {
+        steps: Some(100),
+        batch_size: Some(8),
+        seq_len: Some(128),
+        grad_accum: Some(1),
+        lr: Some(1e-3),
+        min_lr: None,
+        warmup_steps: Some(10),
+        decay: Some("cosine".into()),
+        weight_decay: Some(0.1),
+        betas: Some([0.9, 0.95]),
+        grad_clip: Some(1.0),
+        seed: Some(0),
+        checkpoint_interval: Some(50),
+        keep_checkpoints: Some(2),
+        eval_interval: Some(0),
+        eval_sequences: Some(16),
+        log_interval: Some(10),
+        aux_loss_coef: Some(0.01),
+        z_loss_coef: Some(0.001),
+    }
+}
+
+struct Builder<'a> {
+    p: &'a Pipeline,
+    base: &'a Path,
+    run: PathBuf,
+    jobs: Vec<Job>,
+    threads: usize,
+}
+
+fn abs(base: &Path, location: &str) -> String {
+    let r = resolve(base, location);
+    if r.contains("://") {
+        return r;
+    }
+    std::path::absolute(&r).map(|p| p.to_string_lossy().into_owned()).unwrap_or(r)
+}
+
+impl Builder<'_> {
+    fn id_of(&self, name: &str) -> String {
+        self.jobs.iter().find(|j| j.name == name).map(|j| j.id.clone()).unwrap_or_default()
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn add(
+        &mut self,
+        name: String,
+        kind: JobKind,
+        deps: Vec<String>,
+        args: Vec<String>,
+        files: Vec<(PathBuf, String)>,
+        outputs: Vec<PathBuf>,
+        train: Option<TrainInfo>,
+        produces: Option<ModelRef>,
+    ) -> String {
+        let mut h = Sha256::new();
+        h.update(format!("{kind:?}\0{name}\0"));
+        for a in &args {
+            h.update(a.as_bytes());
+            h.update([0]);
+        }
+        for (p, c) in &files {
+            h.update(p.to_string_lossy().as_bytes());
+            h.update(c.as_bytes());
+        }
+        for d in &deps {
+            h.update(self.id_of(d).as_bytes());
+        }
+        let id = hex::encode(h.finalize())[..16].to_string();
+        self.jobs.push(Job {
+            id,
+            name: name.clone(),
+            kind,
+            deps,
+            args,
+            files,
+            outputs,
+            resumable: train.is_some(),
+            resources: Resources {
+                cpus: self.threads,
+                ..Default::default()
+            },
+            train,
+            produces,
+        });
+        name
+    }
+
+    fn model(&self, name: &str) -> ModelRef {
+        self.jobs
+            .iter()
+            .find(|j| j.name == name)
+            .and_then(|j| j.produces.clone())
+            .expect("job produces a model")
+    }
+
+    /// A trainer job: `btm train --job <run>/jobs/<name>/job.yaml`.
+    #[allow(clippy::too_many_arguments)]
+    fn train_job(
+        &mut self,
+        name: &str,
+        kind: JobKind,
+        deps: Vec<String>,
+        init: job::Init,
+        out: PathBuf,
+        train: Vec<(String, f64)>,
+        valid: Vec<String>,
+        params: &TrainParams,
+        domain: Option<String>,
+        label: &str,
+        parent: Option<&ModelRef>,
+        active_params: usize,
+    ) -> Result<String> {
+        let t = defaults().overlay(params);
+        let steps = t.steps.unwrap_or(0);
+        let tokens = t.tokens();
+        let spec = job::JobSpec {
+            init,
+            out: out.to_string_lossy().into_owned(),
+            data: job::Data {
+                train: train
+                    .into_iter()
+                    .map(|(path, weight)| job::Source {
+                        path: PathBuf::from(path),
+                        weight,
+                    })
+                    .collect(),
+                valid: valid.into_iter().map(PathBuf::from).collect(),
+            },
+            steps: Some(steps),
+            tokens: None,
+            batch_size: t.batch_size.unwrap_or(8),
+            seq_len: t.seq_len.unwrap_or(128),
+            grad_accum: t.grad_accum.unwrap_or(1),
+            optimizer: job::Optimizer {
+                lr: t.lr.unwrap_or(1e-3),
+                betas: t.betas.unwrap_or([0.9, 0.95]),
+                eps: 1e-8,
+                weight_decay: t.weight_decay.unwrap_or(0.1),
+            },
+            schedule: job::Schedule {
+                warmup_steps: t.warmup_steps.unwrap_or(0),
+                decay: if t.decay.as_deref() == Some("constant") {
+                    job::Decay::Constant
+                } else {
+                    job::Decay::Cosine
+                },
+                min_lr: t.min_lr.unwrap_or(t.lr.unwrap_or(1e-3) * 0.1),
+            },
+            grad_clip: t.grad_clip,
+            seed: t.seed.unwrap_or(0),
+            threads: Some(self.threads),
+            eval: job::Eval {
+                interval: t.eval_interval.unwrap_or(0),
+                sequences: t.eval_sequences.unwrap_or(16),
+            },
+            checkpoint: job::Checkpointing {
+                interval: t.checkpoint_interval.unwrap_or(0),
+                keep: t.keep_checkpoints.unwrap_or(2),
+            },
+            log_interval: t.log_interval.unwrap_or(10),
+            moe: job::Moe {
+                aux_loss_coef: t.aux_loss_coef.unwrap_or(0.01),
+                z_loss_coef: t.z_loss_coef.unwrap_or(0.001),
+            },
+            domain,
+            dtype: "float32".into(),
+            device: "cpu".into(),
+            trainable: job::Trainable::default(),
+            resume: "auto".into(),
+            token_cache: None,
+        };
+        let job_dir = self.run.join("jobs").join(name.replace('/', "-"));
+        let yaml = serde_yaml::to_string(&spec)?;
+        let flops = 6.0 * active_params as f64 * tokens as f64;
+        let produces = ModelRef {
+            label: label.into(),
+            dir: out.join("model"),
+            tokens_after_seed: parent.map_or(0, |p| p.tokens_after_seed) + if kind == JobKind::TrainSeed { 0 } else { tokens },
+            flops_after_seed: parent.map_or(0.0, |p| p.flops_after_seed) + if kind == JobKind::TrainSeed { 0.0 } else { flops },
+        };
+        let job_file = job_dir.join("job.yaml");
+        Ok(self.add(
+            name.into(),
+            kind,
+            deps,
+            vec!["train".into(), "--job".into(), job_file.to_string_lossy().into_owned()],
+            vec![(job_file, yaml)],
+            vec![out.clone()],
+            Some(TrainInfo {
+                steps,
+                tokens,
+                metrics: out.join("metrics.jsonl"),
+            }),
+            Some(produces),
+        ))
+    }
+
+    /// One eval job per domain for model `m` (made by job `dep`, if the run makes it).
+    fn eval_jobs(&mut self, m: &ModelRef, dep: Option<&str>) {
+        let e = &self.p.eval;
+        for d in &self.p.domains {
+            let data = match e.split {
+                crate::pipeline::spec::Split::Test => d.test.as_ref(),
+                crate::pipeline::spec::Split::Valid => d.valid.as_ref(),
+            };
+            let Some(data) = data else { continue };
+            let out = self.run.join("eval").join(&m.label).join(format!("{}.json", d.name));
+            let mut args = vec![
+                "eval".into(),
+                "--model".into(),
+                m.dir.to_string_lossy().into_owned(),
+                "--data".into(),
+                abs(self.base, data),
+                "--seq-len".into(),
+                e.seq_len.to_string(),
+                "--json".into(),
+                "--routing".into(),
+                "--out".into(),
+                out.to_string_lossy().into_owned(),
+            ];
+            if let Some(n) = e.max_docs {
+                args.extend(["--max-docs".into(), n.to_string()]);
+            }
+            self.add(
+                format!("eval/{}/{}", m.label, d.name),
+                JobKind::Eval,
+                dep.iter().map(|d| d.to_string()).collect(),
+                args,
+                vec![],
+                vec![out],
+                None,
+                None,
+            );
+        }
+    }
+}
+
+fn dense_active_params(cfg: &btm_model::ModelConfig) -> usize {
+    cfg.num_active_parameters()
+}
+
+/// The seed's config: from the pipeline's shape, or read from the given checkpoint.
+fn seed_config(p: &Pipeline, base: &Path) -> Result<btm_model::ModelConfig> {
+    if let Some(t) = &p.seed.train {
+        let m = &t.model;
+        let heads = m.heads;
+        if heads == 0 || m.hidden_size % heads != 0 {
+            bail!("seed.train.model: hidden_size {} must be a multiple of heads {heads}", m.hidden_size);
+        }
+        let cfg = btm_model::ModelConfig {
+            vocab_size: t.tokenizer.vocab_size,
+            hidden_size: m.hidden_size,
+            num_layers: m.layers,
+            num_heads: heads,
+            num_kv_heads: m.kv_heads.unwrap_or(heads),
+            head_dim: m.hidden_size / heads,
+            intermediate_size: m.ffn,
+            max_position_embeddings: m.max_positions,
+            rope_theta: m.rope_theta,
+            rope_scaling: None,
+            rms_norm_eps: 1e-5,
+            tie_word_embeddings: m.tie_embeddings,
+            qkv_bias: false,
+            o_bias: false,
+            sliding_window: None,
+            bos_token_id: Some(0),
+            eos_token_id: Some(1),
+            moe: None,
+        };
+        cfg.validate().context("seed.train.model")?;
+        return Ok(cfg);
+    }
+    let location = p.seed.checkpoint.as_deref().expect("validated: seed has a checkpoint");
+    let dir = btm_model::storage::local_dir(&abs(base, location))?;
+    Ok(btm_model::Checkpoint::open(&dir)
+        .with_context(|| format!("seed.checkpoint `{location}`"))?
+        .config)
+}
+
+/// Build the job DAG for a loaded pipeline.
+pub fn plan(p: &Pipeline, base: &Path, run_dir: &Path) -> Result<Plan> {
+    let EngineSpec::Local {
+        slots, threads_per_job, ..
+    } = &p.engine;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = threads_per_job.unwrap_or((cores / (*slots).max(1)).max(1));
+    let run = std::path::absolute(run_dir)?;
+    let mut b = Builder {
+        p,
+        base,
+        run: run.clone(),
+        jobs: vec![],
+        threads,
+    };
+    let seed_cfg = seed_config(p, base)?;
+    let dense_n = dense_active_params(&seed_cfg);
+    let train_files: Vec<String> = p.domains.iter().map(|d| abs(base, &d.train)).collect();
+    let valid_files: Vec<String> = p.domains.iter().filter_map(|d| d.valid.as_ref()).map(|v| abs(base, v)).collect();
+    let mix = |files: &[String]| files.iter().map(|f| (f.clone(), 1.0)).collect::<Vec<_>>();
+
+    // 1. The seed: trained here (tokenizer first), or an existing checkpoint.
+    let seed_job = if let Some(t) = &p.seed.train {
+        let tok_out = run.join("tokenizer").join("tokenizer.json");
+        let mut args = vec!["tokenizer".into(), "train".into(), "--data".into()];
+        args.extend(train_files.iter().cloned());
+        args.extend(["--vocab-size".into(), t.tokenizer.vocab_size.to_string()]);
+        if let Some(n) = t.tokenizer.max_docs_per_domain {
+            args.extend(["--max-docs".into(), n.to_string()]);
+        }
+        args.extend(["--out".into(), tok_out.to_string_lossy().into_owned()]);
+        let tok = b.add("tokenizer".into(), JobKind::Tokenizer, vec![], args, vec![], vec![tok_out.clone()], None, None);
+        let config_file = run.join("jobs").join("seed").join("config.json");
+        let config_json = serde_json::to_string_pretty(&seed_cfg.to_hf()?)?;
+        let name = b.train_job(
+            "seed",
+            JobKind::TrainSeed,
+            vec![tok],
+            job::Init {
+                checkpoint: None,
+                config: Some(config_file.clone()),
+                tokenizer: Some(tok_out),
+            },
+            run.join("seed"),
+            mix(&train_files),
+            valid_files.clone(),
+            &t.train,
+            None,
+            "seed",
+            None,
+            dense_n,
+        )?;
+        // The config is one more file handed to the seed job.
+        let seed = b.jobs.last_mut().expect("seed job");
+        seed.files.push((config_file, config_json));
+        Some(name)
+    } else {
+        None
+    };
+    let seed_ref = match &seed_job {
+        Some(name) => b.model(name),
+        None => {
+            let location = abs(base, p.seed.checkpoint.as_deref().expect("validated"));
+            ModelRef {
+                label: "seed".into(),
+                dir: btm_model::storage::local_dir(&location)?,
+                tokens_after_seed: 0,
+                flops_after_seed: 0.0,
+            }
+        }
+    };
+    let seed_deps: Vec<String> = seed_job.iter().cloned().collect();
+    let seed_init = job::Init {
+        checkpoint: Some(seed_ref.dir.to_string_lossy().into_owned()),
+        config: None,
+        tokenizer: None,
+    };
+    let mut scored: Vec<String> = seed_job.iter().cloned().collect();
+
+    // 2. Branch and train: one expert per domain, no communication between them.
+    let expert_job = |b: &mut Builder, d: &Domain, out: PathBuf, label: String, name: String| -> Result<String> {
+        let params = p.train.overlay(&d.overrides);
+        b.train_job(
+            &name,
+            JobKind::TrainExpert,
+            seed_deps.clone(),
+            seed_init.clone(),
+            out,
+            vec![(abs(base, &d.train), 1.0)],
+            d.valid.iter().map(|v| abs(base, v)).collect(),
+            &params,
+            Some(d.name.clone()),
+            &label,
+            Some(&seed_ref),
+            dense_n,
+        )
+    };
+    let mut experts = vec![];
+    for d in &p.domains {
+        let name = expert_job(&mut b, d, run.join("experts").join(&d.name), format!("expert-{}", d.name), format!("expert/{}", d.name))?;
+        experts.push(name);
+    }
+    scored.extend(experts.iter().cloned());
+
+    // 3. Merge into an MoE.
+    let moe_active = |experts: usize, top_k: usize, shared: bool| -> usize {
+        let mut cfg = seed_cfg.clone();
+        cfg.moe = Some(btm_model::MoeConfig {
+            experts,
+            top_k,
+            routing: btm_model::Routing::TopkThenSoftmax,
+            expert_ffn: seed_cfg.intermediate_size,
+            shared_expert: shared.then_some(btm_model::SharedExpertConfig {
+                ffn: seed_cfg.intermediate_size,
+                gated: false,
+            }),
+            dense_layers: vec![],
+        });
+        cfg.num_active_parameters()
+    };
+    let mut moes: Vec<(String, usize)> = vec![];
+    if let Some(m) = &p.merge {
+        let out = run.join("merged");
+        let mut args: Vec<String> = vec!["merge".into(), "--experts".into()];
+        for e in &experts {
+            args.push(b.model(e).dir.to_string_lossy().into_owned());
+        }
+        args.extend([
+            "--out".into(),
+            out.to_string_lossy().into_owned(),
+            "--top-k".into(),
+            m.top_k.to_string(),
+            "--routing".into(),
+            m.routing.as_str().into(),
+            "--router-init".into(),
+            m.router_init.as_str().into(),
+            "--calib-tokens".into(),
+            m.calib_tokens.to_string(),
+        ]);
+        if matches!(m.router_init, crate::pipeline::spec::RouterInit::Centroid | crate::pipeline::spec::RouterInit::Fit) {
+            args.push("--calib".into());
+            for d in &p.domains {
+                args.push(format!("{}={}", d.name, abs(base, d.valid.as_deref().expect("validated"))));
+            }
+        }
+        let non_expert = match m.non_expert.strip_prefix("from:") {
+            Some(domain) => {
+                let i = p.domains.iter().position(|d| d.name == domain).expect("validated");
+                format!("from:{}", b.model(&experts[i]).dir.display())
+            }
+            None => m.non_expert.clone(),
+        };
+        args.extend(["--non-expert".into(), non_expert]);
+        if m.shared_expert_from_seed {
+            args.extend(["--shared-expert".into(), seed_ref.dir.to_string_lossy().into_owned()]);
+        }
+        let tokens: u64 = experts.iter().map(|e| b.model(e).tokens_after_seed).sum();
+        let flops: f64 = experts.iter().map(|e| b.model(e).flops_after_seed).sum();
+        let name = b.add(
+            "merge".into(),
+            JobKind::Merge,
+            experts.clone(),
+            args,
+            vec![],
+            vec![out.clone()],
+            None,
+            Some(ModelRef {
+                label: "merged".into(),
+                dir: out,
+                tokens_after_seed: tokens,
+                flops_after_seed: flops,
+            }),
+        );
+        scored.push(name.clone());
+        moes.push((name, moe_active(p.domains.len(), m.top_k, m.shared_expert_from_seed)));
+    }
+
+    // 4. Upcycle the seed.
+    if let Some(u) = &p.upcycle {
+        let out = run.join("upcycled");
+        let args = vec![
+            "upcycle".into(),
+            "--model".into(),
+            seed_ref.dir.to_string_lossy().into_owned(),
+            "--experts".into(),
+            u.experts.to_string(),
+            "--top-k".into(),
+            u.top_k.to_string(),
+            "--granularity".into(),
+            u.granularity.to_string(),
+            "--routing".into(),
+            u.routing.as_str().into(),
+            "--scaling".into(),
+            u.scaling.clone(),
+            "--out".into(),
+            out.to_string_lossy().into_owned(),
+        ];
+        let name = b.add(
+            "upcycle".into(),
+            JobKind::Upcycle,
+            seed_deps.clone(),
+            args,
+            vec![],
+            vec![out.clone()],
+            None,
+            Some(ModelRef {
+                label: "upcycled".into(),
+                dir: out,
+                tokens_after_seed: 0,
+                flops_after_seed: 0.0,
+            }),
+        );
+        scored.push(name.clone());
+        let mut cfg = seed_cfg.clone();
+        cfg.moe = Some(btm_model::MoeConfig {
+            experts: u.experts,
+            top_k: u.top_k,
+            routing: btm_model::Routing::TopkThenSoftmax,
+            expert_ffn: seed_cfg.intermediate_size / u.granularity.max(1),
+            shared_expert: None,
+            dense_layers: vec![],
+        });
+        moes.push((name, cfg.num_active_parameters()));
+    }
+
+    // 5. Continue training the MoEs on the mix.
+    let mut continued_tokens = 0;
+    if let Some(c) = &p.continue_training {
+        let params = p.train.overlay(c);
+        for (moe, active) in moes.clone() {
+            let parent = b.model(&moe);
+            let label = if parent.label == "merged" { "continued".to_string() } else { format!("{}-continued", parent.label) };
+            let name = b.train_job(
+                &format!("continue/{}", parent.label),
+                JobKind::Continue,
+                vec![moe.clone()],
+                job::Init {
+                    checkpoint: Some(parent.dir.to_string_lossy().into_owned()),
+                    config: None,
+                    tokenizer: None,
+                },
+                run.join(&label),
+                mix(&train_files),
+                valid_files.clone(),
+                &params,
+                None,
+                &label,
+                Some(&parent),
+                active,
+            )?;
+            if parent.label == "merged" {
+                continued_tokens = params.tokens_or_default();
+            }
+            scored.push(name);
+        }
+    }
+
+    // 6. The compute-matched dense baseline: the seed trained on the mix for as many tokens
+    //    as the experts and the merged MoE's continued training together.
+    if p.eval.baseline {
+        let expert_tokens: u64 = p.domains.iter().map(|d| defaults().overlay(&p.train.overlay(&d.overrides)).tokens()).sum();
+        let t = defaults().overlay(&p.train);
+        let per_step = t.tokens() / t.steps.unwrap_or(1).max(1);
+        let total = expert_tokens + continued_tokens;
+        let steps = total.div_ceil(per_step.max(1));
+        let params = TrainParams {
+            steps: Some(steps),
+            ..p.train.clone()
+        };
+        let name = b.train_job(
+            "baseline",
+            JobKind::Baseline,
+            seed_deps.clone(),
+            seed_init.clone(),
+            run.join("baseline"),
+            mix(&train_files),
+            valid_files.clone(),
+            &params,
+            None,
+            "baseline",
+            Some(&seed_ref),
+            dense_n,
+        )?;
+        scored.push(name);
+    }
+
+    // 7. Add experts for new domains to an existing MoE, one after another.
+    if let Some(add) = &p.add_experts {
+        let mut moe: (Vec<String>, PathBuf) = match &add.moe {
+            Some(loc) => (vec![], btm_model::storage::local_dir(&abs(base, loc))?),
+            None => match moes.iter().find(|(n, _)| n == "merge") {
+                Some((n, _)) => (vec![n.clone()], b.model(n).dir),
+                None => bail!("add_experts.moe: give an MoE checkpoint, or add `merge` so the run makes one"),
+            },
+        };
+        let base_ref = match &add.base {
+            Some(loc) => {
+                let dir = btm_model::storage::local_dir(&abs(base, loc))?;
+                ModelRef {
+                    label: "base".into(),
+                    dir,
+                    tokens_after_seed: 0,
+                    flops_after_seed: 0.0,
+                }
+            }
+            None => seed_ref.clone(),
+        };
+        for d in &add.domains {
+            let params = p.train.overlay(&d.overrides);
+            let name = b.train_job(
+                &format!("added/{}", d.name),
+                JobKind::TrainExpert,
+                if add.base.is_some() { vec![] } else { seed_deps.clone() },
+                job::Init {
+                    checkpoint: Some(base_ref.dir.to_string_lossy().into_owned()),
+                    config: None,
+                    tokenizer: None,
+                },
+                run.join("added").join(&d.name),
+                vec![(abs(base, &d.train), 1.0)],
+                d.valid.iter().map(|v| abs(base, v)).collect(),
+                &params,
+                Some(d.name.clone()),
+                &format!("expert-{}", d.name),
+                Some(&base_ref),
+                dense_n,
+            )?;
+            let out = run.join("extended").join(&d.name);
+            let mut args = vec![
+                "add-expert".into(),
+                "--moe".into(),
+                moe.1.to_string_lossy().into_owned(),
+                "--expert".into(),
+                b.model(&name).dir.to_string_lossy().into_owned(),
+                "--out".into(),
+                out.to_string_lossy().into_owned(),
+                "--name".into(),
+                d.name.clone(),
+            ];
+            if let Some(v) = &d.valid {
+                args.extend(["--calib".into(), abs(base, v)]);
+            }
+            let mut deps = moe.0.clone();
+            deps.push(name);
+            let added = b.add(
+                format!("add-expert/{}", d.name),
+                JobKind::AddExpert,
+                deps,
+                args,
+                vec![],
+                vec![out.clone()],
+                None,
+                Some(ModelRef {
+                    label: format!("extended-{}", d.name),
+                    dir: out.clone(),
+                    tokens_after_seed: 0,
+                    flops_after_seed: 0.0,
+                }),
+            );
+            moe = (vec![added.clone()], out);
+            scored.push(added);
+        }
+    }
+
+    // 8. Score every model on every domain.
+    if seed_job.is_none() {
+        b.eval_jobs(&seed_ref, None);
+    }
+    for name in scored {
+        let m = b.model(&name);
+        b.eval_jobs(&m, Some(&name));
+    }
+    Ok(Plan { run_dir: run, jobs: b.jobs })
+}
+
+impl TrainParams {
+    fn tokens_or_default(&self) -> u64 {
+        defaults().overlay(self).tokens()
+    }
+}

@@ -1,0 +1,344 @@
+//! The run report: `report.md` and `report.html` in the run folder, with SVG plots in
+//! `plots/`. Per-domain perplexity of every model scored, the compute each consumed (training
+//! FLOPs after the seed by the 6 · N_active · tokens rule), loss curves, routing heatmaps of the
+//! MoE models, and every artefact's lineage.
+//!
+//! The plots are plain SVG written here: no font files or image libraries needed.
+
+use crate::plan::{JobKind, Plan};
+use anyhow::{Context, Result};
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+
+/// One model's scores.
+#[derive(Debug, Clone)]
+pub struct Row {
+    pub label: String,
+    /// domain → perplexity
+    pub ppl: BTreeMap<String, f64>,
+    pub tokens_after_seed: u64,
+    pub flops_after_seed: f64,
+    /// domain → [layer][expert] routing shares (MoE models)
+    pub routing: BTreeMap<String, Vec<Vec<f64>>>,
+}
+
+impl Row {
+    pub fn average(&self) -> f64 {
+        self.ppl.values().sum::<f64>() / self.ppl.len().max(1) as f64
+    }
+}
+
+pub fn read_plan(run: &Path) -> Result<Plan> {
+    let path = run.join("plan.json");
+    let bytes = std::fs::read(&path).with_context(|| format!("{}: not a btm run (no plan.json)", run.display()))?;
+    Ok(serde_json::from_slice(&bytes)?)
+}
+
+/// Every scored model with its per-domain perplexity, in plan order.
+pub fn rows(plan: &Plan) -> Vec<Row> {
+    let mut rows: Vec<Row> = vec![];
+    for j in plan.jobs.iter().filter(|j| j.kind == JobKind::Eval) {
+        // eval/<label>/<domain>
+        let mut parts = j.name.splitn(3, '/').skip(1);
+        let (Some(label), Some(domain)) = (parts.next(), parts.next()) else { continue };
+        let Some(out) = j.outputs.first() else { continue };
+        let Ok(v) = std::fs::read(out).map_err(anyhow::Error::from).and_then(|b| Ok(serde_json::from_slice::<Value>(&b)?)) else {
+            continue;
+        };
+        let model = plan.jobs.iter().filter_map(|p| p.produces.as_ref()).find(|m| m.label == label);
+        let row = match rows.iter_mut().position(|r| r.label == label) {
+            Some(i) => &mut rows[i],
+            None => {
+                rows.push(Row {
+                    label: label.to_string(),
+                    ppl: BTreeMap::new(),
+                    tokens_after_seed: model.map_or(0, |m| m.tokens_after_seed),
+                    flops_after_seed: model.map_or(0.0, |m| m.flops_after_seed),
+                    routing: BTreeMap::new(),
+                });
+                rows.last_mut().expect("pushed")
+            }
+        };
+        if let Some(p) = v["ppl"].as_f64() {
+            row.ppl.insert(domain.to_string(), p);
+        }
+        if let Ok(r) = serde_json::from_value::<Vec<Vec<f64>>>(v["routing"].clone()) {
+            row.routing.insert(domain.to_string(), r);
+        }
+    }
+    rows
+}
+
+/// The perplexity table as Markdown.
+pub fn table(rows: &[Row]) -> String {
+    let domains: Vec<String> = rows.iter().flat_map(|r| r.ppl.keys().cloned()).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+    let mut s = String::from("| model |");
+    for d in &domains {
+        let _ = write!(s, " {d} |");
+    }
+    s.push_str(" average | tokens after seed | training FLOPs after seed |\n|---|");
+    s.push_str(&"---:|".repeat(domains.len() + 3));
+    s.push('\n');
+    for r in rows {
+        let _ = write!(s, "| {} |", r.label);
+        for d in &domains {
+            match r.ppl.get(d) {
+                Some(p) => {
+                    let _ = write!(s, " {p:.3} |");
+                }
+                None => s.push_str(" – |"),
+            }
+        }
+        let _ = writeln!(s, " {:.3} | {} | {:.3e} |", r.average(), r.tokens_after_seed, r.flops_after_seed);
+    }
+    s
+}
+
+const PALETTE: [&str; 10] = [
+    "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf",
+];
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+}
+
+/// Training loss against tokens seen, one line per training job.
+pub fn loss_plot(series: &[(String, Vec<(f64, f64)>)]) -> String {
+    let (w, h, left, right, top, bottom) = (720.0, 420.0, 60.0, 180.0, 20.0, 40.0);
+    let pts = series.iter().flat_map(|(_, p)| p.iter());
+    let (mut x_max, mut y_min, mut y_max) = (1.0f64, f64::INFINITY, f64::NEG_INFINITY);
+    for &(x, y) in pts {
+        x_max = x_max.max(x);
+        y_min = y_min.min(y);
+        y_max = y_max.max(y);
+    }
+    if !y_min.is_finite() {
+        (y_min, y_max) = (0.0, 1.0);
+    }
+    if y_max - y_min < 1e-9 {
+        y_max = y_min + 1.0;
+    }
+    let (pw, ph) = (w - left - right, h - top - bottom);
+    let sx = |x: f64| left + x / x_max * pw;
+    let sy = |y: f64| top + (y_max - y) / (y_max - y_min) * ph;
+    let mut s = format!(r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">"#);
+    let _ = write!(s, r##"<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#444"/>"##);
+    for i in 0..=4 {
+        let y = y_min + (y_max - y_min) * i as f64 / 4.0;
+        let _ = write!(s, r##"<text x="{}" y="{}" text-anchor="end">{y:.2}</text>"##, left - 4.0, sy(y) + 4.0);
+        let x = x_max * i as f64 / 4.0;
+        let _ = write!(s, r##"<text x="{}" y="{}" text-anchor="middle">{x:.2e}</text>"##, sx(x), h - bottom + 16.0);
+    }
+    let _ = write!(s, r##"<text x="{}" y="{}" text-anchor="middle">training tokens</text>"##, left + pw / 2.0, h - 4.0);
+    let _ = write!(s, r##"<text x="14" y="{}" transform="rotate(-90 14 {})" text-anchor="middle">loss</text>"##, top + ph / 2.0, top + ph / 2.0);
+    for (i, (name, points)) in series.iter().enumerate() {
+        let color = PALETTE[i % PALETTE.len()];
+        let path: Vec<String> = points.iter().map(|&(x, y)| format!("{:.1},{:.1}", sx(x), sy(y))).collect();
+        let _ = write!(s, r#"<polyline fill="none" stroke="{color}" stroke-width="1.5" points="{}"/>"#, path.join(" "));
+        let ly = top + 14.0 + 16.0 * i as f64;
+        let _ = write!(s, r#"<line x1="{}" y1="{ly}" x2="{}" y2="{ly}" stroke="{color}" stroke-width="3"/>"#, w - right + 10.0, w - right + 30.0);
+        let _ = write!(s, r#"<text x="{}" y="{}">{}</text>"#, w - right + 35.0, ly + 4.0, esc(name));
+    }
+    s.push_str("</svg>");
+    s
+}
+
+/// Share of each domain's tokens sent to each expert, one panel per MoE layer.
+pub fn routing_heatmap(title: &str, routing: &BTreeMap<String, Vec<Vec<f64>>>) -> String {
+    let domains: Vec<&String> = routing.keys().collect();
+    let layers = routing.values().map(|r| r.len()).max().unwrap_or(0);
+    let experts = routing.values().flat_map(|r| r.iter().map(|l| l.len())).max().unwrap_or(0);
+    let cell = 28.0;
+    let label_w = 110.0;
+    let panel_w = experts as f64 * cell + 20.0;
+    let (w, h) = (label_w + panel_w * layers as f64 + 10.0, 50.0 + domains.len() as f64 * cell + 30.0);
+    let mut s = format!(r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="11">"#);
+    let _ = write!(s, r#"<text x="4" y="14" font-size="13">{}</text>"#, esc(title));
+    for l in 0..layers {
+        let x0 = label_w + l as f64 * panel_w;
+        let _ = write!(s, r#"<text x="{}" y="34">layer {l}</text>"#, x0);
+        for (di, d) in domains.iter().enumerate() {
+            let y = 42.0 + di as f64 * cell;
+            if l == 0 {
+                let _ = write!(s, r#"<text x="{}" y="{}" text-anchor="end">{}</text>"#, label_w - 6.0, y + cell / 2.0 + 4.0, esc(d));
+            }
+            let row = routing[*d].get(l).cloned().unwrap_or_default();
+            for (e, share) in row.iter().enumerate() {
+                let shade = (255.0 * (1.0 - share.clamp(0.0, 1.0))) as u8;
+                let x = x0 + e as f64 * cell;
+                let _ = write!(
+                    s,
+                    r##"<rect x="{x}" y="{y}" width="{cell}" height="{cell}" fill="rgb({shade},{shade},255)" stroke="#fff"><title>{} → expert {e}: {:.1}%</title></rect>"##,
+                    esc(d),
+                    share * 100.0
+                );
+            }
+        }
+        for e in 0..experts {
+            let _ = write!(s, r#"<text x="{}" y="{}" text-anchor="middle">{e}</text>"#, x0 + e as f64 * cell + cell / 2.0, 42.0 + domains.len() as f64 * cell + 14.0);
+        }
+    }
+    s.push_str("</svg>");
+    s
+}
+
+/// (label, [(tokens seen, loss)]) for every training job with metrics.
+fn loss_series(plan: &Plan) -> Vec<(String, Vec<(f64, f64)>)> {
+    let mut out = vec![];
+    for j in &plan.jobs {
+        let (Some(t), Some(m)) = (&j.train, &j.produces) else { continue };
+        let Ok(text) = std::fs::read_to_string(&t.metrics) else { continue };
+        let points: Vec<(f64, f64)> = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter_map(|v| Some((v["tokens_seen"].as_f64().or_else(|| v["step"].as_f64())?, v["loss"].as_f64()?)))
+            .collect();
+        if !points.is_empty() {
+            out.push((m.label.clone(), points));
+        }
+    }
+    out
+}
+
+/// Write report.md, report.html and plots/ for the run; returns the perplexity table.
+pub fn write(run: &Path) -> Result<String> {
+    let plan = read_plan(run)?;
+    let rows = rows(&plan);
+    let table = table(&rows);
+    let plots = run.join("plots");
+    std::fs::create_dir_all(&plots)?;
+    let mut figures: Vec<(String, String, String)> = vec![]; // (caption, file, svg)
+    let series = loss_series(&plan);
+    if !series.is_empty() {
+        figures.push(("Training loss of every training job".into(), "loss.svg".into(), loss_plot(&series)));
+    }
+    for r in rows.iter().filter(|r| !r.routing.is_empty()) {
+        let title = format!("{}: share of each domain's tokens routed to each expert", r.label);
+        figures.push((title.clone(), format!("routing-{}.svg", r.label), routing_heatmap(&title, &r.routing)));
+    }
+    for (_, file, svg) in &figures {
+        std::fs::write(plots.join(file), svg)?;
+    }
+
+    let mut md = String::new();
+    let name = run.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let _ = writeln!(md, "# btm run `{name}`\n");
+    let _ = writeln!(md, "## Perplexity\n");
+    let _ = writeln!(
+        md,
+        "Per-domain perplexity on the evaluation split (each document on its own, non-overlapping windows; \
+         see README). *Training FLOPs after seed* counts 6 · N_active · tokens for every training job on the \
+         way from the seed to the model (the forward and backward pass of every active parameter for every \
+         training token; the seed's own training and the merge's calibration passes are not counted).\n"
+    );
+    md.push_str(&table);
+    if let (Some(best), Some(base)) = (
+        rows.iter().filter(|r| r.label == "continued" || r.label == "merged").min_by(|a, b| a.average().total_cmp(&b.average())),
+        rows.iter().find(|r| r.label == "baseline"),
+    ) {
+        let rel = (base.average() - best.average()) / base.average() * 100.0;
+        let _ = writeln!(
+            md,
+            "\n`{}` vs the compute-matched dense `baseline`: average perplexity {:.3} vs {:.3} ({rel:+.1} % relative to the baseline; positive = the MoE is better).",
+            best.label,
+            best.average(),
+            base.average()
+        );
+    }
+    let _ = writeln!(md, "\n## Plots\n");
+    for (caption, file, _) in &figures {
+        let _ = writeln!(md, "![{caption}](plots/{file})\n");
+    }
+    let _ = writeln!(md, "## Jobs and lineage\n");
+    let _ = writeln!(md, "| job | id | seconds | produces | lineage |\n|---|---|---:|---|---|");
+    for j in &plan.jobs {
+        let secs = std::fs::read(crate::executor::done_marker(run, j))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+            .and_then(|v| v["seconds"].as_f64())
+            .map_or("–".into(), |s| format!("{s:.1}"));
+        let (produces, lineage) = match &j.produces {
+            Some(m) => {
+                let l = btm_model::Lineage::read(&m.dir).ok().flatten();
+                let lineage = l.map_or("–".into(), |l| {
+                    let parents: Vec<String> = l
+                        .parents
+                        .iter()
+                        .map(|p| format!("{}{}", p.domain.clone().map(|d| format!("{d}:")).unwrap_or_default(), p.manifest_sha256.as_deref().map_or("?", |h| &h[..12.min(h.len())])))
+                        .collect();
+                    format!("{} ← [{}]{}", l.kind, parents.join(", "), l.steps.map(|s| format!(", {s} steps")).unwrap_or_default())
+                });
+                (m.label.clone(), lineage)
+            }
+            None => ("–".into(), "–".into()),
+        };
+        let _ = writeln!(md, "| {} | `{}` | {secs} | {produces} | {lineage} |", j.name, j.id);
+    }
+    std::fs::write(run.join("report.md"), &md)?;
+
+    let mut html = format!(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>btm run {}</title>\
+         <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}table{{border-collapse:collapse}}\
+         td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}td:first-child{{text-align:left}}</style></head><body>",
+        esc(&name)
+    );
+    let _ = write!(html, "<h1>btm run <code>{}</code></h1><h2>Perplexity</h2>", esc(&name));
+    html.push_str(&markdown_table_to_html(&table));
+    for (caption, _, svg) in &figures {
+        let _ = write!(html, "<h3>{}</h3>{svg}", esc(caption));
+    }
+    let jobs_table: String = md.lines().skip_while(|l| !l.starts_with("| job |")).collect::<Vec<_>>().join("\n");
+    let _ = write!(html, "<h2>Jobs and lineage</h2>{}</body></html>", markdown_table_to_html(&jobs_table));
+    std::fs::write(run.join("report.html"), html)?;
+    Ok(table)
+}
+
+fn markdown_table_to_html(md: &str) -> String {
+    let mut out = String::from("<table>");
+    for (i, line) in md.lines().filter(|l| l.starts_with('|')).enumerate() {
+        if i == 1 {
+            continue; // the |---| separator
+        }
+        let tag = if i == 0 { "th" } else { "td" };
+        out.push_str("<tr>");
+        for cell in line.trim_matches('|').split('|') {
+            let _ = write!(out, "<{tag}>{}</{tag}>", esc(cell.trim()).replace('`', ""));
+        }
+        out.push_str("</tr>");
+    }
+    out.push_str("</table>");
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_has_average_and_compute() {
+        let mut ppl = BTreeMap::new();
+        ppl.insert("a".to_string(), 10.0);
+        ppl.insert("b".to_string(), 20.0);
+        let rows = vec![Row {
+            label: "merged".into(),
+            ppl,
+            tokens_after_seed: 1000,
+            flops_after_seed: 6.0e9,
+            routing: BTreeMap::new(),
+        }];
+        let t = table(&rows);
+        assert!(t.contains("| merged | 10.000 | 20.000 | 15.000 | 1000 | 6.000e9 |"), "{t}");
+    }
+
+    #[test]
+    fn plots_are_svg() {
+        let svg = loss_plot(&[("seed".into(), vec![(0.0, 5.0), (100.0, 3.0)])]);
+        assert!(svg.starts_with("<svg") && svg.contains("polyline") && svg.ends_with("</svg>"));
+        let mut r = BTreeMap::new();
+        r.insert("code".to_string(), vec![vec![0.9, 0.1]]);
+        let svg = routing_heatmap("merged", &r);
+        assert!(svg.contains("code → expert 0: 90.0%"));
+    }
+}

@@ -237,6 +237,19 @@ fn apply_set(root: &mut Value, assignment: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// `domains.0.name` (as written after --set) → `domains[0].name` (as errors name it).
+fn set_path_to_key_path(path: &str) -> String {
+    let mut out = String::new();
+    for part in path.split('.') {
+        if part.parse::<usize>().is_ok() {
+            out.push_str(&format!("[{part}]"));
+        } else {
+            out = join(&out, part);
+        }
+    }
+    out
+}
+
 /// serde's "unknown field `x`, expected one of `a`, `b`" plus the closest valid name.
 fn suggest(message: &str) -> String {
     let Some(rest) = message.strip_prefix("unknown field `") else {
@@ -298,8 +311,17 @@ pub fn load(file: &Path, sets: &[String]) -> Result<Loaded, PipelineErrors> {
         PipelineErrors(vec![err(line, col, "", format!("invalid YAML: {e}"))])
     })?;
     let spans = Spans::of(&text);
+    // Values given with --set have no place in the file.
+    let set_paths: Vec<String> = sets
+        .iter()
+        .filter_map(|s| s.split_once('=').map(|(p, _)| set_path_to_key_path(p)))
+        .collect();
     let at = |path: &str, message: String| {
-        let (line, col) = spans.find(path);
+        if set_paths.iter().any(|s| path == s || path.starts_with(&format!("{s}.")) || path.starts_with(&format!("{s}["))) {
+            return err(0, 0, path, format!("{message} (set with --set)"));
+        }
+        // An unknown key is reported where the key is, anything else where its value is.
+        let (line, col) = if message.starts_with("unknown key") { spans.find_key(path) } else { spans.find(path) };
         err(line, col, path, message)
     };
 

@@ -1,0 +1,252 @@
+//! End-to-end pipeline runs through the `btm` binary: every stage on a miniature model,
+//! idempotent re-runs, resume after SIGKILL (of the orchestrator, and of one trainer), and the
+//! exact messages of pipeline validation errors.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn btm() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_btm"))
+}
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn sample(domain: &str, split: &str) -> String {
+    repo().join(format!("data/sample/{domain}/{split}.jsonl")).to_string_lossy().into_owned()
+}
+
+fn ok(out: Output) -> String {
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "btm failed:\n{text}");
+    text
+}
+
+fn domain(name: &str) -> String {
+    format!(
+        "  - {{name: {name}, train: {}, valid: {}, test: {}}}\n",
+        sample(name, "train"),
+        sample(name, "valid"),
+        sample(name, "test")
+    )
+}
+
+/// Every stage: tokenizer, seed, experts, merge, upcycle, continue, baseline, add-expert, eval.
+fn miniature(dir: &Path) -> PathBuf {
+    let yaml = format!(
+        "name: mini\nstorage: {}\nengine: {{kind: local, slots: 2, threads_per_job: 1}}\n\
+         seed:\n  train:\n    model: {{hidden_size: 32, layers: 1, heads: 2, ffn: 64, max_positions: 64}}\n    \
+         tokenizer: {{vocab_size: 300, max_docs_per_domain: 20}}\n    train: {{steps: 6, batch_size: 4, seq_len: 32}}\n\
+         domains:\n{}{}\
+         train: {{steps: 6, batch_size: 4, seq_len: 32, checkpoint_interval: 3}}\n\
+         merge: {{top_k: 1, router_init: centroid, calib_tokens: 512}}\n\
+         upcycle: {{experts: 2, top_k: 1}}\n\
+         continue: {{steps: 3}}\n\
+         eval: {{split: test, seq_len: 32, max_docs: 2, baseline: true}}\n\
+         add_experts:\n  domains:\n{}",
+        dir.join("runs").display(),
+        domain("scripture"),
+        domain("code"),
+        domain("computing").replace("  - ", "    - ")
+    );
+    let file = dir.join("mini.yaml");
+    std::fs::write(&file, yaml).unwrap();
+    file
+}
+
+#[test]
+fn every_stage_runs_and_a_second_run_does_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = miniature(tmp.path());
+    let dry = ok(btm().arg("run").arg(&file).arg("--dry-run").output().unwrap());
+    for job in ["tokenizer", "seed", "expert/scripture", "merge", "upcycle", "continue/merged", "continue/upcycled", "baseline", "added/computing", "add-expert/computing", "eval/merged/code"] {
+        assert!(dry.contains(&format!("\n{job} [")) || dry.contains(&format!("{job} [")), "{job} missing from the plan:\n{dry}");
+    }
+    let out = ok(btm().arg("run").arg(&file).arg("--quiet").output().unwrap());
+    for model in ["seed", "expert-scripture", "expert-code", "merged", "continued", "upcycled", "upcycled-continued", "baseline", "extended-computing"] {
+        assert!(out.contains(&format!("| {model} |")), "{model} missing from the table:\n{out}");
+    }
+    let run = tmp.path().join("runs/mini");
+    for f in ["report.md", "report.html", "plots/loss.svg", "plots/routing-merged.svg", "pipeline.yaml", "plan.json"] {
+        assert!(run.join(f).exists(), "{f}");
+    }
+    let again = ok(btm().arg("run").arg(&file).output().unwrap());
+    assert!(again.contains("nothing to do: all"), "{again}");
+
+    // A changed hyperparameter redoes that job and what depends on it, nothing else.
+    let changed = ok(btm().arg("run").arg(&file).args(["--set", "continue.steps=4"]).output().unwrap());
+    assert!(changed.contains("start continue/merged"), "{changed}");
+    assert!(!changed.contains("start expert/"), "{changed}");
+    assert!(!changed.contains("start merge"), "{changed}");
+
+    let status = ok(btm().arg("status").arg(&run).output().unwrap());
+    assert!(status.contains("expert/code") && status.contains("done") && status.contains("step 6/6"), "{status}");
+}
+
+/// Experts from an existing seed, merged, continued: small enough to run three times.
+fn resumable(dir: &Path, name: &str) -> PathBuf {
+    let yaml = format!(
+        "name: {name}\nstorage: {}\nengine: {{kind: local, slots: 2, threads_per_job: 1, retries: 2}}\n\
+         seed: {{checkpoint: {}}}\n\
+         domains:\n{}{}\
+         train: {{steps: 40, batch_size: 4, seq_len: 32, checkpoint_interval: 5}}\n\
+         merge: {{top_k: 1, router_init: centroid, calib_tokens: 512}}\n\
+         continue: {{steps: 4, checkpoint_interval: 2}}\n\
+         eval: {{split: test, seq_len: 32, max_docs: 1}}\n",
+        dir.join("runs").display(),
+        repo().join("model/tests/fixtures/llama").display(),
+        domain("scripture"),
+        domain("code"),
+    );
+    let file = dir.join(format!("{name}.yaml"));
+    std::fs::write(&file, yaml).unwrap();
+    file
+}
+
+fn weights(run: &Path) -> Vec<u8> {
+    std::fs::read(run.join("continued/model/model.safetensors")).unwrap()
+}
+
+fn wait_for(what: &str, deadline: Duration, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn has_checkpoint(expert: &Path) -> bool {
+    std::fs::read_dir(expert.join("checkpoints"))
+        .map(|d| d.flatten().any(|e| e.path().join("MANIFEST.json").exists()))
+        .unwrap_or(false)
+}
+
+/// Pids of processes whose command line contains `needle`.
+fn pids_with(needle: &str) -> Vec<i32> {
+    let mut out = vec![];
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+        if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {
+            if String::from_utf8_lossy(&cmd).contains(needle) {
+                out.push(pid);
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn resume_after_sigkill_gives_the_same_weights() {
+    let tmp = tempfile::tempdir().unwrap();
+
+    // Uninterrupted reference.
+    let reference = resumable(tmp.path(), "reference");
+    ok(btm().arg("run").arg(&reference).arg("--quiet").output().unwrap());
+    let want = weights(&tmp.path().join("runs/reference"));
+
+    // Kill the orchestrator with SIGKILL once both trainers have checkpointed.
+    let file = resumable(tmp.path(), "killed");
+    let run = tmp.path().join("runs/killed");
+    let mut child = btm().arg("run").arg(&file).arg("--quiet").stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    wait_for("expert checkpoints", Duration::from_secs(120), || {
+        has_checkpoint(&run.join("experts/scripture")) && has_checkpoint(&run.join("experts/code"))
+    });
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(!run.join("jobs/expert-scripture/done.json").exists(), "the kill came too late to test resume");
+    // The trainers die with the orchestrator.
+    wait_for("orphans to exit", Duration::from_secs(10), || pids_with(&run.join("jobs").to_string_lossy()).is_empty());
+    let out = ok(btm().arg("run").arg(&file).output().unwrap());
+    assert!(out.contains("resuming from") || run.join("experts/scripture/metrics.jsonl").exists());
+    assert_eq!(weights(&run), want, "resumed run differs from the uninterrupted one");
+    // Resumed, not restarted: the trainer's log says where it picked up.
+    let log = std::fs::read_to_string(run.join("logs/expert-scripture.log")).unwrap();
+    assert!(log.contains("resuming from"), "{log}");
+
+    // Kill one trainer; the orchestrator retries it and it resumes.
+    let file = resumable(tmp.path(), "trainer-killed");
+    let run = tmp.path().join("runs/trainer-killed");
+    let child = btm().arg("run").arg(&file).arg("--quiet").stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let job = run.join("jobs/expert-code/job.yaml").to_string_lossy().into_owned();
+    wait_for("a code checkpoint", Duration::from_secs(120), || has_checkpoint(&run.join("experts/code")));
+    for pid in pids_with(&job) {
+        // SAFETY: killing a process this test's run started.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    ok(child.wait_with_output().unwrap());
+    assert_eq!(weights(&run), want, "run with a killed trainer differs from the uninterrupted one");
+    let log = std::fs::read_to_string(run.join("logs/expert-code.log")).unwrap();
+    assert!(log.contains("resuming from"), "{log}");
+    // A finished expert is never retrained.
+    let log = std::fs::read_to_string(run.join("logs/expert-scripture.log")).unwrap();
+    assert!(!log.contains("resuming from"), "{log}");
+}
+
+fn validate(dir: &Path, yaml: &str, sets: &[&str]) -> String {
+    let file = dir.join("p.yaml");
+    std::fs::write(&file, yaml).unwrap();
+    let mut cmd = btm();
+    cmd.current_dir(dir).arg("validate").arg("p.yaml");
+    for s in sets {
+        cmd.args(["--set", s]);
+    }
+    let out = cmd.output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "validation passed:\n{yaml}");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn validation_errors_name_file_line_column_and_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    std::fs::create_dir(d.join("data")).unwrap();
+    std::fs::write(d.join("data/a.jsonl"), "{\"text\": \"hello\"}\n").unwrap();
+    std::fs::write(d.join("data/empty.jsonl"), "").unwrap();
+    let seed = repo().join("model/tests/fixtures/llama").display().to_string();
+    let head = format!("name: t\nseed: {{checkpoint: {seed}}}\n");
+    let one = "domains:\n  - {name: a, train: data/a.jsonl, test: data/a.jsonl}\n";
+
+    // Unknown key, with a suggestion.
+    let e = validate(d, &format!("{head}{one}train:\n  stesp: 10\n"), &[]);
+    assert_eq!(e, "error: p.yaml:6:3: train.stesp: unknown key `stesp`; did you mean `steps`?\n");
+    // Unknown key, no close match.
+    let e = validate(d, &format!("{head}{one}colour: red\n"), &[]);
+    assert!(e.starts_with("error: p.yaml:5:1: colour: unknown key `colour` (expected one of: name, storage, engine, seed, domains, "), "{e}");
+    // Wrong type.
+    let e = validate(d, &format!("{head}{one}train: {{steps: ten}}\n"), &[]);
+    assert_eq!(e, "error: p.yaml:5:16: train.steps: invalid type: string \"ten\", expected u64\n");
+    // Duplicate names, names unusable as path segments, missing and empty data.
+    let e = validate(
+        d,
+        &format!(
+            "{head}domains:\n  - {{name: a, train: data/a.jsonl, test: data/a.jsonl}}\n  - {{name: a, train: data/missing.jsonl, test: data/a.jsonl}}\n  - {{name: \"x/y\", train: data/empty.jsonl, test: data/a.jsonl}}\n"
+        ),
+        &[],
+    );
+    assert_eq!(
+        e,
+        "error: p.yaml:5:12: domains[1].name: duplicate domain name `a`\n\
+         p.yaml:5:22: domains[1].train: data file `data/missing.jsonl` does not exist\n\
+         p.yaml:6:12: domains[2].name: `x/y` cannot be used as a path segment (use letters, digits, `-`, `_`, `.`)\n\
+         p.yaml:6:26: domains[2].train: data file `data/empty.jsonl` is empty\n"
+    );
+    // Semantic checks on values.
+    let e = validate(d, &format!("{head}{one}train: {{lr: -0.1}}\nmerge: {{top_k: 3, router_init: centroid}}\n"), &[]);
+    assert_eq!(
+        e,
+        "error: p.yaml:5:13: train.lr: must be a positive number, got -0.1\n\
+         p.yaml:6:16: merge.top_k: must be between 1 and the number of domains (1), got 3\n\
+         p.yaml:4:6: domains[0].valid: `centroid` router init takes calibration text from every domain's `valid` file\n"
+    );
+    // A value given with --set has no line in the file.
+    let e = validate(d, &format!("{head}{one}"), &["domains.0.train=data/empty.jsonl"]);
+    assert_eq!(e, "error: p.yaml: domains[0].train: data file `data/empty.jsonl` is empty (set with --set)\n");
+    // Environment variables.
+    let e = validate(d, &format!("name: ${{BTM_E2E_UNSET}}\nseed: {{checkpoint: {seed}}}\n{one}"), &[]);
+    assert_eq!(e, "error: p.yaml:1:7: name: environment variable `BTM_E2E_UNSET` is not set\n");
+    // Both or neither seed source.
+    let e = validate(d, &format!("name: t\nseed: {{}}\n{one}"), &[]);
+    assert_eq!(e, "error: p.yaml:2:1: seed: give `checkpoint` (an existing model) or `train`\n");
+}

@@ -165,6 +165,21 @@ fn resume_after_sigkill_gives_the_same_weights() {
     let log = std::fs::read_to_string(run.join("logs/expert-scripture.log")).unwrap();
     assert!(log.contains("resuming from"), "{log}");
 
+    // Ctrl-C: the orchestrator asks its trainers to checkpoint and exit, then stops.
+    let file = resumable(tmp.path(), "interrupted");
+    let run = tmp.path().join("runs/interrupted");
+    let child = btm().arg("run").arg(&file).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    wait_for("expert checkpoints", Duration::from_secs(120), || has_checkpoint(&run.join("experts/code")));
+    // SAFETY: interrupting a process this test started.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("interrupted; run `btm run` again to continue where it stopped"), "{err}");
+    let out = ok(btm().arg("run").arg(&file).output().unwrap());
+    assert!(!out.contains("nothing to do"), "{out}");
+    assert_eq!(weights(&run), want, "run resumed after Ctrl-C differs from the uninterrupted one");
+
     // Kill one trainer; the orchestrator retries it and it resumes.
     let file = resumable(tmp.path(), "trainer-killed");
     let run = tmp.path().join("runs/trainer-killed");

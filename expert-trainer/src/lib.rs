@@ -5,17 +5,21 @@
 //! - [`data`]: tokenize → cache → pack → deterministic weighted shuffle; a [`data::Position`]
 //!   is all the data state there is.
 //! - [`state`]: the weights as candle `Var`s, from a checkpoint or a seeded random init.
+//! - [`loss`]: cross-entropy, fused on the CPU.
 //! - [`optim`], [`schedule`]: AdamW with decoupled weight decay, clipping, warmup + cosine.
 //! - [`checkpoint`]: atomic, manifest-verified checkpoints with optimizer and data state.
 //! - [`train`]: the loop; [`metrics`]: `metrics.jsonl` and progress lines; [`signals`]:
 //!   SIGINT/SIGTERM → checkpoint and exit.
+//! - [`remote`]: mirroring checkpoints, metrics and the model to an object store.
 //! - [`bench`]: `btm bench train`.
 
 pub mod bench;
 pub mod checkpoint;
 pub mod data;
+pub mod loss;
 pub mod metrics;
 pub mod optim;
+pub mod remote;
 pub mod schedule;
 pub mod signals;
 pub mod spec;

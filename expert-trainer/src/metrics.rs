@@ -65,7 +65,8 @@ impl Metrics {
     /// A progress line on stderr.
     pub fn say(&self, msg: &str) {
         if !self.quiet {
-            eprintln!("[btm train] {msg}");
+            // A closed stderr (a dead log pipe) must not stop training.
+            let _ = writeln!(std::io::stderr(), "[btm train] {msg}");
         }
     }
 }

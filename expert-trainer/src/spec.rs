@@ -21,6 +21,7 @@
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
+use sha2::Digest;
 use std::path::{Path, PathBuf};
 
 /// Where the weights come from.
@@ -264,6 +265,10 @@ pub struct JobSpec {
     /// Where tokenized data is cached; default `$BTM_CACHE/tokens` or `~/.cache/btm/tokens`.
     #[serde(default)]
     pub token_cache: Option<PathBuf>,
+    /// Local working directory. When set, or when `out` is an object store (default then
+    /// `$BTM_CACHE/runs/<hash of out>`), training happens here and is mirrored to `out`.
+    #[serde(default)]
+    pub work_dir: Option<PathBuf>,
 }
 
 fn one_f64() -> f64 {
@@ -377,6 +382,9 @@ impl JobSpec {
         if let Some(p) = &mut self.token_cache {
             fix(p);
         }
+        if let Some(p) = &mut self.work_dir {
+            fix(p);
+        }
         if !matches!(self.resume.as_str(), "auto" | "never") {
             fix_location(&mut self.resume);
         }
@@ -390,15 +398,33 @@ impl JobSpec {
         }
     }
 
-    /// The local output directory (file:// URLs and plain paths).
+    fn out_is_remote(&self) -> bool {
+        self.out.split_once("://").is_some_and(|(scheme, _)| scheme.len() > 1 && scheme != "file")
+    }
+
+    /// The local directory training writes to: `work_dir`, else `out` itself when it is local.
     pub fn out_dir(&self) -> Result<PathBuf> {
-        match self.out.split_once("://") {
-            Some(("file", _)) => Ok(btm_model::storage::local_dir(&self.out)?),
-            Some((scheme, _)) if scheme.len() > 1 => {
-                bail!("out: `{}`: the trainer writes to local directories and file:// URLs only", self.out)
-            }
-            _ => Ok(PathBuf::from(&self.out)),
+        if let Some(w) = &self.work_dir {
+            return Ok(w.clone());
         }
+        if self.out_is_remote() {
+            let key = hex::encode(sha2::Sha256::digest(self.out.trim_end_matches('/').as_bytes()));
+            return Ok(crate::data::default_cache_dir().with_file_name("runs").join(&key[..24]));
+        }
+        Ok(btm_model::storage::local_dir(&self.out)?)
+    }
+
+    /// The URL the run is mirrored to, when it is not written in place.
+    pub fn mirror_url(&self) -> Result<Option<String>> {
+        if self.work_dir.is_none() && !self.out_is_remote() {
+            return Ok(None);
+        }
+        if self.out.split_once("://").is_some_and(|(s, _)| s.len() > 1) {
+            return Ok(Some(self.out.clone()));
+        }
+        let abs = std::path::absolute(&self.out).with_context(|| format!("out: {}", self.out))?;
+        let url = url::Url::from_directory_path(&abs).map_err(|_| anyhow::anyhow!("out: {} is not a usable path", abs.display()))?;
+        Ok(Some(url.to_string()))
     }
 
     /// Sequences per optimizer step.
@@ -458,6 +484,10 @@ impl JobSpec {
             }
         }
         self.out_dir()?;
+        if let Some(url) = self.mirror_url()? {
+            let parsed = url::Url::parse(&url).with_context(|| format!("out: `{url}`"))?;
+            btm_model::storage::store_for(&parsed).context("out")?;
+        }
         // steps
         match (self.steps, self.tokens) {
             (Some(_), Some(_)) => return fail("steps", "give `steps` or `tokens`, not both".into()),

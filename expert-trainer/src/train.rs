@@ -17,7 +17,9 @@
 use crate::checkpoint::{self, TrainerState};
 use crate::data::{tokenize_cached, Mixture, Packed, Position, TokenizerInfo};
 use crate::metrics::{human_duration, Metrics};
+use crate::loss::cross_entropy;
 use crate::optim::{clip_global_norm, AdamW};
+use crate::remote::Mirror;
 use crate::schedule::Schedule;
 use crate::signals::StopFlag;
 use crate::spec::{self, JobSpec, Resume};
@@ -25,8 +27,9 @@ use crate::state::Weights;
 use anyhow::{bail, Context, Result};
 use btm_model::lineage::Parent;
 use btm_model::model::Trace;
+use btm_model::weights::expected_tensors;
 use btm_model::{Checkpoint, Extras, Lineage, ModelConfig, Transformer, WriteOptions};
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -51,17 +54,6 @@ pub enum Outcome {
     Finished { step: u64, model_dir: PathBuf },
     /// Stopped by a signal after writing `checkpoint`; rerun the job to continue.
     Interrupted { step: u64, signal: i32, checkpoint: PathBuf },
-}
-
-/// Mean cross-entropy of next-token prediction: logits [B, T, V], targets [B, T].
-pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> candle_core::Result<Tensor> {
-    let v = logits.dim(D::Minus1)?;
-    let logits = logits.reshape(((), v))?.to_dtype(DType::F32)?;
-    let targets = targets.flatten_all()?.unsqueeze(1)?;
-    let max = logits.max_keepdim(D::Minus1)?.detach();
-    let lse = (logits.broadcast_sub(&max)?.exp()?.sum_keepdim(D::Minus1)?.log()? + max)?;
-    let picked = logits.gather(&targets, D::Minus1)?;
-    (lse - picked)?.mean_all()
 }
 
 /// Validation: mean next-token loss over the first `sequences` windows of each stream.
@@ -203,11 +195,11 @@ impl Stepper {
 /// pools start on first use and read the environment then):
 /// - the thread count for candle's matmuls and elementwise pool (`RAYON_NUM_THREADS`);
 /// - candle's elementwise pool spins less before parking (`CANDLE_BARRIER_POOL_SPIN_LIMIT`,
-///   unless set), so idle spinners do not take cores from the matmul threads: on 2 cores
-///   this alone doubled the tiny preset's throughput in a loaded session;
-/// - glibc malloc keeps freed blocks of up to 32 MiB in the heap instead of unmapping them,
-///   so each step's activations do not page-fault in afresh (the default made a third of
-///   the run kernel time).
+///   unless set), so idle spinners do not take cores from the matmul threads (on a shared
+///   2-core machine the tiny preset went from about 630 to 900–1250 tokens/s);
+/// - glibc malloc serves every block from its heap and keeps freed memory instead of
+///   mapping and unmapping each large activation, so a step's tensors do not page-fault in
+///   afresh (by default a third of the run was kernel time spent zeroing new pages).
 pub fn tune_runtime(threads: Option<usize>) {
     if let Some(n) = threads {
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
@@ -218,7 +210,7 @@ pub fn tune_runtime(threads: Option<usize>) {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes allocator tuning parameters.
     unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_MMAP_MAX, 0);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
         libc::mallopt(libc::M_TOP_PAD, 64 << 20);
     }
@@ -242,11 +234,32 @@ pub fn run(spec: &JobSpec, mut options: Options) -> Result<Outcome> {
     let mut metrics = Metrics::open(&out, u64::MAX, options.quiet)?;
     let say = |m: &Metrics, msg: &str| m.say(msg);
 
+    let mirror = match spec.mirror_url()? {
+        Some(url) => Some(Mirror::new(&url)?),
+        None => None,
+    };
+
     // Where the weights come from: a checkpoint of this job, or `init`.
     checkpoint::remove_partials(&ckpt_root)?;
     let resume_from: Option<(PathBuf, TrainerState)> = match spec.resume_mode() {
         Resume::Never => None,
-        Resume::Auto => checkpoint::newest_valid(&ckpt_root, &mut |w| say(&metrics, &format!("warning: {w}")))?,
+        Resume::Auto => match checkpoint::newest_valid(&ckpt_root, &mut |w| say(&metrics, &format!("warning: {w}")))? {
+            Some(found) => Some(found),
+            None => match &mirror {
+                Some(m) => {
+                    let found = fetch_remote_checkpoint(m, &ckpt_root, &mut |w| say(&metrics, &format!("warning: {w}")))?;
+                    if found.is_some() {
+                        // The run's history, unless this directory kept its own.
+                        let local = out.join(crate::metrics::METRICS);
+                        if std::fs::metadata(&local).map_or(true, |m| m.len() == 0) {
+                            m.download_file(crate::metrics::METRICS, &local)?;
+                        }
+                    }
+                    found
+                }
+                None => None,
+            },
+        },
         Resume::From(dir) => {
             let state = checkpoint::verify(&dir).with_context(|| format!("resume: {} is not a valid checkpoint", dir.display()))?;
             Some((dir, state))
@@ -292,7 +305,7 @@ pub fn run(spec: &JobSpec, mut options: Options) -> Result<Outcome> {
     let (weights, mut step, mut tokens_seen, mut position) = match &resume_from {
         Some((dir, state)) => {
             let ckpt = Checkpoint::open(dir).with_context(|| format!("resume: {}", dir.display()))?;
-            if ckpt.config != init_config {
+            if expected_tensors(&ckpt.config) != expected_tensors(&init_config) {
                 bail!("resume: {} holds a different model shape than `init`", dir.display());
             }
             if state.seed != spec.seed {
@@ -359,6 +372,15 @@ pub fn run(spec: &JobSpec, mut options: Options) -> Result<Outcome> {
         let state = TrainerState::new(step, tokens_seen, position.clone(), stepper.opt.t, spec.seed, trained_names.clone());
         let dir = checkpoint::save(&ckpt_root, &stepper.weights, &stepper.opt, &state, &extras(step, tokens_seen)?)?;
         checkpoint::prune(&ckpt_root, spec.checkpoint.keep)?;
+        if let Some(m) = &mirror {
+            let name = checkpoint::step_dir_name(step);
+            m.upload_dir(&dir, &format!("checkpoints/{name}"))?;
+            let kept: Vec<u64> = checkpoint::list(&ckpt_root)?.into_iter().map(|(s, _)| s).collect();
+            for old in m.checkpoint_steps()?.into_iter().filter(|s| !kept.contains(s)) {
+                m.delete_dir(&format!("checkpoints/{}", checkpoint::step_dir_name(old)))?;
+            }
+            m.upload_file(&out.join(crate::metrics::METRICS), crate::metrics::METRICS)?;
+        }
         Ok(dir)
     };
     let validate = |stepper: &Stepper, metrics: &mut Metrics, step: u64| -> Result<()> {
@@ -377,9 +399,13 @@ pub fn run(spec: &JobSpec, mut options: Options) -> Result<Outcome> {
     let mut last_log = (Instant::now(), tokens_seen);
     let started = Instant::now();
     let start_step = step;
+    let mut last_saved: Option<(u64, PathBuf)> = None;
     while step < total {
         if let Some(signal) = options.stop.requested() {
-            let dir = save(&stepper, step, tokens_seen, &position)?;
+            let dir = match &last_saved {
+                Some((s, dir)) if *s == step => dir.clone(),
+                _ => save(&stepper, step, tokens_seen, &position)?,
+            };
             metrics.say(&format!("signal {signal}: stopped at step {step}, checkpoint {}", dir.display()));
             return Ok(Outcome::Interrupted { step, signal, checkpoint: dir });
         }
@@ -425,6 +451,7 @@ pub fn run(spec: &JobSpec, mut options: Options) -> Result<Outcome> {
             if let Some(cb) = options.on_checkpoint.as_mut() {
                 cb(step, &dir);
             }
+            last_saved = Some((step, dir));
         }
     }
 
@@ -435,6 +462,32 @@ pub fn run(spec: &JobSpec, mut options: Options) -> Result<Outcome> {
         ..WriteOptions::default()
     };
     btm_model::write_checkpoint(&model_dir, &stepper.weights.config, &mut |n| stepper.weights.tensor(n), &extras(step, tokens_seen)?, &opts)?;
+    if let Some(m) = &mirror {
+        m.delete_dir("model")?;
+        m.upload_dir(&model_dir, "model")?;
+        m.upload_file(&out.join(crate::metrics::METRICS), crate::metrics::METRICS)?;
+    }
     metrics.say(&format!("done: {step} steps, {tokens_seen} tokens; model at {}", model_dir.display()));
     Ok(Outcome::Finished { step, model_dir })
+}
+
+/// Download the newest remote checkpoint whose manifest verifies into `root`.
+fn fetch_remote_checkpoint(mirror: &Mirror, root: &Path, warn: &mut dyn FnMut(String)) -> Result<Option<(PathBuf, TrainerState)>> {
+    for step in mirror.checkpoint_steps()? {
+        let name = checkpoint::step_dir_name(step);
+        let dest = root.join(&name);
+        if dest.exists() {
+            std::fs::remove_dir_all(&dest).with_context(|| format!("removing invalid {}", dest.display()))?;
+        }
+        std::fs::create_dir_all(root)?;
+        let fetched = mirror.download_dir(&format!("checkpoints/{name}"), &dest).and_then(|_| checkpoint::verify(&dest));
+        match fetched {
+            Ok(state) => return Ok(Some((dest, state))),
+            Err(e) => {
+                warn(format!("skipping remote checkpoint {name}: {e:#}"));
+                let _ = std::fs::remove_dir_all(&dest);
+            }
+        }
+    }
+    Ok(None)
 }

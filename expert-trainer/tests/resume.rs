@@ -93,6 +93,19 @@ fn exact_resume(model: &str) {
         .map(|v| v["step"].as_u64().unwrap())
         .collect();
     assert_eq!(steps, (1..=12).collect::<Vec<_>>());
+    if model == "mixtral" {
+        // MoE lines carry the router losses and every layer's expert load.
+        let line: serde_json::Value = serde_json::from_str(metrics.lines().last().unwrap()).unwrap();
+        let line = if line.get("loss").is_some() { line } else { serde_json::from_str(metrics.lines().rev().nth(1).unwrap()).unwrap() };
+        assert!(line["aux_loss"].as_f64().unwrap() > 0.0 && line["z_loss"].as_f64().unwrap() > 0.0, "{line}");
+        let load = line["expert_load"].as_array().unwrap();
+        assert_eq!(load.len(), 2, "one entry per MoE layer: {line}");
+        for layer in load {
+            let shares: Vec<f64> = layer.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+            assert_eq!(shares.len(), 4);
+            assert!((shares.iter().sum::<f64>() - 1.0).abs() < 1e-5, "{shares:?}");
+        }
+    }
     // keep: 3
     let kept: Vec<u64> = checkpoint::list(&ckpts).unwrap().into_iter().map(|(s, _)| s).collect();
     assert_eq!(kept, vec![12, 8, 4]);

@@ -176,3 +176,11 @@ fn validation_perplexity_falls_on_real_text() {
     assert!(start > 200.0, "a random model is near uniform over 320 tokens: {start}");
     assert!(end < start / 4.0, "perplexity should fall well below the start: {start} -> {end}");
 }
+
+#[test]
+fn the_example_job_validates() {
+    let job = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/train-tiny.yaml");
+    let spec = JobSpec::load(&job).unwrap();
+    assert_eq!(spec.total_steps(), 20);
+    assert!(spec.init.checkpoint.as_deref().unwrap().ends_with("fixtures/llama"));
+}

@@ -76,11 +76,14 @@ pub fn tokenizer_file(dir: &Path) -> Option<std::path::PathBuf> {
     p.exists().then_some(p)
 }
 
-/// The lineage entry for an input checkpoint.
+/// The lineage entry for an input checkpoint. The manifest hash is recorded when the input has
+/// a `MANIFEST.json` (as everything btm writes does); a plain Hugging Face directory is not
+/// hashed, which would cost a full read of its weights.
 pub fn parent_of(ckpt: &btm_model::Checkpoint, domain: Option<String>) -> Result<btm_model::lineage::Parent> {
+    let has_manifest = ckpt.dir().join(btm_model::manifest::MANIFEST).exists();
     Ok(btm_model::lineage::Parent {
         uri: ckpt.dir().display().to_string(),
-        manifest_sha256: Some(ckpt.id()?),
+        manifest_sha256: if has_manifest { Some(ckpt.id()?) } else { None },
         domain,
     })
 }

@@ -511,6 +511,30 @@ mod tests {
     }
 
     #[test]
+    fn bfloat16_experts_give_a_bfloat16_moe() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (experts, _) = setup(tmp.path());
+        let bf16 = |i: usize| {
+            let dest = tmp.path().join(format!("bf16-{i}"));
+            let opts = btm_model::WriteOptions { dtype: DType::BF16, ..Default::default() };
+            btm_model::checkpoint::rewrite(&Checkpoint::open(&experts[i]).unwrap(), &dest, &opts, None).unwrap();
+            dest
+        };
+        let (a, b) = (bf16(0), bf16(1));
+        let out = tmp.path().join("moe-bf16");
+        let mut o = MergeOptions::new(vec![a.clone(), b], &out);
+        o.routing = Routing::SoftmaxThenTopk;
+        merge(&o).unwrap();
+        let ck = Checkpoint::open(&out).unwrap();
+        assert_eq!(ck.dtype(), DType::BF16);
+        // The scale E/k = 1 here, so expert FFNs are copied bit for bit.
+        let got = ck.tensor("model.layers.1.mlp.experts.0.gate_proj.weight").unwrap();
+        let want = Checkpoint::open(&a).unwrap().tensor("model.layers.1.mlp.gate_proj.weight").unwrap();
+        assert_eq!(rel_diff(&want.to_dtype(DType::F32).unwrap(), &got.to_dtype(DType::F32).unwrap()), 0.0);
+        assert!(ppl(&out).is_finite());
+    }
+
+    #[test]
     fn non_expert_weights_average_weighted_or_copied() {
         let tmp = tempfile::tempdir().unwrap();
         let a = perturbed(&fixture("llama"), &tmp.path().join("a"), 1, 0.5, true, "a");

@@ -107,9 +107,15 @@ pub fn mean_own_probability(groups: &[ScoreGroup], tau: f64) -> Result<f64> {
     Ok(total / groups.len() as f64)
 }
 
-/// The temperature τ at which [`mean_own_probability`] reaches `target`: a log-spaced scan over
-/// ten decades around the logits' natural scale, then bisection inside the first bracket.
-/// Returns (τ, achieved probability); if the target is out of reach, the τ that gets closest.
+/// Largest mean |logit| a calibrated router may have on its calibration tokens.
+pub const MAX_MEAN_LOGIT: f64 = 4.0;
+
+/// The temperature τ at which [`mean_own_probability`] reaches `target`: a log-spaced scan from
+/// a near-uniform router up to mean |logit| = [`MAX_MEAN_LOGIT`], then bisection inside the
+/// first bracket.
+/// Returns (τ, achieved probability). If the target is out of reach (overlapping domains), aims
+/// at 95 % of the way from the smallest τ's probability to the best one instead of taking the
+/// best τ itself, which is typically enormous (hard routing) for little gain.
 pub fn solve_temperature(groups: &[ScoreGroup], target: f64) -> Result<(f64, f64)> {
     ensure!(!groups.is_empty(), "no calibration tokens to choose a temperature from");
     let mut magnitude = 0.0;
@@ -117,32 +123,30 @@ pub fn solve_temperature(groups: &[ScoreGroup], target: f64) -> Result<(f64, f64
         magnitude += g.scaled.abs()?.mean_all()?.to_scalar::<f32>()? as f64;
     }
     let magnitude = (magnitude / groups.len() as f64).max(1e-12);
-    let taus: Vec<f64> = (0..120).map(|i| 10f64.powf(-4.0 + 10.0 * i as f64 / 119.0) / magnitude).collect();
-    let mut best = (taus[0], mean_own_probability(groups, taus[0])?);
-    if best.1 >= target {
-        return Ok(best);
+    // Scan τ from a near-uniform router up to one whose logits average MAX_MEAN_LOGIT in
+    // magnitude. Beyond that the router is saturated: its z-loss (mean logsumexp²) explodes
+    // and training the merged MoE starts from gradients dominated by the router.
+    let top = MAX_MEAN_LOGIT.log10();
+    let taus: Vec<f64> = (0..120).map(|i| 10f64.powf(-4.0 + (top + 4.0) * i as f64 / 119.0) / magnitude).collect();
+    let ps = taus.iter().map(|&t| mean_own_probability(groups, t)).collect::<Result<Vec<_>>>()?;
+    let best = ps.iter().cloned().fold(f64::MIN, f64::max);
+    let goal = if best >= target { target } else { ps[0] + 0.95 * (best - ps[0]) };
+    let i = ps.iter().position(|&p| p >= goal).expect("the best probability reaches the goal");
+    if i == 0 {
+        return Ok((taus[0], ps[0]));
     }
-    for w in taus.windows(2) {
-        let p = mean_own_probability(groups, w[1])?;
-        if p >= target {
-            // Bisect in log τ between w[0] (below target) and w[1] (at or above).
-            let (mut lo, mut hi) = (w[0].ln(), w[1].ln());
-            for _ in 0..40 {
-                let mid = 0.5 * (lo + hi);
-                if mean_own_probability(groups, mid.exp())? >= target {
-                    hi = mid;
-                } else {
-                    lo = mid;
-                }
-            }
-            let tau = hi.exp();
-            return Ok((tau, mean_own_probability(groups, tau)?));
-        }
-        if p > best.1 {
-            best = (w[1], p);
+    // Bisect in log τ between taus[i-1] (below the goal) and taus[i] (at or above).
+    let (mut lo, mut hi) = (taus[i - 1].ln(), taus[i].ln());
+    for _ in 0..40 {
+        let mid = 0.5 * (lo + hi);
+        if mean_own_probability(groups, mid.exp())? >= goal {
+            hi = mid;
+        } else {
+            lo = mid;
         }
     }
-    Ok(best)
+    let tau = hi.exp();
+    Ok((tau, mean_own_probability(groups, tau)?))
 }
 
 /// Row means [H] of [N, H] features.
@@ -352,6 +356,27 @@ mod tests {
         assert!(acc.iter().all(|&a| a > 0.9), "{acc:?}");
         // Unreachable targets are an error, not a silent clamp.
         assert!(centroid_router(&train, 0.2).is_err());
+    }
+
+    #[test]
+    fn unreachable_target_settles_short_of_hard_routing() {
+        // Two heavily overlapping domains: no temperature gives own-probability 0.95.
+        let a = random_rows(300, 8, 1.0, 1).unwrap();
+        let b = (random_rows(300, 8, 1.0, 2).unwrap() + 0.3).unwrap();
+        let r = centroid_router(&[a.clone(), b.clone()], 0.95).unwrap();
+        assert!(r.own_probability < 0.95 && r.own_probability > 0.5, "{}", r.own_probability);
+        let groups: Vec<ScoreGroup> = [a, b]
+            .iter()
+            .enumerate()
+            .map(|(own, x)| {
+                let scaled = x.matmul(&(&r.weight / r.temperature).unwrap().t().unwrap()).unwrap();
+                ScoreGroup { fixed: scaled.zeros_like().unwrap(), scaled, own }
+            })
+            .collect();
+        for factor in [10.0, 100.0, 1e4] {
+            let harder = mean_own_probability(&groups, r.temperature * factor).unwrap();
+            assert!(harder - r.own_probability < 0.05, "τ×{factor}: {harder} vs {}", r.own_probability);
+        }
     }
 
     #[test]

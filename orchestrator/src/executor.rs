@@ -114,12 +114,14 @@ pub async fn execute(plan: &Plan, engine: &dyn Engine, retries: u32, quiet: bool
     let mut ctrl_c = Box::pin(tokio::signal::ctrl_c());
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
-        // Start what is ready, up to the engine's slots.
+        // Start what is ready, up to the engine's slots; jobs of one kind that become ready
+        // together (the per-domain trainers) go to the engine as one batch (a Slurm array).
         let running = status.iter().filter(|s| matches!(s, Status::Running { .. })).count();
-        let mut free = engine.slots().saturating_sub(running);
+        let free = engine.slots().saturating_sub(running);
         let failed_any = status.iter().any(|s| matches!(s, Status::Failed(_)));
+        let mut ready: Vec<(usize, u32)> = vec![];
         for i in 0..total {
-            if free == 0 || interrupted || failed_any {
+            if ready.len() >= free || interrupted || failed_any {
                 break;
             }
             let attempts = match &status[i] {
@@ -128,30 +130,47 @@ pub async fn execute(plan: &Plan, engine: &dyn Engine, retries: u32, quiet: bool
                 _ => continue,
             };
             let job = &plan.jobs[i];
-            if !job.deps.iter().all(|d| index.get(d.as_str()).is_some_and(|&k| status[k] == Status::Done)) {
-                continue;
+            if job.deps.iter().all(|d| index.get(d.as_str()).is_some_and(|&k| status[k] == Status::Done)) {
+                ready.push((i, attempts));
             }
-            prepare(run, job)?;
-            let handle = engine.submit(&Submission {
-                name: job.name.clone(),
-                args: job.args.clone(),
-                log: job.log(run),
-                cpus: job.resources.cpus,
-            })?;
-            say(format!("[{:>3}/{total}] start {}{}", done_count(&status) + 1, job.name, if attempts > 0 { format!(" (retry {attempts})") } else { String::new() }));
-            status[i] = Status::Running {
-                handle,
-                attempts,
-                started: Instant::now(),
-            };
-            free -= 1;
+        }
+        let mut kinds: Vec<crate::plan::JobKind> = ready.iter().map(|&(i, _)| plan.jobs[i].kind).collect();
+        kinds.dedup();
+        for kind in kinds {
+            let batch: Vec<(usize, u32)> = ready.iter().copied().filter(|&(i, _)| plan.jobs[i].kind == kind).collect();
+            let mut subs = vec![];
+            for &(i, _) in &batch {
+                let job = &plan.jobs[i];
+                prepare(run, job)?;
+                subs.push(Submission {
+                    name: job.name.clone(),
+                    args: job.args.clone(),
+                    log: job.log(run),
+                    cpus: job.resources.cpus,
+                    gpus: job.resources.gpus,
+                });
+            }
+            let handles = engine.submit(&subs).await?;
+            for (&(i, attempts), handle) in batch.iter().zip(handles) {
+                say(format!(
+                    "[{:>3}/{total}] start {}{}",
+                    done_count(&status) + 1,
+                    plan.jobs[i].name,
+                    if attempts > 0 { format!(" (retry {attempts})") } else { String::new() }
+                ));
+                status[i] = Status::Running {
+                    handle,
+                    attempts,
+                    started: Instant::now(),
+                };
+            }
         }
 
         // Poll the running jobs.
         for i in 0..total {
             let Status::Running { handle, attempts, started } = &status[i] else { continue };
             let job = &plan.jobs[i];
-            match engine.state(handle)? {
+            match engine.state(handle).await? {
                 JobState::Running => {}
                 JobState::Succeeded if outputs_complete(job) => {
                     let secs = started.elapsed().as_secs_f64();
@@ -204,26 +223,27 @@ pub async fn execute(plan: &Plan, engine: &dyn Engine, retries: u32, quiet: bool
         }
 
         tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+            _ = tokio::time::sleep(engine.poll_interval()) => {}
             _ = &mut ctrl_c, if !interrupted => {
                 interrupted = true;
                 say("stopping: asking running jobs to checkpoint and exit…".into());
-                for s in &status {
-                    if let Status::Running { handle, .. } = s {
-                        engine.cancel(handle)?;
-                    }
-                }
+                cancel_all(engine, &status).await?;
             }
             _ = sigterm.recv(), if !interrupted => {
                 interrupted = true;
-                for s in &status {
-                    if let Status::Running { handle, .. } = s {
-                        engine.cancel(handle)?;
-                    }
-                }
+                cancel_all(engine, &status).await?;
             }
         }
     }
+}
+
+async fn cancel_all(engine: &dyn Engine, status: &[Status]) -> Result<()> {
+    for s in status {
+        if let Status::Running { handle, .. } = s {
+            engine.cancel(handle).await?;
+        }
+    }
+    Ok(())
 }
 
 fn done_count(status: &[Status]) -> usize {

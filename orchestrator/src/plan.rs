@@ -18,7 +18,7 @@
 //! ```
 
 use crate::pipeline::load::resolve;
-use crate::pipeline::spec::{Domain, EngineSpec, Pipeline, TrainParams};
+use crate::pipeline::spec::{Domain, Pipeline, TrainParams};
 use anyhow::{bail, Context, Result};
 use btm_trainer::spec as job;
 use serde::{Deserialize, Serialize};
@@ -190,6 +190,7 @@ impl Builder<'_> {
             resumable: train.is_some(),
             resources: Resources {
                 cpus: self.threads,
+                gpus: self.p.engine.gpus_per_job(),
                 ..Default::default()
             },
             train,
@@ -281,6 +282,7 @@ impl Builder<'_> {
             trainable: job::Trainable::default(),
             resume: "auto".into(),
             token_cache: None,
+            work_dir: None,
         };
         let job_dir = self.run.join("jobs").join(name.replace('/', "-"));
         let yaml = serde_yaml::to_string(&spec)?;
@@ -392,11 +394,7 @@ fn seed_config(p: &Pipeline, base: &Path) -> Result<btm_model::ModelConfig> {
 
 /// Build the job DAG for a loaded pipeline.
 pub fn plan(p: &Pipeline, base: &Path, run_dir: &Path) -> Result<Plan> {
-    let EngineSpec::Local {
-        slots, threads_per_job, ..
-    } = &p.engine;
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let threads = threads_per_job.unwrap_or((cores / (*slots).max(1)).max(1));
+    let threads = p.engine.threads_per_job();
     let run = std::path::absolute(run_dir)?;
     let mut b = Builder {
         p,

@@ -1,5 +1,9 @@
-//! `btm bench train --preset tiny|small [--moe] --threads N [--steps N] [--json]`: training
-//! throughput (forward + backward + AdamW on random tokens) and peak memory.
+//! Benchmarks:
+//! - `btm bench train --preset tiny|small [--moe] --threads N [--steps N] [--json]`: training
+//!   throughput (forward + backward + AdamW on random tokens) and peak memory;
+//! - `btm bench merge [--experts 8] [--json]`: merging ~110M-parameter experts, against `cp`;
+//! - `btm bench orchestrate [--jobs N] [--seconds S]`: the orchestrator's own overhead with N
+//!   jobs of known duration on N slots, then one dependent job.
 
 use anyhow::Result;
 use clap::{Args, Subcommand};
@@ -8,6 +12,39 @@ use clap::{Args, Subcommand};
 pub enum BenchCommand {
     /// Tokens per second of training steps, and peak resident memory.
     Train(BenchTrainArgs),
+    /// Merge synthetic ~110M-parameter experts; peak memory and throughput against `cp`.
+    Merge(BenchMergeArgs),
+    /// Orchestration overhead: wall time minus the jobs' own durations.
+    Orchestrate(BenchOrchestrateArgs),
+    /// A job of known duration (what `bench orchestrate` runs).
+    #[command(hide = true)]
+    Sleep {
+        #[arg(long)]
+        seconds: f64,
+    },
+}
+
+#[derive(Args)]
+pub struct BenchMergeArgs {
+    #[arg(long, default_value_t = 8)]
+    experts: usize,
+    /// Where the synthetic experts go (default: a temporary folder; needs ~4 GB).
+    #[arg(long)]
+    dir: Option<std::path::PathBuf>,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+pub struct BenchOrchestrateArgs {
+    /// Parallel jobs (and slots).
+    #[arg(long, default_value_t = 4)]
+    jobs: usize,
+    /// Duration of each job.
+    #[arg(long, default_value_t = 5.0)]
+    seconds: f64,
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -31,6 +68,30 @@ pub struct BenchTrainArgs {
 
 pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
+        BenchCommand::Sleep { seconds } => {
+            std::thread::sleep(std::time::Duration::from_secs_f64(seconds));
+            Ok(())
+        }
+        BenchCommand::Merge(args) => {
+            let tmp = tempfile::tempdir()?;
+            let dir = args.dir.clone().unwrap_or_else(|| tmp.path().to_path_buf());
+            let shape = btm_merger::bench::BenchShape {
+                experts: args.experts,
+                ..Default::default()
+            };
+            let r = btm_merger::bench::run(&dir, &shape)?;
+            if args.json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "merge {} experts of {} parameters: {:.1}s ({:.0} MB/s) vs cp {:.1}s ({:.0} MB/s): {:.2}× cp; peak RSS {:.0} MiB (target {:.0} MiB)",
+                    shape.experts, r.params_per_expert, r.merge_seconds, r.merge_mb_per_s, r.cp_seconds, r.cp_mb_per_s,
+                    r.throughput_vs_cp, r.peak_rss_mb, r.rss_target_mb
+                );
+            }
+            Ok(())
+        }
+        BenchCommand::Orchestrate(args) => bench_orchestrate(args),
         BenchCommand::Train(args) => {
             anyhow::ensure!(args.threads > 0 && args.steps > 0, "--threads and --steps must be positive");
             let r = btm_trainer::bench::run(&args.preset, args.moe, args.threads, args.steps)?;
@@ -51,4 +112,42 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// N sleep jobs of known duration on N slots, then one dependent sleep job: everything above
+/// 2 × the duration is the orchestrator's overhead (spawning, polling, bookkeeping).
+fn bench_orchestrate(args: BenchOrchestrateArgs) -> Result<()> {
+    use crate::plan::{Job, JobKind, Plan, Resources};
+    anyhow::ensure!(args.jobs > 0 && args.seconds > 0.0, "--jobs and --seconds must be positive");
+    let tmp = tempfile::tempdir()?;
+    let run = tmp.path().to_path_buf();
+    let sleep = |name: String, deps: Vec<String>| Job {
+        id: name.clone(),
+        name: name.clone(),
+        kind: if deps.is_empty() { JobKind::TrainExpert } else { JobKind::Merge },
+        deps,
+        args: vec!["bench".into(), "sleep".into(), "--seconds".into(), args.seconds.to_string()],
+        files: vec![],
+        outputs: vec![],
+        resumable: false,
+        resources: Resources { cpus: 1, ..Default::default() },
+        train: None,
+        produces: None,
+    };
+    let mut jobs: Vec<Job> = (0..args.jobs).map(|i| sleep(format!("train/{i}"), vec![])).collect();
+    jobs.push(sleep("merge".into(), jobs.iter().map(|j| j.name.clone()).collect()));
+    let plan = Plan { run_dir: run, jobs };
+    let engine = crate::engine::LocalEngine::new(args.jobs)?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let start = std::time::Instant::now();
+    runtime.block_on(crate::executor::execute(&plan, &engine, 0, true))?;
+    let wall = start.elapsed().as_secs_f64();
+    let ideal = 2.0 * args.seconds;
+    let overhead = (wall - ideal) / wall * 100.0;
+    if args.json {
+        println!("{}", serde_json::json!({"jobs": args.jobs, "job_seconds": args.seconds, "wall_s": wall, "ideal_s": ideal, "overhead_pct": overhead}));
+    } else {
+        println!("{} parallel jobs of {:.1}s then one dependent job: wall {wall:.2}s, ideal {ideal:.2}s, overhead {overhead:.2} %", args.jobs, args.seconds);
+    }
+    Ok(())
 }

@@ -1,7 +1,8 @@
 //! `btm run`, `btm status`, `btm report`: carry out a pipeline, show where a run stands, and
 //! (re)write its report.
 
-use crate::engine::LocalEngine;
+use crate::engine::slurm::SlurmEngine;
+use crate::engine::{Engine, LocalEngine};
 use crate::pipeline::spec::EngineSpec;
 use crate::plan::{Job, Plan};
 use anyhow::{bail, Context, Result};
@@ -71,11 +72,13 @@ pub fn run(args: RunArgs) -> Result<()> {
     let _lock = RunLock::take(&plan.run_dir)?;
     std::fs::write(plan.run_dir.join("pipeline.yaml"), &loaded.resolved_yaml)?;
     std::fs::write(plan.run_dir.join("plan.json"), serde_json::to_vec_pretty(&plan)?)?;
-    let EngineSpec::Local { slots, retries, .. } = &p.engine;
-    let engine = LocalEngine::new(*slots)?;
+    let engine: Box<dyn Engine> = match &p.engine {
+        EngineSpec::Local { slots, .. } => Box::new(LocalEngine::new(*slots)?),
+        spec @ EngineSpec::Slurm { .. } => Box::new(SlurmEngine::new(spec, &plan.run_dir)?),
+    };
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let start = std::time::Instant::now();
-    let summary = runtime.block_on(crate::executor::execute(&plan, &engine, *retries, args.quiet))?;
+    let summary = runtime.block_on(crate::executor::execute(&plan, engine.as_ref(), p.engine.retries(), args.quiet))?;
     let table = crate::report::write(&plan.run_dir)?;
     if summary.ran.is_empty() {
         println!("nothing to do: all {} jobs were already done", plan.jobs.len());

@@ -498,6 +498,17 @@ pub fn check(p: &Pipeline, base: &Path) -> Vec<(String, String)> {
             problems.push(("upcycle.scaling".into(), format!("`{}`: expected `exact` or `megatron`", u.scaling)));
         }
     }
+    if let super::spec::EngineSpec::Slurm { api, rest, .. } = &p.engine {
+        match (api, rest) {
+            (super::spec::SlurmApi::Rest, None) => {
+                problems.push(("engine".into(), "`api: rest` needs `rest: {url: http://HOST:PORT}`".into()))
+            }
+            (_, Some(r)) if !(r.url.starts_with("http://") || r.url.starts_with("https://")) => {
+                problems.push(("engine.rest.url".into(), format!("`{}` is not an http(s) URL", r.url)))
+            }
+            _ => {}
+        }
+    }
     if p.continue_training.is_some() && p.merge.is_none() && p.upcycle.is_none() {
         problems.push(("continue".into(), "needs an MoE to continue: add `merge` or `upcycle`".into()));
     }

@@ -71,6 +71,96 @@ pub enum EngineSpec {
         #[serde(default = "default_retries")]
         retries: u32,
     },
+    /// A Slurm cluster, through its command-line tools or slurmrestd. Jobs that become ready
+    /// together (the per-domain trainers) are one job array.
+    Slurm {
+        #[serde(default)]
+        api: SlurmApi,
+        #[serde(default)]
+        partition: Option<String>,
+        /// Jobs submitted and unfinished at once (Slurm queues the rest of the cluster's work).
+        #[serde(default = "default_slurm_slots")]
+        slots: usize,
+        /// CPUs per job (also the trainer's threads).
+        #[serde(default = "one")]
+        cpus_per_task: usize,
+        #[serde(default)]
+        mem_per_cpu_mb: Option<u64>,
+        /// GPUs per job, requested as `--gres=gpu:N`.
+        #[serde(default)]
+        gpus_per_task: usize,
+        #[serde(default)]
+        time_limit_min: Option<u64>,
+        /// Resubmissions of a failed task (node failure, preemption); trainers resume.
+        #[serde(default = "default_retries")]
+        retries: u32,
+        /// slurmrestd settings for `api: rest`.
+        #[serde(default)]
+        rest: Option<SlurmRest>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum SlurmApi {
+    /// sbatch / squeue / scontrol / scancel.
+    #[default]
+    Cli,
+    /// slurmrestd through HTTP with a JWT.
+    Rest,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SlurmRest {
+    /// e.g. http://127.0.0.1:6820
+    pub url: String,
+    #[serde(default = "default_slurm_user")]
+    pub user: String,
+    /// The environment variable holding the JWT (never written to logs or the run).
+    #[serde(default = "default_token_env")]
+    pub token_env: String,
+    #[serde(default = "default_api_version")]
+    pub api_version: String,
+}
+
+fn default_slurm_slots() -> usize {
+    64
+}
+fn default_slurm_user() -> String {
+    std::env::var("USER").unwrap_or_else(|_| "root".into())
+}
+fn default_token_env() -> String {
+    "SLURM_JWT".into()
+}
+fn default_api_version() -> String {
+    "v0.0.38".into()
+}
+
+impl EngineSpec {
+    /// CPU threads each job gets.
+    pub fn threads_per_job(&self) -> usize {
+        match self {
+            EngineSpec::Local { slots, threads_per_job, .. } => {
+                let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+                threads_per_job.unwrap_or((cores / (*slots).max(1)).max(1))
+            }
+            EngineSpec::Slurm { cpus_per_task, .. } => *cpus_per_task,
+        }
+    }
+
+    pub fn gpus_per_job(&self) -> usize {
+        match self {
+            EngineSpec::Local { .. } => 0,
+            EngineSpec::Slurm { gpus_per_task, .. } => *gpus_per_task,
+        }
+    }
+
+    pub fn retries(&self) -> u32 {
+        match self {
+            EngineSpec::Local { retries, .. } | EngineSpec::Slurm { retries, .. } => *retries,
+        }
+    }
 }
 
 fn default_slots() -> usize {

@@ -1,43 +1,12 @@
-//! Engines run jobs. The orchestrator only submits, polls, cancels and reads logs; an engine
-//! is an adapter to something that runs processes (this machine; Slurm and Kubernetes behind
-//! the same trait in the engines work).
+//! The local engine: jobs are child processes of `btm run`, `slots` at a time.
 
+use super::{Engine, JobHandle, JobState, Submission};
 use anyhow::{Context, Result};
 use std::collections::HashMap;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
-
-/// What to run: `btm <args>` with its output appended to `log`.
-#[derive(Debug, Clone)]
-pub struct Submission {
-    pub name: String,
-    pub args: Vec<String>,
-    pub log: PathBuf,
-    pub cpus: usize,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum JobState {
-    Running,
-    Succeeded,
-    /// Exit code or signal, as text.
-    Failed(String),
-}
-
-/// An engine's own id for a submitted job.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct JobHandle(pub String);
-
-pub trait Engine: Send + Sync {
-    /// How many jobs may run at once.
-    fn slots(&self) -> usize;
-    fn submit(&self, job: &Submission) -> Result<JobHandle>;
-    fn state(&self, handle: &JobHandle) -> Result<JobState>;
-    /// Ask the job to stop gracefully (trainers checkpoint first).
-    fn cancel(&self, handle: &JobHandle) -> Result<()>;
-}
 
 /// Child processes of this process, `slots` at a time.
 pub struct LocalEngine {
@@ -56,12 +25,30 @@ impl LocalEngine {
     }
 }
 
+#[async_trait::async_trait]
 impl Engine for LocalEngine {
     fn slots(&self) -> usize {
         self.slots
     }
 
-    fn submit(&self, job: &Submission) -> Result<JobHandle> {
+    async fn submit(&self, jobs: &[Submission]) -> Result<Vec<JobHandle>> {
+        jobs.iter().map(|j| self.spawn(j)).collect()
+    }
+
+    async fn state(&self, handle: &JobHandle) -> Result<JobState> {
+        self.poll(handle)
+    }
+
+    async fn cancel(&self, handle: &JobHandle) -> Result<()> {
+        let pid: i32 = handle.0.parse().context("local job handle")?;
+        // SAFETY: sending a signal to a child process we started.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        Ok(())
+    }
+}
+
+impl LocalEngine {
+    fn spawn(&self, job: &Submission) -> Result<JobHandle> {
         if let Some(dir) = job.log.parent() {
             std::fs::create_dir_all(dir)?;
         }
@@ -97,7 +84,7 @@ impl Engine for LocalEngine {
         Ok(handle)
     }
 
-    fn state(&self, handle: &JobHandle) -> Result<JobState> {
+    fn poll(&self, handle: &JobHandle) -> Result<JobState> {
         let mut children = self.children.lock().expect("lock");
         let Some(child) = children.get_mut(handle) else {
             return Ok(JobState::Failed("unknown job".into()));
@@ -118,12 +105,5 @@ impl Engine for LocalEngine {
                 }
             }
         })
-    }
-
-    fn cancel(&self, handle: &JobHandle) -> Result<()> {
-        let pid: i32 = handle.0.parse().context("local job handle")?;
-        // SAFETY: sending a signal to a child process we started.
-        unsafe { libc::kill(pid, libc::SIGTERM) };
-        Ok(())
     }
 }

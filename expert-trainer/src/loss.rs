@@ -1,0 +1,174 @@
+//! Next-token cross-entropy.
+//!
+//! On the CPU it is one fused operator: the forward pass reads each row of logits twice
+//! (max, then log-sum-exp) and writes one number per row; the backward pass writes
+//! `(softmax − onehot) · grad` in one sweep. Built from candle primitives instead, the same
+//! loss makes about ten full passes over the [tokens, vocab] logits and as many temporary
+//! tensors of that size, which is a sizeable share of a small model's step. Rows are split
+//! across threads; each row is computed by exactly one thread in a fixed order, so results do
+//! not depend on the thread count. Other devices use the primitive formulation.
+
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
+
+/// Mean cross-entropy of next-token prediction: logits [..., V], targets [...] (u32).
+pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let v = logits.dim(D::Minus1)?;
+    let logits = logits.reshape(((), v))?.to_dtype(DType::F32)?;
+    let targets = targets.flatten_all()?.to_dtype(DType::U32)?;
+    if logits.device().is_cpu() {
+        let logits = logits.contiguous()?;
+        let targets = targets.contiguous()?;
+        return logits.apply_op2(&targets, RowNll)?.mean_all();
+    }
+    cross_entropy_reference(&logits, &targets)
+}
+
+/// The same loss from differentiable candle primitives (any device).
+pub fn cross_entropy_reference(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let v = logits.dim(D::Minus1)?;
+    let logits = logits.reshape(((), v))?.to_dtype(DType::F32)?;
+    let targets = targets.flatten_all()?.unsqueeze(1)?;
+    let max = logits.max_keepdim(D::Minus1)?.detach();
+    let lse = (logits.broadcast_sub(&max)?.exp()?.sum_keepdim(D::Minus1)?.log()? + max)?;
+    let picked = logits.gather(&targets, D::Minus1)?;
+    (lse - picked)?.mean_all()
+}
+
+fn contiguous<'a, T>(data: &'a [T], layout: &Layout, what: &str) -> Result<&'a [T]> {
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => candle_core::bail!("cross-entropy: {what} must be contiguous"),
+    }
+}
+
+/// Run `f(first_row, rows_out)` over `out` split into per-thread blocks of `width`-wide rows.
+fn par_rows<F: Fn(usize, &mut [f32]) + Sync>(out: &mut [f32], width: usize, f: F) {
+    let rows = out.len() / width.max(1);
+    let threads = candle_core::utils::get_num_threads().clamp(1, rows.max(1));
+    let per = rows.div_ceil(threads).max(1);
+    std::thread::scope(|s| {
+        for (i, chunk) in out.chunks_mut(per * width).enumerate() {
+            let f = &f;
+            s.spawn(move || f(i * per, chunk));
+        }
+    });
+}
+
+fn log_sum_exp(row: &[f32]) -> f32 {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f32 = row.iter().map(|x| (x - max).exp()).sum();
+    sum.ln() + max
+}
+
+/// Per-row negative log-likelihood: logits [N, V] f32, targets [N] u32 → [N] f32.
+struct RowNll;
+
+impl CustomOp2 for RowNll {
+    fn name(&self) -> &'static str {
+        "cross-entropy"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (n, v) = l1.shape().dims2()?;
+        let (CpuStorage::F32(logits), CpuStorage::U32(targets)) = (s1, s2) else {
+            candle_core::bail!("cross-entropy: expected f32 logits and u32 targets");
+        };
+        let logits = contiguous(logits, l1, "logits")?;
+        let targets = contiguous(targets, l2, "targets")?;
+        if targets.len() != n {
+            candle_core::bail!("cross-entropy: {} targets for {n} rows", targets.len());
+        }
+        if let Some(t) = targets.iter().find(|&&t| t as usize >= v) {
+            candle_core::bail!("cross-entropy: target {t} is outside the vocabulary ({v})");
+        }
+        let mut out = vec![0f32; n];
+        par_rows(&mut out, 1, |first, block| {
+            for (i, o) in block.iter_mut().enumerate() {
+                let r = first + i;
+                let row = &logits[r * v..(r + 1) * v];
+                *o = log_sum_exp(row) - row[targets[r] as usize];
+            }
+        });
+        Ok((CpuStorage::F32(out), Shape::from(n)))
+    }
+
+    fn bwd(&self, logits: &Tensor, targets: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.to_dtype(DType::F32)?.contiguous()?;
+        let g = logits.apply_op3_no_bwd(targets, &grad, &RowNllGrad)?;
+        Ok((Some(g), None))
+    }
+}
+
+/// d nll_r / d logits_r · g_r = (softmax(logits_r) − onehot(target_r)) · g_r.
+struct RowNllGrad;
+
+impl CustomOp3 for RowNllGrad {
+    fn name(&self) -> &'static str {
+        "cross-entropy-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, v) = l1.shape().dims2()?;
+        let (CpuStorage::F32(logits), CpuStorage::U32(targets), CpuStorage::F32(grad)) = (s1, s2, s3) else {
+            candle_core::bail!("cross-entropy backward: unexpected dtypes");
+        };
+        let logits = contiguous(logits, l1, "logits")?;
+        let targets = contiguous(targets, l2, "targets")?;
+        let grad = contiguous(grad, l3, "gradient")?;
+        let mut out = vec![0f32; n * v];
+        par_rows(&mut out, v, |first, block| {
+            for (i, o) in block.chunks_mut(v).enumerate() {
+                let r = first + i;
+                let row = &logits[r * v..(r + 1) * v];
+                let lse = log_sum_exp(row);
+                let g = grad[r];
+                for (o, x) in o.iter_mut().zip(row) {
+                    *o = (x - lse).exp() * g;
+                }
+                o[targets[r] as usize] -= g;
+            }
+        });
+        Ok((CpuStorage::F32(out), Shape::from((n, v))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn fused_matches_the_reference_in_value_and_gradient() {
+        let dev = Device::Cpu;
+        let (n, v) = (37, 11);
+        let values: Vec<f32> = (0..n * v).map(|i| ((i * 7919) % 97) as f32 / 9.0 - 5.0).collect();
+        let targets: Vec<u32> = (0..n).map(|i| ((i * 5) % v) as u32).collect();
+        let targets = Tensor::from_vec(targets, n, &dev).unwrap();
+        let a = Var::from_tensor(&Tensor::from_vec(values.clone(), (n, v), &dev).unwrap()).unwrap();
+        let b = Var::from_tensor(&Tensor::from_vec(values, (n, v), &dev).unwrap()).unwrap();
+        let fused = (cross_entropy(a.as_tensor(), &targets).unwrap() * 3.0).unwrap();
+        let reference = (cross_entropy_reference(b.as_tensor(), &targets).unwrap() * 3.0).unwrap();
+        let (x, y) = (fused.to_scalar::<f32>().unwrap(), reference.to_scalar::<f32>().unwrap());
+        assert!((x - y).abs() < 1e-5, "{x} vs {y}");
+        let ga = fused.backward().unwrap().get(a.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let gb = reference.backward().unwrap().get(b.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let diff = ga.iter().zip(&gb).map(|(p, q)| (p - q).abs()).fold(0f32, f32::max);
+        assert!(diff < 1e-6, "gradient differs by {diff}");
+    }
+
+    #[test]
+    fn targets_outside_the_vocabulary_are_an_error() {
+        let logits = Tensor::zeros((2, 4), DType::F32, &Device::Cpu).unwrap();
+        let targets = Tensor::new(&[1u32, 4], &Device::Cpu).unwrap();
+        let err = cross_entropy(&logits, &targets).unwrap_err().to_string();
+        assert!(err.contains("target 4 is outside the vocabulary (4)"), "{err}");
+    }
+}

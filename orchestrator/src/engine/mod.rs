@@ -1,0 +1,66 @@
+//! Engines run jobs. The orchestrator only submits, polls and cancels; an engine is an adapter
+//! to something that runs processes — this machine ([`local`]) or a Slurm cluster through its
+//! CLI or its REST API ([`slurm`]) — never a scheduler of its own.
+
+pub mod local;
+pub mod slurm;
+
+use anyhow::Result;
+use std::path::PathBuf;
+
+pub use local::LocalEngine;
+
+/// What to run: `btm <args>`, its output appended to `log`.
+#[derive(Debug, Clone)]
+pub struct Submission {
+    pub name: String,
+    pub args: Vec<String>,
+    pub log: PathBuf,
+    pub cpus: usize,
+    pub gpus: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobState {
+    /// Queued or running.
+    Running,
+    Succeeded,
+    /// Why, as text (exit code, signal, the engine's state name).
+    Failed(String),
+}
+
+/// An engine's own id for a submitted job (a pid, a Slurm job or array-task id).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct JobHandle(pub String);
+
+#[async_trait::async_trait]
+pub trait Engine: Send + Sync {
+    /// How many jobs may be submitted and unfinished at once.
+    fn slots(&self) -> usize;
+    /// How often the executor polls job states.
+    fn poll_interval(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(50)
+    }
+    /// Submit jobs that became ready together; an engine with job arrays submits them as one.
+    async fn submit(&self, jobs: &[Submission]) -> Result<Vec<JobHandle>>;
+    async fn state(&self, handle: &JobHandle) -> Result<JobState>;
+    /// Ask a job to stop gracefully (trainers checkpoint on SIGTERM).
+    async fn cancel(&self, handle: &JobHandle) -> Result<()>;
+}
+
+/// The shell script that runs task `$SLURM_ARRAY_TASK_ID` (or the only task) of `jobs`.
+pub fn array_script(exe: &std::path::Path, jobs: &[Submission]) -> String {
+    let quote = |s: &str| format!("'{}'", s.replace('\'', r"'\''"));
+    let mut s = String::from("#!/bin/bash\n# Written by btm: one case per task of the array.\ncase \"${SLURM_ARRAY_TASK_ID:-0}\" in\n");
+    for (i, j) in jobs.iter().enumerate() {
+        let args: Vec<String> = j.args.iter().map(|a| quote(a)).collect();
+        s.push_str(&format!(
+            "  {i}) exec {} {} >> {} 2>&1 ;;\n",
+            quote(&exe.to_string_lossy()),
+            args.join(" "),
+            quote(&j.log.to_string_lossy())
+        ));
+    }
+    s.push_str("  *) echo \"btm: no task $SLURM_ARRAY_TASK_ID in this array\" >&2; exit 2 ;;\nesac\n");
+    s
+}

@@ -1,0 +1,365 @@
+//! The Slurm engine: jobs are Slurm batch jobs, and jobs that become ready together (the
+//! per-domain trainers of a stage) are one job array. Two ways to talk to Slurm:
+//! - `api: cli`: `sbatch --array`, `squeue` / `scontrol show job` to poll, `scancel`;
+//! - `api: rest`: slurmrestd (`POST /slurm/<v>/job/submit`, `GET …/job/{id}`,
+//!   `DELETE …/job/{id}`) with a JWT read from the environment variable the pipeline names,
+//!   sent in `X-SLURM-USER-TOKEN` and never logged.
+//!
+//! Slurm forgets finished jobs after `MinJobAge`, so terminal states are remembered here.
+//! Jobs are submitted with `--requeue`, so Slurm requeues a task whose node fails; a task that
+//! fails anyway (preempted, cancelled, node lost) is resubmitted by the executor's retries and
+//! the trainer resumes from its last checkpoint.
+
+use super::{array_script, Engine, JobHandle, JobState, Submission};
+use crate::pipeline::spec::{EngineSpec, SlurmApi, SlurmRest};
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+pub struct SlurmEngine {
+    api: SlurmApi,
+    partition: Option<String>,
+    slots: usize,
+    mem_per_cpu_mb: Option<u64>,
+    time_limit_min: Option<u64>,
+    rest: Option<Rest>,
+    exe: PathBuf,
+    run: PathBuf,
+    /// States Slurm may forget (finished jobs), and when each handle was last polled.
+    known: Mutex<HashMap<JobHandle, (JobState, Instant)>>,
+}
+
+struct Rest {
+    client: reqwest::Client,
+    base: String,
+    user: String,
+    token: String,
+    token_env: String,
+}
+
+/// Slurm job states that mean "not finished yet".
+fn unfinished(state: &str) -> bool {
+    matches!(
+        state,
+        "PENDING" | "RUNNING" | "CONFIGURING" | "COMPLETING" | "REQUEUED" | "REQUEUE_HOLD" | "REQUEUE_FED" | "RESIZING" | "SUSPENDED" | "SIGNALING" | "STAGE_OUT"
+    )
+}
+
+fn to_state(slurm_state: &str) -> JobState {
+    if unfinished(slurm_state) {
+        JobState::Running
+    } else if slurm_state == "COMPLETED" {
+        JobState::Succeeded
+    } else {
+        JobState::Failed(format!("Slurm state {slurm_state}"))
+    }
+}
+
+/// A Slurm command-line tool. `SLURM_JWT` is removed from its environment: with it set, the
+/// tools switch to JWT authentication (meant for slurmrestd) and fail, and sbatch would copy
+/// the secret into every job's environment.
+fn slurm_tool(name: &str) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(name);
+    cmd.env_remove("SLURM_JWT");
+    cmd
+}
+
+impl SlurmEngine {
+    pub fn new(spec: &EngineSpec, run: &Path) -> Result<Self> {
+        let EngineSpec::Slurm {
+            api,
+            partition,
+            slots,
+            mem_per_cpu_mb,
+            time_limit_min,
+            rest,
+            ..
+        } = spec
+        else {
+            bail!("not a Slurm engine");
+        };
+        let rest = match (api, rest) {
+            (SlurmApi::Rest, None) => bail!("engine.rest: `api: rest` needs `rest: {{url: …}}`"),
+            (SlurmApi::Rest, Some(r)) => Some(Rest::new(r)?),
+            (SlurmApi::Cli, _) => None,
+        };
+        Ok(Self {
+            api: *api,
+            partition: partition.clone(),
+            slots: *slots,
+            mem_per_cpu_mb: *mem_per_cpu_mb,
+            time_limit_min: *time_limit_min,
+            rest,
+            exe: std::env::current_exe().context("locating the btm binary")?,
+            run: run.to_path_buf(),
+            known: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Write the array script into the run (kept for inspection).
+    fn script(&self, jobs: &[Submission]) -> Result<(PathBuf, String)> {
+        let dir = self.run.join("jobs").join("slurm");
+        std::fs::create_dir_all(&dir)?;
+        // Slurm fails a job whose output file cannot be opened.
+        std::fs::create_dir_all(self.run.join("logs"))?;
+        let text = array_script(&self.exe, jobs);
+        let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis();
+        let path = dir.join(format!("{}-{stamp}.sh", jobs[0].name.replace('/', "-")));
+        std::fs::write(&path, &text)?;
+        Ok((path, text))
+    }
+
+    fn handles(id: &str, n: usize) -> Vec<JobHandle> {
+        if n == 1 {
+            vec![JobHandle(id.to_string())]
+        } else {
+            (0..n).map(|i| JobHandle(format!("{id}_{i}"))).collect()
+        }
+    }
+
+    fn job_name(jobs: &[Submission]) -> String {
+        let stage = jobs[0].name.split('/').next().unwrap_or("job");
+        format!("btm-{stage}")
+    }
+
+    async fn submit_cli(&self, jobs: &[Submission]) -> Result<Vec<JobHandle>> {
+        let (script, _) = self.script(jobs)?;
+        let mut cmd = slurm_tool("sbatch");
+        cmd.arg("--parsable")
+            .arg(format!("--job-name={}", Self::job_name(jobs)))
+            .arg(format!("--output={}", self.run.join("logs").join("slurm-%A_%a.out").display()))
+            .arg(format!("--cpus-per-task={}", jobs[0].cpus.max(1)))
+            .arg("--requeue");
+        if jobs.len() > 1 {
+            cmd.arg(format!("--array=0-{}", jobs.len() - 1));
+        }
+        if let Some(p) = &self.partition {
+            cmd.arg(format!("--partition={p}"));
+        }
+        if let Some(m) = self.mem_per_cpu_mb {
+            cmd.arg(format!("--mem-per-cpu={m}"));
+        }
+        if jobs[0].gpus > 0 {
+            cmd.arg(format!("--gres=gpu:{}", jobs[0].gpus));
+        }
+        if let Some(t) = self.time_limit_min {
+            cmd.arg(format!("--time={t}"));
+        }
+        let out = cmd.arg(&script).output().await.context("running sbatch (is Slurm installed?)")?;
+        if !out.status.success() {
+            bail!("sbatch failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+        }
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let id = stdout.trim().split(';').next().unwrap_or("").to_string();
+        if id.parse::<u64>().is_err() {
+            bail!("sbatch printed no job id: `{}`", stdout.trim());
+        }
+        Ok(Self::handles(&id, jobs.len()))
+    }
+
+    async fn state_cli(&self, handle: &JobHandle) -> Result<JobState> {
+        let out = slurm_tool("squeue").args(["-h", "-o", "%T", "-j", &handle.0]).output().await?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        if let Some(state) = text.lines().map(str::trim).find(|l| !l.is_empty()) {
+            return Ok(to_state(state));
+        }
+        let out = slurm_tool("scontrol").args(["show", "job", "-o", &handle.0]).output().await?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        match text.split_whitespace().find_map(|kv| kv.strip_prefix("JobState=")) {
+            Some(state) => Ok(to_state(state)),
+            None => Ok(JobState::Failed("unknown to Slurm".into())),
+        }
+    }
+
+    async fn cancel_cli(&self, handle: &JobHandle) -> Result<()> {
+        let out = slurm_tool("scancel").args(["--signal=TERM", "--full", &handle.0]).output().await?;
+        if !out.status.success() {
+            bail!("scancel {}: {}", handle.0, String::from_utf8_lossy(&out.stderr).trim());
+        }
+        Ok(())
+    }
+}
+
+impl Rest {
+    fn new(r: &SlurmRest) -> Result<Self> {
+        let token = std::env::var(&r.token_env).map_err(|_| {
+            anyhow::anyhow!(
+                "engine.rest.token_env: environment variable `{}` is not set (it must hold a Slurm JWT, e.g. from `scontrol token`)",
+                r.token_env
+            )
+        })?;
+        Ok(Self {
+            client: reqwest::Client::builder().timeout(Duration::from_secs(30)).build()?,
+            base: format!("{}/slurm/{}", r.url.trim_end_matches('/'), r.api_version),
+            user: r.user.clone(),
+            token,
+            token_env: r.token_env.clone(),
+        })
+    }
+
+    /// Send a request; Slurm reports errors in the body's `errors` (often with HTTP 500).
+    async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Result<Value> {
+        let mut req = self
+            .client
+            .request(method.clone(), format!("{}{path}", self.base))
+            .header("X-SLURM-USER-NAME", &self.user)
+            .header("X-SLURM-USER-TOKEN", &self.token);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.with_context(|| format!("slurmrestd {method} {path}"))?;
+        let status = resp.status();
+        let text = resp.text().await?;
+        if status == reqwest::StatusCode::UNAUTHORIZED || status == reqwest::StatusCode::FORBIDDEN || text.contains("Authentication failure") {
+            bail!(
+                "slurmrestd rejected the token in `{}` (expired or wrong?) for user `{}`: HTTP {status}",
+                self.token_env,
+                self.user
+            );
+        }
+        let v: Value = serde_json::from_str(&text).with_context(|| format!("slurmrestd {method} {path}: HTTP {status}, not JSON"))?;
+        let errors: Vec<String> = v["errors"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|e| e["description"].as_str().or(e["error"].as_str()).unwrap_or("error").to_string())
+                    .collect()
+            })
+            .unwrap_or_default();
+        if !errors.is_empty() {
+            let joined = errors.join("; ");
+            // slurmrestd 22.05 answers a bad token with unhelpful errors ("Zero Bytes were
+            // transmitted or received"); if even a ping fails, the token is the problem.
+            if path == "/ping" || !self.ping_ok().await {
+                bail!("slurmrestd rejected the token in `{}` (expired or wrong?): {joined}", self.token_env);
+            }
+            bail!("slurmrestd {method} {path}: {joined}");
+        }
+        Ok(v)
+    }
+
+    async fn ping_ok(&self) -> bool {
+        let resp = self
+            .client
+            .get(format!("{}/ping", self.base))
+            .header("X-SLURM-USER-NAME", &self.user)
+            .header("X-SLURM-USER-TOKEN", &self.token)
+            .send()
+            .await;
+        match resp {
+            Ok(r) => r
+                .json::<Value>()
+                .await
+                .is_ok_and(|v| v["errors"].as_array().is_none_or(|e| e.is_empty())),
+            Err(_) => false,
+        }
+    }
+}
+
+impl SlurmEngine {
+    async fn submit_rest(&self, rest: &Rest, jobs: &[Submission]) -> Result<Vec<JobHandle>> {
+        let (_, script) = self.script(jobs)?;
+        let mut env = serde_json::Map::new();
+        for key in ["PATH", "HOME", "BTM_CACHE", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT", "AWS_REGION", "AWS_ALLOW_HTTP"] {
+            if let Ok(v) = std::env::var(key) {
+                env.insert(key.into(), json!(v));
+            }
+        }
+        let mut job = json!({
+            "name": Self::job_name(jobs),
+            "current_working_directory": self.run,
+            "standard_output": self.run.join("logs").join("slurm-%A_%a.out"),
+            "environment": env,
+            "cpus_per_task": jobs[0].cpus.max(1),
+            "requeue": true,
+        });
+        if jobs.len() > 1 {
+            job["array"] = json!(format!("0-{}", jobs.len() - 1));
+        }
+        if let Some(p) = &self.partition {
+            job["partition"] = json!(p);
+        }
+        if let Some(m) = self.mem_per_cpu_mb {
+            job["memory_per_cpu"] = json!(m);
+        }
+        if let Some(t) = self.time_limit_min {
+            job["time_limit"] = json!(t);
+        }
+        if jobs[0].gpus > 0 {
+            job["gres"] = json!(format!("gpu:{}", jobs[0].gpus));
+        }
+        let v = rest.call(reqwest::Method::POST, "/job/submit", Some(json!({"script": script, "job": job}))).await?;
+        let id = v["job_id"].as_u64().context("slurmrestd: the submit answer has no job_id")?;
+        Ok(Self::handles(&id.to_string(), jobs.len()))
+    }
+
+    async fn state_rest(&self, rest: &Rest, handle: &JobHandle) -> Result<JobState> {
+        let (job_id, task) = match handle.0.split_once('_') {
+            Some((j, t)) => (j, Some(t.parse::<u64>()?)),
+            None => (handle.0.as_str(), None),
+        };
+        let v = match rest.call(reqwest::Method::GET, &format!("/job/{job_id}"), None).await {
+            Ok(v) => v,
+            Err(e) if e.to_string().contains("token") => return Err(e),
+            // Unknown (purged after MinJobAge) or a transient error: report no change.
+            Err(_) => return Ok(JobState::Failed("unknown to Slurm".into())),
+        };
+        let jobs = v["jobs"].as_array().cloned().unwrap_or_default();
+        let state = |j: &Value| j["job_state"].as_str().unwrap_or("UNKNOWN").to_string();
+        let mine = jobs.iter().find(|j| match task {
+            None => true,
+            Some(t) => j["array_task_id"].as_u64() == Some(t),
+        });
+        Ok(match mine {
+            Some(j) => to_state(&state(j)),
+            // A pending array keeps its unstarted tasks in one record.
+            None if jobs.iter().any(|j| unfinished(&state(j))) => JobState::Running,
+            None => JobState::Failed("unknown to Slurm".into()),
+        })
+    }
+}
+
+#[async_trait::async_trait]
+impl Engine for SlurmEngine {
+    fn slots(&self) -> usize {
+        self.slots
+    }
+
+    fn poll_interval(&self) -> Duration {
+        Duration::from_millis(500)
+    }
+
+    async fn submit(&self, jobs: &[Submission]) -> Result<Vec<JobHandle>> {
+        match (&self.api, &self.rest) {
+            (SlurmApi::Rest, Some(rest)) => self.submit_rest(rest, jobs).await,
+            _ => self.submit_cli(jobs).await,
+        }
+    }
+
+    async fn state(&self, handle: &JobHandle) -> Result<JobState> {
+        if let Some((s, _)) = self.known.lock().expect("lock").get(handle) {
+            if *s != JobState::Running {
+                return Ok(s.clone());
+            }
+        }
+        let state = match &self.rest {
+            Some(rest) => self.state_rest(rest, handle).await?,
+            None => self.state_cli(handle).await?,
+        };
+        self.known.lock().expect("lock").insert(handle.clone(), (state.clone(), Instant::now()));
+        Ok(state)
+    }
+
+    async fn cancel(&self, handle: &JobHandle) -> Result<()> {
+        match &self.rest {
+            Some(rest) => rest
+                .call(reqwest::Method::DELETE, &format!("/job/{}?signal=SIGTERM", handle.0), None)
+                .await
+                .map(|_| ()),
+            None => self.cancel_cli(handle).await,
+        }
+    }
+}

@@ -1,0 +1,176 @@
+//! The pipeline on a real Slurm cluster, through the CLI and through slurmrestd.
+//!
+//! Needs Slurm on this machine (`scripts/slurm-local.sh start`, which CI runs); the REST tests
+//! also need `SLURM_JWT` and `SLURMRESTD_URL` from it. Without them the tests say so and pass,
+//! unless `BTM_REQUIRE_SLURM=1` (set by CI), which makes a missing cluster a failure.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn btm() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_btm"))
+}
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// A Slurm CLI tool; with `SLURM_JWT` set they try JWT authentication and fail.
+fn slurm(tool: &str) -> Command {
+    let mut cmd = Command::new(tool);
+    cmd.env_remove("SLURM_JWT");
+    cmd
+}
+
+fn slurm_available(rest: bool) -> bool {
+    let cli = slurm("sinfo").arg("-h").output().is_ok_and(|o| o.status.success());
+    let ok = cli && (!rest || (std::env::var("SLURM_JWT").is_ok() && std::env::var("SLURMRESTD_URL").is_ok()));
+    if !ok {
+        assert!(
+            std::env::var("BTM_REQUIRE_SLURM").as_deref() != Ok("1"),
+            "BTM_REQUIRE_SLURM=1 but no Slurm cluster (or no SLURM_JWT/SLURMRESTD_URL) is available"
+        );
+        eprintln!("skipping: no Slurm cluster here (run scripts/slurm-local.sh start)");
+    }
+    ok
+}
+
+fn ok(out: Output) -> String {
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "btm failed:\n{text}");
+    text
+}
+
+fn domain(name: &str) -> String {
+    let f = |split: &str| repo().join(format!("data/sample/{name}/{split}.jsonl")).display().to_string();
+    format!("  - {{name: {name}, train: {}, valid: {}, test: {}}}\n", f("train"), f("valid"), f("test"))
+}
+
+fn pipeline(dir: &Path, name: &str, engine: &str, steps: u64) -> PathBuf {
+    let yaml = format!(
+        "name: {name}\nstorage: {}\nengine: {engine}\nseed: {{checkpoint: {}}}\ndomains:\n{}{}\
+         train: {{steps: {steps}, batch_size: 4, seq_len: 32, checkpoint_interval: 5}}\n\
+         merge: {{top_k: 1, router_init: centroid, calib_tokens: 512}}\n\
+         eval: {{split: test, seq_len: 32, max_docs: 1}}\n",
+        dir.join("runs").display(),
+        repo().join("model/tests/fixtures/llama").display(),
+        domain("scripture"),
+        domain("code"),
+    );
+    let file = dir.join(format!("{name}.yaml"));
+    std::fs::write(&file, yaml).unwrap();
+    file
+}
+
+fn has_checkpoint(expert: &Path) -> bool {
+    std::fs::read_dir(expert.join("checkpoints"))
+        .map(|d| d.flatten().any(|e| e.path().join("MANIFEST.json").exists()))
+        .unwrap_or(false)
+}
+
+/// The Slurm ids of running tasks whose job name is `name`.
+fn slurm_ids(name: &str) -> Vec<String> {
+    let out = slurm("squeue").args(["-h", "-o", "%i %j %T"]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() == 3 && f[1] == name && f[2] == "RUNNING").then(|| f[0].to_string())
+        })
+        .collect()
+}
+
+#[test]
+fn cli_runs_the_experts_as_an_array_and_survives_a_cancelled_task() {
+    if !slurm_available(false) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let file = pipeline(tmp.path(), "slurm-cli", "{kind: slurm, api: cli, cpus_per_task: 1, mem_per_cpu_mb: 400, retries: 2}", 60);
+    let run = tmp.path().join("runs/slurm-cli");
+    let child = btm().arg("run").arg(&file).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+
+    // scancel the code expert's array task once it has a checkpoint.
+    let start = Instant::now();
+    let mut cancelled = None;
+    while cancelled.is_none() && start.elapsed() < Duration::from_secs(240) {
+        if has_checkpoint(&run.join("experts/code")) && !run.join("jobs/expert-code/done.json").exists() {
+            // Array task 1 is the second domain, `code`.
+            if let Some(id) = slurm_ids("btm-expert").into_iter().find(|id| id.ends_with("_1")) {
+                let s = slurm("scancel").arg(&id).status().unwrap();
+                assert!(s.success());
+                cancelled = Some(id);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = ok(child.wait_with_output().unwrap());
+    assert!(cancelled.is_some(), "never caught the code expert running with a checkpoint:\n{out}");
+    assert!(out.contains("| merged |"), "{out}");
+    // One array for the two experts.
+    let scripts: Vec<String> = std::fs::read_dir(run.join("jobs/slurm"))
+        .unwrap()
+        .flatten()
+        .map(|e| std::fs::read_to_string(e.path()).unwrap())
+        .collect();
+    assert!(scripts.iter().any(|s| s.contains("expert-scripture") && s.contains("expert-code") && s.contains("  1) exec")), "{scripts:?}");
+    // The cancelled expert resumed from its checkpoint rather than step 0.
+    let log = std::fs::read_to_string(run.join("logs/expert-code.log")).unwrap();
+    assert!(log.contains("resuming from"), "{log}");
+}
+
+#[test]
+fn rest_api_runs_the_pipeline() {
+    if !slurm_available(true) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let engine = "{kind: slurm, api: rest, cpus_per_task: 1, mem_per_cpu_mb: 400, rest: {url: \"${SLURMRESTD_URL}\", user: root, token_env: SLURM_JWT}}";
+    let file = pipeline(tmp.path(), "slurm-rest", engine, 10);
+    let out = ok(btm().arg("run").arg(&file).output().unwrap());
+    assert!(out.contains("| merged |"), "{out}");
+    let again = ok(btm().arg("run").arg(&file).output().unwrap());
+    assert!(again.contains("nothing to do"), "{again}");
+}
+
+#[test]
+fn a_bad_or_missing_token_is_named_and_never_printed() {
+    if !slurm_available(true) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let engine = "{kind: slurm, api: rest, rest: {url: \"${SLURMRESTD_URL}\", user: root, token_env: BTM_TEST_BAD_JWT}}";
+    let file = pipeline(tmp.path(), "bad-token", engine, 2);
+    let secret = "not-a-real-token-7f3a9";
+    let out = btm().arg("run").arg(&file).env("BTM_TEST_BAD_JWT", secret).output().unwrap();
+    assert!(!out.status.success());
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("slurmrestd rejected the token in `BTM_TEST_BAD_JWT`"), "{text}");
+    assert!(!text.contains(secret), "the token was printed:\n{text}");
+    let logs = tmp.path().join("runs/bad-token");
+    for entry in walk(&logs) {
+        let bytes = std::fs::read(&entry).unwrap_or_default();
+        assert!(!String::from_utf8_lossy(&bytes).contains(secret), "the token was written to {}", entry.display());
+    }
+
+    let out = btm().arg("run").arg(&file).env_remove("BTM_TEST_BAD_JWT").output().unwrap();
+    assert!(!out.status.success());
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(text.contains("environment variable `BTM_TEST_BAD_JWT` is not set"), "{text}");
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = vec![];
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(walk(&p));
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}

@@ -150,10 +150,11 @@ pub fn routing_heatmap(title: &str, routing: &BTreeMap<String, Vec<Vec<f64>>>) -
     let domains: Vec<&String> = routing.keys().collect();
     let layers = routing.values().map(|r| r.len()).max().unwrap_or(0);
     let experts = routing.values().flat_map(|r| r.iter().map(|l| l.len())).max().unwrap_or(0);
-    let cell = 28.0;
+    let cell = 36.0;
     let label_w = 110.0;
     let panel_w = experts as f64 * cell + 20.0;
-    let (w, h) = (label_w + panel_w * layers as f64 + 10.0, 50.0 + domains.len() as f64 * cell + 30.0);
+    let w = (label_w + panel_w * layers as f64 + 10.0).max(8.0 + 7.0 * title.chars().count() as f64);
+    let h = 50.0 + domains.len() as f64 * cell + 30.0;
     let mut s = format!(r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="11">"#);
     let _ = write!(s, r#"<text x="4" y="14" font-size="13">{}</text>"#, esc(title));
     for l in 0..layers {
@@ -172,6 +173,14 @@ pub fn routing_heatmap(title: &str, routing: &BTreeMap<String, Vec<Vec<f64>>>) -
                     s,
                     r##"<rect x="{x}" y="{y}" width="{cell}" height="{cell}" fill="rgb({shade},{shade},255)" stroke="#fff"><title>{} → expert {e}: {:.1}%</title></rect>"##,
                     esc(d),
+                    share * 100.0
+                );
+                let ink = if *share > 0.55 { "#fff" } else { "#000" };
+                let _ = write!(
+                    s,
+                    r#"<text x="{}" y="{}" text-anchor="middle" font-size="10" fill="{ink}">{:.0}</text>"#,
+                    x + cell / 2.0,
+                    y + cell / 2.0 + 4.0,
                     share * 100.0
                 );
             }
@@ -215,7 +224,7 @@ pub fn write(run: &Path) -> Result<String> {
         figures.push(("Training loss of every training job".into(), "loss.svg".into(), loss_plot(&series)));
     }
     for r in rows.iter().filter(|r| !r.routing.is_empty()) {
-        let title = format!("{}: share of each domain's tokens routed to each expert", r.label);
+        let title = format!("{}: % of each domain's tokens routed to each expert", r.label);
         figures.push((title.clone(), format!("routing-{}.svg", r.label), routing_heatmap(&title, &r.routing)));
     }
     for (_, file, svg) in &figures {

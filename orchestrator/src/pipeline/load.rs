@@ -537,8 +537,9 @@ mod tests {
         let s = Spans::of("a: 1\nlist:\n  - name: x\n  - name: y\n    k: {z: 2}\n");
         assert_eq!(s.find("a"), (1, 4));
         assert_eq!(s.find_key("a"), (1, 1));
-        assert_eq!(s.find("list[1].name"), (4, 5));
-        assert_eq!(s.find("list[1].k.z"), (5, 9));
+        assert_eq!(s.find("list[1].name"), (4, 11));
+        assert_eq!(s.find_key("list[1].name"), (4, 5));
+        assert_eq!(s.find("list[1].k.z"), (5, 12));
         assert_eq!(s.find_key("list[1].k"), (5, 5));
         assert_eq!(s.find("list[1].missing"), (4, 5));
     }

@@ -54,6 +54,9 @@ enum Command {
 }
 
 fn main() {
+    // Die quietly on a closed pipe (`btm status RUN | head`) like other Unix tools.
+    // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => commands::run::run(args),

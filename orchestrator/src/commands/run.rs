@@ -146,6 +146,7 @@ fn last_metrics(job: &Job) -> Option<Value> {
 pub fn status(args: RunDirArgs) -> Result<()> {
     let plan = crate::report::read_plan(&args.run)?;
     let mut done = 0;
+    let width = plan.jobs.iter().map(|j| j.name.len()).max().unwrap_or(0);
     for j in &plan.jobs {
         let state = if crate::executor::is_done(&plan.run_dir, j) {
             done += 1;
@@ -155,7 +156,7 @@ pub fn status(args: RunDirArgs) -> Result<()> {
         } else {
             "pending".to_string()
         };
-        let mut line = format!("{:<28} {:<8}", j.name, state);
+        let mut line = format!("{:<width$} {:<8}", j.name, state);
         if let (Some(t), Some(m)) = (&j.train, last_metrics(j)) {
             let step = m["step"].as_u64().unwrap_or(0);
             line.push_str(&format!(" step {step}/{}", t.steps));

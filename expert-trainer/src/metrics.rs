@@ -1,7 +1,8 @@
 //! Metrics and progress: one JSON object a line in `<out>/metrics.jsonl` (training lines have
 //! `step`, `loss`, `lr`, `grad_norm`, `tokens_per_s`, `tokens_seen`, and for MoE models
 //! `aux_loss`, `z_loss`, `expert_load`; validation lines have `step`, `val_loss`, `val_ppl`),
-//! and a plain progress line per logged step on stderr.
+//! and progress on stderr: a progress bar (indicatif) on a terminal, plain lines otherwise
+//! (logs, pipes, the orchestrator's job logs).
 //!
 //! On resume, lines for steps after the checkpoint are dropped first, so the file reads as
 //! one uninterrupted run.
@@ -17,6 +18,8 @@ pub struct Metrics {
     path: PathBuf,
     file: std::fs::File,
     quiet: bool,
+    /// Only when stderr is a terminal.
+    bar: Option<indicatif::ProgressBar>,
 }
 
 impl Metrics {
@@ -46,7 +49,7 @@ impl Metrics {
             .append(true)
             .open(&path)
             .with_context(|| format!("opening {}", path.display()))?;
-        Ok(Self { path, file, quiet })
+        Ok(Self { path, file, quiet, bar: None })
     }
 
     pub fn path(&self) -> &Path {
@@ -62,11 +65,47 @@ impl Metrics {
             .with_context(|| format!("writing {}", self.path.display()))
     }
 
-    /// A progress line on stderr.
+    /// A progress line on stderr (above the bar, if there is one).
     pub fn say(&self, msg: &str) {
-        if !self.quiet {
+        if self.quiet {
+            return;
+        }
+        match &self.bar {
+            Some(bar) => bar.println(format!("[btm train] {msg}")),
             // A closed stderr (a dead log pipe) must not stop training.
-            let _ = writeln!(std::io::stderr(), "[btm train] {msg}");
+            None => {
+                let _ = writeln!(std::io::stderr(), "[btm train] {msg}");
+            }
+        }
+    }
+
+    /// Training progress: the bar on a terminal, else a plain line.
+    pub fn progress(&mut self, step: u64, total: u64, msg: &str) {
+        use std::io::IsTerminal;
+        if self.quiet {
+            return;
+        }
+        if self.bar.is_none() && std::io::stderr().is_terminal() {
+            let bar = indicatif::ProgressBar::new(total);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}")
+                    .expect("a valid progress template"),
+            );
+            self.bar = Some(bar);
+        }
+        match &self.bar {
+            Some(bar) => {
+                bar.set_position(step);
+                bar.set_message(msg.to_string());
+            }
+            None => self.say(&format!("step {step}/{total} {msg}")),
+        }
+    }
+
+    /// Remove the bar (at the end of training).
+    pub fn finish(&mut self) {
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
         }
     }
 }

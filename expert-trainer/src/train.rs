@@ -438,10 +438,11 @@ pub fn run(spec: &JobSpec, mut options: Options) -> Result<Outcome> {
             metrics.record(&rec)?;
             let rate = (step - start_step) as f64 / started.elapsed().as_secs_f64().max(1e-9);
             let eta = human_duration((total - step) as f64 / rate.max(1e-9));
-            metrics.say(&format!(
-                "step {step}/{total} loss {:.4} lr {lr:.3e} grad {:.3} {tps:.0} tok/s, eta {eta}",
-                stats.loss, stats.grad_norm
-            ));
+            metrics.progress(
+                step,
+                total,
+                &format!("loss {:.4} lr {lr:.3e} grad {:.3} {tps:.0} tok/s, eta {eta}", stats.loss, stats.grad_norm),
+            );
         }
         if (spec.eval.interval > 0 && step % spec.eval.interval == 0) || step == total {
             validate(&stepper, &mut metrics, step)?;
@@ -467,6 +468,7 @@ pub fn run(spec: &JobSpec, mut options: Options) -> Result<Outcome> {
         m.upload_dir(&model_dir, "model")?;
         m.upload_file(&out.join(crate::metrics::METRICS), crate::metrics::METRICS)?;
     }
+    metrics.finish();
     metrics.say(&format!("done: {step} steps, {tokens_seen} tokens; model at {}", model_dir.display()));
     Ok(Outcome::Finished { step, model_dir })
 }

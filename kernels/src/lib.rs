@@ -1,11 +1,44 @@
 //! MoE operators for btm.
 //!
-//! Everything an MoE layer does besides its experts' matrix multiplies lives here: router
-//! top-k selection in both orders, the router's auxiliary losses, and (in later work) the
-//! fused token permute/unpermute and grouped GEMM. The functions in [`router`] are the plain
-//! reference path built from differentiable candle primitives; fused CPU/CUDA kernels plug in
-//! beside them and are tested against them.
+//! Everything an MoE layer does besides its experts' arithmetic lives here, as differentiable
+//! candle ops (custom ops with `bwd`, so `loss.backward()` flows through a whole layer):
+//! - [`router`]: float32 logits, top-k in both orders, auxiliary losses, expert capacity.
+//! - [`permute`]: group the routed assignments by expert and back (deterministic, no atomics).
+//! - [`grouped_gemm`]: all experts' products over ragged groups in one call, also with the
+//!   permutation fused in (rows gathered from the token rows, outputs summed back per token).
+//! - [`swiglu`]: the fused SwiGLU activation.
+//! - [`moe`]: the fused layer ([`fused_moe`]) and the plain loop over experts it is tested
+//!   against ([`reference_moe`]).
+//! - [`bench`]: fused vs reference timings (`btm bench moe`).
+//! - `cuda` (feature `cuda`): the same kernels as CUDA sources, compiled at run time by NVRTC.
+//!
+//! The CPU kernels are multi-threaded with rayon; the matrix products use the `gemm` crate
+//! (the cache-blocked kernels behind candle's CPU matmul).
+//!
+//! Checks:
+//! - `cargo test -p btm-kernels`: every op against its definition and the reference loop,
+//!   finite differences in float64, determinism across thread counts.
+//! - `eval "$(scripts/cuda-toolkit.sh --nvrtc-only)" && cargo test -p btm-kernels --features cuda nvrtc`:
+//!   every CUDA kernel compiles with NVRTC (skips, saying so, when libnvrtc is absent).
+//! - `cargo test -p btm-kernels --features cuda gpu` on a GPU machine: the device kernels
+//!   against the CPU ops.
+//! - `cargo run --release -p btm-kernels --example bench_moe -- [--tokens T] [--json]`:
+//!   fused vs reference timings (the code behind `btm bench moe`).
 
+pub mod bench;
+mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+pub mod grouped_gemm;
+pub mod moe;
+pub mod permute;
 pub mod router;
+pub mod swiglu;
+#[cfg(test)]
+mod testing;
 
-pub use router::{load_balancing_loss, route, z_loss, Routed, Routing};
+pub use grouped_gemm::{gather_matmul, grouped_matmul, matmul_combine};
+pub use moe::{fused_moe, reference_moe, ExpertWeights, MoeOptions, RouterStats};
+pub use permute::{permute, scale_rows, unpermute, unpermute_sum, RoutePlan};
+pub use router::{load_balancing_loss, route, z_loss, Capacity, DropPolicy, Routed, Routing};
+pub use swiglu::swiglu;

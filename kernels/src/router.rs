@@ -1,4 +1,5 @@
-//! Router: logits in float32, top-k selection, and the router's auxiliary losses.
+//! Router: logits in float32, top-k selection, the router's auxiliary losses, and the expert
+//! capacity limit with its drop policies.
 //!
 //! Two selection orders are in use in the field:
 //! - `topk_then_softmax` (Mixtral): keep the k largest logits, softmax over those k, so each
@@ -44,11 +45,12 @@ impl std::str::FromStr for Routing {
 /// A routing decision for T tokens.
 #[derive(Debug, Clone)]
 pub struct Routed {
-    /// [T, k] float32 weight of each selected expert (differentiable w.r.t. the logits).
+    /// [T, k] float32 weight of each selected expert (differentiable w.r.t. the logits;
+    /// float64 when the logits are float64).
     pub weights: Tensor,
     /// [T, k] u32 selected expert indices, best first.
     pub experts: Tensor,
-    /// [T, E] float32 softmax over all experts (for the load-balancing loss).
+    /// [T, E] float32 (or float64) softmax over all experts (for the load-balancing loss).
     pub probs: Tensor,
 }
 
@@ -83,9 +85,17 @@ pub fn topk_indices(scores: &Tensor, k: usize) -> Result<Tensor> {
     Tensor::from_vec(out, (t, k), scores.device())
 }
 
-/// Route T tokens given router logits [T, E] (computed in float32 by the caller).
+/// Logits in float32, or float64 when given float64 (gradient checks).
+fn at_least_f32(logits: &Tensor) -> Result<Tensor> {
+    match logits.dtype() {
+        DType::F64 => Ok(logits.clone()),
+        _ => logits.to_dtype(DType::F32),
+    }
+}
+
+/// Route T tokens given router logits [T, E] (computed in float32 by the caller; float64 is kept).
 pub fn route(logits: &Tensor, k: usize, routing: Routing) -> Result<Routed> {
-    let logits = logits.to_dtype(DType::F32)?;
+    let logits = at_least_f32(logits)?;
     let probs = softmax_last(&logits)?;
     // Softmax is monotonic, so ranking logits and ranking probabilities agree.
     let experts = topk_indices(&logits, k)?;
@@ -117,17 +127,91 @@ pub fn load_balancing_loss(probs: &Tensor, experts: &Tensor) -> Result<Tensor> {
     let (t, e) = probs.dims2()?;
     let k = experts.dim(1)?;
     let counts = expert_counts(experts, e)?;
-    let f = Tensor::from_vec(counts, e, probs.device())? / (t * k) as f64;
+    let f = Tensor::from_vec(counts, e, probs.device())?.to_dtype(probs.dtype())? / (t * k) as f64;
     let p = probs.mean(0)?;
     f?.mul(&p)?.sum_all()? * e as f64
 }
 
 /// Router z-loss without its coefficient: `mean_t(logsumexp(logits_t)²)` (Zoph et al. 2022, ST-MoE).
 pub fn z_loss(logits: &Tensor) -> Result<Tensor> {
-    let logits = logits.to_dtype(DType::F32)?;
+    let logits = at_least_f32(logits)?;
     let max = logits.max_keepdim(D::Minus1)?.detach();
     let lse = (logits.broadcast_sub(&max)?.exp()?.sum_keepdim(D::Minus1)?.log()? + &max)?;
     lse.sqr()?.mean_all()
+}
+
+/// What to drop when more assignments reach an expert than its capacity allows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DropPolicy {
+    /// Keep the assignments with the highest routing weight; drop the lowest (per expert).
+    /// Ties go to the earlier token.
+    Probs,
+    /// Keep the earliest tokens; drop the latest (per expert).
+    Position,
+}
+
+impl std::str::FromStr for DropPolicy {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "probs" => Ok(DropPolicy::Probs),
+            "position" => Ok(DropPolicy::Position),
+            other => Err(format!(
+                "unknown drop policy `{other}` (expected probs or position)"
+            )),
+        }
+    }
+}
+
+/// An expert capacity: each expert takes at most `ceil(T·k / E · factor)` of the T·k
+/// assignments (GShard / Switch capacity factor). No capacity at all means dropless routing.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Capacity {
+    pub factor: f64,
+    pub policy: DropPolicy,
+}
+
+impl Capacity {
+    /// Assignments one expert may take: `ceil(T·k/E · factor)`.
+    pub fn per_expert(&self, tokens: usize, top_k: usize, experts: usize) -> usize {
+        let exact = (tokens * top_k) as f64 / experts as f64 * self.factor;
+        // Guard against 2.0000000001-style float noise turning an exact capacity into one more.
+        let rounded = exact.round();
+        if (exact - rounded).abs() < 1e-9 {
+            rounded as usize
+        } else {
+            exact.ceil() as usize
+        }
+    }
+
+    /// Which of the T·k assignments survive: `experts` and `weights` are the row-major [T, k]
+    /// expert indices and routing weights. Returns a row-major [T, k] mask.
+    pub fn keep_mask(
+        &self,
+        experts: &[u32],
+        weights: &[f32],
+        top_k: usize,
+        num_experts: usize,
+    ) -> Vec<bool> {
+        let tokens = experts.len() / top_k.max(1);
+        let cap = self.per_expert(tokens, top_k, num_experts);
+        let mut keep = vec![false; experts.len()];
+        let mut by_expert: Vec<Vec<usize>> = vec![Vec::new(); num_experts];
+        for (slot, &e) in experts.iter().enumerate() {
+            by_expert[e as usize].push(slot);
+        }
+        for mut slots in by_expert {
+            if self.policy == DropPolicy::Probs {
+                // Stable: equal weights keep token order, so the earlier token wins.
+                slots.sort_by(|&a, &b| weights[b].total_cmp(&weights[a]));
+            }
+            for &slot in slots.iter().take(cap) {
+                keep[slot] = true;
+            }
+        }
+        keep
+    }
 }
 
 #[cfg(test)]
@@ -200,6 +284,74 @@ mod tests {
             let g = grads.get(var.as_tensor()).expect("gradient reaches logits");
             let g: f32 = g.abs().unwrap().sum_all().unwrap().to_scalar().unwrap();
             assert!(g > 0.0, "{routing:?}");
+        }
+    }
+
+    #[test]
+    fn capacity_is_ceil_of_share_times_factor() {
+        let cap = |factor| {
+            Capacity {
+                factor,
+                policy: DropPolicy::Position,
+            }
+            .per_expert(10, 2, 4)
+        };
+        assert_eq!(cap(1.0), 5);
+        assert_eq!(cap(1.1), 6); // 5.5 rounds up
+        assert_eq!(cap(0.5), 3); // 2.5 rounds up
+        assert_eq!(
+            Capacity {
+                factor: 1.2,
+                policy: DropPolicy::Probs
+            }
+            .per_expert(5, 1, 2),
+            3
+        );
+    }
+
+    #[test]
+    fn drop_policies_drop_what_they_say() {
+        // 4 tokens, k = 1, 2 experts: capacity ceil(4/2 · 0.5) = 1 per expert.
+        let experts = [0u32, 0, 1, 0];
+        let weights = [0.2f32, 0.9, 0.4, 0.9];
+        let position = Capacity {
+            factor: 0.5,
+            policy: DropPolicy::Position,
+        };
+        assert_eq!(
+            position.keep_mask(&experts, &weights, 1, 2),
+            vec![true, false, true, false]
+        );
+        // Probs keeps the heaviest assignment of expert 0; the tie 0.9/0.9 goes to token 1.
+        let probs = Capacity {
+            factor: 0.5,
+            policy: DropPolicy::Probs,
+        };
+        assert_eq!(
+            probs.keep_mask(&experts, &weights, 1, 2),
+            vec![false, true, true, false]
+        );
+        // A large factor keeps everything.
+        let big = Capacity {
+            factor: 100.0,
+            policy: DropPolicy::Probs,
+        };
+        assert!(big.keep_mask(&experts, &weights, 1, 2).iter().all(|&k| k));
+        assert_eq!("probs".parse::<DropPolicy>(), Ok(DropPolicy::Probs));
+        assert!("latest".parse::<DropPolicy>().is_err());
+    }
+
+    #[test]
+    fn router_gradients_pass_finite_differences_in_both_modes() {
+        use crate::testing::{finite_difference_check, random};
+        let logits = Var::from_tensor(&(random(&[5, 4], 11, DType::F64) * 2.0).unwrap()).unwrap();
+        let probe = random(&[5, 2], 12, DType::F64);
+        for routing in [Routing::TopkThenSoftmax, Routing::SoftmaxThenTopk] {
+            finite_difference_check(&[&logits], |v| {
+                let r = route(v[0], 2, routing)?;
+                let main = (r.weights * &probe)?.sum_all()?;
+                main + (load_balancing_loss(&r.probs, &r.experts)? + z_loss(v[0])?)?
+            });
         }
     }
 }

@@ -3,7 +3,9 @@
 //!   throughput (forward + backward + AdamW on random tokens) and peak memory;
 //! - `btm bench merge [--experts 8] [--json]`: merging ~110M-parameter experts, against `cp`;
 //! - `btm bench orchestrate [--jobs N] [--seconds S]`: the orchestrator's own overhead with N
-//!   jobs of known duration on N slots, then one dependent job.
+//!   jobs of known duration on N slots, then one dependent job;
+//! - `btm bench moe --device cpu [--tokens T] [--json]`: one MoE layer forward + backward,
+//!   fused kernels against the reference loop.
 
 use anyhow::Result;
 use clap::{Args, Subcommand};
@@ -16,6 +18,8 @@ pub enum BenchCommand {
     Merge(BenchMergeArgs),
     /// Orchestration overhead: wall time minus the jobs' own durations.
     Orchestrate(BenchOrchestrateArgs),
+    /// One MoE layer forward + backward: fused kernels against the reference loop.
+    Moe(BenchMoeArgs),
     /// A job of known duration (what `bench orchestrate` runs).
     #[command(hide = true)]
     Sleep {
@@ -31,6 +35,23 @@ pub struct BenchMergeArgs {
     /// Where the synthetic experts go (default: a temporary folder; needs ~4 GB).
     #[arg(long)]
     dir: Option<std::path::PathBuf>,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+pub struct BenchMoeArgs {
+    /// cpu (the CUDA kernels are compiled and checked, not yet benchmarked from here).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Tokens per layer call.
+    #[arg(long, default_value_t = 4096)]
+    tokens: usize,
+    #[arg(long, default_value_t = 1024)]
+    hidden: usize,
+    /// Timed repetitions per path (medians are reported).
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
     #[arg(long)]
     json: bool,
 }
@@ -92,6 +113,29 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             Ok(())
         }
         BenchCommand::Orchestrate(args) => bench_orchestrate(args),
+        BenchCommand::Moe(args) => {
+            anyhow::ensure!(
+                args.device == "cpu",
+                "--device {}: only cpu is benchmarked here; the CUDA kernels are checked by `cargo test -p btm-kernels --features cuda`",
+                args.device
+            );
+            let spec = btm_kernels::bench::MoeBenchSpec {
+                tokens: args.tokens,
+                hidden: args.hidden,
+                reps: args.reps,
+                ..Default::default()
+            };
+            let quiet = args.json;
+            let results = btm_kernels::bench::bench_moe(&spec, &candle_core::Device::Cpu, |r| {
+                if !quiet {
+                    println!("{}", btm_kernels::bench::format_result(r));
+                }
+            })?;
+            if args.json {
+                println!("{}", serde_json::to_string(&results)?);
+            }
+            Ok(())
+        }
         BenchCommand::Train(args) => {
             anyhow::ensure!(args.threads > 0 && args.steps > 0, "--threads and --steps must be positive");
             let r = btm_trainer::bench::run(&args.preset, args.moe, args.threads, args.steps)?;

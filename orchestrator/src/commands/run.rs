@@ -1,6 +1,7 @@
 //! `btm run`, `btm status`, `btm report`: carry out a pipeline, show where a run stands, and
 //! (re)write its report.
 
+use crate::engine::kubernetes::{Credentials, KubernetesEngine};
 use crate::engine::slurm::SlurmEngine;
 use crate::engine::{Engine, LocalEngine};
 use crate::pipeline::spec::EngineSpec;
@@ -56,6 +57,36 @@ fn print_plan(plan: &Plan) {
     }
 }
 
+/// The Indexed Jobs `btm run` would create: one per batch of jobs of one kind with the same
+/// dependencies (the executor submits such jobs together when they become ready).
+fn print_manifests(k: &crate::pipeline::spec::KubernetesSpec, plan: &Plan) -> Result<()> {
+    let mut batches: Vec<Vec<&Job>> = vec![];
+    for j in &plan.jobs {
+        match batches.iter_mut().find(|b| b[0].kind == j.kind && b[0].deps == j.deps) {
+            Some(b) => b.push(j),
+            None => batches.push(vec![j]),
+        }
+    }
+    let run_name = plan.run_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    for batch in batches {
+        let subs: Vec<crate::engine::Submission> = batch
+            .iter()
+            .map(|j| crate::engine::Submission {
+                name: j.name.clone(),
+                args: j.args.clone(),
+                log: j.log(&plan.run_dir),
+                cpus: j.resources.cpus,
+                gpus: j.resources.gpus,
+            })
+            .collect();
+        let stage = batch[0].name.split('/').next().unwrap_or("job");
+        let name = crate::engine::kubernetes::object_name(&run_name, stage);
+        let m = crate::engine::kubernetes::manifest(k, &plan.run_dir, &name, &subs);
+        println!("---\n{}", serde_yaml::to_string(&m)?);
+    }
+    Ok(())
+}
+
 pub fn run(args: RunArgs) -> Result<()> {
     let loaded = crate::pipeline::load(&args.pipeline, &args.sets).map_err(anyhow::Error::new)?;
     let p = &loaded.pipeline;
@@ -66,6 +97,9 @@ pub fn run(args: RunArgs) -> Result<()> {
     let plan = crate::plan::plan(p, &loaded.base_dir, &run_dir)?;
     if args.dry_run {
         print_plan(&plan);
+        if let EngineSpec::Kubernetes(k) = &p.engine {
+            print_manifests(k, &plan)?;
+        }
         return Ok(());
     }
     std::fs::create_dir_all(&plan.run_dir).with_context(|| format!("creating {}", plan.run_dir.display()))?;
@@ -75,6 +109,7 @@ pub fn run(args: RunArgs) -> Result<()> {
     let engine: Box<dyn Engine> = match &p.engine {
         EngineSpec::Local { slots, .. } => Box::new(LocalEngine::new(*slots)?),
         spec @ EngineSpec::Slurm { .. } => Box::new(SlurmEngine::new(spec, &plan.run_dir)?),
+        EngineSpec::Kubernetes(k) => Box::new(KubernetesEngine::new(k, &plan.run_dir, Credentials::discover()?)?),
     };
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let start = std::time::Instant::now();

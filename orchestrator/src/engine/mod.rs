@@ -1,7 +1,9 @@
 //! Engines run jobs. The orchestrator only submits, polls and cancels; an engine is an adapter
 //! to something that runs processes — this machine ([`local`]) or a Slurm cluster through its
-//! CLI or its REST API ([`slurm`]) — never a scheduler of its own.
+//! CLI or its REST API ([`slurm`]), a Kubernetes cluster ([`kubernetes`]) — never a scheduler
+//! of its own.
 
+pub mod kubernetes;
 pub mod local;
 pub mod slurm;
 

@@ -98,6 +98,56 @@ pub enum EngineSpec {
         #[serde(default)]
         rest: Option<SlurmRest>,
     },
+    /// A Kubernetes cluster: one Indexed Job per batch of jobs, through the API server.
+    Kubernetes(KubernetesSpec),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct KubernetesSpec {
+    /// Container image with the `btm` binary.
+    pub image: String,
+    /// Path of `btm` inside the image.
+    #[serde(default = "default_btm_in_image")]
+    pub btm: String,
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    /// Jobs submitted and unfinished at once.
+    #[serde(default = "default_slurm_slots")]
+    pub slots: usize,
+    #[serde(default = "one")]
+    pub cpus_per_task: usize,
+    #[serde(default)]
+    pub memory_mb: Option<u64>,
+    /// GPUs per pod, requested as `nvidia.com/gpu`.
+    #[serde(default)]
+    pub gpus_per_task: usize,
+    /// Pod retries per index (`backoffLimitPerIndex`); trainers resume from their checkpoints.
+    #[serde(default = "default_backoff")]
+    pub backoff_limit: u32,
+    #[serde(default)]
+    pub service_account: Option<String>,
+    /// A ReadWriteMany volume holding the run folder, mounted at the same path in every pod.
+    #[serde(default)]
+    pub volume: Option<Volume>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Volume {
+    /// PersistentVolumeClaim name.
+    pub claim: String,
+    pub mount_path: String,
+}
+
+fn default_btm_in_image() -> String {
+    "btm".into()
+}
+fn default_namespace() -> String {
+    "default".into()
+}
+fn default_backoff() -> u32 {
+    2
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -146,6 +196,7 @@ impl EngineSpec {
                 threads_per_job.unwrap_or((cores / (*slots).max(1)).max(1))
             }
             EngineSpec::Slurm { cpus_per_task, .. } => *cpus_per_task,
+            EngineSpec::Kubernetes(k) => k.cpus_per_task,
         }
     }
 
@@ -153,12 +204,15 @@ impl EngineSpec {
         match self {
             EngineSpec::Local { .. } => 0,
             EngineSpec::Slurm { gpus_per_task, .. } => *gpus_per_task,
+            EngineSpec::Kubernetes(k) => k.gpus_per_task,
         }
     }
 
     pub fn retries(&self) -> u32 {
         match self {
             EngineSpec::Local { retries, .. } | EngineSpec::Slurm { retries, .. } => *retries,
+            // Kubernetes retries pods itself (backoffLimitPerIndex); one more resubmission.
+            EngineSpec::Kubernetes(_) => 1,
         }
     }
 }

@@ -1,0 +1,275 @@
+//! `btm bench moe`: one MoE layer forward + backward, fused vs the reference loop over experts.
+//!
+//! Each case builds random weights (router [E,H], per-expert SwiGLU weights for the reference,
+//! the same values stacked for the fused layer), then times `y = layer(x)` and
+//! `(y · probe).sum().backward()` with gradients for x, the router and every expert weight.
+//! Fused and reference runs alternate (one warm-up each, then `reps` timed pairs), so a change
+//! in machine load hits both paths alike; the figures are medians. Besides wall time, the
+//! process CPU time of each run is reported (Linux), which busy neighbours distort less.
+
+use std::time::Instant;
+
+use candle_core::{Device, Result, Tensor, Var};
+use serde::Serialize;
+
+use crate::moe::{fused_moe, reference_moe, ExpertRef, ExpertWeights, MoeOptions};
+use crate::router::Routing;
+
+/// One MoE shape: E experts, top-k, expert FFN width F.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct MoeCase {
+    pub experts: usize,
+    pub top_k: usize,
+    pub ffn: usize,
+}
+
+/// The issue's shapes: (8, 2, 2816) and the fine-grained (64, 8, 352).
+pub const DEFAULT_CASES: [MoeCase; 2] = [
+    MoeCase {
+        experts: 8,
+        top_k: 2,
+        ffn: 2816,
+    },
+    MoeCase {
+        experts: 64,
+        top_k: 8,
+        ffn: 352,
+    },
+];
+
+/// What to run.
+#[derive(Debug, Clone, Serialize)]
+pub struct MoeBenchSpec {
+    pub tokens: usize,
+    pub hidden: usize,
+    pub cases: Vec<MoeCase>,
+    /// Timed runs per path (the median is reported), after one warm-up run.
+    pub reps: usize,
+    /// Also time the reference loop (the slow part); false = fused only.
+    pub reference: bool,
+}
+
+impl Default for MoeBenchSpec {
+    /// T = 4096 (the CPU target), hidden 1024, both issue shapes, 3 reps.
+    fn default() -> Self {
+        Self {
+            tokens: 4096,
+            hidden: 1024,
+            cases: DEFAULT_CASES.to_vec(),
+            reps: 3,
+            reference: true,
+        }
+    }
+}
+
+/// One case's figures.
+#[derive(Debug, Clone, Serialize)]
+pub struct MoeBenchResult {
+    #[serde(flatten)]
+    pub case: MoeCase,
+    pub tokens: usize,
+    pub hidden: usize,
+    pub dtype: &'static str,
+    pub device: String,
+    pub threads: usize,
+    /// Median forward + backward wall milliseconds of the fused layer.
+    pub fused_ms: f64,
+    /// Median forward + backward wall milliseconds of the reference loop.
+    pub reference_ms: Option<f64>,
+    /// reference_ms / fused_ms.
+    pub speedup: Option<f64>,
+    /// Median process CPU milliseconds (all threads) per run, where the OS reports it.
+    pub fused_cpu_ms: Option<f64>,
+    pub reference_cpu_ms: Option<f64>,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// CPU time used by this process so far, in milliseconds (Linux: utime + stime of
+/// /proc/self/stat, in clock ticks of 10 ms); `None` elsewhere.
+fn process_cpu_ms() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    Some(ticks * 10.0)
+}
+
+/// Wall and CPU milliseconds of one run.
+fn measure(run: &mut dyn FnMut() -> Result<()>) -> Result<(f64, Option<f64>)> {
+    let (start, cpu0) = (Instant::now(), process_cpu_ms());
+    run()?;
+    let cpu = process_cpu_ms().zip(cpu0).map(|(b, a)| b - a);
+    Ok((start.elapsed().as_secs_f64() * 1e3, cpu))
+}
+
+/// Median (wall, CPU) milliseconds of each closure, run alternately after one warm-up each.
+fn time_alternating(
+    reps: usize,
+    runs: &mut [&mut dyn FnMut() -> Result<()>],
+) -> Result<Vec<(f64, Option<f64>)>> {
+    for run in runs.iter_mut() {
+        run()?; // warm-up: first-touch allocations, thread pool start
+    }
+    let mut samples: Vec<Vec<(f64, Option<f64>)>> = vec![Vec::new(); runs.len()];
+    for _ in 0..reps.max(1) {
+        for (run, out) in runs.iter_mut().zip(samples.iter_mut()) {
+            out.push(measure(*run)?);
+        }
+    }
+    Ok(samples
+        .into_iter()
+        .map(|s| {
+            let cpu: Option<Vec<f64>> = s.iter().map(|x| x.1).collect();
+            (median(s.iter().map(|x| x.0).collect()), cpu.map(median))
+        })
+        .collect())
+}
+
+/// Run one case on `device` in float32.
+pub fn bench_case(spec: &MoeBenchSpec, case: MoeCase, device: &Device) -> Result<MoeBenchResult> {
+    let (t, h, e, f) = (spec.tokens, spec.hidden, case.experts, case.ffn);
+    let randn = |dims: (usize, usize), fan_in: usize| -> Result<Var> {
+        Var::from_tensor(&Tensor::randn(
+            0f32,
+            1.0 / (fan_in as f32).sqrt(),
+            dims,
+            device,
+        )?)
+    };
+    let x = randn((t, h), 1)?;
+    let router = randn((e, h), h)?;
+    let mut per_expert = Vec::with_capacity(e);
+    for _ in 0..e {
+        per_expert.push((randn((f, h), h)?, randn((f, h), h)?, randn((h, f), f)?));
+    }
+    let stack = |pick: fn(&(Var, Var, Var)) -> &Var| -> Result<Tensor> {
+        let parts: Vec<&Tensor> = per_expert.iter().map(|v| pick(v).as_tensor()).collect();
+        Ok(Var::from_tensor(&Tensor::stack(&parts, 0)?)?
+            .as_tensor()
+            .clone())
+    };
+    let stacked = ExpertWeights {
+        gate: stack(|v| &v.0)?,
+        up: stack(|v| &v.1)?,
+        down: stack(|v| &v.2)?,
+    };
+    let probe = Tensor::randn(0f32, 1.0, (t, h), device)?;
+    let opts = MoeOptions {
+        top_k: case.top_k,
+        routing: Routing::SoftmaxThenTopk,
+        capacity: None,
+    };
+
+    let mut fused = || -> Result<()> {
+        let (y, _) = fused_moe(&x, &router, &stacked, &opts)?;
+        (y * &probe)?.sum_all()?.backward().map(drop)
+    };
+    let refs: Vec<ExpertRef> = per_expert
+        .iter()
+        .map(|(g, u, d)| (g.as_tensor(), u.as_tensor(), d.as_tensor()))
+        .collect();
+    let mut reference = || -> Result<()> {
+        let (y, _) = reference_moe(&x, &router, &refs, &opts)?;
+        (y * &probe)?.sum_all()?.backward().map(drop)
+    };
+    let (fused, reference) = if spec.reference {
+        let t = time_alternating(spec.reps, &mut [&mut fused, &mut reference])?;
+        (t[0], Some(t[1]))
+    } else {
+        (time_alternating(spec.reps, &mut [&mut fused])?[0], None)
+    };
+    let (fused_ms, fused_cpu_ms) = fused;
+    Ok(MoeBenchResult {
+        case,
+        tokens: t,
+        hidden: h,
+        dtype: "f32",
+        device: if device.is_cpu() {
+            "cpu".into()
+        } else {
+            format!("{:?}", device.location())
+        },
+        threads: rayon::current_num_threads(),
+        fused_ms,
+        reference_ms: reference.map(|r| r.0),
+        speedup: reference.map(|r| r.0 / fused_ms),
+        fused_cpu_ms,
+        reference_cpu_ms: reference.and_then(|r| r.1),
+    })
+}
+
+/// Run every case of `spec`, calling `report` after each (for progress output).
+pub fn bench_moe(
+    spec: &MoeBenchSpec,
+    device: &Device,
+    mut report: impl FnMut(&MoeBenchResult),
+) -> Result<Vec<MoeBenchResult>> {
+    let mut out = Vec::new();
+    for &case in &spec.cases {
+        let r = bench_case(spec, case, device)?;
+        report(&r);
+        out.push(r);
+    }
+    Ok(out)
+}
+
+/// One human-readable line for a result.
+pub fn format_result(r: &MoeBenchResult) -> String {
+    let cpu = |ms: Option<f64>| ms.map_or(String::new(), |c| format!(" (cpu {c:.0} ms)"));
+    let reference = match (r.reference_ms, r.speedup) {
+        (Some(ms), Some(s)) => format!(
+            "  reference {ms:9.1} ms{}  speedup {s:5.2}x",
+            cpu(r.reference_cpu_ms)
+        ),
+        _ => String::new(),
+    };
+    format!(
+        "moe T={} H={} E={} k={} F={} {} {} ({} threads): fused {:9.1} ms{}{reference}",
+        r.tokens,
+        r.hidden,
+        r.case.experts,
+        r.case.top_k,
+        r.case.ffn,
+        r.dtype,
+        r.device,
+        r.threads,
+        r.fused_ms,
+        cpu(r.fused_cpu_ms)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tiny_bench_runs_and_reports_both_paths() {
+        let case = MoeCase {
+            experts: 4,
+            top_k: 2,
+            ffn: 8,
+        };
+        let spec = MoeBenchSpec {
+            tokens: 32,
+            hidden: 16,
+            cases: vec![case],
+            reps: 1,
+            reference: true,
+        };
+        let mut lines = Vec::new();
+        let results = bench_moe(&spec, &Device::Cpu, |r| lines.push(format_result(r))).unwrap();
+        assert_eq!(results.len(), 1);
+        assert!(results[0].fused_ms > 0.0 && results[0].reference_ms.unwrap() > 0.0);
+        assert!(lines[0].contains("E=4 k=2 F=8"), "{}", lines[0]);
+        let json = serde_json::to_string(&results[0]).unwrap();
+        assert!(
+            json.contains("\"experts\":4") && json.contains("\"speedup\":"),
+            "{json}"
+        );
+    }
+}

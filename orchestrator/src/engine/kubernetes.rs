@@ -1,0 +1,387 @@
+//! The Kubernetes engine: each batch of jobs that become ready together (the per-domain
+//! trainers of a stage) is one Indexed Job (`completionMode: Indexed`); `JOB_COMPLETION_INDEX`
+//! picks the task. Jobs are created, polled and deleted through the API server's REST
+//! interface (`/apis/batch/v1/namespaces/{ns}/jobs`) with credentials from a kubeconfig or the
+//! in-cluster service account.
+//!
+//! The pods see the run folder at the same path as `btm run` (mount a ReadWriteMany volume
+//! there, `volume` in the pipeline). Not yet run against a live cluster: the manifests are
+//! checked against the official schema and the REST calls against a fake API server in tests.
+
+use super::{Engine, JobHandle, JobState, Submission};
+use crate::pipeline::spec::KubernetesSpec;
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The Indexed Job manifest for `jobs`, run by `spec.image` with the run folder mounted.
+pub fn manifest(spec: &KubernetesSpec, run: &Path, name: &str, jobs: &[Submission]) -> Value {
+    let quote = |s: &str| format!("'{}'", s.replace('\'', r"'\''"));
+    let mut script = String::from("case \"$JOB_COMPLETION_INDEX\" in\n");
+    for (i, j) in jobs.iter().enumerate() {
+        let args: Vec<String> = j.args.iter().map(|a| quote(a)).collect();
+        script.push_str(&format!(
+            "  {i}) exec {} {} >> {} 2>&1 ;;\n",
+            quote(&spec.btm),
+            args.join(" "),
+            quote(&j.log.to_string_lossy())
+        ));
+    }
+    script.push_str("  *) echo \"btm: no task $JOB_COMPLETION_INDEX\" >&2; exit 2 ;;\nesac\n");
+    let cpus = jobs[0].cpus.max(1);
+    let mut requests = json!({"cpu": cpus.to_string()});
+    let mut limits = json!({});
+    if let Some(m) = spec.memory_mb {
+        requests["memory"] = json!(format!("{m}Mi"));
+        limits["memory"] = json!(format!("{m}Mi"));
+    }
+    if jobs[0].gpus > 0 {
+        limits["nvidia.com/gpu"] = json!(jobs[0].gpus.to_string());
+    }
+    let mut container = json!({
+        "name": "btm",
+        "image": spec.image,
+        "command": ["/bin/sh", "-c", script],
+        "workingDir": run.to_string_lossy(),
+        "env": [{"name": "RAYON_NUM_THREADS", "value": cpus.to_string()}],
+        "resources": {"requests": requests, "limits": limits},
+    });
+    let mut pod = json!({"restartPolicy": "Never", "containers": []});
+    if let Some(v) = &spec.volume {
+        container["volumeMounts"] = json!([{"name": "runs", "mountPath": v.mount_path}]);
+        pod["volumes"] = json!([{"name": "runs", "persistentVolumeClaim": {"claimName": v.claim}}]);
+    }
+    if let Some(sa) = &spec.service_account {
+        pod["serviceAccountName"] = json!(sa);
+    }
+    pod["containers"] = json!([container]);
+    json!({
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": name, "namespace": spec.namespace, "labels": {"app.kubernetes.io/managed-by": "btm"}},
+        "spec": {
+            "completionMode": "Indexed",
+            "completions": jobs.len(),
+            "parallelism": jobs.len(),
+            // Retries per index: a failed trainer restarts and resumes from its checkpoint.
+            "backoffLimitPerIndex": spec.backoff_limit,
+            "maxFailedIndexes": jobs.len(),
+            "ttlSecondsAfterFinished": 86400,
+            "template": {"metadata": {"labels": {"app.kubernetes.io/managed-by": "btm"}}, "spec": pod},
+        },
+    })
+}
+
+/// A Kubernetes object name: lowercase letters, digits and `-`, at most 63 characters.
+pub fn object_name(run: &str, batch: &str) -> String {
+    let clean = |s: &str| -> String {
+        s.chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' })
+            .collect()
+    };
+    let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() % 1_000_000);
+    let mut name = format!("btm-{}-{}", clean(run), clean(batch));
+    name.truncate(63 - 7);
+    format!("{}-{stamp:06}", name.trim_end_matches('-'))
+}
+
+/// Where and how to reach the API server.
+#[derive(Debug, Clone)]
+pub struct Credentials {
+    pub server: String,
+    pub token: Option<String>,
+    pub ca_pem: Option<Vec<u8>>,
+}
+
+impl Credentials {
+    /// From the in-cluster service account, else `$KUBECONFIG` or `~/.kube/config` (its current
+    /// context's server, bearer token and CA).
+    pub fn discover() -> Result<Self> {
+        let sa = Path::new("/var/run/secrets/kubernetes.io/serviceaccount");
+        if let (Ok(host), Ok(port)) = (std::env::var("KUBERNETES_SERVICE_HOST"), std::env::var("KUBERNETES_SERVICE_PORT")) {
+            return Ok(Self {
+                server: format!("https://{host}:{port}"),
+                token: Some(std::fs::read_to_string(sa.join("token")).context("reading the service-account token")?.trim().into()),
+                ca_pem: std::fs::read(sa.join("ca.crt")).ok(),
+            });
+        }
+        let path = std::env::var_os("KUBECONFIG")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".kube/config")))
+            .context("no kubeconfig: set KUBECONFIG")?;
+        Self::from_kubeconfig(&std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?)
+    }
+
+    pub fn from_kubeconfig(text: &str) -> Result<Self> {
+        let cfg: serde_yaml::Value = serde_yaml::from_str(text).context("kubeconfig is not YAML")?;
+        let current = cfg["current-context"].as_str().context("kubeconfig: no current-context")?;
+        let find = |list: &str, name: &str| -> Option<serde_yaml::Value> {
+            cfg[list].as_sequence()?.iter().find(|e| e["name"].as_str() == Some(name)).cloned()
+        };
+        let ctx = find("contexts", current).with_context(|| format!("kubeconfig: no context `{current}`"))?;
+        let cluster_name = ctx["context"]["cluster"].as_str().unwrap_or_default().to_string();
+        let user_name = ctx["context"]["user"].as_str().unwrap_or_default().to_string();
+        let cluster = find("clusters", &cluster_name).with_context(|| format!("kubeconfig: no cluster `{cluster_name}`"))?;
+        let server = cluster["cluster"]["server"].as_str().context("kubeconfig: the cluster has no server")?.to_string();
+        use base64_decode as b64;
+        let ca_pem = match cluster["cluster"]["certificate-authority-data"].as_str() {
+            Some(d) => Some(b64(d)?),
+            None => cluster["cluster"]["certificate-authority"].as_str().and_then(|p| std::fs::read(p).ok()),
+        };
+        let token = find("users", &user_name).and_then(|u| u["user"]["token"].as_str().map(String::from));
+        Ok(Self { server, token, ca_pem })
+    }
+}
+
+/// Standard base64 (kubeconfig's `*-data` fields).
+fn base64_decode(s: &str) -> Result<Vec<u8>> {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = Vec::with_capacity(s.len() * 3 / 4);
+    let (mut buf, mut bits) = (0u32, 0u32);
+    for c in s.bytes().filter(|c| !c.is_ascii_whitespace() && *c != b'=') {
+        let v = ALPHABET.iter().position(|&a| a == c).context("invalid base64 in kubeconfig")? as u32;
+        buf = (buf << 6) | v;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((buf >> bits) as u8);
+            buf &= (1 << bits) - 1;
+        }
+    }
+    Ok(out)
+}
+
+pub struct KubernetesEngine {
+    spec: KubernetesSpec,
+    run: PathBuf,
+    run_name: String,
+    client: reqwest::Client,
+    creds: Credentials,
+}
+
+impl KubernetesEngine {
+    pub fn new(spec: &KubernetesSpec, run: &Path, creds: Credentials) -> Result<Self> {
+        let mut builder = reqwest::Client::builder().timeout(Duration::from_secs(30));
+        if let Some(pem) = &creds.ca_pem {
+            builder = builder.add_root_certificate(reqwest::Certificate::from_pem(pem).context("the cluster CA certificate")?);
+        }
+        Ok(Self {
+            spec: spec.clone(),
+            run: run.to_path_buf(),
+            run_name: run.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "run".into()),
+            client: builder.build()?,
+            creds,
+        })
+    }
+
+    fn jobs_url(&self) -> String {
+        format!("{}/apis/batch/v1/namespaces/{}/jobs", self.creds.server.trim_end_matches('/'), self.spec.namespace)
+    }
+
+    async fn call(&self, req: reqwest::RequestBuilder) -> Result<Value> {
+        let req = match &self.creds.token {
+            Some(t) => req.bearer_auth(t),
+            None => req,
+        };
+        let resp = req.send().await.context("Kubernetes API server")?;
+        let status = resp.status();
+        let body: Value = resp.json().await.unwrap_or(Value::Null);
+        if status == reqwest::StatusCode::UNAUTHORIZED || status == reqwest::StatusCode::FORBIDDEN {
+            bail!("the Kubernetes API server refused the credentials: HTTP {status}: {}", body["message"].as_str().unwrap_or(""));
+        }
+        if !status.is_success() {
+            bail!("Kubernetes API: HTTP {status}: {}", body["message"].as_str().unwrap_or("no message"));
+        }
+        Ok(body)
+    }
+}
+
+#[async_trait::async_trait]
+impl Engine for KubernetesEngine {
+    fn slots(&self) -> usize {
+        self.spec.slots
+    }
+
+    fn poll_interval(&self) -> Duration {
+        Duration::from_secs(2)
+    }
+
+    async fn submit(&self, jobs: &[Submission]) -> Result<Vec<JobHandle>> {
+        std::fs::create_dir_all(self.run.join("logs"))?;
+        let batch = jobs[0].name.split('/').next().unwrap_or("job");
+        let name = object_name(&self.run_name, batch);
+        let m = manifest(&self.spec, &self.run, &name, jobs);
+        self.call(self.client.post(self.jobs_url()).json(&m)).await?;
+        Ok((0..jobs.len()).map(|i| JobHandle(format!("{name}/{i}"))).collect())
+    }
+
+    async fn state(&self, handle: &JobHandle) -> Result<JobState> {
+        let (name, index) = handle.0.rsplit_once('/').context("kubernetes job handle")?;
+        let job = self.call(self.client.get(format!("{}/{name}", self.jobs_url()))).await?;
+        Ok(index_state(&job["status"], index.parse()?))
+    }
+
+    async fn cancel(&self, handle: &JobHandle) -> Result<()> {
+        let (name, _) = handle.0.rsplit_once('/').context("kubernetes job handle")?;
+        // Deleting the Job sends SIGTERM to its pods (trainers checkpoint), then SIGKILL after
+        // the grace period.
+        let url = format!("{}/{name}?propagationPolicy=Background", self.jobs_url());
+        match self.call(self.client.delete(url)).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.to_string().contains("404") => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// Whether `index` is in a Job status interval list like "0,2-4".
+fn in_ranges(list: &str, index: u64) -> bool {
+    list.split(',').filter(|p| !p.is_empty()).any(|part| match part.split_once('-') {
+        Some((a, b)) => a.parse::<u64>().is_ok_and(|a| a <= index) && b.parse::<u64>().is_ok_and(|b| index <= b),
+        None => part.parse::<u64>() == Ok(index),
+    })
+}
+
+/// The state of one index of an Indexed Job from its `status`.
+pub fn index_state(status: &Value, index: u64) -> JobState {
+    if in_ranges(status["completedIndexes"].as_str().unwrap_or(""), index) {
+        JobState::Succeeded
+    } else if in_ranges(status["failedIndexes"].as_str().unwrap_or(""), index) {
+        JobState::Failed("the Kubernetes Job gave up on this index (backoffLimitPerIndex)".into())
+    } else {
+        JobState::Running
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn index_ranges() {
+        let s = json!({"completedIndexes": "0,2-3", "failedIndexes": "5"});
+        assert_eq!(index_state(&s, 0), JobState::Succeeded);
+        assert_eq!(index_state(&s, 1), JobState::Running);
+        assert_eq!(index_state(&s, 3), JobState::Succeeded);
+        assert!(matches!(index_state(&s, 5), JobState::Failed(_)));
+    }
+
+    #[test]
+    fn names_are_dns_labels() {
+        let n = object_name("My_Run", "expert/scripture");
+        assert!(n.len() <= 63 && n.starts_with("btm-my-run-expert-scripture-"), "{n}");
+        assert!(n.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'));
+    }
+
+    /// (method, path, authorization header, JSON body) of one request.
+    type Recorded = (String, String, String, Value);
+
+    /// A fake API server on 127.0.0.1: records each request and answers from
+    /// `reply(method, path)`.
+    fn fake_api(requests: usize, reply: fn(&str, &str) -> (u16, Value)) -> (String, std::thread::JoinHandle<Vec<Recorded>>) {
+        use std::io::{BufRead, BufReader, Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let handle = std::thread::spawn(move || {
+            let mut seen = vec![];
+            'conns: for stream in listener.incoming() {
+                let stream = stream.unwrap();
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut writer = stream;
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                        continue 'conns;
+                    }
+                    let mut parts = line.split_whitespace();
+                    let (method, path) = (parts.next().unwrap_or("").to_string(), parts.next().unwrap_or("").to_string());
+                    let (mut len, mut auth) = (0usize, String::new());
+                    loop {
+                        let mut h = String::new();
+                        reader.read_line(&mut h).unwrap();
+                        if h.trim().is_empty() {
+                            break;
+                        }
+                        let (k, v) = h.split_once(':').unwrap();
+                        match k.to_ascii_lowercase().as_str() {
+                            "content-length" => len = v.trim().parse().unwrap(),
+                            "authorization" => auth = v.trim().to_string(),
+                            _ => {}
+                        }
+                    }
+                    let mut body = vec![0u8; len];
+                    reader.read_exact(&mut body).unwrap();
+                    let (code, answer) = reply(&method, &path);
+                    let answer = answer.to_string();
+                    write!(writer, "HTTP/1.1 {code} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{answer}", answer.len()).unwrap();
+                    seen.push((method, path, auth, serde_json::from_slice(&body).unwrap_or(Value::Null)));
+                    if seen.len() == requests {
+                        return seen;
+                    }
+                }
+            }
+            seen
+        });
+        (url, handle)
+    }
+
+    fn spec() -> KubernetesSpec {
+        serde_yaml::from_str("{image: 'registry.example/btm:1', namespace: research, gpus_per_task: 1, volume: {claim: runs, mount_path: /runs}}").unwrap()
+    }
+
+    #[test]
+    fn rest_calls_create_poll_and_delete_indexed_jobs() {
+        let (url, server) = fake_api(4, |method, path| match (method, path) {
+            ("POST", _) => (201, json!({"kind": "Job"})),
+            ("GET", p) if p.ends_with("/jobs/x-1") => (200, json!({"status": {"completedIndexes": "0", "failedIndexes": "1"}})),
+            ("DELETE", _) => (200, json!({"kind": "Status"})),
+            _ => (404, json!({"message": "not found"})),
+        });
+        let creds = Credentials { server: url, token: Some("secret-token".into()), ca_pem: None };
+        let engine = KubernetesEngine::new(&spec(), Path::new("/runs/r"), creds).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let subs: Vec<Submission> = ["expert/a", "expert/b"]
+            .iter()
+            .map(|n| Submission { name: n.to_string(), args: vec!["train".into(), "--job".into(), format!("/runs/r/jobs/{n}.yaml")], log: PathBuf::from("/tmp/btm-k8s-test.log"), cpus: 2, gpus: 1 })
+            .collect();
+        let handles = rt.block_on(engine.submit(&subs)).unwrap();
+        assert_eq!(handles.len(), 2);
+        assert!(handles[1].0.ends_with("/1"));
+        assert_eq!(rt.block_on(engine.state(&JobHandle("x-1/0".into()))).unwrap(), JobState::Succeeded);
+        assert!(matches!(rt.block_on(engine.state(&JobHandle("x-1/1".into()))).unwrap(), JobState::Failed(_)));
+        rt.block_on(engine.cancel(&JobHandle("x-1/0".into()))).unwrap();
+        let seen = server.join().unwrap();
+        let (method, path, auth, body) = &seen[0];
+        assert_eq!((method.as_str(), path.as_str(), auth.as_str()), ("POST", "/apis/batch/v1/namespaces/research/jobs", "Bearer secret-token"));
+        assert_eq!(body["spec"]["completionMode"], "Indexed");
+        assert_eq!(body["spec"]["completions"], 2);
+        let c = &body["spec"]["template"]["spec"]["containers"][0];
+        assert_eq!(c["resources"]["limits"]["nvidia.com/gpu"], "1");
+        assert!(c["command"][2].as_str().unwrap().contains("JOB_COMPLETION_INDEX"));
+        assert_eq!(body["spec"]["template"]["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"], "runs");
+        assert_eq!((seen[1].0.as_str(), seen[1].1.as_str()), ("GET", "/apis/batch/v1/namespaces/research/jobs/x-1"));
+        assert_eq!(seen[3].0, "DELETE");
+        assert!(seen[3].1.ends_with("/jobs/x-1?propagationPolicy=Background"));
+    }
+
+    #[test]
+    fn refused_credentials_are_named() {
+        let (url, _server) = fake_api(1, |_, _| (401, json!({"message": "Unauthorized"})));
+        let creds = Credentials { server: url, token: Some("t".into()), ca_pem: None };
+        let engine = KubernetesEngine::new(&spec(), Path::new("/runs/r"), creds).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let err = rt.block_on(engine.state(&JobHandle("x/0".into()))).unwrap_err().to_string();
+        assert!(err.contains("refused the credentials: HTTP 401"), "{err}");
+    }
+
+    #[test]
+    fn kubeconfig_current_context() {
+        let text = "apiVersion: v1\ncurrent-context: b\nclusters:\n- name: cb\n  cluster: {server: 'https://10.0.0.1:6443', certificate-authority-data: aGVsbG8=}\n\
+                    contexts:\n- name: a\n  context: {cluster: ca, user: ua}\n- name: b\n  context: {cluster: cb, user: ub}\nusers:\n- name: ub\n  user: {token: tok}\n";
+        let c = Credentials::from_kubeconfig(text).unwrap();
+        assert_eq!(c.server, "https://10.0.0.1:6443");
+        assert_eq!(c.token.as_deref(), Some("tok"));
+        assert_eq!(c.ca_pem.as_deref(), Some(&b"hello"[..]));
+    }
+}

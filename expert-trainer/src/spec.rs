@@ -161,6 +161,30 @@ pub struct Moe {
     /// Coefficient of the router z-loss (mean over MoE layers).
     #[serde(default = "default_z")]
     pub z_loss_coef: f64,
+    /// Expert capacity factor: each expert takes at most ceil(T·k/E · factor) assignments per
+    /// batch; null = dropless.
+    #[serde(default)]
+    pub capacity_factor: Option<f64>,
+    /// Which assignments over capacity are dropped: `probs` (the lowest-probability ones, per
+    /// expert) or `position` (the latest tokens).
+    #[serde(default = "default_drop_policy")]
+    pub drop_policy: String,
+}
+
+fn default_drop_policy() -> String {
+    "probs".into()
+}
+
+impl Moe {
+    /// The capacity limit, if any.
+    pub fn capacity(&self) -> Result<Option<btm_kernels::Capacity>> {
+        let Some(factor) = self.capacity_factor else { return Ok(None) };
+        if !(factor > 0.0 && factor.is_finite()) {
+            bail!("moe.capacity_factor: must be a positive number, got {factor}");
+        }
+        let policy = self.drop_policy.parse().map_err(|e: String| anyhow::anyhow!("moe.drop_policy: {e}"))?;
+        Ok(Some(btm_kernels::Capacity { factor, policy }))
+    }
 }
 
 impl Default for Moe {
@@ -168,6 +192,8 @@ impl Default for Moe {
         Self {
             aux_loss_coef: default_aux(),
             z_loss_coef: default_z(),
+            capacity_factor: None,
+            drop_policy: default_drop_policy(),
         }
     }
 }
@@ -463,6 +489,7 @@ impl JobSpec {
     /// Check everything that can be checked before work starts; errors name the key path.
     pub fn validate(&self) -> Result<()> {
         let fail = |key: &str, why: String| -> Result<()> { bail!("{key}: {why}") };
+        self.moe.capacity()?;
         // init
         match (&self.init.checkpoint, &self.init.config, &self.init.tokenizer) {
             (Some(_), None, None) | (None, Some(_), Some(_)) => {}

@@ -98,6 +98,8 @@ pub struct StepStats {
     pub z_loss: Option<f64>,
     /// Per MoE layer, the share of assignments each expert got (mean over micro-batches).
     pub expert_load: Vec<Vec<f32>>,
+    /// Per MoE layer, the share of assignments dropped by the capacity limit.
+    pub dropped: Vec<f64>,
     /// Global gradient norm before clipping.
     pub grad_norm: f64,
 }
@@ -114,7 +116,8 @@ pub struct Stepper {
 
 impl Stepper {
     pub fn new(weights: Weights, optimizer: &spec::Optimizer, moe: &spec::Moe, grad_clip: Option<f64>) -> Result<Self> {
-        let model = weights.model()?;
+        let mut model = weights.model()?;
+        model.set_moe_capacity(moe.capacity()?);
         let opt = AdamW::new(weights.trainable.clone(), optimizer)?;
         Ok(Self {
             weights,
@@ -144,10 +147,12 @@ impl Stepper {
                 let mut z = Vec::with_capacity(trace.router.len());
                 if stats.expert_load.is_empty() {
                     stats.expert_load = vec![Vec::new(); trace.router.len()];
+                    stats.dropped = vec![0.0; trace.router.len()];
                 }
                 for (l, r) in trace.router.iter().enumerate() {
                     aux.push(r.load_balancing_loss()?);
                     z.push(r.z_loss()?);
+                    stats.dropped[l] += r.dropped_fraction()? / n;
                     let load = r.expert_load()?;
                     let acc = &mut stats.expert_load[l];
                     acc.resize(load.len(), 0.0);
@@ -434,6 +439,7 @@ pub fn run(spec: &JobSpec, mut options: Options) -> Result<Outcome> {
                 rec["aux_loss"] = json!(aux);
                 rec["z_loss"] = json!(z);
                 rec["expert_load"] = json!(stats.expert_load);
+                rec["dropped"] = json!(stats.dropped);
             }
             metrics.record(&rec)?;
             let rate = (step - start_step) as f64 / started.elapsed().as_secs_f64().max(1e-9);

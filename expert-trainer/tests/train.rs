@@ -43,6 +43,8 @@ fn bad_specs_name_the_key_and_the_reason() {
         (good.replace("steps: 3\n", "steps: 3\ntrainable: {include: ['*.mlp.gate.weight']}\n"), "trainable.include[0]: `*.mlp.gate.weight` matches no tensor"),
         (good.replace("steps: 3\n", ""), "steps: missing"),
         (good.replace("steps: 3\n", "steps: 3\ndtype: bfloat16\n"), "dtype: `bfloat16`"),
+        (good.replace("steps: 3\n", "steps: 3\nmoe: {capacity_factor: -1}\n"), "moe.capacity_factor: must be a positive number, got -1"),
+        (good.replace("steps: 3\n", "steps: 3\nmoe: {capacity_factor: 1.0, drop_policy: random}\n"), "moe.drop_policy: unknown drop policy `random`"),
     ];
     for (yaml, want) in cases {
         let err = spec_error(&yaml, dir.path());
@@ -54,6 +56,20 @@ fn bad_specs_name_the_key_and_the_reason() {
     assert!(err.ends_with("file is empty"), "{err}");
     // Nothing was created: validation happens before any work.
     assert!(!out.exists() && !cache.exists());
+}
+
+#[test]
+fn a_capacity_limit_drops_tokens_and_says_how_many() {
+    let (dir, train, valid) = data_dir();
+    let out = dir.path().join("out");
+    let yaml = job_yaml("mixtral", &train, &valid, &out, &dir.path().join("cache"), "steps: 2\nmoe: {capacity_factor: 0.5, drop_policy: position}\n");
+    let spec = JobSpec::parse(&yaml, dir.path()).unwrap();
+    btm_trainer::run(&spec, quiet()).unwrap();
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let line: serde_json::Value = metrics.lines().map(|l| serde_json::from_str(l).unwrap()).find(|v: &serde_json::Value| v.get("dropped").is_some()).expect("a training line");
+    let dropped: Vec<f64> = serde_json::from_value(line["dropped"].clone()).unwrap();
+    assert_eq!(dropped.len(), 2, "one entry per MoE layer");
+    assert!(dropped.iter().all(|&d| d >= 0.5), "capacity factor 0.5 keeps at most half: {dropped:?}");
 }
 
 #[test]

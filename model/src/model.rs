@@ -8,7 +8,7 @@
 //! float32.
 
 use crate::config::{ModelConfig, MoeConfig, RopeScaling};
-use btm_kernels::{route, Routed, Routing};
+use btm_kernels::{route, Capacity, ExpertWeights, MoeOptions, Routed, Routing};
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::{Embedding, Linear, VarBuilder};
 
@@ -207,6 +207,8 @@ pub struct RouterOutput {
     /// [T, E] router logits, float32.
     pub logits: Tensor,
     pub routed: Routed,
+    /// Token-expert assignments dropped by the capacity limit (0 when dropless).
+    pub dropped: usize,
 }
 
 impl RouterOutput {
@@ -218,6 +220,11 @@ impl RouterOutput {
     /// Router z-loss `mean(logsumexp(logits)²)`, without its coefficient.
     pub fn z_loss(&self) -> Result<Tensor> {
         btm_kernels::z_loss(&self.logits)
+    }
+
+    /// Share of the T·k token-expert assignments that the capacity limit dropped.
+    pub fn dropped_fraction(&self) -> Result<f64> {
+        Ok(self.dropped as f64 / self.routed.experts.elem_count().max(1) as f64)
     }
 
     /// Share of the token-expert assignments each expert received.
@@ -232,8 +239,10 @@ impl RouterOutput {
 /// A Mixture-of-Experts FFN: a float32 router picks `top_k` of E SwiGLU experts per token;
 /// an optional shared expert (Qwen2-MoE) sees every token, optionally behind a sigmoid gate.
 ///
-/// This is the plain reference path (a loop over experts with `index_select`/`index_add`);
-/// the fused kernels of `btm-kernels` are checked against it.
+/// On the CPU the block runs the fused kernels of `btm-kernels` (permute, grouped GEMM,
+/// unpermute; optional capacity limit with token dropping). Elsewhere, and on request, it runs
+/// the plain reference path (a loop over experts with `index_select`/`index_add`, dropless),
+/// which the fused kernels are tested against.
 #[derive(Debug, Clone)]
 pub struct MoeBlock {
     /// Router weight [E, H]; applied in float32.
@@ -243,6 +252,10 @@ pub struct MoeBlock {
     shared_expert_gate: Option<Linear>,
     top_k: usize,
     routing: Routing,
+    /// Use the fused kernels (CPU only).
+    fused: bool,
+    /// Expert capacity (fused path only); `None` = dropless.
+    capacity: Option<Capacity>,
 }
 
 impl MoeBlock {
@@ -263,12 +276,14 @@ impl MoeBlock {
             ),
         };
         Ok(Self {
+            fused: router.device().is_cpu(),
             router,
             experts,
             shared_expert,
             shared_expert_gate,
             top_k: moe.top_k,
             routing: moe.routing,
+            capacity: None,
         })
     }
 
@@ -281,7 +296,46 @@ impl MoeBlock {
         let dims = xs.dims().to_vec();
         let hidden = *dims.last().expect("hidden dim");
         let xs = xs.reshape(((), hidden))?;
-        let logits = self.router_logits(&xs)?;
+        let (mut out, router) = if self.fused {
+            self.routed_fused(&xs)?
+        } else {
+            self.routed_reference(&xs)?
+        };
+        if let Some(shared) = &self.shared_expert {
+            let mut s = shared.forward(&xs)?;
+            if let Some(gate) = &self.shared_expert_gate {
+                s = s.broadcast_mul(&sigmoid(&gate.forward(&xs)?)?)?;
+            }
+            out = (out + s)?;
+        }
+        if let Some(record) = record {
+            record.push(router);
+        }
+        out.reshape(dims)
+    }
+
+    /// The routed experts through the fused kernels. The per-expert weights are stacked on
+    /// each call (gradients flow back through the stack to every expert's own tensors).
+    fn routed_fused(&self, xs: &Tensor) -> Result<(Tensor, RouterOutput)> {
+        let refs: Vec<_> = self
+            .experts
+            .iter()
+            .map(|e| (e.gate_proj.weight(), e.up_proj.weight(), e.down_proj.weight()))
+            .collect();
+        let weights = ExpertWeights::stack(&refs)?;
+        let opts = MoeOptions {
+            top_k: self.top_k,
+            routing: self.routing,
+            capacity: self.capacity,
+        };
+        let (y, stats) = btm_kernels::fused_moe(xs, &self.router, &weights, &opts)?;
+        let dropped = stats.dropped();
+        Ok((y, RouterOutput { logits: stats.logits, routed: stats.routed, dropped }))
+    }
+
+    /// The routed experts by the plain loop (the reference the fused kernels are tested against).
+    fn routed_reference(&self, xs: &Tensor) -> Result<(Tensor, RouterOutput)> {
+        let logits = self.router_logits(xs)?;
         let routed = route(&logits, self.top_k, self.routing)?;
 
         // Group the T·k assignments by expert on the host: the reference loop.
@@ -306,17 +360,17 @@ impl MoeBlock {
             let w = weights.index_select(&slot_idx, 0)?.to_dtype(y.dtype())?.unsqueeze(1)?;
             out = out.index_add(&token_idx, &y.broadcast_mul(&w)?, 0)?;
         }
-        if let Some(shared) = &self.shared_expert {
-            let mut s = shared.forward(&xs)?;
-            if let Some(gate) = &self.shared_expert_gate {
-                s = s.broadcast_mul(&sigmoid(&gate.forward(&xs)?)?)?;
-            }
-            out = (out + s)?;
-        }
-        if let Some(record) = record {
-            record.push(RouterOutput { logits, routed });
-        }
-        out.reshape(dims)
+        Ok((out, RouterOutput { logits, routed, dropped: 0 }))
+    }
+
+    /// Use the fused kernels (`true`, CPU only) or the reference loop.
+    pub fn set_fused(&mut self, fused: bool) {
+        self.fused = fused && self.router.device().is_cpu();
+    }
+
+    /// Limit each expert to `ceil(T·k/E · factor)` assignments (fused path); `None` = dropless.
+    pub fn set_capacity(&mut self, capacity: Option<Capacity>) {
+        self.capacity = capacity;
     }
 }
 
@@ -416,6 +470,23 @@ impl Transformer {
 
     pub fn config(&self) -> &ModelConfig {
         &self.config
+    }
+
+    fn moe_blocks(&mut self) -> impl Iterator<Item = &mut MoeBlock> {
+        self.layers.iter_mut().filter_map(|l| match &mut l.mlp {
+            Ffn::Moe(m) => Some(m),
+            Ffn::Dense(_) => None,
+        })
+    }
+
+    /// Run MoE layers through the fused kernels (default on the CPU) or the reference loop.
+    pub fn set_fused_moe(&mut self, fused: bool) {
+        self.moe_blocks().for_each(|m| m.set_fused(fused));
+    }
+
+    /// Expert capacity for every MoE layer; `None` = dropless (the default).
+    pub fn set_moe_capacity(&mut self, capacity: Option<Capacity>) {
+        self.moe_blocks().for_each(|m| m.set_capacity(capacity));
     }
 
     /// Logits [B, T, vocab] for token ids [B, T] (positions 0..T).

@@ -297,3 +297,30 @@ fn moe_placeholders_are_exact_and_dropped_on_read() {
     assert_eq!(hf["norm_topk_prob"], false);
     assert_eq!(hf["btm"]["shared_expert"], "none");
 }
+
+#[test]
+fn fused_moe_kernels_match_the_reference_loop() {
+    for name in ["mixtral", "qwen2_moe", "qwen2_moe_normtopk"] {
+        let ckpt = Checkpoint::open(fixtures().join(name)).unwrap();
+        let fused = ckpt.load_model(DType::F32, &Device::Cpu).unwrap();
+        let mut reference = ckpt.load_model(DType::F32, &Device::Cpu).unwrap();
+        reference.set_fused_moe(false);
+        let expected = candle_core::safetensors::load(fixtures().join(name).join("expected.safetensors"), &Device::Cpu).unwrap();
+        let ids = expected["input_ids"].to_dtype(DType::U32).unwrap();
+        let (a, b) = (fused.forward(&ids).unwrap(), reference.forward(&ids).unwrap());
+        let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff <= 1e-5, "{name}: fused vs reference max |Δlogit| = {diff}");
+    }
+    // A tight capacity drops assignments, and the trace says how many.
+    let ckpt = Checkpoint::open(fixtures().join("mixtral")).unwrap();
+    let mut model = ckpt.load_model(DType::F32, &Device::Cpu).unwrap();
+    model.set_moe_capacity(Some(btm_kernels::Capacity {
+        factor: 0.5,
+        policy: btm_kernels::DropPolicy::Probs,
+    }));
+    let ids = Tensor::new(&[[3u32, 17, 42, 99, 5, 8, 13, 21]], &Device::Cpu).unwrap();
+    let mut trace = btm_model::model::Trace::default();
+    model.forward_traced(&ids, &mut trace).unwrap();
+    let dropped = trace.router[0].dropped_fraction().unwrap();
+    assert!(dropped >= 0.5, "capacity factor 0.5 keeps at most half the assignments, dropped {dropped}");
+}

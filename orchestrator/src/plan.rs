@@ -129,6 +129,8 @@ fn defaults() -> TrainParams {
         log_interval: Some(10),
         aux_loss_coef: Some(0.01),
         z_loss_coef: Some(0.001),
+        capacity_factor: None,
+        drop_policy: None,
     }
 }
 
@@ -275,6 +277,8 @@ impl Builder<'_> {
             moe: job::Moe {
                 aux_loss_coef: t.aux_loss_coef.unwrap_or(0.01),
                 z_loss_coef: t.z_loss_coef.unwrap_or(0.001),
+                capacity_factor: t.capacity_factor,
+                drop_policy: t.drop_policy.clone().unwrap_or_else(|| "probs".into()),
             },
             domain,
             dtype: "float32".into(),

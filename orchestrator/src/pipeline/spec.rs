@@ -339,6 +339,10 @@ pub struct TrainParams {
     pub aux_loss_coef: Option<f64>,
     /// MoE router z-loss coefficient.
     pub z_loss_coef: Option<f64>,
+    /// MoE expert capacity factor (absent = dropless).
+    pub capacity_factor: Option<f64>,
+    /// `probs` or `position`: which assignments over capacity are dropped.
+    pub drop_policy: Option<String>,
 }
 
 macro_rules! overlay_fields {
@@ -353,7 +357,7 @@ impl TrainParams {
         overlay_fields!(
             self, over, steps, batch_size, seq_len, grad_accum, lr, min_lr, warmup_steps, decay, weight_decay,
             betas, grad_clip, seed, checkpoint_interval, keep_checkpoints, eval_interval, eval_sequences,
-            log_interval, aux_loss_coef, z_loss_coef
+            log_interval, aux_loss_coef, z_loss_coef, capacity_factor, drop_policy
         )
     }
 

@@ -3,12 +3,10 @@
 //! The REST calls themselves are tested against a fake API server in the engine's unit tests;
 //! no live cluster is used.
 
-use std::path::Path;
-use std::process::Command;
+mod common;
 
-fn repo() -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
+use common::{domain, repo};
+use std::process::Command;
 
 fn validator() -> Option<String> {
     let exe = std::env::var("BTM_KUBERNETES_VALIDATE").unwrap_or_else(|_| "kubernetes-validate".into());
@@ -26,14 +24,13 @@ fn validator() -> Option<String> {
 #[test]
 fn dry_run_prints_indexed_jobs_that_pass_the_schema() {
     let tmp = tempfile::tempdir().unwrap();
-    let f = |d: &str, s: &str| repo().join(format!("data/sample/{d}/{s}.jsonl")).display().to_string();
     let mut yaml = format!(
         "name: k8s\nstorage: /runs\nengine: {{kind: kubernetes, image: 'registry.example/btm:0.1', namespace: research, cpus_per_task: 4, memory_mb: 8192, gpus_per_task: 1, volume: {{claim: btm-runs, mount_path: /runs}}}}\n\
          seed: {{checkpoint: {}}}\ndomains:\n",
         repo().join("model/tests/fixtures/llama").display()
     );
     for d in ["scripture", "code", "computing"] {
-        yaml.push_str(&format!("  - {{name: {d}, train: {}, valid: {}, test: {}}}\n", f(d, "train"), f(d, "valid"), f(d, "test")));
+        yaml.push_str(&domain(d));
     }
     yaml.push_str("train: {steps: 10}\nmerge: {top_k: 2}\n");
     let file = tmp.path().join("k8s.yaml");

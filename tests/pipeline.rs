@@ -2,36 +2,12 @@
 //! idempotent re-runs, resume after SIGKILL (of the orchestrator, and of one trainer), and the
 //! exact messages of pipeline validation errors.
 
+mod common;
+
+use common::{btm, domain, has_checkpoint, ok, repo};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
-
-fn btm() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_btm"))
-}
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn sample(domain: &str, split: &str) -> String {
-    repo().join(format!("data/sample/{domain}/{split}.jsonl")).to_string_lossy().into_owned()
-}
-
-fn ok(out: Output) -> String {
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "btm failed:\n{text}");
-    text
-}
-
-fn domain(name: &str) -> String {
-    format!(
-        "  - {{name: {name}, train: {}, valid: {}, test: {}}}\n",
-        sample(name, "train"),
-        sample(name, "valid"),
-        sample(name, "test")
-    )
-}
 
 /// Every stage: tokenizer, seed, experts, merge, upcycle, continue, baseline, add-expert, eval.
 fn miniature(dir: &Path) -> PathBuf {
@@ -115,12 +91,6 @@ fn wait_for(what: &str, deadline: Duration, mut f: impl FnMut() -> bool) {
         assert!(start.elapsed() < deadline, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(50));
     }
-}
-
-fn has_checkpoint(expert: &Path) -> bool {
-    std::fs::read_dir(expert.join("checkpoints"))
-        .map(|d| d.flatten().any(|e| e.path().join("MANIFEST.json").exists()))
-        .unwrap_or(false)
 }
 
 /// Pids of processes whose command line contains `needle`.

@@ -4,17 +4,12 @@
 //! also need `SLURM_JWT` and `SLURMRESTD_URL` from it. Without them the tests say so and pass,
 //! unless `BTM_REQUIRE_SLURM=1` (set by CI), which makes a missing cluster a failure.
 
+mod common;
+
+use common::{btm, domain, has_checkpoint, ok, repo};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn btm() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_btm"))
-}
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
 
 /// A Slurm CLI tool; with `SLURM_JWT` set they try JWT authentication and fail.
 fn slurm(tool: &str) -> Command {
@@ -36,17 +31,6 @@ fn slurm_available(rest: bool) -> bool {
     ok
 }
 
-fn ok(out: Output) -> String {
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "btm failed:\n{text}");
-    text
-}
-
-fn domain(name: &str) -> String {
-    let f = |split: &str| repo().join(format!("data/sample/{name}/{split}.jsonl")).display().to_string();
-    format!("  - {{name: {name}, train: {}, valid: {}, test: {}}}\n", f("train"), f("valid"), f("test"))
-}
-
 fn pipeline(dir: &Path, name: &str, engine: &str, steps: u64) -> PathBuf {
     let yaml = format!(
         "name: {name}\nstorage: {}\nengine: {engine}\nseed: {{checkpoint: {}}}\ndomains:\n{}{}\
@@ -61,12 +45,6 @@ fn pipeline(dir: &Path, name: &str, engine: &str, steps: u64) -> PathBuf {
     let file = dir.join(format!("{name}.yaml"));
     std::fs::write(&file, yaml).unwrap();
     file
-}
-
-fn has_checkpoint(expert: &Path) -> bool {
-    std::fs::read_dir(expert.join("checkpoints"))
-        .map(|d| d.flatten().any(|e| e.path().join("MANIFEST.json").exists()))
-        .unwrap_or(false)
 }
 
 /// The Slurm ids of running tasks whose job name is `name`.

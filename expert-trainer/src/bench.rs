@@ -33,23 +33,6 @@ pub fn preset(name: &str, moe: bool) -> Result<Preset> {
         other => bail!("unknown preset `{other}` (expected tiny or small)"),
     };
     let config = ModelConfig {
-        vocab_size: vocab,
-        hidden_size: hidden,
-        num_layers: layers,
-        num_heads: heads,
-        num_kv_heads: heads,
-        head_dim: hidden / heads,
-        intermediate_size: ffn,
-        max_position_embeddings: 2048,
-        rope_theta: 10000.0,
-        rope_scaling: None,
-        rms_norm_eps: 1e-5,
-        tie_word_embeddings: false,
-        qkv_bias: false,
-        o_bias: false,
-        sliding_window: None,
-        bos_token_id: Some(0),
-        eos_token_id: Some(1),
         moe: moe.then(|| MoeConfig {
             experts: 4,
             top_k: 2,
@@ -58,6 +41,7 @@ pub fn preset(name: &str, moe: bool) -> Result<Preset> {
             shared_expert: None,
             dense_layers: vec![],
         }),
+        ..ModelConfig::llama(vocab, hidden, layers, heads, heads, ffn)
     };
     config.validate()?;
     Ok(Preset {

@@ -39,24 +39,8 @@ impl Default for BenchShape {
 impl BenchShape {
     pub fn config(&self) -> ModelConfig {
         ModelConfig {
-            vocab_size: self.vocab,
-            hidden_size: self.hidden,
-            num_layers: self.layers,
-            num_heads: self.heads,
-            num_kv_heads: self.heads,
-            head_dim: self.hidden / self.heads,
-            intermediate_size: self.ffn,
-            max_position_embeddings: 2048,
-            rope_theta: 10000.0,
-            rope_scaling: None,
-            rms_norm_eps: 1e-5,
             tie_word_embeddings: true,
-            qkv_bias: false,
-            o_bias: false,
-            sliding_window: None,
-            bos_token_id: Some(0),
-            eos_token_id: Some(1),
-            moe: None,
+            ..ModelConfig::llama(self.vocab, self.hidden, self.layers, self.heads, self.heads, self.ffn)
         }
     }
 }

@@ -125,6 +125,32 @@ impl Architecture {
 }
 
 impl ModelConfig {
+    /// A dense Llama-style model with the usual defaults (RoPE θ = 10000, RMSNorm ε = 1e-5,
+    /// untied embeddings, no biases, `<s>` = 0 and `</s>` = 1), for seeds trained from scratch,
+    /// benchmarks and tests. Change fields after construction for anything else.
+    pub fn llama(vocab_size: usize, hidden_size: usize, num_layers: usize, num_heads: usize, num_kv_heads: usize, ffn: usize) -> Self {
+        Self {
+            vocab_size,
+            hidden_size,
+            num_layers,
+            num_heads,
+            num_kv_heads,
+            head_dim: hidden_size / num_heads.max(1),
+            intermediate_size: ffn,
+            max_position_embeddings: 2048,
+            rope_theta: 10000.0,
+            rope_scaling: None,
+            rms_norm_eps: 1e-5,
+            tie_word_embeddings: false,
+            qkv_bias: false,
+            o_bias: false,
+            sliding_window: None,
+            bos_token_id: Some(0),
+            eos_token_id: Some(1),
+            moe: None,
+        }
+    }
+
     pub fn is_moe_layer(&self, layer: usize) -> bool {
         self.moe.as_ref().is_some_and(|m| !m.dense_layers.contains(&layer))
     }
@@ -527,24 +553,8 @@ mod tests {
 
     fn tiny() -> ModelConfig {
         ModelConfig {
-            vocab_size: 64,
-            hidden_size: 16,
-            num_layers: 2,
-            num_heads: 4,
-            num_kv_heads: 2,
-            head_dim: 4,
-            intermediate_size: 32,
             max_position_embeddings: 64,
-            rope_theta: 10000.0,
-            rope_scaling: None,
-            rms_norm_eps: 1e-5,
-            tie_word_embeddings: false,
-            qkv_bias: false,
-            o_bias: false,
-            sliding_window: None,
-            bos_token_id: Some(0),
-            eos_token_id: Some(1),
-            moe: None,
+            ..ModelConfig::llama(64, 16, 2, 4, 2, 32)
         }
     }
 

@@ -367,24 +367,10 @@ fn seed_config(p: &Pipeline, base: &Path) -> Result<btm_model::ModelConfig> {
             bail!("seed.train.model: hidden_size {} must be a multiple of heads {heads}", m.hidden_size);
         }
         let cfg = btm_model::ModelConfig {
-            vocab_size: t.tokenizer.vocab_size,
-            hidden_size: m.hidden_size,
-            num_layers: m.layers,
-            num_heads: heads,
-            num_kv_heads: m.kv_heads.unwrap_or(heads),
-            head_dim: m.hidden_size / heads,
-            intermediate_size: m.ffn,
             max_position_embeddings: m.max_positions,
             rope_theta: m.rope_theta,
-            rope_scaling: None,
-            rms_norm_eps: 1e-5,
             tie_word_embeddings: m.tie_embeddings,
-            qkv_bias: false,
-            o_bias: false,
-            sliding_window: None,
-            bos_token_id: Some(0),
-            eos_token_id: Some(1),
-            moe: None,
+            ..btm_model::ModelConfig::llama(t.tokenizer.vocab_size, m.hidden_size, m.layers, heads, m.kv_heads.unwrap_or(heads), m.ffn)
         };
         cfg.validate().context("seed.train.model")?;
         return Ok(cfg);

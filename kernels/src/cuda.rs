@@ -389,6 +389,10 @@ mod tests {
     #[test]
     fn nvrtc_compiles_every_kernel() {
         if !nvrtc_available() {
+            assert!(
+                std::env::var("BTM_REQUIRE_NVRTC").as_deref() != Ok("1"),
+                "BTM_REQUIRE_NVRTC=1 but libnvrtc was not found"
+            );
             eprintln!(
                 "SKIPPED nvrtc_compiles_every_kernel: libnvrtc not found; run \
                  `eval \"$(scripts/cuda-toolkit.sh --nvrtc-only)\"` first"

@@ -121,10 +121,11 @@ pub fn run(args: RunArgs) -> Result<()> {
         let wall = start.elapsed().as_secs_f64();
         let critical = critical_path_seconds(&plan, &summary.ran);
         println!(
-            "ran {} jobs in {wall:.1}s; the longest chain of jobs took {critical:.1}s, so orchestration cost {:.1}s ({:.1} %)",
+            "ran {} jobs in {wall:.1}s; the longest chain of jobs took {critical:.1}s, the other {:.1}s were jobs \
+             waiting for one of the {} slots, and orchestration (`btm bench orchestrate` measures that alone)",
             summary.ran.len(),
             wall - critical,
-            (wall - critical) / wall.max(1e-9) * 100.0
+            engine.slots()
         );
     }
     println!("{table}");

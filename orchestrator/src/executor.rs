@@ -25,6 +25,12 @@ pub fn done_marker(run: &Path, job: &Job) -> std::path::PathBuf {
     job.dir(run).join("done.json")
 }
 
+/// How long a finished job ran, from its `done.json`.
+pub fn job_seconds(run: &Path, job: &Job) -> Option<f64> {
+    let bytes = std::fs::read(done_marker(run, job)).ok()?;
+    serde_json::from_slice::<serde_json::Value>(&bytes).ok()?["seconds"].as_f64()
+}
+
 /// Whether `job` finished with exactly this id (config and inputs unchanged).
 pub fn is_done(run: &Path, job: &Job) -> bool {
     let Ok(bytes) = std::fs::read(done_marker(run, job)) else {

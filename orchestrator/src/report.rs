@@ -263,10 +263,7 @@ pub fn write(run: &Path) -> Result<String> {
     let _ = writeln!(md, "## Jobs and lineage\n");
     let _ = writeln!(md, "| job | id | seconds | produces | lineage |\n|---|---|---:|---|---|");
     for j in &plan.jobs {
-        let secs = std::fs::read(crate::executor::done_marker(run, j))
-            .ok()
-            .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
-            .and_then(|v| v["seconds"].as_f64())
+        let secs = crate::executor::job_seconds(run, j)
             .map_or("–".into(), |s| format!("{s:.1}"));
         let (produces, lineage) = match &j.produces {
             Some(m) => {

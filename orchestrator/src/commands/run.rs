@@ -139,11 +139,9 @@ fn critical_path_seconds(plan: &Plan, ran: &[String]) -> f64 {
     let mut finish: std::collections::HashMap<&str, f64> = Default::default();
     for j in &plan.jobs {
         // Plan order is topological: dependencies come first.
-        let secs = std::fs::read(crate::executor::done_marker(&plan.run_dir, j))
-            .ok()
-            .filter(|_| ran.contains(&j.name))
-            .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
-            .and_then(|v| v["seconds"].as_f64())
+        let secs = Some(j)
+            .filter(|j| ran.contains(&j.name))
+            .and_then(|j| crate::executor::job_seconds(&plan.run_dir, j))
             .unwrap_or(0.0);
         let ready = j.deps.iter().filter_map(|d| finish.get(d.as_str())).fold(0.0f64, |a, &b| a.max(b));
         finish.insert(&j.name, ready + secs);

@@ -18,7 +18,7 @@
 //! ```
 
 use crate::pipeline::load::resolve;
-use crate::pipeline::spec::{Domain, Pipeline, TrainParams};
+use crate::pipeline::spec::{Pipeline, TrainParams};
 use anyhow::{bail, Context, Result};
 use btm_trainer::spec as job;
 use serde::{Deserialize, Serialize};
@@ -139,7 +139,8 @@ struct Builder<'a> {
     base: &'a Path,
     run: PathBuf,
     jobs: Vec<Job>,
-    threads: usize,
+    /// Threads per job; `None` lets the local engine decide when the job starts.
+    threads: Option<usize>,
 }
 
 fn abs(base: &Path, location: &str) -> String {
@@ -191,7 +192,7 @@ impl Builder<'_> {
             outputs,
             resumable: train.is_some(),
             resources: Resources {
-                cpus: self.threads,
+                cpus: self.threads.unwrap_or(0),
                 gpus: self.p.engine.gpus_per_job(),
                 ..Default::default()
             },
@@ -264,7 +265,7 @@ impl Builder<'_> {
             },
             grad_clip: t.grad_clip,
             seed: t.seed.unwrap_or(0),
-            threads: Some(self.threads),
+            threads: self.threads,
             eval: job::Eval {
                 interval: t.eval_interval.unwrap_or(0),
                 sequences: t.eval_sequences.unwrap_or(16),
@@ -339,6 +340,9 @@ impl Builder<'_> {
             ];
             if let Some(n) = e.max_docs {
                 args.extend(["--max-docs".into(), n.to_string()]);
+            }
+            if let Some(n) = e.max_tokens {
+                args.extend(["--max-tokens".into(), n.to_string()]);
             }
             self.add(
                 format!("eval/{}/{}", m.label, d.name),
@@ -457,39 +461,14 @@ pub fn plan(p: &Pipeline, base: &Path, run_dir: &Path) -> Result<Plan> {
     };
     let mut scored: Vec<String> = seed_job.iter().cloned().collect();
 
-    // 2. Branch and train: one expert per domain, no communication between them.
-    let expert_job = |b: &mut Builder, d: &Domain, out: PathBuf, label: String, name: String| -> Result<String> {
-        let params = p.train.overlay(&d.overrides);
-        b.train_job(
-            &name,
-            JobKind::TrainExpert,
-            seed_deps.clone(),
-            seed_init.clone(),
-            out,
-            vec![(abs(base, &d.train), 1.0)],
-            d.valid.iter().map(|v| abs(base, v)).collect(),
-            &params,
-            Some(d.name.clone()),
-            &label,
-            Some(&seed_ref),
-            dense_n,
-        )
-    };
-    let mut experts = vec![];
-    for d in &p.domains {
-        let name = expert_job(&mut b, d, run.join("experts").join(&d.name), format!("expert-{}", d.name), format!("expert/{}", d.name))?;
-        experts.push(name);
-    }
-    scored.extend(experts.iter().cloned());
-
-    // 3. Merge into an MoE.
-    let moe_active = |experts: usize, top_k: usize, shared: bool| -> usize {
+    // The MoE shapes whose active parameters count towards FLOPs.
+    let moe_active = |experts: usize, top_k: usize, granularity: usize, shared: bool| -> usize {
         let mut cfg = seed_cfg.clone();
         cfg.moe = Some(btm_model::MoeConfig {
             experts,
             top_k,
             routing: btm_model::Routing::TopkThenSoftmax,
-            expert_ffn: seed_cfg.intermediate_size,
+            expert_ffn: seed_cfg.intermediate_size / granularity.max(1),
             shared_expert: shared.then_some(btm_model::SharedExpertConfig {
                 ffn: seed_cfg.intermediate_size,
                 gated: false,
@@ -498,64 +477,169 @@ pub fn plan(p: &Pipeline, base: &Path, run_dir: &Path) -> Result<Plan> {
         });
         cfg.num_active_parameters()
     };
-    let mut moes: Vec<(String, usize)> = vec![];
-    if let Some(m) = &p.merge {
-        let out = run.join("merged");
-        let mut args: Vec<String> = vec!["merge".into(), "--experts".into()];
-        for e in &experts {
-            args.push(b.model(e).dir.to_string_lossy().into_owned());
-        }
-        args.extend([
-            "--out".into(),
-            out.to_string_lossy().into_owned(),
-            "--top-k".into(),
-            m.top_k.to_string(),
-            "--routing".into(),
-            m.routing.as_str().into(),
-            "--router-init".into(),
-            m.router_init.as_str().into(),
-            "--calib-tokens".into(),
-            m.calib_tokens.to_string(),
-        ]);
-        if matches!(m.router_init, crate::pipeline::spec::RouterInit::Centroid | crate::pipeline::spec::RouterInit::Fit) {
-            args.push("--calib".into());
-            for d in &p.domains {
-                args.push(format!("{}={}", d.name, abs(base, d.valid.as_deref().expect("validated"))));
-            }
-        }
-        let non_expert = match m.non_expert.strip_prefix("from:") {
-            Some(domain) => {
-                let i = p.domains.iter().position(|d| d.name == domain).expect("validated");
-                format!("from:{}", b.model(&experts[i]).dir.display())
-            }
-            None => m.non_expert.clone(),
+    // Tokens after the seed of the branch-train-merge arm (experts plus the merged MoE's
+    // continued training): the budget the dense baseline and the upcycled arm are matched to.
+    let expert_tokens: u64 = p.domains.iter().map(|d| p.train.overlay(&d.overrides).tokens_or_default()).sum();
+    let continued_tokens = match (&p.merge, &p.continue_training) {
+        (Some(_), Some(c)) => p.train.overlay(c).tokens_or_default(),
+        _ => 0,
+    };
+    let matched_tokens = expert_tokens + continued_tokens;
+    let matched_steps = |t: &TrainParams| -> u64 {
+        let t = defaults().overlay(t);
+        let per_step = (t.tokens() / t.steps.unwrap_or(1).max(1)).max(1);
+        matched_tokens.div_ceil(per_step)
+    };
+
+    // Steps 2, 3, 5 and 6 run once per arm seed; the first keeps the plain names.
+    let arm_seeds: Vec<Option<u64>> = match p.arm_seeds.as_slice() {
+        [] => vec![None],
+        seeds => seeds.iter().copied().map(Some).collect(),
+    };
+    let mut first_merge = None;
+    for (r, arm_seed) in arm_seeds.iter().enumerate() {
+        let first = r == 0;
+        let sfx = match arm_seed {
+            Some(s) if !first => format!("-s{s}"),
+            _ => String::new(),
         };
-        args.extend(["--non-expert".into(), non_expert]);
-        if m.shared_expert_from_seed {
-            args.extend(["--shared-expert".into(), seed_ref.dir.to_string_lossy().into_owned()]);
+        let seeded = |t: TrainParams| TrainParams { seed: arm_seed.or(t.seed), ..t };
+
+        // 2. Branch and train: one expert per domain, no communication between them.
+        let mut experts = vec![];
+        for d in &p.domains {
+            let name = b.train_job(
+                &format!("expert{sfx}/{}", d.name),
+                JobKind::TrainExpert,
+                seed_deps.clone(),
+                seed_init.clone(),
+                run.join(format!("experts{sfx}")).join(&d.name),
+                vec![(abs(base, &d.train), 1.0)],
+                d.valid.iter().map(|v| abs(base, v)).collect(),
+                &seeded(p.train.overlay(&d.overrides)),
+                Some(d.name.clone()),
+                &format!("expert-{}{sfx}", d.name),
+                Some(&seed_ref),
+                dense_n,
+            )?;
+            experts.push(name);
         }
-        let tokens: u64 = experts.iter().map(|e| b.model(e).tokens_after_seed).sum();
-        let flops: f64 = experts.iter().map(|e| b.model(e).flops_after_seed).sum();
-        let name = b.add(
-            "merge".into(),
-            JobKind::Merge,
-            experts.clone(),
-            args,
-            vec![],
-            vec![out.clone()],
-            None,
-            Some(ModelRef {
-                label: "merged".into(),
-                dir: out,
-                tokens_after_seed: tokens,
-                flops_after_seed: flops,
-            }),
-        );
-        scored.push(name.clone());
-        moes.push((name, moe_active(p.domains.len(), m.top_k, m.shared_expert_from_seed)));
+        // Repeats are scored as finished arms only (evaluation is a large share of a small run).
+        if first {
+            scored.extend(experts.iter().cloned());
+        }
+
+        // 3. Merge into an MoE.
+        if let Some(m) = &p.merge {
+            let out = run.join(format!("merged{sfx}"));
+            let mut args: Vec<String> = vec!["merge".into(), "--experts".into()];
+            for e in &experts {
+                args.push(b.model(e).dir.to_string_lossy().into_owned());
+            }
+            args.extend([
+                "--out".into(),
+                out.to_string_lossy().into_owned(),
+                "--top-k".into(),
+                m.top_k.to_string(),
+                "--routing".into(),
+                m.routing.as_str().into(),
+                "--router-init".into(),
+                m.router_init.as_str().into(),
+                "--calib-tokens".into(),
+                m.calib_tokens.to_string(),
+            ]);
+            if matches!(m.router_init, crate::pipeline::spec::RouterInit::Centroid | crate::pipeline::spec::RouterInit::Fit) {
+                args.push("--calib".into());
+                for d in &p.domains {
+                    args.push(format!("{}={}", d.name, abs(base, d.valid.as_deref().expect("validated"))));
+                }
+            }
+            let non_expert = match m.non_expert.strip_prefix("from:") {
+                Some(domain) => {
+                    let i = p.domains.iter().position(|d| d.name == domain).expect("validated");
+                    format!("from:{}", b.model(&experts[i]).dir.display())
+                }
+                None => m.non_expert.clone(),
+            };
+            args.extend(["--non-expert".into(), non_expert]);
+            if m.shared_expert_from_seed {
+                args.extend(["--shared-expert".into(), seed_ref.dir.to_string_lossy().into_owned()]);
+            }
+            let tokens: u64 = experts.iter().map(|e| b.model(e).tokens_after_seed).sum();
+            let flops: f64 = experts.iter().map(|e| b.model(e).flops_after_seed).sum();
+            let name = b.add(
+                format!("merge{sfx}"),
+                JobKind::Merge,
+                experts.clone(),
+                args,
+                vec![],
+                vec![out.clone()],
+                None,
+                Some(ModelRef {
+                    label: format!("merged{sfx}"),
+                    dir: out,
+                    tokens_after_seed: tokens,
+                    flops_after_seed: flops,
+                }),
+            );
+            if first {
+                scored.push(name.clone());
+                first_merge = Some(name.clone());
+            }
+
+            // 5. Continue training the merged MoE on the mix.
+            if let Some(c) = &p.continue_training {
+                let parent = b.model(&name);
+                let label = format!("continued{sfx}");
+                let continued = b.train_job(
+                    &format!("continue/merged{sfx}"),
+                    JobKind::Continue,
+                    vec![name.clone()],
+                    job::Init {
+                        checkpoint: Some(parent.dir.to_string_lossy().into_owned()),
+                        config: None,
+                        tokenizer: None,
+                    },
+                    run.join(&label),
+                    mix(&train_files),
+                    valid_files.clone(),
+                    &seeded(p.train.overlay(c)),
+                    None,
+                    &label,
+                    Some(&parent),
+                    moe_active(p.domains.len(), m.top_k, 1, m.shared_expert_from_seed),
+                )?;
+                scored.push(continued);
+            }
+        }
+
+        // 6. The compute-matched dense baseline: the seed trained on the mix for as many
+        //    tokens as the experts and the merged MoE's continued training together.
+        if p.eval.baseline {
+            let params = TrainParams {
+                steps: Some(matched_steps(&p.train)),
+                ..seeded(p.train.clone())
+            };
+            let label = format!("baseline{sfx}");
+            let name = b.train_job(
+                &label,
+                JobKind::Baseline,
+                seed_deps.clone(),
+                seed_init.clone(),
+                run.join(&label),
+                mix(&train_files),
+                valid_files.clone(),
+                &params,
+                None,
+                &label,
+                Some(&seed_ref),
+                dense_n,
+            )?;
+            scored.push(name);
+        }
     }
 
-    // 4. Upcycle the seed.
+    // 4. Upcycle the seed, and train the upcycled MoE on the mix for the matched budget.
     if let Some(u) = &p.upcycle {
         let out = run.join("upcycled");
         let args = vec![
@@ -591,85 +675,42 @@ pub fn plan(p: &Pipeline, base: &Path, run_dir: &Path) -> Result<Plan> {
             }),
         );
         scored.push(name.clone());
-        let mut cfg = seed_cfg.clone();
-        cfg.moe = Some(btm_model::MoeConfig {
-            experts: u.experts,
-            top_k: u.top_k,
-            routing: btm_model::Routing::TopkThenSoftmax,
-            expert_ffn: seed_cfg.intermediate_size / u.granularity.max(1),
-            shared_expert: None,
-            dense_layers: vec![],
-        });
-        moes.push((name, cfg.num_active_parameters()));
-    }
-
-    // 5. Continue training the MoEs on the mix.
-    let mut continued_tokens = 0;
-    if let Some(c) = &p.continue_training {
-        let params = p.train.overlay(c);
-        for (moe, active) in moes.clone() {
-            let parent = b.model(&moe);
-            let label = if parent.label == "merged" { "continued".to_string() } else { format!("{}-continued", parent.label) };
-            let name = b.train_job(
-                &format!("continue/{}", parent.label),
+        if p.continue_training.is_some() || u.train.is_some() {
+            let mut params = p.train.overlay(p.continue_training.as_ref().unwrap_or(&TrainParams::default()));
+            params = params.overlay(u.train.as_ref().unwrap_or(&TrainParams::default()));
+            if u.train.as_ref().and_then(|t| t.steps).is_none() {
+                params.steps = Some(matched_steps(&params));
+            }
+            let parent = b.model(&name);
+            let label = "upcycled-continued";
+            let continued = b.train_job(
+                "continue/upcycled",
                 JobKind::Continue,
-                vec![moe.clone()],
+                vec![name.clone()],
                 job::Init {
                     checkpoint: Some(parent.dir.to_string_lossy().into_owned()),
                     config: None,
                     tokenizer: None,
                 },
-                run.join(&label),
+                run.join(label),
                 mix(&train_files),
                 valid_files.clone(),
-                &params,
+                &seeded_first(&arm_seeds, params),
                 None,
-                &label,
+                label,
                 Some(&parent),
-                active,
+                moe_active(u.experts, u.top_k, u.granularity, false),
             )?;
-            if parent.label == "merged" {
-                continued_tokens = params.tokens_or_default();
-            }
-            scored.push(name);
+            scored.push(continued);
         }
-    }
-
-    // 6. The compute-matched dense baseline: the seed trained on the mix for as many tokens
-    //    as the experts and the merged MoE's continued training together.
-    if p.eval.baseline {
-        let expert_tokens: u64 = p.domains.iter().map(|d| defaults().overlay(&p.train.overlay(&d.overrides)).tokens()).sum();
-        let t = defaults().overlay(&p.train);
-        let per_step = t.tokens() / t.steps.unwrap_or(1).max(1);
-        let total = expert_tokens + continued_tokens;
-        let steps = total.div_ceil(per_step.max(1));
-        let params = TrainParams {
-            steps: Some(steps),
-            ..p.train.clone()
-        };
-        let name = b.train_job(
-            "baseline",
-            JobKind::Baseline,
-            seed_deps.clone(),
-            seed_init.clone(),
-            run.join("baseline"),
-            mix(&train_files),
-            valid_files.clone(),
-            &params,
-            None,
-            "baseline",
-            Some(&seed_ref),
-            dense_n,
-        )?;
-        scored.push(name);
     }
 
     // 7. Add experts for new domains to an existing MoE, one after another.
     if let Some(add) = &p.add_experts {
         let mut moe: (Vec<String>, PathBuf) = match &add.moe {
             Some(loc) => (vec![], btm_model::storage::local_dir(&abs(base, loc))?),
-            None => match moes.iter().find(|(n, _)| n == "merge") {
-                Some((n, _)) => (vec![n.clone()], b.model(n).dir),
+            None => match &first_merge {
+                Some(n) => (vec![n.clone()], b.model(n).dir),
                 None => bail!("add_experts.moe: give an MoE checkpoint, or add `merge` so the run makes one"),
             },
         };
@@ -753,8 +794,82 @@ pub fn plan(p: &Pipeline, base: &Path, run_dir: &Path) -> Result<Plan> {
     Ok(Plan { run_dir: run, jobs: b.jobs })
 }
 
+/// `t` with the first arm seed, if the pipeline lists any.
+fn seeded_first(arm_seeds: &[Option<u64>], t: TrainParams) -> TrainParams {
+    TrainParams {
+        seed: arm_seeds.first().copied().flatten().or(t.seed),
+        ..t
+    }
+}
+
 impl TrainParams {
     fn tokens_or_default(&self) -> u64 {
         defaults().overlay(self).tokens()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pipeline(extra: &str) -> Pipeline {
+        let yaml = format!(
+            "name: t\nseed:\n  train:\n    model: {{hidden_size: 32, layers: 1, heads: 2, ffn: 64}}\n    tokenizer: {{vocab_size: 300}}\n\
+             domains:\n  - {{name: a, train: a.jsonl, valid: a.jsonl, test: a.jsonl}}\n  - {{name: b, train: b.jsonl, valid: b.jsonl, test: b.jsonl}}\n\
+             train: {{steps: 10, batch_size: 4, seq_len: 32}}\n\
+             merge: {{top_k: 1}}\ncontinue: {{steps: 6, batch_size: 2}}\n\
+             eval: {{baseline: true}}\n{extra}"
+        );
+        serde_yaml::from_str(&yaml).unwrap()
+    }
+
+    fn job<'a>(plan: &'a Plan, name: &str) -> &'a Job {
+        plan.jobs.iter().find(|j| j.name == name).unwrap_or_else(|| panic!("no job {name}"))
+    }
+
+    fn spec(j: &Job) -> job::JobSpec {
+        serde_yaml::from_str(&j.files[0].1).unwrap()
+    }
+
+    #[test]
+    fn arms_are_compute_matched_and_repeated_per_arm_seed() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = pipeline("upcycle: {experts: 2, top_k: 1, train: {lr: 0.005}}\narm_seeds: [3, 7]\n");
+        let plan = plan(&p, dir.path(), dir.path()).unwrap();
+        // Experts: 2 × 10 steps × 128 tokens, plus the MoE's 6 steps × 64 tokens = 2944 tokens.
+        for name in ["baseline", "baseline-s7"] {
+            let j = job(&plan, name);
+            assert_eq!(spec(j).steps, Some(23), "{name}: 2944 / 128 tokens per step, rounded up");
+            assert_eq!(j.produces.as_ref().unwrap().tokens_after_seed, 23 * 128);
+        }
+        let up = spec(job(&plan, "continue/upcycled"));
+        assert_eq!((up.steps, up.optimizer.lr, up.seed), (Some(46), 0.005, 3), "continue batch 2 × 32 → 46 steps");
+        assert_eq!(job(&plan, "continue/merged").produces.as_ref().unwrap().tokens_after_seed, 2944);
+        // Each arm seed trains its own experts, merge and continued MoE, with that seed.
+        assert_eq!(spec(job(&plan, "expert/a")).seed, 3);
+        assert_eq!(spec(job(&plan, "expert-s7/b")).seed, 7);
+        assert_eq!(spec(job(&plan, "continue/merged-s7")).seed, 7);
+        assert_eq!(job(&plan, "merge-s7").deps, vec!["expert-s7/a", "expert-s7/b"]);
+        assert!(job(&plan, "continue/merged-s7").args.iter().any(|a| a.contains("jobs/continue-merged-s7")));
+        // Repeats are scored as finished arms only.
+        assert!(plan.jobs.iter().any(|j| j.name == "eval/continued-s7/a"));
+        assert!(plan.jobs.iter().any(|j| j.name == "eval/baseline-s7/b"));
+        assert!(!plan.jobs.iter().any(|j| j.name.starts_with("eval/merged-s7") || j.name.starts_with("eval/expert-a-s7")));
+    }
+
+    #[test]
+    fn a_local_engine_without_threads_leaves_them_to_the_engine() {
+        let dir = tempfile::tempdir().unwrap();
+        let plan = plan(&pipeline(""), dir.path(), dir.path()).unwrap();
+        let seed = job(&plan, "seed");
+        assert_eq!((seed.resources.cpus, spec(seed).threads), (0, None));
+        let fixed = plan_with_threads(dir.path());
+        assert_eq!((fixed.resources.cpus, spec(&fixed).threads), (3, Some(3)));
+    }
+
+    fn plan_with_threads(dir: &Path) -> Job {
+        let mut p = pipeline("");
+        p.engine = serde_yaml::from_str("{kind: local, threads_per_job: 3}").unwrap();
+        job(&plan(&p, dir, dir).unwrap(), "seed").clone()
     }
 }

@@ -19,6 +19,9 @@ pub struct EvalArgs {
     /// Score only the first N documents.
     #[arg(long)]
     max_docs: Option<usize>,
+    /// Use at most N tokens of text: documents in file order, the last one cut short.
+    #[arg(long)]
+    max_tokens: Option<usize>,
     /// Print one JSON line {"tokens", "nll", "ppl"}.
     #[arg(long)]
     json: bool,
@@ -45,10 +48,14 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let texts = btm_model::jsonl::read_texts(&args.data, args.max_docs)?;
     anyhow::ensure!(!texts.is_empty(), "{}: no documents", args.data.display());
     let start = std::time::Instant::now();
-    let docs = texts
+    let mut docs = texts
         .iter()
         .map(|t| btm_model::tokenizer::encode(&tokenizer, t))
         .collect::<btm_model::Result<Vec<_>>>()?;
+    if let Some(cap) = args.max_tokens {
+        anyhow::ensure!(cap > 0, "--max-tokens must be positive");
+        truncate_to_tokens(&mut docs, cap);
+    }
     let (p, routing) = btm_model::eval::score(&model, &docs, args.seq_len, &device, args.routing)?;
     let mut result = serde_json::to_value(p)?;
     if let Some(shares) = &routing {
@@ -65,7 +72,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
         println!(
             "{}: {} documents, {} predicted tokens, nll {:.4}, perplexity {:.4} ({:.1}s)",
             args.data.display(),
-            texts.len(),
+            docs.len(),
             p.tokens,
             p.nll,
             p.ppl,
@@ -73,4 +80,34 @@ pub fn run(args: EvalArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Keep documents in order until they hold `cap` tokens; the last kept one is cut to fit.
+fn truncate_to_tokens(docs: &mut Vec<Vec<u32>>, cap: usize) {
+    let mut left = cap;
+    let mut keep = 0;
+    for doc in docs.iter_mut() {
+        if left == 0 {
+            break;
+        }
+        doc.truncate(left);
+        left -= doc.len();
+        keep += 1;
+    }
+    docs.truncate(keep);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::truncate_to_tokens;
+
+    #[test]
+    fn max_tokens_cuts_the_last_document() {
+        let mut docs = vec![vec![1; 5], vec![2; 10], vec![3; 4]];
+        truncate_to_tokens(&mut docs, 8);
+        assert_eq!(docs, vec![vec![1; 5], vec![2; 3]]);
+        let mut all = vec![vec![1; 5], vec![2; 3]];
+        truncate_to_tokens(&mut all, 100);
+        assert_eq!(all, vec![vec![1; 5], vec![2; 3]]);
+    }
 }

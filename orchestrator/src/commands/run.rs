@@ -53,7 +53,11 @@ fn print_plan(plan: &Plan) {
         for o in &j.outputs {
             println!("  output:  {}", o.display());
         }
-        println!("  resources: {} cpu(s), {} gpu(s)", j.resources.cpus, j.resources.gpus);
+        let cpus = match j.resources.cpus {
+            0 => "the machine's cores shared with the running jobs".to_string(),
+            n => format!("{n} cpu(s)"),
+        };
+        println!("  resources: {cpus}, {} gpu(s)", j.resources.gpus);
     }
 }
 

@@ -32,7 +32,15 @@ impl Engine for LocalEngine {
     }
 
     async fn submit(&self, jobs: &[Submission]) -> Result<Vec<JobHandle>> {
-        jobs.iter().map(|j| self.spawn(j)).collect()
+        // Jobs without a thread count share the cores with everything running once these
+        // start: the lone seed trainer gets the whole machine, four concurrent experts a
+        // quarter each (at least one thread).
+        let live = self.children.lock().expect("lock").len() + jobs.len();
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let share = (cores / live.max(1)).max(1);
+        jobs.iter()
+            .map(|j| self.spawn(j, if j.cpus == 0 { share } else { j.cpus }))
+            .collect()
     }
 
     async fn state(&self, handle: &JobHandle) -> Result<JobState> {
@@ -48,7 +56,7 @@ impl Engine for LocalEngine {
 }
 
 impl LocalEngine {
-    fn spawn(&self, job: &Submission) -> Result<JobHandle> {
+    fn spawn(&self, job: &Submission, threads: usize) -> Result<JobHandle> {
         if let Some(dir) = job.log.parent() {
             std::fs::create_dir_all(dir)?;
         }
@@ -60,7 +68,7 @@ impl LocalEngine {
         let mut command = Command::new(&self.exe);
         command
             .args(&job.args)
-            .env("RAYON_NUM_THREADS", job.cpus.max(1).to_string())
+            .env("RAYON_NUM_THREADS", threads.to_string())
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

@@ -18,6 +18,7 @@ pub struct Submission {
     pub name: String,
     pub args: Vec<String>,
     pub log: PathBuf,
+    /// CPUs (threads) for the job; 0: the engine decides (the local engine shares its cores).
     pub cpus: usize,
     pub gpus: usize,
 }

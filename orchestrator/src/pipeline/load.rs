@@ -461,6 +461,9 @@ pub fn check(p: &Pipeline, base: &Path) -> Vec<(String, String)> {
     if let Some(t) = &p.seed.train {
         check_params("seed.train.train", &t.train);
     }
+    if let Some(t) = p.upcycle.as_ref().and_then(|u| u.train.as_ref()) {
+        check_params("upcycle.train", t);
+    }
     if let Some(m) = &p.merge {
         let experts = p.domains.len();
         if m.top_k == 0 || m.top_k > experts {
@@ -496,6 +499,12 @@ pub fn check(p: &Pipeline, base: &Path) -> Vec<(String, String)> {
         }
         if u.scaling != "exact" && u.scaling != "megatron" {
             problems.push(("upcycle.scaling".into(), format!("`{}`: expected `exact` or `megatron`", u.scaling)));
+        }
+    }
+    let mut seen_seeds = std::collections::HashSet::new();
+    for (i, s) in p.arm_seeds.iter().enumerate() {
+        if !seen_seeds.insert(*s) {
+            problems.push((format!("arm_seeds[{i}]"), format!("seed {s} is listed twice")));
         }
     }
     if let super::spec::EngineSpec::Slurm { api, rest, .. } = &p.engine {

@@ -49,6 +49,12 @@ pub struct Pipeline {
     /// Append experts for new domains to an existing MoE without retraining the others.
     #[serde(default)]
     pub add_experts: Option<AddExperts>,
+    /// Repeat the branch-train-merge arm and the dense baseline once per training seed (data
+    /// order and initialisation of everything after the seed model), to show run-to-run noise.
+    /// The first seed's models keep their plain names; the others get `-s<seed>` (e.g.
+    /// `continued-s1`). The upcycled arm and added experts run with the first seed only.
+    #[serde(default)]
+    pub arm_seeds: Vec<u64>,
 }
 
 fn default_storage() -> String {
@@ -64,7 +70,8 @@ pub enum EngineSpec {
         /// Jobs that may run at once.
         #[serde(default = "default_slots")]
         slots: usize,
-        /// CPU threads per job (default: the machine's cores divided by the slots).
+        /// CPU threads per job (default: the machine's cores shared among the jobs running
+        /// when a job starts, so a lone job, such as the seed, gets them all).
         #[serde(default)]
         threads_per_job: Option<usize>,
         /// Retries of a failed job before the run fails.
@@ -188,15 +195,13 @@ fn default_api_version() -> String {
 }
 
 impl EngineSpec {
-    /// CPU threads each job gets.
-    pub fn threads_per_job(&self) -> usize {
+    /// CPU threads each job gets; `None`: the local engine shares the machine's cores among
+    /// the jobs running when each starts.
+    pub fn threads_per_job(&self) -> Option<usize> {
         match self {
-            EngineSpec::Local { slots, threads_per_job, .. } => {
-                let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-                threads_per_job.unwrap_or((cores / (*slots).max(1)).max(1))
-            }
-            EngineSpec::Slurm { cpus_per_task, .. } => *cpus_per_task,
-            EngineSpec::Kubernetes(k) => k.cpus_per_task,
+            EngineSpec::Local { threads_per_job, .. } => *threads_per_job,
+            EngineSpec::Slurm { cpus_per_task, .. } => Some(*cpus_per_task),
+            EngineSpec::Kubernetes(k) => Some(k.cpus_per_task),
         }
     }
 
@@ -454,6 +459,12 @@ pub struct UpcycleSpec {
     /// `exact` (√a on up and down) or `megatron` (a^(1/3) on gate, up and down).
     #[serde(default = "default_scaling")]
     pub scaling: String,
+    /// Training of the upcycled MoE on the mix, over `train` ← `continue`. Without `steps`
+    /// it trains for as many tokens as the dense baseline (the experts' plus the merged MoE's
+    /// continued training), so the arms are compute-matched. The upcycling paper trains with a
+    /// high, pre-training-like peak learning rate: set `lr` here.
+    #[serde(default)]
+    pub train: Option<TrainParams>,
 }
 
 fn one() -> usize {
@@ -480,6 +491,10 @@ pub struct EvalSpec {
     /// Documents per domain to score (default: all).
     #[serde(default)]
     pub max_docs: Option<usize>,
+    /// Tokens of text per domain to score at most (documents in file order, the last one cut
+    /// short; default: all).
+    #[serde(default)]
+    pub max_tokens: Option<usize>,
     /// Also train a compute-matched dense baseline: the seed trained on the mix for the same
     /// number of tokens as the experts plus the MoE's continued training.
     #[serde(default)]
@@ -499,6 +514,7 @@ impl Default for EvalSpec {
             split: default_split(),
             seq_len: default_eval_seq_len(),
             max_docs: None,
+            max_tokens: None,
             baseline: false,
         }
     }

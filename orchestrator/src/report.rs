@@ -96,6 +96,47 @@ pub fn table(rows: &[Row]) -> String {
     s
 }
 
+/// Whether `label` is `base` or a repeat of it with another arm seed (`base-s<seed>`).
+fn is_arm(label: &str, base: &str) -> bool {
+    label == base || label.strip_prefix(base).and_then(|r| r.strip_prefix("-s")).is_some_and(|s| s.chars().all(|c| c.is_ascii_digit()) && !s.is_empty())
+}
+
+/// The arms of the BTM comparison (dense, btm-merge, upcycle, experts) as Markdown, when the
+/// run has a dense baseline to compare with.
+pub fn arms_table(rows: &[Row]) -> Option<String> {
+    let runs = |base: &str| -> Vec<(String, f64)> {
+        rows.iter().filter(|r| is_arm(&r.label, base) && !r.ppl.is_empty()).map(|r| (r.label.clone(), r.average())).collect()
+    };
+    let dense = runs("baseline");
+    if dense.is_empty() {
+        return None;
+    }
+    let mean = |v: &[(String, f64)]| v.iter().map(|(_, a)| a).sum::<f64>() / v.len() as f64;
+    let dense_mean = mean(&dense);
+    // Each domain's expert on its own domain (first arm seed: experts of repeats are not scored).
+    let in_domain: Vec<f64> = rows
+        .iter()
+        .filter_map(|r| r.label.strip_prefix("expert-").and_then(|d| r.ppl.get(d)))
+        .copied()
+        .collect();
+    let mut arms: Vec<(&str, Vec<(String, f64)>)> = vec![
+        ("dense", dense),
+        ("btm-merge", runs("continued")),
+        ("btm-merge before MoE training", runs("merged")),
+        ("upcycle", runs("upcycled-continued")),
+    ];
+    if !in_domain.is_empty() {
+        arms.push(("experts (in-domain)", vec![("expert-<domain> on <domain>".into(), in_domain.iter().sum::<f64>() / in_domain.len() as f64)]));
+    }
+    let mut s = String::from("| arm | runs (average perplexity) | mean | vs dense |\n|---|---|---:|---:|\n");
+    for (arm, v) in arms.iter().filter(|(_, v)| !v.is_empty()) {
+        let m = mean(v);
+        let runs: Vec<String> = v.iter().map(|(l, a)| format!("{l}: {a:.3}")).collect();
+        let _ = writeln!(s, "| {arm} | {} | {m:.3} | {:+.1} % |", runs.join(", "), (m - dense_mean) / dense_mean * 100.0);
+    }
+    Some(s)
+}
+
 const PALETTE: [&str; 10] = [
     "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf",
 ];
@@ -256,6 +297,17 @@ pub fn write(run: &Path) -> Result<String> {
             base.average()
         );
     }
+    if let Some(arms) = arms_table(&rows) {
+        let _ = writeln!(md, "\n## Arms\n");
+        let _ = writeln!(
+            md,
+            "The compute-matched comparison: each arm's average perplexity over the domains, once per training \
+             seed (`-s<seed>` models), their mean, and the mean relative to the dense baseline's (negative = \
+             lower perplexity than dense). *experts* is each domain's expert on its own domain: the in-domain \
+             ceiling, not a single model.\n"
+        );
+        md.push_str(&arms);
+    }
     let _ = writeln!(md, "\n## Plots\n");
     for (caption, file, _) in &figures {
         let _ = writeln!(md, "![{caption}](plots/{file})\n");
@@ -336,6 +388,32 @@ mod tests {
         }];
         let t = table(&rows);
         assert!(t.contains("| merged | 10.000 | 20.000 | 15.000 | 1000 | 6.000e9 |"), "{t}");
+    }
+
+    #[test]
+    fn arms_average_their_seeds_against_dense() {
+        let row = |label: &str, a: f64, b: f64| Row {
+            label: label.into(),
+            ppl: [("a".to_string(), a), ("b".to_string(), b)].into_iter().collect(),
+            tokens_after_seed: 0,
+            flops_after_seed: 0.0,
+            routing: BTreeMap::new(),
+        };
+        let rows = vec![
+            row("expert-a", 5.0, 50.0),
+            row("expert-b", 40.0, 7.0),
+            row("baseline", 10.0, 10.0),
+            row("baseline-s1", 12.0, 12.0),
+            row("continued", 9.0, 9.0),
+            row("continued-s1", 10.0, 10.0),
+            row("continued-scratch", 1.0, 1.0),
+        ];
+        let t = arms_table(&rows).unwrap();
+        assert!(t.contains("| dense | baseline: 10.000, baseline-s1: 12.000 | 11.000 | +0.0 % |"), "{t}");
+        assert!(t.contains("| btm-merge | continued: 9.000, continued-s1: 10.000 | 9.500 | -13.6 % |"), "{t}");
+        assert!(t.contains("| experts (in-domain) | expert-<domain> on <domain>: 6.000 | 6.000 | -45.5 % |"), "{t}");
+        assert!(!t.contains("upcycle") && !t.contains("scratch"), "{t}");
+        assert!(arms_table(&rows[4..]).is_none());
     }
 
     #[test]

@@ -9,6 +9,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod error;
+pub mod folder;
 pub mod eval;
 pub mod jsonl;
 pub mod lineage;

@@ -2,16 +2,30 @@
 //! `s3://`, `gs://` and `az://` (credentials from the standard environment variables, e.g.
 //! `AWS_ACCESS_KEY_ID`, `AWS_ENDPOINT` for S3-compatible stores) are downloaded once into a
 //! local cache and verified against their `MANIFEST.json` when they have one.
+//!
+//! Every store retries failed requests with exponential backoff (100 ms doubling up to 5 s,
+//! at most 10 times and 60 s), on top of object_store's 5 s connect and 30 s request
+//! timeouts, so an unreachable or dead server fails a job within about a minute.
 
 use crate::error::{Error, Result};
-use crate::manifest::{Manifest, MANIFEST};
-use futures::TryStreamExt;
 use object_store::path::Path as StorePath;
-use object_store::{ObjectStore, ObjectStoreExt};
-use sha2::{Digest, Sha256};
-use std::path::{Path, PathBuf};
+use object_store::{BackoffConfig, ObjectStore, RetryConfig};
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 use url::Url;
+
+fn retry() -> RetryConfig {
+    RetryConfig {
+        backoff: BackoffConfig {
+            init_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(5),
+            base: 2.0,
+        },
+        max_retries: 10,
+        retry_timeout: Duration::from_secs(60),
+    }
+}
 
 /// Build a store for a URL; returns the store and the path inside it.
 pub fn store_for(url: &Url) -> Result<(Arc<dyn ObjectStore>, StorePath)> {
@@ -22,18 +36,21 @@ pub fn store_for(url: &Url) -> Result<(Arc<dyn ObjectStore>, StorePath)> {
         "s3" | "s3a" => Arc::new(
             object_store::aws::AmazonS3Builder::from_env()
                 .with_url(url.as_str())
+                .with_retry(retry())
                 .build()
                 .map_err(err)?,
         ),
         "gs" => Arc::new(
             object_store::gcp::GoogleCloudStorageBuilder::from_env()
                 .with_url(url.as_str())
+                .with_retry(retry())
                 .build()
                 .map_err(err)?,
         ),
         "az" | "abfs" | "abfss" | "azure" => Arc::new(
             object_store::azure::MicrosoftAzureBuilder::from_env()
                 .with_url(url.as_str())
+                .with_retry(retry())
                 .build()
                 .map_err(err)?,
         ),
@@ -42,15 +59,8 @@ pub fn store_for(url: &Url) -> Result<(Arc<dyn ObjectStore>, StorePath)> {
     Ok((store, path))
 }
 
-fn cache_root() -> PathBuf {
-    if let Some(dir) = std::env::var_os("BTM_CACHE") {
-        return PathBuf::from(dir);
-    }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
-    home.join(".cache").join("btm")
-}
-
-/// A local directory holding the artefact at `location` (a path or URL).
+/// A local directory holding the artefact at `location` (a path or URL); see
+/// [`crate::folder::fetch_dir`] for the cache.
 pub fn local_dir(location: &str) -> Result<PathBuf> {
     let url = match Url::parse(location) {
         // A one-letter "scheme" is a Windows drive, not a URL.
@@ -62,41 +72,9 @@ pub fn local_dir(location: &str) -> Result<PathBuf> {
             .to_file_path()
             .map_err(|_| Error::Storage(format!("{location}: not a local file URL")));
     }
-    let key = hex::encode(Sha256::digest(location.trim_end_matches('/').as_bytes()));
-    let dest = cache_root().join("artefacts").join(&key[..32]);
-    if dest.join(MANIFEST).exists() && Manifest::read(&dest).and_then(|m| m.verify(&dest)).is_ok() {
-        return Ok(dest);
-    }
-    let (store, prefix) = store_for(&url)?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| Error::Storage(e.to_string()))?;
-    runtime.block_on(download_prefix(store.as_ref(), &prefix, &dest, location))?;
-    Ok(dest)
-}
-
-async fn download_prefix(store: &dyn ObjectStore, prefix: &StorePath, dest: &Path, location: &str) -> Result<()> {
-    let err = |e: object_store::Error| Error::Storage(format!("{location}: {e}"));
-    let objects: Vec<_> = store.list(Some(prefix)).try_collect().await.map_err(err)?;
-    if objects.is_empty() {
-        return Err(Error::Storage(format!("{location}: no objects under this prefix")));
-    }
-    let staging = crate::checkpoint::StagingDir::new(dest, true)?;
-    for meta in objects {
-        let rel: Vec<_> = meta.location.prefix_match(prefix).map(|p| p.collect()).unwrap_or_default();
-        let rel: PathBuf = rel.iter().map(|p: &object_store::path::PathPart| p.as_ref()).collect();
-        let file = staging.path.join(&rel);
-        if let Some(parent) = file.parent() {
-            std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-        }
-        let bytes = store.get(&meta.location).await.map_err(err)?.bytes().await.map_err(err)?;
-        std::fs::write(&file, &bytes).map_err(|e| Error::io(&file, e))?;
-    }
-    if staging.path.join(MANIFEST).exists() {
-        Manifest::read(&staging.path)?.verify(&staging.path)?;
-    }
-    staging.publish()
+    // Refuse unknown schemes before touching the network.
+    store_for(&url)?;
+    crate::folder::fetch_dir(location)
 }
 
 #[cfg(test)]

@@ -372,14 +372,15 @@ impl JobSpec {
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).with_context(|| format!("reading job spec {}", path.display()))?;
         let base = path.parent().unwrap_or(Path::new("."));
-        let spec = Self::parse(&text, base).with_context(|| format!("job spec {}", path.display()))?;
+        let mut spec = Self::parse(&text, base).with_context(|| format!("job spec {}", path.display()))?;
+        spec.fetch_inputs().with_context(|| format!("job spec {}", path.display()))?;
         spec.validate().with_context(|| format!("job spec {}", path.display()))?;
         Ok(spec)
     }
 
     fn resolve_paths(&mut self, base: &Path) {
         let fix = |p: &mut PathBuf| {
-            if p.is_relative() {
+            if p.is_relative() && !btm_model::folder::is_remote(&p.to_string_lossy()) {
                 *p = base.join(&*p);
             }
         };
@@ -414,6 +415,31 @@ impl JobSpec {
         if !matches!(self.resume.as_str(), "auto" | "never") {
             fix_location(&mut self.resume);
         }
+    }
+
+    /// Replace input files given as object-store URLs (config, tokenizer, data) by local
+    /// copies in the cache: a worker shares no filesystem with the orchestrator.
+    pub fn fetch_inputs(&mut self) -> Result<()> {
+        let fetch = |key: &str, p: &mut PathBuf| -> Result<()> {
+            let s = p.to_string_lossy().into_owned();
+            if btm_model::folder::is_remote(&s) {
+                *p = btm_model::folder::fetch_file(&s).with_context(|| key.to_string())?;
+            }
+            Ok(())
+        };
+        if let Some(p) = &mut self.init.config {
+            fetch("init.config", p)?;
+        }
+        if let Some(p) = &mut self.init.tokenizer {
+            fetch("init.tokenizer", p)?;
+        }
+        for (i, s) in self.data.train.iter_mut().enumerate() {
+            fetch(&format!("data.train[{i}]"), &mut s.path)?;
+        }
+        for (i, p) in self.data.valid.iter_mut().enumerate() {
+            fetch(&format!("data.valid[{i}]"), p)?;
+        }
+        Ok(())
     }
 
     pub fn resume_mode(&self) -> Resume {

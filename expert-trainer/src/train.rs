@@ -248,22 +248,19 @@ pub fn run(spec: &JobSpec, mut options: Options) -> Result<Outcome> {
     checkpoint::remove_partials(&ckpt_root)?;
     let resume_from: Option<(PathBuf, TrainerState)> = match spec.resume_mode() {
         Resume::Never => None,
-        Resume::Auto => match checkpoint::newest_valid(&ckpt_root, &mut |w| say(&metrics, &format!("warning: {w}")))? {
-            Some(found) => Some(found),
-            None => match &mirror {
-                Some(m) => {
-                    let found = fetch_remote_checkpoint(m, &ckpt_root, &mut |w| say(&metrics, &format!("warning: {w}")))?;
-                    if found.is_some() {
-                        // The run's history, unless this directory kept its own.
-                        let local = out.join(crate::metrics::METRICS);
-                        if std::fs::metadata(&local).map_or(true, |m| m.len() == 0) {
-                            m.download_file(crate::metrics::METRICS, &local)?;
-                        }
-                    }
-                    found
+        Resume::Auto => match &mirror {
+            None => checkpoint::newest_valid(&ckpt_root, &mut |w| say(&metrics, &format!("warning: {w}")))?,
+            Some(m) => {
+                let found = resume_from_store(m, &ckpt_root, &mut |w| say(&metrics, &format!("warning: {w}")))?;
+                // The run's history comes from the store as well: a local one left by an
+                // earlier run in this working directory would mix two runs.
+                let local = out.join(crate::metrics::METRICS);
+                let _ = std::fs::remove_file(&local);
+                if found.is_some() {
+                    m.download_file(crate::metrics::METRICS, &local)?;
                 }
-                None => None,
-            },
+                found
+            }
         },
         Resume::From(dir) => {
             let state = checkpoint::verify(&dir).with_context(|| format!("resume: {} is not a valid checkpoint", dir.display()))?;
@@ -479,13 +476,29 @@ pub fn run(spec: &JobSpec, mut options: Options) -> Result<Outcome> {
     Ok(Outcome::Finished { step, model_dir })
 }
 
-/// Download the newest remote checkpoint whose manifest verifies into `root`.
-fn fetch_remote_checkpoint(mirror: &Mirror, root: &Path, warn: &mut dyn FnMut(String)) -> Result<Option<(PathBuf, TrainerState)>> {
-    for step in mirror.checkpoint_steps()? {
+/// The newest remote checkpoint whose manifest verifies, in `root`: the working directory's
+/// copy when it is the same checkpoint (same manifest), else downloaded. Local checkpoints the
+/// store does not hold are removed first: they belong to an earlier run whose outputs were
+/// cleared (a changed job), and resuming from them, or letting pruning keep them over the new
+/// run's checkpoints, would be wrong.
+fn resume_from_store(mirror: &Mirror, root: &Path, warn: &mut dyn FnMut(String)) -> Result<Option<(PathBuf, TrainerState)>> {
+    let remote = mirror.checkpoint_steps()?;
+    let manifest = btm_model::manifest::MANIFEST;
+    for (step, dir) in checkpoint::list(root)? {
+        let name = checkpoint::step_dir_name(step);
+        let same = remote.contains(&step) && std::fs::read(dir.join(manifest)).ok() == mirror.read(&format!("checkpoints/{name}/{manifest}"))?;
+        if !same {
+            std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+        }
+    }
+    for step in remote {
         let name = checkpoint::step_dir_name(step);
         let dest = root.join(&name);
         if dest.exists() {
-            std::fs::remove_dir_all(&dest).with_context(|| format!("removing invalid {}", dest.display()))?;
+            match checkpoint::verify(&dest) {
+                Ok(state) => return Ok(Some((dest, state))),
+                Err(_) => std::fs::remove_dir_all(&dest).with_context(|| format!("removing invalid {}", dest.display()))?,
+            }
         }
         std::fs::create_dir_all(root)?;
         let fetched = mirror.download_dir(&format!("checkpoints/{name}"), &dest).and_then(|_| checkpoint::verify(&dest));

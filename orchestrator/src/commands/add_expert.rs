@@ -55,15 +55,17 @@ pub struct AddExpertArgs {
 }
 
 pub fn run(args: AddExpertArgs) -> Result<()> {
+    // An object-store --out is written locally, then uploaded manifest last.
+    let output = btm_model::folder::Output::new(&args.out.to_string_lossy())?;
     let mut o = AddExpertOptions::new(
         btm_model::storage::local_dir(&args.moe)?,
         btm_model::storage::local_dir(&args.expert)?,
-        &args.out,
+        output.path(),
     );
     o.router_init = args.router_init.unwrap_or(if args.calib.is_some() { RouterInit::Centroid } else { RouterInit::Random });
-    o.calib = args.calib;
+    o.calib = args.calib.map(|c| btm_model::folder::fetch_file(&c.to_string_lossy())).transpose()?;
     o.name = args.name;
-    o.background = args.background;
+    o.background = args.background.iter().map(|b| btm_model::folder::fetch_file(&b.to_string_lossy())).collect::<Result<_, _>>()?;
     o.router_std = args.router_std;
     o.seed = args.seed;
     o.target_prob = args.target_prob;
@@ -80,6 +82,7 @@ pub fn run(args: AddExpertArgs) -> Result<()> {
         overwrite: args.overwrite,
     };
     let report = add_expert(&o)?;
+    output.publish()?;
     for w in &report.warnings {
         eprintln!("warning: {w}");
     }

@@ -10,7 +10,7 @@ pub struct EvalArgs {
     /// Model directory or object-store URL (file://, s3://, gs://, az://).
     #[arg(long)]
     model: String,
-    /// JSONL file with a `text` field per line.
+    /// JSONL file with a `text` field per line (a path or an object-store URL).
     #[arg(long)]
     data: PathBuf,
     /// Longest window, in tokens; documents are cut into non-overlapping windows.
@@ -33,7 +33,7 @@ pub struct EvalArgs {
     /// For an MoE, also report each layer's share of tokens per expert (`routing` in the JSON).
     #[arg(long)]
     routing: bool,
-    /// Also write the JSON result to this file (atomically).
+    /// Also write the JSON result to this file (atomically) or object-store URL.
     #[arg(long)]
     out: Option<PathBuf>,
 }
@@ -45,7 +45,9 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let device = super::device(&args.device)?;
     let model = ckpt.load_model(super::dtype(&args.dtype)?, &device)?;
     let tokenizer = ckpt.tokenizer()?;
-    let texts = btm_model::jsonl::read_texts(&args.data, args.max_docs)?;
+    // Data given as an object-store URL is fetched into the local cache.
+    let data = btm_model::folder::fetch_file(&args.data.to_string_lossy())?;
+    let texts = btm_model::jsonl::read_texts(&data, args.max_docs)?;
     anyhow::ensure!(!texts.is_empty(), "{}: no documents", args.data.display());
     let start = std::time::Instant::now();
     let mut docs = texts
@@ -62,9 +64,12 @@ pub fn run(args: EvalArgs) -> Result<()> {
         result["routing"] = serde_json::to_value(shares)?;
     }
     if let Some(out) = &args.out {
-        let tmp = out.with_extension("json.tmp");
+        // A local file is written in place; an object-store URL is uploaded.
+        let output = btm_model::folder::Output::new(&out.to_string_lossy())?;
+        let tmp = output.path().with_extension("json.tmp");
         std::fs::write(&tmp, serde_json::to_vec_pretty(&result)?)?;
-        std::fs::rename(&tmp, out)?;
+        std::fs::rename(&tmp, output.path())?;
+        output.publish()?;
     }
     if args.json {
         println!("{}", serde_json::to_string(&result)?);

@@ -1,7 +1,7 @@
 //! `btm merge`: assemble trained dense experts into a Mixture of Experts.
 
 use anyhow::Result;
-use btm_merger::calib::{parse_named, CalibOptions};
+use btm_merger::calib::CalibOptions;
 use btm_merger::merge::{merge, MergeOptions, NonExpert};
 use btm_merger::router_init::{FitOptions, RouterInit};
 use btm_merger::OutputOptions;
@@ -66,13 +66,15 @@ pub struct MergeArgs {
 
 pub fn run(args: MergeArgs) -> Result<()> {
     let experts = args.experts.iter().map(|e| btm_model::storage::local_dir(e)).collect::<Result<Vec<_>, _>>()?;
-    let mut o = MergeOptions::new(experts, &args.out);
+    // An object-store --out is written locally, then uploaded manifest last.
+    let output = btm_model::folder::Output::new(&args.out.to_string_lossy())?;
+    let mut o = MergeOptions::new(experts, output.path());
     o.top_k = args.top_k;
     o.routing = args.routing;
     o.router_init = args.router_init.unwrap_or(if args.calib.is_empty() { RouterInit::Random } else { RouterInit::Centroid });
     o.router_std = args.router_std;
     o.seed = args.seed;
-    o.calib = args.calib.iter().map(|c| parse_named(c)).collect::<Result<_>>()?;
+    o.calib = args.calib.iter().map(|c| super::fetch_named(c)).collect::<Result<_>>()?;
     o.calib_options = CalibOptions { seq_len: args.calib_seq_len, max_tokens: args.calib_tokens, ..Default::default() };
     o.target_prob = args.target_prob;
     o.fit = FitOptions { steps: args.fit_steps, ..Default::default() };
@@ -88,6 +90,7 @@ pub fn run(args: MergeArgs) -> Result<()> {
     };
     let start = std::time::Instant::now();
     let report = merge(&o)?;
+    output.publish()?;
     for w in &report.warnings {
         eprintln!("warning: {w}");
     }

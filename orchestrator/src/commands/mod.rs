@@ -27,3 +27,10 @@ pub fn device(name: &str) -> Result<Device> {
 pub fn dtype(name: &str) -> Result<DType> {
     Ok(btm_model::checkpoint::parse_dtype(name)?)
 }
+
+/// `NAME=FILE` calibration data, the file fetched into the local cache when it is an
+/// object-store URL.
+pub fn fetch_named(arg: &str) -> Result<(String, std::path::PathBuf)> {
+    let (name, path) = btm_merger::calib::parse_named(arg)?;
+    Ok((name, btm_model::folder::fetch_file(&path.to_string_lossy())?))
+}

@@ -32,11 +32,15 @@ pub fn run(cmd: TokenizerCommand) -> Result<()> {
         } => {
             let mut texts = Vec::new();
             for f in &data {
-                texts.extend(btm_model::jsonl::read_texts(f, max_docs)?);
+                let f = btm_model::folder::fetch_file(&f.to_string_lossy())?;
+                texts.extend(btm_model::jsonl::read_texts(&f, max_docs)?);
             }
             anyhow::ensure!(!texts.is_empty(), "no documents in {data:?}");
             let tok = btm_model::tokenizer::train_bpe(texts.iter(), vocab_size)?;
-            btm_model::tokenizer::save(&tok, &out)?;
+            // An object-store --out is written locally, then uploaded.
+            let output = btm_model::folder::Output::new(&out.to_string_lossy())?;
+            btm_model::tokenizer::save(&tok, output.path())?;
+            output.publish()?;
             println!(
                 "trained a byte-level BPE tokenizer of {} tokens on {} documents → {}",
                 tok.get_vocab_size(true),

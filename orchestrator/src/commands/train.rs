@@ -7,20 +7,20 @@
 use anyhow::Result;
 use btm_trainer::{JobSpec, Options, Outcome};
 use clap::Args;
-use std::path::PathBuf;
 
 #[derive(Args)]
 pub struct TrainArgs {
-    /// The job spec (YAML); relative paths in it are relative to its directory.
+    /// The job spec (YAML; a path or an object-store URL); relative paths in it are relative
+    /// to its directory.
     #[arg(long)]
-    job: PathBuf,
+    job: String,
     /// No progress lines on stderr (metrics.jsonl is written regardless).
     #[arg(long)]
     quiet: bool,
 }
 
 pub fn run(args: TrainArgs) -> Result<()> {
-    let spec = JobSpec::load(&args.job)?;
+    let spec = JobSpec::load(&btm_model::folder::fetch_file(&args.job)?)?;
     let options = Options {
         stop: btm_trainer::signals::install()?,
         quiet: args.quiet,

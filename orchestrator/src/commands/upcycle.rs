@@ -45,7 +45,9 @@ pub struct UpcycleArgs {
 
 pub fn run(args: UpcycleArgs) -> Result<()> {
     let model = btm_model::storage::local_dir(&args.model)?;
-    let mut o = UpcycleOptions::new(model, &args.out, args.experts, args.top_k);
+    // An object-store --out is written locally, then uploaded manifest last.
+    let output = btm_model::folder::Output::new(&args.out.to_string_lossy())?;
+    let mut o = UpcycleOptions::new(model, output.path(), args.experts, args.top_k);
     o.granularity = args.granularity;
     o.routing = args.routing;
     o.scaling = args.scaling;
@@ -57,6 +59,7 @@ pub fn run(args: UpcycleArgs) -> Result<()> {
         overwrite: args.overwrite,
     };
     let report = upcycle(&o)?;
+    output.publish()?;
     let m = report.config.moe.as_ref().expect("an MoE");
     println!(
         "wrote {} as {}: {} experts of width {}, top-{}, {}, scale a = {} ({})",

@@ -92,7 +92,7 @@ fn cli_runs_the_experts_as_an_array_and_survives_a_cancelled_task() {
         .flatten()
         .map(|e| std::fs::read_to_string(e.path()).unwrap())
         .collect();
-    assert!(scripts.iter().any(|s| s.contains("expert-scripture") && s.contains("expert-code") && s.contains("  1) exec")), "{scripts:?}");
+    assert!(scripts.iter().any(|s| s.contains("expert-scripture") && s.contains("expert-code") && s.contains("  1) mkdir -p")), "{scripts:?}");
     // The cancelled expert resumed from its checkpoint rather than step 0.
     let log = std::fs::read_to_string(run.join("logs/expert-code.log")).unwrap();
     assert!(log.contains("resuming from"), "{log}");

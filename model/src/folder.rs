@@ -20,14 +20,14 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-/// Part size of multipart uploads; files above four parts go up in parts. `BTM_UPLOAD_PART_BYTES`
-/// overrides it (tests make it tiny so a small checkpoint is multipart).
+/// Part size of multipart uploads: files larger than one part go up in parts. 16 MiB;
+/// `BTM_UPLOAD_PART_BYTES` overrides it (tests use S3's smallest, 5 MiB, which it enforces).
 pub fn part_bytes() -> usize {
     std::env::var("BTM_UPLOAD_PART_BYTES")
         .ok()
         .and_then(|v| v.parse().ok())
-        .filter(|&n: &usize| n > 0)
         .unwrap_or(16 << 20)
+        .max(5 << 20)
 }
 
 /// Parts of one file in flight at once.
@@ -80,6 +80,22 @@ impl Folder {
             root,
             kind: Kind::Remote { store, prefix, runtime },
         })
+    }
+
+    /// The folder at `location`, opened once per process and shared: one store client (and
+    /// its connection pool) serves every read and write of a run.
+    pub fn shared(location: &str) -> Result<Arc<Self>> {
+        use std::collections::HashMap;
+        use std::sync::{Mutex, OnceLock};
+        static OPEN: OnceLock<Mutex<HashMap<String, Arc<Folder>>>> = OnceLock::new();
+        let mut open = OPEN.get_or_init(Default::default).lock().expect("folder cache");
+        let key = location.trim_end_matches('/').to_string();
+        if let Some(f) = open.get(&key) {
+            return Ok(f.clone());
+        }
+        let f = Arc::new(Self::open(location)?);
+        open.insert(key, f.clone());
+        Ok(f)
     }
 
     /// The location this folder was opened with.
@@ -290,7 +306,14 @@ impl Folder {
                 Self::block(runtime, async {
                     let mut objects: Vec<StorePath> =
                         store.list(Some(&key)).map_ok(|m| m.location).try_collect().await.map_err(|e| self.err("listing", &rel, e))?;
-                    objects.push(key.clone());
+                    // The key itself, when it is an object rather than a prefix.
+                    if objects.is_empty() {
+                        match store.head(&key).await {
+                            Ok(_) => objects.push(key.clone()),
+                            Err(object_store::Error::NotFound { .. }) => {}
+                            Err(e) => return Err(self.err("checking", &rel, e)),
+                        }
+                    }
                     objects.sort_by_key(|p| p.filename() != Some(MANIFEST));
                     for o in objects {
                         match store.delete(&o).await {
@@ -324,7 +347,7 @@ impl Folder {
         let part = part_bytes();
         let up = |e: object_store::Error| self.err(&format!("uploading {} to", local.display()), &rel, e);
         Self::block(runtime, async {
-            if size <= (PARTS_IN_FLIGHT * part) as u64 {
+            if size <= part as u64 {
                 let bytes = std::fs::read(local).map_err(|e| Error::io(local, e))?;
                 store.put(&key, PutPayload::from(bytes)).await.map_err(up)?;
                 return Ok(());
@@ -367,9 +390,9 @@ impl Folder {
         let rel = self.rel(loc.as_ref())?;
         let manifest = Manifest::read(local)?;
         for f in &manifest.files {
-            self.upload_file(&local.join(&f.path), format!("{rel}/{}", f.path))?;
+            self.upload_file(&local.join(&f.path), sub(&rel, &f.path))?;
         }
-        self.upload_file(&local.join(MANIFEST), format!("{rel}/{MANIFEST}"))
+        self.upload_file(&local.join(MANIFEST), sub(&rel, MANIFEST))
     }
 
     /// Download one file to `dest`; `false` when there is none.
@@ -397,8 +420,8 @@ impl Folder {
         let staging = crate::checkpoint::StagingDir::new(dest, true)?;
         for f in &files {
             let file = staging.path.join(f);
-            if !self.download_file(format!("{rel}/{f}"), &file)? {
-                return Err(Error::Storage(format!("{}: vanished while downloading", self.join(&format!("{rel}/{f}")))));
+            if !self.download_file(sub(&rel, f), &file)? {
+                return Err(Error::Storage(format!("{}: vanished while downloading", self.join(&sub(&rel, f)))));
             }
         }
         if require_manifest || staging.path.join(MANIFEST).exists() {
@@ -423,7 +446,17 @@ impl Folder {
     }
 }
 
-pub(crate) fn cache_root() -> PathBuf {
+/// `rel/name`, or `name` at the root.
+fn sub(rel: &str, name: &str) -> String {
+    if rel.is_empty() {
+        name.to_string()
+    } else {
+        format!("{rel}/{name}")
+    }
+}
+
+/// btm's local cache: `$BTM_CACHE`, default `~/.cache/btm`.
+pub fn cache_root() -> PathBuf {
     if let Some(dir) = std::env::var_os("BTM_CACHE") {
         return PathBuf::from(dir);
     }

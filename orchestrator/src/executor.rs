@@ -4,10 +4,11 @@
 
 use crate::engine::{Engine, JobHandle, JobState, Submission};
 use crate::plan::{Job, Plan};
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
+use btm_model::folder::Folder;
 use serde_json::json;
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone, PartialEq)]
@@ -25,66 +26,95 @@ pub fn done_marker(run: &Path, job: &Job) -> std::path::PathBuf {
     job.dir(run).join("done.json")
 }
 
+/// The run folder at `run` (a path, or an object-store URL), shared by every caller.
+pub fn folder(run: &Path) -> Result<std::sync::Arc<Folder>> {
+    Ok(Folder::shared(&run.to_string_lossy())?)
+}
+
+/// Where this machine keeps a run's job logs and engine scripts: the run folder itself, or,
+/// for a run in an object store, a folder in the local cache named after its URL (the logs
+/// are copied into the run when their jobs end).
+pub fn local_root(run: &Path) -> PathBuf {
+    let location = run.to_string_lossy();
+    if !btm_model::folder::is_remote(&location) {
+        return run.to_path_buf();
+    }
+    use sha2::Digest;
+    let key = hex::encode(sha2::Sha256::digest(location.trim_end_matches('/').as_bytes()));
+    btm_model::folder::cache_root().join("runs-local").join(&key[..24])
+}
+
 /// How long a finished job ran, from its `done.json`.
 pub fn job_seconds(run: &Path, job: &Job) -> Option<f64> {
-    let bytes = std::fs::read(done_marker(run, job)).ok()?;
+    let bytes = folder(run).ok()?.read(done_marker(run, job)).ok()??;
     serde_json::from_slice::<serde_json::Value>(&bytes).ok()?["seconds"].as_f64()
 }
 
 /// Whether `job` finished with exactly this id (config and inputs unchanged).
 pub fn is_done(run: &Path, job: &Job) -> bool {
-    let Ok(bytes) = std::fs::read(done_marker(run, job)) else {
+    let Ok(Some(bytes)) = folder(run).and_then(|f| Ok(f.read(done_marker(run, job))?)) else {
         return false;
     };
     let Ok(v) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
         return false;
     };
-    v["id"] == job.id.as_str() && outputs_complete(job)
+    v["id"] == job.id.as_str() && outputs_complete(run, job).unwrap_or(false)
 }
 
 /// Outputs exist, and a model output has its manifest (it was published whole).
-fn outputs_complete(job: &Job) -> bool {
+fn outputs_complete(run: &Path, job: &Job) -> Result<bool> {
+    let f = folder(run)?;
     if let Some(m) = &job.produces {
-        if !m.dir.join(btm_model::manifest::MANIFEST).exists() {
-            return false;
+        if !f.exists(m.dir.join(btm_model::manifest::MANIFEST))? {
+            return Ok(false);
         }
     }
-    job.outputs.iter().all(|o| o.exists())
+    for o in &job.outputs {
+        if !f.exists(o)? {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 /// Get a job's folder ready: a job that did not start with this id before loses its old
 /// outputs (a trainer with the same id keeps them and resumes from its checkpoints).
 fn prepare(run: &Path, job: &Job) -> Result<()> {
+    let f = folder(run)?;
     let dir = job.dir(run);
-    std::fs::create_dir_all(&dir)?;
+    f.ensure_dir(&dir)?;
     let started = dir.join("started.json");
-    let same_id = std::fs::read(&started)
-        .ok()
+    let same_id = f
+        .read(&started)?
         .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
         .is_some_and(|v| v["id"] == job.id.as_str());
     if !(job.resumable && same_id) {
         for o in &job.outputs {
-            if o.is_dir() {
-                std::fs::remove_dir_all(o).with_context(|| format!("removing stale {}", o.display()))?;
-            } else if o.exists() {
-                std::fs::remove_file(o)?;
-            }
+            f.remove(o)?;
         }
     }
-    let _ = std::fs::remove_file(done_marker(run, job));
+    f.remove(done_marker(run, job))?;
     for (path, contents) in &job.files {
-        if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent)?;
-        }
-        std::fs::write(path, contents)?;
+        f.write(path, contents.as_bytes())?;
     }
     for o in &job.outputs {
         if let Some(parent) = o.parent() {
-            std::fs::create_dir_all(parent)?;
+            f.ensure_dir(parent)?;
         }
     }
-    std::fs::write(&started, serde_json::to_vec(&json!({"id": job.id}))?)?;
+    f.write(&started, &serde_json::to_vec(&json!({"id": job.id}))?)?;
     Ok(())
+}
+
+/// Copy a finished job's log from this machine into an object-store run (best effort: the
+/// log is only a copy of what the job printed).
+fn keep_log(run: &Path, job: &Job) {
+    let local = job.log(&local_root(run));
+    if btm_model::folder::is_remote(&run.to_string_lossy()) && local.exists() {
+        if let Ok(f) = folder(run) {
+            let _ = f.upload_file(&local, job.log(run));
+        }
+    }
 }
 
 /// What a run did.
@@ -151,7 +181,7 @@ pub async fn execute(plan: &Plan, engine: &dyn Engine, retries: u32, quiet: bool
                 subs.push(Submission {
                     name: job.name.clone(),
                     args: job.args.clone(),
-                    log: job.log(run),
+                    log: job.log(&local_root(run)),
                     cpus: job.resources.cpus,
                     gpus: job.resources.gpus,
                 });
@@ -178,17 +208,19 @@ pub async fn execute(plan: &Plan, engine: &dyn Engine, retries: u32, quiet: bool
             let job = &plan.jobs[i];
             match engine.state(handle).await? {
                 JobState::Running => {}
-                JobState::Succeeded if outputs_complete(job) => {
+                JobState::Succeeded if outputs_complete(run, job)? => {
                     let secs = started.elapsed().as_secs_f64();
-                    std::fs::write(
+                    keep_log(run, job);
+                    folder(run)?.write(
                         done_marker(run, job),
-                        serde_json::to_vec_pretty(&json!({"id": job.id, "name": job.name, "seconds": secs}))?,
+                        &serde_json::to_vec_pretty(&json!({"id": job.id, "name": job.name, "seconds": secs}))?,
                     )?;
                     status[i] = Status::Done;
                     summary.ran.push(job.name.clone());
                     say(format!("[{:>3}/{total}] done  {} ({secs:.1}s)", done_count(&status), job.name));
                 }
                 state => {
+                    keep_log(run, job);
                     let why = match state {
                         JobState::Failed(why) => why,
                         _ => "finished without its outputs".into(),
@@ -198,13 +230,13 @@ pub async fn execute(plan: &Plan, engine: &dyn Engine, retries: u32, quiet: bool
                         status[i] = Status::Waiting;
                     } else if attempts <= retries {
                         let wait = Duration::from_secs(2u64.pow(attempts.min(6)));
-                        say(format!("job {} failed ({why}); retrying in {}s — log: {}", job.name, wait.as_secs(), job.log(run).display()));
+                        say(format!("job {} failed ({why}); retrying in {}s — log: {}", job.name, wait.as_secs(), job.log(&local_root(run)).display()));
                         status[i] = Status::Backoff {
                             attempts,
                             not_before: Instant::now() + wait,
                         };
                     } else {
-                        say(format!("job {} failed ({why}) — log: {}", job.name, job.log(run).display()));
+                        say(format!("job {} failed ({why}) — log: {}", job.name, job.log(&local_root(run)).display()));
                         status[i] = Status::Failed(why);
                     }
                 }
@@ -217,7 +249,7 @@ pub async fn execute(plan: &Plan, engine: &dyn Engine, retries: u32, quiet: bool
                 bail!("interrupted; run `btm run` again to continue where it stopped");
             }
             if let Some((i, Status::Failed(why))) = status.iter().enumerate().find(|(_, s)| matches!(s, Status::Failed(_))) {
-                bail!("job {} failed: {why} (see {})", plan.jobs[i].name, plan.jobs[i].log(run).display());
+                bail!("job {} failed: {why} (see {})", plan.jobs[i].name, plan.jobs[i].log(&local_root(run)).display());
             }
             if status.iter().all(|s| *s == Status::Done) {
                 return Ok(summary);

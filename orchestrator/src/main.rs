@@ -9,6 +9,7 @@ mod executor;
 mod pipeline;
 mod plan;
 mod report;
+mod stage;
 
 use clap::{Parser, Subcommand};
 
@@ -54,9 +55,18 @@ enum Command {
 }
 
 fn main() {
-    // Die quietly on a closed pipe (`btm status RUN | head`) like other Unix tools.
-    // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
-    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    // Die quietly on a closed pipe (`btm status RUN | head`) like other Unix tools, with the
+    // status SIGPIPE would give. Not by restoring SIGPIPE's default disposition: then a write
+    // to a socket the peer closed (an object store restarting mid-upload) kills the process
+    // instead of being an error the store client retries.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let msg = info.payload().downcast_ref::<String>().map(String::as_str).or_else(|| info.payload().downcast_ref::<&str>().copied()).unwrap_or("");
+        if msg.starts_with("failed printing to stdout") && msg.contains("Broken pipe") {
+            std::process::exit(128 + libc::SIGPIPE);
+        }
+        default_hook(info);
+    }));
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => commands::run::run(args),

@@ -389,7 +389,8 @@ fn seed_config(p: &Pipeline, base: &Path) -> Result<btm_model::ModelConfig> {
 /// Build the job DAG for a loaded pipeline.
 pub fn plan(p: &Pipeline, base: &Path, run_dir: &Path) -> Result<Plan> {
     let threads = p.engine.threads_per_job();
-    let run = std::path::absolute(run_dir)?;
+    // An object-store run keeps its URL (joined like a path: `s3://b/runs/x/seed`).
+    let run = if btm_model::folder::is_remote(&run_dir.to_string_lossy()) { run_dir.to_path_buf() } else { std::path::absolute(run_dir)? };
     let mut b = Builder {
         p,
         base,

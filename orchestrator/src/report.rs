@@ -31,9 +31,15 @@ impl Row {
 }
 
 pub fn read_plan(run: &Path) -> Result<Plan> {
-    let path = run.join("plan.json");
-    let bytes = std::fs::read(&path).with_context(|| format!("{}: not a btm run (no plan.json)", run.display()))?;
+    let bytes = crate::executor::folder(run)?
+        .read("plan.json")?
+        .with_context(|| format!("{}: not a btm run (no plan.json)", run.display()))?;
     Ok(serde_json::from_slice(&bytes)?)
+}
+
+/// A file of the run (the run folder may be an object store); `None` when it is not there.
+fn read_in_run(plan: &Plan, file: &Path) -> Option<Vec<u8>> {
+    crate::executor::folder(&plan.run_dir).ok()?.read(file).ok()?
 }
 
 /// Every scored model with its per-domain perplexity, in plan order.
@@ -44,7 +50,7 @@ pub fn rows(plan: &Plan) -> Vec<Row> {
         let mut parts = j.name.splitn(3, '/').skip(1);
         let (Some(label), Some(domain)) = (parts.next(), parts.next()) else { continue };
         let Some(out) = j.outputs.first() else { continue };
-        let Ok(v) = std::fs::read(out).map_err(anyhow::Error::from).and_then(|b| Ok(serde_json::from_slice::<Value>(&b)?)) else {
+        let Some(Ok(v)) = read_in_run(plan, out).map(|b| serde_json::from_slice::<Value>(&b)) else {
             continue;
         };
         let model = plan.jobs.iter().filter_map(|p| p.produces.as_ref()).find(|m| m.label == label);
@@ -239,7 +245,8 @@ fn loss_series(plan: &Plan) -> Vec<(String, Vec<(f64, f64)>)> {
     let mut out = vec![];
     for j in &plan.jobs {
         let (Some(t), Some(m)) = (&j.train, &j.produces) else { continue };
-        let Ok(text) = std::fs::read_to_string(&t.metrics) else { continue };
+        let Some(bytes) = read_in_run(plan, &t.metrics) else { continue };
+        let text = String::from_utf8_lossy(&bytes);
         let points: Vec<(f64, f64)> = text
             .lines()
             .filter_map(|l| serde_json::from_str::<Value>(l).ok())
@@ -257,8 +264,7 @@ pub fn write(run: &Path) -> Result<String> {
     let plan = read_plan(run)?;
     let rows = rows(&plan);
     let table = table(&rows);
-    let plots = run.join("plots");
-    std::fs::create_dir_all(&plots)?;
+    let folder = crate::executor::folder(run)?;
     let mut figures: Vec<(String, String, String)> = vec![]; // (caption, file, svg)
     let series = loss_series(&plan);
     if !series.is_empty() {
@@ -269,7 +275,7 @@ pub fn write(run: &Path) -> Result<String> {
         figures.push((title.clone(), format!("routing-{}.svg", r.label), routing_heatmap(&title, &r.routing)));
     }
     for (_, file, svg) in &figures {
-        std::fs::write(plots.join(file), svg)?;
+        folder.write(format!("plots/{file}"), svg.as_bytes())?;
     }
 
     let mut md = String::new();
@@ -319,7 +325,8 @@ pub fn write(run: &Path) -> Result<String> {
             .map_or("–".into(), |s| format!("{s:.1}"));
         let (produces, lineage) = match &j.produces {
             Some(m) => {
-                let l = btm_model::Lineage::read(&m.dir).ok().flatten();
+                let l = read_in_run(&plan, &m.dir.join(btm_model::lineage::LINEAGE))
+                    .and_then(|b| serde_json::from_slice::<btm_model::Lineage>(&b).ok());
                 let lineage = l.map_or("–".into(), |l| {
                     let parents: Vec<String> = l
                         .parents
@@ -334,7 +341,7 @@ pub fn write(run: &Path) -> Result<String> {
         };
         let _ = writeln!(md, "| {} | `{}` | {secs} | {produces} | {lineage} |", j.name, j.id);
     }
-    std::fs::write(run.join("report.md"), &md)?;
+    folder.write("report.md", md.as_bytes())?;
 
     let mut html = format!(
         "<!doctype html><html><head><meta charset=\"utf-8\"><title>btm run {}</title>\
@@ -349,7 +356,7 @@ pub fn write(run: &Path) -> Result<String> {
     }
     let jobs_table: String = md.lines().skip_while(|l| !l.starts_with("| job |")).collect::<Vec<_>>().join("\n");
     let _ = write!(html, "<h2>Jobs and lineage</h2>{}</body></html>", markdown_table_to_html(&jobs_table));
-    std::fs::write(run.join("report.html"), html)?;
+    folder.write("report.html", html.as_bytes())?;
     Ok(table)
 }
 

@@ -41,3 +41,123 @@ pub fn has_checkpoint(expert: &Path) -> bool {
         .map(|d| d.flatten().any(|e| e.path().join("MANIFEST.json").exists()))
         .unwrap_or(false)
 }
+
+/// The bucket the S3 tests use.
+pub const BUCKET: &str = "btm-test";
+
+/// A real S3-compatible server (`tests/s3-server`: s3s over s3s-fs) on a free loopback port,
+/// storing into a temporary root; killed when dropped.
+pub struct S3Server {
+    child: Option<std::process::Child>,
+    pub port: u16,
+    pub root: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl S3Server {
+    /// Built by `cargo test --workspace` (its crate has a test of its own).
+    fn binary() -> PathBuf {
+        Path::new(env!("CARGO_BIN_EXE_btm")).with_file_name("btm-s3-server")
+    }
+
+    /// A running server with an empty bucket, or `None` (saying why) when the server binary
+    /// is not built — unless `BTM_REQUIRE_S3=1` (CI), which makes that a failure.
+    pub fn start() -> Option<Self> {
+        Self::start_with(&[])
+    }
+
+    /// [`S3Server::start`] with more server arguments (a fault to inject).
+    pub fn start_with(extra: &[&str]) -> Option<Self> {
+        if !Self::binary().exists() {
+            assert!(
+                std::env::var("BTM_REQUIRE_S3").as_deref() != Ok("1"),
+                "BTM_REQUIRE_S3=1 but {} is not built (cargo build -p btm-s3-server)",
+                Self::binary().display()
+            );
+            eprintln!("skipping: {} is not built (cargo build -p btm-s3-server)", Self::binary().display());
+            return None;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("s3");
+        std::fs::create_dir_all(root.join(BUCKET)).unwrap();
+        let mut s = S3Server { child: None, port: 0, root, _dir: dir };
+        s.spawn(extra);
+        Some(s)
+    }
+
+    /// Start the server process (on the same port as before, once it has one).
+    pub fn spawn(&mut self, extra: &[&str]) {
+        use std::io::BufRead;
+        use std::os::unix::process::CommandExt;
+        let mut cmd = Command::new(Self::binary());
+        cmd.arg("--root")
+            .arg(&self.root)
+            .args(["--port", &self.port.to_string(), "--access-key", "btm-test-key", "--secret-key", "btm-test-secret"])
+            .args(extra)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit());
+        // SAFETY: prctl in the child before exec; the server dies with the test process.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().expect("starting btm-s3-server");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        self.port = line.trim().rsplit(':').next().and_then(|p| p.parse().ok()).unwrap_or_else(|| panic!("btm-s3-server said `{line}`"));
+        self.child = Some(child);
+    }
+
+    /// The server's exit status once it has exited by itself (a fault it was told to inject).
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        let status = self.child.as_mut().expect("a running server").try_wait().unwrap();
+        if status.is_some() {
+            self.child = None;
+        }
+        status
+    }
+
+    /// Set the environment btm reads for an S3-compatible endpoint.
+    pub fn env<'a>(&self, cmd: &'a mut Command) -> &'a mut Command {
+        cmd.env("AWS_ENDPOINT", format!("http://127.0.0.1:{}", self.port))
+            .env("AWS_ALLOW_HTTP", "true")
+            .env("AWS_REGION", "us-east-1")
+            .env("AWS_ACCESS_KEY_ID", "btm-test-key")
+            .env("AWS_SECRET_ACCESS_KEY", "btm-test-secret")
+    }
+
+    /// The objects under `prefix` in the bucket (s3s-fs keeps each as a file), sorted.
+    pub fn objects(&self, prefix: &str) -> Vec<String> {
+        let base = self.root.join(BUCKET);
+        let mut out = vec![];
+        let mut stack = vec![base.join(prefix)];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    stack.push(p);
+                } else if !e.file_name().to_string_lossy().starts_with('.') {
+                    out.push(p.strip_prefix(&base).unwrap().to_string_lossy().into_owned());
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+
+    /// The local directory holding the objects under `prefix` (to verify manifests in place).
+    pub fn dir(&self, prefix: &str) -> PathBuf {
+        self.root.join(BUCKET).join(prefix)
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}

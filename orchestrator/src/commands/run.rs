@@ -29,17 +29,16 @@ pub struct RunArgs {
     pub quiet: bool,
 }
 
-fn local_run_dir(location: &str) -> Result<PathBuf> {
+/// A run's location: a local folder (from a path or `file://` URL), or an object-store URL
+/// kept as it is (`s3://bucket/runs`, joined like a path).
+fn run_location(location: &str) -> Result<PathBuf> {
     if let Some(p) = location.strip_prefix("file://") {
         return Ok(PathBuf::from(p));
     }
-    if location.contains("://") {
-        bail!(
-            "run storage `{location}`: runs live in a local folder or file:// URL for now; \
-             object-store runs arrive with the cluster engines"
-        );
+    if location.contains("://") && !btm_model::folder::is_remote(location) {
+        bail!("run storage `{location}`: not a path or an object-store URL");
     }
-    Ok(PathBuf::from(location))
+    Ok(PathBuf::from(location.trim_end_matches('/')))
 }
 
 fn print_plan(plan: &Plan) {
@@ -95,10 +94,16 @@ pub fn run(args: RunArgs) -> Result<()> {
     let loaded = crate::pipeline::load(&args.pipeline, &args.sets).map_err(anyhow::Error::new)?;
     let p = &loaded.pipeline;
     let run_dir = match &args.run_dir {
-        Some(d) => local_run_dir(d)?,
-        None => local_run_dir(&p.storage)?.join(&p.name),
+        Some(d) => run_location(d)?,
+        None => run_location(&p.storage)?.join(&p.name),
     };
-    let plan = crate::plan::plan(p, &loaded.base_dir, &run_dir)?;
+    let mut plan = crate::plan::plan(p, &loaded.base_dir, &run_dir)?;
+    let run = crate::executor::folder(&plan.run_dir)?;
+    if !args.dry_run && run.is_remote() {
+        // Fail now, naming the URL, if the store cannot be reached or the bucket is missing.
+        run.list("jobs").with_context(|| format!("run storage `{}`: cannot use the object store", run.location()))?;
+    }
+    crate::stage::inputs(&mut plan, !args.dry_run)?;
     if args.dry_run {
         print_plan(&plan);
         if let EngineSpec::Kubernetes(k) = &p.engine {
@@ -106,13 +111,17 @@ pub fn run(args: RunArgs) -> Result<()> {
         }
         return Ok(());
     }
-    std::fs::create_dir_all(&plan.run_dir).with_context(|| format!("creating {}", plan.run_dir.display()))?;
-    let _lock = RunLock::take(&plan.run_dir)?;
-    std::fs::write(plan.run_dir.join("pipeline.yaml"), &loaded.resolved_yaml)?;
-    std::fs::write(plan.run_dir.join("plan.json"), serde_json::to_vec_pretty(&plan)?)?;
+    run.ensure_dir("").with_context(|| format!("creating {}", plan.run_dir.display()))?;
+    // Logs and engine scripts stay on this machine (in the run folder when it is local); the
+    // lock guards against a second `btm run` of this run from this machine.
+    let local = crate::executor::local_root(&plan.run_dir);
+    std::fs::create_dir_all(&local).with_context(|| format!("creating {}", local.display()))?;
+    let _lock = RunLock::take(&local)?;
+    run.write("pipeline.yaml", loaded.resolved_yaml.as_bytes())?;
+    run.write("plan.json", &serde_json::to_vec_pretty(&plan)?)?;
     let engine: Box<dyn Engine> = match &p.engine {
         EngineSpec::Local { slots, .. } => Box::new(LocalEngine::new(*slots)?),
-        spec @ EngineSpec::Slurm { .. } => Box::new(SlurmEngine::new(spec, &plan.run_dir)?),
+        spec @ EngineSpec::Slurm { .. } => Box::new(SlurmEngine::new(spec, &local)?),
         EngineSpec::Kubernetes(k) => Box::new(KubernetesEngine::new(k, &plan.run_dir, Credentials::discover()?)?),
     };
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
@@ -172,12 +181,13 @@ impl RunLock {
 
 #[derive(Args)]
 pub struct RunDirArgs {
-    /// The run folder.
+    /// The run folder (a path or an object-store URL).
     pub run: PathBuf,
 }
 
-fn last_metrics(job: &Job) -> Option<Value> {
-    let text = std::fs::read_to_string(&job.train.as_ref()?.metrics).ok()?;
+fn last_metrics(run: &Path, job: &Job) -> Option<Value> {
+    let bytes = crate::executor::folder(run).ok()?.read(&job.train.as_ref()?.metrics).ok()??;
+    let text = String::from_utf8_lossy(&bytes);
     text.lines().rev().filter_map(|l| serde_json::from_str::<Value>(l).ok()).find(|v| v.get("loss").is_some())
 }
 
@@ -189,13 +199,13 @@ pub fn status(args: RunDirArgs) -> Result<()> {
         let state = if crate::executor::is_done(&plan.run_dir, j) {
             done += 1;
             "done".to_string()
-        } else if j.dir(&plan.run_dir).join("started.json").exists() {
+        } else if crate::executor::folder(&plan.run_dir)?.exists(j.dir(&plan.run_dir).join("started.json"))? {
             "started".to_string()
         } else {
             "pending".to_string()
         };
         let mut line = format!("{:<width$} {:<8}", j.name, state);
-        if let (Some(t), Some(m)) = (&j.train, last_metrics(j)) {
+        if let (Some(t), Some(m)) = (&j.train, last_metrics(&plan.run_dir, j)) {
             let step = m["step"].as_u64().unwrap_or(0);
             line.push_str(&format!(" step {step}/{}", t.steps));
             if let Some(loss) = m["loss"].as_f64() {

@@ -57,8 +57,12 @@ pub fn array_script(exe: &std::path::Path, jobs: &[Submission]) -> String {
     let mut s = String::from("#!/bin/bash\n# Written by btm: one case per task of the array.\ncase \"${SLURM_ARRAY_TASK_ID:-0}\" in\n");
     for (i, j) in jobs.iter().enumerate() {
         let args: Vec<String> = j.args.iter().map(|a| quote(a)).collect();
+        // The log's folder may not exist on the node (a run kept in an object store logs to
+        // a local folder of the submitting machine).
+        let log_dir = j.log.parent().map(|d| d.to_string_lossy().into_owned()).unwrap_or_else(|| ".".into());
         s.push_str(&format!(
-            "  {i}) exec {} {} >> {} 2>&1 ;;\n",
+            "  {i}) mkdir -p {} && exec {} {} >> {} 2>&1 ;;\n",
+            quote(&log_dir),
             quote(&exe.to_string_lossy()),
             args.join(" "),
             quote(&j.log.to_string_lossy())

@@ -1,0 +1,250 @@
+//! Runs kept in an S3-compatible object store: a real S3 server (`tests/s3-server`, s3s over
+//! s3s-fs) on loopback, started here. Every artefact of the run lands in the bucket and
+//! nothing in a local run folder; the orchestrator reads results back from the store; a server
+//! that dies in the middle of a checkpoint's multipart upload either comes back (the parts are
+//! retried) or fails the job cleanly, and no partial checkpoint is ever used.
+//!
+//! Without the server binary (built by `cargo test --workspace`) the tests say so and pass,
+//! unless `BTM_REQUIRE_S3=1` (set by CI). The Slurm variants are in tests/slurm.rs.
+
+mod common;
+
+use common::{btm, domain, ok, S3Server, BUCKET};
+use std::path::Path;
+use std::process::Command;
+
+/// Every stage but add-expert, small: tokenizer, seed, experts, merge, upcycle, continue,
+/// baseline, eval.
+fn every_stage(dir: &Path) -> std::path::PathBuf {
+    let yaml = format!(
+        "name: mini\nstorage: s3://{BUCKET}/runs\nengine: {{kind: local, slots: 2, threads_per_job: 1}}\n\
+         seed:\n  train:\n    model: {{hidden_size: 32, layers: 1, heads: 2, ffn: 64, max_positions: 64}}\n    \
+         tokenizer: {{vocab_size: 300, max_docs_per_domain: 20}}\n    train: {{steps: 4, batch_size: 4, seq_len: 32}}\n\
+         domains:\n{}{}\
+         train: {{steps: 6, batch_size: 4, seq_len: 32, checkpoint_interval: 3}}\n\
+         merge: {{top_k: 1, router_init: centroid, calib_tokens: 512}}\n\
+         upcycle: {{experts: 2, top_k: 1}}\n\
+         continue: {{steps: 2}}\n\
+         eval: {{split: test, seq_len: 32, max_docs: 2, baseline: true}}\n",
+        domain("scripture"),
+        domain("code"),
+    );
+    let file = dir.join("mini.yaml");
+    std::fs::write(&file, yaml).unwrap();
+    file
+}
+
+/// `btm` in `dir`, talking to `s3`, with its cache in `dir/cache`.
+fn btm_s3(s3: &S3Server, dir: &Path) -> Command {
+    let mut cmd = btm();
+    s3.env(&mut cmd).current_dir(dir).env("BTM_CACHE", dir.join("cache"));
+    cmd
+}
+
+#[test]
+fn a_pipeline_keeps_every_artefact_in_the_bucket() {
+    let Some(s3) = S3Server::start() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let file = every_stage(tmp.path());
+    let start = std::time::Instant::now();
+    let out = ok(btm_s3(&s3, tmp.path()).arg("run").arg(&file).arg("--quiet").output().unwrap());
+    eprintln!("every stage on S3: {:.1}s", start.elapsed().as_secs_f64());
+    for model in ["seed", "expert-scripture", "expert-code", "merged", "continued", "upcycled", "upcycled-continued", "baseline"] {
+        assert!(out.contains(&format!("| {model} |")), "{model} missing from the table:\n{out}");
+    }
+    assert!(out.contains(&format!("report: s3://{BUCKET}/runs/mini/report.md")), "{out}");
+
+    let objects = s3.objects("runs/mini");
+    for o in [
+        "pipeline.yaml",
+        "plan.json",
+        "report.md",
+        "report.html",
+        "plots/loss.svg",
+        "plots/routing-merged.svg",
+        "tokenizer/tokenizer.json",
+        "seed/model/MANIFEST.json",
+        "seed/metrics.jsonl",
+        "experts/code/model/MANIFEST.json",
+        "experts/code/model/btm.json",
+        "experts/code/metrics.jsonl",
+        "experts/code/checkpoints/step-00000006/MANIFEST.json",
+        "merged/MANIFEST.json",
+        "merged/btm.json",
+        "upcycled/MANIFEST.json",
+        "continued/model/MANIFEST.json",
+        "upcycled-continued/model/MANIFEST.json",
+        "baseline/model/MANIFEST.json",
+        "eval/merged/code.json",
+        "eval/baseline/scripture.json",
+        "jobs/merge/done.json",
+        "jobs/expert-code/job.yaml",
+        "logs/merge.log",
+    ] {
+        assert!(objects.contains(&format!("runs/mini/{o}")), "{o} is not in the bucket: {objects:#?}");
+    }
+    // The data went up once, by content, and the jobs read it from there.
+    assert!(objects.iter().any(|o| o.starts_with("runs/mini/inputs/") && o.ends_with("/train.jsonl")), "{objects:#?}");
+    let job = std::fs::read_to_string(s3.dir("runs/mini/jobs/expert-code/job.yaml")).unwrap();
+    assert!(job.contains(&format!("s3://{BUCKET}/runs/mini/inputs/")) && job.contains(&format!("out: s3://{BUCKET}/runs/mini/experts/code")), "{job}");
+    // Published artefacts verify in the bucket.
+    for a in ["merged", "experts/code/model", "experts/code/checkpoints/step-00000006", "continued/model"] {
+        let d = s3.dir(&format!("runs/mini/{a}"));
+        btm_model::Manifest::read(&d).unwrap().verify(&d).unwrap();
+    }
+    let report = std::fs::read_to_string(s3.dir("runs/mini/report.md")).unwrap();
+    assert!(report.contains("| merged |") && report.contains("expert ← ["), "{report}");
+
+    // Nothing of the run on the local disk: only the pipeline file and the cache are here.
+    let mut here: Vec<String> = std::fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    here.sort();
+    assert_eq!(here, vec!["cache", "mini.yaml"]);
+
+    // The orchestrator reads the run back from the store.
+    let again = ok(btm_s3(&s3, tmp.path()).arg("run").arg(&file).output().unwrap());
+    assert!(again.contains("nothing to do: all"), "{again}");
+    let url = format!("s3://{BUCKET}/runs/mini");
+    let status = ok(btm_s3(&s3, tmp.path()).args(["status", &url]).output().unwrap());
+    assert!(status.contains("expert/code") && status.contains("step 6/6") && status.contains("jobs done"), "{status}");
+    assert!(!status.contains("pending") && !status.contains("started"), "{status}");
+    let report = ok(btm_s3(&s3, tmp.path()).args(["report", &url]).output().unwrap());
+    assert!(report.contains("| continued |"), "{report}");
+}
+
+#[test]
+fn a_missing_bucket_or_a_dead_endpoint_is_a_named_error() {
+    let Some(s3) = S3Server::start() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let file = every_stage(tmp.path());
+    let out = btm_s3(&s3, tmp.path()).arg("run").arg(&file).args(["--run-dir", "s3://no-such-bucket/x"]).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("run storage `s3://no-such-bucket/x`") && err.contains("NoSuchBucket"), "{err}");
+    assert!(!err.contains("btm-test-secret"), "the secret key was printed:\n{err}");
+
+    // Nothing listening at the endpoint: a named error after the retries, in seconds.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let start = std::time::Instant::now();
+    let out = btm_s3(&s3, tmp.path()).env("AWS_ENDPOINT", format!("http://127.0.0.1:{port}")).arg("run").arg(&file).output().unwrap();
+    let secs = start.elapsed().as_secs_f64();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("run storage `s3://{BUCKET}/runs/mini`: cannot use the object store")) && err.contains(&format!("127.0.0.1:{port}")), "{err}");
+    assert!(secs < 90.0, "a dead endpoint took {secs:.0}s to report");
+    assert!(!err.contains("btm-test-secret"), "the secret key was printed:\n{err}");
+}
+
+/// A seed of about 1.8 M parameters (7 MB of weights, 15 MB of optimizer state) and one
+/// expert: with 5 MiB parts (S3's smallest) every checkpoint is a multipart upload.
+fn multipart(dir: &Path, name: &str) -> std::path::PathBuf {
+    let yaml = format!(
+        "name: {name}\nstorage: s3://{BUCKET}/runs\nengine: {{kind: local, slots: 1, threads_per_job: 1, retries: 0}}\n\
+         seed:\n  train:\n    model: {{hidden_size: 256, layers: 2, heads: 4, ffn: 688, max_positions: 64}}\n    \
+         tokenizer: {{vocab_size: 512, max_docs_per_domain: 20}}\n    train: {{steps: 2, batch_size: 2, seq_len: 32}}\n\
+         domains:\n{}\
+         train: {{steps: 4, batch_size: 2, seq_len: 32, checkpoint_interval: 2}}\n\
+         eval: {{split: test, seq_len: 32, max_docs: 1}}\n",
+        domain("scripture"),
+    );
+    let file = dir.join(format!("{name}.yaml"));
+    std::fs::write(&file, yaml).unwrap();
+    file
+}
+
+/// The server dies right after storing the 3rd part of a checkpoint file: the seed's.
+const FAULT: [&str; 4] = ["--exit-after-parts", "3", "--fault-path", "/checkpoints/"];
+
+/// `btm run` on `file`, 5 MiB parts, output captured.
+fn spawn_run(s3: &S3Server, dir: &Path, file: &Path) -> std::process::Child {
+    btm_s3(s3, dir)
+        .env("BTM_UPLOAD_PART_BYTES", (5 << 20).to_string())
+        .arg("run")
+        .arg(file)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Wait until the server has died of its fault; fails if `run` ends first.
+fn wait_for_fault(s3: &mut S3Server, run: &mut std::process::Child) {
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(status) = s3.exited() {
+            assert_eq!(status.code(), Some(3), "the server should have died of its injected fault");
+            return;
+        }
+        if let Some(status) = run.try_wait().unwrap() {
+            let mut err = String::new();
+            std::io::Read::read_to_string(run.stderr.as_mut().unwrap(), &mut err).unwrap();
+            panic!("btm run ended ({status}) before the server fault:\n{err}");
+        }
+        assert!(start.elapsed() < std::time::Duration::from_secs(300), "no fault within 5 minutes");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// Every checkpoint in the bucket that has a manifest verifies against it; their names.
+fn published_checkpoints_verify(s3: &S3Server, prefix: &str) -> Vec<String> {
+    let mut steps = vec![];
+    for e in std::fs::read_dir(s3.dir(prefix)).into_iter().flatten().flatten() {
+        let d = e.path();
+        if d.join("MANIFEST.json").exists() {
+            btm_model::Manifest::read(&d).unwrap().verify(&d).unwrap_or_else(|e| panic!("{} is published but broken: {e}", d.display()));
+            steps.push(e.file_name().to_string_lossy().into_owned());
+        }
+    }
+    steps.sort();
+    steps
+}
+
+#[test]
+fn the_server_restarting_during_a_checkpoint_upload_is_survived() {
+    let Some(mut s3) = S3Server::start_with(&FAULT) else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let file = multipart(tmp.path(), "restart");
+    let mut run = spawn_run(&s3, tmp.path(), &file);
+    wait_for_fault(&mut s3, &mut run);
+    // Started again at once on the same root: the upload retries the interrupted part.
+    s3.spawn(&[]);
+    let out = ok(run.wait_with_output().unwrap());
+    assert!(out.contains("| expert-scripture |"), "{out}");
+    assert_eq!(published_checkpoints_verify(&s3, "runs/restart/seed/checkpoints"), vec!["step-00000002"]);
+    assert_eq!(published_checkpoints_verify(&s3, "runs/restart/experts/scripture/checkpoints"), vec!["step-00000002", "step-00000004"]);
+    // The multipart objects are whole: the weights are larger than one part.
+    let weights = s3.dir("runs/restart/seed/checkpoints/step-00000002/model.safetensors");
+    assert!(std::fs::metadata(&weights).unwrap().len() > 5 << 20);
+    let log = std::fs::read_to_string(s3.dir("runs/restart/logs/seed.log")).unwrap();
+    assert!(!log.contains("resuming from") && !log.contains("error"), "the part was retried, the job not restarted:\n{log}");
+}
+
+#[test]
+fn a_server_gone_during_a_checkpoint_upload_fails_cleanly_and_a_rerun_completes() {
+    let Some(mut s3) = S3Server::start_with(&FAULT) else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let file = multipart(tmp.path(), "gone");
+    let mut run = spawn_run(&s3, tmp.path(), &file);
+    wait_for_fault(&mut s3, &mut run);
+    let died = std::time::Instant::now();
+    // Not restarted: the trainer gives up after its retries and the run fails, naming the job.
+    let out = run.wait_with_output().unwrap();
+    let secs = died.elapsed().as_secs_f64();
+    eprintln!("btm run failed {secs:.1}s after the store went away");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("job seed failed"), "{err}");
+    assert!(secs < 180.0, "a dead store should fail the run within a minute or two, took {secs:.0}s");
+    // The checkpoint being uploaded has some files but no manifest: not published.
+    let ckpts = "runs/gone/seed/checkpoints";
+    assert!(!s3.objects(&format!("{ckpts}/step-00000002")).is_empty(), "{:#?}", s3.objects("runs/gone"));
+    assert!(published_checkpoints_verify(&s3, ckpts).is_empty());
+
+    s3.spawn(&[]);
+    let out = ok(spawn_run(&s3, tmp.path(), &file).wait_with_output().unwrap());
+    assert!(out.contains("| expert-scripture |"), "{out}");
+    assert_eq!(published_checkpoints_verify(&s3, ckpts), vec!["step-00000002"]);
+    assert_eq!(published_checkpoints_verify(&s3, "runs/gone/experts/scripture/checkpoints"), vec!["step-00000002", "step-00000004"]);
+    // The partial checkpoint was not resumed from: the rerun trained the seed from step 0.
+    let log = std::fs::read_to_string(s3.dir("runs/gone/logs/seed.log")).unwrap();
+    assert!(!log.contains("resuming from"), "{log}");
+}

@@ -2,11 +2,12 @@
 //!
 //! Needs Slurm on this machine (`scripts/slurm-local.sh start`, which CI runs); the REST tests
 //! also need `SLURM_JWT` and `SLURMRESTD_URL` from it. Without them the tests say so and pass,
-//! unless `BTM_REQUIRE_SLURM=1` (set by CI), which makes a missing cluster a failure.
+//! unless `BTM_REQUIRE_SLURM=1` (set by CI), which makes a missing cluster a failure. The
+//! object-store variants also start the S3 test server (see tests/s3.rs).
 
 mod common;
 
-use common::{btm, domain, has_checkpoint, ok, repo};
+use common::{btm, domain, has_checkpoint, ok, repo, S3Server, BUCKET};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -32,12 +33,15 @@ fn slurm_available(rest: bool) -> bool {
 }
 
 fn pipeline(dir: &Path, name: &str, engine: &str, steps: u64) -> PathBuf {
+    pipeline_in(dir, name, engine, steps, &dir.join("runs").display().to_string())
+}
+
+fn pipeline_in(dir: &Path, name: &str, engine: &str, steps: u64, storage: &str) -> PathBuf {
     let yaml = format!(
-        "name: {name}\nstorage: {}\nengine: {engine}\nseed: {{checkpoint: {}}}\ndomains:\n{}{}\
+        "name: {name}\nstorage: {storage}\nengine: {engine}\nseed: {{checkpoint: {}}}\ndomains:\n{}{}\
          train: {{steps: {steps}, batch_size: 4, seq_len: 32, checkpoint_interval: 5}}\n\
          merge: {{top_k: 1, router_init: centroid, calib_tokens: 512}}\n\
          eval: {{split: test, seq_len: 32, max_docs: 1}}\n",
-        dir.join("runs").display(),
         repo().join("model/tests/fixtures/llama").display(),
         domain("scripture"),
         domain("code"),
@@ -151,4 +155,56 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
         }
     }
     out
+}
+
+/// The pipeline on Slurm with its run in S3: workers fetch their inputs from the bucket and
+/// publish there; nothing of the run is written to a local run folder.
+fn runs_with_s3(api: &str, engine: &str) {
+    let Some(s3) = S3Server::start() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let name = format!("s3-{api}");
+    let file = pipeline_in(tmp.path(), &name, engine, 10, &format!("s3://{BUCKET}/runs"));
+    let mut cmd = btm();
+    s3.env(&mut cmd).current_dir(tmp.path()).env("BTM_CACHE", tmp.path().join("cache"));
+    let out = ok(cmd.arg("run").arg(&file).output().unwrap());
+    assert!(out.contains("| merged |"), "{out}");
+    let objects = s3.objects(&format!("runs/{name}"));
+    for o in [
+        "plan.json",
+        "report.md",
+        "experts/code/model/MANIFEST.json",
+        "experts/scripture/checkpoints/step-00000010/MANIFEST.json",
+        "merged/MANIFEST.json",
+        "eval/merged/code.json",
+        "jobs/expert-code/done.json",
+        "logs/expert-code.log",
+    ] {
+        assert!(objects.contains(&format!("runs/{name}/{o}")), "{o} is not in the bucket: {objects:#?}");
+    }
+    let merged = s3.dir(&format!("runs/{name}/merged"));
+    btm_model::Manifest::read(&merged).unwrap().verify(&merged).unwrap();
+    let mut here: Vec<String> = std::fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    here.sort();
+    assert_eq!(here, vec!["cache".to_string(), format!("{name}.yaml")], "only the pipeline and the cache are local");
+    // The experts were one array, submitted from the local folder that holds scripts and logs.
+    let scripts: Vec<String> = walk(&tmp.path().join("cache/runs-local"))
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "sh"))
+        .map(|p| std::fs::read_to_string(p).unwrap())
+        .collect();
+    assert!(scripts.iter().any(|s| s.contains("expert-scripture") && s.contains("expert-code") && s.contains("  1) mkdir -p")), "{scripts:?}");
+}
+
+#[test]
+fn cli_runs_the_pipeline_with_its_run_in_s3() {
+    if slurm_available(false) {
+        runs_with_s3("cli", "{kind: slurm, api: cli, cpus_per_task: 1, mem_per_cpu_mb: 400}");
+    }
+}
+
+#[test]
+fn rest_api_runs_the_pipeline_with_its_run_in_s3() {
+    if slurm_available(true) {
+        runs_with_s3("rest", "{kind: slurm, api: rest, cpus_per_task: 1, mem_per_cpu_mb: 400, rest: {url: \"${SLURMRESTD_URL}\", user: root, token_env: SLURM_JWT}}");
+    }
 }

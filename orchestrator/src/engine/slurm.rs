@@ -263,7 +263,7 @@ impl SlurmEngine {
     async fn submit_rest(&self, rest: &Rest, jobs: &[Submission]) -> Result<Vec<JobHandle>> {
         let (_, script) = self.script(jobs)?;
         let mut env = serde_json::Map::new();
-        for key in ["PATH", "HOME", "BTM_CACHE", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT", "AWS_REGION", "AWS_ALLOW_HTTP"] {
+        for key in ["PATH", "HOME", "BTM_CACHE", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT", "AWS_REGION", "AWS_ALLOW_HTTP", "BTM_UPLOAD_PART_BYTES"] {
             if let Ok(v) = std::env::var(key) {
                 env.insert(key.into(), json!(v));
             }

@@ -8,7 +8,17 @@ use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 
-fn start(root: &std::path::Path, port: u16, extra: &[&str]) -> (Child, u16) {
+/// A server process, killed when dropped (also when an assertion fails).
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start(root: &std::path::Path, port: u16, extra: &[&str]) -> (Server, u16) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_btm-s3-server"))
         .args(["--root", root.to_str().unwrap(), "--port", &port.to_string(), "--access-key", "ak", "--secret-key", "sk"])
         .args(extra)
@@ -19,7 +29,7 @@ fn start(root: &std::path::Path, port: u16, extra: &[&str]) -> (Child, u16) {
     let mut line = String::new();
     BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
     let port = line.trim().rsplit(':').next().and_then(|p| p.parse().ok()).unwrap_or_else(|| panic!("no port in `{line}`"));
-    (child, port)
+    (Server(child), port)
 }
 
 fn store(port: u16, secret: &str) -> impl ObjectStore {
@@ -57,18 +67,16 @@ async fn multipart_upload_survives_a_restart() {
     let second = upload.put_part(PutPayload::from(part(2)));
     let root = tmp.path().to_path_buf();
     let restart = tokio::task::spawn_blocking(move || {
-        let status = server.wait().unwrap();
+        let status = server.0.wait().unwrap();
         assert_eq!(status.code(), Some(3), "the fault should have fired");
         start(&root, port, &[]).0
     });
     // The client retries the interrupted part until the restarted server answers.
     second.await.unwrap();
-    let mut server = restart.await.unwrap();
+    let _server = restart.await.unwrap();
     upload.put_part(PutPayload::from(vec![3u8; 1000])).await.unwrap();
     upload.complete().await.unwrap();
     let got = s.get(&StorePath::from("big.bin")).await.unwrap().bytes().await.unwrap();
     assert_eq!(got.len(), (10 << 20) + 1000);
     assert!(got[..5 << 20].iter().all(|&b| b == 1) && got[5 << 20..10 << 20].iter().all(|&b| b == 2));
-    server.kill().unwrap();
-    server.wait().unwrap();
 }

@@ -170,10 +170,7 @@ pub async fn execute(plan: &Plan, engine: &dyn Engine, retries: u32, quiet: bool
                 ready.push((i, attempts));
             }
         }
-        let mut kinds: Vec<crate::plan::JobKind> = ready.iter().map(|&(i, _)| plan.jobs[i].kind).collect();
-        kinds.dedup();
-        for kind in kinds {
-            let batch: Vec<(usize, u32)> = ready.iter().copied().filter(|&(i, _)| plan.jobs[i].kind == kind).collect();
+        for batch in batches_by_kind(plan, &ready) {
             let mut subs = vec![];
             for &(i, _) in &batch {
                 let job = &plan.jobs[i];
@@ -284,6 +281,21 @@ async fn cancel_all(engine: &dyn Engine, status: &[Status]) -> Result<()> {
     Ok(())
 }
 
+/// Ready jobs grouped by kind, each group in plan order, groups in order of first appearance:
+/// every job lands in exactly one batch, however the kinds interleave (the experts and
+/// baselines of several arm seeds do).
+fn batches_by_kind(plan: &Plan, ready: &[(usize, u32)]) -> Vec<Vec<(usize, u32)>> {
+    let mut batches: Vec<(crate::plan::JobKind, Vec<(usize, u32)>)> = vec![];
+    for &(i, attempts) in ready {
+        let kind = plan.jobs[i].kind;
+        match batches.iter_mut().find(|(k, _)| *k == kind) {
+            Some((_, batch)) => batch.push((i, attempts)),
+            None => batches.push((kind, vec![(i, attempts)])),
+        }
+    }
+    batches.into_iter().map(|(_, b)| b).collect()
+}
+
 fn done_count(status: &[Status]) -> usize {
     status.iter().filter(|s| **s == Status::Done).count()
 }
@@ -293,4 +305,40 @@ fn free_jobs_blocked(plan: &Plan, status: &[Status], index: &HashMap<&str, usize
     plan.jobs.iter().zip(status).filter(|(_, s)| **s == Status::Waiting).all(|(j, _)| {
         j.deps.iter().any(|d| index.get(d.as_str()).is_none_or(|&k| status[k] != Status::Done))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::{Job, JobKind, Resources};
+
+    fn job(name: &str, kind: JobKind) -> Job {
+        Job {
+            id: name.into(),
+            name: name.into(),
+            kind,
+            deps: vec![],
+            args: vec![],
+            files: vec![],
+            outputs: vec![],
+            resumable: false,
+            resources: Resources::default(),
+            train: None,
+            produces: None,
+        }
+    }
+
+    #[test]
+    fn interleaved_kinds_give_each_job_one_batch() {
+        use JobKind::*;
+        let kinds = [TrainExpert, TrainExpert, Baseline, TrainExpert, Baseline, Eval];
+        let plan = Plan {
+            run_dir: "run".into(),
+            jobs: kinds.iter().enumerate().map(|(i, &k)| job(&format!("j{i}"), k)).collect(),
+        };
+        let ready: Vec<(usize, u32)> = (0..kinds.len()).map(|i| (i, 0)).collect();
+        let batches = batches_by_kind(&plan, &ready);
+        let names: Vec<Vec<usize>> = batches.iter().map(|b| b.iter().map(|&(i, _)| i).collect()).collect();
+        assert_eq!(names, vec![vec![0, 1, 3], vec![2, 4], vec![5]]);
+    }
 }

@@ -182,10 +182,12 @@ pub fn loss_plot(series: &[(String, Vec<(f64, f64)>)]) -> String {
     let _ = write!(s, r##"<text x="14" y="{}" transform="rotate(-90 14 {})" text-anchor="middle">loss</text>"##, top + ph / 2.0, top + ph / 2.0);
     for (i, (name, points)) in series.iter().enumerate() {
         let color = PALETTE[i % PALETTE.len()];
+        // Past ten series the colours repeat, dashed.
+        let dash = if i >= PALETTE.len() { r#" stroke-dasharray="6 3""# } else { "" };
         let path: Vec<String> = points.iter().map(|&(x, y)| format!("{:.1},{:.1}", sx(x), sy(y))).collect();
-        let _ = write!(s, r#"<polyline fill="none" stroke="{color}" stroke-width="1.5" points="{}"/>"#, path.join(" "));
+        let _ = write!(s, r#"<polyline fill="none" stroke="{color}" stroke-width="1.5"{dash} points="{}"/>"#, path.join(" "));
         let ly = top + 14.0 + 16.0 * i as f64;
-        let _ = write!(s, r#"<line x1="{}" y1="{ly}" x2="{}" y2="{ly}" stroke="{color}" stroke-width="3"/>"#, w - right + 10.0, w - right + 30.0);
+        let _ = write!(s, r#"<line x1="{}" y1="{ly}" x2="{}" y2="{ly}" stroke="{color}" stroke-width="3"{dash}/>"#, w - right + 10.0, w - right + 30.0);
         let _ = write!(s, r#"<text x="{}" y="{}">{}</text>"#, w - right + 35.0, ly + 4.0, esc(name));
     }
     s.push_str("</svg>");

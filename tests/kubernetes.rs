@@ -21,11 +21,11 @@ fn validator() -> Option<String> {
     None
 }
 
-#[test]
-fn dry_run_prints_indexed_jobs_that_pass_the_schema() {
-    let tmp = tempfile::tempdir().unwrap();
+/// `btm run --dry-run`'s manifests for a three-domain pipeline with this storage and these
+/// extra engine settings.
+fn dry_run_manifests(tmp: &std::path::Path, storage: &str, engine_extra: &str) -> Vec<String> {
     let mut yaml = format!(
-        "name: k8s\nstorage: /runs\nengine: {{kind: kubernetes, image: 'registry.example/btm:0.1', namespace: research, cpus_per_task: 4, memory_mb: 8192, gpus_per_task: 1, volume: {{claim: btm-runs, mount_path: /runs}}}}\n\
+        "name: k8s\nstorage: {storage}\nengine: {{kind: kubernetes, image: 'registry.example/btm:0.1', namespace: research, cpus_per_task: 4, memory_mb: 8192, gpus_per_task: 1{engine_extra}}}\n\
          seed: {{checkpoint: {}}}\ndomains:\n",
         repo().join("model/tests/fixtures/llama").display()
     );
@@ -33,14 +33,35 @@ fn dry_run_prints_indexed_jobs_that_pass_the_schema() {
         yaml.push_str(&domain(d));
     }
     yaml.push_str("train: {steps: 10}\nmerge: {top_k: 2}\n");
-    let file = tmp.path().join("k8s.yaml");
+    let file = tmp.join("k8s.yaml");
     std::fs::write(&file, yaml).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_btm")).arg("run").arg(&file).arg("--dry-run").output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let manifests: Vec<&str> = text.split("---\n").skip(1).collect();
+    text.split("---\n").skip(1).map(str::to_string).collect()
+}
+
+fn check_schema(tmp: &std::path::Path, manifests: &[String]) {
+    let Some(validate) = validator() else { return };
+    for (i, m) in manifests.iter().enumerate() {
+        let path = tmp.join(format!("m{i}.yaml"));
+        std::fs::write(&path, m).unwrap();
+        let out = Command::new(&validate).arg("--strict").arg(&path).output().unwrap();
+        assert!(
+            out.status.success(),
+            "manifest {i} fails the schema:\n{}{}\n{m}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[test]
+fn dry_run_prints_indexed_jobs_that_pass_the_schema() {
+    let tmp = tempfile::tempdir().unwrap();
+    let manifests = dry_run_manifests(tmp.path(), "/runs", ", volume: {claim: btm-runs, mount_path: /runs}");
     // Experts, merge, and the evals grouped by the model they score.
-    assert!(manifests.len() >= 3, "{text}");
+    assert!(manifests.len() >= 3, "{manifests:?}");
     let experts = manifests.iter().find(|m| m.contains("expert-scripture")).expect("an expert batch");
     for needle in [
         "kind: Job",
@@ -54,16 +75,17 @@ fn dry_run_prints_indexed_jobs_that_pass_the_schema() {
     ] {
         assert!(experts.contains(needle), "`{needle}` missing from:\n{experts}");
     }
-    let Some(validate) = validator() else { return };
-    for (i, m) in manifests.iter().enumerate() {
-        let path = tmp.path().join(format!("m{i}.yaml"));
-        std::fs::write(&path, m).unwrap();
-        let out = Command::new(&validate).arg("--strict").arg(&path).output().unwrap();
-        assert!(
-            out.status.success(),
-            "manifest {i} fails the schema:\n{}{}\n{m}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+    check_schema(tmp.path(), &manifests);
+}
+
+#[test]
+fn a_run_in_a_bucket_takes_store_credentials_from_a_secret() {
+    let tmp = tempfile::tempdir().unwrap();
+    let manifests = dry_run_manifests(tmp.path(), "s3://btm-bucket/runs", ", env_from_secret: btm-s3-credentials");
+    let experts = manifests.iter().find(|m| m.contains("expert-scripture")).expect("an expert batch");
+    for needle in ["secretRef:", "name: btm-s3-credentials", "JOB_COMPLETION_INDEX"] {
+        assert!(experts.contains(needle), "`{needle}` missing from:\n{experts}");
     }
+    assert!(!experts.contains("persistentVolumeClaim") && !experts.contains(">>"), "{experts}");
+    check_schema(tmp.path(), &manifests);
 }

@@ -5,7 +5,8 @@
 //! in-cluster service account.
 //!
 //! The pods see the run folder at the same path as `btm run` (mount a ReadWriteMany volume
-//! there, `volume` in the pipeline). Not yet run against a live cluster: the manifests are
+//! there, `volume` in the pipeline), or the run lives in an object store and the pods read
+//! the store's credentials from a Secret (`env_from_secret`). Not yet run against a live cluster: the manifests are
 //! checked against the official schema and the REST calls against a fake API server in tests.
 
 use super::{Engine, JobHandle, JobState, Submission};
@@ -15,18 +16,22 @@ use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+/// Object-store settings that are not secrets, passed to the pods when set here.
+const FORWARDED_ENV: [&str; 5] = ["AWS_ENDPOINT", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ALLOW_HTTP", "BTM_UPLOAD_PART_BYTES"];
+
 /// The Indexed Job manifest for `jobs`, run by `spec.image` with the run folder mounted.
 pub fn manifest(spec: &KubernetesSpec, run: &Path, name: &str, jobs: &[Submission]) -> Value {
     let quote = |s: &str| format!("'{}'", s.replace('\'', r"'\''"));
     let mut script = String::from("case \"$JOB_COMPLETION_INDEX\" in\n");
     for (i, j) in jobs.iter().enumerate() {
         let args: Vec<String> = j.args.iter().map(|a| quote(a)).collect();
-        script.push_str(&format!(
-            "  {i}) exec {} {} >> {} 2>&1 ;;\n",
-            quote(&spec.btm),
-            args.join(" "),
-            quote(&j.log.to_string_lossy())
-        ));
+        // With the run folder mounted the log goes next to it; a run in an object store has no
+        // shared folder, so the pod's output is the log.
+        let redirect = match spec.volume {
+            Some(_) => format!(" >> {} 2>&1", quote(&j.log.to_string_lossy())),
+            None => " 2>&1".into(),
+        };
+        script.push_str(&format!("  {i}) exec {} {}{redirect} ;;\n", quote(&spec.btm), args.join(" ")));
     }
     script.push_str("  *) echo \"btm: no task $JOB_COMPLETION_INDEX\" >&2; exit 2 ;;\nesac\n");
     let cpus = jobs[0].cpus.max(1);
@@ -39,16 +44,27 @@ pub fn manifest(spec: &KubernetesSpec, run: &Path, name: &str, jobs: &[Submissio
     if jobs[0].gpus > 0 {
         limits["nvidia.com/gpu"] = json!(jobs[0].gpus.to_string());
     }
+    // The object store's non-secret settings follow the submitting environment; credentials
+    // come from `env_from_secret`, never from here.
+    let mut env = vec![json!({"name": "RAYON_NUM_THREADS", "value": cpus.to_string()})];
+    for key in FORWARDED_ENV {
+        if let Ok(value) = std::env::var(key) {
+            env.push(json!({"name": key, "value": value}));
+        }
+    }
     let mut container = json!({
         "name": "btm",
         "image": spec.image,
         "command": ["/bin/sh", "-c", script],
-        "workingDir": run.to_string_lossy(),
-        "env": [{"name": "RAYON_NUM_THREADS", "value": cpus.to_string()}],
+        "env": env,
         "resources": {"requests": requests, "limits": limits},
     });
+    if let Some(secret) = &spec.env_from_secret {
+        container["envFrom"] = json!([{"secretRef": {"name": secret}}]);
+    }
     let mut pod = json!({"restartPolicy": "Never", "containers": []});
     if let Some(v) = &spec.volume {
+        container["workingDir"] = json!(run.to_string_lossy());
         container["volumeMounts"] = json!([{"name": "runs", "mountPath": v.mount_path}]);
         pod["volumes"] = json!([{"name": "runs", "persistentVolumeClaim": {"claimName": v.claim}}]);
     }
@@ -208,7 +224,9 @@ impl Engine for KubernetesEngine {
     }
 
     async fn submit(&self, jobs: &[Submission]) -> Result<Vec<JobHandle>> {
-        std::fs::create_dir_all(self.run.join("logs"))?;
+        if self.spec.volume.is_some() {
+            std::fs::create_dir_all(self.run.join("logs"))?;
+        }
         let batch = jobs[0].name.split('/').next().unwrap_or("job");
         let name = object_name(&self.run_name, batch);
         let m = manifest(&self.spec, &self.run, &name, jobs);
@@ -363,6 +381,22 @@ mod tests {
         assert_eq!((seen[1].0.as_str(), seen[1].1.as_str()), ("GET", "/apis/batch/v1/namespaces/research/jobs/x-1"));
         assert_eq!(seen[3].0, "DELETE");
         assert!(seen[3].1.ends_with("/jobs/x-1?propagationPolicy=Background"));
+    }
+
+    #[test]
+    fn a_run_in_a_bucket_needs_no_volume_and_reads_credentials_from_a_secret() {
+        let spec: KubernetesSpec = serde_yaml::from_str("{image: 'registry.example/btm:1', env_from_secret: btm-s3}").unwrap();
+        let sub = Submission { name: "expert/a".into(), args: vec!["train".into()], log: PathBuf::from("/cache/runs-local/r/logs/a.log"), cpus: 2, gpus: 0 };
+        let m = manifest(&spec, Path::new("/unused"), "r-expert", &[sub]);
+        let pod = &m["spec"]["template"]["spec"];
+        let c = &pod["containers"][0];
+        assert_eq!(c["envFrom"][0]["secretRef"]["name"], "btm-s3");
+        assert!(pod.get("volumes").is_none() && c.get("workingDir").is_none() && c.get("volumeMounts").is_none(), "{m}");
+        let script = c["command"][2].as_str().unwrap();
+        assert!(script.contains("exec 'btm' 'train' 2>&1 ;;") && !script.contains(">>"), "{script}");
+        // Only the non-secret store settings travel in the manifest itself.
+        let env: Vec<&str> = c["env"].as_array().unwrap().iter().map(|e| e["name"].as_str().unwrap()).collect();
+        assert!(env.iter().all(|n| !n.contains("SECRET") && !n.contains("TOKEN") && *n != "AWS_ACCESS_KEY_ID"), "{env:?}");
     }
 
     #[test]

@@ -135,8 +135,14 @@ pub struct KubernetesSpec {
     #[serde(default)]
     pub service_account: Option<String>,
     /// A ReadWriteMany volume holding the run folder, mounted at the same path in every pod.
+    /// Not needed when `storage` is an object store: then each pod's output is its log
+    /// (`kubectl logs`).
     #[serde(default)]
     pub volume: Option<Volume>,
+    /// A Secret whose keys become every pod's environment: the object store's credentials
+    /// (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, …) for a run kept in a bucket.
+    #[serde(default)]
+    pub env_from_secret: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]

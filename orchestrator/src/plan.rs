@@ -596,11 +596,7 @@ pub fn plan(p: &Pipeline, base: &Path, run_dir: &Path) -> Result<Plan> {
                     &format!("continue/merged{sfx}"),
                     JobKind::Continue,
                     vec![name.clone()],
-                    job::Init {
-                        checkpoint: Some(parent.dir.to_string_lossy().into_owned()),
-                        config: None,
-                        tokenizer: None,
-                    },
+                    init_from(&parent),
                     run.join(&label),
                     mix(&train_files),
                     valid_files.clone(),
@@ -688,11 +684,7 @@ pub fn plan(p: &Pipeline, base: &Path, run_dir: &Path) -> Result<Plan> {
                 "continue/upcycled",
                 JobKind::Continue,
                 vec![name.clone()],
-                job::Init {
-                    checkpoint: Some(parent.dir.to_string_lossy().into_owned()),
-                    config: None,
-                    tokenizer: None,
-                },
+                init_from(&parent),
                 run.join(label),
                 mix(&train_files),
                 valid_files.clone(),
@@ -793,6 +785,15 @@ pub fn plan(p: &Pipeline, base: &Path, run_dir: &Path) -> Result<Plan> {
         b.eval_jobs(&m, Some(&name));
     }
     Ok(Plan { run_dir: run, jobs: b.jobs })
+}
+
+/// A trainer's start: the checkpoint of model `m`.
+fn init_from(m: &ModelRef) -> job::Init {
+    job::Init {
+        checkpoint: Some(m.dir.to_string_lossy().into_owned()),
+        config: None,
+        tokenizer: None,
+    }
 }
 
 /// `t` with the first arm seed, if the pipeline lists any.

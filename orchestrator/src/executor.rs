@@ -108,8 +108,8 @@ fn prepare(run: &Path, job: &Job) -> Result<()> {
 
 /// Copy a finished job's log from this machine into an object-store run (best effort: the
 /// log is only a copy of what the job printed).
-fn keep_log(run: &Path, job: &Job) {
-    let local = job.log(&local_root(run));
+fn keep_log(run: &Path, logs: &Path, job: &Job) {
+    let local = job.log(logs);
     if btm_model::folder::is_remote(&run.to_string_lossy()) && local.exists() {
         if let Ok(f) = folder(run) {
             let _ = f.upload_file(&local, job.log(run));
@@ -127,6 +127,8 @@ pub struct Summary {
 /// Run every job of `plan` on `engine`; `retries` failed attempts are retried per job.
 pub async fn execute(plan: &Plan, engine: &dyn Engine, retries: u32, quiet: bool) -> Result<Summary> {
     let run = &plan.run_dir;
+    // Job logs are written on this machine (see `local_root`).
+    let logs = local_root(run);
     let total = plan.jobs.len();
     let index: HashMap<&str, usize> = plan.jobs.iter().enumerate().map(|(i, j)| (j.name.as_str(), i)).collect();
     let mut status: Vec<Status> = plan
@@ -178,7 +180,7 @@ pub async fn execute(plan: &Plan, engine: &dyn Engine, retries: u32, quiet: bool
                 subs.push(Submission {
                     name: job.name.clone(),
                     args: job.args.clone(),
-                    log: job.log(&local_root(run)),
+                    log: job.log(&logs),
                     cpus: job.resources.cpus,
                     gpus: job.resources.gpus,
                 });
@@ -207,7 +209,7 @@ pub async fn execute(plan: &Plan, engine: &dyn Engine, retries: u32, quiet: bool
                 JobState::Running => {}
                 JobState::Succeeded if outputs_complete(run, job)? => {
                     let secs = started.elapsed().as_secs_f64();
-                    keep_log(run, job);
+                    keep_log(run, &logs, job);
                     folder(run)?.write(
                         done_marker(run, job),
                         &serde_json::to_vec_pretty(&json!({"id": job.id, "name": job.name, "seconds": secs}))?,
@@ -217,7 +219,7 @@ pub async fn execute(plan: &Plan, engine: &dyn Engine, retries: u32, quiet: bool
                     say(format!("[{:>3}/{total}] done  {} ({secs:.1}s)", done_count(&status), job.name));
                 }
                 state => {
-                    keep_log(run, job);
+                    keep_log(run, &logs, job);
                     let why = match state {
                         JobState::Failed(why) => why,
                         _ => "finished without its outputs".into(),
@@ -227,13 +229,13 @@ pub async fn execute(plan: &Plan, engine: &dyn Engine, retries: u32, quiet: bool
                         status[i] = Status::Waiting;
                     } else if attempts <= retries {
                         let wait = Duration::from_secs(2u64.pow(attempts.min(6)));
-                        say(format!("job {} failed ({why}); retrying in {}s — log: {}", job.name, wait.as_secs(), job.log(&local_root(run)).display()));
+                        say(format!("job {} failed ({why}); retrying in {}s — log: {}", job.name, wait.as_secs(), job.log(&logs).display()));
                         status[i] = Status::Backoff {
                             attempts,
                             not_before: Instant::now() + wait,
                         };
                     } else {
-                        say(format!("job {} failed ({why}) — log: {}", job.name, job.log(&local_root(run)).display()));
+                        say(format!("job {} failed ({why}) — log: {}", job.name, job.log(&logs).display()));
                         status[i] = Status::Failed(why);
                     }
                 }
@@ -246,7 +248,7 @@ pub async fn execute(plan: &Plan, engine: &dyn Engine, retries: u32, quiet: bool
                 bail!("interrupted; run `btm run` again to continue where it stopped");
             }
             if let Some((i, Status::Failed(why))) = status.iter().enumerate().find(|(_, s)| matches!(s, Status::Failed(_))) {
-                bail!("job {} failed: {why} (see {})", plan.jobs[i].name, plan.jobs[i].log(&local_root(run)).display());
+                bail!("job {} failed: {why} (see {})", plan.jobs[i].name, plan.jobs[i].log(&logs).display());
             }
             if status.iter().all(|s| *s == Status::Done) {
                 return Ok(summary);

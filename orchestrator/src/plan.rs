@@ -455,11 +455,7 @@ pub fn plan(p: &Pipeline, base: &Path, run_dir: &Path) -> Result<Plan> {
         }
     };
     let seed_deps: Vec<String> = seed_job.iter().cloned().collect();
-    let seed_init = job::Init {
-        checkpoint: Some(seed_ref.dir.to_string_lossy().into_owned()),
-        config: None,
-        tokenizer: None,
-    };
+    let seed_init = init_from(&seed_ref);
     let mut scored: Vec<String> = seed_job.iter().cloned().collect();
 
     // The MoE shapes whose active parameters count towards FLOPs.
@@ -504,7 +500,7 @@ pub fn plan(p: &Pipeline, base: &Path, run_dir: &Path) -> Result<Plan> {
             Some(s) if !first => format!("-s{s}"),
             _ => String::new(),
         };
-        let seeded = |t: TrainParams| TrainParams { seed: arm_seed.or(t.seed), ..t };
+        let seeded = |t: TrainParams| with_arm_seed(*arm_seed, t);
 
         // 2. Branch and train: one expert per domain, no communication between them.
         let mut experts = vec![];
@@ -688,7 +684,7 @@ pub fn plan(p: &Pipeline, base: &Path, run_dir: &Path) -> Result<Plan> {
                 run.join(label),
                 mix(&train_files),
                 valid_files.clone(),
-                &seeded_first(&arm_seeds, params),
+                &with_arm_seed(arm_seeds[0], params),
                 None,
                 label,
                 Some(&parent),
@@ -796,12 +792,9 @@ fn init_from(m: &ModelRef) -> job::Init {
     }
 }
 
-/// `t` with the first arm seed, if the pipeline lists any.
-fn seeded_first(arm_seeds: &[Option<u64>], t: TrainParams) -> TrainParams {
-    TrainParams {
-        seed: arm_seeds.first().copied().flatten().or(t.seed),
-        ..t
-    }
+/// `t` trained with `arm_seed`, when the pipeline lists arm seeds.
+fn with_arm_seed(arm_seed: Option<u64>, t: TrainParams) -> TrainParams {
+    TrainParams { seed: arm_seed.or(t.seed), ..t }
 }
 
 impl TrainParams {

@@ -28,10 +28,10 @@ pub fn inputs(plan: &mut Plan, upload: bool) -> Result<()> {
     for job in &mut plan.jobs {
         for arg in &mut job.args {
             // Whole arguments, `NAME=FILE` (calibration) and `from:DIR` (non-expert weights).
-            let (head, tail) = match arg.split_once('=').or_else(|| arg.strip_prefix("from:").map(|t| ("from:", t))) {
-                Some((h, t)) if h == "from:" => (h.to_string(), t.to_string()),
-                Some((h, t)) => (format!("{h}="), t.to_string()),
-                None => (String::new(), arg.clone()),
+            let (head, tail) = match (arg.split_once('='), arg.strip_prefix("from:")) {
+                (Some((name, file)), _) => (format!("{name}="), file.to_string()),
+                (None, Some(dir)) => ("from:".to_string(), dir.to_string()),
+                (None, None) => (String::new(), arg.clone()),
             };
             if let Some(url) = stager.stage(&tail)? {
                 *arg = format!("{head}{url}");

@@ -4,32 +4,15 @@
 
 mod common;
 
-use common::{btm, domain, has_checkpoint, ok, repo};
+use common::{btm, domain, every_stage_pipeline, has_checkpoint, ok, repo};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 /// Every stage: tokenizer, seed, experts, merge, upcycle, continue, baseline, add-expert, eval.
 fn miniature(dir: &Path) -> PathBuf {
-    let yaml = format!(
-        "name: mini\nstorage: {}\nengine: {{kind: local, slots: 2, threads_per_job: 1}}\n\
-         seed:\n  train:\n    model: {{hidden_size: 32, layers: 1, heads: 2, ffn: 64, max_positions: 64}}\n    \
-         tokenizer: {{vocab_size: 300, max_docs_per_domain: 20}}\n    train: {{steps: 6, batch_size: 4, seq_len: 32}}\n\
-         domains:\n{}{}\
-         train: {{steps: 6, batch_size: 4, seq_len: 32, checkpoint_interval: 3}}\n\
-         merge: {{top_k: 1, router_init: centroid, calib_tokens: 512}}\n\
-         upcycle: {{experts: 2, top_k: 1}}\n\
-         continue: {{steps: 3}}\n\
-         eval: {{split: test, seq_len: 32, max_docs: 2, baseline: true}}\n\
-         add_experts:\n  domains:\n{}",
-        dir.join("runs").display(),
-        domain("scripture"),
-        domain("code"),
-        domain("computing").replace("  - ", "    - ")
-    );
-    let file = dir.join("mini.yaml");
-    std::fs::write(&file, yaml).unwrap();
-    file
+    let add = format!("add_experts:\n  domains:\n{}", domain("computing").replace("  - ", "    - "));
+    every_stage_pipeline(dir, &dir.join("runs").to_string_lossy(), &add)
 }
 
 #[test]

@@ -9,29 +9,14 @@
 
 mod common;
 
-use common::{btm, domain, ok, S3Server, BUCKET};
+use common::{btm, domain, every_stage_pipeline, ok, S3Server, BUCKET};
 use std::path::Path;
 use std::process::Command;
 
 /// Every stage but add-expert, small: tokenizer, seed, experts, merge, upcycle, continue,
-/// baseline, eval.
+/// baseline, eval, with the run in the bucket.
 fn every_stage(dir: &Path) -> std::path::PathBuf {
-    let yaml = format!(
-        "name: mini\nstorage: s3://{BUCKET}/runs\nengine: {{kind: local, slots: 2, threads_per_job: 1}}\n\
-         seed:\n  train:\n    model: {{hidden_size: 32, layers: 1, heads: 2, ffn: 64, max_positions: 64}}\n    \
-         tokenizer: {{vocab_size: 300, max_docs_per_domain: 20}}\n    train: {{steps: 4, batch_size: 4, seq_len: 32}}\n\
-         domains:\n{}{}\
-         train: {{steps: 6, batch_size: 4, seq_len: 32, checkpoint_interval: 3}}\n\
-         merge: {{top_k: 1, router_init: centroid, calib_tokens: 512}}\n\
-         upcycle: {{experts: 2, top_k: 1}}\n\
-         continue: {{steps: 2}}\n\
-         eval: {{split: test, seq_len: 32, max_docs: 2, baseline: true}}\n",
-        domain("scripture"),
-        domain("code"),
-    );
-    let file = dir.join("mini.yaml");
-    std::fs::write(&file, yaml).unwrap();
-    file
+    every_stage_pipeline(dir, &format!("s3://{BUCKET}/runs"), "")
 }
 
 /// `btm` in `dir`, talking to `s3`, with its cache in `dir/cache`.

@@ -35,6 +35,28 @@ pub fn domain(name: &str) -> String {
     )
 }
 
+/// A tiny pipeline with every stage (tokenizer, seed, experts, merge, upcycle, continue,
+/// baseline, eval) on the scripture and code samples, its run in `storage`, and `extra` YAML
+/// appended (e.g. `add_experts`); written to `dir/mini.yaml`.
+pub fn every_stage_pipeline(dir: &Path, storage: &str, extra: &str) -> PathBuf {
+    let yaml = format!(
+        "name: mini\nstorage: {storage}\nengine: {{kind: local, slots: 2, threads_per_job: 1}}\n\
+         seed:\n  train:\n    model: {{hidden_size: 32, layers: 1, heads: 2, ffn: 64, max_positions: 64}}\n    \
+         tokenizer: {{vocab_size: 300, max_docs_per_domain: 20}}\n    train: {{steps: 6, batch_size: 4, seq_len: 32}}\n\
+         domains:\n{}{}\
+         train: {{steps: 6, batch_size: 4, seq_len: 32, checkpoint_interval: 3}}\n\
+         merge: {{top_k: 1, router_init: centroid, calib_tokens: 512}}\n\
+         upcycle: {{experts: 2, top_k: 1}}\n\
+         continue: {{steps: 3}}\n\
+         eval: {{split: test, seq_len: 32, max_docs: 2, baseline: true}}\n{extra}",
+        domain("scripture"),
+        domain("code"),
+    );
+    let file = dir.join("mini.yaml");
+    std::fs::write(&file, yaml).unwrap();
+    file
+}
+
 /// Whether a trainer's output folder holds a published checkpoint.
 pub fn has_checkpoint(expert: &Path) -> bool {
     std::fs::read_dir(expert.join("checkpoints"))

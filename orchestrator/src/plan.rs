@@ -131,6 +131,7 @@ fn defaults() -> TrainParams {
         z_loss_coef: Some(0.001),
         capacity_factor: None,
         drop_policy: None,
+        trainable: None,
     }
 }
 
@@ -284,7 +285,10 @@ impl Builder<'_> {
             domain,
             dtype: "float32".into(),
             device: "cpu".into(),
-            trainable: job::Trainable::default(),
+            trainable: t.trainable.clone().map_or_else(job::Trainable::default, |s| job::Trainable {
+                include: s.include,
+                exclude: s.exclude,
+            }),
             resume: "auto".into(),
             token_cache: None,
             work_dir: None,
@@ -478,7 +482,7 @@ pub fn plan(p: &Pipeline, base: &Path, run_dir: &Path) -> Result<Plan> {
     // continued training): the budget the dense baseline and the upcycled arm are matched to.
     let expert_tokens: u64 = p.domains.iter().map(|d| p.train.overlay(&d.overrides).tokens_or_default()).sum();
     let continued_tokens = match (&p.merge, &p.continue_training) {
-        (Some(_), Some(c)) => p.train.overlay(c).tokens_or_default(),
+        (Some(_), Some(c)) => p.train.mix_phase(c).tokens_or_default(),
         _ => 0,
     };
     let matched_tokens = expert_tokens + continued_tokens;
@@ -596,7 +600,7 @@ pub fn plan(p: &Pipeline, base: &Path, run_dir: &Path) -> Result<Plan> {
                     run.join(&label),
                     mix(&train_files),
                     valid_files.clone(),
-                    &seeded(p.train.overlay(c)),
+                    &seeded(p.train.mix_phase(c)),
                     None,
                     &label,
                     Some(&parent),
@@ -611,7 +615,7 @@ pub fn plan(p: &Pipeline, base: &Path, run_dir: &Path) -> Result<Plan> {
         if p.eval.baseline {
             let params = TrainParams {
                 steps: Some(matched_steps(&p.train)),
-                ..seeded(p.train.clone())
+                ..seeded(p.train.mix_phase(&TrainParams::default()))
             };
             let label = format!("baseline{sfx}");
             let name = b.train_job(
@@ -669,7 +673,7 @@ pub fn plan(p: &Pipeline, base: &Path, run_dir: &Path) -> Result<Plan> {
         );
         scored.push(name.clone());
         if p.continue_training.is_some() || u.train.is_some() {
-            let mut params = p.train.overlay(p.continue_training.as_ref().unwrap_or(&TrainParams::default()));
+            let mut params = p.train.mix_phase(p.continue_training.as_ref().unwrap_or(&TrainParams::default()));
             params = params.overlay(u.train.as_ref().unwrap_or(&TrainParams::default()));
             if u.train.as_ref().and_then(|t| t.steps).is_none() {
                 params.steps = Some(matched_steps(&params));
@@ -860,6 +864,21 @@ mod tests {
         assert_eq!((seed.resources.cpus, spec(seed).threads), (0, None));
         let fixed = plan_with_threads(dir.path());
         assert_eq!((fixed.resources.cpus, spec(&fixed).threads), (3, Some(3)));
+    }
+
+    #[test]
+    fn trainable_in_train_freezes_the_expert_phase_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut p = pipeline("upcycle: {experts: 2, top_k: 1}\n");
+        p.train.trainable = Some(serde_yaml::from_str("{include: ['*.mlp.*']}").unwrap());
+        p.domains[1].overrides.trainable = Some(serde_yaml::from_str("{exclude: ['lm_head.*']}").unwrap());
+        let plan = plan(&p, dir.path(), dir.path()).unwrap();
+        assert_eq!(spec(job(&plan, "expert/a")).trainable.include, vec!["*.mlp.*"]);
+        assert_eq!(spec(job(&plan, "expert/b")).trainable.exclude, vec!["lm_head.*"], "a domain's own selection wins");
+        for name in ["continue/merged", "baseline", "continue/upcycled"] {
+            let t = spec(job(&plan, name)).trainable;
+            assert!(t.include.is_empty() && t.exclude.is_empty(), "{name} trains every parameter");
+        }
     }
 
     fn plan_with_threads(dir: &Path) -> Job {

@@ -354,6 +354,22 @@ pub struct TrainParams {
     pub capacity_factor: Option<f64>,
     /// `probs` or `position`: which assignments over capacity are dropped.
     pub drop_policy: Option<String>,
+    /// Which parameters train (globs over Hugging Face tensor names, `*` matches anything);
+    /// the rest stay frozen. Set in `train`, it selects for the expert phase only: the merged
+    /// MoE's training, the baseline and the upcycled arm train every parameter unless their own
+    /// block sets it. E.g. `{include: ["*.mlp.*"]}` keeps the seed's embeddings and attention,
+    /// so the merge's non-expert weights are exactly the seed's.
+    pub trainable: Option<Trainable>,
+}
+
+/// `include` (empty = everything) minus `exclude`, as globs over tensor names.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Trainable {
+    #[serde(default)]
+    pub include: Vec<String>,
+    #[serde(default)]
+    pub exclude: Vec<String>,
 }
 
 macro_rules! overlay_fields {
@@ -368,8 +384,15 @@ impl TrainParams {
         overlay_fields!(
             self, over, steps, batch_size, seq_len, grad_accum, lr, min_lr, warmup_steps, decay, weight_decay,
             betas, grad_clip, seed, checkpoint_interval, keep_checkpoints, eval_interval, eval_sequences,
-            log_interval, aux_loss_coef, z_loss_coef, capacity_factor, drop_policy
+            log_interval, aux_loss_coef, z_loss_coef, capacity_factor, drop_policy, trainable
         )
+    }
+
+    /// A mix-phase block (`continue`, the baseline, the upcycled arm's `train`) layered over
+    /// `train`: every hyperparameter inherits, but not `train`'s `trainable`, which belongs
+    /// to the expert phase.
+    pub fn mix_phase(&self, over: &TrainParams) -> TrainParams {
+        TrainParams { trainable: over.trainable.clone(), ..self.overlay(over) }
     }
 
     /// Tokens one run of these parameters consumes.

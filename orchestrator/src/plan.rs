@@ -560,6 +560,7 @@ pub fn plan(p: &Pipeline, base: &Path, run_dir: &Path) -> Result<Plan> {
                     let i = p.domains.iter().position(|d| d.name == domain).expect("validated");
                     format!("from:{}", b.model(&experts[i]).dir.display())
                 }
+                None if m.non_expert == "seed" => format!("from:{}", seed_ref.dir.display()),
                 None => m.non_expert.clone(),
             };
             args.extend(["--non-expert".into(), non_expert]);
@@ -867,12 +868,16 @@ mod tests {
     }
 
     #[test]
-    fn trainable_in_train_freezes_the_expert_phase_only() {
+    fn trainable_in_train_freezes_the_expert_phase_only_and_the_merge_can_keep_the_seeds_weights() {
         let dir = tempfile::tempdir().unwrap();
         let mut p = pipeline("upcycle: {experts: 2, top_k: 1}\n");
         p.train.trainable = Some(serde_yaml::from_str("{include: ['*.mlp.*']}").unwrap());
         p.domains[1].overrides.trainable = Some(serde_yaml::from_str("{exclude: ['lm_head.*']}").unwrap());
+        p.merge.as_mut().unwrap().non_expert = "seed".into();
         let plan = plan(&p, dir.path(), dir.path()).unwrap();
+        let merge = &job(&plan, "merge").args;
+        let seed_model = format!("from:{}", job(&plan, "seed").produces.as_ref().unwrap().dir.display());
+        assert_eq!(merge[merge.iter().position(|a| a == "--non-expert").unwrap() + 1], seed_model);
         assert_eq!(spec(job(&plan, "expert/a")).trainable.include, vec!["*.mlp.*"]);
         assert_eq!(spec(job(&plan, "expert/b")).trainable.exclude, vec!["lm_head.*"], "a domain's own selection wins");
         for name in ["continue/merged", "baseline", "continue/upcycled"] {

@@ -486,10 +486,10 @@ pub fn check(p: &Pipeline, base: &Path) -> Vec<(String, String)> {
             if !p.domains.iter().any(|d| d.name == from) {
                 problems.push(("merge.non_expert".into(), format!("no domain named `{from}`")));
             }
-        } else if m.non_expert != "average" {
+        } else if m.non_expert != "average" && m.non_expert != "seed" {
             problems.push((
                 "merge.non_expert".into(),
-                format!("`{}`: expected `average` or `from:<domain>`", m.non_expert),
+                format!("`{}`: expected `average`, `seed` or `from:<domain>`", m.non_expert),
             ));
         }
     }

@@ -450,7 +450,8 @@ pub struct MergeSpec {
     /// Calibration tokens per domain (from its `valid` split) for centroid/fit router init.
     #[serde(default = "default_calib_tokens")]
     pub calib_tokens: usize,
-    /// Non-expert weights: `average` (BTX), or `from:<domain>` to copy one expert's.
+    /// Non-expert weights: `average` (BTX), `seed` to keep the seed's (exact when the expert
+    /// phase froze them, see `train.trainable`), or `from:<domain>` to copy one expert's.
     #[serde(default = "default_non_expert")]
     pub non_expert: String,
     /// Keep the seed's FFN as an always-on shared expert.

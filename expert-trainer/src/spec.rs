@@ -201,7 +201,8 @@ impl Default for Moe {
 /// Which tensors train, by canonical name with `*` wildcards: e.g. only the routers
 /// (`include: ["*.mlp.gate.weight"]`) or only new experts
 /// (`include: ["*.mlp.gate.weight", "*.mlp.experts.4.*"]`). Default: everything.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+/// (The pipeline's `train.trainable` is this same type; the schema derive serves `btm schema`.)
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Trainable {
     #[serde(default)]

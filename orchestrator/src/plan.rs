@@ -285,10 +285,7 @@ impl Builder<'_> {
             domain,
             dtype: "float32".into(),
             device: "cpu".into(),
-            trainable: t.trainable.clone().map_or_else(job::Trainable::default, |s| job::Trainable {
-                include: s.include,
-                exclude: s.exclude,
-            }),
+            trainable: t.trainable.clone().unwrap_or_default(),
             resume: "auto".into(),
             token_cache: None,
             work_dir: None,

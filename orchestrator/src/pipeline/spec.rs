@@ -359,17 +359,7 @@ pub struct TrainParams {
     /// MoE's training, the baseline and the upcycled arm train every parameter unless their own
     /// block sets it. E.g. `{include: ["*.mlp.*"]}` keeps the seed's embeddings and attention,
     /// so the merge's non-expert weights are exactly the seed's.
-    pub trainable: Option<Trainable>,
-}
-
-/// `include` (empty = everything) minus `exclude`, as globs over tensor names.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct Trainable {
-    #[serde(default)]
-    pub include: Vec<String>,
-    #[serde(default)]
-    pub exclude: Vec<String>,
+    pub trainable: Option<btm_trainer::spec::Trainable>,
 }
 
 macro_rules! overlay_fields {

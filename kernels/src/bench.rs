@@ -23,6 +23,18 @@ pub struct MoeCase {
     pub ffn: usize,
 }
 
+impl MoeCase {
+    /// Matrix-multiply FLOPs of one MoE layer forward + backward on `tokens` × `hidden` inputs:
+    /// each of the T·k assignments runs three H×F products forward (gate, up, down: 6·H·F) and
+    /// twice that backward (dX and dW), plus the router's T×H×E product (forward, dX, dW).
+    /// Element-wise work (SwiGLU, permute, softmax) is left out: it is not what bounds the layer.
+    pub fn flops(&self, tokens: usize, hidden: usize) -> f64 {
+        let (t, h) = (tokens as f64, hidden as f64);
+        let (e, k, f) = (self.experts as f64, self.top_k as f64, self.ffn as f64);
+        18.0 * t * k * h * f + 6.0 * t * h * e
+    }
+}
+
 /// The shapes: (8, 2, 2816) and the fine-grained (64, 8, 352).
 pub const DEFAULT_CASES: [MoeCase; 2] = [
     MoeCase {
@@ -78,6 +90,12 @@ pub struct MoeBenchResult {
     pub reference_ms: Option<f64>,
     /// reference_ms / fused_ms.
     pub speedup: Option<f64>,
+    /// Matrix-multiply FLOPs of one forward + backward ([`MoeCase::flops`]), the same for both paths.
+    pub flops: f64,
+    /// flops / fused wall time, in GFLOP/s: how close the fused layer runs to the machine's peak,
+    /// which bounds any speedup (the reference can be beaten by at most peak / its GFLOP/s).
+    pub fused_gflops: f64,
+    pub reference_gflops: Option<f64>,
     /// Median process CPU milliseconds (all threads) per run, where the OS reports it.
     pub fused_cpu_ms: Option<f64>,
     pub reference_cpu_ms: Option<f64>,
@@ -184,6 +202,8 @@ pub fn bench_case(spec: &MoeBenchSpec, case: MoeCase, device: &Device) -> Result
         (time_alternating(spec.reps, &mut [&mut fused])?[0], None)
     };
     let (fused_ms, fused_cpu_ms) = fused;
+    let flops = case.flops(t, h);
+    let gflops = |ms: f64| flops / (ms * 1e6);
     Ok(MoeBenchResult {
         case,
         tokens: t,
@@ -198,6 +218,9 @@ pub fn bench_case(spec: &MoeBenchSpec, case: MoeCase, device: &Device) -> Result
         fused_ms,
         reference_ms: reference.map(|r| r.0),
         speedup: reference.map(|r| r.0 / fused_ms),
+        flops,
+        fused_gflops: gflops(fused_ms),
+        reference_gflops: reference.map(|r| gflops(r.0)),
         fused_cpu_ms,
         reference_cpu_ms: reference.and_then(|r| r.1),
     })
@@ -223,13 +246,14 @@ pub fn format_result(r: &MoeBenchResult) -> String {
     let cpu = |ms: Option<f64>| ms.map_or(String::new(), |c| format!(" (cpu {c:.0} ms)"));
     let reference = match (r.reference_ms, r.speedup) {
         (Some(ms), Some(s)) => format!(
-            "  reference {ms:9.1} ms{}  speedup {s:5.2}x",
-            cpu(r.reference_cpu_ms)
+            "  reference {ms:9.1} ms{} {:6.1} GFLOP/s  speedup {s:5.2}x",
+            cpu(r.reference_cpu_ms),
+            r.reference_gflops.unwrap_or(0.0)
         ),
         _ => String::new(),
     };
     format!(
-        "moe T={} H={} E={} k={} F={} {} {} ({} threads): fused {:9.1} ms{}{reference}",
+        "moe T={} H={} E={} k={} F={} {} {} ({} threads): fused {:9.1} ms{} {:6.1} GFLOP/s{reference}",
         r.tokens,
         r.hidden,
         r.case.experts,
@@ -239,7 +263,8 @@ pub fn format_result(r: &MoeBenchResult) -> String {
         r.device,
         r.threads,
         r.fused_ms,
-        cpu(r.fused_cpu_ms)
+        cpu(r.fused_cpu_ms),
+        r.fused_gflops
     )
 }
 
@@ -265,7 +290,9 @@ mod tests {
         let results = bench_moe(&spec, &Device::Cpu, |r| lines.push(format_result(r))).unwrap();
         assert_eq!(results.len(), 1);
         assert!(results[0].fused_ms > 0.0 && results[0].reference_ms.unwrap() > 0.0);
-        assert!(lines[0].contains("E=4 k=2 F=8"), "{}", lines[0]);
+        assert!(lines[0].contains("E=4 k=2 F=8") && lines[0].contains("GFLOP/s"), "{}", lines[0]);
+        // 18·T·k·H·F + 6·T·H·E = 18·32·2·16·8 + 6·32·16·4
+        assert_eq!(results[0].flops, 147456.0 + 12288.0);
         let json = serde_json::to_string(&results[0]).unwrap();
         assert!(
             json.contains("\"experts\":4") && json.contains("\"speedup\":"),

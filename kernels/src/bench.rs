@@ -6,6 +6,11 @@
 //! Fused and reference runs alternate (one warm-up each, then `reps` timed pairs), so a change
 //! in machine load hits both paths alike; the figures are medians. Besides wall time, the
 //! process CPU time of each run is reported (Linux), which busy neighbours distort less.
+//!
+//! Two rates put the speedup in context: each path's GFLOP/s (the layer's matrix-multiply FLOPs
+//! over its wall time; no path can beat the machine's GEMM peak, so a reference already near it
+//! bounds the possible speedup), and the grouped GEMM alone against one dense GEMM of the same
+//! FLOPs measured in the same run (the upcycling issue's GPU target: ≥ 60 % of cuBLAS).
 
 use std::time::Instant;
 
@@ -96,6 +101,13 @@ pub struct MoeBenchResult {
     /// which bounds any speedup (the reference can be beaten by at most peak / its GFLOP/s).
     pub fused_gflops: f64,
     pub reference_gflops: Option<f64>,
+    /// The grouped GEMM alone (forward of the gate projection: T·k rows over E equal groups,
+    /// [T·k, H] · W_e [F, H]ᵀ) next to one dense matmul of the same FLOPs ([T·k, H] · [H, F],
+    /// candle's own: the `gemm` crate on CPU, cuBLAS on CUDA), both in GFLOP/s, and their ratio:
+    /// how much of the machine's best dense GEMM rate the ragged one keeps.
+    pub grouped_gemm_gflops: f64,
+    pub dense_gemm_gflops: f64,
+    pub grouped_vs_dense: f64,
     /// Median process CPU milliseconds (all threads) per run, where the OS reports it.
     pub fused_cpu_ms: Option<f64>,
     pub reference_cpu_ms: Option<f64>,
@@ -146,6 +158,31 @@ fn time_alternating(
             (median(s.iter().map(|x| x.0).collect()), cpu.map(median))
         })
         .collect())
+}
+
+/// Median GFLOP/s of (the grouped GEMM, one dense GEMM of the same FLOPs) for `case`.
+fn gemm_rates(spec: &MoeBenchSpec, case: MoeCase, device: &Device) -> Result<(f64, f64)> {
+    let (rows, h, e, f) = (spec.tokens * case.top_k, spec.hidden, case.experts, case.ffn);
+    let x = Tensor::randn(0f32, 1.0, (rows, h), device)?;
+    let w = Tensor::randn(0f32, 1.0 / (h as f32).sqrt(), (e, f, h), device)?;
+    // Equal groups (the last takes the remainder): the shape a balanced router produces.
+    let offsets: Vec<u32> = (0..=e)
+        .map(|i| if i == e { rows } else { i * (rows / e) } as u32)
+        .collect();
+    let offsets = Tensor::new(offsets.as_slice(), device)?;
+    let dense_w = Tensor::randn(0f32, 1.0 / (h as f32).sqrt(), (h, f), device)?;
+    // Synchronize so a GPU's asynchronous launches are timed to completion.
+    let mut grouped = || {
+        let y = crate::grouped_gemm::grouped_matmul(&x, &w, &offsets)?;
+        device.synchronize().map(|_| drop(y))
+    };
+    let mut dense = || {
+        let y = x.matmul(&dense_w)?;
+        device.synchronize().map(|_| drop(y))
+    };
+    let t = time_alternating(spec.reps, &mut [&mut grouped, &mut dense])?;
+    let flops = 2.0 * (rows * h * f) as f64;
+    Ok((flops / (t[0].0 * 1e6), flops / (t[1].0 * 1e6)))
 }
 
 /// Run one case on `device` in float32.
@@ -204,6 +241,7 @@ pub fn bench_case(spec: &MoeBenchSpec, case: MoeCase, device: &Device) -> Result
     let (fused_ms, fused_cpu_ms) = fused;
     let flops = case.flops(t, h);
     let gflops = |ms: f64| flops / (ms * 1e6);
+    let (grouped_gemm_gflops, dense_gemm_gflops) = gemm_rates(spec, case, device)?;
     Ok(MoeBenchResult {
         case,
         tokens: t,
@@ -221,6 +259,9 @@ pub fn bench_case(spec: &MoeBenchSpec, case: MoeCase, device: &Device) -> Result
         flops,
         fused_gflops: gflops(fused_ms),
         reference_gflops: reference.map(|r| gflops(r.0)),
+        grouped_gemm_gflops,
+        dense_gemm_gflops,
+        grouped_vs_dense: grouped_gemm_gflops / dense_gemm_gflops,
         fused_cpu_ms,
         reference_cpu_ms: reference.and_then(|r| r.1),
     })
@@ -253,7 +294,8 @@ pub fn format_result(r: &MoeBenchResult) -> String {
         _ => String::new(),
     };
     format!(
-        "moe T={} H={} E={} k={} F={} {} {} ({} threads): fused {:9.1} ms{} {:6.1} GFLOP/s{reference}",
+        "moe T={} H={} E={} k={} F={} {} {} ({} threads): fused {:9.1} ms{} {:6.1} GFLOP/s{reference}\n  \
+         grouped GEMM {:6.1} GFLOP/s vs one dense GEMM of the same FLOPs {:6.1} GFLOP/s ({:.0} %)",
         r.tokens,
         r.hidden,
         r.case.experts,
@@ -264,7 +306,10 @@ pub fn format_result(r: &MoeBenchResult) -> String {
         r.threads,
         r.fused_ms,
         cpu(r.fused_cpu_ms),
-        r.fused_gflops
+        r.fused_gflops,
+        r.grouped_gemm_gflops,
+        r.dense_gemm_gflops,
+        100.0 * r.grouped_vs_dense
     )
 }
 
@@ -291,6 +336,7 @@ mod tests {
         assert_eq!(results.len(), 1);
         assert!(results[0].fused_ms > 0.0 && results[0].reference_ms.unwrap() > 0.0);
         assert!(lines[0].contains("E=4 k=2 F=8") && lines[0].contains("GFLOP/s"), "{}", lines[0]);
+        assert!(lines[0].contains("grouped GEMM") && results[0].grouped_vs_dense > 0.0, "{}", lines[0]);
         // 18·T·k·H·F + 6·T·H·E = 18·32·2·16·8 + 6·32·16·4
         assert_eq!(results[0].flops, 147456.0 + 12288.0);
         let json = serde_json::to_string(&results[0]).unwrap();

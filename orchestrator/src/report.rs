@@ -296,10 +296,11 @@ pub fn write(run: &Path) -> Result<String> {
         rows.iter().filter(|r| r.label == "continued" || r.label == "merged").min_by(|a, b| a.average().total_cmp(&b.average())),
         rows.iter().find(|r| r.label == "baseline"),
     ) {
-        let rel = (base.average() - best.average()) / base.average() * 100.0;
+        // Same sign as the arms table below: negative = lower perplexity than dense.
+        let rel = (best.average() - base.average()) / base.average() * 100.0;
         let _ = writeln!(
             md,
-            "\n`{}` vs the compute-matched dense `baseline`: average perplexity {:.3} vs {:.3} ({rel:+.1} % relative to the baseline; positive = the MoE is better).",
+            "\n`{}` vs the compute-matched dense `baseline`: average perplexity {:.3} vs {:.3} ({rel:+.1} % relative to the baseline; negative = the MoE has the lower perplexity).",
             best.label,
             best.average(),
             base.average()

@@ -2,7 +2,8 @@
 
 Trains ``LlamaForCausalLM`` (or ``MixtralForCausalLM`` with ``--moe``: every FFN 4 experts,
 top-2) from random weights on random tokens with AdamW, and prints one JSON line
-``{"tokens_per_s", "peak_rss_mb", ...}`` like ``btm bench train --json``:
+``{"tokens_per_s", "peak_rss_mb", "forward_s", "backward_s", "optimizer_s", ...}`` like
+``btm bench train --json`` (the phases are medians per step):
 
     /opt/pyref/bin/python scripts/bench_train_torch.py --preset tiny --threads 2 --steps 5 [--moe]
 
@@ -65,20 +66,27 @@ def main() -> None:
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
 
-    def step() -> None:
+    def step() -> tuple[float, float, float]:
+        """One training step; the wall seconds of forward + loss, backward, clip + AdamW."""
         ids = torch.randint(0, vocab, (batch, seq + 1))
+        t0 = time.perf_counter()
         out = model(input_ids=ids[:, :-1], labels=ids[:, 1:].contiguous(), use_cache=False)
         # transformers shifts labels itself; passing pre-shifted ids costs the same FLOPs.
+        t1 = time.perf_counter()
         out.loss.backward()
+        t2 = time.perf_counter()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        return t1 - t0, t2 - t1, time.perf_counter() - t2
 
     step()
+    phases = []
     start = time.perf_counter()
     for _ in range(args.steps):
-        step()
+        phases.append(step())
     secs = time.perf_counter() - start
+    median = lambda xs: sorted(xs)[len(xs) // 2]
     params = sum(p.numel() for p in model.parameters())
     print(json.dumps({
         "tokens_per_s": args.steps * batch * seq / secs,
@@ -88,6 +96,9 @@ def main() -> None:
         "threads": args.threads,
         "steps": args.steps,
         "step_s": secs / args.steps,
+        "forward_s": median([p[0] for p in phases]),
+        "backward_s": median([p[1] for p in phases]),
+        "optimizer_s": median([p[2] for p in phases]),
         "parameters": params,
         "impl": f"torch {torch.__version__} eager",
     }))

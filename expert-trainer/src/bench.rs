@@ -60,6 +60,11 @@ pub struct BenchResult {
     pub threads: usize,
     pub steps: usize,
     pub step_s: f64,
+    /// Median seconds per step of each phase (forward + loss, backward, clipping + AdamW), to
+    /// compare with `scripts/bench_train_torch.py`'s phases.
+    pub forward_s: f64,
+    pub backward_s: f64,
+    pub optimizer_s: f64,
     pub parameters: usize,
 }
 
@@ -90,11 +95,19 @@ pub fn run(name: &str, moe: bool, threads: usize, steps: usize) -> Result<BenchR
         to_batch(&seqs, &device)
     };
     stepper.step(&[batch()?], 1e-4)?;
+    let mut phases = [Vec::new(), Vec::new(), Vec::new()];
     let start = Instant::now();
     for _ in 0..steps {
-        stepper.step(&[batch()?], 1e-4)?;
+        let s = stepper.step(&[batch()?], 1e-4)?;
+        for (v, x) in phases.iter_mut().zip([s.forward_s, s.backward_s, s.optimizer_s]) {
+            v.push(x);
+        }
     }
     let secs = start.elapsed().as_secs_f64();
+    let [forward_s, backward_s, optimizer_s] = phases.map(|mut v| {
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or(0.0)
+    });
     let tokens = (steps * p.batch_size * p.seq_len) as f64;
     Ok(BenchResult {
         tokens_per_s: tokens / secs,
@@ -104,6 +117,9 @@ pub fn run(name: &str, moe: bool, threads: usize, steps: usize) -> Result<BenchR
         threads,
         steps,
         step_s: secs / steps as f64,
+        forward_s,
+        backward_s,
+        optimizer_s,
         parameters: p.config.num_parameters(),
     })
 }

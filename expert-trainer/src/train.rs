@@ -102,6 +102,11 @@ pub struct StepStats {
     pub dropped: Vec<f64>,
     /// Global gradient norm before clipping.
     pub grad_norm: f64,
+    /// Wall seconds of the step's phases: forward and loss, backward (with gradient
+    /// accumulation over micro-batches), clipping and the optimizer update.
+    pub forward_s: f64,
+    pub backward_s: f64,
+    pub optimizer_s: f64,
 }
 
 /// The model, its optimizer and the loss settings: one optimizer step at a time.
@@ -136,6 +141,7 @@ impl Stepper {
         let mut stats = StepStats::default();
         let (mut aux_sum, mut z_sum) = (0f64, 0f64);
         for (inputs, targets) in micro_batches {
+            let started = Instant::now();
             let mut trace = Trace::default();
             let logits = self.model.forward_traced(inputs, &mut trace)?;
             let ce = cross_entropy(&logits, targets)?;
@@ -167,6 +173,8 @@ impl Stepper {
                 loss = ((loss + (aux * self.aux_coef)?)? + (z * self.z_coef)?)?;
             }
             let loss = if n > 1.0 { (loss / n)? } else { loss };
+            let backward_started = Instant::now();
+            stats.forward_s += (backward_started - started).as_secs_f64();
             let store = loss.backward()?;
             for (slot, p) in grads.iter_mut().zip(&self.opt.params) {
                 // A tensor the batch never reached (an expert no token chose) gets no gradient.
@@ -177,7 +185,9 @@ impl Stepper {
                     });
                 }
             }
+            stats.backward_s += backward_started.elapsed().as_secs_f64();
         }
+        let optimizer_started = Instant::now();
         if !stats.expert_load.is_empty() {
             stats.aux_loss = Some(aux_sum);
             stats.z_loss = Some(z_sum);
@@ -192,6 +202,7 @@ impl Stepper {
             .collect::<Result<_>>()?;
         stats.grad_norm = clip_global_norm(&mut grads, self.grad_clip)?;
         self.opt.step(&grads, lr)?;
+        stats.optimizer_s = optimizer_started.elapsed().as_secs_f64();
         Ok(stats)
     }
 }

@@ -143,11 +143,14 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
                 println!("{}", serde_json::to_string(&r)?);
             } else {
                 println!(
-                    "train {}{}: {:.0} tokens/s ({:.3} s/step, {} threads, {} parameters), peak RSS {:.0} MiB",
+                    "train {}{}: {:.0} tokens/s ({:.3} s/step: forward {:.3}, backward {:.3}, optimizer {:.3}; {} threads, {} parameters), peak RSS {:.0} MiB",
                     r.preset,
                     if r.moe { " moe" } else { "" },
                     r.tokens_per_s,
                     r.step_s,
+                    r.forward_s,
+                    r.backward_s,
+                    r.optimizer_s,
                     r.threads,
                     r.parameters,
                     r.peak_rss_mb

@@ -59,11 +59,11 @@ pub fn every_stage_pipeline(dir: &Path, storage: &str, extra: &str) -> PathBuf {
 
 /// Whether a trainer's output folder holds a published checkpoint.
 pub fn has_checkpoint(expert: &Path) -> bool {
-    // Published checkpoints only: a hidden `.step-*.partial-*` staging directory already holds
-    // the weights' manifest while the trainer is still writing the optimizer state, and a kill
-    // in that window leaves nothing to resume from.
-    std::fs::read_dir(expert.join("checkpoints"))
-        .map(|d| d.flatten().any(|e| e.file_name().to_string_lossy().starts_with("step-") && e.path().join("MANIFEST.json").exists()))
+    // Published checkpoints only, as the trainer lists them: a hidden `.step-*.partial-*`
+    // staging directory already holds the weights' manifest while the optimizer state is still
+    // being written, and a kill in that window leaves nothing to resume from.
+    btm_trainer::checkpoint::list(&expert.join("checkpoints"))
+        .map(|steps| steps.iter().any(|(_, dir)| dir.join("MANIFEST.json").exists()))
         .unwrap_or(false)
 }
 

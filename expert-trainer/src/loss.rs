@@ -13,7 +13,10 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape
 /// Mean cross-entropy of next-token prediction: logits [..., V], targets [...] (u32).
 pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     let v = logits.dim(D::Minus1)?;
-    let logits = logits.reshape(((), v))?.to_dtype(DType::F32)?;
+    // Rows [N, V] go in as they are: a reshape is a graph node, and its gradient costs a pass
+    // over the whole [N, V] gradient.
+    let logits = if logits.rank() == 2 { logits.clone() } else { logits.reshape(((), v))? };
+    let logits = logits.to_dtype(DType::F32)?;
     let targets = targets.flatten_all()?.to_dtype(DType::U32)?;
     if logits.device().is_cpu() {
         let logits = logits.contiguous()?;

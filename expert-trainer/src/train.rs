@@ -143,7 +143,7 @@ impl Stepper {
         for (inputs, targets) in micro_batches {
             let started = Instant::now();
             let mut trace = Trace::default();
-            let logits = self.model.forward_traced(inputs, &mut trace)?;
+            let logits = self.model.forward_rows(inputs, &mut trace)?;
             let ce = cross_entropy(&logits, targets)?;
             stats.loss += ce.to_dtype(DType::F64)?.to_scalar::<f64>()? / n;
             let mut loss = ce;

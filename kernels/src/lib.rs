@@ -25,12 +25,14 @@
 //! - `cargo run --release -p btm-kernels --example bench_moe -- [--tokens T] [--json]`:
 //!   fused vs reference timings (the code behind `btm bench moe`).
 
+pub mod attention;
 pub mod bench;
 mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod grouped_gemm;
 pub mod moe;
+pub mod norm;
 pub mod permute;
 pub mod router;
 pub mod swiglu;
@@ -41,4 +43,6 @@ pub use grouped_gemm::{gather_matmul, grouped_matmul, matmul_combine};
 pub use moe::{fused_moe, reference_moe, ExpertWeights, MoeOptions, RouterStats};
 pub use permute::{permute, scale_rows, unpermute, unpermute_sum, RoutePlan};
 pub use router::{load_balancing_loss, route, z_loss, Capacity, DropPolicy, Routed, Routing};
+pub use norm::rms_norm;
 pub use swiglu::swiglu;
+pub use attention::{causal_attention, rotary, AttentionShape};

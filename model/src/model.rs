@@ -10,13 +10,15 @@
 use crate::config::{ModelConfig, MoeConfig, RopeScaling};
 use btm_kernels::{route, Capacity, ExpertWeights, MoeOptions, Routed, Routing};
 use candle_core::{DType, Device, Module, Result, Tensor, D};
-use candle_nn::{Embedding, Linear, VarBuilder};
+use candle_nn::{Embedding, VarBuilder};
 
 /// Root-mean-square layer norm (Zhang & Sennrich 2019), computed in float32 as Llama does.
 #[derive(Debug, Clone)]
 pub struct RmsNorm {
     weight: Tensor,
     eps: f64,
+    /// Use the fused CPU kernel where it applies (see [`fused_cpu`]).
+    fused: bool,
 }
 
 impl RmsNorm {
@@ -24,17 +26,28 @@ impl RmsNorm {
         Ok(Self {
             weight: vb.get(size, "weight")?,
             eps,
+            fused: true,
         })
     }
 }
 
 impl Module for RmsNorm {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        if self.fused && fused_cpu(xs) && self.weight.dtype() == xs.dtype() {
+            return btm_kernels::rms_norm(xs, &self.weight, self.eps);
+        }
         let dtype = xs.dtype();
         let xs = xs.to_dtype(DType::F32)?;
         let inv_rms = (xs.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?.sqrt()?.recip()?;
         xs.broadcast_mul(&inv_rms)?.to_dtype(dtype)?.broadcast_mul(&self.weight)
     }
+}
+
+/// Whether the fused CPU kernels of `btm-kernels` (one graph node with a hand-written backward
+/// per norm, rotary map, attention and SwiGLU, instead of chains of candle primitives) serve a
+/// tensor: CPU storage in float32 or float64. Other devices and dtypes use the primitives.
+fn fused_cpu(xs: &Tensor) -> bool {
+    xs.device().is_cpu() && matches!(xs.dtype(), DType::F32 | DType::F64)
 }
 
 /// Rotary position embeddings (Su et al. 2021) with the `rotate_half` convention of
@@ -115,6 +128,47 @@ pub fn softmax_last(xs: &Tensor) -> Result<Tensor> {
     btm_kernels::router::softmax_last(xs)
 }
 
+/// `y = x Wᵀ + b` over the last dimension. Leading dimensions are flattened into one so that
+/// both the forward product and the weight gradient are single GEMMs over all B·T rows
+/// (`candle_nn::Linear` broadcasts W over the batch, so its weight gradient is B products and a
+/// reduction).
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self { weight, bias }
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        if xs.rank() == 2 {
+            let rows = xs.matmul(&self.weight.t()?)?;
+            return match &self.bias {
+                Some(b) => rows.broadcast_add(b),
+                None => Ok(rows),
+            };
+        }
+        let mut dims = xs.dims().to_vec();
+        let in_dim = dims.pop().unwrap_or(1);
+        let rows = xs.reshape(((), in_dim))?.matmul(&self.weight.t()?)?;
+        let rows = match &self.bias {
+            Some(b) => rows.broadcast_add(b)?,
+            None => rows,
+        };
+        dims.push(self.weight.dim(0)?);
+        rows.reshape(dims)
+    }
+}
+
 fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
     let weight = vb.get((out_dim, in_dim), "weight")?;
     let bias = if bias { Some(vb.get(out_dim, "bias")?) } else { None };
@@ -132,6 +186,8 @@ pub struct Attention {
     num_heads: usize,
     num_kv_heads: usize,
     head_dim: usize,
+    sliding_window: Option<usize>,
+    fused: bool,
 }
 
 impl Attention {
@@ -145,11 +201,17 @@ impl Attention {
             num_heads: cfg.num_heads,
             num_kv_heads: cfg.num_kv_heads,
             head_dim: d,
+            sliding_window: cfg.sliding_window,
+            fused: true,
         })
     }
 
-    pub fn forward(&self, xs: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor) -> Result<Tensor> {
-        let (b, t, _) = xs.dims3()?;
+    /// Attention over token rows `xs` [B·T, H] of `b` sequences of `t` tokens; returns [B·T, H].
+    pub fn forward(&self, xs: &Tensor, (b, t): (usize, usize), cos: &Tensor, sin: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        if self.fused && fused_cpu(xs) {
+            return self.forward_fused(xs, t, cos, sin);
+        }
+        let xs = &xs.reshape((b, t, ()))?;
         let heads = |proj: &Linear, n: usize| -> Result<Tensor> {
             proj.forward(xs)?.reshape((b, t, n, self.head_dim))?.transpose(1, 2)?.contiguous()
         };
@@ -162,8 +224,27 @@ impl Attention {
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?.broadcast_add(mask)?;
         let probs = softmax_last(&scores)?.to_dtype(v.dtype())?;
-        let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, self.num_heads * self.head_dim))?;
+        let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b * t, self.num_heads * self.head_dim))?;
         self.o_proj.forward(&out)
+    }
+}
+
+impl Attention {
+    /// The same map through the fused CPU kernels: projections stay in [B·T, heads · D]
+    /// layout (no transposes, no repeated key/value heads, no mask tensor).
+    fn forward_fused(&self, xs: &Tensor, t: usize, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        let d = self.head_dim;
+        let q = btm_kernels::rotary(&self.q_proj.forward(xs)?, cos, sin, d)?;
+        let k = btm_kernels::rotary(&self.k_proj.forward(xs)?, cos, sin, d)?;
+        let v = self.v_proj.forward(xs)?;
+        let shape = btm_kernels::AttentionShape {
+            heads: self.num_heads,
+            kv_heads: self.num_kv_heads,
+            head_dim: d,
+            scale: 1.0 / (d as f64).sqrt(),
+            window: self.sliding_window,
+        };
+        self.o_proj.forward(&btm_kernels::causal_attention(&q, &k, &v, t, shape)?)
     }
 }
 
@@ -182,6 +263,7 @@ pub struct SwiGlu {
     gate_proj: Linear,
     up_proj: Linear,
     down_proj: Linear,
+    fused: bool,
 }
 
 impl SwiGlu {
@@ -190,12 +272,17 @@ impl SwiGlu {
             gate_proj: linear(hidden, ffn, false, vb.pp("gate_proj"))?,
             up_proj: linear(hidden, ffn, false, vb.pp("up_proj"))?,
             down_proj: linear(ffn, hidden, false, vb.pp("down_proj"))?,
+            fused: true,
         })
     }
 }
 
 impl Module for SwiGlu {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        if self.fused && fused_cpu(xs) {
+            let h = btm_kernels::swiglu(&self.gate_proj.forward(xs)?, &self.up_proj.forward(xs)?)?;
+            return self.down_proj.forward(&h);
+        }
         let gate = self.gate_proj.forward(xs)?.silu()?;
         self.down_proj.forward(&(gate * self.up_proj.forward(xs)?)?)
     }
@@ -295,7 +382,7 @@ impl MoeBlock {
     pub fn forward(&self, xs: &Tensor, record: Option<&mut Vec<RouterOutput>>) -> Result<Tensor> {
         let dims = xs.dims().to_vec();
         let hidden = *dims.last().expect("hidden dim");
-        let xs = xs.reshape(((), hidden))?;
+        let xs = if xs.rank() == 2 { xs.clone() } else { xs.reshape(((), hidden))? };
         let (mut out, router) = if self.fused {
             self.routed_fused(&xs)?
         } else {
@@ -310,6 +397,9 @@ impl MoeBlock {
         }
         if let Some(record) = record {
             record.push(router);
+        }
+        if out.dims() == dims.as_slice() {
+            return Ok(out);
         }
         out.reshape(dims)
     }
@@ -421,11 +511,14 @@ impl DecoderLayer {
         })
     }
 
-    fn forward(&self, xs: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor, trace: &mut Trace) -> Result<Tensor> {
-        let h = (xs + self.self_attn.forward(&self.input_layernorm.forward(xs)?, cos, sin, mask)?)?;
+    /// One layer on token rows `xs` [B·T, H] of `b` sequences of `t` tokens. The residual
+    /// stream stays two-dimensional through the layers: every reshape is a graph node whose
+    /// gradient candle accumulates with a full pass of its own.
+    fn forward(&self, xs: &Tensor, bt: (usize, usize), cos: &Tensor, sin: &Tensor, mask: &Tensor, trace: &mut Trace) -> Result<Tensor> {
+        let h = (xs + self.self_attn.forward(&self.input_layernorm.forward(xs)?, bt, cos, sin, mask)?)?;
         let normed = self.post_attention_layernorm.forward(&h)?;
         if trace.collect_ffn_inputs {
-            trace.ffn_inputs.push(normed.clone());
+            trace.ffn_inputs.push(normed.reshape((bt.0, bt.1, ()))?);
         }
         let ffn = match &self.mlp {
             Ffn::Dense(mlp) => mlp.forward(&normed)?,
@@ -484,6 +577,26 @@ impl Transformer {
         self.moe_blocks().for_each(|m| m.set_fused(fused));
     }
 
+    /// Run norms, attention and dense FFNs through the fused CPU kernels (the default where
+    /// they apply: CPU, float32/float64) or through chains of candle primitives (the reference
+    /// the kernels are tested against; what other devices and dtypes always use).
+    pub fn set_fused_kernels(&mut self, fused: bool) {
+        self.norm.fused = fused;
+        for layer in &mut self.layers {
+            layer.input_layernorm.fused = fused;
+            layer.post_attention_layernorm.fused = fused;
+            layer.self_attn.fused = fused;
+            match &mut layer.mlp {
+                Ffn::Dense(mlp) => mlp.fused = fused,
+                Ffn::Moe(moe) => {
+                    for e in moe.experts.iter_mut().chain(moe.shared_expert.as_mut()) {
+                        e.fused = fused;
+                    }
+                }
+            }
+        }
+    }
+
     /// Expert capacity for every MoE layer; `None` = dropless (the default).
     pub fn set_moe_capacity(&mut self, capacity: Option<Capacity>) {
         self.moe_blocks().for_each(|m| m.set_capacity(capacity));
@@ -496,7 +609,14 @@ impl Transformer {
 
     /// Like [`Self::forward`], also filling `trace` (router decisions, FFN inputs).
     pub fn forward_traced(&self, input_ids: &Tensor, trace: &mut Trace) -> Result<Tensor> {
-        let (_, t) = input_ids.dims2()?;
+        let (b, t) = input_ids.dims2()?;
+        self.forward_rows(input_ids, trace)?.reshape((b, t, ()))
+    }
+
+    /// Like [`Self::forward_traced`], with the logits as rows [B·T, vocab] (what a loss
+    /// consumes; saves the reshape's gradient pass over the largest activation in training).
+    pub fn forward_rows(&self, input_ids: &Tensor, trace: &mut Trace) -> Result<Tensor> {
+        let (b, t) = input_ids.dims2()?;
         if t > self.config.max_position_embeddings {
             candle_core::bail!(
                 "sequence of {t} tokens is longer than max_position_embeddings ({})",
@@ -506,9 +626,9 @@ impl Transformer {
         let device = input_ids.device();
         let (cos, sin) = self.rotary.tables(t, device)?;
         let mask = causal_mask(t, self.config.sliding_window, device)?;
-        let mut xs = self.embed_tokens.forward(input_ids)?;
+        let mut xs = self.embed_tokens.embeddings().index_select(&input_ids.flatten_all()?, 0)?;
         for layer in &self.layers {
-            xs = layer.forward(&xs, &cos, &sin, &mask, trace)?;
+            xs = layer.forward(&xs, (b, t), &cos, &sin, &mask, trace)?;
         }
         self.lm_head.forward(&self.norm.forward(&xs)?)
     }
@@ -522,17 +642,17 @@ impl Transformer {
     /// Run decoder layers `layers` on the residual stream `xs` [B, T, H] (positions 0..T),
     /// filling `trace` as [`Self::forward_traced`] does; returns the residual stream after them.
     pub fn forward_layers(&self, xs: &Tensor, layers: std::ops::Range<usize>, trace: &mut Trace) -> Result<Tensor> {
-        let (_, t, _) = xs.dims3()?;
+        let (b, t, _) = xs.dims3()?;
         if layers.end > self.layers.len() {
             candle_core::bail!("layers {layers:?} out of range (the model has {})", self.layers.len());
         }
         let (cos, sin) = self.rotary.tables(t, xs.device())?;
         let mask = causal_mask(t, self.config.sliding_window, xs.device())?;
-        let mut xs = xs.clone();
+        let mut xs = xs.reshape((b * t, ()))?;
         for layer in &self.layers[layers] {
-            xs = layer.forward(&xs, &cos, &sin, &mask, trace)?;
+            xs = layer.forward(&xs, (b, t), &cos, &sin, &mask, trace)?;
         }
-        Ok(xs)
+        xs.reshape((b, t, ()))
     }
 
     /// Replace the router weight [E, H] of MoE layer `layer` (router initialisation).
@@ -569,12 +689,77 @@ mod tests {
         );
     }
 
+    /// The fused CPU kernels and the primitive chains give one model the same logits and the
+    /// same gradient for every weight: grouped-query attention, a sliding window shorter than
+    /// the sequence, q/k/v biases, tied embeddings, a dense layer and an MoE layer with a shared
+    /// expert.
+    #[test]
+    fn fused_kernels_match_the_primitive_chains_in_value_and_gradient() {
+        use crate::config::SharedExpertConfig;
+        use candle_core::Var;
+        let cfg = ModelConfig {
+            qkv_bias: true,
+            sliding_window: Some(5),
+            tie_word_embeddings: true,
+            moe: Some(MoeConfig {
+                experts: 3,
+                top_k: 2,
+                routing: Routing::SoftmaxThenTopk,
+                expert_ffn: 12,
+                shared_expert: Some(SharedExpertConfig { ffn: 8, gated: true }),
+                dense_layers: vec![0],
+            }),
+            ..ModelConfig::llama(29, 16, 2, 4, 2, 24)
+        };
+        cfg.validate().unwrap();
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 11) as f64 / (1u64 << 53) as f64 - 0.5
+        };
+        let vars: Vec<(String, Var)> = crate::weights::expected_tensors(&cfg)
+            .into_iter()
+            .map(|spec| {
+                let n: usize = spec.shape.iter().product();
+                let values: Vec<f64> = (0..n).map(|_| next()).collect();
+                let t = Tensor::from_vec(values, spec.shape.as_slice(), &Device::Cpu).unwrap();
+                (spec.name, Var::from_tensor(&t).unwrap())
+            })
+            .collect();
+        let tensors = vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
+        let fused = Transformer::new(&cfg, VarBuilder::from_tensors(tensors, DType::F64, &Device::Cpu)).unwrap();
+        let mut plain = fused.clone();
+        plain.set_fused_kernels(false);
+        let ids = Tensor::from_vec((0..22u32).map(|i| (i * 7) % 29).collect(), (2, 11), &Device::Cpu).unwrap();
+        let probe = Tensor::from_vec((0..2 * 11 * 29).map(|_| next()).collect::<Vec<_>>(), (2, 11, 29), &Device::Cpu).unwrap();
+        let run = |m: &Transformer| {
+            let logits = m.forward(&ids).unwrap();
+            let grads = (&logits * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            (logits, grads)
+        };
+        let ((lf, gf), (lp, gp)) = (run(&fused), run(&plain));
+        // The primitive chains take norms, scores and the router in float32 (as transformers
+        // does), the kernels keep float64: agreement to float32 precision.
+        let rel_diff = |a: &Tensor, b: &Tensor| {
+            let scale = b.abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap().max(1.0);
+            (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap() / scale
+        };
+        assert!(rel_diff(&lf, &lp) < 1e-6, "logits differ by {}", rel_diff(&lf, &lp));
+        for (name, var) in &vars {
+            let (a, b) = (gf.get(var).unwrap(), gp.get(var).unwrap_or_else(|| panic!("no gradient for {name}")));
+            assert!(rel_diff(a, b) < 1e-5, "gradient of {name} differs by {}", rel_diff(a, b));
+        }
+    }
+
     #[test]
     fn rms_norm_has_gradient() {
         let x = candle_core::Var::new(&[[1f32, 2.0, 3.0]], &Device::Cpu).unwrap();
         let norm = RmsNorm {
             weight: Tensor::new(&[1f32, 1.0, 1.0], &Device::Cpu).unwrap(),
             eps: 1e-6,
+            fused: true,
         };
         let y = norm.forward(x.as_tensor()).unwrap();
         let g = y.narrow(1, 0, 1).unwrap().sum_all().unwrap().backward().unwrap();

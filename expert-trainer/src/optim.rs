@@ -11,10 +11,17 @@
 //!
 //! The state is the moments and t; [`AdamW::state_tensors`] / [`AdamW::load_state`] save and
 //! restore it exactly.
+//!
+//! On the CPU (float32 weights, moments and gradients) the update runs in place, in three
+//! multi-threaded passes per tensor (m, v, then p) with the clipping factor folded in; as
+//! candle tensor operations it is about a dozen passes and as many temporaries per tensor,
+//! which cost three times the update itself. Other devices use the tensor operations.
+//! Both compute the same f32 expressions in the same order.
 
 use crate::spec;
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Tensor, Var};
+use candle_core::{CpuStorage, CustomOp1, DType, InplaceOp2, InplaceOp3, Layout, Shape, Tensor, Var};
+use rayon::prelude::*;
 use std::collections::HashMap;
 
 /// One trained tensor with its moments.
@@ -35,6 +42,9 @@ pub struct AdamW {
     pub weight_decay: f64,
     /// Updates taken so far.
     pub t: u64,
+    /// Update float32 CPU tensors in place (the default); `false` uses the tensor operations
+    /// everywhere (what other devices use; the in-place kernels are tested against it).
+    pub in_place_cpu: bool,
 }
 
 impl AdamW {
@@ -42,11 +52,12 @@ impl AdamW {
         let params = vars
             .into_iter()
             .map(|(name, var)| {
-                let zeros = Tensor::zeros(var.shape(), DType::F32, var.device())?;
+                // Separate buffers: the CPU path updates them in place.
+                let zeros = || Tensor::zeros(var.shape(), DType::F32, var.device());
                 Ok(Param {
                     decay: var.rank() >= 2,
-                    m: zeros.clone(),
-                    v: zeros,
+                    m: zeros()?,
+                    v: zeros()?,
                     name,
                     var,
                 })
@@ -59,11 +70,17 @@ impl AdamW {
             eps: cfg.eps,
             weight_decay: cfg.weight_decay,
             t: 0,
+            in_place_cpu: true,
         })
     }
 
     /// Apply one update with gradients `grads` (in the order of `params`) at learning rate `lr`.
     pub fn step(&mut self, grads: &[Tensor], lr: f64) -> Result<()> {
+        self.step_scaled(grads, lr, 1.0)
+    }
+
+    /// One update with every gradient multiplied by `grad_scale` (the clipping factor).
+    pub fn step_scaled(&mut self, grads: &[Tensor], lr: f64, grad_scale: f64) -> Result<()> {
         if grads.len() != self.params.len() {
             bail!("AdamW: {} gradients for {} parameters", grads.len(), self.params.len());
         }
@@ -74,6 +91,16 @@ impl AdamW {
         let bc2 = 1.0 - b2.powi(t);
         for (p, g) in self.params.iter_mut().zip(grads) {
             let g = g.detach().to_dtype(DType::F32)?;
+            let w = p.var.as_tensor();
+            if self.in_place_cpu && w.device().is_cpu() && w.dtype() == DType::F32 {
+                let g = g.contiguous()?;
+                let decay = if p.decay { self.weight_decay } else { 0.0 };
+                p.m.inplace_op2(&g, &Moment { beta: b1, scale: grad_scale, square: false })?;
+                p.v.inplace_op2(&g, &Moment { beta: b2, scale: grad_scale, square: true })?;
+                w.inplace_op3(&p.m, &p.v, &Update { lr, bc1, bc2, eps: self.eps, decay })?;
+                continue;
+            }
+            let g = if grad_scale != 1.0 { (g * grad_scale)? } else { g };
             let m = ((&p.m * b1)? + (&g * (1.0 - b1))?)?;
             let v = ((&p.v * b2)? + (g.sqr()? * (1.0 - b2))?)?;
             let denom = ((&v / bc2)?.sqrt()? + self.eps)?;
@@ -94,8 +121,9 @@ impl AdamW {
     pub fn state_tensors(&self) -> HashMap<String, Tensor> {
         let mut out = HashMap::new();
         for p in &self.params {
-            out.insert(format!("exp_avg.{}", p.name), p.m.clone());
-            out.insert(format!("exp_avg_sq.{}", p.name), p.v.clone());
+            // Copies: the CPU path updates the moments in place.
+            out.insert(format!("exp_avg.{}", p.name), p.m.copy().expect("copying a moment"));
+            out.insert(format!("exp_avg_sq.{}", p.name), p.v.copy().expect("copying a moment"));
         }
         out
     }
@@ -111,7 +139,9 @@ impl AdamW {
                 if x.dims() != p.var.dims() {
                     bail!("optimizer state `{key}` has shape {:?}, the parameter {:?}", x.dims(), p.var.dims());
                 }
-                *slot = x.to_dtype(DType::F32)?.to_device(p.var.device())?;
+                // A copy: the CPU path updates the moments in place, so they must not share
+                // storage with the loaded file's tensors.
+                *slot = x.to_dtype(DType::F32)?.to_device(p.var.device())?.copy()?;
             }
         }
         if let Some(extra) = tensors.keys().next() {
@@ -126,23 +156,133 @@ impl AdamW {
 pub fn global_norm(grads: &[Tensor]) -> Result<f64> {
     let mut sum = 0f64;
     for g in grads {
-        sum += g.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        sum += if g.device().is_cpu() && g.dtype() == DType::F32 {
+            g.contiguous()?.apply_op1_no_bwd(&SumOfSquares)?.to_scalar::<f64>()?
+        } else {
+            g.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?
+        };
     }
     Ok(sum.sqrt())
+}
+
+/// The clipping factor for a gradient of global norm `norm`: `max / (norm + 1e-6)` above
+/// `max`, else 1.
+pub fn clip_scale(norm: f64, max_norm: Option<f64>) -> f64 {
+    match max_norm {
+        Some(max) if norm > max => max / (norm + 1e-6),
+        _ => 1.0,
+    }
 }
 
 /// Scale gradients so their global norm is at most `max_norm`; returns the norm before clipping.
 pub fn clip_global_norm(grads: &mut [Tensor], max_norm: Option<f64>) -> Result<f64> {
     let norm = global_norm(grads)?;
-    if let Some(max) = max_norm {
-        if norm > max {
-            let scale = max / (norm + 1e-6);
-            for g in grads.iter_mut() {
-                *g = (&*g * scale)?;
-            }
+    let scale = clip_scale(norm, max_norm);
+    if scale != 1.0 {
+        for g in grads.iter_mut() {
+            *g = (&*g * scale)?;
         }
     }
     Ok(norm)
+}
+
+/// Elements per rayon task in the CPU passes; fixed, so sums do not depend on the thread count.
+const CHUNK: usize = 1 << 16;
+
+fn f32s<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&s.as_slice::<f32>()?[a..b]),
+        None => candle_core::bail!("AdamW: expected a contiguous tensor"),
+    }
+}
+
+fn f32s_mut<'a>(s: &'a mut CpuStorage, l: &Layout) -> candle_core::Result<&'a mut [f32]> {
+    match (l.contiguous_offsets(), s) {
+        (Some((a, b)), CpuStorage::F32(v)) => Ok(&mut v[a..b]),
+        _ => candle_core::bail!("AdamW: expected a contiguous float32 tensor"),
+    }
+}
+
+/// In place: `m ← β·m + (1−β)·(s·g)`, or with `(s·g)²` for the second moment.
+struct Moment {
+    beta: f64,
+    scale: f64,
+    square: bool,
+}
+
+impl InplaceOp2 for Moment {
+    fn name(&self) -> &'static str {
+        "adamw-moment"
+    }
+
+    fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<()> {
+        let (m, g) = (f32s_mut(s1, l1)?, f32s(s2, l2)?);
+        if m.len() != g.len() {
+            candle_core::bail!("AdamW: moment of {} elements, gradient of {}", m.len(), g.len());
+        }
+        let (beta, rest, scale, square) = (self.beta as f32, (1.0 - self.beta) as f32, self.scale as f32, self.square);
+        m.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK)).for_each(|(m, g)| {
+            for (m, &g) in m.iter_mut().zip(g) {
+                let g = g * scale;
+                *m = *m * beta + if square { g * g } else { g } * rest;
+            }
+        });
+        Ok(())
+    }
+}
+
+/// In place: `p ← p·(1 − η·λ) − η · (m / bc1) / (sqrt(v / bc2) + ε)`.
+struct Update {
+    lr: f64,
+    bc1: f64,
+    bc2: f64,
+    eps: f64,
+    decay: f64,
+}
+
+impl InplaceOp3 for Update {
+    fn name(&self) -> &'static str {
+        "adamw-update"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<()> {
+        let (w, m, v) = (f32s_mut(s1, l1)?, f32s(s2, l2)?, f32s(s3, l3)?);
+        if w.len() != m.len() || w.len() != v.len() {
+            candle_core::bail!("AdamW: parameter, moments differ in size");
+        }
+        let (inv_bc1, inv_bc2) = ((1.0 / self.bc1) as f32, (1.0 / self.bc2) as f32);
+        let (lr, eps, keep) = (self.lr as f32, self.eps as f32, (1.0 - self.lr * self.decay) as f32);
+        w.par_chunks_mut(CHUNK).zip(m.par_chunks(CHUNK).zip(v.par_chunks(CHUNK))).for_each(|(w, (m, v))| {
+            for ((w, &m), &v) in w.iter_mut().zip(m).zip(v) {
+                let update = (m * inv_bc1) / ((v * inv_bc2).sqrt() + eps);
+                *w = *w * keep - update * lr;
+            }
+        });
+        Ok(())
+    }
+}
+
+/// Σ x² of a float32 tensor, accumulated in float64 per fixed-size chunk, chunks summed in order.
+struct SumOfSquares;
+
+impl CustomOp1 for SumOfSquares {
+    fn name(&self) -> &'static str {
+        "sum-of-squares"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32s(s, l)?;
+        let parts: Vec<f64> = x.par_chunks(CHUNK).map(|c| c.iter().map(|&v| (v as f64) * (v as f64)).sum()).collect();
+        Ok((CpuStorage::F64(vec![parts.iter().sum()]), Shape::from(())))
+    }
 }
 
 #[cfg(test)]
@@ -196,6 +336,43 @@ mod tests {
             assert!((got[j] as f64 - want).abs() < 1e-5, "bias gets no decay: {} vs {want}", got[j]);
         }
         assert_eq!(opt.t, 2);
+    }
+
+    /// The in-place CPU passes and the tensor operations give the same weights and moments,
+    /// with a clipping factor and on a tensor larger than one chunk.
+    #[test]
+    fn in_place_update_matches_the_tensor_operations() {
+        let cfg = spec::Optimizer { lr: 0.01, betas: [0.9, 0.95], eps: 1e-8, weight_decay: 0.1 };
+        let n = 17 * (CHUNK / 4);
+        let values = |k: usize| -> Vec<f32> { (0..n).map(|i| (((i * 7919 + k * 104729) % 2003) as f32 - 1001.0) / 700.0).collect() };
+        let run = |in_place: bool| {
+            let w = Var::from_vec(values(1), (n / 17, 17), &Device::Cpu).unwrap();
+            let mut opt = AdamW::new(vec![("w".into(), w.clone())], &cfg).unwrap();
+            opt.in_place_cpu = in_place;
+            for step in 0..3 {
+                let g = Tensor::from_vec(values(2 + step), (n / 17, 17), &Device::Cpu).unwrap();
+                opt.step_scaled(&[g], 0.01, 0.7).unwrap();
+            }
+            let state = opt.state_tensors();
+            let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            (flat(w.as_tensor()), flat(&state["exp_avg.w"]), flat(&state["exp_avg_sq.w"]))
+        };
+        let (a, b) = (run(true), run(false));
+        for (what, x, y) in [("w", &a.0, &b.0), ("m", &a.1, &b.1), ("v", &a.2, &b.2)] {
+            let diff = x.iter().zip(y).map(|(p, q)| (p - q).abs()).fold(0f32, f32::max);
+            assert!(diff < 1e-6, "{what} differs by {diff}");
+        }
+    }
+
+    #[test]
+    fn global_norm_matches_the_tensor_sum() {
+        let n = CHUNK * 2 + 5;
+        let g = Tensor::from_vec((0..n).map(|i| (i % 13) as f32 - 6.0).collect(), n, &Device::Cpu).unwrap();
+        let part = g.narrow(0, 3, 100).unwrap();
+        let sq = |t: &Tensor| t.to_dtype(DType::F64).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
+        let want = (sq(&g) + sq(&part)).sqrt();
+        let got = global_norm(&[g.clone(), part]).unwrap();
+        assert!((got - want).abs() < 1e-9 * want, "{got} vs {want}");
     }
 
     #[test]

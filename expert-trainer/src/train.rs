@@ -18,7 +18,7 @@ use crate::checkpoint::{self, TrainerState};
 use crate::data::{tokenize_cached, Mixture, Packed, Position, TokenizerInfo};
 use crate::metrics::{human_duration, Metrics};
 use crate::loss::cross_entropy;
-use crate::optim::{clip_global_norm, AdamW};
+use crate::optim::{clip_scale, global_norm, AdamW};
 use crate::remote::Mirror;
 use crate::schedule::Schedule;
 use crate::signals::StopFlag;
@@ -192,7 +192,7 @@ impl Stepper {
             stats.aux_loss = Some(aux_sum);
             stats.z_loss = Some(z_sum);
         }
-        let mut grads: Vec<Tensor> = grads
+        let grads: Vec<Tensor> = grads
             .into_iter()
             .zip(&self.opt.params)
             .map(|(g, p)| match g {
@@ -200,8 +200,8 @@ impl Stepper {
                 None => Ok(p.var.as_tensor().zeros_like()?),
             })
             .collect::<Result<_>>()?;
-        stats.grad_norm = clip_global_norm(&mut grads, self.grad_clip)?;
-        self.opt.step(&grads, lr)?;
+        stats.grad_norm = global_norm(&grads)?;
+        self.opt.step_scaled(&grads, lr, clip_scale(stats.grad_norm, self.grad_clip))?;
         stats.optimizer_s = optimizer_started.elapsed().as_secs_f64();
         Ok(stats)
     }

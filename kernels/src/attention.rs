@@ -151,11 +151,11 @@ unsafe fn probabilities<T: Real>(p: &mut [T], (i0, i1, lo): (usize, usize, usize
                 max = *x;
             }
         }
-        let mut sum = T::zero();
+        // Exponentials in their own loop, which vectorises; the sum in order after.
         for x in seen.iter_mut() {
             *x = (*x - max).exp();
-            sum += *x;
         }
+        let sum = seen.iter().fold(T::zero(), |acc, &x| acc + x);
         let inv = T::one() / sum;
         seen.iter_mut().for_each(|x| *x *= inv);
         row[..first].iter_mut().for_each(|x| *x = T::zero());

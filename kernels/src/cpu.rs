@@ -10,8 +10,9 @@ pub(crate) trait Real: WithDType + std::ops::Neg<Output = Self> {
 }
 
 impl Real for f32 {
+    #[inline(always)]
     fn exp(self) -> Self {
-        f32::exp(self)
+        crate::math::exp_f32(self)
     }
 }
 

@@ -31,6 +31,7 @@ mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod grouped_gemm;
+pub mod math;
 pub mod moe;
 pub mod norm;
 pub mod permute;

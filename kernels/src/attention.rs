@@ -46,6 +46,7 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, seq_len: usize, shap
         || qw != shape.heads * shape.head_dim
         || seq_len == 0
         || !rows.is_multiple_of(seq_len)
+        || !(shape.scale > 0.0)
     {
         candle_core::bail!("causal_attention: q {:?} does not fit {shape:?} with sequences of {seq_len}", q.dims());
     }
@@ -129,6 +130,33 @@ fn down<T>(view: View<T>, rows: usize) -> View<T> {
     (view.0.wrapping_add(rows * view.1), view.1, view.2)
 }
 
+/// The largest element (−∞ for none), over eight running maxima.
+fn max_of<T: Real>(xs: &[T]) -> T {
+    let neg_inf = T::from_f64(f64::NEG_INFINITY);
+    let mut lanes = [neg_inf; 8];
+    let chunks = xs.chunks_exact(8);
+    let tail = chunks.remainder().iter().fold(neg_inf, |m, &x| if x > m { x } else { m });
+    for c in chunks {
+        for (m, &x) in lanes.iter_mut().zip(c) {
+            *m = if x > *m { x } else { *m };
+        }
+    }
+    lanes.iter().fold(tail, |m, &x| if x > m { x } else { m })
+}
+
+/// The sum of the elements, over eight running sums.
+fn sum_of<T: Real>(xs: &[T]) -> T {
+    let mut lanes = [T::zero(); 8];
+    let chunks = xs.chunks_exact(8);
+    let tail = chunks.remainder().iter().fold(T::zero(), |acc, &x| acc + x);
+    for c in chunks {
+        for (acc, &x) in lanes.iter_mut().zip(c) {
+            *acc += x;
+        }
+    }
+    lanes.iter().fold(tail, |acc, &x| acc + x)
+}
+
 /// Probabilities of one head for queries `i0..i1` over keys `lo..i1` into `p`
 /// [(i1 − i0) × (i1 − lo)]: scores `scale · q kᵀ`, masked softmax per row.
 ///
@@ -144,19 +172,13 @@ unsafe fn probabilities<T: Real>(p: &mut [T], (i0, i1, lo): (usize, usize, usize
         let i = i0 + r;
         let (first, last) = (first_key(i, s.window) - lo, i - lo);
         let seen = &mut row[first..=last];
-        let mut max = T::from_f64(f64::NEG_INFINITY);
+        // softmax(scale · s) with max(scale · s) = scale · max(s) (scale > 0); each loop is
+        // branch-free so that it vectorises.
+        let max = max_of(seen) * scale;
         for x in seen.iter_mut() {
-            *x *= scale;
-            if *x > max {
-                max = *x;
-            }
+            *x = (*x * scale - max).exp();
         }
-        // Exponentials in their own loop, which vectorises; the sum in order after.
-        for x in seen.iter_mut() {
-            *x = (*x - max).exp();
-        }
-        let sum = seen.iter().fold(T::zero(), |acc, &x| acc + x);
-        let inv = T::one() / sum;
+        let inv = T::one() / sum_of(seen);
         seen.iter_mut().for_each(|x| *x *= inv);
         row[..first].iter_mut().for_each(|x| *x = T::zero());
         row[last + 1..].iter_mut().for_each(|x| *x = T::zero());

@@ -45,5 +45,5 @@ pub use moe::{fused_moe, reference_moe, ExpertWeights, MoeOptions, RouterStats};
 pub use permute::{permute, scale_rows, unpermute, unpermute_sum, RoutePlan};
 pub use router::{load_balancing_loss, route, z_loss, Capacity, DropPolicy, Routed, Routing};
 pub use norm::rms_norm;
-pub use swiglu::swiglu;
+pub use swiglu::{swiglu, swiglu_packed};
 pub use attention::{causal_attention, rotary, AttentionShape};

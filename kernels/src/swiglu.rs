@@ -4,9 +4,13 @@
 //! gradients makes about ten single-threaded passes over the [N, F] activations):
 //! - `dA = G ⊙ b ⊙ σ(a) · (1 + a · (1 − σ(a)))`
 //! - `dB = G ⊙ silu(a)`
+//!
+//! [`swiglu_packed`] takes both halves from one [N, 2F] tensor (each row `[a | b]`): the
+//! output of a single product with the gate and up projections stacked, so the layer input's
+//! gradient comes from one GEMM instead of two GEMMs and a sum.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::cpu::{by_dtype, slice, Real};
@@ -28,7 +32,19 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu)
 }
 
+/// `silu(a) ⊙ b` for rows `[a | b]` of x [N, 2F] → [N, F]; differentiable.
+pub fn swiglu_packed(x: &Tensor) -> Result<Tensor> {
+    let (_, two_f) = x.dims2()?;
+    if two_f % 2 != 0 {
+        candle_core::bail!("swiglu_packed: rows of {two_f} elements do not split into gate and up halves");
+    }
+    x.contiguous()?.apply_op1(SwiGluPacked)
+}
+
 struct SwiGlu;
+/// [`swiglu_packed`]'s forward; its backward writes `[dA | dB]` rows.
+struct SwiGluPacked;
+struct SwiGluPackedGrad;
 /// Backward: (a, b, G) → [2, ...] holding dA then dB, in one pass.
 struct SwiGluGrad;
 
@@ -64,6 +80,66 @@ fn backward_cpu<T: Real>(a: &[T], b: &[T], g: &[T]) -> Vec<T> {
             }
         });
     out
+}
+
+/// Rows per rayon task for the packed kernels.
+const ROWS: usize = 32;
+
+fn packed_forward_cpu<T: Real>(x: &[T], f: usize) -> Vec<T> {
+    let mut out = vec![T::zero(); x.len() / 2];
+    out.par_chunks_mut(ROWS * f).zip(x.par_chunks(ROWS * 2 * f)).for_each(|(dst, src)| {
+        for (d, row) in dst.chunks_mut(f).zip(src.chunks(2 * f)) {
+            let (a, b) = row.split_at(f);
+            for ((d, &a), &b) in d.iter_mut().zip(a).zip(b) {
+                *d = a * sigmoid(a) * b;
+            }
+        }
+    });
+    out
+}
+
+fn packed_backward_cpu<T: Real>(x: &[T], g: &[T], f: usize) -> Vec<T> {
+    let mut out = vec![T::zero(); x.len()];
+    out.par_chunks_mut(ROWS * 2 * f)
+        .zip(x.par_chunks(ROWS * 2 * f).zip(g.par_chunks(ROWS * f)))
+        .for_each(|(dst, (src, g))| {
+            for ((d, row), g) in dst.chunks_mut(2 * f).zip(src.chunks(2 * f)).zip(g.chunks(f)) {
+                let (da, db) = d.split_at_mut(f);
+                let (a, b) = row.split_at(f);
+                for i in 0..f {
+                    let s = sigmoid(a[i]);
+                    db[i] = g[i] * a[i] * s;
+                    da[i] = g[i] * b[i] * s * (T::one() + a[i] * (T::one() - s));
+                }
+            }
+        });
+    out
+}
+
+impl CustomOp1 for SwiGluPacked {
+    fn name(&self) -> &'static str {
+        "swiglu-packed"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (n, two_f) = l.shape().dims2()?;
+        let out = by_dtype!(s.dtype(), "swiglu-packed", |T| packed_forward_cpu::<T>(slice(s, l, "swiglu-packed")?, two_f / 2));
+        Ok((out, Shape::from((n, two_f / 2))))
+    }
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(x.apply_op2_no_bwd(&grad.contiguous()?, &SwiGluPackedGrad)?))
+    }
+}
+
+impl CustomOp2 for SwiGluPackedGrad {
+    fn name(&self) -> &'static str {
+        "swiglu-packed-grad"
+    }
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let name = "swiglu-packed-grad";
+        let (_, two_f) = l1.shape().dims2()?;
+        let out = by_dtype!(s1.dtype(), name, |T| packed_backward_cpu::<T>(slice(s1, l1, name)?, slice(s2, l2, name)?, two_f / 2));
+        Ok((out, l1.shape().clone()))
+    }
 }
 
 impl CustomOp2 for SwiGlu {
@@ -152,6 +228,20 @@ mod tests {
             .unwrap();
         assert_close(gf.get(&a).unwrap(), gp.get(&a).unwrap(), 1e-5, "d gate");
         assert_close(gf.get(&b).unwrap(), gp.get(&b).unwrap(), 1e-6, "d up");
+    }
+
+    #[test]
+    fn packed_matches_the_two_tensor_form_with_gradients() {
+        let x = Var::from_tensor(&(random(&[70, 2 * 150], 6, DType::F64) * 3.0).unwrap()).unwrap();
+        let probe = random(&[70, 150], 7, DType::F64);
+        let packed = swiglu_packed(&x).unwrap();
+        let (a, b) = (x.narrow(1, 0, 150).unwrap(), x.narrow(1, 150, 150).unwrap());
+        let plain = (a.silu().unwrap() * b).unwrap();
+        assert_close(&packed, &plain, 1e-12, "forward");
+        let gf = (packed * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        let gp = (plain * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        assert_close(gf.get(&x).unwrap(), gp.get(&x).unwrap(), 1e-12, "dx");
+        assert!(swiglu_packed(&Tensor::zeros((2, 5), DType::F32, &candle_core::Device::Cpu).unwrap()).is_err());
     }
 
     #[test]

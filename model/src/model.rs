@@ -279,8 +279,11 @@ impl SwiGlu {
 
 impl Module for SwiGlu {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        if self.fused && fused_cpu(xs) {
-            let h = btm_kernels::swiglu(&self.gate_proj.forward(xs)?, &self.up_proj.forward(xs)?)?;
+        if self.fused && fused_cpu(xs) && xs.rank() == 2 {
+            // Gate and up as one product: the input's gradient is then one GEMM, not two
+            // GEMMs and a sum.
+            let gate_up = Tensor::cat(&[self.gate_proj.weight(), self.up_proj.weight()], 0)?;
+            let h = btm_kernels::swiglu_packed(&xs.matmul(&gate_up.t()?)?)?;
             return self.down_proj.forward(&h);
         }
         let gate = self.gate_proj.forward(xs)?.silu()?;

@@ -208,11 +208,7 @@ pub fn bench_case(spec: &MoeBenchSpec, case: MoeCase, device: &Device) -> Result
             .as_tensor()
             .clone())
     };
-    let stacked = ExpertWeights {
-        gate: stack(|v| &v.0)?,
-        up: stack(|v| &v.1)?,
-        down: stack(|v| &v.2)?,
-    };
+    let stacked = ExpertWeights::new(&stack(|v| &v.0)?, &stack(|v| &v.1)?, &stack(|v| &v.2)?)?;
     let probe = Tensor::randn(0f32, 1.0, (t, h), device)?;
     let opts = MoeOptions {
         top_k: case.top_k,

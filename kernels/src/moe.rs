@@ -1,13 +1,14 @@
 //! A whole MoE layer of SwiGLU experts, fused, plus the plain loop it is checked against.
 //!
 //! For token rows X [T, H], router weight R [E, H] and stacked expert weights
-//! gate, up [E, F, H] and down [E, H, F] (`nn.Linear` layouts), with the N kept assignments
-//! grouped by expert (row r belongs to token t(r) and expert e(r)):
+//! gate_up [E, 2F, H] (each expert's gate rows, then its up rows) and down [E, H, F]
+//! (`nn.Linear` layouts), with the N kept assignments grouped by expert (row r belongs to
+//! token t(r) and expert e(r)):
 //!
 //! ```text
 //! logits = X·Rᵀ (float32)  → route: top-k experts and weights w [T, k]; capacity → kept rows
-//! A[r]  = X[t(r)] · gate_eᵀ,  B[r] = X[t(r)] · up_eᵀ      gather_matmul   [N, F]
-//! Hh[r] = w[r] · silu(A[r]) ⊙ B[r]                        swiglu, scale_rows
+//! [A | B][r] = X[t(r)] · gate_up_eᵀ                       gather_matmul   [N, 2F]
+//! Hh[r] = w[r] · silu(A[r]) ⊙ B[r]                        swiglu_packed, scale_rows
 //! Y[t]  = Σ_{r of t} Hh[r] · down_eᵀ                      matmul_combine  [T, H]
 //! ```
 //!
@@ -15,7 +16,8 @@
 //! The permutation is fused into the grouped GEMMs (rows are gathered tile by tile), so no
 //! [N, H] tensor (N = T·k) is kept for the backward pass. Every step is a differentiable op:
 //! `loss.backward()` reaches X, R (through w) and all expert weights. Dropped assignments
-//! contribute nothing and get no gradient.
+//! contribute nothing and get no gradient. Gate and up share one product so that X is gathered
+//! once and its gradient is one product and one scatter, not two of each.
 
 use std::sync::Arc;
 
@@ -24,7 +26,7 @@ use candle_core::{DType, Result, Tensor};
 use crate::grouped_gemm::{gather_matmul, matmul_combine};
 use crate::permute::{scale_rows, RoutePlan, DROPPED};
 use crate::router::{route, Capacity, Routed, Routing};
-use crate::swiglu::swiglu;
+use crate::swiglu::swiglu_packed;
 
 /// How an MoE layer routes.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -35,37 +37,66 @@ pub struct MoeOptions {
     pub capacity: Option<Capacity>,
 }
 
-/// All experts' SwiGLU weights, stacked: gate and up [E, F, H], down [E, H, F].
+/// All experts' SwiGLU weights, stacked: gate_up [E, 2F, H] (expert e's gate rows, then its up
+/// rows) and down [E, H, F].
 #[derive(Debug, Clone)]
 pub struct ExpertWeights {
-    pub gate: Tensor,
-    pub up: Tensor,
+    pub gate_up: Tensor,
     pub down: Tensor,
 }
 
 impl ExpertWeights {
-    /// Stack per-expert (gate [F,H], up [F,H], down [H,F]) weights. Differentiable (gradients
-    /// flow back to the per-expert tensors), but it copies every weight each call: a model that
-    /// trains with the fused layer should keep its expert weights stacked instead.
-    pub fn stack(experts: &[ExpertRef]) -> Result<Self> {
-        let gate: Vec<&Tensor> = experts.iter().map(|e| e.0).collect();
-        let up: Vec<&Tensor> = experts.iter().map(|e| e.1).collect();
-        let down: Vec<&Tensor> = experts.iter().map(|e| e.2).collect();
+    /// From stacked gate and up [E, F, H] and down [E, H, F]. Differentiable.
+    pub fn new(gate: &Tensor, up: &Tensor, down: &Tensor) -> Result<Self> {
+        let (e, f, h) = gate.dims3()?;
+        if up.dims() != [e, f, h] || down.dims() != [e, h, f] {
+            candle_core::bail!(
+                "expert weights: gate {:?}, up {:?}, down {:?} (expected [E,F,H], [E,F,H], [E,H,F])",
+                gate.dims(),
+                up.dims(),
+                down.dims()
+            );
+        }
         Ok(Self {
-            gate: Tensor::stack(&gate, 0)?,
-            up: Tensor::stack(&up, 0)?,
+            gate_up: Tensor::cat(&[gate, up], 1)?,
+            down: down.clone(),
+        })
+    }
+
+    /// Stack per-expert (gate [F,H], up [F,H], down [H,F]) weights. Differentiable (gradients
+    /// flow back to the per-expert tensors); it copies every weight once per call.
+    pub fn stack(experts: &[ExpertRef]) -> Result<Self> {
+        let Some(&(gate0, _, _)) = experts.first() else {
+            candle_core::bail!("expert weights: no experts");
+        };
+        let (f, h) = gate0.dims2()?;
+        // [gate_0; up_0; gate_1; up_1; …] in one copy, viewed as [E, 2F, H].
+        let gate_up: Vec<&Tensor> = experts.iter().flat_map(|e| [e.0, e.1]).collect();
+        let down: Vec<&Tensor> = experts.iter().map(|e| e.2).collect();
+        for (i, &(g, u, d)) in experts.iter().enumerate() {
+            if g.dims() != [f, h] || u.dims() != [f, h] || d.dims() != [h, f] {
+                candle_core::bail!(
+                    "expert {i}: gate {:?}, up {:?}, down {:?} (expected [{f}, {h}], [{f}, {h}], [{h}, {f}])",
+                    g.dims(),
+                    u.dims(),
+                    d.dims()
+                );
+            }
+        }
+        Ok(Self {
+            gate_up: Tensor::cat(&gate_up, 0)?.reshape((experts.len(), 2 * f, h))?,
             down: Tensor::stack(&down, 0)?,
         })
     }
 
-    /// (E, F, H), after checking the three shapes agree.
+    /// (E, F, H), after checking the two shapes agree.
     pub fn dims(&self) -> Result<(usize, usize, usize)> {
-        let (e, f, h) = self.gate.dims3()?;
-        if self.up.dims() != [e, f, h] || self.down.dims() != [e, h, f] {
+        let (e, two_f, h) = self.gate_up.dims3()?;
+        let f = two_f / 2;
+        if two_f % 2 != 0 || self.down.dims() != [e, h, f] {
             candle_core::bail!(
-                "expert weights: gate {:?}, up {:?}, down {:?} (expected [E,F,H], [E,F,H], [E,H,F])",
-                self.gate.dims(),
-                self.up.dims(),
+                "expert weights: gate_up {:?}, down {:?} (expected [E,2F,H], [E,H,F])",
+                self.gate_up.dims(),
                 self.down.dims()
             );
         }
@@ -157,10 +188,9 @@ pub fn fused_moe(
     };
     let plan = &stats.plan;
     let xc = x.to_dtype(dtype)?;
-    let gate = gather_matmul(&xc, &experts.gate.to_dtype(dtype)?, plan)?;
-    let up = gather_matmul(&xc, &experts.up.to_dtype(dtype)?, plan)?;
+    let gate_up = gather_matmul(&xc, &experts.gate_up.to_dtype(dtype)?, plan)?;
     let hidden = scale_rows(
-        &swiglu(&gate, &up)?,
+        &swiglu_packed(&gate_up)?,
         &stats.routed.weights.to_dtype(dtype)?,
         plan,
     )?;
@@ -261,11 +291,7 @@ mod tests {
     }
 
     fn weights(g: &Var, u: &Var, d: &Var) -> ExpertWeights {
-        ExpertWeights {
-            gate: g.as_tensor().clone(),
-            up: u.as_tensor().clone(),
-            down: d.as_tensor().clone(),
-        }
+        ExpertWeights::new(g, u, d).unwrap()
     }
 
     /// A loss that weighs every output element differently, plus the router's aux losses.
@@ -445,11 +471,7 @@ mod tests {
             capacity,
         };
         finite_difference_check(&[&layer.x, &layer.router, &g, &u, &d], |v| {
-            let w = ExpertWeights {
-                gate: v[2].clone(),
-                up: v[3].clone(),
-                down: v[4].clone(),
-            };
+            let w = ExpertWeights::new(v[2], v[3], v[4])?;
             let (y, stats) = fused_moe(v[0], v[1], &w, &opts)?;
             assert!(stats.dropped() > 0);
             (y * &probe)?.sum_all()
@@ -469,7 +491,7 @@ mod tests {
         let (y1, _) = reference_moe(&layer.x, &layer.router, &layer.refs(), &opts).unwrap();
         assert_close(&y0, &y1, 1e-5, "y");
         let bad = ExpertWeights {
-            down: stacked.up.clone(),
+            down: stacked.gate_up.clone(),
             ..stacked
         };
         assert!(fused_moe(&layer.x, &layer.router, &bad, &opts).is_err());

@@ -1,23 +1,27 @@
-//! Fused causal self-attention and rotary embeddings for the CPU, with their backward passes.
+//! Fused causal self-attention with rotary embeddings for the CPU, with its backward pass.
 //!
-//! Attention `O = softmax(scale · Q Kᵀ + causal mask) V` per head, grouped-query (Ainslie et
-//! al. 2023: query head `h` reads key/value head `h / group`), optionally with a sliding window.
-//! Q, K and V stay in the projections' [B, T, heads · D] layout: the products read them with
-//! strides, so no transposes, no repeated key/value heads and no [B, H, T, T] mask tensor are
-//! materialised, and the whole chain (two products, scale, mask, softmax) is one graph node
-//! instead of about ten. The backward pass recomputes the probabilities (as FlashAttention
-//! does; Dao et al. 2022) rather than storing them:
+//! One op takes the packed output of the q, k and v projections, [B·T, (H + 2·H_kv)·D] (each
+//! row `[q | k | v]`), rotates q and k (Su et al. 2021, Hugging Face's `rotate_half`
+//! convention: `x · cos + rotate_half(x) · sin`) and computes
+//! `O = softmax(scale · Q Kᵀ + causal mask) V` per head, grouped-query (Ainslie et al. 2023:
+//! query head `h` reads key/value head `h / group`), optionally with a sliding window. The
+//! products read q, k and v with strides, so no transposes, no repeated key/value heads and no
+//! [B, H, T, T] mask tensor are materialised, and the whole chain (rotations, two products,
+//! scale, mask, softmax) is one graph node instead of about twenty. The backward pass
+//! recomputes the probabilities (as FlashAttention does; Dao et al. 2022) rather than storing
+//! them, and writes the gradient in the packed layout:
 //! - `dP = dO Vᵀ`, `dS = P ⊙ (dP − rowsum(dO ⊙ O))`
-//! - `dQ = scale · dS K`, `dK = scale · dSᵀ Q`, `dV = Pᵀ dO` (summed over a key/value head's group)
+//! - `dQ = scale · dS K`, `dK = scale · dSᵀ Q`, `dV = Pᵀ dO` (summed over a key/value head's
+//!   group), then dQ and dK rotated back (the rotation's transpose).
 //!
-//! Rotary embeddings (Su et al. 2021, Hugging Face's `rotate_half` convention) on [B, T, H, D]:
-//! `y = x · cos + rotate_half(x) · sin`; the backward pass is the same map with `−sin`.
-//!
-//! Work is split over (batch, key/value head) pairs on rayon's pool; each pair's products run
-//! single-threaded through the `gemm` crate.
+//! Query blocks skip the masked upper triangle. Work is split over (batch, key/value head)
+//! pairs on rayon's pool; each pair's products run single-threaded through the `gemm` crate,
+//! so results do not depend on the thread count.
+
+use std::sync::Arc;
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::cpu::{by_dtype, slice, Real, SendPtr};
@@ -28,48 +32,86 @@ pub struct AttentionShape {
     pub heads: usize,
     pub kv_heads: usize,
     pub head_dim: usize,
-    /// Multiplies the scores (usually 1/√D).
+    /// Multiplies the scores (usually 1/√D); must be positive.
     pub scale: f64,
     /// Query `i` sees keys `j` with `i − window < j ≤ i`; `None` = all `j ≤ i`.
     pub window: Option<usize>,
 }
 
-/// Causal attention over the token rows of B sequences of `seq_len` tokens: q [B·T, heads · D]
-/// and k, v [B·T, kv_heads · D] (the projections' outputs; a leading [B, T] works too); returns
-/// q's shape. Differentiable in q, k and v.
-pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, seq_len: usize, shape: AttentionShape) -> Result<Tensor> {
-    let qw = q.dim(candle_core::D::Minus1)?;
-    let rows = q.elem_count() / qw.max(1);
-    let kv_w = shape.kv_heads * shape.head_dim;
+impl AttentionShape {
+    /// Elements of one packed row: q, then k, then v.
+    pub fn packed_width(&self) -> usize {
+        (self.heads + 2 * self.kv_heads) * self.head_dim
+    }
+}
+
+/// Causal attention over the token rows of B sequences of `seq_len` tokens. `qkv` is
+/// [B·T, (heads + 2·kv_heads)·D], rows `[q | k | v]` before the rotary embedding; `cos` and
+/// `sin` are the rotary tables [T, D] for positions 0..T. Returns [B·T, heads·D].
+/// Differentiable in `qkv`.
+pub fn causal_attention(qkv: &Tensor, seq_len: usize, shape: AttentionShape, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let (rows, width) = qkv.dims2()?;
+    let d = shape.head_dim;
     if shape.kv_heads == 0
         || !shape.heads.is_multiple_of(shape.kv_heads)
-        || qw != shape.heads * shape.head_dim
+        || width != shape.packed_width()
+        || d % 2 != 0
         || seq_len == 0
         || !rows.is_multiple_of(seq_len)
         || !(shape.scale > 0.0)
     {
-        candle_core::bail!("causal_attention: q {:?} does not fit {shape:?} with sequences of {seq_len}", q.dims());
+        candle_core::bail!("causal_attention: qkv {:?} does not fit {shape:?} with sequences of {seq_len}", qkv.dims());
     }
-    for (name, x) in [("k", k), ("v", v)] {
-        if x.elem_count() != rows * kv_w || x.dim(candle_core::D::Minus1)? != kv_w || x.dtype() != q.dtype() {
-            candle_core::bail!("causal_attention: {name} {:?} {:?}, expected {rows} rows of {kv_w} {:?}", x.dims(), x.dtype(), q.dtype());
-        }
+    if cos.dims() != [seq_len, d] || sin.dims() != [seq_len, d] {
+        candle_core::bail!("causal_attention: rotary tables {:?} / {:?}, expected [{seq_len}, {d}]", cos.dims(), sin.dims());
     }
-    let op = Attention { shape, batch: rows / seq_len, seq_len };
-    q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+    let table = |t: &Tensor| -> Result<Arc<Vec<f64>>> { Ok(Arc::new(t.to_dtype(candle_core::DType::F64)?.flatten_all()?.to_vec1::<f64>()?)) };
+    let op = Attention {
+        shape,
+        batch: rows / seq_len,
+        seq_len,
+        cos: table(cos)?,
+        sin: table(sin)?,
+    };
+    qkv.contiguous()?.apply_op1(op)
 }
 
+/// The forward op, and (through `grad: true`) its backward: (qkv, O, dO) → d(qkv).
+#[derive(Clone)]
 struct Attention {
     shape: AttentionShape,
     batch: usize,
     seq_len: usize,
+    /// Rotary tables [T, D], row-major.
+    cos: Arc<Vec<f64>>,
+    sin: Arc<Vec<f64>>,
 }
 
-/// Backward: (q ‖ k ‖ v flattened, O, dO) → dq ‖ dk ‖ dv flattened.
-struct AttentionGrad {
-    shape: AttentionShape,
-    batch: usize,
-    seq_len: usize,
+/// Rotate one row of D elements at a position with tables `c`, `s`: `x · cos + rotate_half(x)
+/// · sin`, or its transpose when `inverse` (the backward pass; with Hugging Face's tables,
+/// whose halves repeat, that is the same map with `−sin`).
+fn rotate<T: Real>(src: &[T], dst: &mut [T], c: &[T], s: &[T], inverse: bool) {
+    let half = src.len() / 2;
+    for i in 0..half {
+        let (x1, x2) = (src[i], src[i + half]);
+        if inverse {
+            dst[i] = x1 * c[i] + x2 * s[i + half];
+            dst[i + half] = x2 * c[i + half] - x1 * s[i];
+        } else {
+            // rotate_half(x) = (−x₂, x₁)
+            dst[i] = x1 * c[i] - x2 * s[i];
+            dst[i + half] = x2 * c[i + half] + x1 * s[i + half];
+        }
+    }
+}
+
+/// Head `head` of every row of one sequence in `qkv` (row stride `width`), rotated, into
+/// `dst` [T, D].
+fn rotated_head<T: Real>(qkv: &[T], width: usize, offset: usize, d: usize, (cos, sin): (&[T], &[T]), dst: &mut [T]) {
+    for (i, out) in dst.chunks_mut(d).enumerate() {
+        let src = &qkv[i * width + offset..][..d];
+        rotate(src, out, &cos[i * d..][..d], &sin[i * d..][..d], false);
+    }
 }
 
 /// Strided matrix views for `gemm`: (pointer, row stride, column stride).
@@ -185,29 +227,31 @@ unsafe fn probabilities<T: Real>(p: &mut [T], (i0, i1, lo): (usize, usize, usize
     }
 }
 
-fn forward_cpu<T: Real>(q: &[T], k: &[T], v: &[T], b: usize, t: usize, s: &AttentionShape) -> Vec<T> {
+fn forward_cpu<T: Real>(qkv: &[T], (b, t): (usize, usize), s: &AttentionShape, tables: (&[T], &[T])) -> Vec<T> {
     let (d, hq, hkv) = (s.head_dim, s.heads, s.kv_heads);
     let group = hq / hkv;
-    let (qw, kw) = (hq * d, hkv * d);
+    let (width, qw) = (s.packed_width(), hq * d);
     let mut out = vec![T::zero(); b * t * qw];
     let dst = SendPtr(out.as_mut_ptr());
+    let block = QUERY_BLOCK.min(t);
     (0..b * hkv).into_par_iter().for_each_init(
-        || vec![T::zero(); QUERY_BLOCK.min(t) * t],
-        |p, task| {
+        || (vec![T::zero(); block * t], vec![T::zero(); t * d], vec![T::zero(); t * d]),
+        |(p, q_rot, k_rot), task| {
             let (bi, kvh) = (task / hkv, task % hkv);
-            let k_h = (k[bi * t * kw + kvh * d..].as_ptr(), kw, 1);
-            let v_h = (v[bi * t * kw + kvh * d..].as_ptr(), kw, 1);
+            let seq = &qkv[bi * t * width..][..t * width];
+            rotated_head(seq, width, qw + kvh * d, d, tables, k_rot);
+            let k_h = (k_rot.as_ptr() as *const T, d, 1);
+            let v_h = (seq[qw + hkv * d + kvh * d..].as_ptr(), width, 1);
             for h in kvh * group..(kvh + 1) * group {
-                let at = bi * t * qw + h * d;
-                let q_h = (q[at..].as_ptr(), qw, 1);
+                rotated_head(seq, width, h * d, d, tables, q_rot);
+                let q_h = (q_rot.as_ptr() as *const T, d, 1);
                 for (i0, i1, lo) in blocks(t, s.window) {
-                    let width = i1 - lo;
-                    // SAFETY: every view lies inside its buffer (row i of head h at at + i·width);
-                    // each task writes only its own heads' columns of `out`.
+                    // SAFETY: every view lies inside its buffer; each task writes only its own
+                    // heads' columns of `out`.
                     unsafe {
                         probabilities(p, (i0, i1, lo), d, q_h, k_h, s);
-                        let o = dst.get().add(at + i0 * qw);
-                        gemm((i1 - i0, d, width), (o, qw), false, (p.as_ptr(), width, 1), down(v_h, lo), T::one());
+                        let o = dst.get().add((bi * t + i0) * qw + h * d);
+                        gemm((i1 - i0, d, i1 - lo), (o, qw), false, (p.as_ptr(), i1 - lo, 1), down(v_h, lo), T::one());
                     }
                 }
             }
@@ -216,108 +260,124 @@ fn forward_cpu<T: Real>(q: &[T], k: &[T], v: &[T], b: usize, t: usize, s: &Atten
     out
 }
 
-/// `(dq ‖ dk ‖ dv)` for q, k, v, the forward output `o` and its gradient `g`.
-fn backward_cpu<T: Real>((q, k, v): (&[T], &[T], &[T]), o: &[T], g: &[T], (b, t): (usize, usize), s: &AttentionShape) -> Vec<T> {
+/// Scratch buffers of one backward task.
+struct GradScratch<T> {
+    p: Vec<T>,
+    dp: Vec<T>,
+    row_dot: Vec<T>,
+    q_rot: Vec<T>,
+    k_rot: Vec<T>,
+    dq: Vec<T>,
+    dk: Vec<T>,
+}
+
+/// d(qkv) for the packed input, the forward output `o` and its gradient `g`.
+fn backward_cpu<T: Real>(qkv: &[T], o: &[T], g: &[T], (b, t): (usize, usize), s: &AttentionShape, tables: (&[T], &[T])) -> Vec<T> {
     let (d, hq, hkv) = (s.head_dim, s.heads, s.kv_heads);
     let group = hq / hkv;
-    let (qw, kw) = (hq * d, hkv * d);
-    // dk and dv accumulate over query heads and blocks: they start at zero.
-    let mut out = vec![T::zero(); b * t * (qw + 2 * kw)];
-    let (dq, dkv) = out.split_at_mut(b * t * qw);
-    let (dk, dv) = dkv.split_at_mut(b * t * kw);
-    let (dq, dk, dv) = (SendPtr(dq.as_mut_ptr()), SendPtr(dk.as_mut_ptr()), SendPtr(dv.as_mut_ptr()));
+    let (width, qw) = (s.packed_width(), hq * d);
+    // dv accumulates over query heads and blocks: the buffer starts at zero.
+    let mut out = vec![T::zero(); qkv.len()];
+    let dst = SendPtr(out.as_mut_ptr());
     let scale = T::from_f64(s.scale);
     let block = QUERY_BLOCK.min(t);
     (0..b * hkv).into_par_iter().for_each_init(
-        || (vec![T::zero(); block * t], vec![T::zero(); block * t], vec![T::zero(); block]),
-        |(p, dp, row_dot), task| {
+        || GradScratch {
+            p: vec![T::zero(); block * t],
+            dp: vec![T::zero(); block * t],
+            row_dot: vec![T::zero(); block],
+            q_rot: vec![T::zero(); t * d],
+            k_rot: vec![T::zero(); t * d],
+            dq: vec![T::zero(); t * d],
+            dk: vec![T::zero(); t * d],
+        },
+        |w, task| {
             let (bi, kvh) = (task / hkv, task % hkv);
-            let kv_at = bi * t * kw + kvh * d;
-            let k_h = (k[kv_at..].as_ptr(), kw, 1);
-            let v_h = (v[kv_at..].as_ptr(), kw, 1);
+            let seq = &qkv[bi * t * width..][..t * width];
+            rotated_head(seq, width, qw + kvh * d, d, tables, &mut w.k_rot);
+            w.dk.iter_mut().for_each(|x| *x = T::zero());
+            let k_h = (w.k_rot.as_ptr() as *const T, d, 1);
+            let v_h = (seq[qw + hkv * d + kvh * d..].as_ptr(), width, 1);
+            // This task's own columns of d(qkv): its query heads, its k and v head.
+            let seq_out = (bi * t) * width;
+            let dv_h = unsafe { dst.get().add(seq_out + qw + hkv * d + kvh * d) };
             for h in kvh * group..(kvh + 1) * group {
-                let at = bi * t * qw + h * d;
-                let q_h = (q[at..].as_ptr(), qw, 1);
-                let g_h = (g[at..].as_ptr(), qw, 1);
+                rotated_head(seq, width, h * d, d, tables, &mut w.q_rot);
+                let q_h = (w.q_rot.as_ptr() as *const T, d, 1);
+                let g_h = (g[(bi * t) * qw + h * d..].as_ptr(), qw, 1);
                 for (i0, i1, lo) in blocks(t, s.window) {
-                    let (rows, width) = (i1 - i0, i1 - lo);
-                    for (r, dot) in row_dot[..rows].iter_mut().enumerate() {
-                        let row = at + (i0 + r) * qw;
+                    let (rows, keys) = (i1 - i0, i1 - lo);
+                    for (r, dot) in w.row_dot[..rows].iter_mut().enumerate() {
+                        let row = (bi * t + i0 + r) * qw + h * d;
                         *dot = o[row..row + d].iter().zip(&g[row..row + d]).fold(T::zero(), |acc, (&a, &b)| acc + a * b);
                     }
-                    // SAFETY: as in forward_cpu; this task owns heads kvh·group.. of dq and head
-                    // kvh of dk and dv.
+                    // SAFETY: every view lies inside its buffer; the task writes only its own
+                    // heads' columns of the output (dv) and its own scratch.
                     unsafe {
-                        probabilities(p, (i0, i1, lo), d, q_h, k_h, s);
+                        probabilities(&mut w.p, (i0, i1, lo), d, q_h, k_h, s);
                         // dP = dO Vᵀ
                         let v_lo = down(v_h, lo);
-                        gemm((rows, width, d), (dp.as_mut_ptr(), width), false, down(g_h, i0), (v_lo.0, v_lo.2, v_lo.1), T::one());
+                        gemm((rows, keys, d), (w.dp.as_mut_ptr(), keys), false, down(g_h, i0), (v_lo.0, v_lo.2, v_lo.1), T::one());
                         // dS = P ⊙ (dP − rowsum(dO ⊙ O))
-                        for (r, (dp_row, p_row)) in dp.chunks_mut(width).zip(p.chunks(width)).take(rows).enumerate() {
+                        for (r, (dp_row, p_row)) in w.dp.chunks_mut(keys).zip(w.p.chunks(keys)).take(rows).enumerate() {
                             for (x, &pr) in dp_row.iter_mut().zip(p_row) {
-                                *x = pr * (*x - row_dot[r]);
+                                *x = pr * (*x - w.row_dot[r]);
                             }
                         }
-                        let ds = (dp.as_ptr(), width, 1);
-                        let ds_t = (dp.as_ptr(), 1, width);
-                        let p_t = (p.as_ptr(), 1, width);
-                        gemm((rows, d, width), (dq.get().add(at + i0 * qw), qw), false, ds, down(k_h, lo), scale);
-                        gemm((width, d, rows), (dk.get().add(kv_at + lo * kw), kw), true, ds_t, down(q_h, i0), scale);
-                        gemm((width, d, rows), (dv.get().add(kv_at + lo * kw), kw), true, p_t, down(g_h, i0), T::one());
+                        let ds = (w.dp.as_ptr() as *const T, keys, 1);
+                        let ds_t = (w.dp.as_ptr() as *const T, 1, keys);
+                        let p_t = (w.p.as_ptr() as *const T, 1, keys);
+                        gemm((rows, d, keys), (w.dq.as_mut_ptr().add(i0 * d), d), false, ds, down(k_h, lo), scale);
+                        gemm((keys, d, rows), (w.dk.as_mut_ptr().add(lo * d), d), true, ds_t, down(q_h, i0), scale);
+                        gemm((keys, d, rows), (dv_h.add(lo * width), width), true, p_t, down(g_h, i0), T::one());
                     }
                 }
+                // dq back through the rotation, into this head's columns.
+                for (i, dq_row) in w.dq.chunks(d).enumerate() {
+                    // SAFETY: row i, head h of this sequence: only this task writes it.
+                    let out_row = unsafe { std::slice::from_raw_parts_mut(dst.get().add(seq_out + i * width + h * d), d) };
+                    rotate(dq_row, out_row, &tables.0[i * d..][..d], &tables.1[i * d..][..d], true);
+                }
+            }
+            for (i, dk_row) in w.dk.chunks(d).enumerate() {
+                // SAFETY: row i, key head kvh of this sequence: only this task writes it.
+                let out_row = unsafe { std::slice::from_raw_parts_mut(dst.get().add(seq_out + i * width + qw + kvh * d), d) };
+                rotate(dk_row, out_row, &tables.0[i * d..][..d], &tables.1[i * d..][..d], true);
             }
         },
     );
     out
 }
 
-impl CustomOp3 for Attention {
+impl Attention {
+    fn tables<T: Real>(&self) -> (Vec<T>, Vec<T>) {
+        let conv = |v: &[f64]| v.iter().map(|&x| T::from_f64(x)).collect();
+        (conv(&self.cos), conv(&self.sin))
+    }
+}
+
+impl CustomOp1 for Attention {
     fn name(&self) -> &'static str {
         "causal-attention"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let name = "causal-attention";
-        let out = by_dtype!(s1.dtype(), name, |T| forward_cpu::<T>(
-            slice(s1, l1, name)?,
-            slice(s2, l2, name)?,
-            slice(s3, l3, name)?,
-            self.batch,
-            self.seq_len,
-            &self.shape
-        ));
-        Ok((out, l1.shape().clone()))
+        let (rows, _) = l.shape().dims2()?;
+        let out = by_dtype!(s.dtype(), name, |T| {
+            let (cos, sin) = self.tables::<T>();
+            forward_cpu::<T>(slice(s, l, name)?, (self.batch, self.seq_len), &self.shape, (&cos, &sin))
+        });
+        Ok((out, Shape::from((rows, self.shape.heads * self.shape.head_dim))))
     }
 
-    fn bwd(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        // Custom ops take at most three inputs: q, k and v travel as one buffer.
-        let qkv = Tensor::cat(&[q.flatten_all()?, k.flatten_all()?, v.flatten_all()?], 0)?;
-        let grad_op = AttentionGrad { shape: self.shape, batch: self.batch, seq_len: self.seq_len };
-        let all = qkv.apply_op3_no_bwd(res, &grad.contiguous()?, &grad_op)?;
-        let (nq, nk) = (q.elem_count(), k.elem_count());
-        Ok((
-            Some(all.narrow(0, 0, nq)?.reshape(q.shape())?),
-            Some(all.narrow(0, nq, nk)?.reshape(k.shape())?),
-            Some(all.narrow(0, nq + nk, nk)?.reshape(v.shape())?),
-        ))
+    fn bwd(&self, qkv: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(qkv.apply_op3_no_bwd(res, &grad.contiguous()?, &AttentionGrad(self.clone()))?))
     }
 }
+
+/// Backward: (qkv, O, dO) → d(qkv).
+struct AttentionGrad(Attention);
 
 impl CustomOp3 for AttentionGrad {
     fn name(&self) -> &'static str {
@@ -334,105 +394,19 @@ impl CustomOp3 for AttentionGrad {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let name = "causal-attention-grad";
-        let (b, t, s) = (self.batch, self.seq_len, &self.shape);
-        let (nq, nk) = (b * t * s.heads * s.head_dim, b * t * s.kv_heads * s.head_dim);
+        let a = &self.0;
         let out = by_dtype!(s1.dtype(), name, |T| {
-            let qkv = slice::<T>(s1, l1, name)?;
+            let (cos, sin) = a.tables::<T>();
             backward_cpu::<T>(
-                (&qkv[..nq], &qkv[nq..nq + nk], &qkv[nq + nk..]),
+                slice(s1, l1, name)?,
                 slice(s2, l2, name)?,
                 slice(s3, l3, name)?,
-                (b, t),
-                s,
+                (a.batch, a.seq_len),
+                &a.shape,
+                (&cos, &sin),
             )
         });
-        Ok((out, Shape::from(nq + 2 * nk)))
-    }
-}
-
-/// Rotary embeddings on the token rows of B sequences: x [B·T, heads · D] (or [B, T, heads · D])
-/// with cos and sin tables [T, D] for positions 0..T. Differentiable in x.
-pub fn rotary(xs: &Tensor, cos: &Tensor, sin: &Tensor, head_dim: usize) -> Result<Tensor> {
-    let (t, d) = cos.dims2()?;
-    let width = xs.dim(candle_core::D::Minus1)?;
-    if d != head_dim || sin.dims() != [t, d] || !width.is_multiple_of(d) || !xs.elem_count().is_multiple_of((t * width).max(1)) {
-        candle_core::bail!("rotary: x {:?} does not fit cos {:?} / sin {:?} with head_dim {head_dim}", xs.dims(), cos.dims(), sin.dims());
-    }
-    let (cos, sin) = (cos.to_dtype(xs.dtype())?.contiguous()?, sin.to_dtype(xs.dtype())?.contiguous()?);
-    xs.contiguous()?.apply_op3(&cos, &sin, Rotary { heads: width / d, inverse: false })
-}
-
-/// `x · cos + rotate_half(x) · sin`, or its transpose when `inverse` (the backward pass; with
-/// Hugging Face's tables, whose halves repeat, that is the same map with `−sin`).
-struct Rotary {
-    heads: usize,
-    inverse: bool,
-}
-
-fn rotary_cpu<T: Real>(x: &[T], cos: &[T], sin: &[T], (t, h, d): (usize, usize, usize), inverse: bool) -> Vec<T> {
-    const ROWS: usize = 64;
-    let half = d / 2;
-    let mut out = vec![T::zero(); x.len()];
-    out.par_chunks_mut(d * ROWS).enumerate().for_each(|(c, dst)| {
-        for (r, y) in dst.chunks_mut(d).enumerate() {
-            // Row (b, pos, head) of [B, T, H, D].
-            let row = c * ROWS + r;
-            let pos = (row / h) % t;
-            let (c, s) = (&cos[pos * d..][..d], &sin[pos * d..][..d]);
-            let x = &x[row * d..][..d];
-            for i in 0..half {
-                if inverse {
-                    // The transpose of the forward map below.
-                    y[i] = x[i] * c[i] + x[i + half] * s[i + half];
-                    y[i + half] = x[i + half] * c[i + half] - x[i] * s[i];
-                } else {
-                    // rotate_half(x) = (−x₂, x₁)
-                    y[i] = x[i] * c[i] - x[i + half] * s[i];
-                    y[i + half] = x[i + half] * c[i + half] + x[i] * s[i + half];
-                }
-            }
-        }
-    });
-    out
-}
-
-impl CustomOp3 for Rotary {
-    fn name(&self) -> &'static str {
-        "rotary"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let name = "rotary";
-        let (t, d) = l2.shape().dims2()?;
-        let h = self.heads;
-        let out = by_dtype!(s1.dtype(), name, |T| rotary_cpu::<T>(
-            slice(s1, l1, name)?,
-            slice(s2, l2, name)?,
-            slice(s3, l3, name)?,
-            (t, h, d),
-            self.inverse
-        ));
         Ok((out, l1.shape().clone()))
-    }
-
-    fn bwd(
-        &self,
-        _x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let dx = grad.contiguous()?.apply_op3_no_bwd(cos, sin, &Rotary { heads: self.heads, inverse: !self.inverse })?;
-        Ok((Some(dx), None, None))
     }
 }
 
@@ -442,17 +416,38 @@ mod tests {
     use crate::testing::{assert_close, finite_difference_check, random};
     use candle_core::{DType, Var, D};
 
-    /// The plain candle chain the model used before: heads transposed out, keys/values repeated,
-    /// an additive mask, softmax from primitives.
-    fn reference(q: &Tensor, k: &Tensor, v: &Tensor, s: AttentionShape) -> Result<Tensor> {
-        let (b, t, _) = q.dims3()?;
-        let heads = |x: &Tensor, n: usize| x.reshape((b, t, n, s.head_dim))?.transpose(1, 2)?.contiguous();
+    /// Hugging Face's tables: angles pos · θ_i, halves repeated.
+    fn tables(t: usize, d: usize, dtype: DType) -> (Tensor, Tensor) {
+        let angles: Vec<f64> = (0..t)
+            .flat_map(|pos| (0..d).map(move |i| pos as f64 * 10000f64.powf(-2.0 * (i % (d / 2)) as f64 / d as f64)))
+            .collect();
+        let a = Tensor::from_vec(angles, (t, d), &candle_core::Device::Cpu).unwrap().to_dtype(dtype).unwrap();
+        (a.cos().unwrap(), a.sin().unwrap())
+    }
+
+    /// The plain candle chain the model uses off the CPU: q, k, v cut from the packed rows,
+    /// rotated with `rotate_half`, heads transposed out, keys/values repeated, an additive mask,
+    /// softmax from primitives.
+    fn reference(qkv: &Tensor, t: usize, s: AttentionShape, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        let (rows, _) = qkv.dims2()?;
+        let b = rows / t;
+        let d = s.head_dim;
+        let (qw, kw) = (s.heads * d, s.kv_heads * d);
+        let rot = |x: &Tensor| -> Result<Tensor> {
+            // x [B, H, T, D]; tables [T, D] broadcast over B and H.
+            let half = d / 2;
+            let rotated = Tensor::cat(&[&x.narrow(D::Minus1, half, half)?.neg()?, &x.narrow(D::Minus1, 0, half)?], D::Minus1)?;
+            x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?
+        };
+        let heads = |x: Tensor, n: usize| x.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous();
         let group = s.heads / s.kv_heads;
         let repeat = |x: Tensor| -> Result<Tensor> {
             let (b, n, t, d) = x.dims4()?;
             x.unsqueeze(2)?.expand((b, n, group, t, d))?.reshape((b, n * group, t, d))
         };
-        let (q, k, v) = (heads(q, s.heads)?, repeat(heads(k, s.kv_heads)?)?, repeat(heads(v, s.kv_heads)?)?);
+        let q = rot(&heads(qkv.narrow(1, 0, qw)?, s.heads)?)?;
+        let k = repeat(rot(&heads(qkv.narrow(1, qw, kw)?, s.kv_heads)?)?)?;
+        let v = repeat(heads(qkv.narrow(1, qw + kw, kw)?, s.kv_heads)?)?;
         let window = s.window.unwrap_or(usize::MAX);
         let mask: Vec<f64> = (0..t)
             .flat_map(|i| (0..t).map(move |j| if j <= i && i - j < window { 0.0 } else { f64::NEG_INFINITY }))
@@ -462,7 +457,7 @@ mod tests {
         let max = scores.max_keepdim(D::Minus1)?;
         let e = scores.broadcast_sub(&max)?.exp()?;
         let probs = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?;
-        probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, s.heads * s.head_dim))
+        probs.matmul(&v)?.transpose(1, 2)?.reshape((rows, qw))
     }
 
     fn shapes() -> Vec<AttentionShape> {
@@ -480,18 +475,15 @@ mod tests {
         // 11 tokens: one query block; 150: three, the last one partial.
         for (s, t) in shapes().into_iter().flat_map(|s| [(s, 11), (s, 150)]) {
             let b = 2;
-            let q = Var::from_tensor(&random(&[b, t, s.heads * s.head_dim], 1, DType::F32)).unwrap();
-            let k = Var::from_tensor(&random(&[b, t, s.kv_heads * s.head_dim], 2, DType::F32)).unwrap();
-            let v = Var::from_tensor(&random(&[b, t, s.kv_heads * s.head_dim], 3, DType::F32)).unwrap();
-            let probe = random(&[b, t, s.heads * s.head_dim], 4, DType::F32);
-            let fused = causal_attention(&q, &k, &v, t, s).unwrap();
-            let plain = reference(&q, &k, &v, s).unwrap();
+            let qkv = Var::from_tensor(&random(&[b * t, s.packed_width()], 1, DType::F32)).unwrap();
+            let probe = random(&[b * t, s.heads * s.head_dim], 4, DType::F32);
+            let (cos, sin) = tables(t, s.head_dim, DType::F32);
+            let fused = causal_attention(&qkv, t, s, &cos, &sin).unwrap();
+            let plain = reference(&qkv, t, s, &cos, &sin).unwrap();
             assert_close(&fused, &plain, 1e-5, "forward");
             let gf = (fused * &probe).unwrap().sum_all().unwrap().backward().unwrap();
             let gp = (plain * &probe).unwrap().sum_all().unwrap().backward().unwrap();
-            for (name, x) in [("dq", &q), ("dk", &k), ("dv", &v)] {
-                assert_close(gf.get(x).unwrap(), gp.get(x).unwrap(), 1e-5, name);
-            }
+            assert_close(gf.get(&qkv).unwrap(), gp.get(&qkv).unwrap(), 1e-5, "d qkv");
         }
     }
 
@@ -499,36 +491,24 @@ mod tests {
     fn gradients_match_finite_differences() {
         for s in shapes() {
             let s = AttentionShape { head_dim: 4, ..s };
-            let (b, t) = (1, 5);
-            let q = Var::from_tensor(&random(&[b, t, s.heads * 4], 5, DType::F64)).unwrap();
-            let k = Var::from_tensor(&random(&[b, t, s.kv_heads * 4], 6, DType::F64)).unwrap();
-            let v = Var::from_tensor(&random(&[b, t, s.kv_heads * 4], 7, DType::F64)).unwrap();
-            let probe = random(&[b, t, s.heads * 4], 8, DType::F64);
-            finite_difference_check(&[&q, &k, &v], |x| (causal_attention(x[0], x[1], x[2], t, s)? * &probe)?.sum_all());
+            let t = 5;
+            let qkv = Var::from_tensor(&random(&[t, s.packed_width()], 5, DType::F64)).unwrap();
+            let probe = random(&[t, s.heads * 4], 8, DType::F64);
+            // Arbitrary tables (halves not repeated) check the rotation's transpose in general.
+            let (cos, sin) = (random(&[t, 4], 9, DType::F64), random(&[t, 4], 10, DType::F64));
+            finite_difference_check(&[&qkv], |x| (causal_attention(x[0], t, s, &cos, &sin)? * &probe)?.sum_all());
         }
     }
 
-    /// The model's rotary map from candle primitives.
-    fn rotary_reference(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-        let half = x.dim(D::Minus1)? / 2;
-        let rotated = Tensor::cat(&[&x.narrow(D::Minus1, half, half)?.neg()?, &x.narrow(D::Minus1, 0, half)?], D::Minus1)?;
-        // Tables [T, D] against x [B, T, H, D]: broadcast over B and H.
-        let (cos, sin) = (cos.unsqueeze(1)?, sin.unsqueeze(1)?);
-        x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?
-    }
-
     #[test]
-    fn rotary_matches_primitives_with_gradients() {
-        let (b, t, h, d) = (2, 7, 3, 8);
-        let x = Var::from_tensor(&random(&[b, t, h, d], 9, DType::F64)).unwrap();
-        let cos = random(&[t, d], 10, DType::F64);
-        let sin = random(&[t, d], 11, DType::F64);
-        let probe = random(&[b, t, h, d], 12, DType::F64);
-        let fused = rotary(&x.reshape((b * t, h * d)).unwrap(), &cos, &sin, d).unwrap().reshape((b, t, h, d)).unwrap();
-        let plain = rotary_reference(&x, &cos, &sin).unwrap();
-        assert_close(&fused, &plain, 1e-12, "forward");
-        let gf = (fused * &probe).unwrap().sum_all().unwrap().backward().unwrap();
-        let gp = (plain * &probe).unwrap().sum_all().unwrap().backward().unwrap();
-        assert_close(gf.get(&x).unwrap(), gp.get(&x).unwrap(), 1e-12, "dx");
+    fn shapes_that_do_not_fit_are_errors() {
+        let s = shapes()[1];
+        let (cos, sin) = tables(6, 8, DType::F32);
+        let qkv = random(&[12, s.packed_width()], 1, DType::F32);
+        assert!(causal_attention(&qkv, 6, s, &cos, &sin).is_ok());
+        assert!(causal_attention(&qkv, 5, s, &cos, &sin).is_err(), "rows not a multiple of T");
+        assert!(causal_attention(&qkv.narrow(1, 0, 40).unwrap(), 6, s, &cos, &sin).is_err(), "width");
+        assert!(causal_attention(&qkv, 6, AttentionShape { scale: 0.0, ..s }, &cos, &sin).is_err(), "scale");
+        assert!(causal_attention(&qkv, 6, s, &cos.narrow(0, 0, 5).unwrap(), &sin, ).is_err(), "tables");
     }
 }

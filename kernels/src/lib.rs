@@ -46,4 +46,4 @@ pub use permute::{permute, scale_rows, unpermute, unpermute_sum, RoutePlan};
 pub use router::{load_balancing_loss, route, z_loss, Capacity, DropPolicy, Routed, Routing};
 pub use norm::rms_norm;
 pub use swiglu::{swiglu, swiglu_packed};
-pub use attention::{causal_attention, rotary, AttentionShape};
+pub use attention::{causal_attention, AttentionShape};

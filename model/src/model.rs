@@ -230,13 +230,19 @@ impl Attention {
 }
 
 impl Attention {
-    /// The same map through the fused CPU kernels: projections stay in [B·T, heads · D]
-    /// layout (no transposes, no repeated key/value heads, no mask tensor).
+    /// The same map through the fused CPU kernels: q, k and v come out of one product (the
+    /// three weights stacked) in [B·T, (heads + 2·kv_heads)·D] rows, which one op rotates and
+    /// attends over (no transposes, no repeated key/value heads, no mask tensor).
     fn forward_fused(&self, xs: &Tensor, t: usize, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         let d = self.head_dim;
-        let q = btm_kernels::rotary(&self.q_proj.forward(xs)?, cos, sin, d)?;
-        let k = btm_kernels::rotary(&self.k_proj.forward(xs)?, cos, sin, d)?;
-        let v = self.v_proj.forward(xs)?;
+        let projections = [&self.q_proj, &self.k_proj, &self.v_proj];
+        let weight = Tensor::cat(&projections.map(|p| p.weight()), 0)?;
+        let mut qkv = xs.matmul(&weight.t()?)?;
+        if let [Some(bq), Some(bk), Some(bv)] = projections.map(|p| p.bias.as_ref()) {
+            qkv = qkv.broadcast_add(&Tensor::cat(&[bq, bk, bv], 0)?)?;
+        } else if projections.iter().any(|p| p.bias.is_some()) {
+            candle_core::bail!("attention: q, k and v projections must all have biases or none");
+        }
         let shape = btm_kernels::AttentionShape {
             heads: self.num_heads,
             kv_heads: self.num_kv_heads,
@@ -244,7 +250,7 @@ impl Attention {
             scale: 1.0 / (d as f64).sqrt(),
             window: self.sliding_window,
         };
-        self.o_proj.forward(&btm_kernels::causal_attention(&q, &k, &v, t, shape)?)
+        self.o_proj.forward(&btm_kernels::causal_attention(&qkv, t, shape, cos, sin)?)
     }
 }
 

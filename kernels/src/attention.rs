@@ -55,10 +55,10 @@ pub fn causal_attention(qkv: &Tensor, seq_len: usize, shape: AttentionShape, cos
     if shape.kv_heads == 0
         || !shape.heads.is_multiple_of(shape.kv_heads)
         || width != shape.packed_width()
-        || d % 2 != 0
+        || !d.is_multiple_of(2)
         || seq_len == 0
         || !rows.is_multiple_of(seq_len)
-        || !(shape.scale > 0.0)
+        || shape.scale.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater)
     {
         candle_core::bail!("causal_attention: qkv {:?} does not fit {shape:?} with sequences of {seq_len}", qkv.dims());
     }
@@ -240,11 +240,11 @@ fn forward_cpu<T: Real>(qkv: &[T], (b, t): (usize, usize), s: &AttentionShape, t
             let (bi, kvh) = (task / hkv, task % hkv);
             let seq = &qkv[bi * t * width..][..t * width];
             rotated_head(seq, width, qw + kvh * d, d, tables, k_rot);
-            let k_h = (k_rot.as_ptr() as *const T, d, 1);
+            let k_h = (k_rot.as_ptr(), d, 1);
             let v_h = (seq[qw + hkv * d + kvh * d..].as_ptr(), width, 1);
             for h in kvh * group..(kvh + 1) * group {
                 rotated_head(seq, width, h * d, d, tables, q_rot);
-                let q_h = (q_rot.as_ptr() as *const T, d, 1);
+                let q_h = (q_rot.as_ptr(), d, 1);
                 for (i0, i1, lo) in blocks(t, s.window) {
                     // SAFETY: every view lies inside its buffer; each task writes only its own
                     // heads' columns of `out`.
@@ -296,14 +296,14 @@ fn backward_cpu<T: Real>(qkv: &[T], o: &[T], g: &[T], (b, t): (usize, usize), s:
             let seq = &qkv[bi * t * width..][..t * width];
             rotated_head(seq, width, qw + kvh * d, d, tables, &mut w.k_rot);
             w.dk.iter_mut().for_each(|x| *x = T::zero());
-            let k_h = (w.k_rot.as_ptr() as *const T, d, 1);
+            let k_h = (w.k_rot.as_ptr(), d, 1);
             let v_h = (seq[qw + hkv * d + kvh * d..].as_ptr(), width, 1);
             // This task's own columns of d(qkv): its query heads, its k and v head.
             let seq_out = (bi * t) * width;
             let dv_h = unsafe { dst.get().add(seq_out + qw + hkv * d + kvh * d) };
             for h in kvh * group..(kvh + 1) * group {
                 rotated_head(seq, width, h * d, d, tables, &mut w.q_rot);
-                let q_h = (w.q_rot.as_ptr() as *const T, d, 1);
+                let q_h = (w.q_rot.as_ptr(), d, 1);
                 let g_h = (g[(bi * t) * qw + h * d..].as_ptr(), qw, 1);
                 for (i0, i1, lo) in blocks(t, s.window) {
                     let (rows, keys) = (i1 - i0, i1 - lo);
@@ -324,9 +324,9 @@ fn backward_cpu<T: Real>(qkv: &[T], o: &[T], g: &[T], (b, t): (usize, usize), s:
                                 *x = pr * (*x - w.row_dot[r]);
                             }
                         }
-                        let ds = (w.dp.as_ptr() as *const T, keys, 1);
-                        let ds_t = (w.dp.as_ptr() as *const T, 1, keys);
-                        let p_t = (w.p.as_ptr() as *const T, 1, keys);
+                        let ds = (w.dp.as_ptr(), keys, 1);
+                        let ds_t = (w.dp.as_ptr(), 1, keys);
+                        let p_t = (w.p.as_ptr(), 1, keys);
                         gemm((rows, d, keys), (w.dq.as_mut_ptr().add(i0 * d), d), false, ds, down(k_h, lo), scale);
                         gemm((keys, d, rows), (w.dk.as_mut_ptr().add(lo * d), d), true, ds_t, down(q_h, i0), scale);
                         gemm((keys, d, rows), (dv_h.add(lo * width), width), true, p_t, down(g_h, i0), T::one());

@@ -93,7 +93,7 @@ impl ExpertWeights {
     pub fn dims(&self) -> Result<(usize, usize, usize)> {
         let (e, two_f, h) = self.gate_up.dims3()?;
         let f = two_f / 2;
-        if two_f % 2 != 0 || self.down.dims() != [e, h, f] {
+        if !two_f.is_multiple_of(2) || self.down.dims() != [e, h, f] {
             candle_core::bail!(
                 "expert weights: gate_up {:?}, down {:?} (expected [E,2F,H], [E,H,F])",
                 self.gate_up.dims(),

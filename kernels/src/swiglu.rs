@@ -35,7 +35,7 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 /// `silu(a) ⊙ b` for rows `[a | b]` of x [N, 2F] → [N, F]; differentiable.
 pub fn swiglu_packed(x: &Tensor) -> Result<Tensor> {
     let (_, two_f) = x.dims2()?;
-    if two_f % 2 != 0 {
+    if !two_f.is_multiple_of(2) {
         candle_core::bail!("swiglu_packed: rows of {two_f} elements do not split into gate and up halves");
     }
     x.contiguous()?.apply_op1(SwiGluPacked)

@@ -196,7 +196,9 @@ impl Stepper {
             .into_iter()
             .zip(&self.opt.params)
             .map(|(g, p)| match g {
-                Some(g) => Ok(g),
+                // A parameter's gradient may be a view (a transposed weight's): one copy here
+                // serves the norm and the update.
+                Some(g) => Ok(g.contiguous()?),
                 None => Ok(p.var.as_tensor().zeros_like()?),
             })
             .collect::<Result<_>>()?;

@@ -1,12 +1,17 @@
-//! MoE operators for btm.
+//! MoE operators and CPU training kernels for btm.
 //!
 //! Everything an MoE layer does besides its experts' arithmetic lives here, as differentiable
-//! candle ops (custom ops with `bwd`, so `loss.backward()` flows through a whole layer):
+//! candle ops (custom ops with `bwd`, so `loss.backward()` flows through a whole layer), and
+//! the other fused ops the model trains with on the CPU:
 //! - [`router`]: float32 logits, top-k in both orders, auxiliary losses, expert capacity.
 //! - [`permute`]: group the routed assignments by expert and back (deterministic, no atomics).
 //! - [`grouped_gemm`]: all experts' products over ragged groups in one call, also with the
 //!   permutation fused in (rows gathered from the token rows, outputs summed back per token).
-//! - [`swiglu`]: the fused SwiGLU activation.
+//! - [`swiglu`]: the fused SwiGLU activation (also with gate and up packed in one tensor).
+//! - [`attention`]: causal grouped-query attention with rotary embeddings over packed q/k/v
+//!   rows, FlashAttention-style backward (probabilities recomputed), masked blocks skipped.
+//! - [`norm`]: RMSNorm.
+//! - [`math`]: an inlinable `exp` the kernels' loops vectorise with.
 //! - [`moe`]: the fused layer ([`fused_moe`]) and the plain loop over experts it is tested
 //!   against ([`reference_moe`]).
 //! - [`bench`]: fused vs reference timings (`btm bench moe`).

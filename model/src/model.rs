@@ -1,11 +1,17 @@
 //! A Llama-family decoder-only transformer in candle, dense or Mixture-of-Experts.
 //!
 //! Read top to bottom: RMSNorm → rotary embeddings → grouped-query attention → SwiGLU FFN or
-//! MoE block → decoder layer → the whole model. Everything is built from differentiable candle
-//! primitives (candle's fused `RmsNorm`, `softmax_last_dim` and `rope` kernels are detached
-//! from the autograd graph), so the same code serves evaluation and training. Numerics follow
-//! transformers' eager implementation: RMSNorm and attention softmax in float32, router in
-//! float32.
+//! MoE block → decoder layer → the whole model. The same code serves evaluation and training.
+//! Each block is written twice, side by side: from differentiable candle primitives (any device
+//! and dtype; candle's own fused `RmsNorm`, `softmax_last_dim` and `rope` kernels are detached
+//! from the autograd graph, so they are not used), and, on the CPU in float32/float64, through
+//! the fused `btm-kernels` ops with hand-written backward passes (one graph node per norm,
+//! attention and SwiGLU instead of chains of ten or twenty), which is what makes CPU training
+//! fast. [`Transformer::set_fused_kernels`] picks the primitives on the CPU too; a test checks
+//! both give the same logits and gradients. Between layers the residual stream is kept as
+//! [B·T, H] rows: a reshape is a graph node whose gradient costs a pass of its own. Numerics
+//! follow transformers' eager implementation: RMSNorm and attention softmax in float32, router
+//! in float32.
 
 use crate::config::{ModelConfig, MoeConfig, RopeScaling};
 use btm_kernels::{route, Capacity, ExpertWeights, MoeOptions, Routed, Routing};

@@ -82,8 +82,16 @@ impl Weights {
 
     /// The transformer over these tensors.
     pub fn model(&self) -> Result<Transformer> {
+        self.model_in(DType::F32)
+    }
+
+    /// The transformer over copies of these tensors cast to `dtype` (mixed precision: the casts
+    /// are graph nodes, so gradients come back to the float32 variables in float32). Float32
+    /// shares the tensors themselves, so the model sees every optimizer update; any other dtype
+    /// is a snapshot to rebuild after each update.
+    pub fn model_in(&self, dtype: DType) -> Result<Transformer> {
         let device = self.tensors.values().next().map(|t| t.device().clone()).unwrap_or(Device::Cpu);
-        let vb = VarBuilder::from_tensors(self.tensors.clone(), DType::F32, &device);
+        let vb = VarBuilder::from_tensors(self.tensors.clone(), dtype, &device);
         Ok(Transformer::new(&self.config, vb)?)
     }
 

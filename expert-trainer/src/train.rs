@@ -112,17 +112,24 @@ pub struct StepStats {
 /// The model, its optimizer and the loss settings: one optimizer step at a time.
 pub struct Stepper {
     pub weights: Weights,
+    /// The model the forward and backward passes run, in `compute_dtype`; always up to date
+    /// with the master weights.
     pub model: Transformer,
     pub opt: AdamW,
     pub aux_coef: f64,
     pub z_coef: f64,
     pub grad_clip: Option<f64>,
+    /// Float32, or bfloat16 for mixed precision: bfloat16 weights and activations in the
+    /// forward and backward passes, float32 master weights, gradients and AdamW moments.
+    compute_dtype: DType,
+    capacity: Option<btm_kernels::Capacity>,
 }
 
 impl Stepper {
     pub fn new(weights: Weights, optimizer: &spec::Optimizer, moe: &spec::Moe, grad_clip: Option<f64>) -> Result<Self> {
+        let capacity = moe.capacity()?;
         let mut model = weights.model()?;
-        model.set_moe_capacity(moe.capacity()?);
+        model.set_moe_capacity(capacity);
         let opt = AdamW::new(weights.trainable.clone(), optimizer)?;
         Ok(Self {
             weights,
@@ -131,7 +138,26 @@ impl Stepper {
             aux_coef: moe.aux_loss_coef,
             z_coef: moe.z_loss_coef,
             grad_clip,
+            compute_dtype: DType::F32,
+            capacity,
         })
+    }
+
+    /// Run the forward and backward passes in `dtype` (float32, or bfloat16 for mixed
+    /// precision); master weights, gradients and optimizer state stay float32.
+    pub fn set_compute_dtype(&mut self, dtype: DType) -> Result<()> {
+        self.compute_dtype = dtype;
+        self.refresh_model()
+    }
+
+    /// Rebuild the compute-dtype model from the master weights (a float32 model shares them
+    /// and needs nothing).
+    fn refresh_model(&mut self) -> Result<()> {
+        if self.compute_dtype != DType::F32 {
+            self.model = self.weights.model_in(self.compute_dtype)?;
+            self.model.set_moe_capacity(self.capacity);
+        }
+        Ok(())
     }
 
     /// Forward and backward over `micro_batches` (inputs, targets), then one AdamW update at `lr`.
@@ -198,12 +224,13 @@ impl Stepper {
             .map(|(g, p)| match g {
                 // A parameter's gradient may be a view (a transposed weight's): one copy here
                 // serves the norm and the update.
-                Some(g) => Ok(g.contiguous()?),
+                Some(g) => Ok(g.to_dtype(DType::F32)?.contiguous()?),
                 None => Ok(p.var.as_tensor().zeros_like()?),
             })
             .collect::<Result<_>>()?;
         stats.grad_norm = global_norm(&grads)?;
         self.opt.step_scaled(&grads, lr, clip_scale(stats.grad_norm, self.grad_clip))?;
+        self.refresh_model()?;
         stats.optimizer_s = optimizer_started.elapsed().as_secs_f64();
         Ok(stats)
     }
@@ -338,6 +365,7 @@ pub fn run(spec: &JobSpec, mut options: Options) -> Result<Outcome> {
         }
     };
     let mut stepper = Stepper::new(weights, &spec.optimizer, &spec.moe, spec.grad_clip)?;
+    stepper.set_compute_dtype(spec.compute_dtype()?)?;
     if let Some((dir, state)) = &resume_from {
         checkpoint::load_optimizer(dir, &mut stepper.opt, state)?;
     }

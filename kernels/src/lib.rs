@@ -10,7 +10,7 @@
 //! - [`swiglu`]: the fused SwiGLU activation (also with gate and up packed in one tensor).
 //! - [`attention`]: causal grouped-query attention with rotary embeddings over packed q/k/v
 //!   rows, FlashAttention-style backward (probabilities recomputed), masked blocks skipped.
-//! - [`norm`]: RMSNorm.
+//! - [`norm`]: RMSNorm, forward and backward in one pass each.
 //! - [`math`]: an inlinable `exp` the kernels' loops vectorise with.
 //! - [`moe`]: the fused layer ([`fused_moe`]) and the plain loop over experts it is tested
 //!   against ([`reference_moe`]).

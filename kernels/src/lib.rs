@@ -7,7 +7,7 @@
 //! - [`permute`]: group the routed assignments by expert and back (deterministic, no atomics).
 //! - [`grouped_gemm`]: all experts' products over ragged groups in one call, also with the
 //!   permutation fused in (rows gathered from the token rows, outputs summed back per token).
-//! - [`swiglu`]: the fused SwiGLU activation (also with gate and up packed in one tensor).
+//! - [`swiglu`]: the fused SwiGLU activation, gate and up packed in one tensor.
 //! - [`attention`]: causal grouped-query attention with rotary embeddings over packed q/k/v
 //!   rows, FlashAttention-style backward (probabilities recomputed), masked blocks skipped.
 //! - [`norm`]: RMSNorm, forward and backward in one pass each.
@@ -50,5 +50,5 @@ pub use moe::{fused_moe, reference_moe, ExpertWeights, MoeOptions, RouterStats};
 pub use permute::{permute, scale_rows, unpermute, unpermute_sum, RoutePlan};
 pub use router::{load_balancing_loss, route, z_loss, Capacity, DropPolicy, Routed, Routing};
 pub use norm::rms_norm;
-pub use swiglu::{swiglu, swiglu_packed};
+pub use swiglu::swiglu_packed;
 pub use attention::{causal_attention, AttentionShape};

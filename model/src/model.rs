@@ -156,22 +156,19 @@ impl Linear {
 
 impl Module for Linear {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        if xs.rank() == 2 {
-            let rows = xs.matmul(&self.weight.t()?)?;
-            return match &self.bias {
-                Some(b) => rows.broadcast_add(b),
-                None => Ok(rows),
-            };
-        }
         let mut dims = xs.dims().to_vec();
         let in_dim = dims.pop().unwrap_or(1);
-        let rows = xs.reshape(((), in_dim))?.matmul(&self.weight.t()?)?;
-        let rows = match &self.bias {
-            Some(b) => rows.broadcast_add(b)?,
-            None => rows,
-        };
+        // Rows go in as they are: a reshape is a graph node with a gradient pass of its own.
+        let rows = if xs.rank() == 2 { xs.clone() } else { xs.reshape(((), in_dim))? };
+        let mut ys = rows.matmul(&self.weight.t()?)?;
+        if let Some(b) = &self.bias {
+            ys = ys.broadcast_add(b)?;
+        }
+        if xs.rank() == 2 {
+            return Ok(ys);
+        }
         dims.push(self.weight.dim(0)?);
-        rows.reshape(dims)
+        ys.reshape(dims)
     }
 }
 

@@ -224,7 +224,7 @@ impl Stepper {
             .map(|(g, p)| match g {
                 // A parameter's gradient may be a view (a transposed weight's): one copy here
                 // serves the norm and the update.
-                Some(g) => Ok(g.to_dtype(DType::F32)?.contiguous()?),
+                Some(g) => Ok(g.contiguous()?),
                 None => Ok(p.var.as_tensor().zeros_like()?),
             })
             .collect::<Result<_>>()?;

@@ -58,9 +58,19 @@ fn par_rows<F: Fn(usize, &mut [f32]) + Sync>(out: &mut [f32], width: usize, f: F
     });
 }
 
+#[inline(always)]
 fn log_sum_exp(row: &[f32]) -> f32 {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    // Eight running sums in a fixed order: the compiler vectorises the inlined exp.
+    // Eight running maxima and sums in a fixed order: the compiler vectorises them with the
+    // inlined exp, and every instruction set gives the same bits.
+    let mut maxima = [f32::NEG_INFINITY; 8];
+    let chunks = row.chunks_exact(8);
+    let tail_max = chunks.remainder().iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    for c in chunks {
+        for (m, &x) in maxima.iter_mut().zip(c) {
+            *m = m.max(x);
+        }
+    }
+    let max = maxima.iter().copied().fold(tail_max, f32::max);
     let mut lanes = [0f32; 8];
     let chunks = row.chunks_exact(8);
     let tail: f32 = chunks.remainder().iter().map(|&x| exp_f32(x - max)).sum();
@@ -70,6 +80,35 @@ fn log_sum_exp(row: &[f32]) -> f32 {
         }
     }
     (lanes.iter().sum::<f32>() + tail).ln() + max
+}
+
+btm_kernels::multiversion! {
+    /// `nll` of the rows `first..` of `logits` (width `v`) into `out`.
+    fn nll_rows(out: &mut [f32], logits: &[f32], targets: &[u32], first: usize, v: usize) {
+        for (i, o) in out.iter_mut().enumerate() {
+            let r = first + i;
+            let row = &logits[r * v..(r + 1) * v];
+            *o = log_sum_exp(row) - row[targets[r] as usize];
+        }
+    }
+}
+
+btm_kernels::multiversion! {
+    /// `(softmax − onehot) · g` of the rows `first..` into `out` (width `v`), each row's
+    /// log-sum-exp recovered as `nll + logit[target]`.
+    fn nll_grad_rows(out: &mut [f32], logits: &[f32], targets: &[u32], grad: &[f32], nll: &[f32], first: usize, v: usize) {
+        for (i, o) in out.chunks_mut(v).enumerate() {
+            let r = first + i;
+            let row = &logits[r * v..(r + 1) * v];
+            let target = targets[r] as usize;
+            let lse = nll[r] + row[target];
+            let g = grad[r];
+            for (o, x) in o.iter_mut().zip(row) {
+                *o = exp_f32(x - lse) * g;
+            }
+            o[target] -= g;
+        }
+    }
 }
 
 /// Per-row negative log-likelihood: logits [N, V] f32, targets [N] u32 → [N] f32.
@@ -94,13 +133,7 @@ impl CustomOp2 for RowNll {
             candle_core::bail!("cross-entropy: target {t} is outside the vocabulary ({v})");
         }
         let mut out = vec![0f32; n];
-        par_rows(&mut out, 1, |first, block| {
-            for (i, o) in block.iter_mut().enumerate() {
-                let r = first + i;
-                let row = &logits[r * v..(r + 1) * v];
-                *o = log_sum_exp(row) - row[targets[r] as usize];
-            }
-        });
+        par_rows(&mut out, 1, |first, block| nll_rows(block, logits, targets, first, v));
         Ok((CpuStorage::F32(out), Shape::from(n)))
     }
 
@@ -144,19 +177,7 @@ impl CustomOp3 for RowNllGrad {
         }
         let (grad, nll) = grad_and_nll.split_at(n);
         let mut out = vec![0f32; n * v];
-        par_rows(&mut out, v, |first, block| {
-            for (i, o) in block.chunks_mut(v).enumerate() {
-                let r = first + i;
-                let row = &logits[r * v..(r + 1) * v];
-                let target = targets[r] as usize;
-                let lse = nll[r] + row[target];
-                let g = grad[r];
-                for (o, x) in o.iter_mut().zip(row) {
-                    *o = exp_f32(x - lse) * g;
-                }
-                o[target] -= g;
-            }
-        });
+        par_rows(&mut out, v, |first, block| nll_grad_rows(block, logits, targets, grad, nll, first, v));
         Ok((CpuStorage::F32(out), Shape::from((n, v))))
     }
 }
@@ -183,6 +204,29 @@ mod tests {
         let gb = reference.backward().unwrap().get(b.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let diff = ga.iter().zip(&gb).map(|(p, q)| (p - q).abs()).fold(0f32, f32::max);
         assert!(diff < 1e-6, "gradient differs by {diff}");
+    }
+
+    /// The fused loss is compiled once per instruction set: each gives the baseline's bits,
+    /// in value and gradient (odd widths, so the tail loops run too).
+    #[test]
+    fn every_instruction_set_gives_the_baseline_bits() {
+        use btm_kernels::isa::{force, Isa};
+        let dev = Device::Cpu;
+        let (n, v) = (29, 517);
+        let values: Vec<f32> = (0..n * v).map(|i| ((i * 7919) % 997) as f32 / 50.0 - 10.0).collect();
+        let targets = Tensor::from_vec((0..n).map(|i| ((i * 131) % v) as u32).collect::<Vec<_>>(), n, &dev).unwrap();
+        let run = |isa: Isa| {
+            force(Some(isa));
+            let x = Var::from_tensor(&Tensor::from_vec(values.clone(), (n, v), &dev).unwrap()).unwrap();
+            let loss = cross_entropy(x.as_tensor(), &targets).unwrap();
+            let grad = loss.backward().unwrap().get(x.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            force(None);
+            (loss.to_scalar::<f32>().unwrap().to_bits(), grad.iter().map(|g| g.to_bits()).collect::<Vec<_>>())
+        };
+        let baseline = run(Isa::Baseline);
+        for isa in Isa::ALL.into_iter().filter(|&isa| isa > Isa::Baseline && isa <= Isa::detected()) {
+            assert!(run(isa) == baseline, "cross-entropy at {} differs from the baseline", isa.name());
+        }
     }
 
     #[test]

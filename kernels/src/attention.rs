@@ -173,6 +173,7 @@ fn down<T>(view: View<T>, rows: usize) -> View<T> {
 }
 
 /// The largest element (−∞ for none), over eight running maxima.
+#[inline(always)]
 fn max_of<T: Real>(xs: &[T]) -> T {
     let neg_inf = T::from_f64(f64::NEG_INFINITY);
     let mut lanes = [neg_inf; 8];
@@ -187,6 +188,7 @@ fn max_of<T: Real>(xs: &[T]) -> T {
 }
 
 /// The sum of the elements, over eight running sums.
+#[inline(always)]
 fn sum_of<T: Real>(xs: &[T]) -> T {
     let mut lanes = [T::zero(); 8];
     let chunks = xs.chunks_exact(8);
@@ -209,21 +211,28 @@ unsafe fn probabilities<T: Real>(p: &mut [T], (i0, i1, lo): (usize, usize, usize
     let k = down(k, lo);
     // S = Q Kᵀ: Kᵀ's (row, column) strides are K's (column, row) strides.
     gemm((i1 - i0, width, d), (p.as_mut_ptr(), width), false, down(q, i0), (k.0, k.2, k.1), T::one());
-    let scale = T::from_f64(s.scale);
-    for (r, row) in p[..(i1 - i0) * width].chunks_mut(width).enumerate() {
-        let i = i0 + r;
-        let (first, last) = (first_key(i, s.window) - lo, i - lo);
-        let seen = &mut row[first..=last];
-        // softmax(scale · s) with max(scale · s) = scale · max(s) (scale > 0); each loop is
-        // branch-free so that it vectorises.
-        let max = max_of(seen) * scale;
-        for x in seen.iter_mut() {
-            *x = (*x * scale - max).exp();
+    masked_softmax(&mut p[..(i1 - i0) * width], width, i0, lo, s.window, T::from_f64(s.scale));
+}
+
+crate::multiversion! {
+    /// Rows of scores for queries `i0..` over the `width` keys `lo..` into probabilities:
+    /// masked keys set to 0, `softmax(scale · s)` over the others.
+    fn masked_softmax<T: Real>(p: &mut [T], width: usize, i0: usize, lo: usize, window: Option<usize>, scale: T) {
+        for (r, row) in p.chunks_mut(width).enumerate() {
+            let i = i0 + r;
+            let (first, last) = (first_key(i, window) - lo, i - lo);
+            let seen = &mut row[first..=last];
+            // softmax(scale · s) with max(scale · s) = scale · max(s) (scale > 0); each loop
+            // is branch-free so that it vectorises.
+            let max = max_of(seen) * scale;
+            for x in seen.iter_mut() {
+                *x = (*x * scale - max).exp();
+            }
+            let inv = T::one() / sum_of(seen);
+            seen.iter_mut().for_each(|x| *x *= inv);
+            row[..first].iter_mut().for_each(|x| *x = T::zero());
+            row[last + 1..].iter_mut().for_each(|x| *x = T::zero());
         }
-        let inv = T::one() / sum_of(seen);
-        seen.iter_mut().for_each(|x| *x *= inv);
-        row[..first].iter_mut().for_each(|x| *x = T::zero());
-        row[last + 1..].iter_mut().for_each(|x| *x = T::zero());
     }
 }
 
@@ -271,6 +280,23 @@ struct GradScratch<T> {
     dk: Vec<T>,
 }
 
+/// `Σ aᵢ·bᵢ` of one row, in order (D is small).
+fn row_dot<T: Real>(a: &[T], b: &[T]) -> T {
+    a.iter().zip(b).fold(T::zero(), |acc, (&a, &b)| acc + a * b)
+}
+
+crate::multiversion! {
+    /// `dS = P ⊙ (dP − rowsum(dO ⊙ O))` in place of `dp`, rows of `p.len() / row_dot.len()`.
+    fn score_gradient<T: Real>(dp: &mut [T], p: &[T], row_dot: &[T]) {
+        let keys = p.len() / row_dot.len().max(1);
+        for ((dp_row, p_row), &dot) in dp.chunks_mut(keys).zip(p.chunks(keys)).zip(row_dot) {
+            for (x, &pr) in dp_row.iter_mut().zip(p_row) {
+                *x = pr * (*x - dot);
+            }
+        }
+    }
+}
+
 /// d(qkv) for the packed input, the forward output `o` and its gradient `g`.
 fn backward_cpu<T: Real>(qkv: &[T], o: &[T], g: &[T], (b, t): (usize, usize), s: &AttentionShape, tables: (&[T], &[T])) -> Vec<T> {
     let (d, hq, hkv) = (s.head_dim, s.heads, s.kv_heads);
@@ -309,7 +335,7 @@ fn backward_cpu<T: Real>(qkv: &[T], o: &[T], g: &[T], (b, t): (usize, usize), s:
                     let (rows, keys) = (i1 - i0, i1 - lo);
                     for (r, dot) in w.row_dot[..rows].iter_mut().enumerate() {
                         let row = (bi * t + i0 + r) * qw + h * d;
-                        *dot = o[row..row + d].iter().zip(&g[row..row + d]).fold(T::zero(), |acc, (&a, &b)| acc + a * b);
+                        *dot = row_dot(&o[row..row + d], &g[row..row + d]);
                     }
                     // SAFETY: every view lies inside its buffer; the task writes only its own
                     // heads' columns of the output (dv) and its own scratch.
@@ -319,11 +345,7 @@ fn backward_cpu<T: Real>(qkv: &[T], o: &[T], g: &[T], (b, t): (usize, usize), s:
                         let v_lo = down(v_h, lo);
                         gemm((rows, keys, d), (w.dp.as_mut_ptr(), keys), false, down(g_h, i0), (v_lo.0, v_lo.2, v_lo.1), T::one());
                         // dS = P ⊙ (dP − rowsum(dO ⊙ O))
-                        for (r, (dp_row, p_row)) in w.dp.chunks_mut(keys).zip(w.p.chunks(keys)).take(rows).enumerate() {
-                            for (x, &pr) in dp_row.iter_mut().zip(p_row) {
-                                *x = pr * (*x - w.row_dot[r]);
-                            }
-                        }
+                        score_gradient(&mut w.dp[..rows * keys], &w.p[..rows * keys], &w.row_dot[..rows]);
                         let ds = (w.dp.as_ptr(), keys, 1);
                         let ds_t = (w.dp.as_ptr(), 1, keys);
                         let p_t = (w.p.as_ptr(), 1, keys);

@@ -61,6 +61,39 @@ macro_rules! by_dtype {
 }
 pub(crate) use by_dtype;
 
+/// Lanes of the running sums in [`dot`] and [`dot3`]: one AVX-512 register of float32,
+/// two of AVX2, four of SSE2. The count is fixed (not the machine's width), so every
+/// instruction set adds in the same order and gives the same bits.
+const LANES: usize = 16;
+
+/// `Σ aᵢ·bᵢ` over [`LANES`] running sums; vectorises when inlined.
+#[inline(always)]
+pub(crate) fn dot<T: Real>(a: &[T], b: &[T]) -> T {
+    let mut lanes = [T::zero(); LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let tail = ca.remainder().iter().zip(cb.remainder()).fold(T::zero(), |acc, (&x, &y)| acc + x * y);
+    for (ca, cb) in ca.zip(cb) {
+        for ((acc, &x), &y) in lanes.iter_mut().zip(ca).zip(cb) {
+            *acc += x * y;
+        }
+    }
+    lanes.iter().fold(tail, |acc, &x| acc + x)
+}
+
+/// `Σ aᵢ·bᵢ·cᵢ` over [`LANES`] running sums; vectorises when inlined.
+#[inline(always)]
+pub(crate) fn dot3<T: Real>(a: &[T], b: &[T], c: &[T]) -> T {
+    let mut lanes = [T::zero(); LANES];
+    let (ca, cb, cc) = (a.chunks_exact(LANES), b.chunks_exact(LANES), c.chunks_exact(LANES));
+    let tail = ca.remainder().iter().zip(cb.remainder()).zip(cc.remainder()).fold(T::zero(), |acc, ((&x, &y), &z)| acc + x * y * z);
+    for ((ca, cb), cc) in ca.zip(cb).zip(cc) {
+        for (((acc, &x), &y), &z) in lanes.iter_mut().zip(ca).zip(cb).zip(cc) {
+            *acc += x * y * z;
+        }
+    }
+    lanes.iter().fold(tail, |acc, &x| acc + x)
+}
+
 /// A raw pointer that rayon tasks may share because each task writes a disjoint region.
 #[derive(Clone, Copy)]
 pub(crate) struct SendPtr<T>(pub *mut T);

@@ -11,6 +11,8 @@
 //! - [`attention`]: causal grouped-query attention with rotary embeddings over packed q/k/v
 //!   rows, FlashAttention-style backward (probabilities recomputed), masked blocks skipped.
 //! - [`norm`]: RMSNorm, forward and backward in one pass each.
+//! - [`isa`]: the instruction set chosen at run time (baseline, AVX2, AVX-512; capped by
+//!   `BTM_CPU_ISA`) and [`multiversion!`], which compiles a hot loop once per level.
 //! - [`math`]: an inlinable `exp` the kernels' loops vectorise with.
 //! - [`moe`]: the fused layer ([`fused_moe`]) and the plain loop over experts it is tested
 //!   against ([`reference_moe`]).
@@ -36,6 +38,7 @@ mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod grouped_gemm;
+pub mod isa;
 pub mod math;
 pub mod moe;
 pub mod norm;

@@ -12,7 +12,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::cpu::{by_dtype, rows_per_task, slice, Real};
+use crate::cpu::{by_dtype, dot, dot3, rows_per_task, slice, Real};
 
 /// RMSNorm over the last dimension of x [..., H] with weight [H]; differentiable in both.
 pub fn rms_norm(xs: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
@@ -32,22 +32,48 @@ struct RmsNormGrad {
     eps: f64,
 }
 
+/// `1 / √(mean(x²) + ε)` of one row.
+#[inline(always)]
 fn inv_rms<T: Real>(row: &[T], eps: f64) -> T {
-    let sum_sq = row.iter().fold(T::zero(), |acc, &v| acc + v * v);
+    let sum_sq = dot(row, row);
     T::from_f64(1.0 / (sum_sq.to_f64() / row.len() as f64 + eps).sqrt())
 }
 
-fn forward_cpu<T: Real>(x: &[T], w: &[T], eps: f64) -> Vec<T> {
-    let h = w.len();
-    let mut out = vec![T::zero(); x.len()];
-    out.par_chunks_mut(h * rows_per_task(h)).zip(x.par_chunks(h * rows_per_task(h))).for_each(|(dst, src)| {
-        for (y, x) in dst.chunks_mut(h).zip(src.chunks(h)) {
+crate::multiversion! {
+    /// The rows of `x` (width `w.len()`) normalised into `y`.
+    fn forward_rows<T: Real>(y: &mut [T], x: &[T], w: &[T], eps: f64) {
+        let h = w.len();
+        for (y, x) in y.chunks_mut(h).zip(x.chunks(h)) {
             let r = inv_rms(x, eps);
             for ((y, &x), &w) in y.iter_mut().zip(x).zip(w) {
                 *y = x * r * w;
             }
         }
-    });
+    }
+}
+
+crate::multiversion! {
+    /// dx of the rows of `x` with output gradient `g` into `dx`; their dw added to `dw`.
+    fn backward_rows<T: Real>(dx: &mut [T], dw: &mut [T], x: &[T], g: &[T], w: &[T], eps: f64) {
+        let h = w.len();
+        for ((dx, x), g) in dx.chunks_mut(h).zip(x.chunks(h)).zip(g.chunks(h)) {
+            let r = inv_rms(x, eps);
+            let mean_ux = dot3(g, w, x) / T::from_f64(h as f64);
+            let r3_mean_ux = r * r * r * mean_ux;
+            for ((((dx, dw), &x), &g), &w) in dx.iter_mut().zip(dw.iter_mut()).zip(x).zip(g).zip(w) {
+                *dx = r * g * w - x * r3_mean_ux;
+                *dw += g * x * r;
+            }
+        }
+    }
+}
+
+fn forward_cpu<T: Real>(x: &[T], w: &[T], eps: f64) -> Vec<T> {
+    let h = w.len();
+    let mut out = vec![T::zero(); x.len()];
+    out.par_chunks_mut(h * rows_per_task(h))
+        .zip(x.par_chunks(h * rows_per_task(h)))
+        .for_each(|(dst, src)| forward_rows(dst, src, w, eps));
     out
 }
 
@@ -61,15 +87,7 @@ fn backward_cpu<T: Real>(x: &[T], w: &[T], g: &[T], eps: f64) -> Vec<T> {
         .zip(x.par_chunks(block).zip(g.par_chunks(block)))
         .map(|(dx, (x, g))| {
             let mut dw = vec![T::zero(); h];
-            for ((dx, x), g) in dx.chunks_mut(h).zip(x.chunks(h)).zip(g.chunks(h)) {
-                let r = inv_rms(x, eps);
-                let mean_ux = (0..h).fold(T::zero(), |acc, i| acc + g[i] * w[i] * x[i]) / T::from_f64(h as f64);
-                let r3 = r * r * r;
-                for i in 0..h {
-                    dx[i] = r * g[i] * w[i] - x[i] * r3 * mean_ux;
-                    dw[i] += g[i] * x[i] * r;
-                }
-            }
+            backward_rows(dx, &mut dw, x, g, w, eps);
             dw
         })
         .collect();

@@ -27,6 +27,7 @@ pub fn swiglu_packed(x: &Tensor) -> Result<Tensor> {
 struct SwiGluPacked;
 struct SwiGluPackedGrad;
 
+#[inline(always)]
 fn sigmoid<T: Real>(a: T) -> T {
     T::one() / (T::one() + (-a).exp())
 }
@@ -34,16 +35,36 @@ fn sigmoid<T: Real>(a: T) -> T {
 /// Rows per rayon task.
 const ROWS: usize = 32;
 
-fn packed_forward_cpu<T: Real>(x: &[T], f: usize) -> Vec<T> {
-    let mut out = vec![T::zero(); x.len() / 2];
-    out.par_chunks_mut(ROWS * f).zip(x.par_chunks(ROWS * 2 * f)).for_each(|(dst, src)| {
-        for (d, row) in dst.chunks_mut(f).zip(src.chunks(2 * f)) {
+crate::multiversion! {
+    /// `silu(a) ⊙ b` of the rows `[a | b]` of `x` (2F wide) into `out` (F wide).
+    fn forward_rows<T: Real>(out: &mut [T], x: &[T], f: usize) {
+        for (d, row) in out.chunks_mut(f).zip(x.chunks(2 * f)) {
             let (a, b) = row.split_at(f);
             for ((d, &a), &b) in d.iter_mut().zip(a).zip(b) {
                 *d = a * sigmoid(a) * b;
             }
         }
-    });
+    }
+}
+
+crate::multiversion! {
+    /// `[dA | dB]` rows of the rows `[a | b]` of `x` and the output gradient `g` into `out`.
+    fn backward_rows<T: Real>(out: &mut [T], x: &[T], g: &[T], f: usize) {
+        for ((d, row), g) in out.chunks_mut(2 * f).zip(x.chunks(2 * f)).zip(g.chunks(f)) {
+            let (da, db) = d.split_at_mut(f);
+            let (a, b) = row.split_at(f);
+            for ((((da, db), &a), &b), &g) in da.iter_mut().zip(db.iter_mut()).zip(a).zip(b).zip(g) {
+                let s = sigmoid(a);
+                *db = g * a * s;
+                *da = g * b * s * (T::one() + a * (T::one() - s));
+            }
+        }
+    }
+}
+
+fn packed_forward_cpu<T: Real>(x: &[T], f: usize) -> Vec<T> {
+    let mut out = vec![T::zero(); x.len() / 2];
+    out.par_chunks_mut(ROWS * f).zip(x.par_chunks(ROWS * 2 * f)).for_each(|(dst, src)| forward_rows(dst, src, f));
     out
 }
 
@@ -51,17 +72,7 @@ fn packed_backward_cpu<T: Real>(x: &[T], g: &[T], f: usize) -> Vec<T> {
     let mut out = vec![T::zero(); x.len()];
     out.par_chunks_mut(ROWS * 2 * f)
         .zip(x.par_chunks(ROWS * 2 * f).zip(g.par_chunks(ROWS * f)))
-        .for_each(|(dst, (src, g))| {
-            for ((d, row), g) in dst.chunks_mut(2 * f).zip(src.chunks(2 * f)).zip(g.chunks(f)) {
-                let (da, db) = d.split_at_mut(f);
-                let (a, b) = row.split_at(f);
-                for i in 0..f {
-                    let s = sigmoid(a[i]);
-                    db[i] = g[i] * a[i] * s;
-                    da[i] = g[i] * b[i] * s * (T::one() + a[i] * (T::one() - s));
-                }
-            }
-        });
+        .for_each(|(dst, (src, g))| backward_rows(dst, src, g, f));
     out
 }
 

@@ -68,6 +68,11 @@ fn main() {
         default_hook(info);
     }));
     let cli = Cli::parse();
+    // A mistyped instruction-set cap would otherwise be ignored by the kernels.
+    if let Err(err) = btm_kernels::isa::check_env() {
+        eprintln!("error: {err}");
+        std::process::exit(2);
+    }
     let result = match cli.command {
         Command::Run(args) => commands::run::run(args),
         Command::Status(args) => commands::run::status(args),

@@ -101,6 +101,8 @@ def main() -> None:
         "optimizer_s": median([p[2] for p in phases]),
         "parameters": params,
         "impl": f"torch {torch.__version__} eager",
+        # ATen's own kernels (ATEN_CPU_CAPABILITY caps it); MKL and oneDNN pick their own.
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
     }))
 
 

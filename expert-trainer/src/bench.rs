@@ -58,6 +58,8 @@ pub struct BenchResult {
     pub preset: String,
     pub moe: bool,
     pub threads: usize,
+    /// The processor, the instruction set btm's kernels ran with and the GEMM kernels.
+    pub cpu: btm_kernels::isa::CpuInfo,
     pub steps: usize,
     pub step_s: f64,
     /// Median seconds per step of each phase (forward + loss, backward, clipping + AdamW), to
@@ -115,6 +117,7 @@ pub fn run(name: &str, moe: bool, threads: usize, steps: usize) -> Result<BenchR
         preset: name.into(),
         moe,
         threads,
+        cpu: btm_kernels::isa::CpuInfo::current(),
         steps,
         step_s: secs / steps as f64,
         forward_s,

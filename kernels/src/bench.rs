@@ -89,6 +89,8 @@ pub struct MoeBenchResult {
     pub dtype: &'static str,
     pub device: String,
     pub threads: usize,
+    /// The processor, instruction set and GEMM kernels (CPU runs).
+    pub cpu: crate::isa::CpuInfo,
     /// Median forward + backward wall milliseconds of the fused layer.
     pub fused_ms: f64,
     /// Median forward + backward wall milliseconds of the reference loop.
@@ -249,6 +251,7 @@ pub fn bench_case(spec: &MoeBenchSpec, case: MoeCase, device: &Device) -> Result
             format!("{:?}", device.location())
         },
         threads: rayon::current_num_threads(),
+        cpu: crate::isa::CpuInfo::current(),
         fused_ms,
         reference_ms: reference.map(|r| r.0),
         speedup: reference.map(|r| r.0 / fused_ms),

@@ -143,7 +143,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
                 println!("{}", serde_json::to_string(&r)?);
             } else {
                 println!(
-                    "train {}{}: {:.0} tokens/s ({:.3} s/step: forward {:.3}, backward {:.3}, optimizer {:.3}; {} threads, {} parameters), peak RSS {:.0} MiB",
+                    "train {}{}: {:.0} tokens/s ({:.3} s/step: forward {:.3}, backward {:.3}, optimizer {:.3}; {} threads, {} parameters), peak RSS {:.0} MiB; {} ({} kernels, gemm {})",
                     r.preset,
                     if r.moe { " moe" } else { "" },
                     r.tokens_per_s,
@@ -153,7 +153,10 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
                     r.optimizer_s,
                     r.threads,
                     r.parameters,
-                    r.peak_rss_mb
+                    r.peak_rss_mb,
+                    r.cpu.model,
+                    r.cpu.isa,
+                    r.cpu.gemm_kernel
                 );
             }
             Ok(())

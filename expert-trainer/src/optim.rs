@@ -32,6 +32,17 @@ pub struct Param {
     pub decay: bool,
     m: Tensor,
     v: Tensor,
+    /// Where only part of the tensor trains (some experts of a stack): see [`Mask`].
+    mask: Option<Mask>,
+}
+
+/// The part of a parameter that trains: flat element ranges, and the same as a 0/1 tensor
+/// of the parameter's shape. Gradients are zeroed outside it before the norm is taken, and
+/// the update (weight decay included) touches only these elements, so frozen ones keep
+/// their exact values and their moments stay zero.
+struct Mask {
+    ranges: Vec<std::ops::Range<usize>>,
+    ones: Tensor,
 }
 
 pub struct AdamW {
@@ -58,6 +69,7 @@ impl AdamW {
                     decay: var.rank() >= 2,
                     m: zeros()?,
                     v: zeros()?,
+                    mask: None,
                     name,
                     var,
                 })
@@ -72,6 +84,30 @@ impl AdamW {
             t: 0,
             in_place_cpu: true,
         })
+    }
+
+    /// Train only the flat element `ranges` of parameter `name` (see [`Mask`]).
+    pub fn set_mask(&mut self, name: &str, ranges: Vec<std::ops::Range<usize>>) -> Result<()> {
+        let p = self.params.iter_mut().find(|p| p.name == name).with_context(|| format!("AdamW: no parameter `{name}` to mask"))?;
+        let n = p.var.elem_count();
+        let mut ones = vec![0f32; n];
+        for r in &ranges {
+            anyhow::ensure!(r.end <= n, "AdamW: mask range {r:?} outside `{name}` ({n} elements)");
+            ones[r.clone()].iter_mut().for_each(|x| *x = 1.0);
+        }
+        let ones = Tensor::from_vec(ones, p.var.shape(), p.var.device())?;
+        p.mask = Some(Mask { ranges, ones });
+        Ok(())
+    }
+
+    /// Zero the gradients of masked parameters outside their masks (before the global norm).
+    pub fn mask_gradients(&self, grads: &mut [Tensor]) -> Result<()> {
+        for (p, g) in self.params.iter().zip(grads.iter_mut()) {
+            if let Some(mask) = &p.mask {
+                *g = g.broadcast_mul(&mask.ones.to_dtype(g.dtype())?)?;
+            }
+        }
+        Ok(())
     }
 
     /// Apply one update with gradients `grads` (in the order of `params`) at learning rate `lr`.
@@ -95,9 +131,17 @@ impl AdamW {
             if self.in_place_cpu && w.device().is_cpu() && w.dtype() == DType::F32 {
                 let g = g.contiguous()?;
                 let decay = if p.decay { self.weight_decay } else { 0.0 };
-                p.m.inplace_op2(&g, &Moment { beta: b1, scale: grad_scale, square: false })?;
-                p.v.inplace_op2(&g, &Moment { beta: b2, scale: grad_scale, square: true })?;
-                w.inplace_op3(&p.m, &p.v, &Update { lr, bc1, bc2, eps: self.eps, decay })?;
+                let whole = [0..w.elem_count()];
+                let ranges = p.mask.as_ref().map_or(&whole[..], |mask| &mask.ranges[..]);
+                // Flattened views share the tensors' storage: the ops write into it.
+                let (wf, mf, vf, gf) = (w.flatten_all()?, p.m.flatten_all()?, p.v.flatten_all()?, g.flatten_all()?);
+                for r in ranges {
+                    let part = |t: &Tensor| t.narrow(0, r.start, r.len());
+                    let (w, m, v, g) = (part(&wf)?, part(&mf)?, part(&vf)?, part(&gf)?);
+                    m.inplace_op2(&g, &Moment { beta: b1, scale: grad_scale, square: false })?;
+                    v.inplace_op2(&g, &Moment { beta: b2, scale: grad_scale, square: true })?;
+                    w.inplace_op3(&m, &v, &Update { lr, bc1, bc2, eps: self.eps, decay })?;
+                }
                 continue;
             }
             let g = if grad_scale != 1.0 { (g * grad_scale)? } else { g };
@@ -109,7 +153,12 @@ impl AdamW {
             if p.decay && self.weight_decay != 0.0 {
                 w = (w * (1.0 - lr * self.weight_decay))?;
             }
-            let w = (w - (update * lr)?)?;
+            let mut w = (w - (update * lr)?)?;
+            if let Some(mask) = &p.mask {
+                // Frozen elements keep their values (weight decay included).
+                let old = p.var.as_tensor().detach();
+                w = (&old + ((w - &old)? * &mask.ones)?)?;
+            }
             p.var.set(&w)?;
             p.m = m;
             p.v = v;
@@ -192,6 +241,27 @@ fn f32s_mut<'a>(s: &'a mut CpuStorage, l: &Layout) -> candle_core::Result<&'a mu
     }
 }
 
+btm_kernels::multiversion! {
+    /// `m ← β·m + rest·(s·g)` (or `(s·g)²`) over one chunk.
+    fn moment_chunk(m: &mut [f32], g: &[f32], beta: f32, rest: f32, scale: f32, square: bool) {
+        for (m, &g) in m.iter_mut().zip(g) {
+            let g = g * scale;
+            *m = *m * beta + if square { g * g } else { g } * rest;
+        }
+    }
+}
+
+btm_kernels::multiversion! {
+    /// The AdamW update of one chunk; `k` = [1/bc1, 1/bc2, η, ε, 1 − η·λ].
+    fn update_chunk(w: &mut [f32], m: &[f32], v: &[f32], k: [f32; 5]) {
+        let [inv_bc1, inv_bc2, lr, eps, keep] = k;
+        for ((w, &m), &v) in w.iter_mut().zip(m).zip(v) {
+            let update = (m * inv_bc1) / ((v * inv_bc2).sqrt() + eps);
+            *w = *w * keep - update * lr;
+        }
+    }
+}
+
 /// In place: `m ← β·m + (1−β)·(s·g)`, or with `(s·g)²` for the second moment.
 struct Moment {
     beta: f64,
@@ -210,12 +280,7 @@ impl InplaceOp2 for Moment {
             candle_core::bail!("AdamW: moment of {} elements, gradient of {}", m.len(), g.len());
         }
         let (beta, rest, scale, square) = (self.beta as f32, (1.0 - self.beta) as f32, self.scale as f32, self.square);
-        m.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK)).for_each(|(m, g)| {
-            for (m, &g) in m.iter_mut().zip(g) {
-                let g = g * scale;
-                *m = *m * beta + if square { g * g } else { g } * rest;
-            }
-        });
+        m.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK)).for_each(|(m, g)| moment_chunk(m, g, beta, rest, scale, square));
         Ok(())
     }
 }
@@ -249,12 +314,9 @@ impl InplaceOp3 for Update {
         }
         let (inv_bc1, inv_bc2) = ((1.0 / self.bc1) as f32, (1.0 / self.bc2) as f32);
         let (lr, eps, keep) = (self.lr as f32, self.eps as f32, (1.0 - self.lr * self.decay) as f32);
-        w.par_chunks_mut(CHUNK).zip(m.par_chunks(CHUNK).zip(v.par_chunks(CHUNK))).for_each(|(w, (m, v))| {
-            for ((w, &m), &v) in w.iter_mut().zip(m).zip(v) {
-                let update = (m * inv_bc1) / ((v * inv_bc2).sqrt() + eps);
-                *w = *w * keep - update * lr;
-            }
-        });
+        w.par_chunks_mut(CHUNK)
+            .zip(m.par_chunks(CHUNK).zip(v.par_chunks(CHUNK)))
+            .for_each(|(w, (m, v))| update_chunk(w, m, v, [inv_bc1, inv_bc2, lr, eps, keep]));
         Ok(())
     }
 }
@@ -351,6 +413,16 @@ mod tests {
             let diff = x.iter().zip(y).map(|(p, q)| (p - q).abs()).fold(0f32, f32::max);
             assert!(diff < 1e-6, "{what} differs by {diff}");
         }
+        // The in-place kernels are compiled once per instruction set: each gives the
+        // baseline's bits.
+        use btm_kernels::isa::{force, Isa};
+        force(Some(Isa::Baseline));
+        let baseline = run(true);
+        for isa in Isa::ALL.into_iter().filter(|&isa| isa > Isa::Baseline && isa <= Isa::detected()) {
+            force(Some(isa));
+            assert!(run(true) == baseline, "AdamW at {} differs from the baseline", isa.name());
+        }
+        force(None);
     }
 
     #[test]

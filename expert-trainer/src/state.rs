@@ -4,9 +4,18 @@
 //! The transformer is built once over these tensors ([`Weights::model`]); since `Var::set`
 //! writes into the variable's storage, the model sees every update without being rebuilt.
 //! Frozen tensors are plain tensors, so backpropagation computes no gradient for them.
+//!
+//! Each MoE layer's routed experts are kept stacked, as the fused MoE layer consumes them:
+//! `mlp.experts.gate_up_proj` [E, 2F, H] and `mlp.experts.down_proj` [E, H, F], one parameter
+//! each instead of 3·E, so no step copies them into a stack and back. Checkpoint names
+//! (`mlp.experts.{e}.gate_proj.weight`, …) are mapped to slices of the stacks only at I/O
+//! ([`Weights::tensor`]). When `trainable` selects some experts (or halves) of a layer and not
+//! others, the stack is one variable with a [mask](Weights::masks) of the element ranges that
+//! train; the optimizer leaves the rest untouched.
 
 use crate::spec::Trainable;
 use anyhow::{Context, Result};
+use btm_model::model::{STACKED_DOWN, STACKED_GATE_UP};
 use btm_model::weights::expected_tensors;
 use btm_model::{Checkpoint, ModelConfig, Transformer};
 use candle_core::{DType, Device, Tensor, Var};
@@ -15,16 +24,78 @@ use rand::SeedableRng;
 use rand_distr::{Distribution, Normal};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
+use std::ops::Range;
 
 /// Standard deviation of the random initialisation (GPT-2, Llama's `initializer_range`).
 pub const INIT_STD: f64 = 0.02;
 
 pub struct Weights {
     pub config: ModelConfig,
-    /// Every tensor by canonical name; trainable ones share storage with their `Var`.
+    /// Every tensor the model reads, by the name it reads it under: the canonical name, or for
+    /// routed experts their layer's stack. Trainable ones share storage with their `Var`.
     tensors: HashMap<String, Tensor>,
+    /// Canonical names of routed experts' weights → where they lie in their layer's stack.
+    slices: HashMap<String, Slice>,
     /// Trainable tensors in model order.
     pub trainable: Vec<(String, Var)>,
+    /// Trainable stacks of which only part trains: the flat element ranges that do.
+    pub masks: HashMap<String, Vec<Range<usize>>>,
+}
+
+/// Expert `expert`'s rows `rows` of the stacked tensor `stacked` ([E, rows, columns]).
+#[derive(Debug, Clone)]
+struct Slice {
+    stacked: String,
+    expert: usize,
+    rows: Range<usize>,
+}
+
+impl Slice {
+    /// The slice's elements in the flattened stack of `dims` [E, R, C].
+    fn flat_range(&self, dims: &[usize]) -> Range<usize> {
+        let per_expert = dims[1] * dims[2];
+        let start = self.expert * per_expert + self.rows.start * dims[2];
+        start..start + self.rows.len() * dims[2]
+    }
+}
+
+/// Replace each MoE layer's per-expert weights in `tensors` by its two stacks; return where
+/// each per-expert name now lies.
+fn stack_experts(config: &ModelConfig, tensors: &mut HashMap<String, Tensor>) -> Result<HashMap<String, Slice>> {
+    let mut slices = HashMap::new();
+    let Some(moe) = &config.moe else {
+        return Ok(slices);
+    };
+    let (f, h) = (moe.expert_ffn, config.hidden_size);
+    for layer in (0..config.num_layers).filter(|&l| config.is_moe_layer(l)) {
+        let prefix = format!("model.layers.{layer}.mlp.experts");
+        let (gate_up_name, down_name) = (format!("{prefix}.{STACKED_GATE_UP}"), format!("{prefix}.{STACKED_DOWN}"));
+        let (mut gate_up, mut down) = (Vec::new(), Vec::new());
+        for e in 0..moe.experts {
+            for (part, stacked, rows) in [("gate_proj", &gate_up_name, 0..f), ("up_proj", &gate_up_name, f..2 * f), ("down_proj", &down_name, 0..h)] {
+                let name = format!("{prefix}.{e}.{part}.weight");
+                let t = tensors.remove(&name).with_context(|| format!("no tensor `{name}`"))?;
+                if part == "down_proj" { down.push(t) } else { gate_up.push(t) }
+                slices.insert(name, Slice { stacked: stacked.clone(), expert: e, rows });
+            }
+        }
+        tensors.insert(gate_up_name, Tensor::cat(&gate_up, 0)?.reshape((moe.experts, 2 * f, h))?);
+        tensors.insert(down_name, Tensor::stack(&down, 0)?);
+    }
+    Ok(slices)
+}
+
+/// Sorted ranges with adjacent ones joined.
+fn join_ranges(mut ranges: Vec<Range<usize>>) -> Vec<Range<usize>> {
+    ranges.sort_by_key(|r| r.start);
+    let mut out: Vec<Range<usize>> = Vec::new();
+    for r in ranges {
+        match out.last_mut() {
+            Some(last) if last.end == r.start => last.end = r.end,
+            _ => out.push(r),
+        }
+    }
+    out
 }
 
 impl Weights {
@@ -64,19 +135,47 @@ impl Weights {
     }
 
     fn new(config: ModelConfig, mut tensors: HashMap<String, Tensor>, select: &Trainable) -> Result<Self> {
-        let mut trainable = Vec::new();
+        let slices = stack_experts(&config, &mut tensors)?;
+        // Model order, a stack taking the place of its first expert's first weight; for each
+        // tensor the element ranges `trainable` selects (all, none, or part of a stack).
+        let mut order: Vec<String> = Vec::new();
+        let mut selected: HashMap<String, Vec<Range<usize>>> = HashMap::new();
         for spec in expected_tensors(&config) {
-            if select.selects(&spec.name) {
-                let t = tensors.get(&spec.name).with_context(|| format!("no tensor `{}`", spec.name))?;
-                let var = Var::from_tensor(&t.contiguous()?)?;
-                tensors.insert(spec.name.clone(), var.as_tensor().clone());
-                trainable.push((spec.name, var));
+            let (name, range) = match slices.get(&spec.name) {
+                Some(slice) => {
+                    let dims = tensors[&slice.stacked].dims().to_vec();
+                    (slice.stacked.clone(), slice.flat_range(&dims))
+                }
+                None => (spec.name.clone(), 0..tensors.get(&spec.name).with_context(|| format!("no tensor `{}`", spec.name))?.elem_count()),
+            };
+            if !selected.contains_key(&name) {
+                order.push(name.clone());
             }
+            let ranges = selected.entry(name).or_default();
+            if select.selects(&spec.name) {
+                ranges.push(range);
+            }
+        }
+        let (mut trainable, mut masks) = (Vec::new(), HashMap::new());
+        for name in order {
+            let ranges = join_ranges(selected.remove(&name).unwrap_or_default());
+            if ranges.is_empty() {
+                continue;
+            }
+            let t = &tensors[&name];
+            if ranges != [0..t.elem_count()] {
+                masks.insert(name.clone(), ranges);
+            }
+            let var = Var::from_tensor(&t.contiguous()?)?;
+            tensors.insert(name.clone(), var.as_tensor().clone());
+            trainable.push((name, var));
         }
         Ok(Self {
             config,
             tensors,
+            slices,
             trainable,
+            masks,
         })
     }
 
@@ -97,16 +196,23 @@ impl Weights {
 
     /// A tensor by canonical name (its current value), on the CPU.
     pub fn tensor(&self, name: &str) -> btm_model::Result<Tensor> {
-        let t = self
-            .tensors
-            .get(name)
-            .ok_or_else(|| btm_model::Error::Unsupported(format!("no tensor `{name}`")))?;
+        let missing = || btm_model::Error::Unsupported(format!("no tensor `{name}`"));
+        let t = match self.slices.get(name) {
+            Some(slice) => {
+                let stack = self.tensors.get(&slice.stacked).ok_or_else(missing)?;
+                stack.get(slice.expert)?.narrow(0, slice.rows.start, slice.rows.len())?.contiguous()?
+            }
+            None => self.tensors.get(name).ok_or_else(missing)?.clone(),
+        };
         Ok(t.detach().to_device(&Device::Cpu)?)
     }
 
     /// Number of trainable scalars.
     pub fn num_trainable(&self) -> usize {
-        self.trainable.iter().map(|(_, v)| v.elem_count()).sum()
+        self.trainable
+            .iter()
+            .map(|(name, v)| self.masks.get(name).map_or(v.elem_count(), |ranges| ranges.iter().map(|r| r.len()).sum()))
+            .sum()
     }
 }
 
@@ -135,9 +241,48 @@ mod tests {
         assert!((std - 0.02).abs() < 0.004, "std {std}");
         let norm = a.tensor("model.norm.weight").unwrap().to_vec1::<f32>().unwrap();
         assert!(norm.iter().all(|&x| x == 1.0));
-        assert_eq!(a.trainable.len(), expected_tensors(&cfg).len());
+        // Every parameter trains; each MoE layer's experts are two stacked variables.
+        assert_eq!(a.num_trainable(), cfg.num_parameters());
+        let moe = cfg.moe.as_ref().unwrap();
+        let moe_layers = (0..cfg.num_layers).filter(|&l| cfg.is_moe_layer(l)).count();
+        assert_eq!(a.trainable.len(), expected_tensors(&cfg).len() - moe_layers * (3 * moe.experts - 2));
+        assert!(a.masks.is_empty());
         let logits = a.model().unwrap().forward(&Tensor::new(&[[1u32, 2, 3]], &Device::Cpu).unwrap()).unwrap();
         assert_eq!(logits.dims(), &[1, 3, cfg.vocab_size]);
+    }
+
+    /// Checkpoint names read back as slices of the stacks, and a `trainable` that selects
+    /// some experts masks the stack: an AdamW step with weight decay leaves the others' bits
+    /// alone.
+    #[test]
+    fn stacked_experts_read_back_by_name_and_train_only_where_selected() {
+        let cfg = fixture_config();
+        let full = Weights::random(&cfg, 7, &Device::Cpu, &Trainable::default()).unwrap();
+        let mut tensors = HashMap::new();
+        for spec in expected_tensors(&cfg) {
+            tensors.insert(spec.name.clone(), full.tensor(&spec.name).unwrap());
+            assert_eq!(full.tensor(&spec.name).unwrap().dims(), spec.shape.as_slice(), "{}", spec.name);
+        }
+        let one_expert = Trainable { include: vec!["*.experts.1.*".into(), "*.experts.0.up_proj.*".into()], exclude: vec![] };
+        let w = Weights::new(cfg.clone(), tensors.clone(), &one_expert).unwrap();
+        let names: Vec<&str> = w.trainable.iter().map(|(n, _)| n.as_str()).collect();
+        assert!(names.iter().all(|n| n.ends_with("experts.gate_up_proj") || n.ends_with("experts.down_proj")), "{names:?}");
+        assert_eq!(w.num_trainable(), cfg.num_layers * 4 * cfg.hidden_size * cfg.moe.as_ref().unwrap().expert_ffn);
+        let mut opt = crate::optim::AdamW::new(
+            w.trainable.clone(),
+            &crate::spec::Optimizer { lr: 0.1, betas: [0.9, 0.95], eps: 1e-8, weight_decay: 0.5 },
+        )
+        .unwrap();
+        for (name, ranges) in &w.masks {
+            opt.set_mask(name, ranges.clone()).unwrap();
+        }
+        let mut grads: Vec<Tensor> = w.trainable.iter().map(|(_, v)| v.as_tensor().ones_like().unwrap()).collect();
+        opt.mask_gradients(&mut grads).unwrap();
+        opt.step(&grads, 0.1).unwrap();
+        for spec in expected_tensors(&cfg) {
+            let (before, after) = (tensors[&spec.name].flatten_all().unwrap().to_vec1::<f32>().unwrap(), w.tensor(&spec.name).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap());
+            assert_eq!(before != after, one_expert.selects(&spec.name), "{}", spec.name);
+        }
     }
 
     #[test]

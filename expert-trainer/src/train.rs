@@ -130,7 +130,10 @@ impl Stepper {
         let capacity = moe.capacity()?;
         let mut model = weights.model()?;
         model.set_moe_capacity(capacity);
-        let opt = AdamW::new(weights.trainable.clone(), optimizer)?;
+        let mut opt = AdamW::new(weights.trainable.clone(), optimizer)?;
+        for (name, ranges) in &weights.masks {
+            opt.set_mask(name, ranges.clone())?;
+        }
         Ok(Self {
             weights,
             model,
@@ -218,7 +221,7 @@ impl Stepper {
             stats.aux_loss = Some(aux_sum);
             stats.z_loss = Some(z_sum);
         }
-        let grads: Vec<Tensor> = grads
+        let mut grads: Vec<Tensor> = grads
             .into_iter()
             .zip(&self.opt.params)
             .map(|(g, p)| match g {
@@ -228,6 +231,7 @@ impl Stepper {
                 None => Ok(p.var.as_tensor().zeros_like()?),
             })
             .collect::<Result<_>>()?;
+        self.opt.mask_gradients(&mut grads)?;
         stats.grad_norm = global_norm(&grads)?;
         self.opt.step_scaled(&grads, lr, clip_scale(stats.grad_norm, self.grad_clip))?;
         self.refresh_model()?;

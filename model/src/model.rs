@@ -300,6 +300,46 @@ impl Module for SwiGlu {
     }
 }
 
+/// The name, under an MoE layer's `experts`, of all experts' gate and up weights stacked
+/// [E, 2F, H] (expert e's F gate rows, then its F up rows), as transformers 5 keeps Mixtral's
+/// experts in memory and btm's trainer keeps them in its state.
+pub const STACKED_GATE_UP: &str = "gate_up_proj";
+/// The name, under an MoE layer's `experts`, of all experts' down weights stacked [E, H, F].
+pub const STACKED_DOWN: &str = "down_proj";
+
+/// An MoE layer's routed experts: one SwiGLU per expert, as checkpoints name them
+/// (`experts.{e}.{gate,up,down}_proj.weight`), or all of them stacked in two tensors
+/// ([`STACKED_GATE_UP`], [`STACKED_DOWN`]), which the fused layer uses without copying and
+/// the trainer keeps (one parameter per layer instead of 3·E, no stacking per step).
+#[derive(Debug, Clone)]
+enum Experts {
+    Each(Vec<SwiGlu>),
+    Stacked(ExpertWeights),
+}
+
+impl Experts {
+    /// One SwiGLU per expert (views into stacked weights; gradients flow back to them).
+    fn each(&self, fused: bool) -> Result<Vec<SwiGlu>> {
+        match self {
+            Experts::Each(experts) => Ok(experts.clone()),
+            Experts::Stacked(w) => {
+                let (e, f, _) = w.dims()?;
+                (0..e)
+                    .map(|i| {
+                        let gate_up = w.gate_up.get(i)?;
+                        Ok(SwiGlu {
+                            gate_proj: Linear::new(gate_up.narrow(0, 0, f)?, None),
+                            up_proj: Linear::new(gate_up.narrow(0, f, f)?, None),
+                            down_proj: Linear::new(w.down.get(i)?, None),
+                            fused,
+                        })
+                    })
+                    .collect()
+            }
+        }
+    }
+}
+
 /// What an MoE layer's router did for one forward pass.
 #[derive(Debug, Clone)]
 pub struct RouterOutput {
@@ -346,13 +386,15 @@ impl RouterOutput {
 pub struct MoeBlock {
     /// Router weight [E, H]; applied in float32.
     router: Tensor,
-    experts: Vec<SwiGlu>,
+    experts: Experts,
     shared_expert: Option<SwiGlu>,
     shared_expert_gate: Option<Linear>,
     top_k: usize,
     routing: Routing,
     /// Use the fused kernels (CPU only).
     fused: bool,
+    /// Whether stacked experts, taken apart for the reference loop, use the fused SwiGLU.
+    expert_fused: bool,
     /// Expert capacity (fused path only); `None` = dropless.
     capacity: Option<Capacity>,
 }
@@ -360,9 +402,16 @@ pub struct MoeBlock {
 impl MoeBlock {
     pub fn new(hidden: usize, moe: &MoeConfig, vb: VarBuilder) -> Result<Self> {
         let router = vb.pp("gate").get((moe.experts, hidden), "weight")?;
-        let experts = (0..moe.experts)
-            .map(|e| SwiGlu::new(hidden, moe.expert_ffn, vb.pp("experts").pp(e)))
-            .collect::<Result<Vec<_>>>()?;
+        let (e, f) = (moe.experts, moe.expert_ffn);
+        let stacked = vb.pp("experts");
+        let experts = if stacked.contains_tensor(STACKED_GATE_UP) {
+            Experts::Stacked(ExpertWeights {
+                gate_up: stacked.get((e, 2 * f, hidden), STACKED_GATE_UP)?,
+                down: stacked.get((e, hidden, f), STACKED_DOWN)?,
+            })
+        } else {
+            Experts::Each((0..e).map(|i| SwiGlu::new(hidden, f, vb.pp("experts").pp(i))).collect::<Result<Vec<_>>>()?)
+        };
         let (shared_expert, shared_expert_gate) = match &moe.shared_expert {
             None => (None, None),
             Some(s) => (
@@ -378,6 +427,7 @@ impl MoeBlock {
             fused: router.device().is_cpu(),
             router,
             experts,
+            expert_fused: true,
             shared_expert,
             shared_expert_gate,
             top_k: moe.top_k,
@@ -416,21 +466,25 @@ impl MoeBlock {
         out.reshape(dims)
     }
 
-    /// The routed experts through the fused kernels. The per-expert weights are stacked on
-    /// each call (gradients flow back through the stack to every expert's own tensors).
+    /// The routed experts through the fused kernels. Per-expert weights are stacked on each
+    /// call (gradients flow back through the stack to every expert's own tensors); stacked
+    /// ones are used as they are.
     fn routed_fused(&self, xs: &Tensor) -> Result<(Tensor, RouterOutput)> {
-        let refs: Vec<_> = self
-            .experts
-            .iter()
-            .map(|e| (e.gate_proj.weight(), e.up_proj.weight(), e.down_proj.weight()))
-            .collect();
-        let weights = ExpertWeights::stack(&refs)?;
+        let stacked_now;
+        let weights = match &self.experts {
+            Experts::Stacked(weights) => weights,
+            Experts::Each(experts) => {
+                let refs: Vec<_> = experts.iter().map(|e| (e.gate_proj.weight(), e.up_proj.weight(), e.down_proj.weight())).collect();
+                stacked_now = ExpertWeights::stack(&refs)?;
+                &stacked_now
+            }
+        };
         let opts = MoeOptions {
             top_k: self.top_k,
             routing: self.routing,
             capacity: self.capacity,
         };
-        let (y, stats) = btm_kernels::fused_moe(xs, &self.router, &weights, &opts)?;
+        let (y, stats) = btm_kernels::fused_moe(xs, &self.router, weights, &opts)?;
         let dropped = stats.dropped();
         Ok((y, RouterOutput { logits: stats.logits, routed: stats.routed, dropped }))
     }
@@ -443,15 +497,16 @@ impl MoeBlock {
         // Group the T·k assignments by expert on the host: the reference loop.
         let k = self.top_k;
         let assignments = routed.experts.flatten_all()?.to_vec1::<u32>()?;
-        let mut tokens: Vec<Vec<u32>> = vec![Vec::new(); self.experts.len()];
-        let mut slots: Vec<Vec<u32>> = vec![Vec::new(); self.experts.len()];
+        let experts = self.experts.each(self.expert_fused)?;
+        let mut tokens: Vec<Vec<u32>> = vec![Vec::new(); experts.len()];
+        let mut slots: Vec<Vec<u32>> = vec![Vec::new(); experts.len()];
         for (slot, &e) in assignments.iter().enumerate() {
             tokens[e as usize].push((slot / k) as u32);
             slots[e as usize].push(slot as u32);
         }
         let weights = routed.weights.flatten_all()?;
         let mut out = xs.zeros_like()?;
-        for (e, expert) in self.experts.iter().enumerate() {
+        for (e, expert) in experts.iter().enumerate() {
             if tokens[e].is_empty() {
                 continue;
             }
@@ -601,7 +656,11 @@ impl Transformer {
             match &mut layer.mlp {
                 Ffn::Dense(mlp) => mlp.fused = fused,
                 Ffn::Moe(moe) => {
-                    for e in moe.experts.iter_mut().chain(moe.shared_expert.as_mut()) {
+                    moe.expert_fused = fused;
+                    if let Experts::Each(experts) = &mut moe.experts {
+                        experts.iter_mut().for_each(|e| e.fused = fused);
+                    }
+                    if let Some(e) = moe.shared_expert.as_mut() {
                         e.fused = fused;
                     }
                 }
@@ -685,6 +744,46 @@ impl Transformer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An MoE layer reads its experts per expert (checkpoint names) or stacked (the trainer's
+    /// state): the same model either way, through the fused kernels and the reference loop.
+    #[test]
+    fn stacked_experts_give_the_per_expert_model() {
+        let cfg = ModelConfig {
+            moe: Some(MoeConfig { experts: 3, top_k: 2, routing: Routing::TopkThenSoftmax, expert_ffn: 12, shared_expert: None, dense_layers: vec![] }),
+            ..ModelConfig::llama(29, 16, 2, 4, 2, 24)
+        };
+        let mut x = 0.37f64;
+        let mut per_expert = std::collections::HashMap::new();
+        for spec in crate::weights::expected_tensors(&cfg) {
+            let n: usize = spec.shape.iter().product();
+            let values: Vec<f64> = (0..n).map(|_| { x = (x * 3.7 + 0.11).fract(); x - 0.5 }).collect();
+            per_expert.insert(spec.name, Tensor::from_vec(values, spec.shape.as_slice(), &Device::Cpu).unwrap());
+        }
+        let mut stacked = per_expert.clone();
+        for l in 0..2 {
+            let p = format!("model.layers.{l}.mlp.experts");
+            let mut take = |part: &str, e: usize| stacked.remove(&format!("{p}.{e}.{part}.weight")).unwrap();
+            let mut gate_up = Vec::new();
+            let mut down = Vec::new();
+            for e in 0..3 {
+                gate_up.extend([take("gate_proj", e), take("up_proj", e)]);
+                down.push(take("down_proj", e));
+            }
+            stacked.insert(format!("{p}.{STACKED_GATE_UP}"), Tensor::cat(&gate_up, 0).unwrap().reshape((3, 24, 16)).unwrap());
+            stacked.insert(format!("{p}.{STACKED_DOWN}"), Tensor::stack(&down, 0).unwrap());
+        }
+        let build = |t: &std::collections::HashMap<String, Tensor>| Transformer::new(&cfg, VarBuilder::from_tensors(t.clone(), DType::F64, &Device::Cpu)).unwrap();
+        let (mut a, mut b) = (build(&per_expert), build(&stacked));
+        let ids = Tensor::from_vec((0..22u32).map(|i| (i * 7) % 29).collect(), (2, 11), &Device::Cpu).unwrap();
+        for fused in [true, false] {
+            a.set_fused_moe(fused);
+            b.set_fused_moe(fused);
+            let (la, lb) = (a.forward(&ids).unwrap(), b.forward(&ids).unwrap());
+            let diff = (la - lb).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+            assert!(diff < 1e-12, "fused {fused}: logits differ by {diff}");
+        }
+    }
 
     #[test]
     fn sliding_window_mask() {

@@ -296,6 +296,10 @@ pub struct JobSpec {
     /// `$BTM_CACHE/runs/<hash of out>`), training happens here and is mirrored to `out`.
     #[serde(default)]
     pub work_dir: Option<PathBuf>,
+    /// Who trains: btm itself (default), or an external engine through Hugging Face
+    /// checkpoints ([`crate::external`]).
+    #[serde(default, skip_serializing_if = "crate::external::Trainer::is_btm")]
+    pub trainer: crate::external::Trainer,
 }
 
 fn one_f64() -> f64 {

@@ -276,6 +276,9 @@ pub fn device(name: &str) -> Result<Device> {
 /// Run a training job to the end (or until stopped).
 pub fn run(spec: &JobSpec, mut options: Options) -> Result<Outcome> {
     spec.validate()?;
+    if !spec.trainer.is_btm() {
+        return crate::external::run(spec, &spec.trainer, options.quiet);
+    }
     tune_runtime(spec.threads);
     let device = device(&spec.device)?;
     let out = spec.out_dir()?;

@@ -67,6 +67,9 @@ pub struct TrainInfo {
     pub steps: u64,
     pub tokens: u64,
     pub metrics: PathBuf,
+    /// The external trainer's command template, when an external engine trains the job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -132,6 +135,7 @@ fn defaults() -> TrainParams {
         capacity_factor: None,
         drop_policy: None,
         trainable: None,
+        trainer: None,
     }
 }
 
@@ -289,6 +293,13 @@ impl Builder<'_> {
             resume: "auto".into(),
             token_cache: None,
             work_dir: None,
+            trainer: match t.trainer.clone().unwrap_or_default() {
+                // The script is named relative to the pipeline's folder; the job runs elsewhere.
+                btm_trainer::external::Trainer::Torchrun { script, args, nproc_per_node, nnodes } => {
+                    btm_trainer::external::Trainer::Torchrun { script: abs(self.base, &script), args, nproc_per_node, nnodes }
+                }
+                other => other,
+            },
         };
         let job_dir = self.run.join("jobs").join(name.replace('/', "-"));
         let yaml = serde_yaml::to_string(&spec)?;
@@ -311,6 +322,7 @@ impl Builder<'_> {
                 steps,
                 tokens,
                 metrics: out.join("metrics.jsonl"),
+                external: spec.trainer.template(),
             }),
             Some(produces),
         ))

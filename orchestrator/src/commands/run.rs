@@ -49,6 +49,9 @@ fn print_plan(plan: &Plan) {
             println!("  after:   {}", j.deps.join(", "));
         }
         println!("  command: btm {}", j.args.join(" "));
+        if let Some(external) = j.train.as_ref().and_then(|t| t.external.as_ref()) {
+            println!("  trainer: {external}");
+        }
         for o in &j.outputs {
             println!("  output:  {}", o.display());
         }

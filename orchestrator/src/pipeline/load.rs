@@ -450,6 +450,16 @@ pub fn check(p: &Pipeline, base: &Path) -> Vec<(String, String)> {
                 problems.push((format!("{path}.{k}"), "must be positive".into()));
             }
         }
+        if let Some(trainer) = &t.trainer {
+            if let Err(e) = trainer.check() {
+                problems.push((format!("{path}.trainer"), format!("{e:#}")));
+            }
+            if let btm_trainer::external::Trainer::Torchrun { script, .. } = trainer {
+                if !Path::new(&resolve(base, script)).is_file() {
+                    problems.push((format!("{path}.trainer.script"), format!("{script}: no such file (relative paths start at the pipeline's folder)")));
+                }
+            }
+        }
     };
     check_params("train", &p.train);
     for (i, d) in p.domains.iter().enumerate() {

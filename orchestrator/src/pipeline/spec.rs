@@ -360,6 +360,12 @@ pub struct TrainParams {
     /// block sets it. E.g. `{include: ["*.mlp.*"]}` keeps the seed's embeddings and attention,
     /// so the merge's non-expert weights are exactly the seed's.
     pub trainable: Option<btm_trainer::spec::Trainable>,
+    /// Who trains this phase: `{kind: btm}` (default), `{kind: command, command: "… {model_in}
+    /// … {model_out} …"}` or `{kind: torchrun, script: train.py, args: […], nproc_per_node: N}`:
+    /// an external engine through Hugging Face checkpoints (README, "External trainers"). Like
+    /// `trainable`, set in `train` it holds for the expert phase (and the domains' overrides),
+    /// not for the mix phases, which set their own.
+    pub trainer: Option<btm_trainer::external::Trainer>,
 }
 
 macro_rules! overlay_fields {
@@ -374,7 +380,7 @@ impl TrainParams {
         overlay_fields!(
             self, over, steps, batch_size, seq_len, grad_accum, lr, min_lr, warmup_steps, decay, weight_decay,
             betas, grad_clip, seed, checkpoint_interval, keep_checkpoints, eval_interval, eval_sequences,
-            log_interval, aux_loss_coef, z_loss_coef, capacity_factor, drop_policy, trainable
+            log_interval, aux_loss_coef, z_loss_coef, capacity_factor, drop_policy, trainable, trainer
         )
     }
 
@@ -382,7 +388,7 @@ impl TrainParams {
     /// `train`: every hyperparameter inherits, but not `train`'s `trainable`, which belongs
     /// to the expert phase.
     pub fn mix_phase(&self, over: &TrainParams) -> TrainParams {
-        TrainParams { trainable: over.trainable.clone(), ..self.overlay(over) }
+        TrainParams { trainable: over.trainable.clone(), trainer: over.trainer.clone(), ..self.overlay(over) }
     }
 
     /// Tokens one run of these parameters consumes.

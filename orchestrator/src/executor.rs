@@ -156,10 +156,11 @@ pub async fn execute(plan: &Plan, engine: &dyn Engine, retries: u32, quiet: bool
         // together (the per-domain trainers) go to the engine as one batch (a Slurm array).
         let running = status.iter().filter(|s| matches!(s, Status::Running { .. })).count();
         let free = engine.slots().saturating_sub(running);
-        let failed_any = status.iter().any(|s| matches!(s, Status::Failed(_)));
+        // A failed job stops only what depends on it: the others still run, so a re-run has
+        // less left to do.
         let mut ready: Vec<(usize, u32)> = vec![];
         for i in 0..total {
-            if ready.len() >= free || interrupted || failed_any {
+            if ready.len() >= free || interrupted {
                 break;
             }
             let attempts = match &status[i] {
@@ -247,14 +248,24 @@ pub async fn execute(plan: &Plan, engine: &dyn Engine, retries: u32, quiet: bool
             if interrupted {
                 bail!("interrupted; run `btm run` again to continue where it stopped");
             }
-            if let Some((i, Status::Failed(why))) = status.iter().enumerate().find(|(_, s)| matches!(s, Status::Failed(_))) {
-                bail!("job {} failed: {why} (see {})", plan.jobs[i].name, plan.jobs[i].log(&logs).display());
-            }
             if status.iter().all(|s| *s == Status::Done) {
                 return Ok(summary);
             }
             let waiting_on_backoff = status.iter().any(|s| matches!(s, Status::Backoff { .. }));
             if !waiting_on_backoff && free_jobs_blocked(plan, &status, &index) {
+                let failed: Vec<(usize, &String)> = status.iter().enumerate().filter_map(|(i, s)| if let Status::Failed(why) = s { Some((i, why)) } else { None }).collect();
+                if let Some(&(i, why)) = failed.first() {
+                    let more = match failed.len() {
+                        1 => String::new(),
+                        n => format!("; {} other failed jobs: {}", n - 1, failed[1..].iter().map(|&(k, _)| plan.jobs[k].name.as_str()).collect::<Vec<_>>().join(", ")),
+                    };
+                    let blocked = status.iter().filter(|s| **s == Status::Waiting).count();
+                    bail!(
+                        "job {} failed: {why} (see {}){more}; {blocked} jobs that depend on failed ones did not start, the rest finished (run `btm run` again after fixing it)",
+                        plan.jobs[i].name,
+                        plan.jobs[i].log(&logs).display()
+                    );
+                }
                 bail!("no job can start: the plan has a dependency that is never produced");
             }
         }

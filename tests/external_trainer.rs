@@ -1,0 +1,179 @@
+//! Training phases handed to an external engine through Hugging Face checkpoints: the
+//! reference trainer `scripts/train_hf.py` under `torchrun --nproc_per_node 2` (PyTorch DDP over
+//! gloo) trains the experts, btm merges, continues, evaluates and reports; a re-run does
+//! nothing; SIGKILL of the orchestrator mid-expert and a re-run finish the run. And the
+//! contract's failures, with commands that need no Python: output missing, another
+//! architecture, a command not found, an unknown placeholder.
+//!
+//! The PyTorch part needs a Python with `torch` and `transformers`: `BTM_PYTHON`, else
+//! `/opt/pyref/bin/python`, else `python3`. Without one it says so and skips, unless
+//! `BTM_REQUIRE_TORCH=1` (CI), which makes that a failure.
+
+mod common;
+
+use common::{btm, domain, ok, repo};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A Python that imports torch and transformers, or `None` (a failure under BTM_REQUIRE_TORCH=1).
+fn torch_python() -> Option<PathBuf> {
+    let candidates = std::env::var_os("BTM_PYTHON").map(PathBuf::from).into_iter().chain([PathBuf::from("/opt/pyref/bin/python"), PathBuf::from("python3")]);
+    for py in candidates {
+        let works = Command::new(&py).args(["-c", "import torch, transformers"]).stderr(Stdio::null()).status().is_ok_and(|s| s.success());
+        if works {
+            return Some(py);
+        }
+    }
+    assert!(std::env::var("BTM_REQUIRE_TORCH").as_deref() != Ok("1"), "BTM_REQUIRE_TORCH=1 but no Python with torch and transformers was found (set BTM_PYTHON)");
+    eprintln!("skipped: no Python with torch and transformers (set BTM_PYTHON, or BTM_REQUIRE_TORCH=1 to fail)");
+    None
+}
+
+/// PATH with the Python's folder first, so `torchrun` is the one next to it.
+fn path_with(python: &Path) -> String {
+    let bin = std::fs::canonicalize(python).ok().and_then(|p| p.parent().map(Path::to_path_buf));
+    let bin = python.parent().filter(|p| !p.as_os_str().is_empty()).map(Path::to_path_buf).or(bin).unwrap_or_default();
+    format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default())
+}
+
+/// Two experts from the llama fixture, trained by `trainer` (YAML), merged and continued by btm.
+fn pipeline(dir: &Path, name: &str, trainer: &str, steps: u64) -> PathBuf {
+    let yaml = format!(
+        "name: {name}\nstorage: {}\nengine: {{kind: local, slots: 2, threads_per_job: 1, retries: 1}}\n\
+         seed: {{checkpoint: {}}}\n\
+         domains:\n{}{}\
+         train: {{steps: {steps}, batch_size: 4, seq_len: 32, checkpoint_interval: 4, log_interval: 2, trainer: {trainer}}}\n\
+         merge: {{top_k: 1, router_init: centroid, calib_tokens: 512}}\n\
+         continue: {{steps: 2}}\n\
+         eval: {{split: test, seq_len: 32, max_docs: 1}}\n",
+        dir.join("runs").display(),
+        repo().join("model/tests/fixtures/llama").display(),
+        domain("scripture"),
+        domain("code"),
+    );
+    let file = dir.join(format!("{name}.yaml"));
+    std::fs::write(&file, yaml).unwrap();
+    file
+}
+
+/// The reference trainer's block, every placeholder it takes.
+fn torchrun_trainer() -> String {
+    let args = [
+        "--model-in", "{model_in}", "--model-out", "{model_out}", "--work-dir", "{work_dir}", "--train", "{train_files}", "--weights",
+        "{train_weights}", "--valid", "{valid_files}", "--steps", "{steps}", "--batch-size", "{batch_size}", "--grad-accum", "{grad_accum}",
+        "--seq-len", "{seq_len}", "--lr", "{lr}", "--min-lr", "{min_lr}", "--warmup-steps", "{warmup_steps}", "--decay", "{decay}",
+        "--weight-decay", "{weight_decay}", "--beta1", "{beta1}", "--beta2", "{beta2}", "--grad-clip", "{grad_clip}", "--seed", "{seed}",
+        "--checkpoint-interval", "2", "--log-interval", "2",
+    ];
+    let args: Vec<String> = args.iter().map(|a| format!("'{a}'")).collect();
+    format!(
+        "{{kind: torchrun, script: {}, nproc_per_node: 2, args: [{}]}}",
+        repo().join("scripts/train_hf.py").display(),
+        args.join(", ")
+    )
+}
+
+fn wait_for(what: &str, deadline: Duration, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn torchrun_trains_the_experts_and_btm_merges_continues_and_reports() {
+    let Some(python) = torch_python() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let path = path_with(&python);
+    let file = pipeline(tmp.path(), "ext", &torchrun_trainer(), 8);
+    let dry = ok(btm().env("PATH", &path).arg("run").arg(&file).arg("--dry-run").output().unwrap());
+    assert!(dry.contains("exec torchrun --standalone --nnodes 1 --nproc_per_node 2"), "{dry}");
+
+    let out = ok(btm().env("PATH", &path).arg("run").arg(&file).arg("--quiet").output().unwrap());
+    let run = tmp.path().join("runs/ext");
+    for model in ["expert-scripture", "expert-code", "merged", "continued"] {
+        assert!(out.contains(&format!("| {model} |")), "{model} missing from the table:\n{out}");
+    }
+    // Published as btm publishes its own: manifest, lineage naming the command, metrics.
+    let expert = run.join("experts/scripture");
+    assert!(expert.join("model/MANIFEST.json").is_file());
+    let lineage = std::fs::read_to_string(expert.join("model/btm.json")).unwrap();
+    assert!(lineage.contains("train_hf.py") && lineage.contains("\"domain\": \"scripture\""), "{lineage}");
+    let metrics = std::fs::read_to_string(expert.join("metrics.jsonl")).unwrap();
+    assert!(metrics.contains("\"step\":8") && metrics.contains("val_ppl"), "{metrics}");
+    let log = std::fs::read_to_string(run.join("logs/expert-scripture.log")).unwrap();
+    assert!(log.contains("external trainer: exec torchrun"), "{log}");
+    assert!(run.join("report.md").is_file());
+    let again = ok(btm().env("PATH", &path).arg("run").arg(&file).output().unwrap());
+    assert!(again.contains("nothing to do: all"), "{again}");
+
+    // SIGKILL of the orchestrator once the external trainer has checkpointed; a re-run resumes
+    // it from its own checkpoint and finishes the run.
+    let file = pipeline(tmp.path(), "killed", &torchrun_trainer(), 40);
+    let run = tmp.path().join("runs/killed");
+    let mut child = btm().env("PATH", &path).arg("run").arg(&file).arg("--quiet").stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let work = run.join("experts/code/external/work");
+    wait_for("an external checkpoint", Duration::from_secs(300), || {
+        std::fs::read_dir(&work).is_ok_and(|d| d.flatten().any(|e| e.path().join("state.json").exists()))
+    });
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(!run.join("jobs/expert-code/done.json").exists(), "the kill came too late to test resume");
+    std::thread::sleep(Duration::from_secs(2)); // the trainers die with the orchestrator
+    ok(btm().env("PATH", &path).arg("run").arg(&file).arg("--quiet").output().unwrap());
+    let log = std::fs::read_to_string(run.join("logs/expert-code.log")).unwrap();
+    assert!(log.contains("train_hf.py: resuming from"), "{log}");
+    assert!(run.join("continued/model/MANIFEST.json").is_file());
+}
+
+/// The contract's failures, each a named error in the job's log; the jobs that do not depend
+/// on the failed one still run, and a re-run after the fix finishes.
+#[test]
+fn contract_failures_are_named_and_the_rest_of_the_run_goes_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let qwen = repo().join("model/tests/fixtures/qwen2").display().to_string();
+    for (name, command, want) in [
+        ("nothing", "true", "exited 0 but left no valid Hugging Face checkpoint"),
+        ("other-arch", &format!("cp -r {qwen}/. {{model_out}}/") as &str, "external trainer: the output is not the input's architecture: "),
+        ("not-found", "btm-no-such-trainer {model_in}", "command not found (exit 127)"),
+    ] {
+        // Only the code expert runs the failing command; scripture trains with btm.
+        let file = pipeline(d, name, "{kind: btm}", 4);
+        let yaml = std::fs::read_to_string(&file).unwrap().replacen(
+            "  - {name: code,",
+            &format!("  - {{overrides: {{trainer: {{kind: command, command: \"{command}\"}}}}, name: code,"),
+            1,
+        );
+        std::fs::write(&file, yaml).unwrap();
+        let out = btm().arg("run").arg(&file).arg("--quiet").output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{name}: the run passed");
+        assert!(err.contains("job expert/code failed") && err.contains("depend on failed ones did not start"), "{name}: {err}");
+        let run = d.join("runs").join(name);
+        let log = std::fs::read_to_string(run.join("logs/expert-code.log")).unwrap();
+        assert!(log.contains(want), "{name}: {log}");
+        assert!(!run.join("experts/code/model").exists(), "{name}: a model was published");
+        // The independent expert finished.
+        assert!(run.join("jobs/expert-scripture/done.json").exists(), "{name}: scripture did not finish");
+    }
+
+    // A trainer that honours the contract (here: it returns its input) is published, and the
+    // failed run above finishes once fixed.
+    let file = d.join("nothing.yaml");
+    let yaml = std::fs::read_to_string(&file).unwrap().replace("command: \"true\"", "command: \"cp -r {model_in}/. {model_out}/\"");
+    std::fs::write(&file, yaml).unwrap();
+    ok(btm().arg("run").arg(&file).arg("--quiet").output().unwrap());
+    let run = d.join("runs/nothing");
+    assert!(run.join("experts/code/model/MANIFEST.json").is_file());
+    assert!(run.join("continued/model/MANIFEST.json").is_file());
+
+    // An unknown placeholder is a validation error at its line and column.
+    let file = pipeline(d, "typo", "{kind: command, command: \"train {model_in} {modle_out}\"}", 4);
+    let out = btm().arg("validate").arg(&file).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("typo.yaml:8:") && err.contains("train.trainer: unknown placeholder `{modle_out}`"), "{err}");
+}

@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{btm, domain, has_checkpoint, ok, repo, S3Server, BUCKET};
+use common::{btm, domain, has_checkpoint, ok, path_with, repo, torch_python, torchrun_trainer, S3Server, BUCKET};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -100,6 +100,29 @@ fn cli_runs_the_experts_as_an_array_and_survives_a_cancelled_task() {
     // The cancelled expert resumed from its checkpoint rather than step 0.
     let log = std::fs::read_to_string(run.join("logs/expert-code.log")).unwrap();
     assert!(log.contains("resuming from"), "{log}");
+}
+
+/// The experts trained by an external engine (scripts/train_hf.py under torchrun, two
+/// processes per task) as one Slurm array; btm merges and evaluates on the cluster too.
+#[test]
+fn cli_runs_external_trainers_as_an_array() {
+    if !slurm_available(false) {
+        return;
+    }
+    let Some(python) = torch_python() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let file = pipeline(tmp.path(), "slurm-external", "{kind: slurm, api: cli, cpus_per_task: 2, mem_per_cpu_mb: 1500, retries: 1}", 6);
+    let yaml = std::fs::read_to_string(&file).unwrap().replace("checkpoint_interval: 5}", &format!("checkpoint_interval: 5, trainer: {}}}", torchrun_trainer()));
+    std::fs::write(&file, yaml).unwrap();
+    // sbatch hands the submitting environment (PATH with torchrun) to the tasks.
+    let out = ok(btm().env("PATH", path_with(&python)).arg("run").arg(&file).output().unwrap());
+    assert!(out.contains("| merged |") && out.contains("| expert-code |"), "{out}");
+    let run = tmp.path().join("runs/slurm-external");
+    let scripts: Vec<String> = std::fs::read_dir(run.join("jobs/slurm")).unwrap().flatten().map(|e| std::fs::read_to_string(e.path()).unwrap()).collect();
+    assert!(scripts.iter().any(|s| s.contains("expert-scripture") && s.contains("expert-code") && s.contains("  1) mkdir -p")), "{scripts:?}");
+    let log = std::fs::read_to_string(run.join("logs/expert-code.log")).unwrap();
+    assert!(log.contains("external trainer: exec torchrun"), "{log}");
+    assert!(run.join("experts/code/model/MANIFEST.json").is_file());
 }
 
 #[test]

@@ -111,8 +111,11 @@ fn cli_runs_external_trainers_as_an_array() {
     }
     let Some(python) = torch_python() else { return };
     let tmp = tempfile::tempdir().unwrap();
-    let file = pipeline(tmp.path(), "slurm-external", "{kind: slurm, api: cli, cpus_per_task: 2, mem_per_cpu_mb: 1500, retries: 1}", 6);
-    let yaml = std::fs::read_to_string(&file).unwrap().replace("checkpoint_interval: 5}", &format!("checkpoint_interval: 5, trainer: {}}}", torchrun_trainer()));
+    // The experts ask for their own resources (two CPUs for two processes, memory, a time
+    // limit); the merge and evaluations keep the engine's one CPU.
+    let file = pipeline(tmp.path(), "slurm-external", "{kind: slurm, api: cli, cpus_per_task: 1, mem_per_cpu_mb: 400, retries: 1}", 6);
+    let phase = format!("checkpoint_interval: 5, trainer: {}, resources: {{cpus_per_task: 2, memory_mb: 3000, time_limit_min: 20}}}}", torchrun_trainer());
+    let yaml = std::fs::read_to_string(&file).unwrap().replace("checkpoint_interval: 5}", &phase);
     std::fs::write(&file, yaml).unwrap();
     // sbatch hands the submitting environment (PATH with torchrun) to the tasks.
     let out = ok(btm().env("PATH", path_with(&python)).arg("run").arg(&file).output().unwrap());
@@ -123,6 +126,14 @@ fn cli_runs_external_trainers_as_an_array() {
     let log = std::fs::read_to_string(run.join("logs/expert-code.log")).unwrap();
     assert!(log.contains("external trainer: exec torchrun"), "{log}");
     assert!(run.join("experts/code/model/MANIFEST.json").is_file());
+    // Slurm's own record of what the expert tasks were given (kept for MinJobAge after they end).
+    let show = slurm("scontrol").args(["-o", "show", "job"]).output().unwrap();
+    let show = String::from_utf8_lossy(&show.stdout);
+    let experts: Vec<&str> = show.lines().filter(|l| l.contains("JobName=btm-expert") && l.contains(&run.display().to_string())).collect();
+    assert!(!experts.is_empty(), "no expert tasks in scontrol:\n{show}");
+    for l in experts {
+        assert!(l.contains("NumCPUs=2") && l.contains("MinMemoryNode=3000M") && l.contains("TimeLimit=00:20:00"), "{l}");
+    }
 }
 
 #[test]

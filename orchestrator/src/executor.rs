@@ -178,13 +178,7 @@ pub async fn execute(plan: &Plan, engine: &dyn Engine, retries: u32, quiet: bool
             for &(i, _) in &batch {
                 let job = &plan.jobs[i];
                 prepare(run, job)?;
-                subs.push(Submission {
-                    name: job.name.clone(),
-                    args: job.args.clone(),
-                    log: job.log(&logs),
-                    cpus: job.resources.cpus,
-                    gpus: job.resources.gpus,
-                });
+                subs.push(Submission::for_job(job, job.log(&logs)));
             }
             let handles = engine.submit(&subs).await?;
             for (&(i, attempts), handle) in batch.iter().zip(handles) {
@@ -298,9 +292,11 @@ async fn cancel_all(engine: &dyn Engine, status: &[Status]) -> Result<()> {
 /// every job lands in exactly one batch, however the kinds interleave (the experts and
 /// baselines of several arm seeds do).
 fn batches_by_kind(plan: &Plan, ready: &[(usize, u32)]) -> Vec<Vec<(usize, u32)>> {
-    let mut batches: Vec<(crate::plan::JobKind, Vec<(usize, u32)>)> = vec![];
+    // Jobs of one kind that ask for different resources (a domain's `overrides`) cannot share
+    // one array: the key is the kind and the resources.
+    let mut batches: Vec<((crate::plan::JobKind, &crate::plan::Resources), Vec<(usize, u32)>)> = vec![];
     for &(i, attempts) in ready {
-        let kind = plan.jobs[i].kind;
+        let kind = (plan.jobs[i].kind, &plan.jobs[i].resources);
         match batches.iter_mut().find(|(k, _)| *k == kind) {
             Some((_, batch)) => batch.push((i, attempts)),
             None => batches.push((kind, vec![(i, attempts)])),
@@ -353,5 +349,15 @@ mod tests {
         let batches = batches_by_kind(&plan, &ready);
         let names: Vec<Vec<usize>> = batches.iter().map(|b| b.iter().map(|&(i, _)| i).collect()).collect();
         assert_eq!(names, vec![vec![0, 1, 3], vec![2, 4], vec![5]]);
+    }
+
+    #[test]
+    fn jobs_of_one_kind_asking_for_other_resources_go_in_their_own_batch() {
+        let mut jobs: Vec<Job> = (0..3).map(|i| job(&format!("expert/{i}"), JobKind::TrainExpert)).collect();
+        jobs[1].resources.cpus = 8;
+        let plan = Plan { run_dir: "run".into(), jobs };
+        let ready: Vec<(usize, u32)> = (0..3).map(|i| (i, 0)).collect();
+        let names: Vec<Vec<usize>> = batches_by_kind(&plan, &ready).iter().map(|b| b.iter().map(|&(i, _)| i).collect()).collect();
+        assert_eq!(names, vec![vec![0, 2], vec![1]]);
     }
 }

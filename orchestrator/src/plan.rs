@@ -136,6 +136,7 @@ fn defaults() -> TrainParams {
         drop_policy: None,
         trainable: None,
         trainer: None,
+        resources: None,
     }
 }
 
@@ -270,7 +271,7 @@ impl Builder<'_> {
             },
             grad_clip: t.grad_clip,
             seed: t.seed.unwrap_or(0),
-            threads: self.threads,
+            threads: t.resources.as_ref().and_then(|r| r.cpus_per_task).or(self.threads),
             eval: job::Eval {
                 interval: t.eval_interval.unwrap_or(0),
                 sequences: t.eval_sequences.unwrap_or(16),
@@ -311,7 +312,8 @@ impl Builder<'_> {
             flops_after_seed: parent.map_or(0.0, |p| p.flops_after_seed) + if kind == JobKind::TrainSeed { 0.0 } else { flops },
         };
         let job_file = job_dir.join("job.yaml");
-        Ok(self.add(
+        let resources = t.resources.clone().unwrap_or_default();
+        let name = self.add(
             name.into(),
             kind,
             deps,
@@ -325,7 +327,13 @@ impl Builder<'_> {
                 external: spec.trainer.template(),
             }),
             Some(produces),
-        ))
+        );
+        let job = self.jobs.last_mut().expect("the job just added");
+        job.resources.cpus = resources.cpus_per_task.unwrap_or(job.resources.cpus);
+        job.resources.gpus = resources.gpus_per_task.unwrap_or(job.resources.gpus);
+        job.resources.memory_mb = resources.memory_mb;
+        job.resources.time_limit_min = resources.time_limit_min;
+        Ok(name)
     }
 
     /// One eval job per domain for model `m` (made by job `dep`, if the run makes it).
@@ -864,6 +872,30 @@ mod tests {
         assert!(plan.jobs.iter().any(|j| j.name == "eval/continued-s7/a"));
         assert!(plan.jobs.iter().any(|j| j.name == "eval/baseline-s7/b"));
         assert!(!plan.jobs.iter().any(|j| j.name.starts_with("eval/merged-s7") || j.name.starts_with("eval/expert-a-s7")));
+    }
+
+    /// A phase's `trainer` and `resources` reach its jobs (the domains' overrides too) and
+    /// not the mix phases; a btm-trained phase's job file is what it was without them.
+    #[test]
+    fn phase_trainers_and_resources_reach_their_jobs_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = plan(&pipeline(""), dir.path(), dir.path()).unwrap();
+        let mut p = pipeline("");
+        p.train.resources = Some(crate::pipeline::spec::PhaseResources { cpus_per_task: Some(8), gpus_per_task: Some(1), memory_mb: Some(4096), time_limit_min: Some(90) });
+        p.train.trainer = Some(btm_trainer::external::Trainer::Command { command: "exec t {model_in} {model_out}".into() });
+        p.domains[1].overrides.resources = Some(crate::pipeline::spec::PhaseResources { cpus_per_task: Some(2), ..Default::default() });
+        let plan = plan(&p, dir.path(), dir.path()).unwrap();
+        let a = job(&plan, "expert/a");
+        assert_eq!((a.resources.cpus, a.resources.gpus, a.resources.memory_mb, a.resources.time_limit_min), (8, 1, Some(4096), Some(90)));
+        assert_eq!((spec(a).threads, spec(a).trainer.template().as_deref()), (Some(8), Some("exec t {model_in} {model_out}")));
+        assert_eq!(a.train.as_ref().unwrap().external.as_deref(), Some("exec t {model_in} {model_out}"));
+        let b = job(&plan, "expert/b");
+        assert_eq!((b.resources.cpus, b.resources.memory_mb), (2, None), "an override replaces the whole block");
+        for name in ["continue/merged", "baseline", "merge"] {
+            assert_eq!(job(&plan, name).resources, job(&base, name).resources, "{name}");
+            assert_eq!(job(&plan, name).files, job(&base, name).files, "{name}");
+        }
+        assert!(spec(job(&plan, "continue/merged")).trainer.is_btm());
     }
 
     #[test]

@@ -59,7 +59,9 @@ fn print_plan(plan: &Plan) {
             0 => "the machine's cores shared with the running jobs".to_string(),
             n => format!("{n} cpu(s)"),
         };
-        println!("  resources: {cpus}, {} gpu(s)", j.resources.gpus);
+        let memory = j.resources.memory_mb.map_or(String::new(), |m| format!(", {m} MiB"));
+        let time = j.resources.time_limit_min.map_or(String::new(), |t| format!(", {t} min"));
+        println!("  resources: {cpus}, {} gpu(s){memory}{time}", j.resources.gpus);
     }
 }
 
@@ -77,13 +79,7 @@ fn print_manifests(k: &crate::pipeline::spec::KubernetesSpec, plan: &Plan) -> Re
     for batch in batches {
         let subs: Vec<crate::engine::Submission> = batch
             .iter()
-            .map(|j| crate::engine::Submission {
-                name: j.name.clone(),
-                args: j.args.clone(),
-                log: j.log(&plan.run_dir),
-                cpus: j.resources.cpus,
-                gpus: j.resources.gpus,
-            })
+            .map(|j| crate::engine::Submission::for_job(j, j.log(&plan.run_dir)))
             .collect();
         let stage = batch[0].name.split('/').next().unwrap_or("job");
         let name = crate::engine::kubernetes::object_name(&run_name, stage);

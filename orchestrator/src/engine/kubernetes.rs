@@ -37,7 +37,7 @@ pub fn manifest(spec: &KubernetesSpec, run: &Path, name: &str, jobs: &[Submissio
     let cpus = jobs[0].cpus.max(1);
     let mut requests = json!({"cpu": cpus.to_string()});
     let mut limits = json!({});
-    if let Some(m) = spec.memory_mb {
+    if let Some(m) = jobs[0].memory_mb.or(spec.memory_mb) {
         requests["memory"] = json!(format!("{m}Mi"));
         limits["memory"] = json!(format!("{m}Mi"));
     }
@@ -361,7 +361,7 @@ mod tests {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let subs: Vec<Submission> = ["expert/a", "expert/b"]
             .iter()
-            .map(|n| Submission { name: n.to_string(), args: vec!["train".into(), "--job".into(), format!("/runs/r/jobs/{n}.yaml")], log: PathBuf::from("/tmp/btm-k8s-test.log"), cpus: 2, gpus: 1 })
+            .map(|n| Submission { name: n.to_string(), args: vec!["train".into(), "--job".into(), format!("/runs/r/jobs/{n}.yaml")], log: PathBuf::from("/tmp/btm-k8s-test.log"), cpus: 2, gpus: 1, memory_mb: None, time_limit_min: None })
             .collect();
         let handles = rt.block_on(engine.submit(&subs)).unwrap();
         assert_eq!(handles.len(), 2);
@@ -386,7 +386,7 @@ mod tests {
     #[test]
     fn a_run_in_a_bucket_needs_no_volume_and_reads_credentials_from_a_secret() {
         let spec: KubernetesSpec = serde_yaml::from_str("{image: 'registry.example/btm:1', env_from_secret: btm-s3}").unwrap();
-        let sub = Submission { name: "expert/a".into(), args: vec!["train".into()], log: PathBuf::from("/cache/runs-local/r/logs/a.log"), cpus: 2, gpus: 0 };
+        let sub = Submission { name: "expert/a".into(), args: vec!["train".into()], log: PathBuf::from("/cache/runs-local/r/logs/a.log"), cpus: 2, gpus: 0, memory_mb: None, time_limit_min: None };
         let m = manifest(&spec, Path::new("/unused"), "r-expert", &[sub]);
         let pod = &m["spec"]["template"]["spec"];
         let c = &pod["containers"][0];

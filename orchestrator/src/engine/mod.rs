@@ -21,6 +21,25 @@ pub struct Submission {
     /// CPUs (threads) for the job; 0: the engine decides (the local engine shares its cores).
     pub cpus: usize,
     pub gpus: usize,
+    /// Memory for the job in MiB, overriding the engine block's; `None`: the engine's.
+    pub memory_mb: Option<u64>,
+    /// Wall-clock limit in minutes, overriding the engine block's; `None`: the engine's.
+    pub time_limit_min: Option<u64>,
+}
+
+impl Submission {
+    /// What `job` asks for, its output appended to `log`.
+    pub fn for_job(job: &crate::plan::Job, log: PathBuf) -> Self {
+        Submission {
+            name: job.name.clone(),
+            args: job.args.clone(),
+            log,
+            cpus: job.resources.cpus,
+            gpus: job.resources.gpus,
+            memory_mb: job.resources.memory_mb,
+            time_limit_min: job.resources.time_limit_min,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

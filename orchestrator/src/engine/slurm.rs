@@ -139,13 +139,16 @@ impl SlurmEngine {
         if let Some(p) = &self.partition {
             cmd.arg(format!("--partition={p}"));
         }
-        if let Some(m) = self.mem_per_cpu_mb {
-            cmd.arg(format!("--mem-per-cpu={m}"));
-        }
+        // A phase's own memory (per task) replaces the engine's per-CPU figure.
+        match (jobs[0].memory_mb, self.mem_per_cpu_mb) {
+            (Some(m), _) => cmd.arg(format!("--mem={m}")),
+            (None, Some(m)) => cmd.arg(format!("--mem-per-cpu={m}")),
+            (None, None) => &mut cmd,
+        };
         if jobs[0].gpus > 0 {
             cmd.arg(format!("--gres=gpu:{}", jobs[0].gpus));
         }
-        if let Some(t) = self.time_limit_min {
+        if let Some(t) = jobs[0].time_limit_min.or(self.time_limit_min) {
             cmd.arg(format!("--time={t}"));
         }
         let out = cmd.arg(&script).output().await.context("running sbatch (is Slurm installed?)")?;
@@ -282,10 +285,12 @@ impl SlurmEngine {
         if let Some(p) = &self.partition {
             job["partition"] = json!(p);
         }
-        if let Some(m) = self.mem_per_cpu_mb {
-            job["memory_per_cpu"] = json!(m);
+        match (jobs[0].memory_mb, self.mem_per_cpu_mb) {
+            (Some(m), _) => job["memory_per_node"] = json!(m),
+            (None, Some(m)) => job["memory_per_cpu"] = json!(m),
+            (None, None) => {}
         }
-        if let Some(t) = self.time_limit_min {
+        if let Some(t) = jobs[0].time_limit_min.or(self.time_limit_min) {
             job["time_limit"] = json!(t);
         }
         if jobs[0].gpus > 0 {

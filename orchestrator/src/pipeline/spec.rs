@@ -366,6 +366,23 @@ pub struct TrainParams {
     /// `trainable`, set in `train` it holds for the expert phase (and the domains' overrides),
     /// not for the mix phases, which set their own.
     pub trainer: Option<btm_trainer::external::Trainer>,
+    /// What each job of this phase asks of the engine, over the engine block's settings (e.g.
+    /// a whole GPU node for the experts, one core for the rest). Like `trainer`, set in `train`
+    /// it holds for the expert phase, not for the mix phases.
+    pub resources: Option<PhaseResources>,
+}
+
+/// A phase's own resources; every field overrides the engine block's for its jobs.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PhaseResources {
+    /// CPUs per task (btm's trainer uses as many threads).
+    pub cpus_per_task: Option<usize>,
+    pub gpus_per_task: Option<usize>,
+    /// Memory per task, MiB.
+    pub memory_mb: Option<u64>,
+    /// Wall-clock limit per task, minutes (Slurm).
+    pub time_limit_min: Option<u64>,
 }
 
 macro_rules! overlay_fields {
@@ -380,7 +397,7 @@ impl TrainParams {
         overlay_fields!(
             self, over, steps, batch_size, seq_len, grad_accum, lr, min_lr, warmup_steps, decay, weight_decay,
             betas, grad_clip, seed, checkpoint_interval, keep_checkpoints, eval_interval, eval_sequences,
-            log_interval, aux_loss_coef, z_loss_coef, capacity_factor, drop_policy, trainable, trainer
+            log_interval, aux_loss_coef, z_loss_coef, capacity_factor, drop_policy, trainable, trainer, resources
         )
     }
 
@@ -388,7 +405,7 @@ impl TrainParams {
     /// `train`: every hyperparameter inherits, but not `train`'s `trainable`, which belongs
     /// to the expert phase.
     pub fn mix_phase(&self, over: &TrainParams) -> TrainParams {
-        TrainParams { trainable: over.trainable.clone(), trainer: over.trainer.clone(), ..self.overlay(over) }
+        TrainParams { trainable: over.trainable.clone(), trainer: over.trainer.clone(), resources: over.resources.clone(), ..self.overlay(over) }
     }
 
     /// Tokens one run of these parameters consumes.

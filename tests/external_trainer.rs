@@ -11,29 +11,21 @@
 
 mod common;
 
-use common::{btm, domain, ok, path_with, repo, torch_python, torchrun_trainer};
+use common::{btm, fixture_pipeline, ok, path_with, repo, torch_python, torchrun_trainer};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 /// Two experts from the llama fixture, trained by `trainer` (YAML), merged and continued by btm.
 fn pipeline(dir: &Path, name: &str, trainer: &str, steps: u64) -> PathBuf {
-    let yaml = format!(
-        "name: {name}\nstorage: {}\nengine: {{kind: local, slots: 2, threads_per_job: 1, retries: 1}}\n\
-         seed: {{checkpoint: {}}}\n\
-         domains:\n{}{}\
-         train: {{steps: {steps}, batch_size: 4, seq_len: 32, checkpoint_interval: 4, log_interval: 2, trainer: {trainer}}}\n\
-         merge: {{top_k: 1, router_init: centroid, calib_tokens: 512}}\n\
-         continue: {{steps: 2}}\n\
-         eval: {{split: test, seq_len: 32, max_docs: 1}}\n",
-        dir.join("runs").display(),
-        repo().join("model/tests/fixtures/llama").display(),
-        domain("scripture"),
-        domain("code"),
-    );
-    let file = dir.join(format!("{name}.yaml"));
-    std::fs::write(&file, yaml).unwrap();
-    file
+    let engine = "{kind: local, slots: 2, threads_per_job: 1, retries: 1}";
+    let train = format!("steps: {steps}, batch_size: 4, seq_len: 32, checkpoint_interval: 4, log_interval: 2, trainer: {trainer}");
+    fixture_pipeline(dir, name, &dir.join("runs").display().to_string(), engine, &train, "continue: {steps: 2}\n")
+}
+
+/// A pipeline whose expert trainer's command has a misspelt placeholder.
+fn typo_file(d: &Path) -> PathBuf {
+    pipeline(d, "typo", "{kind: command, command: \"train {model_in} {modle_out}\"}", 4)
 }
 
 fn wait_for(what: &str, deadline: Duration, mut f: impl FnMut() -> bool) {
@@ -133,9 +125,20 @@ fn contract_failures_are_named_and_the_rest_of_the_run_goes_on() {
     assert!(run.join("continued/model/MANIFEST.json").is_file());
 
     // An unknown placeholder is a validation error at its line and column.
-    let file = pipeline(d, "typo", "{kind: command, command: \"train {model_in} {modle_out}\"}", 4);
+    let file = typo_file(d);
     let out = btm().arg("validate").arg(&file).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("typo.yaml:8:") && err.contains("train.trainer: unknown placeholder `{modle_out}`"), "{err}");
+    // A seed trained from scratch cannot go to an external trainer (it has no model to start from).
+    let file = d.join("scratch.yaml");
+    let yaml = std::fs::read_to_string(&typo_file(d)).unwrap().replacen(
+        &format!("seed: {{checkpoint: {}}}", repo().join("model/tests/fixtures/llama").display()),
+        "seed: {train: {model: {hidden_size: 32, layers: 1, heads: 2, ffn: 64, max_positions: 64}, tokenizer: {vocab_size: 300}, train: {steps: 2, trainer: {kind: command, command: \"true\"}}}}",
+        1,
+    );
+    std::fs::write(&file, yaml).unwrap();
+    let out = btm().arg("validate").arg(&file).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("seed.train.train.trainer: a seed trained from scratch has no model to start from"), "{err}");
 }

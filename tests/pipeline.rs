@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{btm, domain, every_stage_pipeline, has_checkpoint, ok, repo};
+use common::{btm, domain, every_stage_pipeline, fixture_pipeline, has_checkpoint, ok, repo};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -46,22 +46,9 @@ fn every_stage_runs_and_a_second_run_does_nothing() {
 
 /// Experts from an existing seed, merged, continued: small enough to run three times.
 fn resumable(dir: &Path, name: &str) -> PathBuf {
-    let yaml = format!(
-        "name: {name}\nstorage: {}\nengine: {{kind: local, slots: 2, threads_per_job: 1, retries: 2}}\n\
-         seed: {{checkpoint: {}}}\n\
-         domains:\n{}{}\
-         train: {{steps: 40, batch_size: 4, seq_len: 32, checkpoint_interval: 5}}\n\
-         merge: {{top_k: 1, router_init: centroid, calib_tokens: 512}}\n\
-         continue: {{steps: 4, checkpoint_interval: 2}}\n\
-         eval: {{split: test, seq_len: 32, max_docs: 1}}\n",
-        dir.join("runs").display(),
-        repo().join("model/tests/fixtures/llama").display(),
-        domain("scripture"),
-        domain("code"),
-    );
-    let file = dir.join(format!("{name}.yaml"));
-    std::fs::write(&file, yaml).unwrap();
-    file
+    let engine = "{kind: local, slots: 2, threads_per_job: 1, retries: 2}";
+    let train = "steps: 40, batch_size: 4, seq_len: 32, checkpoint_interval: 5";
+    fixture_pipeline(dir, name, &dir.join("runs").display().to_string(), engine, train, "continue: {steps: 4, checkpoint_interval: 2}\n")
 }
 
 fn weights(run: &Path) -> Vec<u8> {

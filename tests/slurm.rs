@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{btm, domain, has_checkpoint, ok, path_with, repo, torch_python, torchrun_trainer, S3Server, BUCKET};
+use common::{btm, fixture_pipeline, has_checkpoint, ok, path_with, torch_python, torchrun_trainer, S3Server, BUCKET};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -37,18 +37,7 @@ fn pipeline(dir: &Path, name: &str, engine: &str, steps: u64) -> PathBuf {
 }
 
 fn pipeline_in(dir: &Path, name: &str, engine: &str, steps: u64, storage: &str) -> PathBuf {
-    let yaml = format!(
-        "name: {name}\nstorage: {storage}\nengine: {engine}\nseed: {{checkpoint: {}}}\ndomains:\n{}{}\
-         train: {{steps: {steps}, batch_size: 4, seq_len: 32, checkpoint_interval: 5}}\n\
-         merge: {{top_k: 1, router_init: centroid, calib_tokens: 512}}\n\
-         eval: {{split: test, seq_len: 32, max_docs: 1}}\n",
-        repo().join("model/tests/fixtures/llama").display(),
-        domain("scripture"),
-        domain("code"),
-    );
-    let file = dir.join(format!("{name}.yaml"));
-    std::fs::write(&file, yaml).unwrap();
-    file
+    fixture_pipeline(dir, name, storage, engine, &format!("steps: {steps}, batch_size: 4, seq_len: 32, checkpoint_interval: 5"), "")
 }
 
 /// The Slurm ids of running tasks whose job name is `name`.

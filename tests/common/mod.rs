@@ -35,6 +35,24 @@ pub fn domain(name: &str) -> String {
     )
 }
 
+/// Two experts (scripture, code) branched from the llama fixture, merged top-1 with a centroid
+/// router and evaluated; `train` is the expert phase's block (inside the braces), `tail` more
+/// YAML before `eval` (a `continue:` line, say). Written to `dir/NAME.yaml`; `train` is on line 8.
+pub fn fixture_pipeline(dir: &Path, name: &str, storage: &str, engine: &str, train: &str, tail: &str) -> PathBuf {
+    let yaml = format!(
+        "name: {name}\nstorage: {storage}\nengine: {engine}\nseed: {{checkpoint: {}}}\ndomains:\n{}{}\
+         train: {{{train}}}\n\
+         merge: {{top_k: 1, router_init: centroid, calib_tokens: 512}}\n{tail}\
+         eval: {{split: test, seq_len: 32, max_docs: 1}}\n",
+        repo().join("model/tests/fixtures/llama").display(),
+        domain("scripture"),
+        domain("code"),
+    );
+    let file = dir.join(format!("{name}.yaml"));
+    std::fs::write(&file, yaml).unwrap();
+    file
+}
+
 /// A tiny pipeline with every stage (tokenizer, seed, experts, merge, upcycle, continue,
 /// baseline, eval) on the scripture and code samples, its run in `storage`, and `extra` YAML
 /// appended (e.g. `add_experts`); written to `dir/mini.yaml`.

@@ -474,6 +474,12 @@ pub fn check(p: &Pipeline, base: &Path) -> Vec<(String, String)> {
     if let Some(t) = p.upcycle.as_ref().and_then(|u| u.train.as_ref()) {
         check_params("upcycle.train", t);
     }
+    if p.seed.train.as_ref().and_then(|t| t.train.trainer.as_ref()).is_some_and(|tr| !tr.is_btm()) {
+        problems.push((
+            "seed.train.train.trainer".into(),
+            "a seed trained from scratch has no model to start from, and external trainers start from one: train it with btm, or give `seed.checkpoint`".into(),
+        ));
+    }
     if let Some(m) = &p.merge {
         let experts = p.domains.len();
         if m.top_k == 0 || m.top_k > experts {

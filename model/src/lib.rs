@@ -8,6 +8,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod ensemble;
 pub mod error;
 pub mod folder;
 pub mod eval;

@@ -8,7 +8,9 @@ use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::processors::template::TemplateProcessing;
 use tokenizers::models::TrainerWrapper;
-use tokenizers::{AddedToken, Tokenizer};
+use tokenizers::AddedToken;
+/// The tokenizer type every btm crate uses (the `tokenizers` crate's).
+pub use tokenizers::Tokenizer;
 
 /// Beginning-of-sequence token of tokenizers btm trains.
 pub const BOS: &str = "<s>";

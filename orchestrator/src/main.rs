@@ -47,6 +47,8 @@ enum Command {
     Upcycle(commands::upcycle::UpcycleArgs),
     /// Append a dense model's FFN to an existing MoE as a new expert.
     AddExpert(commands::add_expert::AddExpertArgs),
+    /// Average dense experts' parameters, weighted by their domain prior on a target domain.
+    Average(commands::average::AverageArgs),
     /// Train a model from a checkpoint (or from scratch) as a job file says; resumable.
     Train(commands::train::TrainArgs),
     /// Benchmarks.
@@ -86,6 +88,7 @@ fn main() {
         Command::Merge(args) => commands::merge::run(args),
         Command::Upcycle(args) => commands::upcycle::run(args),
         Command::AddExpert(args) => commands::add_expert::run(args),
+        Command::Average(args) => commands::average::run(args),
         Command::Train(args) => commands::train::run(args),
         Command::Bench(cmd) => commands::bench::run(cmd),
     };

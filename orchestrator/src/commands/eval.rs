@@ -8,8 +8,18 @@ use std::path::PathBuf;
 #[derive(Args)]
 pub struct EvalArgs {
     /// Model directory or object-store URL (file://, s3://, gs://, az://).
-    #[arg(long)]
-    model: String,
+    #[arg(long, required_unless_present = "ensemble", conflicts_with = "ensemble")]
+    model: Option<String>,
+    /// Score the ensemble of these dense experts instead (BTM's ELMforest): each token predicted
+    /// by their mixture weighted by the domain posterior (`btm_model::ensemble`).
+    #[arg(long, num_args = 1..)]
+    ensemble: Vec<String>,
+    /// Estimate the ensemble's prior from this held-out JSONL (default: uniform).
+    #[arg(long, requires = "ensemble")]
+    prior_from: Option<PathBuf>,
+    /// Mix only the K members of largest posterior at each position.
+    #[arg(long, requires = "ensemble")]
+    top_k: Option<usize>,
     /// JSONL file with a `text` field per line (a path or an object-store URL).
     #[arg(long)]
     data: PathBuf,
@@ -40,29 +50,74 @@ pub struct EvalArgs {
 
 pub fn run(args: EvalArgs) -> Result<()> {
     anyhow::ensure!(args.seq_len >= 2, "--seq-len must be at least 2");
-    let dir = btm_model::storage::local_dir(&args.model)?;
-    let ckpt = Checkpoint::open(&dir).with_context(|| format!("opening model {}", args.model))?;
     let device = super::device(&args.device)?;
+    if !args.ensemble.is_empty() {
+        return run_ensemble(&args, &device);
+    }
+    let name = args.model.as_deref().expect("clap requires --model or --ensemble");
+    let dir = btm_model::storage::local_dir(name)?;
+    let ckpt = Checkpoint::open(&dir).with_context(|| format!("opening model {name}"))?;
     let model = ckpt.load_model(super::dtype(&args.dtype)?, &device)?;
     let tokenizer = ckpt.tokenizer()?;
     // Data given as an object-store URL is fetched into the local cache.
-    let data = btm_model::folder::fetch_file(&args.data.to_string_lossy())?;
-    let texts = btm_model::jsonl::read_texts(&data, args.max_docs)?;
-    anyhow::ensure!(!texts.is_empty(), "{}: no documents", args.data.display());
     let start = std::time::Instant::now();
-    let mut docs = texts
-        .iter()
-        .map(|t| btm_model::tokenizer::encode(&tokenizer, t))
-        .collect::<btm_model::Result<Vec<_>>>()?;
-    if let Some(cap) = args.max_tokens {
-        anyhow::ensure!(cap > 0, "--max-tokens must be positive");
-        truncate_to_tokens(&mut docs, cap);
-    }
+    let docs = documents(&args, &args.data, &tokenizer)?;
     let (p, routing) = btm_model::eval::score(&model, &docs, args.seq_len, &device, args.routing)?;
     let mut result = serde_json::to_value(p)?;
     if let Some(shares) = &routing {
         result["routing"] = serde_json::to_value(shares)?;
     }
+    report(&args, &result, docs.len(), p, start)
+}
+
+/// Members of an ensemble (or of an average), checked to share one tokenizer.
+pub fn open_members(names: &[String]) -> Result<Vec<Checkpoint>> {
+    let members = names
+        .iter()
+        .map(|m| Checkpoint::open(btm_model::storage::local_dir(m)?).with_context(|| format!("opening model {m}")))
+        .collect::<Result<Vec<_>>>()?;
+    btm_model::ensemble::check_members(&members)?;
+    Ok(members)
+}
+
+/// The documents of a JSONL file (path or URL), tokenized, capped as the flags say.
+fn documents(args: &EvalArgs, path: &std::path::Path, tokenizer: &btm_model::tokenizer::Tokenizer) -> Result<Vec<Vec<u32>>> {
+    let data = btm_model::folder::fetch_file(&path.to_string_lossy())?;
+    let texts = btm_model::jsonl::read_texts(&data, args.max_docs)?;
+    anyhow::ensure!(!texts.is_empty(), "{}: no documents", path.display());
+    let mut docs = texts.iter().map(|t| btm_model::tokenizer::encode(tokenizer, t)).collect::<btm_model::Result<Vec<_>>>()?;
+    if let Some(cap) = args.max_tokens {
+        anyhow::ensure!(cap > 0, "--max-tokens must be positive");
+        truncate_to_tokens(&mut docs, cap);
+    }
+    Ok(docs)
+}
+
+fn run_ensemble(args: &EvalArgs, device: &candle_core::Device) -> Result<()> {
+    let members = open_members(&args.ensemble)?;
+    if let Some(k) = args.top_k {
+        anyhow::ensure!(k >= 1 && k <= members.len(), "--top-k {k}: must be between 1 and the {} members", members.len());
+    }
+    let dtype = super::dtype(&args.dtype)?;
+    let models = members.iter().map(|m| Ok(m.load_model(dtype, device)?)).collect::<Result<Vec<_>>>()?;
+    let tokenizer = members[0].tokenizer()?;
+    let start = std::time::Instant::now();
+    let prior = match &args.prior_from {
+        None => vec![1.0; models.len()],
+        Some(path) => {
+            let held_out = documents(args, path, &tokenizer)?;
+            btm_model::ensemble::estimate_prior(&models, &held_out, args.seq_len, device)?
+        }
+    };
+    let docs = documents(args, &args.data, &tokenizer)?;
+    let r = btm_model::ensemble::perplexity(&models, &prior, args.top_k, &docs, args.seq_len, device)?;
+    let mut result = serde_json::to_value(&r)?;
+    result["members"] = serde_json::to_value(&args.ensemble)?;
+    report(args, &result, docs.len(), r.perplexity, start)
+}
+
+/// Write `result` where `--out` says, print it as `--json` or a line.
+fn report(args: &EvalArgs, result: &serde_json::Value, docs: usize, p: btm_model::eval::Perplexity, start: std::time::Instant) -> Result<()> {
     if let Some(out) = &args.out {
         // A local file is written in place; an object-store URL is uploaded.
         let output = btm_model::folder::Output::new(&out.to_string_lossy())?;
@@ -77,7 +132,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
         println!(
             "{}: {} documents, {} predicted tokens, nll {:.4}, perplexity {:.4} ({:.1}s)",
             args.data.display(),
-            docs.len(),
+            docs,
             p.tokens,
             p.nll,
             p.ppl,

@@ -1,6 +1,7 @@
 //! One module per subcommand.
 
 pub mod add_expert;
+pub mod average;
 pub mod bench;
 pub mod convert;
 pub mod eval;

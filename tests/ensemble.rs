@@ -1,0 +1,89 @@
+//! BTM's ensemble (`btm eval --ensemble`) and parameter average (`btm average`) through the
+//! binary, on the llama fixture and an expert trained from it on the code sample.
+
+mod common;
+
+use common::{btm, ok, repo, sample};
+use std::path::{Path, PathBuf};
+
+/// The llama fixture trained a few steps on `domain`'s sample, into `dir/NAME`.
+fn expert(dir: &Path, domain: &str) -> PathBuf {
+    let out = dir.join(domain);
+    let job = format!(
+        "init: {{checkpoint: {}}}\nout: {}\ndata: {{train: [{{path: {}}}]}}\nsteps: 12\nbatch_size: 4\nseq_len: 32\noptimizer: {{lr: 0.01}}\nthreads: 1\ndomain: {domain}\n",
+        repo().join("model/tests/fixtures/llama").display(),
+        out.display(),
+        sample(domain, "train"),
+    );
+    let file = dir.join(format!("{domain}.yaml"));
+    std::fs::write(&file, job).unwrap();
+    ok(btm().args(["train", "--quiet", "--job"]).arg(&file).output().unwrap());
+    out.join("model")
+}
+
+fn eval(args: &[&str]) -> serde_json::Value {
+    let out = ok(btm().arg("eval").args(args).args(["--seq-len", "32", "--max-docs", "3", "--json"]).output().unwrap());
+    serde_json::from_str(out.lines().last().unwrap()).unwrap()
+}
+
+fn nll(v: &serde_json::Value) -> f64 {
+    v["nll"].as_f64().unwrap()
+}
+
+#[test]
+fn the_ensemble_mixes_by_the_domain_posterior_and_the_average_is_a_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = repo().join("model/tests/fixtures/llama").display().to_string();
+    let code = expert(tmp.path(), "code").display().to_string();
+    let test = sample("code", "test");
+    let valid = sample("code", "valid");
+
+    // One member is that member.
+    let alone = eval(&["--model", &code, "--data", &test]);
+    let one = eval(&["--ensemble", &code, "--data", &test]);
+    assert!((nll(&one) - nll(&alone)).abs() <= 1e-6 * nll(&alone), "{one} vs {alone}");
+    assert_eq!(one["tokens"], alone["tokens"]);
+
+    // Bayesian model averaging within each window: with a uniform prior over two members, a
+    // window's mixture likelihood is ½ p_a + ½ p_b, so its NLL lies between the better
+    // member's and the better member's + ln 2. Over the whole set (W windows of ≤ 32 tokens,
+    // 31 predicted each when full): below the better member's total + W ln 2.
+    let base_alone = eval(&["--model", &base, "--data", &test]);
+    let both = eval(&["--ensemble", &base, &code, "--data", &test]);
+    let best = nll(&alone).min(nll(&base_alone));
+    let windows_at_most = both["tokens"].as_f64().unwrap() / 1.0;
+    assert!(nll(&both) <= best + windows_at_most * std::f64::consts::LN_2, "{both}");
+    // The code expert is far better on code than the untrained fixture: the posterior moves to
+    // it within each window, so the ensemble lands near it, not near the average of the two.
+    let mean = (nll(&alone) + nll(&base_alone)) / 2.0;
+    assert!(nll(&both) < mean && nll(&both) < nll(&base_alone), "{both}: code {alone}, base {base_alone}");
+    assert_eq!(both["weights"], serde_json::json!([0.5, 0.5]));
+
+    // A prior from the code domain's held-out text favours the code expert; top-1 mixing works.
+    let fitted = eval(&["--ensemble", &base, &code, "--prior-from", &valid, "--top-k", "1", "--data", &test]);
+    let w: Vec<f64> = fitted["weights"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+    assert!((w.iter().sum::<f64>() - 1.0).abs() < 1e-9 && w[1] > w[0], "{fitted}");
+    assert_eq!(fitted["top_k"], 1);
+
+    // The average with weights (1, 0) is the first model; with the fitted prior it is a model
+    // that evaluates.
+    let avg = tmp.path().join("avg");
+    ok(btm().args(["average", "--experts", &code, &base, "--weights", "1", "0", "--out"]).arg(&avg).output().unwrap());
+    let again = eval(&["--model", &avg.to_string_lossy(), "--data", &test]);
+    assert!((nll(&again) - nll(&alone)).abs() <= 1e-6 * nll(&alone), "{again} vs {alone}");
+    assert!(avg.join("MANIFEST.json").is_file() && std::fs::read_to_string(avg.join("btm.json")).unwrap().contains("\"kind\": \"average\""));
+    let fitted_avg = tmp.path().join("avg-fitted");
+    let out = ok(btm().args(["average", "--experts", &base, &code, "--weights-from", &valid, "--out"]).arg(&fitted_avg).output().unwrap());
+    assert!(out.contains("\"weights\""), "{out}");
+    eval(&["--model", &fitted_avg.to_string_lossy(), "--data", &test]);
+
+    // Members of another shape or tokenizer are named errors, and nothing is written.
+    let mixtral = repo().join("model/tests/fixtures/mixtral").display().to_string();
+    let bad = tmp.path().join("bad");
+    let out = btm().args(["average", "--experts", &base, &mixtral, "--weights", "1", "1", "--out"]).arg(&bad).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("does not have model 0's architecture and shapes"), "{err}");
+    assert!(!bad.exists());
+    let out = btm().args(["eval", "--ensemble", &base, &code, "--top-k", "3", "--data", &test]).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--top-k 3: must be between 1 and the 2 members"));
+}

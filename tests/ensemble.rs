@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{btm, ok, repo, sample};
+use common::{btm, fixture_pipeline, ok, repo, sample};
 use std::path::{Path, PathBuf};
 
 /// The llama fixture trained a few steps on `domain`'s sample, into `dir/NAME`.
@@ -86,4 +86,26 @@ fn the_ensemble_mixes_by_the_domain_posterior_and_the_average_is_a_model() {
     assert!(!bad.exists());
     let out = btm().args(["eval", "--ensemble", &base, &code, "--top-k", "3", "--data", &test]).output().unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("--top-k 3: must be between 1 and the 2 members"));
+}
+
+/// `eval: {ensemble: true}` scores the run's experts as BTM's ensemble, all and top-1, with
+/// the experts' training cost, in the table and the Arms comparison.
+#[test]
+fn a_pipeline_scores_its_experts_as_an_ensemble() {
+    let tmp = tempfile::tempdir().unwrap();
+    let engine = "{kind: local, slots: 2, threads_per_job: 1}";
+    let file = fixture_pipeline(tmp.path(), "ens", &tmp.path().join("runs").display().to_string(), engine, "steps: 6, batch_size: 4, seq_len: 32", "");
+    let yaml = std::fs::read_to_string(&file).unwrap().replace("max_docs: 1}", "max_docs: 1, baseline: true, ensemble: true}");
+    std::fs::write(&file, yaml).unwrap();
+    let out = ok(btm().arg("run").arg(&file).arg("--quiet").output().unwrap());
+    let row = |label: &str| out.lines().find(|l| l.starts_with(&format!("| {label} |"))).unwrap_or_else(|| panic!("no {label} row:\n{out}")).to_string();
+    let (ens, top1, expert) = (row("ensemble"), row("ensemble-top1"), row("expert-code"));
+    // Its training tokens are the two experts' together.
+    let tokens = |r: &str| r.split('|').map(str::trim).filter(|c| !c.is_empty()).nth_back(1).unwrap().parse::<u64>().unwrap();
+    assert_eq!(tokens(&ens), 2 * tokens(&expert), "{ens} / {expert}");
+    assert_eq!(tokens(&top1), tokens(&ens));
+    let report = std::fs::read_to_string(tmp.path().join("runs/ens/report.md")).unwrap();
+    assert!(report.contains("| ensemble (all experts, posterior-weighted) |") && report.contains("| ensemble top-1 |"), "{report}");
+    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(tmp.path().join("runs/ens/eval/ensemble/code.json")).unwrap()).unwrap();
+    assert_eq!(json["members"].as_array().unwrap().len(), 2, "{json}");
 }

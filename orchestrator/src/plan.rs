@@ -337,6 +337,49 @@ impl Builder<'_> {
     }
 
     /// One eval job per domain for model `m` (made by job `dep`, if the run makes it).
+    /// Scores of the ensemble of the (first arm seed's) experts, all of them and top-1, per
+    /// domain; each domain's prior is estimated on its `valid` file.
+    fn ensemble_eval_jobs(&mut self) {
+        let experts: Vec<(String, PathBuf)> = self
+            .jobs
+            .iter()
+            .filter(|j| j.kind == JobKind::TrainExpert && j.name.starts_with("expert/"))
+            .filter_map(|j| j.produces.as_ref().map(|m| (j.name.clone(), m.dir.clone())))
+            .collect();
+        if experts.is_empty() {
+            return;
+        }
+        let e = &self.p.eval;
+        for (label, top_k) in [("ensemble", None), ("ensemble-top1", Some(1))] {
+            for d in &self.p.domains {
+                let data = match e.split {
+                    crate::pipeline::spec::Split::Test => d.test.as_ref(),
+                    crate::pipeline::spec::Split::Valid => d.valid.as_ref(),
+                };
+                let Some(data) = data else { continue };
+                let out = self.run.join("eval").join(label).join(format!("{}.json", d.name));
+                let mut args = vec!["eval".to_string(), "--ensemble".into()];
+                args.extend(experts.iter().map(|(_, dir)| dir.to_string_lossy().into_owned()));
+                if let Some(valid) = &d.valid {
+                    args.extend(["--prior-from".into(), abs(self.base, valid)]);
+                }
+                if let Some(k) = top_k {
+                    args.extend(["--top-k".into(), k.to_string()]);
+                }
+                args.extend(["--data".into(), abs(self.base, data), "--seq-len".into(), e.seq_len.to_string(), "--json".into()]);
+                args.extend(["--out".into(), out.to_string_lossy().into_owned()]);
+                if let Some(n) = e.max_docs {
+                    args.extend(["--max-docs".into(), n.to_string()]);
+                }
+                if let Some(n) = e.max_tokens {
+                    args.extend(["--max-tokens".into(), n.to_string()]);
+                }
+                let deps = experts.iter().map(|(name, _)| name.clone()).collect();
+                self.add(format!("eval/{label}/{}", d.name), JobKind::Eval, deps, args, vec![], vec![out], None, None);
+            }
+        }
+    }
+
     fn eval_jobs(&mut self, m: &ModelRef, dep: Option<&str>) {
         let e = &self.p.eval;
         for d in &self.p.domains {
@@ -801,6 +844,9 @@ pub fn plan(p: &Pipeline, base: &Path, run_dir: &Path) -> Result<Plan> {
     for name in scored {
         let m = b.model(&name);
         b.eval_jobs(&m, Some(&name));
+    }
+    if p.eval.ensemble {
+        b.ensemble_eval_jobs();
     }
     Ok(Plan { run_dir: run, jobs: b.jobs })
 }

@@ -74,6 +74,14 @@ pub fn rows(plan: &Plan) -> Vec<Row> {
             row.routing.insert(domain.to_string(), r);
         }
     }
+    // The ensemble is no trained model of its own: its training cost is its members', the
+    // first arm seed's experts.
+    let experts: Vec<&crate::plan::ModelRef> =
+        plan.jobs.iter().filter(|j| j.kind == JobKind::TrainExpert && j.name.starts_with("expert/")).filter_map(|j| j.produces.as_ref()).collect();
+    for r in rows.iter_mut().filter(|r| r.label == "ensemble" || r.label == "ensemble-top1") {
+        r.tokens_after_seed = experts.iter().map(|m| m.tokens_after_seed).sum();
+        r.flops_after_seed = experts.iter().map(|m| m.flops_after_seed).sum();
+    }
     rows
 }
 
@@ -130,6 +138,8 @@ pub fn arms_table(rows: &[Row]) -> Option<String> {
         ("btm-merge", runs("continued")),
         ("btm-merge before MoE training", runs("merged")),
         ("upcycle", runs("upcycled-continued")),
+        ("ensemble (all experts, posterior-weighted)", runs("ensemble")),
+        ("ensemble top-1", runs("ensemble-top1")),
     ];
     if !in_domain.is_empty() {
         arms.push(("experts (in-domain)", vec![("expert-<domain> on <domain>".into(), in_domain.iter().sum::<f64>() / in_domain.len() as f64)]));

@@ -542,6 +542,11 @@ pub struct EvalSpec {
     /// number of tokens as the experts plus the MoE's continued training.
     #[serde(default)]
     pub baseline: bool,
+    /// Also score BTM's own model, the ensemble of the experts (`btm eval --ensemble`): rows
+    /// `ensemble` (every expert, mixed by the domain posterior; the prior estimated on each
+    /// evaluation domain's `valid` file, uniform without one) and `ensemble-top1`.
+    #[serde(default)]
+    pub ensemble: bool,
 }
 
 fn default_split() -> Split {
@@ -559,6 +564,7 @@ impl Default for EvalSpec {
             max_docs: None,
             max_tokens: None,
             baseline: false,
+            ensemble: false,
         }
     }
 }

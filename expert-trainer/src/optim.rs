@@ -131,8 +131,8 @@ impl AdamW {
             if self.in_place_cpu && w.device().is_cpu() && w.dtype() == DType::F32 {
                 let g = g.contiguous()?;
                 let decay = if p.decay { self.weight_decay } else { 0.0 };
-                let whole = [0..w.elem_count()];
-                let ranges = p.mask.as_ref().map_or(&whole[..], |mask| &mask.ranges[..]);
+                let whole = std::iter::once(0..w.elem_count()).collect::<Vec<_>>();
+                let ranges = p.mask.as_ref().map_or(&whole, |mask| &mask.ranges);
                 // Flattened views share the tensors' storage: the ops write into it.
                 let (wf, mf, vf, gf) = (w.flatten_all()?, p.m.flatten_all()?, p.v.flatten_all()?, g.flatten_all()?);
                 for r in ranges {

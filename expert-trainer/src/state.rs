@@ -163,7 +163,7 @@ impl Weights {
                 continue;
             }
             let t = &tensors[&name];
-            if ranges != [0..t.elem_count()] {
+            if ranges.len() != 1 || ranges[0] != (0..t.elem_count()) {
                 masks.insert(name.clone(), ranges);
             }
             let var = Var::from_tensor(&t.contiguous()?)?;

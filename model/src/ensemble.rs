@@ -61,11 +61,12 @@ fn log_sum_exp(xs: impl Iterator<Item = f64> + Clone) -> f64 {
 /// `lp[j][t]` and the log prior; with `top_k`, only that many members are mixed per position.
 pub fn window_nll(lp: &[&[f64]], log_prior: &[f64], top_k: Option<usize>) -> f64 {
     let members = lp.len();
-    let t = lp[0].len();
     // log P(D = j) + log p_j(x_<t), accumulated along the window.
     let mut log_post: Vec<f64> = log_prior.to_vec();
     let mut nll = 0.0;
-    for pos in 0..t {
+    // Position-major over member-major data: the index is the clearest loop here.
+    #[allow(clippy::needless_range_loop)]
+    for pos in 0..lp[0].len() {
         let norm = log_sum_exp(log_post.iter().copied());
         let mut weights: Vec<(usize, f64)> = log_post.iter().map(|&l| l - norm).enumerate().collect();
         if let Some(k) = top_k.filter(|&k| k < members) {

@@ -294,7 +294,8 @@ async fn cancel_all(engine: &dyn Engine, status: &[Status]) -> Result<()> {
 fn batches_by_kind(plan: &Plan, ready: &[(usize, u32)]) -> Vec<Vec<(usize, u32)>> {
     // Jobs of one kind that ask for different resources (a domain's `overrides`) cannot share
     // one array: the key is the kind and the resources.
-    let mut batches: Vec<((crate::plan::JobKind, &crate::plan::Resources), Vec<(usize, u32)>)> = vec![];
+    type Key<'a> = (crate::plan::JobKind, &'a crate::plan::Resources);
+    let mut batches: Vec<(Key, Vec<(usize, u32)>)> = vec![];
     for &(i, attempts) in ready {
         let kind = (plan.jobs[i].kind, &plan.jobs[i].resources);
         match batches.iter_mut().find(|(k, _)| *k == kind) {

@@ -23,8 +23,7 @@ fn eval_json(model: &str) -> serde_json::Value {
 
 #[test]
 fn eval_prints_transformers_perplexity() {
-    let expected: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(fixtures().join("mixtral/expected.json")).unwrap()).unwrap();
+    let expected: serde_json::Value = serde_json::from_slice(&std::fs::read(fixtures().join("mixtral/expected.json")).unwrap()).unwrap();
     let got = eval_json(&fixture("mixtral"));
     assert_eq!(got["tokens"], expected["eval"]["tokens"]);
     let (g, w) = (got["ppl"].as_f64().unwrap(), expected["eval"]["ppl"].as_f64().unwrap());
@@ -35,15 +34,7 @@ fn eval_prints_transformers_perplexity() {
 fn convert_then_eval_agrees_and_accepts_file_urls() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("qwen-bf16");
-    let o = btm(&[
-        "convert",
-        "--model",
-        &fixture("qwen2_moe"),
-        "--out",
-        out.to_str().unwrap(),
-        "--dtype",
-        "bfloat16",
-    ]);
+    let o = btm(&["convert", "--model", &fixture("qwen2_moe"), "--out", out.to_str().unwrap(), "--dtype", "bfloat16"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(out.join("MANIFEST.json").exists() && out.join("btm.json").exists());
     let lineage: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("btm.json")).unwrap()).unwrap();
@@ -78,16 +69,7 @@ fn bad_input_fails_with_a_named_error_and_writes_nothing() {
 fn tokenizer_train_then_encode() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("tokenizer.json");
-    let o = btm(&[
-        "tokenizer",
-        "train",
-        "--data",
-        &fixture("eval.jsonl"),
-        "--vocab-size",
-        "300",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let o = btm(&["tokenizer", "train", "--data", &fixture("eval.jsonl"), "--vocab-size", "300", "--out", out.to_str().unwrap()]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let tok: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
     assert_eq!(tok["model"]["type"], "BPE");

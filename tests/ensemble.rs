@@ -71,7 +71,9 @@ fn the_ensemble_mixes_by_the_domain_posterior_and_the_average_is_a_model() {
     ok(btm().args(["average", "--experts", &code, &base, "--weights", "1", "0", "--out"]).arg(&avg).output().unwrap());
     let again = eval(&["--model", &avg.to_string_lossy(), "--data", &test]);
     assert!((nll(&again) - nll(&alone)).abs() <= 1e-6 * nll(&alone), "{again} vs {alone}");
-    assert!(avg.join("MANIFEST.json").is_file() && std::fs::read_to_string(avg.join("btm.json")).unwrap().contains("\"kind\": \"average\""));
+    assert!(
+        avg.join("MANIFEST.json").is_file() && std::fs::read_to_string(avg.join("btm.json")).unwrap().contains("\"kind\": \"average\"")
+    );
     let fitted_avg = tmp.path().join("avg-fitted");
     let out = ok(btm().args(["average", "--experts", &base, &code, "--weights-from", &valid, "--out"]).arg(&fitted_avg).output().unwrap());
     assert!(out.contains("\"weights\""), "{out}");
@@ -94,11 +96,20 @@ fn the_ensemble_mixes_by_the_domain_posterior_and_the_average_is_a_model() {
 fn a_pipeline_scores_its_experts_as_an_ensemble() {
     let tmp = tempfile::tempdir().unwrap();
     let engine = "{kind: local, slots: 2, threads_per_job: 1}";
-    let file = fixture_pipeline(tmp.path(), "ens", &tmp.path().join("runs").display().to_string(), engine, "steps: 6, batch_size: 4, seq_len: 32", "");
+    let file = fixture_pipeline(
+        tmp.path(),
+        "ens",
+        &tmp.path().join("runs").display().to_string(),
+        engine,
+        "steps: 6, batch_size: 4, seq_len: 32",
+        "",
+    );
     let yaml = std::fs::read_to_string(&file).unwrap().replace("max_docs: 1}", "max_docs: 1, baseline: true, ensemble: true}");
     std::fs::write(&file, yaml).unwrap();
     let out = ok(btm().arg("run").arg(&file).arg("--quiet").output().unwrap());
-    let row = |label: &str| out.lines().find(|l| l.starts_with(&format!("| {label} |"))).unwrap_or_else(|| panic!("no {label} row:\n{out}")).to_string();
+    let row = |label: &str| {
+        out.lines().find(|l| l.starts_with(&format!("| {label} |"))).unwrap_or_else(|| panic!("no {label} row:\n{out}")).to_string()
+    };
     let (ens, top1, expert) = (row("ensemble"), row("ensemble-top1"), row("expert-code"));
     // Its training tokens are the two experts' together.
     let tokens = |r: &str| r.split('|').map(str::trim).filter(|c| !c.is_empty()).nth_back(1).unwrap().parse::<u64>().unwrap();
@@ -106,6 +117,7 @@ fn a_pipeline_scores_its_experts_as_an_ensemble() {
     assert_eq!(tokens(&top1), tokens(&ens));
     let report = std::fs::read_to_string(tmp.path().join("runs/ens/report.md")).unwrap();
     assert!(report.contains("| ensemble (all experts, posterior-weighted) |") && report.contains("| ensemble top-1 |"), "{report}");
-    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(tmp.path().join("runs/ens/eval/ensemble/code.json")).unwrap()).unwrap();
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(tmp.path().join("runs/ens/eval/ensemble/code.json")).unwrap()).unwrap();
     assert_eq!(json["members"].as_array().unwrap().len(), 2, "{json}");
 }

@@ -67,7 +67,8 @@ fn torchrun_trains_the_experts_and_btm_merges_continues_and_reports() {
     // it from its own checkpoint and finishes the run.
     let file = pipeline(tmp.path(), "killed", &torchrun_trainer(), 40);
     let run = tmp.path().join("runs/killed");
-    let mut child = btm().env("PATH", &path).arg("run").arg(&file).arg("--quiet").stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let mut child =
+        btm().env("PATH", &path).arg("run").arg(&file).arg("--quiet").stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
     let work = run.join("experts/code/external/work");
     wait_for("an external checkpoint", Duration::from_secs(300), || {
         std::fs::read_dir(&work).is_ok_and(|d| d.flatten().any(|e| e.path().join("state.json").exists()))

@@ -20,11 +20,33 @@ fn every_stage_runs_and_a_second_run_does_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     let file = miniature(tmp.path());
     let dry = ok(btm().arg("run").arg(&file).arg("--dry-run").output().unwrap());
-    for job in ["tokenizer", "seed", "expert/scripture", "merge", "upcycle", "continue/merged", "continue/upcycled", "baseline", "added/computing", "add-expert/computing", "eval/merged/code"] {
+    for job in [
+        "tokenizer",
+        "seed",
+        "expert/scripture",
+        "merge",
+        "upcycle",
+        "continue/merged",
+        "continue/upcycled",
+        "baseline",
+        "added/computing",
+        "add-expert/computing",
+        "eval/merged/code",
+    ] {
         assert!(dry.contains(&format!("\n{job} [")) || dry.contains(&format!("{job} [")), "{job} missing from the plan:\n{dry}");
     }
     let out = ok(btm().arg("run").arg(&file).arg("--quiet").output().unwrap());
-    for model in ["seed", "expert-scripture", "expert-code", "merged", "continued", "upcycled", "upcycled-continued", "baseline", "extended-computing"] {
+    for model in [
+        "seed",
+        "expert-scripture",
+        "expert-code",
+        "merged",
+        "continued",
+        "upcycled",
+        "upcycled-continued",
+        "baseline",
+        "extended-computing",
+    ] {
         assert!(out.contains(&format!("| {model} |")), "{model} missing from the table:\n{out}");
     }
     let run = tmp.path().join("runs/mini");
@@ -168,7 +190,10 @@ fn validation_errors_name_file_line_column_and_key() {
     assert_eq!(e, "error: p.yaml:6:3: train.stesp: unknown key `stesp`; did you mean `steps`?\n");
     // Unknown key, no close match.
     let e = validate(d, &format!("{head}{one}colour: red\n"), &[]);
-    assert!(e.starts_with("error: p.yaml:5:1: colour: unknown key `colour` (expected one of: name, storage, engine, seed, domains, "), "{e}");
+    assert!(
+        e.starts_with("error: p.yaml:5:1: colour: unknown key `colour` (expected one of: name, storage, engine, seed, domains, "),
+        "{e}"
+    );
     // Wrong type.
     let e = validate(d, &format!("{head}{one}train: {{steps: ten}}\n"), &[]);
     assert_eq!(e, "error: p.yaml:5:16: train.steps: invalid type: string \"ten\", expected u64\n");

@@ -71,7 +71,10 @@ fn a_pipeline_keeps_every_artefact_in_the_bucket() {
     // The data went up once, by content, and the jobs read it from there.
     assert!(objects.iter().any(|o| o.starts_with("runs/mini/inputs/") && o.ends_with("/train.jsonl")), "{objects:#?}");
     let job = std::fs::read_to_string(s3.dir("runs/mini/jobs/expert-code/job.yaml")).unwrap();
-    assert!(job.contains(&format!("s3://{BUCKET}/runs/mini/inputs/")) && job.contains(&format!("out: s3://{BUCKET}/runs/mini/experts/code")), "{job}");
+    assert!(
+        job.contains(&format!("s3://{BUCKET}/runs/mini/inputs/")) && job.contains(&format!("out: s3://{BUCKET}/runs/mini/experts/code")),
+        "{job}"
+    );
     // Published artefacts verify in the bucket.
     for a in ["merged", "experts/code/model", "experts/code/checkpoints/step-00000006", "continued/model"] {
         let d = s3.dir(&format!("runs/mini/{a}"));
@@ -81,7 +84,8 @@ fn a_pipeline_keeps_every_artefact_in_the_bucket() {
     assert!(report.contains("| merged |") && report.contains("expert ← ["), "{report}");
 
     // Nothing of the run on the local disk: only the pipeline file and the cache are here.
-    let mut here: Vec<String> = std::fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    let mut here: Vec<String> =
+        std::fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     here.sort();
     assert_eq!(here, vec!["cache", "mini.yaml"]);
 
@@ -114,7 +118,11 @@ fn a_missing_bucket_or_a_dead_endpoint_is_a_named_error() {
     let secs = start.elapsed().as_secs_f64();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains(&format!("run storage `s3://{BUCKET}/runs/mini`: cannot use the object store")) && err.contains(&format!("127.0.0.1:{port}")), "{err}");
+    assert!(
+        err.contains(&format!("run storage `s3://{BUCKET}/runs/mini`: cannot use the object store"))
+            && err.contains(&format!("127.0.0.1:{port}")),
+        "{err}"
+    );
     assert!(secs < 90.0, "a dead endpoint took {secs:.0}s to report");
     assert!(!err.contains("btm-test-secret"), "the secret key was printed:\n{err}");
 }

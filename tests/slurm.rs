@@ -80,12 +80,12 @@ fn cli_runs_the_experts_as_an_array_and_survives_a_cancelled_task() {
     assert!(cancelled.is_some(), "never caught the code expert running with a checkpoint:\n{out}");
     assert!(out.contains("| merged |"), "{out}");
     // One array for the two experts.
-    let scripts: Vec<String> = std::fs::read_dir(run.join("jobs/slurm"))
-        .unwrap()
-        .flatten()
-        .map(|e| std::fs::read_to_string(e.path()).unwrap())
-        .collect();
-    assert!(scripts.iter().any(|s| s.contains("expert-scripture") && s.contains("expert-code") && s.contains("  1) mkdir -p")), "{scripts:?}");
+    let scripts: Vec<String> =
+        std::fs::read_dir(run.join("jobs/slurm")).unwrap().flatten().map(|e| std::fs::read_to_string(e.path()).unwrap()).collect();
+    assert!(
+        scripts.iter().any(|s| s.contains("expert-scripture") && s.contains("expert-code") && s.contains("  1) mkdir -p")),
+        "{scripts:?}"
+    );
     // The cancelled expert resumed from its checkpoint rather than step 0.
     let log = std::fs::read_to_string(run.join("logs/expert-code.log")).unwrap();
     assert!(log.contains("resuming from"), "{log}");
@@ -103,15 +103,22 @@ fn cli_runs_external_trainers_as_an_array() {
     // The experts ask for their own resources (two CPUs for two processes, memory, a time
     // limit); the merge and evaluations keep the engine's one CPU.
     let file = pipeline(tmp.path(), "slurm-external", "{kind: slurm, api: cli, cpus_per_task: 1, mem_per_cpu_mb: 400, retries: 1}", 6);
-    let phase = format!("checkpoint_interval: 5, trainer: {}, resources: {{cpus_per_task: 2, memory_mb: 3000, time_limit_min: 20}}}}", torchrun_trainer());
+    let phase = format!(
+        "checkpoint_interval: 5, trainer: {}, resources: {{cpus_per_task: 2, memory_mb: 3000, time_limit_min: 20}}}}",
+        torchrun_trainer()
+    );
     let yaml = std::fs::read_to_string(&file).unwrap().replace("checkpoint_interval: 5}", &phase);
     std::fs::write(&file, yaml).unwrap();
     // sbatch hands the submitting environment (PATH with torchrun) to the tasks.
     let out = ok(btm().env("PATH", path_with(&python)).arg("run").arg(&file).output().unwrap());
     assert!(out.contains("| merged |") && out.contains("| expert-code |"), "{out}");
     let run = tmp.path().join("runs/slurm-external");
-    let scripts: Vec<String> = std::fs::read_dir(run.join("jobs/slurm")).unwrap().flatten().map(|e| std::fs::read_to_string(e.path()).unwrap()).collect();
-    assert!(scripts.iter().any(|s| s.contains("expert-scripture") && s.contains("expert-code") && s.contains("  1) mkdir -p")), "{scripts:?}");
+    let scripts: Vec<String> =
+        std::fs::read_dir(run.join("jobs/slurm")).unwrap().flatten().map(|e| std::fs::read_to_string(e.path()).unwrap()).collect();
+    assert!(
+        scripts.iter().any(|s| s.contains("expert-scripture") && s.contains("expert-code") && s.contains("  1) mkdir -p")),
+        "{scripts:?}"
+    );
     let log = std::fs::read_to_string(run.join("logs/expert-code.log")).unwrap();
     assert!(log.contains("external trainer: exec torchrun"), "{log}");
     assert!(run.join("experts/code/model/MANIFEST.json").is_file());
@@ -206,7 +213,8 @@ fn runs_with_s3(api: &str, engine: &str) {
     }
     let merged = s3.dir(&format!("runs/{name}/merged"));
     btm_model::Manifest::read(&merged).unwrap().verify(&merged).unwrap();
-    let mut here: Vec<String> = std::fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    let mut here: Vec<String> =
+        std::fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     here.sort();
     assert_eq!(here, vec!["cache".to_string(), format!("{name}.yaml")], "only the pipeline and the cache are local");
     // The experts were one array, submitted from the local folder that holds scripts and logs.
@@ -215,7 +223,10 @@ fn runs_with_s3(api: &str, engine: &str) {
         .filter(|p| p.extension().is_some_and(|e| e == "sh"))
         .map(|p| std::fs::read_to_string(p).unwrap())
         .collect();
-    assert!(scripts.iter().any(|s| s.contains("expert-scripture") && s.contains("expert-code") && s.contains("  1) mkdir -p")), "{scripts:?}");
+    assert!(
+        scripts.iter().any(|s| s.contains("expert-scripture") && s.contains("expert-code") && s.contains("  1) mkdir -p")),
+        "{scripts:?}"
+    );
 }
 
 #[test]

@@ -44,11 +44,7 @@ pub fn preset(name: &str, moe: bool) -> Result<Preset> {
         ..ModelConfig::llama(vocab, hidden, layers, heads, heads, ffn)
     };
     config.validate()?;
-    Ok(Preset {
-        config,
-        seq_len,
-        batch_size: 8,
-    })
+    Ok(Preset { config, seq_len, batch_size: 8 })
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -75,9 +71,7 @@ pub fn peak_rss_mb() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmHWM:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+            s.lines().find_map(|l| l.strip_prefix("VmHWM:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
         })
         .map_or(0.0, |kb| kb / 1024.0)
 }
@@ -91,9 +85,8 @@ pub fn run(name: &str, moe: bool, threads: usize, steps: usize) -> Result<BenchR
     let mut stepper = Stepper::new(weights, &Optimizer::default(), &Moe::default(), Some(1.0))?;
     let mut rng = SplitMix64::new(&[0]);
     let mut batch = || {
-        let seqs: Vec<Vec<u32>> = (0..p.batch_size)
-            .map(|_| (0..=p.seq_len).map(|_| rng.below(p.config.vocab_size as u64) as u32).collect())
-            .collect();
+        let seqs: Vec<Vec<u32>> =
+            (0..p.batch_size).map(|_| (0..=p.seq_len).map(|_| rng.below(p.config.vocab_size as u64) as u32).collect()).collect();
         to_batch(&seqs, &device)
     };
     stepper.step(&[batch()?], 1e-4)?;

@@ -40,15 +40,7 @@ pub struct TrainerState {
 
 impl TrainerState {
     pub fn new(step: u64, tokens_seen: u64, data: Position, optimizer_t: u64, seed: u64, trainable: Vec<String>) -> Self {
-        Self {
-            format: FORMAT.into(),
-            step,
-            tokens_seen,
-            data,
-            optimizer_t,
-            seed,
-            trainable,
-        }
+        Self { format: FORMAT.into(), step, tokens_seen, data, optimizer_t, seed, trainable }
     }
 }
 
@@ -67,26 +59,16 @@ pub fn save(root: &Path, weights: &Weights, opt: &AdamW, state: &TrainerState, e
         std::fs::remove_dir_all(&tmp).with_context(|| format!("removing {}", tmp.display()))?;
     }
     // The weights, in Hugging Face layout (this writes its own staging dir and manifest).
-    let opts = WriteOptions {
-        overwrite: false,
-        ..WriteOptions::default()
-    };
+    let opts = WriteOptions { overwrite: false, ..WriteOptions::default() };
     write_checkpoint(&tmp, &weights.config, &mut |n| weights.tensor(n), extras, &opts)
         .with_context(|| format!("writing weights to {}", tmp.display()))?;
     let cleanup = TmpGuard(tmp.clone());
     // The optimizer and trainer state beside them, then a manifest covering everything.
-    let moments: std::collections::HashMap<String, candle_core::Tensor> = opt
-        .state_tensors()
-        .into_iter()
-        .map(|(k, t)| Ok((k, t.to_device(&candle_core::Device::Cpu)?)))
-        .collect::<Result<_>>()?;
+    let moments: std::collections::HashMap<String, candle_core::Tensor> =
+        opt.state_tensors().into_iter().map(|(k, t)| Ok((k, t.to_device(&candle_core::Device::Cpu)?))).collect::<Result<_>>()?;
     candle_core::safetensors::save(&moments, tmp.join(OPTIMIZER)).context("writing optimizer state")?;
     std::fs::write(tmp.join(STATE), serde_json::to_vec_pretty(state)?).context("writing trainer state")?;
-    let known: BTreeMap<String, (u64, String)> = Manifest::read(&tmp)?
-        .files
-        .into_iter()
-        .map(|f| (f.path, (f.size, f.sha256)))
-        .collect();
+    let known: BTreeMap<String, (u64, String)> = Manifest::read(&tmp)?.files.into_iter().map(|f| (f.path, (f.size, f.sha256))).collect();
     Manifest::build(&tmp, &known)?.write(&tmp)?;
     if dest.exists() {
         // A checkpoint of the same step from an earlier attempt: replace it.
@@ -139,8 +121,7 @@ pub fn verify(dir: &Path) -> Result<TrainerState> {
     }
     manifest.verify(dir)?;
     let bytes = std::fs::read(dir.join(STATE))?;
-    let state: TrainerState =
-        serde_json::from_slice(&bytes).with_context(|| format!("{}: invalid {STATE}", dir.display()))?;
+    let state: TrainerState = serde_json::from_slice(&bytes).with_context(|| format!("{}: invalid {STATE}", dir.display()))?;
     if state.format != FORMAT {
         bail!("{}: unknown trainer state format `{}`", dir.display(), state.format);
     }

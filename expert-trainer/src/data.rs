@@ -139,11 +139,7 @@ impl TokenizerInfo {
                 .token_to_id(btm_model::tokenizer::EOS)
                 .with_context(|| format!("{}: no eos_token_id in config.json and no `</s>` token", path.display()))?,
         };
-        Ok(Self {
-            tokenizer,
-            sha256: hex::encode(Sha256::digest(&bytes)),
-            eos,
-        })
+        Ok(Self { tokenizer, sha256: hex::encode(Sha256::digest(&bytes)), eos })
     }
 }
 
@@ -178,10 +174,8 @@ pub fn tokenize_cached(source: &Path, tok: &TokenizerInfo, cache_dir: &Path) -> 
     }
     let mut ids: Vec<u32> = Vec::new();
     for chunk in texts.chunks(256) {
-        let encodings = tok
-            .tokenizer
-            .encode_batch(chunk.to_vec(), true)
-            .map_err(|e| anyhow::anyhow!("tokenizing {}: {e}", source.display()))?;
+        let encodings =
+            tok.tokenizer.encode_batch(chunk.to_vec(), true).map_err(|e| anyhow::anyhow!("tokenizing {}: {e}", source.display()))?;
         for e in encodings {
             ids.extend_from_slice(e.get_ids());
             ids.push(tok.eos);
@@ -259,12 +253,7 @@ impl Mixture {
             })
             .collect();
         let perms = vec![None; sources.len()];
-        Self {
-            sources,
-            cumulative,
-            seed,
-            perms,
-        }
+        Self { sources, cumulative, seed, perms }
     }
 
     pub fn num_sources(&self) -> usize {

@@ -43,9 +43,7 @@ pub enum Trainer {
     #[default]
     Btm,
     /// Any command: a template with `{placeholder}`s (see the README's list), run by `sh -c`.
-    Command {
-        command: String,
-    },
+    Command { command: String },
     /// `torchrun --standalone --nproc_per_node N SCRIPT ARGS…` (one node); `args` may hold
     /// placeholders.
     Torchrun {
@@ -99,7 +97,9 @@ pub fn placeholders_in(template: &str) -> Result<Vec<(String, usize)>> {
             b'{' if bytes.get(i + 1) == Some(&b'{') => i += 2,
             b'}' if bytes.get(i + 1) == Some(&b'}') => i += 2,
             b'{' => {
-                let end = template[i..].find('}').with_context(|| format!("`{{` at byte {i} is never closed (write `{{{{` for a literal brace)"))?;
+                let end = template[i..]
+                    .find('}')
+                    .with_context(|| format!("`{{` at byte {i} is never closed (write `{{{{` for a literal brace)"))?;
                 out.push((template[i + 1..i + end].to_string(), i));
                 i += end + 1;
             }
@@ -327,15 +327,15 @@ pub fn check_output(input: &Checkpoint, model_in: &Path, model_out: &Path) -> Re
         );
     }
     let (a, b) = (expected_tensors(want), expected_tensors(got));
-    let shapes = |list: &[btm_model::weights::TensorSpec]| -> BTreeMap<String, Vec<usize>> { list.iter().map(|t| (t.name.clone(), t.shape.clone())).collect() };
+    let shapes = |list: &[btm_model::weights::TensorSpec]| -> BTreeMap<String, Vec<usize>> {
+        list.iter().map(|t| (t.name.clone(), t.shape.clone())).collect()
+    };
     let (want_shapes, got_shapes) = (shapes(&a), shapes(&b));
     if want_shapes != got_shapes {
         let missing: Vec<&String> = want_shapes.keys().filter(|n| !got_shapes.contains_key(*n)).collect();
         let extra: Vec<&String> = got_shapes.keys().filter(|n| !want_shapes.contains_key(*n)).collect();
-        let reshaped: Vec<String> = want_shapes
-            .iter()
-            .filter_map(|(n, s)| got_shapes.get(n).filter(|g| *g != s).map(|g| format!("`{n}` {s:?} → {g:?}")))
-            .collect();
+        let reshaped: Vec<String> =
+            want_shapes.iter().filter_map(|(n, s)| got_shapes.get(n).filter(|g| *g != s).map(|g| format!("`{n}` {s:?} → {g:?}"))).collect();
         let mut parts = vec![];
         if let Some(n) = missing.first() {
             parts.push(format!("{} tensors missing (`{n}`…)", missing.len()));
@@ -380,7 +380,8 @@ mod tests {
         let err = t.check().unwrap_err().to_string();
         assert!(err.contains("unknown placeholder `{modle_out}`") && err.contains("model_out"), "{err}");
         assert!(Trainer::Command { command: "x {model_in".into() }.check().is_err());
-        let tr = Trainer::Torchrun { script: "train.py".into(), args: vec!["--out".into(), "{model_out}".into()], nproc_per_node: 2, nnodes: 1 };
+        let tr =
+            Trainer::Torchrun { script: "train.py".into(), args: vec!["--out".into(), "{model_out}".into()], nproc_per_node: 2, nnodes: 1 };
         tr.check().unwrap();
         assert_eq!(tr.template().unwrap(), "exec torchrun --standalone --nnodes 1 --nproc_per_node 2 train.py --out {model_out}");
         assert!(Trainer::Torchrun { script: "t.py".into(), args: vec![], nproc_per_node: 1, nnodes: 2 }.check().is_err());

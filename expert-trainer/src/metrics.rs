@@ -44,11 +44,8 @@ impl Metrics {
             }
             std::fs::write(&path, body).with_context(|| format!("rewriting {}", path.display()))?;
         }
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .with_context(|| format!("opening {}", path.display()))?;
+        let file =
+            std::fs::OpenOptions::new().create(true).append(true).open(&path).with_context(|| format!("opening {}", path.display()))?;
         Ok(Self { path, file, quiet, bar: None })
     }
 
@@ -60,9 +57,7 @@ impl Metrics {
     pub fn record(&mut self, v: &Value) -> Result<()> {
         let mut line = serde_json::to_string(v)?;
         line.push('\n');
-        self.file
-            .write_all(line.as_bytes())
-            .with_context(|| format!("writing {}", self.path.display()))
+        self.file.write_all(line.as_bytes()).with_context(|| format!("writing {}", self.path.display()))
     }
 
     /// A progress line on stderr (above the bar, if there is one).
@@ -87,10 +82,7 @@ impl Metrics {
         }
         if self.bar.is_none() && std::io::stderr().is_terminal() {
             let bar = indicatif::ProgressBar::new(total);
-            bar.set_style(
-                indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}")
-                    .expect("a valid progress template"),
-            );
+            bar.set_style(indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}").expect("a valid progress template"));
             self.bar = Some(bar);
         }
         match &self.bar {

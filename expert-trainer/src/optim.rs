@@ -65,14 +65,7 @@ impl AdamW {
             .map(|(name, var)| {
                 // Separate buffers: the CPU path updates them in place.
                 let zeros = || Tensor::zeros(var.shape(), DType::F32, var.device());
-                Ok(Param {
-                    decay: var.rank() >= 2,
-                    m: zeros()?,
-                    v: zeros()?,
-                    mask: None,
-                    name,
-                    var,
-                })
+                Ok(Param { decay: var.rank() >= 2, m: zeros()?, v: zeros()?, mask: None, name, var })
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
@@ -182,9 +175,7 @@ impl AdamW {
         for p in &mut self.params {
             for (prefix, slot) in [("exp_avg", &mut p.m), ("exp_avg_sq", &mut p.v)] {
                 let key = format!("{prefix}.{}", p.name);
-                let x = tensors
-                    .remove(&key)
-                    .with_context(|| format!("optimizer state has no `{key}` (did `trainable` change?)"))?;
+                let x = tensors.remove(&key).with_context(|| format!("optimizer state has no `{key}` (did `trainable` change?)"))?;
                 if x.dims() != p.var.dims() {
                     bail!("optimizer state `{key}` has shape {:?}, the parameter {:?}", x.dims(), p.var.dims());
                 }
@@ -344,12 +335,7 @@ mod tests {
     /// AdamW against a scalar re-implementation of the update rule, two steps.
     #[test]
     fn matches_the_update_rule() {
-        let cfg = spec::Optimizer {
-            lr: 0.1,
-            betas: [0.9, 0.99],
-            eps: 1e-8,
-            weight_decay: 0.5,
-        };
+        let cfg = spec::Optimizer { lr: 0.1, betas: [0.9, 0.99], eps: 1e-8, weight_decay: 0.5 };
         let w = Var::new(&[[1.0f32, -2.0], [0.5, 3.0]], &Device::Cpu).unwrap();
         let b = Var::new(&[1.0f32, 1.0], &Device::Cpu).unwrap();
         let mut opt = AdamW::new(vec![("w".into(), w.clone()), ("b".into(), b.clone())], &cfg).unwrap();
@@ -438,10 +424,7 @@ mod tests {
 
     #[test]
     fn clipping_scales_to_the_max_norm() {
-        let g = vec![
-            Tensor::new(&[3.0f32], &Device::Cpu).unwrap(),
-            Tensor::new(&[4.0f32], &Device::Cpu).unwrap(),
-        ];
+        let g = vec![Tensor::new(&[3.0f32], &Device::Cpu).unwrap(), Tensor::new(&[4.0f32], &Device::Cpu).unwrap()];
         let norm = global_norm(&g).unwrap();
         assert!((norm - 5.0).abs() < 1e-9);
         let scale = clip_scale(norm, Some(1.0));

@@ -36,13 +36,7 @@ mod tests {
 
     #[test]
     fn warmup_then_cosine_to_min() {
-        let s = Schedule {
-            lr: 1.0,
-            min_lr: 0.1,
-            warmup_steps: 4,
-            total_steps: 14,
-            decay: Decay::Cosine,
-        };
+        let s = Schedule { lr: 1.0, min_lr: 0.1, warmup_steps: 4, total_steps: 14, decay: Decay::Cosine };
         assert_eq!(s.lr(0), 0.25);
         assert_eq!(s.lr(3), 1.0);
         assert_eq!(s.lr(4), 1.0);

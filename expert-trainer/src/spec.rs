@@ -74,12 +74,7 @@ pub struct Optimizer {
 
 impl Default for Optimizer {
     fn default() -> Self {
-        Self {
-            lr: default_lr(),
-            betas: default_betas(),
-            eps: default_eps(),
-            weight_decay: default_wd(),
-        }
+        Self { lr: default_lr(), betas: default_betas(), eps: default_eps(), weight_decay: default_wd() }
     }
 }
 
@@ -104,11 +99,7 @@ pub struct Schedule {
 
 impl Default for Schedule {
     fn default() -> Self {
-        Self {
-            warmup_steps: 0,
-            decay: Decay::Cosine,
-            min_lr: 0.0,
-        }
+        Self { warmup_steps: 0, decay: Decay::Cosine, min_lr: 0.0 }
     }
 }
 
@@ -125,10 +116,7 @@ pub struct Eval {
 
 impl Default for Eval {
     fn default() -> Self {
-        Self {
-            interval: 0,
-            sequences: default_eval_sequences(),
-        }
+        Self { interval: 0, sequences: default_eval_sequences() }
     }
 }
 
@@ -145,10 +133,7 @@ pub struct Checkpointing {
 
 impl Default for Checkpointing {
     fn default() -> Self {
-        Self {
-            interval: 0,
-            keep: default_keep(),
-        }
+        Self { interval: 0, keep: default_keep() }
     }
 }
 
@@ -189,12 +174,7 @@ impl Moe {
 
 impl Default for Moe {
     fn default() -> Self {
-        Self {
-            aux_loss_coef: default_aux(),
-            z_loss_coef: default_z(),
-            capacity_factor: None,
-            drop_policy: default_drop_policy(),
-        }
+        Self { aux_loss_coef: default_aux(), z_loss_coef: default_z(), capacity_factor: None, drop_policy: default_drop_policy() }
     }
 }
 
@@ -213,8 +193,7 @@ pub struct Trainable {
 
 impl Trainable {
     pub fn selects(&self, name: &str) -> bool {
-        (self.include.is_empty() || self.include.iter().any(|p| glob(p, name)))
-            && !self.exclude.iter().any(|p| glob(p, name))
+        (self.include.is_empty() || self.include.iter().any(|p| glob(p, name))) && !self.exclude.iter().any(|p| glob(p, name))
     }
 }
 
@@ -693,7 +672,8 @@ mod tests {
 
     #[test]
     fn unknown_keys_are_named_with_their_path() {
-        let yaml = "init: {checkpoint: x}\nout: o\ndata:\n  train:\n    - {path: a.jsonl, wieght: 2}\nsteps: 1\nbatch_size: 1\nseq_len: 8\n";
+        let yaml =
+            "init: {checkpoint: x}\nout: o\ndata:\n  train:\n    - {path: a.jsonl, wieght: 2}\nsteps: 1\nbatch_size: 1\nseq_len: 8\n";
         let err = JobSpec::parse(yaml, Path::new(".")).unwrap_err().to_string();
         assert!(err.contains("data.train[0]: unknown field `wieght`"), "{err}");
         let err = JobSpec::parse("init: {checkpoint: x}\nout: o\noptimiser: {}\n", Path::new(".")).unwrap_err().to_string();

@@ -72,10 +72,16 @@ fn stack_experts(config: &ModelConfig, tensors: &mut HashMap<String, Tensor>) ->
         let (gate_up_name, down_name) = (format!("{prefix}.{STACKED_GATE_UP}"), format!("{prefix}.{STACKED_DOWN}"));
         let (mut gate_up, mut down) = (Vec::new(), Vec::new());
         for e in 0..moe.experts {
-            for (part, stacked, rows) in [("gate_proj", &gate_up_name, 0..f), ("up_proj", &gate_up_name, f..2 * f), ("down_proj", &down_name, 0..h)] {
+            for (part, stacked, rows) in
+                [("gate_proj", &gate_up_name, 0..f), ("up_proj", &gate_up_name, f..2 * f), ("down_proj", &down_name, 0..h)]
+            {
                 let name = format!("{prefix}.{e}.{part}.weight");
                 let t = tensors.remove(&name).with_context(|| format!("no tensor `{name}`"))?;
-                if part == "down_proj" { down.push(t) } else { gate_up.push(t) }
+                if part == "down_proj" {
+                    down.push(t)
+                } else {
+                    gate_up.push(t)
+                }
                 slices.insert(name, Slice { stacked: stacked.clone(), expert: e, rows });
             }
         }
@@ -170,13 +176,7 @@ impl Weights {
             tensors.insert(name.clone(), var.as_tensor().clone());
             trainable.push((name, var));
         }
-        Ok(Self {
-            config,
-            tensors,
-            slices,
-            trainable,
-            masks,
-        })
+        Ok(Self { config, tensors, slices, trainable, masks })
     }
 
     /// The transformer over these tensors.
@@ -280,7 +280,10 @@ mod tests {
         opt.mask_gradients(&mut grads).unwrap();
         opt.step(&grads, 0.1).unwrap();
         for spec in expected_tensors(&cfg) {
-            let (before, after) = (tensors[&spec.name].flatten_all().unwrap().to_vec1::<f32>().unwrap(), w.tensor(&spec.name).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap());
+            let (before, after) = (
+                tensors[&spec.name].flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                w.tensor(&spec.name).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            );
             assert_eq!(before != after, one_expert.selects(&spec.name), "{}", spec.name);
         }
     }
@@ -288,10 +291,7 @@ mod tests {
     #[test]
     fn only_selected_tensors_become_variables() {
         let cfg = fixture_config();
-        let routers = Trainable {
-            include: vec!["*.mlp.gate.weight".into()],
-            exclude: vec![],
-        };
+        let routers = Trainable { include: vec!["*.mlp.gate.weight".into()], exclude: vec![] };
         let w = Weights::random(&cfg, 0, &Device::Cpu, &routers).unwrap();
         let names: Vec<&str> = w.trainable.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(names.len(), cfg.num_layers);

@@ -16,8 +16,8 @@
 
 use crate::checkpoint::{self, TrainerState};
 use crate::data::{tokenize_cached, Mixture, Packed, Position, TokenizerInfo};
-use crate::metrics::{human_duration, Metrics};
 use crate::loss::cross_entropy;
+use crate::metrics::{human_duration, Metrics};
 use crate::optim::{clip_scale, global_norm, AdamW};
 use crate::remote::Mirror;
 use crate::schedule::Schedule;
@@ -83,10 +83,7 @@ pub fn to_batch(seqs: &[Vec<u32>], device: &Device) -> Result<(Tensor, Tensor)> 
         inputs.extend_from_slice(&s[..t]);
         targets.extend_from_slice(&s[1..]);
     }
-    Ok((
-        Tensor::from_vec(inputs, (seqs.len(), t), device)?,
-        Tensor::from_vec(targets, (seqs.len(), t), device)?,
-    ))
+    Ok((Tensor::from_vec(inputs, (seqs.len(), t), device)?, Tensor::from_vec(targets, (seqs.len(), t), device)?))
 }
 
 /// What one optimizer step measured.
@@ -348,7 +345,10 @@ pub fn run(spec: &JobSpec, mut options: Options) -> Result<Outcome> {
     let weights_of: Vec<f64> = spec.data.train.iter().map(|s| s.weight).collect();
     let train_tokens: usize = train_sources.iter().map(|s| s.tokens.len()).sum();
     let mut mixture = Mixture::new(train_sources, &weights_of, spec.seed);
-    say(&metrics, &format!("data: {train_tokens} training tokens in {} source(s) ({:.1}s)", mixture.num_sources(), t0.elapsed().as_secs_f64()));
+    say(
+        &metrics,
+        &format!("data: {train_tokens} training tokens in {} source(s) ({:.1}s)", mixture.num_sources(), t0.elapsed().as_secs_f64()),
+    );
 
     // Weights and optimizer.
     let (weights, mut step, mut tokens_seen, mut position) = match &resume_from {
@@ -412,10 +412,7 @@ pub fn run(spec: &JobSpec, mut options: Options) -> Result<Outcome> {
         Ok(l)
     };
     let extras = |step: u64, tokens_seen: u64| -> Result<Extras> {
-        Ok(Extras {
-            tokenizer: Some(tokenizer_path.clone()),
-            lineage: Some(lineage(step, tokens_seen)?),
-        })
+        Ok(Extras { tokenizer: Some(tokenizer_path.clone()), lineage: Some(lineage(step, tokens_seen)?) })
     };
     let trained_names: Vec<String> = stepper.opt.params.iter().map(|p| p.name.clone()).collect();
     let save = |stepper: &Stepper, step: u64, tokens_seen: u64, position: &Position| -> Result<PathBuf> {
@@ -509,11 +506,14 @@ pub fn run(spec: &JobSpec, mut options: Options) -> Result<Outcome> {
 
     // The result: the weights alone, in Hugging Face layout.
     let model_dir = out.join("model");
-    let opts = WriteOptions {
-        overwrite: true,
-        ..WriteOptions::default()
-    };
-    btm_model::write_checkpoint(&model_dir, &stepper.weights.config, &mut |n| stepper.weights.tensor(n), &extras(step, tokens_seen)?, &opts)?;
+    let opts = WriteOptions { overwrite: true, ..WriteOptions::default() };
+    btm_model::write_checkpoint(
+        &model_dir,
+        &stepper.weights.config,
+        &mut |n| stepper.weights.tensor(n),
+        &extras(step, tokens_seen)?,
+        &opts,
+    )?;
     if let Some(m) = &mirror {
         m.delete_dir("model")?;
         m.upload_dir(&model_dir, "model")?;
@@ -534,7 +534,8 @@ fn resume_from_store(mirror: &Mirror, root: &Path, warn: &mut dyn FnMut(String))
     let manifest = btm_model::manifest::MANIFEST;
     for (step, dir) in checkpoint::list(root)? {
         let name = checkpoint::step_dir_name(step);
-        let same = remote.contains(&step) && std::fs::read(dir.join(manifest)).ok() == mirror.read(&format!("checkpoints/{name}/{manifest}"))?;
+        let same =
+            remote.contains(&step) && std::fs::read(dir.join(manifest)).ok() == mirror.read(&format!("checkpoints/{name}/{manifest}"))?;
         if !same {
             std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
         }

@@ -14,8 +14,9 @@ fn job(dir: &Path, name: &str, train: &Path, valid: &Path) -> JobSpec {
     let remote = dir.join(format!("{name}-store"));
     std::fs::create_dir_all(&remote).unwrap();
     let url = url::Url::from_directory_path(&remote).unwrap();
-    let yaml = job_yaml("mixtral", train, valid, Path::new("placeholder"), &dir.join("cache"), "steps: 8\ncheckpoint: {interval: 2, keep: 2}\n")
-        .replace("out: placeholder", &format!("out: {url}\nwork_dir: {}", dir.join(format!("{name}-work")).display()));
+    let yaml =
+        job_yaml("mixtral", train, valid, Path::new("placeholder"), &dir.join("cache"), "steps: 8\ncheckpoint: {interval: 2, keep: 2}\n")
+            .replace("out: placeholder", &format!("out: {url}\nwork_dir: {}", dir.join(format!("{name}-work")).display()));
     JobSpec::parse(&yaml, dir).unwrap()
 }
 
@@ -64,11 +65,8 @@ fn runs_mirror_to_the_store_and_resume_from_it() {
     std::fs::remove_dir_all(d.join("b-work")).unwrap();
     let checkpoints = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let seen = checkpoints.clone();
-    let options = Options {
-        quiet: true,
-        on_checkpoint: Some(Box::new(move |step, _| seen.lock().unwrap().push(step))),
-        ..Default::default()
-    };
+    let options =
+        Options { quiet: true, on_checkpoint: Some(Box::new(move |step, _| seen.lock().unwrap().push(step))), ..Default::default() };
     assert!(matches!(btm_trainer::run(&b, options).unwrap(), Outcome::Finished { step: 8, .. }));
     assert_eq!(*checkpoints.lock().unwrap(), vec![6, 8], "continued after step 4, not from scratch");
     // The history came back from the store: the same losses, step for step, as run A.

@@ -160,10 +160,7 @@ fn corrupt_checkpoints_are_skipped_or_refused() {
     for (s, why) in [(6, "bytes, the manifest says"), (4, "SHA-256 differs"), (2, "no MANIFEST.json")] {
         let named = format!("{yaml}resume: {}\n", step(s).display());
         let spec = btm_trainer::JobSpec::parse(&named, dir.path()).unwrap();
-        let options = btm_trainer::Options {
-            quiet: true,
-            ..Default::default()
-        };
+        let options = btm_trainer::Options { quiet: true, ..Default::default() };
         let err = format!("{:#}", btm_trainer::run(&spec, options).unwrap_err());
         assert!(err.contains("is not a valid checkpoint") && err.contains(why), "{err}");
     }

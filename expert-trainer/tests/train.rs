@@ -10,10 +10,7 @@ use common::*;
 use std::path::Path;
 
 fn quiet() -> Options {
-    Options {
-        quiet: true,
-        ..Default::default()
-    }
+    Options { quiet: true, ..Default::default() }
 }
 
 fn spec_error(yaml: &str, base: &Path) -> String {
@@ -40,11 +37,17 @@ fn bad_specs_name_the_key_and_the_reason() {
         (good.replace(&valid.display().to_string(), &empty.display().to_string()), "data.valid[0]:"),
         (format!("{good}learning_rate: 0.1\n"), "unknown field `learning_rate`"),
         (good.replace("schedule: {", "schedule: {decay: linear, "), "schedule.decay: unknown variant `linear`"),
-        (good.replace("steps: 3\n", "steps: 3\ntrainable: {include: ['*.mlp.gate.weight']}\n"), "trainable.include[0]: `*.mlp.gate.weight` matches no tensor"),
+        (
+            good.replace("steps: 3\n", "steps: 3\ntrainable: {include: ['*.mlp.gate.weight']}\n"),
+            "trainable.include[0]: `*.mlp.gate.weight` matches no tensor",
+        ),
         (good.replace("steps: 3\n", ""), "steps: missing"),
         (good.replace("steps: 3\n", "steps: 3\ndtype: float16\n"), "dtype: `float16`: expected float32 or bfloat16"),
         (good.replace("steps: 3\n", "steps: 3\nmoe: {capacity_factor: -1}\n"), "moe.capacity_factor: must be a positive number, got -1"),
-        (good.replace("steps: 3\n", "steps: 3\nmoe: {capacity_factor: 1.0, drop_policy: random}\n"), "moe.drop_policy: unknown drop policy `random`"),
+        (
+            good.replace("steps: 3\n", "steps: 3\nmoe: {capacity_factor: 1.0, drop_policy: random}\n"),
+            "moe.drop_policy: unknown drop policy `random`",
+        ),
     ];
     for (yaml, want) in cases {
         let err = spec_error(&yaml, dir.path());
@@ -62,11 +65,22 @@ fn bad_specs_name_the_key_and_the_reason() {
 fn a_capacity_limit_drops_tokens_and_says_how_many() {
     let (dir, train, valid) = data_dir();
     let out = dir.path().join("out");
-    let yaml = job_yaml("mixtral", &train, &valid, &out, &dir.path().join("cache"), "steps: 2\nmoe: {capacity_factor: 0.5, drop_policy: position}\n");
+    let yaml = job_yaml(
+        "mixtral",
+        &train,
+        &valid,
+        &out,
+        &dir.path().join("cache"),
+        "steps: 2\nmoe: {capacity_factor: 0.5, drop_policy: position}\n",
+    );
     let spec = JobSpec::parse(&yaml, dir.path()).unwrap();
     btm_trainer::run(&spec, quiet()).unwrap();
     let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
-    let line: serde_json::Value = metrics.lines().map(|l| serde_json::from_str(l).unwrap()).find(|v: &serde_json::Value| v.get("dropped").is_some()).expect("a training line");
+    let line: serde_json::Value = metrics
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .find(|v: &serde_json::Value| v.get("dropped").is_some())
+        .expect("a training line");
     let dropped: Vec<f64> = serde_json::from_value(line["dropped"].clone()).unwrap();
     assert_eq!(dropped.len(), 2, "one entry per MoE layer");
     assert!(dropped.iter().all(|&d| d >= 0.5), "capacity factor 0.5 keeps at most half: {dropped:?}");
@@ -113,7 +127,8 @@ fn only_selected_tensors_change() {
 fn bfloat16_mixed_precision_tracks_float32() {
     let (dir, train, valid) = data_dir();
     let cache = dir.path().join("cache");
-    for (model, tensor) in [("llama", "model.layers.1.self_attn.q_proj.weight"), ("mixtral", "model.layers.0.mlp.experts.1.up_proj.weight")] {
+    for (model, tensor) in [("llama", "model.layers.1.self_attn.q_proj.weight"), ("mixtral", "model.layers.0.mlp.experts.1.up_proj.weight")]
+    {
         let run = |dtype: &str| {
             let out = dir.path().join(format!("{model}-{dtype}"));
             let yaml = job_yaml(model, &train, &valid, &out, &cache, &format!("steps: 4\ndtype: {dtype}\n"));
@@ -129,7 +144,8 @@ fn bfloat16_mixed_precision_tracks_float32() {
                 .collect();
             (t.flatten_all().unwrap().to_vec1::<f32>().unwrap(), losses)
         };
-        let start = Checkpoint::open(fixtures().join(model)).unwrap().tensor(tensor).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let start =
+            Checkpoint::open(fixtures().join(model)).unwrap().tensor(tensor).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let ((_, l32), (w16, l16)) = (run("float32"), run("bfloat16"));
         assert_eq!(l32.len(), 4, "{model}: one loss per step");
         assert_eq!(l16.len(), 4);

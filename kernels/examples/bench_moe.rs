@@ -11,12 +11,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut json = false;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
-        let mut value = |name: &str| -> Result<usize, Box<dyn std::error::Error>> {
-            Ok(args
-                .next()
-                .ok_or(format!("{name} needs a value"))?
-                .parse()?)
-        };
+        let mut value =
+            |name: &str| -> Result<usize, Box<dyn std::error::Error>> { Ok(args.next().ok_or(format!("{name} needs a value"))?.parse()?) };
         match arg.as_str() {
             "--tokens" => spec.tokens = value("--tokens")?,
             "--hidden" => spec.hidden = value("--hidden")?,

@@ -65,14 +65,9 @@ pub fn causal_attention(qkv: &Tensor, seq_len: usize, shape: AttentionShape, cos
     if cos.dims() != [seq_len, d] || sin.dims() != [seq_len, d] {
         candle_core::bail!("causal_attention: rotary tables {:?} / {:?}, expected [{seq_len}, {d}]", cos.dims(), sin.dims());
     }
-    let table = |t: &Tensor| -> Result<Arc<Vec<f64>>> { Ok(Arc::new(t.to_dtype(candle_core::DType::F64)?.flatten_all()?.to_vec1::<f64>()?)) };
-    let op = Attention {
-        shape,
-        batch: rows / seq_len,
-        seq_len,
-        cos: table(cos)?,
-        sin: table(sin)?,
-    };
+    let table =
+        |t: &Tensor| -> Result<Arc<Vec<f64>>> { Ok(Arc::new(t.to_dtype(candle_core::DType::F64)?.flatten_all()?.to_vec1::<f64>()?)) };
+    let op = Attention { shape, batch: rows / seq_len, seq_len, cos: table(cos)?, sin: table(sin)? };
     qkv.contiguous()?.apply_op1(op)
 }
 
@@ -440,9 +435,8 @@ mod tests {
 
     /// Hugging Face's tables: angles pos · θ_i, halves repeated.
     fn tables(t: usize, d: usize, dtype: DType) -> (Tensor, Tensor) {
-        let angles: Vec<f64> = (0..t)
-            .flat_map(|pos| (0..d).map(move |i| pos as f64 * 10000f64.powf(-2.0 * (i % (d / 2)) as f64 / d as f64)))
-            .collect();
+        let angles: Vec<f64> =
+            (0..t).flat_map(|pos| (0..d).map(move |i| pos as f64 * 10000f64.powf(-2.0 * (i % (d / 2)) as f64 / d as f64))).collect();
         let a = Tensor::from_vec(angles, (t, d), &candle_core::Device::Cpu).unwrap().to_dtype(dtype).unwrap();
         (a.cos().unwrap(), a.sin().unwrap())
     }
@@ -471,9 +465,8 @@ mod tests {
         let k = repeat(rot(&heads(qkv.narrow(1, qw, kw)?, s.kv_heads)?)?)?;
         let v = repeat(heads(qkv.narrow(1, qw + kw, kw)?, s.kv_heads)?)?;
         let window = s.window.unwrap_or(usize::MAX);
-        let mask: Vec<f64> = (0..t)
-            .flat_map(|i| (0..t).map(move |j| if j <= i && i - j < window { 0.0 } else { f64::NEG_INFINITY }))
-            .collect();
+        let mask: Vec<f64> =
+            (0..t).flat_map(|i| (0..t).map(move |j| if j <= i && i - j < window { 0.0 } else { f64::NEG_INFINITY })).collect();
         let mask = Tensor::from_vec(mask, (t, t), q.device())?.to_dtype(q.dtype())?;
         let scores = (q.matmul(&k.t()?)? * s.scale)?.broadcast_add(&mask)?;
         let max = scores.max_keepdim(D::Minus1)?;
@@ -531,6 +524,6 @@ mod tests {
         assert!(causal_attention(&qkv, 5, s, &cos, &sin).is_err(), "rows not a multiple of T");
         assert!(causal_attention(&qkv.narrow(1, 0, 40).unwrap(), 6, s, &cos, &sin).is_err(), "width");
         assert!(causal_attention(&qkv, 6, AttentionShape { scale: 0.0, ..s }, &cos, &sin).is_err(), "scale");
-        assert!(causal_attention(&qkv, 6, s, &cos.narrow(0, 0, 5).unwrap(), &sin, ).is_err(), "tables");
+        assert!(causal_attention(&qkv, 6, s, &cos.narrow(0, 0, 5).unwrap(), &sin,).is_err(), "tables");
     }
 }

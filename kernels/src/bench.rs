@@ -41,18 +41,7 @@ impl MoeCase {
 }
 
 /// The issue's shapes: (8, 2, 2816) and the fine-grained (64, 8, 352).
-pub const DEFAULT_CASES: [MoeCase; 2] = [
-    MoeCase {
-        experts: 8,
-        top_k: 2,
-        ffn: 2816,
-    },
-    MoeCase {
-        experts: 64,
-        top_k: 8,
-        ffn: 352,
-    },
-];
+pub const DEFAULT_CASES: [MoeCase; 2] = [MoeCase { experts: 8, top_k: 2, ffn: 2816 }, MoeCase { experts: 64, top_k: 8, ffn: 352 }];
 
 /// What to run.
 #[derive(Debug, Clone, Serialize)]
@@ -69,13 +58,7 @@ pub struct MoeBenchSpec {
 impl Default for MoeBenchSpec {
     /// T = 4096 (the CPU target), hidden 1024, both issue shapes, 3 reps.
     fn default() -> Self {
-        Self {
-            tokens: 4096,
-            hidden: 1024,
-            cases: DEFAULT_CASES.to_vec(),
-            reps: 3,
-            reference: true,
-        }
+        Self { tokens: 4096, hidden: 1024, cases: DEFAULT_CASES.to_vec(), reps: 3, reference: true }
     }
 }
 
@@ -140,10 +123,7 @@ fn measure(run: &mut dyn FnMut() -> Result<()>) -> Result<(f64, Option<f64>)> {
 }
 
 /// Median (wall, CPU) milliseconds of each closure, run alternately after one warm-up each.
-fn time_alternating(
-    reps: usize,
-    runs: &mut [&mut dyn FnMut() -> Result<()>],
-) -> Result<Vec<(f64, Option<f64>)>> {
+fn time_alternating(reps: usize, runs: &mut [&mut dyn FnMut() -> Result<()>]) -> Result<Vec<(f64, Option<f64>)>> {
     for run in runs.iter_mut() {
         run()?; // warm-up: first-touch allocations, thread pool start
     }
@@ -168,9 +148,7 @@ fn gemm_rates(spec: &MoeBenchSpec, case: MoeCase, device: &Device) -> Result<(f6
     let x = Tensor::randn(0f32, 1.0, (rows, h), device)?;
     let w = Tensor::randn(0f32, 1.0 / (h as f32).sqrt(), (e, f, h), device)?;
     // Equal groups (the last takes the remainder): the shape a balanced router produces.
-    let offsets: Vec<u32> = (0..=e)
-        .map(|i| if i == e { rows } else { i * (rows / e) } as u32)
-        .collect();
+    let offsets: Vec<u32> = (0..=e).map(|i| if i == e { rows } else { i * (rows / e) } as u32).collect();
     let offsets = Tensor::new(offsets.as_slice(), device)?;
     let dense_w = Tensor::randn(0f32, 1.0 / (h as f32).sqrt(), (h, f), device)?;
     // Synchronize so a GPU's asynchronous launches are timed to completion.
@@ -191,12 +169,7 @@ fn gemm_rates(spec: &MoeBenchSpec, case: MoeCase, device: &Device) -> Result<(f6
 pub fn bench_case(spec: &MoeBenchSpec, case: MoeCase, device: &Device) -> Result<MoeBenchResult> {
     let (t, h, e, f) = (spec.tokens, spec.hidden, case.experts, case.ffn);
     let randn = |dims: (usize, usize), fan_in: usize| -> Result<Var> {
-        Var::from_tensor(&Tensor::randn(
-            0f32,
-            1.0 / (fan_in as f32).sqrt(),
-            dims,
-            device,
-        )?)
+        Var::from_tensor(&Tensor::randn(0f32, 1.0 / (fan_in as f32).sqrt(), dims, device)?)
     };
     let x = randn((t, h), 1)?;
     let router = randn((e, h), h)?;
@@ -206,26 +179,17 @@ pub fn bench_case(spec: &MoeBenchSpec, case: MoeCase, device: &Device) -> Result
     }
     let stack = |pick: fn(&(Var, Var, Var)) -> &Var| -> Result<Tensor> {
         let parts: Vec<&Tensor> = per_expert.iter().map(|v| pick(v).as_tensor()).collect();
-        Ok(Var::from_tensor(&Tensor::stack(&parts, 0)?)?
-            .as_tensor()
-            .clone())
+        Ok(Var::from_tensor(&Tensor::stack(&parts, 0)?)?.as_tensor().clone())
     };
     let stacked = ExpertWeights::new(&stack(|v| &v.0)?, &stack(|v| &v.1)?, &stack(|v| &v.2)?)?;
     let probe = Tensor::randn(0f32, 1.0, (t, h), device)?;
-    let opts = MoeOptions {
-        top_k: case.top_k,
-        routing: Routing::SoftmaxThenTopk,
-        capacity: None,
-    };
+    let opts = MoeOptions { top_k: case.top_k, routing: Routing::SoftmaxThenTopk, capacity: None };
 
     let mut fused = || -> Result<()> {
         let (y, _) = fused_moe(&x, &router, &stacked, &opts)?;
         (y * &probe)?.sum_all()?.backward().map(drop)
     };
-    let refs: Vec<ExpertRef> = per_expert
-        .iter()
-        .map(|(g, u, d)| (g.as_tensor(), u.as_tensor(), d.as_tensor()))
-        .collect();
+    let refs: Vec<ExpertRef> = per_expert.iter().map(|(g, u, d)| (g.as_tensor(), u.as_tensor(), d.as_tensor())).collect();
     let mut reference = || -> Result<()> {
         let (y, _) = reference_moe(&x, &router, &refs, &opts)?;
         (y * &probe)?.sum_all()?.backward().map(drop)
@@ -245,11 +209,7 @@ pub fn bench_case(spec: &MoeBenchSpec, case: MoeCase, device: &Device) -> Result
         tokens: t,
         hidden: h,
         dtype: "f32",
-        device: if device.is_cpu() {
-            "cpu".into()
-        } else {
-            format!("{:?}", device.location())
-        },
+        device: if device.is_cpu() { "cpu".into() } else { format!("{:?}", device.location()) },
         threads: rayon::current_num_threads(),
         cpu: crate::isa::CpuInfo::current(),
         fused_ms,
@@ -267,11 +227,7 @@ pub fn bench_case(spec: &MoeBenchSpec, case: MoeCase, device: &Device) -> Result
 }
 
 /// Run every case of `spec`, calling `report` after each (for progress output).
-pub fn bench_moe(
-    spec: &MoeBenchSpec,
-    device: &Device,
-    mut report: impl FnMut(&MoeBenchResult),
-) -> Result<Vec<MoeBenchResult>> {
+pub fn bench_moe(spec: &MoeBenchSpec, device: &Device, mut report: impl FnMut(&MoeBenchResult)) -> Result<Vec<MoeBenchResult>> {
     let mut out = Vec::new();
     for &case in &spec.cases {
         let r = bench_case(spec, case, device)?;
@@ -318,18 +274,8 @@ mod tests {
 
     #[test]
     fn a_tiny_bench_runs_and_reports_both_paths() {
-        let case = MoeCase {
-            experts: 4,
-            top_k: 2,
-            ffn: 8,
-        };
-        let spec = MoeBenchSpec {
-            tokens: 32,
-            hidden: 16,
-            cases: vec![case],
-            reps: 1,
-            reference: true,
-        };
+        let case = MoeCase { experts: 4, top_k: 2, ffn: 8 };
+        let spec = MoeBenchSpec { tokens: 32, hidden: 16, cases: vec![case], reps: 1, reference: true };
         let mut lines = Vec::new();
         let results = bench_moe(&spec, &Device::Cpu, |r| lines.push(format_result(r))).unwrap();
         assert_eq!(results.len(), 1);
@@ -339,9 +285,6 @@ mod tests {
         // 18·T·k·H·F + 6·T·H·E = 18·32·2·16·8 + 6·32·16·4
         assert_eq!(results[0].flops, 147456.0 + 12288.0);
         let json = serde_json::to_string(&results[0]).unwrap();
-        assert!(
-            json.contains("\"experts\":4") && json.contains("\"speedup\":"),
-            "{json}"
-        );
+        assert!(json.contains("\"experts\":4") && json.contains("\"speedup\":"), "{json}");
     }
 }

@@ -23,11 +23,7 @@ impl Real for f64 {
 }
 
 /// The elements of a contiguous tensor, as a slice.
-pub(crate) fn slice<'a, T: WithDType>(
-    storage: &'a CpuStorage,
-    layout: &Layout,
-    what: &str,
-) -> Result<&'a [T]> {
+pub(crate) fn slice<'a, T: WithDType>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> Result<&'a [T]> {
     let Some((start, end)) = layout.contiguous_offsets() else {
         candle_core::bail!("{what}: the kernel needs a contiguous tensor");
     };

@@ -52,24 +52,12 @@ pub const SOURCES: [KernelSource; 4] = [
     KernelSource {
         name: "swiglu.cu",
         body: include_str!("cuda/swiglu.cu"),
-        functions: &[
-            "moe_swiglu_fwd_f32",
-            "moe_swiglu_bwd_f32",
-            "moe_swiglu_fwd_bf16",
-            "moe_swiglu_bwd_bf16",
-        ],
+        functions: &["moe_swiglu_fwd_f32", "moe_swiglu_bwd_f32", "moe_swiglu_fwd_bf16", "moe_swiglu_bwd_bf16"],
     },
     KernelSource {
         name: "grouped_gemm.cu",
         body: include_str!("cuda/grouped_gemm.cu"),
-        functions: &[
-            "moe_gemm_fwd_f32",
-            "moe_gemm_dx_f32",
-            "moe_gemm_dw_f32",
-            "moe_gemm_fwd_bf16",
-            "moe_gemm_dx_bf16",
-            "moe_gemm_dw_bf16",
-        ],
+        functions: &["moe_gemm_fwd_f32", "moe_gemm_dx_f32", "moe_gemm_dw_f32", "moe_gemm_fwd_bf16", "moe_gemm_dx_bf16", "moe_gemm_dw_bf16"],
     },
 ];
 
@@ -90,20 +78,13 @@ pub fn compile(src: &KernelSource, arch: &'static str) -> Result<Ptx, String> {
     if !nvrtc_available() {
         return Err("libnvrtc not found (scripts/cuda-toolkit.sh --nvrtc-only provides it)".into());
     }
-    let opts = CompileOptions {
-        arch: Some(arch),
-        name: Some(src.name.into()),
-        ..Default::default()
-    };
+    let opts = CompileOptions { arch: Some(arch), name: Some(src.name.into()), ..Default::default() };
     compile_ptx_with_opts(src.source(), opts).map_err(|e| format!("{}: {e}", src.name))
 }
 
 /// Compile every source; the PTX of each, by source name.
 pub fn compile_all(arch: &'static str) -> Result<Vec<(&'static str, Ptx)>, String> {
-    SOURCES
-        .iter()
-        .map(|s| Ok((s.name, compile(s, arch)?)))
-        .collect()
+    SOURCES.iter().map(|s| Ok((s.name, compile(s, arch)?))).collect()
 }
 
 /// The float32 kernels loaded on one GPU, with launchers that mirror the CPU ops. Group sizes
@@ -111,9 +92,7 @@ pub fn compile_all(arch: &'static str) -> Result<Vec<(&'static str, Ptx)>, Strin
 pub mod gpu {
     use std::sync::Arc;
 
-    use cudarc::driver::{
-        CudaContext, CudaFunction, CudaSlice, CudaStream, DriverError, LaunchConfig, PushKernelArg,
-    };
+    use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DriverError, LaunchConfig, PushKernelArg};
 
     use super::{compile, SOURCES};
 
@@ -150,11 +129,7 @@ pub mod gpu {
     }
 
     fn cfg(blocks: (u32, u32, u32), threads: u32) -> LaunchConfig {
-        LaunchConfig {
-            grid_dim: blocks,
-            block_dim: (threads, 1, 1),
-            shared_mem_bytes: 0,
-        }
+        LaunchConfig { grid_dim: blocks, block_dim: (threads, 1, 1), shared_mem_bytes: 0 }
     }
 
     impl GpuMoe {
@@ -172,19 +147,11 @@ pub mod gpu {
                     functions.push((name, module.load_function(name).map_err(err)?));
                 }
             }
-            Ok(Self {
-                stream: ctx.default_stream(),
-                functions,
-            })
+            Ok(Self { stream: ctx.default_stream(), functions })
         }
 
         fn f(&self, name: &str) -> &CudaFunction {
-            &self
-                .functions
-                .iter()
-                .find(|(n, _)| *n == name)
-                .expect("kernel listed in SOURCES")
-                .1
+            &self.functions.iter().find(|(n, _)| *n == name).expect("kernel listed in SOURCES").1
         }
 
         pub fn upload<T: cudarc::driver::DeviceRepr>(&self, data: &[T]) -> Res<CudaSlice<T>> {
@@ -195,23 +162,13 @@ pub mod gpu {
             self.stream.clone_dtoh(data).map_err(err)
         }
 
-        fn zeros<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
-            &self,
-            n: usize,
-        ) -> Res<CudaSlice<T>> {
+        fn zeros<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(&self, n: usize) -> Res<CudaSlice<T>> {
             self.stream.alloc_zeros(n.max(1)).map_err(err)
         }
 
         /// Stable counting sort of the [T, k] expert indices by expert, on the device;
         /// `capacity` 0 = dropless, else the `position` policy.
-        pub fn route_plan(
-            &self,
-            experts: &CudaSlice<u32>,
-            tokens: u32,
-            top_k: u32,
-            num_experts: u32,
-            capacity: u32,
-        ) -> Res<DevicePlan> {
+        pub fn route_plan(&self, experts: &CudaSlice<u32>, tokens: u32, top_k: u32, num_experts: u32, capacity: u32) -> Res<DevicePlan> {
             let slots = tokens * top_k;
             let mut counts = self.zeros::<u32>(num_experts as usize)?;
             let mut offsets = self.zeros::<u32>(num_experts as usize + 1)?;
@@ -227,44 +184,22 @@ pub mod gpu {
                 l.arg(&counts).arg(&num_experts).arg(&mut offsets);
                 l.launch(cfg((1, 1, 1), 32)).map_err(err)?;
                 let mut l = self.stream.launch_builder(self.f("moe_route_scatter"));
-                l.arg(experts)
-                    .arg(&slots)
-                    .arg(&capacity)
-                    .arg(&offsets)
-                    .arg(&mut rows)
-                    .arg(&mut slot_rows);
+                l.arg(experts).arg(&slots).arg(&capacity).arg(&offsets).arg(&mut rows).arg(&mut slot_rows);
                 l.launch(cfg((num_experts, 1, 1), THREADS)).map_err(err)?;
             }
-            Ok(DevicePlan {
-                offsets,
-                rows,
-                slot_rows,
-                tokens,
-                top_k,
-                experts: num_experts,
-            })
+            Ok(DevicePlan { offsets, rows, slot_rows, tokens, top_k, experts: num_experts })
         }
 
         /// `P[r] = X[token(r)]` into a [T·k, H] buffer (rows past N = offsets[E] stay zero).
-        pub fn permute(
-            &self,
-            x: &CudaSlice<f32>,
-            plan: &DevicePlan,
-            hidden: u32,
-        ) -> Res<CudaSlice<f32>> {
+        pub fn permute(&self, x: &CudaSlice<f32>, plan: &DevicePlan, hidden: u32) -> Res<CudaSlice<f32>> {
             let mut out = self.zeros::<f32>((plan.tokens * plan.top_k * hidden) as usize)?;
             let no_scale = 0u64;
             // SAFETY: matches moe_permute_f32 in permute.cu; a null scale means unscaled.
             unsafe {
                 let mut l = self.stream.launch_builder(self.f("moe_permute_f32"));
-                l.arg(x)
-                    .arg(&no_scale)
-                    .arg(&plan.rows)
-                    .arg(&plan.offsets)
-                    .arg(&plan.experts);
+                l.arg(x).arg(&no_scale).arg(&plan.rows).arg(&plan.offsets).arg(&plan.experts);
                 l.arg(&plan.top_k).arg(&hidden).arg(&mut out);
-                l.launch(cfg((grid(plan.tokens * plan.top_k), 1, 1), THREADS))
-                    .map_err(err)?;
+                l.launch(cfg((grid(plan.tokens * plan.top_k), 1, 1), THREADS)).map_err(err)?;
             }
             Ok(out)
         }
@@ -287,38 +222,19 @@ pub mod gpu {
                     Some(w) => l.arg(w),
                     None => l.arg(&null),
                 };
-                l.arg(&plan.slot_rows)
-                    .arg(&plan.tokens)
-                    .arg(&plan.top_k)
-                    .arg(&hidden)
-                    .arg(&mut out);
-                l.launch(cfg((grid(plan.tokens), 1, 1), THREADS))
-                    .map_err(err)?;
+                l.arg(&plan.slot_rows).arg(&plan.tokens).arg(&plan.top_k).arg(&hidden).arg(&mut out);
+                l.launch(cfg((grid(plan.tokens), 1, 1), THREADS)).map_err(err)?;
             }
             Ok(out)
         }
 
         /// Grouped `Y_e = X_e · W_eᵀ` (X [T·k, K] permuted rows, W [E, M, K]) → [T·k, M].
-        pub fn gemm_forward(
-            &self,
-            x: &CudaSlice<f32>,
-            w: &CudaSlice<f32>,
-            plan: &DevicePlan,
-            m: u32,
-            k: u32,
-        ) -> Res<CudaSlice<f32>> {
+        pub fn gemm_forward(&self, x: &CudaSlice<f32>, w: &CudaSlice<f32>, plan: &DevicePlan, m: u32, k: u32) -> Res<CudaSlice<f32>> {
             self.gemm_rows("moe_gemm_fwd_f32", x, w, plan, m, k, m)
         }
 
         /// Grouped `dX_e = dY_e · W_e` → [T·k, K].
-        pub fn gemm_input_grad(
-            &self,
-            dy: &CudaSlice<f32>,
-            w: &CudaSlice<f32>,
-            plan: &DevicePlan,
-            m: u32,
-            k: u32,
-        ) -> Res<CudaSlice<f32>> {
+        pub fn gemm_input_grad(&self, dy: &CudaSlice<f32>, w: &CudaSlice<f32>, plan: &DevicePlan, m: u32, k: u32) -> Res<CudaSlice<f32>> {
             self.gemm_rows("moe_gemm_dx_f32", dy, w, plan, m, k, k)
         }
 
@@ -339,42 +255,20 @@ pub mod gpu {
             // SAFETY: matches moe_gemm_fwd_f32 / moe_gemm_dx_f32 in grouped_gemm.cu.
             unsafe {
                 let mut l = self.stream.launch_builder(self.f(name));
-                l.arg(a)
-                    .arg(w)
-                    .arg(&plan.offsets)
-                    .arg(&plan.experts)
-                    .arg(&m)
-                    .arg(&k)
-                    .arg(&mut out);
+                l.arg(a).arg(w).arg(&plan.offsets).arg(&plan.experts).arg(&m).arg(&k).arg(&mut out);
                 l.launch(cfg(blocks, THREADS)).map_err(err)?;
             }
             Ok(out)
         }
 
         /// Grouped `dW_e = dY_eᵀ · X_e` → [E, M, K].
-        pub fn gemm_weight_grad(
-            &self,
-            dy: &CudaSlice<f32>,
-            x: &CudaSlice<f32>,
-            plan: &DevicePlan,
-            m: u32,
-            k: u32,
-        ) -> Res<CudaSlice<f32>> {
+        pub fn gemm_weight_grad(&self, dy: &CudaSlice<f32>, x: &CudaSlice<f32>, plan: &DevicePlan, m: u32, k: u32) -> Res<CudaSlice<f32>> {
             let mut out = self.zeros::<f32>((plan.experts * m * k) as usize)?;
             // SAFETY: matches moe_gemm_dw_f32 in grouped_gemm.cu.
             unsafe {
                 let mut l = self.stream.launch_builder(self.f("moe_gemm_dw_f32"));
-                l.arg(dy)
-                    .arg(x)
-                    .arg(&plan.offsets)
-                    .arg(&m)
-                    .arg(&k)
-                    .arg(&mut out);
-                l.launch(cfg(
-                    (k.div_ceil(TILE), m.div_ceil(TILE), plan.experts),
-                    THREADS,
-                ))
-                .map_err(err)?;
+                l.arg(dy).arg(x).arg(&plan.offsets).arg(&m).arg(&k).arg(&mut out);
+                l.launch(cfg((k.div_ceil(TILE), m.div_ceil(TILE), plan.experts), THREADS)).map_err(err)?;
             }
             Ok(out)
         }
@@ -389,10 +283,7 @@ mod tests {
     #[test]
     fn nvrtc_compiles_every_kernel() {
         if !nvrtc_available() {
-            assert!(
-                std::env::var("BTM_REQUIRE_NVRTC").as_deref() != Ok("1"),
-                "BTM_REQUIRE_NVRTC=1 but libnvrtc was not found"
-            );
+            assert!(std::env::var("BTM_REQUIRE_NVRTC").as_deref() != Ok("1"), "BTM_REQUIRE_NVRTC=1 but libnvrtc was not found");
             eprintln!(
                 "SKIPPED nvrtc_compiles_every_kernel: libnvrtc not found; run \
                  `eval \"$(scripts/cuda-toolkit.sh --nvrtc-only)\"` first"
@@ -403,19 +294,10 @@ mod tests {
             let ptx = compile(src, "compute_90").unwrap_or_else(|e| panic!("{e}"));
             let text = ptx.to_src();
             for f in src.functions {
-                assert!(
-                    text.contains(&format!(".entry {f}(")),
-                    "{}: no kernel `{f}` in the PTX",
-                    src.name
-                );
+                assert!(text.contains(&format!(".entry {f}(")), "{}: no kernel `{f}` in the PTX", src.name);
             }
             let entries = text.matches(".entry ").count();
-            assert_eq!(
-                entries,
-                src.functions.len(),
-                "{}: kernels in the PTX vs listed",
-                src.name
-            );
+            assert_eq!(entries, src.functions.len(), "{}: kernels in the PTX vs listed", src.name);
         }
     }
 
@@ -434,19 +316,9 @@ mod tests {
         let gpu = gpu::GpuMoe::new(0, "compute_90").expect("load kernels");
         let (t, k, e, h, m) = (300usize, 2usize, 5usize, 70usize, 90usize);
         // Expert 3 gets nothing.
-        let experts: Vec<u32> = (0..t * k)
-            .map(|s| [0u32, 1, 2, 4][(s * 7 + s / 5) % 4])
-            .collect();
+        let experts: Vec<u32> = (0..t * k).map(|s| [0u32, 1, 2, 4][(s * 7 + s / 5) % 4]).collect();
         let cpu_plan = Arc::new(RoutePlan::new(&experts, k, e, None).unwrap());
-        let plan = gpu
-            .route_plan(
-                &gpu.upload(&experts).unwrap(),
-                t as u32,
-                k as u32,
-                e as u32,
-                0,
-            )
-            .unwrap();
+        let plan = gpu.route_plan(&gpu.upload(&experts).unwrap(), t as u32, k as u32, e as u32, 0).unwrap();
         assert_eq!(gpu.download(&plan.offsets).unwrap(), cpu_plan.offsets());
         assert_eq!(gpu.download(&plan.rows).unwrap(), cpu_plan.rows());
         assert_eq!(gpu.download(&plan.slot_rows).unwrap(), cpu_plan.slot_rows());
@@ -454,47 +326,24 @@ mod tests {
         let vec = |x: &Tensor| x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let close = |got: &[f32], want: &[f32], what: &str| {
             let scale = want.iter().fold(1f32, |a, v| a.max(v.abs()));
-            let err = got
-                .iter()
-                .zip(want)
-                .fold(0f32, |a, (x, y)| a.max((x - y).abs()));
-            assert!(
-                err <= 1e-4 * scale,
-                "{what}: max error {err} (scale {scale})"
-            );
+            let err = got.iter().zip(want).fold(0f32, |a, (x, y)| a.max((x - y).abs()));
+            assert!(err <= 1e-4 * scale, "{what}: max error {err} (scale {scale})");
         };
         let x = random(&[t, h], 1, DType::F32);
         let w = random(&[e, m, h], 2, DType::F32);
         let wts = random(&[t, k], 3, DType::F32);
-        let (xd, wd, wtd) = (
-            gpu.upload(&vec(&x)).unwrap(),
-            gpu.upload(&vec(&w)).unwrap(),
-            gpu.upload(&vec(&wts)).unwrap(),
-        );
+        let (xd, wd, wtd) = (gpu.upload(&vec(&x)).unwrap(), gpu.upload(&vec(&w)).unwrap(), gpu.upload(&vec(&wts)).unwrap());
         let n = cpu_plan.kept();
         let xp = gpu.permute(&xd, &plan, h as u32).unwrap();
         let xp_cpu = permute(&x, &cpu_plan).unwrap();
-        assert_eq!(
-            &gpu.download(&xp).unwrap()[..n * h],
-            vec(&xp_cpu).as_slice()
-        );
+        assert_eq!(&gpu.download(&xp).unwrap()[..n * h], vec(&xp_cpu).as_slice());
 
         let off = cpu_plan.offsets_tensor(&Device::Cpu).unwrap();
-        let y = gpu
-            .gemm_forward(&xp, &wd, &plan, m as u32, h as u32)
-            .unwrap();
+        let y = gpu.gemm_forward(&xp, &wd, &plan, m as u32, h as u32).unwrap();
         let y_cpu = grouped_matmul(&xp_cpu, &w, &off).unwrap();
-        close(
-            &gpu.download(&y).unwrap()[..n * m],
-            &vec(&y_cpu),
-            "gemm forward",
-        );
-        let dx = gpu
-            .gemm_input_grad(&y, &wd, &plan, m as u32, h as u32)
-            .unwrap();
-        let dw = gpu
-            .gemm_weight_grad(&y, &xp, &plan, m as u32, h as u32)
-            .unwrap();
+        close(&gpu.download(&y).unwrap()[..n * m], &vec(&y_cpu), "gemm forward");
+        let dx = gpu.gemm_input_grad(&y, &wd, &plan, m as u32, h as u32).unwrap();
+        let dw = gpu.gemm_weight_grad(&y, &xp, &plan, m as u32, h as u32).unwrap();
         let dw_cpu: Vec<f32> = (0..e)
             .flat_map(|g| {
                 let (s, r) = (cpu_plan.offsets()[g] as usize, cpu_plan.group_sizes()[g]);
@@ -502,11 +351,7 @@ mod tests {
                     return vec![0f32; m * h];
                 }
                 let yg = y_cpu.narrow(0, s, r).unwrap();
-                vec(&yg
-                    .t()
-                    .unwrap()
-                    .matmul(&xp_cpu.narrow(0, s, r).unwrap())
-                    .unwrap())
+                vec(&yg.t().unwrap().matmul(&xp_cpu.narrow(0, s, r).unwrap()).unwrap())
             })
             .collect();
         close(&gpu.download(&dw).unwrap(), &dw_cpu, "gemm weight grad");
@@ -516,24 +361,12 @@ mod tests {
                 if r == 0 {
                     return Vec::new();
                 }
-                vec(&y_cpu
-                    .narrow(0, s, r)
-                    .unwrap()
-                    .matmul(&w.get(g).unwrap())
-                    .unwrap())
+                vec(&y_cpu.narrow(0, s, r).unwrap().matmul(&w.get(g).unwrap()).unwrap())
             })
             .collect();
-        close(
-            &gpu.download(&dx).unwrap()[..n * h],
-            &dx_want,
-            "gemm input grad",
-        );
+        close(&gpu.download(&dx).unwrap()[..n * h], &dx_want, "gemm input grad");
 
         let out = gpu.unpermute(&y, Some(&wtd), &plan, m as u32).unwrap();
-        close(
-            &gpu.download(&out).unwrap(),
-            &vec(&unpermute(&y_cpu, &wts, &cpu_plan).unwrap()),
-            "unpermute",
-        );
+        close(&gpu.download(&out).unwrap(), &vec(&unpermute(&y_cpu, &wts, &cpu_plan).unwrap()), "unpermute");
     }
 }

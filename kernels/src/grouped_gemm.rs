@@ -31,31 +31,15 @@ pub fn grouped_matmul(x: &Tensor, w: &Tensor, offsets: &Tensor) -> Result<Tensor
     let (n, k) = x.dims2()?;
     let (e, _, kw) = w.dims3()?;
     if kw != k {
-        candle_core::bail!(
-            "grouped_matmul: x is [{n}, {k}] but weights are {:?} (expected [E, M, {k}])",
-            w.dims()
-        );
+        candle_core::bail!("grouped_matmul: x is [{n}, {k}] but weights are {:?} (expected [E, M, {k}])", w.dims());
     }
     if offsets.dims() != [e + 1] || offsets.dtype() != DType::U32 {
-        candle_core::bail!(
-            "grouped_matmul: offsets must be a [{}] u32 tensor, got {:?} {:?}",
-            e + 1,
-            offsets.dims(),
-            offsets.dtype()
-        );
+        candle_core::bail!("grouped_matmul: offsets must be a [{}] u32 tensor, got {:?} {:?}", e + 1, offsets.dims(), offsets.dtype());
     }
     if x.dtype() != w.dtype() {
-        candle_core::bail!(
-            "grouped_matmul: x is {:?} but weights are {:?}",
-            x.dtype(),
-            w.dtype()
-        );
+        candle_core::bail!("grouped_matmul: x is {:?} but weights are {:?}", x.dtype(), w.dtype());
     }
-    x.contiguous()?.apply_op3(
-        &w.contiguous()?,
-        &offsets.contiguous()?,
-        GroupedGemm(Kind::Forward),
-    )
+    x.contiguous()?.apply_op3(&w.contiguous()?, &offsets.contiguous()?, GroupedGemm(Kind::Forward))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,15 +55,9 @@ enum Kind {
 struct GroupedGemm(Kind);
 
 fn read_offsets(s: &CpuStorage, l: &Layout, groups: usize, rows: usize) -> Result<Vec<usize>> {
-    let o: Vec<usize> = slice::<u32>(s, l, "grouped_matmul offsets")?
-        .iter()
-        .map(|&v| v as usize)
-        .collect();
-    if o.len() != groups + 1 || o[0] != 0 || o[groups] != rows || o.windows(2).any(|w| w[0] > w[1])
-    {
-        candle_core::bail!(
-            "grouped_matmul: offsets {o:?} must rise from 0 to {rows} over {groups} groups"
-        );
+    let o: Vec<usize> = slice::<u32>(s, l, "grouped_matmul offsets")?.iter().map(|&v| v as usize).collect();
+    if o.len() != groups + 1 || o[0] != 0 || o[groups] != rows || o.windows(2).any(|w| w[0] > w[1]) {
+        candle_core::bail!("grouped_matmul: offsets {o:?} must rise from 0 to {rows} over {groups} groups");
     }
     Ok(o)
 }
@@ -118,14 +96,7 @@ fn tiles(spans: impl Iterator<Item = (usize, usize, usize)>, cols: usize) -> Vec
         }
         for r0 in (start..end).step_by(TILE) {
             for c0 in (0..cols).step_by(TILE) {
-                out.push(Tile {
-                    g,
-                    r0,
-                    r1: (r0 + TILE).min(end),
-                    c0,
-                    c1: (c0 + TILE).min(cols),
-                    whole: false,
-                });
+                out.push(Tile { g, r0, r1: (r0 + TILE).min(end), c0, c1: (c0 + TILE).min(cols), whole: false });
             }
         }
     }
@@ -164,11 +135,7 @@ unsafe fn gemm_tile<T: Real>(
         false,
         false,
         false,
-        if parallel {
-            gemm::Parallelism::Rayon(0)
-        } else {
-            gemm::Parallelism::None
-        },
+        if parallel { gemm::Parallelism::Rayon(0) } else { gemm::Parallelism::None },
     )
 }
 
@@ -197,56 +164,36 @@ fn grouped_cpu<T: Real>(
 ) -> Vec<T> {
     let groups = offsets.len() - 1;
     let n = offsets[groups];
-    let spans = || {
-        (0..groups)
-            .map(|g| (g, offsets[g], offsets[g + 1]))
-            .filter(|&(_, s, e)| e > s)
-    };
+    let spans = || (0..groups).map(|g| (g, offsets[g], offsets[g + 1])).filter(|&(_, s, e)| e > s);
     match kind {
         Kind::Forward | Kind::InputGrad => {
             // Forward: a = X [N,K], b = W [E,M,K], out [N,M], depth K.
             // InputGrad: a = dY [N,M], b = W [E,M,K], out [N,K], depth M.
             let (m_w, k_w) = (b_dims[1], b_dims[2]);
-            let (cols, depth) = if kind == Kind::Forward {
-                (m_w, k_w)
-            } else {
-                (k_w, m_w)
-            };
+            let (cols, depth) = if kind == Kind::Forward { (m_w, k_w) } else { (k_w, m_w) };
             debug_assert_eq!(a_cols, depth);
             let mut out = vec![T::zero(); n * cols];
             let dst = SendPtr(out.as_mut_ptr());
-            tiles(spans(), cols)
-                .par_iter()
-                .for_each_init(Vec::new, |buf: &mut Vec<T>, t| {
-                    let w = &b[t.g * m_w * k_w..][..m_w * k_w];
-                    // Forward reads W_eᵀ: element (p, c) = W[c, p]; InputGrad reads W_e: (p, c) = W[p, c].
-                    let rhs = if kind == Kind::Forward {
-                        (w[t.c0 * k_w..].as_ptr(), 1, k_w)
-                    } else {
-                        (w[t.c0..].as_ptr(), k_w, 1)
-                    };
-                    let lhs = match a_rows {
-                        None => a[t.r0 * depth..].as_ptr(),
-                        Some(plan) => {
-                            buf.clear();
-                            for r in t.r0..t.r1 {
-                                buf.extend_from_slice(&a[token_of(plan, r) * depth..][..depth]);
-                            }
-                            buf.as_ptr()
+            tiles(spans(), cols).par_iter().for_each_init(Vec::new, |buf: &mut Vec<T>, t| {
+                let w = &b[t.g * m_w * k_w..][..m_w * k_w];
+                // Forward reads W_eᵀ: element (p, c) = W[c, p]; InputGrad reads W_e: (p, c) = W[p, c].
+                let rhs = if kind == Kind::Forward { (w[t.c0 * k_w..].as_ptr(), 1, k_w) } else { (w[t.c0..].as_ptr(), k_w, 1) };
+                let lhs = match a_rows {
+                    None => a[t.r0 * depth..].as_ptr(),
+                    Some(plan) => {
+                        buf.clear();
+                        for r in t.r0..t.r1 {
+                            buf.extend_from_slice(&a[token_of(plan, r) * depth..][..depth]);
                         }
-                    };
-                    // SAFETY: the tile's rows and columns lie inside `out`, `a` (or `buf`) and `w`,
-                    // and no two tiles share an output element.
-                    unsafe {
-                        gemm_tile(
-                            (t.r1 - t.r0, t.c1 - t.c0, depth),
-                            (dst.get().add(t.r0 * cols + t.c0), cols),
-                            (lhs, depth, 1),
-                            rhs,
-                            t.whole,
-                        )
+                        buf.as_ptr()
                     }
-                });
+                };
+                // SAFETY: the tile's rows and columns lie inside `out`, `a` (or `buf`) and `w`,
+                // and no two tiles share an output element.
+                unsafe {
+                    gemm_tile((t.r1 - t.r0, t.c1 - t.c0, depth), (dst.get().add(t.r0 * cols + t.c0), cols), (lhs, depth, 1), rhs, t.whole)
+                }
+            });
             out
         }
         Kind::WeightGrad => {
@@ -255,44 +202,34 @@ fn grouped_cpu<T: Real>(
             let mut out = vec![T::zero(); groups * m * k];
             let dst = SendPtr(out.as_mut_ptr());
             let bufs = || (Vec::new(), Vec::new());
-            tiles(spans().map(|(g, _, _)| (g, 0, m)), k)
-                .par_iter()
-                .for_each_init(bufs, |(buf_a, buf_b): &mut (Vec<T>, Vec<T>), t| {
-                    let (start, rows) = (offsets[t.g], offsets[t.g + 1] - offsets[t.g]);
-                    let (tm, tk) = (t.r1 - t.r0, t.c1 - t.c0);
-                    // lhs element (i, p) = dY[start + p, r0 + i]; rhs element (p, c) = X[start + p, c0 + c].
-                    let lhs = match a_rows {
-                        None => (a[start * m + t.r0..].as_ptr(), 1, m),
-                        Some(plan) => {
-                            buf_a.clear();
-                            for p in start..start + rows {
-                                buf_a.extend_from_slice(&a[token_of(plan, p) * m + t.r0..][..tm]);
-                            }
-                            (buf_a.as_ptr(), 1, tm)
+            tiles(spans().map(|(g, _, _)| (g, 0, m)), k).par_iter().for_each_init(bufs, |(buf_a, buf_b): &mut (Vec<T>, Vec<T>), t| {
+                let (start, rows) = (offsets[t.g], offsets[t.g + 1] - offsets[t.g]);
+                let (tm, tk) = (t.r1 - t.r0, t.c1 - t.c0);
+                // lhs element (i, p) = dY[start + p, r0 + i]; rhs element (p, c) = X[start + p, c0 + c].
+                let lhs = match a_rows {
+                    None => (a[start * m + t.r0..].as_ptr(), 1, m),
+                    Some(plan) => {
+                        buf_a.clear();
+                        for p in start..start + rows {
+                            buf_a.extend_from_slice(&a[token_of(plan, p) * m + t.r0..][..tm]);
                         }
-                    };
-                    let rhs = match b_rows {
-                        None => (b[start * k + t.c0..].as_ptr(), k, 1),
-                        Some(plan) => {
-                            buf_b.clear();
-                            for p in start..start + rows {
-                                buf_b.extend_from_slice(&b[token_of(plan, p) * k + t.c0..][..tk]);
-                            }
-                            (buf_b.as_ptr(), tk, 1)
-                        }
-                    };
-                    // SAFETY: dW tile (r0..r1, c0..c1) of expert g lies in `out`; the operands lie
-                    // inside `a`/`b` or the task's buffers, which live until the call returns.
-                    unsafe {
-                        gemm_tile(
-                            (tm, tk, rows),
-                            (dst.get().add(t.g * m * k + t.r0 * k + t.c0), k),
-                            lhs,
-                            rhs,
-                            t.whole,
-                        )
+                        (buf_a.as_ptr(), 1, tm)
                     }
-                });
+                };
+                let rhs = match b_rows {
+                    None => (b[start * k + t.c0..].as_ptr(), k, 1),
+                    Some(plan) => {
+                        buf_b.clear();
+                        for p in start..start + rows {
+                            buf_b.extend_from_slice(&b[token_of(plan, p) * k + t.c0..][..tk]);
+                        }
+                        (buf_b.as_ptr(), tk, 1)
+                    }
+                };
+                // SAFETY: dW tile (r0..r1, c0..c1) of expert g lies in `out`; the operands lie
+                // inside `a`/`b` or the task's buffers, which live until the call returns.
+                unsafe { gemm_tile((tm, tk, rows), (dst.get().add(t.g * m * k + t.r0 * k + t.c0), k), lhs, rhs, t.whole) }
+            });
             out
         }
     }
@@ -317,12 +254,7 @@ impl CustomOp3 for GroupedGemm {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         if s1.dtype() != s2.dtype() {
-            candle_core::bail!(
-                "{}: dtypes differ ({:?} vs {:?})",
-                self.name(),
-                s1.dtype(),
-                s2.dtype()
-            );
+            candle_core::bail!("{}: dtypes differ ({:?} vs {:?})", self.name(), s1.dtype(), s2.dtype());
         }
         check_float(s1.dtype(), self.name())?;
         let (n, a_cols) = l1.shape().dims2()?;
@@ -373,13 +305,7 @@ impl CustomOp3 for GroupedGemm {
 /// `dX = unpermute_sum(dY_e · W_e)`, `dW_e = dY_eᵀ · X[token(rows of e)]`.
 pub fn gather_matmul(x: &Tensor, w: &Tensor, plan: &Arc<RoutePlan>) -> Result<Tensor> {
     check_plan_operands(x, plan.tokens(), w, plan, "gather_matmul")?;
-    x.contiguous()?.apply_op2(
-        &w.contiguous()?,
-        PlanGemm {
-            plan: plan.clone(),
-            which: Which::GatherForward,
-        },
-    )
+    x.contiguous()?.apply_op2(&w.contiguous()?, PlanGemm { plan: plan.clone(), which: Which::GatherForward })
 }
 
 /// `Y[t] = Σ_j (H · W_eᵀ)[row(t,j)]` over token t's kept assignments: the grouped product with
@@ -388,22 +314,10 @@ pub fn gather_matmul(x: &Tensor, w: &Tensor, plan: &Arc<RoutePlan>) -> Result<Te
 /// `dH_e = G[token(r)] · W_e`, `dW_e = G[token(rows of e)]ᵀ · H_e`.
 pub fn matmul_combine(h: &Tensor, w: &Tensor, plan: &Arc<RoutePlan>) -> Result<Tensor> {
     check_plan_operands(h, plan.kept(), w, plan, "matmul_combine")?;
-    h.contiguous()?.apply_op2(
-        &w.contiguous()?,
-        PlanGemm {
-            plan: plan.clone(),
-            which: Which::CombineForward,
-        },
-    )
+    h.contiguous()?.apply_op2(&w.contiguous()?, PlanGemm { plan: plan.clone(), which: Which::CombineForward })
 }
 
-fn check_plan_operands(
-    x: &Tensor,
-    rows: usize,
-    w: &Tensor,
-    plan: &RoutePlan,
-    what: &str,
-) -> Result<()> {
+fn check_plan_operands(x: &Tensor, rows: usize, w: &Tensor, plan: &RoutePlan, what: &str) -> Result<()> {
     let (r, k) = x.dims2()?;
     let (e, _, kw) = w.dims3()?;
     if r != rows || kw != k || e != plan.num_experts() || x.dtype() != w.dtype() {
@@ -439,75 +353,30 @@ struct PlanGemm {
 }
 
 impl PlanGemm {
-    fn run<T: Real>(
-        &self,
-        a: &[T],
-        a_dims: &[usize],
-        b: &[T],
-        b_dims: &[usize],
-    ) -> (Vec<T>, Shape) {
+    fn run<T: Real>(&self, a: &[T], a_dims: &[usize], b: &[T], b_dims: &[usize]) -> (Vec<T>, Shape) {
         let plan = &*self.plan;
         let offsets: Vec<usize> = plan.offsets().iter().map(|&o| o as usize).collect();
         let (n, t, e) = (plan.kept(), plan.tokens(), plan.num_experts());
         let gathered = Some(plan);
         match self.which {
             Which::GatherForward => {
-                let out = grouped_cpu(
-                    Kind::Forward,
-                    a,
-                    a_dims[1],
-                    gathered,
-                    b,
-                    b_dims,
-                    None,
-                    &offsets,
-                );
+                let out = grouped_cpu(Kind::Forward, a, a_dims[1], gathered, b, b_dims, None, &offsets);
                 (out, Shape::from((n, b_dims[1])))
             }
             Which::CombineForward => {
                 let yp = grouped_cpu(Kind::Forward, a, a_dims[1], None, b, b_dims, None, &offsets);
-                (
-                    unpermute_cpu(plan, &yp, b_dims[1], None),
-                    Shape::from((t, b_dims[1])),
-                )
+                (unpermute_cpu(plan, &yp, b_dims[1], None), Shape::from((t, b_dims[1])))
             }
             Which::GatherWeightGrad => {
-                let out = grouped_cpu(
-                    Kind::WeightGrad,
-                    a,
-                    a_dims[1],
-                    None,
-                    b,
-                    b_dims,
-                    gathered,
-                    &offsets,
-                );
+                let out = grouped_cpu(Kind::WeightGrad, a, a_dims[1], None, b, b_dims, gathered, &offsets);
                 (out, Shape::from((e, a_dims[1], b_dims[1])))
             }
             Which::CombineInputGrad => {
-                let out = grouped_cpu(
-                    Kind::InputGrad,
-                    a,
-                    a_dims[1],
-                    gathered,
-                    b,
-                    b_dims,
-                    None,
-                    &offsets,
-                );
+                let out = grouped_cpu(Kind::InputGrad, a, a_dims[1], gathered, b, b_dims, None, &offsets);
                 (out, Shape::from((n, b_dims[2])))
             }
             Which::CombineWeightGrad => {
-                let out = grouped_cpu(
-                    Kind::WeightGrad,
-                    a,
-                    a_dims[1],
-                    gathered,
-                    b,
-                    b_dims,
-                    None,
-                    &offsets,
-                );
+                let out = grouped_cpu(Kind::WeightGrad, a, a_dims[1], gathered, b, b_dims, None, &offsets);
                 (out, Shape::from((e, a_dims[1], b_dims[1])))
             }
         }
@@ -525,49 +394,24 @@ impl CustomOp2 for PlanGemm {
         }
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         if s1.dtype() != s2.dtype() {
-            candle_core::bail!(
-                "{}: dtypes differ ({:?} vs {:?})",
-                self.name(),
-                s1.dtype(),
-                s2.dtype()
-            );
+            candle_core::bail!("{}: dtypes differ ({:?} vs {:?})", self.name(), s1.dtype(), s2.dtype());
         }
         check_float(s1.dtype(), self.name())?;
         let (a_dims, b_dims) = (l1.shape().dims(), l2.shape().dims());
         let shape;
         let out = by_dtype!(s1.dtype(), self.name(), |T| {
-            let (out, sh) = self.run::<T>(
-                slice(s1, l1, self.name())?,
-                a_dims,
-                slice(s2, l2, self.name())?,
-                b_dims,
-            );
+            let (out, sh) = self.run::<T>(slice(s1, l1, self.name())?, a_dims, slice(s2, l2, self.name())?, b_dims);
             shape = sh;
             out
         });
         Ok((out, shape))
     }
 
-    fn bwd(
-        &self,
-        a: &Tensor,
-        w: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, a: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
-        let op = |which| PlanGemm {
-            plan: self.plan.clone(),
-            which,
-        };
+        let op = |which| PlanGemm { plan: self.plan.clone(), which };
         match self.which {
             Which::GatherForward => {
                 let offsets = self.plan.offsets_tensor(a.device())?;
@@ -618,39 +462,14 @@ mod tests {
         let plain = reference(&x, &w, &offsets);
         assert_close(&fused, &plain, 1e-5, "forward");
 
-        let g_fused = (fused * &probe)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let g_plain = (plain * &probe)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        assert_close(
-            g_fused.get(&x).unwrap(),
-            g_plain.get(&x).unwrap(),
-            1e-5,
-            "dX",
-        );
+        let g_fused = (fused * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        let g_plain = (plain * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        assert_close(g_fused.get(&x).unwrap(), g_plain.get(&x).unwrap(), 1e-5, "dX");
         let dw = g_fused.get(&w).unwrap();
         assert_close(dw, g_plain.get(&w).unwrap(), 1e-5, "dW");
         // Experts 0 and 2 saw no rows: exactly zero gradient.
         for e in [0, 2] {
-            assert_eq!(
-                dw.get(e)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap(),
-                0.0
-            );
+            assert_eq!(dw.get(e).unwrap().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
         }
     }
 
@@ -660,11 +479,7 @@ mod tests {
         let x = Var::from_tensor(&random(&[7, 4], 4, DType::F64)).unwrap();
         let w = Var::from_tensor(&random(&[3, 5, 4], 5, DType::F64)).unwrap();
         let probe = random(&[7, 5], 6, DType::F64);
-        finite_difference_check(&[&x, &w], |v| {
-            (grouped_matmul(v[0], v[1], &off)? * &probe)?
-                .sqr()?
-                .sum_all()
-        });
+        finite_difference_check(&[&x, &w], |v| (grouped_matmul(v[0], v[1], &off)? * &probe)?.sqr()?.sum_all());
     }
 
     #[test]
@@ -694,18 +509,8 @@ mod tests {
         let fused = gather_matmul(&x, &w, &plan).unwrap();
         let plain = grouped_matmul(&permute(&x, &plan).unwrap(), &w, &off).unwrap();
         assert_close(&fused, &plain, 1e-6, "gather_matmul");
-        let gf = (fused * &probe)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let gp = (plain * &probe)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let gf = (fused * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        let gp = (plain * &probe).unwrap().sum_all().unwrap().backward().unwrap();
         assert_close(gf.get(&x).unwrap(), gp.get(&x).unwrap(), 1e-6, "gather dX");
         assert_close(gf.get(&w).unwrap(), gp.get(&w).unwrap(), 1e-6, "gather dW");
 
@@ -714,24 +519,11 @@ mod tests {
         let fused = matmul_combine(&h, &w, &plan).unwrap();
         let plain = unpermute_sum(&grouped_matmul(&h, &w, &off).unwrap(), &plan).unwrap();
         assert_close(&fused, &plain, 1e-6, "matmul_combine");
-        let gf = (fused * &probe)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let gp = (plain * &probe)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let gf = (fused * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        let gp = (plain * &probe).unwrap().sum_all().unwrap().backward().unwrap();
         assert_close(gf.get(&h).unwrap(), gp.get(&h).unwrap(), 1e-6, "combine dH");
         assert_close(gf.get(&w).unwrap(), gp.get(&w).unwrap(), 1e-6, "combine dW");
-        assert!(
-            gather_matmul(&h, &w, &plan).is_err(),
-            "9 rows is not 5 tokens"
-        );
+        assert!(gather_matmul(&h, &w, &plan).is_err(), "9 rows is not 5 tokens");
     }
 
     #[test]
@@ -741,17 +533,9 @@ mod tests {
         let x = Var::from_tensor(&random(&[4, 3], 7, DType::F64)).unwrap();
         let w = Var::from_tensor(&random(&[3, 5, 3], 8, DType::F64)).unwrap();
         let probe = random(&[8, 5], 9, DType::F64);
-        finite_difference_check(&[&x, &w], |v| {
-            (gather_matmul(v[0], v[1], &plan)? * &probe)?
-                .sqr()?
-                .sum_all()
-        });
+        finite_difference_check(&[&x, &w], |v| (gather_matmul(v[0], v[1], &plan)? * &probe)?.sqr()?.sum_all());
         let h = Var::from_tensor(&random(&[8, 3], 10, DType::F64)).unwrap();
         let probe = random(&[4, 5], 11, DType::F64);
-        finite_difference_check(&[&h, &w], |v| {
-            (matmul_combine(v[0], v[1], &plan)? * &probe)?
-                .sqr()?
-                .sum_all()
-        });
+        finite_difference_check(&[&h, &w], |v| (matmul_combine(v[0], v[1], &plan)? * &probe)?.sqr()?.sum_all());
     }
 }

@@ -43,9 +43,10 @@ impl Isa {
 
     /// Parse a level's [name](Isa::name).
     pub fn parse(name: &str) -> Result<Isa, String> {
-        Isa::ALL.into_iter().find(|isa| isa.name() == name.trim().to_ascii_lowercase()).ok_or_else(|| {
-            format!("{ENV}={name:?} is not an instruction set btm knows; use baseline, avx2 or avx512")
-        })
+        Isa::ALL
+            .into_iter()
+            .find(|isa| isa.name() == name.trim().to_ascii_lowercase())
+            .ok_or_else(|| format!("{ENV}={name:?} is not an instruction set btm knows; use baseline, avx2 or avx512"))
     }
 
     /// The highest level this processor supports.
@@ -136,7 +137,9 @@ impl CpuInfo {
     pub fn current() -> CpuInfo {
         let model = std::fs::read_to_string("/proc/cpuinfo")
             .ok()
-            .and_then(|s| s.lines().find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).trim().to_string())))
+            .and_then(|s| {
+                s.lines().find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).trim().to_string()))
+            })
             .unwrap_or_else(|| "unknown".into());
         CpuInfo { model, isa: Isa::active().name(), isa_detected: Isa::detected().name(), gemm_kernel: gemm_kernel() }
     }

@@ -48,10 +48,10 @@ pub mod swiglu;
 #[cfg(test)]
 mod testing;
 
+pub use attention::{causal_attention, AttentionShape};
 pub use grouped_gemm::{gather_matmul, grouped_matmul, matmul_combine};
 pub use moe::{fused_moe, reference_moe, ExpertWeights, MoeOptions, RouterStats};
+pub use norm::rms_norm;
 pub use permute::{permute, scale_rows, unpermute, unpermute_sum, RoutePlan};
 pub use router::{load_balancing_loss, route, z_loss, Capacity, DropPolicy, Routed, Routing};
-pub use norm::rms_norm;
 pub use swiglu::swiglu_packed;
-pub use attention::{causal_attention, AttentionShape};

@@ -57,10 +57,7 @@ impl ExpertWeights {
                 down.dims()
             );
         }
-        Ok(Self {
-            gate_up: Tensor::cat(&[gate, up], 1)?,
-            down: down.clone(),
-        })
+        Ok(Self { gate_up: Tensor::cat(&[gate, up], 1)?, down: down.clone() })
     }
 
     /// Stack per-expert (gate [F,H], up [F,H], down [H,F]) weights. Differentiable (gradients
@@ -83,10 +80,7 @@ impl ExpertWeights {
                 );
             }
         }
-        Ok(Self {
-            gate_up: Tensor::cat(&gate_up, 0)?.reshape((experts.len(), 2 * f, h))?,
-            down: Tensor::stack(&down, 0)?,
-        })
+        Ok(Self { gate_up: Tensor::cat(&gate_up, 0)?.reshape((experts.len(), 2 * f, h))?, down: Tensor::stack(&down, 0)? })
     }
 
     /// (E, F, H), after checking the two shapes agree.
@@ -136,64 +130,35 @@ impl RouterStats {
 /// Router logits in float32 (float64 for float64 inputs), routing, and the capacity decision.
 pub fn route_tokens(x: &Tensor, router: &Tensor, opts: &MoeOptions) -> Result<RouterStats> {
     let e = router.dim(0)?;
-    let dtype = if x.dtype() == DType::F64 {
-        DType::F64
-    } else {
-        DType::F32
-    };
+    let dtype = if x.dtype() == DType::F64 { DType::F64 } else { DType::F32 };
     let logits = x.to_dtype(dtype)?.matmul(&router.to_dtype(dtype)?.t()?)?;
     let routed = route(&logits, opts.top_k, opts.routing)?;
     let experts = routed.experts.flatten_all()?.to_vec1::<u32>()?;
     let keep = match opts.capacity {
         None => None,
         Some(cap) => {
-            let weights = routed
-                .weights
-                .flatten_all()?
-                .to_dtype(DType::F32)?
-                .to_vec1::<f32>()?;
+            let weights = routed.weights.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
             Some(cap.keep_mask(&experts, &weights, opts.top_k, e))
         }
     };
     let plan = Arc::new(RoutePlan::new(&experts, opts.top_k, e, keep.as_deref())?);
-    Ok(RouterStats {
-        logits,
-        routed,
-        plan,
-    })
+    Ok(RouterStats { logits, routed, plan })
 }
 
 /// The fused MoE layer: `x` [T, H] (any float dtype; computed in f64 if `x` is f64, else f32),
 /// router [E, H], stacked experts. Returns y [T, H] in `x`'s dtype and the router's record.
-pub fn fused_moe(
-    x: &Tensor,
-    router: &Tensor,
-    experts: &ExpertWeights,
-    opts: &MoeOptions,
-) -> Result<(Tensor, RouterStats)> {
+pub fn fused_moe(x: &Tensor, router: &Tensor, experts: &ExpertWeights, opts: &MoeOptions) -> Result<(Tensor, RouterStats)> {
     let (_, h) = x.dims2()?;
     let (e, _, hw) = experts.dims()?;
     if hw != h || router.dims() != [e, h] {
-        candle_core::bail!(
-            "fused_moe: x {:?}, router {:?}, experts [{e}, _, {hw}]",
-            x.dims(),
-            router.dims()
-        );
+        candle_core::bail!("fused_moe: x {:?}, router {:?}, experts [{e}, _, {hw}]", x.dims(), router.dims());
     }
     let stats = route_tokens(x, router, opts)?;
-    let dtype = if x.dtype() == DType::F64 {
-        DType::F64
-    } else {
-        DType::F32
-    };
+    let dtype = if x.dtype() == DType::F64 { DType::F64 } else { DType::F32 };
     let plan = &stats.plan;
     let xc = x.to_dtype(dtype)?;
     let gate_up = gather_matmul(&xc, &experts.gate_up.to_dtype(dtype)?, plan)?;
-    let hidden = scale_rows(
-        &swiglu_packed(&gate_up)?,
-        &stats.routed.weights.to_dtype(dtype)?,
-        plan,
-    )?;
+    let hidden = scale_rows(&swiglu_packed(&gate_up)?, &stats.routed.weights.to_dtype(dtype)?, plan)?;
     let y = matmul_combine(&hidden, &experts.down.to_dtype(dtype)?, plan)?;
     Ok((y.to_dtype(x.dtype())?, stats))
 }
@@ -203,12 +168,7 @@ pub type ExpertRef<'a> = (&'a Tensor, &'a Tensor, &'a Tensor);
 
 /// The reference MoE layer: the model's loop over experts (`index_select`, three matmuls,
 /// `index_add`), with the same routing and capacity decision as [`fused_moe`].
-pub fn reference_moe(
-    x: &Tensor,
-    router: &Tensor,
-    experts: &[ExpertRef],
-    opts: &MoeOptions,
-) -> Result<(Tensor, RouterStats)> {
+pub fn reference_moe(x: &Tensor, router: &Tensor, experts: &[ExpertRef], opts: &MoeOptions) -> Result<(Tensor, RouterStats)> {
     let stats = route_tokens(x, router, opts)?;
     let k = opts.top_k;
     let mut tokens: Vec<Vec<u32>> = vec![Vec::new(); experts.len()];
@@ -232,10 +192,7 @@ pub fn reference_moe(
         let xe = x.index_select(&token_idx, 0)?;
         let h = (xe.matmul(&gate.t()?)?.silu()? * xe.matmul(&up.t()?)?)?;
         let y = h.matmul(&down.t()?)?;
-        let w = weights
-            .index_select(&slot_idx, 0)?
-            .to_dtype(y.dtype())?
-            .unsqueeze(1)?;
+        let w = weights.index_select(&slot_idx, 0)?.to_dtype(y.dtype())?.unsqueeze(1)?;
         out = out.index_add(&token_idx, &y.broadcast_mul(&w)?, 0)?;
     }
     Ok((out, stats))
@@ -258,9 +215,8 @@ mod tests {
 
     impl Layer {
         fn new(t: usize, h: usize, e: usize, f: usize, dtype: DType, seed: u64) -> Self {
-            let var = |dims: &[usize], s: u64, scale: f64| {
-                Var::from_tensor(&(random(dims, seed * 1000 + s, dtype) * scale).unwrap()).unwrap()
-            };
+            let var =
+                |dims: &[usize], s: u64, scale: f64| Var::from_tensor(&(random(dims, seed * 1000 + s, dtype) * scale).unwrap()).unwrap();
             Self {
                 x: var(&[t, h], 1, 1.0),
                 router: var(&[e, h], 2, 1.0),
@@ -270,15 +226,7 @@ mod tests {
             }
         }
         fn refs(&self) -> Vec<ExpertRef<'_>> {
-            (0..self.gate.len())
-                .map(|i| {
-                    (
-                        self.gate[i].as_tensor(),
-                        self.up[i].as_tensor(),
-                        self.down[i].as_tensor(),
-                    )
-                })
-                .collect()
+            (0..self.gate.len()).map(|i| (self.gate[i].as_tensor(), self.up[i].as_tensor(), self.down[i].as_tensor())).collect()
         }
         /// Stacked copies of the expert weights, as fresh variables.
         fn stacked(&self) -> (Var, Var, Var) {
@@ -312,23 +260,9 @@ mod tests {
         assert_eq!(sf.plan, sr.plan);
         assert_close(&yf, &yr, tol, "y");
         let gf = loss(&yf, &sf, &probe).backward().unwrap();
-        assert_close(
-            gf.get(&layer.x).unwrap(),
-            gr.get(&layer.x).unwrap(),
-            tol,
-            "dx",
-        );
-        assert_close(
-            gf.get(&layer.router).unwrap(),
-            gr.get(&layer.router).unwrap(),
-            tol,
-            "d router",
-        );
-        for (stacked, per_expert, name) in [
-            (&g, &layer.gate, "gate"),
-            (&u, &layer.up, "up"),
-            (&d, &layer.down, "down"),
-        ] {
+        assert_close(gf.get(&layer.x).unwrap(), gr.get(&layer.x).unwrap(), tol, "dx");
+        assert_close(gf.get(&layer.router).unwrap(), gr.get(&layer.router).unwrap(), tol, "d router");
+        for (stacked, per_expert, name) in [(&g, &layer.gate, "gate"), (&u, &layer.up, "up"), (&d, &layer.down, "down")] {
             let gs = gf.get(stacked).unwrap();
             for (i, v) in per_expert.iter().enumerate() {
                 let got = gs.get(i).unwrap();
@@ -336,18 +270,8 @@ mod tests {
                     Some(want) => assert_close(&got, want, tol, &format!("d {name}[{i}]")),
                     // An expert that got no tokens gets exactly zero gradient.
                     None => {
-                        let total = got
-                            .abs()
-                            .unwrap()
-                            .sum_all()
-                            .unwrap()
-                            .to_dtype(DType::F64)
-                            .unwrap();
-                        assert_eq!(
-                            total.to_scalar::<f64>().unwrap(),
-                            0.0,
-                            "d {name}[{i}] of an idle expert"
-                        );
+                        let total = got.abs().unwrap().sum_all().unwrap().to_dtype(DType::F64).unwrap();
+                        assert_eq!(total.to_scalar::<f64>().unwrap(), 0.0, "d {name}[{i}] of an idle expert");
                     }
                 }
             }
@@ -359,15 +283,7 @@ mod tests {
     fn matches_the_reference_loop_in_both_routing_modes() {
         let layer = Layer::new(64, 48, 6, 40, DType::F32, 1);
         for routing in [Routing::TopkThenSoftmax, Routing::SoftmaxThenTopk] {
-            let stats = compare(
-                &layer,
-                &MoeOptions {
-                    top_k: 2,
-                    routing,
-                    capacity: None,
-                },
-                1e-5,
-            );
+            let stats = compare(&layer, &MoeOptions { top_k: 2, routing, capacity: None }, 1e-5);
             assert_eq!(stats.dropped(), 0);
             assert_eq!(stats.tokens_per_expert().iter().sum::<usize>(), 128);
         }
@@ -378,23 +294,13 @@ mod tests {
         // Positive inputs and strongly negative router rows for experts 3..6: their logits are
         // far below the others for every token, so their groups are empty.
         let layer = Layer::new(40, 32, 6, 24, DType::F32, 2);
-        layer
-            .x
-            .set(&(layer.x.as_tensor().abs().unwrap() + 0.1).unwrap())
-            .unwrap();
+        layer.x.set(&(layer.x.as_tensor().abs().unwrap() + 0.1).unwrap()).unwrap();
         let mut r = layer.router.as_tensor().to_vec2::<f32>().unwrap();
         for row in r.iter_mut().skip(3) {
             row.iter_mut().for_each(|v| *v = -v.abs() - 5.0);
         }
-        layer
-            .router
-            .set(&Tensor::new(r, &Device::Cpu).unwrap())
-            .unwrap();
-        let opts = MoeOptions {
-            top_k: 2,
-            routing: Routing::TopkThenSoftmax,
-            capacity: None,
-        };
+        layer.router.set(&Tensor::new(r, &Device::Cpu).unwrap()).unwrap();
+        let opts = MoeOptions { top_k: 2, routing: Routing::TopkThenSoftmax, capacity: None };
         let stats = compare(&layer, &opts, 1e-5);
         assert_eq!(&stats.tokens_per_expert()[3..], &[0, 0, 0]);
         assert_eq!(stats.tokens_per_expert()[..3].iter().sum::<usize>(), 80);
@@ -404,20 +310,10 @@ mod tests {
     fn matches_the_reference_with_capacity_drops() {
         let layer = Layer::new(64, 32, 4, 24, DType::F32, 3);
         for policy in [DropPolicy::Probs, DropPolicy::Position] {
-            let capacity = Some(Capacity {
-                factor: 0.5,
-                policy,
-            });
-            let opts = MoeOptions {
-                top_k: 2,
-                routing: Routing::SoftmaxThenTopk,
-                capacity,
-            };
+            let capacity = Some(Capacity { factor: 0.5, policy });
+            let opts = MoeOptions { top_k: 2, routing: Routing::SoftmaxThenTopk, capacity };
             let stats = compare(&layer, &opts, 1e-5);
-            assert!(
-                stats.dropped() > 0,
-                "{policy:?}: capacity factor 0.5 drops something"
-            );
+            assert!(stats.dropped() > 0, "{policy:?}: capacity factor 0.5 drops something");
             // capacity = ceil(64·2/4 · 0.5) = 16
             assert!(stats.tokens_per_expert().iter().all(|&n| n <= 16));
         }
@@ -428,31 +324,13 @@ mod tests {
         let layer = Layer::new(50, 32, 4, 16, DType::F32, 4);
         let (g, u, d) = layer.stacked();
         let w = weights(&g, &u, &d);
-        let dropless = MoeOptions {
-            top_k: 2,
-            routing: Routing::TopkThenSoftmax,
-            capacity: None,
-        };
+        let dropless = MoeOptions { top_k: 2, routing: Routing::TopkThenSoftmax, capacity: None };
         let (y0, s0) = fused_moe(&layer.x, &layer.router, &w, &dropless).unwrap();
-        let big = MoeOptions {
-            capacity: Some(Capacity {
-                factor: 4.0,
-                policy: DropPolicy::Probs,
-            }),
-            ..dropless
-        };
+        let big = MoeOptions { capacity: Some(Capacity { factor: 4.0, policy: DropPolicy::Probs }), ..dropless };
         let (y1, s1) = fused_moe(&layer.x, &layer.router, &w, &big).unwrap();
         assert_eq!(s0.plan, s1.plan);
         assert_eq!(s1.dropped(), 0);
-        let bits = |t: &Tensor| -> Vec<u32> {
-            t.flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap()
-                .iter()
-                .map(|v| v.to_bits())
-                .collect()
-        };
+        let bits = |t: &Tensor| -> Vec<u32> { t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect() };
         assert_eq!(bits(&y0), bits(&y1));
     }
 
@@ -461,15 +339,8 @@ mod tests {
         let layer = Layer::new(6, 4, 3, 5, DType::F64, 5);
         let (g, u, d) = layer.stacked();
         let probe = random(&[6, 4], 7, DType::F64);
-        let capacity = Some(Capacity {
-            factor: 0.7,
-            policy: DropPolicy::Probs,
-        });
-        let opts = MoeOptions {
-            top_k: 2,
-            routing: Routing::SoftmaxThenTopk,
-            capacity,
-        };
+        let capacity = Some(Capacity { factor: 0.7, policy: DropPolicy::Probs });
+        let opts = MoeOptions { top_k: 2, routing: Routing::SoftmaxThenTopk, capacity };
         finite_difference_check(&[&layer.x, &layer.router, &g, &u, &d], |v| {
             let w = ExpertWeights::new(v[2], v[3], v[4])?;
             let (y, stats) = fused_moe(v[0], v[1], &w, &opts)?;
@@ -481,30 +352,19 @@ mod tests {
     #[test]
     fn stacking_per_expert_weights_gives_the_same_layer() {
         let layer = Layer::new(16, 8, 3, 6, DType::F32, 6);
-        let opts = MoeOptions {
-            top_k: 1,
-            routing: Routing::TopkThenSoftmax,
-            capacity: None,
-        };
+        let opts = MoeOptions { top_k: 1, routing: Routing::TopkThenSoftmax, capacity: None };
         let stacked = ExpertWeights::stack(&layer.refs()).unwrap();
         let (y0, _) = fused_moe(&layer.x, &layer.router, &stacked, &opts).unwrap();
         let (y1, _) = reference_moe(&layer.x, &layer.router, &layer.refs(), &opts).unwrap();
         assert_close(&y0, &y1, 1e-5, "y");
-        let bad = ExpertWeights {
-            down: stacked.gate_up.clone(),
-            ..stacked
-        };
+        let bad = ExpertWeights { down: stacked.gate_up.clone(), ..stacked };
         assert!(fused_moe(&layer.x, &layer.router, &bad, &opts).is_err());
     }
 
     #[test]
     fn half_precision_inputs_run_in_float32_and_keep_their_dtype() {
         let layer = Layer::new(24, 16, 4, 8, DType::F32, 7);
-        let opts = MoeOptions {
-            top_k: 2,
-            routing: Routing::TopkThenSoftmax,
-            capacity: None,
-        };
+        let opts = MoeOptions { top_k: 2, routing: Routing::TopkThenSoftmax, capacity: None };
         let w = ExpertWeights::stack(&layer.refs()).unwrap();
         let (y32, _) = fused_moe(&layer.x, &layer.router, &w, &opts).unwrap();
         let x16 = layer.x.to_dtype(DType::BF16).unwrap();
@@ -518,40 +378,16 @@ mod tests {
         let layer = Layer::new(96, 40, 5, 600, DType::F32, 8);
         let (g, u, d) = layer.stacked();
         let w = weights(&g, &u, &d);
-        let opts = MoeOptions {
-            top_k: 2,
-            routing: Routing::SoftmaxThenTopk,
-            capacity: None,
-        };
+        let opts = MoeOptions { top_k: 2, routing: Routing::SoftmaxThenTopk, capacity: None };
         let probe = random(&[96, 40], 9, DType::F32);
         let run = |threads: usize| -> Vec<Vec<u32>> {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .unwrap();
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
             pool.install(|| {
                 let (y, _) = fused_moe(&layer.x, &layer.router, &w, &opts).unwrap();
-                let grads = (&y * &probe)
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-                    .backward()
-                    .unwrap();
-                let bits = |t: &Tensor| -> Vec<u32> {
-                    t.flatten_all()
-                        .unwrap()
-                        .to_vec1::<f32>()
-                        .unwrap()
-                        .iter()
-                        .map(|v| v.to_bits())
-                        .collect()
-                };
-                vec![
-                    bits(&y),
-                    bits(grads.get(&layer.x).unwrap()),
-                    bits(grads.get(&g).unwrap()),
-                    bits(grads.get(&d).unwrap()),
-                ]
+                let grads = (&y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+                let bits =
+                    |t: &Tensor| -> Vec<u32> { t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect() };
+                vec![bits(&y), bits(grads.get(&layer.x).unwrap()), bits(grads.get(&g).unwrap()), bits(grads.get(&d).unwrap())]
             })
         };
         let one = run(1);

@@ -71,9 +71,7 @@ crate::multiversion! {
 fn forward_cpu<T: Real>(x: &[T], w: &[T], eps: f64) -> Vec<T> {
     let h = w.len();
     let mut out = vec![T::zero(); x.len()];
-    out.par_chunks_mut(h * rows_per_task(h))
-        .zip(x.par_chunks(h * rows_per_task(h)))
-        .for_each(|(dst, src)| forward_rows(dst, src, w, eps));
+    out.par_chunks_mut(h * rows_per_task(h)).zip(x.par_chunks(h * rows_per_task(h))).for_each(|(dst, src)| forward_rows(dst, src, w, eps));
     out
 }
 
@@ -111,10 +109,7 @@ impl CustomOp2 for RmsNorm {
     fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let both = x.apply_op3_no_bwd(w, &grad.contiguous()?, &RmsNormGrad { eps: self.eps })?;
         let n = x.elem_count();
-        Ok((
-            Some(both.narrow(0, 0, n)?.reshape(x.shape())?),
-            Some(both.narrow(0, n, w.elem_count())?),
-        ))
+        Ok((Some(both.narrow(0, 0, n)?.reshape(x.shape())?), Some(both.narrow(0, n, w.elem_count())?)))
     }
 }
 
@@ -133,12 +128,8 @@ impl CustomOp3 for RmsNormGrad {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let name = "rms-norm-grad";
-        let out = by_dtype!(s1.dtype(), name, |T| backward_cpu::<T>(
-            slice(s1, l1, name)?,
-            slice(s2, l2, name)?,
-            slice(s3, l3, name)?,
-            self.eps
-        ));
+        let out =
+            by_dtype!(s1.dtype(), name, |T| backward_cpu::<T>(slice(s1, l1, name)?, slice(s2, l2, name)?, slice(s3, l3, name)?, self.eps));
         Ok((out, Shape::from(l1.shape().elem_count() + l2.shape().elem_count())))
     }
 }

@@ -42,34 +42,20 @@ pub struct RoutePlan {
 impl RoutePlan {
     /// Plan for `experts` (row-major [T, k] expert indices); `keep` (same shape) marks the
     /// assignments that survive the capacity limit, `None` = dropless.
-    pub fn new(
-        experts: &[u32],
-        top_k: usize,
-        num_experts: usize,
-        keep: Option<&[bool]>,
-    ) -> Result<Self> {
+    pub fn new(experts: &[u32], top_k: usize, num_experts: usize, keep: Option<&[bool]>) -> Result<Self> {
         if top_k == 0 || !experts.len().is_multiple_of(top_k) {
-            candle_core::bail!(
-                "route plan: {} assignments is not a multiple of k = {top_k}",
-                experts.len()
-            );
+            candle_core::bail!("route plan: {} assignments is not a multiple of k = {top_k}", experts.len());
         }
         if let Some(keep) = keep {
             if keep.len() != experts.len() {
-                candle_core::bail!(
-                    "route plan: keep mask has {} entries, expected {}",
-                    keep.len(),
-                    experts.len()
-                );
+                candle_core::bail!("route plan: keep mask has {} entries, expected {}", keep.len(), experts.len());
             }
         }
         let kept = |s: usize| keep.is_none_or(|k| k[s]);
         let mut counts = vec![0u32; num_experts];
         for (s, &e) in experts.iter().enumerate() {
             if e as usize >= num_experts {
-                candle_core::bail!(
-                    "route plan: expert index {e} out of range for {num_experts} experts"
-                );
+                candle_core::bail!("route plan: expert index {e} out of range for {num_experts} experts");
             }
             if kept(s) {
                 counts[e as usize] += 1;
@@ -93,28 +79,13 @@ impl RoutePlan {
                 slot_rows[s] = r;
             }
         }
-        Ok(Self {
-            tokens: experts.len() / top_k,
-            top_k,
-            offsets,
-            rows,
-            slot_rows,
-        })
+        Ok(Self { tokens: experts.len() / top_k, top_k, offsets, rows, slot_rows })
     }
 
     /// Plan from a [T, k] u32 tensor of expert indices and an optional keep mask.
-    pub fn from_tensor(
-        experts: &Tensor,
-        num_experts: usize,
-        keep: Option<&[bool]>,
-    ) -> Result<Self> {
+    pub fn from_tensor(experts: &Tensor, num_experts: usize, keep: Option<&[bool]>) -> Result<Self> {
         let (_, k) = experts.dims2()?;
-        Self::new(
-            &experts.flatten_all()?.to_vec1::<u32>()?,
-            k,
-            num_experts,
-            keep,
-        )
+        Self::new(&experts.flatten_all()?.to_vec1::<u32>()?, k, num_experts, keep)
     }
 
     pub fn tokens(&self) -> usize {
@@ -148,10 +119,7 @@ impl RoutePlan {
     }
     /// Kept assignments per expert.
     pub fn group_sizes(&self) -> Vec<usize> {
-        self.offsets
-            .windows(2)
-            .map(|w| (w[1] - w[0]) as usize)
-            .collect()
+        self.offsets.windows(2).map(|w| (w[1] - w[0]) as usize).collect()
     }
     /// The offsets as a [E+1] u32 tensor, the form [`crate::grouped_matmul`] takes.
     pub fn offsets_tensor(&self, device: &Device) -> Result<Tensor> {
@@ -184,15 +152,9 @@ pub fn unpermute_sum(p: &Tensor, plan: &Arc<RoutePlan>) -> Result<Tensor> {
 pub fn unpermute(p: &Tensor, weights: &Tensor, plan: &Arc<RoutePlan>) -> Result<Tensor> {
     check_rows(p, plan.kept(), "unpermute")?;
     if weights.dims() != [plan.tokens, plan.top_k] {
-        candle_core::bail!(
-            "unpermute: weights {:?}, expected [{}, {}]",
-            weights.dims(),
-            plan.tokens,
-            plan.top_k
-        );
+        candle_core::bail!("unpermute: weights {:?}, expected [{}, {}]", weights.dims(), plan.tokens, plan.top_k);
     }
-    p.contiguous()?
-        .apply_op2(&weights.contiguous()?, Unpermute(plan.clone()))
+    p.contiguous()?.apply_op2(&weights.contiguous()?, Unpermute(plan.clone()))
 }
 
 /// `H'[r] = w[slot(r)] · H[r]`: scale each permuted row by its routing weight ([N, F], [T, k] →
@@ -202,15 +164,9 @@ pub fn unpermute(p: &Tensor, weights: &Tensor, plan: &Arc<RoutePlan>) -> Result<
 pub fn scale_rows(h: &Tensor, weights: &Tensor, plan: &Arc<RoutePlan>) -> Result<Tensor> {
     check_rows(h, plan.kept(), "scale_rows")?;
     if weights.dims() != [plan.tokens, plan.top_k] {
-        candle_core::bail!(
-            "scale_rows: weights {:?}, expected [{}, {}]",
-            weights.dims(),
-            plan.tokens,
-            plan.top_k
-        );
+        candle_core::bail!("scale_rows: weights {:?}, expected [{}, {}]", weights.dims(), plan.tokens, plan.top_k);
     }
-    h.contiguous()?
-        .apply_op2(&weights.contiguous()?, ScaleRows(plan.clone()))
+    h.contiguous()?.apply_op2(&weights.contiguous()?, ScaleRows(plan.clone()))
 }
 
 struct Permute(Arc<RoutePlan>);
@@ -227,54 +183,45 @@ struct RowDots(Arc<RoutePlan>);
 fn permute_cpu<T: Real>(plan: &RoutePlan, x: &[T], h: usize, scale: Option<&[T]>) -> Vec<T> {
     let mut out = vec![T::zero(); plan.kept() * h];
     let per = rows_per_task(h);
-    out.par_chunks_mut(per * h)
-        .enumerate()
-        .for_each(|(c, chunk)| {
-            for (i, dst) in chunk.chunks_mut(h).enumerate() {
-                let slot = plan.rows[c * per + i] as usize;
-                let src = &x[(slot / plan.top_k) * h..][..h];
-                match scale {
-                    None => dst.copy_from_slice(src),
-                    Some(w) => {
-                        let w = w[slot];
-                        dst.iter_mut().zip(src).for_each(|(d, &s)| *d = s * w);
-                    }
+    out.par_chunks_mut(per * h).enumerate().for_each(|(c, chunk)| {
+        for (i, dst) in chunk.chunks_mut(h).enumerate() {
+            let slot = plan.rows[c * per + i] as usize;
+            let src = &x[(slot / plan.top_k) * h..][..h];
+            match scale {
+                None => dst.copy_from_slice(src),
+                Some(w) => {
+                    let w = w[slot];
+                    dst.iter_mut().zip(src).for_each(|(d, &s)| *d = s * w);
                 }
             }
-        });
+        }
+    });
     out
 }
 
-pub(crate) fn unpermute_cpu<T: Real>(
-    plan: &RoutePlan,
-    p: &[T],
-    h: usize,
-    weights: Option<&[T]>,
-) -> Vec<T> {
+pub(crate) fn unpermute_cpu<T: Real>(plan: &RoutePlan, p: &[T], h: usize, weights: Option<&[T]>) -> Vec<T> {
     let k = plan.top_k;
     let mut out = vec![T::zero(); plan.tokens * h];
     let per = rows_per_task(h);
-    out.par_chunks_mut(per * h)
-        .enumerate()
-        .for_each(|(c, chunk)| {
-            for (i, dst) in chunk.chunks_mut(h).enumerate() {
-                let t = c * per + i;
-                for j in 0..k {
-                    let r = plan.slot_rows[t * k + j];
-                    if r == DROPPED {
-                        continue;
-                    }
-                    let src = &p[r as usize * h..][..h];
-                    match weights {
-                        None => dst.iter_mut().zip(src).for_each(|(d, &s)| *d += s),
-                        Some(w) => {
-                            let w = w[t * k + j];
-                            dst.iter_mut().zip(src).for_each(|(d, &s)| *d += w * s);
-                        }
+    out.par_chunks_mut(per * h).enumerate().for_each(|(c, chunk)| {
+        for (i, dst) in chunk.chunks_mut(h).enumerate() {
+            let t = c * per + i;
+            for j in 0..k {
+                let r = plan.slot_rows[t * k + j];
+                if r == DROPPED {
+                    continue;
+                }
+                let src = &p[r as usize * h..][..h];
+                match weights {
+                    None => dst.iter_mut().zip(src).for_each(|(d, &s)| *d += s),
+                    Some(w) => {
+                        let w = w[t * k + j];
+                        dst.iter_mut().zip(src).for_each(|(d, &s)| *d += w * s);
                     }
                 }
             }
-        });
+        }
+    });
     out
 }
 
@@ -283,22 +230,17 @@ fn slot_dots_cpu<T: Real>(plan: &RoutePlan, p: &[T], g: &[T], h: usize, g_by_row
     let k = plan.top_k;
     let mut out = vec![T::zero(); plan.tokens * k];
     let per = rows_per_task(h * k);
-    out.par_chunks_mut(per * k)
-        .enumerate()
-        .for_each(|(c, chunk)| {
-            for (i, d) in chunk.iter_mut().enumerate() {
-                let s = c * per * k + i;
-                let r = plan.slot_rows[s];
-                if r != DROPPED {
-                    let g_at = if g_by_row { r as usize } else { s / k };
-                    let (pr, gr) = (&p[r as usize * h..][..h], &g[g_at * h..][..h]);
-                    *d = pr
-                        .iter()
-                        .zip(gr)
-                        .fold(T::zero(), |acc, (&a, &b)| acc + a * b);
-                }
+    out.par_chunks_mut(per * k).enumerate().for_each(|(c, chunk)| {
+        for (i, d) in chunk.iter_mut().enumerate() {
+            let s = c * per * k + i;
+            let r = plan.slot_rows[s];
+            if r != DROPPED {
+                let g_at = if g_by_row { r as usize } else { s / k };
+                let (pr, gr) = (&p[r as usize * h..][..h], &g[g_at * h..][..h]);
+                *d = pr.iter().zip(gr).fold(T::zero(), |acc, (&a, &b)| acc + a * b);
             }
-        });
+        }
+    });
     out
 }
 
@@ -306,27 +248,19 @@ fn slot_dots_cpu<T: Real>(plan: &RoutePlan, p: &[T], g: &[T], h: usize, g_by_row
 fn scale_rows_cpu<T: Real>(plan: &RoutePlan, h: &[T], width: usize, w: &[T]) -> Vec<T> {
     let mut out = vec![T::zero(); h.len()];
     let per = rows_per_task(width);
-    out.par_chunks_mut(per * width)
-        .enumerate()
-        .for_each(|(c, chunk)| {
-            for (i, dst) in chunk.chunks_mut(width).enumerate() {
-                let r = c * per + i;
-                let w = w[plan.rows[r] as usize];
-                dst.iter_mut()
-                    .zip(&h[r * width..][..width])
-                    .for_each(|(d, &s)| *d = w * s);
-            }
-        });
+    out.par_chunks_mut(per * width).enumerate().for_each(|(c, chunk)| {
+        for (i, dst) in chunk.chunks_mut(width).enumerate() {
+            let r = c * per + i;
+            let w = w[plan.rows[r] as usize];
+            dst.iter_mut().zip(&h[r * width..][..width]).for_each(|(d, &s)| *d = w * s);
+        }
+    });
     out
 }
 
 fn same_dtype(s1: &CpuStorage, s2: &CpuStorage, what: &str) -> Result<()> {
     if s1.dtype() != s2.dtype() {
-        candle_core::bail!(
-            "{what}: dtypes differ ({:?} vs {:?})",
-            s1.dtype(),
-            s2.dtype()
-        );
+        candle_core::bail!("{what}: dtypes differ ({:?} vs {:?})", s1.dtype(), s2.dtype());
     }
     Ok(())
 }
@@ -337,12 +271,7 @@ impl CustomOp1 for Permute {
     }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (_, h) = l.shape().dims2()?;
-        let out = by_dtype!(s.dtype(), "permute", |T| permute_cpu::<T>(
-            &self.0,
-            slice(s, l, "permute")?,
-            h,
-            None
-        ));
+        let out = by_dtype!(s.dtype(), "permute", |T| permute_cpu::<T>(&self.0, slice(s, l, "permute")?, h, None));
         Ok((out, Shape::from((self.0.kept(), h))))
     }
     fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
@@ -356,12 +285,7 @@ impl CustomOp1 for UnpermuteSum {
     }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (_, h) = l.shape().dims2()?;
-        let out = by_dtype!(s.dtype(), "unpermute_sum", |T| unpermute_cpu::<T>(
-            &self.0,
-            slice(s, l, "unpermute_sum")?,
-            h,
-            None
-        ));
+        let out = by_dtype!(s.dtype(), "unpermute_sum", |T| unpermute_cpu::<T>(&self.0, slice(s, l, "unpermute_sum")?, h, None));
         Ok((out, Shape::from((self.0.tokens, h))))
     }
     fn bwd(&self, _p: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
@@ -373,13 +297,7 @@ impl CustomOp2 for Unpermute {
     fn name(&self) -> &'static str {
         "moe-unpermute"
     }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         same_dtype(s1, s2, "unpermute")?;
         let (_, h) = l1.shape().dims2()?;
         let out = by_dtype!(s1.dtype(), "unpermute", |T| unpermute_cpu::<T>(
@@ -390,13 +308,7 @@ impl CustomOp2 for Unpermute {
         ));
         Ok((out, Shape::from((self.0.tokens, h))))
     }
-    fn bwd(
-        &self,
-        p: &Tensor,
-        w: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, p: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
         let dp = grad.apply_op2_no_bwd(w, &PermuteScaled(self.0.clone()))?;
         let dw = p.apply_op2_no_bwd(&grad, &SlotDots(self.0.clone()))?;
@@ -408,13 +320,7 @@ impl CustomOp2 for PermuteScaled {
     fn name(&self) -> &'static str {
         "moe-permute-scaled"
     }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         same_dtype(s1, s2, "permute_scaled")?;
         let (_, h) = l1.shape().dims2()?;
         let out = by_dtype!(s1.dtype(), "permute_scaled", |T| permute_cpu::<T>(
@@ -431,13 +337,7 @@ impl CustomOp2 for SlotDots {
     fn name(&self) -> &'static str {
         "moe-slot-dots"
     }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         same_dtype(s1, s2, "slot_dots")?;
         let (_, h) = l1.shape().dims2()?;
         let out = by_dtype!(s1.dtype(), "slot_dots", |T| slot_dots_cpu::<T>(
@@ -455,13 +355,7 @@ impl CustomOp2 for ScaleRows {
     fn name(&self) -> &'static str {
         "moe-scale-rows"
     }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         same_dtype(s1, s2, "scale_rows")?;
         let (_, width) = l1.shape().dims2()?;
         let out = by_dtype!(s1.dtype(), "scale_rows", |T| scale_rows_cpu::<T>(
@@ -472,13 +366,7 @@ impl CustomOp2 for ScaleRows {
         ));
         Ok((out, l1.shape().clone()))
     }
-    fn bwd(
-        &self,
-        h: &Tensor,
-        w: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, h: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
         let dh = grad.apply_op2_no_bwd(w, &ScaleRows(self.0.clone()))?;
         let dw = h.apply_op2_no_bwd(&grad, &RowDots(self.0.clone()))?;
@@ -490,13 +378,7 @@ impl CustomOp2 for RowDots {
     fn name(&self) -> &'static str {
         "moe-row-dots"
     }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         same_dtype(s1, s2, "row_dots")?;
         let (_, h) = l1.shape().dims2()?;
         let out = by_dtype!(s1.dtype(), "row_dots", |T| slot_dots_cpu::<T>(
@@ -566,16 +448,10 @@ mod tests {
             let xp = (permute(v[0], &p)? * &probe)?;
             unpermute(&xp, v[1], &p)?.sqr()?.sum_all()
         });
-        finite_difference_check(&[&x], |v| {
-            unpermute_sum(&(permute(v[0], &p)? * &probe)?, &p)?
-                .sqr()?
-                .sum_all()
-        });
+        finite_difference_check(&[&x], |v| unpermute_sum(&(permute(v[0], &p)? * &probe)?, &p)?.sqr()?.sum_all());
         // scale_rows, with a dropped slot whose weight must get a zero gradient.
         let h = Var::from_tensor(&random(&[7, 5], 8, DType::F64)).unwrap();
-        finite_difference_check(&[&h, &w], |v| {
-            (scale_rows(v[0], v[1], &p)? * &probe)?.sqr()?.sum_all()
-        });
+        finite_difference_check(&[&h, &w], |v| (scale_rows(v[0], v[1], &p)? * &probe)?.sqr()?.sum_all());
     }
 
     #[test]
@@ -600,18 +476,9 @@ mod tests {
         let yp = random(&[p.kept(), 96], 6, DType::F32);
         let w = random(&[512, 4], 7, DType::F32);
         let run = |threads: usize| -> Vec<u32> {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .unwrap();
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
             let y = pool.install(|| unpermute(&yp, &w, &p).unwrap());
-            y.flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap()
-                .iter()
-                .map(|v| v.to_bits())
-                .collect()
+            y.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect()
         };
         let one = run(1);
         for threads in [1, 2, 3, 8] {

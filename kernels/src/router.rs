@@ -35,9 +35,7 @@ impl std::str::FromStr for Routing {
         match s {
             "topk_then_softmax" => Ok(Routing::TopkThenSoftmax),
             "softmax_then_topk" => Ok(Routing::SoftmaxThenTopk),
-            other => Err(format!(
-                "unknown routing `{other}` (expected topk_then_softmax or softmax_then_topk)"
-            )),
+            other => Err(format!("unknown routing `{other}` (expected topk_then_softmax or softmax_then_topk)")),
         }
     }
 }
@@ -103,11 +101,7 @@ pub fn route(logits: &Tensor, k: usize, routing: Routing) -> Result<Routed> {
         Routing::TopkThenSoftmax => softmax_last(&logits.gather(&experts, D::Minus1)?)?,
         Routing::SoftmaxThenTopk => probs.gather(&experts, D::Minus1)?,
     };
-    Ok(Routed {
-        weights,
-        experts,
-        probs,
-    })
+    Ok(Routed { weights, experts, probs })
 }
 
 /// Number of assignments each expert received: [E] float32 (not differentiable).
@@ -157,9 +151,7 @@ impl std::str::FromStr for DropPolicy {
         match s {
             "probs" => Ok(DropPolicy::Probs),
             "position" => Ok(DropPolicy::Position),
-            other => Err(format!(
-                "unknown drop policy `{other}` (expected probs or position)"
-            )),
+            other => Err(format!("unknown drop policy `{other}` (expected probs or position)")),
         }
     }
 }
@@ -187,13 +179,7 @@ impl Capacity {
 
     /// Which of the T·k assignments survive: `experts` and `weights` are the row-major [T, k]
     /// expert indices and routing weights. Returns a row-major [T, k] mask.
-    pub fn keep_mask(
-        &self,
-        experts: &[u32],
-        weights: &[f32],
-        top_k: usize,
-        num_experts: usize,
-    ) -> Vec<bool> {
+    pub fn keep_mask(&self, experts: &[u32], weights: &[f32], top_k: usize, num_experts: usize) -> Vec<bool> {
         let tokens = experts.len() / top_k.max(1);
         let cap = self.per_expert(tokens, top_k, num_experts);
         let mut keep = vec![false; experts.len()];
@@ -220,11 +206,7 @@ mod tests {
     use candle_core::{Device, Var};
 
     fn logits() -> Tensor {
-        Tensor::new(
-            &[[1.0f32, 3.0, 2.0, 3.0], [0.5, -1.0, 0.25, 4.0]],
-            &Device::Cpu,
-        )
-        .unwrap()
+        Tensor::new(&[[1.0f32, 3.0, 2.0, 3.0], [0.5, -1.0, 0.25, 4.0]], &Device::Cpu).unwrap()
     }
 
     #[test]
@@ -289,24 +271,11 @@ mod tests {
 
     #[test]
     fn capacity_is_ceil_of_share_times_factor() {
-        let cap = |factor| {
-            Capacity {
-                factor,
-                policy: DropPolicy::Position,
-            }
-            .per_expert(10, 2, 4)
-        };
+        let cap = |factor| Capacity { factor, policy: DropPolicy::Position }.per_expert(10, 2, 4);
         assert_eq!(cap(1.0), 5);
         assert_eq!(cap(1.1), 6); // 5.5 rounds up
         assert_eq!(cap(0.5), 3); // 2.5 rounds up
-        assert_eq!(
-            Capacity {
-                factor: 1.2,
-                policy: DropPolicy::Probs
-            }
-            .per_expert(5, 1, 2),
-            3
-        );
+        assert_eq!(Capacity { factor: 1.2, policy: DropPolicy::Probs }.per_expert(5, 1, 2), 3);
     }
 
     #[test]
@@ -314,28 +283,13 @@ mod tests {
         // 4 tokens, k = 1, 2 experts: capacity ceil(4/2 · 0.5) = 1 per expert.
         let experts = [0u32, 0, 1, 0];
         let weights = [0.2f32, 0.9, 0.4, 0.9];
-        let position = Capacity {
-            factor: 0.5,
-            policy: DropPolicy::Position,
-        };
-        assert_eq!(
-            position.keep_mask(&experts, &weights, 1, 2),
-            vec![true, false, true, false]
-        );
+        let position = Capacity { factor: 0.5, policy: DropPolicy::Position };
+        assert_eq!(position.keep_mask(&experts, &weights, 1, 2), vec![true, false, true, false]);
         // Probs keeps the heaviest assignment of expert 0; the tie 0.9/0.9 goes to token 1.
-        let probs = Capacity {
-            factor: 0.5,
-            policy: DropPolicy::Probs,
-        };
-        assert_eq!(
-            probs.keep_mask(&experts, &weights, 1, 2),
-            vec![false, true, true, false]
-        );
+        let probs = Capacity { factor: 0.5, policy: DropPolicy::Probs };
+        assert_eq!(probs.keep_mask(&experts, &weights, 1, 2), vec![false, true, true, false]);
         // A large factor keeps everything.
-        let big = Capacity {
-            factor: 100.0,
-            policy: DropPolicy::Probs,
-        };
+        let big = Capacity { factor: 100.0, policy: DropPolicy::Probs };
         assert!(big.keep_mask(&experts, &weights, 1, 2).iter().all(|&k| k));
         assert_eq!("probs".parse::<DropPolicy>(), Ok(DropPolicy::Probs));
         assert!("latest".parse::<DropPolicy>().is_err());

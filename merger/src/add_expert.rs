@@ -141,11 +141,8 @@ pub fn add_expert(o: &AddExpertOptions) -> Result<AddExpertReport> {
     cfg.validate()?;
     cfg.to_hf()?;
     let hidden = cfg.hidden_size;
-    let name = o
-        .name
-        .clone()
-        .or_else(|| expert_lineage.as_ref().and_then(|l| l.domain.clone()))
-        .unwrap_or_else(|| format!("expert{e_old}"));
+    let name =
+        o.name.clone().or_else(|| expert_lineage.as_ref().and_then(|l| l.domain.clone())).unwrap_or_else(|| format!("expert{e_old}"));
 
     let source = |t: &str| -> btm_model::Result<Tensor> {
         match classify(t) {
@@ -250,10 +247,7 @@ pub fn add_expert(o: &AddExpertOptions) -> Result<AddExpertReport> {
         })?;
         added.insert("routing_accuracy".into(), Value::Array(layers));
         added.insert("calibration".into(), json!({"file": calib.display().to_string(), "tokens": domains[0].tokens()}));
-        added.insert(
-            "background".into(),
-            json!(domains[1..].iter().map(|d| d.path.display().to_string()).collect::<Vec<_>>()),
-        );
+        added.insert("background".into(), json!(domains[1..].iter().map(|d| d.path.display().to_string()).collect::<Vec<_>>()));
         added.insert("target_probability".into(), json!(o.target_prob));
     }
 
@@ -364,10 +358,7 @@ mod tests {
 
         // Same MoE-layer input, old vs new block: every token whose top-k excludes the new
         // expert gets bit-identical output.
-        let mixed = ids(
-            &[domain_texts("prose", 4, 500), domain_texts("code", 4, 500), domain_texts("digits", 4, 500)].concat(),
-            &tok,
-        );
+        let mixed = ids(&[domain_texts("prose", 4, 500), domain_texts("code", 4, 500), domain_texts("digits", 4, 500)].concat(), &tok);
         let mut trace = Trace { collect_ffn_inputs: true, ..Default::default() };
         model.forward_traced(&mixed, &mut trace).unwrap();
         let (mut same, mut moved) = (0, 0);

@@ -117,11 +117,8 @@ pub fn run(dir: &Path, shape: &BenchShape) -> Result<BenchResult> {
     let experts = synthesize_experts(dir, shape)?;
     let cfg = shape.config();
     let input_bytes: u64 = experts.iter().map(|d| dir_bytes(d)).sum::<Result<u64>>()?;
-    let largest = btm_model::weights::expected_tensors(&cfg)
-        .iter()
-        .map(|t| t.shape.iter().product::<usize>() as u64 * 4)
-        .max()
-        .unwrap_or(0);
+    let largest =
+        btm_model::weights::expected_tensors(&cfg).iter().map(|t| t.shape.iter().product::<usize>() as u64 * 4).max().unwrap_or(0);
 
     // cp of the same input bytes to the same disk.
     let cp_dest = dir.join("cp");

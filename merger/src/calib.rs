@@ -122,10 +122,7 @@ pub fn calibrate_layerwise(
     mut decide: impl FnMut(&LayerFeatures) -> Result<Option<Tensor>>,
 ) -> Result<()> {
     let device = Device::Cpu;
-    let mut batches = domains
-        .iter()
-        .map(|d| make_batches(model, d, opts, &device))
-        .collect::<Result<Vec<_>>>()?;
+    let mut batches = domains.iter().map(|d| make_batches(model, d, opts, &device)).collect::<Result<Vec<_>>>()?;
     for layer in 0..model.config().num_layers {
         let mut train = Vec::new();
         let mut heldout = Vec::new();

@@ -24,7 +24,8 @@ pub fn same_tokenizer(ckpts: &[&Checkpoint]) -> Result<()> {
     let hashes = ckpts.iter().map(|c| tokenizer_hash(c)).collect::<Result<Vec<_>>>()?;
     for (c, h) in ckpts.iter().zip(&hashes).skip(1) {
         if *h != hashes[0] {
-            let show = |h: &Option<String>| h.as_ref().map_or("no tokenizer.json".to_string(), |h| format!("tokenizer sha256 {}", &h[..12]));
+            let show =
+                |h: &Option<String>| h.as_ref().map_or("no tokenizer.json".to_string(), |h| format!("tokenizer sha256 {}", &h[..12]));
             bail!(
                 "tokenizer mismatch: {} has {}, but {} has {}; experts must share one tokenizer",
                 ckpts[0].dir().display(),
@@ -57,12 +58,7 @@ pub fn same_trunk(a: &Checkpoint, b: &Checkpoint) -> Result<()> {
             .filter(|(k, v)| ob.get(*k) != Some(v))
             .map(|(k, v)| format!("{k}: {v} vs {}", ob.get(k).unwrap_or(&Value::Null)))
             .collect();
-        bail!(
-            "architecture mismatch between {} and {}: {}",
-            a.dir().display(),
-            b.dir().display(),
-            diffs.join(", ")
-        );
+        bail!("architecture mismatch between {} and {}: {}", a.dir().display(), b.dir().display(), diffs.join(", "));
     }
     Ok(())
 }

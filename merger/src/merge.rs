@@ -13,9 +13,7 @@
 
 use crate::calib::{calibrate_layerwise, load_domain, CalibDomain, CalibOptions};
 use crate::names::{classify, dense_ffn, Proj, Slot};
-use crate::router_init::{
-    centroid_router, fit_softmax_regression, layer_seed, random_rows, routing_accuracy, FitOptions, RouterInit,
-};
+use crate::router_init::{centroid_router, fit_softmax_regression, layer_seed, random_rows, routing_accuracy, FitOptions, RouterInit};
 use crate::scaling::merge_scale;
 use crate::{parent_of, tokenizer_file, OutputOptions};
 use anyhow::{bail, ensure, Context, Result};
@@ -173,11 +171,7 @@ pub(crate) fn in_memory_model(cfg: &ModelConfig, get: &mut dyn FnMut(&str) -> Re
 }
 
 /// Load every domain's calibration text (errors name the missing or empty file).
-pub(crate) fn load_calibration(
-    named: &[(String, PathBuf)],
-    ckpt: &Checkpoint,
-    opts: &CalibOptions,
-) -> Result<Vec<CalibDomain>> {
+pub(crate) fn load_calibration(named: &[(String, PathBuf)], ckpt: &Checkpoint, opts: &CalibOptions) -> Result<Vec<CalibDomain>> {
     let tok = ckpt.tokenizer().context("calibration needs the experts' tokenizer.json")?;
     named.iter().map(|(name, path)| load_domain(name, path, &tok, opts)).collect()
 }
@@ -298,8 +292,7 @@ pub fn merge(o: &MergeOptions) -> Result<MergeReport> {
             let weight = match init {
                 RouterInit::Random | RouterInit::Zero => fixed_router(f.layer)?,
                 RouterInit::Centroid | RouterInit::Fit => {
-                    let c = centroid_router(&f.train, o.target_prob)
-                        .with_context(|| format!("centroid router for layer {}", f.layer))?;
+                    let c = centroid_router(&f.train, o.target_prob).with_context(|| format!("centroid router for layer {}", f.layer))?;
                     report.insert("temperature".into(), json!(c.temperature));
                     report.insert("own_probability".into(), json!(c.own_probability));
                     if init == RouterInit::Centroid {
@@ -322,10 +315,7 @@ pub fn merge(o: &MergeOptions) -> Result<MergeReport> {
             let mean = acc.iter().sum::<f64>() / acc.len() as f64;
             report.insert("layer".into(), json!(f.layer));
             report.insert("mean".into(), json!(mean));
-            report.insert(
-                "per_domain".into(),
-                Value::Object(names.iter().zip(&acc).map(|(k, v)| (k.clone(), json!(v))).collect()),
-            );
+            report.insert("per_domain".into(), Value::Object(names.iter().zip(&acc).map(|(k, v)| (k.clone(), json!(v))).collect()));
             layer_reports.push(Value::Object(report));
             routers.insert(f.layer, weight.clone());
             Ok(Some(weight))
@@ -382,7 +372,10 @@ pub fn merge(o: &MergeOptions) -> Result<MergeReport> {
     if !domains.is_empty() {
         x.insert(
             "calibration".into(),
-            json!(domains.iter().map(|d| json!({"domain": d.name, "file": d.path.display().to_string(), "tokens": d.tokens()})).collect::<Vec<_>>()),
+            json!(domains
+                .iter()
+                .map(|d| json!({"domain": d.name, "file": d.path.display().to_string(), "tokens": d.tokens()}))
+                .collect::<Vec<_>>()),
         );
         x.insert(
             "calibration_settings".into(),
@@ -426,9 +419,8 @@ fn lowest_own_probability(extra: &Map<String, Value>, target: f64) -> Option<Str
             (p < target - 1e-3).then(|| format!("layer {}: {p:.3}", l["layer"]))
         })
         .collect();
-    (!short.is_empty()).then(|| {
-        format!("the centroid router could not reach target probability {target} (domains overlap) — {}", short.join(", "))
-    })
+    (!short.is_empty())
+        .then(|| format!("the centroid router could not reach target probability {target} (domains overlap) — {}", short.join(", ")))
 }
 
 #[cfg(test)]
@@ -445,10 +437,8 @@ mod tests {
             .enumerate()
             .map(|(i, d)| perturbed(&fixture("llama"), &tmp.join(format!("expert-{d}")), i as u64 + 1, 0.5, false, d))
             .collect();
-        let calib = domains
-            .iter()
-            .map(|d| (d.to_string(), write_jsonl(&tmp.join(format!("{d}.jsonl")), &domain_texts(d, 40, 0))))
-            .collect();
+        let calib =
+            domains.iter().map(|d| (d.to_string(), write_jsonl(&tmp.join(format!("{d}.jsonl")), &domain_texts(d, 40, 0)))).collect();
         (experts, calib)
     }
 
@@ -639,7 +629,11 @@ mod tests {
         let report = merge(&o).unwrap();
         assert!(report.warnings[0].contains("lineage mismatch"), "{:?}", report.warnings);
         assert!(lineage(&out)["warnings"][0].as_str().unwrap().contains("lineage mismatch"));
-        let leftovers: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().contains(".tmp-")).collect();
+        let leftovers: Vec<_> = std::fs::read_dir(tmp.path())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().contains(".tmp-"))
+            .collect();
         assert!(leftovers.is_empty());
     }
 }

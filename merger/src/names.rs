@@ -101,15 +101,9 @@ mod tests {
     #[test]
     fn classifies_every_kind_of_name() {
         assert_eq!(classify("model.layers.3.mlp.gate.weight"), Slot::Router { layer: 3 });
-        assert_eq!(
-            classify("model.layers.0.mlp.experts.12.down_proj.weight"),
-            Slot::Expert { layer: 0, expert: 12, proj: Proj::Down }
-        );
+        assert_eq!(classify("model.layers.0.mlp.experts.12.down_proj.weight"), Slot::Expert { layer: 0, expert: 12, proj: Proj::Down });
         assert_eq!(classify("model.layers.1.mlp.up_proj.weight"), Slot::DenseFfn { layer: 1, proj: Proj::Up });
-        assert_eq!(
-            classify("model.layers.1.mlp.shared_expert.gate_proj.weight"),
-            Slot::SharedExpert { layer: 1, proj: Proj::Gate }
-        );
+        assert_eq!(classify("model.layers.1.mlp.shared_expert.gate_proj.weight"), Slot::SharedExpert { layer: 1, proj: Proj::Gate });
         assert_eq!(classify("model.layers.1.mlp.shared_expert_gate.weight"), Slot::SharedExpertGate { layer: 1 });
         for other in ["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight", "lm_head.weight", "model.norm.weight"] {
             assert_eq!(classify(other), Slot::Other, "{other}");

@@ -195,10 +195,7 @@ pub fn centroid_router(train: &[Tensor], target: f64) -> Result<CalibratedRouter
     ensure!(target > 1.0 / e as f64 && target < 1.0, "target probability {target} must lie between 1/E = {:.3} and 1", 1.0 / e as f64);
     let means = train.iter().map(mean_row).collect::<Result<Vec<_>>>()?;
     let centre = (Tensor::stack(&means, 0)?.mean(0))?;
-    let rows = means
-        .iter()
-        .map(|m| normalised(&orthogonal_to(&(m - &centre)?, &centre)?))
-        .collect::<Result<Vec<_>>>()?;
+    let rows = means.iter().map(|m| normalised(&orthogonal_to(&(m - &centre)?, &centre)?)).collect::<Result<Vec<_>>>()?;
     let unit = Tensor::stack(&rows, 0)?;
     let groups = train
         .iter()
@@ -390,7 +387,9 @@ mod tests {
         assert!(after < 0.5 * before, "{before} -> {after}");
         // Frozen rows do not move.
         let frozen = fit_softmax_regression(&x, &labels, &vec![1.0; 600], &init, &[false, true, false], &FitOptions::default()).unwrap();
-        let diff = |a: usize| (frozen.get(a).unwrap() - init.get(a).unwrap()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let diff = |a: usize| {
+            (frozen.get(a).unwrap() - init.get(a).unwrap()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+        };
         assert!(diff(0) < 1e-4 && diff(2) < 1e-4 && diff(1) > 1e-3);
     }
 

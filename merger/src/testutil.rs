@@ -55,11 +55,8 @@ pub fn perturbed(base: &Path, dest: &Path, seed: u64, noise: f32, all: bool, dom
     };
     let mut lineage = Lineage::new("expert");
     lineage.domain = Some(domain.into());
-    lineage.parents = vec![btm_model::lineage::Parent {
-        uri: base.display().to_string(),
-        manifest_sha256: Some("seed".into()),
-        domain: None,
-    }];
+    lineage.parents =
+        vec![btm_model::lineage::Parent { uri: base.display().to_string(), manifest_sha256: Some("seed".into()), domain: None }];
     let extras = Extras { tokenizer: Some(base.join("tokenizer.json")), lineage: Some(lineage) };
     btm_model::write_checkpoint(dest, &src.config, &mut get, &extras, &WriteOptions::default()).unwrap();
     dest.to_path_buf()
@@ -69,7 +66,10 @@ pub fn perturbed(base: &Path, dest: &Path, seed: u64, noise: f32, all: bool, dom
 pub fn domain_texts(domain: &str, docs: usize, offset: usize) -> Vec<String> {
     (offset..offset + docs)
         .map(|i| match domain {
-            "prose" => format!("the children walk to the river in the morning and the old man tells them a story about the bridge and the rain {}", ["one", "two", "three", "four", "five"][i % 5]),
+            "prose" => format!(
+                "the children walk to the river in the morning and the old man tells them a story about the bridge and the rain {}",
+                ["one", "two", "three", "four", "five"][i % 5]
+            ),
             "code" => format!("{{[(<{i}>)]}}; ${i} := @[{{}}] => ({i}) <> [[]]; && || !== {{}};"),
             "digits" => format!("{} {} {} {}", i * 7919 % 10007, i * 104729 % 99991, i * 31 + 12345, (i * i) % 977),
             other => panic!("unknown domain {other}"),

@@ -73,14 +73,7 @@ pub fn upcycled_config(dense: &ModelConfig, o: &UpcycleOptions) -> Result<ModelC
         bail!("--top-k {k} is not a multiple of the granularity G = {g}: the router must select the G shards of a dense copy together (virtual groups), so k must be a multiple of G");
     }
     let mut cfg = dense.clone();
-    cfg.moe = Some(MoeConfig {
-        experts: e,
-        top_k: k,
-        routing: o.routing,
-        expert_ffn: f / g,
-        shared_expert: None,
-        dense_layers: vec![],
-    });
+    cfg.moe = Some(MoeConfig { experts: e, top_k: k, routing: o.routing, expert_ffn: f / g, shared_expert: None, dense_layers: vec![] });
     cfg.validate()?;
     cfg.to_hf()?;
     Ok(cfg)

@@ -58,10 +58,7 @@ pub struct Checkpoint {
 
 impl std::fmt::Debug for Checkpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Checkpoint")
-            .field("dir", &self.dir)
-            .field("architecture", &self.architecture)
-            .finish()
+        f.debug_struct("Checkpoint").field("dir", &self.dir).field("architecture", &self.architecture).finish()
     }
 }
 
@@ -91,9 +88,7 @@ pub fn parse_dtype(s: &str) -> Result<DType> {
         "float32" | "f32" | "fp32" => Ok(DType::F32),
         "bfloat16" | "bf16" => Ok(DType::BF16),
         "float16" | "f16" | "fp16" | "half" => Ok(DType::F16),
-        other => Err(Error::Unsupported(format!(
-            "dtype `{other}` (expected float32, bfloat16 or float16)"
-        ))),
+        other => Err(Error::Unsupported(format!("dtype `{other}` (expected float32, bfloat16 or float16)"))),
     }
 }
 
@@ -121,9 +116,10 @@ impl Checkpoint {
         // Which files hold the weights.
         let files: Vec<String> = if dir.join(INDEX_FILE).exists() {
             let index = read_json(&dir.join(INDEX_FILE))?;
-            let map = index.get("weight_map").and_then(Value::as_object).ok_or_else(|| {
-                Error::InvalidConfig(format!("{}: no `weight_map`", dir.join(INDEX_FILE).display()))
-            })?;
+            let map = index
+                .get("weight_map")
+                .and_then(Value::as_object)
+                .ok_or_else(|| Error::InvalidConfig(format!("{}: no `weight_map`", dir.join(INDEX_FILE).display())))?;
             let mut files: Vec<String> = map.values().filter_map(Value::as_str).map(String::from).collect();
             files.sort();
             files.dedup();
@@ -139,36 +135,21 @@ impl Checkpoint {
             let file = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
             // SAFETY: the file is opened read-only; btm never writes a published checkpoint in place.
             let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
-            let st = SafeTensors::deserialize(&mmap).map_err(|e| Error::CorruptSafetensors {
-                path: path.clone(),
-                reason: e.to_string(),
-            })?;
+            let st =
+                SafeTensors::deserialize(&mmap).map_err(|e| Error::CorruptSafetensors { path: path.clone(), reason: e.to_string() })?;
             let base = mmap.as_ptr() as usize;
             for (tname, view) in st.tensors() {
                 let start = view.data().as_ptr() as usize - base;
                 raw.insert(
                     tname,
-                    Location {
-                        file: i,
-                        dtype: view.dtype(),
-                        shape: view.shape().to_vec(),
-                        start,
-                        end: start + view.data().len(),
-                    },
+                    Location { file: i, dtype: view.dtype(), shape: view.shape().to_vec(), start, end: start + view.data().len() },
                 );
             }
             mmaps.push(Arc::new(mmap));
         }
 
         let tensors = resolve_names(&config, architecture, &raw, &dir)?;
-        let mut ckpt = Self {
-            dir,
-            config: config.clone(),
-            architecture,
-            hf_config,
-            mmaps,
-            tensors,
-        };
+        let mut ckpt = Self { dir, config: config.clone(), architecture, hf_config, mmaps, tensors };
         ckpt.drop_zero_placeholders(&mut config)?;
         ckpt.config = config;
 
@@ -194,9 +175,7 @@ impl Checkpoint {
             Ok(true)
         };
         if hint("qkv_bias").as_deref() == Some("zero") && config.qkv_bias {
-            let names = (0..layers)
-                .flat_map(|l| ["q", "k", "v"].map(|p| format!("model.layers.{l}.self_attn.{p}_proj.bias")))
-                .collect();
+            let names = (0..layers).flat_map(|l| ["q", "k", "v"].map(|p| format!("model.layers.{l}.self_attn.{p}_proj.bias"))).collect();
             if all_zero(names)? {
                 config.qkv_bias = false;
             }
@@ -228,10 +207,7 @@ impl Checkpoint {
 
     /// The dtype the weights are stored in (that of the embedding).
     pub fn dtype(&self) -> DType {
-        self.tensors
-            .get("model.embed_tokens.weight")
-            .and_then(|l| dtype_of(l.dtype))
-            .unwrap_or(DType::F32)
+        self.tensors.get("model.embed_tokens.weight").and_then(|l| dtype_of(l.dtype)).unwrap_or(DType::F32)
     }
 
     /// Canonical tensor names in model order.
@@ -241,15 +217,10 @@ impl Checkpoint {
 
     /// One tensor, in its on-disk dtype, on the CPU.
     pub fn tensor(&self, name: &str) -> Result<Tensor> {
-        let loc = self.tensors.get(name).ok_or_else(|| Error::MissingTensor {
-            name: name.into(),
-            dir: self.dir.clone(),
-        })?;
+        let loc = self.tensors.get(name).ok_or_else(|| Error::MissingTensor { name: name.into(), dir: self.dir.clone() })?;
         let bytes = &self.mmaps[loc.file][loc.start..loc.end];
-        let view = TensorView::new(loc.dtype, loc.shape.clone(), bytes).map_err(|e| Error::CorruptSafetensors {
-            path: self.dir.clone(),
-            reason: format!("{name}: {e}"),
-        })?;
+        let view = TensorView::new(loc.dtype, loc.shape.clone(), bytes)
+            .map_err(|e| Error::CorruptSafetensors { path: self.dir.clone(), reason: format!("{name}: {e}") })?;
         Ok(view.load(&Device::Cpu)?)
     }
 
@@ -280,11 +251,7 @@ impl Checkpoint {
 
     /// A `VarBuilder` that loads tensors lazily from the memory maps, converting dtype and device.
     pub fn var_builder(&self, dtype: DType, device: &Device) -> VarBuilder<'static> {
-        let backend = Backend {
-            mmaps: self.mmaps.clone(),
-            tensors: self.tensors.clone(),
-            dir: self.dir.clone(),
-        };
+        let backend = Backend { mmaps: self.mmaps.clone(), tensors: self.tensors.clone(), dir: self.dir.clone() };
         VarBuilder::from_backend(Box::new(backend), dtype, device.clone())
     }
 
@@ -337,26 +304,14 @@ fn resolve_names(
             Some(loc) => loc.clone(),
             None => match fused_expert_slice(&spec, raw)? {
                 Some(loc) => loc,
-                None => {
-                    return Err(Error::MissingTensor {
-                        name: hf_name(arch, &spec.name),
-                        dir: dir.to_path_buf(),
-                    })
-                }
+                None => return Err(Error::MissingTensor { name: hf_name(arch, &spec.name), dir: dir.to_path_buf() }),
             },
         };
         if loc.shape != spec.shape {
-            return Err(Error::ShapeMismatch {
-                name: hf_name(arch, &spec.name),
-                expected: spec.shape.clone(),
-                found: loc.shape.clone(),
-            });
+            return Err(Error::ShapeMismatch { name: hf_name(arch, &spec.name), expected: spec.shape.clone(), found: loc.shape.clone() });
         }
         if dtype_of(loc.dtype).is_none() {
-            return Err(Error::UnsupportedDtype {
-                name: spec.name,
-                dtype: format!("{:?}", loc.dtype),
-            });
+            return Err(Error::UnsupportedDtype { name: spec.name, dtype: format!("{:?}", loc.dtype) });
         }
         out.insert(spec.name, loc);
     }
@@ -380,31 +335,18 @@ fn fused_expert_slice(spec: &TensorSpec, raw: &HashMap<String, Location>) -> Res
         "down_proj.weight" => ("down_proj", 0),
         _ => return Ok(None),
     };
-    let candidates = [
-        format!("{layer}.mlp.experts.{fused_name}"),
-        format!("{layer}.block_sparse_moe.experts.{fused_name}"),
-    ];
+    let candidates = [format!("{layer}.mlp.experts.{fused_name}"), format!("{layer}.block_sparse_moe.experts.{fused_name}")];
     let Some((name, loc)) = candidates.iter().find_map(|n| raw.get(n).map(|l| (n, l))) else {
         return Ok(None);
     };
     let (rows, cols) = (spec.shape[0], spec.shape[1]);
     let want_rows = if fused_name == "gate_up_proj" { 2 * rows } else { rows };
     if loc.shape.len() != 3 || loc.shape[1] != want_rows || loc.shape[2] != cols || e >= loc.shape[0] {
-        return Err(Error::ShapeMismatch {
-            name: name.clone(),
-            expected: vec![e + 1, want_rows, cols],
-            found: loc.shape.clone(),
-        });
+        return Err(Error::ShapeMismatch { name: name.clone(), expected: vec![e + 1, want_rows, cols], found: loc.shape.clone() });
     }
     let elem = dtype_of(loc.dtype).map_or(0, |d| d.size_in_bytes());
     let start = loc.start + ((e * want_rows + first_row) * cols) * elem;
-    Ok(Some(Location {
-        file: loc.file,
-        dtype: loc.dtype,
-        shape: spec.shape.clone(),
-        start,
-        end: start + rows * cols * elem,
-    }))
+    Ok(Some(Location { file: loc.file, dtype: loc.dtype, shape: spec.shape.clone(), start, end: start + rows * cols * elem }))
 }
 
 struct Backend {
@@ -415,9 +357,10 @@ struct Backend {
 
 impl Backend {
     fn load(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        let loc = self.tensors.get(name).ok_or_else(|| {
-            candle_core::Error::Msg(format!("tensor `{name}` is missing from {}", self.dir.display()))
-        })?;
+        let loc = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| candle_core::Error::Msg(format!("tensor `{name}` is missing from {}", self.dir.display())))?;
         let bytes = &self.mmaps[loc.file][loc.start..loc.end];
         let view = TensorView::new(loc.dtype, loc.shape.clone(), bytes).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         view.load(&Device::Cpu)?.to_dtype(dtype)?.to_device(dev)
@@ -456,11 +399,7 @@ pub struct WriteOptions {
 
 impl Default for WriteOptions {
     fn default() -> Self {
-        Self {
-            dtype: DType::F32,
-            max_shard_bytes: 2 << 30,
-            overwrite: false,
-        }
+        Self { dtype: DType::F32, max_shard_bytes: 2 << 30, overwrite: false }
     }
 }
 
@@ -558,10 +497,7 @@ pub struct StagingDir {
 impl StagingDir {
     pub fn new(dest: &Path, overwrite: bool) -> Result<Self> {
         if dest.exists() && !overwrite {
-            return Err(Error::Storage(format!(
-                "{} already exists (refusing to overwrite)",
-                dest.display()
-            )));
+            return Err(Error::Storage(format!("{} already exists (refusing to overwrite)", dest.display())));
         }
         let parent = dest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
         std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
@@ -569,11 +505,7 @@ impl StagingDir {
         let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
         let path = parent.join(format!(".{name}.tmp-{}-{nanos}", std::process::id()));
         std::fs::create_dir(&path).map_err(|e| Error::io(&path, e))?;
-        Ok(Self {
-            path,
-            dest: dest.to_path_buf(),
-            published: false,
-        })
+        Ok(Self { path, dest: dest.to_path_buf(), published: false })
     }
 
     /// Rename the finished directory into place (replacing an old one if allowed).
@@ -651,10 +583,8 @@ pub fn write_checkpoint(
         for spec in shard {
             let bytes = spec.shape.iter().product::<usize>() as u64 * elem;
             let hf = hf_name(arch, &spec.name);
-            header.insert(
-                hf.clone(),
-                json!({"dtype": format!("{st_dt:?}"), "shape": spec.shape, "data_offsets": [offset, offset + bytes]}),
-            );
+            header
+                .insert(hf.clone(), json!({"dtype": format!("{st_dt:?}"), "shape": spec.shape, "data_offsets": [offset, offset + bytes]}));
             weight_map.insert(hf, json!(file_name));
             offset += bytes;
         }
@@ -664,22 +594,14 @@ pub fn write_checkpoint(
             header.push(b' ');
         }
         let file = std::fs::File::create(&path).map_err(|e| Error::io(&path, e))?;
-        let mut w = HashingWriter {
-            inner: std::io::BufWriter::with_capacity(1 << 20, file),
-            hasher: Sha256::new(),
-            size: 0,
-        };
+        let mut w = HashingWriter { inner: std::io::BufWriter::with_capacity(1 << 20, file), hasher: Sha256::new(), size: 0 };
         let io = |e| Error::io(&path, e);
         w.write_all(&(header.len() as u64).to_le_bytes()).map_err(io)?;
         w.write_all(&header).map_err(io)?;
         for spec in shard {
             let t = tensor_to_write(cfg, spec, get)?;
             if t.dims() != spec.shape.as_slice() {
-                return Err(Error::ShapeMismatch {
-                    name: spec.name.clone(),
-                    expected: spec.shape.clone(),
-                    found: t.dims().to_vec(),
-                });
+                return Err(Error::ShapeMismatch { name: spec.name.clone(), expected: spec.shape.clone(), found: t.dims().to_vec() });
             }
             w.write_all(&tensor_bytes(&t, opts.dtype)?).map_err(io)?;
         }
@@ -717,9 +639,6 @@ pub fn write_checkpoint(
 /// Copy a checkpoint (optionally to another dtype or shard size) through the writer.
 pub fn rewrite(src: &Checkpoint, dest: &Path, opts: &WriteOptions, lineage: Option<Lineage>) -> Result<()> {
     let tokenizer = src.dir().join(TOKENIZER);
-    let extras = Extras {
-        tokenizer: tokenizer.exists().then_some(tokenizer),
-        lineage,
-    };
+    let extras = Extras { tokenizer: tokenizer.exists().then_some(tokenizer), lineage };
     write_checkpoint(dest, &src.config, &mut |name| src.tensor(name), &extras, opts)
 }

@@ -11,12 +11,7 @@ use serde_json::{json, Map, Value};
 #[serde(tag = "rope_type", rename_all = "snake_case")]
 pub enum RopeScaling {
     /// Llama 3.1's piecewise frequency scaling.
-    Llama3 {
-        factor: f64,
-        low_freq_factor: f64,
-        high_freq_factor: f64,
-        original_max_position_embeddings: usize,
-    },
+    Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max_position_embeddings: usize },
 }
 
 /// An always-on expert beside the routed ones (Qwen2-MoE, DeepSeek-MoE).
@@ -79,13 +74,8 @@ pub enum Architecture {
 }
 
 impl Architecture {
-    pub const ALL: [Architecture; 5] = [
-        Architecture::Llama,
-        Architecture::Mistral,
-        Architecture::Qwen2,
-        Architecture::Mixtral,
-        Architecture::Qwen2Moe,
-    ];
+    pub const ALL: [Architecture; 5] =
+        [Architecture::Llama, Architecture::Mistral, Architecture::Qwen2, Architecture::Mixtral, Architecture::Qwen2Moe];
 
     pub fn class_name(self) -> &'static str {
         match self {
@@ -109,10 +99,7 @@ impl Architecture {
 
     /// Identify the architecture from `architectures[0]`, falling back to `model_type`.
     pub fn detect(cfg: &Value) -> Result<Self> {
-        let class = cfg
-            .get("architectures")
-            .and_then(|a| a.get(0))
-            .and_then(Value::as_str);
+        let class = cfg.get("architectures").and_then(|a| a.get(0)).and_then(Value::as_str);
         let model_type = cfg.get("model_type").and_then(Value::as_str);
         for arch in Self::ALL {
             if class == Some(arch.class_name()) || (class.is_none() && model_type == Some(arch.model_type())) {
@@ -157,10 +144,7 @@ impl ModelConfig {
 
     /// Total parameter count.
     pub fn num_parameters(&self) -> usize {
-        crate::weights::expected_tensors(self)
-            .iter()
-            .map(|t| t.shape.iter().product::<usize>())
-            .sum()
+        crate::weights::expected_tensors(self).iter().map(|t| t.shape.iter().product::<usize>()).sum()
     }
 
     /// Parameters one token passes through (the MoE's routed experts counted k times, not E).
@@ -230,16 +214,14 @@ impl ModelConfig {
                     .ok_or_else(|| Error::InvalidConfig(format!("config.json: `{key}` must be a non-negative integer, got {v}"))),
             }
         };
-        let need = |key: &str| -> Result<usize> {
-            get_usize(key)?.ok_or_else(|| Error::InvalidConfig(format!("config.json: missing `{key}`")))
-        };
+        let need =
+            |key: &str| -> Result<usize> { get_usize(key)?.ok_or_else(|| Error::InvalidConfig(format!("config.json: missing `{key}`"))) };
         let get_f64 = |v: &Value, key: &str| -> Result<Option<f64>> {
             match v.get(key) {
                 None | Some(Value::Null) => Ok(None),
-                Some(x) => x
-                    .as_f64()
-                    .map(Some)
-                    .ok_or_else(|| Error::InvalidConfig(format!("config.json: `{key}` must be a number, got {x}"))),
+                Some(x) => {
+                    x.as_f64().map(Some).ok_or_else(|| Error::InvalidConfig(format!("config.json: `{key}` must be a number, got {x}")))
+                }
             }
         };
         let get_bool = |key: &str| cfg.get(key).and_then(Value::as_bool);
@@ -275,11 +257,7 @@ impl ModelConfig {
             }
         };
         let rope_theta = get_f64(&rope, "rope_theta")?.unwrap_or(10000.0);
-        let rope_type = rope
-            .get("rope_type")
-            .or_else(|| rope.get("type"))
-            .and_then(Value::as_str)
-            .unwrap_or("default");
+        let rope_type = rope.get("rope_type").or_else(|| rope.get("type")).and_then(Value::as_str).unwrap_or("default");
         let rope_scaling = match rope_type {
             "default" => None,
             "llama3" => {
@@ -293,11 +271,7 @@ impl ModelConfig {
                     original_max_position_embeddings: f("original_max_position_embeddings")? as usize,
                 })
             }
-            other => {
-                return Err(Error::Unsupported(format!(
-                    "rope type `{other}` (btm supports default and llama3)"
-                )))
-            }
+            other => return Err(Error::Unsupported(format!("rope type `{other}` (btm supports default and llama3)"))),
         };
 
         if get_bool("mlp_bias") == Some(true) {
@@ -339,24 +313,15 @@ impl ModelConfig {
                     Some(Value::Array(a)) => a.iter().filter_map(Value::as_u64).map(|x| x as usize).collect(),
                     _ => vec![],
                 };
-                let dense_layers = (0..num_layers)
-                    .filter(|l| mlp_only.contains(l) || (l + 1) % step != 0)
-                    .collect();
+                let dense_layers = (0..num_layers).filter(|l| mlp_only.contains(l) || (l + 1) % step != 0).collect();
                 // btm's zero-output placeholder (`btm.shared_expert: "none"`) is dropped by the
                 // checkpoint reader once it has checked the weights really are zero.
                 let shared_ffn = get_usize("shared_expert_intermediate_size")?.unwrap_or(0);
-                let shared_expert = (shared_ffn > 0).then_some(SharedExpertConfig {
-                    ffn: shared_ffn,
-                    gated: true,
-                });
+                let shared_expert = (shared_ffn > 0).then_some(SharedExpertConfig { ffn: shared_ffn, gated: true });
                 Some(MoeConfig {
                     experts: need("num_experts")?,
                     top_k: need("num_experts_per_tok")?,
-                    routing: if get_bool("norm_topk_prob").unwrap_or(false) {
-                        Routing::TopkThenSoftmax
-                    } else {
-                        Routing::SoftmaxThenTopk
-                    },
+                    routing: if get_bool("norm_topk_prob").unwrap_or(false) { Routing::TopkThenSoftmax } else { Routing::SoftmaxThenTopk },
                     expert_ffn: need("moe_intermediate_size")?,
                     shared_expert,
                     dense_layers,
@@ -426,9 +391,7 @@ impl ModelConfig {
     pub fn to_hf(&self) -> Result<Value> {
         let arch = self.output_architecture();
         if arch == Architecture::Qwen2Moe && self.o_bias {
-            return Err(Error::Unsupported(
-                "an MoE with an output-projection bias has no Hugging Face layout btm can write".into(),
-            ));
+            return Err(Error::Unsupported("an MoE with an output-projection bias has no Hugging Face layout btm can write".into()));
         }
         let mut c = json!({
             "architectures": [arch.class_name()],
@@ -459,12 +422,8 @@ impl ModelConfig {
         }
         // Legacy RoPE keys: both transformers 4.x and 5.x (which converts them to
         // `rope_parameters`), vLLM and llama.cpp's converter read them.
-        if let Some(RopeScaling::Llama3 {
-            factor,
-            low_freq_factor,
-            high_freq_factor,
-            original_max_position_embeddings,
-        }) = &self.rope_scaling
+        if let Some(RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings }) =
+            &self.rope_scaling
         {
             obj.insert(
                 "rope_scaling".into(),
@@ -485,9 +444,7 @@ impl ModelConfig {
             }
             (Architecture::Mistral, None) => {
                 if self.qkv_bias || self.o_bias {
-                    return Err(Error::Unsupported(
-                        "attention biases together with sliding-window attention".into(),
-                    ));
+                    return Err(Error::Unsupported("attention biases together with sliding-window attention".into()));
                 }
                 obj.insert("sliding_window".into(), json!(self.sliding_window));
             }
@@ -552,10 +509,7 @@ mod tests {
     use super::*;
 
     fn tiny() -> ModelConfig {
-        ModelConfig {
-            max_position_embeddings: 64,
-            ..ModelConfig::llama(64, 16, 2, 4, 2, 32)
-        }
+        ModelConfig { max_position_embeddings: 64, ..ModelConfig::llama(64, 16, 2, 4, 2, 32) }
     }
 
     #[test]
@@ -576,12 +530,8 @@ mod tests {
         let mut qwen_shared = qwen.clone();
         qwen_shared.moe.as_mut().unwrap().shared_expert = Some(SharedExpertConfig { ffn: 12, gated: true });
         let mut llama3 = tiny();
-        llama3.rope_scaling = Some(RopeScaling::Llama3 {
-            factor: 8.0,
-            low_freq_factor: 1.0,
-            high_freq_factor: 4.0,
-            original_max_position_embeddings: 16,
-        });
+        llama3.rope_scaling =
+            Some(RopeScaling::Llama3 { factor: 8.0, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_position_embeddings: 16 });
         for (cfg, arch) in [
             (dense, Architecture::Llama),
             (mixtral, Architecture::Mixtral),

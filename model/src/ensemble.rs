@@ -101,7 +101,10 @@ pub fn check_members(members: &[Checkpoint]) -> Result<()> {
     let vocab = first.tokenizer()?.get_vocab(true);
     for (i, m) in members.iter().enumerate().skip(1) {
         if m.config.vocab_size != first.config.vocab_size {
-            return Err(Error::Unsupported(format!("ensemble member {i}: vocabulary of {} tokens, member 0 has {}", m.config.vocab_size, first.config.vocab_size)));
+            return Err(Error::Unsupported(format!(
+                "ensemble member {i}: vocabulary of {} tokens, member 0 has {}",
+                m.config.vocab_size, first.config.vocab_size
+            )));
         }
         if m.tokenizer()?.get_vocab(true) != vocab {
             return Err(Error::Unsupported(format!("ensemble member {i}: its tokenizer differs from member 0's")));
@@ -130,7 +133,14 @@ pub fn estimate_prior(models: &[Transformer], docs: &[Vec<u32>], seq_len: usize,
 }
 
 /// Perplexity of the ensemble of `models` with `prior` on tokenized documents.
-pub fn perplexity(models: &[Transformer], prior: &[f64], top_k: Option<usize>, docs: &[Vec<u32>], seq_len: usize, device: &Device) -> Result<EnsembleResult> {
+pub fn perplexity(
+    models: &[Transformer],
+    prior: &[f64],
+    top_k: Option<usize>,
+    docs: &[Vec<u32>],
+    seq_len: usize,
+    device: &Device,
+) -> Result<EnsembleResult> {
     if prior.len() != models.len() || prior.iter().any(|p| !(p.is_finite() && *p >= 0.0)) || prior.iter().sum::<f64>() <= 0.0 {
         return Err(Error::Unsupported(format!("ensemble prior {prior:?} for {} members", models.len())));
     }
@@ -160,7 +170,9 @@ pub fn average<'a>(members: &'a [Checkpoint], weights: &'a [f64]) -> Result<(Mod
     for (i, m) in members.iter().enumerate().skip(1) {
         let other = m.tensor_specs();
         if other.len() != specs.len() || other.iter().zip(&specs).any(|(a, b)| a.name != b.name || a.shape != b.shape) {
-            return Err(Error::Unsupported(format!("model {i} does not have model 0's architecture and shapes; only like models can be averaged")));
+            return Err(Error::Unsupported(format!(
+                "model {i} does not have model 0's architecture and shapes; only like models can be averaged"
+            )));
         }
     }
     check_members(members)?;

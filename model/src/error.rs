@@ -19,11 +19,7 @@ pub enum Error {
     #[error("tensor `{name}` is missing from the checkpoint at {}", dir.display())]
     MissingTensor { name: String, dir: PathBuf },
     #[error("tensor `{name}` has shape {found:?} but config.json implies {expected:?}")]
-    ShapeMismatch {
-        name: String,
-        expected: Vec<usize>,
-        found: Vec<usize>,
-    },
+    ShapeMismatch { name: String, expected: Vec<usize>, found: Vec<usize> },
     #[error("tensor `{name}` has dtype {dtype}, which btm does not read (float32, bfloat16, float16, float64)")]
     UnsupportedDtype { name: String, dtype: String },
     #[error("the tokenizer has {tokenizer} tokens but the model's embedding has only {embedding} rows (vocab_size)")]
@@ -64,8 +60,5 @@ impl Error {
 /// Read a JSON file with errors that name it.
 pub fn read_json(path: &std::path::Path) -> Result<serde_json::Value> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    serde_json::from_slice(&bytes).map_err(|source| Error::Json {
-        path: path.to_path_buf(),
-        source,
-    })
+    serde_json::from_slice(&bytes).map_err(|source| Error::Json { path: path.to_path_buf(), source })
 }

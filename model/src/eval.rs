@@ -29,10 +29,7 @@ impl Perplexity {
 
 /// Cut each document's ids into windows of at most `seq_len` tokens, dropping those under 2.
 pub fn windows(docs: &[Vec<u32>], seq_len: usize) -> Vec<&[u32]> {
-    docs.iter()
-        .flat_map(|d| d.chunks(seq_len.max(2)))
-        .filter(|w| w.len() >= 2)
-        .collect()
+    docs.iter().flat_map(|d| d.chunks(seq_len.max(2))).filter(|w| w.len() >= 2).collect()
 }
 
 /// Summed NLL of predicting tokens 1.. of each row of `ids` [B, T] from logits [B, T, V].
@@ -104,10 +101,7 @@ pub fn score(
 
 /// Perplexity of `model` on raw texts, tokenized one document at a time.
 pub fn perplexity(model: &Transformer, tok: &Tokenizer, texts: &[String], seq_len: usize, device: &Device) -> Result<Perplexity> {
-    let docs = texts
-        .iter()
-        .map(|t| crate::tokenizer::encode(tok, t))
-        .collect::<Result<Vec<_>>>()?;
+    let docs = texts.iter().map(|t| crate::tokenizer::encode(tok, t)).collect::<Result<Vec<_>>>()?;
     perplexity_of_ids(model, &docs, seq_len, device)
 }
 

@@ -23,11 +23,7 @@ use std::sync::Arc;
 /// Part size of multipart uploads: files larger than one part go up in parts. 16 MiB;
 /// `BTM_UPLOAD_PART_BYTES` overrides it (tests use S3's smallest, 5 MiB, which it enforces).
 pub fn part_bytes() -> usize {
-    std::env::var("BTM_UPLOAD_PART_BYTES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(16 << 20)
-        .max(5 << 20)
+    std::env::var("BTM_UPLOAD_PART_BYTES").ok().and_then(|v| v.parse().ok()).unwrap_or(16 << 20).max(5 << 20)
 }
 
 /// Parts of one file in flight at once.
@@ -40,11 +36,7 @@ pub fn is_remote(location: &str) -> bool {
 
 enum Kind {
     Local(PathBuf),
-    Remote {
-        store: Arc<dyn ObjectStore>,
-        prefix: StorePath,
-        runtime: tokio::runtime::Runtime,
-    },
+    Remote { store: Arc<dyn ObjectStore>, prefix: StorePath, runtime: tokio::runtime::Runtime },
 }
 
 pub struct Folder {
@@ -72,14 +64,9 @@ impl Folder {
         }
         let url = url::Url::parse(location).map_err(|e| Error::Storage(format!("{location}: {e}")))?;
         let (store, prefix) = crate::storage::store_for(&url)?;
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| Error::Storage(format!("{location}: {e}")))?;
-        Ok(Self {
-            root,
-            kind: Kind::Remote { store, prefix, runtime },
-        })
+        let runtime =
+            tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| Error::Storage(format!("{location}: {e}")))?;
+        Ok(Self { root, kind: Kind::Remote { store, prefix, runtime } })
     }
 
     /// The folder at `location`, opened once per process and shared: one store client (and
@@ -544,11 +531,7 @@ impl Output {
         std::fs::create_dir_all(&root).map_err(|e| Error::io(&root, e))?;
         let staging = tempfile::Builder::new().prefix("out-").tempdir_in(&root).map_err(|e| Error::io(&root, e))?;
         let name = location.trim_end_matches('/').rsplit('/').next().unwrap_or("out").to_string();
-        Ok(Self {
-            location: location.into(),
-            local: staging.path().join(name),
-            staging: Some(staging),
-        })
+        Ok(Self { location: location.into(), local: staging.path().join(name), staging: Some(staging) })
     }
 
     /// The local path to write.

@@ -59,9 +59,7 @@ impl Lineage {
             return Ok(None);
         }
         let value = crate::error::read_json(&path)?;
-        serde_json::from_value(value)
-            .map(Some)
-            .map_err(|source| Error::Json { path, source })
+        serde_json::from_value(value).map(Some).map_err(|source| Error::Json { path, source })
     }
 
     pub fn to_json(&self) -> Vec<u8> {

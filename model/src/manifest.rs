@@ -45,10 +45,8 @@ pub fn hash_file(path: &Path) -> Result<(u64, String)> {
 
 fn collect(dir: &Path, rel: &str, out: &mut Vec<String>) -> Result<()> {
     let here = dir.join(rel);
-    let mut entries: Vec<_> = std::fs::read_dir(&here)
-        .map_err(|e| Error::io(&here, e))?
-        .collect::<std::io::Result<_>>()
-        .map_err(|e| Error::io(&here, e))?;
+    let mut entries: Vec<_> =
+        std::fs::read_dir(&here).map_err(|e| Error::io(&here, e))?.collect::<std::io::Result<_>>().map_err(|e| Error::io(&here, e))?;
     entries.sort_by_key(|e| e.file_name());
     for entry in entries {
         let name = entry.file_name().to_string_lossy().into_owned();
@@ -77,10 +75,7 @@ impl Manifest {
                 Ok(FileEntry { path, size, sha256 })
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(Self {
-            format: FORMAT.into(),
-            files,
-        })
+        Ok(Self { format: FORMAT.into(), files })
     }
 
     /// Write `dir/MANIFEST.json` through a temporary file and a rename, so it appears whole.
@@ -95,8 +90,7 @@ impl Manifest {
     pub fn read(dir: &Path) -> Result<Self> {
         let path = dir.join(MANIFEST);
         let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
-        let m: Manifest = serde_json::from_slice(&bytes)
-            .map_err(|e| Error::Manifest(format!("{}: {e}", path.display())))?;
+        let m: Manifest = serde_json::from_slice(&bytes).map_err(|e| Error::Manifest(format!("{}: {e}", path.display())))?;
         if m.format != FORMAT {
             return Err(Error::Manifest(format!("{}: unknown format `{}`", path.display(), m.format)));
         }
@@ -109,11 +103,7 @@ impl Manifest {
             let path = dir.join(&f.path);
             let (size, sha) = hash_file(&path)?;
             if size != f.size {
-                return Err(Error::Manifest(format!(
-                    "{}: {size} bytes, the manifest says {}",
-                    path.display(),
-                    f.size
-                )));
+                return Err(Error::Manifest(format!("{}: {size} bytes, the manifest says {}", path.display(), f.size)));
             }
             if sha != f.sha256 {
                 return Err(Error::Manifest(format!("{}: SHA-256 differs from the manifest", path.display())));

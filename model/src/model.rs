@@ -29,11 +29,7 @@ pub struct RmsNorm {
 
 impl RmsNorm {
     pub fn new(size: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
-        Ok(Self {
-            weight: vb.get(size, "weight")?,
-            eps,
-            fused: true,
-        })
+        Ok(Self { weight: vb.get(size, "weight")?, eps, fused: true })
     }
 }
 
@@ -69,15 +65,8 @@ impl Rotary {
         let dim = cfg.head_dim;
         // float32 throughout, as transformers computes them.
         let base = cfg.rope_theta as f32;
-        let mut inv_freq: Vec<f32> = (0..dim / 2)
-            .map(|i| 1.0 / base.powf((2 * i) as f32 / dim as f32))
-            .collect();
-        if let Some(RopeScaling::Llama3 {
-            factor,
-            low_freq_factor,
-            high_freq_factor,
-            original_max_position_embeddings,
-        }) = &cfg.rope_scaling
+        let mut inv_freq: Vec<f32> = (0..dim / 2).map(|i| 1.0 / base.powf((2 * i) as f32 / dim as f32)).collect();
+        if let Some(RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings }) = &cfg.rope_scaling
         {
             let (factor, low, high) = (*factor as f32, *low_freq_factor as f32, *high_freq_factor as f32);
             let old_ctx = *original_max_position_embeddings as f32;
@@ -123,9 +112,8 @@ fn apply_rotary(xs: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 /// with sliding-window attention), −∞ elsewhere.
 pub fn causal_mask(seq_len: usize, sliding_window: Option<usize>, device: &Device) -> Result<Tensor> {
     let window = sliding_window.unwrap_or(usize::MAX);
-    let mask: Vec<f32> = (0..seq_len)
-        .flat_map(|i| (0..seq_len).map(move |j| if j <= i && i - j < window { 0.0 } else { f32::NEG_INFINITY }))
-        .collect();
+    let mask: Vec<f32> =
+        (0..seq_len).flat_map(|i| (0..seq_len).map(move |j| if j <= i && i - j < window { 0.0 } else { f32::NEG_INFINITY })).collect();
     Tensor::from_vec(mask, (seq_len, seq_len), device)
 }
 
@@ -416,11 +404,7 @@ impl MoeBlock {
             None => (None, None),
             Some(s) => (
                 Some(SwiGlu::new(hidden, s.ffn, vb.pp("shared_expert"))?),
-                if s.gated {
-                    Some(linear(hidden, 1, false, vb.pp("shared_expert_gate"))?)
-                } else {
-                    None
-                },
+                if s.gated { Some(linear(hidden, 1, false, vb.pp("shared_expert_gate"))?) } else { None },
             ),
         };
         Ok(Self {
@@ -445,11 +429,7 @@ impl MoeBlock {
         let dims = xs.dims().to_vec();
         let hidden = *dims.last().expect("hidden dim");
         let xs = if xs.rank() == 2 { xs.clone() } else { xs.reshape(((), hidden))? };
-        let (mut out, router) = if self.fused {
-            self.routed_fused(&xs)?
-        } else {
-            self.routed_reference(&xs)?
-        };
+        let (mut out, router) = if self.fused { self.routed_fused(&xs)? } else { self.routed_reference(&xs)? };
         if let Some(shared) = &self.shared_expert {
             let mut s = shared.forward(&xs)?;
             if let Some(gate) = &self.shared_expert_gate {
@@ -479,11 +459,7 @@ impl MoeBlock {
                 &stacked_now
             }
         };
-        let opts = MoeOptions {
-            top_k: self.top_k,
-            routing: self.routing,
-            capacity: self.capacity,
-        };
+        let opts = MoeOptions { top_k: self.top_k, routing: self.routing, capacity: self.capacity };
         let (y, stats) = btm_kernels::fused_moe(xs, &self.router, weights, &opts)?;
         let dropped = stats.dropped();
         Ok((y, RouterOutput { logits: stats.logits, routed: stats.routed, dropped }))
@@ -615,9 +591,7 @@ impl Transformer {
         } else {
             linear(cfg.hidden_size, cfg.vocab_size, false, vb.pp("lm_head"))?
         };
-        let layers = (0..cfg.num_layers)
-            .map(|l| DecoderLayer::new(cfg, l, vb.pp("model.layers").pp(l)))
-            .collect::<Result<Vec<_>>>()?;
+        let layers = (0..cfg.num_layers).map(|l| DecoderLayer::new(cfg, l, vb.pp("model.layers").pp(l))).collect::<Result<Vec<_>>>()?;
         Ok(Self {
             embed_tokens: Embedding::new(embed, cfg.hidden_size),
             layers,
@@ -689,10 +663,7 @@ impl Transformer {
     pub fn forward_rows(&self, input_ids: &Tensor, trace: &mut Trace) -> Result<Tensor> {
         let (b, t) = input_ids.dims2()?;
         if t > self.config.max_position_embeddings {
-            candle_core::bail!(
-                "sequence of {t} tokens is longer than max_position_embeddings ({})",
-                self.config.max_position_embeddings
-            );
+            candle_core::bail!("sequence of {t} tokens is longer than max_position_embeddings ({})", self.config.max_position_embeddings);
         }
         let device = input_ids.device();
         let (cos, sin) = self.rotary.tables(t, device)?;
@@ -750,14 +721,26 @@ mod tests {
     #[test]
     fn stacked_experts_give_the_per_expert_model() {
         let cfg = ModelConfig {
-            moe: Some(MoeConfig { experts: 3, top_k: 2, routing: Routing::TopkThenSoftmax, expert_ffn: 12, shared_expert: None, dense_layers: vec![] }),
+            moe: Some(MoeConfig {
+                experts: 3,
+                top_k: 2,
+                routing: Routing::TopkThenSoftmax,
+                expert_ffn: 12,
+                shared_expert: None,
+                dense_layers: vec![],
+            }),
             ..ModelConfig::llama(29, 16, 2, 4, 2, 24)
         };
         let mut x = 0.37f64;
         let mut per_expert = std::collections::HashMap::new();
         for spec in crate::weights::expected_tensors(&cfg) {
             let n: usize = spec.shape.iter().product();
-            let values: Vec<f64> = (0..n).map(|_| { x = (x * 3.7 + 0.11).fract(); x - 0.5 }).collect();
+            let values: Vec<f64> = (0..n)
+                .map(|_| {
+                    x = (x * 3.7 + 0.11).fract();
+                    x - 0.5
+                })
+                .collect();
             per_expert.insert(spec.name, Tensor::from_vec(values, spec.shape.as_slice(), &Device::Cpu).unwrap());
         }
         let mut stacked = per_expert.clone();
@@ -773,7 +756,9 @@ mod tests {
             stacked.insert(format!("{p}.{STACKED_GATE_UP}"), Tensor::cat(&gate_up, 0).unwrap().reshape((3, 24, 16)).unwrap());
             stacked.insert(format!("{p}.{STACKED_DOWN}"), Tensor::stack(&down, 0).unwrap());
         }
-        let build = |t: &std::collections::HashMap<String, Tensor>| Transformer::new(&cfg, VarBuilder::from_tensors(t.clone(), DType::F64, &Device::Cpu)).unwrap();
+        let build = |t: &std::collections::HashMap<String, Tensor>| {
+            Transformer::new(&cfg, VarBuilder::from_tensors(t.clone(), DType::F64, &Device::Cpu)).unwrap()
+        };
         let (mut a, mut b) = (build(&per_expert), build(&stacked));
         let ids = Tensor::from_vec((0..22u32).map(|i| (i * 7) % 29).collect(), (2, 11), &Device::Cpu).unwrap();
         for fused in [true, false] {
@@ -867,11 +852,7 @@ mod tests {
     #[test]
     fn rms_norm_has_gradient() {
         let x = candle_core::Var::new(&[[1f32, 2.0, 3.0]], &Device::Cpu).unwrap();
-        let norm = RmsNorm {
-            weight: Tensor::new(&[1f32, 1.0, 1.0], &Device::Cpu).unwrap(),
-            eps: 1e-6,
-            fused: true,
-        };
+        let norm = RmsNorm { weight: Tensor::new(&[1f32, 1.0, 1.0], &Device::Cpu).unwrap(), eps: 1e-6, fused: true };
         let y = norm.forward(x.as_tensor()).unwrap();
         let g = y.narrow(1, 0, 1).unwrap().sum_all().unwrap().backward().unwrap();
         assert!(g.get(x.as_tensor()).is_some());

@@ -17,11 +17,7 @@ use url::Url;
 
 fn retry() -> RetryConfig {
     RetryConfig {
-        backoff: BackoffConfig {
-            init_backoff: Duration::from_millis(100),
-            max_backoff: Duration::from_secs(5),
-            base: 2.0,
-        },
+        backoff: BackoffConfig { init_backoff: Duration::from_millis(100), max_backoff: Duration::from_secs(5), base: 2.0 },
         max_retries: 10,
         retry_timeout: Duration::from_secs(60),
     }
@@ -33,26 +29,14 @@ pub fn store_for(url: &Url) -> Result<(Arc<dyn ObjectStore>, StorePath)> {
     let path = StorePath::from_url_path(url.path()).map_err(|e| Error::Storage(format!("{url}: {e}")))?;
     let store: Arc<dyn ObjectStore> = match url.scheme() {
         "file" => Arc::new(object_store::local::LocalFileSystem::new()),
-        "s3" | "s3a" => Arc::new(
-            object_store::aws::AmazonS3Builder::from_env()
-                .with_url(url.as_str())
-                .with_retry(retry())
-                .build()
-                .map_err(err)?,
-        ),
+        "s3" | "s3a" => {
+            Arc::new(object_store::aws::AmazonS3Builder::from_env().with_url(url.as_str()).with_retry(retry()).build().map_err(err)?)
+        }
         "gs" => Arc::new(
-            object_store::gcp::GoogleCloudStorageBuilder::from_env()
-                .with_url(url.as_str())
-                .with_retry(retry())
-                .build()
-                .map_err(err)?,
+            object_store::gcp::GoogleCloudStorageBuilder::from_env().with_url(url.as_str()).with_retry(retry()).build().map_err(err)?,
         ),
         "az" | "abfs" | "abfss" | "azure" => Arc::new(
-            object_store::azure::MicrosoftAzureBuilder::from_env()
-                .with_url(url.as_str())
-                .with_retry(retry())
-                .build()
-                .map_err(err)?,
+            object_store::azure::MicrosoftAzureBuilder::from_env().with_url(url.as_str()).with_retry(retry()).build().map_err(err)?,
         ),
         other => return Err(Error::Storage(format!("{url}: unsupported URL scheme `{other}`"))),
     };
@@ -68,9 +52,7 @@ pub fn local_dir(location: &str) -> Result<PathBuf> {
         _ => return Ok(PathBuf::from(location)),
     };
     if url.scheme() == "file" {
-        return url
-            .to_file_path()
-            .map_err(|_| Error::Storage(format!("{location}: not a local file URL")));
+        return url.to_file_path().map_err(|_| Error::Storage(format!("{location}: not a local file URL")));
     }
     // Refuse unknown schemes before touching the network.
     store_for(&url)?;

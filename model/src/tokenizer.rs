@@ -5,9 +5,9 @@ use crate::error::{Error, Result};
 use std::path::Path;
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
+use tokenizers::models::TrainerWrapper;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::processors::template::TemplateProcessing;
-use tokenizers::models::TrainerWrapper;
 use tokenizers::AddedToken;
 /// The tokenizer type every btm crate uses (the `tokenizers` crate's).
 pub use tokenizers::Tokenizer;
@@ -33,10 +33,7 @@ pub fn required_vocab(tok: &Tokenizer) -> usize {
 pub fn check_fits(tok: &Tokenizer, vocab_size: usize) -> Result<()> {
     let need = required_vocab(tok);
     if need > vocab_size {
-        return Err(Error::TokenizerVocab {
-            tokenizer: need,
-            embedding: vocab_size,
-        });
+        return Err(Error::TokenizerVocab { tokenizer: need, embedding: vocab_size });
     }
     Ok(())
 }
@@ -49,9 +46,7 @@ where
     S: AsRef<str> + Send,
 {
     if vocab_size < 258 + 1 {
-        return Err(Error::Tokenizer(format!(
-            "vocab size {vocab_size} is too small for byte-level BPE (needs at least 259)"
-        )));
+        return Err(Error::Tokenizer(format!("vocab size {vocab_size} is too small for byte-level BPE (needs at least 259)")));
     }
     let specials = vec![AddedToken::from(BOS, true), AddedToken::from(EOS, true)];
     let trainer = BpeTrainerBuilder::new()
@@ -65,8 +60,7 @@ where
     tok.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
     tok.with_decoder(Some(ByteLevelDecoder::default()));
     let mut trainer = TrainerWrapper::from(trainer);
-    tok.train(&mut trainer, texts)
-        .map_err(|e| Error::Tokenizer(format!("training BPE: {e}")))?;
+    tok.train(&mut trainer, texts).map_err(|e| Error::Tokenizer(format!("training BPE: {e}")))?;
     let bos_id = tok.token_to_id(BOS).expect("special token added");
     let post = TemplateProcessing::builder()
         .try_single(format!("{BOS} $A"))
@@ -80,17 +74,12 @@ where
 }
 
 pub fn save(tok: &Tokenizer, path: &Path) -> Result<()> {
-    tok.save(path, false)
-        .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))
+    tok.save(path, false).map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))
 }
 
 /// Token ids of one document as `tokenizer.json` says (its post-processor decides special tokens).
 pub fn encode(tok: &Tokenizer, text: &str) -> Result<Vec<u32>> {
-    Ok(tok
-        .encode(text, true)
-        .map_err(|e| Error::Tokenizer(e.to_string()))?
-        .get_ids()
-        .to_vec())
+    Ok(tok.encode(text, true).map_err(|e| Error::Tokenizer(e.to_string()))?.get_ids().to_vec())
 }
 
 #[cfg(test)]

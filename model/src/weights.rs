@@ -15,10 +15,7 @@ pub struct TensorSpec {
 }
 
 fn spec(name: String, shape: &[usize]) -> TensorSpec {
-    TensorSpec {
-        name,
-        shape: shape.to_vec(),
-    }
+    TensorSpec { name, shape: shape.to_vec() }
 }
 
 /// Every tensor of the model described by `cfg`, in a stable order.
@@ -103,10 +100,7 @@ mod tests {
     fn mixtral_names() {
         let a = Architecture::Mixtral;
         assert_eq!(hf_name(a, "model.layers.3.mlp.gate.weight"), "model.layers.3.block_sparse_moe.gate.weight");
-        assert_eq!(
-            hf_name(a, "model.layers.0.mlp.experts.7.up_proj.weight"),
-            "model.layers.0.block_sparse_moe.experts.7.w3.weight"
-        );
+        assert_eq!(hf_name(a, "model.layers.0.mlp.experts.7.up_proj.weight"), "model.layers.0.block_sparse_moe.experts.7.w3.weight");
         assert_eq!(hf_name(a, "model.layers.0.self_attn.q_proj.weight"), "model.layers.0.self_attn.q_proj.weight");
         assert_eq!(hf_name(Architecture::Qwen2Moe, "model.layers.0.mlp.gate.weight"), "model.layers.0.mlp.gate.weight");
     }

@@ -14,16 +14,7 @@ fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
 
-const MODELS: [&str; 8] = [
-    "llama",
-    "llama_legacy",
-    "mistral",
-    "qwen2",
-    "mixtral",
-    "mixtral_fused",
-    "qwen2_moe",
-    "qwen2_moe_normtopk",
-];
+const MODELS: [&str; 8] = ["llama", "llama_legacy", "mistral", "qwen2", "mixtral", "mixtral_fused", "qwen2_moe", "qwen2_moe_normtopk"];
 
 fn expected_eval(dir: &Path) -> (u64, f64) {
     let v: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("expected.json")).unwrap()).unwrap();
@@ -92,11 +83,7 @@ fn assert_same_tensors(a: &Checkpoint, b: &Checkpoint) {
         let x: Vec<f64> = x.flatten_all().unwrap().to_vec1().unwrap();
         let y: Vec<f64> = y.flatten_all().unwrap().to_vec1().unwrap();
         // Bitwise: compare the bit patterns, not approximate values.
-        assert!(
-            x.iter().zip(&y).all(|(p, q)| p.to_bits() == q.to_bits()),
-            "{} differs after the round trip",
-            spec.name
-        );
+        assert!(x.iter().zip(&y).all(|(p, q)| p.to_bits() == q.to_bits()), "{} differs after the round trip", spec.name);
     }
 }
 
@@ -115,10 +102,7 @@ fn read_write_read_is_bit_identical_in_every_dtype_and_sharding() {
 
         // Sharded: every shard at most 64 KB, with an index.
         let sharded = tmp.path().join(format!("{name}-sharded"));
-        let opts = WriteOptions {
-            max_shard_bytes: 64 << 10,
-            ..Default::default()
-        };
+        let opts = WriteOptions { max_shard_bytes: 64 << 10, ..Default::default() };
         rewrite(&src, &sharded, &opts, None).unwrap();
         assert!(sharded.join("model.safetensors.index.json").exists(), "{name}");
         assert!(!sharded.join("model.safetensors").exists());
@@ -126,10 +110,7 @@ fn read_write_read_is_bit_identical_in_every_dtype_and_sharding() {
 
         // bfloat16 and float16: converting once, then read → write → read is exact.
         for dtype in ["bfloat16", "float16"] {
-            let opts = WriteOptions {
-                dtype: parse_dtype(dtype).unwrap(),
-                ..Default::default()
-            };
+            let opts = WriteOptions { dtype: parse_dtype(dtype).unwrap(), ..Default::default() };
             let first = tmp.path().join(format!("{name}-{dtype}-1"));
             rewrite(&src, &first, &opts, None).unwrap();
             let first = Checkpoint::open(&first).unwrap();
@@ -194,10 +175,7 @@ fn bad_checkpoints_get_named_errors() {
     let d = copy_fixture("llama");
     edit_config(d.path(), |c| c["intermediate_size"] = 72.into());
     let err = Checkpoint::open(d.path()).unwrap_err().to_string();
-    assert_eq!(
-        err,
-        "tensor `model.layers.0.mlp.gate_proj.weight` has shape [64, 32] but config.json implies [72, 32]"
-    );
+    assert_eq!(err, "tensor `model.layers.0.mlp.gate_proj.weight` has shape [64, 32] but config.json implies [72, 32]");
 
     // An MoE whose expert count disagrees with the fused tensors.
     let d = copy_fixture("mixtral_fused");
@@ -225,16 +203,9 @@ fn small_vocab_model(dir: &Path, vocab: usize) {
     cfg.vocab_size = vocab;
     let mut get = |name: &str| -> btm_model::Result<Tensor> {
         let t = src.tensor(name)?;
-        Ok(if name == "model.embed_tokens.weight" || name == "lm_head.weight" {
-            t.narrow(0, 0, vocab)?
-        } else {
-            t
-        })
+        Ok(if name == "model.embed_tokens.weight" || name == "lm_head.weight" { t.narrow(0, 0, vocab)? } else { t })
     };
-    let extras = Extras {
-        tokenizer: Some(fixtures().join("tokenizer.json")),
-        lineage: None,
-    };
+    let extras = Extras { tokenizer: Some(fixtures().join("tokenizer.json")), lineage: None };
     write_checkpoint(dir, &cfg, &mut get, &extras, &WriteOptions::default()).unwrap();
 }
 
@@ -314,10 +285,7 @@ fn fused_moe_kernels_match_the_reference_loop() {
     // A tight capacity drops assignments, and the trace says how many.
     let ckpt = Checkpoint::open(fixtures().join("mixtral")).unwrap();
     let mut model = ckpt.load_model(DType::F32, &Device::Cpu).unwrap();
-    model.set_moe_capacity(Some(btm_kernels::Capacity {
-        factor: 0.5,
-        policy: btm_kernels::DropPolicy::Probs,
-    }));
+    model.set_moe_capacity(Some(btm_kernels::Capacity { factor: 0.5, policy: btm_kernels::DropPolicy::Probs }));
     let ids = Tensor::new(&[[3u32, 17, 42, 99, 5, 8, 13, 21]], &Device::Cpu).unwrap();
     let mut trace = btm_model::model::Trace::default();
     model.forward_traced(&ids, &mut trace).unwrap();

@@ -15,8 +15,15 @@ use std::time::{Duration, Instant};
 enum Status {
     Waiting,
     /// Failed attempts so far; the next attempt may start at `not_before`.
-    Backoff { attempts: u32, not_before: Instant },
-    Running { handle: JobHandle, attempts: u32, started: Instant },
+    Backoff {
+        attempts: u32,
+        not_before: Instant,
+    },
+    Running {
+        handle: JobHandle,
+        attempts: u32,
+        started: Instant,
+    },
     Done,
     Failed(String),
 }
@@ -84,10 +91,8 @@ fn prepare(run: &Path, job: &Job) -> Result<()> {
     let dir = job.dir(run);
     f.ensure_dir(&dir)?;
     let started = dir.join("started.json");
-    let same_id = f
-        .read(&started)?
-        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-        .is_some_and(|v| v["id"] == job.id.as_str());
+    let same_id =
+        f.read(&started)?.and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok()).is_some_and(|v| v["id"] == job.id.as_str());
     if !(job.resumable && same_id) {
         for o in &job.outputs {
             f.remove(o)?;
@@ -131,11 +136,7 @@ pub async fn execute(plan: &Plan, engine: &dyn Engine, retries: u32, quiet: bool
     let logs = local_root(run);
     let total = plan.jobs.len();
     let index: HashMap<&str, usize> = plan.jobs.iter().enumerate().map(|(i, j)| (j.name.as_str(), i)).collect();
-    let mut status: Vec<Status> = plan
-        .jobs
-        .iter()
-        .map(|j| if is_done(run, j) { Status::Done } else { Status::Waiting })
-        .collect();
+    let mut status: Vec<Status> = plan.jobs.iter().map(|j| if is_done(run, j) { Status::Done } else { Status::Waiting }).collect();
     let mut summary = Summary {
         skipped: plan.jobs.iter().zip(&status).filter(|(_, s)| **s == Status::Done).map(|(j, _)| j.name.clone()).collect(),
         ..Default::default()
@@ -188,11 +189,7 @@ pub async fn execute(plan: &Plan, engine: &dyn Engine, retries: u32, quiet: bool
                     plan.jobs[i].name,
                     if attempts > 0 { format!(" (retry {attempts})") } else { String::new() }
                 ));
-                status[i] = Status::Running {
-                    handle,
-                    attempts,
-                    started: Instant::now(),
-                };
+                status[i] = Status::Running { handle, attempts, started: Instant::now() };
             }
         }
 
@@ -224,11 +221,13 @@ pub async fn execute(plan: &Plan, engine: &dyn Engine, retries: u32, quiet: bool
                         status[i] = Status::Waiting;
                     } else if attempts <= retries {
                         let wait = Duration::from_secs(2u64.pow(attempts.min(6)));
-                        say(format!("job {} failed ({why}); retrying in {}s — log: {}", job.name, wait.as_secs(), job.log(&logs).display()));
-                        status[i] = Status::Backoff {
-                            attempts,
-                            not_before: Instant::now() + wait,
-                        };
+                        say(format!(
+                            "job {} failed ({why}); retrying in {}s — log: {}",
+                            job.name,
+                            wait.as_secs(),
+                            job.log(&logs).display()
+                        ));
+                        status[i] = Status::Backoff { attempts, not_before: Instant::now() + wait };
                     } else {
                         say(format!("job {} failed ({why}) — log: {}", job.name, job.log(&logs).display()));
                         status[i] = Status::Failed(why);
@@ -247,11 +246,19 @@ pub async fn execute(plan: &Plan, engine: &dyn Engine, retries: u32, quiet: bool
             }
             let waiting_on_backoff = status.iter().any(|s| matches!(s, Status::Backoff { .. }));
             if !waiting_on_backoff && free_jobs_blocked(plan, &status, &index) {
-                let failed: Vec<(usize, &String)> = status.iter().enumerate().filter_map(|(i, s)| if let Status::Failed(why) = s { Some((i, why)) } else { None }).collect();
+                let failed: Vec<(usize, &String)> = status
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, s)| if let Status::Failed(why) = s { Some((i, why)) } else { None })
+                    .collect();
                 if let Some(&(i, why)) = failed.first() {
                     let more = match failed.len() {
                         1 => String::new(),
-                        n => format!("; {} other failed jobs: {}", n - 1, failed[1..].iter().map(|&(k, _)| plan.jobs[k].name.as_str()).collect::<Vec<_>>().join(", ")),
+                        n => format!(
+                            "; {} other failed jobs: {}",
+                            n - 1,
+                            failed[1..].iter().map(|&(k, _)| plan.jobs[k].name.as_str()).collect::<Vec<_>>().join(", ")
+                        ),
                     };
                     let blocked = status.iter().filter(|s| **s == Status::Waiting).count();
                     bail!(
@@ -312,9 +319,11 @@ fn done_count(status: &[Status]) -> usize {
 
 /// True when nothing runs and every waiting job has a dependency that can never finish.
 fn free_jobs_blocked(plan: &Plan, status: &[Status], index: &HashMap<&str, usize>) -> bool {
-    plan.jobs.iter().zip(status).filter(|(_, s)| **s == Status::Waiting).all(|(j, _)| {
-        j.deps.iter().any(|d| index.get(d.as_str()).is_none_or(|&k| status[k] != Status::Done))
-    })
+    plan.jobs
+        .iter()
+        .zip(status)
+        .filter(|(_, s)| **s == Status::Waiting)
+        .all(|(j, _)| j.deps.iter().any(|d| index.get(d.as_str()).is_none_or(|&k| status[k] != Status::Done)))
 }
 
 #[cfg(test)]
@@ -342,10 +351,7 @@ mod tests {
     fn interleaved_kinds_give_each_job_one_batch() {
         use JobKind::*;
         let kinds = [TrainExpert, TrainExpert, Baseline, TrainExpert, Baseline, Eval];
-        let plan = Plan {
-            run_dir: "run".into(),
-            jobs: kinds.iter().enumerate().map(|(i, &k)| job(&format!("j{i}"), k)).collect(),
-        };
+        let plan = Plan { run_dir: "run".into(), jobs: kinds.iter().enumerate().map(|(i, &k)| job(&format!("j{i}"), k)).collect() };
         let ready: Vec<(usize, u32)> = (0..kinds.len()).map(|i| (i, 0)).collect();
         let batches = batches_by_kind(&plan, &ready);
         let names: Vec<Vec<usize>> = batches.iter().map(|b| b.iter().map(|&(i, _)| i).collect()).collect();

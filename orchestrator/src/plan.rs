@@ -197,11 +197,7 @@ impl Builder<'_> {
             files,
             outputs,
             resumable: train.is_some(),
-            resources: Resources {
-                cpus: self.threads.unwrap_or(0),
-                gpus: self.p.engine.gpus_per_job(),
-                ..Default::default()
-            },
+            resources: Resources { cpus: self.threads.unwrap_or(0), gpus: self.p.engine.gpus_per_job(), ..Default::default() },
             train,
             produces,
         });
@@ -209,11 +205,7 @@ impl Builder<'_> {
     }
 
     fn model(&self, name: &str) -> ModelRef {
-        self.jobs
-            .iter()
-            .find(|j| j.name == name)
-            .and_then(|j| j.produces.clone())
-            .expect("job produces a model")
+        self.jobs.iter().find(|j| j.name == name).and_then(|j| j.produces.clone()).expect("job produces a model")
     }
 
     /// A trainer job: `btm train --job <run>/jobs/<name>/job.yaml`.
@@ -240,13 +232,7 @@ impl Builder<'_> {
             init,
             out: out.to_string_lossy().into_owned(),
             data: job::Data {
-                train: train
-                    .into_iter()
-                    .map(|(path, weight)| job::Source {
-                        path: PathBuf::from(path),
-                        weight,
-                    })
-                    .collect(),
+                train: train.into_iter().map(|(path, weight)| job::Source { path: PathBuf::from(path), weight }).collect(),
                 valid: valid.into_iter().map(PathBuf::from).collect(),
             },
             steps: Some(steps),
@@ -262,24 +248,14 @@ impl Builder<'_> {
             },
             schedule: job::Schedule {
                 warmup_steps: t.warmup_steps.unwrap_or(0),
-                decay: if t.decay.as_deref() == Some("constant") {
-                    job::Decay::Constant
-                } else {
-                    job::Decay::Cosine
-                },
+                decay: if t.decay.as_deref() == Some("constant") { job::Decay::Constant } else { job::Decay::Cosine },
                 min_lr: t.min_lr.unwrap_or(t.lr.unwrap_or(1e-3) * 0.1),
             },
             grad_clip: t.grad_clip,
             seed: t.seed.unwrap_or(0),
             threads: t.resources.as_ref().and_then(|r| r.cpus_per_task).or(self.threads),
-            eval: job::Eval {
-                interval: t.eval_interval.unwrap_or(0),
-                sequences: t.eval_sequences.unwrap_or(16),
-            },
-            checkpoint: job::Checkpointing {
-                interval: t.checkpoint_interval.unwrap_or(0),
-                keep: t.keep_checkpoints.unwrap_or(2),
-            },
+            eval: job::Eval { interval: t.eval_interval.unwrap_or(0), sequences: t.eval_sequences.unwrap_or(16) },
+            checkpoint: job::Checkpointing { interval: t.checkpoint_interval.unwrap_or(0), keep: t.keep_checkpoints.unwrap_or(2) },
             log_interval: t.log_interval.unwrap_or(10),
             moe: job::Moe {
                 aux_loss_coef: t.aux_loss_coef.unwrap_or(0.01),
@@ -320,12 +296,7 @@ impl Builder<'_> {
             vec!["train".into(), "--job".into(), job_file.to_string_lossy().into_owned()],
             vec![(job_file, yaml)],
             vec![out.clone()],
-            Some(TrainInfo {
-                steps,
-                tokens,
-                metrics: out.join("metrics.jsonl"),
-                external: spec.trainer.template(),
-            }),
+            Some(TrainInfo { steps, tokens, metrics: out.join("metrics.jsonl"), external: spec.trainer.template() }),
             Some(produces),
         );
         let job = self.jobs.last_mut().expect("the job just added");
@@ -445,9 +416,7 @@ fn seed_config(p: &Pipeline, base: &Path) -> Result<btm_model::ModelConfig> {
     }
     let location = p.seed.checkpoint.as_deref().expect("validated: seed has a checkpoint");
     let dir = btm_model::storage::local_dir(&abs(base, location))?;
-    Ok(btm_model::Checkpoint::open(&dir)
-        .with_context(|| format!("seed.checkpoint `{location}`"))?
-        .config)
+    Ok(btm_model::Checkpoint::open(&dir).with_context(|| format!("seed.checkpoint `{location}`"))?.config)
 }
 
 /// Build the job DAG for a loaded pipeline.
@@ -455,13 +424,7 @@ pub fn plan(p: &Pipeline, base: &Path, run_dir: &Path) -> Result<Plan> {
     let threads = p.engine.threads_per_job();
     // An object-store run keeps its URL (joined like a path: `s3://b/runs/x/seed`).
     let run = if btm_model::folder::is_remote(&run_dir.to_string_lossy()) { run_dir.to_path_buf() } else { std::path::absolute(run_dir)? };
-    let mut b = Builder {
-        p,
-        base,
-        run: run.clone(),
-        jobs: vec![],
-        threads,
-    };
+    let mut b = Builder { p, base, run: run.clone(), jobs: vec![], threads };
     let seed_cfg = seed_config(p, base)?;
     let dense_n = dense_active_params(&seed_cfg);
     let train_files: Vec<String> = p.domains.iter().map(|d| abs(base, &d.train)).collect();
@@ -485,11 +448,7 @@ pub fn plan(p: &Pipeline, base: &Path, run_dir: &Path) -> Result<Plan> {
             "seed",
             JobKind::TrainSeed,
             vec![tok],
-            job::Init {
-                checkpoint: None,
-                config: Some(config_file.clone()),
-                tokenizer: Some(tok_out),
-            },
+            job::Init { checkpoint: None, config: Some(config_file.clone()), tokenizer: Some(tok_out) },
             run.join("seed"),
             mix(&train_files),
             valid_files.clone(),
@@ -510,12 +469,7 @@ pub fn plan(p: &Pipeline, base: &Path, run_dir: &Path) -> Result<Plan> {
         Some(name) => b.model(name),
         None => {
             let location = abs(base, p.seed.checkpoint.as_deref().expect("validated"));
-            ModelRef {
-                label: "seed".into(),
-                dir: btm_model::storage::local_dir(&location)?,
-                tokens_after_seed: 0,
-                flops_after_seed: 0.0,
-            }
+            ModelRef { label: "seed".into(), dir: btm_model::storage::local_dir(&location)?, tokens_after_seed: 0, flops_after_seed: 0.0 }
         }
     };
     let seed_deps: Vec<String> = seed_job.iter().cloned().collect();
@@ -530,10 +484,7 @@ pub fn plan(p: &Pipeline, base: &Path, run_dir: &Path) -> Result<Plan> {
             top_k,
             routing: btm_model::Routing::TopkThenSoftmax,
             expert_ffn: seed_cfg.intermediate_size / granularity.max(1),
-            shared_expert: shared.then_some(btm_model::SharedExpertConfig {
-                ffn: seed_cfg.intermediate_size,
-                gated: false,
-            }),
+            shared_expert: shared.then_some(btm_model::SharedExpertConfig { ffn: seed_cfg.intermediate_size, gated: false }),
             dense_layers: vec![],
         });
         cfg.num_active_parameters()
@@ -637,12 +588,7 @@ pub fn plan(p: &Pipeline, base: &Path, run_dir: &Path) -> Result<Plan> {
                 vec![],
                 vec![out.clone()],
                 None,
-                Some(ModelRef {
-                    label: format!("merged{sfx}"),
-                    dir: out,
-                    tokens_after_seed: tokens,
-                    flops_after_seed: flops,
-                }),
+                Some(ModelRef { label: format!("merged{sfx}"), dir: out, tokens_after_seed: tokens, flops_after_seed: flops }),
             );
             if first {
                 scored.push(name.clone());
@@ -674,10 +620,7 @@ pub fn plan(p: &Pipeline, base: &Path, run_dir: &Path) -> Result<Plan> {
         // 6. The compute-matched dense baseline: the seed trained on the mix for as many
         //    tokens as the experts and the merged MoE's continued training together.
         if p.eval.baseline {
-            let params = TrainParams {
-                steps: Some(matched_steps(&p.train)),
-                ..seeded(p.train.mix_phase(&TrainParams::default()))
-            };
+            let params = TrainParams { steps: Some(matched_steps(&p.train)), ..seeded(p.train.mix_phase(&TrainParams::default())) };
             let label = format!("baseline{sfx}");
             let name = b.train_job(
                 &label,
@@ -725,12 +668,7 @@ pub fn plan(p: &Pipeline, base: &Path, run_dir: &Path) -> Result<Plan> {
             vec![],
             vec![out.clone()],
             None,
-            Some(ModelRef {
-                label: "upcycled".into(),
-                dir: out,
-                tokens_after_seed: 0,
-                flops_after_seed: 0.0,
-            }),
+            Some(ModelRef { label: "upcycled".into(), dir: out, tokens_after_seed: 0, flops_after_seed: 0.0 }),
         );
         scored.push(name.clone());
         if p.continue_training.is_some() || u.train.is_some() {
@@ -771,12 +709,7 @@ pub fn plan(p: &Pipeline, base: &Path, run_dir: &Path) -> Result<Plan> {
         let base_ref = match &add.base {
             Some(loc) => {
                 let dir = btm_model::storage::local_dir(&abs(base, loc))?;
-                ModelRef {
-                    label: "base".into(),
-                    dir,
-                    tokens_after_seed: 0,
-                    flops_after_seed: 0.0,
-                }
+                ModelRef { label: "base".into(), dir, tokens_after_seed: 0, flops_after_seed: 0.0 }
             }
             None => seed_ref.clone(),
         };
@@ -786,11 +719,7 @@ pub fn plan(p: &Pipeline, base: &Path, run_dir: &Path) -> Result<Plan> {
                 &format!("added/{}", d.name),
                 JobKind::TrainExpert,
                 if add.base.is_some() { vec![] } else { seed_deps.clone() },
-                job::Init {
-                    checkpoint: Some(base_ref.dir.to_string_lossy().into_owned()),
-                    config: None,
-                    tokenizer: None,
-                },
+                job::Init { checkpoint: Some(base_ref.dir.to_string_lossy().into_owned()), config: None, tokenizer: None },
                 run.join("added").join(&d.name),
                 vec![(abs(base, &d.train), 1.0)],
                 d.valid.iter().map(|v| abs(base, v)).collect(),
@@ -825,12 +754,7 @@ pub fn plan(p: &Pipeline, base: &Path, run_dir: &Path) -> Result<Plan> {
                 vec![],
                 vec![out.clone()],
                 None,
-                Some(ModelRef {
-                    label: format!("extended-{}", d.name),
-                    dir: out.clone(),
-                    tokens_after_seed: 0,
-                    flops_after_seed: 0.0,
-                }),
+                Some(ModelRef { label: format!("extended-{}", d.name), dir: out.clone(), tokens_after_seed: 0, flops_after_seed: 0.0 }),
             );
             moe = (vec![added.clone()], out);
             scored.push(added);
@@ -853,11 +777,7 @@ pub fn plan(p: &Pipeline, base: &Path, run_dir: &Path) -> Result<Plan> {
 
 /// A trainer's start: the checkpoint of model `m`.
 fn init_from(m: &ModelRef) -> job::Init {
-    job::Init {
-        checkpoint: Some(m.dir.to_string_lossy().into_owned()),
-        config: None,
-        tokenizer: None,
-    }
+    job::Init { checkpoint: Some(m.dir.to_string_lossy().into_owned()), config: None, tokenizer: None }
 }
 
 /// `t` trained with `arm_seed`, when the pipeline lists arm seeds.
@@ -927,7 +847,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let base = plan(&pipeline(""), dir.path(), dir.path()).unwrap();
         let mut p = pipeline("");
-        p.train.resources = Some(crate::pipeline::spec::PhaseResources { cpus_per_task: Some(8), gpus_per_task: Some(1), memory_mb: Some(4096), time_limit_min: Some(90) });
+        p.train.resources = Some(crate::pipeline::spec::PhaseResources {
+            cpus_per_task: Some(8),
+            gpus_per_task: Some(1),
+            memory_mb: Some(4096),
+            time_limit_min: Some(90),
+        });
         p.train.trainer = Some(btm_trainer::external::Trainer::Command { command: "exec t {model_in} {model_out}".into() });
         p.domains[1].overrides.resources = Some(crate::pipeline::spec::PhaseResources { cpus_per_task: Some(2), ..Default::default() });
         let plan = plan(&p, dir.path(), dir.path()).unwrap();

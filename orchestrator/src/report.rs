@@ -31,9 +31,8 @@ impl Row {
 }
 
 pub fn read_plan(run: &Path) -> Result<Plan> {
-    let bytes = crate::executor::folder(run)?
-        .read("plan.json")?
-        .with_context(|| format!("{}: not a btm run (no plan.json)", run.display()))?;
+    let bytes =
+        crate::executor::folder(run)?.read("plan.json")?.with_context(|| format!("{}: not a btm run (no plan.json)", run.display()))?;
     Ok(serde_json::from_slice(&bytes)?)
 }
 
@@ -76,8 +75,12 @@ pub fn rows(plan: &Plan) -> Vec<Row> {
     }
     // The ensemble is no trained model of its own: its training cost is its members', the
     // first arm seed's experts.
-    let experts: Vec<&crate::plan::ModelRef> =
-        plan.jobs.iter().filter(|j| j.kind == JobKind::TrainExpert && j.name.starts_with("expert/")).filter_map(|j| j.produces.as_ref()).collect();
+    let experts: Vec<&crate::plan::ModelRef> = plan
+        .jobs
+        .iter()
+        .filter(|j| j.kind == JobKind::TrainExpert && j.name.starts_with("expert/"))
+        .filter_map(|j| j.produces.as_ref())
+        .collect();
     for r in rows.iter_mut().filter(|r| r.label == "ensemble" || r.label == "ensemble-top1") {
         r.tokens_after_seed = experts.iter().map(|m| m.tokens_after_seed).sum();
         r.flops_after_seed = experts.iter().map(|m| m.flops_after_seed).sum();
@@ -87,7 +90,8 @@ pub fn rows(plan: &Plan) -> Vec<Row> {
 
 /// The perplexity table as Markdown.
 pub fn table(rows: &[Row]) -> String {
-    let domains: Vec<String> = rows.iter().flat_map(|r| r.ppl.keys().cloned()).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+    let domains: Vec<String> =
+        rows.iter().flat_map(|r| r.ppl.keys().cloned()).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
     let mut s = String::from("| model |");
     for d in &domains {
         let _ = write!(s, " {d} |");
@@ -112,7 +116,11 @@ pub fn table(rows: &[Row]) -> String {
 
 /// Whether `label` is `base` or a repeat of it with another arm seed (`base-s<seed>`).
 fn is_arm(label: &str, base: &str) -> bool {
-    label == base || label.strip_prefix(base).and_then(|r| r.strip_prefix("-s")).is_some_and(|s| s.chars().all(|c| c.is_ascii_digit()) && !s.is_empty())
+    label == base
+        || label
+            .strip_prefix(base)
+            .and_then(|r| r.strip_prefix("-s"))
+            .is_some_and(|s| s.chars().all(|c| c.is_ascii_digit()) && !s.is_empty())
 }
 
 /// The arms of the BTM comparison (dense, btm-merge, upcycle, experts) as Markdown, when the
@@ -128,11 +136,7 @@ pub fn arms_table(rows: &[Row]) -> Option<String> {
     let mean = |v: &[(String, f64)]| v.iter().map(|(_, a)| a).sum::<f64>() / v.len() as f64;
     let dense_mean = mean(&dense);
     // Each domain's expert on its own domain (first arm seed: experts of repeats are not scored).
-    let in_domain: Vec<f64> = rows
-        .iter()
-        .filter_map(|r| r.label.strip_prefix("expert-").and_then(|d| r.ppl.get(d)))
-        .copied()
-        .collect();
+    let in_domain: Vec<f64> = rows.iter().filter_map(|r| r.label.strip_prefix("expert-").and_then(|d| r.ppl.get(d))).copied().collect();
     let mut arms: Vec<(&str, Vec<(String, f64)>)> = vec![
         ("dense", dense),
         ("btm-merge", runs("continued")),
@@ -142,7 +146,10 @@ pub fn arms_table(rows: &[Row]) -> Option<String> {
         ("ensemble top-1", runs("ensemble-top1")),
     ];
     if !in_domain.is_empty() {
-        arms.push(("experts (in-domain)", vec![("expert-<domain> on <domain>".into(), in_domain.iter().sum::<f64>() / in_domain.len() as f64)]));
+        arms.push((
+            "experts (in-domain)",
+            vec![("expert-<domain> on <domain>".into(), in_domain.iter().sum::<f64>() / in_domain.len() as f64)],
+        ));
     }
     let mut s = String::from("| arm | runs (average perplexity) | mean | vs dense |\n|---|---|---:|---:|\n");
     for (arm, v) in arms.iter().filter(|(_, v)| !v.is_empty()) {
@@ -153,9 +160,7 @@ pub fn arms_table(rows: &[Row]) -> Option<String> {
     Some(s)
 }
 
-const PALETTE: [&str; 10] = [
-    "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf",
-];
+const PALETTE: [&str; 10] = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"];
 
 fn esc(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
@@ -189,7 +194,12 @@ pub fn loss_plot(series: &[(String, Vec<(f64, f64)>)]) -> String {
         let _ = write!(s, r##"<text x="{}" y="{}" text-anchor="middle">{x:.2e}</text>"##, sx(x), h - bottom + 16.0);
     }
     let _ = write!(s, r##"<text x="{}" y="{}" text-anchor="middle">training tokens</text>"##, left + pw / 2.0, h - 4.0);
-    let _ = write!(s, r##"<text x="14" y="{}" transform="rotate(-90 14 {})" text-anchor="middle">loss</text>"##, top + ph / 2.0, top + ph / 2.0);
+    let _ = write!(
+        s,
+        r##"<text x="14" y="{}" transform="rotate(-90 14 {})" text-anchor="middle">loss</text>"##,
+        top + ph / 2.0,
+        top + ph / 2.0
+    );
     for (i, (name, points)) in series.iter().enumerate() {
         let color = PALETTE[i % PALETTE.len()];
         // Past ten series the colours repeat, dashed.
@@ -197,7 +207,12 @@ pub fn loss_plot(series: &[(String, Vec<(f64, f64)>)]) -> String {
         let path: Vec<String> = points.iter().map(|&(x, y)| format!("{:.1},{:.1}", sx(x), sy(y))).collect();
         let _ = write!(s, r#"<polyline fill="none" stroke="{color}" stroke-width="1.5"{dash} points="{}"/>"#, path.join(" "));
         let ly = top + 14.0 + 16.0 * i as f64;
-        let _ = write!(s, r#"<line x1="{}" y1="{ly}" x2="{}" y2="{ly}" stroke="{color}" stroke-width="3"{dash}/>"#, w - right + 10.0, w - right + 30.0);
+        let _ = write!(
+            s,
+            r#"<line x1="{}" y1="{ly}" x2="{}" y2="{ly}" stroke="{color}" stroke-width="3"{dash}/>"#,
+            w - right + 10.0,
+            w - right + 30.0
+        );
         let _ = write!(s, r#"<text x="{}" y="{}">{}</text>"#, w - right + 35.0, ly + 4.0, esc(name));
     }
     s.push_str("</svg>");
@@ -245,7 +260,12 @@ pub fn routing_heatmap(title: &str, routing: &BTreeMap<String, Vec<Vec<f64>>>) -
             }
         }
         for e in 0..experts {
-            let _ = write!(s, r#"<text x="{}" y="{}" text-anchor="middle">{e}</text>"#, x0 + e as f64 * cell + cell / 2.0, 42.0 + domains.len() as f64 * cell + 14.0);
+            let _ = write!(
+                s,
+                r#"<text x="{}" y="{}" text-anchor="middle">{e}</text>"#,
+                x0 + e as f64 * cell + cell / 2.0,
+                42.0 + domains.len() as f64 * cell + 14.0
+            );
         }
     }
     s.push_str("</svg>");
@@ -334,8 +354,7 @@ pub fn write(run: &Path) -> Result<String> {
     let _ = writeln!(md, "## Jobs and lineage\n");
     let _ = writeln!(md, "| job | id | seconds | produces | lineage |\n|---|---|---:|---|---|");
     for j in &plan.jobs {
-        let secs = crate::executor::job_seconds(run, j)
-            .map_or("–".into(), |s| format!("{s:.1}"));
+        let secs = crate::executor::job_seconds(run, j).map_or("–".into(), |s| format!("{s:.1}"));
         let (produces, lineage) = match &j.produces {
             Some(m) => {
                 let l = read_in_run(&plan, &m.dir.join(btm_model::lineage::LINEAGE))
@@ -344,7 +363,13 @@ pub fn write(run: &Path) -> Result<String> {
                     let parents: Vec<String> = l
                         .parents
                         .iter()
-                        .map(|p| format!("{}{}", p.domain.clone().map(|d| format!("{d}:")).unwrap_or_default(), p.manifest_sha256.as_deref().map_or("?", |h| &h[..12.min(h.len())])))
+                        .map(|p| {
+                            format!(
+                                "{}{}",
+                                p.domain.clone().map(|d| format!("{d}:")).unwrap_or_default(),
+                                p.manifest_sha256.as_deref().map_or("?", |h| &h[..12.min(h.len())])
+                            )
+                        })
                         .collect();
                     format!("{} ← [{}]{}", l.kind, parents.join(", "), l.steps.map(|s| format!(", {s} steps")).unwrap_or_default())
                 });
@@ -399,13 +424,7 @@ mod tests {
         let mut ppl = BTreeMap::new();
         ppl.insert("a".to_string(), 10.0);
         ppl.insert("b".to_string(), 20.0);
-        let rows = vec![Row {
-            label: "merged".into(),
-            ppl,
-            tokens_after_seed: 1000,
-            flops_after_seed: 6.0e9,
-            routing: BTreeMap::new(),
-        }];
+        let rows = vec![Row { label: "merged".into(), ppl, tokens_after_seed: 1000, flops_after_seed: 6.0e9, routing: BTreeMap::new() }];
         let t = table(&rows);
         assert!(t.contains("| merged | 10.000 | 20.000 | 15.000 | 1000 | 6.000e9 |"), "{t}");
     }

@@ -20,11 +20,7 @@ pub fn inputs(plan: &mut Plan, upload: bool) -> Result<()> {
     if !is_remote(&run) {
         return Ok(());
     }
-    let mut stager = Stager {
-        folder: Folder::shared(&run)?,
-        upload,
-        staged: HashMap::new(),
-    };
+    let mut stager = Stager { folder: Folder::shared(&run)?, upload, staged: HashMap::new() };
     for job in &mut plan.jobs {
         for arg in &mut job.args {
             // Whole arguments, `NAME=FILE` (calibration) and `from:DIR` (non-expert weights).

@@ -27,12 +27,7 @@ pub fn ok(out: Output) -> String {
 
 /// A pipeline `domains:` entry for a sample domain.
 pub fn domain(name: &str) -> String {
-    format!(
-        "  - {{name: {name}, train: {}, valid: {}, test: {}}}\n",
-        sample(name, "train"),
-        sample(name, "valid"),
-        sample(name, "test")
-    )
+    format!("  - {{name: {name}, train: {}, valid: {}, test: {}}}\n", sample(name, "train"), sample(name, "valid"), sample(name, "test"))
 }
 
 /// Two experts (scripture, code) branched from the llama fixture, merged top-1 with a centroid
@@ -207,14 +202,20 @@ impl Drop for S3Server {
 
 /// A Python that imports torch and transformers, or `None` (a failure under BTM_REQUIRE_TORCH=1).
 pub fn torch_python() -> Option<PathBuf> {
-    let candidates = std::env::var_os("BTM_PYTHON").map(PathBuf::from).into_iter().chain([PathBuf::from("/opt/pyref/bin/python"), PathBuf::from("python3")]);
+    let candidates = std::env::var_os("BTM_PYTHON")
+        .map(PathBuf::from)
+        .into_iter()
+        .chain([PathBuf::from("/opt/pyref/bin/python"), PathBuf::from("python3")]);
     for py in candidates {
         let works = Command::new(&py).args(["-c", "import torch, transformers"]).stderr(Stdio::null()).status().is_ok_and(|s| s.success());
         if works {
             return Some(py);
         }
     }
-    assert!(std::env::var("BTM_REQUIRE_TORCH").as_deref() != Ok("1"), "BTM_REQUIRE_TORCH=1 but no Python with torch and transformers was found (set BTM_PYTHON)");
+    assert!(
+        std::env::var("BTM_REQUIRE_TORCH").as_deref() != Ok("1"),
+        "BTM_REQUIRE_TORCH=1 but no Python with torch and transformers was found (set BTM_PYTHON)"
+    );
     eprintln!("skipped: no Python with torch and transformers (set BTM_PYTHON, or BTM_REQUIRE_TORCH=1 to fail)");
     None
 }
@@ -229,17 +230,49 @@ pub fn path_with(python: &Path) -> String {
 /// The reference trainer's block, every placeholder it takes.
 pub fn torchrun_trainer() -> String {
     let args = [
-        "--model-in", "{model_in}", "--model-out", "{model_out}", "--work-dir", "{work_dir}", "--train", "{train_files}", "--weights",
-        "{train_weights}", "--valid", "{valid_files}", "--steps", "{steps}", "--batch-size", "{batch_size}", "--grad-accum", "{grad_accum}",
-        "--seq-len", "{seq_len}", "--lr", "{lr}", "--min-lr", "{min_lr}", "--warmup-steps", "{warmup_steps}", "--decay", "{decay}",
-        "--weight-decay", "{weight_decay}", "--beta1", "{beta1}", "--beta2", "{beta2}", "--grad-clip", "{grad_clip}", "--seed", "{seed}",
-        "--checkpoint-interval", "2", "--log-interval", "2",
+        "--model-in",
+        "{model_in}",
+        "--model-out",
+        "{model_out}",
+        "--work-dir",
+        "{work_dir}",
+        "--train",
+        "{train_files}",
+        "--weights",
+        "{train_weights}",
+        "--valid",
+        "{valid_files}",
+        "--steps",
+        "{steps}",
+        "--batch-size",
+        "{batch_size}",
+        "--grad-accum",
+        "{grad_accum}",
+        "--seq-len",
+        "{seq_len}",
+        "--lr",
+        "{lr}",
+        "--min-lr",
+        "{min_lr}",
+        "--warmup-steps",
+        "{warmup_steps}",
+        "--decay",
+        "{decay}",
+        "--weight-decay",
+        "{weight_decay}",
+        "--beta1",
+        "{beta1}",
+        "--beta2",
+        "{beta2}",
+        "--grad-clip",
+        "{grad_clip}",
+        "--seed",
+        "{seed}",
+        "--checkpoint-interval",
+        "2",
+        "--log-interval",
+        "2",
     ];
     let args: Vec<String> = args.iter().map(|a| format!("'{a}'")).collect();
-    format!(
-        "{{kind: torchrun, script: {}, nproc_per_node: 2, args: [{}]}}",
-        repo().join("scripts/train_hf.py").display(),
-        args.join(", ")
-    )
+    format!("{{kind: torchrun, script: {}, nproc_per_node: 2, args: [{}]}}", repo().join("scripts/train_hf.py").display(), args.join(", "))
 }
-

@@ -27,11 +27,7 @@ fn main() {
                 }
             }
         });
-        let options = btm_trainer::Options {
-            stop,
-            quiet: true,
-            on_checkpoint: Some(on_checkpoint),
-        };
+        let options = btm_trainer::Options { stop, quiet: true, on_checkpoint: Some(on_checkpoint) };
         btm_trainer::run(&spec, options)
     })();
     match result {

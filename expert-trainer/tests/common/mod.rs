@@ -11,8 +11,8 @@ pub fn fixtures() -> PathBuf {
 /// `n` documents of varied English-like text.
 pub fn write_docs(path: &Path, n: usize, salt: usize) {
     let words = [
-        "the", "river", "runs", "under", "a", "bridge", "where", "children", "throw", "sticks", "and", "rain", "falls",
-        "for", "seven", "days", "while", "experts", "route", "tokens", "to", "layers", "of", "quiet", "stone",
+        "the", "river", "runs", "under", "a", "bridge", "where", "children", "throw", "sticks", "and", "rain", "falls", "for", "seven",
+        "days", "while", "experts", "route", "tokens", "to", "layers", "of", "quiet", "stone",
     ];
     let mut lines = Vec::new();
     for d in 0..n {

@@ -57,11 +57,8 @@ pub struct AddExpertArgs {
 pub fn run(args: AddExpertArgs) -> Result<()> {
     // An object-store --out is written locally, then uploaded manifest last.
     let output = btm_model::folder::Output::new(&args.out.to_string_lossy())?;
-    let mut o = AddExpertOptions::new(
-        btm_model::storage::local_dir(&args.moe)?,
-        btm_model::storage::local_dir(&args.expert)?,
-        output.path(),
-    );
+    let mut o =
+        AddExpertOptions::new(btm_model::storage::local_dir(&args.moe)?, btm_model::storage::local_dir(&args.expert)?, output.path());
     o.router_init = args.router_init.unwrap_or(if args.calib.is_some() { RouterInit::Centroid } else { RouterInit::Random });
     o.calib = args.calib.map(|c| btm_model::folder::fetch_file(&c.to_string_lossy())).transpose()?;
     o.name = args.name;

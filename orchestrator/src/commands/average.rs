@@ -44,7 +44,10 @@ pub fn run(args: AverageArgs) -> Result<()> {
         }
         None => {
             anyhow::ensure!(args.weights.len() == members.len(), "{} --weights for {} --experts", args.weights.len(), members.len());
-            anyhow::ensure!(args.weights.iter().all(|w| w.is_finite() && *w >= 0.0) && args.weights.iter().sum::<f64>() > 0.0, "--weights must be non-negative with a positive sum");
+            anyhow::ensure!(
+                args.weights.iter().all(|w| w.is_finite() && *w >= 0.0) && args.weights.iter().sum::<f64>() > 0.0,
+                "--weights must be non-negative with a positive sum"
+            );
             args.weights.clone()
         }
     };
@@ -59,7 +62,8 @@ pub fn run(args: AverageArgs) -> Result<()> {
     }
     lineage.extra.insert("weights".into(), serde_json::to_value(&weights)?);
     let extras = Extras { tokenizer: Some(members[0].dir().join("tokenizer.json")), lineage: Some(lineage) };
-    btm_model::write_checkpoint(&args.out, &config, &mut get, &extras, &WriteOptions::default()).with_context(|| format!("writing {}", args.out.display()))?;
+    btm_model::write_checkpoint(&args.out, &config, &mut get, &extras, &WriteOptions::default())
+        .with_context(|| format!("writing {}", args.out.display()))?;
     println!("{}", serde_json::json!({"out": args.out, "weights": weights, "experts": args.experts}));
     Ok(())
 }

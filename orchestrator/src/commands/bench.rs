@@ -96,10 +96,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Merge(args) => {
             let tmp = tempfile::tempdir()?;
             let dir = args.dir.clone().unwrap_or_else(|| tmp.path().to_path_buf());
-            let shape = btm_merger::bench::BenchShape {
-                experts: args.experts,
-                ..Default::default()
-            };
+            let shape = btm_merger::bench::BenchShape { experts: args.experts, ..Default::default() };
             let r = btm_merger::bench::run(&dir, &shape)?;
             if args.json {
                 println!("{}", serde_json::to_string(&r)?);
@@ -119,12 +116,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
                 "--device {}: only cpu is benchmarked here; the CUDA kernels are checked by `cargo test -p btm-kernels --features cuda`",
                 args.device
             );
-            let spec = btm_kernels::bench::MoeBenchSpec {
-                tokens: args.tokens,
-                hidden: args.hidden,
-                reps: args.reps,
-                ..Default::default()
-            };
+            let spec = btm_kernels::bench::MoeBenchSpec { tokens: args.tokens, hidden: args.hidden, reps: args.reps, ..Default::default() };
             let quiet = args.json;
             let results = btm_kernels::bench::bench_moe(&spec, &candle_core::Device::Cpu, |r| {
                 if !quiet {
@@ -195,9 +187,15 @@ fn bench_orchestrate(args: BenchOrchestrateArgs) -> Result<()> {
     let ideal = 2.0 * args.seconds;
     let overhead = (wall - ideal) / wall * 100.0;
     if args.json {
-        println!("{}", serde_json::json!({"jobs": args.jobs, "job_seconds": args.seconds, "wall_s": wall, "ideal_s": ideal, "overhead_pct": overhead}));
+        println!(
+            "{}",
+            serde_json::json!({"jobs": args.jobs, "job_seconds": args.seconds, "wall_s": wall, "ideal_s": ideal, "overhead_pct": overhead})
+        );
     } else {
-        println!("{} parallel jobs of {:.1}s then one dependent job: wall {wall:.2}s, ideal {ideal:.2}s, overhead {overhead:.2} %", args.jobs, args.seconds);
+        println!(
+            "{} parallel jobs of {:.1}s then one dependent job: wall {wall:.2}s, ideal {ideal:.2}s, overhead {overhead:.2} %",
+            args.jobs, args.seconds
+        );
     }
     Ok(())
 }

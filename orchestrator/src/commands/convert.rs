@@ -36,17 +36,9 @@ pub fn run(args: ConvertArgs) -> Result<()> {
         overwrite: args.overwrite,
     };
     let mut lineage = src.lineage()?.unwrap_or_else(|| Lineage::new("import"));
-    lineage.parents = vec![btm_model::lineage::Parent {
-        uri: args.model.clone(),
-        manifest_sha256: Some(src.id()?),
-        domain: lineage.domain.clone(),
-    }];
+    lineage.parents =
+        vec![btm_model::lineage::Parent { uri: args.model.clone(), manifest_sha256: Some(src.id()?), domain: lineage.domain.clone() }];
     rewrite(&src, &args.out, &opts, Some(lineage))?;
-    println!(
-        "wrote {} as {} ({:?})",
-        args.out.display(),
-        src.config.output_architecture().class_name(),
-        opts.dtype
-    );
+    println!("wrote {} as {} ({:?})", args.out.display(), src.config.output_architecture().class_name(), opts.dtype);
     Ok(())
 }

@@ -117,7 +117,13 @@ fn run_ensemble(args: &EvalArgs, device: &candle_core::Device) -> Result<()> {
 }
 
 /// Write `result` where `--out` says, print it as `--json` or a line.
-fn report(args: &EvalArgs, result: &serde_json::Value, docs: usize, p: btm_model::eval::Perplexity, start: std::time::Instant) -> Result<()> {
+fn report(
+    args: &EvalArgs,
+    result: &serde_json::Value,
+    docs: usize,
+    p: btm_model::eval::Perplexity,
+    start: std::time::Instant,
+) -> Result<()> {
     if let Some(out) = &args.out {
         // A local file is written in place; an object-store URL is uploaded.
         let output = btm_model::folder::Output::new(&out.to_string_lossy())?;

@@ -10,8 +10,8 @@ pub mod merge;
 pub mod pipeline;
 pub mod run;
 pub mod tokenizer;
-pub mod upcycle;
 pub mod train;
+pub mod upcycle;
 
 use anyhow::{bail, Result};
 use candle_core::{DType, Device};

@@ -17,12 +17,7 @@ pub fn validate(args: ValidateArgs) -> Result<()> {
     match crate::pipeline::load(&args.file, &args.sets) {
         Ok(loaded) => {
             let p = &loaded.pipeline;
-            println!(
-                "{}: ok (run `{}`, {} domains)",
-                args.file.display(),
-                p.name,
-                p.domains.len()
-            );
+            println!("{}: ok (run `{}`, {} domains)", args.file.display(), p.name, p.domains.len());
             Ok(())
         }
         Err(errors) => Err(anyhow::Error::new(errors)),

@@ -77,10 +77,8 @@ fn print_manifests(k: &crate::pipeline::spec::KubernetesSpec, plan: &Plan) -> Re
     }
     let run_name = plan.run_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     for batch in batches {
-        let subs: Vec<crate::engine::Submission> = batch
-            .iter()
-            .map(|j| crate::engine::Submission::for_job(j, j.log(&plan.run_dir)))
-            .collect();
+        let subs: Vec<crate::engine::Submission> =
+            batch.iter().map(|j| crate::engine::Submission::for_job(j, j.log(&plan.run_dir))).collect();
         let stage = batch[0].name.split('/').next().unwrap_or("job");
         let name = crate::engine::kubernetes::object_name(&run_name, stage);
         let m = crate::engine::kubernetes::manifest(k, &plan.run_dir, &name, &subs);
@@ -151,10 +149,7 @@ fn critical_path_seconds(plan: &Plan, ran: &[String]) -> f64 {
     let mut finish: std::collections::HashMap<&str, f64> = Default::default();
     for j in &plan.jobs {
         // Plan order is topological: dependencies come first.
-        let secs = Some(j)
-            .filter(|j| ran.contains(&j.name))
-            .and_then(|j| crate::executor::job_seconds(&plan.run_dir, j))
-            .unwrap_or(0.0);
+        let secs = Some(j).filter(|j| ran.contains(&j.name)).and_then(|j| crate::executor::job_seconds(&plan.run_dir, j)).unwrap_or(0.0);
         let ready = j.deps.iter().filter_map(|d| finish.get(d.as_str())).fold(0.0f64, |a, &b| a.max(b));
         finish.insert(&j.name, ready + secs);
     }

@@ -24,12 +24,7 @@ pub enum TokenizerCommand {
 
 pub fn run(cmd: TokenizerCommand) -> Result<()> {
     match cmd {
-        TokenizerCommand::Train {
-            data,
-            vocab_size,
-            max_docs,
-            out,
-        } => {
+        TokenizerCommand::Train { data, vocab_size, max_docs, out } => {
             let mut texts = Vec::new();
             for f in &data {
                 let f = btm_model::folder::fetch_file(&f.to_string_lossy())?;

@@ -21,11 +21,7 @@ pub struct TrainArgs {
 
 pub fn run(args: TrainArgs) -> Result<()> {
     let spec = JobSpec::load(&btm_model::folder::fetch_file(&args.job)?)?;
-    let options = Options {
-        stop: btm_trainer::signals::install()?,
-        quiet: args.quiet,
-        on_checkpoint: None,
-    };
+    let options = Options { stop: btm_trainer::signals::install()?, quiet: args.quiet, on_checkpoint: None };
     match btm_trainer::run(&spec, options)? {
         Outcome::Finished { model_dir, .. } => {
             println!("{}", model_dir.display());

@@ -91,11 +91,7 @@ pub fn manifest(spec: &KubernetesSpec, run: &Path, name: &str, jobs: &[Submissio
 
 /// A Kubernetes object name: lowercase letters, digits and `-`, at most 63 characters.
 pub fn object_name(run: &str, batch: &str) -> String {
-    let clean = |s: &str| -> String {
-        s.chars()
-            .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' })
-            .collect()
-    };
+    let clean = |s: &str| -> String { s.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' }).collect() };
     let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() % 1_000_000);
     let mut name = format!("btm-{}-{}", clean(run), clean(batch));
     name.truncate(63 - 7);
@@ -332,7 +328,12 @@ mod tests {
                     reader.read_exact(&mut body).unwrap();
                     let (code, answer) = reply(&method, &path);
                     let answer = answer.to_string();
-                    write!(writer, "HTTP/1.1 {code} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{answer}", answer.len()).unwrap();
+                    write!(
+                        writer,
+                        "HTTP/1.1 {code} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{answer}",
+                        answer.len()
+                    )
+                    .unwrap();
                     seen.push((method, path, auth, serde_json::from_slice(&body).unwrap_or(Value::Null)));
                     if seen.len() == requests {
                         return seen;
@@ -345,7 +346,10 @@ mod tests {
     }
 
     fn spec() -> KubernetesSpec {
-        serde_yaml::from_str("{image: 'registry.example/btm:1', namespace: research, gpus_per_task: 1, volume: {claim: runs, mount_path: /runs}}").unwrap()
+        serde_yaml::from_str(
+            "{image: 'registry.example/btm:1', namespace: research, gpus_per_task: 1, volume: {claim: runs, mount_path: /runs}}",
+        )
+        .unwrap()
     }
 
     #[test]
@@ -361,7 +365,15 @@ mod tests {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let subs: Vec<Submission> = ["expert/a", "expert/b"]
             .iter()
-            .map(|n| Submission { name: n.to_string(), args: vec!["train".into(), "--job".into(), format!("/runs/r/jobs/{n}.yaml")], log: PathBuf::from("/tmp/btm-k8s-test.log"), cpus: 2, gpus: 1, memory_mb: None, time_limit_min: None })
+            .map(|n| Submission {
+                name: n.to_string(),
+                args: vec!["train".into(), "--job".into(), format!("/runs/r/jobs/{n}.yaml")],
+                log: PathBuf::from("/tmp/btm-k8s-test.log"),
+                cpus: 2,
+                gpus: 1,
+                memory_mb: None,
+                time_limit_min: None,
+            })
             .collect();
         let handles = rt.block_on(engine.submit(&subs)).unwrap();
         assert_eq!(handles.len(), 2);
@@ -371,7 +383,10 @@ mod tests {
         rt.block_on(engine.cancel(&JobHandle("x-1/0".into()))).unwrap();
         let seen = server.join().unwrap();
         let (method, path, auth, body) = &seen[0];
-        assert_eq!((method.as_str(), path.as_str(), auth.as_str()), ("POST", "/apis/batch/v1/namespaces/research/jobs", "Bearer secret-token"));
+        assert_eq!(
+            (method.as_str(), path.as_str(), auth.as_str()),
+            ("POST", "/apis/batch/v1/namespaces/research/jobs", "Bearer secret-token")
+        );
         assert_eq!(body["spec"]["completionMode"], "Indexed");
         assert_eq!(body["spec"]["completions"], 2);
         let c = &body["spec"]["template"]["spec"]["containers"][0];
@@ -386,7 +401,15 @@ mod tests {
     #[test]
     fn a_run_in_a_bucket_needs_no_volume_and_reads_credentials_from_a_secret() {
         let spec: KubernetesSpec = serde_yaml::from_str("{image: 'registry.example/btm:1', env_from_secret: btm-s3}").unwrap();
-        let sub = Submission { name: "expert/a".into(), args: vec!["train".into()], log: PathBuf::from("/cache/runs-local/r/logs/a.log"), cpus: 2, gpus: 0, memory_mb: None, time_limit_min: None };
+        let sub = Submission {
+            name: "expert/a".into(),
+            args: vec!["train".into()],
+            log: PathBuf::from("/cache/runs-local/r/logs/a.log"),
+            cpus: 2,
+            gpus: 0,
+            memory_mb: None,
+            time_limit_min: None,
+        };
         let m = manifest(&spec, Path::new("/unused"), "r-expert", &[sub]);
         let pod = &m["spec"]["template"]["spec"];
         let c = &pod["containers"][0];

@@ -38,9 +38,7 @@ impl Engine for LocalEngine {
         let live = self.children.lock().expect("lock").len() + jobs.len();
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let share = (cores / live.max(1)).max(1);
-        jobs.iter()
-            .map(|j| self.spawn(j, if j.cpus == 0 { share } else { j.cpus }))
-            .collect()
+        jobs.iter().map(|j| self.spawn(j, if j.cpus == 0 { share } else { j.cpus })).collect()
     }
 
     async fn state(&self, handle: &JobHandle) -> Result<JobState> {
@@ -84,9 +82,7 @@ impl LocalEngine {
                 Ok(())
             });
         }
-        let child = command
-            .spawn()
-            .with_context(|| format!("starting {}", job.name))?;
+        let child = command.spawn().with_context(|| format!("starting {}", job.name))?;
         let handle = JobHandle(child.id().to_string());
         self.children.lock().expect("lock").insert(handle.clone(), child);
         Ok(handle)

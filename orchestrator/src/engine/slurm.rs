@@ -44,7 +44,17 @@ struct Rest {
 fn unfinished(state: &str) -> bool {
     matches!(
         state,
-        "PENDING" | "RUNNING" | "CONFIGURING" | "COMPLETING" | "REQUEUED" | "REQUEUE_HOLD" | "REQUEUE_FED" | "RESIZING" | "SUSPENDED" | "SIGNALING" | "STAGE_OUT"
+        "PENDING"
+            | "RUNNING"
+            | "CONFIGURING"
+            | "COMPLETING"
+            | "REQUEUED"
+            | "REQUEUE_HOLD"
+            | "REQUEUE_FED"
+            | "RESIZING"
+            | "SUSPENDED"
+            | "SIGNALING"
+            | "STAGE_OUT"
     )
 }
 
@@ -69,16 +79,7 @@ fn slurm_tool(name: &str) -> tokio::process::Command {
 
 impl SlurmEngine {
     pub fn new(spec: &EngineSpec, run: &Path) -> Result<Self> {
-        let EngineSpec::Slurm {
-            api,
-            partition,
-            slots,
-            mem_per_cpu_mb,
-            time_limit_min,
-            rest,
-            ..
-        } = spec
-        else {
+        let EngineSpec::Slurm { api, partition, slots, mem_per_cpu_mb, time_limit_min, rest, .. } = spec else {
             bail!("not a Slurm engine");
         };
         let rest = match (api, rest) {
@@ -216,21 +217,16 @@ impl Rest {
         let resp = req.send().await.with_context(|| format!("slurmrestd {method} {path}"))?;
         let status = resp.status();
         let text = resp.text().await?;
-        if status == reqwest::StatusCode::UNAUTHORIZED || status == reqwest::StatusCode::FORBIDDEN || text.contains("Authentication failure") {
-            bail!(
-                "slurmrestd rejected the token in `{}` (expired or wrong?) for user `{}`: HTTP {status}",
-                self.token_env,
-                self.user
-            );
+        if status == reqwest::StatusCode::UNAUTHORIZED
+            || status == reqwest::StatusCode::FORBIDDEN
+            || text.contains("Authentication failure")
+        {
+            bail!("slurmrestd rejected the token in `{}` (expired or wrong?) for user `{}`: HTTP {status}", self.token_env, self.user);
         }
         let v: Value = serde_json::from_str(&text).with_context(|| format!("slurmrestd {method} {path}: HTTP {status}, not JSON"))?;
         let errors: Vec<String> = v["errors"]
             .as_array()
-            .map(|a| {
-                a.iter()
-                    .map(|e| e["description"].as_str().or(e["error"].as_str()).unwrap_or("error").to_string())
-                    .collect()
-            })
+            .map(|a| a.iter().map(|e| e["description"].as_str().or(e["error"].as_str()).unwrap_or("error").to_string()).collect())
             .unwrap_or_default();
         if !errors.is_empty() {
             let joined = errors.join("; ");
@@ -253,10 +249,7 @@ impl Rest {
             .send()
             .await;
         match resp {
-            Ok(r) => r
-                .json::<Value>()
-                .await
-                .is_ok_and(|v| v["errors"].as_array().is_none_or(|e| e.is_empty())),
+            Ok(r) => r.json::<Value>().await.is_ok_and(|v| v["errors"].as_array().is_none_or(|e| e.is_empty())),
             Err(_) => false,
         }
     }
@@ -266,7 +259,18 @@ impl SlurmEngine {
     async fn submit_rest(&self, rest: &Rest, jobs: &[Submission]) -> Result<Vec<JobHandle>> {
         let (_, script) = self.script(jobs)?;
         let mut env = serde_json::Map::new();
-        for key in ["PATH", "HOME", "BTM_CACHE", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT", "AWS_REGION", "AWS_ALLOW_HTTP", "BTM_UPLOAD_PART_BYTES"] {
+        for key in [
+            "PATH",
+            "HOME",
+            "BTM_CACHE",
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+            "AWS_SESSION_TOKEN",
+            "AWS_ENDPOINT",
+            "AWS_REGION",
+            "AWS_ALLOW_HTTP",
+            "BTM_UPLOAD_PART_BYTES",
+        ] {
             if let Ok(v) = std::env::var(key) {
                 env.insert(key.into(), json!(v));
             }
@@ -360,10 +364,7 @@ impl Engine for SlurmEngine {
 
     async fn cancel(&self, handle: &JobHandle) -> Result<()> {
         match &self.rest {
-            Some(rest) => rest
-                .call(reqwest::Method::DELETE, &format!("/job/{}?signal=SIGTERM", handle.0), None)
-                .await
-                .map(|_| ()),
+            Some(rest) => rest.call(reqwest::Method::DELETE, &format!("/job/{}?signal=SIGTERM", handle.0), None).await.map(|_| ()),
             None => self.cancel_cli(handle).await,
         }
     }

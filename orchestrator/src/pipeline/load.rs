@@ -205,9 +205,7 @@ fn interpolate(value: &mut Value, path: &str, errors: &mut Vec<(String, String)>
 
 /// Apply `a.b.c=value` (value parsed as YAML; `domains.0.name` indexes sequences).
 fn apply_set(root: &mut Value, assignment: &str) -> Result<(), String> {
-    let (path, raw) = assignment
-        .split_once('=')
-        .ok_or_else(|| format!("--set `{assignment}`: expected KEY.PATH=VALUE"))?;
+    let (path, raw) = assignment.split_once('=').ok_or_else(|| format!("--set `{assignment}`: expected KEY.PATH=VALUE"))?;
     let new: Value = serde_yaml::from_str(raw).map_err(|e| format!("--set {path}: {e}"))?;
     let mut node = root;
     let parts: Vec<&str> = path.split('.').collect();
@@ -215,12 +213,9 @@ fn apply_set(root: &mut Value, assignment: &str) -> Result<(), String> {
         let last = i + 1 == parts.len();
         node = match node {
             Value::Sequence(seq) => {
-                let idx: usize = part
-                    .parse()
-                    .map_err(|_| format!("--set {path}: `{part}` indexes a list and must be a number"))?;
+                let idx: usize = part.parse().map_err(|_| format!("--set {path}: `{part}` indexes a list and must be a number"))?;
                 let len = seq.len();
-                seq.get_mut(idx)
-                    .ok_or_else(|| format!("--set {path}: index {idx} is out of range (the list has {len})"))?
+                seq.get_mut(idx).ok_or_else(|| format!("--set {path}: index {idx} is out of range (the list has {len})"))?
             }
             Value::Null => {
                 *node = Value::Mapping(Default::default());
@@ -259,11 +254,7 @@ fn suggest(message: &str) -> String {
         return message.to_string();
     };
     let expected: Vec<&str> = tail.split('`').skip(1).step_by(2).collect();
-    let best = expected
-        .iter()
-        .map(|e| (strsim::levenshtein(unknown, e), *e))
-        .filter(|(d, e)| *d <= 2.max(e.len() / 3))
-        .min();
+    let best = expected.iter().map(|e| (strsim::levenshtein(unknown, e), *e)).filter(|(d, e)| *d <= 2.max(e.len() / 3)).min();
     match best {
         Some((_, e)) => format!("unknown key `{unknown}`; did you mean `{e}`?"),
         None => format!("unknown key `{unknown}` (expected one of: {})", expected.join(", ")),
@@ -297,25 +288,16 @@ pub struct Loaded {
 /// Load, interpolate, override and check a pipeline file.
 pub fn load(file: &Path, sets: &[String]) -> Result<Loaded, PipelineErrors> {
     let name = file.display().to_string();
-    let err = |line, column, path: &str, message: String| PipelineError {
-        file: name.clone(),
-        line,
-        column,
-        path: path.to_string(),
-        message,
-    };
-    let text = std::fs::read_to_string(file)
-        .map_err(|e| PipelineErrors(vec![err(0, 0, "", format!("cannot read: {e}"))]))?;
+    let err =
+        |line, column, path: &str, message: String| PipelineError { file: name.clone(), line, column, path: path.to_string(), message };
+    let text = std::fs::read_to_string(file).map_err(|e| PipelineErrors(vec![err(0, 0, "", format!("cannot read: {e}"))]))?;
     let mut value: Value = serde_yaml::from_str(&text).map_err(|e| {
         let (line, col) = e.location().map_or((0, 0), |l| (l.line(), l.column()));
         PipelineErrors(vec![err(line, col, "", format!("invalid YAML: {e}"))])
     })?;
     let spans = Spans::of(&text);
     // Values given with --set have no place in the file.
-    let set_paths: Vec<String> = sets
-        .iter()
-        .filter_map(|s| s.split_once('=').map(|(p, _)| set_path_to_key_path(p)))
-        .collect();
+    let set_paths: Vec<String> = sets.iter().filter_map(|s| s.split_once('=').map(|(p, _)| set_path_to_key_path(p))).collect();
     let at = |path: &str, message: String| {
         if set_paths.iter().any(|s| path == s || path.starts_with(&format!("{s}.")) || path.starts_with(&format!("{s}["))) {
             return err(0, 0, path, format!("{message} (set with --set)"));
@@ -345,11 +327,7 @@ pub fn load(file: &Path, sets: &[String]) -> Result<Loaded, PipelineErrors> {
     if !problems.is_empty() {
         return Err(PipelineErrors(problems.into_iter().map(|(p, m)| at(&p, m)).collect()));
     }
-    Ok(Loaded {
-        resolved_yaml: serde_yaml::to_string(&value).unwrap_or_default(),
-        pipeline,
-        base_dir,
-    })
+    Ok(Loaded { resolved_yaml: serde_yaml::to_string(&value).unwrap_or_default(), pipeline, base_dir })
 }
 
 /// A name that can be a path segment in every object store.
@@ -388,10 +366,8 @@ fn check_domains(domains: &[Domain], list: &str, base: &Path, seen: &mut Vec<Str
     for (i, d) in domains.iter().enumerate() {
         let p = format!("{list}[{i}]");
         if !valid_name(&d.name) {
-            problems.push((
-                format!("{p}.name"),
-                format!("`{}` cannot be used as a path segment (use letters, digits, `-`, `_`, `.`)", d.name),
-            ));
+            problems
+                .push((format!("{p}.name"), format!("`{}` cannot be used as a path segment (use letters, digits, `-`, `_`, `.`)", d.name)));
         }
         if seen.contains(&d.name) {
             problems.push((format!("{p}.name"), format!("duplicate domain name `{}`", d.name)));
@@ -410,20 +386,15 @@ fn check_domains(domains: &[Domain], list: &str, base: &Path, seen: &mut Vec<Str
 pub fn check(p: &Pipeline, base: &Path) -> Vec<(String, String)> {
     let mut problems = vec![];
     if !valid_name(&p.name) {
-        problems.push((
-            "name".into(),
-            format!("`{}` cannot be used as a path segment (use letters, digits, `-`, `_`, `.`)", p.name),
-        ));
+        problems.push(("name".into(), format!("`{}` cannot be used as a path segment (use letters, digits, `-`, `_`, `.`)", p.name)));
     }
     match &p.seed {
-        SeedSpec {
-            checkpoint: Some(_),
-            train: Some(_),
-        } => problems.push(("seed".into(), "give either `checkpoint` or `train`, not both".into())),
-        SeedSpec {
-            checkpoint: None,
-            train: None,
-        } => problems.push(("seed".into(), "give `checkpoint` (an existing model) or `train`".into())),
+        SeedSpec { checkpoint: Some(_), train: Some(_) } => {
+            problems.push(("seed".into(), "give either `checkpoint` or `train`, not both".into()))
+        }
+        SeedSpec { checkpoint: None, train: None } => {
+            problems.push(("seed".into(), "give `checkpoint` (an existing model) or `train`".into()))
+        }
         _ => {}
     }
     if p.domains.is_empty() {
@@ -456,7 +427,10 @@ pub fn check(p: &Pipeline, base: &Path) -> Vec<(String, String)> {
             }
             if let btm_trainer::external::Trainer::Torchrun { script, .. } = trainer {
                 if !Path::new(&resolve(base, script)).is_file() {
-                    problems.push((format!("{path}.trainer.script"), format!("{script}: no such file (relative paths start at the pipeline's folder)")));
+                    problems.push((
+                        format!("{path}.trainer.script"),
+                        format!("{script}: no such file (relative paths start at the pipeline's folder)"),
+                    ));
                 }
             }
         }
@@ -483,10 +457,7 @@ pub fn check(p: &Pipeline, base: &Path) -> Vec<(String, String)> {
     if let Some(m) = &p.merge {
         let experts = p.domains.len();
         if m.top_k == 0 || m.top_k > experts {
-            problems.push((
-                "merge.top_k".into(),
-                format!("must be between 1 and the number of domains ({experts}), got {}", m.top_k),
-            ));
+            problems.push(("merge.top_k".into(), format!("must be between 1 and the number of domains ({experts}), got {}", m.top_k)));
         }
         if matches!(m.router_init, super::spec::RouterInit::Centroid | super::spec::RouterInit::Fit) {
             for (i, d) in p.domains.iter().enumerate() {
@@ -503,10 +474,7 @@ pub fn check(p: &Pipeline, base: &Path) -> Vec<(String, String)> {
                 problems.push(("merge.non_expert".into(), format!("no domain named `{from}`")));
             }
         } else if m.non_expert != "average" && m.non_expert != "seed" {
-            problems.push((
-                "merge.non_expert".into(),
-                format!("`{}`: expected `average`, `seed` or `from:<domain>`", m.non_expert),
-            ));
+            problems.push(("merge.non_expert".into(), format!("`{}`: expected `average`, `seed` or `from:<domain>`", m.non_expert)));
         }
     }
     if let Some(u) = &p.upcycle {
@@ -578,10 +546,7 @@ mod tests {
         assert_eq!(v["train"]["lr"], Value::from(0.5));
         assert_eq!(v["domains"][0]["name"], Value::from("b"));
         assert_eq!(v["eval"]["baseline"], Value::from(true));
-        assert_eq!(
-            apply_set(&mut v, "domains.3.name=c").unwrap_err(),
-            "--set domains.3.name: index 3 is out of range (the list has 1)"
-        );
+        assert_eq!(apply_set(&mut v, "domains.3.name=c").unwrap_err(), "--set domains.3.name: index 3 is out of range (the list has 1)");
     }
 
     #[test]
@@ -590,10 +555,7 @@ mod tests {
             suggest("unknown field `lerning_rate`, expected one of `steps`, `lr`, `learning_rate`"),
             "unknown key `lerning_rate`; did you mean `learning_rate`?"
         );
-        assert_eq!(
-            suggest("unknown field `zzz`, expected `a` or `b`"),
-            "unknown key `zzz` (expected one of: a, b)"
-        );
+        assert_eq!(suggest("unknown field `zzz`, expected `a` or `b`"), "unknown key `zzz` (expected one of: a, b)");
     }
 
     #[test]

@@ -238,11 +238,7 @@ fn default_retries() -> u32 {
 
 impl Default for EngineSpec {
     fn default() -> Self {
-        EngineSpec::Local {
-            slots: default_slots(),
-            threads_per_job: None,
-            retries: default_retries(),
-        }
+        EngineSpec::Local { slots: default_slots(), threads_per_job: None, retries: default_retries() }
     }
 }
 
@@ -395,9 +391,32 @@ impl TrainParams {
     /// `self` with every field `over` sets replaced.
     pub fn overlay(&self, over: &TrainParams) -> TrainParams {
         overlay_fields!(
-            self, over, steps, batch_size, seq_len, grad_accum, lr, min_lr, warmup_steps, decay, weight_decay,
-            betas, grad_clip, seed, checkpoint_interval, keep_checkpoints, eval_interval, eval_sequences,
-            log_interval, aux_loss_coef, z_loss_coef, capacity_factor, drop_policy, trainable, trainer, resources
+            self,
+            over,
+            steps,
+            batch_size,
+            seq_len,
+            grad_accum,
+            lr,
+            min_lr,
+            warmup_steps,
+            decay,
+            weight_decay,
+            betas,
+            grad_clip,
+            seed,
+            checkpoint_interval,
+            keep_checkpoints,
+            eval_interval,
+            eval_sequences,
+            log_interval,
+            aux_loss_coef,
+            z_loss_coef,
+            capacity_factor,
+            drop_policy,
+            trainable,
+            trainer,
+            resources
         )
     }
 
@@ -405,13 +424,17 @@ impl TrainParams {
     /// `train`: every hyperparameter inherits, but not `train`'s `trainable`, which belongs
     /// to the expert phase.
     pub fn mix_phase(&self, over: &TrainParams) -> TrainParams {
-        TrainParams { trainable: over.trainable.clone(), trainer: over.trainer.clone(), resources: over.resources.clone(), ..self.overlay(over) }
+        TrainParams {
+            trainable: over.trainable.clone(),
+            trainer: over.trainer.clone(),
+            resources: over.resources.clone(),
+            ..self.overlay(over)
+        }
     }
 
     /// Tokens one run of these parameters consumes.
     pub fn tokens(&self) -> u64 {
-        self.steps.unwrap_or(0)
-            * (self.batch_size.unwrap_or(8) * self.seq_len.unwrap_or(256) * self.grad_accum.unwrap_or(1)) as u64
+        self.steps.unwrap_or(0) * (self.batch_size.unwrap_or(8) * self.seq_len.unwrap_or(256) * self.grad_accum.unwrap_or(1)) as u64
     }
 }
 
@@ -558,14 +581,7 @@ fn default_eval_seq_len() -> usize {
 
 impl Default for EvalSpec {
     fn default() -> Self {
-        Self {
-            split: default_split(),
-            seq_len: default_eval_seq_len(),
-            max_docs: None,
-            max_tokens: None,
-            baseline: false,
-            ensemble: false,
-        }
+        Self { split: default_split(), seq_len: default_eval_seq_len(), max_docs: None, max_tokens: None, baseline: false, ensemble: false }
     }
 }
 

@@ -54,13 +54,7 @@ fn parse() -> Opts {
         (None, None) => None,
         _ => usage("--access-key and --secret-key go together"),
     };
-    Opts {
-        root: root.unwrap_or_else(|| usage("--root is required")),
-        port,
-        keys,
-        exit_after_parts,
-        fault_path,
-    }
+    Opts { root: root.unwrap_or_else(|| usage("--root is required")), port, keys, exit_after_parts, fault_path }
 }
 
 /// The on-disk path of an object request (`/bucket/key…`, path-style), `None` for requests
@@ -100,11 +94,7 @@ fn directory_answer<B>(root: &std::path::Path, req: &hyper::Request<B>) -> Optio
         return None;
     }
     let mut r = hyper::Response::new(s3s::Body::empty());
-    *r.status_mut() = if method == hyper::Method::DELETE {
-        hyper::StatusCode::NO_CONTENT
-    } else {
-        hyper::StatusCode::NOT_FOUND
-    };
+    *r.status_mut() = if method == hyper::Method::DELETE { hyper::StatusCode::NO_CONTENT } else { hyper::StatusCode::NOT_FOUND };
     if method == hyper::Method::GET {
         *r.body_mut() = s3s::Body::from("<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>NoSuchKey</Code></Error>".to_string());
     }

@@ -40,11 +40,7 @@ fn store(port: u16, secret: &str) -> impl ObjectStore {
         .with_region("us-east-1")
         .with_access_key_id("ak")
         .with_secret_access_key(secret)
-        .with_retry(object_store::RetryConfig {
-            max_retries: 8,
-            retry_timeout: std::time::Duration::from_secs(20),
-            ..Default::default()
-        })
+        .with_retry(object_store::RetryConfig { max_retries: 8, retry_timeout: std::time::Duration::from_secs(20), ..Default::default() })
         .build()
         .unwrap()
 }

@@ -18,6 +18,7 @@ pub mod calib;
 pub mod checks;
 pub mod merge;
 pub mod names;
+pub mod remove_expert;
 pub mod router_init;
 pub mod scaling;
 pub mod upcycle;

@@ -47,6 +47,8 @@ enum Command {
     Upcycle(commands::upcycle::UpcycleArgs),
     /// Append a dense model's FFN to an existing MoE as a new expert.
     AddExpert(commands::add_expert::AddExpertArgs),
+    /// Drop one expert from an MoE (the inverse of add-expert, bit for bit).
+    RemoveExpert(commands::remove_expert::RemoveExpertArgs),
     /// Average dense experts' parameters, weighted by their domain prior on a target domain.
     Average(commands::average::AverageArgs),
     /// Train a model from a checkpoint (or from scratch) as a job file says; resumable.
@@ -94,6 +96,7 @@ fn main() {
         Command::Upcycle(args) => commands::upcycle::run(args),
         Command::AddExpert(args) => commands::add_expert::run(args),
         Command::Average(args) => commands::average::run(args),
+        Command::RemoveExpert(args) => commands::remove_expert::run(args),
         Command::Train(args) => commands::train::run(args),
         Command::Bench(cmd) => commands::bench::run(cmd),
     };

@@ -8,6 +8,7 @@ pub mod eval;
 pub mod inspect;
 pub mod merge;
 pub mod pipeline;
+pub mod remove_expert;
 pub mod run;
 pub mod tokenizer;
 pub mod train;

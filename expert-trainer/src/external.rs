@@ -256,6 +256,7 @@ pub fn run(spec: &JobSpec, trainer: &Trainer, quiet: bool) -> Result<Outcome> {
     let steps = spec.total_steps();
     let tokens = steps * spec.tokens_per_step();
     let mut lineage = Lineage::new("expert");
+    crate::train::inherit_makeup(&model_in, &mut lineage)?;
     let manifest = model_in.join(btm_model::manifest::MANIFEST);
     lineage.parents.push(Parent {
         uri: init.clone(),

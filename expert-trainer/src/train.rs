@@ -270,6 +270,39 @@ pub fn device(name: &str) -> Result<Device> {
     }
 }
 
+/// Lineage fields that describe what a model is made of — its experts and their seeds, the
+/// calibration text its routers were initialised from, the expert output scale, the routing —
+/// which later jobs read (`btm add-expert` takes its background text and scale from them).
+/// Training does not change them, so a trained model inherits them from the model it started
+/// from; what produced that model (its routing accuracy, warnings) is not inherited.
+pub const INHERITED_LINEAGE: &[&str] = &[
+    "experts",
+    "calibration",
+    "expert_output_scale",
+    "scale",
+    "top_k",
+    "routing",
+    "router_init",
+    "non_expert",
+    "shared_expert",
+    "granularity",
+    "scaling",
+    "projection_scales",
+    "non_expert_on_add",
+];
+
+/// Copy [`INHERITED_LINEAGE`] from the lineage of the model in `parent` (if it has one) into `l`.
+pub fn inherit_makeup(parent: &std::path::Path, l: &mut Lineage) -> Result<()> {
+    if let Some(p) = Lineage::read(parent)? {
+        for key in INHERITED_LINEAGE {
+            if let Some(v) = p.extra.get(*key) {
+                l.extra.insert((*key).to_string(), v.clone());
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Run a training job to the end (or until stopped).
 pub fn run(spec: &JobSpec, mut options: Options) -> Result<Outcome> {
     spec.validate()?;
@@ -398,6 +431,9 @@ pub fn run(spec: &JobSpec, mut options: Options) -> Result<Outcome> {
 
     let lineage = |step: u64, tokens_seen: u64| -> Result<Lineage> {
         let mut l = Lineage::new(if init_dir.is_some() { "expert" } else { "seed" });
+        if let Some(dir) = &init_dir {
+            inherit_makeup(dir, &mut l)?;
+        }
         if let (Some(uri), Some(dir)) = (&spec.init.checkpoint, &init_dir) {
             let manifest = dir.join(btm_model::manifest::MANIFEST);
             l.parents.push(Parent {

@@ -86,6 +86,40 @@ fn a_capacity_limit_drops_tokens_and_says_how_many() {
     assert!(dropped.iter().all(|&d| d >= 0.5), "capacity factor 0.5 keeps at most half: {dropped:?}");
 }
 
+/// A trained model keeps what its parent is made of (experts, the routers' calibration text,
+/// the expert output scale), which `btm add-expert` reads later; not what produced the parent.
+#[test]
+fn training_an_moe_keeps_its_makeup_in_the_lineage() {
+    let (dir, train, valid) = data_dir();
+    let moe = dir.path().join("moe");
+    std::fs::create_dir(&moe).unwrap();
+    for f in std::fs::read_dir(fixtures().join("mixtral")).unwrap().flatten() {
+        std::fs::copy(f.path(), moe.join(f.file_name())).unwrap();
+    }
+    let parent = serde_json::json!({
+        "tool": "btm test", "kind": "merge", "parents": [],
+        "calibration": [{"domain": "a", "file": "/data/a.jsonl"}], "expert_output_scale": 0.5,
+        "experts": [{"index": 0, "domain": "a"}], "routing_accuracy": [0.9],
+    });
+    std::fs::write(moe.join("btm.json"), serde_json::to_vec(&parent).unwrap()).unwrap();
+    let out = dir.path().join("out");
+    let yaml = job_yaml(
+        "mixtral",
+        &train,
+        &valid,
+        &out,
+        &dir.path().join("cache"),
+        "steps: 1
+",
+    )
+    .replace(&fixtures().join("mixtral").display().to_string(), &moe.display().to_string());
+    btm_trainer::run(&JobSpec::parse(&yaml, dir.path()).unwrap(), quiet()).unwrap();
+    let l: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("model/btm.json")).unwrap()).unwrap();
+    assert_eq!(l["calibration"], parent["calibration"], "{l}");
+    assert_eq!((l["expert_output_scale"].as_f64(), &l["experts"]), (Some(0.5), &parent["experts"]));
+    assert!(l.get("routing_accuracy").is_none() && l["kind"] == "expert", "{l}");
+}
+
 #[test]
 fn only_selected_tensors_change() {
     let (dir, train, valid) = data_dir();

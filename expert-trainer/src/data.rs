@@ -152,48 +152,93 @@ pub fn default_cache_dir() -> PathBuf {
     home.join(".cache").join("btm").join("tokens")
 }
 
-/// The token stream of a JSONL file: from the cache, or tokenized now and cached.
+/// Documents tokenized per parallel batch while streaming a source: bounds memory to one
+/// batch of text and its token ids, whatever the source's size.
+const DOCS_PER_BATCH: usize = 2048;
+
+/// SHA-256 of a file's bytes, read in blocks.
+fn file_sha256(path: &Path) -> Result<[u8; 32]> {
+    let mut f = std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = std::io::Read::read(&mut f, &mut buf).with_context(|| format!("reading {}", path.display()))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(h.finalize().into())
+}
+
+/// The token stream of a JSONL source (plain, `.gz` or `.zst`): from the cache, or tokenized
+/// now and cached. The source is streamed twice — hashed for the cache key, then read a
+/// document at a time and tokenized in parallel batches straight into the cache file — so
+/// memory stays bounded by one batch however large the source is. The cache file is written
+/// under a temporary name and renamed when complete.
 pub fn tokenize_cached(source: &Path, tok: &TokenizerInfo, cache_dir: &Path) -> Result<Tokens> {
-    let bytes = std::fs::read(source).with_context(|| format!("reading {}", source.display()))?;
     let key = {
         let mut h = Sha256::new();
         h.update(b"btm-tokens/1\0");
-        h.update(Sha256::digest(&bytes));
+        h.update(file_sha256(source)?);
         h.update(tok.sha256.as_bytes());
         h.update(tok.eos.to_le_bytes());
         hex::encode(h.finalize())
     };
-    drop(bytes);
     let path = cache_dir.join(format!("{}.tokens", &key[..40]));
     if let Some(t) = Tokens::open(&path)? {
         return Ok(t);
     }
-    let texts = btm_model::jsonl::read_texts(source, None)?;
-    if texts.is_empty() {
-        bail!("{}: no documents", source.display());
-    }
-    let mut ids: Vec<u32> = Vec::new();
-    for chunk in texts.chunks(256) {
-        let encodings =
-            tok.tokenizer.encode_batch(chunk.to_vec(), true).map_err(|e| anyhow::anyhow!("tokenizing {}: {e}", source.display()))?;
-        for e in encodings {
-            ids.extend_from_slice(e.get_ids());
-            ids.push(tok.eos);
-        }
-    }
     std::fs::create_dir_all(cache_dir).with_context(|| format!("creating {}", cache_dir.display()))?;
     let tmp = cache_dir.join(format!(".{}.tmp-{}", &key[..40], std::process::id()));
-    {
-        let mut w = std::io::BufWriter::new(std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?);
-        w.write_all(MAGIC)?;
-        w.write_all(&(ids.len() as u64).to_le_bytes())?;
-        for id in &ids {
-            w.write_all(&id.to_le_bytes())?;
+    let written = write_tokens(source, tok, &tmp);
+    let count = match written {
+        Ok(n) => n,
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
         }
-        w.flush()?;
+    };
+    if count == 0 {
+        let _ = std::fs::remove_file(&tmp);
+        bail!("{}: no documents", source.display());
     }
     std::fs::rename(&tmp, &path).with_context(|| format!("publishing {}", path.display()))?;
     Tokens::open(&path)?.with_context(|| format!("{}: cache file unreadable right after writing", path.display()))
+}
+
+/// Tokenize `source` into the cache file `dest` (header, then the ids); the number of ids.
+fn write_tokens(source: &Path, tok: &TokenizerInfo, dest: &Path) -> Result<u64> {
+    use rayon::prelude::*;
+    use std::io::{Seek, SeekFrom};
+    let mut w = std::io::BufWriter::new(std::fs::File::create(dest).with_context(|| format!("creating {}", dest.display()))?);
+    w.write_all(MAGIC)?;
+    w.write_all(&0u64.to_le_bytes())?;
+    let mut texts = btm_model::jsonl::Texts::open(source)?;
+    let (mut count, mut docs) = (0u64, 0u64);
+    loop {
+        let batch: Vec<String> = texts.by_ref().take(DOCS_PER_BATCH).collect::<btm_model::Result<_>>()?;
+        if batch.is_empty() {
+            break;
+        }
+        let encoded: Vec<Vec<u32>> = batch
+            .par_iter()
+            .map(|t| tok.tokenizer.encode(t.as_str(), true).map(|e| e.get_ids().to_vec()))
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|e| anyhow::anyhow!("tokenizing {} (documents {docs}..): {e}", source.display()))?;
+        for ids in encoded {
+            for id in ids.iter().chain(std::iter::once(&tok.eos)) {
+                w.write_all(&id.to_le_bytes())?;
+            }
+            count += ids.len() as u64 + 1;
+        }
+        docs += batch.len() as u64;
+    }
+    let mut f = w.into_inner().map_err(|e| anyhow::anyhow!("writing {}: {e}", dest.display()))?;
+    f.seek(SeekFrom::Start(MAGIC.len() as u64))?;
+    f.write_all(&count.to_le_bytes())?;
+    f.sync_all()?;
+    Ok(count)
 }
 
 /// A token stream cut into sequences of `seq_len + 1` tokens with stride `seq_len`.
@@ -325,6 +370,40 @@ mod tests {
         let src2 = write_jsonl(dir.path(), "a.jsonl", &["hello world!"]);
         tokenize_cached(&src2, &tok, &cache).unwrap();
         assert_eq!(std::fs::read_dir(&cache).unwrap().count(), 2);
+    }
+
+    /// More documents than one streaming batch, given plain, gzip- and zstd-compressed: one
+    /// token stream (so training on either is the same run); a bad line is named with its
+    /// number and leaves nothing in the cache.
+    #[test]
+    fn compressed_sources_give_the_same_stream_and_bad_lines_leave_no_cache() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let tok = fixture_tokenizer();
+        let docs: Vec<String> = (0..DOCS_PER_BATCH + 37).map(|i| format!("document {i}: the river runs {} times", i % 17)).collect();
+        let refs: Vec<&str> = docs.iter().map(String::as_str).collect();
+        let plain = write_jsonl(dir.path(), "d.jsonl", &refs);
+        let bytes = std::fs::read(&plain).unwrap();
+        let gz = dir.path().join("d.jsonl.gz");
+        let mut enc = flate2::write::GzEncoder::new(std::fs::File::create(&gz).unwrap(), flate2::Compression::fast());
+        enc.write_all(&bytes).unwrap();
+        enc.finish().unwrap();
+        let zst = dir.path().join("d.jsonl.zst");
+        std::fs::write(&zst, zstd::encode_all(&bytes[..], 1).unwrap()).unwrap();
+        let cache = dir.path().join("cache");
+        let want = tokenize_cached(&plain, &tok, &cache).unwrap();
+        let want = want.range(0, want.len());
+        assert_eq!(want.iter().filter(|&&t| t == tok.eos).count(), docs.len());
+        for src in [&gz, &zst] {
+            let t = tokenize_cached(src, &tok, &cache).unwrap();
+            assert!(t.range(0, t.len()) == want, "{}", src.display());
+        }
+        let bad = dir.path().join("bad.jsonl");
+        std::fs::write(&bad, format!("{}\n{{\"txt\": 1}}\n", String::from_utf8_lossy(&bytes))).unwrap();
+        let before = std::fs::read_dir(&cache).unwrap().count();
+        let err = format!("{:#}", tokenize_cached(&bad, &tok, &cache).err().unwrap());
+        assert!(err.contains(&format!("bad.jsonl:{}: no `text` field", docs.len() + 1)), "{err}");
+        assert_eq!(std::fs::read_dir(&cache).unwrap().count(), before, "nothing half-written stays in the cache");
     }
 
     #[test]

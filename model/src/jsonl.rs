@@ -1,36 +1,75 @@
-//! JSONL text files: one JSON object per line with a `text` field.
+//! JSONL text files: one JSON object per line with a `text` field, read as a stream (a
+//! document at a time, whatever the file's size), plain or compressed by its extension:
+//! `.gz` (gzip) or `.zst` (zstandard). Errors name the file and the line.
 
 use crate::error::{Error, Result};
 use serde_json::Value;
-use std::io::BufRead;
-use std::path::Path;
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
 
-/// Read the `text` field of every line; errors name the file and line.
-pub fn read_texts(path: &Path, max_docs: Option<usize>) -> Result<Vec<String>> {
+/// The bytes of a source, decompressed as its extension says.
+pub fn open_decoded(path: &Path) -> Result<Box<dyn Read + Send>> {
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut out = Vec::new();
-    for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
-        if max_docs.is_some_and(|m| out.len() >= m) {
-            break;
-        }
-        let line = line.map_err(|e| Error::io(path, e))?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let bad = |msg: String| Error::InvalidConfig(format!("{}:{}: {msg}", path.display(), i + 1));
-        let v: Value = serde_json::from_str(&line).map_err(|e| bad(format!("invalid JSON: {e}")))?;
-        match v.get("text") {
-            Some(Value::String(s)) => out.push(s.clone()),
-            Some(other) => return Err(bad(format!("`text` must be a string, got {other}"))),
-            None => return Err(bad("no `text` field".into())),
+    let name = path.file_name().map(|n| n.to_string_lossy().to_ascii_lowercase()).unwrap_or_default();
+    Ok(if name.ends_with(".gz") {
+        Box::new(flate2::read::MultiGzDecoder::new(BufReader::new(file)))
+    } else if name.ends_with(".zst") || name.ends_with(".zstd") {
+        Box::new(zstd::stream::read::Decoder::new(file).map_err(|e| Error::io(path, e))?)
+    } else {
+        Box::new(file)
+    })
+}
+
+/// The `text` of each line of a JSONL source, in order, read as a stream.
+pub struct Texts {
+    path: PathBuf,
+    lines: std::io::Lines<BufReader<Box<dyn Read + Send>>>,
+    line: usize,
+}
+
+impl Texts {
+    pub fn open(path: &Path) -> Result<Self> {
+        Ok(Self { path: path.to_path_buf(), lines: BufReader::with_capacity(1 << 20, open_decoded(path)?).lines(), line: 0 })
+    }
+}
+
+impl Iterator for Texts {
+    type Item = Result<String>;
+
+    fn next(&mut self) -> Option<Result<String>> {
+        loop {
+            self.line += 1;
+            let line = match self.lines.next()? {
+                Ok(l) => l,
+                // A truncated or corrupt compressed stream, or a read error: name where.
+                Err(e) => return Some(Err(Error::InvalidConfig(format!("{}:{}: reading: {e}", self.path.display(), self.line)))),
+            };
+            if line.trim().is_empty() {
+                continue;
+            }
+            let bad = |msg: String| Error::InvalidConfig(format!("{}:{}: {msg}", self.path.display(), self.line));
+            let v: Value = match serde_json::from_str(&line) {
+                Ok(v) => v,
+                Err(e) => return Some(Err(bad(format!("invalid JSON: {e}")))),
+            };
+            return Some(match v.get("text") {
+                Some(Value::String(s)) => Ok(s.clone()),
+                Some(other) => Err(bad(format!("`text` must be a string, got {other}"))),
+                None => Err(bad("no `text` field".into())),
+            });
         }
     }
-    Ok(out)
+}
+
+/// Read the `text` field of every line (the first `max_docs`); errors name the file and line.
+pub fn read_texts(path: &Path, max_docs: Option<usize>) -> Result<Vec<String>> {
+    Texts::open(path)?.take(max_docs.unwrap_or(usize::MAX)).collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write;
 
     #[test]
     fn errors_name_the_line() {
@@ -40,5 +79,32 @@ mod tests {
         let err = read_texts(&p, None).unwrap_err().to_string();
         assert!(err.ends_with("d.jsonl:3: no `text` field"), "{err}");
         assert_eq!(read_texts(&p, Some(1)).unwrap(), vec!["a".to_string()]);
+    }
+
+    /// The same documents plain, gzip- and zstd-compressed read the same; a truncated
+    /// compressed stream is an error naming the file.
+    #[test]
+    fn compressed_sources_read_like_plain_ones_and_truncation_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let text: String = (0..300).map(|i| format!("{{\"text\": \"document {i} of a compressed source\"}}\n")).collect();
+        let plain = dir.path().join("d.jsonl");
+        std::fs::write(&plain, &text).unwrap();
+        let gz = dir.path().join("d.jsonl.gz");
+        let mut enc = flate2::write::GzEncoder::new(std::fs::File::create(&gz).unwrap(), flate2::Compression::default());
+        enc.write_all(text.as_bytes()).unwrap();
+        enc.finish().unwrap();
+        let zst = dir.path().join("d.jsonl.zst");
+        std::fs::write(&zst, zstd::encode_all(text.as_bytes(), 3).unwrap()).unwrap();
+        let want = read_texts(&plain, None).unwrap();
+        assert_eq!(want.len(), 300);
+        assert_eq!(read_texts(&gz, None).unwrap(), want);
+        assert_eq!(read_texts(&zst, None).unwrap(), want);
+        for (p, name) in [(&gz, "cut.jsonl.gz"), (&zst, "cut.jsonl.zst")] {
+            let bytes = std::fs::read(p).unwrap();
+            let cut = dir.path().join(name);
+            std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+            let err = read_texts(&cut, None).unwrap_err().to_string();
+            assert!(err.contains(name) && err.contains("reading"), "{err}");
+        }
     }
 }

@@ -96,14 +96,9 @@ fn the_ensemble_mixes_by_the_domain_posterior_and_the_average_is_a_model() {
 fn a_pipeline_scores_its_experts_as_an_ensemble() {
     let tmp = tempfile::tempdir().unwrap();
     let engine = "{kind: local, slots: 2, threads_per_job: 1}";
-    let file = fixture_pipeline(
-        tmp.path(),
-        "ens",
-        &tmp.path().join("runs").display().to_string(),
-        engine,
-        "steps: 6, batch_size: 4, seq_len: 32",
-        "",
-    );
+    let add = format!("add_experts:\n  domains:\n{}", common::domain("computing").replace("  - ", "    - "));
+    let storage = tmp.path().join("runs").display().to_string();
+    let file = fixture_pipeline(tmp.path(), "ens", &storage, engine, "steps: 6, batch_size: 4, seq_len: 32", &add);
     let yaml = std::fs::read_to_string(&file).unwrap().replace("max_docs: 1}", "max_docs: 1, baseline: true, ensemble: true}");
     std::fs::write(&file, yaml).unwrap();
     let out = ok(btm().arg("run").arg(&file).arg("--quiet").output().unwrap());
@@ -115,6 +110,13 @@ fn a_pipeline_scores_its_experts_as_an_ensemble() {
     let tokens = |r: &str| r.split('|').map(str::trim).filter(|c| !c.is_empty()).nth_back(1).unwrap().parse::<u64>().unwrap();
     assert_eq!(tokens(&ens), 2 * tokens(&expert), "{ens} / {expert}");
     assert_eq!(tokens(&top1), tokens(&ens));
+    // With add_experts, the extended ensemble adds the new domain's expert and is scored on
+    // the new domain too.
+    let extended = row("ensemble-extended");
+    assert_eq!(tokens(&extended), 3 * tokens(&expert), "{extended}");
+    let header = out.lines().find(|l| l.starts_with("| model |")).unwrap();
+    let col = header.split('|').map(str::trim).position(|c| c == "computing").expect("a computing column");
+    assert!(extended.split('|').map(str::trim).nth(col).unwrap().parse::<f64>().is_ok(), "{header}\n{extended}");
     let report = std::fs::read_to_string(tmp.path().join("runs/ens/report.md")).unwrap();
     assert!(report.contains("| ensemble (all experts, posterior-weighted) |") && report.contains("| ensemble top-1 |"), "{report}");
     let json: serde_json::Value =

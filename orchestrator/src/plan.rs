@@ -308,47 +308,66 @@ impl Builder<'_> {
     }
 
     /// One eval job per domain for model `m` (made by job `dep`, if the run makes it).
-    /// Scores of the ensemble of the (first arm seed's) experts, all of them and top-1, per
-    /// domain; each domain's prior is estimated on its `valid` file.
+    /// Scores of BTM's ensemble: the (first arm seed's) experts, all of them and top-1, per
+    /// domain, each domain's prior estimated on its `valid` file; with `add_experts`, also
+    /// `ensemble-extended`, the experts plus the added ones, on the added domains too.
     fn ensemble_eval_jobs(&mut self) {
-        let experts: Vec<(String, PathBuf)> = self
-            .jobs
-            .iter()
-            .filter(|j| j.kind == JobKind::TrainExpert && j.name.starts_with("expert/"))
-            .filter_map(|j| j.produces.as_ref().map(|m| (j.name.clone(), m.dir.clone())))
-            .collect();
+        let trained = |prefix: &str| -> Vec<(String, PathBuf)> {
+            self.jobs
+                .iter()
+                .filter(|j| j.kind == JobKind::TrainExpert && j.name.starts_with(prefix))
+                .filter_map(|j| j.produces.as_ref().map(|m| (j.name.clone(), m.dir.clone())))
+                .collect()
+        };
+        let experts = trained("expert/");
         if experts.is_empty() {
             return;
         }
-        let e = &self.p.eval;
-        for (label, top_k) in [("ensemble", None), ("ensemble-top1", Some(1))] {
-            for d in &self.p.domains {
-                let data = match e.split {
-                    crate::pipeline::spec::Split::Test => d.test.as_ref(),
-                    crate::pipeline::spec::Split::Valid => d.valid.as_ref(),
-                };
-                let Some(data) = data else { continue };
-                let out = self.run.join("eval").join(label).join(format!("{}.json", d.name));
-                let mut args = vec!["eval".to_string(), "--ensemble".into()];
-                args.extend(experts.iter().map(|(_, dir)| dir.to_string_lossy().into_owned()));
-                if let Some(valid) = &d.valid {
-                    args.extend(["--prior-from".into(), abs(self.base, valid)]);
-                }
-                if let Some(k) = top_k {
-                    args.extend(["--top-k".into(), k.to_string()]);
-                }
-                args.extend(["--data".into(), abs(self.base, data), "--seq-len".into(), e.seq_len.to_string(), "--json".into()]);
-                args.extend(["--out".into(), out.to_string_lossy().into_owned()]);
-                if let Some(n) = e.max_docs {
-                    args.extend(["--max-docs".into(), n.to_string()]);
-                }
-                if let Some(n) = e.max_tokens {
-                    args.extend(["--max-tokens".into(), n.to_string()]);
-                }
-                let deps = experts.iter().map(|(name, _)| name.clone()).collect();
-                self.add(format!("eval/{label}/{}", d.name), JobKind::Eval, deps, args, vec![], vec![out], None, None);
+        let extended: Vec<(String, PathBuf)> = experts.iter().cloned().chain(trained("added/")).collect();
+        let p = self.p;
+        let all_domains: Vec<&crate::pipeline::spec::Domain> =
+            p.domains.iter().chain(p.add_experts.iter().flat_map(|a| a.domains.iter())).collect();
+        let mut sets = vec![
+            ("ensemble", None, &experts, p.domains.iter().collect::<Vec<_>>()),
+            ("ensemble-top1", Some(1), &experts, p.domains.iter().collect()),
+        ];
+        if extended.len() > experts.len() {
+            sets.push(("ensemble-extended", None, &extended, all_domains));
+        }
+        for (label, top_k, members, domains) in sets {
+            for d in domains {
+                self.ensemble_eval_job(label, top_k, members, d);
             }
         }
+    }
+
+    /// `btm eval --ensemble` of `members` on domain `d` (prior from its `valid` file).
+    fn ensemble_eval_job(&mut self, label: &str, top_k: Option<usize>, members: &[(String, PathBuf)], d: &crate::pipeline::spec::Domain) {
+        let e = &self.p.eval;
+        let data = match e.split {
+            crate::pipeline::spec::Split::Test => d.test.as_ref(),
+            crate::pipeline::spec::Split::Valid => d.valid.as_ref(),
+        };
+        let Some(data) = data else { return };
+        let out = self.run.join("eval").join(label).join(format!("{}.json", d.name));
+        let mut args = vec!["eval".to_string(), "--ensemble".into()];
+        args.extend(members.iter().map(|(_, dir)| dir.to_string_lossy().into_owned()));
+        if let Some(valid) = &d.valid {
+            args.extend(["--prior-from".into(), abs(self.base, valid)]);
+        }
+        if let Some(k) = top_k {
+            args.extend(["--top-k".into(), k.to_string()]);
+        }
+        args.extend(["--data".into(), abs(self.base, data), "--seq-len".into(), e.seq_len.to_string(), "--json".into()]);
+        args.extend(["--out".into(), out.to_string_lossy().into_owned()]);
+        if let Some(n) = e.max_docs {
+            args.extend(["--max-docs".into(), n.to_string()]);
+        }
+        if let Some(n) = e.max_tokens {
+            args.extend(["--max-tokens".into(), n.to_string()]);
+        }
+        let deps = members.iter().map(|(name, _)| name.clone()).collect();
+        self.add(format!("eval/{label}/{}", d.name), JobKind::Eval, deps, args, vec![], vec![out], None, None);
     }
 
     fn eval_jobs(&mut self, m: &ModelRef, dep: Option<&str>) {

@@ -74,16 +74,18 @@ pub fn rows(plan: &Plan) -> Vec<Row> {
         }
     }
     // The ensemble is no trained model of its own: its training cost is its members', the
-    // first arm seed's experts.
-    let experts: Vec<&crate::plan::ModelRef> = plan
-        .jobs
-        .iter()
-        .filter(|j| j.kind == JobKind::TrainExpert && j.name.starts_with("expert/"))
-        .filter_map(|j| j.produces.as_ref())
-        .collect();
-    for r in rows.iter_mut().filter(|r| r.label == "ensemble" || r.label == "ensemble-top1") {
-        r.tokens_after_seed = experts.iter().map(|m| m.tokens_after_seed).sum();
-        r.flops_after_seed = experts.iter().map(|m| m.flops_after_seed).sum();
+    // first arm seed's experts (and the added ones, for the extended ensemble).
+    let trained = |prefixes: &[&str]| -> (u64, f64) {
+        let members = plan.jobs.iter().filter(|j| j.kind == JobKind::TrainExpert && prefixes.iter().any(|p| j.name.starts_with(p)));
+        members.filter_map(|j| j.produces.as_ref()).fold((0, 0.0), |(t, f), m| (t + m.tokens_after_seed, f + m.flops_after_seed))
+    };
+    for r in rows.iter_mut() {
+        let members: &[&str] = match r.label.as_str() {
+            "ensemble" | "ensemble-top1" => &["expert/"],
+            "ensemble-extended" => &["expert/", "added/"],
+            _ => continue,
+        };
+        (r.tokens_after_seed, r.flops_after_seed) = trained(members);
     }
     rows
 }

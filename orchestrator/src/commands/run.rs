@@ -139,8 +139,30 @@ pub fn run(args: RunArgs) -> Result<()> {
         );
     }
     println!("{table}");
-    println!("report: {}", plan.run_dir.join("report.md").display());
+    print_story(&plan);
+    println!("report: {} (and report.html: loss curves, routing heatmaps)", plan.run_dir.join("report.md").display());
     Ok(())
+}
+
+/// After the table: the compute-matched comparison of the arms, and what a small run can and
+/// cannot show.
+fn print_story(plan: &Plan) {
+    let rows = crate::report::rows(plan);
+    let Some(arms) = crate::report::arms_table(&rows) else { return };
+    println!(
+        "\nArms: average perplexity over the domains (dense = the baseline trained on as many tokens as the experts \
+         and the merged MoE together; the table above gives each row's tokens; negative = better than dense):\n{arms}"
+    );
+    let seed = plan.jobs.iter().filter_map(|j| j.produces.as_ref()).find(|m| m.label == "seed").map(|m| m.dir.clone());
+    let params = seed.and_then(|d| btm_model::Checkpoint::open(d).ok()).map(|c| c.config.num_parameters());
+    if let Some(n) = params.filter(|&n| n < 10_000_000) {
+        println!(
+            "At this size ({:.1}M parameters, minutes on a CPU) the run shows the pipeline end to end, not BTM's gains: \
+             embeddings and the LM head hold most of each expert's parameters, and merging averages them away. \
+             docs/experiments.md measures the arms at larger sizes and explains the trend.",
+            n as f64 / 1e6
+        );
+    }
 }
 
 /// The longest chain of job durations through the DAG (jobs skipped this time count 0): the

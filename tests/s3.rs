@@ -9,7 +9,7 @@
 
 mod common;
 
-use common::{btm, domain, every_stage_pipeline, ok, S3Server, BUCKET};
+use common::{btm, domain, every_stage_pipeline, fixture_pipeline, ok, S3Server, BUCKET};
 use std::path::Path;
 use std::process::Command;
 
@@ -240,4 +240,24 @@ fn a_server_gone_during_a_checkpoint_upload_fails_cleanly_and_a_rerun_completes(
     // The partial checkpoint was not resumed from: the rerun trained the seed from step 0.
     let log = std::fs::read_to_string(s3.dir("runs/gone/logs/seed.log")).unwrap();
     assert!(!log.contains("resuming from"), "{log}");
+}
+
+/// An external trainer in a run kept in the bucket: it gets local copies of its input model and
+/// data (here it checks they are files and returns its input), and its output is published
+/// into the bucket like btm's own.
+#[test]
+fn an_external_trainer_works_on_a_run_in_the_bucket() {
+    let Some(s3) = S3Server::start() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let trainer =
+        "{kind: command, command: \"test -f {model_in}/config.json && test -f {train_files} && cp -r {model_in}/. {model_out}/\"}";
+    let train = format!("steps: 2, batch_size: 4, seq_len: 32, trainer: {trainer}");
+    let file =
+        fixture_pipeline(tmp.path(), "ext", &format!("s3://{BUCKET}/runs"), "{kind: local, slots: 2, threads_per_job: 1}", &train, "");
+    let out = ok(btm_s3(&s3, tmp.path()).arg("run").arg(&file).arg("--quiet").output().unwrap());
+    assert!(out.contains("| merged |"), "{out}");
+    let objects = s3.objects("runs/ext");
+    for o in ["experts/code/model/MANIFEST.json", "experts/code/model/btm.json", "experts/scripture/model/model.safetensors"] {
+        assert!(objects.iter().any(|k| k.ends_with(o)), "{o} not in the bucket: {objects:?}");
+    }
 }

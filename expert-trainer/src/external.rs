@@ -193,18 +193,23 @@ pub fn render(template: &str, values: &BTreeMap<&str, String>) -> Result<String>
 }
 
 /// The placeholder values for a job, as shell words.
-fn values(spec: &JobSpec, model_in: &Path, model_out: &Path, work_dir: &Path, nproc: usize) -> BTreeMap<&'static str, String> {
+fn values(spec: &JobSpec, model_in: &Path, model_out: &Path, work_dir: &Path, nproc: usize) -> Result<BTreeMap<&'static str, String>> {
     let q = |p: &Path| shell_quote(&p.display().to_string());
     let num = |x: f64| format!("{x}");
     let decay = serde_json::to_value(spec.schedule.decay).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
     let steps = spec.total_steps();
-    BTreeMap::from([
+    // Data in an object store (a run kept in a bucket) is fetched into the local cache: the
+    // command gets files it can open.
+    let local = |p: &Path| -> Result<String> { Ok(q(&btm_model::folder::fetch_file(&p.to_string_lossy())?)) };
+    let train_files = spec.data.train.iter().map(|s| local(&s.path)).collect::<Result<Vec<_>>>()?.join(" ");
+    let valid_files = spec.data.valid.iter().map(|p| local(p)).collect::<Result<Vec<_>>>()?.join(" ");
+    Ok(BTreeMap::from([
         ("model_in", q(model_in)),
         ("model_out", q(model_out)),
         ("work_dir", q(work_dir)),
-        ("train_files", spec.data.train.iter().map(|s| q(&s.path)).collect::<Vec<_>>().join(" ")),
+        ("train_files", train_files),
         ("train_weights", spec.data.train.iter().map(|s| num(s.weight)).collect::<Vec<_>>().join(",")),
-        ("valid_files", spec.data.valid.iter().map(|p| q(p)).collect::<Vec<_>>().join(" ")),
+        ("valid_files", valid_files),
         ("steps", steps.to_string()),
         ("tokens", (steps * spec.tokens_per_step()).to_string()),
         ("batch_size", spec.batch_size.to_string()),
@@ -221,7 +226,7 @@ fn values(spec: &JobSpec, model_in: &Path, model_out: &Path, work_dir: &Path, np
         ("seed", spec.seed.to_string()),
         ("domain", shell_quote(spec.domain.as_deref().unwrap_or(""))),
         ("nproc_per_node", nproc.to_string()),
-    ])
+    ]))
 }
 
 /// Run `spec`'s external trainer to the end and publish its model (see the module docs).
@@ -247,7 +252,7 @@ pub fn run(spec: &JobSpec, trainer: &Trainer, quiet: bool) -> Result<Outcome> {
         Trainer::Torchrun { nproc_per_node, .. } => *nproc_per_node,
         _ => 1,
     };
-    let line = render(&template, &values(spec, &model_in, &model_out, &work_dir, nproc))?;
+    let line = render(&template, &values(spec, &model_in, &model_out, &work_dir, nproc)?)?;
     let mut metrics = Metrics::open(&out, u64::MAX, quiet)?;
     metrics.say(&format!("external trainer: {line}"));
     run_command(&line, &mut metrics)?;

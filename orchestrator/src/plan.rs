@@ -110,6 +110,26 @@ pub struct Plan {
     pub jobs: Vec<Job>,
 }
 
+/// A job's id: SHA-256 (first 16 hex digits) of its kind, name, arguments, the files it is
+/// handed (paths and contents) and its dependencies' ids. An unchanged job keeps its id across
+/// `btm run`s and is skipped once done; a change anywhere upstream changes every id below it.
+pub fn job_id(kind: JobKind, name: &str, args: &[String], files: &[(PathBuf, String)], dep_ids: &[String]) -> String {
+    let mut h = Sha256::new();
+    h.update(format!("{kind:?}\0{name}\0"));
+    for a in args {
+        h.update(a.as_bytes());
+        h.update([0]);
+    }
+    for (p, c) in files {
+        h.update(p.to_string_lossy().as_bytes());
+        h.update(c.as_bytes());
+    }
+    for d in dep_ids {
+        h.update(d.as_bytes());
+    }
+    hex::encode(h.finalize())[..16].to_string()
+}
+
 /// Training defaults under the pipeline's `train` blocks.
 fn defaults() -> TrainParams {
     TrainParams {
@@ -174,20 +194,8 @@ impl Builder<'_> {
         train: Option<TrainInfo>,
         produces: Option<ModelRef>,
     ) -> String {
-        let mut h = Sha256::new();
-        h.update(format!("{kind:?}\0{name}\0"));
-        for a in &args {
-            h.update(a.as_bytes());
-            h.update([0]);
-        }
-        for (p, c) in &files {
-            h.update(p.to_string_lossy().as_bytes());
-            h.update(c.as_bytes());
-        }
-        for d in &deps {
-            h.update(self.id_of(d).as_bytes());
-        }
-        let id = hex::encode(h.finalize())[..16].to_string();
+        let dep_ids: Vec<String> = deps.iter().map(|d| self.id_of(d)).collect();
+        let id = job_id(kind, &name, &args, &files, &dep_ids);
         self.jobs.push(Job {
             id,
             name: name.clone(),

@@ -91,3 +91,19 @@ fn a_closed_stdout_ends_btm_quietly() {
     assert!(matches!(out.status.code(), Some(0) | Some(141)), "{:?}", out.status);
     assert!(out.stderr.is_empty(), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+#[test]
+fn version_names_the_commit_and_completions_cover_every_subcommand() {
+    let out = btm(&["--version"]);
+    let v = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && v.starts_with("btm 0.") && v.contains(" (") && v.trim_end().ends_with(')'), "{v}");
+    for shell in ["bash", "zsh", "fish"] {
+        let out = btm(&["completions", shell]);
+        let script = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{shell}");
+        for sub in ["run", "remove-expert", "average", "add-expert"] {
+            assert!(script.contains(sub), "{shell} completion lacks {sub}");
+        }
+    }
+    assert!(!btm(&["completions", "tcsh"]).status.success());
+}

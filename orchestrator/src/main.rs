@@ -11,10 +11,10 @@ mod plan;
 mod report;
 mod stage;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "btm", version, about = "Branch, train and merge language models into a Mixture of Experts")]
+#[command(name = "btm", version = concat!(env!("CARGO_PKG_VERSION"), " (", env!("BTM_COMMIT"), ")"), about = "Branch, train and merge language models into a Mixture of Experts")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -56,6 +56,12 @@ enum Command {
     /// Benchmarks.
     #[command(subcommand)]
     Bench(commands::bench::BenchCommand),
+    /// Print a shell completion script: `btm completions bash > /etc/bash_completion.d/btm`.
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 fn main() {
@@ -99,6 +105,13 @@ fn main() {
         Command::RemoveExpert(args) => commands::remove_expert::run(args),
         Command::Train(args) => commands::train::run(args),
         Command::Bench(cmd) => commands::bench::run(cmd),
+        Command::Completions { shell } => {
+            // Into a buffer, then printed: a closed pipe ends the process quietly (see above).
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "btm", &mut script);
+            print!("{}", String::from_utf8_lossy(&script));
+            Ok(())
+        }
     };
     if let Err(err) = result {
         eprintln!("error: {err:#}");

@@ -40,6 +40,16 @@ fn pipeline_in(dir: &Path, name: &str, engine: &str, steps: u64, storage: &str) 
     fixture_pipeline(dir, name, storage, engine, &format!("steps: {steps}, batch_size: 4, seq_len: 32, checkpoint_interval: 5"), "")
 }
 
+/// The two experts went to Slurm as one array (one batch script with both tasks).
+fn assert_experts_in_one_array(run: &Path) {
+    let scripts: Vec<String> =
+        std::fs::read_dir(run.join("jobs/slurm")).unwrap().flatten().map(|e| std::fs::read_to_string(e.path()).unwrap()).collect();
+    assert!(
+        scripts.iter().any(|s| s.contains("expert-scripture") && s.contains("expert-code") && s.contains("  1) mkdir -p")),
+        "{scripts:?}"
+    );
+}
+
 /// The Slurm ids of running tasks whose job name is `name`.
 fn slurm_ids(name: &str) -> Vec<String> {
     let out = slurm("squeue").args(["-h", "-o", "%i %j %T"]).output().unwrap();
@@ -80,12 +90,7 @@ fn cli_runs_the_experts_as_an_array_and_survives_a_cancelled_task() {
     assert!(cancelled.is_some(), "never caught the code expert running with a checkpoint:\n{out}");
     assert!(out.contains("| merged |"), "{out}");
     // One array for the two experts.
-    let scripts: Vec<String> =
-        std::fs::read_dir(run.join("jobs/slurm")).unwrap().flatten().map(|e| std::fs::read_to_string(e.path()).unwrap()).collect();
-    assert!(
-        scripts.iter().any(|s| s.contains("expert-scripture") && s.contains("expert-code") && s.contains("  1) mkdir -p")),
-        "{scripts:?}"
-    );
+    assert_experts_in_one_array(&run);
     // The cancelled expert resumed from its checkpoint rather than step 0.
     let log = std::fs::read_to_string(run.join("logs/expert-code.log")).unwrap();
     assert!(log.contains("resuming from"), "{log}");
@@ -113,12 +118,7 @@ fn cli_runs_external_trainers_as_an_array() {
     let out = ok(btm().env("PATH", path_with(&python)).arg("run").arg(&file).output().unwrap());
     assert!(out.contains("| merged |") && out.contains("| expert-code |"), "{out}");
     let run = tmp.path().join("runs/slurm-external");
-    let scripts: Vec<String> =
-        std::fs::read_dir(run.join("jobs/slurm")).unwrap().flatten().map(|e| std::fs::read_to_string(e.path()).unwrap()).collect();
-    assert!(
-        scripts.iter().any(|s| s.contains("expert-scripture") && s.contains("expert-code") && s.contains("  1) mkdir -p")),
-        "{scripts:?}"
-    );
+    assert_experts_in_one_array(&run);
     let log = std::fs::read_to_string(run.join("logs/expert-code.log")).unwrap();
     assert!(log.contains("external trainer: exec torchrun"), "{log}");
     assert!(run.join("experts/code/model/MANIFEST.json").is_file());

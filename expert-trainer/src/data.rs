@@ -156,21 +156,6 @@ pub fn default_cache_dir() -> PathBuf {
 /// batch of text and its token ids, whatever the source's size.
 const DOCS_PER_BATCH: usize = 2048;
 
-/// SHA-256 of a file's bytes, read in blocks.
-fn file_sha256(path: &Path) -> Result<[u8; 32]> {
-    let mut f = std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = std::io::Read::read(&mut f, &mut buf).with_context(|| format!("reading {}", path.display()))?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(h.finalize().into())
-}
-
 /// The token stream of a JSONL source (plain, `.gz` or `.zst`): from the cache, or tokenized
 /// now and cached. The source is streamed twice — hashed for the cache key, then read a
 /// document at a time and tokenized in parallel batches straight into the cache file — so
@@ -180,7 +165,10 @@ pub fn tokenize_cached(source: &Path, tok: &TokenizerInfo, cache_dir: &Path) -> 
     let key = {
         let mut h = Sha256::new();
         h.update(b"btm-tokens/1\0");
-        h.update(file_sha256(source)?);
+        // The digest of the source's bytes (streamed; the key is the same as when the whole
+        // file was read and hashed at once).
+        let (_, digest) = btm_model::manifest::hash_file(source)?;
+        h.update(hex::decode(digest)?);
         h.update(tok.sha256.as_bytes());
         h.update(tok.eos.to_le_bytes());
         hex::encode(h.finalize())

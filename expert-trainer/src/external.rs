@@ -23,7 +23,6 @@ use crate::remote::Mirror;
 use crate::spec::JobSpec;
 use crate::train::Outcome;
 use anyhow::{bail, Context, Result};
-use btm_model::lineage::{Lineage, Parent};
 use btm_model::weights::expected_tensors;
 use btm_model::{Checkpoint, Extras, WriteOptions};
 use candle_core::DType;
@@ -87,25 +86,37 @@ pub const PLACEHOLDERS: &[(&str, &str)] = &[
     ("nproc_per_node", "processes per node (torchrun's)"),
 ];
 
-/// The `{name}`s in a template, with their byte offsets; `{{` and `}}` are literal braces.
-pub fn placeholders_in(template: &str) -> Result<Vec<(String, usize)>> {
-    let mut out = Vec::new();
+/// A piece of a command template: text to copy, or the name of a placeholder.
+enum Piece<'a> {
+    Text(&'a str),
+    Placeholder(&'a str),
+}
+
+/// `template` cut into its pieces; `{{` and `}}` stand for literal braces. The one parser of
+/// templates: checking and rendering both read its pieces.
+fn pieces(template: &str) -> Result<Vec<Piece<'_>>> {
+    let (mut out, mut last, mut i) = (Vec::new(), 0, 0);
     let bytes = template.as_bytes();
-    let mut i = 0;
     while i < bytes.len() {
         match bytes[i] {
-            b'{' if bytes.get(i + 1) == Some(&b'{') => i += 2,
-            b'}' if bytes.get(i + 1) == Some(&b'}') => i += 2,
+            b'{' | b'}' if bytes.get(i + 1) == Some(&bytes[i]) => {
+                out.push(Piece::Text(&template[last..i + 1]));
+                i += 2;
+                last = i;
+            }
             b'{' => {
-                let end = template[i..]
+                let end = i + template[i..]
                     .find('}')
                     .with_context(|| format!("`{{` at byte {i} is never closed (write `{{{{` for a literal brace)"))?;
-                out.push((template[i + 1..i + end].to_string(), i));
-                i += end + 1;
+                out.push(Piece::Text(&template[last..i]));
+                out.push(Piece::Placeholder(&template[i + 1..end]));
+                i = end + 1;
+                last = i;
             }
             _ => i += 1,
         }
     }
+    out.push(Piece::Text(&template[last..]));
     Ok(out)
 }
 
@@ -145,7 +156,8 @@ impl Trainer {
             }
         }
         let Some(template) = self.template() else { return Ok(()) };
-        for (name, _) in placeholders_in(&template)? {
+        for piece in pieces(&template)? {
+            let Piece::Placeholder(name) = piece else { continue };
             if !PLACEHOLDERS.iter().any(|(p, _)| *p == name) {
                 let known: Vec<&str> = PLACEHOLDERS.iter().map(|(p, _)| *p).collect();
                 bail!("unknown placeholder `{{{name}}}` (known: {})", known.join(", "));
@@ -166,29 +178,12 @@ pub fn shell_quote(value: &str) -> String {
 /// Replace every placeholder of `template` by its value from `values` (already shell words).
 pub fn render(template: &str, values: &BTreeMap<&str, String>) -> Result<String> {
     let mut out = String::with_capacity(template.len());
-    let mut last = 0;
-    let bytes = template.as_bytes();
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'{' | b'}' if bytes.get(i + 1) == Some(&bytes[i]) => {
-                out.push_str(&template[last..i + 1]);
-                i += 2;
-                last = i;
-            }
-            b'{' => {
-                let end = i + template[i..].find('}').context("unclosed `{`")?;
-                let name = &template[i + 1..end];
-                let value = values.get(name).with_context(|| format!("unknown placeholder `{{{name}}}`"))?;
-                out.push_str(&template[last..i]);
-                out.push_str(value);
-                i = end + 1;
-                last = i;
-            }
-            _ => i += 1,
+    for piece in pieces(template)? {
+        match piece {
+            Piece::Text(text) => out.push_str(text),
+            Piece::Placeholder(name) => out.push_str(values.get(name).with_context(|| format!("unknown placeholder `{{{name}}}`"))?),
         }
     }
-    out.push_str(&template[last..]);
     Ok(out)
 }
 
@@ -230,7 +225,8 @@ fn values(spec: &JobSpec, model_in: &Path, model_out: &Path, work_dir: &Path, np
 }
 
 /// Run `spec`'s external trainer to the end and publish its model (see the module docs).
-pub fn run(spec: &JobSpec, trainer: &Trainer, quiet: bool) -> Result<Outcome> {
+pub fn run(spec: &JobSpec, quiet: bool) -> Result<Outcome> {
+    let trainer = &spec.trainer;
     trainer.check().context("trainer")?;
     let template = trainer.template().context("trainer: btm's own trainer has no command")?;
     let Some(init) = &spec.init.checkpoint else {
@@ -259,18 +255,7 @@ pub fn run(spec: &JobSpec, trainer: &Trainer, quiet: bool) -> Result<Outcome> {
 
     let config = check_output(&input, &model_in, &model_out)?;
     let steps = spec.total_steps();
-    let tokens = steps * spec.tokens_per_step();
-    let mut lineage = Lineage::new("expert");
-    crate::train::inherit_makeup(&model_in, &mut lineage)?;
-    let manifest = model_in.join(btm_model::manifest::MANIFEST);
-    lineage.parents.push(Parent {
-        uri: init.clone(),
-        manifest_sha256: if manifest.exists() { Some(btm_model::Manifest::id(&model_in)?) } else { None },
-        domain: None,
-    });
-    lineage.domain = spec.domain.clone();
-    lineage.steps = Some(steps);
-    lineage.tokens_seen = Some(tokens);
+    let mut lineage = crate::train::trained_lineage(spec, Some(&model_in), steps, steps * spec.tokens_per_step())?;
     lineage.extra.insert("trainer".into(), serde_json::Value::String(line.clone()));
     let trained = Checkpoint::open(&model_out)?;
     let model_dir = out.join("model");

@@ -291,23 +291,40 @@ pub const INHERITED_LINEAGE: &[&str] = &[
     "non_expert_on_add",
 ];
 
-/// Copy [`INHERITED_LINEAGE`] from the lineage of the model in `parent` (if it has one) into `l`.
-pub fn inherit_makeup(parent: &std::path::Path, l: &mut Lineage) -> Result<()> {
-    if let Some(p) = Lineage::read(parent)? {
-        for key in INHERITED_LINEAGE {
-            if let Some(v) = p.extra.get(*key) {
-                l.extra.insert((*key).to_string(), v.clone());
+/// The lineage of a model trained by `spec` for `steps` steps and `tokens_seen` tokens, from
+/// the model in `init_dir` (`None`: from scratch, a seed): its parent (with the manifest hash
+/// where it has one), its domain, and the parent's [`INHERITED_LINEAGE`]. btm's trainer and
+/// external trainers both record their models through it.
+pub fn trained_lineage(spec: &JobSpec, init_dir: Option<&std::path::Path>, steps: u64, tokens_seen: u64) -> Result<Lineage> {
+    let mut l = Lineage::new(if init_dir.is_some() { "expert" } else { "seed" });
+    if let Some(dir) = init_dir {
+        if let Some(p) = Lineage::read(dir)? {
+            for key in INHERITED_LINEAGE {
+                if let Some(v) = p.extra.get(*key) {
+                    l.extra.insert((*key).to_string(), v.clone());
+                }
             }
         }
+        if let Some(uri) = &spec.init.checkpoint {
+            let manifest = dir.join(btm_model::manifest::MANIFEST);
+            l.parents.push(Parent {
+                uri: uri.clone(),
+                manifest_sha256: if manifest.exists() { Some(btm_model::Manifest::id(dir)?) } else { None },
+                domain: None,
+            });
+        }
     }
-    Ok(())
+    l.domain = spec.domain.clone();
+    l.steps = Some(steps);
+    l.tokens_seen = Some(tokens_seen);
+    Ok(l)
 }
 
 /// Run a training job to the end (or until stopped).
 pub fn run(spec: &JobSpec, mut options: Options) -> Result<Outcome> {
     spec.validate()?;
     if !spec.trainer.is_btm() {
-        return crate::external::run(spec, &spec.trainer, options.quiet);
+        return crate::external::run(spec, options.quiet);
     }
     tune_runtime(spec.threads);
     let device = device(&spec.device)?;
@@ -429,24 +446,7 @@ pub fn run(spec: &JobSpec, mut options: Options) -> Result<Outcome> {
         ),
     );
 
-    let lineage = |step: u64, tokens_seen: u64| -> Result<Lineage> {
-        let mut l = Lineage::new(if init_dir.is_some() { "expert" } else { "seed" });
-        if let Some(dir) = &init_dir {
-            inherit_makeup(dir, &mut l)?;
-        }
-        if let (Some(uri), Some(dir)) = (&spec.init.checkpoint, &init_dir) {
-            let manifest = dir.join(btm_model::manifest::MANIFEST);
-            l.parents.push(Parent {
-                uri: uri.clone(),
-                manifest_sha256: if manifest.exists() { Some(btm_model::Manifest::id(dir)?) } else { None },
-                domain: None,
-            });
-        }
-        l.domain = spec.domain.clone();
-        l.steps = Some(step);
-        l.tokens_seen = Some(tokens_seen);
-        Ok(l)
-    };
+    let lineage = |step: u64, tokens_seen: u64| trained_lineage(spec, init_dir.as_deref(), step, tokens_seen);
     let extras = |step: u64, tokens_seen: u64| -> Result<Extras> {
         Ok(Extras { tokenizer: Some(tokenizer_path.clone()), lineage: Some(lineage(step, tokens_seen)?) })
     };

@@ -351,6 +351,29 @@ impl Builder<'_> {
 
     /// `btm eval --ensemble` of `members` on domain `d` (prior from its `valid` file).
     fn ensemble_eval_job(&mut self, label: &str, top_k: Option<usize>, members: &[(String, PathBuf)], d: &crate::pipeline::spec::Domain) {
+        let mut what = vec!["--ensemble".to_string()];
+        what.extend(members.iter().map(|(_, dir)| dir.to_string_lossy().into_owned()));
+        if let Some(valid) = &d.valid {
+            what.extend(["--prior-from".into(), abs(self.base, valid)]);
+        }
+        if let Some(k) = top_k {
+            what.extend(["--top-k".into(), k.to_string()]);
+        }
+        let deps = members.iter().map(|(name, _)| name.clone()).collect();
+        self.eval_job(label, d, what, vec![], deps);
+    }
+
+    fn eval_jobs(&mut self, m: &ModelRef, dep: Option<&str>) {
+        for d in &self.p.domains {
+            let what = vec!["--model".into(), m.dir.to_string_lossy().into_owned()];
+            self.eval_job(&m.label, d, what, vec!["--routing".into()], dep.iter().map(|d| d.to_string()).collect());
+        }
+    }
+
+    /// Job `eval/<label>/<domain>`: `btm eval <what> --data … --seq-len … --json <flags> --out …`
+    /// on `d`'s evaluation split (none when the domain has no such file), capped as `eval` says.
+    /// The arguments' order is part of every eval job's id.
+    fn eval_job(&mut self, label: &str, d: &crate::pipeline::spec::Domain, what: Vec<String>, flags: Vec<String>, deps: Vec<String>) {
         let e = &self.p.eval;
         let data = match e.split {
             crate::pipeline::spec::Split::Test => d.test.as_ref(),
@@ -358,15 +381,10 @@ impl Builder<'_> {
         };
         let Some(data) = data else { return };
         let out = self.run.join("eval").join(label).join(format!("{}.json", d.name));
-        let mut args = vec!["eval".to_string(), "--ensemble".into()];
-        args.extend(members.iter().map(|(_, dir)| dir.to_string_lossy().into_owned()));
-        if let Some(valid) = &d.valid {
-            args.extend(["--prior-from".into(), abs(self.base, valid)]);
-        }
-        if let Some(k) = top_k {
-            args.extend(["--top-k".into(), k.to_string()]);
-        }
+        let mut args = vec!["eval".to_string()];
+        args.extend(what);
         args.extend(["--data".into(), abs(self.base, data), "--seq-len".into(), e.seq_len.to_string(), "--json".into()]);
+        args.extend(flags);
         args.extend(["--out".into(), out.to_string_lossy().into_owned()]);
         if let Some(n) = e.max_docs {
             args.extend(["--max-docs".into(), n.to_string()]);
@@ -374,49 +392,7 @@ impl Builder<'_> {
         if let Some(n) = e.max_tokens {
             args.extend(["--max-tokens".into(), n.to_string()]);
         }
-        let deps = members.iter().map(|(name, _)| name.clone()).collect();
         self.add(format!("eval/{label}/{}", d.name), JobKind::Eval, deps, args, vec![], vec![out], None, None);
-    }
-
-    fn eval_jobs(&mut self, m: &ModelRef, dep: Option<&str>) {
-        let e = &self.p.eval;
-        for d in &self.p.domains {
-            let data = match e.split {
-                crate::pipeline::spec::Split::Test => d.test.as_ref(),
-                crate::pipeline::spec::Split::Valid => d.valid.as_ref(),
-            };
-            let Some(data) = data else { continue };
-            let out = self.run.join("eval").join(&m.label).join(format!("{}.json", d.name));
-            let mut args = vec![
-                "eval".into(),
-                "--model".into(),
-                m.dir.to_string_lossy().into_owned(),
-                "--data".into(),
-                abs(self.base, data),
-                "--seq-len".into(),
-                e.seq_len.to_string(),
-                "--json".into(),
-                "--routing".into(),
-                "--out".into(),
-                out.to_string_lossy().into_owned(),
-            ];
-            if let Some(n) = e.max_docs {
-                args.extend(["--max-docs".into(), n.to_string()]);
-            }
-            if let Some(n) = e.max_tokens {
-                args.extend(["--max-tokens".into(), n.to_string()]);
-            }
-            self.add(
-                format!("eval/{}/{}", m.label, d.name),
-                JobKind::Eval,
-                dep.iter().map(|d| d.to_string()).collect(),
-                args,
-                vec![],
-                vec![out],
-                None,
-                None,
-            );
-        }
     }
 }
 

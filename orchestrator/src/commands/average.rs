@@ -36,10 +36,7 @@ pub fn run(args: AverageArgs) -> Result<()> {
             let device = super::device(&args.device)?;
             let models = members.iter().map(|m| Ok(m.load_model(candle_core::DType::F32, &device)?)).collect::<Result<Vec<_>>>()?;
             let tokenizer = members[0].tokenizer()?;
-            let data = btm_model::folder::fetch_file(&path.to_string_lossy())?;
-            let texts = btm_model::jsonl::read_texts(&data, None)?;
-            anyhow::ensure!(!texts.is_empty(), "{}: no documents", path.display());
-            let docs = texts.iter().map(|t| btm_model::tokenizer::encode(&tokenizer, t)).collect::<btm_model::Result<Vec<_>>>()?;
+            let docs = super::eval::tokenized(path, &tokenizer, None, None)?;
             btm_model::ensemble::estimate_prior(&models, &docs, args.seq_len, &device)?
         }
         None => {

@@ -61,7 +61,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let tokenizer = ckpt.tokenizer()?;
     // Data given as an object-store URL is fetched into the local cache.
     let start = std::time::Instant::now();
-    let docs = documents(&args, &args.data, &tokenizer)?;
+    let docs = tokenized(&args.data, &tokenizer, args.max_docs, args.max_tokens)?;
     let (p, routing) = btm_model::eval::score(&model, &docs, args.seq_len, &device, args.routing)?;
     let mut result = serde_json::to_value(p)?;
     if let Some(shares) = &routing {
@@ -81,12 +81,19 @@ pub fn open_members(names: &[String]) -> Result<Vec<Checkpoint>> {
 }
 
 /// The documents of a JSONL file (path or URL), tokenized, capped as the flags say.
-fn documents(args: &EvalArgs, path: &std::path::Path, tokenizer: &btm_model::tokenizer::Tokenizer) -> Result<Vec<Vec<u32>>> {
+/// The first `max_docs` documents of a JSONL file (path or URL), each tokenized on its own,
+/// cut to `max_tokens` tokens in all.
+pub fn tokenized(
+    path: &std::path::Path,
+    tokenizer: &btm_model::tokenizer::Tokenizer,
+    max_docs: Option<usize>,
+    max_tokens: Option<usize>,
+) -> Result<Vec<Vec<u32>>> {
     let data = btm_model::folder::fetch_file(&path.to_string_lossy())?;
-    let texts = btm_model::jsonl::read_texts(&data, args.max_docs)?;
+    let texts = btm_model::jsonl::read_texts(&data, max_docs)?;
     anyhow::ensure!(!texts.is_empty(), "{}: no documents", path.display());
     let mut docs = texts.iter().map(|t| btm_model::tokenizer::encode(tokenizer, t)).collect::<btm_model::Result<Vec<_>>>()?;
-    if let Some(cap) = args.max_tokens {
+    if let Some(cap) = max_tokens {
         anyhow::ensure!(cap > 0, "--max-tokens must be positive");
         truncate_to_tokens(&mut docs, cap);
     }
@@ -105,11 +112,11 @@ fn run_ensemble(args: &EvalArgs, device: &candle_core::Device) -> Result<()> {
     let prior = match &args.prior_from {
         None => vec![1.0; models.len()],
         Some(path) => {
-            let held_out = documents(args, path, &tokenizer)?;
+            let held_out = tokenized(path, &tokenizer, args.max_docs, args.max_tokens)?;
             btm_model::ensemble::estimate_prior(&models, &held_out, args.seq_len, device)?
         }
     };
-    let docs = documents(args, &args.data, &tokenizer)?;
+    let docs = tokenized(&args.data, &tokenizer, args.max_docs, args.max_tokens)?;
     let r = btm_model::ensemble::perplexity(&models, &prior, args.top_k, &docs, args.seq_len, device)?;
     let mut result = serde_json::to_value(&r)?;
     result["members"] = serde_json::to_value(&args.ensemble)?;

@@ -293,8 +293,16 @@ fn loss_series(plan: &Plan) -> Vec<(String, Vec<(f64, f64)>)> {
     out
 }
 
-/// Write report.md, report.html and plots/ for the run; returns the perplexity table.
-pub fn write(run: &Path) -> Result<String> {
+/// What [`write`] puts at the top of the report, for `btm run` and `btm report` to print.
+pub struct Written {
+    /// The perplexity table (Markdown).
+    pub table: String,
+    /// The Arms comparison (Markdown), when the run has a dense baseline.
+    pub arms: Option<String>,
+}
+
+/// Write report.md, report.html and plots/ for the run; returns the tables it opens with.
+pub fn write(run: &Path) -> Result<Written> {
     let plan = read_plan(run)?;
     let rows = rows(&plan);
     let table = table(&rows);
@@ -338,7 +346,8 @@ pub fn write(run: &Path) -> Result<String> {
             base.average()
         );
     }
-    if let Some(arms) = arms_table(&rows) {
+    let arms = arms_table(&rows);
+    if let Some(arms) = &arms {
         let _ = writeln!(md, "\n## Arms\n");
         let _ = writeln!(
             md,
@@ -347,7 +356,7 @@ pub fn write(run: &Path) -> Result<String> {
              lower perplexity than dense). *experts* is each domain's expert on its own domain: the in-domain \
              ceiling, not a single model.\n"
         );
-        md.push_str(&arms);
+        md.push_str(arms);
     }
     let _ = writeln!(md, "\n## Plots\n");
     for (caption, file, _) in &figures {
@@ -397,7 +406,7 @@ pub fn write(run: &Path) -> Result<String> {
     let jobs_table: String = md.lines().skip_while(|l| !l.starts_with("| job |")).collect::<Vec<_>>().join("\n");
     let _ = write!(html, "<h2>Jobs and lineage</h2>{}</body></html>", markdown_table_to_html(&jobs_table));
     folder.write("report.html", html.as_bytes())?;
-    Ok(table)
+    Ok(Written { table, arms })
 }
 
 fn markdown_table_to_html(md: &str) -> String {

@@ -124,7 +124,7 @@ pub fn run(args: RunArgs) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let start = std::time::Instant::now();
     let summary = runtime.block_on(crate::executor::execute(&plan, engine.as_ref(), p.engine.retries(), args.quiet))?;
-    let table = crate::report::write(&plan.run_dir)?;
+    let written = crate::report::write(&plan.run_dir)?;
     if summary.ran.is_empty() {
         println!("nothing to do: all {} jobs were already done", plan.jobs.len());
     } else {
@@ -138,17 +138,16 @@ pub fn run(args: RunArgs) -> Result<()> {
             engine.slots()
         );
     }
-    println!("{table}");
-    print_story(&plan);
+    println!("{}", written.table);
+    print_story(&plan, written.arms.as_deref());
     println!("report: {} (and report.html: loss curves, routing heatmaps)", plan.run_dir.join("report.md").display());
     Ok(())
 }
 
 /// After the table: the compute-matched comparison of the arms, and what a small run can and
 /// cannot show.
-fn print_story(plan: &Plan) {
-    let rows = crate::report::rows(plan);
-    let Some(arms) = crate::report::arms_table(&rows) else { return };
+fn print_story(plan: &Plan, arms: Option<&str>) {
+    let Some(arms) = arms else { return };
     println!(
         "\nArms: average perplexity over the domains (dense = the baseline trained on as many tokens as the experts \
          and the merged MoE together; the table above gives each row's tokens; negative = better than dense):\n{arms}"
@@ -244,8 +243,7 @@ pub fn status(args: RunDirArgs) -> Result<()> {
 }
 
 pub fn report(args: RunDirArgs) -> Result<()> {
-    let table = crate::report::write(&args.run)?;
-    println!("{table}");
+    println!("{}", crate::report::write(&args.run)?.table);
     println!("report: {}", args.run.join("report.md").display());
     Ok(())
 }

@@ -12,10 +12,11 @@ use crate::data::Position;
 use crate::optim::AdamW;
 use crate::state::Weights;
 use anyhow::{bail, Context, Result};
+use btm_kernels::ExpertShard;
 use btm_model::manifest::{Manifest, MANIFEST};
 use btm_model::{write_checkpoint, Extras, WriteOptions};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 pub const STATE: &str = "trainer_state.json";
@@ -49,8 +50,15 @@ pub fn step_dir_name(step: u64) -> String {
     format!("step-{step:08}")
 }
 
-/// Write and publish a checkpoint under `root`; returns its directory.
-pub fn save(root: &Path, weights: &Weights, opt: &AdamW, state: &TrainerState, extras: &Extras) -> Result<PathBuf> {
+/// Write and publish a checkpoint under `root`: `weights` and the AdamW `moments`
+/// ([`AdamW::state_tensors`]), whole; returns its directory.
+pub fn save(
+    root: &Path,
+    weights: &Weights,
+    moments: HashMap<String, candle_core::Tensor>,
+    state: &TrainerState,
+    extras: &Extras,
+) -> Result<PathBuf> {
     std::fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
     let name = step_dir_name(state.step);
     let dest = root.join(&name);
@@ -64,8 +72,8 @@ pub fn save(root: &Path, weights: &Weights, opt: &AdamW, state: &TrainerState, e
         .with_context(|| format!("writing weights to {}", tmp.display()))?;
     let cleanup = TmpGuard(tmp.clone());
     // The optimizer and trainer state beside them, then a manifest covering everything.
-    let moments: std::collections::HashMap<String, candle_core::Tensor> =
-        opt.state_tensors().into_iter().map(|(k, t)| Ok((k, t.to_device(&candle_core::Device::Cpu)?))).collect::<Result<_>>()?;
+    let moments: HashMap<String, candle_core::Tensor> =
+        moments.into_iter().map(|(k, t)| Ok((k, t.to_device(&candle_core::Device::Cpu)?))).collect::<Result<_>>()?;
     candle_core::safetensors::save(&moments, tmp.join(OPTIMIZER)).context("writing optimizer state")?;
     std::fs::write(tmp.join(STATE), serde_json::to_vec_pretty(state)?).context("writing trainer state")?;
     let known: BTreeMap<String, (u64, String)> = Manifest::read(&tmp)?.files.into_iter().map(|f| (f.path, (f.size, f.sha256))).collect();
@@ -139,8 +147,9 @@ pub fn newest_valid(root: &Path, warn: &mut dyn FnMut(String)) -> Result<Option<
     Ok(None)
 }
 
-/// Load the optimizer moments of a verified checkpoint into `opt`.
-pub fn load_optimizer(dir: &Path, opt: &mut AdamW, state: &TrainerState) -> Result<()> {
+/// Load the optimizer moments of a verified checkpoint into `opt` (with expert parallelism,
+/// the moments of this rank's experts, `shard`).
+pub fn load_optimizer(dir: &Path, opt: &mut AdamW, state: &TrainerState, shard: Option<&ExpertShard>) -> Result<()> {
     let names: Vec<&str> = opt.params.iter().map(|p| p.name.as_str()).collect();
     if names != state.trainable.iter().map(String::as_str).collect::<Vec<_>>() {
         bail!(
@@ -153,7 +162,7 @@ pub fn load_optimizer(dir: &Path, opt: &mut AdamW, state: &TrainerState) -> Resu
     let device = opt.params.first().map(|p| p.var.device().clone()).unwrap_or(candle_core::Device::Cpu);
     let tensors = candle_core::safetensors::load(dir.join(OPTIMIZER), &device)
         .with_context(|| format!("reading {}", dir.join(OPTIMIZER).display()))?;
-    opt.load_state(tensors, state.optimizer_t)
+    opt.load_state(crate::distributed::local_experts(tensors, shard)?, state.optimizer_t)
 }
 
 /// Delete all but the newest `keep` checkpoints.

@@ -16,6 +16,7 @@
 pub mod bench;
 pub mod checkpoint;
 pub mod data;
+pub mod distributed;
 pub mod external;
 pub mod loss;
 pub mod metrics;

@@ -16,7 +16,8 @@ pub const METRICS: &str = "metrics.jsonl";
 
 pub struct Metrics {
     path: PathBuf,
-    file: std::fs::File,
+    /// `None` on the ranks of a multi-process run other than rank 0, which writes for all.
+    file: Option<std::fs::File>,
     quiet: bool,
     /// Only when stderr is a terminal.
     bar: Option<indicatif::ProgressBar>,
@@ -46,7 +47,13 @@ impl Metrics {
         }
         let file =
             std::fs::OpenOptions::new().create(true).append(true).open(&path).with_context(|| format!("opening {}", path.display()))?;
-        Ok(Self { path, file, quiet, bar: None })
+        Ok(Self { path, file: Some(file), quiet, bar: None })
+    }
+
+    /// Metrics of a rank other than 0: nothing written, nothing printed (rank 0 reports the
+    /// step's all-reduced figures).
+    pub fn silent(dir: &Path) -> Self {
+        Self { path: dir.join(METRICS), file: None, quiet: true, bar: None }
     }
 
     pub fn path(&self) -> &Path {
@@ -57,7 +64,10 @@ impl Metrics {
     pub fn record(&mut self, v: &Value) -> Result<()> {
         let mut line = serde_json::to_string(v)?;
         line.push('\n');
-        self.file.write_all(line.as_bytes()).with_context(|| format!("writing {}", self.path.display()))
+        match &mut self.file {
+            Some(file) => file.write_all(line.as_bytes()).with_context(|| format!("writing {}", self.path.display())),
+            None => Ok(()),
+        }
     }
 
     /// A progress line on stderr (above the bar, if there is one).

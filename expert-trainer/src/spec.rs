@@ -279,6 +279,26 @@ pub struct JobSpec {
     /// checkpoints ([`crate::external`]).
     #[serde(default, skip_serializing_if = "crate::external::Trainer::is_btm")]
     pub trainer: crate::external::Trainer,
+    /// Replicas of each expert (and of every other weight) that train on different data; the
+    /// run has `data_parallel × expert_parallel` ranks, launched by `mpirun`/`srun`. Each rank
+    /// takes `grad_accum / ranks` of a step's micro-batches, gradients are summed over ranks
+    /// (see [`crate::distributed`]).
+    #[serde(default = "one_usize", skip_serializing_if = "is_one")]
+    pub data_parallel: usize,
+    /// Ranks over which each MoE layer's experts are split (E / expert_parallel per rank);
+    /// tokens travel to their experts by all-to-all.
+    #[serde(default = "one_usize", skip_serializing_if = "is_one")]
+    pub expert_parallel: usize,
+    /// The collective engine of a multi-rank run.
+    #[serde(default, skip_serializing_if = "is_default_backend")]
+    pub collective: btm_collective::Backend,
+}
+
+fn is_one(v: &usize) -> bool {
+    *v == 1
+}
+fn is_default_backend(b: &btm_collective::Backend) -> bool {
+    *b == btm_collective::Backend::default()
 }
 
 fn one_f64() -> f64 {
@@ -474,6 +494,11 @@ impl JobSpec {
         Ok(Some(url.to_string()))
     }
 
+    /// Processes of the run: `data_parallel × expert_parallel`.
+    pub fn ranks(&self) -> usize {
+        self.data_parallel * self.expert_parallel
+    }
+
     /// Sequences per optimizer step.
     pub fn sequences_per_step(&self) -> usize {
         self.batch_size * self.grad_accum
@@ -587,6 +612,31 @@ impl JobSpec {
         }
         if self.threads == Some(0) {
             return fail("threads", "must be positive".into());
+        }
+        for (key, v) in [("data_parallel", self.data_parallel), ("expert_parallel", self.expert_parallel)] {
+            if v == 0 {
+                return fail(key, "must be at least 1".into());
+            }
+        }
+        if self.ranks() > 1 {
+            if !self.grad_accum.is_multiple_of(self.ranks()) {
+                return fail(
+                    "grad_accum",
+                    format!(
+                        "{} is not a multiple of the {} ranks (data_parallel {} × expert_parallel {}): each rank takes an equal share of a step's micro-batches",
+                        self.grad_accum,
+                        self.ranks(),
+                        self.data_parallel,
+                        self.expert_parallel
+                    ),
+                );
+            }
+            if !self.trainer.is_btm() {
+                return fail("data_parallel", "an external trainer is launched by its own command; give it its ranks there".into());
+            }
+            if self.device != "cpu" {
+                return fail("device", "multi-rank runs use the MPI backend, on the CPU (NCCL is not built yet)".into());
+            }
         }
         if self.log_interval == 0 {
             return fail("log_interval", "must be positive".into());

@@ -15,6 +15,7 @@
 
 use crate::spec::Trainable;
 use anyhow::{Context, Result};
+use btm_kernels::ExpertShard;
 use btm_model::model::{STACKED_DOWN, STACKED_GATE_UP};
 use btm_model::weights::expected_tensors;
 use btm_model::{Checkpoint, ModelConfig, Transformer};
@@ -40,6 +41,14 @@ pub struct Weights {
     pub trainable: Vec<(String, Var)>,
     /// Trainable stacks of which only part trains: the flat element ranges that do.
     pub masks: HashMap<String, Vec<Range<usize>>>,
+    /// With expert parallelism, the experts this rank holds (its stacks hold only those).
+    pub shard: Option<ExpertShard>,
+}
+
+/// The expert index of a routed expert's checkpoint name (`….mlp.experts.{e}.….weight`).
+fn expert_of(name: &str) -> Option<usize> {
+    let (_, rest) = name.split_once(".mlp.experts.")?;
+    rest.split('.').next()?.parse().ok()
 }
 
 /// Expert `expert`'s rows `rows` of the stacked tensor `stacked` ([E, rows, columns]).
@@ -59,22 +68,19 @@ impl Slice {
     }
 }
 
-/// Replace each MoE layer's per-expert weights in `tensors` by its two stacks; return where
-/// each per-expert name now lies.
-fn stack_experts(config: &ModelConfig, tensors: &mut HashMap<String, Tensor>) -> Result<HashMap<String, Slice>> {
-    let mut slices = HashMap::new();
+/// Replace each MoE layer's per-expert weights in `tensors` (those of the experts `local`) by
+/// its two stacks; return where each per-expert name now lies.
+fn stack_experts(config: &ModelConfig, tensors: &mut HashMap<String, Tensor>, local: Range<usize>) -> Result<HashMap<String, Slice>> {
+    let slices = expert_slices(config, local.clone());
     let Some(moe) = &config.moe else {
         return Ok(slices);
     };
     let (f, h) = (moe.expert_ffn, config.hidden_size);
     for layer in (0..config.num_layers).filter(|&l| config.is_moe_layer(l)) {
         let prefix = format!("model.layers.{layer}.mlp.experts");
-        let (gate_up_name, down_name) = (format!("{prefix}.{STACKED_GATE_UP}"), format!("{prefix}.{STACKED_DOWN}"));
         let (mut gate_up, mut down) = (Vec::new(), Vec::new());
-        for e in 0..moe.experts {
-            for (part, stacked, rows) in
-                [("gate_proj", &gate_up_name, 0..f), ("up_proj", &gate_up_name, f..2 * f), ("down_proj", &down_name, 0..h)]
-            {
+        for e in local.clone() {
+            for part in ["gate_proj", "up_proj", "down_proj"] {
                 let name = format!("{prefix}.{e}.{part}.weight");
                 let t = tensors.remove(&name).with_context(|| format!("no tensor `{name}`"))?;
                 if part == "down_proj" {
@@ -82,13 +88,39 @@ fn stack_experts(config: &ModelConfig, tensors: &mut HashMap<String, Tensor>) ->
                 } else {
                     gate_up.push(t)
                 }
-                slices.insert(name, Slice { stacked: stacked.clone(), expert: e, rows });
             }
         }
-        tensors.insert(gate_up_name, Tensor::cat(&gate_up, 0)?.reshape((moe.experts, 2 * f, h))?);
-        tensors.insert(down_name, Tensor::stack(&down, 0)?);
+        tensors.insert(format!("{prefix}.{STACKED_GATE_UP}"), Tensor::cat(&gate_up, 0)?.reshape((local.len(), 2 * f, h))?);
+        tensors.insert(format!("{prefix}.{STACKED_DOWN}"), Tensor::stack(&down, 0)?);
     }
     Ok(slices)
+}
+
+/// Whether this rank holds the tensor `name` (all but other ranks' experts).
+fn holds(shard: Option<&ExpertShard>, name: &str) -> bool {
+    match (shard, expert_of(name)) {
+        (Some(shard), Some(e)) => shard.local().contains(&e),
+        _ => true,
+    }
+}
+
+/// Where each per-expert checkpoint name of the experts `local` lies in its layer's stacks.
+fn expert_slices(config: &ModelConfig, local: Range<usize>) -> HashMap<String, Slice> {
+    let mut slices = HashMap::new();
+    let Some(moe) = &config.moe else {
+        return slices;
+    };
+    let (f, h) = (moe.expert_ffn, config.hidden_size);
+    for layer in (0..config.num_layers).filter(|&l| config.is_moe_layer(l)) {
+        let prefix = format!("model.layers.{layer}.mlp.experts");
+        let (gate_up, down) = (format!("{prefix}.{STACKED_GATE_UP}"), format!("{prefix}.{STACKED_DOWN}"));
+        for e in local.clone() {
+            for (part, stacked, rows) in [("gate_proj", &gate_up, 0..f), ("up_proj", &gate_up, f..2 * f), ("down_proj", &down, 0..h)] {
+                slices.insert(format!("{prefix}.{e}.{part}.weight"), Slice { stacked: stacked.clone(), expert: e - local.start, rows });
+            }
+        }
+    }
+    slices
 }
 
 /// Sorted ranges with adjacent ones joined.
@@ -107,22 +139,39 @@ fn join_ranges(mut ranges: Vec<Range<usize>>) -> Vec<Range<usize>> {
 impl Weights {
     /// Weights from a checkpoint, in float32 on `device`.
     pub fn from_checkpoint(ckpt: &Checkpoint, device: &Device, select: &Trainable) -> Result<Self> {
+        Self::from_checkpoint_sharded(ckpt, device, select, None)
+    }
+
+    /// Like [`Self::from_checkpoint`], reading only the experts `shard` gives this rank.
+    pub fn from_checkpoint_sharded(ckpt: &Checkpoint, device: &Device, select: &Trainable, shard: Option<&ExpertShard>) -> Result<Self> {
         let mut tensors = HashMap::new();
-        for spec in expected_tensors(&ckpt.config) {
+        for spec in expected_tensors(&ckpt.config).into_iter().filter(|s| holds(shard, &s.name)) {
             let t = ckpt.tensor(&spec.name)?.to_dtype(DType::F32)?.to_device(device)?;
             tensors.insert(spec.name, t);
         }
-        Self::new(ckpt.config.clone(), tensors, select)
+        Self::new(ckpt.config.clone(), tensors, select, shard)
     }
 
     /// Random weights for training from scratch: matrices ~ N(0, 0.02²), norms 1, biases 0.
     /// Each tensor draws from `StdRng` seeded by (seed, SHA-256 of its name), so the result
     /// does not depend on the order tensors are made in.
     pub fn random(config: &ModelConfig, seed: u64, device: &Device, select: &Trainable) -> Result<Self> {
+        Self::random_sharded(config, seed, device, select, None)
+    }
+
+    /// Like [`Self::random`], making only the experts `shard` gives this rank (each tensor's
+    /// values depend on its name only, so every rank makes its part of the same model).
+    pub fn random_sharded(
+        config: &ModelConfig,
+        seed: u64,
+        device: &Device,
+        select: &Trainable,
+        shard: Option<&ExpertShard>,
+    ) -> Result<Self> {
         config.validate()?;
         let normal = Normal::new(0f32, INIT_STD as f32).expect("valid std");
         let mut tensors = HashMap::new();
-        for spec in expected_tensors(config) {
+        for spec in expected_tensors(config).into_iter().filter(|s| holds(shard, &s.name)) {
             let n: usize = spec.shape.iter().product();
             let values: Vec<f32> = if spec.name.ends_with("norm.weight") {
                 vec![1.0; n]
@@ -137,16 +186,17 @@ impl Weights {
             let t = Tensor::from_vec(values, spec.shape.as_slice(), device)?;
             tensors.insert(spec.name, t);
         }
-        Self::new(config.clone(), tensors, select)
+        Self::new(config.clone(), tensors, select, shard)
     }
 
-    fn new(config: ModelConfig, mut tensors: HashMap<String, Tensor>, select: &Trainable) -> Result<Self> {
-        let slices = stack_experts(&config, &mut tensors)?;
+    fn new(config: ModelConfig, mut tensors: HashMap<String, Tensor>, select: &Trainable, shard: Option<&ExpertShard>) -> Result<Self> {
+        let all = config.moe.as_ref().map_or(0, |m| m.experts);
+        let slices = stack_experts(&config, &mut tensors, shard.map_or(0..all, |s| s.local()))?;
         // Model order, a stack taking the place of its first expert's first weight; for each
         // tensor the element ranges `trainable` selects (all, none, or part of a stack).
         let mut order: Vec<String> = Vec::new();
         let mut selected: HashMap<String, Vec<Range<usize>>> = HashMap::new();
-        for spec in expected_tensors(&config) {
+        for spec in expected_tensors(&config).into_iter().filter(|s| holds(shard, &s.name)) {
             let (name, range) = match slices.get(&spec.name) {
                 Some(slice) => {
                     let dims = tensors[&slice.stacked].dims().to_vec();
@@ -176,7 +226,7 @@ impl Weights {
             tensors.insert(name.clone(), var.as_tensor().clone());
             trainable.push((name, var));
         }
-        Ok(Self { config, tensors, slices, trainable, masks })
+        Ok(Self { config, tensors, slices, trainable, masks, shard: shard.cloned() })
     }
 
     /// The transformer over these tensors.
@@ -191,7 +241,24 @@ impl Weights {
     pub fn model_in(&self, dtype: DType) -> Result<Transformer> {
         let device = self.tensors.values().next().map(|t| t.device().clone()).unwrap_or(Device::Cpu);
         let vb = VarBuilder::from_tensors(self.tensors.clone(), dtype, &device);
-        Ok(Transformer::new(&self.config, vb)?)
+        Ok(Transformer::new_sharded(&self.config, vb, self.shard.as_ref())?)
+    }
+
+    /// Every tensor by the name the trainer keeps it under (expert stacks as stacks), in a
+    /// fixed order: what [`crate::distributed::Ranks::gather_experts`] makes whole.
+    pub fn stored(&self) -> Vec<(String, Tensor)> {
+        let mut out: Vec<(String, Tensor)> = self.tensors.iter().map(|(n, t)| (n.clone(), t.detach())).collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    /// Weights for writing a checkpoint from `stored` tensors holding every expert (gathered
+    /// over the expert-parallel ranks): nothing trains, nothing is sharded.
+    pub fn whole(config: &ModelConfig, stored: Vec<(String, Tensor)>) -> Result<Self> {
+        let tensors: HashMap<String, Tensor> = stored.into_iter().collect();
+        let all = config.moe.as_ref().map_or(0, |m| m.experts);
+        let slices = expert_slices(config, 0..all);
+        Ok(Self { config: config.clone(), tensors, slices, trainable: Vec::new(), masks: HashMap::new(), shard: None })
     }
 
     /// A tensor by canonical name (its current value), on the CPU.
@@ -264,7 +331,7 @@ mod tests {
             assert_eq!(full.tensor(&spec.name).unwrap().dims(), spec.shape.as_slice(), "{}", spec.name);
         }
         let one_expert = Trainable { include: vec!["*.experts.1.*".into(), "*.experts.0.up_proj.*".into()], exclude: vec![] };
-        let w = Weights::new(cfg.clone(), tensors.clone(), &one_expert).unwrap();
+        let w = Weights::new(cfg.clone(), tensors.clone(), &one_expert, None).unwrap();
         let names: Vec<&str> = w.trainable.iter().map(|(n, _)| n.as_str()).collect();
         assert!(names.iter().all(|n| n.ends_with("experts.gate_up_proj") || n.ends_with("experts.down_proj")), "{names:?}");
         assert_eq!(w.num_trainable(), cfg.num_layers * 4 * cfg.hidden_size * cfg.moe.as_ref().unwrap().expert_ffn);

@@ -16,9 +16,10 @@
 
 use crate::checkpoint::{self, TrainerState};
 use crate::data::{tokenize_cached, Mixture, Packed, Position, TokenizerInfo};
+use crate::distributed::Ranks;
 use crate::loss::cross_entropy;
 use crate::metrics::{human_duration, Metrics};
-use crate::optim::{clip_scale, global_norm, AdamW};
+use crate::optim::{clip_scale, AdamW};
 use crate::remote::Mirror;
 use crate::schedule::Schedule;
 use crate::signals::StopFlag;
@@ -31,6 +32,7 @@ use btm_model::weights::expected_tensors;
 use btm_model::{Checkpoint, Extras, Lineage, ModelConfig, Transformer, WriteOptions};
 use candle_core::{DType, Device, Tensor};
 use serde_json::json;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -120,6 +122,8 @@ pub struct Stepper {
     /// forward and backward passes, float32 master weights, gradients and AdamW moments.
     compute_dtype: DType,
     capacity: Option<btm_kernels::Capacity>,
+    /// The other processes of a multi-process run ([`crate::distributed`]).
+    ranks: Ranks,
 }
 
 impl Stepper {
@@ -140,7 +144,14 @@ impl Stepper {
             grad_clip,
             compute_dtype: DType::F32,
             capacity,
+            ranks: Ranks::single(),
         })
+    }
+
+    /// Train as one rank of a multi-process run: gradients, statistics and the
+    /// load-balancing counts are summed over `ranks` (the weights' shard must be its own).
+    pub fn set_ranks(&mut self, ranks: Ranks) {
+        self.ranks = ranks;
     }
 
     /// Run the forward and backward passes in `dtype` (float32, or bfloat16 for mixed
@@ -161,8 +172,10 @@ impl Stepper {
     }
 
     /// Forward and backward over `micro_batches` (inputs, targets), then one AdamW update at `lr`.
+    /// In a multi-process run these are this rank's share; every rank has as many.
     pub fn step(&mut self, micro_batches: &[(Tensor, Tensor)], lr: f64) -> Result<StepStats> {
-        let n = micro_batches.len() as f64;
+        // Each micro-batch's loss is divided by the step's number of micro-batches on all ranks.
+        let n = (micro_batches.len() * self.ranks.world()) as f64;
         let mut grads: Vec<Option<Tensor>> = vec![None; self.opt.params.len()];
         let mut stats = StepStats::default();
         let (mut aux_sum, mut z_sum) = (0f64, 0f64);
@@ -181,8 +194,14 @@ impl Stepper {
                     stats.expert_load = vec![Vec::new(); trace.router.len()];
                     stats.dropped = vec![0.0; trace.router.len()];
                 }
+                let global_counts = self.global_expert_counts(&trace.router)?;
                 for (l, r) in trace.router.iter().enumerate() {
-                    aux.push(r.load_balancing_loss()?);
+                    aux.push(match &global_counts {
+                        None => r.load_balancing_loss()?,
+                        Some((counts, assignments)) => {
+                            btm_kernels::load_balancing_loss_with_counts(&r.routed.probs, &counts[l], *assignments)?
+                        }
+                    });
                     z.push(r.z_loss()?);
                     stats.dropped[l] += r.dropped_fraction()? / n;
                     let load = r.expert_load()?;
@@ -229,11 +248,69 @@ impl Stepper {
             })
             .collect::<Result<_>>()?;
         self.opt.mask_gradients(&mut grads)?;
-        stats.grad_norm = global_norm(&grads)?;
+        let names: Vec<String> = self.opt.params.iter().map(|p| p.name.clone()).collect();
+        let grads = self.ranks.sum_gradients(&names, grads)?;
+        stats.grad_norm = self.ranks.global_norm(&names, &grads)?;
+        if self.ranks.world() > 1 {
+            self.sum_stats(&mut stats, aux_sum, z_sum)?;
+        }
         self.opt.step_scaled(&grads, lr, clip_scale(stats.grad_norm, self.grad_clip))?;
         self.refresh_model()?;
         stats.optimizer_s = optimizer_started.elapsed().as_secs_f64();
         Ok(stats)
+    }
+
+    /// Per MoE layer, the assignments each expert got summed over all ranks, and the total
+    /// per layer (so f_i in the load-balancing loss is the whole round's); `None` for one rank.
+    fn global_expert_counts(&self, router: &[btm_model::model::RouterOutput]) -> Result<Option<(Vec<Vec<f32>>, f64)>> {
+        if self.ranks.world() == 1 {
+            return Ok(None);
+        }
+        let mut flat = Vec::new();
+        let mut per_layer = Vec::with_capacity(router.len());
+        for r in router {
+            let counts = btm_kernels::router::expert_counts(&r.routed.experts, r.logits.dim(1)?)?;
+            per_layer.push(counts.len());
+            flat.extend(counts.iter().map(|&c| c as f64));
+        }
+        let mut assignments = [router.first().map_or(0, |r| r.routed.experts.elem_count()) as f64];
+        self.ranks.sum(&mut flat)?;
+        self.ranks.sum(&mut assignments)?;
+        let mut out = Vec::with_capacity(per_layer.len());
+        let mut at = 0;
+        for len in per_layer {
+            out.push(flat[at..at + len].iter().map(|&c| c as f32).collect());
+            at += len;
+        }
+        Ok(Some((out, assignments[0])))
+    }
+
+    /// Sum the step's figures over the ranks (each rank's are already divided by the step's
+    /// number of micro-batches, so the sums are the step's means).
+    fn sum_stats(&self, stats: &mut StepStats, aux_sum: f64, z_sum: f64) -> Result<()> {
+        let mut v = vec![stats.loss, aux_sum, z_sum];
+        v.extend(stats.dropped.iter().copied());
+        for load in &stats.expert_load {
+            v.extend(load.iter().map(|&x| x as f64));
+        }
+        self.ranks.sum(&mut v)?;
+        stats.loss = v[0];
+        if stats.aux_loss.is_some() {
+            stats.aux_loss = Some(v[1]);
+            stats.z_loss = Some(v[2]);
+        }
+        let mut at = 3;
+        for d in stats.dropped.iter_mut() {
+            *d = v[at];
+            at += 1;
+        }
+        for load in stats.expert_load.iter_mut() {
+            for x in load.iter_mut() {
+                *x = v[at] as f32;
+                at += 1;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -328,20 +405,32 @@ pub fn run(spec: &JobSpec, mut options: Options) -> Result<Outcome> {
     }
     tune_runtime(spec.threads);
     let device = device(&spec.device)?;
+    // One rank, or one of `data_parallel × expert_parallel` launched by mpirun/srun. Rank 0
+    // writes metrics, checkpoints, the model and the mirror; the ranks share `out`'s directory.
+    let ranks = Ranks::start(spec.data_parallel, spec.expert_parallel, spec.collective)?;
+    let root = ranks.is_root();
     let out = spec.out_dir()?;
     let ckpt_root = out.join("checkpoints");
-    let mut metrics = Metrics::open(&out, u64::MAX, options.quiet)?;
+    let open_metrics = |keep_through: u64| if root { Metrics::open(&out, keep_through, options.quiet) } else { Ok(Metrics::silent(&out)) };
+    let mut metrics = open_metrics(u64::MAX)?;
     let say = |m: &Metrics, msg: &str| m.say(msg);
+    if ranks.world() > 1 {
+        say(&metrics, &format!("{} ranks: data_parallel {} × expert_parallel {}", ranks.world(), spec.data_parallel, spec.expert_parallel));
+    }
 
     let mirror = match spec.mirror_url()? {
-        Some(url) => Some(Mirror::new(&url)?),
-        None => None,
+        Some(url) if root => Some(Mirror::new(&url)?),
+        _ => None,
     };
 
     // Where the weights come from: a checkpoint of this job, or `init`.
-    checkpoint::remove_partials(&ckpt_root)?;
+    if root {
+        checkpoint::remove_partials(&ckpt_root)?;
+    }
     let resume_from: Option<(PathBuf, TrainerState)> = match spec.resume_mode() {
         Resume::Never => None,
+        // Rank 0 chooses (and downloads); the others take its choice below.
+        Resume::Auto if !root => None,
         Resume::Auto => match &mirror {
             None => checkpoint::newest_valid(&ckpt_root, &mut |w| say(&metrics, &format!("warning: {w}")))?,
             Some(m) => {
@@ -361,6 +450,19 @@ pub fn run(spec: &JobSpec, mut options: Options) -> Result<Outcome> {
             Some((dir, state))
         }
     };
+    let resume_from = if ranks.world() > 1 && spec.resume_mode() == Resume::Auto {
+        match ranks.broadcast_u64(resume_from.as_ref().map_or(u64::MAX, |(_, s)| s.step))? {
+            u64::MAX => None,
+            _ if root => resume_from,
+            step => {
+                let dir = ckpt_root.join(checkpoint::step_dir_name(step));
+                let state = checkpoint::verify(&dir).with_context(|| format!("resume: rank 0 chose {}", dir.display()))?;
+                Some((dir, state))
+            }
+        }
+    } else {
+        resume_from
+    };
     let (init_dir, init_config, tokenizer_path): (Option<PathBuf>, ModelConfig, PathBuf) =
         match (&spec.init.checkpoint, &spec.init.config, &spec.init.tokenizer) {
             (Some(c), _, _) => {
@@ -377,9 +479,12 @@ pub fn run(spec: &JobSpec, mut options: Options) -> Result<Outcome> {
     let tok = TokenizerInfo::load(&tokenizer_path, init_config.eos_token_id).context("init: tokenizer")?;
     btm_model::tokenizer::check_fits(&tok.tokenizer, init_config.vocab_size)?;
 
-    // Data.
+    // Data. Rank 0 tokenizes into the cache first; the other ranks then read it.
     let cache = spec.token_cache.clone().unwrap_or_else(crate::data::default_cache_dir);
     let t0 = Instant::now();
+    if !root {
+        ranks.barrier()?;
+    }
     let mut train_sources = Vec::new();
     for (i, src) in spec.data.train.iter().enumerate() {
         let key = format!("data.train[{i}]");
@@ -392,6 +497,9 @@ pub fn run(spec: &JobSpec, mut options: Options) -> Result<Outcome> {
         let tokens = tokenize_cached(p, &tok, &cache).with_context(|| key.clone())?;
         valid.push(Packed::new(tokens, spec.seq_len, &format!("{key}: {}", p.display()))?);
     }
+    if root {
+        ranks.barrier()?;
+    }
     let weights_of: Vec<f64> = spec.data.train.iter().map(|s| s.weight).collect();
     let train_tokens: usize = train_sources.iter().map(|s| s.tokens.len()).sum();
     let mut mixture = Mixture::new(train_sources, &weights_of, spec.seed);
@@ -400,7 +508,8 @@ pub fn run(spec: &JobSpec, mut options: Options) -> Result<Outcome> {
         &format!("data: {train_tokens} training tokens in {} source(s) ({:.1}s)", mixture.num_sources(), t0.elapsed().as_secs_f64()),
     );
 
-    // Weights and optimizer.
+    // Weights and optimizer (with expert parallelism, only this rank's experts).
+    let shard = ranks.expert_shard(&init_config)?;
     let (weights, mut step, mut tokens_seen, mut position) = match &resume_from {
         Some((dir, state)) => {
             let ckpt = Checkpoint::open(dir).with_context(|| format!("resume: {}", dir.display()))?;
@@ -411,22 +520,24 @@ pub fn run(spec: &JobSpec, mut options: Options) -> Result<Outcome> {
                 bail!("resume: {} was trained with seed {}, the job says {}", dir.display(), state.seed, spec.seed);
             }
             say(&metrics, &format!("resuming from {} (step {})", dir.display(), state.step));
-            (Weights::from_checkpoint(&ckpt, &device, &spec.trainable)?, state.step, state.tokens_seen, state.data.clone())
+            let w = Weights::from_checkpoint_sharded(&ckpt, &device, &spec.trainable, shard.as_ref())?;
+            (w, state.step, state.tokens_seen, state.data.clone())
         }
         None => {
             let w = match &init_dir {
-                Some(dir) => Weights::from_checkpoint(&Checkpoint::open(dir)?, &device, &spec.trainable)?,
-                None => Weights::random(&init_config, spec.seed, &device, &spec.trainable)?,
+                Some(dir) => Weights::from_checkpoint_sharded(&Checkpoint::open(dir)?, &device, &spec.trainable, shard.as_ref())?,
+                None => Weights::random_sharded(&init_config, spec.seed, &device, &spec.trainable, shard.as_ref())?,
             };
             (w, 0, 0, Position::default())
         }
     };
     let mut stepper = Stepper::new(weights, &spec.optimizer, &spec.moe, spec.grad_clip)?;
+    stepper.set_ranks(ranks.clone());
     stepper.set_compute_dtype(spec.compute_dtype()?)?;
     if let Some((dir, state)) = &resume_from {
-        checkpoint::load_optimizer(dir, &mut stepper.opt, state)?;
+        checkpoint::load_optimizer(dir, &mut stepper.opt, state, shard.as_ref())?;
     }
-    metrics = Metrics::open(&out, step, options.quiet)?;
+    metrics = open_metrics(step)?;
     let total = spec.total_steps();
     let schedule = Schedule {
         lr: spec.optimizer.lr,
@@ -451,9 +562,17 @@ pub fn run(spec: &JobSpec, mut options: Options) -> Result<Outcome> {
         Ok(Extras { tokenizer: Some(tokenizer_path.clone()), lineage: Some(lineage(step, tokens_seen)?) })
     };
     let trained_names: Vec<String> = stepper.opt.params.iter().map(|p| p.name.clone()).collect();
+    // Every rank takes part (expert stacks and their moments are gathered); rank 0 writes.
     let save = |stepper: &Stepper, step: u64, tokens_seen: u64, position: &Position| -> Result<PathBuf> {
+        let (whole, moments) = gathered_state(stepper, &ranks)?;
+        if !root {
+            ranks.barrier()?;
+            return Ok(ckpt_root.join(checkpoint::step_dir_name(step)));
+        }
         let state = TrainerState::new(step, tokens_seen, position.clone(), stepper.opt.t, spec.seed, trained_names.clone());
-        let dir = checkpoint::save(&ckpt_root, &stepper.weights, &stepper.opt, &state, &extras(step, tokens_seen)?)?;
+        let weights = whole.as_ref().unwrap_or(&stepper.weights);
+        // The others wait at the barrier below; if rank 0 fails instead, the launcher ends them.
+        let dir = checkpoint::save(&ckpt_root, weights, moments, &state, &extras(step, tokens_seen)?)?;
         checkpoint::prune(&ckpt_root, spec.checkpoint.keep)?;
         if let Some(m) = &mirror {
             let name = checkpoint::step_dir_name(step);
@@ -464,6 +583,7 @@ pub fn run(spec: &JobSpec, mut options: Options) -> Result<Outcome> {
             }
             m.upload_file(&out.join(crate::metrics::METRICS), crate::metrics::METRICS)?;
         }
+        ranks.barrier()?;
         Ok(dir)
     };
     let validate = |stepper: &Stepper, metrics: &mut Metrics, step: u64| -> Result<()> {
@@ -484,7 +604,10 @@ pub fn run(spec: &JobSpec, mut options: Options) -> Result<Outcome> {
     let start_step = step;
     let mut last_saved: Option<(u64, PathBuf)> = None;
     while step < total {
-        if let Some(signal) = options.stop.requested() {
+        // A signal seen by any rank stops every rank at this step.
+        let stop = options.stop.requested();
+        let stop = if ranks.world() > 1 && ranks.any(stop.is_some())? { Some(stop.unwrap_or(libc::SIGTERM)) } else { stop };
+        if let Some(signal) = stop {
             let dir = match &last_saved {
                 Some((s, dir)) if *s == step => dir.clone(),
                 _ => save(&stepper, step, tokens_seen, &position)?,
@@ -493,10 +616,14 @@ pub fn run(spec: &JobSpec, mut options: Options) -> Result<Outcome> {
             return Ok(Outcome::Interrupted { step, signal, checkpoint: dir });
         }
         let lr = schedule.lr(step);
-        let mut micro = Vec::with_capacity(spec.grad_accum);
-        for _ in 0..spec.grad_accum {
+        // Every rank reads the whole step's sequences (the position advances the same way
+        // everywhere) and trains on micro-batches rank, rank + ranks, ….
+        let mut micro = Vec::with_capacity(spec.grad_accum / ranks.world());
+        for i in 0..spec.grad_accum {
             let seqs: Vec<Vec<u32>> = (0..spec.batch_size).map(|_| mixture.next(&mut position)).collect();
-            micro.push(to_batch(&seqs, &device)?);
+            if i % ranks.world() == ranks.rank() {
+                micro.push(to_batch(&seqs, &device)?);
+            }
         }
         let stats = stepper.step(&micro, lr)?;
         if !stats.loss.is_finite() {
@@ -540,16 +667,16 @@ pub fn run(spec: &JobSpec, mut options: Options) -> Result<Outcome> {
         }
     }
 
-    // The result: the weights alone, in Hugging Face layout.
+    // The result: the weights alone, in Hugging Face layout (written by rank 0).
     let model_dir = out.join("model");
+    let (whole, _) = gathered_state(&stepper, &ranks)?;
+    if !root {
+        ranks.barrier()?;
+        return Ok(Outcome::Finished { step, model_dir });
+    }
+    let weights = whole.as_ref().unwrap_or(&stepper.weights);
     let opts = WriteOptions { overwrite: true, ..WriteOptions::default() };
-    btm_model::write_checkpoint(
-        &model_dir,
-        &stepper.weights.config,
-        &mut |n| stepper.weights.tensor(n),
-        &extras(step, tokens_seen)?,
-        &opts,
-    )?;
+    btm_model::write_checkpoint(&model_dir, &weights.config, &mut |n| weights.tensor(n), &extras(step, tokens_seen)?, &opts)?;
     if let Some(m) = &mirror {
         m.delete_dir("model")?;
         m.upload_dir(&model_dir, "model")?;
@@ -557,7 +684,27 @@ pub fn run(spec: &JobSpec, mut options: Options) -> Result<Outcome> {
     }
     metrics.finish();
     metrics.say(&format!("done: {step} steps, {tokens_seen} tokens; model at {}", model_dir.display()));
+    ranks.barrier()?;
     Ok(Outcome::Finished { step, model_dir })
+}
+
+/// With expert parallelism, the whole model and AdamW moments gathered from every rank's
+/// experts (every rank must call this; `None` weights: this rank's are already whole).
+fn gathered_state(stepper: &Stepper, ranks: &Ranks) -> Result<(Option<Weights>, HashMap<String, Tensor>)> {
+    if stepper.weights.shard.is_none() {
+        return Ok((None, stepper.opt.state_tensors()));
+    }
+    let whole = Weights::whole(&stepper.weights.config, ranks.gather_experts(stepper.weights.stored())?)?;
+    // Parameter order: the same sequence of gathers on every rank.
+    let mut moments = Vec::new();
+    let state = stepper.opt.state_tensors();
+    for p in &stepper.opt.params {
+        for prefix in ["exp_avg", "exp_avg_sq"] {
+            let key = format!("{prefix}.{}", p.name);
+            moments.push((key.clone(), state[&key].clone()));
+        }
+    }
+    Ok((Some(whole), ranks.gather_experts(moments)?.into_iter().collect()))
 }
 
 /// The newest remote checkpoint whose manifest verifies, in `root`: the working directory's

@@ -16,6 +16,8 @@
 //! - [`math`]: an inlinable `exp` the kernels' loops vectorise with.
 //! - [`moe`]: the fused layer ([`fused_moe`]) and the plain loop over experts it is tested
 //!   against ([`reference_moe`]).
+//! - [`expert_parallel`]: the fused layer with its experts spread over ranks, tokens sent to
+//!   them by all-to-all ([`expert_parallel_moe`]).
 //! - [`bench`]: fused vs reference timings (`btm bench moe`).
 //! - `cuda` (feature `cuda`): the same kernels as CUDA sources, compiled at run time by NVRTC.
 //!
@@ -37,6 +39,7 @@ pub mod bench;
 mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod expert_parallel;
 pub mod grouped_gemm;
 pub mod isa;
 pub mod math;
@@ -49,9 +52,10 @@ pub mod swiglu;
 mod testing;
 
 pub use attention::{causal_attention, AttentionShape};
+pub use expert_parallel::{expert_parallel_moe, ExpertShard};
 pub use grouped_gemm::{gather_matmul, grouped_matmul, matmul_combine};
 pub use moe::{fused_moe, reference_moe, ExpertWeights, MoeOptions, RouterStats};
 pub use norm::rms_norm;
 pub use permute::{permute, scale_rows, unpermute, unpermute_sum, RoutePlan};
-pub use router::{load_balancing_loss, route, z_loss, Capacity, DropPolicy, Routed, Routing};
+pub use router::{load_balancing_loss, load_balancing_loss_with_counts, route, z_loss, Capacity, DropPolicy, Routed, Routing};
 pub use swiglu::swiglu_packed;

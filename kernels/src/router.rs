@@ -120,8 +120,18 @@ pub fn expert_counts(experts: &Tensor, num_experts: usize) -> Result<Vec<f32>> {
 pub fn load_balancing_loss(probs: &Tensor, experts: &Tensor) -> Result<Tensor> {
     let (t, e) = probs.dims2()?;
     let k = experts.dim(1)?;
-    let counts = expert_counts(experts, e)?;
-    let f = Tensor::from_vec(counts, e, probs.device())?.to_dtype(probs.dtype())? / (t * k) as f64;
+    load_balancing_loss_with_counts(probs, &expert_counts(experts, e)?, (t * k) as f64)
+}
+
+/// The load-balancing loss with f_i = `counts[i] / assignments` given: in a distributed step
+/// the counts are summed over the ranks, so f is that of the whole batch and the mean over
+/// ranks of this loss is the batch's loss (Megatron-Core's global aux loss).
+pub fn load_balancing_loss_with_counts(probs: &Tensor, counts: &[f32], assignments: f64) -> Result<Tensor> {
+    let e = probs.dim(1)?;
+    if counts.len() != e {
+        candle_core::bail!("load-balancing loss: {} counts for {e} experts", counts.len());
+    }
+    let f = Tensor::from_slice(counts, e, probs.device())?.to_dtype(probs.dtype())? / assignments.max(1.0);
     let p = probs.mean(0)?;
     f?.mul(&p)?.sum_all()? * e as f64
 }

@@ -14,7 +14,7 @@
 //! in float32.
 
 use crate::config::{ModelConfig, MoeConfig, RopeScaling};
-use btm_kernels::{route, Capacity, ExpertWeights, MoeOptions, Routed, Routing};
+use btm_kernels::{route, Capacity, ExpertShard, ExpertWeights, MoeOptions, Routed, Routing};
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::{Embedding, VarBuilder};
 
@@ -385,13 +385,32 @@ pub struct MoeBlock {
     expert_fused: bool,
     /// Expert capacity (fused path only); `None` = dropless.
     capacity: Option<Capacity>,
+    /// Expert parallelism: this rank holds only `shard.local()` of the experts, and tokens go
+    /// to the others' by all-to-all ([`btm_kernels::expert_parallel_moe`]).
+    shard: Option<ExpertShard>,
 }
 
 impl MoeBlock {
     pub fn new(hidden: usize, moe: &MoeConfig, vb: VarBuilder) -> Result<Self> {
+        Self::new_sharded(hidden, moe, vb, None)
+    }
+
+    /// An MoE layer of which this rank holds the experts `shard.local()`, stacked (indices
+    /// relative to the shard); `None` = all experts.
+    pub fn new_sharded(hidden: usize, moe: &MoeConfig, vb: VarBuilder, shard: Option<&ExpertShard>) -> Result<Self> {
         let router = vb.pp("gate").get((moe.experts, hidden), "weight")?;
-        let (e, f) = (moe.experts, moe.expert_ffn);
+        let f = moe.expert_ffn;
+        let e = match shard {
+            Some(s) if s.experts != moe.experts => {
+                candle_core::bail!("expert shard of {} experts for a layer of {}", s.experts, moe.experts)
+            }
+            Some(s) => s.per_rank(),
+            None => moe.experts,
+        };
         let stacked = vb.pp("experts");
+        if shard.is_some() && !stacked.contains_tensor(STACKED_GATE_UP) {
+            candle_core::bail!("an expert-parallel layer needs its experts stacked ({STACKED_GATE_UP}, {STACKED_DOWN})");
+        }
         let experts = if stacked.contains_tensor(STACKED_GATE_UP) {
             Experts::Stacked(ExpertWeights {
                 gate_up: stacked.get((e, 2 * f, hidden), STACKED_GATE_UP)?,
@@ -417,6 +436,7 @@ impl MoeBlock {
             top_k: moe.top_k,
             routing: moe.routing,
             capacity: None,
+            shard: shard.cloned(),
         })
     }
 
@@ -429,7 +449,9 @@ impl MoeBlock {
         let dims = xs.dims().to_vec();
         let hidden = *dims.last().expect("hidden dim");
         let xs = if xs.rank() == 2 { xs.clone() } else { xs.reshape(((), hidden))? };
-        let (mut out, router) = if self.fused { self.routed_fused(&xs)? } else { self.routed_reference(&xs)? };
+        // Expert-parallel layers always take the fused path: only it exchanges tokens.
+        let fused = self.fused || self.shard.is_some();
+        let (mut out, router) = if fused { self.routed_fused(&xs)? } else { self.routed_reference(&xs)? };
         if let Some(shared) = &self.shared_expert {
             let mut s = shared.forward(&xs)?;
             if let Some(gate) = &self.shared_expert_gate {
@@ -460,7 +482,10 @@ impl MoeBlock {
             }
         };
         let opts = MoeOptions { top_k: self.top_k, routing: self.routing, capacity: self.capacity };
-        let (y, stats) = btm_kernels::fused_moe(xs, &self.router, weights, &opts)?;
+        let (y, stats) = match &self.shard {
+            Some(shard) => btm_kernels::expert_parallel_moe(xs, &self.router, weights, &opts, shard)?,
+            None => btm_kernels::fused_moe(xs, &self.router, weights, &opts)?,
+        };
         let dropped = stats.dropped();
         Ok((y, RouterOutput { logits: stats.logits, routed: stats.routed, dropped }))
     }
@@ -540,10 +565,10 @@ pub struct Trace {
 }
 
 impl DecoderLayer {
-    pub fn new(cfg: &ModelConfig, layer: usize, vb: VarBuilder) -> Result<Self> {
+    pub fn new(cfg: &ModelConfig, layer: usize, vb: VarBuilder, shard: Option<&ExpertShard>) -> Result<Self> {
         let h = cfg.hidden_size;
         let mlp = match cfg.moe.as_ref().filter(|_| cfg.is_moe_layer(layer)) {
-            Some(moe) => Ffn::Moe(MoeBlock::new(h, moe, vb.pp("mlp"))?),
+            Some(moe) => Ffn::Moe(MoeBlock::new_sharded(h, moe, vb.pp("mlp"), shard)?),
             None => Ffn::Dense(SwiGlu::new(h, cfg.intermediate_size, vb.pp("mlp"))?),
         };
         Ok(Self {
@@ -585,13 +610,20 @@ pub struct Transformer {
 impl Transformer {
     /// Build from tensors named as in [`crate::weights::expected_tensors`].
     pub fn new(cfg: &ModelConfig, vb: VarBuilder) -> Result<Self> {
+        Self::new_sharded(cfg, vb, None)
+    }
+
+    /// Build a model whose MoE layers hold only the experts `shard.local()` (stacked, as the
+    /// trainer keeps them) and exchange tokens with the shard's group; `None` = all experts.
+    pub fn new_sharded(cfg: &ModelConfig, vb: VarBuilder, shard: Option<&ExpertShard>) -> Result<Self> {
         let embed = vb.pp("model.embed_tokens").get((cfg.vocab_size, cfg.hidden_size), "weight")?;
         let lm_head = if cfg.tie_word_embeddings {
             Linear::new(embed.clone(), None)
         } else {
             linear(cfg.hidden_size, cfg.vocab_size, false, vb.pp("lm_head"))?
         };
-        let layers = (0..cfg.num_layers).map(|l| DecoderLayer::new(cfg, l, vb.pp("model.layers").pp(l))).collect::<Result<Vec<_>>>()?;
+        let layers =
+            (0..cfg.num_layers).map(|l| DecoderLayer::new(cfg, l, vb.pp("model.layers").pp(l), shard)).collect::<Result<Vec<_>>>()?;
         Ok(Self {
             embed_tokens: Embedding::new(embed, cfg.hidden_size),
             layers,

@@ -46,6 +46,9 @@ pub struct Resources {
     pub gpus: usize,
     pub memory_mb: Option<u64>,
     pub time_limit_min: Option<u64>,
+    /// Processes of one multi-process training job (MPI ranks); 0 or 1: one process.
+    #[serde(default)]
+    pub ranks: usize,
 }
 
 /// A model the run produces (or starts from), for evaluation and the report.
@@ -157,6 +160,8 @@ fn defaults() -> TrainParams {
         trainable: None,
         trainer: None,
         resources: None,
+        data_parallel: None,
+        expert_parallel: None,
     }
 }
 
@@ -278,6 +283,9 @@ impl Builder<'_> {
             resume: "auto".into(),
             token_cache: None,
             work_dir: None,
+            data_parallel: t.data_parallel.unwrap_or(1),
+            expert_parallel: t.expert_parallel.unwrap_or(1),
+            collective: Default::default(),
             trainer: match t.trainer.clone().unwrap_or_default() {
                 // The script is named relative to the pipeline's folder; the job runs elsewhere.
                 btm_trainer::external::Trainer::Torchrun { script, args, nproc_per_node, nnodes } => {
@@ -312,6 +320,7 @@ impl Builder<'_> {
         job.resources.gpus = resources.gpus_per_task.unwrap_or(job.resources.gpus);
         job.resources.memory_mb = resources.memory_mb;
         job.resources.time_limit_min = resources.time_limit_min;
+        job.resources.ranks = spec.ranks();
         Ok(name)
     }
 

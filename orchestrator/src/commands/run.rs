@@ -41,14 +41,17 @@ fn run_location(location: &str) -> Result<PathBuf> {
     Ok(PathBuf::from(location.trim_end_matches('/')))
 }
 
-fn print_plan(plan: &Plan) {
+fn print_plan(plan: &Plan, engine: &EngineSpec) {
     println!("run folder: {}", plan.run_dir.display());
     for j in &plan.jobs {
         println!("{} [{}] ({:?})", j.name, j.id, j.kind);
         if !j.deps.is_empty() {
             println!("  after:   {}", j.deps.join(", "));
         }
-        println!("  command: btm {}", j.args.join(" "));
+        match j.resources.ranks {
+            0 | 1 => println!("  command: btm {}", j.args.join(" ")),
+            n => println!("  command: {} btm {}", launch_line(engine, n), j.args.join(" ")),
+        }
         if let Some(external) = j.train.as_ref().and_then(|t| t.external.as_ref()) {
             println!("  trainer: {external}");
         }
@@ -62,6 +65,17 @@ fn print_plan(plan: &Plan) {
         let memory = j.resources.memory_mb.map_or(String::new(), |m| format!(", {m} MiB"));
         let time = j.resources.time_limit_min.map_or(String::new(), |t| format!(", {t} min"));
         println!("  resources: {cpus}, {} gpu(s){memory}{time}", j.resources.gpus);
+    }
+}
+
+/// How the engine starts the `ranks` processes of a multi-process job.
+fn launch_line(engine: &EngineSpec, ranks: usize) -> String {
+    match engine {
+        EngineSpec::Local { .. } => crate::engine::local_mpi_launch(ranks).join(" "),
+        EngineSpec::Slurm { mpi, .. } => {
+            format!("sbatch --ntasks={ranks} … srun --kill-on-bad-exit=1{}", mpi.as_ref().map_or(String::new(), |m| format!(" --mpi={m}")))
+        }
+        EngineSpec::Kubernetes(_) => format!("({ranks} ranks: not supported by the Kubernetes engine)"),
     }
 }
 
@@ -102,7 +116,7 @@ pub fn run(args: RunArgs) -> Result<()> {
     }
     crate::stage::inputs(&mut plan, !args.dry_run)?;
     if args.dry_run {
-        print_plan(&plan);
+        print_plan(&plan, &p.engine);
         if let EngineSpec::Kubernetes(k) = &p.engine {
             print_manifests(k, &plan)?;
         }

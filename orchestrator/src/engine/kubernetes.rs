@@ -220,6 +220,13 @@ impl Engine for KubernetesEngine {
     }
 
     async fn submit(&self, jobs: &[Submission]) -> Result<Vec<JobHandle>> {
+        if let Some(j) = jobs.iter().find(|j| j.ranks > 1) {
+            bail!(
+                "{}: {} ranks: multi-process training is launched with mpirun (local engine) or srun (Slurm); the Kubernetes engine runs one process per job",
+                j.name,
+                j.ranks
+            );
+        }
         if self.spec.volume.is_some() {
             std::fs::create_dir_all(self.run.join("logs"))?;
         }
@@ -373,6 +380,7 @@ mod tests {
                 gpus: 1,
                 memory_mb: None,
                 time_limit_min: None,
+                ranks: 1,
             })
             .collect();
         let handles = rt.block_on(engine.submit(&subs)).unwrap();
@@ -409,6 +417,7 @@ mod tests {
             gpus: 0,
             memory_mb: None,
             time_limit_min: None,
+            ranks: 1,
         };
         let m = manifest(&spec, Path::new("/unused"), "r-expert", &[sub]);
         let pod = &m["spec"]["template"]["spec"];

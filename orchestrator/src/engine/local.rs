@@ -63,7 +63,16 @@ impl LocalEngine {
             .append(true)
             .open(&job.log)
             .with_context(|| format!("opening {}", job.log.display()))?;
-        let mut command = Command::new(&self.exe);
+        // A multi-process job: its ranks under mpirun, sharing the job's threads.
+        let mut command = if job.ranks > 1 {
+            let launch = super::local_mpi_launch(job.ranks);
+            let mut c = Command::new(&launch[0]);
+            c.args(&launch[1..]).arg(&self.exe);
+            c
+        } else {
+            Command::new(&self.exe)
+        };
+        let threads = if job.ranks > 1 { (threads / job.ranks).max(1) } else { threads };
         command
             .args(&job.args)
             .env("RAYON_NUM_THREADS", threads.to_string())

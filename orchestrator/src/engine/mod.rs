@@ -25,6 +25,8 @@ pub struct Submission {
     pub memory_mb: Option<u64>,
     /// Wall-clock limit in minutes, overriding the engine block's; `None`: the engine's.
     pub time_limit_min: Option<u64>,
+    /// Processes of a multi-process (MPI) training job, each with `cpus` threads; 1: one process.
+    pub ranks: usize,
 }
 
 impl Submission {
@@ -38,6 +40,7 @@ impl Submission {
             gpus: job.resources.gpus,
             memory_mb: job.resources.memory_mb,
             time_limit_min: job.resources.time_limit_min,
+            ranks: job.resources.ranks.max(1),
         }
     }
 }
@@ -71,7 +74,9 @@ pub trait Engine: Send + Sync {
 }
 
 /// The shell script that runs task `$SLURM_ARRAY_TASK_ID` (or the only task) of `jobs`.
-pub fn array_script(exe: &std::path::Path, jobs: &[Submission]) -> String {
+/// A multi-rank job's line starts its ranks with `srun` (one per task of the allocation, over
+/// the `mpi` plugin if given).
+pub fn array_script(exe: &std::path::Path, jobs: &[Submission], mpi: Option<&str>) -> String {
     let quote = |s: &str| format!("'{}'", s.replace('\'', r"'\''"));
     let mut s = String::from("#!/bin/bash\n# Written by btm: one case per task of the array.\ncase \"${SLURM_ARRAY_TASK_ID:-0}\" in\n");
     for (i, j) in jobs.iter().enumerate() {
@@ -79,8 +84,13 @@ pub fn array_script(exe: &std::path::Path, jobs: &[Submission]) -> String {
         // The log's folder may not exist on the node (a run kept in an object store logs to
         // a local folder of the submitting machine).
         let log_dir = j.log.parent().map(|d| d.to_string_lossy().into_owned()).unwrap_or_else(|| ".".into());
+        let launch = match (j.ranks > 1, mpi) {
+            (false, _) => String::new(),
+            (true, None) => "srun --kill-on-bad-exit=1 ".to_string(),
+            (true, Some(m)) => format!("srun --kill-on-bad-exit=1 --mpi={} ", quote(m)),
+        };
         s.push_str(&format!(
-            "  {i}) mkdir -p {} && exec {} {} >> {} 2>&1 ;;\n",
+            "  {i}) mkdir -p {} && exec {launch}{} {} >> {} 2>&1 ;;\n",
             quote(&log_dir),
             quote(&exe.to_string_lossy()),
             args.join(" "),
@@ -89,4 +99,24 @@ pub fn array_script(exe: &std::path::Path, jobs: &[Submission]) -> String {
     }
     s.push_str("  *) echo \"btm: no task $SLURM_ARRAY_TASK_ID in this array\" >&2; exit 2 ;;\nesac\n");
     s
+}
+
+/// How this machine's MPI starts `ranks` processes of `program args…` on the local host:
+/// Open MPI's `mpirun` (allowed to run as root, more ranks than cores allowed, no pinning so
+/// the ranks' thread pools are not squeezed onto one core each) or MPICH's.
+pub fn local_mpi_launch(ranks: usize) -> Vec<String> {
+    let mut line = vec!["mpirun".to_string()];
+    let open_mpi = std::process::Command::new("mpirun")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("Open MPI") || String::from_utf8_lossy(&o.stderr).contains("Open MPI"));
+    if open_mpi {
+        // SAFETY: getuid has no preconditions.
+        if unsafe { libc::getuid() } == 0 {
+            line.push("--allow-run-as-root".into());
+        }
+        line.extend(["--oversubscribe", "--bind-to", "none"].map(String::from));
+    }
+    line.extend(["-np".to_string(), ranks.to_string()]);
+    line
 }

@@ -26,6 +26,8 @@ pub struct SlurmEngine {
     mem_per_cpu_mb: Option<u64>,
     time_limit_min: Option<u64>,
     rest: Option<Rest>,
+    /// srun's `--mpi` plugin for multi-rank jobs.
+    mpi: Option<String>,
     exe: PathBuf,
     run: PathBuf,
     /// States Slurm may forget (finished jobs), and when each handle was last polled.
@@ -79,7 +81,7 @@ fn slurm_tool(name: &str) -> tokio::process::Command {
 
 impl SlurmEngine {
     pub fn new(spec: &EngineSpec, run: &Path) -> Result<Self> {
-        let EngineSpec::Slurm { api, partition, slots, mem_per_cpu_mb, time_limit_min, rest, .. } = spec else {
+        let EngineSpec::Slurm { api, partition, slots, mem_per_cpu_mb, time_limit_min, rest, mpi, .. } = spec else {
             bail!("not a Slurm engine");
         };
         let rest = match (api, rest) {
@@ -94,6 +96,7 @@ impl SlurmEngine {
             mem_per_cpu_mb: *mem_per_cpu_mb,
             time_limit_min: *time_limit_min,
             rest,
+            mpi: mpi.clone(),
             exe: std::env::current_exe().context("locating the btm binary")?,
             run: run.to_path_buf(),
             known: Mutex::new(HashMap::new()),
@@ -106,7 +109,7 @@ impl SlurmEngine {
         std::fs::create_dir_all(&dir)?;
         // Slurm fails a job whose output file cannot be opened.
         std::fs::create_dir_all(self.run.join("logs"))?;
-        let text = array_script(&self.exe, jobs);
+        let text = array_script(&self.exe, jobs, self.mpi.as_deref());
         let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis();
         let path = dir.join(format!("{}-{stamp}.sh", jobs[0].name.replace('/', "-")));
         std::fs::write(&path, &text)?;
@@ -134,6 +137,10 @@ impl SlurmEngine {
             .arg(format!("--output={}", self.run.join("logs").join("slurm-%A_%a.out").display()))
             .arg(format!("--cpus-per-task={}", jobs[0].cpus.max(1)))
             .arg("--requeue");
+        if jobs[0].ranks > 1 {
+            // One task per rank; the script starts them with srun.
+            cmd.arg(format!("--ntasks={}", jobs[0].ranks));
+        }
         if jobs.len() > 1 {
             cmd.arg(format!("--array=0-{}", jobs.len() - 1));
         }
@@ -281,6 +288,7 @@ impl SlurmEngine {
             "standard_output": self.run.join("logs").join("slurm-%A_%a.out"),
             "environment": env,
             "cpus_per_task": jobs[0].cpus.max(1),
+            "tasks": jobs[0].ranks.max(1),
             "requeue": true,
         });
         if jobs.len() > 1 {

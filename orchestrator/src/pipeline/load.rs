@@ -421,6 +421,28 @@ pub fn check(p: &Pipeline, base: &Path) -> Vec<(String, String)> {
                 problems.push((format!("{path}.{k}"), "must be positive".into()));
             }
         }
+        for (k, v) in [("data_parallel", t.data_parallel), ("expert_parallel", t.expert_parallel)] {
+            if v == Some(0) {
+                problems.push((format!("{path}.{k}"), "must be at least 1".into()));
+            }
+        }
+        let ranks = t.data_parallel.unwrap_or(1) * t.expert_parallel.unwrap_or(1);
+        if ranks > 1 && t.trainer.as_ref().is_some_and(|tr| !tr.is_btm()) {
+            problems.push((
+                format!("{path}.data_parallel"),
+                "an external trainer is launched by its own command (torchrun's nproc_per_node); btm's ranks are for its own trainer"
+                    .into(),
+            ));
+        }
+        if ranks > 1 && !t.grad_accum.unwrap_or(1).is_multiple_of(ranks) {
+            problems.push((
+                format!("{path}.grad_accum"),
+                format!(
+                    "{} is not a multiple of the {ranks} ranks (data_parallel × expert_parallel): each rank takes an equal share of a step's micro-batches",
+                    t.grad_accum.unwrap_or(1)
+                ),
+            ));
+        }
         if let Some(trainer) = &t.trainer {
             if let Err(e) = trainer.check() {
                 problems.push((format!("{path}.trainer"), format!("{e:#}")));
@@ -447,6 +469,31 @@ pub fn check(p: &Pipeline, base: &Path) -> Vec<(String, String)> {
     }
     if let Some(t) = p.upcycle.as_ref().and_then(|u| u.train.as_ref()) {
         check_params("upcycle.train", t);
+    }
+    // The expert and seed phases train dense models: nothing to split by expert.
+    let mut dense_phases: Vec<(String, &super::spec::TrainParams)> = vec![("train".into(), &p.train)];
+    dense_phases.extend(p.seed.train.as_ref().map(|t| ("seed.train.train".to_string(), &t.train)));
+    dense_phases.extend(p.domains.iter().enumerate().map(|(i, d)| (format!("domains[{i}].overrides"), &d.overrides)));
+    let mut phases = dense_phases.clone();
+    phases.extend(p.continue_training.as_ref().map(|t| ("continue".to_string(), t)));
+    phases.extend(p.upcycle.as_ref().and_then(|u| u.train.as_ref()).map(|t| ("upcycle.train".to_string(), t)));
+    if matches!(p.engine, super::spec::EngineSpec::Kubernetes(_)) {
+        for (path, t) in &phases {
+            if t.data_parallel.unwrap_or(1) * t.expert_parallel.unwrap_or(1) > 1 {
+                problems.push((
+                    format!("{path}.data_parallel"),
+                    "the Kubernetes engine runs one process per job; multi-process training runs on the local engine (mpirun) or Slurm (srun)".into(),
+                ));
+            }
+        }
+    }
+    for (path, t) in dense_phases {
+        if t.expert_parallel.is_some_and(|ep| ep > 1) {
+            problems.push((
+                format!("{path}.expert_parallel"),
+                "this phase trains dense models; expert parallelism is for the MoE phases (`continue`, `upcycle.train`)".into(),
+            ));
+        }
     }
     if p.seed.train.as_ref().and_then(|t| t.train.trainer.as_ref()).is_some_and(|tr| !tr.is_btm()) {
         problems.push((

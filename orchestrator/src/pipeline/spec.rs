@@ -104,6 +104,10 @@ pub enum EngineSpec {
         /// slurmrestd settings for `api: rest`.
         #[serde(default)]
         rest: Option<SlurmRest>,
+        /// srun's MPI plugin for multi-rank jobs (`pmix`, `pmi2`; `srun --mpi=list` names the
+        /// cluster's); default: the cluster's `MpiDefault`.
+        #[serde(default)]
+        mpi: Option<String>,
     },
     /// A Kubernetes cluster: one Indexed Job per batch of jobs, through the API server.
     Kubernetes(KubernetesSpec),
@@ -366,6 +370,14 @@ pub struct TrainParams {
     /// a whole GPU node for the experts, one core for the rest). Like `trainer`, set in `train`
     /// it holds for the expert phase, not for the mix phases.
     pub resources: Option<PhaseResources>,
+    /// Ranks that train this phase's model on different micro-batches, gradients summed over
+    /// them (launched with `mpirun`, `srun`; needs btm built with `--features mpi`). A step's
+    /// `grad_accum` micro-batches are shared among the `data_parallel × expert_parallel` ranks.
+    /// Like `resources`, set in `train` it holds for the expert phase, not for the mix phases.
+    pub data_parallel: Option<usize>,
+    /// Ranks over which each MoE layer's experts are split (MoE phases: `continue`,
+    /// `upcycle.train`); tokens travel to their experts by all-to-all.
+    pub expert_parallel: Option<usize>,
 }
 
 /// A phase's own resources; every field overrides the engine block's for its jobs.
@@ -416,7 +428,9 @@ impl TrainParams {
             drop_policy,
             trainable,
             trainer,
-            resources
+            resources,
+            data_parallel,
+            expert_parallel
         )
     }
 
@@ -428,6 +442,8 @@ impl TrainParams {
             trainable: over.trainable.clone(),
             trainer: over.trainer.clone(),
             resources: over.resources.clone(),
+            data_parallel: over.data_parallel,
+            expert_parallel: over.expert_parallel,
             ..self.overlay(over)
         }
     }

@@ -434,15 +434,6 @@ pub fn check(p: &Pipeline, base: &Path) -> Vec<(String, String)> {
                     .into(),
             ));
         }
-        if ranks > 1 && !t.grad_accum.unwrap_or(1).is_multiple_of(ranks) {
-            problems.push((
-                format!("{path}.grad_accum"),
-                format!(
-                    "{} is not a multiple of the {ranks} ranks (data_parallel × expert_parallel): each rank takes an equal share of a step's micro-batches",
-                    t.grad_accum.unwrap_or(1)
-                ),
-            ));
-        }
         if let Some(trainer) = &t.trainer {
             if let Err(e) = trainer.check() {
                 problems.push((format!("{path}.trainer"), format!("{e:#}")));
@@ -474,9 +465,33 @@ pub fn check(p: &Pipeline, base: &Path) -> Vec<(String, String)> {
     let mut dense_phases: Vec<(String, &super::spec::TrainParams)> = vec![("train".into(), &p.train)];
     dense_phases.extend(p.seed.train.as_ref().map(|t| ("seed.train.train".to_string(), &t.train)));
     dense_phases.extend(p.domains.iter().enumerate().map(|(i, d)| (format!("domains[{i}].overrides"), &d.overrides)));
-    let mut phases = dense_phases.clone();
-    phases.extend(p.continue_training.as_ref().map(|t| ("continue".to_string(), t)));
-    phases.extend(p.upcycle.as_ref().and_then(|u| u.train.as_ref()).map(|t| ("upcycle.train".to_string(), t)));
+    // Each phase as its jobs will run it (a domain's overrides over `train`, a mix phase's
+    // block over `train`'s hyperparameters).
+    let mut phases: Vec<(String, super::spec::TrainParams)> = vec![("train".into(), p.train.clone())];
+    phases.extend(p.seed.train.as_ref().map(|t| ("seed.train.train".to_string(), t.train.clone())));
+    // A domain whose overrides leave the layout alone has `train`'s (already checked).
+    let sets_layout = |t: &super::spec::TrainParams| t.grad_accum.or(t.data_parallel).or(t.expert_parallel).is_some();
+    phases.extend(
+        p.domains
+            .iter()
+            .enumerate()
+            .filter(|(_, d)| sets_layout(&d.overrides))
+            .map(|(i, d)| (format!("domains[{i}].overrides"), p.train.overlay(&d.overrides))),
+    );
+    phases.extend(p.continue_training.as_ref().map(|t| ("continue".to_string(), p.train.mix_phase(t))));
+    phases.extend(p.upcycle.as_ref().and_then(|u| u.train.as_ref()).map(|t| ("upcycle.train".to_string(), p.train.mix_phase(t))));
+    for (path, t) in &phases {
+        let ranks = t.data_parallel.unwrap_or(1) * t.expert_parallel.unwrap_or(1);
+        let grad_accum = t.grad_accum.unwrap_or(1);
+        if ranks > 1 && !grad_accum.is_multiple_of(ranks) {
+            problems.push((
+                format!("{path}.grad_accum"),
+                format!(
+                    "{grad_accum} is not a multiple of the {ranks} ranks (data_parallel × expert_parallel): each rank takes an equal share of a step's micro-batches"
+                ),
+            ));
+        }
+    }
     if matches!(p.engine, super::spec::EngineSpec::Kubernetes(_)) {
         for (path, t) in &phases {
             if t.data_parallel.unwrap_or(1) * t.expert_parallel.unwrap_or(1) > 1 {

@@ -46,3 +46,13 @@ fn a_pipeline_trains_data_parallel_experts_and_continues_its_moe_expert_parallel
     let config: serde_json::Value = serde_json::from_slice(&std::fs::read(run.join("continued/model/config.json")).unwrap()).unwrap();
     assert_eq!(config["num_local_experts"], 2);
 }
+
+#[test]
+fn the_training_benchmark_runs_on_two_expert_parallel_ranks() {
+    let out = ok(btm().args(["bench", "train", "--moe", "--ranks", "2", "--threads", "1", "--steps", "1", "--json"]).output().unwrap());
+    let line = out.lines().find(|l| l.starts_with('{')).expect("one JSON line, from rank 0 only");
+    assert_eq!(out.lines().filter(|l| l.starts_with('{')).count(), 1, "{out}");
+    let r: serde_json::Value = serde_json::from_str(line).unwrap();
+    assert_eq!((r["ranks"].as_u64(), r["expert_parallel"].as_u64()), (Some(2), Some(2)), "{r}");
+    assert!(r["tokens_per_s"].as_f64().unwrap() > 0.0 && r["collective_s"].as_f64().unwrap() > 0.0, "{r}");
+}

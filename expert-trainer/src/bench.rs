@@ -7,8 +7,14 @@
 //! | small  | 8192  | 512    | 8      | 8 (8)      | 1376| 512 | 8     |
 //!
 //! `--moe` turns every FFN into 4 experts of the same width, top-2 (Mixtral routing).
+//!
+//! Under `mpirun -np N` ([`run`] with [`Ranks`] of N), each rank trains its own batch of the
+//! preset's size: the MoE's experts split over the ranks (expert parallelism), a dense model
+//! replicated (data parallelism). Tokens per second are the whole run's, and the time spent in
+//! collectives is reported.
 
 use crate::data::SplitMix64;
+use crate::distributed::Ranks;
 use crate::spec::{Moe, Optimizer, Trainable};
 use crate::state::Weights;
 use crate::train::{to_batch, Stepper};
@@ -64,6 +70,11 @@ pub struct BenchResult {
     pub backward_s: f64,
     pub optimizer_s: f64,
     pub parameters: usize,
+    /// Processes, and over how many of them each MoE layer's experts were split.
+    pub ranks: usize,
+    pub expert_parallel: usize,
+    /// Median seconds per step rank 0 spent in collectives (waiting for the others included).
+    pub collective_s: f64,
 }
 
 /// Peak resident set size of this process in MiB (Linux `VmHWM`); 0 where unknown.
@@ -76,34 +87,40 @@ pub fn peak_rss_mb() -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
-/// Time `steps` training steps (after one untimed warm-up step) of `preset`.
-pub fn run(name: &str, moe: bool, threads: usize, steps: usize) -> Result<BenchResult> {
+/// Time `steps` training steps (after one untimed warm-up step) of `preset`, as one of `ranks`.
+pub fn run(name: &str, moe: bool, threads: usize, steps: usize, ranks: &Ranks) -> Result<BenchResult> {
     crate::train::tune_runtime(Some(threads));
     let p = preset(name, moe)?;
     let device = Device::Cpu;
-    let weights = Weights::random(&p.config, 0, &device, &Trainable::default())?;
+    let shard = ranks.expert_shard(&p.config)?;
+    let weights = Weights::random_sharded(&p.config, 0, &device, &Trainable::default(), shard.as_ref())?;
     let mut stepper = Stepper::new(weights, &Optimizer::default(), &Moe::default(), Some(1.0))?;
-    let mut rng = SplitMix64::new(&[0]);
+    stepper.set_ranks(ranks.clone());
+    let mut rng = SplitMix64::new(&[ranks.rank() as u64]);
     let mut batch = || {
         let seqs: Vec<Vec<u32>> =
             (0..p.batch_size).map(|_| (0..=p.seq_len).map(|_| rng.below(p.config.vocab_size as u64) as u32).collect()).collect();
         to_batch(&seqs, &device)
     };
     stepper.step(&[batch()?], 1e-4)?;
-    let mut phases = [Vec::new(), Vec::new(), Vec::new()];
+    ranks.barrier()?;
+    let mut phases = [Vec::new(), Vec::new(), Vec::new(), Vec::new()];
     let start = Instant::now();
     for _ in 0..steps {
+        let before = btm_collective::time_in_collectives();
         let s = stepper.step(&[batch()?], 1e-4)?;
-        for (v, x) in phases.iter_mut().zip([s.forward_s, s.backward_s, s.optimizer_s]) {
+        let collective = (btm_collective::time_in_collectives() - before).as_secs_f64();
+        for (v, x) in phases.iter_mut().zip([s.forward_s, s.backward_s, s.optimizer_s, collective]) {
             v.push(x);
         }
     }
+    ranks.barrier()?;
     let secs = start.elapsed().as_secs_f64();
-    let [forward_s, backward_s, optimizer_s] = phases.map(|mut v| {
+    let [forward_s, backward_s, optimizer_s, collective_s] = phases.map(|mut v| {
         v.sort_by(f64::total_cmp);
         v.get(v.len() / 2).copied().unwrap_or(0.0)
     });
-    let tokens = (steps * p.batch_size * p.seq_len) as f64;
+    let tokens = (steps * p.batch_size * p.seq_len * ranks.world()) as f64;
     Ok(BenchResult {
         tokens_per_s: tokens / secs,
         peak_rss_mb: peak_rss_mb(),
@@ -117,6 +134,9 @@ pub fn run(name: &str, moe: bool, threads: usize, steps: usize) -> Result<BenchR
         backward_s,
         optimizer_s,
         parameters: p.config.num_parameters(),
+        ranks: ranks.world(),
+        expert_parallel: shard.as_ref().map_or(1, |s| s.group.size()),
+        collective_s,
     })
 }
 

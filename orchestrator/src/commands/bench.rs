@@ -82,6 +82,10 @@ pub struct BenchTrainArgs {
     /// Timed steps (after one warm-up step).
     #[arg(long, default_value_t = 5)]
     steps: usize,
+    /// Processes (MPI ranks, started with mpirun; needs `--features mpi`), each with `--threads`
+    /// threads and its own batch: an MoE's experts split over them, a dense model replicated.
+    #[arg(long, default_value_t = 1)]
+    ranks: usize,
     /// Print one JSON line {"tokens_per_s", "peak_rss_mb", ...}.
     #[arg(long)]
     json: bool,
@@ -129,20 +133,39 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             Ok(())
         }
         BenchCommand::Train(args) => {
-            anyhow::ensure!(args.threads > 0 && args.steps > 0, "--threads and --steps must be positive");
-            let r = btm_trainer::bench::run(&args.preset, args.moe, args.threads, args.steps)?;
+            anyhow::ensure!(args.threads > 0 && args.steps > 0 && args.ranks > 0, "--threads, --steps and --ranks must be positive");
+            if args.ranks > 1 && btm_collective::launched_world_size().is_none() {
+                // Start the ranks: this same command under mpirun.
+                let launch = crate::engine::local_mpi_launch(args.ranks);
+                let status = std::process::Command::new(&launch[0])
+                    .args(&launch[1..])
+                    .arg(std::env::current_exe()?)
+                    .args(std::env::args_os().skip(1))
+                    .status()
+                    .map_err(|e| anyhow::anyhow!("starting mpirun: {e} (install Open MPI or MPICH)"))?;
+                anyhow::ensure!(status.success(), "the {} ranks failed ({status})", args.ranks);
+                return Ok(());
+            }
+            let (dp, ep) = if args.moe { (1, args.ranks) } else { (args.ranks, 1) };
+            let ranks = btm_trainer::distributed::Ranks::start(dp, ep, Default::default())?;
+            let r = btm_trainer::bench::run(&args.preset, args.moe, args.threads, args.steps, &ranks)?;
+            if !ranks.is_root() {
+                return Ok(());
+            }
             if args.json {
                 println!("{}", serde_json::to_string(&r)?);
             } else {
                 println!(
-                    "train {}{}: {:.0} tokens/s ({:.3} s/step: forward {:.3}, backward {:.3}, optimizer {:.3}; {} threads, {} parameters), peak RSS {:.0} MiB; {} ({} kernels, gemm {})",
+                    "train {}{}{}: {:.0} tokens/s ({:.3} s/step: forward {:.3}, backward {:.3}, optimizer {:.3}, of which collectives {:.3}; {} threads, {} parameters), peak RSS {:.0} MiB; {} ({} kernels, gemm {})",
                     r.preset,
                     if r.moe { " moe" } else { "" },
+                    if r.ranks > 1 { format!(" on {} ranks (expert_parallel {})", r.ranks, r.expert_parallel) } else { String::new() },
                     r.tokens_per_s,
                     r.step_s,
                     r.forward_s,
                     r.backward_s,
                     r.optimizer_s,
+                    r.collective_s,
                     r.threads,
                     r.parameters,
                     r.peak_rss_mb,

@@ -242,3 +242,34 @@ fn rest_api_runs_the_pipeline_with_its_run_in_s3() {
         runs_with_s3("rest", "{kind: slurm, api: rest, cpus_per_task: 1, mem_per_cpu_mb: 400, rest: {url: \"${SLURMRESTD_URL}\", user: root, token_env: SLURM_JWT}}");
     }
 }
+
+/// Multi-process phases on Slurm: each job an allocation of `--ntasks=2` whose ranks `srun`
+/// starts over PMIx; the experts data-parallel, the merged MoE continued expert-parallel.
+#[cfg(feature = "mpi")]
+#[test]
+fn cli_runs_multi_rank_phases_with_srun() {
+    if !slurm_available(false) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let runs = tmp.path().join("runs");
+    let file = fixture_pipeline(
+        tmp.path(),
+        "srun",
+        &runs.to_string_lossy(),
+        "{kind: slurm, api: cli, cpus_per_task: 1, mpi: pmix, retries: 0}",
+        "steps: 4, batch_size: 2, seq_len: 32, grad_accum: 2, data_parallel: 2",
+        "continue: {steps: 4, expert_parallel: 2}\n",
+    );
+    let out = ok(btm().arg("run").arg(&file).arg("--quiet").output().unwrap());
+    assert!(out.contains("| continued |"), "{out}");
+    let run = runs.join("srun");
+    let scripts: Vec<String> =
+        std::fs::read_dir(run.join("jobs/slurm")).unwrap().flatten().map(|e| std::fs::read_to_string(e.path()).unwrap()).collect();
+    assert!(
+        scripts.iter().any(|s| s.contains("continue-merged") && s.contains("exec srun --kill-on-bad-exit=1 --mpi='pmix' ")),
+        "{scripts:?}"
+    );
+    let log = std::fs::read_to_string(run.join("logs/continue-merged.log")).unwrap();
+    assert!(log.contains("2 ranks: data_parallel 1 × expert_parallel 2"), "{log}");
+}

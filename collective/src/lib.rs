@@ -8,6 +8,7 @@
 //!   one-process run does no copies and no synchronisation.
 //! - `Mpi` (feature `mpi`): the system's MPI through the `mpi` crate; launched by
 //!   `mpirun -np N` or `srun --mpi=pmix`.
+//! - `Nccl` (feature `nccl`): NCCL on one GPU per rank, its unique id carried by MPI.
 //!
 //! On top of the byte-level backend sit the tensor operations training uses
 //! ([`all_reduce_sum_many`], [`all_gather`], [`all_to_all_v`], …), and [`Groups`]: the world and
@@ -29,6 +30,10 @@ use std::time::{Duration, Instant};
 mod mpi_backend;
 #[cfg(feature = "mpi")]
 pub use mpi_backend::Mpi;
+#[cfg(feature = "nccl")]
+mod nccl_backend;
+#[cfg(feature = "nccl")]
+pub use nccl_backend::{nccl_available, Nccl};
 
 /// Which collective engine a multi-process run uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -37,12 +42,16 @@ pub enum Backend {
     /// The system's MPI (CPU processes; `mpirun`, `srun --mpi=…`).
     #[default]
     Mpi,
+    /// NCCL between GPUs, one per rank (the rank's local rank picks it); MPI starts the ranks
+    /// and carries NCCL's unique id.
+    Nccl,
 }
 
 impl Backend {
     pub fn as_str(self) -> &'static str {
         match self {
             Backend::Mpi => "mpi",
+            Backend::Nccl => "nccl",
         }
     }
 }
@@ -138,15 +147,37 @@ pub fn launched_world_size() -> Option<usize> {
 /// The world group for a run of `world` ranks: [`Single`] for one, else the `backend`'s world.
 pub fn init(world: usize, backend: Backend) -> Result<Arc<dyn Collective>> {
     let launched = launched_world_size().unwrap_or(1);
-    if world <= 1 {
-        if launched > 1 {
-            candle_core::bail!("the job asks for 1 rank but the launcher started {launched}: launch it without mpirun/srun -n");
-        }
-        return Ok(Arc::new(Single));
+    if world <= 1 && launched > 1 {
+        candle_core::bail!("the job asks for 1 rank but the launcher started {launched}: launch it without mpirun/srun -n");
     }
     match backend {
+        Backend::Mpi if world <= 1 => Ok(Arc::new(Single)),
         Backend::Mpi => init_mpi(world, launched),
+        // One rank over NCCL still makes a communicator (collectives to itself), so the NCCL
+        // path can be checked on a machine with one GPU.
+        Backend::Nccl => {
+            let bootstrap = if world <= 1 { Arc::new(Single) } else { init_mpi(world, launched)? };
+            init_nccl(bootstrap)
+        }
     }
+}
+
+/// This process's index among the ranks on its node (Open MPI, MPICH, Slurm, torchrun).
+pub fn local_rank() -> usize {
+    ["OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID", "LOCAL_RANK"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok().and_then(|s| s.trim().parse().ok()))
+        .unwrap_or(0)
+}
+
+#[cfg(feature = "nccl")]
+fn init_nccl(bootstrap: Arc<dyn Collective>) -> Result<Arc<dyn Collective>> {
+    Ok(Arc::new(Nccl::init(bootstrap, local_rank())?))
+}
+
+#[cfg(not(feature = "nccl"))]
+fn init_nccl(_bootstrap: Arc<dyn Collective>) -> Result<Arc<dyn Collective>> {
+    candle_core::bail!("collective: nccl, but this btm was built without NCCL: rebuild with `--features nccl`")
 }
 
 #[cfg(feature = "mpi")]

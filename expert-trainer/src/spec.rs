@@ -634,9 +634,12 @@ impl JobSpec {
             if !self.trainer.is_btm() {
                 return fail("data_parallel", "an external trainer is launched by its own command; give it its ranks there".into());
             }
-            if self.device != "cpu" {
-                return fail("device", "multi-rank runs use the MPI backend, on the CPU (NCCL is not built yet)".into());
+            if self.collective == btm_collective::Backend::Mpi && self.device != "cpu" {
+                return fail("collective", "mpi sums host memory; for `device: cuda` give `collective: nccl`".into());
             }
+        }
+        if self.collective == btm_collective::Backend::Nccl && self.device != "cuda" {
+            return fail("collective", format!("nccl moves GPU memory; `device: {}` needs `collective: mpi`", self.device));
         }
         if self.log_interval == 0 {
             return fail("log_interval", "must be positive".into());

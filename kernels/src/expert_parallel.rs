@@ -175,4 +175,30 @@ mod tests {
         }
         assert!(ExpertShard::new(Arc::new(Single), 0).is_err());
     }
+
+    /// The same over a one-rank NCCL group (its exchanges go through the GPU), on a machine
+    /// with libcuda and libnccl (`cargo test -p btm-kernels --features nccl gpu`).
+    #[cfg(feature = "nccl")]
+    #[test]
+    fn gpu_one_rank_over_nccl_matches_the_fused_layer() {
+        if !btm_collective::nccl_available() {
+            assert!(std::env::var("BTM_REQUIRE_GPU").as_deref() != Ok("1"), "BTM_REQUIRE_GPU=1 but libnccl cannot be loaded");
+            eprintln!("skipping: no libcuda/libnccl here");
+            return;
+        }
+        let dev = Device::Cpu;
+        let (t, h, f, e) = (16, 8, 6, 4);
+        let x = Tensor::randn(0f32, 1.0, (t, h), &dev).unwrap();
+        let router = Tensor::randn(0f32, 1.0, (e, h), &dev).unwrap();
+        let weights = ExpertWeights {
+            gate_up: Tensor::randn(0f32, 0.3, (e, 2 * f, h), &dev).unwrap(),
+            down: Tensor::randn(0f32, 0.3, (e, h, f), &dev).unwrap(),
+        };
+        let opts = MoeOptions { top_k: 2, routing: Routing::TopkThenSoftmax, capacity: None };
+        let group: Arc<dyn btm_collective::Collective> = Arc::new(btm_collective::Nccl::init(Arc::new(Single), 0).unwrap());
+        let shard = ExpertShard::new(group, e).unwrap();
+        let (ep, _) = expert_parallel_moe(&x, &router, &weights, &opts, &shard).unwrap();
+        let (fused, _) = crate::fused_moe(&x, &router, &weights, &opts).unwrap();
+        assert_eq!(ep.to_vec2::<f32>().unwrap(), fused.to_vec2::<f32>().unwrap());
+    }
 }

@@ -136,6 +136,8 @@ def main() -> None:
         torch.cuda.set_device(device)
     if a.batch_size % world:
         sys.exit(f"train_hf.py: batch size {a.batch_size} does not split over {world} processes")
+    if rank == 0:
+        print(f"train_hf.py: world {world} ({'nccl' if cuda else 'gloo'})" if distributed else "train_hf.py: one process", file=sys.stderr)
     os.makedirs(a.work_dir, exist_ok=True)
 
     resume = newest_checkpoint(a.work_dir)

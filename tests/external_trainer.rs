@@ -143,3 +143,55 @@ fn contract_failures_are_named_and_the_rest_of_the_run_goes_on() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("seed.train.train.trainer: a seed trained from scratch has no model to start from"), "{err}");
 }
+
+/// A two-node torchrun launch, both "nodes" on this machine: each runs `btm train --job` with
+/// the rendezvous its engine would set (Slurm's first node, Kubernetes's pod 0); the two
+/// torchruns meet there (one process each, gloo), and node 0 alone checks and publishes.
+#[test]
+fn a_two_node_torchrun_meets_at_its_rendezvous_and_node_0_publishes() {
+    let Some(python) = torch_python() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let trainer = torchrun_trainer().replace("nproc_per_node: 2", "nproc_per_node: 1, nnodes: 2");
+    let job = tmp.path().join("job.yaml");
+    std::fs::write(
+        &job,
+        format!(
+            "init: {{checkpoint: {}}}\nout: {}\ndata:\n  train: [{{path: {}}}]\n  valid: [{}]\n\
+             steps: 4\nbatch_size: 2\nseq_len: 32\nseed: 1\ndomain: code\ntrainer: {trainer}\n",
+            repo().join("model/tests/fixtures/llama").display(),
+            tmp.path().join("out").display(),
+            common::sample("code", "train"),
+            common::sample("code", "valid"),
+        ),
+    )
+    .unwrap();
+    let path = path_with(&python);
+    // Without the engine's rendezvous a multi-node job says what it needs.
+    let out = btm().env("PATH", &path).args(["train", "--job"]).arg(&job).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("BTM_RDZV_ENDPOINT"), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let node = |rank: usize| {
+        btm()
+            .env("PATH", &path)
+            .env("BTM_RDZV_ENDPOINT", format!("127.0.0.1:{port}"))
+            .env("BTM_RDZV_ID", "two-nodes")
+            .env("BTM_NODE_RANK", rank.to_string())
+            .args(["train", "--job"])
+            .arg(&job)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (first, second) = (node(0), node(1));
+    let (a, b) = (first.wait_with_output().unwrap(), second.wait_with_output().unwrap());
+    let text = |o: &std::process::Output| format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(a.status.success() && b.status.success(), "node 0:\n{}\nnode 1:\n{}", text(&a), text(&b));
+    assert!(text(&a).contains("--rdzv_endpoint") && text(&b).contains("node 1: external trainer"), "{}\n{}", text(&a), text(&b));
+    // Both torchruns formed one world of two processes: the script says so.
+    assert!(text(&a).contains("world 2") || text(&b).contains("world 2"), "{}\n{}", text(&a), text(&b));
+    let model = tmp.path().join("out/model");
+    assert!(model.join("MANIFEST.json").is_file() && model.join("btm.json").is_file());
+}

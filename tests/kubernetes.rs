@@ -24,6 +24,11 @@ fn validator() -> Option<String> {
 /// `btm run --dry-run`'s manifests for a three-domain pipeline with this storage and these
 /// extra engine settings.
 fn dry_run_manifests(tmp: &std::path::Path, storage: &str, engine_extra: &str) -> Vec<String> {
+    dry_run_manifests_with(tmp, storage, engine_extra, "steps: 10")
+}
+
+/// The same with the expert phase's `train` block (inside its braces) given.
+fn dry_run_manifests_with(tmp: &std::path::Path, storage: &str, engine_extra: &str, train: &str) -> Vec<String> {
     let mut yaml = format!(
         "name: k8s\nstorage: {storage}\nengine: {{kind: kubernetes, image: 'registry.example/btm:0.1', namespace: research, cpus_per_task: 4, memory_mb: 8192, gpus_per_task: 1{engine_extra}}}\n\
          seed: {{checkpoint: {}}}\ndomains:\n",
@@ -32,7 +37,7 @@ fn dry_run_manifests(tmp: &std::path::Path, storage: &str, engine_extra: &str) -
     for d in ["scripture", "code", "computing"] {
         yaml.push_str(&domain(d));
     }
-    yaml.push_str("train: {steps: 10}\nmerge: {top_k: 2}\n");
+    yaml.push_str(&format!("train: {{{train}}}\nmerge: {{top_k: 2}}\n"));
     let file = tmp.join("k8s.yaml");
     std::fs::write(&file, yaml).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_btm")).arg("run").arg(&file).arg("--dry-run").output().unwrap();
@@ -87,5 +92,34 @@ fn a_run_in_a_bucket_takes_store_credentials_from_a_secret() {
         assert!(experts.contains(needle), "`{needle}` missing from:\n{experts}");
     }
     assert!(!experts.contains("persistentVolumeClaim") && !experts.contains(">>"), "{experts}");
+    check_schema(tmp.path(), &manifests);
+}
+
+/// Experts trained by a two-node torchrun: each expert takes two indices of the Indexed Job,
+/// its pods named through a headless Service so that node 1 finds the rendezvous on node 0.
+#[test]
+fn a_multi_node_torchrun_gets_two_pods_per_job_and_a_headless_service() {
+    let tmp = tempfile::tempdir().unwrap();
+    let trainer = format!(
+        "steps: 10, trainer: {{kind: torchrun, script: {}, nproc_per_node: 8, nnodes: 2}}",
+        repo().join("scripts/train_hf.py").display()
+    );
+    let manifests = dry_run_manifests_with(tmp.path(), "/runs", ", volume: {claim: btm-runs, mount_path: /runs}", &trainer);
+    let experts = manifests.iter().find(|m| m.contains("kind: Job") && m.contains("expert-scripture")).expect("an expert batch");
+    for needle in [
+        "completions: 6",
+        "parallelism: 6",
+        "J=$((JOB_COMPLETION_INDEX / 2))",
+        "BTM_NODE_RANK=$((JOB_COMPLETION_INDEX % 2))",
+        "BTM_RDZV_ENDPOINT=",
+        ":29500",
+        "subdomain: btm-k8s-expert-",
+    ] {
+        assert!(experts.contains(needle), "`{needle}` missing from:\n{experts}");
+    }
+    let service = manifests.iter().find(|m| m.contains("kind: Service")).expect("a headless Service");
+    for needle in ["clusterIP: None", "publishNotReadyAddresses: true", "batch.kubernetes.io/job-name: btm-k8s-expert-"] {
+        assert!(service.contains(needle), "`{needle}` missing from:\n{service}");
+    }
     check_schema(tmp.path(), &manifests);
 }

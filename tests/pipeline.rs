@@ -243,4 +243,8 @@ fn validation_errors_name_file_line_column_and_key() {
         &[],
     );
     assert!(e.contains("continue.data_parallel: the Kubernetes engine runs one process per job"), "{e}");
+    // A multi-node torchrun on the local engine.
+    let script = repo().join("scripts/train_hf.py").display().to_string();
+    let e = validate(d, &format!("{head}{one}train: {{trainer: {{kind: torchrun, script: {script}, nnodes: 2}}}}\n"), &[]);
+    assert!(e.contains("train.trainer.nnodes: 2 nodes need a cluster engine (Slurm or Kubernetes)"), "{e}");
 }

@@ -43,8 +43,9 @@ pub enum Trainer {
     Btm,
     /// Any command: a template with `{placeholder}`s (see the README's list), run by `sh -c`.
     Command { command: String },
-    /// `torchrun --standalone --nproc_per_node N SCRIPT ARGS…` (one node); `args` may hold
-    /// placeholders.
+    /// `torchrun --standalone --nproc_per_node N SCRIPT ARGS…` on one node; on `nnodes` > 1, one
+    /// torchrun per node meeting at a c10d rendezvous on the first node, which the engine gives
+    /// ([`RDZV_ENDPOINT`]); `args` may hold placeholders.
     Torchrun {
         script: String,
         #[serde(default)]
@@ -84,7 +85,22 @@ pub const PLACEHOLDERS: &[(&str, &str)] = &[
     ("seed", "the training seed"),
     ("domain", "the domain trained on (empty for mixtures)"),
     ("nproc_per_node", "processes per node (torchrun's)"),
+    ("nnodes", "nodes of a multi-node launch (1 otherwise)"),
+    ("rdzv_endpoint", "the rendezvous address of a multi-node launch, `host:port` on its first node (from the engine)"),
+    ("rdzv_id", "the multi-node launch's rendezvous id (from the engine)"),
 ];
+
+/// The variables through which an engine tells each node of a multi-node job where the
+/// rendezvous is, its id, and the node's index (node 0 prepares, checks and publishes the
+/// output; the others only train). Slurm's tasks read their index from `SLURM_PROCID`.
+pub const RDZV_ENDPOINT: &str = "BTM_RDZV_ENDPOINT";
+pub const RDZV_ID: &str = "BTM_RDZV_ID";
+pub const NODE_RANK: &str = "BTM_NODE_RANK";
+
+/// This process's node index in a multi-node job (`BTM_NODE_RANK`, else Slurm's task index).
+pub fn node_rank() -> usize {
+    [NODE_RANK, "SLURM_PROCID"].iter().find_map(|v| std::env::var(v).ok().and_then(|s| s.trim().parse().ok())).unwrap_or(0)
+}
 
 /// A piece of a command template: text to copy, or the name of a placeholder.
 enum Piece<'a> {
@@ -126,15 +142,27 @@ impl Trainer {
         matches!(self, Trainer::Btm)
     }
 
+    /// Nodes one job of this trainer spans (torchrun's `nnodes`; 1 for the others).
+    pub fn nodes(&self) -> usize {
+        match self {
+            Trainer::Torchrun { nnodes, .. } => *nnodes,
+            _ => 1,
+        }
+    }
+
     /// The command template this trainer runs (`None` for btm's own).
     pub fn template(&self) -> Option<String> {
         match self {
             Trainer::Btm => None,
             Trainer::Command { command } => Some(command.clone()),
-            Trainer::Torchrun { script, args, nproc_per_node, nnodes: _ } => {
+            Trainer::Torchrun { script, args, nproc_per_node, nnodes } => {
                 // `exec`: torchrun replaces the shell, so signals (and the parent-death signal)
                 // reach it, and it stops its workers.
-                let mut line = format!("exec torchrun --standalone --nnodes 1 --nproc_per_node {nproc_per_node} {}", shell_quote(script));
+                let launch = match nnodes {
+                    1 => "--standalone --nnodes 1".to_string(),
+                    n => format!("--nnodes {n} --rdzv_backend c10d --rdzv_endpoint {{rdzv_endpoint}} --rdzv_id {{rdzv_id}}"),
+                };
+                let mut line = format!("exec torchrun {launch} --nproc_per_node {nproc_per_node} {}", shell_quote(script));
                 for a in args {
                     line.push(' ');
                     line.push_str(a);
@@ -151,8 +179,8 @@ impl Trainer {
             if *nproc_per_node == 0 {
                 bail!("nproc_per_node: must be positive");
             }
-            if *nnodes != 1 {
-                bail!("nnodes: {nnodes}: multi-node torchrun launches are not supported yet (run one node with nproc_per_node, or give a `command` that launches across nodes)");
+            if *nnodes == 0 {
+                bail!("nnodes: must be positive");
             }
         }
         let Some(template) = self.template() else { return Ok(()) };
@@ -189,6 +217,15 @@ pub fn render(template: &str, values: &BTreeMap<&str, String>) -> Result<String>
 
 /// The placeholder values for a job, as shell words.
 fn values(spec: &JobSpec, model_in: &Path, model_out: &Path, work_dir: &Path, nproc: usize) -> Result<BTreeMap<&'static str, String>> {
+    let nnodes = spec.trainer.nodes();
+    let from_engine = |var: &str| -> Result<String> {
+        match std::env::var(var) {
+            Ok(v) if !v.is_empty() => Ok(shell_quote(&v)),
+            _ if nnodes == 1 => Ok(String::new()),
+            _ => bail!("trainer: nnodes {nnodes} needs the rendezvous its engine sets in `{var}` (run it through `btm run` on Slurm or Kubernetes, or set {RDZV_ENDPOINT}, {RDZV_ID} and {NODE_RANK} on each node)"),
+        }
+    };
+    let (rdzv_endpoint, rdzv_id) = (from_engine(RDZV_ENDPOINT)?, from_engine(RDZV_ID)?);
     let q = |p: &Path| shell_quote(&p.display().to_string());
     let num = |x: f64| format!("{x}");
     let decay = serde_json::to_value(spec.schedule.decay).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
@@ -221,6 +258,9 @@ fn values(spec: &JobSpec, model_in: &Path, model_out: &Path, work_dir: &Path, np
         ("seed", spec.seed.to_string()),
         ("domain", shell_quote(spec.domain.as_deref().unwrap_or(""))),
         ("nproc_per_node", nproc.to_string()),
+        ("nnodes", nnodes.to_string()),
+        ("rdzv_endpoint", rdzv_endpoint),
+        ("rdzv_id", rdzv_id),
     ]))
 }
 
@@ -237,6 +277,23 @@ pub fn run(spec: &JobSpec, quiet: bool) -> Result<Outcome> {
     let out = spec.out_dir()?;
     let work_dir = out.join("external").join("work");
     let model_out = out.join("external").join("model-out");
+    let node = node_rank();
+    if node > 0 {
+        // Another node of a multi-node launch: train, and leave the output to node 0 (the
+        // folders are on a filesystem the nodes share; node 0 prepared them before its torchrun
+        // joined the rendezvous, which every node's training waits for).
+        let nproc = match trainer {
+            Trainer::Torchrun { nproc_per_node, .. } => *nproc_per_node,
+            _ => 1,
+        };
+        let line = render(&template, &values(spec, &model_in, &model_out, &work_dir, nproc)?)?;
+        let mut metrics = Metrics::silent(&out);
+        if !quiet {
+            eprintln!("[btm train] node {node}: external trainer: {line}");
+        }
+        run_command(&line, &mut metrics)?;
+        return Ok(Outcome::Finished { step: spec.total_steps(), model_dir: out.join("model") });
+    }
     std::fs::create_dir_all(&work_dir).with_context(|| format!("creating {}", work_dir.display()))?;
     // A previous attempt's output may be half-written: the command starts from an empty folder
     // (its resumable state is in the work folder).
@@ -375,7 +432,15 @@ mod tests {
             Trainer::Torchrun { script: "train.py".into(), args: vec!["--out".into(), "{model_out}".into()], nproc_per_node: 2, nnodes: 1 };
         tr.check().unwrap();
         assert_eq!(tr.template().unwrap(), "exec torchrun --standalone --nnodes 1 --nproc_per_node 2 train.py --out {model_out}");
-        assert!(Trainer::Torchrun { script: "t.py".into(), args: vec![], nproc_per_node: 1, nnodes: 2 }.check().is_err());
+        // Two nodes: a c10d rendezvous whose address and id the engine supplies.
+        let two = Trainer::Torchrun { script: "t.py".into(), args: vec![], nproc_per_node: 4, nnodes: 2 };
+        two.check().unwrap();
+        assert_eq!(
+            two.template().unwrap(),
+            "exec torchrun --nnodes 2 --rdzv_backend c10d --rdzv_endpoint {rdzv_endpoint} --rdzv_id {rdzv_id} --nproc_per_node 4 t.py"
+        );
+        assert_eq!(two.nodes(), 2);
+        assert!(Trainer::Torchrun { script: "t.py".into(), args: vec![], nproc_per_node: 1, nnodes: 0 }.check().is_err());
     }
 
     #[test]

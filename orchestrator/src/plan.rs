@@ -49,6 +49,10 @@ pub struct Resources {
     /// Processes of one multi-process training job (MPI ranks); 0 or 1: one process.
     #[serde(default)]
     pub ranks: usize,
+    /// Nodes of one multi-node job (an external torchrun's `nnodes`: one task per node, meeting
+    /// at a rendezvous on the first); 0 or 1: one node.
+    #[serde(default)]
+    pub nodes: usize,
 }
 
 /// A model the run produces (or starts from), for evaluation and the report.
@@ -321,6 +325,7 @@ impl Builder<'_> {
         job.resources.memory_mb = resources.memory_mb;
         job.resources.time_limit_min = resources.time_limit_min;
         job.resources.ranks = spec.ranks();
+        job.resources.nodes = spec.trainer.nodes();
         Ok(name)
     }
 

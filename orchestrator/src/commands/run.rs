@@ -52,6 +52,9 @@ fn print_plan(plan: &Plan, engine: &EngineSpec) {
             0 | 1 => println!("  command: btm {}", j.args.join(" ")),
             n => println!("  command: {} btm {}", launch_line(engine, n), j.args.join(" ")),
         }
+        if j.resources.nodes > 1 {
+            println!("  nodes:   {} (one task per node, each a torchrun meeting at the rendezvous on the first)", j.resources.nodes);
+        }
         if let Some(external) = j.train.as_ref().and_then(|t| t.external.as_ref()) {
             println!("  trainer: {external}");
         }
@@ -84,7 +87,7 @@ fn launch_line(engine: &EngineSpec, ranks: usize) -> String {
 fn print_manifests(k: &crate::pipeline::spec::KubernetesSpec, plan: &Plan) -> Result<()> {
     let mut batches: Vec<Vec<&Job>> = vec![];
     for j in &plan.jobs {
-        match batches.iter_mut().find(|b| b[0].kind == j.kind && b[0].deps == j.deps) {
+        match batches.iter_mut().find(|b| b[0].kind == j.kind && b[0].deps == j.deps && b[0].resources == j.resources) {
             Some(b) => b.push(j),
             None => batches.push(vec![j]),
         }
@@ -97,6 +100,10 @@ fn print_manifests(k: &crate::pipeline::spec::KubernetesSpec, plan: &Plan) -> Re
         let name = crate::engine::kubernetes::object_name(&run_name, stage);
         let m = crate::engine::kubernetes::manifest(k, &plan.run_dir, &name, &subs);
         println!("---\n{}", serde_yaml::to_string(&m)?);
+        if subs[0].nodes > 1 {
+            // Its owner reference to the Job is added when the Job exists.
+            println!("---\n{}", serde_yaml::to_string(&crate::engine::kubernetes::headless_service(k, &name, None))?);
+        }
     }
     Ok(())
 }

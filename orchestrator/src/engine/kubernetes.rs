@@ -22,7 +22,19 @@ const FORWARDED_ENV: [&str; 5] = ["AWS_ENDPOINT", "AWS_REGION", "AWS_DEFAULT_REG
 /// The Indexed Job manifest for `jobs`, run by `spec.image` with the run folder mounted.
 pub fn manifest(spec: &KubernetesSpec, run: &Path, name: &str, jobs: &[Submission]) -> Value {
     let quote = |s: &str| format!("'{}'", s.replace('\'', r"'\''"));
-    let mut script = String::from("case \"$JOB_COMPLETION_INDEX\" in\n");
+    // A multi-node job takes `nodes` consecutive indices: index i is node i % nodes of job
+    // i / nodes, and the job's rendezvous is on its first pod, reached by its stable name
+    // through the headless Service of the same name ([`headless_service`]).
+    let nodes = jobs[0].nodes.max(1);
+    let mut script = if nodes > 1 {
+        use btm_trainer::external::{NODE_RANK, RDZV_ENDPOINT, RDZV_ID};
+        format!(
+            "J=$((JOB_COMPLETION_INDEX / {nodes}))\nexport {NODE_RANK}=$((JOB_COMPLETION_INDEX % {nodes})) {RDZV_ID}=\"{name}-$J\" \
+             {RDZV_ENDPOINT}=\"{name}-$((J * {nodes})).{name}:{RDZV_PORT}\"\ncase \"$J\" in\n"
+        )
+    } else {
+        String::from("case \"$JOB_COMPLETION_INDEX\" in\n")
+    };
     for (i, j) in jobs.iter().enumerate() {
         let args: Vec<String> = j.args.iter().map(|a| quote(a)).collect();
         // With the run folder mounted the log goes next to it; a run in an object store has no
@@ -33,7 +45,7 @@ pub fn manifest(spec: &KubernetesSpec, run: &Path, name: &str, jobs: &[Submissio
         };
         script.push_str(&format!("  {i}) exec {} {}{redirect} ;;\n", quote(&spec.btm), args.join(" ")));
     }
-    script.push_str("  *) echo \"btm: no task $JOB_COMPLETION_INDEX\" >&2; exit 2 ;;\nesac\n");
+    script.push_str("  *) echo \"btm: no task for index $JOB_COMPLETION_INDEX\" >&2; exit 2 ;;\nesac\n");
     let cpus = jobs[0].cpus.max(1);
     let mut requests = json!({"cpu": cpus.to_string()});
     let mut limits = json!({});
@@ -71,20 +83,51 @@ pub fn manifest(spec: &KubernetesSpec, run: &Path, name: &str, jobs: &[Submissio
     if let Some(sa) = &spec.service_account {
         pod["serviceAccountName"] = json!(sa);
     }
+    if nodes > 1 {
+        // Pod i is `<name>-i.<name>`: its hostname, under the headless Service's domain.
+        pod["subdomain"] = json!(name);
+    }
     pod["containers"] = json!([container]);
+    let indices = jobs.len() * nodes;
     json!({
         "apiVersion": "batch/v1",
         "kind": "Job",
         "metadata": {"name": name, "namespace": spec.namespace, "labels": {"app.kubernetes.io/managed-by": "btm"}},
         "spec": {
             "completionMode": "Indexed",
-            "completions": jobs.len(),
-            "parallelism": jobs.len(),
+            "completions": indices,
+            // Every node of a multi-node job must run at once to meet at the rendezvous.
+            "parallelism": indices,
             // Retries per index: a failed trainer restarts and resumes from its checkpoint.
             "backoffLimitPerIndex": spec.backoff_limit,
-            "maxFailedIndexes": jobs.len(),
+            "maxFailedIndexes": indices,
             "ttlSecondsAfterFinished": 86400,
             "template": {"metadata": {"labels": {"app.kubernetes.io/managed-by": "btm"}}, "spec": pod},
+        },
+    })
+}
+
+/// The port of a multi-node job's rendezvous on its first pod (torchrun's default).
+pub const RDZV_PORT: u16 = 29500;
+
+/// The headless Service that gives a multi-node Indexed Job's pods stable names
+/// (`<job>-<index>.<job>`), so every node finds the rendezvous on the first. Owned by the Job
+/// (`job_uid`), so it goes when the Job does.
+pub fn headless_service(spec: &KubernetesSpec, name: &str, job_uid: Option<&str>) -> Value {
+    let mut metadata = json!({"name": name, "namespace": spec.namespace, "labels": {"app.kubernetes.io/managed-by": "btm"}});
+    if let Some(uid) = job_uid {
+        metadata["ownerReferences"] = json!([{"apiVersion": "batch/v1", "kind": "Job", "name": name, "uid": uid}]);
+    }
+    json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": metadata,
+        "spec": {
+            "clusterIP": "None",
+            "selector": {"batch.kubernetes.io/job-name": name},
+            // Names resolve while the pods start, before any readiness.
+            "publishNotReadyAddresses": true,
+            "ports": [{"name": "rendezvous", "port": RDZV_PORT, "protocol": "TCP"}],
         },
     })
 }
@@ -191,6 +234,10 @@ impl KubernetesEngine {
         format!("{}/apis/batch/v1/namespaces/{}/jobs", self.creds.server.trim_end_matches('/'), self.spec.namespace)
     }
 
+    fn services_url(&self) -> String {
+        format!("{}/api/v1/namespaces/{}/services", self.creds.server.trim_end_matches('/'), self.spec.namespace)
+    }
+
     async fn call(&self, req: reqwest::RequestBuilder) -> Result<Value> {
         let req = match &self.creds.token {
             Some(t) => req.bearer_auth(t),
@@ -220,7 +267,7 @@ impl Engine for KubernetesEngine {
     }
 
     async fn submit(&self, jobs: &[Submission]) -> Result<Vec<JobHandle>> {
-        if let Some(j) = jobs.iter().find(|j| j.ranks > 1) {
+        if let Some(j) = jobs.iter().find(|j| j.ranks > 1 || j.nodes != jobs[0].nodes) {
             bail!(
                 "{}: {} ranks: multi-process training is launched with mpirun (local engine) or srun (Slurm); the Kubernetes engine runs one process per job",
                 j.name,
@@ -233,14 +280,35 @@ impl Engine for KubernetesEngine {
         let batch = jobs[0].name.split('/').next().unwrap_or("job");
         let name = object_name(&self.run_name, batch);
         let m = manifest(&self.spec, &self.run, &name, jobs);
-        self.call(self.client.post(self.jobs_url()).json(&m)).await?;
-        Ok((0..jobs.len()).map(|i| JobHandle(format!("{name}/{i}"))).collect())
+        let created = self.call(self.client.post(self.jobs_url()).json(&m)).await?;
+        let nodes = jobs[0].nodes.max(1);
+        if nodes > 1 {
+            let svc = headless_service(&self.spec, &name, created["metadata"]["uid"].as_str());
+            self.call(self.client.post(self.services_url()).json(&svc)).await?;
+        }
+        // A job's handle names its indices: `name/i`, or `name/first-last` across its nodes.
+        Ok((0..jobs.len())
+            .map(|j| match nodes {
+                1 => JobHandle(format!("{name}/{j}")),
+                n => JobHandle(format!("{name}/{}-{}", j * n, j * n + n - 1)),
+            })
+            .collect())
     }
 
     async fn state(&self, handle: &JobHandle) -> Result<JobState> {
-        let (name, index) = handle.0.rsplit_once('/').context("kubernetes job handle")?;
+        let (name, indices) = handle.0.rsplit_once('/').context("kubernetes job handle")?;
+        let (first, last) = match indices.split_once('-') {
+            Some((a, b)) => (a.parse::<u64>()?, b.parse::<u64>()?),
+            None => (indices.parse::<u64>()?, indices.parse::<u64>()?),
+        };
         let job = self.call(self.client.get(format!("{}/{name}", self.jobs_url()))).await?;
-        Ok(index_state(&job["status"], index.parse()?))
+        let states: Vec<JobState> = (first..=last).map(|i| index_state(&job["status"], i)).collect();
+        // A job is done when every node is; it failed when any node gave up.
+        Ok(match states.iter().find(|s| matches!(s, JobState::Failed(_))) {
+            Some(failed) => failed.clone(),
+            None if states.iter().all(|s| *s == JobState::Succeeded) => JobState::Succeeded,
+            None => JobState::Running,
+        })
     }
 
     async fn cancel(&self, handle: &JobHandle) -> Result<()> {
@@ -381,6 +449,7 @@ mod tests {
                 memory_mb: None,
                 time_limit_min: None,
                 ranks: 1,
+                nodes: 1,
             })
             .collect();
         let handles = rt.block_on(engine.submit(&subs)).unwrap();
@@ -406,6 +475,48 @@ mod tests {
         assert!(seen[3].1.ends_with("/jobs/x-1?propagationPolicy=Background"));
     }
 
+    /// A two-node job: four indices for two jobs, a headless Service owned by the Job, and a
+    /// job's state from both of its indices.
+    #[test]
+    fn multi_node_jobs_take_consecutive_indices_and_a_headless_service() {
+        let (url, server) = fake_api(3, |method, path| match (method, path) {
+            ("POST", p) if p.ends_with("/jobs") => (201, json!({"kind": "Job", "metadata": {"uid": "uid-1"}})),
+            ("POST", p) if p.ends_with("/services") => (201, json!({"kind": "Service"})),
+            ("GET", _) => (200, json!({"status": {"completedIndexes": "0-1,3", "failedIndexes": ""}})),
+            _ => (404, json!({"message": "not found"})),
+        });
+        let creds = Credentials { server: url, token: None, ca_pem: None };
+        let engine = KubernetesEngine::new(&spec(), Path::new("/runs/r"), creds).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let subs: Vec<Submission> = ["expert/a", "expert/b"]
+            .iter()
+            .map(|n| Submission {
+                name: n.to_string(),
+                args: vec!["train".into()],
+                log: PathBuf::from("/tmp/btm-k8s-test.log"),
+                cpus: 8,
+                gpus: 8,
+                memory_mb: None,
+                time_limit_min: None,
+                ranks: 1,
+                nodes: 2,
+            })
+            .collect();
+        let handles = rt.block_on(engine.submit(&subs)).unwrap();
+        assert!(handles[0].0.ends_with("/0-1") && handles[1].0.ends_with("/2-3"), "{handles:?}");
+        // Job a's two nodes are done; job b's node 2 is still running.
+        assert_eq!(rt.block_on(engine.state(&handles[0])).unwrap(), JobState::Succeeded);
+        let seen = server.join().unwrap();
+        let job = &seen[0].3;
+        assert_eq!((job["spec"]["completions"].as_u64(), job["spec"]["parallelism"].as_u64()), (Some(4), Some(4)));
+        assert!(job["spec"]["template"]["spec"]["subdomain"].is_string());
+        let script = job["spec"]["template"]["spec"]["containers"][0]["command"][2].as_str().unwrap();
+        assert!(script.contains("BTM_NODE_RANK=$((JOB_COMPLETION_INDEX % 2))") && script.contains(":29500"), "{script}");
+        let svc = &seen[1].3;
+        assert_eq!((seen[1].1.as_str(), svc["spec"]["clusterIP"].as_str()), ("/api/v1/namespaces/research/services", Some("None")));
+        assert_eq!(svc["metadata"]["ownerReferences"][0]["uid"], "uid-1");
+    }
+
     #[test]
     fn a_run_in_a_bucket_needs_no_volume_and_reads_credentials_from_a_secret() {
         let spec: KubernetesSpec = serde_yaml::from_str("{image: 'registry.example/btm:1', env_from_secret: btm-s3}").unwrap();
@@ -418,6 +529,7 @@ mod tests {
             memory_mb: None,
             time_limit_min: None,
             ranks: 1,
+            nodes: 1,
         };
         let m = manifest(&spec, Path::new("/unused"), "r-expert", &[sub]);
         let pod = &m["spec"]["template"]["spec"];

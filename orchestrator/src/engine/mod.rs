@@ -27,6 +27,9 @@ pub struct Submission {
     pub time_limit_min: Option<u64>,
     /// Processes of a multi-process (MPI) training job, each with `cpus` threads; 1: one process.
     pub ranks: usize,
+    /// Nodes of a multi-node job: one task per node, each told the rendezvous on the first
+    /// ([`btm_trainer::external::RDZV_ENDPOINT`]); 1: one node.
+    pub nodes: usize,
 }
 
 impl Submission {
@@ -41,6 +44,7 @@ impl Submission {
             memory_mb: job.resources.memory_mb,
             time_limit_min: job.resources.time_limit_min,
             ranks: job.resources.ranks.max(1),
+            nodes: job.resources.nodes.max(1),
         }
     }
 }
@@ -89,8 +93,22 @@ pub fn array_script(exe: &std::path::Path, jobs: &[Submission], mpi: Option<&str
             (true, None) => "srun --kill-on-bad-exit=1 ".to_string(),
             (true, Some(m)) => format!("srun --kill-on-bad-exit=1 --mpi={} ", quote(m)),
         };
+        // A multi-node job: one task per node, all told the rendezvous on the allocation's
+        // first node (a port from the job id, so jobs sharing a first node do not collide).
+        let (rendezvous, launch) = if j.nodes > 1 {
+            (
+                format!(
+                    "export {}=\"$(scontrol show hostnames \"$SLURM_JOB_NODELIST\" | head -n 1):$((20000 + SLURM_JOB_ID % 20000))\" {}=\"btm-$SLURM_JOB_ID\" && ",
+                    btm_trainer::external::RDZV_ENDPOINT,
+                    btm_trainer::external::RDZV_ID
+                ),
+                "srun --kill-on-bad-exit=1 --ntasks-per-node=1 ".to_string(),
+            )
+        } else {
+            (String::new(), launch)
+        };
         s.push_str(&format!(
-            "  {i}) mkdir -p {} && exec {launch}{} {} >> {} 2>&1 ;;\n",
+            "  {i}) mkdir -p {} && {rendezvous}exec {launch}{} {} >> {} 2>&1 ;;\n",
             quote(&log_dir),
             quote(&exe.to_string_lossy()),
             args.join(" "),
@@ -119,4 +137,40 @@ pub fn local_mpi_launch(ranks: usize) -> Vec<String> {
     }
     line.extend(["-np".to_string(), ranks.to_string()]);
     line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(name: &str, ranks: usize, nodes: usize) -> Submission {
+        Submission {
+            name: name.into(),
+            args: vec!["train".into(), "--job".into(), format!("/runs/r/jobs/{name}/job.yaml")],
+            log: PathBuf::from(format!("/runs/r/logs/{name}.log")),
+            cpus: 4,
+            gpus: 0,
+            memory_mb: None,
+            time_limit_min: None,
+            ranks,
+            nodes,
+        }
+    }
+
+    /// One case per array task; multi-rank jobs start their ranks with srun, multi-node jobs
+    /// one task per node, told the rendezvous on the allocation's first node.
+    #[test]
+    fn array_scripts_launch_ranks_and_nodes_with_srun() {
+        let exe = std::path::Path::new("/opt/btm");
+        let one = array_script(exe, &[job("expert-a", 1, 1), job("expert-b", 1, 1)], None);
+        assert!(one.contains("  0) mkdir -p '/runs/r/logs' && exec '/opt/btm' 'train' '--job' '/runs/r/jobs/expert-a/job.yaml'"), "{one}");
+        assert!(one.contains("  1) ") && !one.contains("srun"), "{one}");
+        let ranks = array_script(exe, &[job("continue", 2, 1)], Some("pmix"));
+        assert!(ranks.contains("exec srun --kill-on-bad-exit=1 --mpi='pmix' '/opt/btm' 'train'"), "{ranks}");
+        let nodes = array_script(exe, &[job("expert-a", 1, 2)], None);
+        assert!(
+            nodes.contains("export BTM_RDZV_ENDPOINT=\"$(scontrol show hostnames \"$SLURM_JOB_NODELIST\" | head -n 1):$((20000 + SLURM_JOB_ID % 20000))\" BTM_RDZV_ID=\"btm-$SLURM_JOB_ID\" && exec srun --kill-on-bad-exit=1 --ntasks-per-node=1 '/opt/btm'"),
+            "{nodes}"
+        );
+    }
 }

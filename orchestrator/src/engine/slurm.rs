@@ -141,6 +141,10 @@ impl SlurmEngine {
             // One task per rank; the script starts them with srun.
             cmd.arg(format!("--ntasks={}", jobs[0].ranks));
         }
+        if jobs[0].nodes > 1 {
+            // One task per node (a torchrun each, which starts the node's processes).
+            cmd.arg(format!("--nodes={}", jobs[0].nodes)).arg("--ntasks-per-node=1");
+        }
         if jobs.len() > 1 {
             cmd.arg(format!("--array=0-{}", jobs.len() - 1));
         }
@@ -288,9 +292,14 @@ impl SlurmEngine {
             "standard_output": self.run.join("logs").join("slurm-%A_%a.out"),
             "environment": env,
             "cpus_per_task": jobs[0].cpus.max(1),
-            "tasks": jobs[0].ranks.max(1),
+            "tasks": jobs[0].ranks.max(jobs[0].nodes).max(1),
             "requeue": true,
         });
+        if jobs[0].nodes > 1 {
+            job["minimum_nodes"] = json!(jobs[0].nodes);
+            job["maximum_nodes"] = json!(jobs[0].nodes);
+            job["tasks_per_node"] = json!(1);
+        }
         if jobs.len() > 1 {
             job["array"] = json!(format!("0-{}", jobs.len() - 1));
         }

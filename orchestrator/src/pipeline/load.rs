@@ -470,7 +470,8 @@ pub fn check(p: &Pipeline, base: &Path) -> Vec<(String, String)> {
     let mut phases: Vec<(String, super::spec::TrainParams)> = vec![("train".into(), p.train.clone())];
     phases.extend(p.seed.train.as_ref().map(|t| ("seed.train.train".to_string(), t.train.clone())));
     // A domain whose overrides leave the layout alone has `train`'s (already checked).
-    let sets_layout = |t: &super::spec::TrainParams| t.grad_accum.or(t.data_parallel).or(t.expert_parallel).is_some();
+    let sets_layout =
+        |t: &super::spec::TrainParams| t.grad_accum.or(t.data_parallel).or(t.expert_parallel).is_some() || t.trainer.is_some();
     phases.extend(
         p.domains
             .iter()
@@ -481,6 +482,13 @@ pub fn check(p: &Pipeline, base: &Path) -> Vec<(String, String)> {
     phases.extend(p.continue_training.as_ref().map(|t| ("continue".to_string(), p.train.mix_phase(t))));
     phases.extend(p.upcycle.as_ref().and_then(|u| u.train.as_ref()).map(|t| ("upcycle.train".to_string(), p.train.mix_phase(t))));
     for (path, t) in &phases {
+        let nodes = t.trainer.as_ref().map_or(1, |tr| tr.nodes());
+        if nodes > 1 && matches!(p.engine, super::spec::EngineSpec::Local { .. }) {
+            problems.push((
+                format!("{path}.trainer.nnodes"),
+                format!("{nodes} nodes need a cluster engine (Slurm or Kubernetes); the local engine runs one node"),
+            ));
+        }
         let ranks = t.data_parallel.unwrap_or(1) * t.expert_parallel.unwrap_or(1);
         let grad_accum = t.grad_accum.unwrap_or(1);
         if ranks > 1 && !grad_accum.is_multiple_of(ranks) {

@@ -108,6 +108,23 @@ pub struct StepStats {
     pub optimizer_s: f64,
 }
 
+impl StepStats {
+    /// The step's metrics line (MoE models add the router losses and each layer's expert load).
+    fn record(&self, step: u64, lr: f64, tokens_per_s: f64, tokens_seen: u64) -> serde_json::Value {
+        let mut rec = json!({
+            "step": step, "loss": self.loss, "lr": lr, "grad_norm": self.grad_norm,
+            "tokens_per_s": tokens_per_s, "tokens_seen": tokens_seen,
+        });
+        if let (Some(aux), Some(z)) = (self.aux_loss, self.z_loss) {
+            rec["aux_loss"] = json!(aux);
+            rec["z_loss"] = json!(z);
+            rec["expert_load"] = json!(self.expert_load);
+            rec["dropped"] = json!(self.dropped);
+        }
+        rec
+    }
+}
+
 /// The model, its optimizer and the loss settings: one optimizer step at a time.
 pub struct Stepper {
     pub weights: Weights,
@@ -397,74 +414,64 @@ pub fn trained_lineage(spec: &JobSpec, init_dir: Option<&std::path::Path>, steps
     Ok(l)
 }
 
-/// Run a training job to the end (or until stopped).
+/// Run a training job to the end (or until stopped): one function per phase of
+/// [the module's outline](self).
 pub fn run(spec: &JobSpec, mut options: Options) -> Result<Outcome> {
     spec.validate()?;
     if !spec.trainer.is_btm() {
         return crate::external::run(spec, options.quiet);
     }
     tune_runtime(spec.threads);
-    let device = device(&spec.device)?;
-    // One rank, or one of `data_parallel × expert_parallel` launched by mpirun/srun. Rank 0
-    // writes metrics, checkpoints, the model and the mirror; the ranks share `out`'s directory.
-    let ranks = Ranks::start(spec.data_parallel, spec.expert_parallel, spec.collective)?;
-    let root = ranks.is_root();
-    let out = spec.out_dir()?;
-    let ckpt_root = out.join("checkpoints");
-    let open_metrics = |keep_through: u64| if root { Metrics::open(&out, keep_through, options.quiet) } else { Ok(Metrics::silent(&out)) };
-    let mut metrics = open_metrics(u64::MAX)?;
-    let say = |m: &Metrics, msg: &str| m.say(msg);
-    if ranks.world() > 1 {
-        say(&metrics, &format!("{} ranks: data_parallel {} × expert_parallel {}", ranks.world(), spec.data_parallel, spec.expert_parallel));
-    }
+    let job = TrainingRun::open(spec, options.quiet)?;
+    let mut metrics = job.metrics(u64::MAX)?;
+    let resume_from = job.resume_point(&metrics)?;
+    let (mut mixture, valid) = job.load_data(&metrics)?;
+    let (mut stepper, progress) = job.start(resume_from.as_ref(), &metrics)?;
+    metrics = job.metrics(progress.step)?;
+    let progress = match job.train(&mut stepper, &mut mixture, &valid, progress, &mut metrics, &mut options)? {
+        Ok(done) => done,
+        Err(interrupted) => return Ok(interrupted),
+    };
+    job.publish_model(&stepper, &progress, &mut metrics)
+}
 
-    let mirror = match spec.mirror_url()? {
-        Some(url) if root => Some(Mirror::new(&url)?),
-        _ => None,
-    };
+/// Where training stands: optimizer steps and tokens done, and the data stream's position.
+#[derive(Debug, Clone, Default)]
+struct Progress {
+    step: u64,
+    tokens_seen: u64,
+    position: Position,
+}
 
-    // Where the weights come from: a checkpoint of this job, or `init`.
-    if root {
-        checkpoint::remove_partials(&ckpt_root)?;
-    }
-    let resume_from: Option<(PathBuf, TrainerState)> = match spec.resume_mode() {
-        Resume::Never => None,
-        // Rank 0 chooses (and downloads); the others take its choice below.
-        Resume::Auto if !root => None,
-        Resume::Auto => match &mirror {
-            None => checkpoint::newest_valid(&ckpt_root, &mut |w| say(&metrics, &format!("warning: {w}")))?,
-            Some(m) => {
-                let found = resume_from_store(m, &ckpt_root, &mut |w| say(&metrics, &format!("warning: {w}")))?;
-                // The run's history comes from the store as well: a local one left by an
-                // earlier run in this working directory would mix two runs.
-                let local = out.join(crate::metrics::METRICS);
-                let _ = std::fs::remove_file(&local);
-                if found.is_some() {
-                    m.download_file(crate::metrics::METRICS, &local)?;
-                }
-                found
-            }
-        },
-        Resume::From(dir) => {
-            let state = checkpoint::verify(&dir).with_context(|| format!("resume: {} is not a valid checkpoint", dir.display()))?;
-            Some((dir, state))
-        }
-    };
-    let resume_from = if ranks.world() > 1 && spec.resume_mode() == Resume::Auto {
-        match ranks.broadcast_u64(resume_from.as_ref().map_or(u64::MAX, |(_, s)| s.step))? {
-            u64::MAX => None,
-            _ if root => resume_from,
-            step => {
-                let dir = ckpt_root.join(checkpoint::step_dir_name(step));
-                let state = checkpoint::verify(&dir).with_context(|| format!("resume: rank 0 chose {}", dir.display()))?;
-                Some((dir, state))
-            }
-        }
-    } else {
-        resume_from
-    };
-    let (init_dir, init_config, tokenizer_path): (Option<PathBuf>, ModelConfig, PathBuf) =
-        match (&spec.init.checkpoint, &spec.init.config, &spec.init.tokenizer) {
+/// What the phases of one run share: the job, this process's place among the ranks (rank 0
+/// writes metrics, checkpoints, the model and the mirror; the ranks share `out`'s directory),
+/// the run's folders, and the model `init` names.
+struct TrainingRun<'a> {
+    spec: &'a JobSpec,
+    ranks: Ranks,
+    device: Device,
+    out: PathBuf,
+    ckpt_root: PathBuf,
+    mirror: Option<Mirror>,
+    quiet: bool,
+    /// `init.checkpoint`'s folder; `None` when training from scratch (a seed).
+    init_dir: Option<PathBuf>,
+    init_config: ModelConfig,
+    tokenizer_path: PathBuf,
+    tok: TokenizerInfo,
+}
+
+impl<'a> TrainingRun<'a> {
+    /// Join the ranks, find the folders and read the model `init` names (config and tokenizer).
+    fn open(spec: &'a JobSpec, quiet: bool) -> Result<Self> {
+        let device = device(&spec.device)?;
+        let ranks = Ranks::start(spec.data_parallel, spec.expert_parallel, spec.collective)?;
+        let out = spec.out_dir()?;
+        let mirror = match spec.mirror_url()? {
+            Some(url) if ranks.is_root() => Some(Mirror::new(&url)?),
+            _ => None,
+        };
+        let (init_dir, init_config, tokenizer_path) = match (&spec.init.checkpoint, &spec.init.config, &spec.init.tokenizer) {
             (Some(c), _, _) => {
                 let dir = btm_model::storage::local_dir(c).with_context(|| format!("init.checkpoint: {c}"))?;
                 let ckpt = Checkpoint::open(&dir).with_context(|| format!("init.checkpoint: {c}"))?;
@@ -476,216 +483,294 @@ pub fn run(spec: &JobSpec, mut options: Options) -> Result<Outcome> {
             }
             _ => bail!("init: give `checkpoint`, or `config` and `tokenizer`"),
         };
-    let tok = TokenizerInfo::load(&tokenizer_path, init_config.eos_token_id).context("init: tokenizer")?;
-    btm_model::tokenizer::check_fits(&tok.tokenizer, init_config.vocab_size)?;
+        let tok = TokenizerInfo::load(&tokenizer_path, init_config.eos_token_id).context("init: tokenizer")?;
+        btm_model::tokenizer::check_fits(&tok.tokenizer, init_config.vocab_size)?;
+        let ckpt_root = out.join("checkpoints");
+        Ok(Self { spec, ranks, device, out, ckpt_root, mirror, quiet, init_dir, init_config, tokenizer_path, tok })
+    }
 
-    // Data. Rank 0 tokenizes into the cache first; the other ranks then read it.
-    let cache = spec.token_cache.clone().unwrap_or_else(crate::data::default_cache_dir);
-    let t0 = Instant::now();
-    if !root {
-        ranks.barrier()?;
+    /// The run's metrics, keeping the lines through step `keep_through` (rank 0; the other
+    /// ranks write and print nothing).
+    fn metrics(&self, keep_through: u64) -> Result<Metrics> {
+        if self.ranks.is_root() {
+            Metrics::open(&self.out, keep_through, self.quiet)
+        } else {
+            Ok(Metrics::silent(&self.out))
+        }
     }
-    let mut train_sources = Vec::new();
-    for (i, src) in spec.data.train.iter().enumerate() {
-        let key = format!("data.train[{i}]");
-        let tokens = tokenize_cached(&src.path, &tok, &cache).with_context(|| key.clone())?;
-        train_sources.push(Packed::new(tokens, spec.seq_len, &format!("{key}: {}", src.path.display()))?);
-    }
-    let mut valid = Vec::new();
-    for (i, p) in spec.data.valid.iter().enumerate() {
-        let key = format!("data.valid[{i}]");
-        let tokens = tokenize_cached(p, &tok, &cache).with_context(|| key.clone())?;
-        valid.push(Packed::new(tokens, spec.seq_len, &format!("{key}: {}", p.display()))?);
-    }
-    if root {
-        ranks.barrier()?;
-    }
-    let weights_of: Vec<f64> = spec.data.train.iter().map(|s| s.weight).collect();
-    let train_tokens: usize = train_sources.iter().map(|s| s.tokens.len()).sum();
-    let mut mixture = Mixture::new(train_sources, &weights_of, spec.seed);
-    say(
-        &metrics,
-        &format!("data: {train_tokens} training tokens in {} source(s) ({:.1}s)", mixture.num_sources(), t0.elapsed().as_secs_f64()),
-    );
 
-    // Weights and optimizer (with expert parallelism, only this rank's experts).
-    let shard = ranks.expert_shard(&init_config)?;
-    let (weights, mut step, mut tokens_seen, mut position) = match &resume_from {
-        Some((dir, state)) => {
-            let ckpt = Checkpoint::open(dir).with_context(|| format!("resume: {}", dir.display()))?;
-            if expected_tensors(&ckpt.config) != expected_tensors(&init_config) {
-                bail!("resume: {} holds a different model shape than `init`", dir.display());
-            }
-            if state.seed != spec.seed {
-                bail!("resume: {} was trained with seed {}, the job says {}", dir.display(), state.seed, spec.seed);
-            }
-            say(&metrics, &format!("resuming from {} (step {})", dir.display(), state.step));
-            let w = Weights::from_checkpoint_sharded(&ckpt, &device, &spec.trainable, shard.as_ref())?;
-            (w, state.step, state.tokens_seen, state.data.clone())
+    /// The checkpoint to resume from: this job's newest valid one (downloaded from the mirror
+    /// when there is one), the one `resume` names, or none. Rank 0 chooses; the others take
+    /// its choice.
+    fn resume_point(&self, metrics: &Metrics) -> Result<Option<(PathBuf, TrainerState)>> {
+        let (spec, ranks, root) = (self.spec, &self.ranks, self.ranks.is_root());
+        if ranks.world() > 1 {
+            metrics.say(&format!(
+                "{} ranks: data_parallel {} × expert_parallel {}",
+                ranks.world(),
+                spec.data_parallel,
+                spec.expert_parallel
+            ));
         }
-        None => {
-            let w = match &init_dir {
-                Some(dir) => Weights::from_checkpoint_sharded(&Checkpoint::open(dir)?, &device, &spec.trainable, shard.as_ref())?,
-                None => Weights::random_sharded(&init_config, spec.seed, &device, &spec.trainable, shard.as_ref())?,
-            };
-            (w, 0, 0, Position::default())
+        if root {
+            checkpoint::remove_partials(&self.ckpt_root)?;
         }
-    };
-    let mut stepper = Stepper::new(weights, &spec.optimizer, &spec.moe, spec.grad_clip)?;
-    stepper.set_ranks(ranks.clone());
-    stepper.set_compute_dtype(spec.compute_dtype()?)?;
-    if let Some((dir, state)) = &resume_from {
-        checkpoint::load_optimizer(dir, &mut stepper.opt, state, shard.as_ref())?;
+        let warn = &mut |w: String| metrics.say(&format!("warning: {w}"));
+        let chosen = match spec.resume_mode() {
+            Resume::Never => None,
+            Resume::Auto if !root => None,
+            Resume::Auto => match &self.mirror {
+                None => checkpoint::newest_valid(&self.ckpt_root, warn)?,
+                Some(m) => {
+                    let found = resume_from_store(m, &self.ckpt_root, warn)?;
+                    // The run's history comes from the store as well: a local one left by an
+                    // earlier run in this working directory would mix two runs.
+                    let local = self.out.join(crate::metrics::METRICS);
+                    let _ = std::fs::remove_file(&local);
+                    if found.is_some() {
+                        m.download_file(crate::metrics::METRICS, &local)?;
+                    }
+                    found
+                }
+            },
+            Resume::From(dir) => {
+                let state = checkpoint::verify(&dir).with_context(|| format!("resume: {} is not a valid checkpoint", dir.display()))?;
+                Some((dir, state))
+            }
+        };
+        if ranks.world() == 1 || spec.resume_mode() != Resume::Auto {
+            return Ok(chosen);
+        }
+        match ranks.broadcast_u64(chosen.as_ref().map_or(u64::MAX, |(_, s)| s.step))? {
+            u64::MAX => Ok(None),
+            _ if root => Ok(chosen),
+            step => {
+                let dir = self.ckpt_root.join(checkpoint::step_dir_name(step));
+                let state = checkpoint::verify(&dir).with_context(|| format!("resume: rank 0 chose {}", dir.display()))?;
+                Ok(Some((dir, state)))
+            }
+        }
     }
-    metrics = open_metrics(step)?;
-    let total = spec.total_steps();
-    let schedule = Schedule {
-        lr: spec.optimizer.lr,
-        min_lr: spec.schedule.min_lr,
-        warmup_steps: spec.schedule.warmup_steps,
-        total_steps: total,
-        decay: spec.schedule.decay,
-    };
-    say(
-        &metrics,
-        &format!(
+
+    /// The training mixture and the validation streams, tokenized through the cache (rank 0
+    /// first; the other ranks then read what it wrote).
+    fn load_data(&self, metrics: &Metrics) -> Result<(Mixture, Vec<Packed>)> {
+        let (spec, root) = (self.spec, self.ranks.is_root());
+        let cache = spec.token_cache.clone().unwrap_or_else(crate::data::default_cache_dir);
+        let started = Instant::now();
+        if !root {
+            self.ranks.barrier()?;
+        }
+        let packed = |key: String, path: &Path| -> Result<Packed> {
+            let tokens = tokenize_cached(path, &self.tok, &cache).with_context(|| key.clone())?;
+            Packed::new(tokens, spec.seq_len, &format!("{key}: {}", path.display()))
+        };
+        let train =
+            spec.data.train.iter().enumerate().map(|(i, s)| packed(format!("data.train[{i}]"), &s.path)).collect::<Result<Vec<_>>>()?;
+        let valid = spec.data.valid.iter().enumerate().map(|(i, p)| packed(format!("data.valid[{i}]"), p)).collect::<Result<Vec<_>>>()?;
+        if root {
+            self.ranks.barrier()?;
+        }
+        let weights: Vec<f64> = spec.data.train.iter().map(|s| s.weight).collect();
+        let train_tokens: usize = train.iter().map(|s| s.tokens.len()).sum();
+        let mixture = Mixture::new(train, &weights, spec.seed);
+        metrics.say(&format!(
+            "data: {train_tokens} training tokens in {} source(s) ({:.1}s)",
+            mixture.num_sources(),
+            started.elapsed().as_secs_f64()
+        ));
+        Ok((mixture, valid))
+    }
+
+    /// The weights (this rank's experts only, with expert parallelism) and AdamW, from the
+    /// resume checkpoint or from `init`, and where training stands.
+    fn start(&self, resume_from: Option<&(PathBuf, TrainerState)>, metrics: &Metrics) -> Result<(Stepper, Progress)> {
+        let spec = self.spec;
+        let shard = self.ranks.expert_shard(&self.init_config)?;
+        let (weights, progress) = match resume_from {
+            Some((dir, state)) => {
+                let ckpt = Checkpoint::open(dir).with_context(|| format!("resume: {}", dir.display()))?;
+                if expected_tensors(&ckpt.config) != expected_tensors(&self.init_config) {
+                    bail!("resume: {} holds a different model shape than `init`", dir.display());
+                }
+                if state.seed != spec.seed {
+                    bail!("resume: {} was trained with seed {}, the job says {}", dir.display(), state.seed, spec.seed);
+                }
+                metrics.say(&format!("resuming from {} (step {})", dir.display(), state.step));
+                let w = Weights::from_checkpoint_sharded(&ckpt, &self.device, &spec.trainable, shard.as_ref())?;
+                (w, Progress { step: state.step, tokens_seen: state.tokens_seen, position: state.data.clone() })
+            }
+            None => {
+                let w = match &self.init_dir {
+                    Some(dir) => Weights::from_checkpoint_sharded(&Checkpoint::open(dir)?, &self.device, &spec.trainable, shard.as_ref())?,
+                    None => Weights::random_sharded(&self.init_config, spec.seed, &self.device, &spec.trainable, shard.as_ref())?,
+                };
+                (w, Progress::default())
+            }
+        };
+        let mut stepper = Stepper::new(weights, &spec.optimizer, &spec.moe, spec.grad_clip)?;
+        stepper.set_ranks(self.ranks.clone());
+        stepper.set_compute_dtype(spec.compute_dtype()?)?;
+        if let Some((dir, state)) = resume_from {
+            checkpoint::load_optimizer(dir, &mut stepper.opt, state, shard.as_ref())?;
+        }
+        metrics.say(&format!(
             "model: {} parameters, {} trained; {} steps of {} tokens",
             stepper.weights.config.num_parameters(),
             stepper.weights.num_trainable(),
-            total,
+            spec.total_steps(),
             spec.tokens_per_step()
-        ),
-    );
+        ));
+        Ok((stepper, progress))
+    }
 
-    let lineage = |step: u64, tokens_seen: u64| trained_lineage(spec, init_dir.as_deref(), step, tokens_seen);
-    let extras = |step: u64, tokens_seen: u64| -> Result<Extras> {
-        Ok(Extras { tokenizer: Some(tokenizer_path.clone()), lineage: Some(lineage(step, tokens_seen)?) })
-    };
-    let trained_names: Vec<String> = stepper.opt.params.iter().map(|p| p.name.clone()).collect();
-    // Every rank takes part (expert stacks and their moments are gathered); rank 0 writes.
-    let save = |stepper: &Stepper, step: u64, tokens_seen: u64, position: &Position| -> Result<PathBuf> {
-        let (whole, moments) = gathered_state(stepper, &ranks)?;
-        if !root {
-            ranks.barrier()?;
-            return Ok(ckpt_root.join(checkpoint::step_dir_name(step)));
+    /// The training loop: steps until the end (`Ok(progress)`), or until a signal any rank saw
+    /// stops every rank after a checkpoint (`Err(Outcome::Interrupted)`).
+    fn train(
+        &self,
+        stepper: &mut Stepper,
+        mixture: &mut Mixture,
+        valid: &[Packed],
+        mut p: Progress,
+        metrics: &mut Metrics,
+        options: &mut Options,
+    ) -> Result<std::result::Result<Progress, Outcome>> {
+        let (spec, ranks) = (self.spec, &self.ranks);
+        let total = spec.total_steps();
+        let schedule = Schedule {
+            lr: spec.optimizer.lr,
+            min_lr: spec.schedule.min_lr,
+            warmup_steps: spec.schedule.warmup_steps,
+            total_steps: total,
+            decay: spec.schedule.decay,
+        };
+        if p.step == 0 && total > 0 {
+            self.validate(stepper, valid, metrics, 0)?;
         }
-        let state = TrainerState::new(step, tokens_seen, position.clone(), stepper.opt.t, spec.seed, trained_names.clone());
-        let weights = whole.as_ref().unwrap_or(&stepper.weights);
-        // The others wait at the barrier below; if rank 0 fails instead, the launcher ends them.
-        let dir = checkpoint::save(&ckpt_root, weights, moments, &state, &extras(step, tokens_seen)?)?;
-        checkpoint::prune(&ckpt_root, spec.checkpoint.keep)?;
-        if let Some(m) = &mirror {
-            let name = checkpoint::step_dir_name(step);
-            m.upload_dir(&dir, &format!("checkpoints/{name}"))?;
-            let kept: Vec<u64> = checkpoint::list(&ckpt_root)?.into_iter().map(|(s, _)| s).collect();
-            for old in m.checkpoint_steps()?.into_iter().filter(|s| !kept.contains(s)) {
-                m.delete_dir(&format!("checkpoints/{}", checkpoint::step_dir_name(old)))?;
+        let mut last_log = (Instant::now(), p.tokens_seen);
+        let (started, start_step) = (Instant::now(), p.step);
+        let mut last_saved: Option<(u64, PathBuf)> = None;
+        while p.step < total {
+            let stop = options.stop.requested();
+            let stop = if ranks.world() > 1 && ranks.any(stop.is_some())? { Some(stop.unwrap_or(libc::SIGTERM)) } else { stop };
+            if let Some(signal) = stop {
+                let dir = match &last_saved {
+                    Some((s, dir)) if *s == p.step => dir.clone(),
+                    _ => self.save(stepper, &p)?,
+                };
+                metrics.say(&format!("signal {signal}: stopped at step {}, checkpoint {}", p.step, dir.display()));
+                return Ok(Err(Outcome::Interrupted { step: p.step, signal, checkpoint: dir }));
             }
-            m.upload_file(&out.join(crate::metrics::METRICS), crate::metrics::METRICS)?;
+            let lr = schedule.lr(p.step);
+            // Every rank reads the whole step's sequences (the position advances the same way
+            // everywhere) and trains on micro-batches rank, rank + ranks, ….
+            let mut micro = Vec::with_capacity(spec.grad_accum / ranks.world());
+            for i in 0..spec.grad_accum {
+                let seqs: Vec<Vec<u32>> = (0..spec.batch_size).map(|_| mixture.next(&mut p.position)).collect();
+                if i % ranks.world() == ranks.rank() {
+                    micro.push(to_batch(&seqs, &self.device)?);
+                }
+            }
+            let stats = stepper.step(&micro, lr)?;
+            if !stats.loss.is_finite() {
+                bail!("step {}: the loss is {} (lower optimizer.lr?)", p.step, stats.loss);
+            }
+            p.step += 1;
+            p.tokens_seen += spec.tokens_per_step();
+            let step = p.step;
+            if step.is_multiple_of(spec.log_interval) || step == total {
+                let tps = (p.tokens_seen - last_log.1) as f64 / last_log.0.elapsed().as_secs_f64().max(1e-9);
+                last_log = (Instant::now(), p.tokens_seen);
+                metrics.record(&stats.record(step, lr, tps, p.tokens_seen))?;
+                let rate = (step - start_step) as f64 / started.elapsed().as_secs_f64().max(1e-9);
+                let eta = human_duration((total - step) as f64 / rate.max(1e-9));
+                metrics.progress(
+                    step,
+                    total,
+                    &format!("loss {:.4} lr {lr:.3e} grad {:.3} {tps:.0} tok/s, eta {eta}", stats.loss, stats.grad_norm),
+                );
+            }
+            if (spec.eval.interval > 0 && step.is_multiple_of(spec.eval.interval)) || step == total {
+                self.validate(stepper, valid, metrics, step)?;
+            }
+            if (spec.checkpoint.interval > 0 && step.is_multiple_of(spec.checkpoint.interval)) || step == total {
+                let dir = self.save(stepper, &p)?;
+                if let Some(cb) = options.on_checkpoint.as_mut() {
+                    cb(step, &dir);
+                }
+                last_saved = Some((step, dir));
+            }
         }
-        ranks.barrier()?;
-        Ok(dir)
-    };
-    let validate = |stepper: &Stepper, metrics: &mut Metrics, step: u64| -> Result<()> {
+        Ok(Ok(p))
+    }
+
+    /// Validation loss and perplexity, recorded and printed (every rank computes them: expert
+    /// parallel layers need all ranks).
+    fn validate(&self, stepper: &Stepper, valid: &[Packed], metrics: &mut Metrics, step: u64) -> Result<()> {
         if valid.is_empty() {
             return Ok(());
         }
-        let (loss, tokens) = evaluate(&stepper.model, &valid, spec.eval.sequences, spec.batch_size, &device)?;
+        let (loss, tokens) = evaluate(&stepper.model, valid, self.spec.eval.sequences, self.spec.batch_size, &self.device)?;
         metrics.record(&json!({"step": step, "val_loss": loss, "val_ppl": loss.exp(), "val_tokens": tokens}))?;
         metrics.say(&format!("step {step}: validation loss {loss:.4}, perplexity {:.2}", loss.exp()));
         Ok(())
-    };
-
-    if step == 0 && total > 0 {
-        validate(&stepper, &mut metrics, 0)?;
-    }
-    let mut last_log = (Instant::now(), tokens_seen);
-    let started = Instant::now();
-    let start_step = step;
-    let mut last_saved: Option<(u64, PathBuf)> = None;
-    while step < total {
-        // A signal seen by any rank stops every rank at this step.
-        let stop = options.stop.requested();
-        let stop = if ranks.world() > 1 && ranks.any(stop.is_some())? { Some(stop.unwrap_or(libc::SIGTERM)) } else { stop };
-        if let Some(signal) = stop {
-            let dir = match &last_saved {
-                Some((s, dir)) if *s == step => dir.clone(),
-                _ => save(&stepper, step, tokens_seen, &position)?,
-            };
-            metrics.say(&format!("signal {signal}: stopped at step {step}, checkpoint {}", dir.display()));
-            return Ok(Outcome::Interrupted { step, signal, checkpoint: dir });
-        }
-        let lr = schedule.lr(step);
-        // Every rank reads the whole step's sequences (the position advances the same way
-        // everywhere) and trains on micro-batches rank, rank + ranks, ….
-        let mut micro = Vec::with_capacity(spec.grad_accum / ranks.world());
-        for i in 0..spec.grad_accum {
-            let seqs: Vec<Vec<u32>> = (0..spec.batch_size).map(|_| mixture.next(&mut position)).collect();
-            if i % ranks.world() == ranks.rank() {
-                micro.push(to_batch(&seqs, &device)?);
-            }
-        }
-        let stats = stepper.step(&micro, lr)?;
-        if !stats.loss.is_finite() {
-            bail!("step {step}: the loss is {} (lower optimizer.lr?)", stats.loss);
-        }
-        step += 1;
-        tokens_seen += spec.tokens_per_step();
-
-        if step % spec.log_interval == 0 || step == total {
-            let elapsed = last_log.0.elapsed().as_secs_f64();
-            let tps = (tokens_seen - last_log.1) as f64 / elapsed.max(1e-9);
-            last_log = (Instant::now(), tokens_seen);
-            let mut rec = json!({
-                "step": step, "loss": stats.loss, "lr": lr, "grad_norm": stats.grad_norm,
-                "tokens_per_s": tps, "tokens_seen": tokens_seen,
-            });
-            if let (Some(aux), Some(z)) = (stats.aux_loss, stats.z_loss) {
-                rec["aux_loss"] = json!(aux);
-                rec["z_loss"] = json!(z);
-                rec["expert_load"] = json!(stats.expert_load);
-                rec["dropped"] = json!(stats.dropped);
-            }
-            metrics.record(&rec)?;
-            let rate = (step - start_step) as f64 / started.elapsed().as_secs_f64().max(1e-9);
-            let eta = human_duration((total - step) as f64 / rate.max(1e-9));
-            metrics.progress(
-                step,
-                total,
-                &format!("loss {:.4} lr {lr:.3e} grad {:.3} {tps:.0} tok/s, eta {eta}", stats.loss, stats.grad_norm),
-            );
-        }
-        if (spec.eval.interval > 0 && step % spec.eval.interval == 0) || step == total {
-            validate(&stepper, &mut metrics, step)?;
-        }
-        if (spec.checkpoint.interval > 0 && step % spec.checkpoint.interval == 0) || step == total {
-            let dir = save(&stepper, step, tokens_seen, &position)?;
-            if let Some(cb) = options.on_checkpoint.as_mut() {
-                cb(step, &dir);
-            }
-            last_saved = Some((step, dir));
-        }
     }
 
-    // The result: the weights alone, in Hugging Face layout (written by rank 0).
-    let model_dir = out.join("model");
-    let (whole, _) = gathered_state(&stepper, &ranks)?;
-    if !root {
-        ranks.barrier()?;
-        return Ok(Outcome::Finished { step, model_dir });
+    /// The tokenizer and lineage written beside the weights.
+    fn extras(&self, p: &Progress) -> Result<Extras> {
+        let lineage = trained_lineage(self.spec, self.init_dir.as_deref(), p.step, p.tokens_seen)?;
+        Ok(Extras { tokenizer: Some(self.tokenizer_path.clone()), lineage: Some(lineage) })
     }
-    let weights = whole.as_ref().unwrap_or(&stepper.weights);
-    let opts = WriteOptions { overwrite: true, ..WriteOptions::default() };
-    btm_model::write_checkpoint(&model_dir, &weights.config, &mut |n| weights.tensor(n), &extras(step, tokens_seen)?, &opts)?;
-    if let Some(m) = &mirror {
-        m.delete_dir("model")?;
-        m.upload_dir(&model_dir, "model")?;
-        m.upload_file(&out.join(crate::metrics::METRICS), crate::metrics::METRICS)?;
+
+    /// Write and publish a checkpoint (and mirror it). Every rank takes part (expert stacks and
+    /// their moments are gathered); rank 0 writes; the others wait for it at a barrier (if rank
+    /// 0 fails instead, the launcher ends them).
+    fn save(&self, stepper: &Stepper, p: &Progress) -> Result<PathBuf> {
+        let (whole, moments) = gathered_state(stepper, &self.ranks)?;
+        if !self.ranks.is_root() {
+            self.ranks.barrier()?;
+            return Ok(self.ckpt_root.join(checkpoint::step_dir_name(p.step)));
+        }
+        let trained: Vec<String> = stepper.opt.params.iter().map(|q| q.name.clone()).collect();
+        let state = TrainerState::new(p.step, p.tokens_seen, p.position.clone(), stepper.opt.t, self.spec.seed, trained);
+        let weights = whole.as_ref().unwrap_or(&stepper.weights);
+        let dir = checkpoint::save(&self.ckpt_root, weights, moments, &state, &self.extras(p)?)?;
+        checkpoint::prune(&self.ckpt_root, self.spec.checkpoint.keep)?;
+        if let Some(m) = &self.mirror {
+            let name = checkpoint::step_dir_name(p.step);
+            m.upload_dir(&dir, &format!("checkpoints/{name}"))?;
+            let kept: Vec<u64> = checkpoint::list(&self.ckpt_root)?.into_iter().map(|(s, _)| s).collect();
+            for old in m.checkpoint_steps()?.into_iter().filter(|s| !kept.contains(s)) {
+                m.delete_dir(&format!("checkpoints/{}", checkpoint::step_dir_name(old)))?;
+            }
+            m.upload_file(&self.out.join(crate::metrics::METRICS), crate::metrics::METRICS)?;
+        }
+        self.ranks.barrier()?;
+        Ok(dir)
     }
-    metrics.finish();
-    metrics.say(&format!("done: {step} steps, {tokens_seen} tokens; model at {}", model_dir.display()));
-    ranks.barrier()?;
-    Ok(Outcome::Finished { step, model_dir })
+
+    /// The result: the weights alone in Hugging Face layout under `<out>/model` (written by
+    /// rank 0, then mirrored).
+    fn publish_model(&self, stepper: &Stepper, p: &Progress, metrics: &mut Metrics) -> Result<Outcome> {
+        let model_dir = self.out.join("model");
+        let (whole, _) = gathered_state(stepper, &self.ranks)?;
+        if !self.ranks.is_root() {
+            self.ranks.barrier()?;
+            return Ok(Outcome::Finished { step: p.step, model_dir });
+        }
+        let weights = whole.as_ref().unwrap_or(&stepper.weights);
+        let opts = WriteOptions { overwrite: true, ..WriteOptions::default() };
+        btm_model::write_checkpoint(&model_dir, &weights.config, &mut |n| weights.tensor(n), &self.extras(p)?, &opts)?;
+        if let Some(m) = &self.mirror {
+            m.delete_dir("model")?;
+            m.upload_dir(&model_dir, "model")?;
+            m.upload_file(&self.out.join(crate::metrics::METRICS), crate::metrics::METRICS)?;
+        }
+        metrics.finish();
+        metrics.say(&format!("done: {} steps, {} tokens; model at {}", p.step, p.tokens_seen, model_dir.display()));
+        self.ranks.barrier()?;
+        Ok(Outcome::Finished { step: p.step, model_dir })
+    }
 }
 
 /// With expert parallelism, the whole model and AdamW moments gathered from every rank's

@@ -169,15 +169,6 @@ fn defaults() -> TrainParams {
     }
 }
 
-struct Builder<'a> {
-    p: &'a Pipeline,
-    base: &'a Path,
-    run: PathBuf,
-    jobs: Vec<Job>,
-    /// Threads per job; `None` lets the local engine decide when the job starts.
-    threads: Option<usize>,
-}
-
 fn abs(base: &Path, location: &str) -> String {
     let r = resolve(base, location);
     if r.contains("://") {
@@ -191,18 +182,8 @@ impl Builder<'_> {
         self.jobs.iter().find(|j| j.name == name).map(|j| j.id.clone()).unwrap_or_default()
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn add(
-        &mut self,
-        name: String,
-        kind: JobKind,
-        deps: Vec<String>,
-        args: Vec<String>,
-        files: Vec<(PathBuf, String)>,
-        outputs: Vec<PathBuf>,
-        train: Option<TrainInfo>,
-        produces: Option<ModelRef>,
-    ) -> String {
+    fn add(&mut self, job: NewJob) -> String {
+        let NewJob { name, kind, deps, args, files, outputs, train, produces } = job;
         let dep_ids: Vec<String> = deps.iter().map(|d| self.id_of(d)).collect();
         let id = job_id(kind, &name, &args, &files, &dep_ids);
         self.jobs.push(Job {
@@ -226,23 +207,9 @@ impl Builder<'_> {
     }
 
     /// A trainer job: `btm train --job <run>/jobs/<name>/job.yaml`.
-    #[allow(clippy::too_many_arguments)]
-    fn train_job(
-        &mut self,
-        name: &str,
-        kind: JobKind,
-        deps: Vec<String>,
-        init: job::Init,
-        out: PathBuf,
-        train: Vec<(String, f64)>,
-        valid: Vec<String>,
-        params: &TrainParams,
-        domain: Option<String>,
-        label: &str,
-        parent: Option<&ModelRef>,
-        active_params: usize,
-    ) -> Result<String> {
-        let t = defaults().overlay(params);
+    fn train_job(&mut self, j: TrainJob) -> Result<String> {
+        let TrainJob { name, kind, deps, init, out, train, valid, params, domain, label, parent, active_params } = j;
+        let t = defaults().overlay(&params);
         let steps = t.steps.unwrap_or(0);
         let tokens = t.tokens();
         let spec = job::JobSpec {
@@ -302,23 +269,23 @@ impl Builder<'_> {
         let yaml = serde_yaml::to_string(&spec)?;
         let flops = 6.0 * active_params as f64 * tokens as f64;
         let produces = ModelRef {
-            label: label.into(),
+            label,
             dir: out.join("model"),
             tokens_after_seed: parent.map_or(0, |p| p.tokens_after_seed) + if kind == JobKind::TrainSeed { 0 } else { tokens },
             flops_after_seed: parent.map_or(0.0, |p| p.flops_after_seed) + if kind == JobKind::TrainSeed { 0.0 } else { flops },
         };
         let job_file = job_dir.join("job.yaml");
         let resources = t.resources.clone().unwrap_or_default();
-        let name = self.add(
-            name.into(),
+        let name = self.add(NewJob {
+            name,
             kind,
             deps,
-            vec!["train".into(), "--job".into(), job_file.to_string_lossy().into_owned()],
-            vec![(job_file, yaml)],
-            vec![out.clone()],
-            Some(TrainInfo { steps, tokens, metrics: out.join("metrics.jsonl"), external: spec.trainer.template() }),
-            Some(produces),
-        );
+            args: vec!["train".into(), "--job".into(), job_file.to_string_lossy().into_owned()],
+            files: vec![(job_file, yaml)],
+            outputs: vec![out.clone()],
+            train: Some(TrainInfo { steps, tokens, metrics: out.join("metrics.jsonl"), external: spec.trainer.template() }),
+            produces: Some(produces),
+        });
         let job = self.jobs.last_mut().expect("the job just added");
         job.resources.cpus = resources.cpus_per_task.unwrap_or(job.resources.cpus);
         job.resources.gpus = resources.gpus_per_task.unwrap_or(job.resources.gpus);
@@ -406,7 +373,16 @@ impl Builder<'_> {
         if let Some(n) = e.max_tokens {
             args.extend(["--max-tokens".into(), n.to_string()]);
         }
-        self.add(format!("eval/{label}/{}", d.name), JobKind::Eval, deps, args, vec![], vec![out], None, None);
+        self.add(NewJob {
+            name: format!("eval/{label}/{}", d.name),
+            kind: JobKind::Eval,
+            deps,
+            args,
+            files: vec![],
+            outputs: vec![out],
+            train: None,
+            produces: None,
+        });
     }
 }
 
@@ -436,234 +412,363 @@ fn seed_config(p: &Pipeline, base: &Path) -> Result<btm_model::ModelConfig> {
     Ok(btm_model::Checkpoint::open(&dir).with_context(|| format!("seed.checkpoint `{location}`"))?.config)
 }
 
-/// Build the job DAG for a loaded pipeline.
+/// Build the job DAG for a loaded pipeline, phase by phase. Jobs are added in this order (the
+/// executor starts ready jobs in plan order); each arm seed repeats experts, merge, continue and
+/// baseline, the first keeping the plain names.
 pub fn plan(p: &Pipeline, base: &Path, run_dir: &Path) -> Result<Plan> {
-    let threads = p.engine.threads_per_job();
-    // An object-store run keeps its URL (joined like a path: `s3://b/runs/x/seed`).
-    let run = if btm_model::folder::is_remote(&run_dir.to_string_lossy()) { run_dir.to_path_buf() } else { std::path::absolute(run_dir)? };
-    let mut b = Builder { p, base, run: run.clone(), jobs: vec![], threads };
-    let seed_cfg = seed_config(p, base)?;
-    let dense_n = dense_active_params(&seed_cfg);
-    let train_files: Vec<String> = p.domains.iter().map(|d| abs(base, &d.train)).collect();
-    let valid_files: Vec<String> = p.domains.iter().filter_map(|d| d.valid.as_ref()).map(|v| abs(base, v)).collect();
-    let mix = |files: &[String]| files.iter().map(|f| (f.clone(), 1.0)).collect::<Vec<_>>();
-
-    // 1. The seed: trained here (tokenizer first), or an existing checkpoint.
-    let seed_job = if let Some(t) = &p.seed.train {
-        let tok_out = run.join("tokenizer").join("tokenizer.json");
-        let mut args = vec!["tokenizer".into(), "train".into(), "--data".into()];
-        args.extend(train_files.iter().cloned());
-        args.extend(["--vocab-size".into(), t.tokenizer.vocab_size.to_string()]);
-        if let Some(n) = t.tokenizer.max_docs_per_domain {
-            args.extend(["--max-docs".into(), n.to_string()]);
-        }
-        args.extend(["--out".into(), tok_out.to_string_lossy().into_owned()]);
-        let tok = b.add("tokenizer".into(), JobKind::Tokenizer, vec![], args, vec![], vec![tok_out.clone()], None, None);
-        let config_file = run.join("jobs").join("seed").join("config.json");
-        let config_json = serde_json::to_string_pretty(&seed_cfg.to_hf()?)?;
-        let name = b.train_job(
-            "seed",
-            JobKind::TrainSeed,
-            vec![tok],
-            job::Init { checkpoint: None, config: Some(config_file.clone()), tokenizer: Some(tok_out) },
-            run.join("seed"),
-            mix(&train_files),
-            valid_files.clone(),
-            &t.train,
-            None,
-            "seed",
-            None,
-            dense_n,
-        )?;
-        // The config is one more file handed to the seed job.
-        let seed = b.jobs.last_mut().expect("seed job");
-        seed.files.push((config_file, config_json));
-        Some(name)
-    } else {
-        None
-    };
-    let seed_ref = match &seed_job {
-        Some(name) => b.model(name),
-        None => {
-            let location = abs(base, p.seed.checkpoint.as_deref().expect("validated"));
-            ModelRef { label: "seed".into(), dir: btm_model::storage::local_dir(&location)?, tokens_after_seed: 0, flops_after_seed: 0.0 }
-        }
-    };
-    let seed_deps: Vec<String> = seed_job.iter().cloned().collect();
-    let seed_init = init_from(&seed_ref);
-    let mut scored: Vec<String> = seed_job.iter().cloned().collect();
-
-    // The MoE shapes whose active parameters count towards FLOPs.
-    let moe_active = |experts: usize, top_k: usize, granularity: usize, shared: bool| -> usize {
-        let mut cfg = seed_cfg.clone();
-        cfg.moe = Some(btm_model::MoeConfig {
-            experts,
-            top_k,
-            routing: btm_model::Routing::TopkThenSoftmax,
-            expert_ffn: seed_cfg.intermediate_size / granularity.max(1),
-            shared_expert: shared.then_some(btm_model::SharedExpertConfig { ffn: seed_cfg.intermediate_size, gated: false }),
-            dense_layers: vec![],
-        });
-        cfg.num_active_parameters()
-    };
-    // Tokens after the seed of the branch-train-merge arm (experts plus the merged MoE's
-    // continued training): the budget the dense baseline and the upcycled arm are matched to.
-    let expert_tokens: u64 = p.domains.iter().map(|d| p.train.overlay(&d.overrides).tokens_or_default()).sum();
-    let continued_tokens = match (&p.merge, &p.continue_training) {
-        (Some(_), Some(c)) => p.train.mix_phase(c).tokens_or_default(),
-        _ => 0,
-    };
-    let matched_tokens = expert_tokens + continued_tokens;
-    let matched_steps = |t: &TrainParams| -> u64 {
-        let t = defaults().overlay(t);
-        let per_step = (t.tokens() / t.steps.unwrap_or(1).max(1)).max(1);
-        matched_tokens.div_ceil(per_step)
-    };
-
-    // Steps 2, 3, 5 and 6 run once per arm seed; the first keeps the plain names.
+    let mut b = Builder::new(p, base, run_dir)?;
+    let seed = b.seed_phase()?;
+    let mut scored: Vec<String> = seed.job.iter().cloned().collect();
     let arm_seeds: Vec<Option<u64>> = match p.arm_seeds.as_slice() {
         [] => vec![None],
         seeds => seeds.iter().copied().map(Some).collect(),
     };
     let mut first_merge = None;
-    for (r, arm_seed) in arm_seeds.iter().enumerate() {
-        let first = r == 0;
-        let sfx = match arm_seed {
+    for (r, &arm_seed) in arm_seeds.iter().enumerate() {
+        let arm = Arm::new(arm_seed, r == 0);
+        let experts = b.expert_phase(&seed, &arm)?;
+        // Repeats are scored as finished arms only (evaluation is a large share of a small run).
+        if arm.first {
+            scored.extend(experts.iter().cloned());
+        }
+        if let Some(m) = &p.merge {
+            let merged = b.merge_phase(&seed, &arm, m, &experts)?;
+            if arm.first {
+                scored.push(merged.clone());
+                first_merge = Some(merged.clone());
+            }
+            if let Some(c) = &p.continue_training {
+                scored.push(b.continue_merged_phase(&arm, m, c, &merged)?);
+            }
+        }
+        if p.eval.baseline {
+            scored.push(b.baseline_phase(&seed, &arm)?);
+        }
+    }
+    if let Some(u) = &p.upcycle {
+        scored.extend(b.upcycle_phase(&seed, u, arm_seeds[0])?);
+    }
+    if let Some(add) = &p.add_experts {
+        scored.extend(b.add_expert_phase(&seed, add, first_merge.as_deref())?);
+    }
+    b.eval_phase(&seed, scored);
+    Ok(Plan { run_dir: b.run, jobs: b.jobs })
+}
+
+/// The plan under construction and what every phase reads: the pipeline, its folder, the run
+/// folder, the seed's shape and the domains' files.
+struct Builder<'a> {
+    p: &'a Pipeline,
+    base: &'a Path,
+    run: PathBuf,
+    jobs: Vec<Job>,
+    /// Threads per job; `None` lets the local engine decide when the job starts.
+    threads: Option<usize>,
+    seed_cfg: btm_model::ModelConfig,
+    /// Active parameters of the dense seed (and its experts and baseline).
+    dense_n: usize,
+    /// Every domain's training file, and the validation files of those that have one.
+    train_files: Vec<String>,
+    valid_files: Vec<String>,
+}
+
+/// The seed model: the job that trains it (`None` for a given checkpoint) and the model.
+struct Seed {
+    job: Option<String>,
+    model: ModelRef,
+}
+
+impl Seed {
+    fn deps(&self) -> Vec<String> {
+        self.job.iter().cloned().collect()
+    }
+    fn init(&self) -> job::Init {
+        init_from(&self.model)
+    }
+}
+
+/// One repetition of the branch-train-merge arm and its baseline under a training seed.
+struct Arm {
+    seed: Option<u64>,
+    first: bool,
+    /// Appended to job and folder names: empty for the first arm, `-s<seed>` for repeats.
+    sfx: String,
+}
+
+impl Arm {
+    fn new(seed: Option<u64>, first: bool) -> Self {
+        let sfx = match seed {
             Some(s) if !first => format!("-s{s}"),
             _ => String::new(),
         };
-        let seeded = |t: TrainParams| with_arm_seed(*arm_seed, t);
+        Self { seed, first, sfx }
+    }
+    fn seeded(&self, t: TrainParams) -> TrainParams {
+        with_arm_seed(self.seed, t)
+    }
+}
 
-        // 2. Branch and train: one expert per domain, no communication between them.
-        let mut experts = vec![];
-        for d in &p.domains {
-            let name = b.train_job(
-                &format!("expert{sfx}/{}", d.name),
-                JobKind::TrainExpert,
-                seed_deps.clone(),
-                seed_init.clone(),
-                run.join(format!("experts{sfx}")).join(&d.name),
-                vec![(abs(base, &d.train), 1.0)],
-                d.valid.iter().map(|v| abs(base, v)).collect(),
-                &seeded(p.train.overlay(&d.overrides)),
-                Some(d.name.clone()),
-                &format!("expert-{}{sfx}", d.name),
-                Some(&seed_ref),
-                dense_n,
-            )?;
-            experts.push(name);
-        }
-        // Repeats are scored as finished arms only (evaluation is a large share of a small run).
-        if first {
-            scored.extend(experts.iter().cloned());
-        }
+/// A job to add: what it runs (`btm <args>`, with `files` written for it first), what it waits
+/// for, and what it makes.
+struct NewJob {
+    name: String,
+    kind: JobKind,
+    deps: Vec<String>,
+    args: Vec<String>,
+    files: Vec<(PathBuf, String)>,
+    outputs: Vec<PathBuf>,
+    train: Option<TrainInfo>,
+    produces: Option<ModelRef>,
+}
 
-        // 3. Merge into an MoE.
-        if let Some(m) = &p.merge {
-            let out = run.join(format!("merged{sfx}"));
-            let mut args: Vec<String> = vec!["merge".into(), "--experts".into()];
-            for e in &experts {
-                args.push(b.model(e).dir.to_string_lossy().into_owned());
-            }
-            args.extend([
-                "--out".into(),
-                out.to_string_lossy().into_owned(),
-                "--top-k".into(),
-                m.top_k.to_string(),
-                "--routing".into(),
-                m.routing.as_str().into(),
-                "--router-init".into(),
-                m.router_init.as_str().into(),
-                "--calib-tokens".into(),
-                m.calib_tokens.to_string(),
-            ]);
-            if matches!(m.router_init, crate::pipeline::spec::RouterInit::Centroid | crate::pipeline::spec::RouterInit::Fit) {
-                args.push("--calib".into());
-                for d in &p.domains {
-                    args.push(format!("{}={}", d.name, abs(base, d.valid.as_deref().expect("validated"))));
-                }
-            }
-            let non_expert = match m.non_expert.strip_prefix("from:") {
-                Some(domain) => {
-                    let i = p.domains.iter().position(|d| d.name == domain).expect("validated");
-                    format!("from:{}", b.model(&experts[i]).dir.display())
-                }
-                None if m.non_expert == "seed" => format!("from:{}", seed_ref.dir.display()),
-                None => m.non_expert.clone(),
-            };
-            args.extend(["--non-expert".into(), non_expert]);
-            if m.shared_expert_from_seed {
-                args.extend(["--shared-expert".into(), seed_ref.dir.to_string_lossy().into_owned()]);
-            }
-            let tokens: u64 = experts.iter().map(|e| b.model(e).tokens_after_seed).sum();
-            let flops: f64 = experts.iter().map(|e| b.model(e).flops_after_seed).sum();
-            let name = b.add(
-                format!("merge{sfx}"),
-                JobKind::Merge,
-                experts.clone(),
-                args,
-                vec![],
-                vec![out.clone()],
-                None,
-                Some(ModelRef { label: format!("merged{sfx}"), dir: out, tokens_after_seed: tokens, flops_after_seed: flops }),
-            );
-            if first {
-                scored.push(name.clone());
-                first_merge = Some(name.clone());
-            }
+/// A training job to add: where it starts, what it reads, how it trains and what it makes.
+struct TrainJob<'m> {
+    name: String,
+    kind: JobKind,
+    deps: Vec<String>,
+    init: job::Init,
+    out: PathBuf,
+    train: Vec<(String, f64)>,
+    valid: Vec<String>,
+    params: TrainParams,
+    domain: Option<String>,
+    /// The model's label in reports (`expert-code`, `continued`, …).
+    label: String,
+    /// The model it continues from, whose training cost it adds to.
+    parent: Option<&'m ModelRef>,
+    /// Active parameters, for the FLOPs (6 · N_active · tokens).
+    active_params: usize,
+}
 
-            // 5. Continue training the merged MoE on the mix.
-            if let Some(c) = &p.continue_training {
-                let parent = b.model(&name);
-                let label = format!("continued{sfx}");
-                let continued = b.train_job(
-                    &format!("continue/merged{sfx}"),
-                    JobKind::Continue,
-                    vec![name.clone()],
-                    init_from(&parent),
-                    run.join(&label),
-                    mix(&train_files),
-                    valid_files.clone(),
-                    &seeded(p.train.mix_phase(c)),
-                    None,
-                    &label,
-                    Some(&parent),
-                    moe_active(p.domains.len(), m.top_k, 1, m.shared_expert_from_seed),
-                )?;
-                scored.push(continued);
-            }
-        }
-
-        // 6. The compute-matched dense baseline: the seed trained on the mix for as many
-        //    tokens as the experts and the merged MoE's continued training together.
-        if p.eval.baseline {
-            let params = TrainParams { steps: Some(matched_steps(&p.train)), ..seeded(p.train.mix_phase(&TrainParams::default())) };
-            let label = format!("baseline{sfx}");
-            let name = b.train_job(
-                &label,
-                JobKind::Baseline,
-                seed_deps.clone(),
-                seed_init.clone(),
-                run.join(&label),
-                mix(&train_files),
-                valid_files.clone(),
-                &params,
-                None,
-                &label,
-                Some(&seed_ref),
-                dense_n,
-            )?;
-            scored.push(name);
-        }
+impl<'a> Builder<'a> {
+    fn new(p: &'a Pipeline, base: &'a Path, run_dir: &Path) -> Result<Self> {
+        // An object-store run keeps its URL (joined like a path: `s3://b/runs/x/seed`).
+        let run =
+            if btm_model::folder::is_remote(&run_dir.to_string_lossy()) { run_dir.to_path_buf() } else { std::path::absolute(run_dir)? };
+        let seed_cfg = seed_config(p, base)?;
+        Ok(Self {
+            p,
+            base,
+            run,
+            jobs: vec![],
+            threads: p.engine.threads_per_job(),
+            dense_n: dense_active_params(&seed_cfg),
+            seed_cfg,
+            train_files: p.domains.iter().map(|d| abs(base, &d.train)).collect(),
+            valid_files: p.domains.iter().filter_map(|d| d.valid.as_ref()).map(|v| abs(base, v)).collect(),
+        })
     }
 
-    // 4. Upcycle the seed, and train the upcycled MoE on the mix for the matched budget.
-    if let Some(u) = &p.upcycle {
-        let out = run.join("upcycled");
+    /// Every domain's training file at weight 1: the mix the mix phases train on.
+    fn mix(&self) -> Vec<(String, f64)> {
+        self.train_files.iter().map(|f| (f.clone(), 1.0)).collect()
+    }
+
+    /// Active parameters of an MoE made from the seed (they count towards FLOPs).
+    fn moe_active(&self, experts: usize, top_k: usize, granularity: usize, shared: bool) -> usize {
+        let mut cfg = self.seed_cfg.clone();
+        cfg.moe = Some(btm_model::MoeConfig {
+            experts,
+            top_k,
+            routing: btm_model::Routing::TopkThenSoftmax,
+            expert_ffn: self.seed_cfg.intermediate_size / granularity.max(1),
+            shared_expert: shared.then_some(btm_model::SharedExpertConfig { ffn: self.seed_cfg.intermediate_size, gated: false }),
+            dense_layers: vec![],
+        });
+        cfg.num_active_parameters()
+    }
+
+    /// Steps of `t`'s batch shape that spend the branch-train-merge arm's tokens after the seed
+    /// (experts plus the merged MoE's continued training): the budget of the dense baseline and
+    /// of the upcycled arm.
+    fn matched_steps(&self, t: &TrainParams) -> u64 {
+        let p = self.p;
+        let expert_tokens: u64 = p.domains.iter().map(|d| p.train.overlay(&d.overrides).tokens_or_default()).sum();
+        let continued_tokens = match (&p.merge, &p.continue_training) {
+            (Some(_), Some(c)) => p.train.mix_phase(c).tokens_or_default(),
+            _ => 0,
+        };
+        let t = defaults().overlay(t);
+        let per_step = (t.tokens() / t.steps.unwrap_or(1).max(1)).max(1);
+        (expert_tokens + continued_tokens).div_ceil(per_step)
+    }
+
+    /// The seed: a tokenizer and a seed trained here, or an existing checkpoint.
+    fn seed_phase(&mut self) -> Result<Seed> {
+        let p = self.p;
+        let Some(t) = &p.seed.train else {
+            let location = abs(self.base, p.seed.checkpoint.as_deref().expect("validated"));
+            let dir = btm_model::storage::local_dir(&location)?;
+            return Ok(Seed { job: None, model: ModelRef { label: "seed".into(), dir, tokens_after_seed: 0, flops_after_seed: 0.0 } });
+        };
+        let tok_out = self.run.join("tokenizer").join("tokenizer.json");
+        let mut args = vec!["tokenizer".into(), "train".into(), "--data".into()];
+        args.extend(self.train_files.iter().cloned());
+        args.extend(["--vocab-size".into(), t.tokenizer.vocab_size.to_string()]);
+        if let Some(n) = t.tokenizer.max_docs_per_domain {
+            args.extend(["--max-docs".into(), n.to_string()]);
+        }
+        args.extend(["--out".into(), tok_out.to_string_lossy().into_owned()]);
+        let tok = self.add(NewJob {
+            name: "tokenizer".into(),
+            kind: JobKind::Tokenizer,
+            deps: vec![],
+            args,
+            files: vec![],
+            outputs: vec![tok_out.clone()],
+            train: None,
+            produces: None,
+        });
+        let config_file = self.run.join("jobs").join("seed").join("config.json");
+        let config_json = serde_json::to_string_pretty(&self.seed_cfg.to_hf()?)?;
+        let name = self.train_job(TrainJob {
+            name: "seed".into(),
+            kind: JobKind::TrainSeed,
+            deps: vec![tok],
+            init: job::Init { checkpoint: None, config: Some(config_file.clone()), tokenizer: Some(tok_out) },
+            out: self.run.join("seed"),
+            train: self.mix(),
+            valid: self.valid_files.clone(),
+            params: t.train.clone(),
+            domain: None,
+            label: "seed".into(),
+            parent: None,
+            active_params: self.dense_n,
+        })?;
+        // The config is one more file handed to the seed job.
+        let seed = self.jobs.last_mut().expect("seed job");
+        seed.files.push((config_file, config_json));
+        Ok(Seed { model: self.model(&name), job: Some(name) })
+    }
+
+    /// Branch and train: one expert per domain from the seed, no communication between them.
+    fn expert_phase(&mut self, seed: &Seed, arm: &Arm) -> Result<Vec<String>> {
+        let p = self.p;
+        let mut experts = vec![];
+        for d in &p.domains {
+            let name = self.train_job(TrainJob {
+                name: format!("expert{}/{}", arm.sfx, d.name),
+                kind: JobKind::TrainExpert,
+                deps: seed.deps(),
+                init: seed.init(),
+                out: self.run.join(format!("experts{}", arm.sfx)).join(&d.name),
+                train: vec![(abs(self.base, &d.train), 1.0)],
+                valid: d.valid.iter().map(|v| abs(self.base, v)).collect(),
+                params: arm.seeded(p.train.overlay(&d.overrides)),
+                domain: Some(d.name.clone()),
+                label: format!("expert-{}{}", d.name, arm.sfx),
+                parent: Some(&seed.model),
+                active_params: self.dense_n,
+            })?;
+            experts.push(name);
+        }
+        Ok(experts)
+    }
+
+    /// Merge the arm's experts into an MoE (`btm merge`).
+    fn merge_phase(&mut self, seed: &Seed, arm: &Arm, m: &crate::pipeline::spec::MergeSpec, experts: &[String]) -> Result<String> {
+        let p = self.p;
+        let out = self.run.join(format!("merged{}", arm.sfx));
+        let mut args: Vec<String> = vec!["merge".into(), "--experts".into()];
+        for e in experts {
+            args.push(self.model(e).dir.to_string_lossy().into_owned());
+        }
+        args.extend([
+            "--out".into(),
+            out.to_string_lossy().into_owned(),
+            "--top-k".into(),
+            m.top_k.to_string(),
+            "--routing".into(),
+            m.routing.as_str().into(),
+            "--router-init".into(),
+            m.router_init.as_str().into(),
+            "--calib-tokens".into(),
+            m.calib_tokens.to_string(),
+        ]);
+        if matches!(m.router_init, crate::pipeline::spec::RouterInit::Centroid | crate::pipeline::spec::RouterInit::Fit) {
+            args.push("--calib".into());
+            for d in &p.domains {
+                args.push(format!("{}={}", d.name, abs(self.base, d.valid.as_deref().expect("validated"))));
+            }
+        }
+        let non_expert = match m.non_expert.strip_prefix("from:") {
+            Some(domain) => {
+                let i = p.domains.iter().position(|d| d.name == domain).expect("validated");
+                format!("from:{}", self.model(&experts[i]).dir.display())
+            }
+            None if m.non_expert == "seed" => format!("from:{}", seed.model.dir.display()),
+            None => m.non_expert.clone(),
+        };
+        args.extend(["--non-expert".into(), non_expert]);
+        if m.shared_expert_from_seed {
+            args.extend(["--shared-expert".into(), seed.model.dir.to_string_lossy().into_owned()]);
+        }
+        let tokens: u64 = experts.iter().map(|e| self.model(e).tokens_after_seed).sum();
+        let flops: f64 = experts.iter().map(|e| self.model(e).flops_after_seed).sum();
+        Ok(self.add(NewJob {
+            name: format!("merge{}", arm.sfx),
+            kind: JobKind::Merge,
+            deps: experts.to_vec(),
+            args,
+            files: vec![],
+            outputs: vec![out.clone()],
+            train: None,
+            produces: Some(ModelRef { label: format!("merged{}", arm.sfx), dir: out, tokens_after_seed: tokens, flops_after_seed: flops }),
+        }))
+    }
+
+    /// Continue training the merged MoE on the mix.
+    fn continue_merged_phase(&mut self, arm: &Arm, m: &crate::pipeline::spec::MergeSpec, c: &TrainParams, merged: &str) -> Result<String> {
+        let p = self.p;
+        let parent = self.model(merged);
+        let label = format!("continued{}", arm.sfx);
+        self.train_job(TrainJob {
+            name: format!("continue/merged{}", arm.sfx),
+            kind: JobKind::Continue,
+            deps: vec![merged.to_string()],
+            init: init_from(&parent),
+            out: self.run.join(&label),
+            train: self.mix(),
+            valid: self.valid_files.clone(),
+            params: arm.seeded(p.train.mix_phase(c)),
+            domain: None,
+            label,
+            parent: Some(&parent),
+            active_params: self.moe_active(p.domains.len(), m.top_k, 1, m.shared_expert_from_seed),
+        })
+    }
+
+    /// The compute-matched dense baseline: the seed trained on the mix for as many tokens as
+    /// the experts and the merged MoE's continued training together.
+    fn baseline_phase(&mut self, seed: &Seed, arm: &Arm) -> Result<String> {
+        let p = self.p;
+        let params = TrainParams { steps: Some(self.matched_steps(&p.train)), ..arm.seeded(p.train.mix_phase(&TrainParams::default())) };
+        let label = format!("baseline{}", arm.sfx);
+        self.train_job(TrainJob {
+            name: label.clone(),
+            kind: JobKind::Baseline,
+            deps: seed.deps(),
+            init: seed.init(),
+            out: self.run.join(&label),
+            train: self.mix(),
+            valid: self.valid_files.clone(),
+            params,
+            domain: None,
+            label,
+            parent: Some(&seed.model),
+            active_params: self.dense_n,
+        })
+    }
+
+    /// Upcycle the seed, and train the upcycled MoE on the mix for the matched budget (under
+    /// the first arm seed). Returns the models to score.
+    fn upcycle_phase(&mut self, seed: &Seed, u: &crate::pipeline::spec::UpcycleSpec, arm_seed: Option<u64>) -> Result<Vec<String>> {
+        let p = self.p;
+        let out = self.run.join("upcycled");
         let args = vec![
             "upcycle".into(),
             "--model".into(),
-            seed_ref.dir.to_string_lossy().into_owned(),
+            seed.model.dir.to_string_lossy().into_owned(),
             "--experts".into(),
             u.experts.to_string(),
             "--top-k".into(),
@@ -677,119 +782,129 @@ pub fn plan(p: &Pipeline, base: &Path, run_dir: &Path) -> Result<Plan> {
             "--out".into(),
             out.to_string_lossy().into_owned(),
         ];
-        let name = b.add(
-            "upcycle".into(),
-            JobKind::Upcycle,
-            seed_deps.clone(),
+        let name = self.add(NewJob {
+            name: "upcycle".into(),
+            kind: JobKind::Upcycle,
+            deps: seed.deps(),
             args,
-            vec![],
-            vec![out.clone()],
-            None,
-            Some(ModelRef { label: "upcycled".into(), dir: out, tokens_after_seed: 0, flops_after_seed: 0.0 }),
-        );
-        scored.push(name.clone());
+            files: vec![],
+            outputs: vec![out.clone()],
+            train: None,
+            produces: Some(ModelRef { label: "upcycled".into(), dir: out, tokens_after_seed: 0, flops_after_seed: 0.0 }),
+        });
+        let mut scored = vec![name.clone()];
         if p.continue_training.is_some() || u.train.is_some() {
             let mut params = p.train.mix_phase(p.continue_training.as_ref().unwrap_or(&TrainParams::default()));
             params = params.overlay(u.train.as_ref().unwrap_or(&TrainParams::default()));
             if u.train.as_ref().and_then(|t| t.steps).is_none() {
-                params.steps = Some(matched_steps(&params));
+                params.steps = Some(self.matched_steps(&params));
             }
-            let parent = b.model(&name);
+            let parent = self.model(&name);
             let label = "upcycled-continued";
-            let continued = b.train_job(
-                "continue/upcycled",
-                JobKind::Continue,
-                vec![name.clone()],
-                init_from(&parent),
-                run.join(label),
-                mix(&train_files),
-                valid_files.clone(),
-                &with_arm_seed(arm_seeds[0], params),
-                None,
-                label,
-                Some(&parent),
-                moe_active(u.experts, u.top_k, u.granularity, false),
-            )?;
-            scored.push(continued);
+            scored.push(self.train_job(TrainJob {
+                name: "continue/upcycled".into(),
+                kind: JobKind::Continue,
+                deps: vec![name.clone()],
+                init: init_from(&parent),
+                out: self.run.join(label),
+                train: self.mix(),
+                valid: self.valid_files.clone(),
+                params: with_arm_seed(arm_seed, params),
+                domain: None,
+                label: label.into(),
+                parent: Some(&parent),
+                active_params: self.moe_active(u.experts, u.top_k, u.granularity, false),
+            })?);
         }
+        Ok(scored)
     }
 
-    // 7. Add experts for new domains to an existing MoE, one after another.
-    if let Some(add) = &p.add_experts {
+    /// Add experts for new domains to an existing MoE (the run's first merge, or `moe`), one
+    /// after another: each trained from the seed (or `base`), then appended. Returns the
+    /// extended models.
+    fn add_expert_phase(&mut self, seed: &Seed, add: &crate::pipeline::spec::AddExperts, first_merge: Option<&str>) -> Result<Vec<String>> {
+        let p = self.p;
         let mut moe: (Vec<String>, PathBuf) = match &add.moe {
-            Some(loc) => (vec![], btm_model::storage::local_dir(&abs(base, loc))?),
-            None => match &first_merge {
-                Some(n) => (vec![n.clone()], b.model(n).dir),
+            Some(loc) => (vec![], btm_model::storage::local_dir(&abs(self.base, loc))?),
+            None => match first_merge {
+                Some(n) => (vec![n.to_string()], self.model(n).dir),
                 None => bail!("add_experts.moe: give an MoE checkpoint, or add `merge` so the run makes one"),
             },
         };
         let base_ref = match &add.base {
             Some(loc) => {
-                let dir = btm_model::storage::local_dir(&abs(base, loc))?;
+                let dir = btm_model::storage::local_dir(&abs(self.base, loc))?;
                 ModelRef { label: "base".into(), dir, tokens_after_seed: 0, flops_after_seed: 0.0 }
             }
-            None => seed_ref.clone(),
+            None => seed.model.clone(),
         };
+        let mut scored = vec![];
         for d in &add.domains {
-            let params = p.train.overlay(&d.overrides);
-            let name = b.train_job(
-                &format!("added/{}", d.name),
-                JobKind::TrainExpert,
-                if add.base.is_some() { vec![] } else { seed_deps.clone() },
-                job::Init { checkpoint: Some(base_ref.dir.to_string_lossy().into_owned()), config: None, tokenizer: None },
-                run.join("added").join(&d.name),
-                vec![(abs(base, &d.train), 1.0)],
-                d.valid.iter().map(|v| abs(base, v)).collect(),
-                &params,
-                Some(d.name.clone()),
-                &format!("expert-{}", d.name),
-                Some(&base_ref),
-                dense_n,
-            )?;
-            let out = run.join("extended").join(&d.name);
+            let name = self.train_job(TrainJob {
+                name: format!("added/{}", d.name),
+                kind: JobKind::TrainExpert,
+                deps: if add.base.is_some() { vec![] } else { seed.deps() },
+                init: job::Init { checkpoint: Some(base_ref.dir.to_string_lossy().into_owned()), config: None, tokenizer: None },
+                out: self.run.join("added").join(&d.name),
+                train: vec![(abs(self.base, &d.train), 1.0)],
+                valid: d.valid.iter().map(|v| abs(self.base, v)).collect(),
+                params: p.train.overlay(&d.overrides),
+                domain: Some(d.name.clone()),
+                label: format!("expert-{}", d.name),
+                parent: Some(&base_ref),
+                active_params: self.dense_n,
+            })?;
+            let out = self.run.join("extended").join(&d.name);
             let mut args = vec![
                 "add-expert".into(),
                 "--moe".into(),
                 moe.1.to_string_lossy().into_owned(),
                 "--expert".into(),
-                b.model(&name).dir.to_string_lossy().into_owned(),
+                self.model(&name).dir.to_string_lossy().into_owned(),
                 "--out".into(),
                 out.to_string_lossy().into_owned(),
                 "--name".into(),
                 d.name.clone(),
             ];
             if let Some(v) = &d.valid {
-                args.extend(["--calib".into(), abs(base, v)]);
+                args.extend(["--calib".into(), abs(self.base, v)]);
             }
             let mut deps = moe.0.clone();
             deps.push(name);
-            let added = b.add(
-                format!("add-expert/{}", d.name),
-                JobKind::AddExpert,
+            let added = self.add(NewJob {
+                name: format!("add-expert/{}", d.name),
+                kind: JobKind::AddExpert,
                 deps,
                 args,
-                vec![],
-                vec![out.clone()],
-                None,
-                Some(ModelRef { label: format!("extended-{}", d.name), dir: out.clone(), tokens_after_seed: 0, flops_after_seed: 0.0 }),
-            );
+                files: vec![],
+                outputs: vec![out.clone()],
+                train: None,
+                produces: Some(ModelRef {
+                    label: format!("extended-{}", d.name),
+                    dir: out.clone(),
+                    tokens_after_seed: 0,
+                    flops_after_seed: 0.0,
+                }),
+            });
             moe = (vec![added.clone()], out);
             scored.push(added);
         }
+        Ok(scored)
     }
 
-    // 8. Score every model on every domain.
-    if seed_job.is_none() {
-        b.eval_jobs(&seed_ref, None);
+    /// Score every model on every domain (a given seed too), and BTM's ensemble.
+    fn eval_phase(&mut self, seed: &Seed, scored: Vec<String>) {
+        if seed.job.is_none() {
+            self.eval_jobs(&seed.model, None);
+        }
+        for name in scored {
+            let m = self.model(&name);
+            self.eval_jobs(&m, Some(&name));
+        }
+        if self.p.eval.ensemble {
+            self.ensemble_eval_jobs();
+        }
     }
-    for name in scored {
-        let m = b.model(&name);
-        b.eval_jobs(&m, Some(&name));
-    }
-    if p.eval.ensemble {
-        b.ensemble_eval_jobs();
-    }
-    Ok(Plan { run_dir: run, jobs: b.jobs })
 }
 
 /// A trainer's start: the checkpoint of model `m`.
@@ -812,6 +927,55 @@ impl TrainParams {
 mod tests {
     use super::*;
 
+    /// Recorded before `plan` was cut into one function per phase.
+    const PINNED_IDS: &[&str] = &[
+        "tokenizer ee386f646af2883f",
+        "seed 056a9a9f7b0e85cd",
+        "expert/a 4d95a36f958d44a8",
+        "expert/b f183efadfca822d1",
+        "merge f1cccb9c5e7f4d6a",
+        "continue/merged 2ffedaad0883aa92",
+        "baseline a3e84837182905c1",
+        "expert-s2/a 8935e23495eebd60",
+        "expert-s2/b 6ea57288b0b5b27c",
+        "merge-s2 84ca77fc0472ce31",
+        "continue/merged-s2 02e24b8b32462439",
+        "baseline-s2 f7fc5797ec4e8638",
+        "upcycle 9fcc946f241d9e45",
+        "continue/upcycled 7558e3b040745b69",
+        "added/c be8b6d5af4be4f25",
+        "add-expert/c 85718df0d3fddd8a",
+        "eval/seed/a 0f2b8e5c75fd5717",
+        "eval/seed/b e289055f68b2b8be",
+        "eval/expert-a/a 5b5027902096b9ff",
+        "eval/expert-a/b f01e061adaee0d82",
+        "eval/expert-b/a fbcd42a5eb876f15",
+        "eval/expert-b/b bc117a00c74d809a",
+        "eval/merged/a 8bdfc591bb5c7b07",
+        "eval/merged/b c3c0c7cc2dde7425",
+        "eval/continued/a 0e8d5288c6723b53",
+        "eval/continued/b e7c93e70c18ab9e3",
+        "eval/baseline/a 9fead90cf90b7522",
+        "eval/baseline/b be30e5ea847de2a1",
+        "eval/continued-s2/a 4d7d163c4a1c2628",
+        "eval/continued-s2/b 44a393f289ed3234",
+        "eval/baseline-s2/a 839d8112d5baa12d",
+        "eval/baseline-s2/b c9fc8519b5ec9024",
+        "eval/upcycled/a cd7e4be97ad19ca6",
+        "eval/upcycled/b 5983c29179321211",
+        "eval/upcycled-continued/a eb44e33312c6428d",
+        "eval/upcycled-continued/b 9e011928ef2cd777",
+        "eval/extended-c/a b21501d519c882a6",
+        "eval/extended-c/b d3eaf386f0cc1851",
+        "eval/ensemble/a 43e515f60e4915a0",
+        "eval/ensemble/b 35bb0f91099924e4",
+        "eval/ensemble-top1/a 323b3938a5385439",
+        "eval/ensemble-top1/b 76c47ee7f5af435f",
+        "eval/ensemble-extended/a 4565e4d177f70ef9",
+        "eval/ensemble-extended/b c1e52053629ae33b",
+        "eval/ensemble-extended/c 7becb4238b1a8c0e",
+    ];
+
     fn pipeline(extra: &str) -> Pipeline {
         let yaml = format!(
             "name: t\nseed:\n  train:\n    model: {{hidden_size: 32, layers: 1, heads: 2, ffn: 64}}\n    tokenizer: {{vocab_size: 300}}\n\
@@ -829,6 +993,19 @@ mod tests {
 
     fn spec(j: &Job) -> job::JobSpec {
         serde_yaml::from_str(&j.files[0].1).unwrap()
+    }
+
+    /// Every job of a plan with every phase, by name and id. The ids are pinned: a change to
+    /// how the plan is built that changes a job's command, files or dependencies shows here
+    /// (and would redo that job in every existing run).
+    #[test]
+    fn job_ids_are_pinned() {
+        let extra = "upcycle: {experts: 2, top_k: 1}\narm_seeds: [1, 2]\nadd_experts:\n  domains:\n    - {name: c, train: c.jsonl, valid: c.jsonl, test: c.jsonl}\n";
+        let mut p = pipeline(extra);
+        p.eval.ensemble = true;
+        let plan = plan(&p, Path::new("/base"), Path::new("/runs/t")).unwrap();
+        let ids: Vec<String> = plan.jobs.iter().map(|j| format!("{} {}", j.name, j.id)).collect();
+        assert_eq!(ids, PINNED_IDS, "{ids:#?}");
     }
 
     #[test]

@@ -78,7 +78,8 @@ impl Default for Optimizer {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// The learning rate after warm-up (one definition: job files and the pipeline's `decay`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Decay {
     Cosine,
@@ -307,8 +308,15 @@ fn one_f64() -> f64 {
 fn one_usize() -> usize {
     1
 }
+/// The peak learning rate of a job (and of a pipeline's phases) that gives none.
+pub const DEFAULT_LR: f64 = 1e-3;
+/// Validation windows scored per stream when `eval.sequences` is not given.
+pub const DEFAULT_EVAL_SEQUENCES: usize = 16;
+/// A metrics line every this many steps when `log_interval` is not given.
+pub const DEFAULT_LOG_INTERVAL: u64 = 10;
+
 fn default_lr() -> f64 {
-    3e-4
+    DEFAULT_LR
 }
 fn default_betas() -> [f64; 2] {
     [0.9, 0.95]
@@ -323,7 +331,7 @@ fn cosine() -> Decay {
     Decay::Cosine
 }
 fn default_eval_sequences() -> usize {
-    32
+    DEFAULT_EVAL_SEQUENCES
 }
 fn default_keep() -> usize {
     2
@@ -334,7 +342,8 @@ fn default_aux() -> f64 {
 fn default_z() -> f64 {
     0.001
 }
-fn default_clip() -> Option<f64> {
+/// The global gradient-norm clip when `grad_clip` is not given.
+pub fn default_clip() -> Option<f64> {
     Some(1.0)
 }
 fn default_dtype() -> String {
@@ -344,7 +353,7 @@ fn default_device() -> String {
     "cpu".into()
 }
 fn default_log_interval() -> u64 {
-    10
+    DEFAULT_LOG_INTERVAL
 }
 fn default_resume() -> String {
     "auto".into()

@@ -12,8 +12,9 @@
 use candle_core::{DType, Result, Tensor, D};
 use serde::{Deserialize, Serialize};
 
-/// The order of top-k selection and softmax in the router.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// The order of top-k selection and softmax in the router (one definition: the pipeline's
+/// `merge.routing`, the CLI's `--routing` and `config.json` all read this).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Routing {
     TopkThenSoftmax,

@@ -20,8 +20,10 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 use rand_distr::{Distribution, Normal};
 
-/// How a router is initialised.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How a router is initialised (one definition: the pipeline's `merge.router_init` and the
+/// CLI's `--router-init` read this).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
 pub enum RouterInit {
     Random,
     Zero,

@@ -18,8 +18,10 @@
 
 use btm_kernels::Routing;
 
-/// How the upcycling scale a is spread over the three SwiGLU projections.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How the upcycling scale a is spread over the three SwiGLU projections (one definition: the
+/// pipeline's `upcycle.scaling` and the CLI's `--scaling` read this).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
 pub enum ScalingMode {
     /// up and down × √a, gate untouched: the expert's output is exactly a × its shard's.
     Exact,

@@ -411,11 +411,6 @@ pub fn check(p: &Pipeline, base: &Path) -> Vec<(String, String)> {
                 problems.push((format!("{path}.lr"), format!("must be a positive number, got {lr}")));
             }
         }
-        if let Some(d) = &t.decay {
-            if d != "cosine" && d != "constant" {
-                problems.push((format!("{path}.decay"), format!("`{d}` is not a schedule (cosine or constant)")));
-            }
-        }
         for (k, v) in [("batch_size", t.batch_size), ("seq_len", t.seq_len), ("grad_accum", t.grad_accum)] {
             if v == Some(0) {
                 problems.push((format!("{path}.{k}"), "must be positive".into()));
@@ -550,9 +545,6 @@ pub fn check(p: &Pipeline, base: &Path) -> Vec<(String, String)> {
     if let Some(u) = &p.upcycle {
         if u.top_k == 0 || u.top_k > u.experts {
             problems.push(("upcycle.top_k".into(), format!("must be between 1 and upcycle.experts ({})", u.experts)));
-        }
-        if u.scaling != "exact" && u.scaling != "megatron" {
-            problems.push(("upcycle.scaling".into(), format!("`{}`: expected `exact` or `megatron`", u.scaling)));
         }
     }
     let mut seen_seeds = std::collections::HashSet::new();

@@ -336,7 +336,7 @@ pub struct TrainParams {
     pub min_lr: Option<f64>,
     pub warmup_steps: Option<u64>,
     /// `cosine` or `constant`.
-    pub decay: Option<String>,
+    pub decay: Option<Decay>,
     pub weight_decay: Option<f64>,
     pub betas: Option<[f64; 2]>,
     pub grad_clip: Option<f64>,
@@ -454,41 +454,12 @@ impl TrainParams {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum Routing {
-    TopkThenSoftmax,
-    SoftmaxThenTopk,
-}
-
-impl Routing {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Routing::TopkThenSoftmax => "topk_then_softmax",
-            Routing::SoftmaxThenTopk => "softmax_then_topk",
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum RouterInit {
-    Random,
-    Zero,
-    Centroid,
-    Fit,
-}
-
-impl RouterInit {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RouterInit::Random => "random",
-            RouterInit::Zero => "zero",
-            RouterInit::Centroid => "centroid",
-            RouterInit::Fit => "fit",
-        }
-    }
-}
+// The routing, router-initialisation, scaling and schedule types are the libraries' own: one
+// definition each for the pipeline, the CLI and the job files.
+pub use btm_merger::router_init::RouterInit;
+pub use btm_merger::scaling::ScalingMode;
+pub use btm_model::Routing;
+pub use btm_trainer::spec::Decay;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -540,7 +511,7 @@ pub struct UpcycleSpec {
     pub routing: Routing,
     /// `exact` (√a on up and down) or `megatron` (a^(1/3) on gate, up and down).
     #[serde(default = "default_scaling")]
-    pub scaling: String,
+    pub scaling: ScalingMode,
     /// Training of the upcycled MoE on the mix, over `train` ← `continue`. Without `steps`
     /// it trains for as many tokens as the dense baseline (the experts' plus the merged MoE's
     /// continued training), so the arms are compute-matched. The upcycling paper trains with a
@@ -552,8 +523,8 @@ pub struct UpcycleSpec {
 fn one() -> usize {
     1
 }
-fn default_scaling() -> String {
-    "exact".into()
+fn default_scaling() -> ScalingMode {
+    ScalingMode::Exact
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]

@@ -427,6 +427,24 @@ mod tests {
         .unwrap()
     }
 
+    /// Training submissions named `names` (2 CPUs and 1 GPU each), of `nodes` nodes each.
+    fn submissions(names: &[&str], nodes: usize) -> Vec<Submission> {
+        names
+            .iter()
+            .map(|n| Submission {
+                name: n.to_string(),
+                args: vec!["train".into(), "--job".into(), format!("/runs/r/jobs/{n}.yaml")],
+                log: PathBuf::from("/tmp/btm-k8s-test.log"),
+                cpus: 2,
+                gpus: 1,
+                memory_mb: None,
+                time_limit_min: None,
+                ranks: 1,
+                nodes,
+            })
+            .collect()
+    }
+
     #[test]
     fn rest_calls_create_poll_and_delete_indexed_jobs() {
         let (url, server) = fake_api(4, |method, path| match (method, path) {
@@ -438,20 +456,7 @@ mod tests {
         let creds = Credentials { server: url, token: Some("secret-token".into()), ca_pem: None };
         let engine = KubernetesEngine::new(&spec(), Path::new("/runs/r"), creds).unwrap();
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        let subs: Vec<Submission> = ["expert/a", "expert/b"]
-            .iter()
-            .map(|n| Submission {
-                name: n.to_string(),
-                args: vec!["train".into(), "--job".into(), format!("/runs/r/jobs/{n}.yaml")],
-                log: PathBuf::from("/tmp/btm-k8s-test.log"),
-                cpus: 2,
-                gpus: 1,
-                memory_mb: None,
-                time_limit_min: None,
-                ranks: 1,
-                nodes: 1,
-            })
-            .collect();
+        let subs = submissions(&["expert/a", "expert/b"], 1);
         let handles = rt.block_on(engine.submit(&subs)).unwrap();
         assert_eq!(handles.len(), 2);
         assert!(handles[1].0.ends_with("/1"));
@@ -488,20 +493,7 @@ mod tests {
         let creds = Credentials { server: url, token: None, ca_pem: None };
         let engine = KubernetesEngine::new(&spec(), Path::new("/runs/r"), creds).unwrap();
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        let subs: Vec<Submission> = ["expert/a", "expert/b"]
-            .iter()
-            .map(|n| Submission {
-                name: n.to_string(),
-                args: vec!["train".into()],
-                log: PathBuf::from("/tmp/btm-k8s-test.log"),
-                cpus: 8,
-                gpus: 8,
-                memory_mb: None,
-                time_limit_min: None,
-                ranks: 1,
-                nodes: 2,
-            })
-            .collect();
+        let subs = submissions(&["expert/a", "expert/b"], 2);
         let handles = rt.block_on(engine.submit(&subs)).unwrap();
         assert!(handles[0].0.ends_with("/0-1") && handles[1].0.ends_with("/2-3"), "{handles:?}");
         // Job a's two nodes are done; job b's node 2 is still running.

@@ -1,4 +1,6 @@
 //! The data pipeline: JSONL → tokens (cached) → packed sequences → a deterministic mixture.
+//! A Megatron indexed dataset (`prefix.idx`/`.bin`, [`crate::indexed`]) is already tokens:
+//! it is read in place instead.
 //!
 //! - Every document is tokenized with the checkpoint's tokenizer as `tokenizer.json` says
 //!   (its post-processor may prepend BOS) and followed by EOS; the documents of a source are
@@ -76,9 +78,14 @@ pub fn permutation(n: usize, rng: &mut SplitMix64) -> Vec<u32> {
     p
 }
 
-/// A token stream, memory-mapped from the cache.
+/// A token stream, memory-mapped: btm's token cache (u32 ids after a header), or a Megatron
+/// indexed dataset's `.bin` read in place (u16 or i32 ids, [`crate::indexed`]).
 pub struct Tokens {
     mmap: Mmap,
+    /// Bytes before the first id.
+    offset: usize,
+    /// Bytes per id: 4, or 2 for a u16 dataset.
+    width: usize,
     len: usize,
 }
 
@@ -92,15 +99,22 @@ impl Tokens {
     }
 
     pub fn get(&self, i: usize) -> u32 {
-        let at = HEADER + 4 * i;
-        u32::from_le_bytes(self.mmap[at..at + 4].try_into().expect("4 bytes"))
+        let at = self.offset + self.width * i;
+        match self.width {
+            2 => u16::from_le_bytes([self.mmap[at], self.mmap[at + 1]]) as u32,
+            _ => u32::from_le_bytes(self.mmap[at..at + 4].try_into().expect("4 bytes")),
+        }
     }
 
     pub fn range(&self, start: usize, len: usize) -> Vec<u32> {
-        self.mmap[HEADER + 4 * start..HEADER + 4 * (start + len)]
-            .chunks_exact(4)
-            .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")))
-            .collect()
+        (start..start + len).map(|i| self.get(i)).collect()
+    }
+
+    /// The token stream of a Megatron indexed dataset (`prefix.idx`/`.bin`), checked against a
+    /// vocabulary of `vocab_size`.
+    pub fn indexed(path: &Path, vocab_size: usize) -> Result<Self> {
+        let t = crate::indexed::open(path, vocab_size)?;
+        Ok(Self { mmap: t.bin, offset: 0, width: t.width, len: t.len })
     }
 
     fn open(path: &Path) -> Result<Option<Self>> {
@@ -117,7 +131,7 @@ impl Tokens {
         if mmap.len() != HEADER + 4 * len {
             return Ok(None);
         }
-        Ok(Some(Self { mmap, len }))
+        Ok(Some(Self { mmap, offset: HEADER, width: 4, len }))
     }
 }
 

@@ -18,6 +18,7 @@ pub mod checkpoint;
 pub mod data;
 pub mod distributed;
 pub mod external;
+pub mod indexed;
 pub mod loss;
 pub mod metrics;
 pub mod optim;

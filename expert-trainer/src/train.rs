@@ -15,7 +15,7 @@
 //! bit-identical to one that never stopped (on the same machine and thread count).
 
 use crate::checkpoint::{self, TrainerState};
-use crate::data::{tokenize_cached, Mixture, Packed, Position, TokenizerInfo};
+use crate::data::{tokenize_cached, Mixture, Packed, Position, TokenizerInfo, Tokens};
 use crate::distributed::Ranks;
 use crate::loss::cross_entropy;
 use crate::metrics::{human_duration, Metrics};
@@ -562,7 +562,12 @@ impl<'a> TrainingRun<'a> {
             self.ranks.barrier()?;
         }
         let packed = |key: String, path: &Path| -> Result<Packed> {
-            let tokens = tokenize_cached(path, &self.tok, &cache).with_context(|| key.clone())?;
+            let tokens = if crate::indexed::is_indexed(path) {
+                Tokens::indexed(path, self.init_config.vocab_size)
+            } else {
+                tokenize_cached(path, &self.tok, &cache)
+            }
+            .with_context(|| key.clone())?;
             Packed::new(tokens, spec.seq_len, &format!("{key}: {}", path.display()))
         };
         let train =

@@ -286,3 +286,48 @@ fn the_example_job_validates() {
     assert_eq!(spec.total_steps(), 20);
     assert!(spec.init.checkpoint.as_deref().unwrap().ends_with("fixtures/llama"));
 }
+
+/// The same documents as JSONL (tokenized by btm: each document then EOS) and as a Megatron
+/// indexed dataset holding those ids (as `preprocess_data.py --append-eod` writes them) train
+/// to the same losses and the same weights.
+#[test]
+fn a_megatron_indexed_dataset_trains_like_the_same_documents_in_jsonl() {
+    let (dir, train, valid) = data_dir();
+    let cache = dir.path().join("cache");
+    let fixture = fixtures().join("llama");
+    let config = btm_model::Checkpoint::open(&fixture).unwrap().config;
+    let tok = btm_trainer::data::TokenizerInfo::load(&fixture.join("tokenizer.json"), config.eos_token_id).unwrap();
+    let docs: Vec<Vec<u32>> = btm_model::jsonl::read_texts(&train, None)
+        .unwrap()
+        .iter()
+        .map(|t| {
+            let mut ids = tok.tokenizer.encode(t.as_str(), true).unwrap().get_ids().to_vec();
+            ids.push(tok.eos);
+            ids
+        })
+        .collect();
+    let prefix = dir.path().join("train_text_document");
+    btm_trainer::indexed::write(&prefix, &docs).unwrap();
+    let run = |name: &str, source: &Path| {
+        let yaml = job_yaml("llama", source, &valid, &dir.path().join(name), &cache, "steps: 10\nseed: 4\n");
+        btm_trainer::run(&JobSpec::parse(&yaml, dir.path()).unwrap(), quiet()).unwrap();
+        let metrics = std::fs::read_to_string(dir.path().join(name).join("metrics.jsonl")).unwrap();
+        let losses: Vec<f64> = metrics
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter_map(|v| v.get("loss").and_then(|x| x.as_f64()))
+            .collect();
+        (losses, read(&dir.path().join(name).join("model/model.safetensors")))
+    };
+    let (jsonl_losses, jsonl_weights) = run("jsonl", &train);
+    let (indexed_losses, indexed_weights) = run("indexed", &prefix.with_extension("idx"));
+    assert_eq!(jsonl_losses.len(), 10);
+    assert_eq!(jsonl_losses, indexed_losses);
+    assert!(jsonl_weights == indexed_weights, "the two runs' weights differ");
+    // Ids beyond the model's vocabulary are refused before training, naming the file.
+    let bad = dir.path().join("bad");
+    btm_trainer::indexed::write(&bad, &[vec![1, 2, config.vocab_size as u32 + 5]]).unwrap();
+    let yaml = job_yaml("llama", &bad.with_extension("idx"), &valid, &dir.path().join("bad-run"), &cache, "steps: 1\n");
+    let err = format!("{:#}", btm_trainer::run(&JobSpec::parse(&yaml, dir.path()).unwrap(), quiet()).unwrap_err());
+    assert!(err.contains("bad.bin") && err.contains("beyond the model's vocabulary"), "{err}");
+}

@@ -3,6 +3,8 @@
 //! CLI or its REST API ([`slurm`]), a Kubernetes cluster ([`kubernetes`]) — never a scheduler
 //! of its own.
 
+#[cfg(test)]
+mod fake_http;
 pub mod kubernetes;
 pub mod local;
 pub mod slurm;

@@ -32,6 +32,8 @@ pub struct SlurmEngine {
     run: PathBuf,
     /// States Slurm may forget (finished jobs), and when each handle was last polled.
     known: Mutex<HashMap<JobHandle, (JobState, Instant)>>,
+    /// Since when polls about a handle have found Slurm unreachable.
+    unreachable_since: Mutex<HashMap<JobHandle, Instant>>,
 }
 
 struct Rest {
@@ -41,6 +43,33 @@ struct Rest {
     token: String,
     token_env: String,
 }
+
+/// Why a poll gave no state.
+#[derive(Debug)]
+enum Poll {
+    /// Slurm could not be asked (controller or slurmrestd down, a timeout): the job's state is
+    /// unknown, not failed.
+    Unreachable(String),
+    /// An error that must stop the run (a rejected token).
+    Fatal(anyhow::Error),
+}
+
+impl Poll {
+    fn unreachable(e: impl std::fmt::Display) -> Self {
+        Poll::Unreachable(e.to_string())
+    }
+}
+
+/// Whether Slurm's answer says it does not know the job (purged after `MinJobAge`), as opposed
+/// to not answering at all.
+fn unknown_job(message: &str) -> bool {
+    message.contains("Invalid job id")
+}
+
+/// How long polls may keep failing before the run stops (leaving its jobs to Slurm; a re-run
+/// picks them up): a failed poll never fails a job by itself, which would start a second trainer
+/// on a task that may still be running.
+const POLL_GIVE_UP: Duration = Duration::from_secs(15 * 60);
 
 /// Slurm job states that mean "not finished yet".
 fn unfinished(state: &str) -> bool {
@@ -100,6 +129,7 @@ impl SlurmEngine {
             exe: std::env::current_exe().context("locating the btm binary")?,
             run: run.to_path_buf(),
             known: Mutex::new(HashMap::new()),
+            unreachable_since: Mutex::new(HashMap::new()),
         })
     }
 
@@ -175,17 +205,30 @@ impl SlurmEngine {
         Ok(Self::handles(&id, jobs.len()))
     }
 
-    async fn state_cli(&self, handle: &JobHandle) -> Result<JobState> {
-        let out = slurm_tool("squeue").args(["-h", "-o", "%T", "-j", &handle.0]).output().await?;
+    /// The task's state from `squeue`, else `scontrol` (which remembers finished jobs for a
+    /// while); `Err(Poll::Unreachable)` when Slurm could not be asked.
+    async fn state_cli(&self, handle: &JobHandle) -> Result<JobState, Poll> {
+        let out = slurm_tool("squeue").args(["-h", "-o", "%T", "-j", &handle.0]).output().await.map_err(Poll::unreachable)?;
         let text = String::from_utf8_lossy(&out.stdout);
         if let Some(state) = text.lines().map(str::trim).find(|l| !l.is_empty()) {
             return Ok(to_state(state));
         }
-        let out = slurm_tool("scontrol").args(["show", "job", "-o", &handle.0]).output().await?;
+        let squeue_err = String::from_utf8_lossy(&out.stderr).into_owned();
+        if !out.status.success() && !unknown_job(&squeue_err) {
+            return Err(Poll::Unreachable(format!("squeue: {}", squeue_err.trim())));
+        }
+        let out = slurm_tool("scontrol").args(["show", "job", "-o", &handle.0]).output().await.map_err(Poll::unreachable)?;
         let text = String::from_utf8_lossy(&out.stdout);
         match text.split_whitespace().find_map(|kv| kv.strip_prefix("JobState=")) {
             Some(state) => Ok(to_state(state)),
-            None => Ok(JobState::Failed("unknown to Slurm".into())),
+            None => {
+                let err = String::from_utf8_lossy(&out.stderr);
+                if out.status.success() || unknown_job(&err) {
+                    Ok(JobState::Failed("unknown to Slurm".into()))
+                } else {
+                    Err(Poll::Unreachable(format!("scontrol: {}", err.trim())))
+                }
+            }
         }
     }
 
@@ -247,6 +290,9 @@ impl Rest {
                 bail!("slurmrestd rejected the token in `{}` (expired or wrong?): {joined}", self.token_env);
             }
             bail!("slurmrestd {method} {path}: {joined}");
+        }
+        if !status.is_success() {
+            bail!("slurmrestd {method} {path}: HTTP {status}");
         }
         Ok(v)
     }
@@ -322,16 +368,18 @@ impl SlurmEngine {
         Ok(Self::handles(&id.to_string(), jobs.len()))
     }
 
-    async fn state_rest(&self, rest: &Rest, handle: &JobHandle) -> Result<JobState> {
+    async fn state_rest(&self, rest: &Rest, handle: &JobHandle) -> Result<JobState, Poll> {
         let (job_id, task) = match handle.0.split_once('_') {
-            Some((j, t)) => (j, Some(t.parse::<u64>()?)),
+            Some((j, t)) => (j, Some(t.parse::<u64>().map_err(|e| Poll::Fatal(e.into()))?)),
             None => (handle.0.as_str(), None),
         };
         let v = match rest.call(reqwest::Method::GET, &format!("/job/{job_id}"), None).await {
             Ok(v) => v,
-            Err(e) if e.to_string().contains("token") => return Err(e),
-            // Unknown (purged after MinJobAge) or a transient error: report no change.
-            Err(_) => return Ok(JobState::Failed("unknown to Slurm".into())),
+            Err(e) if e.to_string().contains("token") => return Err(Poll::Fatal(e)),
+            // Slurm's word that it does not know the job (purged after MinJobAge).
+            Err(e) if unknown_job(&format!("{e:#}")) => return Ok(JobState::Failed("unknown to Slurm".into())),
+            // No answer (slurmrestd or the controller down, a timeout): unknown, not failed.
+            Err(e) => return Err(Poll::Unreachable(format!("{e:#}"))),
         };
         let jobs = v["jobs"].as_array().cloned().unwrap_or_default();
         let state = |j: &Value| j["job_state"].as_str().unwrap_or("UNKNOWN").to_string();
@@ -371,9 +419,28 @@ impl Engine for SlurmEngine {
                 return Ok(s.clone());
             }
         }
-        let state = match &self.rest {
-            Some(rest) => self.state_rest(rest, handle).await?,
-            None => self.state_cli(handle).await?,
+        let polled = match &self.rest {
+            Some(rest) => self.state_rest(rest, handle).await,
+            None => self.state_cli(handle).await,
+        };
+        let state = match polled {
+            Ok(state) => {
+                self.unreachable_since.lock().expect("lock").remove(handle);
+                state
+            }
+            Err(Poll::Fatal(e)) => return Err(e),
+            Err(Poll::Unreachable(why)) => {
+                let since = *self.unreachable_since.lock().expect("lock").entry(handle.clone()).or_insert_with(Instant::now);
+                if since.elapsed() > POLL_GIVE_UP {
+                    bail!(
+                        "Slurm has not answered for {} minutes about {} ({why}); its jobs are left to Slurm, run again to continue",
+                        POLL_GIVE_UP.as_secs() / 60,
+                        handle.0
+                    );
+                }
+                // Unknown, not failed: ask again at the next poll.
+                return Ok(JobState::Running);
+            }
         };
         self.known.lock().expect("lock").insert(handle.clone(), (state.clone(), Instant::now()));
         Ok(state)
@@ -384,5 +451,36 @@ impl Engine for SlurmEngine {
             Some(rest) => rest.call(reqwest::Method::DELETE, &format!("/job/{}?signal=SIGTERM", handle.0), None).await.map(|_| ()),
             None => self.cancel_cli(handle).await,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::fake_http::fake_api;
+    use serde_json::json;
+
+    /// A poll slurmrestd does not answer leaves the job running (asked again later); only
+    /// Slurm's own "Invalid job id" makes it unknown, and a state it reports is taken.
+    #[test]
+    fn a_failed_poll_is_not_a_failed_job() {
+        let (url, server) = fake_api(4, |_, path| match path {
+            p if p.ends_with("/job/7") => (503, json!({"message": "controller busy"})),
+            p if p.ends_with("/job/8") => (500, json!({"errors": [{"error": "Invalid job id specified"}]})),
+            p if p.ends_with("/ping") => (200, json!({"pings": [{"ping": "UP"}]})),
+            _ => (200, json!({"jobs": [{"job_state": "RUNNING"}]})),
+        });
+        std::env::set_var("BTM_TEST_SLURM_JWT", "t");
+        let spec: EngineSpec =
+            serde_yaml::from_str(&format!("{{kind: slurm, api: rest, rest: {{url: '{url}', token_env: BTM_TEST_SLURM_JWT}}}}")).unwrap();
+        let run = tempfile::tempdir().unwrap();
+        let engine = SlurmEngine::new(&spec, run.path()).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        assert_eq!(rt.block_on(engine.state(&JobHandle("7".into()))).unwrap(), JobState::Running);
+        assert_eq!(rt.block_on(engine.state(&JobHandle("8".into()))).unwrap(), JobState::Failed("unknown to Slurm".into()));
+        assert_eq!(rt.block_on(engine.state(&JobHandle("9".into()))).unwrap(), JobState::Running);
+        server.join().unwrap();
+        // The unanswered handle is remembered as unreachable since its first failed poll.
+        assert!(engine.unreachable_since.lock().unwrap().contains_key(&JobHandle("7".into())));
     }
 }

@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 /// The order of top-k selection and softmax in the router (one definition: the pipeline's
 /// `merge.routing`, the CLI's `--routing` and `config.json` all read this).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum), value(rename_all = "snake_case"))]
 #[serde(rename_all = "snake_case")]
 pub enum Routing {
     TopkThenSoftmax,

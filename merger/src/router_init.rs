@@ -23,6 +23,7 @@ use rand_distr::{Distribution, Normal};
 /// How a router is initialised (one definition: the pipeline's `merge.router_init` and the
 /// CLI's `--router-init` read this).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum), value(rename_all = "snake_case"))]
 #[serde(rename_all = "snake_case")]
 pub enum RouterInit {
     Random,

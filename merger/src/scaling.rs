@@ -21,6 +21,7 @@ use btm_kernels::Routing;
 /// How the upcycling scale a is spread over the three SwiGLU projections (one definition: the
 /// pipeline's `upcycle.scaling` and the CLI's `--scaling` read this).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum), value(rename_all = "snake_case"))]
 #[serde(rename_all = "snake_case")]
 pub enum ScalingMode {
     /// up and down × √a, gate untouched: the expert's output is exactly a × its shard's.

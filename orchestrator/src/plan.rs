@@ -745,10 +745,12 @@ impl<'a> Builder<'a> {
     }
 
     /// The compute-matched dense baseline: the seed trained on the mix for as many tokens as
-    /// the experts and the merged MoE's continued training together.
+    /// the experts and the merged MoE's continued training together, by the experts' trainer
+    /// and resources (the same recipe, so the comparison is like for like).
     fn baseline_phase(&mut self, seed: &Seed, arm: &Arm) -> Result<String> {
         let p = self.p;
-        let params = TrainParams { steps: Some(self.matched_steps(&p.train)), ..arm.seeded(p.train.mix_phase(&TrainParams::default())) };
+        let recipe = TrainParams { trainer: p.train.trainer.clone(), resources: p.train.resources.clone(), ..TrainParams::default() };
+        let params = TrainParams { steps: Some(self.matched_steps(&p.train)), ..arm.seeded(p.train.mix_phase(&recipe)) };
         let label = format!("baseline{}", arm.sfx);
         self.train_job(TrainJob {
             name: label.clone(),
@@ -1062,11 +1064,16 @@ mod tests {
         assert_eq!(a.train.as_ref().unwrap().external.as_deref(), Some("exec t {model_in} {model_out}"));
         let b = job(&plan, "expert/b");
         assert_eq!((b.resources.cpus, b.resources.memory_mb), (2, None), "an override replaces the whole block");
-        for name in ["continue/merged", "baseline", "merge"] {
+        for name in ["continue/merged", "merge"] {
             assert_eq!(job(&plan, name).resources, job(&base, name).resources, "{name}");
             assert_eq!(job(&plan, name).files, job(&base, name).files, "{name}");
         }
         assert!(spec(job(&plan, "continue/merged")).trainer.is_btm());
+        // The dense baseline is trained like the experts (their trainer and resources), so the
+        // arms compare like for like, also at a scale btm's own trainer does not reach.
+        let baseline = job(&plan, "baseline");
+        assert_eq!((baseline.resources.cpus, baseline.resources.gpus), (8, 1));
+        assert_eq!(spec(baseline).trainer.template().as_deref(), Some("exec t {model_in} {model_out}"));
     }
 
     #[test]

@@ -362,13 +362,13 @@ pub struct TrainParams {
     pub trainable: Option<btm_trainer::spec::Trainable>,
     /// Who trains this phase: `{kind: btm}` (default), `{kind: command, command: "… {model_in}
     /// … {model_out} …"}` or `{kind: torchrun, script: train.py, args: […], nproc_per_node: N}`:
-    /// an external engine through Hugging Face checkpoints (README, "External trainers"). Like
-    /// `trainable`, set in `train` it holds for the expert phase (and the domains' overrides),
-    /// not for the mix phases, which set their own.
+    /// an external engine through Hugging Face checkpoints (README, "External trainers"). Set
+    /// in `train` it holds for the expert phase (and the domains' overrides) and the dense
+    /// baseline, which is trained like the experts; the other mix phases set their own.
     pub trainer: Option<btm_trainer::external::Trainer>,
     /// What each job of this phase asks of the engine, over the engine block's settings (e.g.
     /// a whole GPU node for the experts, one core for the rest). Like `trainer`, set in `train`
-    /// it holds for the expert phase, not for the mix phases.
+    /// it holds for the expert phase and the baseline, not for the other mix phases.
     pub resources: Option<PhaseResources>,
     /// Ranks that train this phase's model on different micro-batches, gradients summed over
     /// them (launched with `mpirun`, `srun`; needs btm built with `--features mpi`). A step's

@@ -17,14 +17,12 @@
 use crate::calib::{calibrate_layerwise, load_domain, CalibDomain, CalibOptions};
 use crate::merge::in_memory_model;
 use crate::names::{classify, dense_ffn, router, Proj, Slot};
-use crate::router_init::{
-    centroid_new_row, fit_softmax_regression, layer_seed, random_rows, share_routed_to, top1, FitOptions, RouterInit,
-};
+use crate::router_init::{centroid_new_row, fit_softmax_regression, share_routed_to, top1, uncalibrated, FitOptions, RouterInit};
 use crate::{parent_of, tokenizer_file, OutputOptions};
 use anyhow::{bail, Context, Result};
 use btm_kernels::Routing;
 use btm_model::{Checkpoint, Extras, Lineage, ModelConfig};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use serde_json::{json, Map, Value};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -161,12 +159,7 @@ pub fn add_expert(o: &AddExpertOptions) -> Result<AddExpertReport> {
             _ => moe.tensor_streamed(t),
         }
     };
-    let fixed_row = |layer: usize| -> Result<Tensor> {
-        match o.router_init {
-            RouterInit::Random => random_rows(1, hidden, o.router_std, layer_seed(o.seed, layer)),
-            _ => Ok(Tensor::zeros((1, hidden), DType::F32, &Device::Cpu)?),
-        }
-    };
+    let fixed_row = |layer: usize| uncalibrated(o.router_init, 1, hidden, o.router_std, o.seed, layer);
     let with_row = |layer: usize, row: &Tensor| -> Result<Tensor> {
         let existing = moe.tensor(&router(layer))?.to_dtype(DType::F32)?;
         Ok(Tensor::cat(&[&existing, row], 0)?)
@@ -295,6 +288,7 @@ mod tests {
     use crate::merge::{merge, MergeOptions};
     use crate::testutil::{domain_texts, fixture, perturbed, write_jsonl};
     use btm_model::model::{MoeBlock, Trace};
+    use candle_core::Device;
     use std::path::Path;
 
     /// An MoE of two experts (prose, code) merged with centroid routers, and a third expert

@@ -13,7 +13,7 @@
 
 use crate::calib::{calibrate_layerwise, load_domain, CalibDomain, CalibOptions};
 use crate::names::{classify, dense_ffn, Proj, Slot};
-use crate::router_init::{centroid_router, fit_softmax_regression, layer_seed, random_rows, routing_accuracy, FitOptions, RouterInit};
+use crate::router_init::{centroid_router, fit_softmax_regression, routing_accuracy, uncalibrated, FitOptions, RouterInit};
 use crate::scaling::merge_scale;
 use crate::{parent_of, tokenizer_file, OutputOptions};
 use anyhow::{bail, ensure, Context, Result};
@@ -182,6 +182,31 @@ fn open(path: &PathBuf, role: &str) -> Result<Checkpoint> {
 
 /// Merge the experts; writes nothing unless every check passes and calibration succeeds.
 pub fn merge(o: &MergeOptions) -> Result<MergeReport> {
+    check_options(o)?;
+    let (sources, mut warnings) = open_sources(o)?;
+    let cfg = merged_config(o, &sources)?;
+    let calibrated = calibrate_routers(o, &cfg, &sources)?;
+    let lineage = merge_lineage(o, &sources, &calibrated, &mut warnings)?;
+    let (n, hidden) = (sources.experts.len(), cfg.hidden_size);
+    let mut get = |name: &str| -> btm_model::Result<Tensor> {
+        match classify(name) {
+            Slot::Router { layer } => match calibrated.routers.get(&layer) {
+                Some(r) => Ok(r.clone()),
+                None => uncalibrated(o.router_init, n, hidden, o.router_std, o.seed, layer)
+                    .map_err(|e| btm_model::Error::InvalidConfig(e.to_string())),
+            },
+            _ => sources.tensor(name),
+        }
+    };
+    let extras = Extras { tokenizer: tokenizer_file(sources.experts[0].dir()), lineage: Some(lineage.clone()) };
+    btm_model::write_checkpoint(&o.out, &cfg, &mut get, &extras, &o.output.write_options(sources.experts[0].dtype()))
+        .with_context(|| format!("writing {}", o.out.display()))?;
+    Ok(MergeReport { config: cfg, lineage, warnings })
+}
+
+/// The options' own consistency: enough experts, a possible top-k, calibration text for the
+/// inits that need it (one file per expert, no domain twice), a writable destination.
+fn check_options(o: &MergeOptions) -> Result<()> {
     let n = o.experts.len();
     ensure!(n >= 2, "a merge needs at least two experts (got {n})");
     if o.top_k == 0 || o.top_k > n {
@@ -198,8 +223,13 @@ pub fn merge(o: &MergeOptions) -> Result<MergeReport> {
     for (name, _) in &o.calib {
         ensure!(seen.insert(name), "--calib: domain `{name}` is given twice");
     }
+    Ok(())
+}
 
-    // Open and check the inputs.
+/// Open the experts (dense, one trunk, one FFN width, one tokenizer) and the optional
+/// non-expert source and shared expert; the lineage warnings the inputs raise.
+fn open_sources(o: &MergeOptions) -> Result<(Sources, Vec<String>)> {
+    let n = o.experts.len();
     let experts = o.experts.iter().map(|p| open(p, "expert")).collect::<Result<Vec<_>>>()?;
     for c in &experts {
         crate::checks::require_dense(c, "expert")?;
@@ -218,8 +248,7 @@ pub fn merge(o: &MergeOptions) -> Result<MergeReport> {
     }
     let refs: Vec<&Checkpoint> = experts.iter().collect();
     crate::checks::same_tokenizer(&refs)?;
-    let mut warnings = crate::checks::lineage_warnings(&refs);
-
+    let warnings = crate::checks::lineage_warnings(&refs);
     let weights = match &o.non_expert {
         NonExpert::Average => vec![1.0 / n as f64; n],
         NonExpert::Weighted(w) => {
@@ -249,80 +278,97 @@ pub fn merge(o: &MergeOptions) -> Result<MergeReport> {
         }
         None => None,
     };
+    let scale = merge_scale(o.routing, n, o.top_k);
+    Ok((Sources { experts, weights, from, shared, scale }, warnings))
+}
 
-    let base = &experts[0].config;
+/// The merged model's config: the experts' trunk with an MoE of their FFNs (and the shared
+/// expert's, if any).
+fn merged_config(o: &MergeOptions, sources: &Sources) -> Result<ModelConfig> {
+    let base = &sources.experts[0].config;
     let mut cfg = base.clone();
     cfg.moe = Some(MoeConfig {
-        experts: n,
+        experts: sources.experts.len(),
         top_k: o.top_k,
         routing: o.routing,
         expert_ffn: base.intermediate_size,
-        shared_expert: shared.as_ref().map(|c| SharedExpertConfig { ffn: c.config.intermediate_size, gated: false }),
+        shared_expert: sources.shared.as_ref().map(|c| SharedExpertConfig { ffn: c.config.intermediate_size, gated: false }),
         dense_layers: vec![],
     });
     cfg.validate()?;
     cfg.to_hf()?;
-    let scale = merge_scale(o.routing, n, o.top_k);
-    let sources = Sources { experts, weights, from, shared, scale };
-    let hidden = cfg.hidden_size;
+    Ok(cfg)
+}
 
-    // Routers: computed now (calibration) or on demand (random/zero).
-    let mut routers: HashMap<usize, Tensor> = HashMap::new();
-    let mut layer_reports: Vec<Value> = vec![];
-    let mut domains: Vec<CalibDomain> = vec![];
-    if !o.calib.is_empty() {
-        domains = load_calibration(&o.calib, &sources.experts[0], &o.calib_options)?;
-        let init = o.router_init;
-        let fixed_router = |layer: usize| -> Result<Tensor> {
-            match init {
-                RouterInit::Random => random_rows(n, hidden, o.router_std, layer_seed(o.seed, layer)),
-                _ => Ok(Tensor::zeros((n, hidden), DType::F32, &Device::Cpu)?),
+/// Routers computed from calibration text, layer by layer, with what each layer's routing
+/// accuracy was; empty without calibration text (the routers are then made when written).
+#[derive(Default)]
+struct CalibratedRouters {
+    routers: HashMap<usize, Tensor>,
+    layer_reports: Vec<Value>,
+    domains: Vec<CalibDomain>,
+}
+
+/// Initialise each MoE layer's router on the merged model's own FFN inputs (centroid, fit;
+/// random and zero rows are scored too), one layer at a time ([`calibrate_layerwise`]).
+fn calibrate_routers(o: &MergeOptions, cfg: &ModelConfig, sources: &Sources) -> Result<CalibratedRouters> {
+    let mut out = CalibratedRouters::default();
+    if o.calib.is_empty() {
+        return Ok(out);
+    }
+    let (n, hidden, init) = (sources.experts.len(), cfg.hidden_size, o.router_init);
+    out.domains = load_calibration(&o.calib, &sources.experts[0], &o.calib_options)?;
+    let fixed_router = |layer: usize| uncalibrated(init, n, hidden, o.router_std, o.seed, layer);
+    let mut model = in_memory_model(cfg, &mut |name| match classify(name) {
+        Slot::Router { layer } => fixed_router(layer),
+        _ => Ok(sources.tensor(name)?),
+    })?;
+    let names: Vec<String> = out.domains.iter().map(|d| d.name.clone()).collect();
+    let (routers, layer_reports) = (&mut out.routers, &mut out.layer_reports);
+    calibrate_layerwise(&mut model, &out.domains, &o.calib_options, |f| {
+        if !cfg.is_moe_layer(f.layer) {
+            return Ok(None);
+        }
+        let mut report = Map::new();
+        let weight = match init {
+            RouterInit::Random | RouterInit::Zero => fixed_router(f.layer)?,
+            RouterInit::Centroid | RouterInit::Fit => {
+                let c = centroid_router(&f.train, o.target_prob).with_context(|| format!("centroid router for layer {}", f.layer))?;
+                report.insert("temperature".into(), json!(c.temperature));
+                report.insert("own_probability".into(), json!(c.own_probability));
+                if init == RouterInit::Centroid {
+                    c.weight
+                } else {
+                    let x = Tensor::cat(&f.train, 0)?;
+                    let mut labels = vec![];
+                    let mut sw = vec![];
+                    for (e, t) in f.train.iter().enumerate() {
+                        let m = t.dim(0)?;
+                        labels.extend(std::iter::repeat_n(e as u32, m));
+                        // Every domain counts equally, however many tokens it has.
+                        sw.extend(std::iter::repeat_n(1.0 / m as f32, m));
+                    }
+                    fit_softmax_regression(&x, &labels, &sw, &c.weight, &vec![true; n], &o.fit)?
+                }
             }
         };
-        let mut model = in_memory_model(&cfg, &mut |name| match classify(name) {
-            Slot::Router { layer } => fixed_router(layer),
-            _ => Ok(sources.tensor(name)?),
-        })?;
-        let names: Vec<String> = domains.iter().map(|d| d.name.clone()).collect();
-        calibrate_layerwise(&mut model, &domains, &o.calib_options, |f| {
-            if !cfg.is_moe_layer(f.layer) {
-                return Ok(None);
-            }
-            let mut report = Map::new();
-            let weight = match init {
-                RouterInit::Random | RouterInit::Zero => fixed_router(f.layer)?,
-                RouterInit::Centroid | RouterInit::Fit => {
-                    let c = centroid_router(&f.train, o.target_prob).with_context(|| format!("centroid router for layer {}", f.layer))?;
-                    report.insert("temperature".into(), json!(c.temperature));
-                    report.insert("own_probability".into(), json!(c.own_probability));
-                    if init == RouterInit::Centroid {
-                        c.weight
-                    } else {
-                        let x = Tensor::cat(&f.train, 0)?;
-                        let mut labels = vec![];
-                        let mut sw = vec![];
-                        for (e, t) in f.train.iter().enumerate() {
-                            let m = t.dim(0)?;
-                            labels.extend(std::iter::repeat_n(e as u32, m));
-                            // Every domain counts equally, however many tokens it has.
-                            sw.extend(std::iter::repeat_n(1.0 / m as f32, m));
-                        }
-                        fit_softmax_regression(&x, &labels, &sw, &c.weight, &vec![true; n], &o.fit)?
-                    }
-                }
-            };
-            let acc = routing_accuracy(&weight, &f.heldout)?;
-            let mean = acc.iter().sum::<f64>() / acc.len() as f64;
-            report.insert("layer".into(), json!(f.layer));
-            report.insert("mean".into(), json!(mean));
-            report.insert("per_domain".into(), Value::Object(names.iter().zip(&acc).map(|(k, v)| (k.clone(), json!(v))).collect()));
-            layer_reports.push(Value::Object(report));
-            routers.insert(f.layer, weight.clone());
-            Ok(Some(weight))
-        })?;
-    }
+        let acc = routing_accuracy(&weight, &f.heldout)?;
+        let mean = acc.iter().sum::<f64>() / acc.len() as f64;
+        report.insert("layer".into(), json!(f.layer));
+        report.insert("mean".into(), json!(mean));
+        report.insert("per_domain".into(), Value::Object(names.iter().zip(&acc).map(|(k, v)| (k.clone(), json!(v))).collect()));
+        layer_reports.push(Value::Object(report));
+        routers.insert(f.layer, weight.clone());
+        Ok(Some(weight))
+    })?;
+    Ok(out)
+}
 
-    // Lineage.
+/// The merged model's lineage: its experts (domains, seeds), routing, scale, non-expert and
+/// router settings, calibration and its accuracy, and the warnings (the inputs' and a too-low
+/// own-domain probability).
+fn merge_lineage(o: &MergeOptions, sources: &Sources, calibrated: &CalibratedRouters, warnings: &mut Vec<String>) -> Result<Lineage> {
+    let domains = &calibrated.domains;
     let mut lineage = Lineage::new("merge");
     for (i, c) in sources.experts.iter().enumerate() {
         let domain = match domains.get(i) {
@@ -344,8 +390,8 @@ pub fn merge(o: &MergeOptions) -> Result<MergeReport> {
     );
     x.insert("top_k".into(), json!(o.top_k));
     x.insert("routing".into(), json!(o.routing.as_str()));
-    x.insert("scale".into(), json!(scale));
-    x.insert("expert_output_scale".into(), json!(scale));
+    x.insert("scale".into(), json!(sources.scale));
+    x.insert("expert_output_scale".into(), json!(sources.scale));
     x.insert(
         "non_expert".into(),
         match &o.non_expert {
@@ -381,7 +427,7 @@ pub fn merge(o: &MergeOptions) -> Result<MergeReport> {
             "calibration_settings".into(),
             json!({"seq_len": o.calib_options.seq_len, "max_tokens": o.calib_options.max_tokens, "heldout_fraction": o.calib_options.heldout_fraction}),
         );
-        x.insert("routing_accuracy".into(), Value::Array(layer_reports));
+        x.insert("routing_accuracy".into(), Value::Array(calibrated.layer_reports.clone()));
     }
     if let Some(low) = lowest_own_probability(x, o.target_prob) {
         warnings.push(low);
@@ -389,24 +435,7 @@ pub fn merge(o: &MergeOptions) -> Result<MergeReport> {
     if !warnings.is_empty() {
         x.insert("warnings".into(), json!(warnings));
     }
-
-    let mut get = |name: &str| -> btm_model::Result<Tensor> {
-        match classify(name) {
-            Slot::Router { layer } => match routers.get(&layer) {
-                Some(r) => Ok(r.clone()),
-                None => match o.router_init {
-                    RouterInit::Random => random_rows(n, hidden, o.router_std, layer_seed(o.seed, layer))
-                        .map_err(|e| btm_model::Error::InvalidConfig(e.to_string())),
-                    _ => Ok(Tensor::zeros((n, hidden), DType::F32, &Device::Cpu)?),
-                },
-            },
-            _ => sources.tensor(name),
-        }
-    };
-    let extras = Extras { tokenizer: tokenizer_file(sources.experts[0].dir()), lineage: Some(lineage.clone()) };
-    btm_model::write_checkpoint(&o.out, &cfg, &mut get, &extras, &o.output.write_options(sources.experts[0].dtype()))
-        .with_context(|| format!("writing {}", o.out.display()))?;
-    Ok(MergeReport { config: cfg, lineage, warnings })
+    Ok(lineage)
 }
 
 /// A warning when some layer's centroid temperature could not reach the target probability.

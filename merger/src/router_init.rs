@@ -66,6 +66,16 @@ pub fn layer_seed(seed: u64, layer: usize) -> u64 {
     seed ^ (layer as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)
 }
 
+/// The router rows of an initialisation that reads no calibration text: `rows` × `hidden`,
+/// N(0, std²) from a per-layer seed for `random`, zeros otherwise (`zero`, and the starting
+/// point that centroid and fit replace). The one place a random or zero router is made.
+pub fn uncalibrated(init: RouterInit, rows: usize, hidden: usize, std: f64, seed: u64, layer: usize) -> Result<Tensor> {
+    match init {
+        RouterInit::Random => random_rows(rows, hidden, std, layer_seed(seed, layer)),
+        _ => Ok(Tensor::zeros((rows, hidden), DType::F32, &Device::Cpu)?),
+    }
+}
+
 /// `rows` × `hidden` float32 matrix of N(0, std²) entries from a seeded `StdRng`; zeros if std = 0.
 pub fn random_rows(rows: usize, hidden: usize, std: f64, seed: u64) -> Result<Tensor> {
     ensure!(std >= 0.0 && std.is_finite(), "router std must be finite and non-negative, got {std}");

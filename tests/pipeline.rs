@@ -53,6 +53,13 @@ fn every_stage_runs_and_a_second_run_does_nothing() {
     for f in ["report.md", "report.html", "plots/loss.svg", "plots/routing-merged.svg", "pipeline.yaml", "plan.json"] {
         assert!(run.join(f).exists(), "{f}");
     }
+    // The HTML report has every section of the Markdown one (the Arms table included).
+    let (md, html) = (std::fs::read_to_string(run.join("report.md")).unwrap(), std::fs::read_to_string(run.join("report.html")).unwrap());
+    let sections: Vec<&str> = md.lines().filter_map(|l| l.strip_prefix("## ")).collect();
+    assert!(sections.contains(&"Arms"), "{md}");
+    for h in sections {
+        assert!(html.contains(&format!("<h2>{h}</h2>")), "section `{h}` missing from report.html");
+    }
     let again = ok(btm().arg("run").arg(&file).output().unwrap());
     assert!(again.contains("nothing to do: all"), "{again}");
 

@@ -392,21 +392,66 @@ pub fn write(run: &Path) -> Result<Written> {
     }
     folder.write("report.md", md.as_bytes())?;
 
+    folder.write("report.html", report_html(&name, &md, &figures).as_bytes())?;
+    Ok(Written { table, arms })
+}
+
+/// `report.html`: the Markdown report itself rendered (headings, paragraphs, tables), with the
+/// plots inline, so the HTML carries every section, table and sentence the Markdown has.
+fn report_html(name: &str, md: &str, figures: &[(String, String, String)]) -> String {
     let mut html = format!(
         "<!doctype html><html><head><meta charset=\"utf-8\"><title>btm run {}</title>\
          <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}table{{border-collapse:collapse}}\
          td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}td:first-child{{text-align:left}}</style></head><body>",
-        esc(&name)
+        esc(name)
     );
-    let _ = write!(html, "<h1>btm run <code>{}</code></h1><h2>Perplexity</h2>", esc(&name));
-    html.push_str(&markdown_table_to_html(&table));
-    for (caption, _, svg) in &figures {
-        let _ = write!(html, "<h3>{}</h3>{svg}", esc(caption));
+    let lines: Vec<&str> = md.lines().collect();
+    let mut i = 0;
+    while i < lines.len() {
+        let line = lines[i];
+        if line.starts_with('|') {
+            let start = i;
+            while i < lines.len() && lines[i].starts_with('|') {
+                i += 1;
+            }
+            html.push_str(&markdown_table_to_html(&lines[start..i].join("\n")));
+            continue;
+        }
+        if let Some(h) = line.strip_prefix("## ") {
+            let _ = write!(html, "<h2>{}</h2>", inline_html(h));
+        } else if let Some(h) = line.strip_prefix("# ") {
+            let _ = write!(html, "<h1>{}</h1>", inline_html(h));
+        } else if let Some((caption, file)) = line.strip_prefix("![").and_then(|l| l.split_once("](plots/")) {
+            let file = file.trim_end_matches(')');
+            let svg = figures.iter().find(|f| f.1 == file).map_or("", |f| f.2.as_str());
+            let _ = write!(html, "<figure>{svg}<figcaption>{}</figcaption></figure>", esc(caption));
+        } else if !line.trim().is_empty() {
+            let _ = write!(html, "<p>{}</p>", inline_html(line));
+        }
+        i += 1;
     }
-    let jobs_table: String = md.lines().skip_while(|l| !l.starts_with("| job |")).collect::<Vec<_>>().join("\n");
-    let _ = write!(html, "<h2>Jobs and lineage</h2>{}</body></html>", markdown_table_to_html(&jobs_table));
-    folder.write("report.html", html.as_bytes())?;
-    Ok(Written { table, arms })
+    html.push_str("</body></html>");
+    html
+}
+
+/// One line of the report's Markdown as HTML: escaped, `code` and *emphasis* marked up.
+fn inline_html(text: &str) -> String {
+    let mut out = String::new();
+    let (mut code, mut em) = (false, false);
+    for c in esc(text).chars() {
+        match c {
+            '`' => {
+                out.push_str(if code { "</code>" } else { "<code>" });
+                code = !code;
+            }
+            '*' if !code => {
+                out.push_str(if em { "</em>" } else { "<em>" });
+                em = !em;
+            }
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 fn markdown_table_to_html(md: &str) -> String {
@@ -464,6 +509,30 @@ mod tests {
         assert!(t.contains("| experts (in-domain) | expert-<domain> on <domain>: 6.000 | 6.000 | -45.5 % |"), "{t}");
         assert!(!t.contains("upcycle") && !t.contains("scratch"), "{t}");
         assert!(arms_table(&rows[4..]).is_none());
+    }
+
+    /// Every heading, table row and sentence of the Markdown report is in the HTML one.
+    #[test]
+    fn the_html_report_carries_everything_the_markdown_has() {
+        let md = "# btm run `x`\n\n## Perplexity\n\nPer-domain *perplexity*.\n\n| model | a |\n|---|---:|\n| merged | 1.000 |\n\n\
+                  `merged` vs the compute-matched dense `baseline`: better.\n\n## Arms\n\n| arm | mean |\n|---|---:|\n| dense | 2.0 |\n\n\
+                  ## Plots\n\n![Training loss](plots/loss.svg)\n\n## Jobs and lineage\n\n| job | id |\n|---|---|\n| seed | `abc` |\n";
+        let figures = vec![("Training loss".to_string(), "loss.svg".to_string(), "<svg>plot</svg>".to_string())];
+        let html = report_html("x", md, &figures);
+        for needle in [
+            "<h1>btm run <code>x</code></h1>",
+            "<h2>Perplexity</h2>",
+            "<p>Per-domain <em>perplexity</em>.</p>",
+            "<td>merged</td><td>1.000</td>",
+            "<code>merged</code> vs the compute-matched dense <code>baseline</code>: better.",
+            "<h2>Arms</h2>",
+            "<td>dense</td><td>2.0</td>",
+            "<figure><svg>plot</svg><figcaption>Training loss</figcaption></figure>",
+            "<h2>Jobs and lineage</h2>",
+            "<td>seed</td><td>abc</td>",
+        ] {
+            assert!(html.contains(needle), "`{needle}` missing from:\n{html}");
+        }
     }
 
     #[test]

@@ -213,6 +213,8 @@ pub struct KubernetesEngine {
     run_name: String,
     client: reqwest::Client,
     creds: Credentials,
+    /// Since when polls of each Job have found the API server unreachable.
+    unreachable_since: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
 }
 
 impl KubernetesEngine {
@@ -227,6 +229,7 @@ impl KubernetesEngine {
             run_name: run.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "run".into()),
             client: builder.build()?,
             creds,
+            unreachable_since: Default::default(),
         })
     }
 
@@ -301,7 +304,22 @@ impl Engine for KubernetesEngine {
             Some((a, b)) => (a.parse::<u64>()?, b.parse::<u64>()?),
             None => (indices.parse::<u64>()?, indices.parse::<u64>()?),
         };
-        let job = self.call(self.client.get(format!("{}/{name}", self.jobs_url()))).await?;
+        let job = match self.call(self.client.get(format!("{}/{name}", self.jobs_url()))).await {
+            Ok(job) => {
+                self.unreachable_since.lock().expect("lock").remove(name);
+                job
+            }
+            Err(e) if e.to_string().contains("refused the credentials") => return Err(e),
+            Err(e) if e.to_string().contains("HTTP 404") => return Ok(JobState::Failed(format!("the Job {name} is gone (deleted?)"))),
+            // No answer or a transient error (5xx, 429, a timeout): unknown, not failed; ask again.
+            Err(e) => {
+                let since = *self.unreachable_since.lock().expect("lock").entry(name.to_string()).or_insert_with(std::time::Instant::now);
+                if since.elapsed() > super::POLL_GIVE_UP {
+                    bail!("the Kubernetes API server has not answered about Job {name} for {} minutes ({e:#}); its pods are left running, run again to continue", super::POLL_GIVE_UP.as_secs() / 60);
+                }
+                return Ok(JobState::Running);
+            }
+        };
         let states: Vec<JobState> = (first..=last).map(|i| index_state(&job["status"], i)).collect();
         // A job is done when every node is; it failed when any node gave up.
         Ok(match states.iter().find(|s| matches!(s, JobState::Failed(_))) {
@@ -422,6 +440,24 @@ mod tests {
         assert_eq!((seen[1].0.as_str(), seen[1].1.as_str()), ("GET", "/apis/batch/v1/namespaces/research/jobs/x-1"));
         assert_eq!(seen[3].0, "DELETE");
         assert!(seen[3].1.ends_with("/jobs/x-1?propagationPolicy=Background"));
+    }
+
+    /// A poll the API server does not answer (a 503) leaves the job running; a Job that is gone
+    /// (404) has failed; credentials it refuses stop the run.
+    #[test]
+    fn a_failed_poll_is_not_a_failed_job() {
+        let (url, server) = fake_api(3, |_, path| match path {
+            p if p.ends_with("/busy") => (503, json!({"message": "etcd timeout"})),
+            p if p.ends_with("/gone") => (404, json!({"message": "not found"})),
+            _ => (403, json!({"message": "forbidden"})),
+        });
+        let engine = KubernetesEngine::new(&spec(), Path::new("/runs/r"), Credentials { server: url, token: None, ca_pem: None }).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        assert_eq!(rt.block_on(engine.state(&JobHandle("busy/0".into()))).unwrap(), JobState::Running);
+        assert!(matches!(rt.block_on(engine.state(&JobHandle("gone/0".into()))).unwrap(), JobState::Failed(_)));
+        assert!(rt.block_on(engine.state(&JobHandle("denied/0".into()))).is_err());
+        server.join().unwrap();
+        assert!(engine.unreachable_since.lock().unwrap().contains_key("busy"));
     }
 
     /// A two-node job: four indices for two jobs, a headless Service owned by the Job, and a

@@ -14,6 +14,11 @@ use std::path::PathBuf;
 
 pub use local::LocalEngine;
 
+/// How long an engine's polls may keep failing (cluster unreachable) before the run stops,
+/// leaving its jobs to the cluster (a re-run picks them up). A failed poll never fails a job by
+/// itself: that would start a second trainer on a task that may still be running.
+pub const POLL_GIVE_UP: std::time::Duration = std::time::Duration::from_secs(15 * 60);
+
 /// What to run: `btm <args>`, its output appended to `log`.
 #[derive(Debug, Clone)]
 pub struct Submission {

@@ -10,7 +10,7 @@
 //! fails anyway (preempted, cancelled, node lost) is resubmitted by the executor's retries and
 //! the trainer resumes from its last checkpoint.
 
-use super::{array_script, Engine, JobHandle, JobState, Submission};
+use super::{array_script, Engine, JobHandle, JobState, Submission, POLL_GIVE_UP};
 use crate::pipeline::spec::{EngineSpec, SlurmApi, SlurmRest};
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
@@ -65,11 +65,6 @@ impl Poll {
 fn unknown_job(message: &str) -> bool {
     message.contains("Invalid job id")
 }
-
-/// How long polls may keep failing before the run stops (leaving its jobs to Slurm; a re-run
-/// picks them up): a failed poll never fails a job by itself, which would start a second trainer
-/// on a task that may still be running.
-const POLL_GIVE_UP: Duration = Duration::from_secs(15 * 60);
 
 /// Slurm job states that mean "not finished yet".
 fn unfinished(state: &str) -> bool {

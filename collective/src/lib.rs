@@ -114,6 +114,15 @@ impl Collective for Single {
     }
 }
 
+/// An all-to-all-v's counts: one send and one receive count per rank, the send counts covering
+/// the `send_len` bytes.
+fn check_counts(send_len: usize, send_counts: &[usize], recv_counts: &[usize], size: usize) -> Result<()> {
+    if send_counts.len() != size || recv_counts.len() != size || send_counts.iter().sum::<usize>() != send_len {
+        candle_core::bail!("all_to_all_v: {send_len} bytes, send counts {send_counts:?}, receive counts {recv_counts:?}");
+    }
+    Ok(())
+}
+
 fn check_rank(rank: usize, size: usize) -> Result<()> {
     if rank >= size {
         candle_core::bail!("rank {rank} is not in a group of {size}");
@@ -152,11 +161,11 @@ pub fn init(world: usize, backend: Backend) -> Result<Arc<dyn Collective>> {
     }
     match backend {
         Backend::Mpi if world <= 1 => Ok(Arc::new(Single)),
-        Backend::Mpi => init_mpi(world, launched),
+        Backend::Mpi => init_mpi(world),
         // One rank over NCCL still makes a communicator (collectives to itself), so the NCCL
         // path can be checked on a machine with one GPU.
         Backend::Nccl => {
-            let bootstrap = if world <= 1 { Arc::new(Single) } else { init_mpi(world, launched)? };
+            let bootstrap = if world <= 1 { Arc::new(Single) } else { init_mpi(world)? };
             init_nccl(bootstrap)
         }
     }
@@ -181,7 +190,7 @@ fn init_nccl(_bootstrap: Arc<dyn Collective>) -> Result<Arc<dyn Collective>> {
 }
 
 #[cfg(feature = "mpi")]
-fn init_mpi(world: usize, _launched: usize) -> Result<Arc<dyn Collective>> {
+fn init_mpi(world: usize) -> Result<Arc<dyn Collective>> {
     let comm = Mpi::init()?;
     if comm.size() != world {
         candle_core::bail!(
@@ -193,7 +202,7 @@ fn init_mpi(world: usize, _launched: usize) -> Result<Arc<dyn Collective>> {
 }
 
 #[cfg(not(feature = "mpi"))]
-fn init_mpi(world: usize, _launched: usize) -> Result<Arc<dyn Collective>> {
+fn init_mpi(world: usize) -> Result<Arc<dyn Collective>> {
     candle_core::bail!(
         "the job asks for {world} ranks, but this btm was built without MPI: rebuild with `cargo build --release --features mpi`"
     )

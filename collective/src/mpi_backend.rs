@@ -101,9 +101,7 @@ impl Collective for Mpi {
         Ok(out)
     }
     fn all_to_all_v_bytes(&self, send: &[u8], send_counts: &[usize], recv_counts: &[usize]) -> Result<Vec<u8>> {
-        if send_counts.len() != self.size || recv_counts.len() != self.size || send_counts.iter().sum::<usize>() != send.len() {
-            candle_core::bail!("all_to_all_v: {} bytes, send counts {send_counts:?}, receive counts {recv_counts:?}", send.len());
-        }
+        crate::check_counts(send.len(), send_counts, recv_counts, self.size)?;
         let (sc, sd) = counts_and_displs(send_counts, "all_to_all_v")?;
         let (rc, rd) = counts_and_displs(recv_counts, "all_to_all_v")?;
         let mut out = vec![0u8; recv_counts.iter().sum()];

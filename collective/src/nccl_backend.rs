@@ -125,9 +125,7 @@ impl Collective for Nccl {
         })
     }
     fn all_to_all_v_bytes(&self, send: &[u8], send_counts: &[usize], recv_counts: &[usize]) -> Result<Vec<u8>> {
-        if send_counts.len() != self.size || recv_counts.len() != self.size || send_counts.iter().sum::<usize>() != send.len() {
-            candle_core::bail!("all_to_all_v: {} bytes, send counts {send_counts:?}, receive counts {recv_counts:?}", send.len());
-        }
+        crate::check_counts(send.len(), send_counts, recv_counts, self.size)?;
         let total: usize = recv_counts.iter().sum();
         self.with(|comm, stream| {
             // One byte more than needed: NCCL and cudarc want no zero-length allocations.

@@ -21,7 +21,7 @@
 //! AdamW moments are gathered to it first, so checkpoints are ordinary Hugging Face folders
 //! that resume on any number of ranks.
 
-use crate::optim::global_norm;
+use crate::optim::{global_norm, Param};
 use anyhow::{bail, Result};
 use btm_collective::{all_gather, all_reduce_sum_host, all_reduce_sum_many, Collective, Groups};
 use btm_kernels::ExpertShard;
@@ -50,12 +50,7 @@ impl Ranks {
 
     /// Join the run of `data_parallel × expert_parallel` ranks (MPI is initialised here).
     pub fn start(data_parallel: usize, expert_parallel: usize, backend: btm_collective::Backend) -> Result<Self> {
-        let world = data_parallel * expert_parallel;
-        if world == 1 {
-            btm_collective::init(1, backend)?;
-            return Ok(Self::single());
-        }
-        let comm = btm_collective::init(world, backend)?;
+        let comm = btm_collective::init(data_parallel * expert_parallel, backend)?;
         Ok(Self { groups: Groups::new(comm, expert_parallel)?, expert_parallel })
     }
 
@@ -83,15 +78,15 @@ impl Ranks {
         Ok(Some(ExpertShard::new(self.groups.expert.clone(), moe.experts)?))
     }
 
-    /// Sum `grads` (named by `names`, in parameter order) over the ranks that share them:
-    /// expert stacks over the expert-data-parallel group, everything else over the world.
-    pub fn sum_gradients(&self, names: &[String], grads: Vec<Tensor>) -> Result<Vec<Tensor>> {
+    /// Sum `grads` (of `params`, in order) over the ranks that share them: expert stacks over
+    /// the expert-data-parallel group, everything else over the world.
+    pub fn sum_gradients(&self, params: &[Param], grads: Vec<Tensor>) -> Result<Vec<Tensor>> {
         if self.world() == 1 {
             return Ok(grads);
         }
         let (mut experts, mut rest) = (Vec::new(), Vec::new());
-        for (i, name) in names.iter().enumerate() {
-            if self.expert_parallel > 1 && is_expert_stack(name) {
+        for (i, p) in params.iter().enumerate() {
+            if self.expert_parallel > 1 && is_expert_stack(&p.name) {
                 experts.push(i);
             } else {
                 rest.push(i);
@@ -109,12 +104,12 @@ impl Ranks {
 
     /// The global L2 norm of the summed gradients: replicated tensors counted once, each
     /// rank's experts added over the expert-parallel group.
-    pub fn global_norm(&self, names: &[String], grads: &[Tensor]) -> Result<f64> {
+    pub fn global_norm(&self, params: &[Param], grads: &[Tensor]) -> Result<f64> {
         if self.expert_parallel == 1 {
             return global_norm(grads);
         }
-        let (experts, rest): (Vec<_>, Vec<_>) = names.iter().zip(grads).partition(|(n, _)| is_expert_stack(n));
-        let own = |v: Vec<(&String, &Tensor)>| v.into_iter().map(|(_, g)| g.clone()).collect::<Vec<_>>();
+        let (experts, rest): (Vec<_>, Vec<_>) = params.iter().zip(grads).partition(|(p, _)| is_expert_stack(&p.name));
+        let own = |v: Vec<(&Param, &Tensor)>| v.into_iter().map(|(_, g)| g.clone()).collect::<Vec<_>>();
         let mut expert_sq = [global_norm(&own(experts))?.powi(2)];
         all_reduce_sum_host(self.groups.expert.as_ref(), &mut expert_sq)?;
         Ok((global_norm(&own(rest))?.powi(2) + expert_sq[0]).sqrt())

@@ -216,8 +216,12 @@ pub fn render(template: &str, values: &BTreeMap<&str, String>) -> Result<String>
 }
 
 /// The placeholder values for a job, as shell words.
-fn values(spec: &JobSpec, model_in: &Path, model_out: &Path, work_dir: &Path, nproc: usize) -> Result<BTreeMap<&'static str, String>> {
+fn values(spec: &JobSpec, model_in: &Path, model_out: &Path, work_dir: &Path) -> Result<BTreeMap<&'static str, String>> {
     let nnodes = spec.trainer.nodes();
+    let nproc = match &spec.trainer {
+        Trainer::Torchrun { nproc_per_node, .. } => *nproc_per_node,
+        _ => 1,
+    };
     let from_engine = |var: &str| -> Result<String> {
         match std::env::var(var) {
             Ok(v) if !v.is_empty() => Ok(shell_quote(&v)),
@@ -277,16 +281,12 @@ pub fn run(spec: &JobSpec, quiet: bool) -> Result<Outcome> {
     let out = spec.out_dir()?;
     let work_dir = out.join("external").join("work");
     let model_out = out.join("external").join("model-out");
+    let line = render(&template, &values(spec, &model_in, &model_out, &work_dir)?)?;
     let node = node_rank();
     if node > 0 {
         // Another node of a multi-node launch: train, and leave the output to node 0 (the
         // folders are on a filesystem the nodes share; node 0 prepared them before its torchrun
         // joined the rendezvous, which every node's training waits for).
-        let nproc = match trainer {
-            Trainer::Torchrun { nproc_per_node, .. } => *nproc_per_node,
-            _ => 1,
-        };
-        let line = render(&template, &values(spec, &model_in, &model_out, &work_dir, nproc)?)?;
         let mut metrics = Metrics::silent(&out);
         if !quiet {
             eprintln!("[btm train] node {node}: external trainer: {line}");
@@ -301,11 +301,6 @@ pub fn run(spec: &JobSpec, quiet: bool) -> Result<Outcome> {
         std::fs::remove_dir_all(&model_out).with_context(|| format!("clearing {}", model_out.display()))?;
     }
     std::fs::create_dir_all(&model_out)?;
-    let nproc = match trainer {
-        Trainer::Torchrun { nproc_per_node, .. } => *nproc_per_node,
-        _ => 1,
-    };
-    let line = render(&template, &values(spec, &model_in, &model_out, &work_dir, nproc)?)?;
     let mut metrics = Metrics::open(&out, u64::MAX, quiet)?;
     metrics.say(&format!("external trainer: {line}"));
     run_command(&line, &mut metrics)?;

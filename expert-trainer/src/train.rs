@@ -265,9 +265,8 @@ impl Stepper {
             })
             .collect::<Result<_>>()?;
         self.opt.mask_gradients(&mut grads)?;
-        let names: Vec<String> = self.opt.params.iter().map(|p| p.name.clone()).collect();
-        let grads = self.ranks.sum_gradients(&names, grads)?;
-        stats.grad_norm = self.ranks.global_norm(&names, &grads)?;
+        let grads = self.ranks.sum_gradients(&self.opt.params, grads)?;
+        stats.grad_norm = self.ranks.global_norm(&self.opt.params, &grads)?;
         if self.ranks.world() > 1 {
             self.sum_stats(&mut stats, aux_sum, z_sum)?;
         }
@@ -290,16 +289,17 @@ impl Stepper {
             per_layer.push(counts.len());
             flat.extend(counts.iter().map(|&c| c as f64));
         }
-        let mut assignments = [router.first().map_or(0, |r| r.routed.experts.elem_count()) as f64];
+        // The round's assignments travel in the same sum, after the counts.
+        flat.push(router.first().map_or(0, |r| r.routed.experts.elem_count()) as f64);
         self.ranks.sum(&mut flat)?;
-        self.ranks.sum(&mut assignments)?;
+        let assignments = flat.pop().expect("pushed above");
         let mut out = Vec::with_capacity(per_layer.len());
         let mut at = 0;
         for len in per_layer {
             out.push(flat[at..at + len].iter().map(|&c| c as f32).collect());
             at += len;
         }
-        Ok(Some((out, assignments[0])))
+        Ok(Some((out, assignments)))
     }
 
     /// Sum the step's figures over the ranks (each rank's are already divided by the step's
@@ -516,7 +516,9 @@ impl<'a> TrainingRun<'a> {
             checkpoint::remove_partials(&self.ckpt_root)?;
         }
         let warn = &mut |w: String| metrics.say(&format!("warning: {w}"));
-        let chosen = match spec.resume_mode() {
+        let mode = spec.resume_mode();
+        let auto = mode == Resume::Auto;
+        let chosen = match mode {
             Resume::Never => None,
             Resume::Auto if !root => None,
             Resume::Auto => match &self.mirror {
@@ -538,7 +540,7 @@ impl<'a> TrainingRun<'a> {
                 Some((dir, state))
             }
         };
-        if ranks.world() == 1 || spec.resume_mode() != Resume::Auto {
+        if ranks.world() == 1 || !auto {
             return Ok(chosen);
         }
         match ranks.broadcast_u64(chosen.as_ref().map_or(u64::MAX, |(_, s)| s.step))? {
@@ -731,7 +733,7 @@ impl<'a> TrainingRun<'a> {
     /// their moments are gathered); rank 0 writes; the others wait for it at a barrier (if rank
     /// 0 fails instead, the launcher ends them).
     fn save(&self, stepper: &Stepper, p: &Progress) -> Result<PathBuf> {
-        let (whole, moments) = gathered_state(stepper, &self.ranks)?;
+        let (whole, moments) = (gathered_weights(stepper, &self.ranks)?, gathered_moments(stepper, &self.ranks)?);
         if !self.ranks.is_root() {
             self.ranks.barrier()?;
             return Ok(self.ckpt_root.join(checkpoint::step_dir_name(p.step)));
@@ -758,7 +760,7 @@ impl<'a> TrainingRun<'a> {
     /// rank 0, then mirrored).
     fn publish_model(&self, stepper: &Stepper, p: &Progress, metrics: &mut Metrics) -> Result<Outcome> {
         let model_dir = self.out.join("model");
-        let (whole, _) = gathered_state(stepper, &self.ranks)?;
+        let whole = gathered_weights(stepper, &self.ranks)?;
         if !self.ranks.is_root() {
             self.ranks.barrier()?;
             return Ok(Outcome::Finished { step: p.step, model_dir });
@@ -778,23 +780,32 @@ impl<'a> TrainingRun<'a> {
     }
 }
 
-/// With expert parallelism, the whole model and AdamW moments gathered from every rank's
-/// experts (every rank must call this; `None` weights: this rank's are already whole).
-fn gathered_state(stepper: &Stepper, ranks: &Ranks) -> Result<(Option<Weights>, HashMap<String, Tensor>)> {
+/// With expert parallelism, the whole model gathered from every rank's experts (every rank
+/// must call this); `None`: this rank's weights are already whole.
+fn gathered_weights(stepper: &Stepper, ranks: &Ranks) -> Result<Option<Weights>> {
     if stepper.weights.shard.is_none() {
-        return Ok((None, stepper.opt.state_tensors()));
+        return Ok(None);
     }
-    let whole = Weights::whole(&stepper.weights.config, ranks.gather_experts(stepper.weights.stored())?)?;
-    // Parameter order: the same sequence of gathers on every rank.
+    Ok(Some(Weights::whole(&stepper.weights.config, ranks.gather_experts(stepper.weights.stored())?)?))
+}
+
+/// The AdamW moments rank 0 writes into a checkpoint, whole: with expert parallelism gathered
+/// from every rank in parameter order (every rank must call this); otherwise rank 0's own, and
+/// nothing on the other ranks (there is nothing to gather and they write nothing).
+fn gathered_moments(stepper: &Stepper, ranks: &Ranks) -> Result<HashMap<String, Tensor>> {
+    if stepper.weights.shard.is_none() {
+        return Ok(if ranks.is_root() { stepper.opt.state_tensors() } else { HashMap::new() });
+    }
+    let mut state = stepper.opt.state_tensors();
     let mut moments = Vec::new();
-    let state = stepper.opt.state_tensors();
     for p in &stepper.opt.params {
         for prefix in ["exp_avg", "exp_avg_sq"] {
             let key = format!("{prefix}.{}", p.name);
-            moments.push((key.clone(), state[&key].clone()));
+            let t = state.remove(&key).context("a moment of every parameter")?;
+            moments.push((key, t));
         }
     }
-    Ok((Some(whole), ranks.gather_experts(moments)?.into_iter().collect()))
+    Ok(ranks.gather_experts(moments)?.into_iter().collect())
 }
 
 /// The newest remote checkpoint whose manifest verifies, in `root`: the working directory's

@@ -70,16 +70,6 @@ impl Runs {
     }
 }
 
-/// The training losses, one per step.
-fn losses(run: &Path) -> Vec<f64> {
-    std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .filter_map(|v| v.get("loss").and_then(|x| x.as_f64()))
-        .collect()
-}
-
 /// Every tensor of a Hugging Face model folder, as float32 values by name.
 fn tensors(model: &Path) -> Vec<(String, Vec<f32>)> {
     let bytes = read(&model.join("model.safetensors"));

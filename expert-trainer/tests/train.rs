@@ -103,16 +103,8 @@ fn training_an_moe_keeps_its_makeup_in_the_lineage() {
     });
     std::fs::write(moe.join("btm.json"), serde_json::to_vec(&parent).unwrap()).unwrap();
     let out = dir.path().join("out");
-    let yaml = job_yaml(
-        "mixtral",
-        &train,
-        &valid,
-        &out,
-        &dir.path().join("cache"),
-        "steps: 1
-",
-    )
-    .replace(&fixtures().join("mixtral").display().to_string(), &moe.display().to_string());
+    let yaml = job_yaml("mixtral", &train, &valid, &out, &dir.path().join("cache"), "steps: 1\n")
+        .replace(&fixtures().join("mixtral").display().to_string(), &moe.display().to_string());
     btm_trainer::run(&JobSpec::parse(&yaml, dir.path()).unwrap(), quiet()).unwrap();
     let l: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("model/btm.json")).unwrap()).unwrap();
     assert_eq!(l["calibration"], parent["calibration"], "{l}");
@@ -170,13 +162,7 @@ fn bfloat16_mixed_precision_tracks_float32() {
             btm_trainer::run(&spec, quiet()).unwrap();
             let t = Checkpoint::open(out.join("model")).unwrap().tensor(tensor).unwrap();
             assert_eq!(t.dtype(), candle_core::DType::F32, "master weights are written in float32");
-            let losses: Vec<f64> = std::fs::read_to_string(out.join("metrics.jsonl"))
-                .unwrap()
-                .lines()
-                .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-                .filter_map(|v| v.get("loss").and_then(|l| l.as_f64()))
-                .collect();
-            (t.flatten_all().unwrap().to_vec1::<f32>().unwrap(), losses)
+            (t.flatten_all().unwrap().to_vec1::<f32>().unwrap(), losses(&out))
         };
         let start =
             Checkpoint::open(fixtures().join(model)).unwrap().tensor(tensor).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
@@ -311,13 +297,7 @@ fn a_megatron_indexed_dataset_trains_like_the_same_documents_in_jsonl() {
     let run = |name: &str, source: &Path| {
         let yaml = job_yaml("llama", source, &valid, &dir.path().join(name), &cache, "steps: 10\nseed: 4\n");
         btm_trainer::run(&JobSpec::parse(&yaml, dir.path()).unwrap(), quiet()).unwrap();
-        let metrics = std::fs::read_to_string(dir.path().join(name).join("metrics.jsonl")).unwrap();
-        let losses: Vec<f64> = metrics
-            .lines()
-            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-            .filter_map(|v| v.get("loss").and_then(|x| x.as_f64()))
-            .collect();
-        (losses, read(&dir.path().join(name).join("model/model.safetensors")))
+        (losses(&dir.path().join(name)), read(&dir.path().join(name).join("model/model.safetensors")))
     };
     let (jsonl_losses, jsonl_weights) = run("jsonl", &train);
     let (indexed_losses, indexed_weights) = run("indexed", &prefix.with_extension("idx"));

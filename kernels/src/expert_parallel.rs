@@ -103,6 +103,7 @@ pub fn expert_parallel_moe(
     // Each chunk is its own grouped GEMM: with two ranks, an expert's weight gradient is then
     // the sum of two products (one per source), as in one process accumulating two
     // micro-batches, so expert parallelism adds no rounding of its own.
+    let (gate_up_w, down_w) = (local.gate_up.to_dtype(dtype)?, local.down.to_dtype(dtype)?);
     let mut outputs = Vec::with_capacity(ep);
     let mut start = 0usize;
     for counts in received.chunks(el) {
@@ -120,12 +121,12 @@ pub fn expert_parallel_moe(
             offsets.push(offsets.last().expect("offsets start at 0") + c as u32);
         }
         let offsets = Tensor::from_vec(offsets, el + 1, device)?;
-        let gate_up = grouped_matmul(&chunk.narrow(1, 0, h)?, &local.gate_up.to_dtype(dtype)?, &offsets)?;
+        let gate_up = grouped_matmul(&chunk.narrow(1, 0, h)?, &gate_up_w, &offsets)?;
         // Row r scaled by its weight: `scale_rows` over the identity plan, the same op (and
         // the same gradient arithmetic) as the one-process layer.
         let identity = Arc::new(RoutePlan::new(&vec![0u32; rows], 1, 1, None)?);
         let hidden = scale_rows(&swiglu_packed(&gate_up)?, &chunk.narrow(1, h, 1)?.contiguous()?, &identity)?;
-        outputs.push(grouped_matmul(&hidden, &local.down.to_dtype(dtype)?, &offsets)?);
+        outputs.push(grouped_matmul(&hidden, &down_w, &offsets)?);
     }
     let y = Tensor::cat(&outputs, 0)?;
 

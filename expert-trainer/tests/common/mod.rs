@@ -56,6 +56,16 @@ pub fn job_yaml(model: &str, train: &Path, valid: &Path, out: &Path, cache: &Pat
     )
 }
 
+/// The training losses of the run in `out`, one per logged step.
+pub fn losses(out: &Path) -> Vec<f64> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter_map(|v| v.get("loss").and_then(|x| x.as_f64()))
+        .collect()
+}
+
 pub fn read(path: &Path) -> Vec<u8> {
     std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }

@@ -270,7 +270,7 @@ impl Engine for KubernetesEngine {
     }
 
     async fn submit(&self, jobs: &[Submission]) -> Result<Vec<JobHandle>> {
-        if let Some(j) = jobs.iter().find(|j| j.ranks > 1 || j.nodes != jobs[0].nodes) {
+        if let Some(j) = jobs.iter().find(|j| j.ranks > 1) {
             bail!(
                 "{}: {} ranks: multi-process training is launched with mpirun (local engine) or srun (Slurm); the Kubernetes engine runs one process per job",
                 j.name,

@@ -130,11 +130,14 @@ pub fn array_script(exe: &std::path::Path, jobs: &[Submission], mpi: Option<&str
 /// Open MPI's `mpirun` (allowed to run as root, more ranks than cores allowed, no pinning so
 /// the ranks' thread pools are not squeezed onto one core each) or MPICH's.
 pub fn local_mpi_launch(ranks: usize) -> Vec<String> {
+    // Which MPI this is, asked once per process (every multi-rank submission needs it).
+    static OPEN_MPI: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let open_mpi = *OPEN_MPI.get_or_init(|| {
+        std::process::Command::new("mpirun").arg("--version").output().is_ok_and(|o| {
+            String::from_utf8_lossy(&o.stdout).contains("Open MPI") || String::from_utf8_lossy(&o.stderr).contains("Open MPI")
+        })
+    });
     let mut line = vec!["mpirun".to_string()];
-    let open_mpi = std::process::Command::new("mpirun")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("Open MPI") || String::from_utf8_lossy(&o.stderr).contains("Open MPI"));
     if open_mpi {
         // SAFETY: getuid has no preconditions.
         if unsafe { libc::getuid() } == 0 {

@@ -494,15 +494,12 @@ pub fn check(p: &Pipeline, base: &Path) -> Vec<(String, String)> {
                 ),
             ));
         }
-    }
-    if matches!(p.engine, super::spec::EngineSpec::Kubernetes(_)) {
-        for (path, t) in &phases {
-            if t.data_parallel.unwrap_or(1) * t.expert_parallel.unwrap_or(1) > 1 {
-                problems.push((
-                    format!("{path}.data_parallel"),
-                    "the Kubernetes engine runs one process per job; multi-process training runs on the local engine (mpirun) or Slurm (srun)".into(),
-                ));
-            }
+        if ranks > 1 && matches!(p.engine, super::spec::EngineSpec::Kubernetes(_)) {
+            problems.push((
+                format!("{path}.data_parallel"),
+                "the Kubernetes engine runs one process per job; multi-process training runs on the local engine (mpirun) or Slurm (srun)"
+                    .into(),
+            ));
         }
     }
     for (path, t) in dense_phases {

@@ -19,9 +19,10 @@
 //! schedule: {warmup_steps: 100, decay: cosine, min_lr: 3.0e-5}
 //! ```
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 use sha2::Digest;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 /// Where the weights come from.
@@ -182,6 +183,9 @@ impl Default for Moe {
 /// Which tensors train, by canonical name with `*` wildcards: e.g. only the routers
 /// (`include: ["*.mlp.gate.weight"]`) or only new experts
 /// (`include: ["*.mlp.gate.weight", "*.mlp.experts.4.*"]`). Default: everything.
+/// A pattern may end in a row selection, `[i]` or `[i:j]` (rows i to j−1): only those rows of
+/// the tensor train, so `["*.mlp.experts.4.*", "*.mlp.gate.weight[4]"]` trains expert 4 and its
+/// router row inside an otherwise frozen MoE (the other rows keep their exact bits).
 /// (The pipeline's `train.trainable` is this same type; the schema derive serves `btm schema`.)
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -193,9 +197,56 @@ pub struct Trainable {
 }
 
 impl Trainable {
+    /// Whether tensor `name` trains, in whole or in part (rows a row-selecting exclusion takes
+    /// away are settled by [`Self::selected_rows`]).
     pub fn selects(&self, name: &str) -> bool {
-        (self.include.is_empty() || self.include.iter().any(|p| glob(p, name))) && !self.exclude.iter().any(|p| glob(p, name))
+        let matching = |list: &[String]| -> Vec<Option<Range<usize>>> {
+            list.iter().filter_map(|p| split_rows(p).ok()).filter(|(g, _)| glob(g, name)).map(|(_, rows)| rows).collect()
+        };
+        (self.include.is_empty() || !matching(&self.include).is_empty()) && !matching(&self.exclude).iter().any(Option::is_none)
     }
+
+    /// The rows of tensor `name` (of `rows` rows) that train, as sorted disjoint ranges.
+    pub fn selected_rows(&self, name: &str, rows: usize) -> Result<Vec<Range<usize>>> {
+        let mut on = vec![self.include.is_empty(); rows];
+        for (list, value) in [(&self.include, true), (&self.exclude, false)] {
+            for p in list.iter() {
+                let (glob_part, sel) = split_rows(p)?;
+                if !glob(glob_part, name) {
+                    continue;
+                }
+                let sel = sel.unwrap_or(0..rows);
+                ensure!(sel.end <= rows, "trainable: `{p}` selects rows {sel:?} but `{name}` has {rows} rows");
+                on[sel].iter_mut().for_each(|x| *x = value);
+            }
+        }
+        let mut out: Vec<Range<usize>> = Vec::new();
+        for (i, _) in on.iter().enumerate().filter(|(_, &x)| x) {
+            match out.last_mut() {
+                Some(last) if last.end == i => last.end = i + 1,
+                _ => out.push(i..i + 1),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Whether any pattern selects rows.
+    pub fn has_row_selection(&self) -> bool {
+        self.include.iter().chain(&self.exclude).any(|p| p.ends_with(']'))
+    }
+}
+
+/// A pattern's name part and its row selection: `name[i]` is rows i..i+1, `name[i:j]` rows i..j.
+pub fn split_rows(pattern: &str) -> Result<(&str, Option<Range<usize>>)> {
+    let Some(body) = pattern.strip_suffix(']') else { return Ok((pattern, None)) };
+    let Some((name, sel)) = body.rsplit_once('[') else { bail!("`{pattern}`: a row selection is `[i]` or `[i:j]`") };
+    let parse = |t: &str| t.trim().parse::<usize>().map_err(|_| anyhow::anyhow!("`{pattern}`: `{t}` is not a row index"));
+    let rows = match sel.split_once(':') {
+        Some((a, b)) => parse(a)?..parse(b)?,
+        None => parse(sel)?..parse(sel)? + 1,
+    };
+    ensure!(rows.start < rows.end, "`{pattern}`: the row selection {rows:?} is empty");
+    Ok((name, Some(rows)))
 }
 
 /// `*` matches any run of characters (dots included); everything else matches itself.
@@ -696,6 +747,7 @@ impl JobSpec {
     pub fn check_trainable(&self, names: &[String]) -> Result<()> {
         for (key, list) in [("trainable.include", &self.trainable.include), ("trainable.exclude", &self.trainable.exclude)] {
             for (i, p) in list.iter().enumerate() {
+                let (p, _) = split_rows(p).with_context(|| format!("{key}[{i}]"))?;
                 if !names.iter().any(|n| glob(p, n)) {
                     bail!("{key}[{i}]: `{p}` matches no tensor of the model (names look like `model.layers.0.mlp.gate.weight`)");
                 }

@@ -14,7 +14,7 @@
 //! train; the optimizer leaves the rest untouched.
 
 use crate::spec::Trainable;
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use btm_kernels::ExpertShard;
 use btm_model::model::{STACKED_DOWN, STACKED_GATE_UP};
 use btm_model::weights::expected_tensors;
@@ -197,20 +197,34 @@ impl Weights {
         let mut order: Vec<String> = Vec::new();
         let mut selected: HashMap<String, Vec<Range<usize>>> = HashMap::new();
         for spec in expected_tensors(&config).into_iter().filter(|s| holds(shard, &s.name)) {
-            let (name, range) = match slices.get(&spec.name) {
+            let (name, parts) = match slices.get(&spec.name) {
                 Some(slice) => {
                     let dims = tensors[&slice.stacked].dims().to_vec();
-                    (slice.stacked.clone(), slice.flat_range(&dims))
+                    if select.selects(&spec.name)
+                        && select.selected_rows(&spec.name, slice.rows.len())? != std::slice::from_ref(&(0..slice.rows.len()))
+                    {
+                        bail!("trainable: `{}` is an expert's weight; select experts by name (`*.mlp.experts.4.*`), rows only of other tensors such as the router", spec.name);
+                    }
+                    let parts = if select.selects(&spec.name) { vec![slice.flat_range(&dims)] } else { vec![] };
+                    (slice.stacked.clone(), parts)
                 }
-                None => (spec.name.clone(), 0..tensors.get(&spec.name).with_context(|| format!("no tensor `{}`", spec.name))?.elem_count()),
+                None => {
+                    let t = tensors.get(&spec.name).with_context(|| format!("no tensor `{}`", spec.name))?;
+                    // Row ranges of the tensor (a router's rows are its experts) as flat ranges.
+                    let rows = t.dims().first().copied().unwrap_or(1);
+                    let width = t.elem_count() / rows.max(1);
+                    let parts = if select.selects(&spec.name) {
+                        select.selected_rows(&spec.name, rows)?.into_iter().map(|r| r.start * width..r.end * width).collect()
+                    } else {
+                        vec![]
+                    };
+                    (spec.name.clone(), parts)
+                }
             };
             if !selected.contains_key(&name) {
                 order.push(name.clone());
             }
-            let ranges = selected.entry(name).or_default();
-            if select.selects(&spec.name) {
-                ranges.push(range);
-            }
+            selected.entry(name).or_default().extend(parts);
         }
         let (mut trainable, mut masks) = (Vec::new(), HashMap::new());
         for name in order {
@@ -353,6 +367,43 @@ mod tests {
             );
             assert_eq!(before != after, one_expert.selects(&spec.name), "{}", spec.name);
         }
+    }
+
+    /// One expert and its router row inside a frozen MoE: after an update every other expert,
+    /// every other router row and every other tensor keeps its exact bits.
+    #[test]
+    fn a_router_row_trains_with_its_expert_and_the_rest_keeps_its_bits() {
+        let cfg = fixture_config();
+        let full = Weights::random(&cfg, 7, &Device::Cpu, &Trainable::default()).unwrap();
+        let tensors: HashMap<String, Tensor> =
+            expected_tensors(&cfg).iter().map(|s| (s.name.clone(), full.tensor(&s.name).unwrap())).collect();
+        let last = cfg.moe.as_ref().unwrap().experts - 1;
+        let new_expert =
+            Trainable { include: vec![format!("*.mlp.experts.{last}.*"), format!("*.mlp.gate.weight[{last}]")], exclude: vec![] };
+        let w = Weights::new(cfg.clone(), tensors.clone(), &new_expert, None).unwrap();
+        let (h, f) = (cfg.hidden_size, cfg.moe.as_ref().unwrap().expert_ffn);
+        assert_eq!(w.num_trainable(), cfg.num_layers * (3 * h * f + h));
+        let mut opt = crate::optim::AdamW::new(w.trainable.clone(), &crate::spec::Optimizer::default()).unwrap();
+        for (name, ranges) in &w.masks {
+            opt.set_mask(name, ranges.clone()).unwrap();
+        }
+        let mut grads: Vec<Tensor> = w.trainable.iter().map(|(_, v)| v.as_tensor().ones_like().unwrap()).collect();
+        opt.mask_gradients(&mut grads).unwrap();
+        opt.step(&grads, 0.1).unwrap();
+        for spec in expected_tensors(&cfg) {
+            let (before, after) = (tensors[&spec.name].to_vec2::<f32>().ok(), w.tensor(&spec.name).unwrap().to_vec2::<f32>().ok());
+            let (Some(before), Some(after)) = (before, after) else { continue };
+            for (row, (b, a)) in before.iter().zip(&after).enumerate() {
+                let trains = spec.name.contains(&format!("experts.{last}.")) || (spec.name.ends_with("mlp.gate.weight") && row == last);
+                assert_eq!(b != a, trains, "{} row {row}", spec.name);
+            }
+        }
+        // Rows past the end, and rows of an expert's weight, are named errors.
+        let past = Trainable { include: vec![format!("*.mlp.gate.weight[{}]", last + 1)], exclude: vec![] };
+        assert!(format!("{:#}", Weights::new(cfg.clone(), tensors.clone(), &past, None).err().unwrap()).contains("has 4 rows"));
+        let expert_rows = Trainable { include: vec!["*.mlp.experts.0.up_proj.weight[0:2]".into()], exclude: vec![] };
+        assert!(format!("{:#}", Weights::new(cfg, tensors, &expert_rows, None).err().unwrap()).contains("an expert's weight"));
+        assert!(crate::spec::split_rows("x[2:1]").is_err() && crate::spec::split_rows("x[a]").is_err());
     }
 
     #[test]

@@ -12,12 +12,22 @@
 //!   probability against the existing logits ([`crate::router_init::centroid_new_row`]);
 //! - fit: softmax regression of the new row only, with the new domain labelled E and background
 //!   tokens labelled with the existing router's own top-1 choice ("against the existing
-//!   experts' routing"), started from the centroid row.
+//!   experts' routing"), started from the centroid row;
+//! - then the margin guard ([`crate::router_init::guard_new_row`], on by default whenever
+//!   background text is there): the row is refitted under the constraint that on every
+//!   background token its logit stays δ below the token's k-th largest old logit, so old
+//!   tokens keep their top-k and with it their exact outputs. The lineage reports, per layer,
+//!   the share of held-out background tokens for which the guard fails (`background_new_in_top_k`)
+//!   and the share of held-out new-domain tokens that reach the new expert (`accuracy`: top-1,
+//!   `new_in_top_k`).
 
 use crate::calib::{calibrate_layerwise, load_domain, CalibDomain, CalibOptions};
 use crate::merge::in_memory_model;
 use crate::names::{classify, dense_ffn, router, Proj, Slot};
-use crate::router_init::{centroid_new_row, fit_softmax_regression, share_routed_to, top1, uncalibrated, FitOptions, RouterInit};
+use crate::router_init::{
+    centroid_new_row, fit_softmax_regression, guard_new_row, share_in_topk, share_routed_to, top1, uncalibrated, FitOptions, GuardOptions,
+    RouterInit,
+};
 use crate::{parent_of, tokenizer_file, OutputOptions};
 use anyhow::{bail, Context, Result};
 use btm_kernels::Routing;
@@ -43,6 +53,14 @@ pub struct AddExpertOptions {
     pub seed: u64,
     pub target_prob: f64,
     pub fit: FitOptions,
+    /// The margin guard's δ ([`crate::router_init::guard_new_row`]): after centroid or fit, the
+    /// new row is adjusted to stay δ below the k-th old logit on the old domains' tokens.
+    /// `None` turns the guard off.
+    pub margin: Option<f64>,
+    /// Share of the old domains' calibration tokens the guard may leave above the bound.
+    pub guard_tolerance: f64,
+    /// Gradient steps per penalty weight of the guard.
+    pub guard_steps: usize,
     pub calib_options: CalibOptions,
     /// Re-average the non-expert weights: (E·θ_moe + θ_new)/(E+1). Default: keep the MoE's.
     pub reaverage: bool,
@@ -63,6 +81,9 @@ impl AddExpertOptions {
             seed: 0,
             target_prob: 0.8,
             fit: FitOptions::default(),
+            margin: Some(GuardOptions::default().margin),
+            guard_tolerance: GuardOptions::default().tolerance,
+            guard_steps: GuardOptions::default().steps,
             calib_options: CalibOptions::default(),
             reaverage: false,
             output: OutputOptions::default(),
@@ -233,6 +254,7 @@ struct NewRows {
 /// one layer at a time; the existing rows stay bit-identical (only the new row is fitted).
 fn calibrate_new_rows(o: &AddExpertOptions, cfg: &ModelConfig, inputs: &mut Inputs) -> Result<NewRows> {
     let (e_old, hidden) = (inputs.e_old, cfg.hidden_size);
+    let top_k = cfg.moe.as_ref().expect("checked: an MoE").top_k;
     let mut out = NewRows::default();
     let added = &mut out.added;
     added.insert("index".into(), json!(e_old));
@@ -296,12 +318,29 @@ fn calibrate_new_rows(o: &AddExpertOptions, cfg: &ModelConfig, inputs: &mut Inpu
                 }
             }
         };
+        let row = match (&bg_train, o.margin) {
+            (Some(bg), Some(margin)) if o.router_init.needs_calibration() => {
+                let guard = GuardOptions { margin, top_k, tolerance: o.guard_tolerance, steps: o.guard_steps, ..Default::default() };
+                let g = guard_new_row(&existing, new_train, bg, &row, &guard)?;
+                report.insert(
+                    "guard".into(),
+                    json!({"margin": margin, "tolerance": o.guard_tolerance, "penalty": g.penalty, "calibration_violations": g.violations}),
+                );
+                g.weight
+            }
+            _ => row,
+        };
         let full = Tensor::cat(&[&existing, &row], 0)?;
         report.insert("layer".into(), json!(f.layer));
         report.insert("accuracy".into(), json!(share_routed_to(&full, &f.heldout[0], e_old)?));
+        report.insert("new_in_top_k".into(), json!(share_in_topk(&full, &f.heldout[0], e_old, top_k)?));
         if f.heldout.len() > 1 {
             let bg = Tensor::cat(&f.heldout[1..], 0)?;
             report.insert("background_routed_to_new".into(), json!(share_routed_to(&full, &bg, e_old)?));
+            // The guard's failures: held-out old tokens whose top-k now includes the new expert.
+            report.insert("background_new_in_top_k".into(), json!(share_in_topk(&full, &bg, e_old, top_k)?));
+            let per_domain = f.heldout[1..].iter().map(|x| share_in_topk(&full, x, e_old, top_k)).collect::<Result<Vec<_>>>()?;
+            report.insert("background_new_in_top_k_per_file".into(), json!(per_domain));
         }
         layers.push(Value::Object(report));
         rows.insert(f.layer, row);
@@ -312,6 +351,7 @@ fn calibrate_new_rows(o: &AddExpertOptions, cfg: &ModelConfig, inputs: &mut Inpu
     added.insert("calibration".into(), json!({"file": calib.display().to_string(), "tokens": out.domains[0].tokens()}));
     added.insert("background".into(), json!(out.domains[1..].iter().map(|d| d.path.display().to_string()).collect::<Vec<_>>()));
     added.insert("target_probability".into(), json!(o.target_prob));
+    added.insert("margin".into(), json!(o.margin));
     Ok(out)
 }
 
@@ -384,6 +424,8 @@ mod tests {
         let mut o = AddExpertOptions::new(&moe, &expert, &out);
         o.calib = Some(calib);
         o.calib_options.seq_len = 32;
+        // Unguarded: the centroid row alone (the guard is tested below).
+        o.margin = None;
         let report = add_expert(&o).unwrap();
         assert!(report.warnings.is_empty(), "background text comes from the MoE's btm.json: {:?}", report.warnings);
 
@@ -437,6 +479,33 @@ mod tests {
         assert!(same > 0 && moved > 0, "both kinds of token occur: {same} unchanged, {moved} moved");
     }
 
+    /// The margin guard: on held-out text of the old domains, the new expert enters (almost) no
+    /// token's top-k, fewer than without the guard; the lineage reports the guard per layer.
+    #[test]
+    fn the_guard_keeps_old_tokens_out_of_the_new_expert() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (moe, expert, calib) = setup(tmp.path(), 1);
+        let leak = |margin: Option<f64>, out: &str| {
+            let mut o = AddExpertOptions::new(&moe, &expert, tmp.path().join(out));
+            o.calib = Some(calib.clone());
+            o.calib_options.seq_len = 32;
+            o.router_init = RouterInit::Fit;
+            o.margin = margin;
+            let report = add_expert(&o).unwrap();
+            let layers = report.lineage.extra["added_expert"]["routing_accuracy"].as_array().unwrap().clone();
+            assert_eq!(layers.len(), 2);
+            for l in &layers {
+                assert_eq!(l.get("guard").is_some(), margin.is_some(), "{l}");
+            }
+            layers.iter().map(|l| l["background_new_in_top_k"].as_f64().unwrap()).collect::<Vec<_>>()
+        };
+        let (free, guarded) = (leak(None, "free"), leak(Some(0.5), "guarded"));
+        for (f, g) in free.iter().zip(&guarded) {
+            assert!(*g <= 0.02 && g <= f, "held-out old tokens routed to the new expert: {g} guarded, {f} without");
+        }
+        assert!(free.iter().any(|&f| f > 0.02), "without the guard some old tokens route to the new expert: {free:?}");
+    }
+
     #[test]
     fn fit_and_clear_errors() {
         let tmp = tempfile::tempdir().unwrap();
@@ -445,6 +514,7 @@ mod tests {
         let mut o = AddExpertOptions::new(&moe, &expert, &out);
         o.calib = Some(calib.clone());
         o.router_init = RouterInit::Fit;
+        o.margin = None;
         o.calib_options.seq_len = 32;
         o.name = Some("numbers".into());
         let report = add_expert(&o).unwrap();

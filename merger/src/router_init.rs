@@ -305,6 +305,177 @@ pub fn fit_softmax_regression(
     Ok((w / s)?)
 }
 
+/// Settings of [`guard_new_row`].
+#[derive(Debug, Clone, Copy)]
+pub struct GuardOptions {
+    /// δ: how far (in logits) the new row must stay below each old token's k-th largest logit.
+    pub margin: f64,
+    /// The MoE's top-k.
+    pub top_k: usize,
+    /// Share of the old domains' calibration tokens allowed to break the constraint: the
+    /// penalty stops rising once at most this share does (0: every token must hold it).
+    pub tolerance: f64,
+    /// Gradient steps per penalty weight.
+    pub steps: usize,
+    /// L2 penalty (on the rescaled problem, as in [`FitOptions`]).
+    pub l2: f64,
+}
+
+impl Default for GuardOptions {
+    fn default() -> Self {
+        Self { margin: 1.0, top_k: 1, tolerance: 0.0, steps: 300, l2: 1e-4 }
+    }
+}
+
+/// Penalty weights ρ of the guard, tried in turn (half a decade apart) until at most the
+/// tolerated share of calibration tokens violates.
+const GUARD_PENALTIES: [f64; 11] = [1.0, 3.16, 10.0, 31.6, 100.0, 316.0, 1e3, 3.16e3, 1e4, 3.16e4, 1e5];
+
+/// A new router row that keeps away from the old domains' tokens.
+#[derive(Debug, Clone)]
+pub struct GuardedRow {
+    /// [1, H] float32.
+    pub weight: Tensor,
+    /// The last penalty weight ρ used.
+    pub penalty: f64,
+    /// Share of the old domains' calibration tokens still above `threshold − δ` (0 when the
+    /// constraint holds on every one).
+    pub violations: f64,
+}
+
+/// The k-th largest logit of each token of `x` [N, H] under `router` [E, H] (k ≤ E): the value
+/// a new expert's logit must beat to enter the token's top-k (ties go to the lower index, so
+/// a new last expert at exactly this value stays out).
+pub fn kth_logit(router: &Tensor, x: &Tensor, k: usize) -> Result<Vec<f32>> {
+    let e = router.dim(0)?;
+    ensure!(k >= 1 && k <= e, "top-k {k} out of range for {e} experts");
+    let logits = x.to_dtype(DType::F32)?.matmul(&router.to_dtype(DType::F32)?.t()?)?.to_vec2::<f32>()?;
+    Ok(logits
+        .into_iter()
+        .map(|mut row| {
+            row.sort_by(|a, b| b.total_cmp(a));
+            row[k - 1]
+        })
+        .collect())
+}
+
+/// The margin guard of incremental expert addition. A Mixtral / Qwen2-MoE router has no bias,
+/// so "leave the old tokens alone" must live in the new row r itself: for every old-domain
+/// calibration token x with old logits ℓ(x) = W x and k-th largest old logit t(x), ask
+///
+/// ```text
+/// r·x ≤ t(x) − δ                                   (x old: the new expert stays out of its top-k)
+/// ```
+///
+/// while the new domain's tokens z prefer the new expert. The row solves
+///
+/// ```text
+/// min_r  mean_z −log softmax([W z, r·z])_new  +  ρ · mean_x max(0, r·x − t(x) + δ)²  +  l2/2 ‖r‖²
+/// ```
+///
+/// by Nesterov gradient descent from `init` [1, H], with ρ raised ([`GUARD_PENALTIES`]) until
+/// at most `tolerance` of the calibration tokens violate. Why this is sound: the constraints are half-spaces in
+/// r (W and t(x) are fixed, only the new row moves), so the feasible set is a convex polyhedron;
+/// the cross-entropy is convex in r (a log-sum-exp of affine functions minus an affine one), so
+/// each penalised problem is convex with a unique minimiser, and as ρ → ∞ the minimisers
+/// approach the constrained optimum (exterior penalty method, Nocedal & Wright 2006, §17.1).
+/// The margin δ is the slack that carries the guarantee from calibration to unseen tokens;
+/// the caller measures how far it carries on held-out text. Tokens of an old domain whose top-k
+/// excludes the new expert then get bit-identical outputs under top-k-then-softmax routing.
+///
+/// Where old and new tokens cannot be told apart by one bias-free row (small models, similar
+/// domains), the constraint wins as ρ grows and the new domain loses its expert: the tolerance
+/// trades a measured leak for new-domain routing, and the caller reports both.
+///
+/// Features are divided by their RMS row norm s for the fit (step sizes independent of the
+/// model); the step is 1/L with L = 0.25·λ_z + 2ρ·λ_x + l2, λ the largest eigenvalue of each
+/// set's second-moment matrix (by power iteration): a bound on the objective's curvature.
+pub fn guard_new_row(existing: &Tensor, new: &Tensor, old: &Tensor, init: &Tensor, o: &GuardOptions) -> Result<GuardedRow> {
+    ensure!(o.margin >= 0.0 && o.margin.is_finite(), "margin must be finite and non-negative, got {}", o.margin);
+    ensure!((0.0..1.0).contains(&o.tolerance), "the guard's tolerance must lie in [0, 1), got {}", o.tolerance);
+    let existing = existing.to_dtype(DType::F32)?;
+    let (new, old) = (new.to_dtype(DType::F32)?, old.to_dtype(DType::F32)?);
+    let (n, m) = (new.dim(0)?, old.dim(0)?);
+    ensure!(n > 0 && m > 0, "the guard needs tokens of the new domain and of the old ones");
+    let dev = Device::Cpu;
+    // Bounds in raw logits: t(x) − δ per old token; the old log-partition per new token.
+    let bound: Vec<f32> = kth_logit(&existing, &old, o.top_k)?.into_iter().map(|t| t - o.margin as f32).collect();
+    let bound = Tensor::from_vec(bound, (m, 1), &dev)?;
+    let old_lse = log_sum_exp_rows(&new.matmul(&existing.t()?)?)?;
+    let s = {
+        let all = Tensor::cat(&[&new, &old], 0)?;
+        (all.sqr()?.sum_keepdim(1)?.mean_all()?.to_scalar::<f32>()? as f64).sqrt().max(1e-12)
+    };
+    let (zh, xh) = ((&new / s)?, (&old / s)?);
+    let (az, ax) = (largest_eigenvalue(&zh)?, largest_eigenvalue(&xh)?);
+    // r·x = (s·r)·x̂: fit w = s·r.
+    let mut w = (init.to_dtype(DType::F32)?.reshape((1, ()))? * s)?;
+    let violations = |w: &Tensor| -> Result<f64> {
+        let over = xh.matmul(&w.t()?)?.gt(&bound)?.to_dtype(DType::F32)?.mean_all()?.to_scalar::<f32>()?;
+        Ok(over as f64)
+    };
+    let mut penalty = 0.0;
+    for rho in GUARD_PENALTIES {
+        penalty = rho;
+        let step = 1.0 / (0.25 * az + 2.0 * rho * ax + o.l2);
+        let mut v = w.zeros_like()?;
+        for _ in 0..o.steps {
+            // Look-ahead point of Nesterov's method.
+            let y = (&w - (&v * 0.9)?)?;
+            let p_new = sigmoid(&(zh.matmul(&y.t()?)? - &old_lse)?)?;
+            let grad_ce = ((p_new - 1.0)?.t()?.matmul(&zh)? / n as f64)?;
+            let hinge = (xh.matmul(&y.t()?)? - &bound)?.relu()?;
+            let grad_pen = (hinge.t()?.matmul(&xh)? * (2.0 * rho / m as f64))?;
+            let grad = ((grad_ce + grad_pen)? + (&y * o.l2)?)?;
+            v = ((v * 0.9)? + (grad * step)?)?;
+            w = (&w - &v)?;
+        }
+        if violations(&w)? <= o.tolerance {
+            break;
+        }
+    }
+    let violations = violations(&w)?;
+    Ok(GuardedRow { weight: (w / s)?, penalty, violations })
+}
+
+/// The largest eigenvalue of XᵀX/N for [N, H] features, by 50 steps of power iteration (an
+/// estimate from below, so padded by 10 %).
+fn largest_eigenvalue(x: &Tensor) -> Result<f64> {
+    let n = x.dim(0)? as f64;
+    let mut v = Tensor::ones((x.dim(1)?, 1), DType::F32, &Device::Cpu)?;
+    let mut lambda = 0.0;
+    for _ in 0..50 {
+        let w = (x.t()?.matmul(&x.matmul(&v)?)? / n)?;
+        lambda = w.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt() as f64;
+        if lambda == 0.0 {
+            break;
+        }
+        v = (w / lambda)?;
+    }
+    Ok(1.1 * lambda)
+}
+
+/// log Σ_e exp(l_e) of each row of [N, E] logits, as [N, 1].
+fn log_sum_exp_rows(l: &Tensor) -> Result<Tensor> {
+    let max = l.max_keepdim(1)?;
+    Ok((l.broadcast_sub(&max)?.exp()?.sum_keepdim(1)?.log()? + max)?)
+}
+
+/// σ(x) = 1 / (1 + e^(−x)).
+fn sigmoid(x: &Tensor) -> Result<Tensor> {
+    Ok((x.neg()?.exp()? + 1.0)?.recip()?)
+}
+
+/// Share of the tokens of `x` whose top-k under `router` includes `expert`.
+pub fn share_in_topk(router: &Tensor, x: &Tensor, expert: usize, k: usize) -> Result<f64> {
+    if x.dim(0)? == 0 {
+        return Ok(f64::NAN);
+    }
+    let logits = x.to_dtype(DType::F32)?.matmul(&router.to_dtype(DType::F32)?.t()?)?;
+    let top = btm_kernels::router::topk_indices(&logits, k)?.to_vec2::<u32>()?;
+    Ok(top.iter().filter(|row| row.contains(&(expert as u32))).count() as f64 / top.len() as f64)
+}
+
 /// Weighted cross-entropy of a router on features; used by tests to check `fit` improves.
 pub fn cross_entropy(router: &Tensor, x: &Tensor, labels: &[u32]) -> Result<f64> {
     let p = softmax(&x.to_dtype(DType::F32)?.matmul(&router.to_dtype(DType::F32)?.t()?)?)?.to_vec2::<f32>()?;
@@ -404,6 +575,33 @@ mod tests {
             (frozen.get(a).unwrap() - init.get(a).unwrap()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
         };
         assert!(diff(0) < 1e-4 && diff(2) < 1e-4 && diff(1) > 1e-3);
+    }
+
+    #[test]
+    fn guard_keeps_old_tokens_out_of_the_top_k_and_the_new_domain_in() {
+        let (data, held) = (clusters(300, 0), clusters(200, 1000));
+        let old = centroid_router(&data[..2], 0.8).unwrap().weight;
+        let (bg, held_bg) = (Tensor::cat(&data[..2], 0).unwrap(), Tensor::cat(&held[..2], 0).unwrap());
+        // A row aimed at the new domain alone (no background to centre against) also fires on
+        // the old tokens, which share the clusters' common offset.
+        let greedy = centroid_new_row(&old, &data[2], None, 0.99).unwrap().weight;
+        let unguarded = Tensor::cat(&[&old, &greedy], 0).unwrap();
+        assert!(share_in_topk(&unguarded, &held_bg, 2, 2).unwrap() > 0.3);
+        for k in [1, 2] {
+            let o = GuardOptions { margin: 0.5, top_k: k, ..Default::default() };
+            let g = guard_new_row(&old, &data[2], &bg, &greedy, &o).unwrap();
+            assert_eq!(g.violations, 0.0, "top-{k}: penalty {}", g.penalty);
+            // On every calibration token of the old domains, the row stays δ below the k-th logit …
+            let bound = kth_logit(&old, &bg, k).unwrap();
+            let r: Vec<f32> = bg.matmul(&g.weight.t().unwrap()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            assert!(r.iter().zip(&bound).all(|(r, t)| *r <= t - 0.5 + 1e-4), "top-{k}");
+            // … held-out old tokens keep their top-k, and the new domain goes to the new expert.
+            let router = Tensor::cat(&[&old, &g.weight], 0).unwrap();
+            assert!(share_in_topk(&router, &held_bg, 2, k).unwrap() < 0.01, "top-{k}");
+            assert!(share_routed_to(&router, &held[2], 2).unwrap() > 0.9, "top-{k}");
+        }
+        let bad = GuardOptions { margin: -1.0, ..Default::default() };
+        assert!(guard_new_row(&old, &data[2], &bg, &greedy, &bad).is_err());
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 /// Every stage: tokenizer, seed, experts, merge, upcycle, continue, baseline, add-expert, eval.
 fn miniature(dir: &Path) -> PathBuf {
-    let add = format!("add_experts:\n  domains:\n{}", domain("computing").replace("  - ", "    - "));
+    let add = format!("add_experts:\n  domains:\n{}  train_in_place: {{steps: 3}}\n", domain("computing").replace("  - ", "    - "));
     every_stage_pipeline(dir, &dir.join("runs").to_string_lossy(), &add)
 }
 
@@ -31,6 +31,7 @@ fn every_stage_runs_and_a_second_run_does_nothing() {
         "baseline",
         "added/computing",
         "add-expert/computing",
+        "train-in-place/computing",
         "eval/merged/code",
     ] {
         assert!(dry.contains(&format!("\n{job} [")) || dry.contains(&format!("{job} [")), "{job} missing from the plan:\n{dry}");
@@ -46,6 +47,7 @@ fn every_stage_runs_and_a_second_run_does_nothing() {
         "upcycled-continued",
         "baseline",
         "extended-computing",
+        "in-place-computing",
     ] {
         assert!(out.contains(&format!("| {model} |")), "{model} missing from the table:\n{out}");
     }
@@ -59,6 +61,23 @@ fn every_stage_runs_and_a_second_run_does_nothing() {
     assert!(sections.contains(&"Arms"), "{md}");
     for h in sections {
         assert!(html.contains(&format!("<h2>{h}</h2>")), "section `{h}` missing from report.html");
+    }
+    // Trained in place, only the new expert and its router row moved: taking the expert out
+    // again gives back the merged MoE, every tensor bit for bit.
+    let removed = tmp.path().join("removed");
+    let in_place = run.join("in-place/computing/model");
+    ok(btm().args(["remove-expert", "--moe"]).arg(&in_place).args(["--expert", "2", "--out"]).arg(&removed).output().unwrap());
+    let tensors = |dir: &Path| {
+        let ck = btm_model::Checkpoint::open(dir).unwrap();
+        let f32s =
+            |n: &str| ck.tensor(n).unwrap().to_dtype(candle_core::DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        ck.tensor_specs().into_iter().map(|s| (s.name.clone(), f32s(&s.name))).collect::<Vec<_>>()
+    };
+    let (before, after) = (tensors(&run.join("merged")), tensors(&removed));
+    assert_eq!(before.len(), after.len());
+    for ((n, a), (m, b)) in before.iter().zip(&after) {
+        assert_eq!(n, m);
+        assert!(a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()), "{n} changed");
     }
     let again = ok(btm().arg("run").arg(&file).output().unwrap());
     assert!(again.contains("nothing to do: all"), "{again}");

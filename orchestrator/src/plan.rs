@@ -20,6 +20,7 @@
 use crate::pipeline::load::resolve;
 use crate::pipeline::spec::{Pipeline, TrainParams};
 use anyhow::{bail, Context, Result};
+use btm_model::ModelConfig;
 use btm_trainer::spec as job;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -36,6 +37,8 @@ pub enum JobKind {
     Continue,
     Baseline,
     AddExpert,
+    /// An added expert trained inside the frozen MoE.
+    TrainInPlace,
     Eval,
 }
 
@@ -351,7 +354,8 @@ impl Builder<'_> {
     }
 
     fn eval_jobs(&mut self, m: &ModelRef, dep: Option<&str>) {
-        for d in &self.p.domains {
+        // The added domains too: the models before the addition set the new domain's baseline.
+        for d in self.p.domains.iter().chain(self.p.add_experts.iter().flat_map(|a| a.domains.iter())) {
             let what = vec!["--model".into(), m.dir.to_string_lossy().into_owned()];
             self.eval_job(&m.label, d, what, vec!["--routing".into()], dep.iter().map(|d| d.to_string()).collect());
         }
@@ -455,7 +459,7 @@ pub fn plan(p: &Pipeline, base: &Path, run_dir: &Path) -> Result<Plan> {
         scored.extend(b.upcycle_phase(&seed, u, arm_seeds[0])?);
     }
     if let Some(add) = &p.add_experts {
-        scored.extend(b.add_expert_phase(&seed, add, first_merge.as_deref())?);
+        scored.extend(b.add_expert_phase(&seed, add, first_merge.as_deref().zip(p.merge.as_ref()))?);
     }
     b.eval_phase(&seed, scored);
     Ok(Plan { run_dir: b.run, jobs: b.jobs })
@@ -830,14 +834,39 @@ impl<'a> Builder<'a> {
     /// Add experts for new domains to an existing MoE (the run's first merge, or `moe`), one
     /// after another: each trained from the seed (or `base`), then appended. Returns the
     /// extended models.
-    fn add_expert_phase(&mut self, seed: &Seed, add: &crate::pipeline::spec::AddExperts, first_merge: Option<&str>) -> Result<Vec<String>> {
+    fn add_expert_phase(
+        &mut self,
+        seed: &Seed,
+        add: &crate::pipeline::spec::AddExperts,
+        first_merge: Option<(&str, &crate::pipeline::spec::MergeSpec)>,
+    ) -> Result<Vec<String>> {
         let p = self.p;
-        let mut moe: (Vec<String>, PathBuf) = match &add.moe {
-            Some(loc) => (vec![], btm_model::storage::local_dir(&abs(self.base, loc))?),
-            None => match first_merge {
-                Some(n) => (vec![n.to_string()], self.model(n).dir),
-                None => bail!("add_experts.moe: give an MoE checkpoint, or add `merge` so the run makes one"),
-            },
+        // The MoE to extend, and its shape: the index the next added expert takes, and the
+        // config that counts its active parameters.
+        let (mut moe, mut moe_cfg): ((Vec<String>, PathBuf), ModelConfig) = match (&add.moe, first_merge) {
+            (Some(loc), _) => {
+                let dir = btm_model::storage::local_dir(&abs(self.base, loc))?;
+                let cfg = btm_model::Checkpoint::open(&dir).with_context(|| format!("add_experts.moe: {}", dir.display()))?.config;
+                if cfg.moe.is_none() {
+                    bail!("add_experts.moe: {} is a dense model, not an MoE", dir.display());
+                }
+                ((vec![], dir), cfg)
+            }
+            (None, Some((n, m))) => {
+                let mut cfg = self.seed_cfg.clone();
+                cfg.moe = Some(btm_model::MoeConfig {
+                    experts: p.domains.len(),
+                    top_k: m.top_k,
+                    routing: m.routing,
+                    expert_ffn: self.seed_cfg.intermediate_size,
+                    shared_expert: m
+                        .shared_expert_from_seed
+                        .then_some(btm_model::SharedExpertConfig { ffn: self.seed_cfg.intermediate_size, gated: false }),
+                    dense_layers: vec![],
+                });
+                ((vec![n.to_string()], self.model(n).dir), cfg)
+            }
+            (None, None) => bail!("add_experts.moe: give an MoE checkpoint, or add `merge` so the run makes one"),
         };
         let base_ref = match &add.base {
             Some(loc) => {
@@ -862,6 +891,8 @@ impl<'a> Builder<'a> {
                 parent: Some(&base_ref),
                 active_params: self.dense_n,
             })?;
+            // The new domain's own dense expert is scored too: what the MoE's new expert is held to.
+            scored.push(name.clone());
             let out = self.run.join("extended").join(&d.name);
             let mut args = vec![
                 "add-expert".into(),
@@ -878,7 +909,7 @@ impl<'a> Builder<'a> {
                 args.extend(["--calib".into(), abs(self.base, v)]);
             }
             let mut deps = moe.0.clone();
-            deps.push(name);
+            deps.push(name.clone());
             let added = self.add(NewJob {
                 name: format!("add-expert/{}", d.name),
                 kind: JobKind::AddExpert,
@@ -894,10 +925,61 @@ impl<'a> Builder<'a> {
                     flops_after_seed: 0.0,
                 }),
             });
-            moe = (vec![added.clone()], out);
-            scored.push(added);
+            scored.push(added.clone());
+            let index = moe_cfg.moe.as_ref().expect("an MoE").experts;
+            moe_cfg.moe.as_mut().expect("an MoE").experts += 1;
+            moe = (vec![added.clone()], out.clone());
+            if let Some(t) = &add.train_in_place {
+                let expert = self.model(&name);
+                let trained = self.train_in_place_job(add, d, t, &added, &out, index, &moe_cfg, &expert)?;
+                moe = (vec![trained.clone()], self.model(&trained).dir);
+                scored.push(trained);
+            }
         }
         Ok(scored)
+    }
+
+    /// Train added expert `index` where it will live: its FFN and its router row inside the
+    /// frozen extended MoE at `extended`, on domain `d` plus the old domains' replay.
+    #[allow(clippy::too_many_arguments)]
+    fn train_in_place_job(
+        &mut self,
+        add: &crate::pipeline::spec::AddExperts,
+        d: &crate::pipeline::spec::Domain,
+        over: &TrainParams,
+        added: &str,
+        extended: &Path,
+        index: usize,
+        cfg: &ModelConfig,
+        expert: &ModelRef,
+    ) -> Result<String> {
+        let p = self.p;
+        let mut params = p.train.mix_phase(over);
+        if params.trainable.is_none() {
+            let selection = vec![format!("*.mlp.experts.{index}.*"), format!("*.mlp.gate.weight[{index}]")];
+            params.trainable = Some(btm_trainer::spec::Trainable { include: selection, exclude: vec![] });
+        }
+        params.aux_loss_coef = over.aux_loss_coef.or(Some(0.0));
+        let mut train = vec![(abs(self.base, &d.train), 1.0 - add.replay)];
+        if add.replay > 0.0 {
+            let share = add.replay / p.domains.len() as f64;
+            train.extend(p.domains.iter().map(|old| (abs(self.base, &old.train), share)));
+        }
+        let label = format!("in-place-{}", d.name);
+        self.train_job(TrainJob {
+            name: format!("train-in-place/{}", d.name),
+            kind: JobKind::TrainInPlace,
+            deps: vec![added.to_string()],
+            init: job::Init { checkpoint: Some(extended.to_string_lossy().into_owned()), config: None, tokenizer: None },
+            out: self.run.join("in-place").join(&d.name),
+            train,
+            valid: d.valid.iter().map(|v| abs(self.base, v)).collect(),
+            params,
+            domain: Some(d.name.clone()),
+            label,
+            parent: Some(expert),
+            active_params: cfg.num_active_parameters(),
+        })
     }
 
     /// Score every model on every domain (a given seed too), and BTM's ensemble.
@@ -935,7 +1017,9 @@ impl TrainParams {
 mod tests {
     use super::*;
 
-    /// Recorded before `plan` was cut into one function per phase.
+    /// Recorded before `plan` was cut into one function per phase; the added domain's eval jobs
+    /// (every model scored on it, and its own expert on every domain) joined later, every other id
+    /// unchanged.
     const PINNED_IDS: &[&str] = &[
         "tokenizer ee386f646af2883f",
         "seed 056a9a9f7b0e85cd",
@@ -955,26 +1039,40 @@ mod tests {
         "add-expert/c 85718df0d3fddd8a",
         "eval/seed/a 0f2b8e5c75fd5717",
         "eval/seed/b e289055f68b2b8be",
+        "eval/seed/c 72b22f81ee1a009d",
         "eval/expert-a/a 5b5027902096b9ff",
         "eval/expert-a/b f01e061adaee0d82",
+        "eval/expert-a/c f49a602c8c3f9ab7",
         "eval/expert-b/a fbcd42a5eb876f15",
         "eval/expert-b/b bc117a00c74d809a",
+        "eval/expert-b/c d9f2270240b5c387",
         "eval/merged/a 8bdfc591bb5c7b07",
         "eval/merged/b c3c0c7cc2dde7425",
+        "eval/merged/c 285839c45a751811",
         "eval/continued/a 0e8d5288c6723b53",
         "eval/continued/b e7c93e70c18ab9e3",
+        "eval/continued/c 9538f4c19a289792",
         "eval/baseline/a 9fead90cf90b7522",
         "eval/baseline/b be30e5ea847de2a1",
+        "eval/baseline/c cf5d8f1e8bf78fb9",
         "eval/continued-s2/a 4d7d163c4a1c2628",
         "eval/continued-s2/b 44a393f289ed3234",
+        "eval/continued-s2/c 74b3a4512cdc3523",
         "eval/baseline-s2/a 839d8112d5baa12d",
         "eval/baseline-s2/b c9fc8519b5ec9024",
+        "eval/baseline-s2/c 4ed18c6e4db41c14",
         "eval/upcycled/a cd7e4be97ad19ca6",
         "eval/upcycled/b 5983c29179321211",
+        "eval/upcycled/c 709b9925490e3e56",
         "eval/upcycled-continued/a eb44e33312c6428d",
         "eval/upcycled-continued/b 9e011928ef2cd777",
+        "eval/upcycled-continued/c 85123c732bdea487",
+        "eval/expert-c/a c6783d7550866ace",
+        "eval/expert-c/b 343b8d406fa93e2f",
+        "eval/expert-c/c 0652861391559959",
         "eval/extended-c/a b21501d519c882a6",
         "eval/extended-c/b d3eaf386f0cc1851",
+        "eval/extended-c/c 9d6a5c8ff4e6eb4f",
         "eval/ensemble/a 43e515f60e4915a0",
         "eval/ensemble/b 35bb0f91099924e4",
         "eval/ensemble-top1/a 323b3938a5385439",
@@ -1014,6 +1112,25 @@ mod tests {
         let plan = plan(&p, Path::new("/base"), Path::new("/runs/t")).unwrap();
         let ids: Vec<String> = plan.jobs.iter().map(|j| format!("{} {}", j.name, j.id)).collect();
         assert_eq!(ids, PINNED_IDS, "{ids:#?}");
+    }
+
+    /// `add_experts.train_in_place`: after `add-expert`, the new expert (index 2 of a two-domain
+    /// merge) and its router row train in the extended MoE, without the load-balancing loss, on
+    /// the new domain plus the old domains' replay; the next phase and the scores read its model.
+    #[test]
+    fn added_experts_train_in_place() {
+        let extra = "add_experts:\n  domains:\n    - {name: c, train: c.jsonl, valid: c.jsonl, test: c.jsonl}\n  train_in_place: {steps: 5, lr: 0.01}\n  replay: 0.2\n";
+        let plan = plan(&pipeline(extra), Path::new("/base"), Path::new("/runs/t")).unwrap();
+        let j = job(&plan, "train-in-place/c");
+        assert_eq!(j.deps, vec!["add-expert/c"]);
+        let s = spec(j);
+        assert_eq!(s.init.checkpoint.as_deref(), Some("/runs/t/extended/c"));
+        assert_eq!(s.trainable.include, vec!["*.mlp.experts.2.*", "*.mlp.gate.weight[2]"]);
+        assert_eq!((s.steps, s.optimizer.lr, s.moe.aux_loss_coef), (Some(5), 0.01, 0.0));
+        let sources: Vec<(String, f64)> = s.data.train.iter().map(|t| (t.path.display().to_string(), t.weight)).collect();
+        assert_eq!(sources, vec![("/base/c.jsonl".to_string(), 0.8), ("/base/a.jsonl".into(), 0.1), ("/base/b.jsonl".into(), 0.1)]);
+        assert!(plan.jobs.iter().any(|j| j.name == "eval/in-place-c/a"));
+        assert!(plan.jobs.iter().any(|j| j.name == "eval/expert-c/c"));
     }
 
     #[test]

@@ -456,6 +456,14 @@ pub fn check(p: &Pipeline, base: &Path) -> Vec<(String, String)> {
     if let Some(t) = p.upcycle.as_ref().and_then(|u| u.train.as_ref()) {
         check_params("upcycle.train", t);
     }
+    if let Some(add) = &p.add_experts {
+        if let Some(t) = &add.train_in_place {
+            check_params("add_experts.train_in_place", t);
+        }
+        if !(0.0..1.0).contains(&add.replay) {
+            problems.push(("add_experts.replay".into(), format!("must lie in [0, 1) (a share of the training data), got {}", add.replay)));
+        }
+    }
     // The expert and seed phases train dense models: nothing to split by expert.
     let mut dense_phases: Vec<(String, &super::spec::TrainParams)> = vec![("train".into(), &p.train)];
     dense_phases.extend(p.seed.train.as_ref().map(|t| ("seed.train.train".to_string(), &t.train)));

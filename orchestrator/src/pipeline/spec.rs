@@ -582,4 +582,19 @@ pub struct AddExperts {
     #[serde(default)]
     pub base: Option<String>,
     pub domains: Vec<Domain>,
+    /// Train each added expert where it will live (DEMix, Gururangan et al. 2022; FlexOlmo):
+    /// after `add-expert`, only its FFN and its router row train, inside the otherwise frozen
+    /// MoE, on its domain plus a replay of the old ones (`replay`). Settings over `train`'s;
+    /// `trainable` defaults to the new expert and its router row, and the load-balancing loss is
+    /// off unless set here (it would pull the old domains' tokens to the new expert).
+    #[serde(default)]
+    pub train_in_place: Option<TrainParams>,
+    /// Share of the in-place training data drawn from the old domains' training text (split
+    /// evenly among them), so the new router row learns to stay away from their tokens.
+    #[serde(default = "default_replay")]
+    pub replay: f64,
+}
+
+fn default_replay() -> f64 {
+    0.1
 }

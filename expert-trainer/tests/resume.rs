@@ -43,13 +43,13 @@ fn run_to_end(job: &Path) -> String {
     stdout
 }
 
-fn exact_resume(model: &str) {
+fn exact_resume(model: &str, trainable: &str) -> tempfile::TempDir {
     let (dir, train, valid) = data_dir();
     let cache = dir.path().join("cache");
-    let extra = "steps: 12\ngrad_accum: 2\ncheckpoint: {interval: 4, keep: 3}\nseed: 7\n";
+    let extra = format!("steps: 12\ngrad_accum: 2\ncheckpoint: {{interval: 4, keep: 3}}\nseed: 7\n{trainable}");
     let job = |name: &str| {
         let path = dir.path().join(format!("{name}.yaml"));
-        let yaml = job_yaml(model, &train, &valid, &dir.path().join(name), &cache, extra);
+        let yaml = job_yaml(model, &train, &valid, &dir.path().join(name), &cache, &extra);
         std::fs::write(&path, yaml).unwrap();
         path
     };
@@ -109,16 +109,46 @@ fn exact_resume(model: &str) {
     // keep: 3
     let kept: Vec<u64> = checkpoint::list(&ckpts).unwrap().into_iter().map(|(s, _)| s).collect();
     assert_eq!(kept, vec![12, 8, 4]);
+    dir
 }
 
 #[test]
 fn sigkill_and_resume_is_bit_identical_dense() {
-    exact_resume("llama");
+    exact_resume("llama", "");
 }
 
 #[test]
 fn sigkill_and_resume_is_bit_identical_moe() {
-    exact_resume("mixtral");
+    exact_resume("mixtral", "");
+}
+
+/// An added expert trained in place (its FFN and its router row, the rest of the MoE frozen)
+/// resumes exactly too, and only those weights move: every other tensor and router row of the
+/// result is the initial checkpoint's, bit for bit.
+#[test]
+fn sigkill_and_resume_is_bit_identical_training_one_expert_in_place() {
+    let trainable = "trainable: {include: [\"*.mlp.experts.3.*\", \"*.mlp.gate.weight[3]\"]}\n";
+    let dir = exact_resume("mixtral", trainable);
+    let (init, out) = (
+        btm_model::Checkpoint::open(fixtures().join("mixtral")).unwrap(),
+        btm_model::Checkpoint::open(dir.path().join("a/model")).unwrap(),
+    );
+    let rows = |ck: &btm_model::Checkpoint, name: &str| {
+        let t = ck.tensor(name).unwrap().to_dtype(candle_core::DType::F32).unwrap();
+        let t = if t.rank() == 1 { t.unsqueeze(0).unwrap() } else { t };
+        t.to_vec2::<f32>().unwrap()
+    };
+    let mut moved = 0;
+    for spec in init.tensor_specs() {
+        let (a, b) = (rows(&init, &spec.name), rows(&out, &spec.name));
+        for (row, (x, y)) in a.iter().zip(&b).enumerate() {
+            let trains = spec.name.contains(".experts.3.") || (spec.name.ends_with("mlp.gate.weight") && row == 3);
+            let same = x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits());
+            assert_eq!(!same, trains, "{} row {row}", spec.name);
+            moved += usize::from(trains);
+        }
+    }
+    assert!(moved > 0);
 }
 
 #[test]

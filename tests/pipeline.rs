@@ -273,4 +273,8 @@ fn validation_errors_name_file_line_column_and_key() {
     let script = repo().join("scripts/train_hf.py").display().to_string();
     let e = validate(d, &format!("{head}{one}train: {{trainer: {{kind: torchrun, script: {script}, nnodes: 2}}}}\n"), &[]);
     assert!(e.contains("train.trainer.nnodes: 2 nodes need a cluster engine (Slurm or Kubernetes)"), "{e}");
+    // Replay is a share of the in-place training data.
+    let add = "add_experts:\n  domains: [{name: b, train: data/a.jsonl, test: data/a.jsonl}]\n  replay: 1.5\n";
+    let e = validate(d, &format!("{head}{one}{add}"), &[]);
+    assert!(e.contains(":7:11: add_experts.replay: must lie in [0, 1) (a share of the training data), got 1.5"), "{e}");
 }

@@ -154,12 +154,8 @@ pub struct Moe {
     pub capacity_factor: Option<f64>,
     /// Which assignments over capacity are dropped: `probs` (the lowest-probability ones, per
     /// expert) or `position` (the latest tokens).
-    #[serde(default = "default_drop_policy")]
-    pub drop_policy: String,
-}
-
-fn default_drop_policy() -> String {
-    "probs".into()
+    #[serde(default)]
+    pub drop_policy: btm_kernels::DropPolicy,
 }
 
 impl Moe {
@@ -169,14 +165,13 @@ impl Moe {
         if !(factor > 0.0 && factor.is_finite()) {
             bail!("moe.capacity_factor: must be a positive number, got {factor}");
         }
-        let policy = self.drop_policy.parse().map_err(|e: String| anyhow::anyhow!("moe.drop_policy: {e}"))?;
-        Ok(Some(btm_kernels::Capacity { factor, policy }))
+        Ok(Some(btm_kernels::Capacity { factor, policy: self.drop_policy }))
     }
 }
 
 impl Default for Moe {
     fn default() -> Self {
-        Self { aux_loss_coef: default_aux(), z_loss_coef: default_z(), capacity_factor: None, drop_policy: default_drop_policy() }
+        Self { aux_loss_coef: default_aux(), z_loss_coef: default_z(), capacity_factor: None, drop_policy: Default::default() }
     }
 }
 

@@ -46,7 +46,7 @@ fn bad_specs_name_the_key_and_the_reason() {
         (good.replace("steps: 3\n", "steps: 3\nmoe: {capacity_factor: -1}\n"), "moe.capacity_factor: must be a positive number, got -1"),
         (
             good.replace("steps: 3\n", "steps: 3\nmoe: {capacity_factor: 1.0, drop_policy: random}\n"),
-            "moe.drop_policy: unknown drop policy `random`",
+            "moe.drop_policy: unknown variant `random`, expected `probs` or `position`",
         ),
     ];
     for (yaml, want) in cases {

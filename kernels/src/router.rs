@@ -146,12 +146,14 @@ pub fn z_loss(logits: &Tensor) -> Result<Tensor> {
     lse.sqr()?.mean_all()
 }
 
-/// What to drop when more assignments reach an expert than its capacity allows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// What to drop when more assignments reach an expert than its capacity allows (one
+/// definition: the job file's and the pipeline's `moe.drop_policy` read this).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum DropPolicy {
     /// Keep the assignments with the highest routing weight; drop the lowest (per expert).
     /// Ties go to the earlier token.
+    #[default]
     Probs,
     /// Keep the earliest tokens; drop the latest (per expert).
     Position,

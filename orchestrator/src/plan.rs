@@ -254,7 +254,7 @@ impl Builder<'_> {
                 aux_loss_coef: t.aux_loss_coef.unwrap_or(job::Moe::default().aux_loss_coef),
                 z_loss_coef: t.z_loss_coef.unwrap_or(job::Moe::default().z_loss_coef),
                 capacity_factor: t.capacity_factor,
-                drop_policy: t.drop_policy.clone().unwrap_or_else(|| "probs".into()),
+                drop_policy: t.drop_policy.unwrap_or_default(),
             },
             domain,
             dtype: "float32".into(),

@@ -353,7 +353,7 @@ pub struct TrainParams {
     /// MoE expert capacity factor (absent = dropless).
     pub capacity_factor: Option<f64>,
     /// `probs` or `position`: which assignments over capacity are dropped.
-    pub drop_policy: Option<String>,
+    pub drop_policy: Option<btm_kernels::DropPolicy>,
     /// Which parameters train (globs over Hugging Face tensor names, `*` matches anything);
     /// the rest stay frozen. Set in `train`, it selects for the expert phase only: the merged
     /// MoE's training, the baseline and the upcycled arm train every parameter unless their own

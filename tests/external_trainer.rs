@@ -195,3 +195,42 @@ fn a_two_node_torchrun_meets_at_its_rendezvous_and_node_0_publishes() {
     let model = tmp.path().join("out/model");
     assert!(model.join("MANIFEST.json").is_file() && model.join("btm.json").is_file());
 }
+
+/// Folders btm writes load in the Hugging Face ecosystem as they are: `AutoTokenizer` finds a
+/// seed's chat template and pad token, kept byte for byte; for a tokenizer without a
+/// `tokenizer_config.json` (as btm trains them) it finds bos, eos and a pad token in the one btm
+/// writes; and `huggingface_hub` parses the model card.
+#[test]
+fn written_folders_carry_the_tokenizer_config_and_a_model_card() {
+    let Some(python) = torch_python() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let llama = repo().join("model/tests/fixtures/llama");
+    let seed = tmp.path().join("seed");
+    std::fs::create_dir(&seed).unwrap();
+    for f in ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json"] {
+        std::fs::copy(llama.join(f), seed.join(f)).unwrap();
+    }
+    let template = "{% for m in messages %}<s>{{ m['content'] }}</s>{% endfor %}";
+    let config = serde_json::json!({"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+        "pad_token": "<s>", "chat_template": template});
+    std::fs::write(seed.join("tokenizer_config.json"), config.to_string()).unwrap();
+    let (kept, made) = (tmp.path().join("kept"), tmp.path().join("made"));
+    ok(btm().args(["convert", "--model"]).arg(&seed).arg("--out").arg(&kept).output().unwrap());
+    ok(btm().args(["convert", "--model"]).arg(&llama).arg("--out").arg(&made).output().unwrap());
+    let script = format!(
+        "from transformers import AutoTokenizer\nfrom huggingface_hub import ModelCard\n\
+         k = AutoTokenizer.from_pretrained({kept:?})\n\
+         assert k.chat_template == {template:?} and k.pad_token == '<s>', (k.chat_template, k.pad_token)\n\
+         m = AutoTokenizer.from_pretrained({made:?})\n\
+         assert (m.bos_token, m.eos_token, m.pad_token) == ('<s>', '</s>', '</s>'), (m.bos_token, m.eos_token, m.pad_token)\n\
+         assert m('a b').input_ids == k('a b').input_ids\n\
+         card = ModelCard.load({card:?})\n\
+         assert 'btm' in card.data.tags, card.data\n\
+         print('ok')\n",
+        kept = kept.display().to_string(),
+        made = made.display().to_string(),
+        card = made.join("README.md").display().to_string(),
+    );
+    let out = std::process::Command::new(&python).args(["-c", &script]).output().unwrap();
+    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+}

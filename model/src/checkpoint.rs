@@ -7,7 +7,8 @@
 //! checkpoints and the fused 3-D expert tensors transformers 5 writes.
 //!
 //! Writing streams tensors into shards of a configurable size inside a temporary directory,
-//! writes `config.json`, `tokenizer.json`, `btm.json`, then `MANIFEST.json` last, and only then
+//! writes `config.json`, `tokenizer.json` with its side files, `btm.json`, the `README.md` model
+//! card, then `MANIFEST.json` last, and only then
 //! renames the directory into place: a reader never sees a partial checkpoint.
 
 use crate::config::{Architecture, ModelConfig, SharedExpertConfig};
@@ -628,10 +629,14 @@ pub fn write_checkpoint(
     if let Some(tok) = &extras.tokenizer {
         let bytes = std::fs::read(tok).map_err(|e| Error::io(tok, e))?;
         write_file(TOKENIZER, &bytes)?;
+        for (name, bytes) in crate::card::tokenizer_side_files(tok, cfg)? {
+            write_file(&name, &bytes)?;
+        }
     }
     if let Some(lineage) = &extras.lineage {
         write_file(LINEAGE, &lineage.to_json())?;
     }
+    write_file(crate::card::CARD, crate::card::model_card(cfg, extras.lineage.as_ref()).as_bytes())?;
     Manifest::build(&staging.path, &known)?.write(&staging.path)?;
     staging.publish()
 }

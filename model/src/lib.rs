@@ -6,6 +6,7 @@
 //! `MANIFEST.json` ([`manifest`]) and `btm.json` lineage ([`lineage`]), tokenizers
 //! ([`tokenizer`]), perplexity ([`eval`]) and object-store URLs ([`storage`]).
 
+pub mod card;
 pub mod checkpoint;
 pub mod config;
 pub mod ensemble;

@@ -307,6 +307,18 @@ mod tests {
         ModelConfig::from_hf(&json).unwrap().0
     }
 
+    /// One AdamW update of every trainable parameter with all-ones gradients, through the masks
+    /// the selection made (as the trainer applies them).
+    fn one_masked_update(w: &Weights, cfg: &crate::spec::Optimizer) {
+        let mut opt = crate::optim::AdamW::new(w.trainable.clone(), cfg).unwrap();
+        for (name, ranges) in &w.masks {
+            opt.set_mask(name, ranges.clone()).unwrap();
+        }
+        let mut grads: Vec<Tensor> = w.trainable.iter().map(|(_, v)| v.as_tensor().ones_like().unwrap()).collect();
+        opt.mask_gradients(&mut grads).unwrap();
+        opt.step(&grads, 0.1).unwrap();
+    }
+
     #[test]
     fn random_init_is_seeded_and_shaped() {
         let cfg = fixture_config();
@@ -349,17 +361,7 @@ mod tests {
         let names: Vec<&str> = w.trainable.iter().map(|(n, _)| n.as_str()).collect();
         assert!(names.iter().all(|n| n.ends_with("experts.gate_up_proj") || n.ends_with("experts.down_proj")), "{names:?}");
         assert_eq!(w.num_trainable(), cfg.num_layers * 4 * cfg.hidden_size * cfg.moe.as_ref().unwrap().expert_ffn);
-        let mut opt = crate::optim::AdamW::new(
-            w.trainable.clone(),
-            &crate::spec::Optimizer { lr: 0.1, betas: [0.9, 0.95], eps: 1e-8, weight_decay: 0.5 },
-        )
-        .unwrap();
-        for (name, ranges) in &w.masks {
-            opt.set_mask(name, ranges.clone()).unwrap();
-        }
-        let mut grads: Vec<Tensor> = w.trainable.iter().map(|(_, v)| v.as_tensor().ones_like().unwrap()).collect();
-        opt.mask_gradients(&mut grads).unwrap();
-        opt.step(&grads, 0.1).unwrap();
+        one_masked_update(&w, &crate::spec::Optimizer { lr: 0.1, betas: [0.9, 0.95], eps: 1e-8, weight_decay: 0.5 });
         for spec in expected_tensors(&cfg) {
             let (before, after) = (
                 tensors[&spec.name].flatten_all().unwrap().to_vec1::<f32>().unwrap(),
@@ -383,13 +385,7 @@ mod tests {
         let w = Weights::new(cfg.clone(), tensors.clone(), &new_expert, None).unwrap();
         let (h, f) = (cfg.hidden_size, cfg.moe.as_ref().unwrap().expert_ffn);
         assert_eq!(w.num_trainable(), cfg.num_layers * (3 * h * f + h));
-        let mut opt = crate::optim::AdamW::new(w.trainable.clone(), &crate::spec::Optimizer::default()).unwrap();
-        for (name, ranges) in &w.masks {
-            opt.set_mask(name, ranges.clone()).unwrap();
-        }
-        let mut grads: Vec<Tensor> = w.trainable.iter().map(|(_, v)| v.as_tensor().ones_like().unwrap()).collect();
-        opt.mask_gradients(&mut grads).unwrap();
-        opt.step(&grads, 0.1).unwrap();
+        one_masked_update(&w, &crate::spec::Optimizer::default());
         for spec in expected_tensors(&cfg) {
             let (before, after) = (tensors[&spec.name].to_vec2::<f32>().ok(), w.tensor(&spec.name).unwrap().to_vec2::<f32>().ok());
             let (Some(before), Some(after)) = (before, after) else { continue };

@@ -9,6 +9,9 @@
 //! - `Mpi` (feature `mpi`): the system's MPI through the `mpi` crate; launched by
 //!   `mpirun -np N` or `srun --mpi=pmix`.
 //! - `Nccl` (feature `nccl`): NCCL on one GPU per rank, its unique id carried by MPI.
+//! - [`Tcp`]: plain sockets between ranks that some other launcher started (a Kubernetes Indexed
+//!   Job, a script), meeting through `RANK`, `WORLD_SIZE`, `MASTER_ADDR`, `MASTER_PORT` as
+//!   PyTorch's `env://` does; no MPI needed.
 //!
 //! On top of the byte-level backend sit the tensor operations training uses
 //! ([`all_reduce_sum_many`], [`all_gather`], [`all_to_all_v`], …), and [`Groups`]: the world and
@@ -30,6 +33,8 @@ use std::time::{Duration, Instant};
 mod mpi_backend;
 #[cfg(feature = "mpi")]
 pub use mpi_backend::Mpi;
+mod tcp_backend;
+pub use tcp_backend::{Rendezvous, Tcp};
 #[cfg(feature = "nccl")]
 mod nccl_backend;
 #[cfg(feature = "nccl")]
@@ -45,6 +50,9 @@ pub enum Backend {
     /// NCCL between GPUs, one per rank (the rank's local rank picks it); MPI starts the ranks
     /// and carries NCCL's unique id.
     Nccl,
+    /// Sockets between CPU processes that another launcher started, found through `RANK`,
+    /// `WORLD_SIZE`, `MASTER_ADDR` and `MASTER_PORT` (the Kubernetes engine's multi-rank jobs).
+    Tcp,
 }
 
 impl Backend {
@@ -52,6 +60,7 @@ impl Backend {
         match self {
             Backend::Mpi => "mpi",
             Backend::Nccl => "nccl",
+            Backend::Tcp => "tcp",
         }
     }
 }
@@ -162,6 +171,14 @@ pub fn init(world: usize, backend: Backend) -> Result<Arc<dyn Collective>> {
     match backend {
         Backend::Mpi if world <= 1 => Ok(Arc::new(Single)),
         Backend::Mpi => init_mpi(world),
+        Backend::Tcp if world <= 1 => Ok(Arc::new(Single)),
+        Backend::Tcp => {
+            let rdzv = Rendezvous::from_env()?;
+            if rdzv.world != world {
+                candle_core::bail!("the job asks for {world} ranks but WORLD_SIZE is {}", rdzv.world);
+            }
+            Ok(Arc::new(Tcp::init(&rdzv)?))
+        }
         // One rank over NCCL still makes a communicator (collectives to itself), so the NCCL
         // path can be checked on a machine with one GPU.
         Backend::Nccl => {

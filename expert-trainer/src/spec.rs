@@ -336,7 +336,9 @@ pub struct JobSpec {
     /// tokens travel to their experts by all-to-all.
     #[serde(default = "one_usize", skip_serializing_if = "is_one")]
     pub expert_parallel: usize,
-    /// The collective engine of a multi-rank run.
+    /// The collective engine of a multi-rank run: `mpi` (ranks started by `mpirun` / `srun`),
+    /// `nccl` (GPUs), or `tcp` (ranks started by any launcher with `RANK`, `WORLD_SIZE`,
+    /// `MASTER_ADDR`, `MASTER_PORT` set, as the Kubernetes engine does).
     #[serde(default, skip_serializing_if = "is_default_backend")]
     pub collective: btm_collective::Backend,
 }
@@ -689,8 +691,11 @@ impl JobSpec {
             if !self.trainer.is_btm() {
                 return fail("data_parallel", "an external trainer is launched by its own command; give it its ranks there".into());
             }
-            if self.collective == btm_collective::Backend::Mpi && self.device != "cpu" {
-                return fail("collective", "mpi sums host memory; for `device: cuda` give `collective: nccl`".into());
+            if matches!(self.collective, btm_collective::Backend::Mpi | btm_collective::Backend::Tcp) && self.device != "cpu" {
+                return fail(
+                    "collective",
+                    format!("{} sums host memory; for `device: cuda` give `collective: nccl`", self.collective.as_str()),
+                );
             }
         }
         if self.collective == btm_collective::Backend::Nccl && self.device != "cuda" {

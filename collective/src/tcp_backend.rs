@@ -243,7 +243,7 @@ impl Tcp {
                 .collect();
             let mut out = Vec::with_capacity(n);
             let mut failure = None;
-            for s in 0..n {
+            for (s, &want) in lens.iter().enumerate() {
                 if s == me {
                     out.push(parts[me].to_vec());
                     continue;
@@ -252,10 +252,9 @@ impl Tcp {
                 let received = (|| -> Result<Vec<u8>> {
                     let mut r = self.peer(s).read.lock().unwrap_or_else(|p| p.into_inner());
                     let len = read_u64(&mut r).map_err(|e| err(format!("{what}: rank {world_rank}: {e}")))? as usize;
-                    if len != lens[s] {
+                    if len != want {
                         return Err(err(format!(
-                            "{what}: rank {world_rank} sent {len} bytes, {} expected (the ranks disagree on the collective)",
-                            lens[s]
+                            "{what}: rank {world_rank} sent {len} bytes, {want} expected (the ranks disagree on the collective)"
                         )));
                     }
                     let mut buf = vec![0u8; len];

@@ -123,3 +123,24 @@ fn a_multi_node_torchrun_gets_two_pods_per_job_and_a_headless_service() {
     }
     check_schema(tmp.path(), &manifests);
 }
+
+/// A data-parallel expert phase: each expert's two ranks are two pods that meet over the TCP
+/// collective, the first pod their rank 0, named by a headless Service.
+#[test]
+fn btm_ranks_get_a_pod_each_and_meet_over_tcp() {
+    let tmp = tempfile::tempdir().unwrap();
+    let manifests = dry_run_manifests_with(
+        tmp.path(),
+        "/runs",
+        ", volume: {claim: btm-runs, mount_path: /runs}",
+        "steps: 10, grad_accum: 2, data_parallel: 2",
+    );
+    let experts = manifests.iter().find(|m| m.contains("kind: Job") && m.contains("expert-scripture")).expect("an expert batch");
+    for needle in
+        ["completions: 6", "parallelism: 6", "RANK=$((JOB_COMPLETION_INDEX % 2)) WORLD_SIZE=2", "MASTER_ADDR=", "MASTER_PORT=29500"]
+    {
+        assert!(experts.contains(needle), "`{needle}` missing from:\n{experts}");
+    }
+    assert!(manifests.iter().any(|m| m.contains("kind: Service") && m.contains("clusterIP: None")), "{manifests:?}");
+    check_schema(tmp.path(), &manifests);
+}

@@ -255,20 +255,13 @@ fn validation_errors_name_file_line_column_and_key() {
     // Both or neither seed source.
     let e = validate(d, &format!("name: t\nseed: {{}}\n{one}"), &[]);
     assert_eq!(e, "error: p.yaml:2:1: seed: give `checkpoint` (an existing model) or `train`\n");
-    // Multi-process phases: ranks that cannot share a step, expert parallelism of a dense phase,
-    // an engine that runs one process per job.
+    // Multi-process phases: ranks that cannot share a step, expert parallelism of a dense phase.
     let e = validate(d, &format!("{head}{one}train: {{grad_accum: 3, data_parallel: 2, expert_parallel: 2}}\n"), &[]);
     assert_eq!(
         e,
         "error: p.yaml:5:21: train.grad_accum: 3 is not a multiple of the 4 ranks (data_parallel × expert_parallel): each rank takes an equal share of a step's micro-batches\n\
          p.yaml:5:59: train.expert_parallel: this phase trains dense models; expert parallelism is for the MoE phases (`continue`, `upcycle.train`)\n"
     );
-    let e = validate(
-        d,
-        &format!("{head}engine: {{kind: kubernetes, image: btm:1}}\n{one}continue: {{grad_accum: 2, expert_parallel: 2}}\n"),
-        &[],
-    );
-    assert!(e.contains("continue.data_parallel: the Kubernetes engine runs one process per job"), "{e}");
     // A multi-node torchrun on the local engine.
     let script = repo().join("scripts/train_hf.py").display().to_string();
     let e = validate(d, &format!("{head}{one}train: {{trainer: {{kind: torchrun, script: {script}, nnodes: 2}}}}\n"), &[]);

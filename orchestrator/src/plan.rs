@@ -265,7 +265,12 @@ impl Builder<'_> {
             work_dir: None,
             data_parallel: t.data_parallel.unwrap_or(1),
             expert_parallel: t.expert_parallel.unwrap_or(1),
-            collective: Default::default(),
+            // Kubernetes starts each rank in a pod of its own, with no MPI launcher: the ranks
+            // meet over sockets. Local and Slurm runs start them with mpirun / srun.
+            collective: match self.p.engine {
+                crate::pipeline::spec::EngineSpec::Kubernetes(_) => btm_collective::Backend::Tcp,
+                _ => Default::default(),
+            },
             trainer: match t.trainer.clone().unwrap_or_default() {
                 // The script is named relative to the pipeline's folder; the job runs elsewhere.
                 btm_trainer::external::Trainer::Torchrun { script, args, nproc_per_node, nnodes } => {
@@ -1131,6 +1136,22 @@ mod tests {
         assert_eq!(sources, vec![("/base/c.jsonl".to_string(), 0.8), ("/base/a.jsonl".into(), 0.1), ("/base/b.jsonl".into(), 0.1)]);
         assert!(plan.jobs.iter().any(|j| j.name == "eval/in-place-c/a"));
         assert!(plan.jobs.iter().any(|j| j.name == "eval/expert-c/c"));
+    }
+
+    /// On Kubernetes a multi-rank job's ranks meet over the TCP collective (no MPI launcher);
+    /// elsewhere over MPI.
+    #[test]
+    fn kubernetes_ranks_use_the_tcp_collective() {
+        let mut p = pipeline("");
+        p.train.data_parallel = Some(2);
+        p.train.grad_accum = Some(2);
+        let local = plan(&p, Path::new("/base"), Path::new("/runs/t")).unwrap();
+        assert_eq!(spec(job(&local, "expert/a")).collective, btm_collective::Backend::Mpi);
+        p.engine = serde_yaml::from_str("{kind: kubernetes, image: btm:1}").unwrap();
+        let k8s = plan(&p, Path::new("/base"), Path::new("/runs/t")).unwrap();
+        let s = spec(job(&k8s, "expert/a"));
+        assert_eq!((s.collective, s.data_parallel), (btm_collective::Backend::Tcp, 2));
+        assert_eq!(job(&k8s, "expert/a").resources.ranks, 2);
     }
 
     #[test]

@@ -78,7 +78,7 @@ fn launch_line(engine: &EngineSpec, ranks: usize) -> String {
         EngineSpec::Slurm { mpi, .. } => {
             format!("sbatch --ntasks={ranks} … srun --kill-on-bad-exit=1{}", mpi.as_ref().map_or(String::new(), |m| format!(" --mpi={m}")))
         }
-        EngineSpec::Kubernetes(_) => format!("({ranks} ranks: not supported by the Kubernetes engine)"),
+        EngineSpec::Kubernetes(_) => format!("{ranks} pods of the Indexed Job, meeting over the TCP collective"),
     }
 }
 
@@ -100,7 +100,7 @@ fn print_manifests(k: &crate::pipeline::spec::KubernetesSpec, plan: &Plan) -> Re
         let name = crate::engine::kubernetes::object_name(&run_name, stage);
         let m = crate::engine::kubernetes::manifest(k, &plan.run_dir, &name, &subs);
         println!("---\n{}", serde_yaml::to_string(&m)?);
-        if subs[0].nodes > 1 {
+        if crate::engine::kubernetes::pods_per_job(&subs[0]) > 1 {
             // Its owner reference to the Job is added when the Job exists.
             println!("---\n{}", serde_yaml::to_string(&crate::engine::kubernetes::headless_service(k, &name, None))?);
         }

@@ -4,6 +4,11 @@
 //! interface (`/apis/batch/v1/namespaces/{ns}/jobs`) with credentials from a kubeconfig or the
 //! in-cluster service account.
 //!
+//! A job of several processes gets several consecutive indices, one pod each, and a headless
+//! Service that names the pods: the nodes of an external torchrun (told `BTM_NODE_RANK` and the
+//! rendezvous), or the ranks of btm's own trainer, which meet over the TCP collective
+//! (`RANK`, `WORLD_SIZE`, `MASTER_ADDR` = the job's first pod, `MASTER_PORT`).
+//!
 //! The pods see the run folder at the same path as `btm run` (mount a ReadWriteMany volume
 //! there, `volume` in the pipeline), or the run lives in an object store and the pods read
 //! the store's credentials from a Secret (`env_from_secret`). Not yet run against a live cluster: the manifests are
@@ -22,15 +27,23 @@ const FORWARDED_ENV: [&str; 5] = ["AWS_ENDPOINT", "AWS_REGION", "AWS_DEFAULT_REG
 /// The Indexed Job manifest for `jobs`, run by `spec.image` with the run folder mounted.
 pub fn manifest(spec: &KubernetesSpec, run: &Path, name: &str, jobs: &[Submission]) -> Value {
     let quote = |s: &str| format!("'{}'", s.replace('\'', r"'\''"));
-    // A multi-node job takes `nodes` consecutive indices: index i is node i % nodes of job
-    // i / nodes, and the job's rendezvous is on its first pod, reached by its stable name
-    // through the headless Service of the same name ([`headless_service`]).
-    let nodes = jobs[0].nodes.max(1);
-    let mut script = if nodes > 1 {
+    // A job of several pods (nodes of a torchrun, ranks of btm's trainer) takes that many
+    // consecutive indices: index i is pod i % pods of job i / pods, and the job's rendezvous is
+    // on its first pod, reached by its stable name through the headless Service of the same
+    // name ([`headless_service`]).
+    let pods = pods_per_job(&jobs[0]);
+    let first_pod = format!("{name}-$((J * {pods})).{name}");
+    let mut script = if jobs[0].nodes > 1 {
         use btm_trainer::external::{NODE_RANK, RDZV_ENDPOINT, RDZV_ID};
         format!(
-            "J=$((JOB_COMPLETION_INDEX / {nodes}))\nexport {NODE_RANK}=$((JOB_COMPLETION_INDEX % {nodes})) {RDZV_ID}=\"{name}-$J\" \
-             {RDZV_ENDPOINT}=\"{name}-$((J * {nodes})).{name}:{RDZV_PORT}\"\ncase \"$J\" in\n"
+            "J=$((JOB_COMPLETION_INDEX / {pods}))\nexport {NODE_RANK}=$((JOB_COMPLETION_INDEX % {pods})) {RDZV_ID}=\"{name}-$J\" \
+             {RDZV_ENDPOINT}=\"{first_pod}:{RDZV_PORT}\"\ncase \"$J\" in\n"
+        )
+    } else if pods > 1 {
+        // btm's own ranks meet over the TCP collective (`collective: tcp`), PyTorch-style.
+        format!(
+            "J=$((JOB_COMPLETION_INDEX / {pods}))\nexport RANK=$((JOB_COMPLETION_INDEX % {pods})) WORLD_SIZE={pods} \
+             MASTER_ADDR=\"{first_pod}\" MASTER_PORT={RDZV_PORT}\ncase \"$J\" in\n"
         )
     } else {
         String::from("case \"$JOB_COMPLETION_INDEX\" in\n")
@@ -83,12 +96,12 @@ pub fn manifest(spec: &KubernetesSpec, run: &Path, name: &str, jobs: &[Submissio
     if let Some(sa) = &spec.service_account {
         pod["serviceAccountName"] = json!(sa);
     }
-    if nodes > 1 {
+    if pods > 1 {
         // Pod i is `<name>-i.<name>`: its hostname, under the headless Service's domain.
         pod["subdomain"] = json!(name);
     }
     pod["containers"] = json!([container]);
-    let indices = jobs.len() * nodes;
+    let indices = jobs.len() * pods;
     json!({
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -96,7 +109,7 @@ pub fn manifest(spec: &KubernetesSpec, run: &Path, name: &str, jobs: &[Submissio
         "spec": {
             "completionMode": "Indexed",
             "completions": indices,
-            // Every node of a multi-node job must run at once to meet at the rendezvous.
+            // Every pod of a multi-pod job must run at once to meet at the rendezvous.
             "parallelism": indices,
             // Retries per index: a failed trainer restarts and resumes from its checkpoint.
             "backoffLimitPerIndex": spec.backoff_limit,
@@ -107,7 +120,13 @@ pub fn manifest(spec: &KubernetesSpec, run: &Path, name: &str, jobs: &[Submissio
     })
 }
 
-/// The port of a multi-node job's rendezvous on its first pod (torchrun's default).
+/// The pods of one job: its nodes (an external torchrun), or its ranks (btm's trainer over the
+/// TCP collective, one process per pod), else one.
+pub fn pods_per_job(job: &Submission) -> usize {
+    job.nodes.max(job.ranks).max(1)
+}
+
+/// The port of a multi-pod job's rendezvous on its first pod (torchrun's default).
 pub const RDZV_PORT: u16 = 29500;
 
 /// The headless Service that gives a multi-node Indexed Job's pods stable names
@@ -270,13 +289,6 @@ impl Engine for KubernetesEngine {
     }
 
     async fn submit(&self, jobs: &[Submission]) -> Result<Vec<JobHandle>> {
-        if let Some(j) = jobs.iter().find(|j| j.ranks > 1) {
-            bail!(
-                "{}: {} ranks: multi-process training is launched with mpirun (local engine) or srun (Slurm); the Kubernetes engine runs one process per job",
-                j.name,
-                j.ranks
-            );
-        }
         if self.spec.volume.is_some() {
             std::fs::create_dir_all(self.run.join("logs"))?;
         }
@@ -284,14 +296,14 @@ impl Engine for KubernetesEngine {
         let name = object_name(&self.run_name, batch);
         let m = manifest(&self.spec, &self.run, &name, jobs);
         let created = self.call(self.client.post(self.jobs_url()).json(&m)).await?;
-        let nodes = jobs[0].nodes.max(1);
-        if nodes > 1 {
+        let pods = pods_per_job(&jobs[0]);
+        if pods > 1 {
             let svc = headless_service(&self.spec, &name, created["metadata"]["uid"].as_str());
             self.call(self.client.post(self.services_url()).json(&svc)).await?;
         }
-        // A job's handle names its indices: `name/i`, or `name/first-last` across its nodes.
+        // A job's handle names its indices: `name/i`, or `name/first-last` across its pods.
         Ok((0..jobs.len())
-            .map(|j| match nodes {
+            .map(|j| match pods {
                 1 => JobHandle(format!("{name}/{j}")),
                 n => JobHandle(format!("{name}/{}-{}", j * n, j * n + n - 1)),
             })
@@ -487,6 +499,36 @@ mod tests {
         let svc = &seen[1].3;
         assert_eq!((seen[1].1.as_str(), svc["spec"]["clusterIP"].as_str()), ("/api/v1/namespaces/research/services", Some("None")));
         assert_eq!(svc["metadata"]["ownerReferences"][0]["uid"], "uid-1");
+    }
+
+    /// btm's own two-rank jobs: two pods each, pod i rank i % 2 of job i / 2, the first pod its
+    /// rank 0 (MASTER_ADDR), named by the headless Service; a job's state from both pods.
+    #[test]
+    fn multi_rank_jobs_take_a_pod_per_rank_and_meet_on_the_first() {
+        let (url, server) = fake_api(3, |method, path| match (method, path) {
+            ("POST", p) if p.ends_with("/jobs") => (201, json!({"kind": "Job", "metadata": {"uid": "uid-2"}})),
+            ("POST", p) if p.ends_with("/services") => (201, json!({"kind": "Service"})),
+            ("GET", _) => (200, json!({"status": {"completedIndexes": "0", "failedIndexes": "1"}})),
+            _ => (404, json!({"message": "not found"})),
+        });
+        let engine = KubernetesEngine::new(&spec(), Path::new("/runs/r"), Credentials { server: url, token: None, ca_pem: None }).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let mut subs = submissions(&["continue/merged", "continue/merged-s1"], 1);
+        subs.iter_mut().for_each(|s| s.ranks = 2);
+        let handles = rt.block_on(engine.submit(&subs)).unwrap();
+        assert!(handles[0].0.ends_with("/0-1") && handles[1].0.ends_with("/2-3"), "{handles:?}");
+        // Rank 1 of the first job failed: the job failed.
+        assert!(matches!(rt.block_on(engine.state(&handles[0])).unwrap(), JobState::Failed(_)));
+        let seen = server.join().unwrap();
+        let job = &seen[0].3;
+        assert_eq!((job["spec"]["completions"].as_u64(), job["spec"]["parallelism"].as_u64()), (Some(4), Some(4)));
+        let script = job["spec"]["template"]["spec"]["containers"][0]["command"][2].as_str().unwrap();
+        for needle in ["J=$((JOB_COMPLETION_INDEX / 2))", "RANK=$((JOB_COMPLETION_INDEX % 2)) WORLD_SIZE=2", "MASTER_PORT=29500"] {
+            assert!(script.contains(needle), "`{needle}` missing from {script}");
+        }
+        assert!(script.contains(&format!("MASTER_ADDR=\"{0}-$((J * 2)).{0}\"", job["metadata"]["name"].as_str().unwrap())), "{script}");
+        assert!(!script.contains("BTM_NODE_RANK"), "{script}");
+        assert_eq!(seen[1].1, "/api/v1/namespaces/research/services");
     }
 
     #[test]

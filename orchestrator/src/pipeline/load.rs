@@ -502,13 +502,6 @@ pub fn check(p: &Pipeline, base: &Path) -> Vec<(String, String)> {
                 ),
             ));
         }
-        if ranks > 1 && matches!(p.engine, super::spec::EngineSpec::Kubernetes(_)) {
-            problems.push((
-                format!("{path}.data_parallel"),
-                "the Kubernetes engine runs one process per job; multi-process training runs on the local engine (mpirun) or Slurm (srun)"
-                    .into(),
-            ));
-        }
     }
     for (path, t) in dense_phases {
         if t.expert_parallel.is_some_and(|ep| ep > 1) {

@@ -8,7 +8,8 @@
 //!   one-process run does no copies and no synchronisation.
 //! - `Mpi` (feature `mpi`): the system's MPI through the `mpi` crate; launched by
 //!   `mpirun -np N` or `srun --mpi=pmix`.
-//! - `Nccl` (feature `nccl`): NCCL on one GPU per rank, its unique id carried by MPI.
+//! - `Nccl` (feature `nccl`): NCCL on one GPU per rank, its unique id carried by MPI (or by the
+//!   TCP rendezvous when no MPI launcher started the ranks).
 //! - [`Tcp`]: plain sockets between ranks that some other launcher started (a Kubernetes Indexed
 //!   Job, a script), meeting through `RANK`, `WORLD_SIZE`, `MASTER_ADDR`, `MASTER_PORT` as
 //!   PyTorch's `env://` does; no MPI needed.
@@ -172,20 +173,31 @@ pub fn init(world: usize, backend: Backend) -> Result<Arc<dyn Collective>> {
         Backend::Mpi if world <= 1 => Ok(Arc::new(Single)),
         Backend::Mpi => init_mpi(world),
         Backend::Tcp if world <= 1 => Ok(Arc::new(Single)),
-        Backend::Tcp => {
-            let rdzv = Rendezvous::from_env()?;
-            if rdzv.world != world {
-                candle_core::bail!("the job asks for {world} ranks but WORLD_SIZE is {}", rdzv.world);
-            }
-            Ok(Arc::new(Tcp::init(&rdzv)?))
-        }
+        Backend::Tcp => init_tcp(world),
         // One rank over NCCL still makes a communicator (collectives to itself), so the NCCL
         // path can be checked on a machine with one GPU.
         Backend::Nccl => {
-            let bootstrap = if world <= 1 { Arc::new(Single) } else { init_mpi(world)? };
+            // NCCL's unique id travels through MPI when MPI started the ranks, else through the
+            // TCP rendezvous (a Kubernetes pod per rank).
+            let bootstrap: Arc<dyn Collective> = if world <= 1 {
+                Arc::new(Single)
+            } else if launched_world_size().is_none() && std::env::var_os("MASTER_PORT").is_some() {
+                init_tcp(world)?
+            } else {
+                init_mpi(world)?
+            };
             init_nccl(bootstrap)
         }
     }
+}
+
+/// The world over the TCP rendezvous of `RANK`, `WORLD_SIZE`, `MASTER_ADDR`, `MASTER_PORT`.
+fn init_tcp(world: usize) -> Result<Arc<dyn Collective>> {
+    let rdzv = Rendezvous::from_env()?;
+    if rdzv.world != world {
+        candle_core::bail!("the job asks for {world} ranks but WORLD_SIZE is {}", rdzv.world);
+    }
+    Ok(Arc::new(Tcp::init(&rdzv)?))
 }
 
 /// This process's index among the ranks on its node (Open MPI, MPICH, Slurm, torchrun).

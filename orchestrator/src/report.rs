@@ -8,7 +8,7 @@
 use crate::plan::{JobKind, Plan};
 use anyhow::{Context, Result};
 use serde_json::Value;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::path::Path;
 
@@ -22,11 +22,16 @@ pub struct Row {
     pub flops_after_seed: f64,
     /// domain → [layer][expert] routing shares (MoE models)
     pub routing: BTreeMap<String, Vec<Vec<f64>>>,
+    /// Domains added later (`add_experts`): scored, but left out of the average, so that every
+    /// model and arm is averaged over the same domains, the run's own.
+    pub added_domains: BTreeSet<String>,
 }
 
 impl Row {
+    /// Mean perplexity over the run's own domains (the added ones left out).
     pub fn average(&self) -> f64 {
-        self.ppl.values().sum::<f64>() / self.ppl.len().max(1) as f64
+        let own: Vec<f64> = self.ppl.iter().filter(|(d, _)| !self.added_domains.contains(*d)).map(|(_, p)| *p).collect();
+        own.iter().sum::<f64>() / own.len().max(1) as f64
     }
 }
 
@@ -44,6 +49,13 @@ fn read_in_run(plan: &Plan, file: &Path) -> Option<Vec<u8>> {
 /// Every scored model with its per-domain perplexity, in plan order.
 pub fn rows(plan: &Plan) -> Vec<Row> {
     let mut rows: Vec<Row> = vec![];
+    let added_domains: BTreeSet<String> = plan
+        .jobs
+        .iter()
+        .filter(|j| j.kind == JobKind::TrainExpert)
+        .filter_map(|j| j.name.strip_prefix("added/"))
+        .map(String::from)
+        .collect();
     for j in plan.jobs.iter().filter(|j| j.kind == JobKind::Eval) {
         // eval/<label>/<domain>
         let mut parts = j.name.splitn(3, '/').skip(1);
@@ -62,6 +74,7 @@ pub fn rows(plan: &Plan) -> Vec<Row> {
                     tokens_after_seed: model.map_or(0, |m| m.tokens_after_seed),
                     flops_after_seed: model.map_or(0.0, |m| m.flops_after_seed),
                     routing: BTreeMap::new(),
+                    added_domains: added_domains.clone(),
                 });
                 rows.last_mut().expect("pushed")
             }
@@ -138,7 +151,11 @@ pub fn arms_table(rows: &[Row]) -> Option<String> {
     let mean = |v: &[(String, f64)]| v.iter().map(|(_, a)| a).sum::<f64>() / v.len() as f64;
     let dense_mean = mean(&dense);
     // Each domain's expert on its own domain (first arm seed: experts of repeats are not scored).
-    let in_domain: Vec<f64> = rows.iter().filter_map(|r| r.label.strip_prefix("expert-").and_then(|d| r.ppl.get(d))).copied().collect();
+    let in_domain: Vec<f64> = rows
+        .iter()
+        .filter_map(|r| r.label.strip_prefix("expert-").filter(|d| !r.added_domains.contains(*d)).and_then(|d| r.ppl.get(d)))
+        .copied()
+        .collect();
     let mut arms: Vec<(&str, Vec<(String, f64)>)> = vec![
         ("dense", dense),
         ("btm-merge", runs("continued")),
@@ -329,7 +346,13 @@ pub fn write(run: &Path) -> Result<Written> {
         "Per-domain perplexity on the evaluation split (each document on its own, non-overlapping windows; \
          see README). *Training FLOPs after seed* counts 6 · N_active · tokens for every training job on the \
          way from the seed to the model (the forward and backward pass of every active parameter for every \
-         training token; the seed's own training and the merge's calibration passes are not counted).\n"
+         training token; the seed's own training and the merge's calibration passes are not counted).{}\n",
+        if rows.iter().any(|r| !r.added_domains.is_empty()) {
+            " *Average* is over the run's own domains: the domains added later are scored but not averaged, so every \
+             model and arm is compared over the same text."
+        } else {
+            ""
+        }
     );
     md.push_str(&table);
     if let (Some(best), Some(base)) = (
@@ -480,9 +503,21 @@ mod tests {
         let mut ppl = BTreeMap::new();
         ppl.insert("a".to_string(), 10.0);
         ppl.insert("b".to_string(), 20.0);
-        let rows = vec![Row { label: "merged".into(), ppl, tokens_after_seed: 1000, flops_after_seed: 6.0e9, routing: BTreeMap::new() }];
+        let mut rows = vec![Row {
+            label: "merged".into(),
+            ppl,
+            tokens_after_seed: 1000,
+            flops_after_seed: 6.0e9,
+            routing: BTreeMap::new(),
+            added_domains: BTreeSet::new(),
+        }];
         let t = table(&rows);
         assert!(t.contains("| merged | 10.000 | 20.000 | 15.000 | 1000 | 6.000e9 |"), "{t}");
+        // A domain added later is shown but not averaged.
+        rows[0].ppl.insert("c".to_string(), 90.0);
+        rows[0].added_domains.insert("c".to_string());
+        let t = table(&rows);
+        assert!(t.contains("| merged | 10.000 | 20.000 | 90.000 | 15.000 | 1000 | 6.000e9 |"), "{t}");
     }
 
     #[test]
@@ -493,6 +528,7 @@ mod tests {
             tokens_after_seed: 0,
             flops_after_seed: 0.0,
             routing: BTreeMap::new(),
+            added_domains: BTreeSet::new(),
         };
         let rows = vec![
             row("expert-a", 5.0, 50.0),

@@ -99,7 +99,7 @@ fn a_pipeline_scores_its_experts_as_an_ensemble() {
     let add = format!("add_experts:\n  domains:\n{}", common::domain("computing").replace("  - ", "    - "));
     let storage = tmp.path().join("runs").display().to_string();
     let file = fixture_pipeline(tmp.path(), "ens", &storage, engine, "steps: 6, batch_size: 4, seq_len: 32", &add);
-    let yaml = std::fs::read_to_string(&file).unwrap().replace("max_docs: 1}", "max_docs: 1, baseline: true, ensemble: true}");
+    let yaml = std::fs::read_to_string(&file).unwrap().replace("max_docs: 1}", "max_docs: 1, baseline: true, ensemble: true, averaged: true}");
     std::fs::write(&file, yaml).unwrap();
     let out = ok(btm().arg("run").arg(&file).arg("--quiet").output().unwrap());
     let row = |label: &str| {
@@ -117,8 +117,15 @@ fn a_pipeline_scores_its_experts_as_an_ensemble() {
     let header = out.lines().find(|l| l.starts_with("| model |")).unwrap();
     let col = header.split('|').map(str::trim).position(|c| c == "computing").expect("a computing column");
     assert!(extended.split('|').map(str::trim).nth(col).unwrap().parse::<f64>().is_ok(), "{header}\n{extended}");
+    // The parameter average, one model per domain, costs what the experts cost.
+    let averaged = row("averaged");
+    assert_eq!(tokens(&averaged), tokens(&ens), "{averaged}");
+    for d in ["scripture", "code"] {
+        assert!(tmp.path().join(format!("runs/ens/averaged/{d}/MANIFEST.json")).exists(), "{d}");
+    }
     let report = std::fs::read_to_string(tmp.path().join("runs/ens/report.md")).unwrap();
     assert!(report.contains("| ensemble (all experts, posterior-weighted) |") && report.contains("| ensemble top-1 |"), "{report}");
+    assert!(report.contains("| averaged (each domain's posterior-weighted parameter average) | averaged: "), "{report}");
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(tmp.path().join("runs/ens/eval/ensemble/code.json")).unwrap()).unwrap();
     assert_eq!(json["members"].as_array().unwrap().len(), 2, "{json}");

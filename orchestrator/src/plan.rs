@@ -999,6 +999,42 @@ impl<'a> Builder<'a> {
         if self.p.eval.ensemble {
             self.ensemble_eval_jobs();
         }
+        if self.p.eval.averaged {
+            self.averaged_eval_jobs();
+        }
+    }
+
+    /// BTM's parameter average of the (first arm seed's) experts, one per evaluation domain with
+    /// a `valid` file: `btm average --weights-from valid` into `averaged/<domain>`, scored on
+    /// that domain as row `averaged`.
+    fn averaged_eval_jobs(&mut self) {
+        let experts: Vec<(String, PathBuf)> = self
+            .jobs
+            .iter()
+            .filter(|j| j.kind == JobKind::TrainExpert && j.name.starts_with("expert/"))
+            .filter_map(|j| j.produces.as_ref().map(|m| (j.name.clone(), m.dir.clone())))
+            .collect();
+        if experts.len() < 2 {
+            return;
+        }
+        for d in &self.p.domains {
+            let Some(valid) = &d.valid else { continue };
+            let out = self.run.join("averaged").join(&d.name);
+            let mut args = vec!["average".to_string(), "--experts".into()];
+            args.extend(experts.iter().map(|(_, dir)| dir.to_string_lossy().into_owned()));
+            args.extend(["--weights-from".into(), abs(self.base, valid), "--out".into(), out.to_string_lossy().into_owned()]);
+            let job = self.add(NewJob {
+                name: format!("average/{}", d.name),
+                kind: JobKind::Merge,
+                deps: experts.iter().map(|(name, _)| name.clone()).collect(),
+                args,
+                files: vec![],
+                outputs: vec![out.clone()],
+                train: None,
+                produces: None,
+            });
+            self.eval_job("averaged", d, vec!["--model".into(), out.to_string_lossy().into_owned()], vec![], vec![job]);
+        }
     }
 }
 

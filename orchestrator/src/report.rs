@@ -94,7 +94,7 @@ pub fn rows(plan: &Plan) -> Vec<Row> {
     };
     for r in rows.iter_mut() {
         let members: &[&str] = match r.label.as_str() {
-            "ensemble" | "ensemble-top1" => &["expert/"],
+            "ensemble" | "ensemble-top1" | "averaged" => &["expert/"],
             "ensemble-extended" => &["expert/", "added/"],
             _ => continue,
         };
@@ -163,6 +163,7 @@ pub fn arms_table(rows: &[Row]) -> Option<String> {
         ("upcycle", runs("upcycled-continued")),
         ("ensemble (all experts, posterior-weighted)", runs("ensemble")),
         ("ensemble top-1", runs("ensemble-top1")),
+        ("averaged (each domain's posterior-weighted parameter average)", runs("averaged")),
     ];
     if !in_domain.is_empty() {
         arms.push((

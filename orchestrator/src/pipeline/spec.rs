@@ -557,6 +557,11 @@ pub struct EvalSpec {
     /// evaluation domain's `valid` file, uniform without one) and `ensemble-top1`.
     #[serde(default)]
     pub ensemble: bool,
+    /// Also score BTM's parameter average (`btm average`): for each evaluation domain, the
+    /// experts averaged with that domain's ensemble prior as weights (estimated on its `valid`
+    /// file), one dense model per domain, scored on that domain: row `averaged`.
+    #[serde(default)]
+    pub averaged: bool,
 }
 
 fn default_split() -> Split {
@@ -568,7 +573,15 @@ fn default_eval_seq_len() -> usize {
 
 impl Default for EvalSpec {
     fn default() -> Self {
-        Self { split: default_split(), seq_len: default_eval_seq_len(), max_docs: None, max_tokens: None, baseline: false, ensemble: false }
+        Self {
+            split: default_split(),
+            seq_len: default_eval_seq_len(),
+            max_docs: None,
+            max_tokens: None,
+            baseline: false,
+            ensemble: false,
+            averaged: false,
+        }
     }
 }
 

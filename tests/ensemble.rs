@@ -99,7 +99,8 @@ fn a_pipeline_scores_its_experts_as_an_ensemble() {
     let add = format!("add_experts:\n  domains:\n{}", common::domain("computing").replace("  - ", "    - "));
     let storage = tmp.path().join("runs").display().to_string();
     let file = fixture_pipeline(tmp.path(), "ens", &storage, engine, "steps: 6, batch_size: 4, seq_len: 32", &add);
-    let yaml = std::fs::read_to_string(&file).unwrap().replace("max_docs: 1}", "max_docs: 1, baseline: true, ensemble: true, averaged: true}");
+    let yaml =
+        std::fs::read_to_string(&file).unwrap().replace("max_docs: 1}", "max_docs: 1, baseline: true, ensemble: true, averaged: true}");
     std::fs::write(&file, yaml).unwrap();
     let out = ok(btm().arg("run").arg(&file).arg("--quiet").output().unwrap());
     let row = |label: &str| {

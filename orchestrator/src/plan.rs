@@ -69,6 +69,9 @@ pub struct ModelRef {
     pub tokens_after_seed: u64,
     /// Training FLOPs after the seed by the 6 · N_active · tokens rule, all ancestors included.
     pub flops_after_seed: f64,
+    /// Parameters active per token: the model's inference cost (0: unknown).
+    #[serde(default)]
+    pub active_params: usize,
 }
 
 /// A training job's progress source.
@@ -287,6 +290,7 @@ impl Builder<'_> {
             dir: out.join("model"),
             tokens_after_seed: parent.map_or(0, |p| p.tokens_after_seed) + if kind == JobKind::TrainSeed { 0 } else { tokens },
             flops_after_seed: parent.map_or(0.0, |p| p.flops_after_seed) + if kind == JobKind::TrainSeed { 0.0 } else { flops },
+            active_params,
         };
         let job_file = job_dir.join("job.yaml");
         let resources = t.resources.clone().unwrap_or_default();
@@ -614,7 +618,10 @@ impl<'a> Builder<'a> {
         let Some(t) = &p.seed.train else {
             let location = abs(self.base, p.seed.checkpoint.as_deref().expect("validated"));
             let dir = btm_model::storage::local_dir(&location)?;
-            return Ok(Seed { job: None, model: ModelRef { label: "seed".into(), dir, tokens_after_seed: 0, flops_after_seed: 0.0 } });
+            return Ok(Seed {
+                job: None,
+                model: ModelRef { label: "seed".into(), dir, tokens_after_seed: 0, flops_after_seed: 0.0, active_params: self.dense_n },
+            });
         };
         let tok_out = self.run.join("tokenizer").join("tokenizer.json");
         let mut args = vec!["tokenizer".into(), "train".into(), "--data".into()];
@@ -728,7 +735,13 @@ impl<'a> Builder<'a> {
             files: vec![],
             outputs: vec![out.clone()],
             train: None,
-            produces: Some(ModelRef { label: format!("merged{}", arm.sfx), dir: out, tokens_after_seed: tokens, flops_after_seed: flops }),
+            produces: Some(ModelRef {
+                label: format!("merged{}", arm.sfx),
+                dir: out,
+                tokens_after_seed: tokens,
+                flops_after_seed: flops,
+                active_params: self.moe_active(p.domains.len(), m.top_k, 1, m.shared_expert_from_seed),
+            }),
         }))
     }
 
@@ -807,7 +820,13 @@ impl<'a> Builder<'a> {
             files: vec![],
             outputs: vec![out.clone()],
             train: None,
-            produces: Some(ModelRef { label: "upcycled".into(), dir: out, tokens_after_seed: 0, flops_after_seed: 0.0 }),
+            produces: Some(ModelRef {
+                label: "upcycled".into(),
+                dir: out,
+                tokens_after_seed: 0,
+                flops_after_seed: 0.0,
+                active_params: self.moe_active(u.experts, u.top_k, u.granularity, false),
+            }),
         });
         let mut scored = vec![name.clone()];
         if p.continue_training.is_some() || u.train.is_some() {
@@ -876,7 +895,7 @@ impl<'a> Builder<'a> {
         let base_ref = match &add.base {
             Some(loc) => {
                 let dir = btm_model::storage::local_dir(&abs(self.base, loc))?;
-                ModelRef { label: "base".into(), dir, tokens_after_seed: 0, flops_after_seed: 0.0 }
+                ModelRef { label: "base".into(), dir, tokens_after_seed: 0, flops_after_seed: 0.0, active_params: self.dense_n }
             }
             None => seed.model.clone(),
         };
@@ -928,6 +947,11 @@ impl<'a> Builder<'a> {
                     dir: out.clone(),
                     tokens_after_seed: 0,
                     flops_after_seed: 0.0,
+                    active_params: {
+                        let mut extended = moe_cfg.clone();
+                        extended.moe.as_mut().expect("an MoE").experts += 1;
+                        extended.num_active_parameters()
+                    },
                 }),
             });
             scored.push(added.clone());

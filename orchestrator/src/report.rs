@@ -25,6 +25,9 @@ pub struct Row {
     /// Domains added later (`add_experts`): scored, but left out of the average, so that every
     /// model and arm is averaged over the same domains, the run's own.
     pub added_domains: BTreeSet<String>,
+    /// Parameters that work on each token at inference (every member of an ensemble: each one
+    /// scores the prefix for the posterior); 0 when unknown.
+    pub active_params: usize,
 }
 
 impl Row {
@@ -75,6 +78,7 @@ pub fn rows(plan: &Plan) -> Vec<Row> {
                     flops_after_seed: model.map_or(0.0, |m| m.flops_after_seed),
                     routing: BTreeMap::new(),
                     added_domains: added_domains.clone(),
+                    active_params: model.map_or(0, |m| m.active_params),
                 });
                 rows.last_mut().expect("pushed")
             }
@@ -88,17 +92,24 @@ pub fn rows(plan: &Plan) -> Vec<Row> {
     }
     // The ensemble is no trained model of its own: its training cost is its members', the
     // first arm seed's experts (and the added ones, for the extended ensemble).
-    let trained = |prefixes: &[&str]| -> (u64, f64) {
-        let members = plan.jobs.iter().filter(|j| j.kind == JobKind::TrainExpert && prefixes.iter().any(|p| j.name.starts_with(p)));
-        members.filter_map(|j| j.produces.as_ref()).fold((0, 0.0), |(t, f), m| (t + m.tokens_after_seed, f + m.flops_after_seed))
+    let members = |prefixes: &[&str]| -> Vec<&crate::plan::ModelRef> {
+        let jobs = plan.jobs.iter().filter(|j| j.kind == JobKind::TrainExpert && prefixes.iter().any(|p| j.name.starts_with(p)));
+        jobs.filter_map(|j| j.produces.as_ref()).collect()
     };
     for r in rows.iter_mut() {
-        let members: &[&str] = match r.label.as_str() {
+        let prefixes: &[&str] = match r.label.as_str() {
             "ensemble" | "ensemble-top1" | "averaged" => &["expert/"],
             "ensemble-extended" => &["expert/", "added/"],
             _ => continue,
         };
-        (r.tokens_after_seed, r.flops_after_seed) = trained(members);
+        let m = members(prefixes);
+        r.tokens_after_seed = m.iter().map(|m| m.tokens_after_seed).sum();
+        r.flops_after_seed = m.iter().map(|m| m.flops_after_seed).sum();
+        // The ensemble runs every member on every token; the average is one dense model.
+        r.active_params = match r.label.as_str() {
+            "averaged" => m.first().map_or(0, |m| m.active_params),
+            _ => m.iter().map(|m| m.active_params).sum(),
+        };
     }
     rows
 }
@@ -138,25 +149,26 @@ fn is_arm(label: &str, base: &str) -> bool {
             .is_some_and(|s| s.chars().all(|c| c.is_ascii_digit()) && !s.is_empty())
 }
 
-/// The arms of the BTM comparison (dense, btm-merge, upcycle, experts) as Markdown, when the
-/// run has a dense baseline to compare with.
+/// The arms of the BTM comparison (dense, btm-merge, upcycle, the ensembles, the average,
+/// experts) as Markdown, when the run has a dense baseline to compare with: each arm's average
+/// perplexity per run and their mean against dense, beside what it cost to train (FLOPs after
+/// the seed) and what it costs to use (parameters active per token).
 pub fn arms_table(rows: &[Row]) -> Option<String> {
-    let runs = |base: &str| -> Vec<(String, f64)> {
-        rows.iter().filter(|r| is_arm(&r.label, base) && !r.ppl.is_empty()).map(|r| (r.label.clone(), r.average())).collect()
-    };
+    let runs = |base: &str| -> Vec<&Row> { rows.iter().filter(|r| is_arm(&r.label, base) && !r.ppl.is_empty()).collect() };
     let dense = runs("baseline");
     if dense.is_empty() {
         return None;
     }
-    let mean = |v: &[(String, f64)]| v.iter().map(|(_, a)| a).sum::<f64>() / v.len() as f64;
-    let dense_mean = mean(&dense);
-    // Each domain's expert on its own domain (first arm seed: experts of repeats are not scored).
-    let in_domain: Vec<f64> = rows
-        .iter()
-        .filter_map(|r| r.label.strip_prefix("expert-").filter(|d| !r.added_domains.contains(*d)).and_then(|d| r.ppl.get(d)))
-        .copied()
-        .collect();
-    let mut arms: Vec<(&str, Vec<(String, f64)>)> = vec![
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+    let dense_mean = mean(&dense.iter().map(|r| r.average()).collect::<Vec<_>>());
+    // (arm, [(run label, average perplexity)], training FLOPs after seed, active parameters)
+    type Arm = (String, Vec<(String, f64)>, f64, usize);
+    let arm = |name: &str, rs: Vec<&Row>| -> Option<Arm> {
+        let first = rs.first()?;
+        let flops = mean(&rs.iter().map(|r| r.flops_after_seed).collect::<Vec<_>>());
+        Some((name.to_string(), rs.iter().map(|r| (r.label.clone(), r.average())).collect(), flops, first.active_params))
+    };
+    let mut arms: Vec<Arm> = [
         ("dense", dense),
         ("btm-merge", runs("continued")),
         ("btm-merge before MoE training", runs("merged")),
@@ -164,18 +176,34 @@ pub fn arms_table(rows: &[Row]) -> Option<String> {
         ("ensemble (all experts, posterior-weighted)", runs("ensemble")),
         ("ensemble top-1", runs("ensemble-top1")),
         ("averaged (each domain's posterior-weighted parameter average)", runs("averaged")),
-    ];
-    if !in_domain.is_empty() {
-        arms.push((
-            "experts (in-domain)",
-            vec![("expert-<domain> on <domain>".into(), in_domain.iter().sum::<f64>() / in_domain.len() as f64)],
-        ));
+    ]
+    .into_iter()
+    .filter_map(|(name, rs)| arm(name, rs))
+    .collect();
+    // Each domain's expert on its own domain (first arm seed: experts of repeats are not scored):
+    // trained at the cost of all of them, used one at a time.
+    let experts: Vec<(&Row, f64)> = rows
+        .iter()
+        .filter_map(|r| r.label.strip_prefix("expert-").filter(|d| !r.added_domains.contains(*d)).and_then(|d| Some((r, *r.ppl.get(d)?))))
+        .collect();
+    if let Some((first, _)) = experts.first() {
+        let ppl = mean(&experts.iter().map(|(_, p)| *p).collect::<Vec<_>>());
+        let flops = experts.iter().map(|(r, _)| r.flops_after_seed).sum();
+        arms.push(("experts (in-domain)".into(), vec![("expert-<domain> on <domain>".into(), ppl)], flops, first.active_params));
     }
-    let mut s = String::from("| arm | runs (average perplexity) | mean | vs dense |\n|---|---|---:|---:|\n");
-    for (arm, v) in arms.iter().filter(|(_, v)| !v.is_empty()) {
-        let m = mean(v);
+    let mut s = String::from(
+        "| arm | runs (average perplexity) | mean | vs dense | training FLOPs after seed | active parameters per token |\n|---|---|---:|---:|---:|---:|\n",
+    );
+    for (name, v, flops, active) in &arms {
+        let m = mean(&v.iter().map(|(_, a)| *a).collect::<Vec<_>>());
         let runs: Vec<String> = v.iter().map(|(l, a)| format!("{l}: {a:.3}")).collect();
-        let _ = writeln!(s, "| {arm} | {} | {m:.3} | {:+.1} % |", runs.join(", "), (m - dense_mean) / dense_mean * 100.0);
+        let active = if *active == 0 { "–".to_string() } else { active.to_string() };
+        let _ = writeln!(
+            s,
+            "| {name} | {} | {m:.3} | {:+.1} % | {flops:.3e} | {active} |",
+            runs.join(", "),
+            (m - dense_mean) / dense_mean * 100.0
+        );
     }
     Some(s)
 }
@@ -378,7 +406,9 @@ pub fn write(run: &Path) -> Result<Written> {
             "The compute-matched comparison: each arm's average perplexity over the domains, once per training \
              seed (`-s<seed>` models), their mean, and the mean relative to the dense baseline's (negative = \
              lower perplexity than dense). *experts* is each domain's expert on its own domain: the in-domain \
-             ceiling, not a single model.\n"
+             ceiling, not a single model. Beside them, what each arm cost to train (FLOPs after the seed, the \
+             mean over its runs) and what it costs to use: the parameters that work on each token (an MoE's \
+             active ones; every member of an ensemble, since each scores the prefix for the domain posterior).\n"
         );
         md.push_str(arms);
     }
@@ -511,6 +541,7 @@ mod tests {
             flops_after_seed: 6.0e9,
             routing: BTreeMap::new(),
             added_domains: BTreeSet::new(),
+            active_params: 0,
         }];
         let t = table(&rows);
         assert!(t.contains("| merged | 10.000 | 20.000 | 15.000 | 1000 | 6.000e9 |"), "{t}");
@@ -530,6 +561,7 @@ mod tests {
             flops_after_seed: 0.0,
             routing: BTreeMap::new(),
             added_domains: BTreeSet::new(),
+            active_params: 100,
         };
         let rows = vec![
             row("expert-a", 5.0, 50.0),
@@ -541,9 +573,9 @@ mod tests {
             row("continued-scratch", 1.0, 1.0),
         ];
         let t = arms_table(&rows).unwrap();
-        assert!(t.contains("| dense | baseline: 10.000, baseline-s1: 12.000 | 11.000 | +0.0 % |"), "{t}");
+        assert!(t.contains("| dense | baseline: 10.000, baseline-s1: 12.000 | 11.000 | +0.0 % | 0.000e0 | 100 |"), "{t}");
         assert!(t.contains("| btm-merge | continued: 9.000, continued-s1: 10.000 | 9.500 | -13.6 % |"), "{t}");
-        assert!(t.contains("| experts (in-domain) | expert-<domain> on <domain>: 6.000 | 6.000 | -45.5 % |"), "{t}");
+        assert!(t.contains("| experts (in-domain) | expert-<domain> on <domain>: 6.000 | 6.000 | -45.5 % | 0.000e0 | 100 |"), "{t}");
         assert!(!t.contains("upcycle") && !t.contains("scratch"), "{t}");
         assert!(arms_table(&rows[4..]).is_none());
     }

@@ -171,7 +171,8 @@ fn print_story(plan: &Plan, arms: Option<&str>) {
     let Some(arms) = arms else { return };
     println!(
         "\nArms: average perplexity over the domains (dense = the baseline trained on as many tokens as the experts \
-         and the merged MoE together; the table above gives each row's tokens; negative = better than dense):\n{arms}"
+         and the merged MoE together; negative = better than dense), training FLOPs after the seed, and parameters \
+         active per token (an ensemble runs every member):\n{arms}"
     );
     let seed = plan.jobs.iter().filter_map(|j| j.produces.as_ref()).find(|m| m.label == "seed").map(|m| m.dir.clone());
     let params = seed.and_then(|d| btm_model::Checkpoint::open(d).ok()).map(|c| c.config.num_parameters());

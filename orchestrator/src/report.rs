@@ -1,6 +1,7 @@
 //! The run report: `report.md` and `report.html` in the run folder, with SVG plots in
 //! `plots/`. Per-domain perplexity of every model scored, the compute each consumed (training
-//! FLOPs after the seed by the 6 · N_active · tokens rule), loss curves, routing heatmaps of the
+//! FLOPs after the seed by the 6 · N_active · tokens rule), loss and validation-perplexity curves, a
+//! per-domain bar chart of the arms, routing heatmaps of the
 //! MoE models, and every artefact's lineage.
 //!
 //! The plots are plain SVG written here: no font files or image libraries needed.
@@ -214,8 +215,27 @@ fn esc(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
 }
 
+/// A tick label people read: `0`, `750`, `40k`, `1.2M`, `3.5G` (no `0.00e0`).
+pub fn human(x: f64) -> String {
+    let a = x.abs();
+    let (v, unit) = match a {
+        _ if a >= 1e9 => (x / 1e9, "G"),
+        _ if a >= 1e6 => (x / 1e6, "M"),
+        _ if a >= 1e3 => (x / 1e3, "k"),
+        _ => (x, ""),
+    };
+    // Whole numbers and values of two digits or more without decimals; small ones with one.
+    let text = if v == v.round() || v.abs() >= 10.0 { format!("{v:.0}") } else { format!("{v:.1}") };
+    format!("{text}{unit}")
+}
+
 /// Training loss against tokens seen, one line per training job.
 pub fn loss_plot(series: &[(String, Vec<(f64, f64)>)]) -> String {
+    line_plot(series, "loss")
+}
+
+/// `y_label` against training tokens, one line per series (training job).
+pub fn line_plot(series: &[(String, Vec<(f64, f64)>)], y_label: &str) -> String {
     let (w, h, left, right, top, bottom) = (720.0, 420.0, 60.0, 180.0, 20.0, 40.0);
     let pts = series.iter().flat_map(|(_, p)| p.iter());
     let (mut x_max, mut y_min, mut y_max) = (1.0f64, f64::INFINITY, f64::NEG_INFINITY);
@@ -237,16 +257,23 @@ pub fn loss_plot(series: &[(String, Vec<(f64, f64)>)]) -> String {
     let _ = write!(s, r##"<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#444"/>"##);
     for i in 0..=4 {
         let y = y_min + (y_max - y_min) * i as f64 / 4.0;
-        let _ = write!(s, r##"<text x="{}" y="{}" text-anchor="end">{y:.2}</text>"##, left - 4.0, sy(y) + 4.0);
+        // Three significant digits or so: 513, 29.4, 3.61.
+        let label = match y.abs() {
+            a if a >= 100.0 => format!("{y:.0}"),
+            a if a >= 10.0 => format!("{y:.1}"),
+            _ => format!("{y:.2}"),
+        };
+        let _ = write!(s, r##"<text x="{}" y="{}" text-anchor="end">{label}</text>"##, left - 4.0, sy(y) + 4.0);
         let x = x_max * i as f64 / 4.0;
-        let _ = write!(s, r##"<text x="{}" y="{}" text-anchor="middle">{x:.2e}</text>"##, sx(x), h - bottom + 16.0);
+        let _ = write!(s, r##"<text x="{}" y="{}" text-anchor="middle">{}</text>"##, sx(x), h - bottom + 16.0, human(x));
     }
     let _ = write!(s, r##"<text x="{}" y="{}" text-anchor="middle">training tokens</text>"##, left + pw / 2.0, h - 4.0);
     let _ = write!(
         s,
-        r##"<text x="14" y="{}" transform="rotate(-90 14 {})" text-anchor="middle">loss</text>"##,
+        r##"<text x="14" y="{}" transform="rotate(-90 14 {})" text-anchor="middle">{}</text>"##,
         top + ph / 2.0,
-        top + ph / 2.0
+        top + ph / 2.0,
+        esc(y_label)
     );
     for (i, (name, points)) in series.iter().enumerate() {
         let color = PALETTE[i % PALETTE.len()];
@@ -320,23 +347,95 @@ pub fn routing_heatmap(title: &str, routing: &BTreeMap<String, Vec<Vec<f64>>>) -
     s
 }
 
-/// (label, [(tokens seen, loss)]) for every training job with metrics.
-fn loss_series(plan: &Plan) -> Vec<(String, Vec<(f64, f64)>)> {
+/// (label, [(tokens seen, value of `key`)]) for every training job whose metrics have `key`
+/// (`loss` on training lines, `val_ppl` on validation lines). Validation lines carry only the
+/// step: their tokens are the step times the job's tokens per step.
+fn metric_series(plan: &Plan, key: &str) -> Vec<(String, Vec<(f64, f64)>)> {
     let mut out = vec![];
     for j in &plan.jobs {
         let (Some(t), Some(m)) = (&j.train, &j.produces) else { continue };
         let Some(bytes) = read_in_run(plan, &t.metrics) else { continue };
+        let per_step = if t.steps > 0 { t.tokens as f64 / t.steps as f64 } else { 1.0 };
         let text = String::from_utf8_lossy(&bytes);
         let points: Vec<(f64, f64)> = text
             .lines()
             .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .filter_map(|v| Some((v["tokens_seen"].as_f64().or_else(|| v["step"].as_f64())?, v["loss"].as_f64()?)))
+            .filter_map(|v| {
+                let x = v["tokens_seen"].as_f64().or_else(|| Some(v["step"].as_f64()? * per_step))?;
+                Some((x, v[key].as_f64()?))
+            })
             .collect();
         if !points.is_empty() {
             out.push((m.label.clone(), points));
         }
     }
     out
+}
+
+/// Each arm's perplexity per domain (its first run), bars grouped by domain: where the arms
+/// win and lose, which the average hides.
+pub fn arms_bar_chart(rows: &[Row]) -> Option<String> {
+    let pick = |label: &str| rows.iter().find(|r| r.label == label && !r.ppl.is_empty());
+    let arms: Vec<(&str, &Row)> = [
+        ("dense", "baseline"),
+        ("btm-merge", "continued"),
+        ("upcycle", "upcycled-continued"),
+        ("ensemble", "ensemble"),
+        ("averaged", "averaged"),
+    ]
+    .into_iter()
+    .filter_map(|(name, label)| Some((name, pick(label)?)))
+    .collect();
+    let dense = arms.first().filter(|(name, _)| *name == "dense")?.1;
+    let domains: Vec<&String> = dense.ppl.keys().filter(|d| !dense.added_domains.contains(*d)).collect();
+    if arms.len() < 2 || domains.is_empty() {
+        return None;
+    }
+    let y_max = arms.iter().flat_map(|(_, r)| domains.iter().filter_map(|d| r.ppl.get(*d))).fold(1.0f64, |m, &p| m.max(p)) * 1.05;
+    let (bar, gap, left, top, bottom, legend) = (18.0, 24.0, 60.0, 20.0, 40.0, 130.0);
+    let group = bar * arms.len() as f64 + gap;
+    let (ph, pw) = (300.0, group * domains.len() as f64);
+    let (w, h) = (left + pw + legend, top + ph + bottom);
+    let sy = |y: f64| top + ph - y / y_max * ph;
+    let mut s = format!(r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">"#);
+    let _ = write!(s, r##"<line x1="{left}" y1="{}" x2="{}" y2="{}" stroke="#444"/>"##, top + ph, left + pw, top + ph);
+    for i in 0..=4 {
+        let y = y_max * i as f64 / 4.0;
+        let _ = write!(s, r##"<text x="{}" y="{}" text-anchor="end">{}</text>"##, left - 4.0, sy(y) + 4.0, human(y));
+    }
+    let _ = write!(
+        s,
+        r##"<text x="14" y="{}" transform="rotate(-90 14 {})" text-anchor="middle">test perplexity</text>"##,
+        top + ph / 2.0,
+        top + ph / 2.0
+    );
+    for (di, d) in domains.iter().enumerate() {
+        let x0 = left + gap / 2.0 + di as f64 * group;
+        for (ai, (name, r)) in arms.iter().enumerate() {
+            let Some(&p) = r.ppl.get(*d) else { continue };
+            let x = x0 + ai as f64 * bar;
+            let _ = write!(
+                s,
+                r#"<rect x="{x}" y="{}" width="{}" height="{}" fill="{}"><title>{} on {}: {p:.3}</title></rect>"#,
+                sy(p),
+                bar - 2.0,
+                top + ph - sy(p),
+                PALETTE[ai % PALETTE.len()],
+                esc(name),
+                esc(d)
+            );
+        }
+        let _ =
+            write!(s, r#"<text x="{}" y="{}" text-anchor="middle">{}</text>"#, x0 + bar * arms.len() as f64 / 2.0, top + ph + 16.0, esc(d));
+    }
+    for (ai, (name, _)) in arms.iter().enumerate() {
+        let ly = top + 14.0 + 16.0 * ai as f64;
+        let _ =
+            write!(s, r#"<rect x="{}" y="{}" width="14" height="10" fill="{}"/>"#, left + pw + 10.0, ly - 9.0, PALETTE[ai % PALETTE.len()]);
+        let _ = write!(s, r#"<text x="{}" y="{ly}">{}</text>"#, left + pw + 30.0, esc(name));
+    }
+    s.push_str("</svg>");
+    Some(s)
 }
 
 /// What [`write`] puts at the top of the report, for `btm run` and `btm report` to print.
@@ -354,9 +453,20 @@ pub fn write(run: &Path) -> Result<Written> {
     let table = table(&rows);
     let folder = crate::executor::folder(run)?;
     let mut figures: Vec<(String, String, String)> = vec![]; // (caption, file, svg)
-    let series = loss_series(&plan);
+    let series = metric_series(&plan, "loss");
     if !series.is_empty() {
         figures.push(("Training loss of every training job".into(), "loss.svg".into(), loss_plot(&series)));
+    }
+    let valid = metric_series(&plan, "val_ppl");
+    if !valid.is_empty() {
+        figures.push((
+            "Validation perplexity of every training job".into(),
+            "valid.svg".into(),
+            line_plot(&valid, "validation perplexity"),
+        ));
+    }
+    if let Some(svg) = arms_bar_chart(&rows) {
+        figures.push(("Each arm's test perplexity per domain".into(), "arms.svg".into(), svg));
     }
     for r in rows.iter().filter(|r| !r.routing.is_empty()) {
         let title = format!("{}: % of each domain's tokens routed to each expert", r.label);
@@ -608,6 +718,25 @@ mod tests {
     fn plots_are_svg() {
         let svg = loss_plot(&[("seed".into(), vec![(0.0, 5.0), (100.0, 3.0)])]);
         assert!(svg.starts_with("<svg") && svg.contains("polyline") && svg.ends_with("</svg>"));
+        // Readable ticks: no scientific notation.
+        let svg = line_plot(&[("seed".into(), vec![(0.0, 5.0), (1_200_000.0, 3.0)])], "validation perplexity");
+        assert!(svg.contains(">0</text>") && svg.contains(">1.2M</text>") && !svg.contains("e0<") && svg.contains("validation perplexity"));
+        assert_eq!([human(0.0), human(750.0), human(40_960.0), human(2.5e9)], ["0", "750", "41k", "2.5G"]);
+        // One bar per arm and domain, dense first.
+        let row = |label: &str, a: f64, b: f64| Row {
+            label: label.into(),
+            ppl: [("a".to_string(), a), ("b".to_string(), b)].into_iter().collect(),
+            tokens_after_seed: 0,
+            flops_after_seed: 0.0,
+            routing: BTreeMap::new(),
+            added_domains: BTreeSet::new(),
+            active_params: 0,
+        };
+        let rows = [row("baseline", 10.0, 20.0), row("continued", 9.0, 21.0), row("ensemble", 8.0, 19.0)];
+        let svg = arms_bar_chart(&rows).unwrap();
+        assert_eq!(svg.matches("<rect x=").count(), 6 + 3, "six bars and three legend keys");
+        assert!(svg.contains("<title>btm-merge on b: 21.000</title>"), "{svg}");
+        assert!(arms_bar_chart(&rows[1..]).is_none(), "no dense baseline, no chart");
         let mut r = BTreeMap::new();
         r.insert("code".to_string(), vec![vec![0.9, 0.1]]);
         let svg = routing_heatmap("merged", &r);

@@ -161,7 +161,10 @@ pub fn run(args: RunArgs) -> Result<()> {
     }
     println!("{}", written.table);
     print_story(&plan, written.arms.as_deref());
-    println!("report: {} (and report.html, with the plots: loss curves, routing heatmaps)", plan.run_dir.join("report.md").display());
+    println!(
+        "report: {} (and report.html, with the plots: loss and validation curves, the arms per domain, routing heatmaps)",
+        plan.run_dir.join("report.md").display()
+    );
     Ok(())
 }
 

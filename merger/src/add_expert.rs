@@ -296,7 +296,7 @@ fn calibrate_new_rows(o: &AddExpertOptions, cfg: &ModelConfig, inputs: &mut Inpu
                 let c = centroid_new_row(&existing, new_train, bg_train.as_ref(), o.target_prob)?;
                 report.insert("temperature".into(), json!(c.temperature));
                 report.insert("own_probability".into(), json!(c.own_probability));
-                if o.router_init == RouterInit::Centroid {
+                let row = if o.router_init == RouterInit::Centroid {
                     c.weight
                 } else {
                     let n_new = new_train.dim(0)?;
@@ -315,20 +315,21 @@ fn calibrate_new_rows(o: &AddExpertOptions, cfg: &ModelConfig, inputs: &mut Inpu
                     let fitted = fit_softmax_regression(&Tensor::cat(&xs, 0)?, &labels, &sw, &init, &trainable, &o.fit)?;
                     // Only the new row is taken: the existing rows stay bit-identical.
                     fitted.narrow(0, e_old, 1)?
+                };
+                match (&bg_train, o.margin) {
+                    (Some(bg), Some(margin)) => {
+                        let guard =
+                            GuardOptions { margin, top_k, tolerance: o.guard_tolerance, steps: o.guard_steps, ..Default::default() };
+                        let g = guard_new_row(&existing, new_train, bg, &row, &guard)?;
+                        report.insert(
+                            "guard".into(),
+                            json!({"margin": margin, "tolerance": o.guard_tolerance, "penalty": g.penalty, "calibration_violations": g.violations}),
+                        );
+                        g.weight
+                    }
+                    _ => row,
                 }
             }
-        };
-        let row = match (&bg_train, o.margin) {
-            (Some(bg), Some(margin)) if o.router_init.needs_calibration() => {
-                let guard = GuardOptions { margin, top_k, tolerance: o.guard_tolerance, steps: o.guard_steps, ..Default::default() };
-                let g = guard_new_row(&existing, new_train, bg, &row, &guard)?;
-                report.insert(
-                    "guard".into(),
-                    json!({"margin": margin, "tolerance": o.guard_tolerance, "penalty": g.penalty, "calibration_violations": g.violations}),
-                );
-                g.weight
-            }
-            _ => row,
         };
         let full = Tensor::cat(&[&existing, &row], 0)?;
         report.insert("layer".into(), json!(f.layer));

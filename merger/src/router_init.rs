@@ -401,7 +401,7 @@ pub fn guard_new_row(existing: &Tensor, new: &Tensor, old: &Tensor, init: &Tenso
     // Bounds in raw logits: t(x) − δ per old token; the old log-partition per new token.
     let bound: Vec<f32> = kth_logit(&existing, &old, o.top_k)?.into_iter().map(|t| t - o.margin as f32).collect();
     let bound = Tensor::from_vec(bound, (m, 1), &dev)?;
-    let old_lse = log_sum_exp_rows(&new.matmul(&existing.t()?)?)?;
+    let old_lse = new.matmul(&existing.t()?)?.log_sum_exp(1)?.unsqueeze(1)?;
     let s = {
         let all = Tensor::cat(&[&new, &old], 0)?;
         (all.sqr()?.sum_keepdim(1)?.mean_all()?.to_scalar::<f32>()? as f64).sqrt().max(1e-12)
@@ -422,7 +422,7 @@ pub fn guard_new_row(existing: &Tensor, new: &Tensor, old: &Tensor, init: &Tenso
         for _ in 0..o.steps {
             // Look-ahead point of Nesterov's method.
             let y = (&w - (&v * 0.9)?)?;
-            let p_new = sigmoid(&(zh.matmul(&y.t()?)? - &old_lse)?)?;
+            let p_new = candle_nn::ops::sigmoid(&(zh.matmul(&y.t()?)? - &old_lse)?)?;
             let grad_ce = ((p_new - 1.0)?.t()?.matmul(&zh)? / n as f64)?;
             let hinge = (xh.matmul(&y.t()?)? - &bound)?.relu()?;
             let grad_pen = (hinge.t()?.matmul(&xh)? * (2.0 * rho / m as f64))?;
@@ -455,17 +455,6 @@ fn largest_eigenvalue(x: &Tensor) -> Result<f64> {
     Ok(1.1 * lambda)
 }
 
-/// log Σ_e exp(l_e) of each row of [N, E] logits, as [N, 1].
-fn log_sum_exp_rows(l: &Tensor) -> Result<Tensor> {
-    let max = l.max_keepdim(1)?;
-    Ok((l.broadcast_sub(&max)?.exp()?.sum_keepdim(1)?.log()? + max)?)
-}
-
-/// σ(x) = 1 / (1 + e^(−x)).
-fn sigmoid(x: &Tensor) -> Result<Tensor> {
-    Ok((x.neg()?.exp()? + 1.0)?.recip()?)
-}
-
 /// Share of the tokens of `x` whose top-k under `router` includes `expert`.
 pub fn share_in_topk(router: &Tensor, x: &Tensor, expert: usize, k: usize) -> Result<f64> {
     if x.dim(0)? == 0 {
@@ -490,11 +479,7 @@ pub fn top1(router: &Tensor, x: &Tensor) -> Result<Vec<u32>> {
 
 /// Share of `x`'s tokens whose top-1 expert is `expert`.
 pub fn share_routed_to(router: &Tensor, x: &Tensor, expert: usize) -> Result<f64> {
-    let top = top1(router, x)?;
-    if top.is_empty() {
-        return Ok(f64::NAN);
-    }
-    Ok(top.iter().filter(|&&t| t as usize == expert).count() as f64 / top.len() as f64)
+    share_in_topk(router, x, expert, 1)
 }
 
 /// Routing accuracy per domain: the share of domain e's (held-out) tokens whose top-1 expert is e.

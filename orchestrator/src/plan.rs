@@ -583,8 +583,9 @@ impl<'a> Builder<'a> {
         self.train_files.iter().map(|f| (f.clone(), 1.0)).collect()
     }
 
-    /// Active parameters of an MoE made from the seed (they count towards FLOPs).
-    fn moe_active(&self, experts: usize, top_k: usize, granularity: usize, shared: bool) -> usize {
+    /// The shape of an MoE made from the seed, for counting its parameters (the routing does
+    /// not change the count).
+    fn moe_config(&self, experts: usize, top_k: usize, granularity: usize, shared: bool) -> ModelConfig {
         let mut cfg = self.seed_cfg.clone();
         cfg.moe = Some(btm_model::MoeConfig {
             experts,
@@ -594,7 +595,12 @@ impl<'a> Builder<'a> {
             shared_expert: shared.then_some(btm_model::SharedExpertConfig { ffn: self.seed_cfg.intermediate_size, gated: false }),
             dense_layers: vec![],
         });
-        cfg.num_active_parameters()
+        cfg
+    }
+
+    /// Active parameters of an MoE made from the seed (they count towards FLOPs).
+    fn moe_active(&self, experts: usize, top_k: usize, granularity: usize, shared: bool) -> usize {
+        self.moe_config(experts, top_k, granularity, shared).num_active_parameters()
     }
 
     /// Steps of `t`'s batch shape that spend the branch-train-merge arm's tokens after the seed
@@ -877,17 +883,7 @@ impl<'a> Builder<'a> {
                 ((vec![], dir), cfg)
             }
             (None, Some((n, m))) => {
-                let mut cfg = self.seed_cfg.clone();
-                cfg.moe = Some(btm_model::MoeConfig {
-                    experts: p.domains.len(),
-                    top_k: m.top_k,
-                    routing: m.routing,
-                    expert_ffn: self.seed_cfg.intermediate_size,
-                    shared_expert: m
-                        .shared_expert_from_seed
-                        .then_some(btm_model::SharedExpertConfig { ffn: self.seed_cfg.intermediate_size, gated: false }),
-                    dense_layers: vec![],
-                });
+                let cfg = self.moe_config(p.domains.len(), m.top_k, 1, m.shared_expert_from_seed);
                 ((vec![n.to_string()], self.model(n).dir), cfg)
             }
             (None, None) => bail!("add_experts.moe: give an MoE checkpoint, or add `merge` so the run makes one"),
@@ -934,6 +930,9 @@ impl<'a> Builder<'a> {
             }
             let mut deps = moe.0.clone();
             deps.push(name.clone());
+            // The new expert's index, and the extended MoE's shape.
+            let index = moe_cfg.moe.as_ref().expect("an MoE").experts;
+            moe_cfg.moe.as_mut().expect("an MoE").experts += 1;
             let added = self.add(NewJob {
                 name: format!("add-expert/{}", d.name),
                 kind: JobKind::AddExpert,
@@ -947,20 +946,14 @@ impl<'a> Builder<'a> {
                     dir: out.clone(),
                     tokens_after_seed: 0,
                     flops_after_seed: 0.0,
-                    active_params: {
-                        let mut extended = moe_cfg.clone();
-                        extended.moe.as_mut().expect("an MoE").experts += 1;
-                        extended.num_active_parameters()
-                    },
+                    active_params: moe_cfg.num_active_parameters(),
                 }),
             });
             scored.push(added.clone());
-            let index = moe_cfg.moe.as_ref().expect("an MoE").experts;
-            moe_cfg.moe.as_mut().expect("an MoE").experts += 1;
             moe = (vec![added.clone()], out.clone());
             if let Some(t) = &add.train_in_place {
                 let expert = self.model(&name);
-                let trained = self.train_in_place_job(add, d, t, &added, &out, index, &moe_cfg, &expert)?;
+                let trained = self.train_in_place_job(add, d, t, &added, &out, index, moe_cfg.num_active_parameters(), &expert)?;
                 moe = (vec![trained.clone()], self.model(&trained).dir);
                 scored.push(trained);
             }
@@ -969,7 +962,8 @@ impl<'a> Builder<'a> {
     }
 
     /// Train added expert `index` where it will live: its FFN and its router row inside the
-    /// frozen extended MoE at `extended`, on domain `d` plus the old domains' replay.
+    /// frozen extended MoE at `extended` (`active_params` per token), on domain `d` plus the old
+    /// domains' replay.
     #[allow(clippy::too_many_arguments)]
     fn train_in_place_job(
         &mut self,
@@ -979,7 +973,7 @@ impl<'a> Builder<'a> {
         added: &str,
         extended: &Path,
         index: usize,
-        cfg: &ModelConfig,
+        active_params: usize,
         expert: &ModelRef,
     ) -> Result<String> {
         let p = self.p;
@@ -1007,7 +1001,7 @@ impl<'a> Builder<'a> {
             domain: Some(d.name.clone()),
             label,
             parent: Some(expert),
-            active_params: cfg.num_active_parameters(),
+            active_params,
         })
     }
 

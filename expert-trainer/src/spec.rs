@@ -224,11 +224,6 @@ impl Trainable {
         }
         Ok(out)
     }
-
-    /// Whether any pattern selects rows.
-    pub fn has_row_selection(&self) -> bool {
-        self.include.iter().chain(&self.exclude).any(|p| p.ends_with(']'))
-    }
 }
 
 /// A pattern's name part and its row selection: `name[i]` is rows i..i+1, `name[i:j]` rows i..j.

@@ -200,12 +200,14 @@ impl Weights {
             let (name, parts) = match slices.get(&spec.name) {
                 Some(slice) => {
                     let dims = tensors[&slice.stacked].dims().to_vec();
-                    if select.selects(&spec.name)
-                        && select.selected_rows(&spec.name, slice.rows.len())? != std::slice::from_ref(&(0..slice.rows.len()))
-                    {
-                        bail!("trainable: `{}` is an expert's weight; select experts by name (`*.mlp.experts.4.*`), rows only of other tensors such as the router", spec.name);
-                    }
-                    let parts = if select.selects(&spec.name) { vec![slice.flat_range(&dims)] } else { vec![] };
+                    let parts = if select.selects(&spec.name) {
+                        if select.selected_rows(&spec.name, slice.rows.len())? != std::slice::from_ref(&(0..slice.rows.len())) {
+                            bail!("trainable: `{}` is an expert's weight; select experts by name (`*.mlp.experts.4.*`), rows only of other tensors such as the router", spec.name);
+                        }
+                        vec![slice.flat_range(&dims)]
+                    } else {
+                        vec![]
+                    };
                     (slice.stacked.clone(), parts)
                 }
                 None => {

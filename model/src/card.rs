@@ -19,12 +19,13 @@ pub const TOKENIZER_SIDE_FILES: [&str; 5] =
 /// The model card's file name.
 pub const CARD: &str = "README.md";
 
-/// The side files to write beside a copy of `tokenizer_json`: those in its folder, byte for byte
+/// The side files to write beside a copy of `tokenizer_json` (whose contents are `tokenizer`,
+/// already read by the caller): those in its folder, byte for byte
 /// (a seed's chat template and special tokens kept as they are); where the folder has no
 /// `tokenizer_config.json` (a tokenizer btm trained), one made from the tokenizer's special tokens
 /// and the model's bos/eos ids, with the end-of-sequence token as padding when the tokenizer has
 /// no pad token of its own (the Llama convention).
-pub fn tokenizer_side_files(tokenizer_json: &Path, cfg: &ModelConfig) -> Result<Vec<(String, Vec<u8>)>> {
+pub fn tokenizer_side_files(tokenizer_json: &Path, tokenizer: &[u8], cfg: &ModelConfig) -> Result<Vec<(String, Vec<u8>)>> {
     let dir = tokenizer_json.parent().unwrap_or(Path::new("."));
     let mut out = vec![];
     for name in TOKENIZER_SIDE_FILES {
@@ -34,7 +35,7 @@ pub fn tokenizer_side_files(tokenizer_json: &Path, cfg: &ModelConfig) -> Result<
         }
     }
     if !out.iter().any(|(n, _)| n == "tokenizer_config.json") {
-        let tok: Value = crate::error::read_json(tokenizer_json)?;
+        let tok: Value = serde_json::from_slice(tokenizer).map_err(|source| Error::Json { path: tokenizer_json.to_path_buf(), source })?;
         let config = tokenizer_config(&tok, cfg);
         out.push(("tokenizer_config.json".into(), serde_json::to_vec_pretty(&config).expect("json")));
     }
@@ -169,7 +170,7 @@ mod tests {
     #[test]
     fn a_trained_tokenizer_gets_special_tokens_and_a_pad_token() {
         let (cfg, tok) = llama();
-        let files = tokenizer_side_files(&tok, &cfg).unwrap();
+        let files = tokenizer_side_files(&tok, &std::fs::read(&tok).unwrap(), &cfg).unwrap();
         assert_eq!(files.len(), 1, "the fixture has tokenizer.json only");
         let c: Value = serde_json::from_slice(&files[0].1).unwrap();
         assert_eq!((c["bos_token"].as_str(), c["eos_token"].as_str(), c["pad_token"].as_str()), (Some("<s>"), Some("</s>"), Some("</s>")));
@@ -185,7 +186,7 @@ mod tests {
         let seed_config = br#"{"chat_template": "{{ messages }}", "pad_token": "<s>"}"#;
         std::fs::write(tmp.path().join("tokenizer_config.json"), seed_config).unwrap();
         std::fs::write(tmp.path().join("chat_template.jinja"), b"{{ x }}").unwrap();
-        let files = tokenizer_side_files(&tmp.path().join("tokenizer.json"), &cfg).unwrap();
+        let files = tokenizer_side_files(&tmp.path().join("tokenizer.json"), &std::fs::read(&tok).unwrap(), &cfg).unwrap();
         let names: Vec<&str> = files.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(names, ["tokenizer_config.json", "chat_template.jinja"]);
         assert_eq!(files[0].1, seed_config);

@@ -629,8 +629,8 @@ pub fn write_checkpoint(
     if let Some(tok) = &extras.tokenizer {
         let bytes = std::fs::read(tok).map_err(|e| Error::io(tok, e))?;
         write_file(TOKENIZER, &bytes)?;
-        for (name, bytes) in crate::card::tokenizer_side_files(tok, cfg)? {
-            write_file(&name, &bytes)?;
+        for (name, side) in crate::card::tokenizer_side_files(tok, &bytes, cfg)? {
+            write_file(&name, &side)?;
         }
     }
     if let Some(lineage) = &extras.lineage {

@@ -662,9 +662,9 @@ mod tests {
         assert!(t.contains("| merged | 10.000 | 20.000 | 90.000 | 15.000 | 1000 | 6.000e9 |"), "{t}");
     }
 
-    #[test]
-    fn arms_average_their_seeds_against_dense() {
-        let row = |label: &str, a: f64, b: f64| Row {
+    /// A scored model with perplexities `a` and `b` on domains a and b, 100 active parameters.
+    fn row(label: &str, a: f64, b: f64) -> Row {
+        Row {
             label: label.into(),
             ppl: [("a".to_string(), a), ("b".to_string(), b)].into_iter().collect(),
             tokens_after_seed: 0,
@@ -672,7 +672,11 @@ mod tests {
             routing: BTreeMap::new(),
             added_domains: BTreeSet::new(),
             active_params: 100,
-        };
+        }
+    }
+
+    #[test]
+    fn arms_average_their_seeds_against_dense() {
         let rows = vec![
             row("expert-a", 5.0, 50.0),
             row("expert-b", 40.0, 7.0),
@@ -723,15 +727,6 @@ mod tests {
         assert!(svg.contains(">0</text>") && svg.contains(">1.2M</text>") && !svg.contains("e0<") && svg.contains("validation perplexity"));
         assert_eq!([human(0.0), human(750.0), human(40_960.0), human(2.5e9)], ["0", "750", "41k", "2.5G"]);
         // One bar per arm and domain, dense first.
-        let row = |label: &str, a: f64, b: f64| Row {
-            label: label.into(),
-            ppl: [("a".to_string(), a), ("b".to_string(), b)].into_iter().collect(),
-            tokens_after_seed: 0,
-            flops_after_seed: 0.0,
-            routing: BTreeMap::new(),
-            added_domains: BTreeSet::new(),
-            active_params: 0,
-        };
         let rows = [row("baseline", 10.0, 20.0), row("continued", 9.0, 21.0), row("ensemble", 8.0, 19.0)];
         let svg = arms_bar_chart(&rows).unwrap();
         assert_eq!(svg.matches("<rect x=").count(), 6 + 3, "six bars and three legend keys");

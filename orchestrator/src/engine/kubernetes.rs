@@ -376,7 +376,7 @@ pub fn index_state(status: &Value, index: u64) -> JobState {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::fake_http::fake_api;
+    use crate::engine::fake_http::{fake_api, Recorded};
 
     #[test]
     fn index_ranges() {
@@ -472,25 +472,37 @@ mod tests {
         assert!(engine.unreachable_since.lock().unwrap().contains_key("busy"));
     }
 
-    /// A two-node job: four indices for two jobs, a headless Service owned by the Job, and a
-    /// job's state from both of its indices.
-    #[test]
-    fn multi_node_jobs_take_consecutive_indices_and_a_headless_service() {
-        let (url, server) = fake_api(3, |method, path| match (method, path) {
+    /// Submit multi-pod `subs` to an engine on a fake API server (the Job created with uid
+    /// `uid-1`, the Service, then `status` for every poll), ask the first job's state, and return
+    /// the handles, that state and the requests the server saw.
+    fn submit_and_poll(subs: &[Submission], reply: fn(&str, &str) -> (u16, Value)) -> (Vec<JobHandle>, JobState, Vec<Recorded>) {
+        let (url, server) = fake_api(3, reply);
+        let engine = KubernetesEngine::new(&spec(), Path::new("/runs/r"), Credentials { server: url, token: None, ca_pem: None }).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let handles = rt.block_on(engine.submit(subs)).unwrap();
+        let state = rt.block_on(engine.state(&handles[0])).unwrap();
+        (handles, state, server.join().unwrap())
+    }
+
+    /// The fake API server's answers for a multi-pod job: created, its Service created, and a
+    /// status of indices 0, 1 and 3 done.
+    fn pods_0_1_3_done(method: &str, path: &str) -> (u16, Value) {
+        match (method, path) {
             ("POST", p) if p.ends_with("/jobs") => (201, json!({"kind": "Job", "metadata": {"uid": "uid-1"}})),
             ("POST", p) if p.ends_with("/services") => (201, json!({"kind": "Service"})),
             ("GET", _) => (200, json!({"status": {"completedIndexes": "0-1,3", "failedIndexes": ""}})),
             _ => (404, json!({"message": "not found"})),
-        });
-        let creds = Credentials { server: url, token: None, ca_pem: None };
-        let engine = KubernetesEngine::new(&spec(), Path::new("/runs/r"), creds).unwrap();
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        let subs = submissions(&["expert/a", "expert/b"], 2);
-        let handles = rt.block_on(engine.submit(&subs)).unwrap();
+        }
+    }
+
+    /// A two-node job: four indices for two jobs, a headless Service owned by the Job, and a
+    /// job's state from both of its indices.
+    #[test]
+    fn multi_node_jobs_take_consecutive_indices_and_a_headless_service() {
+        let (handles, state, seen) = submit_and_poll(&submissions(&["expert/a", "expert/b"], 2), pods_0_1_3_done);
         assert!(handles[0].0.ends_with("/0-1") && handles[1].0.ends_with("/2-3"), "{handles:?}");
         // Job a's two nodes are done; job b's node 2 is still running.
-        assert_eq!(rt.block_on(engine.state(&handles[0])).unwrap(), JobState::Succeeded);
-        let seen = server.join().unwrap();
+        assert_eq!(state, JobState::Succeeded);
         let job = &seen[0].3;
         assert_eq!((job["spec"]["completions"].as_u64(), job["spec"]["parallelism"].as_u64()), (Some(4), Some(4)));
         assert!(job["spec"]["template"]["spec"]["subdomain"].is_string());
@@ -505,21 +517,15 @@ mod tests {
     /// rank 0 (MASTER_ADDR), named by the headless Service; a job's state from both pods.
     #[test]
     fn multi_rank_jobs_take_a_pod_per_rank_and_meet_on_the_first() {
-        let (url, server) = fake_api(3, |method, path| match (method, path) {
-            ("POST", p) if p.ends_with("/jobs") => (201, json!({"kind": "Job", "metadata": {"uid": "uid-2"}})),
-            ("POST", p) if p.ends_with("/services") => (201, json!({"kind": "Service"})),
-            ("GET", _) => (200, json!({"status": {"completedIndexes": "0", "failedIndexes": "1"}})),
-            _ => (404, json!({"message": "not found"})),
-        });
-        let engine = KubernetesEngine::new(&spec(), Path::new("/runs/r"), Credentials { server: url, token: None, ca_pem: None }).unwrap();
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let mut subs = submissions(&["continue/merged", "continue/merged-s1"], 1);
         subs.iter_mut().for_each(|s| s.ranks = 2);
-        let handles = rt.block_on(engine.submit(&subs)).unwrap();
+        let (handles, state, seen) = submit_and_poll(&subs, |method, path| match (method, path) {
+            ("GET", _) => (200, json!({"status": {"completedIndexes": "0", "failedIndexes": "1"}})),
+            _ => pods_0_1_3_done(method, path),
+        });
         assert!(handles[0].0.ends_with("/0-1") && handles[1].0.ends_with("/2-3"), "{handles:?}");
         // Rank 1 of the first job failed: the job failed.
-        assert!(matches!(rt.block_on(engine.state(&handles[0])).unwrap(), JobState::Failed(_)));
-        let seen = server.join().unwrap();
+        assert!(matches!(state, JobState::Failed(_)), "{state:?}");
         let job = &seen[0].3;
         assert_eq!((job["spec"]["completions"].as_u64(), job["spec"]["parallelism"].as_u64()), (Some(4), Some(4)));
         let script = job["spec"]["template"]["spec"]["containers"][0]["command"][2].as_str().unwrap();

@@ -14,7 +14,8 @@ use crate::state::Weights;
 use anyhow::{bail, Context, Result};
 use btm_kernels::ExpertShard;
 use btm_model::manifest::{Manifest, MANIFEST};
-use btm_model::{write_checkpoint, Extras, WriteOptions};
+use btm_model::publish::StagingDir;
+use btm_model::{write_checkpoint_files, Extras, WriteOptions};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -50,6 +51,12 @@ pub fn step_dir_name(step: u64) -> String {
     format!("step-{step:08}")
 }
 
+/// The step of a published checkpoint folder's name ([`step_dir_name`]); `None` for any
+/// other name (a hidden staging folder, a file).
+pub fn parse_step_dir_name(name: &str) -> Option<u64> {
+    name.strip_prefix("step-")?.parse().ok()
+}
+
 /// Write and publish a checkpoint under `root`: `weights` and the AdamW `moments`
 /// ([`AdamW::state_tensors`]), whole; returns its directory.
 pub fn save(
@@ -62,38 +69,22 @@ pub fn save(
     std::fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
     let name = step_dir_name(state.step);
     let dest = root.join(&name);
-    let tmp = root.join(format!(".{name}.partial-{}", std::process::id()));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).with_context(|| format!("removing {}", tmp.display()))?;
-    }
-    // The weights, in Hugging Face layout (this writes its own staging dir and manifest).
+    // A checkpoint of the same step from an earlier attempt is replaced.
+    let staging = StagingDir::new(&dest, true)?;
+    // The weights, in Hugging Face layout.
     let opts = WriteOptions { overwrite: false, ..WriteOptions::default() };
-    write_checkpoint(&tmp, &weights.config, &mut |n| weights.tensor(n), extras, &opts)
-        .with_context(|| format!("writing weights to {}", tmp.display()))?;
-    let cleanup = TmpGuard(tmp.clone());
+    write_checkpoint_files(&staging.path, &weights.config, &mut |n| weights.tensor(n), extras, &opts)
+        .with_context(|| format!("writing weights to {}", staging.path.display()))?;
     // The optimizer and trainer state beside them, then a manifest covering everything.
     let moments: HashMap<String, candle_core::Tensor> =
         moments.into_iter().map(|(k, t)| Ok((k, t.to_device(&candle_core::Device::Cpu)?))).collect::<Result<_>>()?;
-    candle_core::safetensors::save(&moments, tmp.join(OPTIMIZER)).context("writing optimizer state")?;
-    std::fs::write(tmp.join(STATE), serde_json::to_vec_pretty(state)?).context("writing trainer state")?;
-    let known: BTreeMap<String, (u64, String)> = Manifest::read(&tmp)?.files.into_iter().map(|f| (f.path, (f.size, f.sha256))).collect();
-    Manifest::build(&tmp, &known)?.write(&tmp)?;
-    if dest.exists() {
-        // A checkpoint of the same step from an earlier attempt: replace it.
-        std::fs::remove_dir_all(&dest).with_context(|| format!("replacing {}", dest.display()))?;
-    }
-    std::fs::rename(&tmp, &dest).with_context(|| format!("publishing {}", dest.display()))?;
-    std::mem::forget(cleanup);
+    candle_core::safetensors::save(&moments, staging.path.join(OPTIMIZER)).context("writing optimizer state")?;
+    std::fs::write(staging.path.join(STATE), serde_json::to_vec_pretty(state)?).context("writing trainer state")?;
+    let known: BTreeMap<String, (u64, String)> =
+        Manifest::read(&staging.path)?.files.into_iter().map(|f| (f.path, (f.size, f.sha256))).collect();
+    Manifest::build(&staging.path, &known)?.write(&staging.path)?;
+    staging.publish().with_context(|| format!("publishing {}", dest.display()))?;
     Ok(dest)
-}
-
-/// Removes a half-written checkpoint directory on error.
-struct TmpGuard(PathBuf);
-
-impl Drop for TmpGuard {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 /// Published step checkpoints under `root`, newest first (not yet verified).
@@ -104,8 +95,7 @@ pub fn list(root: &Path) -> Result<Vec<(u64, PathBuf)>> {
     };
     for entry in entries {
         let entry = entry?;
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if let Some(step) = name.strip_prefix("step-").and_then(|s| s.parse::<u64>().ok()) {
+        if let Some(step) = parse_step_dir_name(&entry.file_name().to_string_lossy()) {
             if entry.file_type()?.is_dir() {
                 out.push((step, entry.path()));
             }

@@ -157,13 +157,9 @@ impl TokenizerInfo {
     }
 }
 
-/// The default token cache: `$BTM_CACHE/tokens`, else `~/.cache/btm/tokens`.
+/// The default token cache: `tokens/` in btm's cache ([`btm_model::folder::cache_root`]).
 pub fn default_cache_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("BTM_CACHE") {
-        return PathBuf::from(dir).join("tokens");
-    }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
-    home.join(".cache").join("btm").join("tokens")
+    btm_model::folder::cache_root().join("tokens")
 }
 
 /// Documents tokenized per parallel batch while streaming a source: bounds memory to one
@@ -191,21 +187,12 @@ pub fn tokenize_cached(source: &Path, tok: &TokenizerInfo, cache_dir: &Path) -> 
     if let Some(t) = Tokens::open(&path)? {
         return Ok(t);
     }
-    std::fs::create_dir_all(cache_dir).with_context(|| format!("creating {}", cache_dir.display()))?;
-    let tmp = cache_dir.join(format!(".{}.tmp-{}", &key[..40], std::process::id()));
-    let written = write_tokens(source, tok, &tmp);
-    let count = match written {
-        Ok(n) => n,
-        Err(e) => {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(e);
-        }
-    };
-    if count == 0 {
-        let _ = std::fs::remove_file(&tmp);
+    // Written under a temporary name (removed on any error) and renamed into place.
+    let staging = btm_model::publish::StagingFile::new(&path)?;
+    if write_tokens(source, tok, &staging.path)? == 0 {
         bail!("{}: no documents", source.display());
     }
-    std::fs::rename(&tmp, &path).with_context(|| format!("publishing {}", path.display()))?;
+    staging.publish().with_context(|| format!("publishing {}", path.display()))?;
     Tokens::open(&path)?.with_context(|| format!("{}: cache file unreadable right after writing", path.display()))
 }
 

@@ -45,7 +45,7 @@ impl Mirror {
             .list("checkpoints")?
             .iter()
             .filter_map(|f| f.strip_suffix(&format!("/{MANIFEST}")))
-            .filter_map(|dir| dir.strip_prefix("step-")?.parse().ok())
+            .filter_map(crate::checkpoint::parse_step_dir_name)
             .collect();
         steps.sort_by_key(|s| std::cmp::Reverse(*s));
         Ok(steps)

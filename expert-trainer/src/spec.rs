@@ -528,7 +528,7 @@ impl JobSpec {
         }
         if self.out_is_remote() {
             let key = hex::encode(sha2::Sha256::digest(self.out.trim_end_matches('/').as_bytes()));
-            return Ok(crate::data::default_cache_dir().with_file_name("runs").join(&key[..24]));
+            return Ok(btm_model::folder::cache_root().join("runs").join(&key[..24]));
         }
         Ok(btm_model::storage::local_dir(&self.out)?)
     }

@@ -21,12 +21,11 @@
 //!   and the share of held-out new-domain tokens that reach the new expert (`accuracy`: top-1,
 //!   `new_in_top_k`).
 
-use crate::calib::{calibrate_layerwise, load_domain, CalibDomain, CalibOptions};
-use crate::merge::in_memory_model;
+use crate::calib::{calibrate_layerwise, load_domain, CalibDomain};
+use crate::merge::{in_memory_model, MergeReport};
 use crate::names::{classify, dense_ffn, router, Proj, Slot};
 use crate::router_init::{
-    centroid_new_row, fit_softmax_regression, guard_new_row, share_in_topk, share_routed_to, top1, uncalibrated, FitOptions, GuardOptions,
-    RouterInit,
+    centroid_new_row, fit_softmax_regression, guard_new_row, share_in_topk, share_routed_to, top1, GuardOptions, RouterInit, RouterOptions,
 };
 use crate::{parent_of, tokenizer_file, OutputOptions};
 use anyhow::{bail, Context, Result};
@@ -48,22 +47,12 @@ pub struct AddExpertOptions {
     pub name: Option<String>,
     /// Text of the existing domains (default: the calibration files in the MoE's `btm.json`).
     pub background: Vec<PathBuf>,
-    pub router_init: RouterInit,
-    pub router_std: f64,
-    pub seed: u64,
-    pub target_prob: f64,
-    pub fit: FitOptions,
-    /// The margin guard's δ ([`crate::router_init::guard_new_row`]): after centroid or fit, the
-    /// new row is adjusted to stay δ below the k-th old logit on the old domains' tokens.
-    /// `None` turns the guard off.
-    pub margin: Option<f64>,
-    /// Share of the old domains' calibration tokens the guard may leave above the bound.
-    pub guard_tolerance: f64,
-    /// Gradient steps per penalty weight of the guard.
-    pub guard_steps: usize,
-    pub calib_options: CalibOptions,
-    /// Re-average the non-expert weights: (E·θ_moe + θ_new)/(E+1). Default: keep the MoE's.
-    pub reaverage: bool,
+    pub router: RouterOptions,
+    /// The margin guard ([`crate::router_init::guard_new_row`]): after centroid or fit, the new
+    /// row is adjusted to stay `margin` below the k-th old logit on the old domains' tokens
+    /// (its `top_k` is the MoE's). `None` turns the guard off.
+    pub guard: Option<GuardOptions>,
+    pub non_expert: NonExpertOnAdd,
     pub output: OutputOptions,
 }
 
@@ -76,26 +65,22 @@ impl AddExpertOptions {
             calib: None,
             name: None,
             background: vec![],
-            router_init: RouterInit::Centroid,
-            router_std: 0.02,
-            seed: 0,
-            target_prob: 0.8,
-            fit: FitOptions::default(),
-            margin: Some(GuardOptions::default().margin),
-            guard_tolerance: GuardOptions::default().tolerance,
-            guard_steps: GuardOptions::default().steps,
-            calib_options: CalibOptions::default(),
-            reaverage: false,
+            router: RouterOptions { init: RouterInit::Centroid, ..RouterOptions::default() },
+            guard: Some(GuardOptions::default()),
+            non_expert: NonExpertOnAdd::Keep,
             output: OutputOptions::default(),
         }
     }
 }
 
-#[derive(Debug, Clone)]
-pub struct AddExpertReport {
-    pub config: ModelConfig,
-    pub lineage: Lineage,
-    pub warnings: Vec<String>,
+/// The non-expert weights of the extended MoE.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+pub enum NonExpertOnAdd {
+    /// The MoE's, unchanged (the old domains keep their function exactly where they route).
+    Keep,
+    /// Re-averaged with the new expert's: (E·θ_moe + θ_new)/(E+1).
+    Average,
 }
 
 /// Calibration files recorded in an MoE's `btm.json` by `btm merge` / `btm add-expert`.
@@ -105,7 +90,7 @@ fn recorded_calibration(lineage: &Option<Lineage>) -> Vec<PathBuf> {
     list.iter().filter_map(|c| c.get("file")?.as_str().map(PathBuf::from)).filter(|p| p.is_file()).collect()
 }
 
-pub fn add_expert(o: &AddExpertOptions) -> Result<AddExpertReport> {
+pub fn add_expert(o: &AddExpertOptions) -> Result<MergeReport> {
     o.output.check_destination(&o.out)?;
     let mut inputs = open_inputs(o)?;
     let cfg = extended_config(&inputs)?;
@@ -118,17 +103,17 @@ pub fn add_expert(o: &AddExpertOptions) -> Result<AddExpertReport> {
             Slot::Router { layer } => {
                 let row = match calibrated.rows.get(&layer) {
                     Some(r) => r.clone(),
-                    None => uncalibrated(o.router_init, 1, hidden, o.router_std, o.seed, layer).map_err(invalid)?,
+                    None => o.router.uncalibrated(1, hidden, layer).map_err(invalid)?,
                 };
                 inputs.router_with(layer, &row).map_err(invalid)
             }
-            _ => inputs.tensor(t, o.reaverage),
+            _ => inputs.tensor(t, o.non_expert == NonExpertOnAdd::Average),
         }
     };
     let extras = Extras { tokenizer: tokenizer_file(inputs.moe.dir()), lineage: Some(lineage.clone()) };
     btm_model::write_checkpoint(&o.out, &cfg, &mut get, &extras, &o.output.write_options(inputs.moe.dtype()))
         .with_context(|| format!("writing {}", o.out.display()))?;
-    Ok(AddExpertReport { config: cfg, lineage, warnings: inputs.warnings })
+    Ok(MergeReport { config: cfg, lineage, warnings: inputs.warnings })
 }
 
 /// The MoE and the expert to add, checked against each other, with what the addition needs
@@ -195,8 +180,8 @@ fn open_inputs(o: &AddExpertOptions) -> Result<Inputs> {
         );
     }
     crate::checks::same_tokenizer(&[&moe, &expert])?;
-    if o.router_init.needs_calibration() && o.calib.is_none() {
-        bail!("--router-init {} needs --calib FILE.jsonl (text of the new expert's domain)", o.router_init.as_str());
+    if o.router.init.needs_calibration() && o.calib.is_none() {
+        bail!("--router-init {} needs --calib FILE.jsonl (text of the new expert's domain)", o.router.init.as_str());
     }
     let mut warnings = vec![];
     let moe_lineage = moe.lineage()?;
@@ -260,12 +245,12 @@ fn calibrate_new_rows(o: &AddExpertOptions, cfg: &ModelConfig, inputs: &mut Inpu
     added.insert("index".into(), json!(e_old));
     added.insert("domain".into(), json!(inputs.name));
     added.insert("uri".into(), json!(o.expert.display().to_string()));
-    added.insert("router_init".into(), json!(o.router_init.as_str()));
+    added.insert("router_init".into(), json!(o.router.init.as_str()));
     added.insert("scale".into(), json!(inputs.scale));
     let Some(calib) = &o.calib else { return Ok(out) };
-    let fixed_row = |layer: usize| uncalibrated(o.router_init, 1, hidden, o.router_std, o.seed, layer);
+    let fixed_row = |layer: usize| o.router.uncalibrated(1, hidden, layer);
     let tok = inputs.moe.tokenizer().context("calibration needs the MoE's tokenizer.json")?;
-    out.domains.push(load_domain(&inputs.name, calib, &tok, &o.calib_options)?);
+    out.domains.push(load_domain(&inputs.name, calib, &tok, &o.router.calib)?);
     let background = if o.background.is_empty() { recorded_calibration(&inputs.moe_lineage) } else { o.background.clone() };
     if background.is_empty() {
         inputs.warnings.push(
@@ -273,16 +258,16 @@ fn calibrate_new_rows(o: &AddExpertOptions, cfg: &ModelConfig, inputs: &mut Inpu
         );
     }
     for (i, p) in background.iter().enumerate() {
-        out.domains.push(load_domain(&format!("background{i}"), p, &tok, &o.calib_options)?);
+        out.domains.push(load_domain(&format!("background{i}"), p, &tok, &o.router.calib)?);
     }
     let inputs = &*inputs;
     let mut model = in_memory_model(cfg, &mut |t| match classify(t) {
         Slot::Router { layer } => inputs.router_with(layer, &fixed_row(layer)?),
-        _ => Ok(inputs.tensor(t, o.reaverage)?),
+        _ => Ok(inputs.tensor(t, o.non_expert == NonExpertOnAdd::Average)?),
     })?;
     let mut layers = vec![];
     let rows = &mut out.rows;
-    calibrate_layerwise(&mut model, &out.domains, &o.calib_options, |f| {
+    calibrate_layerwise(&mut model, &out.domains, &o.router.calib, |f| {
         if !cfg.is_moe_layer(f.layer) {
             return Ok(None);
         }
@@ -290,13 +275,13 @@ fn calibrate_new_rows(o: &AddExpertOptions, cfg: &ModelConfig, inputs: &mut Inpu
         let new_train = &f.train[0];
         let bg_train = if f.train.len() > 1 { Some(Tensor::cat(&f.train[1..], 0)?) } else { None };
         let mut report = Map::new();
-        let row = match o.router_init {
+        let row = match o.router.init {
             RouterInit::Random | RouterInit::Zero => fixed_row(f.layer)?,
             RouterInit::Centroid | RouterInit::Fit => {
-                let c = centroid_new_row(&existing, new_train, bg_train.as_ref(), o.target_prob)?;
+                let c = centroid_new_row(&existing, new_train, bg_train.as_ref(), o.router.target_prob)?;
                 report.insert("temperature".into(), json!(c.temperature));
                 report.insert("own_probability".into(), json!(c.own_probability));
-                let row = if o.router_init == RouterInit::Centroid {
+                let row = if o.router.init == RouterInit::Centroid {
                     c.weight
                 } else {
                     let n_new = new_train.dim(0)?;
@@ -312,18 +297,17 @@ fn calibrate_new_rows(o: &AddExpertOptions, cfg: &ModelConfig, inputs: &mut Inpu
                     let init = Tensor::cat(&[&existing, &c.weight], 0)?;
                     let mut trainable = vec![false; e_old + 1];
                     trainable[e_old] = true;
-                    let fitted = fit_softmax_regression(&Tensor::cat(&xs, 0)?, &labels, &sw, &init, &trainable, &o.fit)?;
+                    let fitted = fit_softmax_regression(&Tensor::cat(&xs, 0)?, &labels, &sw, &init, &trainable, &o.router.fit)?;
                     // Only the new row is taken: the existing rows stay bit-identical.
                     fitted.narrow(0, e_old, 1)?
                 };
-                match (&bg_train, o.margin) {
-                    (Some(bg), Some(margin)) => {
-                        let guard =
-                            GuardOptions { margin, top_k, tolerance: o.guard_tolerance, steps: o.guard_steps, ..Default::default() };
+                match (&bg_train, o.guard) {
+                    (Some(bg), Some(guard)) => {
+                        let guard = GuardOptions { top_k, ..guard };
                         let g = guard_new_row(&existing, new_train, bg, &row, &guard)?;
                         report.insert(
                             "guard".into(),
-                            json!({"margin": margin, "tolerance": o.guard_tolerance, "penalty": g.penalty, "calibration_violations": g.violations}),
+                            json!({"margin": guard.margin, "tolerance": guard.tolerance, "penalty": g.penalty, "calibration_violations": g.violations}),
                         );
                         g.weight
                     }
@@ -351,8 +335,8 @@ fn calibrate_new_rows(o: &AddExpertOptions, cfg: &ModelConfig, inputs: &mut Inpu
     added.insert("routing_accuracy".into(), Value::Array(layers));
     added.insert("calibration".into(), json!({"file": calib.display().to_string(), "tokens": out.domains[0].tokens()}));
     added.insert("background".into(), json!(out.domains[1..].iter().map(|d| d.path.display().to_string()).collect::<Vec<_>>()));
-    added.insert("target_probability".into(), json!(o.target_prob));
-    added.insert("margin".into(), json!(o.margin));
+    added.insert("target_probability".into(), json!(o.router.target_prob));
+    added.insert("margin".into(), json!(o.guard.map(|g| g.margin)));
     Ok(out)
 }
 
@@ -373,7 +357,7 @@ fn extended_lineage(o: &AddExpertOptions, inputs: &Inputs, calibrated: &NewRows)
         list.push(json!({"domain": name, "file": calib.display().to_string(), "tokens": calibrated.domains[0].tokens()}));
         x.insert("calibration".into(), Value::Array(list));
     }
-    x.insert("non_expert_on_add".into(), json!(if o.reaverage { "reaverage" } else { "keep" }));
+    x.insert("non_expert_on_add".into(), json!(if o.non_expert == NonExpertOnAdd::Average { "reaverage" } else { "keep" }));
     x.insert("added_expert".into(), Value::Object(calibrated.added.clone()));
     if !inputs.warnings.is_empty() {
         x.insert("warnings".into(), json!(inputs.warnings));
@@ -399,12 +383,12 @@ mod tests {
         let moe = tmp.join("moe");
         let mut o = MergeOptions::new(vec![a, b], &moe);
         o.top_k = top_k;
-        o.router_init = RouterInit::Centroid;
+        o.router.init = RouterInit::Centroid;
         o.calib = ["prose", "code"]
             .iter()
             .map(|d| (d.to_string(), write_jsonl(&tmp.join(format!("{d}.jsonl")), &domain_texts(d, 40, 0))))
             .collect();
-        o.calib_options.seq_len = 32;
+        o.router.calib.seq_len = 32;
         merge(&o).unwrap();
         let calib = write_jsonl(&tmp.join("digits.jsonl"), &domain_texts("digits", 40, 0));
         (moe, c, calib)
@@ -424,9 +408,9 @@ mod tests {
         let out = tmp.path().join("moe3");
         let mut o = AddExpertOptions::new(&moe, &expert, &out);
         o.calib = Some(calib);
-        o.calib_options.seq_len = 32;
+        o.router.calib.seq_len = 32;
         // Unguarded: the centroid row alone (the guard is tested below).
-        o.margin = None;
+        o.guard = None;
         let report = add_expert(&o).unwrap();
         assert!(report.warnings.is_empty(), "background text comes from the MoE's btm.json: {:?}", report.warnings);
 
@@ -489,9 +473,9 @@ mod tests {
         let leak = |margin: Option<f64>, out: &str| {
             let mut o = AddExpertOptions::new(&moe, &expert, tmp.path().join(out));
             o.calib = Some(calib.clone());
-            o.calib_options.seq_len = 32;
-            o.router_init = RouterInit::Fit;
-            o.margin = margin;
+            o.router.calib.seq_len = 32;
+            o.router.init = RouterInit::Fit;
+            o.guard = margin.map(|margin| GuardOptions { margin, ..Default::default() });
             let report = add_expert(&o).unwrap();
             let layers = report.lineage.extra["added_expert"]["routing_accuracy"].as_array().unwrap().clone();
             assert_eq!(layers.len(), 2);
@@ -514,9 +498,9 @@ mod tests {
         let out = tmp.path().join("fit");
         let mut o = AddExpertOptions::new(&moe, &expert, &out);
         o.calib = Some(calib.clone());
-        o.router_init = RouterInit::Fit;
-        o.margin = None;
-        o.calib_options.seq_len = 32;
+        o.router.init = RouterInit::Fit;
+        o.guard = None;
+        o.router.calib.seq_len = 32;
         o.name = Some("numbers".into());
         let report = add_expert(&o).unwrap();
         let added = &report.lineage.extra["added_expert"];
@@ -542,7 +526,7 @@ mod tests {
         l["parents"][0]["manifest_sha256"] = json!("another-seed");
         std::fs::write(stranger.join("btm.json"), l.to_string()).unwrap();
         let mut o = AddExpertOptions::new(&moe, &stranger, tmp.path().join("stranger-moe"));
-        o.router_init = RouterInit::Zero;
+        o.router.init = RouterInit::Zero;
         let report = add_expert(&o).unwrap();
         assert!(report.warnings.iter().any(|w| w.contains("lineage mismatch")), "{:?}", report.warnings);
 

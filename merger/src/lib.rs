@@ -26,9 +26,9 @@ pub mod upcycle;
 #[cfg(test)]
 mod testutil;
 
-pub use add_expert::{add_expert, AddExpertOptions};
-pub use merge::{merge, MergeOptions, NonExpert};
-pub use router_init::RouterInit;
+pub use add_expert::{add_expert, AddExpertOptions, NonExpertOnAdd};
+pub use merge::{merge, MergeOptions, MergeReport, NonExpert};
+pub use router_init::{RouterInit, RouterOptions};
 pub use scaling::ScalingMode;
 pub use upcycle::{upcycle, UpcycleOptions};
 

@@ -13,7 +13,7 @@
 
 use crate::calib::{calibrate_layerwise, load_domain, CalibDomain, CalibOptions};
 use crate::names::{classify, dense_ffn, Proj, Slot};
-use crate::router_init::{centroid_router, fit_softmax_regression, routing_accuracy, uncalibrated, FitOptions, RouterInit};
+use crate::router_init::{centroid_router, fit_softmax_regression, routing_accuracy, RouterInit, RouterOptions};
 use crate::scaling::merge_scale;
 use crate::{parent_of, tokenizer_file, OutputOptions};
 use anyhow::{bail, ensure, Context, Result};
@@ -57,16 +57,9 @@ pub struct MergeOptions {
     pub out: PathBuf,
     pub top_k: usize,
     pub routing: Routing,
-    pub router_init: RouterInit,
-    /// Std of a random router.
-    pub router_std: f64,
-    pub seed: u64,
+    pub router: RouterOptions,
     /// One `(domain, JSONL file)` per expert, in expert order.
     pub calib: Vec<(String, PathBuf)>,
-    pub calib_options: CalibOptions,
-    /// Centroid: mean probability calibration tokens should give their own expert.
-    pub target_prob: f64,
-    pub fit: FitOptions,
     pub non_expert: NonExpert,
     pub shared_expert: Option<PathBuf>,
     pub output: OutputOptions,
@@ -79,13 +72,8 @@ impl MergeOptions {
             out: out.into(),
             top_k: 2,
             routing: Routing::TopkThenSoftmax,
-            router_init: RouterInit::Random,
-            router_std: 0.02,
-            seed: 0,
+            router: RouterOptions::default(),
             calib: vec![],
-            calib_options: CalibOptions::default(),
-            target_prob: 0.8,
-            fit: FitOptions::default(),
             non_expert: NonExpert::Average,
             shared_expert: None,
             output: OutputOptions::default(),
@@ -93,7 +81,7 @@ impl MergeOptions {
     }
 }
 
-/// What a merge did.
+/// What a merge (or an added expert) wrote: the config, the lineage and the warnings.
 #[derive(Debug, Clone)]
 pub struct MergeReport {
     pub config: ModelConfig,
@@ -192,8 +180,7 @@ pub fn merge(o: &MergeOptions) -> Result<MergeReport> {
         match classify(name) {
             Slot::Router { layer } => match calibrated.routers.get(&layer) {
                 Some(r) => Ok(r.clone()),
-                None => uncalibrated(o.router_init, n, hidden, o.router_std, o.seed, layer)
-                    .map_err(|e| btm_model::Error::InvalidConfig(e.to_string())),
+                None => o.router.uncalibrated(n, hidden, layer).map_err(|e| btm_model::Error::InvalidConfig(e.to_string())),
             },
             _ => sources.tensor(name),
         }
@@ -213,8 +200,8 @@ fn check_options(o: &MergeOptions) -> Result<()> {
         bail!("--top-k {} must be between 1 and the number of experts ({n})", o.top_k);
     }
     o.output.check_destination(&o.out)?;
-    if o.router_init.needs_calibration() && o.calib.is_empty() {
-        bail!("--router-init {} needs calibration text: --calib NAME=FILE.jsonl for each expert", o.router_init.as_str());
+    if o.router.init.needs_calibration() && o.calib.is_empty() {
+        bail!("--router-init {} needs calibration text: --calib NAME=FILE.jsonl for each expert", o.router.init.as_str());
     }
     if !o.calib.is_empty() && o.calib.len() != n {
         bail!("--calib: got {} files for {n} experts (give one NAME=FILE.jsonl per expert, in expert order)", o.calib.len());
@@ -316,16 +303,16 @@ fn calibrate_routers(o: &MergeOptions, cfg: &ModelConfig, sources: &Sources) -> 
     if o.calib.is_empty() {
         return Ok(out);
     }
-    let (n, hidden, init) = (sources.experts.len(), cfg.hidden_size, o.router_init);
-    out.domains = load_calibration(&o.calib, &sources.experts[0], &o.calib_options)?;
-    let fixed_router = |layer: usize| uncalibrated(init, n, hidden, o.router_std, o.seed, layer);
+    let (n, hidden, init) = (sources.experts.len(), cfg.hidden_size, o.router.init);
+    out.domains = load_calibration(&o.calib, &sources.experts[0], &o.router.calib)?;
+    let fixed_router = |layer: usize| o.router.uncalibrated(n, hidden, layer);
     let mut model = in_memory_model(cfg, &mut |name| match classify(name) {
         Slot::Router { layer } => fixed_router(layer),
         _ => Ok(sources.tensor(name)?),
     })?;
     let names: Vec<String> = out.domains.iter().map(|d| d.name.clone()).collect();
     let (routers, layer_reports) = (&mut out.routers, &mut out.layer_reports);
-    calibrate_layerwise(&mut model, &out.domains, &o.calib_options, |f| {
+    calibrate_layerwise(&mut model, &out.domains, &o.router.calib, |f| {
         if !cfg.is_moe_layer(f.layer) {
             return Ok(None);
         }
@@ -333,7 +320,8 @@ fn calibrate_routers(o: &MergeOptions, cfg: &ModelConfig, sources: &Sources) -> 
         let weight = match init {
             RouterInit::Random | RouterInit::Zero => fixed_router(f.layer)?,
             RouterInit::Centroid | RouterInit::Fit => {
-                let c = centroid_router(&f.train, o.target_prob).with_context(|| format!("centroid router for layer {}", f.layer))?;
+                let c =
+                    centroid_router(&f.train, o.router.target_prob).with_context(|| format!("centroid router for layer {}", f.layer))?;
                 report.insert("temperature".into(), json!(c.temperature));
                 report.insert("own_probability".into(), json!(c.own_probability));
                 if init == RouterInit::Centroid {
@@ -348,7 +336,7 @@ fn calibrate_routers(o: &MergeOptions, cfg: &ModelConfig, sources: &Sources) -> 
                         // Every domain counts equally, however many tokens it has.
                         sw.extend(std::iter::repeat_n(1.0 / m as f32, m));
                     }
-                    fit_softmax_regression(&x, &labels, &sw, &c.weight, &vec![true; n], &o.fit)?
+                    fit_softmax_regression(&x, &labels, &sw, &c.weight, &vec![true; n], &o.router.fit)?
                 }
             }
         };
@@ -401,17 +389,18 @@ fn merge_lineage(o: &MergeOptions, sources: &Sources, calibrated: &CalibratedRou
         },
     );
     x.insert("shared_expert".into(), json!(o.shared_expert.as_ref().map(|p| p.display().to_string())));
-    let mut router = json!({"method": o.router_init.as_str()});
-    match o.router_init {
+    let mut router = json!({"method": o.router.init.as_str()});
+    match o.router.init {
         RouterInit::Random => {
-            router["std"] = json!(o.router_std);
-            router["seed"] = json!(o.seed);
+            router["std"] = json!(o.router.std);
+            router["seed"] = json!(o.router.seed);
         }
         RouterInit::Zero => {}
-        RouterInit::Centroid => router["target_probability"] = json!(o.target_prob),
+        RouterInit::Centroid => router["target_probability"] = json!(o.router.target_prob),
         RouterInit::Fit => {
-            router["target_probability"] = json!(o.target_prob);
-            router["fit"] = json!({"steps": o.fit.steps, "lr": o.fit.lr, "momentum": o.fit.momentum, "l2": o.fit.l2});
+            router["target_probability"] = json!(o.router.target_prob);
+            router["fit"] =
+                json!({"steps": o.router.fit.steps, "lr": o.router.fit.lr, "momentum": o.router.fit.momentum, "l2": o.router.fit.l2});
         }
     }
     x.insert("router_init".into(), router);
@@ -425,11 +414,11 @@ fn merge_lineage(o: &MergeOptions, sources: &Sources, calibrated: &CalibratedRou
         );
         x.insert(
             "calibration_settings".into(),
-            json!({"seq_len": o.calib_options.seq_len, "max_tokens": o.calib_options.max_tokens, "heldout_fraction": o.calib_options.heldout_fraction}),
+            json!({"seq_len": o.router.calib.seq_len, "max_tokens": o.router.calib.max_tokens, "heldout_fraction": o.router.calib.heldout_fraction}),
         );
         x.insert("routing_accuracy".into(), Value::Array(calibrated.layer_reports.clone()));
     }
-    if let Some(low) = lowest_own_probability(x, o.target_prob) {
+    if let Some(low) = lowest_own_probability(x, o.router.target_prob) {
         warnings.push(low);
     }
     if !warnings.is_empty() {
@@ -488,7 +477,7 @@ mod tests {
         ] {
             let out = tmp.path().join(format!("{}-{k}", routing.as_str()));
             let mut o = MergeOptions::new(copies.clone(), &out);
-            (o.routing, o.router_init, o.top_k, o.router_std) = (routing, init, k, 1.0);
+            (o.routing, o.router.init, o.top_k, o.router.std) = (routing, init, k, 1.0);
             let report = merge(&o).unwrap();
             assert!(report.warnings.is_empty(), "{:?}", report.warnings);
             let d = rel_diff(&logits(&fixture("llama")), &logits(&out));
@@ -508,9 +497,9 @@ mod tests {
         for init in [RouterInit::Centroid, RouterInit::Fit] {
             let out = tmp.path().join(init.as_str());
             let mut o = MergeOptions::new(experts.clone(), &out);
-            o.router_init = init;
+            o.router.init = init;
             o.calib = calib.clone();
-            o.calib_options.seq_len = 32;
+            o.router.calib.seq_len = 32;
             merge(&o).unwrap();
             let l = lineage(&out);
             assert_eq!(l["kind"], "merge");
@@ -622,17 +611,17 @@ mod tests {
         assert!(run(&|o| o.experts.push(fixture("qwen2"))).contains("architecture mismatch"));
         assert!(run(&|o| o.experts.push(fixture("mixtral"))).contains("already a Mixture of Experts"));
         let missing = |o: &mut MergeOptions| {
-            o.router_init = RouterInit::Centroid;
+            o.router.init = RouterInit::Centroid;
             o.calib = vec![calib[0].clone(), ("code".into(), "/nonexistent/code.jsonl".into())];
         };
         assert!(run(&missing).contains("calibration file for `code` not found: /nonexistent/code.jsonl"));
         let empty = write_jsonl(&tmp.path().join("empty.jsonl"), &[]);
         let with_empty = |o: &mut MergeOptions| {
-            o.router_init = RouterInit::Fit;
+            o.router.init = RouterInit::Fit;
             o.calib = vec![calib[0].clone(), ("code".into(), empty.clone())];
         };
         assert!(run(&with_empty).contains("is empty"));
-        assert!(run(&|o| o.router_init = RouterInit::Centroid).contains("needs calibration text"));
+        assert!(run(&|o| o.router.init = RouterInit::Centroid).contains("needs calibration text"));
 
         // A different tokenizer is an error.
         let other = tmp.path().join("other-tokenizer");

@@ -147,17 +147,17 @@ mod tests {
         let moe = t.join("moe");
         let mut o = MergeOptions::new(vec![a, b], &moe);
         o.top_k = 1;
-        o.router_init = RouterInit::Centroid;
+        o.router.init = RouterInit::Centroid;
         o.calib = ["prose", "code"]
             .iter()
             .map(|d| (d.to_string(), write_jsonl(&t.join(format!("{d}.jsonl")), &domain_texts(d, 40, 0))))
             .collect();
-        o.calib_options.seq_len = 32;
+        o.router.calib.seq_len = 32;
         merge(&o).unwrap();
         let bigger = t.join("moe3");
         let mut add = AddExpertOptions::new(&moe, &c, &bigger);
         add.calib = Some(write_jsonl(&t.join("digits.jsonl"), &domain_texts("digits", 40, 0)));
-        add.calib_options.seq_len = 32;
+        add.router.calib.seq_len = 32;
         add_expert(&add).unwrap();
 
         let back = t.join("back");

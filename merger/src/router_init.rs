@@ -14,6 +14,7 @@
 //! Mixtral / Qwen2-MoE block multiplies), not the residual stream; [`crate::calib`] collects it
 //! from the merged model one layer at a time.
 
+use crate::calib::CalibOptions;
 use anyhow::{bail, ensure, Result};
 use candle_core::{DType, Device, Tensor};
 use rand::rngs::StdRng;
@@ -58,6 +59,60 @@ impl RouterInit {
     /// Centroid and fit are computed from calibration text.
     pub fn needs_calibration(self) -> bool {
         matches!(self, RouterInit::Centroid | RouterInit::Fit)
+    }
+
+    /// The initialisation used when none is asked for: centroid when calibration text is
+    /// given, random without.
+    pub fn default_for(calibrated: bool) -> Self {
+        if calibrated {
+            RouterInit::Centroid
+        } else {
+            RouterInit::Random
+        }
+    }
+}
+
+/// Std of a random router row (Megatron-LM's `init_method_std`).
+pub const DEFAULT_ROUTER_STD: f64 = 0.02;
+
+/// Centroid: the mean probability a calibration token should give its own domain's expert.
+pub const DEFAULT_TARGET_PROB: f64 = 0.8;
+
+/// How `merge` and `add-expert` make a router: the one set of router settings both read (and
+/// the CLI's `RouterArgs` fills).
+#[derive(Debug, Clone)]
+pub struct RouterOptions {
+    pub init: RouterInit,
+    /// Std of a random router.
+    pub std: f64,
+    /// Seed of a random router (per layer through [`layer_seed`]).
+    pub seed: u64,
+    /// Centroid: mean probability calibration tokens should give their own expert.
+    pub target_prob: f64,
+    /// Fit: the softmax regression's settings.
+    pub fit: FitOptions,
+    /// How much calibration text is read, and how it is windowed.
+    pub calib: CalibOptions,
+}
+
+impl Default for RouterOptions {
+    fn default() -> Self {
+        Self {
+            init: RouterInit::Random,
+            std: DEFAULT_ROUTER_STD,
+            seed: 0,
+            target_prob: DEFAULT_TARGET_PROB,
+            fit: FitOptions::default(),
+            calib: CalibOptions::default(),
+        }
+    }
+}
+
+impl RouterOptions {
+    /// Layer `layer`'s router rows (`rows` × `hidden`) when no calibration decides them:
+    /// [`uncalibrated`] with these settings.
+    pub fn uncalibrated(&self, rows: usize, hidden: usize, layer: usize) -> Result<Tensor> {
+        uncalibrated(self.init, rows, hidden, self.std, self.seed, layer)
     }
 }
 

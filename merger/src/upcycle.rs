@@ -50,7 +50,7 @@ impl UpcycleOptions {
             granularity: 1,
             routing: Routing::TopkThenSoftmax,
             scaling: ScalingMode::Exact,
-            router_std: 0.02,
+            router_std: crate::router_init::DEFAULT_ROUTER_STD,
             seed: 0,
             output: OutputOptions::default(),
         }

@@ -15,6 +15,7 @@ use crate::config::{Architecture, ModelConfig, SharedExpertConfig};
 use crate::error::{read_json, Error, Result};
 use crate::lineage::{Lineage, LINEAGE};
 use crate::manifest::{Manifest, MANIFEST};
+use crate::publish::StagingDir;
 use crate::weights::{expected_tensors, hf_name, TensorSpec};
 use candle_core::safetensors::Load;
 use candle_core::{DType, Device, Shape, Tensor};
@@ -488,54 +489,25 @@ impl<W: Write> Write for HashingWriter<W> {
     }
 }
 
-/// A temporary sibling directory that is removed unless published.
-pub struct StagingDir {
-    pub path: PathBuf,
-    dest: PathBuf,
-    published: bool,
-}
-
-impl StagingDir {
-    pub fn new(dest: &Path, overwrite: bool) -> Result<Self> {
-        if dest.exists() && !overwrite {
-            return Err(Error::Storage(format!("{} already exists (refusing to overwrite)", dest.display())));
-        }
-        let parent = dest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-        let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
-        let path = parent.join(format!(".{name}.tmp-{}-{nanos}", std::process::id()));
-        std::fs::create_dir(&path).map_err(|e| Error::io(&path, e))?;
-        Ok(Self { path, dest: dest.to_path_buf(), published: false })
-    }
-
-    /// Rename the finished directory into place (replacing an old one if allowed).
-    pub fn publish(mut self) -> Result<()> {
-        if self.dest.exists() {
-            let old = self.path.with_extension("old");
-            std::fs::rename(&self.dest, &old).map_err(|e| Error::io(&self.dest, e))?;
-            std::fs::rename(&self.path, &self.dest).map_err(|e| Error::io(&self.dest, e))?;
-            let _ = std::fs::remove_dir_all(&old);
-        } else {
-            std::fs::rename(&self.path, &self.dest).map_err(|e| Error::io(&self.dest, e))?;
-        }
-        self.published = true;
-        Ok(())
-    }
-}
-
-impl Drop for StagingDir {
-    fn drop(&mut self) {
-        if !self.published {
-            let _ = std::fs::remove_dir_all(&self.path);
-        }
-    }
-}
-
 /// Write a model as a Hugging Face checkpoint at `dest`, streaming tensors from `get`
-/// (canonical name → tensor, any dtype) one at a time.
+/// (canonical name → tensor, any dtype) one at a time; published whole ([`StagingDir`]).
 pub fn write_checkpoint(
     dest: &Path,
+    cfg: &ModelConfig,
+    get: &mut dyn FnMut(&str) -> Result<Tensor>,
+    extras: &Extras,
+    opts: &WriteOptions,
+) -> Result<()> {
+    cfg.validate()?;
+    let staging = StagingDir::new(dest, opts.overwrite)?;
+    write_checkpoint_files(&staging.path, cfg, get, extras, opts)?;
+    staging.publish()
+}
+
+/// Write a checkpoint's files (weights, config, tokenizer, lineage, card, manifest last) into
+/// the empty folder `dir`, for a caller that adds files of its own before publishing it.
+pub fn write_checkpoint_files(
+    dir: &Path,
     cfg: &ModelConfig,
     get: &mut dyn FnMut(&str) -> Result<Tensor>,
     extras: &Extras,
@@ -570,13 +542,12 @@ pub fn write_checkpoint(
         }
     };
 
-    let staging = StagingDir::new(dest, opts.overwrite)?;
     let mut known: BTreeMap<String, (u64, String)> = BTreeMap::new();
     let mut weight_map = serde_json::Map::new();
     let mut total_size = 0u64;
     for (i, shard) in shards.iter().enumerate() {
         let file_name = shard_name(i);
-        let path = staging.path.join(&file_name);
+        let path = dir.join(&file_name);
         // Header: every tensor's dtype, shape and byte range, known before any data is written.
         let mut header = serde_json::Map::new();
         header.insert("__metadata__".into(), json!({"format": "pt"}));
@@ -610,7 +581,7 @@ pub fn write_checkpoint(
         known.insert(file_name, (w.size, hex::encode(w.hasher.finalize())));
     }
     let write_file = |name: &str, bytes: &[u8]| -> Result<()> {
-        let p = staging.path.join(name);
+        let p = dir.join(name);
         std::fs::write(&p, bytes).map_err(|e| Error::io(&p, e))
     };
     if n > 1 {
@@ -637,8 +608,7 @@ pub fn write_checkpoint(
         write_file(LINEAGE, &lineage.to_json())?;
     }
     write_file(crate::card::CARD, crate::card::model_card(cfg, extras.lineage.as_ref()).as_bytes())?;
-    Manifest::build(&staging.path, &known)?.write(&staging.path)?;
-    staging.publish()
+    Manifest::build(dir, &known)?.write(dir)
 }
 
 /// Copy a checkpoint (optionally to another dtype or shard size) through the writer.

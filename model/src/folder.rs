@@ -199,19 +199,7 @@ impl Folder {
     pub fn write(&self, loc: impl AsRef<Path>, bytes: &[u8]) -> Result<()> {
         let rel = self.rel(loc.as_ref())?;
         match &self.kind {
-            Kind::Local(root) => {
-                let path = root.join(&rel);
-                if let Some(parent) = path.parent() {
-                    std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-                }
-                let tmp = path.with_file_name(format!(
-                    ".{}.tmp-{}",
-                    path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
-                    std::process::id()
-                ));
-                std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
-                std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))
-            }
+            Kind::Local(root) => crate::publish::write_file(&root.join(&rel), bytes),
             Kind::Remote { store, prefix, runtime } => {
                 let key = Self::key(prefix, &rel);
                 let payload = PutPayload::from(bytes.to_vec());
@@ -404,7 +392,7 @@ impl Folder {
         if files.is_empty() {
             return Err(Error::Storage(format!("{}: nothing there", self.join(&rel))));
         }
-        let staging = crate::checkpoint::StagingDir::new(dest, true)?;
+        let staging = crate::publish::StagingDir::new(dest, true)?;
         for f in &files {
             let file = staging.path.join(f);
             if !self.download_file(sub(&rel, f), &file)? {
@@ -475,11 +463,11 @@ pub fn fetch_file(location: &str) -> Result<PathBuf> {
     if std::fs::metadata(&dest).is_ok_and(|m| m.len() == size) {
         return Ok(dest);
     }
-    let tmp = dest.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
-    if !folder.download_file("", &tmp)? {
+    let staging = crate::publish::StagingFile::new(&dest)?;
+    if !folder.download_file("", &staging.path)? {
         return Err(Error::Storage(format!("{location}: no such object")));
     }
-    std::fs::rename(&tmp, &dest).map_err(|e| Error::io(&dest, e))?;
+    staging.publish()?;
     Ok(dest)
 }
 

@@ -5,6 +5,15 @@
 //! itself in candle ([`model`]), checkpoints in Hugging Face layout ([`checkpoint`]),
 //! `MANIFEST.json` ([`manifest`]) and `btm.json` lineage ([`lineage`]), tokenizers
 //! ([`tokenizer`]), perplexity ([`eval`]) and object-store URLs ([`storage`]).
+//!
+//! # Publishing
+//!
+//! Nothing btm writes is ever seen half-written. Files and folders are written under a hidden
+//! temporary sibling and renamed into place ([`publish::write_file`], [`publish::StagingFile`],
+//! [`publish::StagingDir`]); a folder's `MANIFEST.json` (size and SHA-256 of every file) is
+//! written last inside it ([`checkpoint::write_checkpoint`]), and to an object store it is
+//! uploaded last ([`folder::Folder::upload_dir`]), so a reader that finds the manifest finds
+//! every file it lists. btm's local cache is [`folder::cache_root`].
 
 pub mod card;
 pub mod checkpoint;
@@ -17,12 +26,13 @@ pub mod jsonl;
 pub mod lineage;
 pub mod manifest;
 pub mod model;
+pub mod publish;
 pub mod storage;
 pub mod tokenizer;
 pub mod weights;
 
 pub use btm_kernels::Routing;
-pub use checkpoint::{write_checkpoint, Checkpoint, Extras, WriteOptions};
+pub use checkpoint::{write_checkpoint, write_checkpoint_files, Checkpoint, Extras, WriteOptions};
 pub use config::{Architecture, ModelConfig, MoeConfig, RopeScaling, SharedExpertConfig};
 pub use error::{Error, Result};
 pub use lineage::Lineage;

@@ -78,13 +78,9 @@ impl Manifest {
         Ok(Self { format: FORMAT.into(), files })
     }
 
-    /// Write `dir/MANIFEST.json` through a temporary file and a rename, so it appears whole.
+    /// Write `dir/MANIFEST.json` so it appears whole ([`crate::publish::write_file`]).
     pub fn write(&self, dir: &Path) -> Result<()> {
-        let tmp = dir.join(format!(".{MANIFEST}.tmp"));
-        let bytes = serde_json::to_vec_pretty(self).expect("manifest serialises");
-        std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
-        let dst = dir.join(MANIFEST);
-        std::fs::rename(&tmp, &dst).map_err(|e| Error::io(&dst, e))
+        crate::publish::write_file(&dir.join(MANIFEST), &serde_json::to_vec_pretty(self).expect("manifest serialises"))
     }
 
     pub fn read(dir: &Path) -> Result<Self> {

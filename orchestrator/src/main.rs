@@ -6,10 +6,10 @@
 mod commands;
 mod engine;
 mod executor;
+mod inputs;
 mod pipeline;
 mod plan;
 mod report;
-mod stage;
 
 use clap::{CommandFactory, Parser, Subcommand};
 
@@ -116,5 +116,36 @@ fn main() {
     if let Err(err) = result {
         eprintln!("error: {err:#}");
         std::process::exit(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every subcommand, flag and positional argument says what it is in `--help`.
+    #[test]
+    fn every_command_and_argument_has_help() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for a in cmd.get_arguments() {
+                let id = a.get_id().as_str();
+                if a.is_hide_set() || id == "help" || id == "version" {
+                    continue;
+                }
+                if a.get_help().is_none() && a.get_long_help().is_none() {
+                    missing.push(format!("{path} {}", a.get_long().map_or(id.to_string(), |l| format!("--{l}"))));
+                }
+            }
+            for s in cmd.get_subcommands().filter(|s| s.get_name() != "help") {
+                let sub = format!("{path} {}", s.get_name());
+                if s.get_about().is_none() {
+                    missing.push(sub.clone());
+                }
+                walk(s, &sub, missing);
+            }
+        }
+        let mut missing = vec![];
+        walk(&Cli::command(), "btm", &mut missing);
+        assert!(missing.is_empty(), "without help text: {missing:#?}");
     }
 }

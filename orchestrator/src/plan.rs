@@ -18,7 +18,7 @@
 //! ```
 
 use crate::pipeline::load::resolve;
-use crate::pipeline::spec::{Pipeline, TrainParams};
+use crate::pipeline::spec::{NonExpertSource, Pipeline, TrainParams};
 use anyhow::{bail, Context, Result};
 use btm_model::ModelConfig;
 use btm_trainer::spec as job;
@@ -719,13 +719,13 @@ impl<'a> Builder<'a> {
                 args.push(format!("{}={}", d.name, abs(self.base, d.valid.as_deref().expect("validated"))));
             }
         }
-        let non_expert = match m.non_expert.strip_prefix("from:") {
-            Some(domain) => {
-                let i = p.domains.iter().position(|d| d.name == domain).expect("validated");
+        let non_expert = match &m.non_expert {
+            NonExpertSource::Expert(domain) => {
+                let i = p.domains.iter().position(|d| &d.name == domain).expect("validated");
                 format!("from:{}", self.model(&experts[i]).dir.display())
             }
-            None if m.non_expert == "seed" => format!("from:{}", seed.model.dir.display()),
-            None => m.non_expert.clone(),
+            NonExpertSource::Seed => format!("from:{}", seed.model.dir.display()),
+            NonExpertSource::Average => "average".into(),
         };
         args.extend(["--non-expert".into(), non_expert]);
         if m.shared_expert_from_seed {
@@ -1284,7 +1284,7 @@ mod tests {
         let mut p = pipeline("upcycle: {experts: 2, top_k: 1}\n");
         p.train.trainable = Some(serde_yaml::from_str("{include: ['*.mlp.*']}").unwrap());
         p.domains[1].overrides.trainable = Some(serde_yaml::from_str("{exclude: ['lm_head.*']}").unwrap());
-        p.merge.as_mut().unwrap().non_expert = "seed".into();
+        p.merge.as_mut().unwrap().non_expert = NonExpertSource::Seed;
         let plan = plan(&p, dir.path(), dir.path()).unwrap();
         let merge = &job(&plan, "merge").args;
         let seed_model = format!("from:{}", job(&plan, "seed").produces.as_ref().unwrap().dir.display());

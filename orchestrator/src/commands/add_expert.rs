@@ -1,10 +1,8 @@
 //! `btm add-expert`: append a dense model's FFN to an existing MoE as a new expert.
 
-use anyhow::{bail, Result};
-use btm_merger::add_expert::{add_expert, AddExpertOptions};
-use btm_merger::calib::CalibOptions;
-use btm_merger::router_init::{FitOptions, RouterInit};
-use btm_merger::OutputOptions;
+use anyhow::Result;
+use btm_merger::add_expert::{add_expert, AddExpertOptions, NonExpertOnAdd};
+use btm_merger::router_init::GuardOptions;
 use clap::Args;
 use std::path::PathBuf;
 
@@ -16,6 +14,7 @@ pub struct AddExpertArgs {
     /// The dense model whose FFN becomes the new expert.
     #[arg(long)]
     expert: String,
+    /// The extended MoE's folder (or object-store URL).
     #[arg(long)]
     out: PathBuf,
     /// Calibration text of the new expert's domain (JSONL).
@@ -28,20 +27,11 @@ pub struct AddExpertArgs {
     /// in the MoE's btm.json).
     #[arg(long, num_args = 1..)]
     background: Vec<PathBuf>,
-    /// centroid | fit | random | zero (default: centroid with --calib, else random).
-    #[arg(long)]
-    router_init: Option<RouterInit>,
-    #[arg(long, default_value_t = 0.02)]
-    router_std: f64,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    #[arg(long, default_value_t = 0.8)]
-    target_prob: f64,
-    #[arg(long, default_value_t = 300)]
-    fit_steps: usize,
+    #[command(flatten)]
+    router: super::RouterArgs,
     /// The margin guard's δ in logits: on the old domains' calibration tokens, the new row stays
     /// this far below each token's k-th largest old logit, so old tokens keep their top-k.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = GuardOptions::default().margin)]
     margin: f64,
     /// Keep the centroid or fitted row as it is (old tokens may then route to the new expert).
     #[arg(long)]
@@ -49,24 +39,16 @@ pub struct AddExpertArgs {
     /// Share of the old domains' calibration tokens the guard may leave above the bound: 0
     /// holds every one (old domains first); more lets the new expert take tokens the old domains
     /// share with the new one (the report gives the measured leak on held-out text).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = GuardOptions::default().tolerance)]
     guard_tolerance: f64,
     /// Gradient steps per penalty weight of the guard.
-    #[arg(long, default_value_t = 300)]
+    #[arg(long, default_value_t = GuardOptions::default().steps)]
     guard_steps: usize,
-    #[arg(long, default_value_t = 128)]
-    calib_seq_len: usize,
-    #[arg(long, default_value_t = 8192)]
-    calib_tokens: usize,
-    /// Non-expert weights: keep (the MoE's) or average (re-average with the new expert).
-    #[arg(long, default_value = "keep")]
-    non_expert: String,
-    #[arg(long)]
-    dtype: Option<String>,
-    #[arg(long, default_value_t = 2048)]
-    shard_mb: u64,
-    #[arg(long)]
-    overwrite: bool,
+    /// The extended MoE's non-expert weights.
+    #[arg(long, value_enum, default_value_t = NonExpertOnAdd::Keep)]
+    non_expert: NonExpertOnAdd,
+    #[command(flatten)]
+    output: super::OutputArgs,
 }
 
 pub fn run(args: AddExpertArgs) -> Result<()> {
@@ -74,28 +56,18 @@ pub fn run(args: AddExpertArgs) -> Result<()> {
     let output = btm_model::folder::Output::new(&args.out.to_string_lossy())?;
     let mut o =
         AddExpertOptions::new(btm_model::storage::local_dir(&args.moe)?, btm_model::storage::local_dir(&args.expert)?, output.path());
-    o.router_init = args.router_init.unwrap_or(if args.calib.is_some() { RouterInit::Centroid } else { RouterInit::Random });
+    o.router = args.router.options(args.calib.is_some());
     o.calib = args.calib.map(|c| btm_model::folder::fetch_file(&c.to_string_lossy())).transpose()?;
     o.name = args.name;
     o.background = args.background.iter().map(|b| btm_model::folder::fetch_file(&b.to_string_lossy())).collect::<Result<_, _>>()?;
-    o.router_std = args.router_std;
-    o.seed = args.seed;
-    o.target_prob = args.target_prob;
-    o.fit = FitOptions { steps: args.fit_steps, ..Default::default() };
-    o.margin = (!args.no_guard).then_some(args.margin);
-    o.guard_steps = args.guard_steps;
-    o.guard_tolerance = args.guard_tolerance;
-    o.calib_options = CalibOptions { seq_len: args.calib_seq_len, max_tokens: args.calib_tokens, ..Default::default() };
-    o.reaverage = match args.non_expert.as_str() {
-        "keep" => false,
-        "average" => true,
-        other => bail!("unknown --non-expert `{other}` (expected keep or average)"),
-    };
-    o.output = OutputOptions {
-        dtype: args.dtype.as_deref().map(super::dtype).transpose()?,
-        max_shard_bytes: args.shard_mb << 20,
-        overwrite: args.overwrite,
-    };
+    o.guard = (!args.no_guard).then_some(GuardOptions {
+        margin: args.margin,
+        tolerance: args.guard_tolerance,
+        steps: args.guard_steps,
+        ..GuardOptions::default()
+    });
+    o.non_expert = args.non_expert;
+    o.output = args.output.options()?;
     let report = add_expert(&o)?;
     output.publish()?;
     for w in &report.warnings {

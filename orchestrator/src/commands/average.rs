@@ -25,6 +25,7 @@ pub struct AverageArgs {
     /// The averaged model's folder (Hugging Face layout; written atomically, manifest last).
     #[arg(long)]
     out: PathBuf,
+    /// Where the domain posterior is scored: cpu, or cuda (a build with the `cuda` feature).
     #[arg(long, default_value = "cpu")]
     device: String,
 }

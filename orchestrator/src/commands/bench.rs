@@ -23,6 +23,7 @@ pub enum BenchCommand {
     /// A job of known duration (what `bench orchestrate` runs).
     #[command(hide = true)]
     Sleep {
+        /// How long to sleep.
         #[arg(long)]
         seconds: f64,
     },
@@ -30,11 +31,13 @@ pub enum BenchCommand {
 
 #[derive(Args)]
 pub struct BenchMergeArgs {
+    /// Experts to merge.
     #[arg(long, default_value_t = 8)]
     experts: usize,
     /// Where the synthetic experts go (default: a temporary folder; needs ~4 GB).
     #[arg(long)]
     dir: Option<std::path::PathBuf>,
+    /// Print the result as one JSON object.
     #[arg(long)]
     json: bool,
 }
@@ -47,11 +50,13 @@ pub struct BenchMoeArgs {
     /// Tokens per layer call.
     #[arg(long, default_value_t = 4096)]
     tokens: usize,
+    /// Model width H.
     #[arg(long, default_value_t = 1024)]
     hidden: usize,
     /// Timed repetitions per path (medians are reported).
     #[arg(long, default_value_t = 3)]
     reps: usize,
+    /// Print the result as one JSON object.
     #[arg(long)]
     json: bool,
 }
@@ -64,6 +69,7 @@ pub struct BenchOrchestrateArgs {
     /// Duration of each job.
     #[arg(long, default_value_t = 5.0)]
     seconds: f64,
+    /// Print the result as one JSON object.
     #[arg(long)]
     json: bool,
 }
@@ -87,6 +93,7 @@ pub struct BenchTrainArgs {
     #[arg(long, default_value_t = 1)]
     ranks: usize,
     /// Print one JSON line {"tokens_per_s", "peak_rss_mb", ...}.
+    /// Print the result as one JSON object.
     #[arg(long)]
     json: bool,
 }

@@ -38,6 +38,7 @@ pub struct EvalArgs {
     /// Compute dtype.
     #[arg(long, default_value = "float32")]
     dtype: String,
+    /// cpu, or cuda (a build with the `cuda` feature).
     #[arg(long, default_value = "cpu")]
     device: String,
     /// For an MoE, also report each layer's share of tokens per expert (`routing` in the JSON).
@@ -134,9 +135,7 @@ fn report(
     if let Some(out) = &args.out {
         // A local file is written in place; an object-store URL is uploaded.
         let output = btm_model::folder::Output::new(&out.to_string_lossy())?;
-        let tmp = output.path().with_extension("json.tmp");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(&result)?)?;
-        std::fs::rename(&tmp, output.path())?;
+        btm_model::publish::write_file(output.path(), &serde_json::to_vec_pretty(&result)?)?;
         output.publish()?;
     }
     if args.json {

@@ -1,10 +1,7 @@
 //! `btm merge`: assemble trained dense experts into a Mixture of Experts.
 
 use anyhow::Result;
-use btm_merger::calib::CalibOptions;
 use btm_merger::merge::{merge, MergeOptions, NonExpert};
-use btm_merger::router_init::{FitOptions, RouterInit};
-use btm_merger::OutputOptions;
 use btm_model::Routing;
 use clap::Args;
 use std::path::PathBuf;
@@ -14,6 +11,7 @@ pub struct MergeArgs {
     /// Dense expert checkpoints (directories or URLs); expert i's FFN becomes expert i.
     #[arg(long, num_args = 1.., required = true)]
     experts: Vec<String>,
+    /// The merged MoE's folder (or object-store URL).
     #[arg(long)]
     out: PathBuf,
     /// Experts per token.
@@ -22,29 +20,11 @@ pub struct MergeArgs {
     /// topk_then_softmax (Mixtral) or softmax_then_topk (Qwen2-MoE, norm_topk_prob false).
     #[arg(long, default_value = "topk_then_softmax")]
     routing: Routing,
-    /// random | zero | centroid | fit (default: centroid with --calib, else random).
-    #[arg(long)]
-    router_init: Option<RouterInit>,
-    /// Std of a random router.
-    #[arg(long, default_value_t = 0.02)]
-    router_std: f64,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
+    #[command(flatten)]
+    router: super::RouterArgs,
     /// Calibration text per expert, in expert order: NAME=FILE.jsonl …
     #[arg(long, num_args = 1..)]
     calib: Vec<String>,
-    /// Calibration window length in tokens.
-    #[arg(long, default_value_t = 128)]
-    calib_seq_len: usize,
-    /// Calibration tokens per domain (the last 20 % are held out for routing accuracy).
-    #[arg(long, default_value_t = 8192)]
-    calib_tokens: usize,
-    /// Centroid: mean probability a calibration token gives its own domain's expert.
-    #[arg(long, default_value_t = 0.8)]
-    target_prob: f64,
-    /// Fit: gradient steps of softmax regression per layer.
-    #[arg(long, default_value_t = 300)]
-    fit_steps: usize,
     /// Non-expert weights: average (BTX) | weighted (with --weights) | from:CKPT.
     #[arg(long, default_value = "average")]
     non_expert: String,
@@ -54,14 +34,8 @@ pub struct MergeArgs {
     /// Keep this dense model's FFN as an always-on shared expert.
     #[arg(long)]
     shared_expert: Option<String>,
-    /// Dtype on disk (default: the experts').
-    #[arg(long)]
-    dtype: Option<String>,
-    /// Largest shard in MiB.
-    #[arg(long, default_value_t = 2048)]
-    shard_mb: u64,
-    #[arg(long)]
-    overwrite: bool,
+    #[command(flatten)]
+    output: super::OutputArgs,
 }
 
 pub fn run(args: MergeArgs) -> Result<()> {
@@ -71,23 +45,14 @@ pub fn run(args: MergeArgs) -> Result<()> {
     let mut o = MergeOptions::new(experts, output.path());
     o.top_k = args.top_k;
     o.routing = args.routing;
-    o.router_init = args.router_init.unwrap_or(if args.calib.is_empty() { RouterInit::Random } else { RouterInit::Centroid });
-    o.router_std = args.router_std;
-    o.seed = args.seed;
+    o.router = args.router.options(!args.calib.is_empty());
     o.calib = args.calib.iter().map(|c| super::fetch_named(c)).collect::<Result<_>>()?;
-    o.calib_options = CalibOptions { seq_len: args.calib_seq_len, max_tokens: args.calib_tokens, ..Default::default() };
-    o.target_prob = args.target_prob;
-    o.fit = FitOptions { steps: args.fit_steps, ..Default::default() };
     o.non_expert = match args.non_expert.strip_prefix("from:") {
         Some(ckpt) => NonExpert::From(btm_model::storage::local_dir(ckpt)?),
         None => NonExpert::parse(&args.non_expert, args.weights)?,
     };
     o.shared_expert = args.shared_expert.as_deref().map(btm_model::storage::local_dir).transpose()?;
-    o.output = OutputOptions {
-        dtype: args.dtype.as_deref().map(super::dtype).transpose()?,
-        max_shard_bytes: args.shard_mb << 20,
-        overwrite: args.overwrite,
-    };
+    o.output = args.output.options()?;
     let start = std::time::Instant::now();
     let report = merge(&o)?;
     output.publish()?;
@@ -102,7 +67,7 @@ pub fn run(args: MergeArgs) -> Result<()> {
         m.experts,
         m.top_k,
         m.routing.as_str(),
-        o.router_init.as_str(),
+        o.router.init.as_str(),
         start.elapsed().as_secs_f64()
     );
     if let Some(layers) = report.lineage.extra.get("routing_accuracy").and_then(|v| v.as_array()) {

@@ -121,7 +121,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         // Fail now, naming the URL, if the store cannot be reached or the bucket is missing.
         run.list("jobs").with_context(|| format!("run storage `{}`: cannot use the object store", run.location()))?;
     }
-    crate::stage::inputs(&mut plan, !args.dry_run)?;
+    crate::inputs::upload(&mut plan, !args.dry_run)?;
     if args.dry_run {
         print_plan(&plan, &p.engine);
         if let EngineSpec::Kubernetes(k) = &p.engine {

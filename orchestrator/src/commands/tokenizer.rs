@@ -11,6 +11,7 @@ pub enum TokenizerCommand {
         /// JSONL files with a `text` field.
         #[arg(long, num_args = 1.., required = true)]
         data: Vec<PathBuf>,
+        /// Tokens in the vocabulary, special tokens included.
         #[arg(long, default_value_t = 8192)]
         vocab_size: usize,
         /// Use at most this many documents per file.

@@ -2,7 +2,7 @@
 
 use anyhow::Result;
 use btm_merger::upcycle::{upcycle, UpcycleOptions};
-use btm_merger::{OutputOptions, ScalingMode};
+use btm_merger::ScalingMode;
 use btm_model::Routing;
 use clap::Args;
 use std::path::PathBuf;
@@ -21,26 +21,23 @@ pub struct UpcycleArgs {
     /// G = dense FFN width / expert width.
     #[arg(long, default_value_t = 1)]
     granularity: usize,
+    /// topk_then_softmax (Mixtral) or softmax_then_topk (Qwen2-MoE, norm_topk_prob false).
     #[arg(long, default_value = "topk_then_softmax")]
     routing: Routing,
     /// exact (√a on up and down) or megatron (a^(1/3) on gate, up and down).
     #[arg(long, default_value = "exact")]
     scaling: ScalingMode,
     /// Std of the router's random rows (0: zero router).
-    #[arg(long, default_value_t = 0.02)]
+    #[arg(long, default_value_t = btm_merger::router_init::DEFAULT_ROUTER_STD)]
     router_std: f64,
+    /// Seed of the router's random rows.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// The upcycled MoE's folder (or object-store URL).
     #[arg(long)]
     out: PathBuf,
-    /// Dtype on disk (default: the model's).
-    #[arg(long)]
-    dtype: Option<String>,
-    /// Largest shard in MiB.
-    #[arg(long, default_value_t = 2048)]
-    shard_mb: u64,
-    #[arg(long)]
-    overwrite: bool,
+    #[command(flatten)]
+    output: super::OutputArgs,
 }
 
 pub fn run(args: UpcycleArgs) -> Result<()> {
@@ -53,11 +50,7 @@ pub fn run(args: UpcycleArgs) -> Result<()> {
     o.scaling = args.scaling;
     o.router_std = args.router_std;
     o.seed = args.seed;
-    o.output = OutputOptions {
-        dtype: args.dtype.as_deref().map(super::dtype).transpose()?,
-        max_shard_bytes: args.shard_mb << 20,
-        overwrite: args.overwrite,
-    };
+    o.output = args.output.options()?;
     let report = upcycle(&o)?;
     output.publish()?;
     let m = report.config.moe.as_ref().expect("an MoE");

@@ -532,12 +532,10 @@ pub fn check(p: &Pipeline, base: &Path) -> Vec<(String, String)> {
                 }
             }
         }
-        if let Some(from) = m.non_expert.strip_prefix("from:") {
-            if !p.domains.iter().any(|d| d.name == from) {
+        if let super::spec::NonExpertSource::Expert(from) = &m.non_expert {
+            if !p.domains.iter().any(|d| &d.name == from) {
                 problems.push(("merge.non_expert".into(), format!("no domain named `{from}`")));
             }
-        } else if m.non_expert != "average" && m.non_expert != "seed" {
-            problems.push(("merge.non_expert".into(), format!("`{}`: expected `average`, `seed` or `from:<domain>`", m.non_expert)));
         }
     }
     if let Some(u) = &p.upcycle {

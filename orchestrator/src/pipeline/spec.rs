@@ -476,7 +476,7 @@ pub struct MergeSpec {
     /// Non-expert weights: `average` (BTX), `seed` to keep the seed's (exact when the expert
     /// phase froze them, see `train.trainable`), or `from:<domain>` to copy one expert's.
     #[serde(default = "default_non_expert")]
-    pub non_expert: String,
+    pub non_expert: NonExpertSource,
     /// Keep the seed's FFN as an always-on shared expert.
     #[serde(default)]
     pub shared_expert_from_seed: bool,
@@ -494,8 +494,58 @@ fn default_router_init() -> RouterInit {
 fn default_calib_tokens() -> usize {
     8192
 }
-fn default_non_expert() -> String {
-    "average".into()
+fn default_non_expert() -> NonExpertSource {
+    NonExpertSource::Average
+}
+
+/// Where the merged model's non-expert weights come from: `average`, `seed` or
+/// `from:<domain>` (that domain's expert).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum NonExpertSource {
+    /// The mean of the experts' (BTX).
+    Average,
+    /// The seed's (exact when the expert phase froze them).
+    Seed,
+    /// One domain's expert's.
+    Expert(String),
+}
+
+impl TryFrom<String> for NonExpertSource {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        match s.as_str() {
+            "average" => Ok(NonExpertSource::Average),
+            "seed" => Ok(NonExpertSource::Seed),
+            other => match other.strip_prefix("from:") {
+                Some(domain) if !domain.is_empty() => Ok(NonExpertSource::Expert(domain.to_string())),
+                _ => Err(format!("`{other}`: expected `average`, `seed` or `from:<domain>`")),
+            },
+        }
+    }
+}
+
+impl From<NonExpertSource> for String {
+    fn from(s: NonExpertSource) -> String {
+        match s {
+            NonExpertSource::Average => "average".into(),
+            NonExpertSource::Seed => "seed".into(),
+            NonExpertSource::Expert(domain) => format!("from:{domain}"),
+        }
+    }
+}
+
+impl JsonSchema for NonExpertSource {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "NonExpertSource".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "string",
+            "pattern": "^(average|seed|from:.+)$",
+            "description": "`average`, `seed` or `from:<domain>`"
+        })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]

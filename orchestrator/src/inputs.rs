@@ -1,8 +1,8 @@
 //! Inputs of a run kept in an object store. Its workers share no filesystem with `btm run`, so
 //! every local file or directory a job reads — data, calibration text, a seed checkpoint — is
 //! uploaded once into the run as `inputs/<content hash>/<name>`, and the job is pointed at that
-//! URL; workers fetch it into their cache. A staged directory always gets a `MANIFEST.json`
-//! (the one it has, or one made here), uploaded last, so a half-staged input is never used.
+//! URL; workers fetch it into their cache. An uploaded directory always gets a `MANIFEST.json`
+//! (the one it has, or one made here), uploaded last, so a half-uploaded input is never used.
 //! Local runs are left as they are.
 
 use crate::plan::Plan;
@@ -13,14 +13,14 @@ use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::path::Path;
 
-/// Point every job of an object-store run at staged copies of its local inputs; `upload`
+/// Point every job of an object-store run at uploaded copies of its local inputs; `upload`
 /// false (a dry run) only computes the URLs.
-pub fn inputs(plan: &mut Plan, upload: bool) -> Result<()> {
+pub fn upload(plan: &mut Plan, upload: bool) -> Result<()> {
     let run = plan.run_dir.to_string_lossy().into_owned();
     if !is_remote(&run) {
         return Ok(());
     }
-    let mut stager = Stager { folder: Folder::shared(&run)?, upload, staged: HashMap::new() };
+    let mut uploader = Uploader { folder: Folder::shared(&run)?, upload, uploaded: HashMap::new() };
     for job in &mut plan.jobs {
         for arg in &mut job.args {
             // Whole arguments, `NAME=FILE` (calibration) and `from:DIR` (non-expert weights).
@@ -29,7 +29,7 @@ pub fn inputs(plan: &mut Plan, upload: bool) -> Result<()> {
                 (None, Some(dir)) => ("from:".to_string(), dir.to_string()),
                 (None, None) => (String::new(), arg.clone()),
             };
-            if let Some(url) = stager.stage(&tail)? {
+            if let Some(url) = uploader.upload(&tail)? {
                 *arg = format!("{head}{url}");
             }
         }
@@ -37,12 +37,12 @@ pub fn inputs(plan: &mut Plan, upload: bool) -> Result<()> {
             if path.file_name().is_some_and(|n| n == "job.yaml") {
                 let mut spec: btm_trainer::JobSpec = serde_yaml::from_str(contents).with_context(|| format!("{}", path.display()))?;
                 if let Some(c) = &mut spec.init.checkpoint {
-                    if let Some(url) = stager.stage(c)? {
+                    if let Some(url) = uploader.upload(c)? {
                         *c = url;
                     }
                 }
                 for p in spec.data.train.iter_mut().map(|s| &mut s.path).chain(spec.data.valid.iter_mut()) {
-                    if let Some(url) = stager.stage(&p.to_string_lossy())? {
+                    if let Some(url) = uploader.upload(&p.to_string_lossy())? {
                         *p = url.into();
                     }
                 }
@@ -53,22 +53,22 @@ pub fn inputs(plan: &mut Plan, upload: bool) -> Result<()> {
     Ok(())
 }
 
-struct Stager {
+struct Uploader {
     folder: std::sync::Arc<Folder>,
     upload: bool,
     /// Local path → its URL in the run.
-    staged: HashMap<String, String>,
+    uploaded: HashMap<String, String>,
 }
 
-impl Stager {
-    /// The URL of the staged copy of `local`, when it is an existing local file or directory
+impl Uploader {
+    /// The URL of the uploaded copy of `local`, when it is an existing local file or directory
     /// (the planner makes every input path absolute; anything else is not an input).
-    fn stage(&mut self, local: &str) -> Result<Option<String>> {
+    fn upload(&mut self, local: &str) -> Result<Option<String>> {
         let path = Path::new(local);
         if !path.is_absolute() || !path.exists() {
             return Ok(None);
         }
-        if let Some(url) = self.staged.get(local) {
+        if let Some(url) = self.uploaded.get(local) {
             return Ok(Some(url.clone()));
         }
         let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "input".into());
@@ -95,7 +95,7 @@ impl Stager {
             }
             self.folder.join(&rel)
         };
-        self.staged.insert(local.to_string(), url.clone());
+        self.uploaded.insert(local.to_string(), url.clone());
         Ok(Some(url))
     }
 }

@@ -79,6 +79,7 @@ fn every_stage_runs_and_a_second_run_does_nothing() {
         assert_eq!(n, m);
         assert!(a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()), "{n} changed");
     }
+    tensorboard_reads_the_training_curves(&run);
     let again = ok(btm().arg("run").arg(&file).output().unwrap());
     assert!(again.contains("nothing to do: all"), "{again}");
 
@@ -90,6 +91,45 @@ fn every_stage_runs_and_a_second_run_does_nothing() {
 
     let status = ok(btm().arg("status").arg(&run).output().unwrap());
     assert!(status.contains("expert/code") && status.contains("done") && status.contains("step 6/6"), "{status}");
+}
+
+/// TensorBoard's own reader finds every training job's curves in `<job>/tb/`: the step records
+/// (loss, learning rate, grad norm, throughput), validation perplexity and, for an MoE, each
+/// layer's expert load and dropped share, at the steps and values of `metrics.jsonl`.
+fn tensorboard_reads_the_training_curves(run: &Path) {
+    let Some(python) = common::torch_python() else { return };
+    let script = "import json, sys\n\
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator\n\
+        out = {}\n\
+        for d in sys.argv[1:]:\n\
+        \x20   ea = EventAccumulator(d, size_guidance={'scalars': 0})\n\
+        \x20   ea.Reload()\n\
+        \x20   out[d] = {t: [[e.step, e.value] for e in ea.Scalars(t)] for t in ea.Tags()['scalars']}\n\
+        print(json.dumps(out))\n";
+    let jobs = [run.join("experts/scripture"), run.join("continued")];
+    let read = ok(std::process::Command::new(python).args(["-c", script]).args(jobs.iter().map(|j| j.join("tb"))).output().unwrap());
+    let curves: serde_json::Value = serde_json::from_str(&read).unwrap();
+    for (job, moe) in jobs.iter().zip([false, true]) {
+        let tags = &curves[job.join("tb").to_string_lossy().as_ref()];
+        let mut want = vec!["loss", "lr", "grad_norm", "tokens_per_s", "val_ppl"];
+        if moe {
+            want.extend(["expert_load/layer0/expert0", "dropped/layer0", "aux_loss"]);
+        }
+        for t in want {
+            assert!(tags.get(t).is_some_and(|c| !c.as_array().unwrap().is_empty()), "{}: no `{t}` curve in {tags}", job.display());
+        }
+        // The last loss TensorBoard shows is metrics.jsonl's, at its step (float32).
+        let metrics = std::fs::read_to_string(job.join("metrics.jsonl")).unwrap();
+        let last: serde_json::Value = metrics
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|r| r.get("loss").is_some())
+            .last()
+            .unwrap();
+        let curve = tags["loss"].as_array().unwrap().last().unwrap().clone();
+        assert_eq!(curve[0], last["step"], "{}", job.display());
+        assert_eq!(curve[1].as_f64().unwrap() as f32, last["loss"].as_f64().unwrap() as f32, "{}", job.display());
+    }
 }
 
 /// Experts from an existing seed, merged, continued: small enough to run three times.

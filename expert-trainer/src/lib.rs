@@ -27,6 +27,7 @@ pub mod schedule;
 pub mod signals;
 pub mod spec;
 pub mod state;
+pub mod tensorboard;
 pub mod train;
 
 pub use spec::JobSpec;

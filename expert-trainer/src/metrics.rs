@@ -21,6 +21,8 @@ pub struct Metrics {
     quiet: bool,
     /// Only when stderr is a terminal.
     bar: Option<indicatif::ProgressBar>,
+    /// The same records as TensorBoard scalars (rank 0 of a btm-trained job).
+    tensorboard: Option<crate::tensorboard::EventWriter>,
 }
 
 impl Metrics {
@@ -47,25 +49,38 @@ impl Metrics {
         }
         let file =
             std::fs::OpenOptions::new().create(true).append(true).open(&path).with_context(|| format!("opening {}", path.display()))?;
-        Ok(Self { path, file: Some(file), quiet, bar: None })
+        Ok(Self { path, file: Some(file), quiet, bar: None, tensorboard: None })
     }
 
     /// Metrics of a rank other than 0: nothing written, nothing printed (rank 0 reports the
     /// step's all-reduced figures).
     pub fn silent(dir: &Path) -> Self {
-        Self { path: dir.join(METRICS), file: None, quiet: true, bar: None }
+        Self { path: dir.join(METRICS), file: None, quiet: true, bar: None, tensorboard: None }
     }
 
     pub fn path(&self) -> &Path {
         &self.path
     }
 
-    /// Append one record.
+    /// Also write every record as TensorBoard scalars ([`crate::tensorboard`]).
+    pub fn set_tensorboard(&mut self, writer: crate::tensorboard::EventWriter) {
+        self.tensorboard = Some(writer);
+    }
+
+    /// The TensorBoard event file being written, if any.
+    pub fn tensorboard_path(&self) -> Option<&Path> {
+        self.tensorboard.as_ref().map(|w| w.path())
+    }
+
+    /// Append one record (and its numbers to the TensorBoard events).
     pub fn record(&mut self, v: &Value) -> Result<()> {
         let mut line = serde_json::to_string(v)?;
         line.push('\n');
-        match &mut self.file {
-            Some(file) => file.write_all(line.as_bytes()).with_context(|| format!("writing {}", self.path.display())),
+        if let Some(file) = &mut self.file {
+            file.write_all(line.as_bytes()).with_context(|| format!("writing {}", self.path.display()))?;
+        }
+        match &mut self.tensorboard {
+            Some(tb) => tb.record(v),
             None => Ok(()),
         }
     }

@@ -428,6 +428,7 @@ pub fn run(spec: &JobSpec, mut options: Options) -> Result<Outcome> {
     let (mut mixture, valid) = job.load_data(&metrics)?;
     let (mut stepper, progress) = job.start(resume_from.as_ref(), &metrics)?;
     metrics = job.metrics(progress.step)?;
+    job.open_tensorboard(&mut metrics, progress.step)?;
     let progress = match job.train(&mut stepper, &mut mixture, &valid, progress, &mut metrics, &mut options)? {
         Ok(done) => done,
         Err(interrupted) => return Ok(interrupted),
@@ -497,6 +498,27 @@ impl<'a> TrainingRun<'a> {
         } else {
             Ok(Metrics::silent(&self.out))
         }
+    }
+
+    /// Rank 0 also writes its records as TensorBoard events, into `<out>/tb/` (a resumed job
+    /// starts a new event file at the step after `step`).
+    fn open_tensorboard(&self, metrics: &mut Metrics, step: u64) -> Result<()> {
+        if self.ranks.is_root() {
+            let dir = self.out.join(crate::tensorboard::TB_DIR);
+            metrics.set_tensorboard(crate::tensorboard::EventWriter::create(&dir, (step > 0).then_some(step + 1))?);
+        }
+        Ok(())
+    }
+
+    /// Upload the metrics (and the TensorBoard events) to the mirror, if there is one.
+    fn mirror_metrics(&self, metrics: &Metrics) -> Result<()> {
+        let Some(m) = &self.mirror else { return Ok(()) };
+        m.upload_file(&self.out.join(crate::metrics::METRICS), crate::metrics::METRICS)?;
+        if let Some(events) = metrics.tensorboard_path() {
+            let name = events.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            m.upload_file(events, &format!("{}/{name}", crate::tensorboard::TB_DIR))?;
+        }
+        Ok(())
     }
 
     /// The checkpoint to resume from: this job's newest valid one (downloaded from the mirror
@@ -663,7 +685,7 @@ impl<'a> TrainingRun<'a> {
             if let Some(signal) = stop {
                 let dir = match &last_saved {
                     Some((s, dir)) if *s == p.step => dir.clone(),
-                    _ => self.save(stepper, &p)?,
+                    _ => self.save(stepper, &p, metrics)?,
                 };
                 metrics.say(&format!("signal {signal}: stopped at step {}, checkpoint {}", p.step, dir.display()));
                 return Ok(Err(Outcome::Interrupted { step: p.step, signal, checkpoint: dir }));
@@ -701,7 +723,7 @@ impl<'a> TrainingRun<'a> {
                 self.validate(stepper, valid, metrics, step)?;
             }
             if (spec.checkpoint.interval > 0 && step.is_multiple_of(spec.checkpoint.interval)) || step == total {
-                let dir = self.save(stepper, &p)?;
+                let dir = self.save(stepper, &p, metrics)?;
                 if let Some(cb) = options.on_checkpoint.as_mut() {
                     cb(step, &dir);
                 }
@@ -732,7 +754,7 @@ impl<'a> TrainingRun<'a> {
     /// Write and publish a checkpoint (and mirror it). Every rank takes part (expert stacks and
     /// their moments are gathered); rank 0 writes; the others wait for it at a barrier (if rank
     /// 0 fails instead, the launcher ends them).
-    fn save(&self, stepper: &Stepper, p: &Progress) -> Result<PathBuf> {
+    fn save(&self, stepper: &Stepper, p: &Progress, metrics: &Metrics) -> Result<PathBuf> {
         let (whole, moments) = (gathered_weights(stepper, &self.ranks)?, gathered_moments(stepper, &self.ranks)?);
         if !self.ranks.is_root() {
             self.ranks.barrier()?;
@@ -750,8 +772,8 @@ impl<'a> TrainingRun<'a> {
             for old in m.checkpoint_steps()?.into_iter().filter(|s| !kept.contains(s)) {
                 m.delete_dir(&format!("checkpoints/{}", checkpoint::step_dir_name(old)))?;
             }
-            m.upload_file(&self.out.join(crate::metrics::METRICS), crate::metrics::METRICS)?;
         }
+        self.mirror_metrics(metrics)?;
         self.ranks.barrier()?;
         Ok(dir)
     }
@@ -771,8 +793,8 @@ impl<'a> TrainingRun<'a> {
         if let Some(m) = &self.mirror {
             m.delete_dir("model")?;
             m.upload_dir(&model_dir, "model")?;
-            m.upload_file(&self.out.join(crate::metrics::METRICS), crate::metrics::METRICS)?;
         }
+        self.mirror_metrics(metrics)?;
         metrics.finish();
         metrics.say(&format!("done: {} steps, {} tokens; model at {}", p.step, p.tokens_seen, model_dir.display()));
         self.ranks.barrier()?;

@@ -200,23 +200,28 @@ impl Drop for S3Server {
     }
 }
 
-/// A Python that imports torch and transformers, or `None` (a failure under BTM_REQUIRE_TORCH=1).
+/// A Python that imports torch, transformers and tensorboard (the references the tests compare
+/// against), or `None` (a failure under BTM_REQUIRE_TORCH=1).
 pub fn torch_python() -> Option<PathBuf> {
     let candidates = std::env::var_os("BTM_PYTHON")
         .map(PathBuf::from)
         .into_iter()
         .chain([PathBuf::from("/opt/pyref/bin/python"), PathBuf::from("python3")]);
     for py in candidates {
-        let works = Command::new(&py).args(["-c", "import torch, transformers"]).stderr(Stdio::null()).status().is_ok_and(|s| s.success());
+        let works = Command::new(&py)
+            .args(["-c", "import torch, transformers, tensorboard"])
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
         if works {
             return Some(py);
         }
     }
     assert!(
         std::env::var("BTM_REQUIRE_TORCH").as_deref() != Ok("1"),
-        "BTM_REQUIRE_TORCH=1 but no Python with torch and transformers was found (set BTM_PYTHON)"
+        "BTM_REQUIRE_TORCH=1 but no Python with torch, transformers and tensorboard was found (set BTM_PYTHON)"
     );
-    eprintln!("skipped: no Python with torch and transformers (set BTM_PYTHON, or BTM_REQUIRE_TORCH=1 to fail)");
+    eprintln!("skipped: no Python with torch, transformers and tensorboard (set BTM_PYTHON, or BTM_REQUIRE_TORCH=1 to fail)");
     None
 }
 

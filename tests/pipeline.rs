@@ -120,12 +120,8 @@ fn tensorboard_reads_the_training_curves(run: &Path) {
         }
         // The last loss TensorBoard shows is metrics.jsonl's, at its step (float32).
         let metrics = std::fs::read_to_string(job.join("metrics.jsonl")).unwrap();
-        let last: serde_json::Value = metrics
-            .lines()
-            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-            .filter(|r| r.get("loss").is_some())
-            .last()
-            .unwrap();
+        let last: serde_json::Value =
+            metrics.lines().rev().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()).find(|r| r.get("loss").is_some()).unwrap();
         let curve = tags["loss"].as_array().unwrap().last().unwrap().clone();
         assert_eq!(curve[0], last["step"], "{}", job.display());
         assert_eq!(curve[1].as_f64().unwrap() as f32, last["loss"].as_f64().unwrap() as f32, "{}", job.display());

@@ -204,32 +204,7 @@ impl Stepper {
             stats.loss += ce.to_dtype(DType::F64)?.to_scalar::<f64>()? / n;
             let mut loss = ce;
             if !trace.router.is_empty() {
-                let layers = trace.router.len() as f64;
-                let mut aux = Vec::with_capacity(trace.router.len());
-                let mut z = Vec::with_capacity(trace.router.len());
-                if stats.expert_load.is_empty() {
-                    stats.expert_load = vec![Vec::new(); trace.router.len()];
-                    stats.dropped = vec![0.0; trace.router.len()];
-                }
-                let global_counts = self.global_expert_counts(&trace.router)?;
-                for (l, r) in trace.router.iter().enumerate() {
-                    aux.push(match &global_counts {
-                        None => r.load_balancing_loss()?,
-                        Some((counts, assignments)) => {
-                            btm_kernels::load_balancing_loss_with_counts(&r.routed.probs, &counts[l], *assignments)?
-                        }
-                    });
-                    z.push(r.z_loss()?);
-                    stats.dropped[l] += r.dropped_fraction()? / n;
-                    let load = r.expert_load()?;
-                    let acc = &mut stats.expert_load[l];
-                    acc.resize(load.len(), 0.0);
-                    for (a, x) in acc.iter_mut().zip(load) {
-                        *a += x / n as f32;
-                    }
-                }
-                let aux = (Tensor::stack(&aux, 0)?.sum_all()? / layers)?;
-                let z = (Tensor::stack(&z, 0)?.sum_all()? / layers)?;
+                let (aux, z) = self.router_losses(&trace.router, &mut stats, n)?;
                 aux_sum += aux.to_dtype(DType::F64)?.to_scalar::<f64>()? / n;
                 z_sum += z.to_dtype(DType::F64)?.to_scalar::<f64>()? / n;
                 loss = ((loss + (aux * self.aux_coef)?)? + (z * self.z_coef)?)?;
@@ -274,6 +249,38 @@ impl Stepper {
         self.refresh_model()?;
         stats.optimizer_s = optimizer_started.elapsed().as_secs_f64();
         Ok(stats)
+    }
+
+    /// A micro-batch's router losses, each the mean over the MoE layers: the load-balancing
+    /// loss (Switch Transformer, f_i over the whole round's assignments when there are several
+    /// ranks) and the router z-loss (ST-MoE); each layer's expert load and dropped share are
+    /// added to `stats` (divided by the step's `n` micro-batches).
+    fn router_losses(&self, router: &[btm_model::model::RouterOutput], stats: &mut StepStats, n: f64) -> Result<(Tensor, Tensor)> {
+        let layers = router.len() as f64;
+        let mut aux = Vec::with_capacity(router.len());
+        let mut z = Vec::with_capacity(router.len());
+        if stats.expert_load.is_empty() {
+            stats.expert_load = vec![Vec::new(); router.len()];
+            stats.dropped = vec![0.0; router.len()];
+        }
+        let global_counts = self.global_expert_counts(router)?;
+        for (l, r) in router.iter().enumerate() {
+            aux.push(match &global_counts {
+                None => r.load_balancing_loss()?,
+                Some((counts, assignments)) => btm_kernels::load_balancing_loss_with_counts(&r.routed.probs, &counts[l], *assignments)?,
+            });
+            z.push(r.z_loss()?);
+            stats.dropped[l] += r.dropped_fraction()? / n;
+            let load = r.expert_load()?;
+            let acc = &mut stats.expert_load[l];
+            acc.resize(load.len(), 0.0);
+            for (a, x) in acc.iter_mut().zip(load) {
+                *a += x / n as f32;
+            }
+        }
+        let aux = (Tensor::stack(&aux, 0)?.sum_all()? / layers)?;
+        let z = (Tensor::stack(&z, 0)?.sum_all()? / layers)?;
+        Ok((aux, z))
     }
 
     /// Per MoE layer, the assignments each expert got summed over all ranks, and the total

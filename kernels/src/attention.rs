@@ -29,8 +29,11 @@ use crate::cpu::{by_dtype, slice, Real, SendPtr};
 /// The shape of one attention call.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AttentionShape {
+    /// Query heads per token.
     pub heads: usize,
+    /// Key/value heads per token; must divide `heads` (each serves `heads / kv_heads` query heads).
     pub kv_heads: usize,
+    /// Width D of one head; must be even (the rotary embedding rotates pairs).
     pub head_dim: usize,
     /// Multiplies the scores (usually 1/√D); must be positive.
     pub scale: f64,

@@ -23,8 +23,11 @@ use crate::router::Routing;
 /// One MoE shape: E experts, top-k, expert FFN width F.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct MoeCase {
+    /// Number E of routed experts.
     pub experts: usize,
+    /// Experts k each token is sent to.
     pub top_k: usize,
+    /// Width F of each expert's SwiGLU.
     pub ffn: usize,
 }
 
@@ -46,8 +49,11 @@ pub const DEFAULT_CASES: [MoeCase; 2] = [MoeCase { experts: 8, top_k: 2, ffn: 28
 /// What to run.
 #[derive(Debug, Clone, Serialize)]
 pub struct MoeBenchSpec {
+    /// Tokens T per layer call (rows of the input).
     pub tokens: usize,
+    /// Width H of each token's hidden state.
     pub hidden: usize,
+    /// The MoE shapes to time, one result each.
     pub cases: Vec<MoeCase>,
     /// Timed runs per path (the median is reported), after one warm-up run.
     pub reps: usize,
@@ -65,12 +71,18 @@ impl Default for MoeBenchSpec {
 /// One case's figures.
 #[derive(Debug, Clone, Serialize)]
 pub struct MoeBenchResult {
+    /// The shape timed (its fields appear at the top level in JSON).
     #[serde(flatten)]
     pub case: MoeCase,
+    /// Tokens T per layer call, from the spec.
     pub tokens: usize,
+    /// Hidden width H, from the spec.
     pub hidden: usize,
+    /// Element type of the run (always `"f32"`).
     pub dtype: &'static str,
+    /// `"cpu"`, or the GPU's location as candle prints it.
     pub device: String,
+    /// Threads in rayon's pool during the run.
     pub threads: usize,
     /// The processor, instruction set and GEMM kernels (CPU runs).
     pub cpu: crate::isa::CpuInfo,
@@ -85,16 +97,20 @@ pub struct MoeBenchResult {
     /// flops / fused wall time, in GFLOP/s: how close the fused layer runs to the machine's peak,
     /// which bounds any speedup (the reference can be beaten by at most peak / its GFLOP/s).
     pub fused_gflops: f64,
+    /// flops / reference wall time, in GFLOP/s; `None` when the reference was not run.
     pub reference_gflops: Option<f64>,
     /// The grouped GEMM alone (forward of the gate projection: T·k rows over E equal groups,
     /// [T·k, H] · W_e [F, H]ᵀ) next to one dense matmul of the same FLOPs ([T·k, H] · [H, F],
     /// candle's own: the `gemm` crate on CPU, cuBLAS on CUDA), both in GFLOP/s, and their ratio:
     /// how much of the machine's best dense GEMM rate the ragged one keeps.
     pub grouped_gemm_gflops: f64,
+    /// The dense matmul of the same FLOPs, in GFLOP/s (see `grouped_gemm_gflops`).
     pub dense_gemm_gflops: f64,
+    /// grouped_gemm_gflops / dense_gemm_gflops.
     pub grouped_vs_dense: f64,
     /// Median process CPU milliseconds (all threads) per run, where the OS reports it.
     pub fused_cpu_ms: Option<f64>,
+    /// The same for the reference loop; `None` when it was not run or the OS does not report it.
     pub reference_cpu_ms: Option<f64>,
 }
 

@@ -18,8 +18,11 @@ const COMMON: &str = include_str!("cuda/common.cuh");
 /// One CUDA translation unit and the kernels it defines.
 #[derive(Debug, Clone, Copy)]
 pub struct KernelSource {
+    /// File name under `src/cuda/` (e.g. `route.cu`); also the program name NVRTC reports.
     pub name: &'static str,
+    /// The file's text, without the `common.cuh` prelude ([`Self::source`] adds it).
     pub body: &'static str,
+    /// The `extern "C"` kernels it defines, each of which must appear in its PTX.
     pub functions: &'static [&'static str],
 }
 
@@ -105,15 +108,23 @@ pub mod gpu {
 
     /// A routing plan on the device (see `RoutePlan`); `rows` has room for all T·k slots.
     pub struct DevicePlan {
+        /// [E+1] start row of each expert's group; `offsets[E]` = N kept assignments.
         pub offsets: CudaSlice<u32>,
+        /// [T·k] slot `t·k + j` of each permuted row; only the first N are written.
         pub rows: CudaSlice<u32>,
+        /// [T·k] permuted row of each slot, or `DROPPED` (`u32::MAX`).
         pub slot_rows: CudaSlice<u32>,
+        /// Number of tokens T.
         pub tokens: u32,
+        /// Experts k per token.
         pub top_k: u32,
+        /// Number of experts E.
         pub experts: u32,
     }
 
+    /// Every kernel of [`SOURCES`] compiled and loaded on one GPU, with the launchers below.
     pub struct GpuMoe {
+        /// The context's default stream, on which every copy and launch is queued in order.
         pub stream: Arc<CudaStream>,
         functions: Vec<(&'static str, CudaFunction)>,
     }
@@ -154,10 +165,12 @@ pub mod gpu {
             &self.functions.iter().find(|(n, _)| *n == name).expect("kernel listed in SOURCES").1
         }
 
+        /// Copy host data into a new device buffer.
         pub fn upload<T: cudarc::driver::DeviceRepr>(&self, data: &[T]) -> Res<CudaSlice<T>> {
             self.stream.clone_htod(data).map_err(err)
         }
 
+        /// Copy a device buffer into a new host vector, after the work queued before it.
         pub fn download<T: cudarc::driver::DeviceRepr>(&self, data: &CudaSlice<T>) -> Res<Vec<T>> {
             self.stream.clone_dtoh(data).map_err(err)
         }

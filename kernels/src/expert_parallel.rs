@@ -41,6 +41,8 @@ pub struct ExpertShard {
 }
 
 impl ExpertShard {
+    /// The shard of a layer of `experts` experts over `group`; an error unless the group's
+    /// size divides `experts` (and `experts` > 0).
     pub fn new(group: Arc<dyn Collective>, experts: usize) -> Result<Self> {
         if experts == 0 || !experts.is_multiple_of(group.size()) {
             candle_core::bail!("expert parallelism: {experts} experts cannot be split evenly over {} ranks", group.size());

@@ -34,6 +34,8 @@
 //! - `cargo run --release -p btm-kernels --example bench_moe -- [--tokens T] [--json]`:
 //!   fused vs reference timings (the code behind `btm bench moe`).
 
+#![warn(missing_docs)]
+
 pub mod attention;
 pub mod bench;
 mod cpu;

@@ -31,7 +31,9 @@ use crate::swiglu::swiglu_packed;
 /// How an MoE layer routes.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct MoeOptions {
+    /// Experts k each token is sent to (1..=E).
     pub top_k: usize,
+    /// The order of top-k selection and softmax.
     pub routing: Routing,
     /// `None` = dropless.
     pub capacity: Option<Capacity>,
@@ -41,7 +43,9 @@ pub struct MoeOptions {
 /// rows) and down [E, H, F].
 #[derive(Debug, Clone)]
 pub struct ExpertWeights {
+    /// [E, 2F, H]: expert e's F gate rows, then its F up rows (`nn.Linear` layout).
     pub gate_up: Tensor,
+    /// [E, H, F]: each expert's down projection (`nn.Linear` layout).
     pub down: Tensor,
 }
 
@@ -103,6 +107,7 @@ impl ExpertWeights {
 pub struct RouterStats {
     /// [T, E] router logits, float32 (float64 for float64 inputs).
     pub logits: Tensor,
+    /// The top-k choice and weights for every token, before the capacity limit drops any.
     pub routed: Routed,
     /// Which assignments were kept and where they went.
     pub plan: Arc<RoutePlan>,

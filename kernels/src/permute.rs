@@ -88,12 +88,15 @@ impl RoutePlan {
         Self::new(&experts.flatten_all()?.to_vec1::<u32>()?, k, num_experts, keep)
     }
 
+    /// Number of tokens T routed.
     pub fn tokens(&self) -> usize {
         self.tokens
     }
+    /// Experts k per token (the plan has T·k slots).
     pub fn top_k(&self) -> usize {
         self.top_k
     }
+    /// Number of experts E (groups).
     pub fn num_experts(&self) -> usize {
         self.offsets.len() - 1
     }

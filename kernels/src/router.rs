@@ -18,11 +18,15 @@ use serde::{Deserialize, Serialize};
 #[cfg_attr(feature = "clap", derive(clap::ValueEnum), value(rename_all = "snake_case"))]
 #[serde(rename_all = "snake_case")]
 pub enum Routing {
+    /// Keep the k largest logits, then softmax over those k (weights sum to 1; Mixtral).
     TopkThenSoftmax,
+    /// Softmax over all E logits, then keep the k largest probabilities as they are (Switch,
+    /// Qwen2-MoE with `norm_topk_prob: false`).
     SoftmaxThenTopk,
 }
 
 impl Routing {
+    /// The snake_case name, as serde, the CLI and `config.json`'s `btm.routing` write it.
     pub fn as_str(self) -> &'static str {
         match self {
             Routing::TopkThenSoftmax => "topk_then_softmax",
@@ -174,7 +178,10 @@ impl std::str::FromStr for DropPolicy {
 /// assignments (GShard / Switch capacity factor). No capacity at all means dropless routing.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Capacity {
+    /// Capacity factor: each expert takes at most `ceil(T·k/E · factor)` assignments (1.0 =
+    /// an even share).
     pub factor: f64,
+    /// Which assignments an over-full expert drops.
     pub policy: DropPolicy,
 }
 

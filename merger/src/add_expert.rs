@@ -36,10 +36,16 @@ use serde_json::{json, Map, Value};
 use std::collections::HashMap;
 use std::path::PathBuf;
 
+/// What `btm add-expert` adds to which MoE, how the new router row is made, and where the result
+/// goes; [`AddExpertOptions::new`] gives the defaults.
 #[derive(Debug, Clone)]
 pub struct AddExpertOptions {
+    /// The existing MoE checkpoint directory.
     pub moe: PathBuf,
+    /// The dense checkpoint whose FFN becomes the new expert (same trunk, tokenizer and FFN width as the
+    /// MoE's experts).
     pub expert: PathBuf,
+    /// Output checkpoint directory.
     pub out: PathBuf,
     /// Calibration text of the new expert's domain.
     pub calib: Option<PathBuf>,
@@ -47,16 +53,21 @@ pub struct AddExpertOptions {
     pub name: Option<String>,
     /// Text of the existing domains (default: the calibration files in the MoE's `btm.json`).
     pub background: Vec<PathBuf>,
+    /// How the new router row is made (default: centroid, which needs `calib`).
     pub router: RouterOptions,
     /// The margin guard ([`crate::router_init::guard_new_row`]): after centroid or fit, the new
     /// row is adjusted to stay `margin` below the k-th old logit on the old domains' tokens
     /// (its `top_k` is the MoE's). `None` turns the guard off.
     pub guard: Option<GuardOptions>,
+    /// Keep or re-average the non-expert weights (default: [`NonExpertOnAdd::Keep`]).
     pub non_expert: NonExpertOnAdd,
+    /// Dtype, shard size and overwrite policy of the written checkpoint.
     pub output: OutputOptions,
 }
 
 impl AddExpertOptions {
+    /// Defaults: centroid router row (set `calib`: it is required), margin guard on
+    /// ([`GuardOptions::default`]), non-expert weights kept, background from the MoE's `btm.json`.
     pub fn new(moe: impl Into<PathBuf>, expert: impl Into<PathBuf>, out: impl Into<PathBuf>) -> Self {
         Self {
             moe: moe.into(),
@@ -90,6 +101,10 @@ fn recorded_calibration(lineage: &Option<Lineage>) -> Vec<PathBuf> {
     list.iter().filter_map(|c| c.get("file")?.as_str().map(PathBuf::from)).filter(|p| p.is_file()).collect()
 }
 
+/// Append `o.expert` to `o.moe` as expert E with a new router row per MoE layer and write the
+/// result to `o.out` (see the module docs). Nothing is written if a check fails: a dense `--moe`,
+/// an expert of another trunk, FFN width or tokenizer, centroid/fit without `calib`, an existing
+/// `out` without `overwrite`.
 pub fn add_expert(o: &AddExpertOptions) -> Result<MergeReport> {
     o.output.check_destination(&o.out)?;
     let mut inputs = open_inputs(o)?;
@@ -277,43 +292,7 @@ fn calibrate_new_rows(o: &AddExpertOptions, cfg: &ModelConfig, inputs: &mut Inpu
         let mut report = Map::new();
         let row = match o.router.init {
             RouterInit::Random | RouterInit::Zero => fixed_row(f.layer)?,
-            RouterInit::Centroid | RouterInit::Fit => {
-                let c = centroid_new_row(&existing, new_train, bg_train.as_ref(), o.router.target_prob)?;
-                report.insert("temperature".into(), json!(c.temperature));
-                report.insert("own_probability".into(), json!(c.own_probability));
-                let row = if o.router.init == RouterInit::Centroid {
-                    c.weight
-                } else {
-                    let n_new = new_train.dim(0)?;
-                    let mut xs = vec![new_train.clone()];
-                    let mut labels = vec![e_old as u32; n_new];
-                    let mut sw = vec![1.0 / n_new as f32; n_new];
-                    if let Some(bg) = &bg_train {
-                        let own = top1(&existing, bg)?;
-                        sw.extend(std::iter::repeat_n(1.0 / own.len() as f32, own.len()));
-                        labels.extend(own);
-                        xs.push(bg.clone());
-                    }
-                    let init = Tensor::cat(&[&existing, &c.weight], 0)?;
-                    let mut trainable = vec![false; e_old + 1];
-                    trainable[e_old] = true;
-                    let fitted = fit_softmax_regression(&Tensor::cat(&xs, 0)?, &labels, &sw, &init, &trainable, &o.router.fit)?;
-                    // Only the new row is taken: the existing rows stay bit-identical.
-                    fitted.narrow(0, e_old, 1)?
-                };
-                match (&bg_train, o.guard) {
-                    (Some(bg), Some(guard)) => {
-                        let guard = GuardOptions { top_k, ..guard };
-                        let g = guard_new_row(&existing, new_train, bg, &row, &guard)?;
-                        report.insert(
-                            "guard".into(),
-                            json!({"margin": guard.margin, "tolerance": guard.tolerance, "penalty": g.penalty, "calibration_violations": g.violations}),
-                        );
-                        g.weight
-                    }
-                    _ => row,
-                }
-            }
+            RouterInit::Centroid | RouterInit::Fit => calibrated_row(o, &existing, new_train, bg_train.as_ref(), top_k, &mut report)?,
         };
         let full = Tensor::cat(&[&existing, &row], 0)?;
         report.insert("layer".into(), json!(f.layer));
@@ -338,6 +317,56 @@ fn calibrate_new_rows(o: &AddExpertOptions, cfg: &ModelConfig, inputs: &mut Inpu
     added.insert("target_probability".into(), json!(o.router.target_prob));
     added.insert("margin".into(), json!(o.guard.map(|g| g.margin)));
     Ok(out)
+}
+
+/// The new expert's router row of one layer from calibration features: the centroid row
+/// ([`centroid_new_row`]), refined by softmax regression for `fit` (the existing rows held
+/// fixed), then kept out of the old domains' top-k by the margin guard when there is
+/// background text; `report` gets the temperature, own probability and guard record.
+fn calibrated_row(
+    o: &AddExpertOptions,
+    existing: &Tensor,
+    new_train: &Tensor,
+    bg_train: Option<&Tensor>,
+    top_k: usize,
+    report: &mut Map<String, Value>,
+) -> Result<Tensor> {
+    let e_old = existing.dim(0)?;
+    let c = centroid_new_row(existing, new_train, bg_train, o.router.target_prob)?;
+    report.insert("temperature".into(), json!(c.temperature));
+    report.insert("own_probability".into(), json!(c.own_probability));
+    let row = if o.router.init == RouterInit::Centroid {
+        c.weight
+    } else {
+        let n_new = new_train.dim(0)?;
+        let mut xs = vec![new_train.clone()];
+        let mut labels = vec![e_old as u32; n_new];
+        let mut sw = vec![1.0 / n_new as f32; n_new];
+        if let Some(bg) = bg_train {
+            let own = top1(existing, bg)?;
+            sw.extend(std::iter::repeat_n(1.0 / own.len() as f32, own.len()));
+            labels.extend(own);
+            xs.push((*bg).clone());
+        }
+        let init = Tensor::cat(&[existing, &c.weight], 0)?;
+        let mut trainable = vec![false; e_old + 1];
+        trainable[e_old] = true;
+        let fitted = fit_softmax_regression(&Tensor::cat(&xs, 0)?, &labels, &sw, &init, &trainable, &o.router.fit)?;
+        // Only the new row is taken: the existing rows stay bit-identical.
+        fitted.narrow(0, e_old, 1)?
+    };
+    Ok(match (bg_train, o.guard) {
+        (Some(bg), Some(guard)) => {
+            let guard = GuardOptions { top_k, ..guard };
+            let g = guard_new_row(existing, new_train, bg, &row, &guard)?;
+            report.insert(
+                "guard".into(),
+                json!({"margin": guard.margin, "tolerance": guard.tolerance, "penalty": g.penalty, "calibration_violations": g.violations}),
+            );
+            g.weight
+        }
+        _ => row,
+    })
 }
 
 /// The extended model's lineage: the MoE's, with the new expert, its calibration file and the

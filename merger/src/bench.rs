@@ -21,11 +21,17 @@ use std::time::Instant;
 /// The shape of the synthetic experts.
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct BenchShape {
+    /// Number of synthetic experts merged (at least 2).
     pub experts: usize,
+    /// Hidden size H.
     pub hidden: usize,
+    /// Transformer layers.
     pub layers: usize,
+    /// FFN width (`intermediate_size`).
     pub ffn: usize,
+    /// Vocabulary size (embedding tied to the LM head).
     pub vocab: usize,
+    /// Attention heads (as many KV heads: no grouped-query attention).
     pub heads: usize,
 }
 
@@ -37,6 +43,7 @@ impl Default for BenchShape {
 }
 
 impl BenchShape {
+    /// The dense Llama-style config of one synthetic expert (tied embeddings).
     pub fn config(&self) -> ModelConfig {
         ModelConfig {
             tie_word_embeddings: true,
@@ -45,17 +52,27 @@ impl BenchShape {
     }
 }
 
+/// What one [`run`] measured (serialised as the benchmark's JSON report). MB/s is 10⁶ bytes per
+/// second.
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchResult {
+    /// The experts' shape.
     pub shape: BenchShape,
+    /// Parameters of one expert.
     pub params_per_expert: usize,
+    /// Bytes of all experts' files (what both the merge and `cp` read).
     pub input_bytes: u64,
+    /// Bytes of the merged checkpoint's files.
     pub output_bytes: u64,
+    /// Bytes of one expert's largest tensor in float32.
     pub largest_tensor_bytes: u64,
+    /// Wall-clock seconds of the merge.
     pub merge_seconds: f64,
     /// Input bytes read per second by the merge.
     pub merge_mb_per_s: f64,
+    /// Wall-clock seconds of `cp -r` of the experts to the same disk.
     pub cp_seconds: f64,
+    /// Input bytes copied per second by `cp`.
     pub cp_mb_per_s: f64,
     /// merge_mb_per_s / cp_mb_per_s (target ≥ 0.5).
     pub throughput_vs_cp: f64,

@@ -35,12 +35,16 @@ impl Default for CalibOptions {
 /// One domain's calibration text, tokenized into windows.
 #[derive(Debug, Clone)]
 pub struct CalibDomain {
+    /// Domain name (the `NAME` of `NAME=FILE.jsonl`).
     pub name: String,
+    /// The JSONL file the text was read from.
     pub path: PathBuf,
+    /// Token ids in document order, cut into windows of at most `seq_len` tokens.
     pub windows: Vec<Vec<u32>>,
 }
 
 impl CalibDomain {
+    /// Total tokens over all windows.
     pub fn tokens(&self) -> usize {
         self.windows.iter().map(Vec::len).sum()
     }
@@ -82,8 +86,11 @@ pub fn load_domain(name: &str, path: &Path, tok: &Tokenizer, opts: &CalibOptions
 
 /// One layer's router inputs, per domain, split into training and held-out tokens ([N, H] f32).
 pub struct LayerFeatures {
+    /// 0-based layer index.
     pub layer: usize,
+    /// Per domain (in the order given), the router inputs of its training tokens [N_train, H].
     pub train: Vec<Tensor>,
+    /// Per domain, the router inputs of its held-out tokens [N_heldout, H] (at least one token).
     pub heldout: Vec<Tensor>,
 }
 

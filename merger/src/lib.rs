@@ -12,6 +12,8 @@
 //! inside the writer's callback from memory-mapped inputs, so peak memory does not grow with
 //! the number of experts (see [`bench`]).
 
+#![warn(missing_docs)]
+
 pub mod add_expert;
 pub mod bench;
 pub mod calib;
@@ -62,6 +64,7 @@ impl OutputOptions {
         Ok(())
     }
 
+    /// The writer's options, with `default_dtype` (the first input's dtype) where no dtype was asked for.
     pub fn write_options(&self, default_dtype: DType) -> btm_model::WriteOptions {
         btm_model::WriteOptions {
             dtype: self.dtype.unwrap_or(default_dtype),

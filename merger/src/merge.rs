@@ -51,21 +51,33 @@ impl NonExpert {
     }
 }
 
+/// What `btm merge` merges and how; [`MergeOptions::new`] gives the defaults.
 #[derive(Debug, Clone)]
 pub struct MergeOptions {
+    /// Dense expert checkpoints (at least two); expert i's FFN becomes routed expert i.
     pub experts: Vec<PathBuf>,
+    /// Output checkpoint directory.
     pub out: PathBuf,
+    /// Experts per token k (1 ≤ k ≤ E; default 2).
     pub top_k: usize,
+    /// How router logits become expert weights (default `topk_then_softmax`; `softmax_then_topk`
+    /// also scales each `down_proj` by a = E/k).
     pub routing: Routing,
+    /// Router initialisation and calibration settings (default: random).
     pub router: RouterOptions,
     /// One `(domain, JSONL file)` per expert, in expert order.
     pub calib: Vec<(String, PathBuf)>,
+    /// Where the non-expert weights come from (default: the experts' mean).
     pub non_expert: NonExpert,
+    /// Dense checkpoint whose FFN becomes an always-on, ungated shared expert (e.g. the seed).
     pub shared_expert: Option<PathBuf>,
+    /// Dtype, shard size and overwrite policy of the written checkpoint.
     pub output: OutputOptions,
 }
 
 impl MergeOptions {
+    /// Defaults: top-2, `topk_then_softmax`, random router, averaged non-expert weights, no
+    /// calibration text, no shared expert.
     pub fn new(experts: Vec<PathBuf>, out: impl Into<PathBuf>) -> Self {
         Self {
             experts,
@@ -84,8 +96,11 @@ impl MergeOptions {
 /// What a merge (or an added expert) wrote: the config, the lineage and the warnings.
 #[derive(Debug, Clone)]
 pub struct MergeReport {
+    /// Config of the written model.
     pub config: ModelConfig,
+    /// Lineage written to the output's `btm.json`.
     pub lineage: Lineage,
+    /// Non-fatal problems (e.g. a lineage mismatch), also recorded in the lineage.
     pub warnings: Vec<String>,
 }
 

@@ -5,14 +5,19 @@
 /// One of the three SwiGLU projections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Proj {
+    /// `gate_proj` [F, H]: the input of silu.
     Gate,
+    /// `up_proj` [F, H]: multiplied elementwise with silu(gate·x).
     Up,
+    /// `down_proj` [H, F]: back to the hidden size.
     Down,
 }
 
 impl Proj {
+    /// The three projections, in (gate, up, down) order.
     pub const ALL: [Proj; 3] = [Proj::Gate, Proj::Up, Proj::Down];
 
+    /// The projection's part of a tensor name: `gate_proj`, `up_proj` or `down_proj`.
     pub fn as_str(self) -> &'static str {
         match self {
             Proj::Gate => "gate_proj",
@@ -30,19 +35,43 @@ impl Proj {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Slot {
     /// `model.layers.{layer}.mlp.gate.weight`, the router [E, H].
-    Router { layer: usize },
+    Router {
+        /// 0-based layer index.
+        layer: usize,
+    },
     /// `model.layers.{layer}.mlp.experts.{expert}.{proj}.weight`.
-    Expert { layer: usize, expert: usize, proj: Proj },
+    Expert {
+        /// 0-based layer index.
+        layer: usize,
+        /// 0-based index of the routed expert.
+        expert: usize,
+        /// Which of the three projections.
+        proj: Proj,
+    },
     /// `model.layers.{layer}.mlp.shared_expert.{proj}.weight`.
-    SharedExpert { layer: usize, proj: Proj },
+    SharedExpert {
+        /// 0-based layer index.
+        layer: usize,
+        /// Which of the three projections.
+        proj: Proj,
+    },
     /// `model.layers.{layer}.mlp.shared_expert_gate.weight`.
-    SharedExpertGate { layer: usize },
+    SharedExpertGate {
+        /// 0-based layer index.
+        layer: usize,
+    },
     /// `model.layers.{layer}.mlp.{proj}.weight` of a dense layer.
-    DenseFfn { layer: usize, proj: Proj },
+    DenseFfn {
+        /// 0-based layer index.
+        layer: usize,
+        /// Which of the three projections.
+        proj: Proj,
+    },
     /// Everything else: embeddings, attention, norms, LM head.
     Other,
 }
 
+/// The role of tensor `name`; any name it does not recognise is [`Slot::Other`].
 pub fn classify(name: &str) -> Slot {
     let Some(rest) = name.strip_prefix("model.layers.") else {
         return Slot::Other;

@@ -19,17 +19,23 @@ use std::path::PathBuf;
 /// What to remove and where to write the result.
 #[derive(Debug, Clone)]
 pub struct RemoveExpertOptions {
+    /// The MoE checkpoint directory to remove the expert from.
     pub moe: PathBuf,
     /// 0-based index of the expert to remove.
     pub expert: usize,
+    /// Output checkpoint directory.
     pub out: PathBuf,
+    /// Dtype, shard size and overwrite policy of the written checkpoint.
     pub output: OutputOptions,
 }
 
 /// The written model's lineage and any warnings.
 #[derive(Debug, Clone)]
 pub struct RemoveExpertReport {
+    /// Lineage written to the output's `btm.json`: the MoE's, without the removed expert's records
+    /// and with `removed_expert`.
     pub lineage: Lineage,
+    /// Non-fatal problems (re-averaged non-expert weights that removal cannot undo), also in the lineage.
     pub warnings: Vec<String>,
 }
 

@@ -27,9 +27,13 @@ use rand_distr::{Distribution, Normal};
 #[cfg_attr(feature = "clap", derive(clap::ValueEnum), value(rename_all = "snake_case"))]
 #[serde(rename_all = "snake_case")]
 pub enum RouterInit {
+    /// I.i.d. N(0, std²) rows from a per-layer seed.
     Random,
+    /// All-zero rows: uniform routing, ties to the lower index.
     Zero,
+    /// Domain centroids of calibration text, scaled to a target probability; needs calibration text.
     Centroid,
+    /// Softmax regression on calibration text, started from the centroid; needs calibration text.
     Fit,
 }
 
@@ -47,6 +51,7 @@ impl std::str::FromStr for RouterInit {
 }
 
 impl RouterInit {
+    /// The snake_case name, as serde, the CLI and the lineage write it.
     pub fn as_str(self) -> &'static str {
         match self {
             RouterInit::Random => "random",
@@ -82,6 +87,7 @@ pub const DEFAULT_TARGET_PROB: f64 = 0.8;
 /// the CLI's `RouterArgs` fills).
 #[derive(Debug, Clone)]
 pub struct RouterOptions {
+    /// Which initialisation (default: random).
     pub init: RouterInit,
     /// Std of a random router.
     pub std: f64,
@@ -160,8 +166,11 @@ fn softmax(xs: &Tensor) -> Result<Tensor> {
 /// Logits of a group of calibration tokens as `fixed + τ · scaled` ([N, E] each), and the
 /// expert they should prefer.
 pub struct ScoreGroup {
+    /// Logits that do not move with τ (e.g. the existing experts'), [N, E] float32.
     pub fixed: Tensor,
+    /// Logits multiplied by τ, [N, E] float32.
     pub scaled: Tensor,
+    /// Index of the expert these tokens should prefer.
     pub own: usize,
 }
 
@@ -301,9 +310,11 @@ pub fn centroid_new_row(existing: &Tensor, new: &Tensor, background: Option<&Ten
 /// Settings of [`fit_softmax_regression`].
 #[derive(Debug, Clone, Copy)]
 pub struct FitOptions {
+    /// Full-batch gradient steps (default 300).
     pub steps: usize,
     /// Step size on features rescaled to unit RMS norm.
     pub lr: f64,
+    /// Nesterov momentum (default 0.9).
     pub momentum: f64,
     /// L2 penalty (on the rescaled problem).
     pub l2: f64,

@@ -42,6 +42,7 @@ impl std::str::FromStr for ScalingMode {
 }
 
 impl ScalingMode {
+    /// The snake_case name, as serde, the CLI and the lineage write it.
     pub fn as_str(self) -> &'static str {
         match self {
             ScalingMode::Exact => "exact",
@@ -64,12 +65,16 @@ impl ScalingMode {
 /// Multipliers for the three projections of one expert.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ProjectionScales {
+    /// Multiplier of `gate_proj`.
     pub gate: f64,
+    /// Multiplier of `up_proj`.
     pub up: f64,
+    /// Multiplier of `down_proj`.
     pub down: f64,
 }
 
 impl ProjectionScales {
+    /// The multiplier of projection `proj`.
     pub fn get(&self, proj: crate::names::Proj) -> f64 {
         match proj {
             crate::names::Proj::Gate => self.gate,

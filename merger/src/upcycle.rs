@@ -25,22 +25,34 @@ use candle_core::DType;
 use serde_json::json;
 use std::path::PathBuf;
 
+/// What `btm upcycle` upcycles and how; [`UpcycleOptions::new`] gives the defaults.
 #[derive(Debug, Clone)]
 pub struct UpcycleOptions {
+    /// The dense checkpoint directory to upcycle.
     pub model: PathBuf,
+    /// Output checkpoint directory.
     pub out: PathBuf,
+    /// Number of experts E (a positive multiple of `granularity`).
     pub experts: usize,
+    /// Experts per token k (1 ≤ k ≤ E, a multiple of `granularity`).
     pub top_k: usize,
+    /// G: each expert is 1/G of the dense FFN (G divides its width; default 1).
     pub granularity: usize,
+    /// How router logits become expert weights (default `topk_then_softmax`, the exact one).
     pub routing: Routing,
+    /// How the scale a is spread over gate, up and down (default [`ScalingMode::Exact`]).
     pub scaling: ScalingMode,
     /// Std of the router's random rows (0: a zero router, i.e. uniform routing).
     pub router_std: f64,
+    /// Seed of the router's random rows, per layer through [`crate::router_init::layer_seed`] (default 0).
     pub seed: u64,
+    /// Dtype, shard size and overwrite policy of the written checkpoint.
     pub output: OutputOptions,
 }
 
 impl UpcycleOptions {
+    /// Options for E = `experts`, k = `top_k`; defaults: G = 1, `topk_then_softmax`, exact scaling,
+    /// router std 0.02, seed 0.
     pub fn new(model: impl Into<PathBuf>, out: impl Into<PathBuf>, experts: usize, top_k: usize) -> Self {
         Self {
             model: model.into(),
@@ -82,6 +94,7 @@ pub fn upcycled_config(dense: &ModelConfig, o: &UpcycleOptions) -> Result<ModelC
 /// Summary of an upcycle.
 #[derive(Debug, Clone)]
 pub struct UpcycleReport {
+    /// Config of the written MoE.
     pub config: ModelConfig,
     /// The scale a (see [`crate::scaling`]).
     pub scale: f64,

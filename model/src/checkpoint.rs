@@ -31,9 +31,13 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+/// The Hugging Face model config file of a checkpoint directory.
 pub const CONFIG: &str = "config.json";
+/// The tokenizer file of a checkpoint directory (optional when reading).
 pub const TOKENIZER: &str = "tokenizer.json";
+/// The weights of an unsharded checkpoint.
 pub const SINGLE_FILE: &str = "model.safetensors";
+/// The shard index of a sharded checkpoint (its `weight_map` names each tensor's file).
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
 
 /// Where one canonical tensor's bytes live.
@@ -50,7 +54,10 @@ struct Location {
 /// An opened, validated Hugging Face checkpoint directory.
 pub struct Checkpoint {
     dir: PathBuf,
+    /// The model's shape, from `config.json`, less the zero placeholders btm writes (q/k/v or
+    /// o biases, a shared expert) once they are checked to be zero.
     pub config: ModelConfig,
+    /// The Hugging Face architecture `config.json` declares.
     pub architecture: Architecture,
     /// The `config.json` as read.
     pub hf_config: Value,
@@ -203,6 +210,7 @@ impl Checkpoint {
         Ok(())
     }
 
+    /// The checkpoint directory as opened.
     pub fn dir(&self) -> &Path {
         &self.dir
     }
@@ -262,10 +270,12 @@ impl Checkpoint {
         Ok(crate::model::Transformer::new(&self.config, self.var_builder(dtype, device))?)
     }
 
+    /// Load the directory's `tokenizer.json` ([`Error::MissingFile`] if it has none).
     pub fn tokenizer(&self) -> Result<tokenizers::Tokenizer> {
         crate::tokenizer::load(&self.dir.join(TOKENIZER))
     }
 
+    /// The directory's `btm.json`, or `None` for a checkpoint without one.
     pub fn lineage(&self) -> Result<Option<Lineage>> {
         Lineage::read(&self.dir)
     }
@@ -410,6 +420,7 @@ impl Default for WriteOptions {
 pub struct Extras {
     /// `tokenizer.json` to copy in.
     pub tokenizer: Option<PathBuf>,
+    /// `btm.json` to write; `None` writes none.
     pub lineage: Option<Lineage>,
 }
 

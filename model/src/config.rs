@@ -10,8 +10,18 @@ use serde_json::{json, Map, Value};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "rope_type", rename_all = "snake_case")]
 pub enum RopeScaling {
-    /// Llama 3.1's piecewise frequency scaling.
-    Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max_position_embeddings: usize },
+    /// Llama 3.1's piecewise frequency scaling: long wavelengths are slowed by `factor`, short
+    /// ones kept, those in between interpolated.
+    Llama3 {
+        /// Divisor of the frequencies whose wavelength exceeds `original / low_freq_factor`.
+        factor: f64,
+        /// Wavelengths above `original / low_freq_factor` positions are fully scaled.
+        low_freq_factor: f64,
+        /// Wavelengths below `original / high_freq_factor` positions are left unchanged.
+        high_freq_factor: f64,
+        /// Context length the model was pretrained with, before the extension (`original`).
+        original_max_position_embeddings: usize,
+    },
 }
 
 /// An always-on expert beside the routed ones (Qwen2-MoE, DeepSeek-MoE).
@@ -23,13 +33,18 @@ pub struct SharedExpertConfig {
     pub gated: bool,
 }
 
+/// The Mixture-of-Experts part of a model: the FFN of every MoE layer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MoeConfig {
+    /// Routed experts E per MoE layer.
     pub experts: usize,
+    /// Experts k each token is routed to (1..=E; `num_experts_per_tok`).
     pub top_k: usize,
+    /// The order of top-k and softmax in the router (Mixtral's, or Qwen2-MoE's `norm_topk_prob`).
     pub routing: Routing,
     /// Width of each routed expert's SwiGLU.
     pub expert_ffn: usize,
+    /// The always-on expert, if the model has one.
     pub shared_expert: Option<SharedExpertConfig>,
     /// Layers that keep a dense FFN of `intermediate_size` (Qwen2-MoE's `mlp_only_layers`).
     #[serde(default)]
@@ -39,18 +54,29 @@ pub struct MoeConfig {
 /// A decoder-only Llama-family transformer, dense or MoE.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelConfig {
+    /// Rows V of the token embedding and the LM head.
     pub vocab_size: usize,
+    /// Width H of the residual stream.
     pub hidden_size: usize,
+    /// Number of decoder layers (`num_hidden_layers`).
     pub num_layers: usize,
+    /// Query heads per layer (`num_attention_heads`).
     pub num_heads: usize,
+    /// Key/value heads per layer; divides `num_heads` (grouped-query attention when smaller).
     pub num_kv_heads: usize,
+    /// Width D of one attention head (usually H / `num_heads`); must be even for RoPE.
     pub head_dim: usize,
     /// Width of the dense SwiGLU FFN (also the dense layers of an MoE).
     pub intermediate_size: usize,
+    /// Longest sequence, in tokens, the model accepts (default 2048 when `config.json` omits it).
     pub max_position_embeddings: usize,
+    /// RoPE base θ (default 10000).
     pub rope_theta: f64,
+    /// RoPE frequency scaling; `None` = plain RoPE.
     pub rope_scaling: Option<RopeScaling>,
+    /// ε added to the mean square in RMSNorm (1e-6 when `config.json` omits it).
     pub rms_norm_eps: f64,
+    /// The LM head reuses the embedding matrix (no `lm_head.weight`).
     pub tie_word_embeddings: bool,
     /// Biases on the q, k and v projections (Qwen2).
     pub qkv_bias: bool,
@@ -58,25 +84,35 @@ pub struct ModelConfig {
     pub o_bias: bool,
     /// Mistral's sliding-window attention: a token attends to at most this many positions.
     pub sliding_window: Option<usize>,
+    /// Beginning-of-sequence token id, if `config.json` gives one (the first of a list).
     pub bos_token_id: Option<u32>,
+    /// End-of-sequence token id, if `config.json` gives one (the first of a list).
     pub eos_token_id: Option<u32>,
+    /// The MoE FFN settings; `None` = a dense model.
     pub moe: Option<MoeConfig>,
 }
 
 /// The Hugging Face architectures btm reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Architecture {
+    /// `LlamaForCausalLM`: dense, optional attention biases (`attention_bias`).
     Llama,
+    /// `MistralForCausalLM`: dense, optional sliding-window attention.
     Mistral,
+    /// `Qwen2ForCausalLM`: dense with q/k/v biases.
     Qwen2,
+    /// `MixtralForCausalLM`: MoE with `topk_then_softmax` routing, no shared expert.
     Mixtral,
+    /// `Qwen2MoeForCausalLM`: MoE with q/k/v biases, a gated shared expert and optional dense layers.
     Qwen2Moe,
 }
 
 impl Architecture {
+    /// Every architecture, in the order [`Self::detect`] tries them.
     pub const ALL: [Architecture; 5] =
         [Architecture::Llama, Architecture::Mistral, Architecture::Qwen2, Architecture::Mixtral, Architecture::Qwen2Moe];
 
+    /// The class name in `config.json`'s `architectures`, e.g. `LlamaForCausalLM`.
     pub fn class_name(self) -> &'static str {
         match self {
             Architecture::Llama => "LlamaForCausalLM",
@@ -87,6 +123,7 @@ impl Architecture {
         }
     }
 
+    /// The `model_type` in `config.json`, e.g. `qwen2_moe`.
     pub fn model_type(self) -> &'static str {
         match self {
             Architecture::Llama => "llama",
@@ -138,6 +175,8 @@ impl ModelConfig {
         }
     }
 
+    /// Whether layer `layer` (0-based) has an MoE FFN: false for a dense model and for the
+    /// MoE's `dense_layers`.
     pub fn is_moe_layer(&self, layer: usize) -> bool {
         self.moe.as_ref().is_some_and(|m| !m.dense_layers.contains(&layer))
     }

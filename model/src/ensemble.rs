@@ -86,10 +86,12 @@ pub fn window_nll(lp: &[&[f64]], log_prior: &[f64], top_k: Option<usize>) -> f64
 /// What an ensemble evaluation measured.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct EnsembleResult {
+    /// The ensemble's perplexity (its fields appear at the top level in JSON).
     #[serde(flatten)]
     pub perplexity: Perplexity,
     /// The prior used, one weight per member.
     pub weights: Vec<f64>,
+    /// Members mixed per position (those of largest posterior); `None` = all.
     pub top_k: Option<usize>,
 }
 

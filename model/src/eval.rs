@@ -10,6 +10,7 @@ use candle_core::{DType, Device, Tensor, D};
 use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
 
+/// Perplexity over a set of predicted tokens, with the sums it came from.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct Perplexity {
     /// Number of predicted tokens.
@@ -21,6 +22,7 @@ pub struct Perplexity {
 }
 
 impl Perplexity {
+    /// From a token count and summed NLL in nats; `ppl` is NaN when `tokens` is 0.
     pub fn from_sums(tokens: u64, nll: f64) -> Self {
         let ppl = if tokens == 0 { f64::NAN } else { (nll / tokens as f64).exp() };
         Self { tokens, nll, ppl }

@@ -39,6 +39,8 @@ enum Kind {
     Remote { store: Arc<dyn ObjectStore>, prefix: StorePath, runtime: tokio::runtime::Runtime },
 }
 
+/// A local directory or an object-store prefix, addressed by `/`-separated paths relative to
+/// its root (see the module docs).
 pub struct Folder {
     /// The location as given (a path or URL), without a trailing `/`.
     root: String,
@@ -90,6 +92,7 @@ impl Folder {
         &self.root
     }
 
+    /// Whether the folder is in an object store rather than on the local filesystem.
     pub fn is_remote(&self) -> bool {
         matches!(self.kind, Kind::Remote { .. })
     }
@@ -508,6 +511,8 @@ pub struct Output {
 }
 
 impl Output {
+    /// The output bound for `location` (a path, `file://` URL or object-store URL); for a URL,
+    /// a fresh staging directory under [`cache_root`]`/staging` holds it until [`Self::publish`].
     pub fn new(location: &str) -> Result<Self> {
         if !is_remote(location) {
             let local = PathBuf::from(location.strip_prefix("file://").unwrap_or(location));

@@ -28,6 +28,7 @@ pub struct Texts {
 }
 
 impl Texts {
+    /// Open `path` (decompressed as its extension says); nothing is read until iterated.
     pub fn open(path: &Path) -> Result<Self> {
         Ok(Self { path: path.to_path_buf(), lines: BufReader::with_capacity(1 << 20, open_decoded(path)?).lines(), line: 0 })
     }

@@ -15,6 +15,8 @@
 //! uploaded last ([`folder::Folder::upload_dir`]), so a reader that finds the manifest finds
 //! every file it lists. btm's local cache is [`folder::cache_root`].
 
+#![warn(missing_docs)]
+
 pub mod card;
 pub mod checkpoint;
 pub mod config;

@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use std::path::Path;
 
+/// The lineage file's name inside a checkpoint directory.
 pub const LINEAGE: &str = "btm.json";
 
 /// A checkpoint this one was made from.
@@ -16,22 +17,28 @@ pub struct Parent {
     /// SHA-256 of the parent's `MANIFEST.json`, when it had one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub manifest_sha256: Option<String>,
+    /// The data domain the parent was trained on, where the producer knows it (a merge's experts).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub domain: Option<String>,
 }
 
+/// The contents of `btm.json`: what tool made a checkpoint, how, and from what.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Lineage {
     /// The btm version that wrote the checkpoint.
     pub tool: String,
     /// What made it: `import`, `seed`, `expert`, `merge`, `upcycle`, `add_expert`, `continue`, ...
     pub kind: String,
+    /// The checkpoints it was made from (none for a seed trained from scratch).
     #[serde(default)]
     pub parents: Vec<Parent>,
+    /// The data domain it was trained on (an expert's), if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub domain: Option<String>,
+    /// Training steps of the run that produced it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub steps: Option<u64>,
+    /// Tokens that training run consumed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tokens_seen: Option<u64>,
     /// Anything else the producer records (router init, routing accuracy, scale, ...).
@@ -40,6 +47,7 @@ pub struct Lineage {
 }
 
 impl Lineage {
+    /// A lineage of `kind` written by this btm version, with no parents or measurements yet.
     pub fn new(kind: &str) -> Self {
         Self {
             tool: format!("btm {}", env!("CARGO_PKG_VERSION")),
@@ -62,6 +70,7 @@ impl Lineage {
         serde_json::from_value(value).map(Some).map_err(|source| Error::Json { path, source })
     }
 
+    /// The pretty-printed JSON bytes written as `btm.json`.
     pub fn to_json(&self) -> Vec<u8> {
         serde_json::to_vec_pretty(self).expect("lineage serialises")
     }

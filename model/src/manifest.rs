@@ -10,19 +10,28 @@ use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::Path;
 
+/// The manifest's file name at the root of an artefact directory.
 pub const MANIFEST: &str = "MANIFEST.json";
 const FORMAT: &str = "btm-manifest/1";
 
+/// One file of an artefact.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileEntry {
+    /// Path relative to the artefact directory, `/`-separated (e.g. `sub/b.bin`).
     pub path: String,
+    /// Size in bytes.
     pub size: u64,
+    /// SHA-256 of the contents, lowercase hex.
     pub sha256: String,
 }
 
+/// The contents of `MANIFEST.json`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Manifest {
+    /// Format tag, `btm-manifest/1`; [`Manifest::read`] rejects any other.
     pub format: String,
+    /// Every file under the directory except the manifest itself, in walk order (names sorted
+    /// within each directory).
     pub files: Vec<FileEntry>,
 }
 
@@ -83,6 +92,7 @@ impl Manifest {
         crate::publish::write_file(&dir.join(MANIFEST), &serde_json::to_vec_pretty(self).expect("manifest serialises"))
     }
 
+    /// Read and parse `dir/MANIFEST.json` (without checking the files; see [`Self::verify`]).
     pub fn read(dir: &Path) -> Result<Self> {
         let path = dir.join(MANIFEST);
         let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;

@@ -28,6 +28,7 @@ pub struct RmsNorm {
 }
 
 impl RmsNorm {
+    /// A norm over the last dimension of width `size`, its gain `vb`'s `weight`, shape `[size]`.
     pub fn new(size: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
         Ok(Self { weight: vb.get(size, "weight")?, eps, fused: true })
     }
@@ -61,6 +62,7 @@ pub struct Rotary {
 }
 
 impl Rotary {
+    /// The inverse frequencies for `cfg`'s `head_dim`, `rope_theta` and `rope_scaling`.
     pub fn new(cfg: &ModelConfig) -> Self {
         let dim = cfg.head_dim;
         // float32 throughout, as transformers computes them.
@@ -133,10 +135,12 @@ pub struct Linear {
 }
 
 impl Linear {
+    /// From `weight` `[out, in]` and an optional `bias` `[out]` (`nn.Linear` layout).
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
         Self { weight, bias }
     }
 
+    /// The weight W [out, in].
     pub fn weight(&self) -> &Tensor {
         &self.weight
     }
@@ -182,6 +186,7 @@ pub struct Attention {
 }
 
 impl Attention {
+    /// One layer's attention from `vb`'s `{q,k,v,o}_proj.{weight,bias}`, shaped by `cfg`.
     pub fn new(cfg: &ModelConfig, vb: VarBuilder) -> Result<Self> {
         let (h, d) = (cfg.hidden_size, cfg.head_dim);
         Ok(Self {
@@ -264,6 +269,7 @@ pub struct SwiGlu {
 }
 
 impl SwiGlu {
+    /// H → F → H from `vb`'s `{gate,up,down}_proj.weight` ([F, H], [F, H], [H, F]), no biases.
     pub fn new(hidden: usize, ffn: usize, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
             gate_proj: linear(hidden, ffn, false, vb.pp("gate_proj"))?,
@@ -333,6 +339,7 @@ impl Experts {
 pub struct RouterOutput {
     /// [T, E] router logits, float32.
     pub logits: Tensor,
+    /// Each token's top-k experts and weights, and the softmax over all E (before any drops).
     pub routed: Routed,
     /// Token-expert assignments dropped by the capacity limit (0 when dropless).
     pub dropped: usize,
@@ -391,6 +398,8 @@ pub struct MoeBlock {
 }
 
 impl MoeBlock {
+    /// An MoE layer holding all its experts, from `vb` (`gate.weight` [E, H], then the experts
+    /// per expert or stacked, and the shared expert if `moe` has one).
     pub fn new(hidden: usize, moe: &MoeConfig, vb: VarBuilder) -> Result<Self> {
         Self::new_sharded(hidden, moe, vb, None)
     }
@@ -445,6 +454,8 @@ impl MoeBlock {
         xs.to_dtype(DType::F32)?.matmul(&self.router.to_dtype(DType::F32)?.t()?)
     }
 
+    /// The layer on `xs` [..., H] (any leading dimensions), returning the same shape; pushes
+    /// the router's decisions onto `record` when given.
     pub fn forward(&self, xs: &Tensor, record: Option<&mut Vec<RouterOutput>>) -> Result<Tensor> {
         let dims = xs.dims().to_vec();
         let hidden = *dims.last().expect("hidden dim");
@@ -540,7 +551,9 @@ fn sigmoid(xs: &Tensor) -> Result<Tensor> {
 /// The FFN slot of a decoder layer.
 #[derive(Debug, Clone)]
 pub enum Ffn {
+    /// One SwiGLU of width `intermediate_size`.
     Dense(SwiGlu),
+    /// Routed experts (and a shared one, optionally).
     Moe(MoeBlock),
 }
 
@@ -565,6 +578,8 @@ pub struct Trace {
 }
 
 impl DecoderLayer {
+    /// Layer `layer` of `cfg` from `vb` rooted at `model.layers.{layer}`: an MoE FFN where
+    /// [`ModelConfig::is_moe_layer`] says so, holding the experts `shard.local()` if sharded.
     pub fn new(cfg: &ModelConfig, layer: usize, vb: VarBuilder, shard: Option<&ExpertShard>) -> Result<Self> {
         let h = cfg.hidden_size;
         let mlp = match cfg.moe.as_ref().filter(|_| cfg.is_moe_layer(layer)) {
@@ -634,6 +649,7 @@ impl Transformer {
         })
     }
 
+    /// The config the model was built from.
     pub fn config(&self) -> &ModelConfig {
         &self.config
     }

@@ -17,6 +17,7 @@ pub const BOS: &str = "<s>";
 /// End-of-sequence token of tokenizers btm trains (appended between packed documents).
 pub const EOS: &str = "</s>";
 
+/// Load a `tokenizer.json` ([`Error::MissingFile`] if it does not exist).
 pub fn load(path: &Path) -> Result<Tokenizer> {
     if !path.exists() {
         return Err(Error::MissingFile(path.to_path_buf()));
@@ -73,6 +74,7 @@ where
     Ok(tok)
 }
 
+/// Write `tok` as compact `tokenizer.json` to `path` (in place, not staged).
 pub fn save(tok: &Tokenizer, path: &Path) -> Result<()> {
     tok.save(path, false).map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))
 }

@@ -10,7 +10,9 @@ use crate::config::{Architecture, ModelConfig};
 /// One tensor of a model: its canonical name and shape.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TensorSpec {
+    /// Canonical name, e.g. `model.layers.0.self_attn.q_proj.weight`.
     pub name: String,
+    /// Shape as stored (`nn.Linear` weights are [out, in]).
     pub shape: Vec<usize>,
 }
 

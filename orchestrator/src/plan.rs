@@ -221,14 +221,58 @@ impl Builder<'_> {
         let t = defaults().overlay(&params);
         let steps = t.steps.unwrap_or(0);
         let tokens = t.tokens();
-        let spec = job::JobSpec {
+        let spec = self.job_spec(&t, init, &out, train, valid, domain);
+        let job_dir = self.run.join("jobs").join(name.replace('/', "-"));
+        let yaml = serde_yaml::to_string(&spec)?;
+        let flops = 6.0 * active_params as f64 * tokens as f64;
+        let produces = ModelRef {
+            label,
+            dir: out.join("model"),
+            tokens_after_seed: parent.map_or(0, |p| p.tokens_after_seed) + if kind == JobKind::TrainSeed { 0 } else { tokens },
+            flops_after_seed: parent.map_or(0.0, |p| p.flops_after_seed) + if kind == JobKind::TrainSeed { 0.0 } else { flops },
+            active_params,
+        };
+        let job_file = job_dir.join("job.yaml");
+        let resources = t.resources.clone().unwrap_or_default();
+        let name = self.add(NewJob {
+            name,
+            kind,
+            deps,
+            args: vec!["train".into(), "--job".into(), job_file.to_string_lossy().into_owned()],
+            files: vec![(job_file, yaml)],
+            outputs: vec![out.clone()],
+            train: Some(TrainInfo { steps, tokens, metrics: out.join("metrics.jsonl"), external: spec.trainer.template() }),
+            produces: Some(produces),
+        });
+        let job = self.jobs.last_mut().expect("the job just added");
+        job.resources.cpus = resources.cpus_per_task.unwrap_or(job.resources.cpus);
+        job.resources.gpus = resources.gpus_per_task.unwrap_or(job.resources.gpus);
+        job.resources.memory_mb = resources.memory_mb;
+        job.resources.time_limit_min = resources.time_limit_min;
+        job.resources.ranks = spec.ranks();
+        job.resources.nodes = spec.trainer.nodes();
+        Ok(name)
+    }
+
+    /// The `btm train` job file of a training job: the phase's parameters `t` (defaults
+    /// filled in) as the trainer's [`job::JobSpec`].
+    fn job_spec(
+        &self,
+        t: &TrainParams,
+        init: job::Init,
+        out: &Path,
+        train: Vec<(String, f64)>,
+        valid: Vec<String>,
+        domain: Option<String>,
+    ) -> job::JobSpec {
+        job::JobSpec {
             init,
             out: out.to_string_lossy().into_owned(),
             data: job::Data {
                 train: train.into_iter().map(|(path, weight)| job::Source { path: PathBuf::from(path), weight }).collect(),
                 valid: valid.into_iter().map(PathBuf::from).collect(),
             },
-            steps: Some(steps),
+            steps: Some(t.steps.unwrap_or(0)),
             tokens: None,
             batch_size: t.batch_size.unwrap_or(8),
             seq_len: t.seq_len.unwrap_or(128),
@@ -281,37 +325,7 @@ impl Builder<'_> {
                 }
                 other => other,
             },
-        };
-        let job_dir = self.run.join("jobs").join(name.replace('/', "-"));
-        let yaml = serde_yaml::to_string(&spec)?;
-        let flops = 6.0 * active_params as f64 * tokens as f64;
-        let produces = ModelRef {
-            label,
-            dir: out.join("model"),
-            tokens_after_seed: parent.map_or(0, |p| p.tokens_after_seed) + if kind == JobKind::TrainSeed { 0 } else { tokens },
-            flops_after_seed: parent.map_or(0.0, |p| p.flops_after_seed) + if kind == JobKind::TrainSeed { 0.0 } else { flops },
-            active_params,
-        };
-        let job_file = job_dir.join("job.yaml");
-        let resources = t.resources.clone().unwrap_or_default();
-        let name = self.add(NewJob {
-            name,
-            kind,
-            deps,
-            args: vec!["train".into(), "--job".into(), job_file.to_string_lossy().into_owned()],
-            files: vec![(job_file, yaml)],
-            outputs: vec![out.clone()],
-            train: Some(TrainInfo { steps, tokens, metrics: out.join("metrics.jsonl"), external: spec.trainer.template() }),
-            produces: Some(produces),
-        });
-        let job = self.jobs.last_mut().expect("the job just added");
-        job.resources.cpus = resources.cpus_per_task.unwrap_or(job.resources.cpus);
-        job.resources.gpus = resources.gpus_per_task.unwrap_or(job.resources.gpus);
-        job.resources.memory_mb = resources.memory_mb;
-        job.resources.time_limit_min = resources.time_limit_min;
-        job.resources.ranks = spec.ranks();
-        job.resources.nodes = spec.trainer.nodes();
-        Ok(name)
+        }
     }
 
     /// One eval job per domain for model `m` (made by job `dep`, if the run makes it).
@@ -861,19 +875,16 @@ impl<'a> Builder<'a> {
         Ok(scored)
     }
 
-    /// Add experts for new domains to an existing MoE (the run's first merge, or `moe`), one
-    /// after another: each trained from the seed (or `base`), then appended. Returns the
-    /// extended models.
-    fn add_expert_phase(
-        &mut self,
-        seed: &Seed,
+    /// The MoE `add_experts` extends, and its shape: the index the next added expert takes,
+    /// and the config that counts its active parameters. Either `add_experts.moe` or the run's
+    /// first merge (its job id and folder).
+    fn moe_to_extend(
+        &self,
         add: &crate::pipeline::spec::AddExperts,
         first_merge: Option<(&str, &crate::pipeline::spec::MergeSpec)>,
-    ) -> Result<Vec<String>> {
+    ) -> Result<((Vec<String>, PathBuf), ModelConfig)> {
         let p = self.p;
-        // The MoE to extend, and its shape: the index the next added expert takes, and the
-        // config that counts its active parameters.
-        let (mut moe, mut moe_cfg): ((Vec<String>, PathBuf), ModelConfig) = match (&add.moe, first_merge) {
+        Ok(match (&add.moe, first_merge) {
             (Some(loc), _) => {
                 let dir = btm_model::storage::local_dir(&abs(self.base, loc))?;
                 let cfg = btm_model::Checkpoint::open(&dir).with_context(|| format!("add_experts.moe: {}", dir.display()))?.config;
@@ -887,7 +898,64 @@ impl<'a> Builder<'a> {
                 ((vec![n.to_string()], self.model(n).dir), cfg)
             }
             (None, None) => bail!("add_experts.moe: give an MoE checkpoint, or add `merge` so the run makes one"),
-        };
+        })
+    }
+
+    /// The `btm add-expert` job that appends expert `expert`'s FFN (domain `d`) to the MoE
+    /// `moe` (the job ids it waits for, its folder), writing `out`.
+    fn add_expert_job(
+        &mut self,
+        moe: &(Vec<String>, PathBuf),
+        expert: &str,
+        d: &crate::pipeline::spec::Domain,
+        out: &Path,
+        active_params: usize,
+    ) -> String {
+        let mut args = vec![
+            "add-expert".into(),
+            "--moe".into(),
+            moe.1.to_string_lossy().into_owned(),
+            "--expert".into(),
+            self.model(expert).dir.to_string_lossy().into_owned(),
+            "--out".into(),
+            out.to_string_lossy().into_owned(),
+            "--name".into(),
+            d.name.clone(),
+        ];
+        if let Some(v) = &d.valid {
+            args.extend(["--calib".into(), abs(self.base, v)]);
+        }
+        let mut deps = moe.0.clone();
+        deps.push(expert.to_string());
+        self.add(NewJob {
+            name: format!("add-expert/{}", d.name),
+            kind: JobKind::AddExpert,
+            deps,
+            args,
+            files: vec![],
+            outputs: vec![out.to_path_buf()],
+            train: None,
+            produces: Some(ModelRef {
+                label: format!("extended-{}", d.name),
+                dir: out.to_path_buf(),
+                tokens_after_seed: 0,
+                flops_after_seed: 0.0,
+                active_params,
+            }),
+        })
+    }
+
+    /// Add experts for new domains to an existing MoE (the run's first merge, or `moe`), one
+    /// after another: each trained from the seed (or `base`), then appended. Returns the
+    /// extended models.
+    fn add_expert_phase(
+        &mut self,
+        seed: &Seed,
+        add: &crate::pipeline::spec::AddExperts,
+        first_merge: Option<(&str, &crate::pipeline::spec::MergeSpec)>,
+    ) -> Result<Vec<String>> {
+        let p = self.p;
+        let (mut moe, mut moe_cfg) = self.moe_to_extend(add, first_merge)?;
         let base_ref = match &add.base {
             Some(loc) => {
                 let dir = btm_model::storage::local_dir(&abs(self.base, loc))?;
@@ -914,41 +982,10 @@ impl<'a> Builder<'a> {
             // The new domain's own dense expert is scored too: what the MoE's new expert is held to.
             scored.push(name.clone());
             let out = self.run.join("extended").join(&d.name);
-            let mut args = vec![
-                "add-expert".into(),
-                "--moe".into(),
-                moe.1.to_string_lossy().into_owned(),
-                "--expert".into(),
-                self.model(&name).dir.to_string_lossy().into_owned(),
-                "--out".into(),
-                out.to_string_lossy().into_owned(),
-                "--name".into(),
-                d.name.clone(),
-            ];
-            if let Some(v) = &d.valid {
-                args.extend(["--calib".into(), abs(self.base, v)]);
-            }
-            let mut deps = moe.0.clone();
-            deps.push(name.clone());
             // The new expert's index, and the extended MoE's shape.
             let index = moe_cfg.moe.as_ref().expect("an MoE").experts;
             moe_cfg.moe.as_mut().expect("an MoE").experts += 1;
-            let added = self.add(NewJob {
-                name: format!("add-expert/{}", d.name),
-                kind: JobKind::AddExpert,
-                deps,
-                args,
-                files: vec![],
-                outputs: vec![out.clone()],
-                train: None,
-                produces: Some(ModelRef {
-                    label: format!("extended-{}", d.name),
-                    dir: out.clone(),
-                    tokens_after_seed: 0,
-                    flops_after_seed: 0.0,
-                    active_params: moe_cfg.num_active_parameters(),
-                }),
-            });
+            let added = self.add_expert_job(&moe, &name, d, &out, moe_cfg.num_active_parameters());
             scored.push(added.clone());
             moe = (vec![added.clone()], out.clone());
             if let Some(t) = &add.train_in_place {

@@ -492,7 +492,7 @@ fn default_router_init() -> RouterInit {
     RouterInit::Centroid
 }
 fn default_calib_tokens() -> usize {
-    8192
+    btm_merger::calib::CalibOptions::default().max_tokens
 }
 fn default_non_expert() -> NonExpertSource {
     NonExpertSource::Average

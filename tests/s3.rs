@@ -261,3 +261,42 @@ fn an_external_trainer_works_on_a_run_in_the_bucket() {
         assert!(objects.iter().any(|k| k.ends_with(o)), "{o} not in the bucket: {objects:?}");
     }
 }
+
+/// A training source in the bucket is read in place: JSONL streamed once (its bytes fetched
+/// exactly once, nothing stored locally: no whole-file copy in the cache), parquet by byte
+/// ranges; and a second job over the same sources finds its token cache by the objects' size
+/// and ETag without fetching a byte.
+#[test]
+fn training_sources_in_the_bucket_are_streamed_not_downloaded() {
+    let Some(s3) = S3Server::start() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let data = s3.dir("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let jsonl = std::fs::read(common::sample("code", "train")).unwrap();
+    std::fs::write(data.join("code.jsonl"), &jsonl).unwrap();
+    let texts = btm_model::jsonl::read_texts(Path::new(&common::sample("scripture", "train")), None).unwrap();
+    btm_trainer::sources::write_parquet(&data.join("scripture.parquet"), &texts, "text", 64).unwrap();
+    let parquet_size = std::fs::metadata(data.join("scripture.parquet")).unwrap().len();
+    let job = |name: &str| {
+        let yaml = format!(
+            "init: {{checkpoint: {}}}\nout: {out}\ndata:\n  train:\n    - {{path: s3://{BUCKET}/data/code.jsonl}}\n    - {{path: s3://{BUCKET}/data/scripture.parquet}}\n\
+             steps: 2\nseq_len: 16\nbatch_size: 2\nthreads: 1\ntoken_cache: {cache}\n",
+            common::repo().join("model/tests/fixtures/llama").display(),
+            out = tmp.path().join(name).display(),
+            cache = tmp.path().join("tokens").display(),
+        );
+        let file = tmp.path().join(format!("{name}.yaml"));
+        std::fs::write(&file, yaml).unwrap();
+        ok(btm_s3(&s3, tmp.path()).arg("train").arg("--job").arg(&file).output().unwrap())
+    };
+    let first = job("first");
+    let line = |source: &str| first.lines().find(|l| l.contains(&format!("tokenized s3://{BUCKET}/data/{source}"))).map(str::to_string);
+    let fetched = |l: &str| -> u64 { l.split("; ").nth(1).and_then(|t| t.split(' ').next()).and_then(|n| n.parse().ok()).unwrap() };
+    let streamed = line("code.jsonl").unwrap_or_else(|| panic!("no tokenizing line for code.jsonl:\n{first}"));
+    assert_eq!(fetched(&streamed), jsonl.len() as u64, "{streamed}");
+    let ranged = line("scripture.parquet").unwrap_or_else(|| panic!("no tokenizing line for scripture.parquet:\n{first}"));
+    assert!(fetched(&ranged) > 0 && fetched(&ranged) <= parquet_size, "{ranged} (object of {parquet_size} bytes)");
+    assert!(!tmp.path().join("cache/files").exists(), "a source was downloaded whole into the cache");
+    let second = job("second");
+    assert!(!second.contains("tokenized s3://"), "the second job tokenized again:\n{second}");
+}

@@ -16,6 +16,7 @@
 //! So the whole stream is a function of the seed and the [`Position`] (samples drawn in total
 //! and per source), which checkpoints store: resuming needs no opaque RNG state.
 
+use crate::sources::{identity, Documents, Format, DEFAULT_TEXT_KEY};
 use anyhow::{bail, Context, Result};
 use memmap2::Mmap;
 use serde::{Deserialize, Serialize};
@@ -166,47 +167,91 @@ pub fn default_cache_dir() -> PathBuf {
 /// batch of text and its token ids, whatever the source's size.
 const DOCS_PER_BATCH: usize = 2048;
 
-/// The token stream of a JSONL source (plain, `.gz` or `.zst`): from the cache, or tokenized
-/// now and cached. The source is streamed twice — hashed for the cache key, then read a
-/// document at a time and tokenized in parallel batches straight into the cache file — so
-/// memory stays bounded by one batch however large the source is. The cache file is written
-/// under a temporary name and renamed when complete.
+/// The token stream of a local JSONL source (plain, `.gz` or `.zst`, the `text` field): from
+/// the cache, or tokenized now and cached ([`tokenize_source`]).
 pub fn tokenize_cached(source: &Path, tok: &TokenizerInfo, cache_dir: &Path) -> Result<Tokens> {
+    Ok(tokenize_source(&source.to_string_lossy(), Format::Jsonl, DEFAULT_TEXT_KEY, tok, cache_dir, &mut |_| {})?.tokens)
+}
+
+/// A source's token stream and what getting it took.
+pub struct Tokenized {
+    pub tokens: Tokens,
+    /// Whether the cache already held it (nothing was read or tokenized).
+    pub cached: bool,
+    /// Documents tokenized now (0 when cached).
+    pub documents: u64,
+    /// Bytes fetched from an object store to tokenize it (0 when local or cached).
+    pub fetched: u64,
+}
+
+/// Progress of one source's tokenization, handed to a callback every [`DOCS_PER_BATCH`]
+/// documents.
+#[derive(Debug, Clone, Copy)]
+pub struct TokenizeProgress {
+    pub documents: u64,
+    pub tokens: u64,
+    /// Text bytes tokenized so far.
+    pub bytes: u64,
+    pub seconds: f64,
+}
+
+/// The token stream of a text source ([`crate::sources`]: JSONL or parquet, local or in an
+/// object store): from the cache, or tokenized now and cached. The cache key is the source's
+/// [`identity`] (content hash of local files; URL, size and ETag of objects, so a restarted
+/// job finds its cache without fetching a byte), the tokenizer's bytes and EOS. Documents are
+/// streamed and tokenized in parallel batches straight into the cache file, so memory stays
+/// bounded by one batch however large the source is; the file is written under a temporary
+/// name and renamed when complete.
+pub fn tokenize_source(
+    location: &str,
+    format: Format,
+    text_key: &str,
+    tok: &TokenizerInfo,
+    cache_dir: &Path,
+    progress: &mut dyn FnMut(TokenizeProgress),
+) -> Result<Tokenized> {
     let key = {
         let mut h = Sha256::new();
         h.update(b"btm-tokens/1\0");
-        // The digest of the source's bytes (streamed; the key is the same as when the whole
-        // file was read and hashed at once).
-        let (_, digest) = btm_model::manifest::hash_file(source)?;
-        h.update(hex::decode(digest)?);
+        h.update(identity(location, format, text_key)?);
         h.update(tok.sha256.as_bytes());
         h.update(tok.eos.to_le_bytes());
         hex::encode(h.finalize())
     };
     let path = cache_dir.join(format!("{}.tokens", &key[..40]));
-    if let Some(t) = Tokens::open(&path)? {
-        return Ok(t);
+    if let Some(tokens) = Tokens::open(&path)? {
+        return Ok(Tokenized { tokens, cached: true, documents: 0, fetched: 0 });
     }
     // Written under a temporary name (removed on any error) and renamed into place.
     let staging = btm_model::publish::StagingFile::new(&path)?;
-    if write_tokens(source, tok, &staging.path)? == 0 {
-        bail!("{}: no documents", source.display());
+    let mut docs = Documents::open(location, format, text_key)?;
+    let (count, documents) = write_tokens(location, &mut docs, tok, &staging.path, progress)?;
+    if count == 0 {
+        bail!("{location}: no documents");
     }
     staging.publish().with_context(|| format!("publishing {}", path.display()))?;
-    Tokens::open(&path)?.with_context(|| format!("{}: cache file unreadable right after writing", path.display()))
+    let tokens = Tokens::open(&path)?.with_context(|| format!("{}: cache file unreadable right after writing", path.display()))?;
+    Ok(Tokenized { tokens, cached: false, documents, fetched: docs.fetched() })
 }
 
-/// Tokenize `source` into the cache file `dest` (header, then the ids); the number of ids.
-fn write_tokens(source: &Path, tok: &TokenizerInfo, dest: &Path) -> Result<u64> {
+/// Tokenize `docs` into the cache file `dest` (header, then the ids): the number of ids and
+/// of documents.
+fn write_tokens(
+    source: &str,
+    docs: &mut Documents,
+    tok: &TokenizerInfo,
+    dest: &Path,
+    progress: &mut dyn FnMut(TokenizeProgress),
+) -> Result<(u64, u64)> {
     use rayon::prelude::*;
     use std::io::{Seek, SeekFrom};
+    let started = std::time::Instant::now();
     let mut w = std::io::BufWriter::new(std::fs::File::create(dest).with_context(|| format!("creating {}", dest.display()))?);
     w.write_all(MAGIC)?;
     w.write_all(&0u64.to_le_bytes())?;
-    let mut texts = btm_model::jsonl::Texts::open(source)?;
-    let (mut count, mut docs) = (0u64, 0u64);
+    let (mut count, mut ndocs, mut bytes) = (0u64, 0u64, 0u64);
     loop {
-        let batch: Vec<String> = texts.by_ref().take(DOCS_PER_BATCH).collect::<btm_model::Result<_>>()?;
+        let batch: Vec<String> = docs.by_ref().take(DOCS_PER_BATCH).collect::<Result<_>>()?;
         if batch.is_empty() {
             break;
         }
@@ -214,20 +259,22 @@ fn write_tokens(source: &Path, tok: &TokenizerInfo, dest: &Path) -> Result<u64> 
             .par_iter()
             .map(|t| tok.tokenizer.encode(t.as_str(), true).map(|e| e.get_ids().to_vec()))
             .collect::<std::result::Result<_, _>>()
-            .map_err(|e| anyhow::anyhow!("tokenizing {} (documents {docs}..): {e}", source.display()))?;
+            .map_err(|e| anyhow::anyhow!("tokenizing {source} (documents {ndocs}..): {e}"))?;
         for ids in encoded {
             for id in ids.iter().chain(std::iter::once(&tok.eos)) {
                 w.write_all(&id.to_le_bytes())?;
             }
             count += ids.len() as u64 + 1;
         }
-        docs += batch.len() as u64;
+        ndocs += batch.len() as u64;
+        bytes += batch.iter().map(|t| t.len() as u64).sum::<u64>();
+        progress(TokenizeProgress { documents: ndocs, tokens: count, bytes, seconds: started.elapsed().as_secs_f64() });
     }
     let mut f = w.into_inner().map_err(|e| anyhow::anyhow!("writing {}: {e}", dest.display()))?;
     f.seek(SeekFrom::Start(MAGIC.len() as u64))?;
     f.write_all(&count.to_le_bytes())?;
     f.sync_all()?;
-    Ok(count)
+    Ok((count, ndocs))
 }
 
 /// A token stream cut into sequences of `seq_len + 1` tokens with stride `seq_len`.

@@ -25,6 +25,7 @@ pub mod optim;
 pub mod remote;
 pub mod schedule;
 pub mod signals;
+pub mod sources;
 pub mod spec;
 pub mod state;
 pub mod tensorboard;

@@ -44,11 +44,36 @@ pub struct Init {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Source {
-    /// JSONL file, one `{"text": ...}` per line.
+    /// The text ([`crate::sources`]): a JSONL file (`.jsonl`, `.jsonl.gz`, `.jsonl.zst`), a
+    /// parquet file, folder of shards or `*` glob, or a Megatron indexed dataset's `.idx`; a
+    /// path or an object-store URL (streamed, never downloaded whole).
     pub path: PathBuf,
     /// Share of training sequences drawn from this source (relative to the others).
     #[serde(default = "one_f64")]
     pub weight: f64,
+    /// The format, when the name does not say it ([`Format::detect`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<crate::sources::Format>,
+    /// The JSON field or parquet column holding the text (default `text`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text_key: Option<String>,
+}
+
+impl Source {
+    /// The source's location as given (a path or URL).
+    pub fn location(&self) -> String {
+        self.path.to_string_lossy().into_owned()
+    }
+
+    /// Its format: as given, or as its name says.
+    pub fn format(&self) -> crate::sources::Format {
+        self.format.unwrap_or_else(|| crate::sources::Format::detect(&self.location()))
+    }
+
+    /// The field or column holding the text.
+    pub fn text_key(&self) -> &str {
+        self.text_key.as_deref().unwrap_or(crate::sources::DEFAULT_TEXT_KEY)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -500,8 +525,12 @@ impl JobSpec {
         if let Some(p) = &mut self.init.tokenizer {
             fetch("init.tokenizer", p)?;
         }
+        // Training text in an object store is streamed or read by ranges ([`crate::sources`]);
+        // an indexed dataset is memory-mapped, so it needs its `.idx` and `.bin` locally.
         for (i, s) in self.data.train.iter_mut().enumerate() {
-            fetch(&format!("data.train[{i}]"), &mut s.path)?;
+            if s.format() == crate::sources::Format::Indexed {
+                fetch(&format!("data.train[{i}]"), &mut s.path)?;
+            }
         }
         for (i, p) in self.data.valid.iter_mut().enumerate() {
             fetch(&format!("data.valid[{i}]"), p)?;
@@ -710,7 +739,19 @@ impl JobSpec {
             return fail("data.train", "needs at least one source".into());
         }
         for (i, src) in self.data.train.iter().enumerate() {
-            check_file(&format!("data.train[{i}].path"), &src.path)?;
+            let key = format!("data.train[{i}].path");
+            match src.format() {
+                _ if btm_model::folder::is_remote(&src.location()) => {}
+                crate::sources::Format::Parquet => {
+                    for f in crate::sources::parquet_files(&src.location()).with_context(|| key.clone())? {
+                        check_file(&key, Path::new(&f))?;
+                    }
+                }
+                _ => check_file(&key, &src.path)?,
+            }
+            if src.text_key.as_deref().is_some_and(str::is_empty) {
+                return fail(&format!("data.train[{i}].text_key"), "must not be empty".into());
+            }
             if !(src.weight.is_finite() && src.weight > 0.0) {
                 return fail(&format!("data.train[{i}].weight"), format!("must be positive, got {}", src.weight));
             }

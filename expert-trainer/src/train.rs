@@ -15,7 +15,7 @@
 //! bit-identical to one that never stopped (on the same machine and thread count).
 
 use crate::checkpoint::{self, TrainerState};
-use crate::data::{tokenize_cached, Mixture, Packed, Position, TokenizerInfo, Tokens};
+use crate::data::{tokenize_source, Mixture, Packed, Position, TokenizerInfo, Tokens};
 use crate::distributed::Ranks;
 use crate::loss::cross_entropy;
 use crate::metrics::{human_duration, Metrics};
@@ -23,6 +23,7 @@ use crate::optim::{clip_scale, AdamW};
 use crate::remote::Mirror;
 use crate::schedule::Schedule;
 use crate::signals::StopFlag;
+use crate::sources::Format;
 use crate::spec::{self, JobSpec, Resume};
 use crate::state::Weights;
 use anyhow::{bail, Context, Result};
@@ -592,18 +593,37 @@ impl<'a> TrainingRun<'a> {
         if !root {
             self.ranks.barrier()?;
         }
-        let packed = |key: String, path: &Path| -> Result<Packed> {
-            let tokens = if crate::indexed::is_indexed(path) {
-                Tokens::indexed(path, self.init_config.vocab_size)
-            } else {
-                tokenize_cached(path, &self.tok, &cache)
-            }
-            .with_context(|| key.clone())?;
-            Packed::new(tokens, spec.seq_len, &format!("{key}: {}", path.display()))
+        let vocab = self.init_config.vocab_size;
+        let source = |i: usize, s: &crate::spec::Source| -> Result<Packed> {
+            let key = format!("data.train[{i}]");
+            let location = s.location();
+            let tokens = match s.format() {
+                Format::Indexed => Tokens::indexed(&s.path, vocab).with_context(|| key.clone())?,
+                format => self.tokenize(&key, &location, format, s.text_key(), &cache, metrics).with_context(|| key.clone())?,
+            };
+            Packed::new(tokens, spec.seq_len, &format!("{key}: {location}"))
         };
-        let train =
-            spec.data.train.iter().enumerate().map(|(i, s)| packed(format!("data.train[{i}]"), &s.path)).collect::<Result<Vec<_>>>()?;
-        let valid = spec.data.valid.iter().enumerate().map(|(i, p)| packed(format!("data.valid[{i}]"), p)).collect::<Result<Vec<_>>>()?;
+        // The sources of a job are tokenized side by side (each in parallel batches too).
+        let train = std::thread::scope(|scope| {
+            let handles: Vec<_> = spec.data.train.iter().enumerate().map(|(i, s)| scope.spawn(move || source(i, s))).collect();
+            handles.into_iter().map(|h| h.join().expect("a tokenizing thread panicked")).collect::<Result<Vec<_>>>()
+        })?;
+        let valid = spec
+            .data
+            .valid
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let key = format!("data.valid[{i}]");
+                let tokens = if crate::indexed::is_indexed(p) {
+                    Tokens::indexed(p, vocab)
+                } else {
+                    self.tokenize(&key, &p.to_string_lossy(), Format::Jsonl, crate::sources::DEFAULT_TEXT_KEY, &cache, metrics)
+                }
+                .with_context(|| key.clone())?;
+                Packed::new(tokens, spec.seq_len, &format!("{key}: {}", p.display()))
+            })
+            .collect::<Result<Vec<_>>>()?;
         if root {
             self.ranks.barrier()?;
         }
@@ -616,6 +636,36 @@ impl<'a> TrainingRun<'a> {
             started.elapsed().as_secs_f64()
         ));
         Ok((mixture, valid))
+    }
+
+    /// One text source's tokens through the cache, with progress lines (documents, tokens,
+    /// throughput) every few seconds while it tokenizes, and what it took at the end.
+    fn tokenize(&self, key: &str, location: &str, format: Format, text_key: &str, cache: &Path, metrics: &Metrics) -> Result<Tokens> {
+        let mut last = Instant::now();
+        let mut report = |p: crate::data::TokenizeProgress| {
+            if last.elapsed().as_secs_f64() >= 10.0 {
+                last = Instant::now();
+                metrics.say(&format!(
+                    "{key}: tokenizing {location}: {} documents, {} tokens, {:.1} MB/s",
+                    p.documents,
+                    p.tokens,
+                    p.bytes as f64 / 1e6 / p.seconds.max(1e-9)
+                ));
+            }
+        };
+        let started = Instant::now();
+        let t = tokenize_source(location, format, text_key, &self.tok, cache, &mut report)?;
+        if !t.cached {
+            let secs = started.elapsed().as_secs_f64();
+            metrics.say(&format!(
+                "{key}: tokenized {location}: {} documents, {} tokens in {secs:.1}s ({:.0} tokens/s); {} bytes fetched from the store",
+                t.documents,
+                t.tokens.len(),
+                t.tokens.len() as f64 / secs.max(1e-9),
+                t.fetched
+            ));
+        }
+        Ok(t.tokens)
     }
 
     /// The weights (this rank's experts only, with expert parallelism) and AdamW, from the

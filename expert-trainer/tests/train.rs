@@ -273,11 +273,12 @@ fn the_example_job_validates() {
     assert!(spec.init.checkpoint.as_deref().unwrap().ends_with("fixtures/llama"));
 }
 
-/// The same documents as JSONL (tokenized by btm: each document then EOS) and as a Megatron
-/// indexed dataset holding those ids (as `preprocess_data.py --append-eod` writes them) train
-/// to the same losses and the same weights.
+/// The same documents as JSONL (tokenized by btm: each document then EOS), as zstd-compressed
+/// JSONL under another key, as parquet shards (the Hugging Face datasets layout, text in a named
+/// column) and as a Megatron indexed dataset holding those ids (as `preprocess_data.py
+/// --append-eod` writes them) train to the same losses and the same weights.
 #[test]
-fn a_megatron_indexed_dataset_trains_like_the_same_documents_in_jsonl() {
+fn every_source_format_trains_like_the_same_documents_in_jsonl() {
     let (dir, train, valid) = data_dir();
     let cache = dir.path().join("cache");
     let fixture = fixtures().join("llama");
@@ -299,11 +300,35 @@ fn a_megatron_indexed_dataset_trains_like_the_same_documents_in_jsonl() {
         btm_trainer::run(&JobSpec::parse(&yaml, dir.path()).unwrap(), quiet()).unwrap();
         (losses(&dir.path().join(name)), read(&dir.path().join(name).join("model/model.safetensors")))
     };
+    let texts = btm_model::jsonl::read_texts(&train, None).unwrap();
+    let zst = dir.path().join("train.jsonl.zst");
+    let lines: String = texts.iter().map(|t| serde_json::json!({ "body": t }).to_string() + "\n").collect();
+    std::fs::write(&zst, zstd::encode_all(lines.as_bytes(), 3).unwrap()).unwrap();
+    let shards = dir.path().join("shards");
+    std::fs::create_dir(&shards).unwrap();
+    let half = texts.len() / 2;
+    btm_trainer::sources::write_parquet(&shards.join("train-00000-of-00002.parquet"), &texts[..half], "content", 7).unwrap();
+    btm_trainer::sources::write_parquet(&shards.join("train-00001-of-00002.parquet"), &texts[half..], "content", 7).unwrap();
+    let run_keyed = |name: &str, source: &Path, key: &str| {
+        let yaml = job_yaml("llama", source, &valid, &dir.path().join(name), &cache, "steps: 10\nseed: 4\n").replacen(
+            "}]\n  valid",
+            &format!(", text_key: {key}}}]\n  valid"),
+            1,
+        );
+        assert!(yaml.contains("text_key"), "{yaml}");
+        btm_trainer::run(&JobSpec::parse(&yaml, dir.path()).unwrap(), quiet()).unwrap();
+        (losses(&dir.path().join(name)), read(&dir.path().join(name).join("model/model.safetensors")))
+    };
     let (jsonl_losses, jsonl_weights) = run("jsonl", &train);
-    let (indexed_losses, indexed_weights) = run("indexed", &prefix.with_extension("idx"));
     assert_eq!(jsonl_losses.len(), 10);
-    assert_eq!(jsonl_losses, indexed_losses);
-    assert!(jsonl_weights == indexed_weights, "the two runs' weights differ");
+    for (name, (l, w)) in [
+        ("indexed", run("indexed", &prefix.with_extension("idx"))),
+        ("zstd", run_keyed("zstd", &zst, "body")),
+        ("parquet", run_keyed("parquet", &shards, "content")),
+    ] {
+        assert_eq!(jsonl_losses, l, "{name}");
+        assert!(jsonl_weights == w, "the JSONL and {name} runs' weights differ");
+    }
     // Ids beyond the model's vocabulary are refused before training, naming the file.
     let bad = dir.path().join("bad");
     btm_trainer::indexed::write(&bad, &[vec![1, 2, config.vocab_size as u32 + 5]]).unwrap();

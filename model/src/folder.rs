@@ -501,6 +501,128 @@ pub fn fetch_dir(location: &str) -> Result<PathBuf> {
     Ok(dest)
 }
 
+/// One object in a store, read in place: as a stream from an offset (fetched in chunks by a
+/// background thread, a few chunks ahead of the reader, never stored on disk) or by byte
+/// ranges. Every byte fetched is counted ([`RemoteObject::fetched`]).
+pub struct RemoteObject {
+    location: String,
+    store: Arc<dyn ObjectStore>,
+    key: StorePath,
+    runtime: tokio::runtime::Runtime,
+    size: u64,
+    etag: Option<String>,
+    fetched: Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// Chunks a streaming read keeps in flight ahead of its reader.
+const STREAM_CHUNKS_AHEAD: usize = 4;
+
+impl RemoteObject {
+    /// Ask the store for the object at the URL `location` (its size and ETag; no bytes yet).
+    pub fn open(location: &str) -> Result<Self> {
+        let url = url::Url::parse(location).map_err(|e| Error::Storage(format!("{location}: {e}")))?;
+        let (store, key) = crate::storage::store_for(&url)?;
+        let runtime =
+            tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| Error::Storage(format!("{location}: {e}")))?;
+        let meta = Folder::block(&runtime, async { store.head(&key).await }).map_err(|e| Error::Storage(format!("{location}: {e}")))?;
+        Ok(Self { location: location.to_string(), store, key, runtime, size: meta.size, etag: meta.e_tag, fetched: Default::default() })
+    }
+
+    /// The object's size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The object's ETag, when the store gives one (with the size, it names this version).
+    pub fn etag(&self) -> Option<&str> {
+        self.etag.as_deref()
+    }
+
+    /// Bytes fetched from the store so far, by every read of this object.
+    pub fn fetched(&self) -> u64 {
+        self.fetched.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Bytes `range` of the object.
+    pub fn read_range(&self, range: std::ops::Range<u64>) -> Result<bytes::Bytes> {
+        let (store, key) = (&self.store, &self.key);
+        let bytes = Folder::block(&self.runtime, async { store.get_range(key, range.clone()).await })
+            .map_err(|e| Error::Storage(format!("reading bytes {}..{} of {}: {e}", range.start, range.end, self.location)))?;
+        self.fetched.fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        Ok(bytes)
+    }
+
+    /// The object's bytes from `offset` to its end, as a reader: a background thread fetches
+    /// them in the store's chunks, at most a few ahead, so memory stays bounded whatever the
+    /// object's size. A store error surfaces as the reader's error.
+    pub fn stream_from(&self, offset: u64) -> Box<dyn Read + Send> {
+        let (store, key, fetched, location) = (self.store.clone(), self.key.clone(), self.fetched.clone(), self.location.clone());
+        let (tx, rx) = std::sync::mpsc::sync_channel::<std::io::Result<bytes::Bytes>>(STREAM_CHUNKS_AHEAD);
+        let size = self.size;
+        std::thread::spawn(move || {
+            let io_err = |e: object_store::Error| std::io::Error::other(format!("{location}: {e}"));
+            let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+                let _ = tx.send(Err(std::io::Error::other(format!("{location}: cannot start a runtime"))));
+                return;
+            };
+            runtime.block_on(async move {
+                if offset >= size {
+                    return;
+                }
+                let opts = object_store::GetOptions { range: Some((offset..size).into()), ..Default::default() };
+                let mut stream = match store.get_opts(&key, opts).await {
+                    Ok(r) => r.into_stream(),
+                    Err(e) => {
+                        let _ = tx.send(Err(io_err(e)));
+                        return;
+                    }
+                };
+                while let Some(chunk) = stream.next().await {
+                    if let Ok(c) = &chunk {
+                        fetched.fetch_add(c.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    // A reader that stopped reading (an error, enough documents) ends the fetch.
+                    if tx.send(chunk.map_err(io_err)).is_err() {
+                        return;
+                    }
+                }
+            });
+        });
+        Box::new(ChannelReader { rx, chunk: bytes::Bytes::new(), remaining: size.saturating_sub(offset), location: self.location.clone() })
+    }
+}
+
+/// The reading end of [`RemoteObject::stream_from`].
+struct ChannelReader {
+    rx: std::sync::mpsc::Receiver<std::io::Result<bytes::Bytes>>,
+    chunk: bytes::Bytes,
+    /// Bytes still to come: a fetch that ends early is an error, not a short object.
+    remaining: u64,
+    location: String,
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.chunk.is_empty() {
+            match self.rx.recv() {
+                Ok(Ok(c)) => self.chunk = c,
+                Ok(Err(e)) => return Err(e),
+                Err(_) if self.remaining == 0 => return Ok(0),
+                Err(_) => {
+                    return Err(std::io::Error::other(format!(
+                        "{}: the fetch ended {} bytes before the end",
+                        self.location, self.remaining
+                    )))
+                }
+            }
+        }
+        let n = buf.len().min(self.chunk.len());
+        buf[..n].copy_from_slice(&self.chunk.split_to(n));
+        self.remaining = self.remaining.saturating_sub(n as u64);
+        Ok(n)
+    }
+}
+
 /// Where a worker writes an output bound for `location`, and how it is published: a local
 /// path is written in place; for a URL the worker writes into a local staging path, and
 /// [`Output::publish`] uploads it (a directory file by file, manifest last).

@@ -1,36 +1,55 @@
-//! JSONL text files: one JSON object per line with a `text` field, read as a stream (a
+//! JSONL text files: one JSON object per line with a `text` field (or another key), read as a stream (a
 //! document at a time, whatever the file's size), plain or compressed by its extension:
 //! `.gz` (gzip) or `.zst` (zstandard). Errors name the file and the line.
 
 use crate::error::{Error, Result};
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Read};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// The bytes of a source, decompressed as its extension says.
 pub fn open_decoded(path: &Path) -> Result<Box<dyn Read + Send>> {
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let name = path.file_name().map(|n| n.to_string_lossy().to_ascii_lowercase()).unwrap_or_default();
-    Ok(if name.ends_with(".gz") {
-        Box::new(flate2::read::MultiGzDecoder::new(BufReader::new(file)))
-    } else if name.ends_with(".zst") || name.ends_with(".zstd") {
-        Box::new(zstd::stream::read::Decoder::new(file).map_err(|e| Error::io(path, e))?)
+    decoded(&path.to_string_lossy(), Box::new(file))
+}
+
+/// `reader`, decompressed as the extension of `name` (a path or URL) says: `.gz` (gzip),
+/// `.zst`/`.zstd` (zstandard), else as it is.
+pub fn decoded(name: &str, reader: Box<dyn Read + Send>) -> Result<Box<dyn Read + Send>> {
+    let lower = name.to_ascii_lowercase();
+    Ok(if lower.ends_with(".gz") {
+        Box::new(flate2::read::MultiGzDecoder::new(BufReader::new(reader)))
+    } else if lower.ends_with(".zst") || lower.ends_with(".zstd") {
+        Box::new(zstd::stream::read::Decoder::new(reader).map_err(|e| Error::io(Path::new(name), e))?)
     } else {
-        Box::new(file)
+        reader
     })
 }
 
-/// The `text` of each line of a JSONL source, in order, read as a stream.
+/// The text field of each line of a JSONL source, in order, read as a stream.
 pub struct Texts {
-    path: PathBuf,
+    name: String,
+    key: String,
     lines: std::io::Lines<BufReader<Box<dyn Read + Send>>>,
     line: usize,
 }
 
 impl Texts {
-    /// Open `path` (decompressed as its extension says); nothing is read until iterated.
+    /// Open `path` (decompressed as its extension says) for its `text` fields; nothing is
+    /// read until iterated.
     pub fn open(path: &Path) -> Result<Self> {
-        Ok(Self { path: path.to_path_buf(), lines: BufReader::with_capacity(1 << 20, open_decoded(path)?).lines(), line: 0 })
+        Self::open_with_key(path, "text")
+    }
+
+    /// Open `path` for the field `key` of each line.
+    pub fn open_with_key(path: &Path, key: &str) -> Result<Self> {
+        Ok(Self::from_reader(&path.to_string_lossy(), open_decoded(path)?, key))
+    }
+
+    /// The field `key` of each line of the (already decompressed) `reader`; `name` (a path or
+    /// URL) is what errors name.
+    pub fn from_reader(name: &str, reader: Box<dyn Read + Send>, key: &str) -> Self {
+        Self { name: name.to_string(), key: key.to_string(), lines: BufReader::with_capacity(1 << 20, reader).lines(), line: 0 }
     }
 }
 
@@ -43,20 +62,21 @@ impl Iterator for Texts {
             let line = match self.lines.next()? {
                 Ok(l) => l,
                 // A truncated or corrupt compressed stream, or a read error: name where.
-                Err(e) => return Some(Err(Error::InvalidConfig(format!("{}:{}: reading: {e}", self.path.display(), self.line)))),
+                Err(e) => return Some(Err(Error::InvalidConfig(format!("{}:{}: reading: {e}", self.name, self.line)))),
             };
             if line.trim().is_empty() {
                 continue;
             }
-            let bad = |msg: String| Error::InvalidConfig(format!("{}:{}: {msg}", self.path.display(), self.line));
+            let bad = |msg: String| Error::InvalidConfig(format!("{}:{}: {msg}", self.name, self.line));
             let v: Value = match serde_json::from_str(&line) {
                 Ok(v) => v,
                 Err(e) => return Some(Err(bad(format!("invalid JSON: {e}")))),
             };
-            return Some(match v.get("text") {
+            let key = &self.key;
+            return Some(match v.get(key) {
                 Some(Value::String(s)) => Ok(s.clone()),
-                Some(other) => Err(bad(format!("`text` must be a string, got {other}"))),
-                None => Err(bad("no `text` field".into())),
+                Some(other) => Err(bad(format!("`{key}` must be a string, got {other}"))),
+                None => Err(bad(format!("no `{key}` field"))),
             });
         }
     }

@@ -261,17 +261,14 @@ impl Builder<'_> {
         t: &TrainParams,
         init: job::Init,
         out: &Path,
-        train: Vec<(String, f64)>,
+        train: Vec<job::Source>,
         valid: Vec<String>,
         domain: Option<String>,
     ) -> job::JobSpec {
         job::JobSpec {
             init,
             out: out.to_string_lossy().into_owned(),
-            data: job::Data {
-                train: train.into_iter().map(|(path, weight)| job::Source { path: PathBuf::from(path), weight }).collect(),
-                valid: valid.into_iter().map(PathBuf::from).collect(),
-            },
+            data: job::Data { train, valid: valid.into_iter().map(PathBuf::from).collect() },
             steps: Some(t.steps.unwrap_or(0)),
             tokens: None,
             batch_size: t.batch_size.unwrap_or(8),
@@ -501,6 +498,8 @@ struct Builder<'a> {
     /// Active parameters of the dense seed (and its experts and baseline).
     dense_n: usize,
     /// Every domain's training file, and the validation files of those that have one.
+    /// Every domain's training source at weight 1: the mix the mix phases train on.
+    mix_sources: Vec<job::Source>,
     train_files: Vec<String>,
     valid_files: Vec<String>,
 }
@@ -561,7 +560,7 @@ struct TrainJob<'m> {
     deps: Vec<String>,
     init: job::Init,
     out: PathBuf,
-    train: Vec<(String, f64)>,
+    train: Vec<job::Source>,
     valid: Vec<String>,
     params: TrainParams,
     domain: Option<String>,
@@ -587,14 +586,15 @@ impl<'a> Builder<'a> {
             threads: p.engine.threads_per_job(),
             dense_n: dense_active_params(&seed_cfg),
             seed_cfg,
+            mix_sources: p.domains.iter().map(|d| domain_source(base, d, 1.0)).collect(),
             train_files: p.domains.iter().map(|d| abs(base, &d.train)).collect(),
             valid_files: p.domains.iter().filter_map(|d| d.valid.as_ref()).map(|v| abs(base, v)).collect(),
         })
     }
 
     /// Every domain's training file at weight 1: the mix the mix phases train on.
-    fn mix(&self) -> Vec<(String, f64)> {
-        self.train_files.iter().map(|f| (f.clone(), 1.0)).collect()
+    fn mix(&self) -> Vec<job::Source> {
+        self.mix_sources.clone()
     }
 
     /// The shape of an MoE made from the seed, for counting its parameters (the routing does
@@ -646,6 +646,10 @@ impl<'a> Builder<'a> {
         let tok_out = self.run.join("tokenizer").join("tokenizer.json");
         let mut args = vec!["tokenizer".into(), "train".into(), "--data".into()];
         args.extend(self.train_files.iter().cloned());
+        if let Some(key) = p.domains.first().and_then(|d| d.text_key.clone()) {
+            // Validation checked every domain reads its text under this one key.
+            args.extend(["--text-key".into(), key]);
+        }
         args.extend(["--vocab-size".into(), t.tokenizer.vocab_size.to_string()]);
         if let Some(n) = t.tokenizer.max_docs_per_domain {
             args.extend(["--max-docs".into(), n.to_string()]);
@@ -694,7 +698,7 @@ impl<'a> Builder<'a> {
                 deps: seed.deps(),
                 init: seed.init(),
                 out: self.run.join(format!("experts{}", arm.sfx)).join(&d.name),
-                train: vec![(abs(self.base, &d.train), 1.0)],
+                train: vec![domain_source(self.base, d, 1.0)],
                 valid: d.valid.iter().map(|v| abs(self.base, v)).collect(),
                 params: arm.seeded(p.train.overlay(&d.overrides)),
                 domain: Some(d.name.clone()),
@@ -971,7 +975,7 @@ impl<'a> Builder<'a> {
                 deps: if add.base.is_some() { vec![] } else { seed.deps() },
                 init: job::Init { checkpoint: Some(base_ref.dir.to_string_lossy().into_owned()), config: None, tokenizer: None },
                 out: self.run.join("added").join(&d.name),
-                train: vec![(abs(self.base, &d.train), 1.0)],
+                train: vec![domain_source(self.base, d, 1.0)],
                 valid: d.valid.iter().map(|v| abs(self.base, v)).collect(),
                 params: p.train.overlay(&d.overrides),
                 domain: Some(d.name.clone()),
@@ -1020,10 +1024,10 @@ impl<'a> Builder<'a> {
             params.trainable = Some(btm_trainer::spec::Trainable { include: selection, exclude: vec![] });
         }
         params.aux_loss_coef = over.aux_loss_coef.or(Some(0.0));
-        let mut train = vec![(abs(self.base, &d.train), 1.0 - add.replay)];
+        let mut train = vec![domain_source(self.base, d, 1.0 - add.replay)];
         if add.replay > 0.0 {
             let share = add.replay / p.domains.len() as f64;
-            train.extend(p.domains.iter().map(|old| (abs(self.base, &old.train), share)));
+            train.extend(p.domains.iter().map(|old| domain_source(self.base, old, share)));
         }
         let label = format!("in-place-{}", d.name);
         self.train_job(TrainJob {
@@ -1096,6 +1100,11 @@ impl<'a> Builder<'a> {
 /// A trainer's start: the checkpoint of model `m`.
 fn init_from(m: &ModelRef) -> job::Init {
     job::Init { checkpoint: Some(m.dir.to_string_lossy().into_owned()), config: None, tokenizer: None }
+}
+
+/// Domain `d`'s training text as a trainer source at `weight`.
+fn domain_source(base: &Path, d: &crate::pipeline::spec::Domain, weight: f64) -> job::Source {
+    job::Source { path: PathBuf::from(abs(base, &d.train)), weight, format: d.format, text_key: d.text_key.clone() }
 }
 
 /// `t` trained with `arm_seed`, when the pipeline lists arm seeds.

@@ -1,4 +1,5 @@
-//! `btm tokenizer train`: a byte-level BPE tokenizer from JSONL text.
+//! `btm tokenizer train`: a byte-level BPE tokenizer from text sources (JSONL or parquet, local
+//! or in an object store; see `btm_trainer::sources`).
 
 use anyhow::Result;
 use clap::Subcommand;
@@ -8,9 +9,13 @@ use std::path::PathBuf;
 pub enum TokenizerCommand {
     /// Train a byte-level BPE tokenizer (`<s>` = 0 is prepended, `</s>` = 1 ends documents).
     Train {
-        /// JSONL files with a `text` field.
+        /// Text sources: JSONL (`.jsonl`, `.gz`, `.zst`), parquet (a file, a folder of shards or
+        /// a `*` glob), paths or URLs.
         #[arg(long, num_args = 1.., required = true)]
         data: Vec<PathBuf>,
+        /// The JSON field or parquet column holding the text.
+        #[arg(long, default_value = btm_trainer::sources::DEFAULT_TEXT_KEY)]
+        text_key: String,
         /// Tokens in the vocabulary, special tokens included.
         #[arg(long, default_value_t = 8192)]
         vocab_size: usize,
@@ -25,11 +30,15 @@ pub enum TokenizerCommand {
 
 pub fn run(cmd: TokenizerCommand) -> Result<()> {
     match cmd {
-        TokenizerCommand::Train { data, vocab_size, max_docs, out } => {
+        TokenizerCommand::Train { data, text_key, vocab_size, max_docs, out } => {
             let mut texts = Vec::new();
             for f in &data {
-                let f = btm_model::folder::fetch_file(&f.to_string_lossy())?;
-                texts.extend(btm_model::jsonl::read_texts(&f, max_docs)?);
+                let location = f.to_string_lossy();
+                let format = btm_trainer::sources::Format::detect(&location);
+                let docs = btm_trainer::sources::Documents::open(&location, format, &text_key)?;
+                for t in docs.take(max_docs.unwrap_or(usize::MAX)) {
+                    texts.push(t?);
+                }
             }
             anyhow::ensure!(!texts.is_empty(), "no documents in {data:?}");
             let tok = btm_model::tokenizer::train_bpe(texts.iter(), vocab_size)?;

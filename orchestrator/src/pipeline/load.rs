@@ -373,11 +373,50 @@ fn check_domains(domains: &[Domain], list: &str, base: &Path, seen: &mut Vec<Str
             problems.push((format!("{p}.name"), format!("duplicate domain name `{}`", d.name)));
         }
         seen.push(d.name.clone());
-        check_data(base, &format!("{p}.train"), &d.train, problems);
+        let train = resolve(base, &d.train);
+        match d.format.unwrap_or_else(|| btm_trainer::sources::Format::detect(&train)) {
+            btm_trainer::sources::Format::Parquet if !train.contains("://") => {
+                if let Err(e) = btm_trainer::sources::parquet_files(&train) {
+                    problems.push((format!("{p}.train"), format!("{e:#}")));
+                }
+            }
+            _ => check_data(base, &format!("{p}.train"), &d.train, problems),
+        }
+        if d.text_key.as_deref().is_some_and(str::is_empty) {
+            problems.push((format!("{p}.text_key"), "must not be empty".into()));
+        }
         for (key, loc) in [("valid", &d.valid), ("test", &d.test)] {
             if let Some(loc) = loc {
                 check_data(base, &format!("{p}.{key}"), loc, problems);
             }
+        }
+    }
+}
+
+/// With `seed.train`, the tokenizer is trained on every domain's training text: text (not an
+/// indexed dataset), read under one key.
+fn check_tokenizer_sources(p: &super::spec::Pipeline, base: &Path, problems: &mut Vec<(String, String)>) {
+    if p.seed.train.is_none() {
+        return;
+    }
+    let key = |d: &super::spec::Domain| d.text_key.clone().unwrap_or_else(|| btm_trainer::sources::DEFAULT_TEXT_KEY.into());
+    for (i, d) in p.domains.iter().enumerate() {
+        let format = d.format.unwrap_or_else(|| btm_trainer::sources::Format::detect(&resolve(base, &d.train)));
+        if format == btm_trainer::sources::Format::Indexed {
+            problems.push((
+                format!("domains[{i}].train"),
+                "an indexed dataset is tokens already: `seed.train` needs text to train its tokenizer on (give `seed.checkpoint`)".into(),
+            ));
+        }
+        if key(d) != key(&p.domains[0]) {
+            problems.push((
+                format!("domains[{i}].text_key"),
+                format!(
+                    "`{}` differs from domains[0]'s `{}`: `seed.train` trains its tokenizer on every domain's text under one key",
+                    key(d),
+                    key(&p.domains[0])
+                ),
+            ));
         }
     }
 }
@@ -570,6 +609,7 @@ pub fn check(p: &Pipeline, base: &Path) -> Vec<(String, String)> {
             }
         }
     }
+    check_tokenizer_sources(p, base, &mut problems);
     problems
 }
 

@@ -310,8 +310,17 @@ pub struct TokenizerSpec {
 pub struct Domain {
     /// Used in paths and reports: letters, digits, `-` and `_`.
     pub name: String,
-    /// JSONL training text (path or URL).
+    /// Training text (path or URL): JSONL (`.jsonl`, `.jsonl.gz`, `.jsonl.zst`), parquet (a
+    /// file, a folder of shards or a `*` glob) or a Megatron indexed dataset (`.idx`); in an
+    /// object store it is streamed, never downloaded whole.
     pub train: String,
+    /// The training text's format, when its name does not say it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<btm_trainer::sources::Format>,
+    /// The JSON field or parquet column of the training text (default `text`; `valid` and
+    /// `test` are JSONL with `text`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text_key: Option<String>,
     /// JSONL validation text: calibration data for the router and validation perplexity.
     #[serde(default)]
     pub valid: Option<String>,

@@ -1,0 +1,444 @@
+//! Training text sources, by format, local or in an object store:
+//!
+//! - **JSONL** (`.jsonl`, `.jsonl.gz`, `.jsonl.zst`): one JSON object per line, the text under
+//!   `text_key` (default `text`);
+//! - **parquet** (`.parquet`, a folder of `*.parquet` shards, or a glob such as
+//!   `data/train-*.parquet`: the Hugging Face datasets layout), the text in the column
+//!   `text_key`; read without Arrow, a row group's column a batch at a time;
+//! - **Megatron-LM indexed datasets** (`prefix.idx` + `prefix.bin`), already tokens: read in
+//!   place by [`crate::indexed`], not here.
+//!
+//! A source in an object store is never downloaded whole: JSONL is streamed (a background
+//! thread fetches a few chunks ahead of the tokenizer), parquet is read by byte ranges (the
+//! footer, then each page). Documents come out one at a time, so memory stays bounded by a
+//! batch whatever the source's size. [`identity`] names a source's content for the token
+//! cache without reading it when the store can vouch for it (size and ETag).
+
+use anyhow::{bail, ensure, Context, Result};
+use btm_model::folder::{is_remote, RemoteObject};
+use bytes::Bytes;
+use parquet::file::reader::{ChunkReader, FileReader, Length, SerializedFileReader};
+use serde::{Deserialize, Serialize};
+use std::collections::VecDeque;
+use std::io::Read;
+use std::path::Path;
+use std::sync::Arc;
+
+/// The text field or column read when none is named.
+pub const DEFAULT_TEXT_KEY: &str = "text";
+
+/// How a source's bytes hold its documents.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Format {
+    /// One JSON object per line (plain, gzip or zstd by extension).
+    Jsonl,
+    /// Parquet files: one, a folder of them, or a glob.
+    Parquet,
+    /// A Megatron-LM indexed dataset (`.idx` + `.bin`), already tokenized.
+    Indexed,
+}
+
+impl Format {
+    /// The format a location's name says: `.parquet` or a `*.parquet` glob → parquet; a local
+    /// folder → parquet (its shards); `.idx`/`.bin` → indexed; anything else → JSONL.
+    pub fn detect(location: &str) -> Format {
+        let lower = location.to_ascii_lowercase();
+        if lower.ends_with(".parquet") || (!is_remote(location) && Path::new(location).is_dir()) {
+            Format::Parquet
+        } else if crate::indexed::is_indexed(Path::new(location)) {
+            Format::Indexed
+        } else {
+            Format::Jsonl
+        }
+    }
+}
+
+/// The files of a parquet source, in name order: the file itself, the `*.parquet` files of a
+/// folder, or those matching a `*` glob in the last path component. Remote sources name one
+/// object.
+pub fn parquet_files(location: &str) -> Result<Vec<String>> {
+    if is_remote(location) {
+        ensure!(!location.contains('*'), "{location}: globs are not supported in object-store URLs; name the shard");
+        return Ok(vec![location.to_string()]);
+    }
+    let path = Path::new(location);
+    let (dir, pattern) = if path.is_dir() {
+        (path.to_path_buf(), "*.parquet".to_string())
+    } else if location.contains('*') {
+        let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf();
+        (dir, path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default())
+    } else {
+        return Ok(vec![location.to_string()]);
+    };
+    let (prefix, suffix) = pattern.split_once('*').context("a glob has one `*`")?;
+    ensure!(!suffix.contains('*'), "{location}: only one `*` is supported");
+    let mut files: Vec<String> = std::fs::read_dir(&dir)
+        .with_context(|| format!("listing {}", dir.display()))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.len() >= prefix.len() + suffix.len() && n.starts_with(prefix) && n.ends_with(suffix))
+        .map(|n| dir.join(n).to_string_lossy().into_owned())
+        .collect();
+    files.sort();
+    ensure!(!files.is_empty(), "{location}: no parquet files");
+    Ok(files)
+}
+
+/// What the token cache keys a source by: local files by the SHA-256 of their bytes (read as
+/// a stream), objects by URL, size and ETag (asked of the store; no byte is fetched), then the
+/// format and text key when not the defaults (so a local JSONL file keeps the key it had
+/// before formats were added: its digest alone).
+pub fn identity(location: &str, format: Format, text_key: &str) -> Result<Vec<u8>> {
+    let files = match format {
+        Format::Parquet => parquet_files(location)?,
+        _ => vec![location.to_string()],
+    };
+    let mut id = vec![];
+    for f in &files {
+        if is_remote(f) {
+            let o = RemoteObject::open(f)?;
+            id.extend(format!("{f}\0{}\0{}\0", o.size(), o.etag().unwrap_or("")).bytes());
+        } else {
+            let (_, digest) = btm_model::manifest::hash_file(Path::new(f.strip_prefix("file://").unwrap_or(f)))?;
+            id.extend(hex::decode(digest)?);
+        }
+    }
+    if format != Format::Jsonl || text_key != DEFAULT_TEXT_KEY {
+        id.extend(format!("\0{format:?}\0{text_key}").bytes());
+    }
+    Ok(id)
+}
+
+/// The documents of a source, streamed, and the bytes fetched from object stores so far.
+pub struct Documents {
+    inner: Box<dyn Iterator<Item = Result<String>> + Send>,
+    remote: Vec<Arc<RemoteObject>>,
+}
+
+impl Documents {
+    /// Open the source at `location` (a path, a glob or a URL) in `format`.
+    pub fn open(location: &str, format: Format, text_key: &str) -> Result<Self> {
+        match format {
+            Format::Jsonl => {
+                let (reader, remote): (Box<dyn Read + Send>, Vec<Arc<RemoteObject>>) = if is_remote(location) {
+                    let o = Arc::new(RemoteObject::open(location)?);
+                    (o.stream_from(0), vec![o])
+                } else {
+                    let path = location.strip_prefix("file://").unwrap_or(location);
+                    (Box::new(std::fs::File::open(path).with_context(|| format!("opening {path}"))?), vec![])
+                };
+                let texts = btm_model::jsonl::Texts::from_reader(location, btm_model::jsonl::decoded(location, reader)?, text_key);
+                Ok(Self { inner: Box::new(texts.map(|t| t.map_err(anyhow::Error::from))), remote })
+            }
+            Format::Parquet => {
+                let mut chunks = vec![];
+                let mut remote = vec![];
+                for f in parquet_files(location)? {
+                    if is_remote(&f) {
+                        let o = Arc::new(RemoteObject::open(&f)?);
+                        remote.push(o.clone());
+                        chunks.push((f, Chunks::Remote(o, Default::default())));
+                    } else {
+                        let file = std::fs::File::open(&f).with_context(|| format!("opening {f}"))?;
+                        chunks.push((f, Chunks::Local(Arc::new(file))));
+                    }
+                }
+                let texts = ParquetTexts { files: chunks.into(), key: text_key.to_string(), current: None, batch: VecDeque::new() };
+                Ok(Self { inner: Box::new(texts), remote })
+            }
+            Format::Indexed => bail!("{location}: an indexed dataset holds tokens, not text"),
+        }
+    }
+
+    /// Bytes fetched from object stores so far (0 for local files).
+    pub fn fetched(&self) -> u64 {
+        self.remote.iter().map(|o| o.fetched()).sum()
+    }
+}
+
+impl Iterator for Documents {
+    type Item = Result<String>;
+    fn next(&mut self) -> Option<Result<String>> {
+        self.inner.next()
+    }
+}
+
+/// A parquet file's bytes: a local file, or an object read by ranges. A remote file keeps one
+/// window of bytes: the text column's chunk of the row group being read, fetched with one
+/// range request when the row group is opened, so its pages (headers and data) are served
+/// from memory; anything outside the window is fetched as asked.
+#[derive(Clone)]
+enum Chunks {
+    Local(Arc<std::fs::File>),
+    Remote(Arc<RemoteObject>, Arc<std::sync::Mutex<Option<(u64, Bytes)>>>),
+}
+
+/// Bytes a page-header read takes at once outside the window (headers are a few dozen bytes).
+const HEADER_READ: u64 = 4 << 10;
+
+impl Chunks {
+    /// Fetch `range` of a remote file into its window (replacing the last one).
+    fn prefetch(&self, range: std::ops::Range<u64>) -> Result<()> {
+        if let Chunks::Remote(o, window) = self {
+            let bytes = o.read_range(range.clone())?;
+            *window.lock().expect("window") = Some((range.start, bytes));
+        }
+        Ok(())
+    }
+
+    /// Bytes from `start`: up to `max`, or what the window holds from there.
+    fn read_some(&self, start: u64, max: u64) -> parquet::errors::Result<Bytes> {
+        if let Chunks::Remote(_, window) = self {
+            if let Some((at, bytes)) = window.lock().expect("window").as_ref() {
+                if start >= *at && start < at + bytes.len() as u64 {
+                    return Ok(bytes.slice((start - at) as usize..));
+                }
+            }
+        }
+        let end = (start + max).min(self.len());
+        self.get_bytes(start, (end - start) as usize)
+    }
+}
+
+impl Length for Chunks {
+    fn len(&self) -> u64 {
+        match self {
+            Chunks::Local(f) => f.metadata().map(|m| m.len()).unwrap_or(0),
+            Chunks::Remote(o, _) => o.size(),
+        }
+    }
+}
+
+impl ChunkReader for Chunks {
+    type T = Box<dyn Read + Send>;
+
+    fn get_read(&self, start: u64) -> parquet::errors::Result<Self::T> {
+        Ok(Box::new(RangeReader { chunks: self.clone(), pos: start, buf: Bytes::new() }))
+    }
+
+    fn get_bytes(&self, start: u64, length: usize) -> parquet::errors::Result<Bytes> {
+        let fail = |e: String| parquet::errors::ParquetError::External(e.into());
+        match self {
+            Chunks::Local(f) => {
+                use std::os::unix::fs::FileExt;
+                let mut buf = vec![0u8; length];
+                f.read_exact_at(&mut buf, start).map_err(|e| fail(e.to_string()))?;
+                Ok(buf.into())
+            }
+            Chunks::Remote(o, window) => {
+                if let Some((at, bytes)) = window.lock().expect("window").as_ref() {
+                    if start >= *at && start + length as u64 <= at + bytes.len() as u64 {
+                        let from = (start - at) as usize;
+                        return Ok(bytes.slice(from..from + length));
+                    }
+                }
+                o.read_range(start..start + length as u64).map_err(|e| fail(e.to_string()))
+            }
+        }
+    }
+}
+
+/// Sequential reads from `pos`: from the window, or fetched [`HEADER_READ`] bytes at a time.
+struct RangeReader {
+    chunks: Chunks,
+    pos: u64,
+    buf: Bytes,
+}
+
+impl Read for RangeReader {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        if self.buf.is_empty() {
+            if self.pos >= self.chunks.len() {
+                return Ok(0);
+            }
+            self.buf = self.chunks.read_some(self.pos, HEADER_READ).map_err(std::io::Error::other)?;
+            self.pos += self.buf.len() as u64;
+        }
+        let n = out.len().min(self.buf.len());
+        out[..n].copy_from_slice(&self.buf.split_to(n));
+        Ok(n)
+    }
+}
+
+/// Documents per batch read from a parquet column.
+const PARQUET_BATCH: usize = 1024;
+
+/// The text column of parquet files, in file, row-group and row order.
+struct ParquetTexts {
+    files: VecDeque<(String, Chunks)>,
+    key: String,
+    /// The open file: its name, reader, the column's index, the next row group, the column
+    /// reader of the current row group, and the rows read before it.
+    current: Option<OpenParquet>,
+    batch: VecDeque<String>,
+}
+
+struct OpenParquet {
+    name: String,
+    chunks: Chunks,
+    reader: SerializedFileReader<Chunks>,
+    column: usize,
+    next_row_group: usize,
+    values: Option<parquet::column::reader::ColumnReaderImpl<parquet::data_type::ByteArrayType>>,
+    row: u64,
+}
+
+impl ParquetTexts {
+    /// Open the next file and find its text column.
+    fn open_next(&mut self) -> Result<bool> {
+        let Some((name, chunks)) = self.files.pop_front() else { return Ok(false) };
+        let reader = SerializedFileReader::new(chunks.clone()).with_context(|| format!("{name}: not a parquet file"))?;
+        let schema = reader.metadata().file_metadata().schema_descr_ptr();
+        let columns: Vec<String> = (0..schema.num_columns()).map(|i| schema.column(i).path().string()).collect();
+        let Some(column) = columns.iter().position(|c| *c == self.key) else {
+            bail!("{name}: no column `{}` (columns: {}); set text_key", self.key, columns.join(", "));
+        };
+        let ty = schema.column(column).physical_type();
+        ensure!(ty == parquet::basic::Type::BYTE_ARRAY, "{name}: column `{}` holds {ty:?}, not text", self.key);
+        self.current = Some(OpenParquet { name, chunks, reader, column, next_row_group: 0, values: None, row: 0 });
+        Ok(true)
+    }
+
+    /// Fill `batch` with the next texts; false at the end of every file.
+    fn fill(&mut self) -> Result<bool> {
+        use parquet::column::reader::ColumnReader;
+        loop {
+            if self.current.is_none() && !self.open_next()? {
+                return Ok(false);
+            }
+            let f = self.current.as_mut().expect("an open file");
+            if f.values.is_none() {
+                if f.next_row_group == f.reader.num_row_groups() {
+                    self.current = None;
+                    continue;
+                }
+                let (start, len) = f.reader.metadata().row_group(f.next_row_group).column(f.column).byte_range();
+                f.chunks.prefetch(start..start + len).with_context(|| format!("{}: row group {}", f.name, f.next_row_group))?;
+                let rg = f.reader.get_row_group(f.next_row_group).with_context(|| format!("{}: row group {}", f.name, f.next_row_group))?;
+                f.next_row_group += 1;
+                match rg.get_column_reader(f.column).with_context(|| format!("{}: reading column `{}`", f.name, self.key))? {
+                    ColumnReader::ByteArrayColumnReader(r) => f.values = Some(r),
+                    _ => bail!("{}: column `{}` is not text", f.name, self.key),
+                }
+            }
+            let reader = f.values.as_mut().expect("a column reader");
+            let (mut defs, mut values) = (Vec::new(), Vec::new());
+            let (records, _, _) = reader
+                .read_records(PARQUET_BATCH, Some(&mut defs), None, &mut values)
+                .with_context(|| format!("{}: reading column `{}` at row {}", f.name, self.key, f.row))?;
+            if records == 0 {
+                f.values = None;
+                continue;
+            }
+            let max_def = f.reader.metadata().file_metadata().schema_descr().column(f.column).max_def_level();
+            let mut values = values.into_iter();
+            for i in 0..records {
+                let row = f.row + i as u64;
+                if max_def > 0 && defs.get(i).is_some_and(|&d| d < max_def) {
+                    bail!("{}: row {row}: `{}` is null", f.name, self.key);
+                }
+                let v = values.next().with_context(|| format!("{}: row {row}: no value", f.name))?;
+                let text = String::from_utf8(v.data().to_vec())
+                    .map_err(|_| anyhow::anyhow!("{}: row {row}: `{}` is not UTF-8", f.name, self.key))?;
+                self.batch.push_back(text);
+            }
+            f.row += records as u64;
+            return Ok(true);
+        }
+    }
+}
+
+impl Iterator for ParquetTexts {
+    type Item = Result<String>;
+    fn next(&mut self) -> Option<Result<String>> {
+        if self.batch.is_empty() {
+            match self.fill() {
+                Ok(true) => {}
+                Ok(false) => return None,
+                Err(e) => {
+                    // An error ends the source.
+                    self.files.clear();
+                    self.current = None;
+                    return Some(Err(e));
+                }
+            }
+        }
+        self.batch.pop_front().map(Ok)
+    }
+}
+
+/// Write `texts` as a parquet file with one optional UTF-8 column `column` (as the Hugging
+/// Face datasets library writes a text column), in row groups of `rows_per_group`, snappy
+/// compressed: the reference writer of the tests and `btm bench data`.
+pub fn write_parquet(path: &Path, texts: &[String], column: &str, rows_per_group: usize) -> Result<()> {
+    use parquet::data_type::{ByteArray, ByteArrayType};
+    use parquet::file::properties::WriterProperties;
+    use parquet::file::writer::SerializedFileWriter;
+    let schema =
+        Arc::new(parquet::schema::parser::parse_message_type(&format!("message schema {{ OPTIONAL BYTE_ARRAY {column} (UTF8); }}"))?);
+    let props = Arc::new(WriterProperties::builder().set_compression(parquet::basic::Compression::SNAPPY).build());
+    let file = std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    let mut w = SerializedFileWriter::new(file, schema, props)?;
+    for group in texts.chunks(rows_per_group.max(1)) {
+        let mut rg = w.next_row_group()?;
+        let mut col = rg.next_column()?.context("one column")?;
+        let values: Vec<ByteArray> = group.iter().map(|t| ByteArray::from(t.as_str())).collect();
+        col.typed::<ByteArrayType>().write_batch(&values, Some(&vec![1; values.len()]), None)?;
+        col.close()?;
+        rg.close()?;
+    }
+    w.close()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn texts(n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("document {i}: ünïcode and \"quotes\" {}", "x".repeat(i % 7))).collect()
+    }
+
+    #[test]
+    fn parquet_shards_read_like_jsonl_in_name_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let all = texts(2500);
+        std::fs::create_dir(dir.path().join("shards")).unwrap();
+        write_parquet(&dir.path().join("shards/train-00001.parquet"), &all[1200..], "text", 500).unwrap();
+        write_parquet(&dir.path().join("shards/train-00000.parquet"), &all[..1200], "text", 700).unwrap();
+        let jsonl = dir.path().join("all.jsonl");
+        std::fs::write(&jsonl, all.iter().map(|t| serde_json::json!({ "text": t }).to_string() + "\n").collect::<String>()).unwrap();
+        let folder = dir.path().join("shards").to_string_lossy().into_owned();
+        let glob = dir.path().join("shards/train-*.parquet").to_string_lossy().into_owned();
+        for loc in [&folder, &glob] {
+            assert_eq!(Format::detect(loc), Format::Parquet);
+            let got: Vec<String> = Documents::open(loc, Format::Parquet, "text").unwrap().collect::<Result<_>>().unwrap();
+            assert_eq!(got, all);
+        }
+        let from_jsonl: Vec<String> =
+            Documents::open(&jsonl.to_string_lossy(), Format::Jsonl, "text").unwrap().collect::<Result<_>>().unwrap();
+        assert_eq!(from_jsonl, all);
+        // The key names the format and text key only when they are not the defaults.
+        assert_ne!(identity(&folder, Format::Parquet, "text").unwrap(), identity(&folder, Format::Parquet, "body").unwrap());
+    }
+
+    #[test]
+    fn a_missing_column_or_key_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("d.parquet");
+        write_parquet(&p, &texts(10), "content", 4).unwrap();
+        let err = format!("{:#}", Documents::open(&p.to_string_lossy(), Format::Parquet, "text").unwrap().next().unwrap().unwrap_err());
+        assert!(err.contains("d.parquet: no column `text` (columns: content)"), "{err}");
+        let got: Vec<String> = Documents::open(&p.to_string_lossy(), Format::Parquet, "content").unwrap().collect::<Result<_>>().unwrap();
+        assert_eq!(got, texts(10));
+        let j = dir.path().join("d.jsonl");
+        std::fs::write(&j, "{\"body\": \"a\"}\n{\"text\": \"b\"}\n").unwrap();
+        let err = format!("{:#}", Documents::open(&j.to_string_lossy(), Format::Jsonl, "body").unwrap().nth(1).unwrap().unwrap_err());
+        assert!(err.ends_with("d.jsonl:2: no `body` field"), "{err}");
+        let bad = dir.path().join("bad.parquet");
+        std::fs::write(&bad, b"not parquet at all").unwrap();
+        let err = format!("{:#}", Documents::open(&bad.to_string_lossy(), Format::Parquet, "text").unwrap().next().unwrap().unwrap_err());
+        assert!(err.contains("bad.parquet: not a parquet file"), "{err}");
+    }
+}

@@ -18,10 +18,12 @@ use crate::distributed::Ranks;
 use crate::spec::{Moe, Optimizer, Trainable};
 use crate::state::Weights;
 use crate::train::{to_batch, Stepper};
-use anyhow::{bail, Result};
+use anyhow::{bail, ensure, Context, Result};
 use btm_model::{ModelConfig, MoeConfig, Routing};
 use candle_core::Device;
 use serde::Serialize;
+use std::io::Write;
+use std::path::Path;
 use std::time::Instant;
 
 /// A benchmark shape.
@@ -154,4 +156,147 @@ mod tests {
         assert!(preset("huge", false).is_err());
         assert!(peak_rss_mb() > 0.0);
     }
+}
+
+/// What `btm bench data` measured: tokenizing a generated JSONL source through btm's data
+/// pipeline (streamed, parallel batches, written to the token cache) against the `tokenizers`
+/// crate's own batch encoder (`Tokenizer::encode_batch`) on the same documents, read the same
+/// way, in alternating repetitions; peak memory of each.
+#[derive(Debug, Clone, Serialize)]
+pub struct DataBenchResult {
+    /// The processor and instruction set.
+    pub cpu: btm_kernels::isa::CpuInfo,
+    /// Threads of the tokenizing pool.
+    pub threads: usize,
+    /// Size of the generated JSONL in bytes, its documents and its text bytes.
+    pub source_bytes: u64,
+    pub documents: u64,
+    pub text_bytes: u64,
+    /// Tokens of the stream (EOS after each document included).
+    pub tokens: u64,
+    /// Median seconds of btm's pipeline and of the reference, over the repetitions.
+    pub btm_s: f64,
+    pub reference_s: f64,
+    /// Source megabytes (10⁶ bytes) per second and tokens per second of btm's pipeline.
+    pub btm_mb_per_s: f64,
+    pub btm_tokens_per_s: f64,
+    pub reference_mb_per_s: f64,
+    pub reference_tokens_per_s: f64,
+    /// btm's throughput over the reference's (median seconds).
+    pub ratio: f64,
+    /// Peak resident memory (MiB, `VmHWM` after a reset) while each tokenized.
+    pub btm_peak_rss_mb: f64,
+    pub reference_peak_rss_mb: f64,
+    pub reps: usize,
+}
+
+/// A synthetic JSONL source of about `bytes` bytes: documents of 50–2000 words drawn from a
+/// fixed word list by a seeded generator, so every run and machine gets the same file.
+pub fn write_data_source(path: &Path, bytes: u64) -> Result<()> {
+    const WORDS: &str = "the of and to in a is that for it as was with be by on not he this are or his from at which \
+        but have an they you were her she there been one all we their has would when if so no will can more \
+        other its into only time some could them these may first then do any like my now over such our man me \
+        even most made after also did many before must through back years where much your way well down should \
+        because each just those people how too little state good very make world still own see men work long \
+        get here between both life being under never day same another know while last might us great old year \
+        off come since against go came right used take three model tokens expert router merge train branch \
+        layer gradient dataset function variable kernel memory process thread cluster node domain scripture \
+        dictionary computing code language river mountain light water earth house king city word voice heart";
+    let words: Vec<&str> = WORDS.split_whitespace().collect();
+    let mut rng = crate::data::SplitMix64::new(&[0xB7D, bytes]);
+    let mut w = std::io::BufWriter::new(std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?);
+    let mut written = 0u64;
+    let mut text = String::new();
+    while written < bytes {
+        text.clear();
+        let n = 50 + rng.below(1950) as usize;
+        for i in 0..n {
+            if i > 0 {
+                text.push(if rng.below(12) == 0 { '\n' } else { ' ' });
+            }
+            text.push_str(words[rng.below(words.len() as u64) as usize]);
+            if rng.below(9) == 0 {
+                text.push(['.', ',', ';', '?'][rng.below(4) as usize]);
+            }
+        }
+        let line = serde_json::json!({ "text": text }).to_string();
+        w.write_all(line.as_bytes())?;
+        w.write_all(b"\n")?;
+        written += line.len() as u64 + 1;
+    }
+    w.flush()?;
+    Ok(())
+}
+
+/// Reset this process's peak-RSS counter (Linux: writing 5 to `clear_refs` sets `VmHWM` to the
+/// current RSS), so the next [`peak_rss_mb`] is the peak of what runs in between.
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// Tokenize `source` with btm's pipeline (into a fresh cache each time) and with the
+/// reference, `reps` times alternately; the medians, throughput and peak memory.
+pub fn run_data(source: &Path, tokenizer: &Path, threads: usize, reps: usize) -> Result<DataBenchResult> {
+    use crate::data::{tokenize_source, TokenizerInfo};
+    crate::train::tune_runtime(Some(threads));
+    let tok = TokenizerInfo::load(tokenizer, None)?;
+    let source_bytes = std::fs::metadata(source).with_context(|| format!("reading {}", source.display()))?.len();
+    let location = source.to_string_lossy().into_owned();
+    let (mut btm_s, mut reference_s) = (vec![], vec![]);
+    let (mut btm_rss, mut reference_rss) = (0f64, 0f64);
+    let (mut tokens, mut documents, mut text_bytes) = (0u64, 0u64, 0u64);
+    for _ in 0..reps.max(1) {
+        let cache = tempfile::tempdir()?;
+        reset_peak_rss();
+        let start = Instant::now();
+        let mut last = crate::data::TokenizeProgress { documents: 0, tokens: 0, bytes: 0, seconds: 0.0 };
+        let t = tokenize_source(&location, crate::sources::Format::Jsonl, "text", &tok, cache.path(), &mut |p| last = p)?;
+        btm_s.push(start.elapsed().as_secs_f64());
+        btm_rss = btm_rss.max(peak_rss_mb());
+        (tokens, documents, text_bytes) = (t.tokens.len() as u64, last.documents, last.bytes);
+        drop(t);
+
+        // The reference: the same documents, read by the same streaming reader in batches of
+        // the same size, encoded by the tokenizers crate's own parallel batch encoder.
+        reset_peak_rss();
+        let start = Instant::now();
+        let mut docs = crate::sources::Documents::open(&location, crate::sources::Format::Jsonl, "text")?;
+        let mut count = 0u64;
+        loop {
+            let batch: Vec<String> = docs.by_ref().take(crate::data::DOCS_PER_BATCH).collect::<Result<_>>()?;
+            if batch.is_empty() {
+                break;
+            }
+            let encoded = tok.tokenizer.encode_batch(batch, true).map_err(|e| anyhow::anyhow!("encode_batch: {e}"))?;
+            count += encoded.iter().map(|e| e.get_ids().len() as u64 + 1).sum::<u64>();
+        }
+        reference_s.push(start.elapsed().as_secs_f64());
+        reference_rss = reference_rss.max(peak_rss_mb());
+        ensure!(count == tokens, "the reference counted {count} tokens, btm {tokens}");
+    }
+    let (b, r) = (median(&mut btm_s), median(&mut reference_s));
+    Ok(DataBenchResult {
+        cpu: btm_kernels::isa::CpuInfo::current(),
+        threads,
+        source_bytes,
+        documents,
+        text_bytes,
+        tokens,
+        btm_s: b,
+        reference_s: r,
+        btm_mb_per_s: source_bytes as f64 / 1e6 / b,
+        btm_tokens_per_s: tokens as f64 / b,
+        reference_mb_per_s: source_bytes as f64 / 1e6 / r,
+        reference_tokens_per_s: tokens as f64 / r,
+        ratio: r / b,
+        btm_peak_rss_mb: btm_rss,
+        reference_peak_rss_mb: reference_rss,
+        reps: reps.max(1),
+    })
+}
+
+/// The median of `v` (sorted in place).
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
 }

@@ -165,7 +165,7 @@ pub fn default_cache_dir() -> PathBuf {
 
 /// Documents tokenized per parallel batch while streaming a source: bounds memory to one
 /// batch of text and its token ids, whatever the source's size.
-const DOCS_PER_BATCH: usize = 2048;
+pub const DOCS_PER_BATCH: usize = 2048;
 
 /// The token stream of a local JSONL source (plain, `.gz` or `.zst`, the `text` field): from
 /// the cache, or tokenized now and cached ([`tokenize_source`]).

@@ -5,7 +5,9 @@
 //! - `btm bench orchestrate [--jobs N] [--seconds S]`: the orchestrator's own overhead with N
 //!   jobs of known duration on N slots, then one dependent job;
 //! - `btm bench moe --device cpu [--tokens T] [--json]`: one MoE layer forward + backward,
-//!   fused kernels against the reference loop.
+//!   fused kernels against the reference loop;
+//! - `btm bench data [--size-mb 2000] [--reps N] [--json]`: tokenizing a generated JSONL through
+//!   btm's data pipeline against the tokenizers crate's `encode_batch`, with peak memory.
 
 use anyhow::Result;
 use clap::{Args, Subcommand};
@@ -20,6 +22,9 @@ pub enum BenchCommand {
     Orchestrate(BenchOrchestrateArgs),
     /// One MoE layer forward + backward: fused kernels against the reference loop.
     Moe(BenchMoeArgs),
+    /// Tokenizing a generated JSONL source: btm's data pipeline against the tokenizers
+    /// crate's batch encoder; throughput and peak memory.
+    Data(BenchDataArgs),
     /// A job of known duration (what `bench orchestrate` runs).
     #[command(hide = true)]
     Sleep {
@@ -27,6 +32,32 @@ pub enum BenchCommand {
         #[arg(long)]
         seconds: f64,
     },
+}
+
+#[derive(Args)]
+pub struct BenchDataArgs {
+    /// Size of the generated JSONL source in MB (10⁶ bytes).
+    #[arg(long, default_value_t = 2000)]
+    size_mb: u64,
+    /// An existing JSONL source to tokenize instead of a generated one.
+    #[arg(long)]
+    source: Option<std::path::PathBuf>,
+    /// The tokenizer (default: a byte-level BPE of 8192 tokens trained on the source's first
+    /// 2000 documents).
+    #[arg(long)]
+    tokenizer: Option<std::path::PathBuf>,
+    /// Where the generated source goes (default: a temporary folder).
+    #[arg(long)]
+    dir: Option<std::path::PathBuf>,
+    /// Tokenizing threads (default: every core).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Repetitions of each side, alternating (medians are reported).
+    #[arg(long, default_value_t = 1)]
+    reps: usize,
+    /// Print the result as one JSON object.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -93,7 +124,6 @@ pub struct BenchTrainArgs {
     #[arg(long, default_value_t = 1)]
     ranks: usize,
     /// Print one JSON line {"tokens_per_s", "peak_rss_mb", ...}.
-    /// Print the result as one JSON object.
     #[arg(long)]
     json: bool,
 }
@@ -121,6 +151,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             Ok(())
         }
         BenchCommand::Orchestrate(args) => bench_orchestrate(args),
+        BenchCommand::Data(args) => bench_data(args),
         BenchCommand::Moe(args) => {
             anyhow::ensure!(
                 args.device == "cpu",
@@ -225,6 +256,48 @@ fn bench_orchestrate(args: BenchOrchestrateArgs) -> Result<()> {
         println!(
             "{} parallel jobs of {:.1}s then one dependent job: wall {wall:.2}s, ideal {ideal:.2}s, overhead {overhead:.2} %",
             args.jobs, args.seconds
+        );
+    }
+    Ok(())
+}
+
+fn bench_data(args: BenchDataArgs) -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let dir = args.dir.clone().unwrap_or_else(|| tmp.path().to_path_buf());
+    std::fs::create_dir_all(&dir)?;
+    let source = match &args.source {
+        Some(s) => s.clone(),
+        None => {
+            let s = dir.join("bench-data.jsonl");
+            let start = std::time::Instant::now();
+            btm_trainer::bench::write_data_source(&s, args.size_mb * 1_000_000)?;
+            if !args.json {
+                println!("generated {} ({} MB) in {:.1}s", s.display(), args.size_mb, start.elapsed().as_secs_f64());
+            }
+            s
+        }
+    };
+    let tokenizer = match &args.tokenizer {
+        Some(t) => t.clone(),
+        None => {
+            let texts: Vec<String> = btm_model::jsonl::read_texts(&source, Some(2000))?;
+            let tok = btm_model::tokenizer::train_bpe(texts.iter(), 8192)?;
+            let path = dir.join("bench-tokenizer.json");
+            btm_model::tokenizer::save(&tok, &path)?;
+            path
+        }
+    };
+    let threads = args.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let r = btm_trainer::bench::run_data(&source, &tokenizer, threads, args.reps)?;
+    if args.json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        println!(
+            "{} ({}, kernels {}), {} threads: {} MB, {} documents, {} tokens\n  btm:       {:.1}s, {:.1} MB/s, {:.0} tokens/s, peak RSS {:.0} MiB\n  reference: {:.1}s, {:.1} MB/s, {:.0} tokens/s, peak RSS {:.0} MiB (tokenizers' encode_batch, no cache written)\n  btm / reference throughput: {:.2}× (median of {})",
+            r.cpu.model, r.cpu.isa, r.cpu.gemm_kernel, r.threads, r.source_bytes / 1_000_000, r.documents, r.tokens,
+            r.btm_s, r.btm_mb_per_s, r.btm_tokens_per_s, r.btm_peak_rss_mb,
+            r.reference_s, r.reference_mb_per_s, r.reference_tokens_per_s, r.reference_peak_rss_mb,
+            r.ratio, r.reps
         );
     }
     Ok(())

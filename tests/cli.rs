@@ -107,3 +107,78 @@ fn version_names_the_commit_and_completions_cover_every_subcommand() {
     }
     assert!(!btm(&["completions", "tcsh"]).status.success());
 }
+
+/// `btm merge --mergekit-config` reads mergekit-moe's YAML: `gate_mode: random` gives the same
+/// weights as the equivalent flags (experts, `from:` the base, top-k), `hidden` turns each
+/// expert's `positive_prompts` into its centroid router's calibration text, and what btm cannot
+/// honour is a named error (with the line for an unknown key) that writes nothing.
+#[test]
+fn mergekit_moe_configs_become_the_equivalent_merge() {
+    let tmp = tempfile::tempdir().unwrap();
+    let llama = fixture("llama");
+    let config = |name: &str, body: &str| {
+        let f = tmp.path().join(format!("{name}.yml"));
+        std::fs::write(&f, format!("base_model: {llama}\ndtype: float32\n{body}")).unwrap();
+        f.to_string_lossy().into_owned()
+    };
+    let out = |name: &str| tmp.path().join(name).to_string_lossy().into_owned();
+    let ok = |o: Output| {
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let random = config(
+        "random",
+        &format!("gate_mode: random\nexperts_per_token: 1\nexperts:\n  - source_model: {llama}\n  - source_model: {llama}\n"),
+    );
+    ok(btm(&["merge", "--mergekit-config", &random, "--out", &out("from-mergekit")]));
+    let from = format!("from:{llama}");
+    let flags = [
+        "merge",
+        "--experts",
+        &llama,
+        &llama,
+        "--top-k",
+        "1",
+        "--router-init",
+        "random",
+        "--non-expert",
+        &from,
+        "--out",
+        &out("from-flags"),
+    ];
+    ok(btm(&flags));
+    let weights = |name: &str| std::fs::read(tmp.path().join(name).join("model.safetensors")).unwrap();
+    assert!(weights("from-mergekit") == weights("from-flags"), "the mergekit config and the flags wrote different weights");
+
+    let prompts = "experts:\n  - source_model: LLAMA\n    positive_prompts: [\"fn main() { let x = 1; }\", \"impl Drop for Guard {}\"]\n  - source_model: LLAMA\n    positive_prompts:\n      - \"In the beginning was the word, and the word was with the river.\"\n"
+        .replace("LLAMA", &llama);
+    let hidden = config("hidden", &prompts);
+    let said = ok(btm(&["merge", "--mergekit-config", &hidden, "--out", &out("hidden")]));
+    assert!(said.contains("router centroid"), "{said}");
+    let lineage: serde_json::Value = serde_json::from_slice(&std::fs::read(tmp.path().join("hidden/btm.json")).unwrap()).unwrap();
+    assert_eq!(lineage["router_init"]["method"], "centroid");
+    assert_eq!(lineage["calibration"][1]["domain"], "expert1");
+
+    for (name, body, want) in [
+        ("cheap", prompts.replace("experts:", "gate_mode: cheap_embed\nexperts:"), "gate_mode: cheap_embed is not supported".to_string()),
+        (
+            "negative",
+            prompts.replace("    positive_prompts:\n", "    negative_prompts: [\"no\"]\n    positive_prompts:\n"),
+            "experts[1].negative_prompts: not supported".to_string(),
+        ),
+        ("unknown", format!("tokenizer_source: union\n{prompts}"), "unknown field `tokenizer_source`".to_string()),
+        (
+            "hub",
+            "experts:\n  - source_model: mistralai/Mistral-7B-v0.1\n    positive_prompts: [a b]\n".to_string(),
+            "btm does not download from the Hugging Face Hub".to_string(),
+        ),
+    ] {
+        let o = btm(&["merge", "--mergekit-config", &config(name, &body), "--out", &out(name)]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains(&want), "{name}: {err}");
+        assert!(!tmp.path().join(name).exists(), "{name}: wrote an output");
+    }
+    let o = btm(&["merge", "--mergekit-config", &config("unknown2", &format!("tokenizer_source: union\n{prompts}")), "--out", &out("u2")]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("line 3"), "an unknown key names its line: {err}");
+}

@@ -9,8 +9,13 @@ use std::path::PathBuf;
 #[derive(Args)]
 pub struct MergeArgs {
     /// Dense expert checkpoints (directories or URLs); expert i's FFN becomes expert i.
-    #[arg(long, num_args = 1.., required = true)]
+    #[arg(long, num_args = 1.., required_unless_present = "mergekit_config")]
     experts: Vec<String>,
+    /// Take the merge from a mergekit-moe YAML instead (base_model, gate_mode, experts with
+    /// positive_prompts, experts_per_token, dtype, shared_experts); what btm cannot honour is
+    /// an error. --out, --shard-mb and --overwrite still apply.
+    #[arg(long, conflicts_with_all = ["experts", "calib", "top_k", "routing", "non_expert", "weights", "shared_expert"])]
+    mergekit_config: Option<PathBuf>,
     /// The merged MoE's folder (or object-store URL).
     #[arg(long)]
     out: PathBuf,
@@ -38,21 +43,37 @@ pub struct MergeArgs {
     output: super::OutputArgs,
 }
 
-pub fn run(args: MergeArgs) -> Result<()> {
+/// The merge the flags ask for, writing `out`.
+fn options(args: &MergeArgs, out: &std::path::Path) -> Result<MergeOptions> {
     let experts = args.experts.iter().map(|e| btm_model::storage::local_dir(e)).collect::<Result<Vec<_>, _>>()?;
-    // An object-store --out is written locally, then uploaded manifest last.
-    let output = btm_model::folder::Output::new(&args.out.to_string_lossy())?;
-    let mut o = MergeOptions::new(experts, output.path());
+    let mut o = MergeOptions::new(experts, out);
     o.top_k = args.top_k;
     o.routing = args.routing;
     o.router = args.router.options(!args.calib.is_empty());
     o.calib = args.calib.iter().map(|c| super::fetch_named(c)).collect::<Result<_>>()?;
     o.non_expert = match args.non_expert.strip_prefix("from:") {
         Some(ckpt) => NonExpert::From(btm_model::storage::local_dir(ckpt)?),
-        None => NonExpert::parse(&args.non_expert, args.weights)?,
+        None => NonExpert::parse(&args.non_expert, args.weights.clone())?,
     };
     o.shared_expert = args.shared_expert.as_deref().map(btm_model::storage::local_dir).transpose()?;
     o.output = args.output.options()?;
+    Ok(o)
+}
+
+pub fn run(args: MergeArgs) -> Result<()> {
+    // An object-store --out is written locally, then uploaded manifest last.
+    let output = btm_model::folder::Output::new(&args.out.to_string_lossy())?;
+    let calib_dir = tempfile::tempdir()?;
+    let o = match &args.mergekit_config {
+        Some(file) => {
+            let mut o = super::mergekit::read(file)?.options(output.path(), calib_dir.path())?;
+            let dtype = o.output.dtype;
+            o.output = args.output.options()?;
+            o.output.dtype = dtype.or(o.output.dtype);
+            o
+        }
+        None => options(&args, output.path())?,
+    };
     let start = std::time::Instant::now();
     let report = merge(&o)?;
     output.publish()?;

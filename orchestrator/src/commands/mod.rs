@@ -7,6 +7,7 @@ pub mod convert;
 pub mod eval;
 pub mod inspect;
 pub mod merge;
+pub mod mergekit;
 pub mod pipeline;
 pub mod remove_expert;
 pub mod run;

@@ -1,7 +1,7 @@
 //! `btm run`, `btm status`, `btm report`: carry out a pipeline, show where a run stands, and
 //! (re)write its report.
 
-use crate::engine::kubernetes::{Credentials, KubernetesEngine};
+use crate::engine::kubernetes::KubernetesEngine;
 use crate::engine::slurm::SlurmEngine;
 use crate::engine::{Engine, LocalEngine};
 use crate::pipeline::spec::EngineSpec;
@@ -137,12 +137,17 @@ pub fn run(args: RunArgs) -> Result<()> {
     let _lock = RunLock::take(&local)?;
     run.write("pipeline.yaml", loaded.resolved_yaml.as_bytes())?;
     run.write("plan.json", &serde_json::to_vec_pretty(&plan)?)?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let engine: Box<dyn Engine> = match &p.engine {
         EngineSpec::Local { slots, .. } => Box::new(LocalEngine::new(*slots)?),
         spec @ EngineSpec::Slurm { .. } => Box::new(SlurmEngine::new(spec, &local)?),
-        EngineSpec::Kubernetes(k) => Box::new(KubernetesEngine::new(k, &plan.run_dir, Credentials::discover()?)?),
+        EngineSpec::Kubernetes(k) => {
+            let config = runtime.block_on(crate::engine::kubernetes::discover())?;
+            // The client's connection pool runs on the executor's runtime.
+            let _in_runtime = runtime.enter();
+            Box::new(KubernetesEngine::new(k, &plan.run_dir, config)?)
+        }
     };
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let start = std::time::Instant::now();
     let summary = runtime.block_on(crate::executor::execute(&plan, engine.as_ref(), p.engine.retries(), args.quiet))?;
     let written = crate::report::write(&plan.run_dir)?;

@@ -24,7 +24,8 @@ pub fn fake_api(requests: usize, reply: fn(&str, &str) -> (u16, Value)) -> (Stri
                     continue 'conns;
                 }
                 let mut parts = line.split_whitespace();
-                let (method, path) = (parts.next().unwrap_or("").to_string(), parts.next().unwrap_or("").to_string());
+                // (An empty query, `jobs?`, is the path itself.)
+                let (method, path) = (parts.next().unwrap_or("").to_string(), parts.next().unwrap_or("").trim_end_matches('?').to_string());
                 let (mut len, mut auth) = (0usize, String::new());
                 loop {
                     let mut h = String::new();

@@ -1,8 +1,10 @@
 //! The Kubernetes engine: each batch of jobs that become ready together (the per-domain
 //! trainers of a stage) is one Indexed Job (`completionMode: Indexed`); `JOB_COMPLETION_INDEX`
-//! picks the task. Jobs are created, polled and deleted through the API server's REST
-//! interface (`/apis/batch/v1/namespaces/{ns}/jobs`) with credentials from a kubeconfig or the
-//! in-cluster service account.
+//! picks the task. Jobs are created, polled and deleted through the API server with the `kube`
+//! client and `k8s-openapi`'s typed objects, configured as `kubectl` is: the in-cluster service
+//! account, or `$KUBECONFIG` / `~/.kube/config` with every auth kind it allows (client
+//! certificates, bearer tokens and token files, exec plugins such as EKS, GKE and AKS use), and
+//! the context's namespace unless the pipeline names one.
 //!
 //! A job of several processes gets several consecutive indices, one pod each, and a headless
 //! Service that names the pods: the nodes of an external torchrun (told `BTM_NODE_RANK` and the
@@ -12,11 +14,14 @@
 //! The pods see the run folder at the same path as `btm run` (mount a ReadWriteMany volume
 //! there, `volume` in the pipeline), or the run lives in an object store and the pods read
 //! the store's credentials from a Secret (`env_from_secret`). Not yet run against a live cluster: the manifests are
-//! checked against the official schema and the REST calls against a fake API server in tests.
+//! checked against the official schema, and the calls and kubeconfig auth against a fake API
+//! server in tests.
 
 use super::{Engine, JobHandle, JobState, Submission};
 use crate::pipeline::spec::KubernetesSpec;
 use anyhow::{bail, Context, Result};
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::Service;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -105,7 +110,7 @@ pub fn manifest(spec: &KubernetesSpec, run: &Path, name: &str, jobs: &[Submissio
     json!({
         "apiVersion": "batch/v1",
         "kind": "Job",
-        "metadata": {"name": name, "namespace": spec.namespace, "labels": {"app.kubernetes.io/managed-by": "btm"}},
+        "metadata": metadata(spec, name),
         "spec": {
             "completionMode": "Indexed",
             "completions": indices,
@@ -133,7 +138,7 @@ pub const RDZV_PORT: u16 = 29500;
 /// (`<job>-<index>.<job>`), so every node finds the rendezvous on the first. Owned by the Job
 /// (`job_uid`), so it goes when the Job does.
 pub fn headless_service(spec: &KubernetesSpec, name: &str, job_uid: Option<&str>) -> Value {
-    let mut metadata = json!({"name": name, "namespace": spec.namespace, "labels": {"app.kubernetes.io/managed-by": "btm"}});
+    let mut metadata = metadata(spec, name);
     if let Some(uid) = job_uid {
         metadata["ownerReferences"] = json!([{"apiVersion": "batch/v1", "kind": "Job", "name": name, "uid": uid}]);
     }
@@ -160,121 +165,67 @@ pub fn object_name(run: &str, batch: &str) -> String {
     format!("{}-{stamp:06}", name.trim_end_matches('-'))
 }
 
-/// Where and how to reach the API server.
-#[derive(Debug, Clone)]
-pub struct Credentials {
-    pub server: String,
-    pub token: Option<String>,
-    pub ca_pem: Option<Vec<u8>>,
+/// An object's metadata: its name, btm's label, and the namespace when the pipeline names one
+/// (otherwise the engine's, from the kubeconfig context, through the request's URL).
+fn metadata(spec: &KubernetesSpec, name: &str) -> Value {
+    let mut m = json!({"name": name, "labels": {"app.kubernetes.io/managed-by": "btm"}});
+    if let Some(ns) = &spec.namespace {
+        m["namespace"] = json!(ns);
+    }
+    m
 }
 
-impl Credentials {
-    /// From the in-cluster service account, else `$KUBECONFIG` or `~/.kube/config` (its current
-    /// context's server, bearer token and CA).
-    pub fn discover() -> Result<Self> {
-        let sa = Path::new("/var/run/secrets/kubernetes.io/serviceaccount");
-        if let (Ok(host), Ok(port)) = (std::env::var("KUBERNETES_SERVICE_HOST"), std::env::var("KUBERNETES_SERVICE_PORT")) {
-            return Ok(Self {
-                server: format!("https://{host}:{port}"),
-                token: Some(std::fs::read_to_string(sa.join("token")).context("reading the service-account token")?.trim().into()),
-                ca_pem: std::fs::read(sa.join("ca.crt")).ok(),
-            });
-        }
-        let path = std::env::var_os("KUBECONFIG")
-            .map(PathBuf::from)
-            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".kube/config")))
-            .context("no kubeconfig: set KUBECONFIG")?;
-        Self::from_kubeconfig(&std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?)
-    }
-
-    pub fn from_kubeconfig(text: &str) -> Result<Self> {
-        let cfg: serde_yaml::Value = serde_yaml::from_str(text).context("kubeconfig is not YAML")?;
-        let current = cfg["current-context"].as_str().context("kubeconfig: no current-context")?;
-        let find = |list: &str, name: &str| -> Option<serde_yaml::Value> {
-            cfg[list].as_sequence()?.iter().find(|e| e["name"].as_str() == Some(name)).cloned()
-        };
-        let ctx = find("contexts", current).with_context(|| format!("kubeconfig: no context `{current}`"))?;
-        let cluster_name = ctx["context"]["cluster"].as_str().unwrap_or_default().to_string();
-        let user_name = ctx["context"]["user"].as_str().unwrap_or_default().to_string();
-        let cluster = find("clusters", &cluster_name).with_context(|| format!("kubeconfig: no cluster `{cluster_name}`"))?;
-        let server = cluster["cluster"]["server"].as_str().context("kubeconfig: the cluster has no server")?.to_string();
-        use base64_decode as b64;
-        let ca_pem = match cluster["cluster"]["certificate-authority-data"].as_str() {
-            Some(d) => Some(b64(d)?),
-            None => cluster["cluster"]["certificate-authority"].as_str().and_then(|p| std::fs::read(p).ok()),
-        };
-        let token = find("users", &user_name).and_then(|u| u["user"]["token"].as_str().map(String::from));
-        Ok(Self { server, token, ca_pem })
-    }
-}
-
-/// Standard base64 (kubeconfig's `*-data` fields).
-fn base64_decode(s: &str) -> Result<Vec<u8>> {
-    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = Vec::with_capacity(s.len() * 3 / 4);
-    let (mut buf, mut bits) = (0u32, 0u32);
-    for c in s.bytes().filter(|c| !c.is_ascii_whitespace() && *c != b'=') {
-        let v = ALPHABET.iter().position(|&a| a == c).context("invalid base64 in kubeconfig")? as u32;
-        buf = (buf << 6) | v;
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((buf >> bits) as u8);
-            buf &= (1 << bits) - 1;
-        }
-    }
-    Ok(out)
+/// The cluster as `kubectl` would reach it: in a pod, its service account; else `$KUBECONFIG`
+/// or `~/.kube/config` (its current context: server, CA, client certificate, token, exec
+/// plugin, namespace).
+pub async fn discover() -> Result<kube::Config> {
+    kube::Config::infer().await.context("no Kubernetes cluster configured (in-cluster service account, $KUBECONFIG or ~/.kube/config)")
 }
 
 pub struct KubernetesEngine {
     spec: KubernetesSpec,
     run: PathBuf,
     run_name: String,
-    client: reqwest::Client,
-    creds: Credentials,
+    jobs: kube::Api<Job>,
+    services: kube::Api<Service>,
     /// Since when polls of each Job have found the API server unreachable.
     unreachable_since: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
 }
 
-impl KubernetesEngine {
-    pub fn new(spec: &KubernetesSpec, run: &Path, creds: Credentials) -> Result<Self> {
-        let mut builder = reqwest::Client::builder().timeout(Duration::from_secs(30));
-        if let Some(pem) = &creds.ca_pem {
-            builder = builder.add_root_certificate(reqwest::Certificate::from_pem(pem).context("the cluster CA certificate")?);
+/// What an API call's failure means for the run.
+enum ApiFailure {
+    /// 401/403: the credentials are wrong; stop.
+    Refused(String),
+    /// 404: the object is not there.
+    Gone,
+    /// Anything else (no answer, 5xx, 429, a timeout): ask again later.
+    Transient(String),
+}
+
+fn classify(e: kube::Error) -> ApiFailure {
+    match &e {
+        kube::Error::Api(s) if s.code == 401 || s.code == 403 => {
+            ApiFailure::Refused(format!("the Kubernetes API server refused the credentials: HTTP {}: {}", s.code, s.message))
         }
+        kube::Error::Api(s) if s.code == 404 => ApiFailure::Gone,
+        _ => ApiFailure::Transient(format!("Kubernetes API: {e}")),
+    }
+}
+
+impl KubernetesEngine {
+    /// The engine on the cluster `config` reaches. Call inside a Tokio runtime (the client's
+    /// connection pool runs on it).
+    pub fn new(spec: &KubernetesSpec, run: &Path, config: kube::Config) -> Result<Self> {
+        let namespace = spec.namespace.clone().unwrap_or_else(|| config.default_namespace.clone());
+        let client = kube::Client::try_from(config).context("the Kubernetes client")?;
         Ok(Self {
             spec: spec.clone(),
             run: run.to_path_buf(),
             run_name: run.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "run".into()),
-            client: builder.build()?,
-            creds,
+            jobs: kube::Api::namespaced(client.clone(), &namespace),
+            services: kube::Api::namespaced(client, &namespace),
             unreachable_since: Default::default(),
         })
-    }
-
-    fn jobs_url(&self) -> String {
-        format!("{}/apis/batch/v1/namespaces/{}/jobs", self.creds.server.trim_end_matches('/'), self.spec.namespace)
-    }
-
-    fn services_url(&self) -> String {
-        format!("{}/api/v1/namespaces/{}/services", self.creds.server.trim_end_matches('/'), self.spec.namespace)
-    }
-
-    async fn call(&self, req: reqwest::RequestBuilder) -> Result<Value> {
-        let req = match &self.creds.token {
-            Some(t) => req.bearer_auth(t),
-            None => req,
-        };
-        let resp = req.send().await.context("Kubernetes API server")?;
-        let status = resp.status();
-        let body: Value = resp.json().await.unwrap_or(Value::Null);
-        if status == reqwest::StatusCode::UNAUTHORIZED || status == reqwest::StatusCode::FORBIDDEN {
-            bail!("the Kubernetes API server refused the credentials: HTTP {status}: {}", body["message"].as_str().unwrap_or(""));
-        }
-        if !status.is_success() {
-            bail!("Kubernetes API: HTTP {status}: {}", body["message"].as_str().unwrap_or("no message"));
-        }
-        Ok(body)
     }
 }
 
@@ -294,12 +245,17 @@ impl Engine for KubernetesEngine {
         }
         let batch = jobs[0].name.split('/').next().unwrap_or("job");
         let name = object_name(&self.run_name, batch);
-        let m = manifest(&self.spec, &self.run, &name, jobs);
-        let created = self.call(self.client.post(self.jobs_url()).json(&m)).await?;
+        let job: Job = serde_json::from_value(manifest(&self.spec, &self.run, &name, jobs)).context("the Job manifest")?;
+        let refused = |e: kube::Error| match classify(e) {
+            ApiFailure::Refused(m) | ApiFailure::Transient(m) => anyhow::anyhow!(m),
+            ApiFailure::Gone => anyhow::anyhow!("Kubernetes API: the namespace or API is not there (HTTP 404)"),
+        };
+        let created = self.jobs.create(&kube::api::PostParams::default(), &job).await.map_err(refused)?;
         let pods = pods_per_job(&jobs[0]);
         if pods > 1 {
-            let svc = headless_service(&self.spec, &name, created["metadata"]["uid"].as_str());
-            self.call(self.client.post(self.services_url()).json(&svc)).await?;
+            let svc: Service = serde_json::from_value(headless_service(&self.spec, &name, created.metadata.uid.as_deref()))
+                .context("the Service manifest")?;
+            self.services.create(&kube::api::PostParams::default(), &svc).await.map_err(refused)?;
         }
         // A job's handle names its indices: `name/i`, or `name/first-last` across its pods.
         Ok((0..jobs.len())
@@ -316,23 +272,27 @@ impl Engine for KubernetesEngine {
             Some((a, b)) => (a.parse::<u64>()?, b.parse::<u64>()?),
             None => (indices.parse::<u64>()?, indices.parse::<u64>()?),
         };
-        let job = match self.call(self.client.get(format!("{}/{name}", self.jobs_url()))).await {
+        let job = match self.jobs.get(name).await {
             Ok(job) => {
                 self.unreachable_since.lock().expect("lock").remove(name);
                 job
             }
-            Err(e) if e.to_string().contains("refused the credentials") => return Err(e),
-            Err(e) if e.to_string().contains("HTTP 404") => return Ok(JobState::Failed(format!("the Job {name} is gone (deleted?)"))),
-            // No answer or a transient error (5xx, 429, a timeout): unknown, not failed; ask again.
-            Err(e) => {
-                let since = *self.unreachable_since.lock().expect("lock").entry(name.to_string()).or_insert_with(std::time::Instant::now);
-                if since.elapsed() > super::POLL_GIVE_UP {
-                    bail!("the Kubernetes API server has not answered about Job {name} for {} minutes ({e:#}); its pods are left running, run again to continue", super::POLL_GIVE_UP.as_secs() / 60);
+            Err(e) => match classify(e) {
+                ApiFailure::Refused(m) => bail!(m),
+                ApiFailure::Gone => return Ok(JobState::Failed(format!("the Job {name} is gone (deleted?)"))),
+                // No answer or a transient error (5xx, 429, a timeout): unknown, not failed; ask again.
+                ApiFailure::Transient(e) => {
+                    let since =
+                        *self.unreachable_since.lock().expect("lock").entry(name.to_string()).or_insert_with(std::time::Instant::now);
+                    if since.elapsed() > super::POLL_GIVE_UP {
+                        bail!("the Kubernetes API server has not answered about Job {name} for {} minutes ({e}); its pods are left running, run again to continue", super::POLL_GIVE_UP.as_secs() / 60);
+                    }
+                    return Ok(JobState::Running);
                 }
-                return Ok(JobState::Running);
-            }
+            },
         };
-        let states: Vec<JobState> = (first..=last).map(|i| index_state(&job["status"], i)).collect();
+        let status = serde_json::to_value(&job.status)?;
+        let states: Vec<JobState> = (first..=last).map(|i| index_state(&status, i)).collect();
         // A job is done when every node is; it failed when any node gave up.
         Ok(match states.iter().find(|s| matches!(s, JobState::Failed(_))) {
             Some(failed) => failed.clone(),
@@ -345,11 +305,12 @@ impl Engine for KubernetesEngine {
         let (name, _) = handle.0.rsplit_once('/').context("kubernetes job handle")?;
         // Deleting the Job sends SIGTERM to its pods (trainers checkpoint), then SIGKILL after
         // the grace period.
-        let url = format!("{}/{name}?propagationPolicy=Background", self.jobs_url());
-        match self.call(self.client.delete(url)).await {
+        match self.jobs.delete(name, &kube::api::DeleteParams::background()).await {
             Ok(_) => Ok(()),
-            Err(e) if e.to_string().contains("404") => Ok(()),
-            Err(e) => Err(e),
+            Err(e) => match classify(e) {
+                ApiFailure::Gone => Ok(()),
+                ApiFailure::Refused(m) | ApiFailure::Transient(m) => bail!(m),
+            },
         }
     }
 }
@@ -394,6 +355,37 @@ mod tests {
         assert!(n.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'));
     }
 
+    /// A kubeconfig for the fake API server at `url`: its context's namespace and user `user`
+    /// (YAML), loaded as kube loads `~/.kube/config`.
+    fn kubeconfig(url: &str, namespace: Option<&str>, user: &str) -> kube::Config {
+        let ns = namespace.map_or(String::new(), |n| format!(", namespace: {n}"));
+        let text = format!(
+            "apiVersion: v1\nkind: Config\ncurrent-context: c\nclusters:\n- name: k\n  cluster: {{server: '{url}'}}\n\
+             contexts:\n- name: c\n  context: {{cluster: k, user: u{ns}}}\nusers:\n- name: u\n  user: {user}\n"
+        );
+        let kc = kube::config::Kubeconfig::from_yaml(&text).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(kube::Config::from_custom_kubeconfig(kc, &Default::default())).unwrap()
+    }
+
+    /// An engine on `config` with its runtime (the client's connection pool runs on it).
+    fn engine(spec: &KubernetesSpec, config: kube::Config) -> (KubernetesEngine, tokio::runtime::Runtime) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let engine = {
+            let _in_runtime = rt.enter();
+            KubernetesEngine::new(spec, Path::new("/runs/r"), config).unwrap()
+        };
+        (engine, rt)
+    }
+
+    /// The API server's answers, as Kubernetes gives them (typed objects, `Status` errors).
+    fn job_json(name: &str, status: Value) -> Value {
+        json!({"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": name, "uid": "uid-1"}, "status": status})
+    }
+    fn status_json(code: u16, message: &str) -> Value {
+        json!({"apiVersion": "v1", "kind": "Status", "status": "Failure", "code": code, "message": message})
+    }
+
     fn spec() -> KubernetesSpec {
         serde_yaml::from_str(
             "{image: 'registry.example/btm:1', namespace: research, gpus_per_task: 1, volume: {claim: runs, mount_path: /runs}}",
@@ -422,14 +414,12 @@ mod tests {
     #[test]
     fn rest_calls_create_poll_and_delete_indexed_jobs() {
         let (url, server) = fake_api(4, |method, path| match (method, path) {
-            ("POST", _) => (201, json!({"kind": "Job"})),
-            ("GET", p) if p.ends_with("/jobs/x-1") => (200, json!({"status": {"completedIndexes": "0", "failedIndexes": "1"}})),
-            ("DELETE", _) => (200, json!({"kind": "Status"})),
-            _ => (404, json!({"message": "not found"})),
+            ("POST", _) => (201, job_json("x-1", Value::Null)),
+            ("GET", p) if p.ends_with("/jobs/x-1") => (200, job_json("x-1", json!({"completedIndexes": "0", "failedIndexes": "1"}))),
+            ("DELETE", _) => (200, json!({"apiVersion": "v1", "kind": "Status", "status": "Success", "code": 200})),
+            _ => (404, status_json(404, "not found")),
         });
-        let creds = Credentials { server: url, token: Some("secret-token".into()), ca_pem: None };
-        let engine = KubernetesEngine::new(&spec(), Path::new("/runs/r"), creds).unwrap();
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let (engine, rt) = engine(&spec(), kubeconfig(&url, None, "{token: secret-token}"));
         let subs = submissions(&["expert/a", "expert/b"], 1);
         let handles = rt.block_on(engine.submit(&subs)).unwrap();
         assert_eq!(handles.len(), 2);
@@ -451,20 +441,22 @@ mod tests {
         assert_eq!(body["spec"]["template"]["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"], "runs");
         assert_eq!((seen[1].0.as_str(), seen[1].1.as_str()), ("GET", "/apis/batch/v1/namespaces/research/jobs/x-1"));
         assert_eq!(seen[3].0, "DELETE");
-        assert!(seen[3].1.ends_with("/jobs/x-1?propagationPolicy=Background"));
+        // Deleting the Job takes its pods with it, in the background.
+        assert!(seen[3].1.ends_with("/jobs/x-1"), "{}", seen[3].1);
+        assert_eq!(seen[3].3["propagationPolicy"], "Background");
     }
 
-    /// A poll the API server does not answer (a 503) leaves the job running; a Job that is gone
-    /// (404) has failed; credentials it refuses stop the run.
+    /// A poll the API server fails (a 500) leaves the job running; a Job that is gone (404) has
+    /// failed; credentials it refuses stop the run. (A 503, 504 or 429 the client itself retries
+    /// with backoff first: `a_busy_api_server_is_asked_again`.)
     #[test]
     fn a_failed_poll_is_not_a_failed_job() {
         let (url, server) = fake_api(3, |_, path| match path {
-            p if p.ends_with("/busy") => (503, json!({"message": "etcd timeout"})),
-            p if p.ends_with("/gone") => (404, json!({"message": "not found"})),
-            _ => (403, json!({"message": "forbidden"})),
+            p if p.ends_with("/busy") => (500, status_json(500, "etcd timeout")),
+            p if p.ends_with("/gone") => (404, status_json(404, "not found")),
+            _ => (403, status_json(403, "forbidden")),
         });
-        let engine = KubernetesEngine::new(&spec(), Path::new("/runs/r"), Credentials { server: url, token: None, ca_pem: None }).unwrap();
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let (engine, rt) = engine(&spec(), kubeconfig(&url, None, "{}"));
         assert_eq!(rt.block_on(engine.state(&JobHandle("busy/0".into()))).unwrap(), JobState::Running);
         assert!(matches!(rt.block_on(engine.state(&JobHandle("gone/0".into()))).unwrap(), JobState::Failed(_)));
         assert!(rt.block_on(engine.state(&JobHandle("denied/0".into()))).is_err());
@@ -472,13 +464,26 @@ mod tests {
         assert!(engine.unreachable_since.lock().unwrap().contains_key("busy"));
     }
 
+    /// A 503 (an API server restarting, etcd busy) is retried with backoff by the client before
+    /// the poll sees an answer.
+    #[test]
+    fn a_busy_api_server_is_asked_again() {
+        static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let (url, server) = fake_api(2, |_, _| match CALLS.fetch_add(1, std::sync::atomic::Ordering::SeqCst) {
+            0 => (503, status_json(503, "the server is currently unable to handle the request")),
+            _ => (200, job_json("x", json!({"completedIndexes": "0"}))),
+        });
+        let (engine, rt) = engine(&spec(), kubeconfig(&url, None, "{}"));
+        assert_eq!(rt.block_on(engine.state(&JobHandle("x/0".into()))).unwrap(), JobState::Succeeded);
+        assert_eq!(server.join().unwrap().len(), 2);
+    }
+
     /// Submit multi-pod `subs` to an engine on a fake API server (the Job created with uid
     /// `uid-1`, the Service, then `status` for every poll), ask the first job's state, and return
     /// the handles, that state and the requests the server saw.
     fn submit_and_poll(subs: &[Submission], reply: fn(&str, &str) -> (u16, Value)) -> (Vec<JobHandle>, JobState, Vec<Recorded>) {
         let (url, server) = fake_api(3, reply);
-        let engine = KubernetesEngine::new(&spec(), Path::new("/runs/r"), Credentials { server: url, token: None, ca_pem: None }).unwrap();
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let (engine, rt) = engine(&spec(), kubeconfig(&url, None, "{}"));
         let handles = rt.block_on(engine.submit(subs)).unwrap();
         let state = rt.block_on(engine.state(&handles[0])).unwrap();
         (handles, state, server.join().unwrap())
@@ -488,10 +493,10 @@ mod tests {
     /// status of indices 0, 1 and 3 done.
     fn pods_0_1_3_done(method: &str, path: &str) -> (u16, Value) {
         match (method, path) {
-            ("POST", p) if p.ends_with("/jobs") => (201, json!({"kind": "Job", "metadata": {"uid": "uid-1"}})),
-            ("POST", p) if p.ends_with("/services") => (201, json!({"kind": "Service"})),
-            ("GET", _) => (200, json!({"status": {"completedIndexes": "0-1,3", "failedIndexes": ""}})),
-            _ => (404, json!({"message": "not found"})),
+            ("POST", p) if p.ends_with("/jobs") => (201, job_json("x", Value::Null)),
+            ("POST", p) if p.ends_with("/services") => (201, json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "x"}})),
+            ("GET", _) => (200, job_json("x", json!({"completedIndexes": "0-1,3", "failedIndexes": ""}))),
+            _ => (404, status_json(404, "not found")),
         }
     }
 
@@ -520,7 +525,7 @@ mod tests {
         let mut subs = submissions(&["continue/merged", "continue/merged-s1"], 1);
         subs.iter_mut().for_each(|s| s.ranks = 2);
         let (handles, state, seen) = submit_and_poll(&subs, |method, path| match (method, path) {
-            ("GET", _) => (200, json!({"status": {"completedIndexes": "0", "failedIndexes": "1"}})),
+            ("GET", _) => (200, job_json("x", json!({"completedIndexes": "0", "failedIndexes": "1"}))),
             _ => pods_0_1_3_done(method, path),
         });
         assert!(handles[0].0.ends_with("/0-1") && handles[1].0.ends_with("/2-3"), "{handles:?}");
@@ -565,21 +570,33 @@ mod tests {
 
     #[test]
     fn refused_credentials_are_named() {
-        let (url, _server) = fake_api(1, |_, _| (401, json!({"message": "Unauthorized"})));
-        let creds = Credentials { server: url, token: Some("t".into()), ca_pem: None };
-        let engine = KubernetesEngine::new(&spec(), Path::new("/runs/r"), creds).unwrap();
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let (url, _server) = fake_api(1, |_, _| (401, status_json(401, "Unauthorized")));
+        let (engine, rt) = engine(&spec(), kubeconfig(&url, None, "{token: t}"));
         let err = rt.block_on(engine.state(&JobHandle("x/0".into()))).unwrap_err().to_string();
         assert!(err.contains("refused the credentials: HTTP 401"), "{err}");
     }
 
+    /// kubeconfig auth as the managed clusters use it: an exec plugin (EKS's `aws eks
+    /// get-token`, GKE's and AKS's plugins) whose ExecCredential token is sent as the bearer
+    /// token, and the context's namespace when the pipeline names none.
     #[test]
-    fn kubeconfig_current_context() {
-        let text = "apiVersion: v1\ncurrent-context: b\nclusters:\n- name: cb\n  cluster: {server: 'https://10.0.0.1:6443', certificate-authority-data: aGVsbG8=}\n\
-                    contexts:\n- name: a\n  context: {cluster: ca, user: ua}\n- name: b\n  context: {cluster: cb, user: ub}\nusers:\n- name: ub\n  user: {token: tok}\n";
-        let c = Credentials::from_kubeconfig(text).unwrap();
-        assert_eq!(c.server, "https://10.0.0.1:6443");
-        assert_eq!(c.token.as_deref(), Some("tok"));
-        assert_eq!(c.ca_pem.as_deref(), Some(&b"hello"[..]));
+    fn kubeconfig_exec_plugins_and_the_context_namespace() {
+        let dir = tempfile::tempdir().unwrap();
+        let plugin = dir.path().join("get-token");
+        std::fs::write(
+            &plugin,
+            "#!/bin/sh\necho '{\"apiVersion\": \"client.authentication.k8s.io/v1\", \"kind\": \"ExecCredential\", \"status\": {\"token\": \"from-the-plugin\"}}'\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&plugin, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        let (url, server) = fake_api(1, |_, _| (200, job_json("x", json!({"completedIndexes": "0"}))));
+        let user =
+            format!("{{exec: {{apiVersion: client.authentication.k8s.io/v1, command: '{}', interactiveMode: Never}}}}", plugin.display());
+        let mut spec = spec();
+        spec.namespace = None;
+        let (engine, rt) = engine(&spec, kubeconfig(&url, Some("team-a"), &user));
+        assert_eq!(rt.block_on(engine.state(&JobHandle("x/0".into()))).unwrap(), JobState::Succeeded);
+        let seen = server.join().unwrap();
+        assert_eq!((seen[0].1.as_str(), seen[0].2.as_str()), ("/apis/batch/v1/namespaces/team-a/jobs/x", "Bearer from-the-plugin"));
     }
 }

@@ -121,8 +121,10 @@ pub struct KubernetesSpec {
     /// Path of `btm` inside the image.
     #[serde(default = "default_btm_in_image")]
     pub btm: String,
-    #[serde(default = "default_namespace")]
-    pub namespace: String,
+    /// The namespace of the Jobs (default: the kubeconfig context's, in a pod its own, else
+    /// `default`).
+    #[serde(default)]
+    pub namespace: Option<String>,
     /// Jobs submitted and unfinished at once.
     #[serde(default = "default_slurm_slots")]
     pub slots: usize,
@@ -159,9 +161,6 @@ pub struct Volume {
 
 fn default_btm_in_image() -> String {
     "btm".into()
-}
-fn default_namespace() -> String {
-    "default".into()
 }
 fn default_backoff() -> u32 {
     2

@@ -8,7 +8,10 @@ pub type Recorded = (String, String, String, Value);
 
 /// A fake API server on 127.0.0.1: records each request and answers from
 /// `reply(method, path)`.
-pub fn fake_api(requests: usize, reply: fn(&str, &str) -> (u16, Value)) -> (String, std::thread::JoinHandle<Vec<Recorded>>) {
+pub fn fake_api(
+    requests: usize,
+    reply: impl Fn(&str, &str) -> (u16, Value) + Send + 'static,
+) -> (String, std::thread::JoinHandle<Vec<Recorded>>) {
     use std::io::{BufRead, BufReader, Read, Write};
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());

@@ -12,7 +12,7 @@
 
 use super::{array_script, Engine, JobHandle, JobState, Submission, POLL_GIVE_UP};
 use crate::pipeline::spec::{EngineSpec, SlurmApi, SlurmRest};
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -42,6 +42,83 @@ struct Rest {
     user: String,
     token: String,
     token_env: String,
+    /// The API version in use (`v0.0.38`, `v0.0.40`, …).
+    version: String,
+    /// The server's OpenAPI document, when it serves one: each submission is checked against
+    /// its schema before it is sent.
+    openapi: Option<Value>,
+}
+
+/// The slurmrestd API versions btm speaks, oldest first: v0.0.38's shapes (Slurm 22.05–23.02:
+/// the environment a map, limits plain numbers, nodes `[min, max]`, GPUs as `gres`) and the
+/// v0.0.40 family's (Slurm 23.11 on: the environment a list of `KEY=VALUE`, limits and memory
+/// `{set, infinite, number}`, `minimum_nodes`/`maximum_nodes`, GPUs as `tres_per_node`; job
+/// states lists).
+pub const REST_VERSIONS: [&str; 4] = ["v0.0.38", "v0.0.40", "v0.0.41", "v0.0.42"];
+
+/// Whether `version` takes the v0.0.40 family's shapes.
+fn no_val_shapes(version: &str) -> bool {
+    version != "v0.0.38"
+}
+
+/// A number as the v0.0.40 family sends a limit.
+fn no_val(n: u64) -> Value {
+    json!({"set": true, "infinite": false, "number": n})
+}
+
+/// A number as either family answers it: plain, or `{set, number}`.
+fn answered_number(v: &Value) -> Option<u64> {
+    v.as_u64().or_else(|| if v["set"].as_bool() == Some(true) { v["number"].as_u64() } else { None })
+}
+
+/// A job state as either family answers it: a string, or a list whose first entry is the base
+/// state (the rest are flags such as `REQUEUED`).
+fn answered_state(v: &Value) -> String {
+    v.as_str().or_else(|| v.as_array().and_then(|a| a.first()).and_then(Value::as_str)).unwrap_or("UNKNOWN").to_string()
+}
+
+/// The newest of [`REST_VERSIONS`] the server's OpenAPI document offers job submission in.
+pub fn newest_version(openapi: &Value) -> Option<&'static str> {
+    let paths = openapi["paths"].as_object()?;
+    REST_VERSIONS.iter().rev().find(|v| paths.contains_key(&format!("/slurm/{v}/job/submit"))).copied()
+}
+
+/// Check a job submission body against the server's OpenAPI schema for `POST /slurm/{version}
+/// /job/submit`: every field of `job` must exist there, with the JSON type the schema gives.
+/// The mismatches, each naming the field.
+pub fn schema_mismatches(openapi: &Value, version: &str, job: &Value) -> Vec<String> {
+    let resolve = |v: &Value| -> Value {
+        match v["$ref"].as_str().and_then(|r| r.strip_prefix("#/components/schemas/")) {
+            Some(name) => openapi["components"]["schemas"][name].clone(),
+            None => v.clone(),
+        }
+    };
+    let submit = &openapi["paths"][format!("/slurm/{version}/job/submit")]["post"]["requestBody"]["content"]["application/json"]["schema"];
+    let fields = resolve(&resolve(submit)["properties"]["job"]);
+    let Some(properties) = fields["properties"].as_object() else {
+        return vec![format!("the server's OpenAPI document has no job schema for {version}")];
+    };
+    let mut out = vec![];
+    for (key, value) in job.as_object().into_iter().flatten() {
+        let Some(schema) = properties.get(key) else {
+            out.push(format!("`{key}` is not a field of {version}'s job"));
+            continue;
+        };
+        let schema = resolve(schema);
+        let want = schema["type"].as_str().unwrap_or(if schema["properties"].is_object() { "object" } else { "" });
+        let fits = match want {
+            "string" => value.is_string(),
+            "integer" | "number" => value.is_number(),
+            "boolean" => value.is_boolean(),
+            "array" => value.is_array(),
+            "object" => value.is_object(),
+            _ => true,
+        };
+        if !fits {
+            out.push(format!("`{key}` is {value} but {version} wants {want}"));
+        }
+    }
+    out
 }
 
 /// Why a poll gave no state.
@@ -236,7 +313,32 @@ impl SlurmEngine {
     }
 }
 
+/// slurmrestd's OpenAPI document (`GET /openapi/v3`), fetched once when the engine starts.
+fn openapi_document(client: &reqwest::Client, url: &str, user: &str, token: &str) -> Result<Value> {
+    let request = client
+        .get(format!("{}/openapi/v3", url.trim_end_matches('/')))
+        .header("X-SLURM-USER-NAME", user)
+        .header("X-SLURM-USER-TOKEN", token);
+    // The engine starts before the executor's runtime runs; a thread of its own keeps this
+    // blocking call out of any runtime the caller is in.
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            rt.block_on(async {
+                let resp = request.send().await?;
+                let status = resp.status();
+                ensure!(status.is_success(), "HTTP {status}");
+                Ok(resp.json::<Value>().await?)
+            })
+        })
+        .join()
+        .expect("the OpenAPI thread panicked")
+    })
+}
+
 impl Rest {
+    /// The client, and the API version: the pipeline's, or (`auto`) the newest btm speaks of
+    /// those the server's OpenAPI document (`/openapi/v3`) offers.
     fn new(r: &SlurmRest) -> Result<Self> {
         let token = std::env::var(&r.token_env).map_err(|_| {
             anyhow::anyhow!(
@@ -244,12 +346,41 @@ impl Rest {
                 r.token_env
             )
         })?;
+        let client = reqwest::Client::builder().timeout(Duration::from_secs(30)).build()?;
+        let openapi = openapi_document(&client, &r.url, &r.user, &token);
+        let version = match (r.api_version.as_str(), &openapi) {
+            ("auto", Ok(doc)) => newest_version(doc)
+                .with_context(|| {
+                    let offered: Vec<&String> =
+                        doc["paths"].as_object().map(|p| p.keys().filter(|k| k.ends_with("/job/submit")).collect()).unwrap_or_default();
+                    format!(
+                        "slurmrestd at {} offers none of the API versions btm speaks ({}); it offers {offered:?}",
+                        r.url,
+                        REST_VERSIONS.join(", ")
+                    )
+                })?
+                .to_string(),
+            ("auto", Err(e)) => bail!(
+                "engine.rest.api_version auto: slurmrestd at {} serves no OpenAPI document ({e:#}); name the version (e.g. v0.0.40)",
+                r.url
+            ),
+            (v, _) => {
+                ensure!(
+                    REST_VERSIONS.contains(&v),
+                    "engine.rest.api_version: `{v}` is not one btm speaks ({}, or auto)",
+                    REST_VERSIONS.join(", ")
+                );
+                v.to_string()
+            }
+        };
         Ok(Self {
-            client: reqwest::Client::builder().timeout(Duration::from_secs(30)).build()?,
-            base: format!("{}/slurm/{}", r.url.trim_end_matches('/'), r.api_version),
+            client,
+            base: format!("{}/slurm/{version}", r.url.trim_end_matches('/')),
             user: r.user.clone(),
             token,
             token_env: r.token_env.clone(),
+            version,
+            openapi: openapi.ok(),
         })
     }
 
@@ -310,7 +441,8 @@ impl Rest {
 impl SlurmEngine {
     async fn submit_rest(&self, rest: &Rest, jobs: &[Submission]) -> Result<Vec<JobHandle>> {
         let (_, script) = self.script(jobs)?;
-        let mut env = serde_json::Map::new();
+        let new_shapes = no_val_shapes(&rest.version);
+        let mut env = vec![];
         for key in [
             "PATH",
             "HOME",
@@ -324,21 +456,32 @@ impl SlurmEngine {
             "BTM_UPLOAD_PART_BYTES",
         ] {
             if let Ok(v) = std::env::var(key) {
-                env.insert(key.into(), json!(v));
+                env.push((key, v));
             }
         }
+        let environment = if new_shapes {
+            json!(env.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>())
+        } else {
+            json!(env.iter().map(|(k, v)| (k.to_string(), json!(v))).collect::<serde_json::Map<_, _>>())
+        };
+        let limit = |n: u64| if new_shapes { no_val(n) } else { json!(n) };
         let mut job = json!({
             "name": Self::job_name(jobs),
             "current_working_directory": self.run,
             "standard_output": self.run.join("logs").join("slurm-%A_%a.out"),
-            "environment": env,
+            "environment": environment,
             "cpus_per_task": jobs[0].cpus.max(1),
             "tasks": jobs[0].ranks.max(jobs[0].nodes).max(1),
             "requeue": true,
         });
         if jobs[0].nodes > 1 {
-            job["minimum_nodes"] = json!(jobs[0].nodes);
-            job["maximum_nodes"] = json!(jobs[0].nodes);
+            let n = jobs[0].nodes;
+            if new_shapes {
+                job["minimum_nodes"] = json!(n);
+                job["maximum_nodes"] = json!(n);
+            } else {
+                job["nodes"] = json!([n, n]);
+            }
             job["tasks_per_node"] = json!(1);
         }
         if jobs.len() > 1 {
@@ -348,15 +491,29 @@ impl SlurmEngine {
             job["partition"] = json!(p);
         }
         match (jobs[0].memory_mb, self.mem_per_cpu_mb) {
-            (Some(m), _) => job["memory_per_node"] = json!(m),
-            (None, Some(m)) => job["memory_per_cpu"] = json!(m),
+            (Some(m), _) => job["memory_per_node"] = limit(m),
+            (None, Some(m)) => job["memory_per_cpu"] = limit(m),
             (None, None) => {}
         }
         if let Some(t) = jobs[0].time_limit_min.or(self.time_limit_min) {
-            job["time_limit"] = json!(t);
+            job["time_limit"] = limit(t);
         }
         if jobs[0].gpus > 0 {
-            job["gres"] = json!(format!("gpu:{}", jobs[0].gpus));
+            let gpus = format!("gpu:{}", jobs[0].gpus);
+            if new_shapes {
+                job["tres_per_node"] = json!(format!("gres/{gpus}"));
+            } else {
+                job["gres"] = json!(gpus);
+            }
+        }
+        if let Some(doc) = &rest.openapi {
+            let problems = schema_mismatches(doc, &rest.version, &job);
+            ensure!(
+                problems.is_empty(),
+                "slurmrestd {}: the job btm would submit does not fit the server's schema: {}",
+                rest.version,
+                problems.join("; ")
+            );
         }
         let v = rest.call(reqwest::Method::POST, "/job/submit", Some(json!({"script": script, "job": job}))).await?;
         let id = v["job_id"].as_u64().context("slurmrestd: the submit answer has no job_id")?;
@@ -377,10 +534,10 @@ impl SlurmEngine {
             Err(e) => return Err(Poll::Unreachable(format!("{e:#}"))),
         };
         let jobs = v["jobs"].as_array().cloned().unwrap_or_default();
-        let state = |j: &Value| j["job_state"].as_str().unwrap_or("UNKNOWN").to_string();
+        let state = |j: &Value| answered_state(&j["job_state"]);
         let mine = jobs.iter().find(|j| match task {
             None => true,
-            Some(t) => j["array_task_id"].as_u64() == Some(t),
+            Some(t) => answered_number(&j["array_task_id"]) == Some(t),
         });
         Ok(match mine {
             Some(j) => to_state(&state(j)),
@@ -455,11 +612,122 @@ mod tests {
     use crate::engine::fake_http::fake_api;
     use serde_json::json;
 
+    /// The OpenAPI document of a real slurmrestd (Slurm 22.05, Debian's, `GET /openapi/v3`,
+    /// as `scripts/slurm-local.sh` starts it): it offers v0.0.38 only.
+    fn real_openapi_v0038() -> Value {
+        serde_json::from_str(include_str!("testdata/slurmrestd-22.05-openapi-v3.json")).unwrap()
+    }
+
+    /// A slurmrestd of the v0.0.40 family: its OpenAPI document offers v0.0.38 and v0.0.40, the
+    /// job fields btm sends typed as Slurm 23.11 documents `v0.0.40_job_desc_msg` (limits and
+    /// memory as `v0.0.40_uint*_no_val` objects, the environment a list of strings).
+    fn openapi_v0040() -> Value {
+        let no_val = json!({"$ref": "#/components/schemas/v0.0.40_uint64_no_val"});
+        let t = |ty: &str| json!({"type": ty});
+        json!({
+            "paths": {
+                "/slurm/v0.0.38/job/submit": {"post": {}},
+                "/slurm/v0.0.40/job/submit": {"post": {"requestBody": {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/v0.0.40_job_submit_req"}}}}}},
+            },
+            "components": {"schemas": {
+                "v0.0.40_job_submit_req": {"type": "object", "properties": {"script": t("string"), "job": {"$ref": "#/components/schemas/v0.0.40_job_desc_msg"}}},
+                "v0.0.40_uint64_no_val": {"type": "object", "properties": {"set": t("boolean"), "infinite": t("boolean"), "number": t("integer")}},
+                "v0.0.40_job_desc_msg": {"type": "object", "properties": {
+                    "name": t("string"), "current_working_directory": t("string"), "standard_output": t("string"),
+                    "environment": {"type": "array", "items": t("string")}, "cpus_per_task": t("integer"), "tasks": t("integer"),
+                    "requeue": t("boolean"), "minimum_nodes": t("integer"), "maximum_nodes": t("integer"), "tasks_per_node": t("integer"),
+                    "array": t("string"), "partition": t("string"), "memory_per_node": no_val, "memory_per_cpu": no_val,
+                    "time_limit": no_val, "tres_per_node": t("string"),
+                }},
+            }},
+        })
+    }
+
+    /// A GPU job array of two-node jobs with memory and a time limit, submitted to `openapi`'s
+    /// server (api_version auto); the POST body and the states of tasks 0 and 1.
+    fn submit_array(openapi: fn() -> Value, reply_job: fn() -> Value) -> (Value, String, JobState, JobState) {
+        let (url, server) = fake_api(4, move |method, path| match (method, path) {
+            (_, "/openapi/v3") => (200, openapi()),
+            ("POST", _) => (200, json!({"job_id": 12})),
+            _ => (200, reply_job()),
+        });
+        std::env::set_var("BTM_TEST_SLURM_JWT", "t");
+        let spec: EngineSpec = serde_yaml::from_str(&format!(
+            "{{kind: slurm, api: rest, mem_per_cpu_mb: 512, time_limit_min: 90, rest: {{url: '{url}', token_env: BTM_TEST_SLURM_JWT}}}}"
+        ))
+        .unwrap();
+        let run = tempfile::tempdir().unwrap();
+        let engine = SlurmEngine::new(&spec, run.path()).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let jobs: Vec<Submission> = ["expert/a", "expert/b"]
+            .iter()
+            .map(|n| Submission {
+                name: n.to_string(),
+                args: vec!["train".into()],
+                log: run.path().join("a.log"),
+                cpus: 2,
+                gpus: 1,
+                memory_mb: None,
+                time_limit_min: None,
+                ranks: 1,
+                nodes: 2,
+            })
+            .collect();
+        let handles = rt.block_on(engine.submit(&jobs)).unwrap();
+        let (a, b) = (rt.block_on(engine.state(&handles[0])).unwrap(), rt.block_on(engine.state(&handles[1])).unwrap());
+        let seen = server.join().unwrap();
+        (seen[1].3.clone(), seen[1].1.clone(), a, b)
+    }
+
+    /// Against a real slurmrestd's own OpenAPI document (v0.0.38): the submission fits its
+    /// schema field for field (nodes as `[min, max]`, the environment a map, GPUs as `gres`),
+    /// and its answers are read.
+    #[test]
+    fn v0038_submissions_fit_a_real_slurmrestd_schema() {
+        let (body, path, a, b) = submit_array(
+            real_openapi_v0038,
+            || json!({"jobs": [{"job_id": 12, "array_task_id": 0, "job_state": "RUNNING"}, {"job_id": 13, "array_task_id": 1, "job_state": "COMPLETED"}]}),
+        );
+        assert_eq!(path, "/slurm/v0.0.38/job/submit");
+        let job = &body["job"];
+        assert!(schema_mismatches(&real_openapi_v0038(), "v0.0.38", job).is_empty(), "{job}");
+        assert_eq!((job["nodes"].clone(), job["time_limit"].clone(), job["gres"].clone()), (json!([2, 2]), json!(90), json!("gpu:1")));
+        assert!(job["environment"].is_object());
+        assert_eq!((a, b), (JobState::Running, JobState::Succeeded));
+        // What btm sent before this check: `minimum_nodes` is a boolean in v0.0.38.
+        let old = json!({"minimum_nodes": 2, "maximum_nodes": 2});
+        let problems = schema_mismatches(&real_openapi_v0038(), "v0.0.38", &old);
+        assert_eq!(problems.len(), 2, "{problems:?}");
+    }
+
+    /// The v0.0.40 family, chosen from the server's document: the environment a list, limits as
+    /// `{set, infinite, number}`, GPUs as `tres_per_node`; job states as lists and task ids as
+    /// numbers-with-flags in the answers.
+    #[test]
+    fn v0040_submissions_take_the_new_shapes() {
+        let (body, path, a, b) = submit_array(openapi_v0040, || {
+            let id = |n: u64| json!({"set": true, "infinite": false, "number": n});
+            json!({"jobs": [
+                {"job_id": 12, "array_task_id": id(0), "job_state": ["RUNNING"]},
+                {"job_id": 13, "array_task_id": id(1), "job_state": ["COMPLETED", "REQUEUED"]},
+            ]})
+        });
+        assert_eq!(path, "/slurm/v0.0.40/job/submit");
+        let job = &body["job"];
+        assert!(schema_mismatches(&openapi_v0040(), "v0.0.40", job).is_empty(), "{job}");
+        assert_eq!(job["time_limit"], json!({"set": true, "infinite": false, "number": 90}));
+        assert_eq!(job["memory_per_cpu"]["number"], 512);
+        assert_eq!((job["minimum_nodes"].as_u64(), job["tres_per_node"].as_str()), (Some(2), Some("gres/gpu:1")));
+        assert!(job["environment"].as_array().unwrap().iter().all(|e| e.as_str().unwrap().contains('=')), "{job}");
+        assert_eq!((a, b), (JobState::Running, JobState::Succeeded));
+    }
+
     /// A poll slurmrestd does not answer leaves the job running (asked again later); only
     /// Slurm's own "Invalid job id" makes it unknown, and a state it reports is taken.
     #[test]
     fn a_failed_poll_is_not_a_failed_job() {
-        let (url, server) = fake_api(4, |_, path| match path {
+        let (url, server) = fake_api(5, |_, path| match path {
+            "/openapi/v3" => (200, real_openapi_v0038()),
             p if p.ends_with("/job/7") => (503, json!({"message": "controller busy"})),
             p if p.ends_with("/job/8") => (500, json!({"errors": [{"error": "Invalid job id specified"}]})),
             p if p.ends_with("/ping") => (200, json!({"pings": [{"ping": "UP"}]})),

@@ -186,6 +186,8 @@ pub struct SlurmRest {
     /// The environment variable holding the JWT (never written to logs or the run).
     #[serde(default = "default_token_env")]
     pub token_env: String,
+    /// The slurmrestd API version: `auto` (the newest btm speaks of those the server's OpenAPI
+    /// document offers), or one of v0.0.38, v0.0.40, v0.0.41, v0.0.42.
     #[serde(default = "default_api_version")]
     pub api_version: String,
 }
@@ -200,7 +202,7 @@ fn default_token_env() -> String {
     "SLURM_JWT".into()
 }
 fn default_api_version() -> String {
-    "v0.0.38".into()
+    "auto".into()
 }
 
 impl EngineSpec {

@@ -60,8 +60,10 @@ fn bad_input_fails_with_a_named_error_and_writes_nothing() {
 
     let out = tmp.path().join("out");
     let o = btm(&["convert", "--model", &fixture("llama"), "--out", out.to_str().unwrap(), "--dtype", "int8"]);
-    assert_eq!(o.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("dtype `int8`"));
+    // A value outside an enumeration is a usage error (exit 2) that lists the possible values.
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("invalid value 'int8' for '--dtype") && err.contains("float32, bfloat16, float16"), "{err}");
     assert!(!out.exists());
 }
 

@@ -25,16 +25,16 @@ pub struct AverageArgs {
     /// The averaged model's folder (Hugging Face layout; written atomically, manifest last).
     #[arg(long)]
     out: PathBuf,
-    /// Where the domain posterior is scored: cpu, or cuda (a build with the `cuda` feature).
-    #[arg(long, default_value = "cpu")]
-    device: String,
+    /// Where the domain posterior is scored.
+    #[arg(long, value_enum, default_value_t = super::DeviceArg::Cpu)]
+    device: super::DeviceArg,
 }
 
 pub fn run(args: AverageArgs) -> Result<()> {
     let members = super::eval::open_members(&args.experts)?;
     let weights = match &args.weights_from {
         Some(path) => {
-            let device = super::device(&args.device)?;
+            let device = args.device.device()?;
             let models = members.iter().map(|m| Ok(m.load_model(candle_core::DType::F32, &device)?)).collect::<Result<Vec<_>>>()?;
             let tokenizer = members[0].tokenizer()?;
             let docs = super::eval::tokenized(path, &tokenizer, None, None)?;

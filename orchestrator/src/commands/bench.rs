@@ -76,8 +76,8 @@ pub struct BenchMergeArgs {
 #[derive(Args)]
 pub struct BenchMoeArgs {
     /// cpu (the CUDA kernels are compiled and checked, not yet benchmarked from here).
-    #[arg(long, default_value = "cpu")]
-    device: String,
+    #[arg(long, value_enum, default_value_t = super::DeviceArg::Cpu)]
+    device: super::DeviceArg,
     /// Tokens per layer call.
     #[arg(long, default_value_t = 4096)]
     tokens: usize,
@@ -105,11 +105,20 @@ pub struct BenchOrchestrateArgs {
     json: bool,
 }
 
+/// `btm bench train`'s model shapes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Preset {
+    /// Hidden 256, 4 layers, sequences of 256.
+    Tiny,
+    /// Hidden 512, 8 layers, sequences of 512.
+    Small,
+}
+
 #[derive(Args)]
 pub struct BenchTrainArgs {
-    /// Model shape: tiny (hidden 256, 4 layers, seq 256) or small (hidden 512, 8 layers, seq 512).
-    #[arg(long, default_value = "tiny")]
-    preset: String,
+    /// Model shape.
+    #[arg(long, value_enum, default_value_t = Preset::Tiny)]
+    preset: Preset,
     /// Every FFN becomes 4 experts, top-2.
     #[arg(long)]
     moe: bool,
@@ -154,9 +163,8 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Data(args) => bench_data(args),
         BenchCommand::Moe(args) => {
             anyhow::ensure!(
-                args.device == "cpu",
-                "--device {}: only cpu is benchmarked here; the CUDA kernels are checked by `cargo test -p btm-kernels --features cuda`",
-                args.device
+                args.device == super::DeviceArg::Cpu,
+                "--device cuda: only cpu is benchmarked here; the CUDA kernels are checked by `cargo test -p btm-kernels --features cuda`"
             );
             let spec = btm_kernels::bench::MoeBenchSpec { tokens: args.tokens, hidden: args.hidden, reps: args.reps, ..Default::default() };
             let quiet = args.json;
@@ -186,7 +194,11 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             }
             let (dp, ep) = if args.moe { (1, args.ranks) } else { (args.ranks, 1) };
             let ranks = btm_trainer::distributed::Ranks::start(dp, ep, Default::default())?;
-            let r = btm_trainer::bench::run(&args.preset, args.moe, args.threads, args.steps, &ranks)?;
+            let preset = match args.preset {
+                Preset::Tiny => "tiny",
+                Preset::Small => "small",
+            };
+            let r = btm_trainer::bench::run(preset, args.moe, args.threads, args.steps, &ranks)?;
             if !ranks.is_root() {
                 return Ok(());
             }

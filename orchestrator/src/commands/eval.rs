@@ -36,11 +36,11 @@ pub struct EvalArgs {
     #[arg(long)]
     json: bool,
     /// Compute dtype.
-    #[arg(long, default_value = "float32")]
-    dtype: String,
-    /// cpu, or cuda (a build with the `cuda` feature).
-    #[arg(long, default_value = "cpu")]
-    device: String,
+    #[arg(long, value_enum, default_value_t = super::DTypeArg::Float32)]
+    dtype: super::DTypeArg,
+    /// Where to compute.
+    #[arg(long, value_enum, default_value_t = super::DeviceArg::Cpu)]
+    device: super::DeviceArg,
     /// For an MoE, also report each layer's share of tokens per expert (`routing` in the JSON).
     #[arg(long)]
     routing: bool,
@@ -51,14 +51,14 @@ pub struct EvalArgs {
 
 pub fn run(args: EvalArgs) -> Result<()> {
     anyhow::ensure!(args.seq_len >= 2, "--seq-len must be at least 2");
-    let device = super::device(&args.device)?;
+    let device = args.device.device()?;
     if !args.ensemble.is_empty() {
         return run_ensemble(&args, &device);
     }
     let name = args.model.as_deref().expect("clap requires --model or --ensemble");
     let dir = btm_model::storage::local_dir(name)?;
     let ckpt = Checkpoint::open(&dir).with_context(|| format!("opening model {name}"))?;
-    let model = ckpt.load_model(super::dtype(&args.dtype)?, &device)?;
+    let model = ckpt.load_model(args.dtype.dtype(), &device)?;
     let tokenizer = ckpt.tokenizer()?;
     // Data given as an object-store URL is fetched into the local cache.
     let start = std::time::Instant::now();
@@ -106,7 +106,7 @@ fn run_ensemble(args: &EvalArgs, device: &candle_core::Device) -> Result<()> {
     if let Some(k) = args.top_k {
         anyhow::ensure!(k >= 1 && k <= members.len(), "--top-k {k}: must be between 1 and the {} members", members.len());
     }
-    let dtype = super::dtype(&args.dtype)?;
+    let dtype = args.dtype.dtype();
     let models = members.iter().map(|m| Ok(m.load_model(dtype, device)?)).collect::<Result<Vec<_>>>()?;
     let tokenizer = members[0].tokenizer()?;
     let start = std::time::Instant::now();

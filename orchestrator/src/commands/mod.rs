@@ -15,15 +15,47 @@ pub mod tokenizer;
 pub mod train;
 pub mod upcycle;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use candle_core::{DType, Device};
 
-/// The compute device: the CPU, or CUDA when built with the `cuda` feature.
-pub fn device(name: &str) -> Result<Device> {
-    match name {
-        "cpu" => Ok(Device::Cpu),
-        "cuda" => Ok(Device::new_cuda(0)?),
-        other => bail!("unknown device `{other}` (expected cpu or cuda)"),
+/// The compute device (`--device`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DeviceArg {
+    /// The CPU.
+    Cpu,
+    /// GPU 0, in a build with the `cuda` feature.
+    Cuda,
+}
+
+impl DeviceArg {
+    /// The candle device.
+    pub fn device(self) -> Result<Device> {
+        Ok(match self {
+            DeviceArg::Cpu => Device::Cpu,
+            DeviceArg::Cuda => Device::new_cuda(0)?,
+        })
+    }
+}
+
+/// A dtype (`--dtype`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DTypeArg {
+    #[value(alias = "f32", alias = "fp32")]
+    Float32,
+    #[value(alias = "bf16")]
+    Bfloat16,
+    #[value(alias = "f16", alias = "fp16", alias = "half")]
+    Float16,
+}
+
+impl DTypeArg {
+    /// The candle dtype.
+    pub fn dtype(self) -> DType {
+        match self {
+            DTypeArg::Float32 => DType::F32,
+            DTypeArg::Bfloat16 => DType::BF16,
+            DTypeArg::Float16 => DType::F16,
+        }
     }
 }
 
@@ -83,9 +115,9 @@ impl RouterArgs {
 /// How a command writes its checkpoint: `--dtype`, `--shard-mb`, `--overwrite`.
 #[derive(clap::Args)]
 pub struct OutputArgs {
-    /// Dtype on disk: float32, bfloat16 or float16 (default: the input's).
-    #[arg(long)]
-    dtype: Option<String>,
+    /// Dtype on disk (default: the input's).
+    #[arg(long, value_enum)]
+    dtype: Option<DTypeArg>,
     /// Largest shard in MiB.
     #[arg(long, default_value_t = btm_merger::OutputOptions::default().max_shard_bytes >> 20)]
     shard_mb: u64,
@@ -97,7 +129,7 @@ pub struct OutputArgs {
 impl OutputArgs {
     pub fn options(&self) -> Result<btm_merger::OutputOptions> {
         Ok(btm_merger::OutputOptions {
-            dtype: self.dtype.as_deref().map(dtype).transpose()?,
+            dtype: self.dtype.map(DTypeArg::dtype),
             max_shard_bytes: self.shard_mb << 20,
             overwrite: self.overwrite,
         })

@@ -26,7 +26,11 @@ case "${1:-start}" in
 stop)
   for p in /run/slurmrestd.pid /run/slurmd.pid /run/slurmctld.pid /run/munge/munged.pid; do
     [ -f "$p" ] && kill "$(cat "$p")" 2>/dev/null || true
-  done; rm -f /run/slurmrestd.pid; exit 0 ;;
+  done; rm -f /run/slurmrestd.pid
+  # Wait for them to be gone: a start right after would otherwise find a dying daemon and
+  # leave it to exit, with nothing listening.
+  for _ in $(seq 1 20); do pgrep -x 'slurmrestd|slurmd|slurmctld' >/dev/null || break; sleep 0.5; done
+  exit 0 ;;
 start) ;;
 *) echo "usage: $0 start|stop" >&2; exit 2 ;;
 esac
@@ -84,6 +88,7 @@ if ! pgrep -x slurmrestd >/dev/null; then
   echo $! > /run/slurmrestd.pid
 fi
 TOKEN=$(scontrol token username=root lifespan=86400 | sed 's/^SLURM_JWT=//')
-for _ in $(seq 1 20); do curl -sf -o /dev/null -H "X-SLURM-USER-NAME: root" -H "X-SLURM-USER-TOKEN: $TOKEN" \
-  "http://127.0.0.1:$PORT/slurm/v0.0.38/ping" && break; sleep 0.5; done
+ping() { curl -sf -o /dev/null -H "X-SLURM-USER-NAME: root" -H "X-SLURM-USER-TOKEN: $TOKEN" "http://127.0.0.1:$PORT/slurm/v0.0.38/ping"; }
+for _ in $(seq 1 20); do ping && break; sleep 0.5; done
+ping || { echo "slurmrestd did not answer on 127.0.0.1:$PORT; see /var/log/slurm/slurmrestd.log" >&2; exit 1; }
 echo "export SLURM_JWT='$TOKEN' SLURMRESTD_URL='http://127.0.0.1:$PORT' SLURM_USER=root"

@@ -29,7 +29,9 @@ stop)
   done; rm -f /run/slurmrestd.pid
   # Wait for them to be gone: a start right after would otherwise find a dying daemon and
   # leave it to exit, with nothing listening.
-  for _ in $(seq 1 20); do pgrep -x 'slurmrestd|slurmd|slurmctld' >/dev/null || break; sleep 0.5; done
+  for _ in $(seq 1 20); do
+    pgrep -x slurmrestd >/dev/null || pgrep -x slurmd >/dev/null || pgrep -x slurmctld >/dev/null || break; sleep 0.5
+  done
   exit 0 ;;
 start) ;;
 *) echo "usage: $0 start|stop" >&2; exit 2 ;;

@@ -752,6 +752,15 @@ impl JobSpec {
             if src.text_key.as_deref().is_some_and(str::is_empty) {
                 return fail(&format!("data.train[{i}].text_key"), "must not be empty".into());
             }
+            // An external trainer is handed the files themselves: JSONL with `text` is its contract.
+            if !self.trainer.is_btm()
+                && (src.format() != crate::sources::Format::Jsonl || src.text_key() != crate::sources::DEFAULT_TEXT_KEY)
+            {
+                return fail(
+                    &format!("data.train[{i}]"),
+                    "an external trainer is handed JSONL files with a `text` field; convert this source, or train it with btm".into(),
+                );
+            }
             if !(src.weight.is_finite() && src.weight > 0.0) {
                 return fail(&format!("data.train[{i}].weight"), format!("must be positive, got {}", src.weight));
             }
@@ -828,6 +837,26 @@ mod tests {
         assert!(err.contains("data.train[0]: unknown field `wieght`"), "{err}");
         let err = JobSpec::parse("init: {checkpoint: x}\nout: o\noptimiser: {}\n", Path::new(".")).unwrap_err().to_string();
         assert!(err.contains("unknown field `optimiser`"), "{err}");
+    }
+
+    /// An external trainer is handed the source files: JSONL with `text` only.
+    #[test]
+    fn external_trainers_take_jsonl_with_text_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("a.jsonl");
+        std::fs::write(&data, "{\"body\": \"x\"}\n").unwrap();
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../model/tests/fixtures/llama");
+        let yaml = format!(
+            "init: {{checkpoint: {}}}\nout: o\ndata: {{train: [{{path: {}, text_key: body}}]}}\nsteps: 1\nbatch_size: 1\nseq_len: 8\n\
+             trainer: {{kind: command, command: \"true\"}}\n",
+            fixture.display(),
+            data.display()
+        );
+        let spec = JobSpec::parse(&yaml, dir.path()).unwrap();
+        let err = format!("{:#}", spec.validate().unwrap_err());
+        assert!(err.contains("data.train[0]") && err.contains("an external trainer is handed JSONL"), "{err}");
+        let plain = JobSpec::parse(&yaml.replace(", text_key: body", ""), dir.path()).unwrap();
+        assert!(plain.validate().is_ok());
     }
 
     #[test]

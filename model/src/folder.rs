@@ -520,12 +520,13 @@ const STREAM_CHUNKS_AHEAD: usize = 4;
 impl RemoteObject {
     /// Ask the store for the object at the URL `location` (its size and ETag; no bytes yet).
     pub fn open(location: &str) -> Result<Self> {
-        let url = url::Url::parse(location).map_err(|e| Error::Storage(format!("{location}: {e}")))?;
-        let (store, key) = crate::storage::store_for(&url)?;
-        let runtime =
-            tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| Error::Storage(format!("{location}: {e}")))?;
-        let meta = Folder::block(&runtime, async { store.head(&key).await }).map_err(|e| Error::Storage(format!("{location}: {e}")))?;
-        Ok(Self { location: location.to_string(), store, key, runtime, size: meta.size, etag: meta.e_tag, fetched: Default::default() })
+        let folder = Folder::open(location)?;
+        if !folder.is_remote() {
+            return Err(Error::Storage(format!("{location}: not an object-store URL")));
+        }
+        let (size, etag) = folder.head("")?.ok_or_else(|| Error::Storage(format!("{location}: no such object")))?;
+        let Folder { kind: Kind::Remote { store, prefix: key, runtime }, .. } = folder else { unreachable!("checked: remote") };
+        Ok(Self { location: location.to_string(), store, key, runtime, size, etag, fetched: Default::default() })
     }
 
     /// The object's size in bytes.

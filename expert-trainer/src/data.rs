@@ -16,7 +16,7 @@
 //! So the whole stream is a function of the seed and the [`Position`] (samples drawn in total
 //! and per source), which checkpoints store: resuming needs no opaque RNG state.
 
-use crate::sources::{identity, Documents, Format, DEFAULT_TEXT_KEY};
+use crate::sources::{Documents, Format, Source, DEFAULT_TEXT_KEY};
 use anyhow::{bail, Context, Result};
 use memmap2::Mmap;
 use serde::{Deserialize, Serialize};
@@ -197,7 +197,7 @@ pub struct TokenizeProgress {
 
 /// The token stream of a text source ([`crate::sources`]: JSONL or parquet, local or in an
 /// object store): from the cache, or tokenized now and cached. The cache key is the source's
-/// [`identity`] (content hash of local files; URL, size and ETag of objects, so a restarted
+/// [`Source::identity`] (content hash of local files; URL, size and ETag of objects, so a restarted
 /// job finds its cache without fetching a byte), the tokenizer's bytes and EOS. Documents are
 /// streamed and tokenized in parallel batches straight into the cache file, so memory stays
 /// bounded by one batch however large the source is; the file is written under a temporary
@@ -210,10 +210,11 @@ pub fn tokenize_source(
     cache_dir: &Path,
     progress: &mut dyn FnMut(TokenizeProgress),
 ) -> Result<Tokenized> {
+    let source = Source::open(location, format, text_key)?;
     let key = {
         let mut h = Sha256::new();
         h.update(b"btm-tokens/1\0");
-        h.update(identity(location, format, text_key)?);
+        h.update(source.identity()?);
         h.update(tok.sha256.as_bytes());
         h.update(tok.eos.to_le_bytes());
         hex::encode(h.finalize())
@@ -224,7 +225,7 @@ pub fn tokenize_source(
     }
     // Written under a temporary name (removed on any error) and renamed into place.
     let staging = btm_model::publish::StagingFile::new(&path)?;
-    let mut docs = Documents::open(location, format, text_key)?;
+    let mut docs = source.documents()?;
     let (count, documents) = write_tokens(location, &mut docs, tok, &staging.path, progress)?;
     if count == 0 {
         bail!("{location}: no documents");

@@ -11,8 +11,8 @@
 //! A source in an object store is never downloaded whole: JSONL is streamed (a background
 //! thread fetches a few chunks ahead of the tokenizer), parquet is read by byte ranges (the
 //! footer, then each page). Documents come out one at a time, so memory stays bounded by a
-//! batch whatever the source's size. [`identity`] names a source's content for the token
-//! cache without reading it when the store can vouch for it (size and ETag).
+//! batch whatever the source's size. [`Source::identity`] names a source's content for the
+//! token cache without reading it when the store can vouch for it (size and ETag).
 
 use anyhow::{bail, ensure, Context, Result};
 use btm_model::folder::{is_remote, RemoteObject};
@@ -85,29 +85,101 @@ pub fn parquet_files(location: &str) -> Result<Vec<String>> {
     Ok(files)
 }
 
-/// What the token cache keys a source by: local files by the SHA-256 of their bytes (read as
-/// a stream), objects by URL, size and ETag (asked of the store; no byte is fetched), then the
-/// format and text key when not the defaults (so a local JSONL file keeps the key it had
-/// before formats were added: its digest alone).
-pub fn identity(location: &str, format: Format, text_key: &str) -> Result<Vec<u8>> {
-    let files = match format {
-        Format::Parquet => parquet_files(location)?,
-        _ => vec![location.to_string()],
-    };
-    let mut id = vec![];
-    for f in &files {
-        if is_remote(f) {
-            let o = RemoteObject::open(f)?;
-            id.extend(format!("{f}\0{}\0{}\0", o.size(), o.etag().unwrap_or("")).bytes());
-        } else {
-            let (_, digest) = btm_model::manifest::hash_file(Path::new(f.strip_prefix("file://").unwrap_or(f)))?;
-            id.extend(hex::decode(digest)?);
+/// A text source, opened: its files in order, each a local path or an object asked once for
+/// its size and ETag. The same handles name the source for the token cache ([`Source::identity`])
+/// and read it ([`Source::documents`]), so the key and the bytes are of one listing and one
+/// version of each object.
+pub struct Source {
+    location: String,
+    format: Format,
+    text_key: String,
+    files: Vec<SourceFile>,
+}
+
+enum SourceFile {
+    Local(String),
+    Remote(String, Arc<RemoteObject>),
+}
+
+impl Source {
+    /// Open the source at `location` (a path, a glob or a URL) in `format` (JSONL or parquet).
+    pub fn open(location: &str, format: Format, text_key: &str) -> Result<Self> {
+        let names = match format {
+            Format::Jsonl => vec![location.to_string()],
+            Format::Parquet => parquet_files(location)?,
+            Format::Indexed => bail!("{location}: an indexed dataset holds tokens, not text"),
+        };
+        let files = names
+            .into_iter()
+            .map(|f| {
+                Ok(if is_remote(&f) {
+                    let o = Arc::new(RemoteObject::open(&f)?);
+                    SourceFile::Remote(f, o)
+                } else {
+                    SourceFile::Local(f.strip_prefix("file://").unwrap_or(&f).to_string())
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self { location: location.to_string(), format, text_key: text_key.to_string(), files })
+    }
+
+    /// What the token cache keys the source by: local files by the SHA-256 of their bytes
+    /// (read as a stream), objects by URL, size and ETag (no byte is fetched), then the format
+    /// and text key when not the defaults (so a local JSONL file keeps the key it had before
+    /// formats were added: its digest alone).
+    pub fn identity(&self) -> Result<Vec<u8>> {
+        let mut id = vec![];
+        for f in &self.files {
+            match f {
+                SourceFile::Remote(url, o) => id.extend(format!("{url}\0{}\0{}\0", o.size(), o.etag().unwrap_or("")).bytes()),
+                SourceFile::Local(path) => id.extend(hex::decode(btm_model::manifest::hash_file(Path::new(path))?.1)?),
+            }
         }
+        if self.format != Format::Jsonl || self.text_key != DEFAULT_TEXT_KEY {
+            id.extend(format!("\0{:?}\0{}", self.format, self.text_key).bytes());
+        }
+        Ok(id)
     }
-    if format != Format::Jsonl || text_key != DEFAULT_TEXT_KEY {
-        id.extend(format!("\0{format:?}\0{text_key}").bytes());
+
+    /// The source's documents, streamed.
+    pub fn documents(&self) -> Result<Documents> {
+        let remote: Vec<Arc<RemoteObject>> = self
+            .files
+            .iter()
+            .filter_map(|f| match f {
+                SourceFile::Remote(_, o) => Some(o.clone()),
+                SourceFile::Local(_) => None,
+            })
+            .collect();
+        let inner: Box<dyn Iterator<Item = Result<String>> + Send> = match self.format {
+            Format::Jsonl => {
+                let reader: Box<dyn Read + Send> = match &self.files[0] {
+                    SourceFile::Remote(_, o) => o.stream_from(0),
+                    SourceFile::Local(path) => Box::new(std::fs::File::open(path).with_context(|| format!("opening {path}"))?),
+                };
+                let location = &self.location;
+                let texts = btm_model::jsonl::Texts::from_reader(location, btm_model::jsonl::decoded(location, reader)?, &self.text_key);
+                Box::new(texts.map(|t| t.map_err(anyhow::Error::from)))
+            }
+            _ => {
+                let chunks = self
+                    .files
+                    .iter()
+                    .map(|f| {
+                        Ok(match f {
+                            SourceFile::Remote(url, o) => (url.clone(), Chunks::Remote(o.clone(), Default::default())),
+                            SourceFile::Local(path) => (
+                                path.clone(),
+                                Chunks::Local(Arc::new(std::fs::File::open(path).with_context(|| format!("opening {path}"))?)),
+                            ),
+                        })
+                    })
+                    .collect::<Result<VecDeque<_>>>()?;
+                Box::new(ParquetTexts { files: chunks, key: self.text_key.clone(), current: None, batch: VecDeque::new() })
+            }
+        };
+        Ok(Documents { inner, remote })
     }
-    Ok(id)
 }
 
 /// The documents of a source, streamed, and the bytes fetched from object stores so far.
@@ -117,38 +189,9 @@ pub struct Documents {
 }
 
 impl Documents {
-    /// Open the source at `location` (a path, a glob or a URL) in `format`.
+    /// Open the source at `location` (a path, a glob or a URL) in `format` and stream it.
     pub fn open(location: &str, format: Format, text_key: &str) -> Result<Self> {
-        match format {
-            Format::Jsonl => {
-                let (reader, remote): (Box<dyn Read + Send>, Vec<Arc<RemoteObject>>) = if is_remote(location) {
-                    let o = Arc::new(RemoteObject::open(location)?);
-                    (o.stream_from(0), vec![o])
-                } else {
-                    let path = location.strip_prefix("file://").unwrap_or(location);
-                    (Box::new(std::fs::File::open(path).with_context(|| format!("opening {path}"))?), vec![])
-                };
-                let texts = btm_model::jsonl::Texts::from_reader(location, btm_model::jsonl::decoded(location, reader)?, text_key);
-                Ok(Self { inner: Box::new(texts.map(|t| t.map_err(anyhow::Error::from))), remote })
-            }
-            Format::Parquet => {
-                let mut chunks = vec![];
-                let mut remote = vec![];
-                for f in parquet_files(location)? {
-                    if is_remote(&f) {
-                        let o = Arc::new(RemoteObject::open(&f)?);
-                        remote.push(o.clone());
-                        chunks.push((f, Chunks::Remote(o, Default::default())));
-                    } else {
-                        let file = std::fs::File::open(&f).with_context(|| format!("opening {f}"))?;
-                        chunks.push((f, Chunks::Local(Arc::new(file))));
-                    }
-                }
-                let texts = ParquetTexts { files: chunks.into(), key: text_key.to_string(), current: None, batch: VecDeque::new() };
-                Ok(Self { inner: Box::new(texts), remote })
-            }
-            Format::Indexed => bail!("{location}: an indexed dataset holds tokens, not text"),
-        }
+        Source::open(location, format, text_key)?.documents()
     }
 
     /// Bytes fetched from object stores so far (0 for local files).
@@ -420,7 +463,8 @@ mod tests {
             Documents::open(&jsonl.to_string_lossy(), Format::Jsonl, "text").unwrap().collect::<Result<_>>().unwrap();
         assert_eq!(from_jsonl, all);
         // The key names the format and text key only when they are not the defaults.
-        assert_ne!(identity(&folder, Format::Parquet, "text").unwrap(), identity(&folder, Format::Parquet, "body").unwrap());
+        let id = |key: &str| Source::open(&folder, Format::Parquet, key).unwrap().identity().unwrap();
+        assert_ne!(id("text"), id("body"));
     }
 
     #[test]

@@ -594,34 +594,35 @@ impl<'a> TrainingRun<'a> {
             self.ranks.barrier()?;
         }
         let vocab = self.init_config.vocab_size;
-        let source = |i: usize, s: &crate::spec::Source| -> Result<Packed> {
-            let key = format!("data.train[{i}]");
-            let location = s.location();
-            let tokens = match s.format() {
-                Format::Indexed => Tokens::indexed(&s.path, vocab).with_context(|| key.clone())?,
-                format => self.tokenize(&key, &location, format, s.text_key(), &cache, metrics).with_context(|| key.clone())?,
-            };
+        // A source's tokens: an indexed dataset read in place, text through the token cache.
+        let packed = |key: String, location: &str, format: Format, text_key: &str| -> Result<Packed> {
+            let tokens = match format {
+                Format::Indexed => Tokens::indexed(Path::new(location), vocab),
+                format => self.tokenize(&key, location, format, text_key, &cache, metrics),
+            }
+            .with_context(|| key.clone())?;
             Packed::new(tokens, spec.seq_len, &format!("{key}: {location}"))
         };
         // The sources of a job are tokenized side by side (each in parallel batches too).
         let train = std::thread::scope(|scope| {
-            let handles: Vec<_> = spec.data.train.iter().enumerate().map(|(i, s)| scope.spawn(move || source(i, s))).collect();
+            let handles: Vec<_> = spec
+                .data
+                .train
+                .iter()
+                .enumerate()
+                .map(|(i, s)| scope.spawn(move || packed(format!("data.train[{i}]"), &s.location(), s.format(), s.text_key())))
+                .collect();
             handles.into_iter().map(|h| h.join().expect("a tokenizing thread panicked")).collect::<Result<Vec<_>>>()
         })?;
+        // Validation files are JSONL with `text`, or indexed datasets.
         let valid = spec
             .data
             .valid
             .iter()
             .enumerate()
             .map(|(i, p)| {
-                let key = format!("data.valid[{i}]");
-                let tokens = if crate::indexed::is_indexed(p) {
-                    Tokens::indexed(p, vocab)
-                } else {
-                    self.tokenize(&key, &p.to_string_lossy(), Format::Jsonl, crate::sources::DEFAULT_TEXT_KEY, &cache, metrics)
-                }
-                .with_context(|| key.clone())?;
-                Packed::new(tokens, spec.seq_len, &format!("{key}: {}", p.display()))
+                let format = if crate::indexed::is_indexed(p) { Format::Indexed } else { Format::Jsonl };
+                packed(format!("data.valid[{i}]"), &p.to_string_lossy(), format, crate::sources::DEFAULT_TEXT_KEY)
             })
             .collect::<Result<Vec<_>>>()?;
         if root {

@@ -20,7 +20,7 @@
 use super::{Engine, JobHandle, JobState, Submission};
 use crate::pipeline::spec::KubernetesSpec;
 use anyhow::{bail, Context, Result};
-use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::batch::v1::{Job, JobStatus};
 use k8s_openapi::api::core::v1::Service;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
@@ -291,8 +291,7 @@ impl Engine for KubernetesEngine {
                 }
             },
         };
-        let status = serde_json::to_value(&job.status)?;
-        let states: Vec<JobState> = (first..=last).map(|i| index_state(&status, i)).collect();
+        let states: Vec<JobState> = (first..=last).map(|i| index_state(job.status.as_ref(), i)).collect();
         // A job is done when every node is; it failed when any node gave up.
         Ok(match states.iter().find(|s| matches!(s, JobState::Failed(_))) {
             Some(failed) => failed.clone(),
@@ -324,10 +323,11 @@ fn in_ranges(list: &str, index: u64) -> bool {
 }
 
 /// The state of one index of an Indexed Job from its `status`.
-pub fn index_state(status: &Value, index: u64) -> JobState {
-    if in_ranges(status["completedIndexes"].as_str().unwrap_or(""), index) {
+pub fn index_state(status: Option<&JobStatus>, index: u64) -> JobState {
+    let ranges = |list: Option<&String>| list.is_some_and(|l| in_ranges(l, index));
+    if ranges(status.and_then(|s| s.completed_indexes.as_ref())) {
         JobState::Succeeded
-    } else if in_ranges(status["failedIndexes"].as_str().unwrap_or(""), index) {
+    } else if ranges(status.and_then(|s| s.failed_indexes.as_ref())) {
         JobState::Failed("the Kubernetes Job gave up on this index (backoffLimitPerIndex)".into())
     } else {
         JobState::Running
@@ -341,11 +341,12 @@ mod tests {
 
     #[test]
     fn index_ranges() {
-        let s = json!({"completedIndexes": "0,2-3", "failedIndexes": "5"});
-        assert_eq!(index_state(&s, 0), JobState::Succeeded);
-        assert_eq!(index_state(&s, 1), JobState::Running);
-        assert_eq!(index_state(&s, 3), JobState::Succeeded);
-        assert!(matches!(index_state(&s, 5), JobState::Failed(_)));
+        let s = JobStatus { completed_indexes: Some("0,2-3".into()), failed_indexes: Some("5".into()), ..Default::default() };
+        let s = Some(&s);
+        assert_eq!(index_state(s, 0), JobState::Succeeded);
+        assert_eq!(index_state(s, 1), JobState::Running);
+        assert_eq!(index_state(s, 3), JobState::Succeeded);
+        assert!(matches!(index_state(s, 5), JobState::Failed(_)));
     }
 
     #[test]

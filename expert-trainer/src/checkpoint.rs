@@ -7,15 +7,22 @@
 //! directory, `MANIFEST.json` (sizes and SHA-256 of every file) last, and the directory is
 //! then renamed into place. A directory without a manifest that verifies is not a checkpoint:
 //! resuming skips it with a warning, or refuses it with the reason when it is named explicitly.
+//!
+//! With expert parallelism the ranks of rank 0's expert-parallel group write one checkpoint
+//! together ([`shared_staging`], [`write_part`]): each rank its own experts, as weight shards
+//! `model-0000i-of-0000n.safetensors` named in the index, and their AdamW moments (rank w > 0 in
+//! `optimizer-0000w-of-0000n.safetensors`, appended to `optimizer.safetensors`' stacks when read);
+//! rank 0 writes the rest and, once all are done, the manifest.
 
 use crate::data::Position;
+use crate::distributed::Ranks;
 use crate::optim::AdamW;
 use crate::state::Weights;
 use anyhow::{bail, Context, Result};
 use btm_kernels::ExpertShard;
 use btm_model::manifest::{Manifest, MANIFEST};
 use btm_model::publish::StagingDir;
-use btm_model::{write_checkpoint_files, Extras, WriteOptions};
+use btm_model::{write_checkpoint_part, Extras, WriteOptions, WriterPart};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -67,24 +74,118 @@ pub fn save(
     extras: &Extras,
 ) -> Result<PathBuf> {
     std::fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
-    let name = step_dir_name(state.step);
-    let dest = root.join(&name);
+    let dest = root.join(step_dir_name(state.step));
     // A checkpoint of the same step from an earlier attempt is replaced.
     let staging = StagingDir::new(&dest, true)?;
-    // The weights, in Hugging Face layout.
-    let opts = WriteOptions { overwrite: false, ..WriteOptions::default() };
-    write_checkpoint_files(&staging.path, &weights.config, &mut |n| weights.tensor(n), extras, &opts)
-        .with_context(|| format!("writing weights to {}", staging.path.display()))?;
-    // The optimizer and trainer state beside them, then a manifest covering everything.
-    let moments: HashMap<String, candle_core::Tensor> =
-        moments.into_iter().map(|(k, t)| Ok((k, t.to_device(&candle_core::Device::Cpu)?))).collect::<Result<_>>()?;
-    candle_core::safetensors::save(&moments, staging.path.join(OPTIMIZER)).context("writing optimizer state")?;
-    std::fs::write(staging.path.join(STATE), serde_json::to_vec_pretty(state)?).context("writing trainer state")?;
-    let known: BTreeMap<String, (u64, String)> =
-        Manifest::read(&staging.path)?.files.into_iter().map(|f| (f.path, (f.size, f.sha256))).collect();
+    let known = write_part(&staging.path, weights, moments, Some(state), extras, &WriterPart::whole())?;
     Manifest::build(&staging.path, &known)?.write(&staging.path)?;
     staging.publish().with_context(|| format!("publishing {}", dest.display()))?;
     Ok(dest)
+}
+
+/// Write one writer's part of a checkpoint into the staging folder `dir`: its share of the
+/// weights ([`write_checkpoint_part`]), its AdamW moments (writer 0: [`OPTIMIZER`], with every
+/// non-expert moment; writer w > 0: [`optimizer_part_name`], its experts' stacks only) and,
+/// from writer 0, the trainer `state`. Returns the hashes of what it wrote; the manifest is
+/// built once every writer is done.
+pub fn write_part(
+    dir: &Path,
+    weights: &Weights,
+    moments: HashMap<String, candle_core::Tensor>,
+    state: Option<&TrainerState>,
+    extras: &Extras,
+    part: &WriterPart,
+) -> Result<BTreeMap<String, (u64, String)>> {
+    let opts = WriteOptions { overwrite: false, ..WriteOptions::default() };
+    let known = write_checkpoint_part(dir, &weights.config, &mut |n| weights.tensor(n), extras, &opts, part)
+        .with_context(|| format!("writing weights to {}", dir.display()))?;
+    let moments: HashMap<String, candle_core::Tensor> = moments
+        .into_iter()
+        .filter(|(name, _)| part.writer == 0 || crate::distributed::is_expert_stack(name))
+        .map(|(k, t)| Ok((k, t.to_device(&candle_core::Device::Cpu)?)))
+        .collect::<Result<_>>()?;
+    let file = if part.writer == 0 { OPTIMIZER.to_string() } else { optimizer_part_name(part.writer, part.writers) };
+    candle_core::safetensors::save(&moments, dir.join(&file)).context("writing optimizer state")?;
+    if let Some(state) = state {
+        std::fs::write(dir.join(STATE), serde_json::to_vec_pretty(state)?).context("writing trainer state")?;
+    }
+    Ok(known)
+}
+
+/// The file of writer `writer`'s (> 0) expert moments among `writers`:
+/// `optimizer-0000w-of-0000n.safetensors`, numbered from 1 like weight shards (writer 0's
+/// part is [`OPTIMIZER`]).
+pub fn optimizer_part_name(writer: usize, writers: usize) -> String {
+    format!("optimizer-{:05}-of-{writers:05}.safetensors", writer + 1)
+}
+
+/// The AdamW moments of a checkpoint, whole: [`OPTIMIZER`], with the expert stacks of the
+/// other writers' parts ([`optimizer_part_name`]) appended in writer order.
+fn read_moments(dir: &Path, device: &candle_core::Device) -> Result<HashMap<String, candle_core::Tensor>> {
+    let load = |file: &Path| candle_core::safetensors::load(file, device).with_context(|| format!("reading {}", file.display()));
+    let mut moments = load(&dir.join(OPTIMIZER))?;
+    let mut parts: Vec<(usize, PathBuf)> = Vec::new();
+    for entry in std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
+        let name = entry?.file_name().to_string_lossy().into_owned();
+        let index = name.strip_prefix("optimizer-").and_then(|r| r.strip_suffix(".safetensors")).and_then(|r| r.split_once("-of-"));
+        if let Some((i, _)) = index {
+            parts.push((i.parse().with_context(|| format!("{}: {name} is not an optimizer part", dir.display()))?, dir.join(&name)));
+        }
+    }
+    parts.sort();
+    for (_, file) in parts {
+        for (name, t) in load(&file)? {
+            let head = moments.get(&name).with_context(|| format!("{}: `{name}` has no first part", file.display()))?;
+            let whole = candle_core::Tensor::cat(&[head, &t], 0)?;
+            moments.insert(name, whole);
+        }
+    }
+    Ok(moments)
+}
+
+/// A staging folder every checkpoint writer sees: rank 0 makes it for `dest` and names it to
+/// the others, who look for the probe it wrote there. `None` on every rank when a writer does
+/// not see it (ranks on machines that share no file system); then rank 0 writes alone.
+pub fn shared_staging(ranks: &Ranks, dest: &Path, overwrite: bool) -> Result<Option<SharedStaging>> {
+    const PROBE: &str = ".btm-writers-probe";
+    let staging = if ranks.is_root() { Some(StagingDir::new(dest, overwrite)?) } else { None };
+    let mut said = Vec::new();
+    if let Some(s) = &staging {
+        let nonce = format!("{}-{:?}", std::process::id(), std::time::SystemTime::now());
+        std::fs::write(s.path.join(PROBE), &nonce).with_context(|| format!("writing {}", s.path.display()))?;
+        said = format!("{}\n{nonce}", s.path.display()).into_bytes();
+    }
+    let said = String::from_utf8(ranks.broadcast_bytes(said)?).context("the staging folder's name")?;
+    let (path, nonce) = said.split_once('\n').context("the staging folder's name")?;
+    let path = PathBuf::from(path);
+    let sees = ranks.checkpoint_writer().is_none() || std::fs::read(path.join(PROBE)).is_ok_and(|b| b == nonce.as_bytes());
+    if ranks.any(!sees)? {
+        return Ok(None);
+    }
+    if let Some(s) = &staging {
+        std::fs::remove_file(s.path.join(PROBE)).with_context(|| format!("cleaning {}", s.path.display()))?;
+    }
+    Ok(Some(SharedStaging { path, staging }))
+}
+
+/// A folder that several ranks write into, published by rank 0 ([`shared_staging`]).
+pub struct SharedStaging {
+    /// The folder, as every rank names it.
+    pub path: PathBuf,
+    /// Rank 0's handle, which publishes it.
+    staging: Option<StagingDir>,
+}
+
+impl SharedStaging {
+    /// Once every writer is done (after a barrier): on rank 0, the manifest (reusing `known`
+    /// hashes, hashing the other writers' files) and the rename into place; nothing elsewhere.
+    pub fn publish(self, known: &BTreeMap<String, (u64, String)>) -> Result<()> {
+        if let Some(staging) = self.staging {
+            Manifest::build(&self.path, known)?.write(&self.path)?;
+            staging.publish()?;
+        }
+        Ok(())
+    }
 }
 
 /// Published step checkpoints under `root`, newest first (not yet verified).
@@ -150,9 +251,7 @@ pub fn load_optimizer(dir: &Path, opt: &mut AdamW, state: &TrainerState, shard: 
         );
     }
     let device = opt.params.first().map(|p| p.var.device().clone()).unwrap_or(candle_core::Device::Cpu);
-    let tensors = candle_core::safetensors::load(dir.join(OPTIMIZER), &device)
-        .with_context(|| format!("reading {}", dir.join(OPTIMIZER).display()))?;
-    opt.load_state(crate::distributed::local_experts(tensors, shard)?, state.optimizer_t)
+    opt.load_state(crate::distributed::local_experts(read_moments(dir, &device)?, shard)?, state.optimizer_t)
 }
 
 /// Delete all but the newest `keep` checkpoints.

@@ -17,9 +17,12 @@
 //!
 //! With two ranks the sum of two micro-batches' gradients is one IEEE addition either way, so
 //! data parallelism over two ranks is bit-identical to one process accumulating the same two
-//! micro-batches. Rank 0 writes metrics, checkpoints and the model; expert stacks and their
-//! AdamW moments are gathered to it first, so checkpoints are ordinary Hugging Face folders
-//! that resume on any number of ranks.
+//! micro-batches. Rank 0 writes metrics. Checkpoints and the model are written by the ranks of
+//! rank 0's expert-parallel group together, each its own experts (and their AdamW moments) into
+//! the folder rank 0 stages, rank 0 the rest and the manifest last, so no rank holds more than
+//! its share; where the ranks share no file system, the experts are gathered to rank 0, which
+//! writes alone. Either way checkpoints are ordinary Hugging Face folders that resume on any
+//! number of ranks.
 
 use crate::optim::{global_norm, Param};
 use anyhow::{bail, Result};
@@ -137,6 +140,29 @@ impl Ranks {
             self.groups.world.broadcast_bytes(&mut bytes, 0)?;
         }
         Ok(u64::from_le_bytes(bytes))
+    }
+
+    /// Rank 0's `bytes` on every rank (the others' are ignored).
+    pub fn broadcast_bytes(&self, bytes: Vec<u8>) -> Result<Vec<u8>> {
+        if self.world() == 1 {
+            return Ok(bytes);
+        }
+        let len = self.broadcast_u64(bytes.len() as u64)? as usize;
+        let mut buf = if self.is_root() { bytes } else { vec![0; len] };
+        self.groups.world.broadcast_bytes(&mut buf, 0)?;
+        Ok(buf)
+    }
+
+    /// Ranks that write a checkpoint's weights: the expert-parallel group of rank 0 (world ranks
+    /// `0..expert_parallel`), one per block of experts.
+    pub fn checkpoint_writers(&self) -> usize {
+        self.expert_parallel
+    }
+
+    /// This rank's place among the checkpoint writers; `None` for a rank that holds a replica
+    /// of experts another rank writes.
+    pub fn checkpoint_writer(&self) -> Option<usize> {
+        (self.rank() < self.expert_parallel).then_some(self.rank())
     }
 
     pub fn barrier(&self) -> Result<()> {

@@ -277,6 +277,16 @@ impl Weights {
         Ok(Self { config: config.clone(), tensors, slices, trainable: Vec::new(), masks: HashMap::new(), shard: None })
     }
 
+    /// The expert-parallel rank that holds tensor `name` (by canonical name): a routed
+    /// expert's block; 0 for every other tensor, and for every tensor without expert
+    /// parallelism. That rank writes it into a checkpoint.
+    pub fn holder(&self, name: &str) -> usize {
+        match (&self.shard, expert_of(name)) {
+            (Some(shard), Some(e)) => e / shard.per_rank(),
+            _ => 0,
+        }
+    }
+
     /// A tensor by canonical name (its current value), on the CPU.
     pub fn tensor(&self, name: &str) -> btm_model::Result<Tensor> {
         let missing = || btm_model::Error::Unsupported(format!("no tensor `{name}`"));

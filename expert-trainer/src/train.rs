@@ -809,45 +809,60 @@ impl<'a> TrainingRun<'a> {
         Ok(Extras { tokenizer: Some(self.tokenizer_path.clone()), lineage: Some(lineage) })
     }
 
-    /// Write and publish a checkpoint (and mirror it). Every rank takes part (expert stacks and
-    /// their moments are gathered); rank 0 writes; the others wait for it at a barrier (if rank
-    /// 0 fails instead, the launcher ends them).
+    /// Write and publish a checkpoint (and mirror it). Every rank takes part: with expert
+    /// parallelism each checkpoint writer writes its own experts ([`Self::write_shared`]), or,
+    /// where the ranks share no file system, the experts and their moments are gathered to rank
+    /// 0, which writes alone; the others wait for rank 0 at a barrier (if it fails instead, the
+    /// launcher ends them).
     fn save(&self, stepper: &Stepper, p: &Progress, metrics: &Metrics) -> Result<PathBuf> {
-        let (whole, moments) = (gathered_weights(stepper, &self.ranks)?, gathered_moments(stepper, &self.ranks)?);
-        if !self.ranks.is_root() {
-            self.ranks.barrier()?;
-            return Ok(self.ckpt_root.join(checkpoint::step_dir_name(p.step)));
-        }
+        let root = self.ranks.is_root();
+        let dest = self.ckpt_root.join(checkpoint::step_dir_name(p.step));
         let trained: Vec<String> = stepper.opt.params.iter().map(|q| q.name.clone()).collect();
         let state = TrainerState::new(p.step, p.tokens_seen, p.position.clone(), stepper.opt.t, self.spec.seed, trained);
-        let weights = whole.as_ref().unwrap_or(&stepper.weights);
-        let dir = checkpoint::save(&self.ckpt_root, weights, moments, &state, &self.extras(p)?)?;
-        checkpoint::prune(&self.ckpt_root, self.spec.checkpoint.keep)?;
-        if let Some(m) = &self.mirror {
-            let name = checkpoint::step_dir_name(p.step);
-            m.upload_dir(&dir, &format!("checkpoints/{name}"))?;
-            let kept: Vec<u64> = checkpoint::list(&self.ckpt_root)?.into_iter().map(|(s, _)| s).collect();
-            for old in m.checkpoint_steps()?.into_iter().filter(|s| !kept.contains(s)) {
-                m.delete_dir(&format!("checkpoints/{}", checkpoint::step_dir_name(old)))?;
+        // A checkpoint of the same step from an earlier attempt is replaced.
+        if let Some(staging) = self.shared_staging(stepper, &dest)? {
+            self.write_shared(staging, stepper, Some(&state), p)?;
+        } else {
+            let (whole, moments) = (gathered_weights(stepper, &self.ranks)?, gathered_moments(stepper, &self.ranks)?);
+            if root {
+                let weights = whole.as_ref().unwrap_or(&stepper.weights);
+                checkpoint::save(&self.ckpt_root, weights, moments, &state, &self.extras(p)?)?;
             }
         }
-        self.mirror_metrics(metrics)?;
+        if root {
+            checkpoint::prune(&self.ckpt_root, self.spec.checkpoint.keep)?;
+            if let Some(m) = &self.mirror {
+                let name = checkpoint::step_dir_name(p.step);
+                m.upload_dir(&dest, &format!("checkpoints/{name}"))?;
+                let kept: Vec<u64> = checkpoint::list(&self.ckpt_root)?.into_iter().map(|(s, _)| s).collect();
+                for old in m.checkpoint_steps()?.into_iter().filter(|s| !kept.contains(s)) {
+                    m.delete_dir(&format!("checkpoints/{}", checkpoint::step_dir_name(old)))?;
+                }
+            }
+            self.mirror_metrics(metrics)?;
+        }
         self.ranks.barrier()?;
-        Ok(dir)
+        Ok(dest)
     }
 
-    /// The result: the weights alone in Hugging Face layout under `<out>/model` (written by
-    /// rank 0, then mirrored).
+    /// The result: the weights alone in Hugging Face layout under `<out>/model` (written as
+    /// checkpoints are, then mirrored by rank 0).
     fn publish_model(&self, stepper: &Stepper, p: &Progress, metrics: &mut Metrics) -> Result<Outcome> {
         let model_dir = self.out.join("model");
-        let whole = gathered_weights(stepper, &self.ranks)?;
+        if let Some(staging) = self.shared_staging(stepper, &model_dir)? {
+            self.write_shared(staging, stepper, None, p)?;
+        } else {
+            let whole = gathered_weights(stepper, &self.ranks)?;
+            if self.ranks.is_root() {
+                let weights = whole.as_ref().unwrap_or(&stepper.weights);
+                let opts = WriteOptions { overwrite: true, ..WriteOptions::default() };
+                btm_model::write_checkpoint(&model_dir, &weights.config, &mut |n| weights.tensor(n), &self.extras(p)?, &opts)?;
+            }
+        }
         if !self.ranks.is_root() {
             self.ranks.barrier()?;
             return Ok(Outcome::Finished { step: p.step, model_dir });
         }
-        let weights = whole.as_ref().unwrap_or(&stepper.weights);
-        let opts = WriteOptions { overwrite: true, ..WriteOptions::default() };
-        btm_model::write_checkpoint(&model_dir, &weights.config, &mut |n| weights.tensor(n), &self.extras(p)?, &opts)?;
         if let Some(m) = &self.mirror {
             m.delete_dir("model")?;
             m.upload_dir(&model_dir, "model")?;
@@ -857,6 +872,47 @@ impl<'a> TrainingRun<'a> {
         metrics.say(&format!("done: {} steps, {} tokens; model at {}", p.step, p.tokens_seen, model_dir.display()));
         self.ranks.barrier()?;
         Ok(Outcome::Finished { step: p.step, model_dir })
+    }
+
+    /// With expert parallelism, a staging folder for `dest` (replacing it when published) that
+    /// every checkpoint writer sees; `None` without expert parallelism (rank 0 holds
+    /// everything) or when some writer does not see it.
+    fn shared_staging(&self, stepper: &Stepper, dest: &Path) -> Result<Option<checkpoint::SharedStaging>> {
+        if stepper.weights.shard.is_none() {
+            return Ok(None);
+        }
+        checkpoint::shared_staging(&self.ranks, dest, true)
+    }
+
+    /// Each checkpoint writer's part of a folder in `staging` — its experts, and rank 0 the
+    /// rest; with `state`, a checkpoint's AdamW moments and trainer state too — then, once all
+    /// are written, rank 0's manifest and publication.
+    fn write_shared(
+        &self,
+        staging: checkpoint::SharedStaging,
+        stepper: &Stepper,
+        state: Option<&TrainerState>,
+        p: &Progress,
+    ) -> Result<()> {
+        let mut known = std::collections::BTreeMap::new();
+        if let Some(writer) = self.ranks.checkpoint_writer() {
+            let owner = |name: &str| stepper.weights.holder(name);
+            let part = btm_model::WriterPart { writer, writers: self.ranks.checkpoint_writers(), owner: &owner };
+            let extras = if writer == 0 { self.extras(p)? } else { Extras::default() };
+            let w = &stepper.weights;
+            known = match state {
+                Some(state) => {
+                    let state = (writer == 0).then_some(state);
+                    checkpoint::write_part(&staging.path, w, stepper.opt.state_tensors(), state, &extras, &part)?
+                }
+                None => {
+                    let opts = WriteOptions::default();
+                    btm_model::write_checkpoint_part(&staging.path, &w.config, &mut |n| w.tensor(n), &extras, &opts, &part)?
+                }
+            };
+        }
+        self.ranks.barrier()?;
+        staging.publish(&known)
     }
 }
 

@@ -1,6 +1,7 @@
 //! Multi-process training under a real `mpirun` (Open MPI or MPICH), two ranks on this machine:
 //! data and expert parallelism equal gradient accumulation bit for bit, expert parallelism with
-//! the global load-balancing loss equals one process's batch to float32 rounding, and a rank
+//! the global load-balancing loss equals one process's batch to float32 rounding, each rank
+//! writes its own experts into checkpoints that resume on another number of ranks, and a rank
 //! killed mid-run fails the job, which then resumes from its last checkpoint to the same weights.
 //!
 //! Needs the `mpi` feature (`cargo test -p btm-trainer --features mpi --test distributed`) and
@@ -10,7 +11,6 @@
 mod common;
 
 use common::*;
-use safetensors::SafeTensors;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
@@ -70,19 +70,6 @@ impl Runs {
     }
 }
 
-/// Every tensor of a Hugging Face model folder, as float32 values by name.
-fn tensors(model: &Path) -> Vec<(String, Vec<f32>)> {
-    let bytes = read(&model.join("model.safetensors"));
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    let mut out: Vec<(String, Vec<f32>)> = st
-        .tensors()
-        .into_iter()
-        .map(|(name, view)| (name, view.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect()))
-        .collect();
-    out.sort_by(|a, b| a.0.cmp(&b.0));
-    out
-}
-
 /// Largest |a − b| / max|b| over the tensors of two models with the same names.
 fn max_relative_difference(a: &Path, b: &Path) -> f64 {
     let (ta, tb) = (tensors(a), tensors(b));
@@ -138,9 +125,19 @@ fn expert_parallel_on_two_ranks_matches_one_process() {
     // Each expert's gradient is the sum of one product per source rank, so with two ranks
     // expert parallelism is bit-identical to accumulating the two micro-batches.
     assert_eq!(losses(&runs.out("accum")), losses(&runs.out("ep")));
-    for file in ["model/model.safetensors", "checkpoints/step-00000020/optimizer.safetensors"] {
-        assert!(read(&runs.out("accum").join(file)) == read(&runs.out("ep").join(file)), "{file} differs");
-    }
+    assert!(tensors(&runs.out("accum").join("model")) == tensors(&runs.out("ep").join("model")), "the models differ");
+    let step20 = "checkpoints/step-00000020";
+    assert!(moments(&runs.out("accum").join(step20)) == moments(&runs.out("ep").join(step20)), "the AdamW moments differ");
+    // Each rank wrote its own experts: rank 1 the second weight file, experts 2 and 3 of each
+    // layer and nothing else, and their moments; rank 0 the rest, the index and the manifest.
+    let ckpt = runs.out("ep").join(step20);
+    let second: Vec<String> = tensors_in(&ckpt.join("model-00002-of-00002.safetensors")).into_iter().map(|(n, _)| n).collect();
+    assert!(!second.is_empty() && second.iter().all(|n| n.contains(".experts.2.") || n.contains(".experts.3.")), "{second:?}");
+    let first: Vec<String> = tensors_in(&ckpt.join("model-00001-of-00002.safetensors")).into_iter().map(|(n, _)| n).collect();
+    assert!(first.iter().all(|n| !n.contains(".experts.2.") && !n.contains(".experts.3.")), "{first:?}");
+    assert!(ckpt.join("optimizer-00002-of-00002.safetensors").exists() && ckpt.join("model.safetensors.index.json").exists());
+    let manifest = String::from_utf8(read(&ckpt.join("MANIFEST.json"))).unwrap();
+    assert!(manifest.contains("model-00002-of-00002.safetensors") && manifest.contains("optimizer-00002-of-00002.safetensors"));
     // One batch of four sequences and two micro-batches of two on two ranks differ in their
     // products' shapes, so only rounding agrees: within 1e-5.
     for (one, two) in [("accum", "ep"), ("batch", "ep-aux")] {
@@ -192,9 +189,11 @@ fn a_killed_rank_fails_the_run_which_resumes_to_the_same_weights() {
 
     let out = run(mpirun(2, &[killed.to_str().unwrap()]));
     assert!(out.contains("finished 12") && !out.contains("checkpoint 4"), "resumed after step 4: {out}");
-    for file in ["model/model.safetensors", "checkpoints/step-00000012/optimizer.safetensors"] {
+    for file in ["model/model-00001-of-00002.safetensors", "model/model-00002-of-00002.safetensors"] {
         assert!(read(&runs.out("whole").join(file)) == read(&runs.out("killed").join(file)), "{file} differs");
     }
+    let step12 = "checkpoints/step-00000012";
+    assert!(moments(&runs.out("whole").join(step12)) == moments(&runs.out("killed").join(step12)), "the AdamW moments differ");
 }
 
 #[test]

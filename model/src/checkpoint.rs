@@ -524,25 +524,66 @@ pub fn write_checkpoint_files(
     extras: &Extras,
     opts: &WriteOptions,
 ) -> Result<()> {
+    let known = write_checkpoint_part(dir, cfg, get, extras, opts, &WriterPart::whole())?;
+    Manifest::build(dir, &known)?.write(dir)
+}
+
+/// One writer's share of a checkpoint that several processes write into one shared folder
+/// (expert-parallel training, where each rank holds only its own experts). `owner` names the
+/// writer of every tensor (by canonical name); each writer writes the weight files of its
+/// tensors, and writer 0 also the rest of the folder.
+pub struct WriterPart<'a> {
+    /// This writer, `0..writers`.
+    pub writer: usize,
+    /// How many write the checkpoint together.
+    pub writers: usize,
+    /// The writer of a tensor, by canonical name.
+    pub owner: &'a dyn Fn(&str) -> usize,
+}
+
+impl WriterPart<'_> {
+    /// One writer for everything.
+    pub fn whole() -> WriterPart<'static> {
+        WriterPart { writer: 0, writers: 1, owner: &|_| 0 }
+    }
+}
+
+/// Write `part`'s share of a checkpoint into `dir` (see [`WriterPart`]); returns the size and
+/// SHA-256 of the weight files it wrote, for the manifest. Every writer plans the same shards:
+/// the tensors grouped by writer (writer 0's first), each group split at
+/// `opts.max_shard_bytes`, named `model-0000i-of-0000n.safetensors` over all groups (or
+/// `model.safetensors` when there is one), so the index writer 0 writes names every writer's
+/// files. Writer 0 also writes the index, config, tokenizer, lineage and card. The manifest is
+/// the caller's, once every writer has finished (a single writer: [`write_checkpoint_files`]).
+pub fn write_checkpoint_part(
+    dir: &Path,
+    cfg: &ModelConfig,
+    get: &mut dyn FnMut(&str) -> Result<Tensor>,
+    extras: &Extras,
+    opts: &WriteOptions,
+    part: &WriterPart,
+) -> Result<BTreeMap<String, (u64, String)>> {
     cfg.validate()?;
     let arch = cfg.output_architecture();
-    let mut hf_config = cfg.to_hf()?;
-    hf_config["torch_dtype"] = json!(torch_dtype_name(opts.dtype));
     let specs = expected_tensors(&written_config(cfg));
     let st_dt = st_dtype(opts.dtype)?;
     let elem = opts.dtype.size_in_bytes() as u64;
 
-    // Plan shards by size.
-    let mut shards: Vec<Vec<&TensorSpec>> = vec![vec![]];
-    let mut current = 0u64;
-    for spec in &specs {
-        let bytes = spec.shape.iter().product::<usize>() as u64 * elem;
-        if current > 0 && current + bytes > opts.max_shard_bytes {
-            shards.push(vec![]);
-            current = 0;
+    // Plan shards by writer, then by size: (writer, tensors).
+    let mut shards: Vec<(usize, Vec<&TensorSpec>)> = vec![];
+    for writer in 0..part.writers {
+        let mut current = 0u64;
+        for spec in specs.iter().filter(|s| (part.owner)(&s.name) == writer) {
+            let bytes = spec.shape.iter().product::<usize>() as u64 * elem;
+            match shards.last_mut() {
+                Some((w, tensors)) if *w == writer && !(current > 0 && current + bytes > opts.max_shard_bytes) => tensors.push(spec),
+                _ => {
+                    shards.push((writer, vec![spec]));
+                    current = 0;
+                }
+            }
+            current += bytes;
         }
-        shards.last_mut().expect("a shard").push(spec);
-        current += bytes;
     }
     let n = shards.len();
     let shard_name = |i: usize| {
@@ -556,7 +597,7 @@ pub fn write_checkpoint_files(
     let mut known: BTreeMap<String, (u64, String)> = BTreeMap::new();
     let mut weight_map = serde_json::Map::new();
     let mut total_size = 0u64;
-    for (i, shard) in shards.iter().enumerate() {
+    for (i, (writer, shard)) in shards.iter().enumerate() {
         let file_name = shard_name(i);
         let path = dir.join(&file_name);
         // Header: every tensor's dtype, shape and byte range, known before any data is written.
@@ -572,6 +613,9 @@ pub fn write_checkpoint_files(
             offset += bytes;
         }
         total_size += offset;
+        if *writer != part.writer {
+            continue;
+        }
         let mut header = serde_json::to_vec(&header).expect("header serialises");
         while !header.len().is_multiple_of(8) {
             header.push(b' ');
@@ -591,6 +635,9 @@ pub fn write_checkpoint_files(
         w.flush().map_err(io)?;
         known.insert(file_name, (w.size, hex::encode(w.hasher.finalize())));
     }
+    if part.writer != 0 {
+        return Ok(known);
+    }
     let write_file = |name: &str, bytes: &[u8]| -> Result<()> {
         let p = dir.join(name);
         std::fs::write(&p, bytes).map_err(|e| Error::io(&p, e))
@@ -599,6 +646,8 @@ pub fn write_checkpoint_files(
         let index = json!({"metadata": {"total_size": total_size}, "weight_map": weight_map});
         write_file(INDEX_FILE, &serde_json::to_vec_pretty(&index).expect("json"))?;
     }
+    let mut hf_config = cfg.to_hf()?;
+    hf_config["torch_dtype"] = json!(torch_dtype_name(opts.dtype));
     write_file(CONFIG, &serde_json::to_vec_pretty(&hf_config).expect("json"))?;
     let mut generation = serde_json::Map::new();
     if let Some(b) = cfg.bos_token_id {
@@ -619,7 +668,7 @@ pub fn write_checkpoint_files(
         write_file(LINEAGE, &lineage.to_json())?;
     }
     write_file(crate::card::CARD, crate::card::model_card(cfg, extras.lineage.as_ref()).as_bytes())?;
-    Manifest::build(dir, &known)?.write(dir)
+    Ok(known)
 }
 
 /// Copy a checkpoint (optionally to another dtype or shard size) through the writer.

@@ -34,7 +34,7 @@ pub mod tokenizer;
 pub mod weights;
 
 pub use btm_kernels::Routing;
-pub use checkpoint::{write_checkpoint, write_checkpoint_files, Checkpoint, Extras, WriteOptions};
+pub use checkpoint::{write_checkpoint, write_checkpoint_files, write_checkpoint_part, Checkpoint, Extras, WriteOptions, WriterPart};
 pub use config::{Architecture, ModelConfig, MoeConfig, RopeScaling, SharedExpertConfig};
 pub use error::{Error, Result};
 pub use lineage::Lineage;

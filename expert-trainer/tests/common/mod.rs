@@ -69,3 +69,47 @@ pub fn losses(out: &Path) -> Vec<f64> {
 pub fn read(path: &Path) -> Vec<u8> {
     std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
+
+/// Every tensor of a Hugging Face model folder (all its weight files), as float32 values by name.
+pub fn tensors(model: &Path) -> Vec<(String, Vec<f32>)> {
+    let mut out: Vec<(String, Vec<f32>)> = safetensors_files(model, "model").iter().flat_map(|f| tensors_in(f)).collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+/// The `<prefix>….safetensors` files of a folder, in name order.
+pub fn safetensors_files(dir: &Path, prefix: &str) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with(prefix) && p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    files.sort();
+    files
+}
+
+/// The float32 tensors of one safetensors file, by name.
+pub fn tensors_in(file: &Path) -> Vec<(String, Vec<f32>)> {
+    let bytes = read(file);
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .map(|(name, view)| (name, view.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect()))
+        .collect()
+}
+
+/// A checkpoint's AdamW moments, whole: `optimizer.safetensors`, then each later writer's
+/// expert stacks (`optimizer-0000w-of-0000n.safetensors`) appended along the first dimension —
+/// for row-major stacks, their bytes appended.
+pub fn moments(ckpt: &Path) -> std::collections::BTreeMap<String, Vec<f32>> {
+    let mut out = std::collections::BTreeMap::new();
+    // `optimizer.safetensors` first: its stacks are the first writer's experts.
+    let mut files = safetensors_files(ckpt, "optimizer");
+    files.sort_by_key(|f| !f.ends_with("optimizer.safetensors"));
+    for file in files {
+        for (name, values) in tensors_in(&file) {
+            out.entry(name).or_insert_with(Vec::new).extend(values);
+        }
+    }
+    out
+}

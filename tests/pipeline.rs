@@ -80,6 +80,7 @@ fn every_stage_runs_and_a_second_run_does_nothing() {
         assert!(a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()), "{n} changed");
     }
     tensorboard_reads_the_training_curves(&run);
+    the_model_card_carries_the_validation_perplexities(&run);
     let again = ok(btm().arg("run").arg(&file).output().unwrap());
     assert!(again.contains("nothing to do: all"), "{again}");
 
@@ -113,7 +114,8 @@ fn tensorboard_reads_the_training_curves(run: &Path) {
         let tags = &curves[job.join("tb").to_string_lossy().as_ref()];
         let mut want = vec!["loss", "lr", "grad_norm", "tokens_per_s", "val_ppl"];
         if moe {
-            want.extend(["expert_load/layer0/expert0", "dropped/layer0", "aux_loss"]);
+            // Trained on the mix: validated on each domain's file too.
+            want.extend(["expert_load/layer0/expert0", "dropped/layer0", "aux_loss", "val_ppl_by_data/code/valid.jsonl"]);
         }
         for t in want {
             assert!(tags.get(t).is_some_and(|c| !c.as_array().unwrap().is_empty()), "{}: no `{t}` curve in {tags}", job.display());
@@ -126,6 +128,28 @@ fn tensorboard_reads_the_training_curves(run: &Path) {
         assert_eq!(curve[0], last["step"], "{}", job.display());
         assert_eq!(curve[1].as_f64().unwrap() as f32, last["loss"].as_f64().unwrap() as f32, "{}", job.display());
     }
+}
+
+/// huggingface_hub reads a trained model's card: the validation perplexity of each domain the
+/// job validated on, as structured results (`model-index`), equal to `btm.json`'s.
+fn the_model_card_carries_the_validation_perplexities(run: &Path) {
+    let Some(python) = common::torch_python() else { return };
+    let model = run.join("continued/model");
+    let script = "import json, sys\n\
+        from huggingface_hub import ModelCard\n\
+        card = ModelCard.load(sys.argv[1])\n\
+        print(json.dumps([[r.dataset_name, r.metric_type, r.metric_value] for r in card.data.eval_results]))\n";
+    let read = ok(std::process::Command::new(python).args(["-c", script]).arg(model.join("README.md")).output().unwrap());
+    let results: Vec<(String, String, f64)> = serde_json::from_str(&read).unwrap();
+    let lineage: serde_json::Value = serde_json::from_slice(&std::fs::read(model.join("btm.json")).unwrap()).unwrap();
+    let recorded: Vec<(String, String, f64)> = lineage["validation"]["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| (d["name"].as_str().unwrap().to_string(), "perplexity".to_string(), d["perplexity"].as_f64().unwrap()))
+        .collect();
+    assert_eq!(results.iter().map(|r| r.0.as_str()).collect::<Vec<_>>(), ["scripture/valid.jsonl", "code/valid.jsonl"]);
+    assert_eq!(results, recorded);
 }
 
 /// Experts from an existing seed, merged, continued: small enough to run three times.

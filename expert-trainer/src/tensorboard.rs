@@ -84,7 +84,8 @@ impl EventWriter {
 }
 
 /// The scalars of a metrics record: every number but `step`, by its key; per-layer lists of
-/// numbers as `key/layer{l}`, lists of lists as `key/layer{l}/expert{e}` (the MoE's expert load).
+/// numbers as `key/layer{l}`, lists of lists as `key/layer{l}/expert{e}` (the MoE's expert load),
+/// named numbers as `key/{name}` (validation perplexity per data file).
 pub fn scalars(rec: &Value) -> Vec<(String, f32)> {
     let mut out = vec![];
     let Some(map) = rec.as_object() else { return out };
@@ -102,6 +103,7 @@ pub fn scalars(rec: &Value) -> Vec<(String, f32)> {
                     }
                 }
             }
+            Value::Object(named) => out.extend(named.iter().filter_map(|(name, x)| Some((format!("{key}/{name}"), x.as_f64()? as f32)))),
             _ => {}
         }
     }

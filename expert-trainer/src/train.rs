@@ -59,12 +59,29 @@ pub enum Outcome {
     Interrupted { step: u64, signal: i32, checkpoint: PathBuf },
 }
 
-/// Validation: mean next-token loss over the first `sequences` windows of each stream.
-pub fn evaluate(model: &Transformer, valid: &[Packed], sequences: usize, batch: usize, device: &Device) -> Result<(f64, u64)> {
+/// A mean next-token loss and the tokens it is over.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MeanLoss {
+    pub loss: f64,
+    pub tokens: u64,
+}
+
+/// Validation: mean next-token loss over the first `sequences` windows of each stream; overall,
+/// and per stream (in order).
+pub fn evaluate(
+    model: &Transformer,
+    valid: &[Packed],
+    sequences: usize,
+    batch: usize,
+    device: &Device,
+) -> Result<(MeanLoss, Vec<MeanLoss>)> {
+    let mean = |nll: f64, tokens: u64| MeanLoss { loss: if tokens == 0 { f64::NAN } else { nll / tokens as f64 }, tokens };
     let (mut nll, mut tokens) = (0f64, 0u64);
+    let mut per_stream = Vec::with_capacity(valid.len());
     for src in valid {
         let n = sequences.min(src.num_sequences());
         let ids: Vec<Vec<u32>> = (0..n).map(|i| src.sequence(i)).collect();
+        let (mut stream_nll, mut stream_tokens) = (0f64, 0u64);
         for chunk in ids.chunks(batch.max(1)) {
             let (inputs, targets) = to_batch(chunk, device)?;
             let logits = model.forward(&inputs)?;
@@ -72,9 +89,25 @@ pub fn evaluate(model: &Transformer, valid: &[Packed], sequences: usize, batch: 
             let count = targets.elem_count() as u64;
             nll += loss * count as f64;
             tokens += count;
+            stream_nll += loss * count as f64;
+            stream_tokens += count;
         }
+        per_stream.push(mean(stream_nll, stream_tokens));
     }
-    Ok((if tokens == 0 { f64::NAN } else { nll / tokens as f64 }, tokens))
+    Ok((mean(nll, tokens), per_stream))
+}
+
+/// A validation pass: its step and, per validation file, the file's name and score.
+struct Validation {
+    step: u64,
+    data: Vec<(String, MeanLoss)>,
+}
+
+/// How a validation file is named in metrics and model cards: its last two path components
+/// (`scripture/valid.jsonl`), which name the domain in btm's layouts.
+fn validation_name(location: &str) -> String {
+    let parts: Vec<&str> = location.trim_end_matches('/').rsplit('/').take(2).collect();
+    parts.into_iter().rev().collect::<Vec<_>>().join("/")
 }
 
 /// Sequences of T + 1 tokens → inputs [B, T] and targets [B, T].
@@ -468,6 +501,9 @@ struct TrainingRun<'a> {
     init_config: ModelConfig,
     tokenizer_path: PathBuf,
     tok: TokenizerInfo,
+    /// The latest validation: its step and, per validation file, its name and score (recorded
+    /// in the lineage of a checkpoint or model of that step, and so in its card).
+    last_validation: std::sync::Mutex<Option<Validation>>,
 }
 
 impl<'a> TrainingRun<'a> {
@@ -495,7 +531,8 @@ impl<'a> TrainingRun<'a> {
         let tok = TokenizerInfo::load(&tokenizer_path, init_config.eos_token_id).context("init: tokenizer")?;
         btm_model::tokenizer::check_fits(&tok.tokenizer, init_config.vocab_size)?;
         let ckpt_root = out.join("checkpoints");
-        Ok(Self { spec, ranks, device, out, ckpt_root, mirror, quiet, init_dir, init_config, tokenizer_path, tok })
+        let last_validation = Default::default();
+        Ok(Self { spec, ranks, device, out, ckpt_root, mirror, quiet, init_dir, init_config, tokenizer_path, tok, last_validation })
     }
 
     /// The run's metrics, keeping the lines through step `keep_through` (rank 0; the other
@@ -797,15 +834,29 @@ impl<'a> TrainingRun<'a> {
         if valid.is_empty() {
             return Ok(());
         }
-        let (loss, tokens) = evaluate(&stepper.model, valid, self.spec.eval.sequences, self.spec.batch_size, &self.device)?;
-        metrics.record(&json!({"step": step, "val_loss": loss, "val_ppl": loss.exp(), "val_tokens": tokens}))?;
+        let (MeanLoss { loss, tokens }, per_stream) =
+            evaluate(&stepper.model, valid, self.spec.eval.sequences, self.spec.batch_size, &self.device)?;
+        let named: Vec<(String, MeanLoss)> =
+            self.spec.data.valid.iter().map(|v| validation_name(&v.to_string_lossy())).zip(per_stream).collect();
+        let mut record = json!({"step": step, "val_loss": loss, "val_ppl": loss.exp(), "val_tokens": tokens});
+        if named.len() > 1 {
+            record["val_ppl_by_data"] = named.iter().map(|(name, m)| (name.clone(), json!(m.loss.exp()))).collect();
+        }
+        metrics.record(&record)?;
         metrics.say(&format!("step {step}: validation loss {loss:.4}, perplexity {:.2}", loss.exp()));
+        *self.last_validation.lock().expect("validation lock") = Some(Validation { step, data: named });
         Ok(())
     }
 
-    /// The tokenizer and lineage written beside the weights.
+    /// The tokenizer and lineage written beside the weights; the lineage carries the
+    /// validation perplexities when they were measured at this step.
     fn extras(&self, p: &Progress) -> Result<Extras> {
-        let lineage = trained_lineage(self.spec, self.init_dir.as_deref(), p.step, p.tokens_seen)?;
+        let mut lineage = trained_lineage(self.spec, self.init_dir.as_deref(), p.step, p.tokens_seen)?;
+        if let Some(v) = self.last_validation.lock().expect("validation lock").as_ref().filter(|v| v.step == p.step) {
+            let data: Vec<serde_json::Value> =
+                v.data.iter().map(|(name, m)| json!({"name": name, "perplexity": m.loss.exp(), "tokens": m.tokens})).collect();
+            lineage.extra.insert(btm_model::lineage::VALIDATION.into(), json!({"step": v.step, "data": data}));
+        }
         Ok(Extras { tokenizer: Some(self.tokenizer_path.clone()), lineage: Some(lineage) })
     }
 

@@ -105,6 +105,18 @@ pub fn model_card(cfg: &ModelConfig, lineage: Option<&Lineage>) -> String {
             card.push_str(&format!("- {}\n", q(p)));
         }
     }
+    let scores = lineage.map(validation_scores).unwrap_or_default();
+    // The Hub's structured results (`model-index`): one per validation file, so tools that read
+    // cards (huggingface_hub's `EvalResult`) find the perplexities.
+    if !scores.is_empty() {
+        card.push_str(&format!("model-index:\n- name: {}\n  results:\n", q(&title(kind, cfg))));
+        for (name, ppl, _) in &scores {
+            card.push_str(&format!(
+                "  - task: {{type: text-generation}}\n    dataset: {{name: {}, type: text}}\n    metrics:\n    - {{type: perplexity, value: {ppl}, name: validation perplexity}}\n",
+                q(name)
+            ));
+        }
+    }
     card.push_str("---\n\n");
     card.push_str(&format!("# {}\n\n", title(kind, cfg)));
     card.push_str(&format!(
@@ -134,12 +146,32 @@ pub fn model_card(cfg: &ModelConfig, lineage: Option<&Lineage>) -> String {
             card.push_str(&format!("- `{}`{domain}\n", p.uri));
         }
     }
-    if !l.extra.is_empty() {
+    if !scores.is_empty() {
+        let step = l.extra[crate::lineage::VALIDATION]["step"].as_u64().unwrap_or_default();
+        card.push_str(&format!(
+            "\n## Evaluation\n\nValidation perplexity per data file, measured by the trainer at step {step}:\n\n| data | perplexity | tokens |\n|---|---:|---:|\n"
+        ));
+        for (name, ppl, tokens) in &scores {
+            card.push_str(&format!("| {name} | {ppl:.3} | {tokens} |\n"));
+        }
+    }
+    let settings: Map<String, Value> =
+        l.extra.iter().filter(|(k, _)| *k != crate::lineage::VALIDATION).map(|(k, v)| (k.clone(), v.clone())).collect();
+    if !settings.is_empty() {
         card.push_str("\n## Settings and measurements\n\nAs recorded in `btm.json`:\n\n```json\n");
-        card.push_str(&serde_json::to_string_pretty(&l.extra).expect("json"));
+        card.push_str(&serde_json::to_string_pretty(&settings).expect("json"));
         card.push_str("\n```\n");
     }
     card
+}
+
+/// The validation perplexities a lineage records ([`crate::lineage::VALIDATION`]): name,
+/// perplexity and tokens per data file.
+fn validation_scores(l: &Lineage) -> Vec<(String, f64, u64)> {
+    let Some(Value::Array(data)) = l.extra.get(crate::lineage::VALIDATION).map(|v| &v["data"]) else { return vec![] };
+    data.iter()
+        .filter_map(|d| Some((d["name"].as_str()?.to_string(), d["perplexity"].as_f64()?, d["tokens"].as_u64().unwrap_or_default())))
+        .collect()
 }
 
 fn title(kind: &str, cfg: &ModelConfig) -> String {
@@ -208,5 +240,24 @@ mod tests {
         assert_eq!(meta["tags"], serde_yaml::from_str::<serde_yaml::Value>("[btm, merge]").unwrap());
         assert_eq!(meta["base_model"][0].as_str(), Some("s3://bucket/run: experts/a"));
         assert!(card.contains("\"router_init\": \"centroid\""), "{card}");
+        assert!(meta.get("model-index").is_none(), "a merge has no validation of its own");
+    }
+
+    #[test]
+    fn a_trained_models_validation_perplexities_are_in_the_card_and_its_model_index() {
+        let (cfg, _) = llama();
+        let mut l = Lineage::new("expert");
+        let data = json!([{"name": "code/valid.jsonl", "perplexity": 31.25, "tokens": 2048}, {"name": "a: b/valid.jsonl", "perplexity": 9.5, "tokens": 512}]);
+        l.extra.insert(crate::lineage::VALIDATION.into(), json!({"step": 120, "data": data}));
+        let card = model_card(&cfg, Some(&l));
+        let front = card.strip_prefix("---\n").unwrap().split("\n---\n").next().unwrap();
+        let meta: serde_yaml::Value = serde_yaml::from_str(front).unwrap();
+        let results = meta["model-index"][0]["results"].as_sequence().unwrap();
+        assert_eq!(results.len(), 2);
+        assert_eq!(results[1]["dataset"]["name"].as_str(), Some("a: b/valid.jsonl"));
+        assert_eq!(results[0]["metrics"][0]["type"].as_str(), Some("perplexity"));
+        assert_eq!(results[0]["metrics"][0]["value"].as_f64(), Some(31.25));
+        assert!(card.contains("measured by the trainer at step 120") && card.contains("| code/valid.jsonl | 31.250 | 2048 |"), "{card}");
+        assert!(!card.contains("Settings and measurements"), "the scores are not repeated as settings: {card}");
     }
 }

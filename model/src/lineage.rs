@@ -8,6 +8,9 @@ use std::path::Path;
 
 /// The lineage file's name inside a checkpoint directory.
 pub const LINEAGE: &str = "btm.json";
+/// The lineage key of a trained model's validation perplexities, as the trainer measured them
+/// at the step the model was written: `{"step": N, "data": [{"name", "perplexity", "tokens"}]}`.
+pub const VALIDATION: &str = "validation";
 
 /// A checkpoint this one was made from.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

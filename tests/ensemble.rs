@@ -3,23 +3,7 @@
 
 mod common;
 
-use common::{btm, fixture_pipeline, ok, repo, sample};
-use std::path::{Path, PathBuf};
-
-/// The llama fixture trained a few steps on `domain`'s sample, into `dir/NAME`.
-fn expert(dir: &Path, domain: &str) -> PathBuf {
-    let out = dir.join(domain);
-    let job = format!(
-        "init: {{checkpoint: {}}}\nout: {}\ndata: {{train: [{{path: {}}}]}}\nsteps: 12\nbatch_size: 4\nseq_len: 32\noptimizer: {{lr: 0.01}}\nthreads: 1\ndomain: {domain}\n",
-        repo().join("model/tests/fixtures/llama").display(),
-        out.display(),
-        sample(domain, "train"),
-    );
-    let file = dir.join(format!("{domain}.yaml"));
-    std::fs::write(&file, job).unwrap();
-    ok(btm().args(["train", "--quiet", "--job"]).arg(&file).output().unwrap());
-    out.join("model")
-}
+use common::{btm, fixture_pipeline, ok, repo, sample, trained_expert as expert};
 
 fn eval(args: &[&str]) -> serde_json::Value {
     let out = ok(btm().arg("eval").args(args).args(["--seq-len", "32", "--max-docs", "3", "--json"]).output().unwrap());

@@ -281,3 +281,18 @@ pub fn torchrun_trainer() -> String {
     let args: Vec<String> = args.iter().map(|a| format!("'{a}'")).collect();
     format!("{{kind: torchrun, script: {}, nproc_per_node: 2, args: [{}]}}", repo().join("scripts/train_hf.py").display(), args.join(", "))
 }
+
+/// The llama fixture trained a few steps on `domain`'s sample (the job in `dir/<domain>`); its model.
+pub fn trained_expert(dir: &Path, domain: &str) -> PathBuf {
+    let out = dir.join(domain);
+    let job = format!(
+        "init: {{checkpoint: {}}}\nout: {}\ndata: {{train: [{{path: {}}}]}}\nsteps: 12\nbatch_size: 4\nseq_len: 32\noptimizer: {{lr: 0.01}}\nthreads: 1\ndomain: {domain}\n",
+        repo().join("model/tests/fixtures/llama").display(),
+        out.display(),
+        sample(domain, "train"),
+    );
+    let file = dir.join(format!("{domain}.yaml"));
+    std::fs::write(&file, job).unwrap();
+    ok(btm().args(["train", "--quiet", "--job"]).arg(&file).output().unwrap());
+    out.join("model")
+}

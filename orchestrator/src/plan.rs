@@ -325,36 +325,51 @@ impl Builder<'_> {
         }
     }
 
-    /// One eval job per domain for model `m` (made by job `dep`, if the run makes it).
-    /// Scores of BTM's ensemble: the (first arm seed's) experts, all of them and top-1, per
-    /// domain, each domain's prior estimated on its `valid` file; with `add_experts`, also
-    /// `ensemble-extended`, the experts plus the added ones, on the added domains too.
+    /// The experts BTM's ensemble and average are made of, for the arm with suffix `sfx`: the
+    /// ensemble arm's when the pipeline has one, else the branch-train-merge arm's.
+    fn ensemble_members(&self, sfx: &str) -> Vec<(String, PathBuf)> {
+        let prefix = if self.p.ensemble.is_some() { format!("ensemble-expert{sfx}/") } else { format!("expert{sfx}/") };
+        self.trained_experts(&prefix)
+    }
+
+    /// The expert-training jobs named `<prefix>…`, with their model folders.
+    fn trained_experts(&self, prefix: &str) -> Vec<(String, PathBuf)> {
+        self.jobs
+            .iter()
+            .filter(|j| j.kind == JobKind::TrainExpert && j.name.starts_with(prefix))
+            .filter_map(|j| j.produces.as_ref().map(|m| (j.name.clone(), m.dir.clone())))
+            .collect()
+    }
+
+    /// Scores of BTM's ensemble: the first arm seed's experts, all of them and top-1, per
+    /// domain, each domain's prior estimated on its `valid` file; the ensemble arm's repeats
+    /// (`ensemble-s<seed>`); with `add_experts`, also `ensemble-extended`, the experts plus the
+    /// added ones, on the added domains too.
     fn ensemble_eval_jobs(&mut self) {
-        let trained = |prefix: &str| -> Vec<(String, PathBuf)> {
-            self.jobs
-                .iter()
-                .filter(|j| j.kind == JobKind::TrainExpert && j.name.starts_with(prefix))
-                .filter_map(|j| j.produces.as_ref().map(|m| (j.name.clone(), m.dir.clone())))
-                .collect()
-        };
-        let experts = trained("expert/");
+        let experts = self.ensemble_members("");
         if experts.is_empty() {
             return;
         }
-        let extended: Vec<(String, PathBuf)> = experts.iter().cloned().chain(trained("added/")).collect();
+        let extended: Vec<(String, PathBuf)> = experts.iter().cloned().chain(self.trained_experts("added/")).collect();
         let p = self.p;
         let all_domains: Vec<&crate::pipeline::spec::Domain> =
             p.domains.iter().chain(p.add_experts.iter().flat_map(|a| a.domains.iter())).collect();
         let mut sets = vec![
-            ("ensemble", None, &experts, p.domains.iter().collect::<Vec<_>>()),
-            ("ensemble-top1", Some(1), &experts, p.domains.iter().collect()),
+            ("ensemble".to_string(), None, experts.clone(), p.domains.iter().collect::<Vec<_>>()),
+            ("ensemble-top1".to_string(), Some(1), experts.clone(), p.domains.iter().collect()),
         ];
+        if p.ensemble.is_some() {
+            for s in p.arm_seeds.iter().skip(1) {
+                let label = format!("ensemble-s{s}");
+                sets.push((label, None, self.ensemble_members(&format!("-s{s}")), p.domains.iter().collect()));
+            }
+        }
         if extended.len() > experts.len() {
-            sets.push(("ensemble-extended", None, &extended, all_domains));
+            sets.push(("ensemble-extended".to_string(), None, extended, all_domains));
         }
         for (label, top_k, members, domains) in sets {
             for d in domains {
-                self.ensemble_eval_job(label, top_k, members, d);
+                self.ensemble_eval_job(&label, top_k, &members, d);
             }
         }
     }
@@ -373,6 +388,7 @@ impl Builder<'_> {
         self.eval_job(label, d, what, vec![], deps);
     }
 
+    /// One eval job per domain for model `m` (made by job `dep`, if the run makes it).
     fn eval_jobs(&mut self, m: &ModelRef, dep: Option<&str>) {
         // The added domains too: the models before the addition set the new domain's baseline.
         for d in self.p.domains.iter().chain(self.p.add_experts.iter().flat_map(|a| a.domains.iter())) {
@@ -462,13 +478,28 @@ pub fn plan(p: &Pipeline, base: &Path, run_dir: &Path) -> Result<Plan> {
             scored.extend(experts.iter().cloned());
         }
         if let Some(m) = &p.merge {
-            let merged = b.merge_phase(&seed, &arm, m, &experts)?;
+            let merged = b.merge_phase(&seed, &arm, m, m.router_init, &experts)?;
             if arm.first {
                 scored.push(merged.clone());
                 first_merge = Some(merged.clone());
             }
             if let Some(c) = &p.continue_training {
                 scored.push(b.continue_merged_phase(&arm, m, c, &merged)?);
+            }
+            // The same experts under other router inits: a controlled comparison of the init.
+            for &init in m.also_router_init.iter().filter(|_| arm.first) {
+                let variant = Arm { sfx: format!("{}-{}", arm.sfx, init.as_str()), ..arm.clone() };
+                let merged = b.merge_phase(&seed, &variant, m, init, &experts)?;
+                scored.push(merged.clone());
+                if let Some(c) = &p.continue_training {
+                    scored.push(b.continue_merged_phase(&variant, m, c, &merged)?);
+                }
+            }
+        }
+        if let Some(e) = &p.ensemble {
+            let members = b.ensemble_arm_phase(&seed, &arm, e)?;
+            if arm.first {
+                scored.extend(members);
             }
         }
         if p.eval.baseline {
@@ -520,6 +551,7 @@ impl Seed {
 }
 
 /// One repetition of the branch-train-merge arm and its baseline under a training seed.
+#[derive(Clone)]
 struct Arm {
     seed: Option<u64>,
     first: bool,
@@ -711,8 +743,45 @@ impl<'a> Builder<'a> {
         Ok(experts)
     }
 
-    /// Merge the arm's experts into an MoE (`btm merge`).
-    fn merge_phase(&mut self, seed: &Seed, arm: &Arm, m: &crate::pipeline::spec::MergeSpec, experts: &[String]) -> Result<String> {
+    /// BTM's own arm: one expert per domain from the seed, trained on its own domain for an
+    /// even share of the dense baseline's post-seed tokens (or `e.steps`), scored later as an
+    /// ensemble and a parameter average rather than merged.
+    fn ensemble_arm_phase(&mut self, seed: &Seed, arm: &Arm, e: &TrainParams) -> Result<Vec<String>> {
+        let p = self.p;
+        let mut experts = vec![];
+        for d in &p.domains {
+            let mut params = p.train.overlay(&d.overrides).overlay(e);
+            if e.steps.is_none() {
+                params.steps = Some(self.matched_steps(&params).div_ceil(p.domains.len() as u64));
+            }
+            let name = self.train_job(TrainJob {
+                name: format!("ensemble-expert{}/{}", arm.sfx, d.name),
+                kind: JobKind::TrainExpert,
+                deps: seed.deps(),
+                init: seed.init(),
+                out: self.run.join(format!("ensemble-experts{}", arm.sfx)).join(&d.name),
+                train: vec![domain_source(self.base, d, 1.0)],
+                valid: d.valid.iter().map(|v| abs(self.base, v)).collect(),
+                params: arm.seeded(params),
+                domain: Some(d.name.clone()),
+                label: format!("ensemble-expert-{}{}", d.name, arm.sfx),
+                parent: Some(&seed.model),
+                active_params: self.dense_n,
+            })?;
+            experts.push(name);
+        }
+        Ok(experts)
+    }
+
+    /// Merge the arm's experts into an MoE (`btm merge`) with routers from `router_init`.
+    fn merge_phase(
+        &mut self,
+        seed: &Seed,
+        arm: &Arm,
+        m: &crate::pipeline::spec::MergeSpec,
+        router_init: crate::pipeline::spec::RouterInit,
+        experts: &[String],
+    ) -> Result<String> {
         let p = self.p;
         let out = self.run.join(format!("merged{}", arm.sfx));
         let mut args: Vec<String> = vec!["merge".into(), "--experts".into()];
@@ -727,11 +796,11 @@ impl<'a> Builder<'a> {
             "--routing".into(),
             m.routing.as_str().into(),
             "--router-init".into(),
-            m.router_init.as_str().into(),
+            router_init.as_str().into(),
             "--calib-tokens".into(),
             m.calib_tokens.to_string(),
         ]);
-        if matches!(m.router_init, crate::pipeline::spec::RouterInit::Centroid | crate::pipeline::spec::RouterInit::Fit) {
+        if matches!(router_init, crate::pipeline::spec::RouterInit::Centroid | crate::pipeline::spec::RouterInit::Fit) {
             args.push("--calib".into());
             for d in &p.domains {
                 args.push(format!("{}={}", d.name, abs(self.base, d.valid.as_deref().expect("validated"))));
@@ -1055,7 +1124,7 @@ impl<'a> Builder<'a> {
             let m = self.model(&name);
             self.eval_jobs(&m, Some(&name));
         }
-        if self.p.eval.ensemble {
+        if self.p.eval.ensemble || self.p.ensemble.is_some() {
             self.ensemble_eval_jobs();
         }
         if self.p.eval.averaged {
@@ -1063,16 +1132,11 @@ impl<'a> Builder<'a> {
         }
     }
 
-    /// BTM's parameter average of the (first arm seed's) experts, one per evaluation domain with
+    /// BTM's parameter average of the (first arm seed's) ensemble members, one per evaluation domain with
     /// a `valid` file: `btm average --weights-from valid` into `averaged/<domain>`, scored on
     /// that domain as row `averaged`.
     fn averaged_eval_jobs(&mut self) {
-        let experts: Vec<(String, PathBuf)> = self
-            .jobs
-            .iter()
-            .filter(|j| j.kind == JobKind::TrainExpert && j.name.starts_with("expert/"))
-            .filter_map(|j| j.produces.as_ref().map(|m| (j.name.clone(), m.dir.clone())))
-            .collect();
+        let experts = self.ensemble_members("");
         if experts.len() < 2 {
             return;
         }
@@ -1252,6 +1316,42 @@ mod tests {
         let s = spec(job(&k8s, "expert/a"));
         assert_eq!((s.collective, s.data_parallel), (btm_collective::Backend::Tcp, 2));
         assert_eq!(job(&k8s, "expert/a").resources.ranks, 2);
+    }
+
+    /// BTM's ensemble arm: per arm seed, one expert per domain trained for an even share of the
+    /// dense baseline's tokens; the ensemble and the average are made of its experts, not the
+    /// btm-merge arm's. `also_router_init` merges the first seed's experts again and continues.
+    #[test]
+    fn the_ensemble_arm_is_compute_matched_and_other_router_inits_are_merged_from_the_same_experts() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut p = pipeline("ensemble: {lr: 0.002}\narm_seeds: [3, 7]\n");
+        p.eval.averaged = true;
+        p.merge.as_mut().unwrap().also_router_init = vec![crate::pipeline::spec::RouterInit::Fit];
+        let plan = plan(&p, dir.path(), dir.path()).unwrap();
+        // The baseline's 23 steps × 128 tokens, over 2 domains at 128 tokens a step: 12 each.
+        let baseline_tokens = job(&plan, "baseline").produces.as_ref().unwrap().tokens_after_seed;
+        for (name, seed) in [("ensemble-expert/a", 3), ("ensemble-expert/b", 3), ("ensemble-expert-s7/a", 7)] {
+            let s = spec(job(&plan, name));
+            assert_eq!((s.steps, s.optimizer.lr, s.seed), (Some(12), 0.002, seed), "{name}");
+        }
+        let members: u64 =
+            ["ensemble-expert/a", "ensemble-expert/b"].iter().map(|n| job(&plan, n).produces.as_ref().unwrap().tokens_after_seed).sum();
+        assert!(members >= baseline_tokens && members < baseline_tokens + 2 * 128, "{members} vs {baseline_tokens}");
+        let ensemble = job(&plan, "eval/ensemble/a");
+        assert_eq!(ensemble.deps, vec!["ensemble-expert/a", "ensemble-expert/b"]);
+        assert_eq!(job(&plan, "eval/ensemble-s7/b").deps, vec!["ensemble-expert-s7/a", "ensemble-expert-s7/b"]);
+        assert_eq!(job(&plan, "average/a").deps, vec!["ensemble-expert/a", "ensemble-expert/b"]);
+        assert!(plan.jobs.iter().any(|j| j.name == "eval/ensemble-expert-a/b"), "the first seed's members are scored");
+        // The fit router: the first seed's experts, merged again and continued like the main merge.
+        let fit = job(&plan, "merge-fit");
+        assert_eq!(fit.deps, vec!["expert/a", "expert/b"]);
+        let init = fit.args.iter().position(|a| a == "--router-init").unwrap();
+        assert_eq!(fit.args[init + 1], "fit");
+        assert!(fit.args.iter().any(|a| a == "--calib"));
+        assert_eq!(job(&plan, "continue/merged-fit").deps, vec!["merge-fit"]);
+        assert_eq!(spec(job(&plan, "continue/merged-fit")).seed, 3);
+        assert!(plan.jobs.iter().any(|j| j.name == "eval/continued-fit/a"));
+        assert!(!plan.jobs.iter().any(|j| j.name == "merge-s7-fit"), "the comparison runs under the first arm seed");
     }
 
     #[test]

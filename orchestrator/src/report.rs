@@ -92,18 +92,21 @@ pub fn rows(plan: &Plan) -> Vec<Row> {
         }
     }
     // The ensemble is no trained model of its own: its training cost is its members', the
-    // first arm seed's experts (and the added ones, for the extended ensemble).
+    // ensemble arm's experts when the run has that arm, else the branch-train-merge arm's (and
+    // the added ones, for the extended ensemble).
     let members = |prefixes: &[&str]| -> Vec<&crate::plan::ModelRef> {
         let jobs = plan.jobs.iter().filter(|j| j.kind == JobKind::TrainExpert && prefixes.iter().any(|p| j.name.starts_with(p)));
         jobs.filter_map(|j| j.produces.as_ref()).collect()
     };
+    let base = if plan.jobs.iter().any(|j| j.name.starts_with("ensemble-expert/")) { "ensemble-expert" } else { "expert" };
     for r in rows.iter_mut() {
-        let prefixes: &[&str] = match r.label.as_str() {
-            "ensemble" | "ensemble-top1" | "averaged" => &["expert/"],
-            "ensemble-extended" => &["expert/", "added/"],
+        let prefixes: Vec<String> = match r.label.as_str() {
+            "ensemble" | "ensemble-top1" | "averaged" => vec![format!("{base}/")],
+            "ensemble-extended" => vec![format!("{base}/"), "added/".into()],
+            l if is_arm(l, "ensemble") => vec![format!("{base}{}/", &l["ensemble".len()..])],
             _ => continue,
         };
-        let m = members(prefixes);
+        let m = members(&prefixes.iter().map(String::as_str).collect::<Vec<_>>());
         r.tokens_after_seed = m.iter().map(|m| m.tokens_after_seed).sum();
         r.flops_after_seed = m.iter().map(|m| m.flops_after_seed).sum();
         // The ensemble runs every member on every token; the average is one dense model.
@@ -173,6 +176,8 @@ pub fn arms_table(rows: &[Row]) -> Option<String> {
         ("dense", dense),
         ("btm-merge", runs("continued")),
         ("btm-merge before MoE training", runs("merged")),
+        ("btm-merge, router_init: fit", runs("continued-fit")),
+        ("btm-merge, router_init: fit, before MoE training", runs("merged-fit")),
         ("upcycle", runs("upcycled-continued")),
         ("ensemble (all experts, posterior-weighted)", runs("ensemble")),
         ("ensemble top-1", runs("ensemble-top1")),
@@ -182,15 +187,17 @@ pub fn arms_table(rows: &[Row]) -> Option<String> {
     .filter_map(|(name, rs)| arm(name, rs))
     .collect();
     // Each domain's expert on its own domain (first arm seed: experts of repeats are not scored):
-    // trained at the cost of all of them, used one at a time.
-    let experts: Vec<(&Row, f64)> = rows
-        .iter()
-        .filter_map(|r| r.label.strip_prefix("expert-").filter(|d| !r.added_domains.contains(*d)).and_then(|d| Some((r, *r.ppl.get(d)?))))
-        .collect();
-    if let Some((first, _)) = experts.first() {
-        let ppl = mean(&experts.iter().map(|(_, p)| *p).collect::<Vec<_>>());
-        let flops = experts.iter().map(|(r, _)| r.flops_after_seed).sum();
-        arms.push(("experts (in-domain)".into(), vec![("expert-<domain> on <domain>".into(), ppl)], flops, first.active_params));
+    // trained at the cost of all of them, used one at a time. The ensemble arm's experts too.
+    for (name, prefix) in [("experts (in-domain)", "expert-"), ("ensemble experts (in-domain)", "ensemble-expert-")] {
+        let experts: Vec<(&Row, f64)> = rows
+            .iter()
+            .filter_map(|r| r.label.strip_prefix(prefix).filter(|d| !r.added_domains.contains(*d)).and_then(|d| Some((r, *r.ppl.get(d)?))))
+            .collect();
+        if let Some((first, _)) = experts.first() {
+            let ppl = mean(&experts.iter().map(|(_, p)| *p).collect::<Vec<_>>());
+            let flops = experts.iter().map(|(r, _)| r.flops_after_seed).sum();
+            arms.push((name.into(), vec![(format!("{prefix}<domain> on <domain>"), ppl)], flops, first.active_params));
+        }
     }
     let mut s = String::from(
         "| arm | runs (average perplexity) | mean | vs dense | training FLOPs after seed | active parameters per token |\n|---|---|---:|---:|---:|---:|\n",
@@ -379,6 +386,7 @@ pub fn arms_bar_chart(rows: &[Row]) -> Option<String> {
     let arms: Vec<(&str, &Row)> = [
         ("dense", "baseline"),
         ("btm-merge", "continued"),
+        ("btm-merge, fit", "continued-fit"),
         ("upcycle", "upcycled-continued"),
         ("ensemble", "ensemble"),
         ("averaged", "averaged"),
@@ -444,6 +452,24 @@ pub struct Written {
     pub table: String,
     /// The Arms comparison (Markdown), when the run has a dense baseline.
     pub arms: Option<String>,
+    /// The BTM-family arm with the lowest mean perplexity and its change against dense (%),
+    /// when the run has both ([`best_btm_arm`]).
+    pub best_btm_arm: Option<(String, f64)>,
+}
+
+/// The BTM-family arm (btm-merge under each router init, the ensemble, the average) whose mean
+/// average perplexity over its runs is lowest, and its change against dense's mean in percent
+/// (negative = better), as the Arms table computes them.
+pub fn best_btm_arm(rows: &[Row]) -> Option<(String, f64)> {
+    let mean_of = |base: &str| -> Option<f64> {
+        let v: Vec<f64> = rows.iter().filter(|r| is_arm(&r.label, base) && !r.ppl.is_empty()).map(Row::average).collect();
+        (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+    };
+    let dense = mean_of("baseline")?;
+    [("btm-merge", "continued"), ("btm-merge (fit router)", "continued-fit"), ("ensemble", "ensemble"), ("averaged", "averaged")]
+        .into_iter()
+        .filter_map(|(name, base)| Some((name.to_string(), (mean_of(base)? - dense) / dense * 100.0)))
+        .min_by(|a, b| a.1.total_cmp(&b.1))
 }
 
 /// Write report.md, report.html and plots/ for the run; returns the tables it opens with.
@@ -557,7 +583,7 @@ pub fn write(run: &Path) -> Result<Written> {
     folder.write("report.md", md.as_bytes())?;
 
     folder.write("report.html", report_html(&name, &md, &figures).as_bytes())?;
-    Ok(Written { table, arms })
+    Ok(Written { table, arms, best_btm_arm: best_btm_arm(&rows) })
 }
 
 /// `report.html`: the Markdown report itself rendered (headings, paragraphs, tables), with the

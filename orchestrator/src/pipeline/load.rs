@@ -489,6 +489,9 @@ pub fn check(p: &Pipeline, base: &Path) -> Vec<(String, String)> {
     if let Some(c) = &p.continue_training {
         check_params("continue", c);
     }
+    if let Some(e) = &p.ensemble {
+        check_params("ensemble", e);
+    }
     if let Some(t) = &p.seed.train {
         check_params("seed.train.train", &t.train);
     }
@@ -507,6 +510,7 @@ pub fn check(p: &Pipeline, base: &Path) -> Vec<(String, String)> {
     let mut dense_phases: Vec<(String, &super::spec::TrainParams)> = vec![("train".into(), &p.train)];
     dense_phases.extend(p.seed.train.as_ref().map(|t| ("seed.train.train".to_string(), &t.train)));
     dense_phases.extend(p.domains.iter().enumerate().map(|(i, d)| (format!("domains[{i}].overrides"), &d.overrides)));
+    dense_phases.extend(p.ensemble.as_ref().map(|t| ("ensemble".to_string(), t)));
     // Each phase as its jobs will run it (a domain's overrides over `train`, a mix phase's
     // block over `train`'s hyperparameters).
     let mut phases: Vec<(String, super::spec::TrainParams)> = vec![("train".into(), p.train.clone())];
@@ -522,6 +526,7 @@ pub fn check(p: &Pipeline, base: &Path) -> Vec<(String, String)> {
             .map(|(i, d)| (format!("domains[{i}].overrides"), p.train.overlay(&d.overrides))),
     );
     phases.extend(p.continue_training.as_ref().map(|t| ("continue".to_string(), p.train.mix_phase(t))));
+    phases.extend(p.ensemble.as_ref().map(|t| ("ensemble".to_string(), p.train.overlay(t))));
     phases.extend(p.upcycle.as_ref().and_then(|u| u.train.as_ref()).map(|t| ("upcycle.train".to_string(), p.train.mix_phase(t))));
     for (path, t) in &phases {
         let nodes = t.trainer.as_ref().map_or(1, |tr| tr.nodes());
@@ -561,14 +566,22 @@ pub fn check(p: &Pipeline, base: &Path) -> Vec<(String, String)> {
         if m.top_k == 0 || m.top_k > experts {
             problems.push(("merge.top_k".into(), format!("must be between 1 and the number of domains ({experts}), got {}", m.top_k)));
         }
-        if matches!(m.router_init, super::spec::RouterInit::Centroid | super::spec::RouterInit::Fit) {
+        let calibrated = std::iter::once(&m.router_init)
+            .chain(&m.also_router_init)
+            .find(|init| matches!(init, super::spec::RouterInit::Centroid | super::spec::RouterInit::Fit));
+        if let Some(init) = calibrated {
             for (i, d) in p.domains.iter().enumerate() {
                 if d.valid.is_none() {
                     problems.push((
                         format!("domains[{i}].valid"),
-                        format!("`{}` router init takes calibration text from every domain's `valid` file", m.router_init.as_str()),
+                        format!("`{}` router init takes calibration text from every domain's `valid` file", init.as_str()),
                     ));
                 }
+            }
+        }
+        for (i, init) in m.also_router_init.iter().enumerate() {
+            if *init == m.router_init || m.also_router_init[..i].contains(init) {
+                problems.push((format!("merge.also_router_init[{i}]"), format!("`{}` is already merged", init.as_str())));
             }
         }
         if let super::spec::NonExpertSource::Expert(from) = &m.non_expert {

@@ -55,6 +55,15 @@ pub struct Pipeline {
     /// `continued-s1`). The upcycled arm and added experts run with the first seed only.
     #[serde(default)]
     pub arm_seeds: Vec<u64>,
+    /// BTM's own arm (ELMforest, Li et al. 2022): the seed branched into one expert per domain,
+    /// each trained on its own domain, with the dense baseline's post-seed tokens split evenly
+    /// between them (BTM's compute-matched setting) unless `steps` says otherwise; these
+    /// hyperparameters override `train` (and each domain's `overrides`). Its experts, not the
+    /// btm-merge arm's, are then scored as the posterior-weighted ensemble (rows `ensemble`,
+    /// `ensemble-top1`; `eval.ensemble` implied) and, with `eval.averaged`, as the per-domain
+    /// parameter average. Repeated per arm seed (`ensemble-s<seed>`).
+    #[serde(default)]
+    pub ensemble: Option<TrainParams>,
 }
 
 fn default_storage() -> String {
@@ -490,6 +499,11 @@ pub struct MergeSpec {
     /// Keep the seed's FFN as an always-on shared expert.
     #[serde(default)]
     pub shared_expert_from_seed: bool,
+    /// Router inits to compare with `router_init` (e.g. `[fit]`): the first arm seed's experts
+    /// are merged again with each and continued like the main merge, as models
+    /// `merged-<init>` and `continued-<init>`.
+    #[serde(default)]
+    pub also_router_init: Vec<RouterInit>,
 }
 
 fn default_top_k() -> usize {

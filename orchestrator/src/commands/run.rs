@@ -165,7 +165,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         );
     }
     println!("{}", written.table);
-    print_story(&plan, written.arms.as_deref());
+    print_story(&plan, &written);
     println!(
         "report: {} (and report.html, with the plots: loss and validation curves, the arms per domain, routing heatmaps)",
         plan.run_dir.join("report.md").display()
@@ -173,25 +173,36 @@ pub fn run(args: RunArgs) -> Result<()> {
     Ok(())
 }
 
-/// After the table: the compute-matched comparison of the arms, and what a small run can and
-/// cannot show.
-fn print_story(plan: &Plan, arms: Option<&str>) {
-    let Some(arms) = arms else { return };
+/// After the table: the compute-matched comparison of the arms, and what the run shows at its
+/// size: where the seed's parameters sit (what the experts keep apart and what a merge
+/// averages) and how the best BTM-family arm did against dense.
+fn print_story(plan: &Plan, written: &crate::report::Written) {
+    let Some(arms) = &written.arms else { return };
     println!(
         "\nArms: average perplexity over the domains (dense = the baseline trained on as many tokens as the experts \
          and the merged MoE together; negative = better than dense), training FLOPs after the seed, and parameters \
          active per token (an ensemble runs every member):\n{arms}"
     );
     let seed = plan.jobs.iter().filter_map(|j| j.produces.as_ref()).find(|m| m.label == "seed").map(|m| m.dir.clone());
-    let params = seed.and_then(|d| btm_model::Checkpoint::open(d).ok()).map(|c| c.config.num_parameters());
-    if let Some(n) = params.filter(|&n| n < 10_000_000) {
-        println!(
-            "At this size ({:.1}M parameters, minutes on a CPU) the run shows the pipeline end to end, not BTM's gains: \
-             embeddings and the LM head hold most of each expert's parameters, and merging averages them away. \
-             docs/experiments.md measures the arms at larger sizes and explains the trend.",
-            n as f64 / 1e6
-        );
+    let Some(cfg) = seed.and_then(|d| btm_model::Checkpoint::open(d).ok()).map(|c| c.config) else { return };
+    let n = cfg.num_parameters() as f64;
+    let ffn = (cfg.num_layers * 3 * cfg.hidden_size * cfg.intermediate_size) as f64 / n * 100.0;
+    let embeddings = (cfg.vocab_size * cfg.hidden_size * if cfg.tie_word_embeddings { 1 } else { 2 }) as f64 / n * 100.0;
+    let mut story = format!(
+        "The seed has {:.1}M parameters: {ffn:.0} % in the FFNs, which the experts keep apart in an MoE, {embeddings:.0} % in the \
+         embeddings and LM head, which a merge averages.",
+        n / 1e6
+    );
+    if let Some((arm, rel)) = &written.best_btm_arm {
+        story.push_str(&format!(" The best BTM arm here is {arm}, at {rel:+.1} % against dense."));
+        if embeddings > ffn && *rel > -3.0 {
+            story.push_str(
+                " With most of each expert's parameters outside the FFNs, merging averages most of what the experts learned away.",
+            );
+        }
     }
+    story.push_str(" docs/experiments.md measures the arms at two sizes and explains what they show.");
+    println!("{story}");
 }
 
 /// The longest chain of job durations through the DAG (jobs skipped this time count 0): the

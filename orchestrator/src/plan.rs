@@ -722,25 +722,8 @@ impl<'a> Builder<'a> {
     /// Branch and train: one expert per domain from the seed, no communication between them.
     fn expert_phase(&mut self, seed: &Seed, arm: &Arm) -> Result<Vec<String>> {
         let p = self.p;
-        let mut experts = vec![];
-        for d in &p.domains {
-            let name = self.train_job(TrainJob {
-                name: format!("expert{}/{}", arm.sfx, d.name),
-                kind: JobKind::TrainExpert,
-                deps: seed.deps(),
-                init: seed.init(),
-                out: self.run.join(format!("experts{}", arm.sfx)).join(&d.name),
-                train: vec![domain_source(self.base, d, 1.0)],
-                valid: d.valid.iter().map(|v| abs(self.base, v)).collect(),
-                params: arm.seeded(p.train.overlay(&d.overrides)),
-                domain: Some(d.name.clone()),
-                label: format!("expert-{}{}", d.name, arm.sfx),
-                parent: Some(&seed.model),
-                active_params: self.dense_n,
-            })?;
-            experts.push(name);
-        }
-        Ok(experts)
+        let params = p.domains.iter().map(|d| p.train.overlay(&d.overrides)).collect();
+        self.domain_experts(seed, arm, "expert", params)
     }
 
     /// BTM's own arm: one expert per domain from the seed, trained on its own domain for an
@@ -748,23 +731,36 @@ impl<'a> Builder<'a> {
     /// ensemble and a parameter average rather than merged.
     fn ensemble_arm_phase(&mut self, seed: &Seed, arm: &Arm, e: &TrainParams) -> Result<Vec<String>> {
         let p = self.p;
+        let even_share = |params: &TrainParams| self.matched_steps(params).div_ceil(p.domains.len() as u64);
+        let params: Vec<TrainParams> = p
+            .domains
+            .iter()
+            .map(|d| {
+                let params = p.train.overlay(&d.overrides).overlay(e);
+                TrainParams { steps: e.steps.or_else(|| Some(even_share(&params))), ..params }
+            })
+            .collect();
+        self.domain_experts(seed, arm, "ensemble-expert", params)
+    }
+
+    /// One expert per domain, branched from the seed and trained on that domain with its
+    /// `params` (one per domain, in order) under the arm's seed: jobs `<kind><sfx>/<domain>`,
+    /// models `<kind>s<sfx>/<domain>` labelled `<kind>-<domain><sfx>`.
+    fn domain_experts(&mut self, seed: &Seed, arm: &Arm, kind: &str, params: Vec<TrainParams>) -> Result<Vec<String>> {
+        let p = self.p;
         let mut experts = vec![];
-        for d in &p.domains {
-            let mut params = p.train.overlay(&d.overrides).overlay(e);
-            if e.steps.is_none() {
-                params.steps = Some(self.matched_steps(&params).div_ceil(p.domains.len() as u64));
-            }
+        for (d, params) in p.domains.iter().zip(params) {
             let name = self.train_job(TrainJob {
-                name: format!("ensemble-expert{}/{}", arm.sfx, d.name),
+                name: format!("{kind}{}/{}", arm.sfx, d.name),
                 kind: JobKind::TrainExpert,
                 deps: seed.deps(),
                 init: seed.init(),
-                out: self.run.join(format!("ensemble-experts{}", arm.sfx)).join(&d.name),
+                out: self.run.join(format!("{kind}s{}", arm.sfx)).join(&d.name),
                 train: vec![domain_source(self.base, d, 1.0)],
                 valid: d.valid.iter().map(|v| abs(self.base, v)).collect(),
                 params: arm.seeded(params),
                 domain: Some(d.name.clone()),
-                label: format!("ensemble-expert-{}{}", d.name, arm.sfx),
+                label: format!("{kind}-{}{}", d.name, arm.sfx),
                 parent: Some(&seed.model),
                 active_params: self.dense_n,
             })?;

@@ -98,6 +98,7 @@ pub fn evaluate(
 }
 
 /// A validation pass: its step and, per validation file, the file's name and score.
+#[derive(Debug, Clone)]
 struct Validation {
     step: u64,
     data: Vec<(String, MeanLoss)>,
@@ -477,12 +478,15 @@ pub fn run(spec: &JobSpec, mut options: Options) -> Result<Outcome> {
     job.publish_model(&stepper, &progress, &mut metrics)
 }
 
-/// Where training stands: optimizer steps and tokens done, and the data stream's position.
+/// Where training stands: optimizer steps and tokens done, the data stream's position, and
+/// the latest validation (recorded in the lineage of a checkpoint or model of its step, and so
+/// in its card).
 #[derive(Debug, Clone, Default)]
 struct Progress {
     step: u64,
     tokens_seen: u64,
     position: Position,
+    validation: Option<Validation>,
 }
 
 /// What the phases of one run share: the job, this process's place among the ranks (rank 0
@@ -501,9 +505,6 @@ struct TrainingRun<'a> {
     init_config: ModelConfig,
     tokenizer_path: PathBuf,
     tok: TokenizerInfo,
-    /// The latest validation: its step and, per validation file, its name and score (recorded
-    /// in the lineage of a checkpoint or model of that step, and so in its card).
-    last_validation: std::sync::Mutex<Option<Validation>>,
 }
 
 impl<'a> TrainingRun<'a> {
@@ -531,8 +532,7 @@ impl<'a> TrainingRun<'a> {
         let tok = TokenizerInfo::load(&tokenizer_path, init_config.eos_token_id).context("init: tokenizer")?;
         btm_model::tokenizer::check_fits(&tok.tokenizer, init_config.vocab_size)?;
         let ckpt_root = out.join("checkpoints");
-        let last_validation = Default::default();
-        Ok(Self { spec, ranks, device, out, ckpt_root, mirror, quiet, init_dir, init_config, tokenizer_path, tok, last_validation })
+        Ok(Self { spec, ranks, device, out, ckpt_root, mirror, quiet, init_dir, init_config, tokenizer_path, tok })
     }
 
     /// The run's metrics, keeping the lines through step `keep_through` (rank 0; the other
@@ -722,7 +722,7 @@ impl<'a> TrainingRun<'a> {
                 }
                 metrics.say(&format!("resuming from {} (step {})", dir.display(), state.step));
                 let w = Weights::from_checkpoint_sharded(&ckpt, &self.device, &spec.trainable, shard.as_ref())?;
-                (w, Progress { step: state.step, tokens_seen: state.tokens_seen, position: state.data.clone() })
+                (w, Progress { step: state.step, tokens_seen: state.tokens_seen, position: state.data.clone(), validation: None })
             }
             None => {
                 let w = match &self.init_dir {
@@ -769,7 +769,7 @@ impl<'a> TrainingRun<'a> {
             decay: spec.schedule.decay,
         };
         if p.step == 0 && total > 0 {
-            self.validate(stepper, valid, metrics, 0)?;
+            p.validation = self.validate(stepper, valid, metrics, 0)?;
         }
         let mut last_log = (Instant::now(), p.tokens_seen);
         let (started, start_step) = (Instant::now(), p.step);
@@ -815,7 +815,7 @@ impl<'a> TrainingRun<'a> {
                 );
             }
             if (spec.eval.interval > 0 && step.is_multiple_of(spec.eval.interval)) || step == total {
-                self.validate(stepper, valid, metrics, step)?;
+                p.validation = self.validate(stepper, valid, metrics, step)?;
             }
             if (spec.checkpoint.interval > 0 && step.is_multiple_of(spec.checkpoint.interval)) || step == total {
                 let dir = self.save(stepper, &p, metrics)?;
@@ -829,10 +829,10 @@ impl<'a> TrainingRun<'a> {
     }
 
     /// Validation loss and perplexity, recorded and printed (every rank computes them: expert
-    /// parallel layers need all ranks).
-    fn validate(&self, stepper: &Stepper, valid: &[Packed], metrics: &mut Metrics, step: u64) -> Result<()> {
+    /// parallel layers need all ranks); `None` without validation files.
+    fn validate(&self, stepper: &Stepper, valid: &[Packed], metrics: &mut Metrics, step: u64) -> Result<Option<Validation>> {
         if valid.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
         let (MeanLoss { loss, tokens }, per_stream) =
             evaluate(&stepper.model, valid, self.spec.eval.sequences, self.spec.batch_size, &self.device)?;
@@ -844,15 +844,14 @@ impl<'a> TrainingRun<'a> {
         }
         metrics.record(&record)?;
         metrics.say(&format!("step {step}: validation loss {loss:.4}, perplexity {:.2}", loss.exp()));
-        *self.last_validation.lock().expect("validation lock") = Some(Validation { step, data: named });
-        Ok(())
+        Ok(Some(Validation { step, data: named }))
     }
 
     /// The tokenizer and lineage written beside the weights; the lineage carries the
     /// validation perplexities when they were measured at this step.
     fn extras(&self, p: &Progress) -> Result<Extras> {
         let mut lineage = trained_lineage(self.spec, self.init_dir.as_deref(), p.step, p.tokens_seen)?;
-        if let Some(v) = self.last_validation.lock().expect("validation lock").as_ref().filter(|v| v.step == p.step) {
+        if let Some(v) = p.validation.as_ref().filter(|v| v.step == p.step) {
             let data: Vec<serde_json::Value> =
                 v.data.iter().map(|(name, m)| json!({"name": name, "perplexity": m.loss.exp(), "tokens": m.tokens})).collect();
             lineage.extra.insert(btm_model::lineage::VALIDATION.into(), json!({"step": v.step, "data": data}));

@@ -153,17 +153,25 @@ fn is_arm(label: &str, base: &str) -> bool {
             .is_some_and(|s| s.chars().all(|c| c.is_ascii_digit()) && !s.is_empty())
 }
 
+/// The scored runs of arm `base`: the model `base` and its repeats under other arm seeds.
+fn arm_runs<'a>(rows: &'a [Row], base: &str) -> Vec<&'a Row> {
+    rows.iter().filter(|r| is_arm(&r.label, base) && !r.ppl.is_empty()).collect()
+}
+
+fn mean(v: &[f64]) -> f64 {
+    v.iter().sum::<f64>() / v.len().max(1) as f64
+}
+
 /// The arms of the BTM comparison (dense, btm-merge, upcycle, the ensembles, the average,
 /// experts) as Markdown, when the run has a dense baseline to compare with: each arm's average
 /// perplexity per run and their mean against dense, beside what it cost to train (FLOPs after
 /// the seed) and what it costs to use (parameters active per token).
 pub fn arms_table(rows: &[Row]) -> Option<String> {
-    let runs = |base: &str| -> Vec<&Row> { rows.iter().filter(|r| is_arm(&r.label, base) && !r.ppl.is_empty()).collect() };
+    let runs = |base: &str| arm_runs(rows, base);
     let dense = runs("baseline");
     if dense.is_empty() {
         return None;
     }
-    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
     let dense_mean = mean(&dense.iter().map(|r| r.average()).collect::<Vec<_>>());
     // (arm, [(run label, average perplexity)], training FLOPs after seed, active parameters)
     type Arm = (String, Vec<(String, f64)>, f64, usize);
@@ -462,8 +470,8 @@ pub struct Written {
 /// (negative = better), as the Arms table computes them.
 pub fn best_btm_arm(rows: &[Row]) -> Option<(String, f64)> {
     let mean_of = |base: &str| -> Option<f64> {
-        let v: Vec<f64> = rows.iter().filter(|r| is_arm(&r.label, base) && !r.ppl.is_empty()).map(Row::average).collect();
-        (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+        let v: Vec<f64> = arm_runs(rows, base).into_iter().map(Row::average).collect();
+        (!v.is_empty()).then(|| mean(&v))
     };
     let dense = mean_of("baseline")?;
     [("btm-merge", "continued"), ("btm-merge (fit router)", "continued-fit"), ("ensemble", "ensemble"), ("averaged", "averaged")]

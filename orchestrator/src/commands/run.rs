@@ -186,8 +186,12 @@ fn print_story(plan: &Plan, written: &crate::report::Written) {
     let seed = plan.jobs.iter().filter_map(|j| j.produces.as_ref()).find(|m| m.label == "seed").map(|m| m.dir.clone());
     let Some(cfg) = seed.and_then(|d| btm_model::Checkpoint::open(d).ok()).map(|c| c.config) else { return };
     let n = cfg.num_parameters() as f64;
-    let ffn = (cfg.num_layers * 3 * cfg.hidden_size * cfg.intermediate_size) as f64 / n * 100.0;
-    let embeddings = (cfg.vocab_size * cfg.hidden_size * if cfg.tie_word_embeddings { 1 } else { 2 }) as f64 / n * 100.0;
+    let share = |part: &dyn Fn(&str) -> bool| -> f64 {
+        let tensors = btm_model::weights::expected_tensors(&cfg);
+        tensors.iter().filter(|t| part(&t.name)).map(|t| t.shape.iter().product::<usize>()).sum::<usize>() as f64 / n * 100.0
+    };
+    let ffn = share(&|name| name.contains(".mlp."));
+    let embeddings = share(&|name| name == "model.embed_tokens.weight" || name == "lm_head.weight");
     let mut story = format!(
         "The seed has {:.1}M parameters: {ffn:.0} % in the FFNs, which the experts keep apart in an MoE, {embeddings:.0} % in the \
          embeddings and LM head, which a merge averages.",

@@ -1,6 +1,6 @@
 //! Training behaviour: bad job specs fail early and say where; only the selected tensors
 //! train; gradient accumulation equals a bigger batch; a seed trains from scratch; and on
-//! real text (`../shared/corpus`) validation perplexity falls well below the start.
+//! real text (the shipped scripture sample) validation perplexity falls well below the start.
 
 mod common;
 

@@ -104,13 +104,13 @@ pub fn run(name: &str, moe: bool, threads: usize, steps: usize, ranks: &Ranks) -
             (0..p.batch_size).map(|_| (0..=p.seq_len).map(|_| rng.below(p.config.vocab_size as u64) as u32).collect()).collect();
         to_batch(&seqs, &device)
     };
-    stepper.step(&[batch()?], 1e-4)?;
+    stepper.step(&[batch()?.into()], 1e-4)?;
     ranks.barrier()?;
     let mut phases = [Vec::new(), Vec::new(), Vec::new(), Vec::new()];
     let start = Instant::now();
     for _ in 0..steps {
         let before = btm_collective::time_in_collectives();
-        let s = stepper.step(&[batch()?], 1e-4)?;
+        let s = stepper.step(&[batch()?.into()], 1e-4)?;
         let collective = (btm_collective::time_in_collectives() - before).as_secs_f64();
         for (v, x) in phases.iter_mut().zip([s.forward_s, s.backward_s, s.optimizer_s, collective]) {
             v.push(x);

@@ -344,6 +344,11 @@ impl Mixture {
 
     /// The next training sequence (seq_len + 1 tokens), advancing `pos`.
     pub fn next(&mut self, pos: &mut Position) -> Vec<u32> {
+        self.next_with_source(pos).0
+    }
+
+    /// The next training sequence and the index of the source it came from.
+    pub fn next_with_source(&mut self, pos: &mut Position) -> (Vec<u32>, usize) {
         pos.drawn.resize(self.sources.len(), 0);
         let s = if self.sources.len() == 1 {
             0
@@ -362,7 +367,7 @@ impl Mixture {
         let idx = self.perms[s].as_ref().expect("permutation").1[(k % n) as usize];
         pos.drawn[s] += 1;
         pos.samples += 1;
-        self.sources[s].sequence(idx as usize)
+        (self.sources[s].sequence(idx as usize), s)
     }
 }
 

@@ -57,6 +57,10 @@ pub struct Source {
     /// The JSON field or parquet column holding the text (default `text`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub text_key: Option<String>,
+    /// Its tokens are held out of `moe.router_guard`'s experts (an added expert's replay of
+    /// the old domains).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub guarded: bool,
 }
 
 impl Source {
@@ -181,6 +185,38 @@ pub struct Moe {
     /// expert) or `position` (the latest tokens).
     #[serde(default)]
     pub drop_policy: btm_kernels::DropPolicy,
+    /// Keep some experts out of the top-k of the tokens of `guarded` sources while training.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub router_guard: Option<RouterGuard>,
+}
+
+/// The training form of `btm add-expert`'s margin guard, for an expert trained in place
+/// (its router row trains): on every token of a `guarded` source, each guarded expert's logit
+/// ℓ_g should stay `margin` below the token's k-th largest logit t_k among the other experts,
+/// so that the token keeps its top-k, and with it its exact output under top-k-then-softmax.
+/// The loss adds `coef · mean_layers mean_tokens Σ_g max(0, ℓ_g − t_k + margin)²`, t_k held
+/// fixed (a squared-hinge exterior penalty, Nocedal & Wright 2006, §17.1). The language-model
+/// loss on replayed old text alone does not keep the row away: it pulls old tokens to the new
+/// expert wherever it helps them a little, and their outputs change.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouterGuard {
+    /// The guarded experts (the added ones), 0-based.
+    pub experts: Vec<usize>,
+    /// Logits by which a guarded expert stays below the k-th of the others.
+    #[serde(default = "default_guard_margin")]
+    pub margin: f64,
+    /// The penalty's coefficient.
+    #[serde(default = "default_guard_coef")]
+    pub coef: f64,
+}
+
+/// `btm add-expert`'s default `--margin`.
+pub fn default_guard_margin() -> f64 {
+    1.0
+}
+pub fn default_guard_coef() -> f64 {
+    1.0
 }
 
 impl Moe {
@@ -196,7 +232,13 @@ impl Moe {
 
 impl Default for Moe {
     fn default() -> Self {
-        Self { aux_loss_coef: default_aux(), z_loss_coef: default_z(), capacity_factor: None, drop_policy: Default::default() }
+        Self {
+            aux_loss_coef: default_aux(),
+            z_loss_coef: default_z(),
+            capacity_factor: None,
+            drop_policy: Default::default(),
+            router_guard: None,
+        }
     }
 }
 
@@ -685,6 +727,21 @@ impl JobSpec {
                 return fail(key, format!("must be non-negative, got {v}"));
             }
         }
+        if let Some(g) = &self.moe.router_guard {
+            if g.experts.is_empty() {
+                return fail("moe.router_guard.experts", "name at least one expert".into());
+            }
+            for (key, v) in [("moe.router_guard.margin", g.margin), ("moe.router_guard.coef", g.coef)] {
+                if !(v.is_finite() && v >= 0.0) {
+                    return fail(key, format!("must be non-negative, got {v}"));
+                }
+            }
+            if !self.data.train.iter().any(|s| s.guarded) {
+                return fail("moe.router_guard", "no data.train source is `guarded`: the guard has no tokens to keep out".into());
+            }
+        } else if let Some(i) = self.data.train.iter().position(|s| s.guarded) {
+            return fail(&format!("data.train[{i}].guarded"), "needs moe.router_guard (which experts to keep out)".into());
+        }
         if let Err(e) = self.compute_dtype() {
             return fail("dtype", format!("{e}"));
         }
@@ -857,6 +914,26 @@ mod tests {
         assert!(err.contains("data.train[0]") && err.contains("an external trainer is handed JSONL"), "{err}");
         let plain = JobSpec::parse(&yaml.replace(", text_key: body", ""), dir.path()).unwrap();
         assert!(plain.validate().is_ok());
+    }
+
+    /// The router guard and its guarded sources come together; each alone is a named error.
+    #[test]
+    fn a_router_guard_needs_guarded_sources_and_they_need_it() {
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../model/tests/fixtures/llama");
+        let base = format!("init: {{checkpoint: {}}}\nout: o\nsteps: 1\nbatch_size: 1\nseq_len: 8\n", fixture.display());
+        let dir = tempfile::tempdir().unwrap();
+        for f in ["a", "b"] {
+            std::fs::write(dir.path().join(f), "{\"text\": \"x\"}\n").unwrap();
+        }
+        let check = |extra: &str| JobSpec::parse(&format!("{base}{extra}"), dir.path()).unwrap().validate().map_err(|e| format!("{e:#}"));
+        let both = "data: {train: [{path: a}, {path: b, guarded: true}]}\nmoe: {router_guard: {experts: [3]}}\n";
+        assert_eq!(check(both), Ok(()));
+        let err = check("data: {train: [{path: a}]}\nmoe: {router_guard: {experts: [3]}}\n").unwrap_err();
+        assert!(err.contains("moe.router_guard: no data.train source is `guarded`"), "{err}");
+        let err = check("data: {train: [{path: a}, {path: b, guarded: true}]}\n").unwrap_err();
+        assert!(err.contains("data.train[1].guarded: needs moe.router_guard"), "{err}");
+        let err = check(&both.replace("[3]}", "[3], margin: -1}")).unwrap_err();
+        assert!(err.contains("moe.router_guard.margin: must be non-negative"), "{err}");
     }
 
     #[test]

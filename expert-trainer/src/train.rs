@@ -4,7 +4,8 @@
 //! set up: validate the spec → tokenize (cached) → weights from the newest valid checkpoint
 //!         under <out>/checkpoints, else from `init` → AdamW (moments restored on resume)
 //! each step: lr = schedule(step)
-//!            for each of grad_accum micro-batches: loss = CE (+ aux/z for MoE) → backward,
+//!            for each of grad_accum micro-batches: loss = CE (+ aux/z for MoE, + the router
+//!            guard's penalty when an added expert trains in place) → backward,
 //!            gradients summed (each micro-batch loss divided by grad_accum)
 //!            clip to the global norm → AdamW update
 //!            log / validate / checkpoint at their intervals; stop cleanly on SIGINT/SIGTERM
@@ -123,6 +124,54 @@ pub fn to_batch(seqs: &[Vec<u32>], device: &Device) -> Result<(Tensor, Tensor)> 
     Ok((Tensor::from_vec(inputs, (seqs.len(), t), device)?, Tensor::from_vec(targets, (seqs.len(), t), device)?))
 }
 
+/// One micro-batch: inputs and targets [B, T], and with a router guard
+/// ([`spec::RouterGuard`]) which of its B·T tokens are guarded (1.0) and which are not (0.0).
+#[derive(Debug, Clone)]
+pub struct MicroBatch {
+    pub inputs: Tensor,
+    pub targets: Tensor,
+    pub guarded: Option<Tensor>,
+}
+
+impl From<(Tensor, Tensor)> for MicroBatch {
+    fn from((inputs, targets): (Tensor, Tensor)) -> Self {
+        Self { inputs, targets, guarded: None }
+    }
+}
+
+/// The router guard's token mask [B·T] of a micro-batch whose sequences came from `sources`
+/// (indices into `train`): 1.0 for the tokens of `guarded` sources.
+fn guarded_tokens(sources: &[usize], train: &[spec::Source], seq_len: usize, device: &Device) -> Result<Tensor> {
+    let mask: Vec<f32> = sources.iter().flat_map(|&s| std::iter::repeat_n(if train[s].guarded { 1.0 } else { 0.0 }, seq_len)).collect();
+    Ok(Tensor::from_vec(mask, sources.len() * seq_len, device)?)
+}
+
+/// The router guard's penalty ([`spec::RouterGuard`]) on one layer's router logits [T, E]: the
+/// mean over guarded tokens (`mask` [T], 1.0 or 0.0) of Σ_g max(0, ℓ_g − t_k + margin)² over the
+/// guarded experts g, t_k the token's k-th largest logit among the `others` (held fixed: the
+/// bound is the old routing's, not something the new row may push down). Also the share of
+/// guarded tokens whose top-k includes a guarded expert (some ℓ_g above t_k).
+pub fn router_guard_penalty(
+    logits: &Tensor,
+    guarded_experts: &[u32],
+    others: &[u32],
+    k: usize,
+    margin: f64,
+    mask: &Tensor,
+) -> Result<(Tensor, f64)> {
+    let device = logits.device();
+    let mask = mask.flatten_all()?.to_dtype(DType::F32)?;
+    let count = (mask.sum_all()?.to_scalar::<f32>()? as f64).max(1.0);
+    let old = logits.detach().index_select(&Tensor::new(others, device)?, 1)?;
+    let kth = old.sort_last_dim(false)?.0.narrow(1, k - 1, 1)?;
+    let over_kth = logits.index_select(&Tensor::new(guarded_experts, device)?, 1)?.broadcast_sub(&kth)?;
+    let hinge = (&over_kth + margin)?.relu()?.sqr()?.sum(1)?;
+    let penalty = ((hinge * &mask)?.sum_all()? / count)?;
+    let inside = over_kth.max(1)?.gt(0f32)?.to_dtype(DType::F32)?;
+    let leaked = (inside * &mask)?.sum_all()?.to_scalar::<f32>()? as f64 / count;
+    Ok((penalty, leaked))
+}
+
 /// What one optimizer step measured.
 #[derive(Debug, Clone, Default)]
 pub struct StepStats {
@@ -130,6 +179,12 @@ pub struct StepStats {
     pub loss: f64,
     pub aux_loss: Option<f64>,
     pub z_loss: Option<f64>,
+    /// The router guard's penalty (without its coefficient; mean over the MoE layers).
+    pub guard_loss: Option<f64>,
+    /// Guarded tokens whose top-k includes a guarded expert, and guarded tokens, both counted
+    /// once per MoE layer.
+    pub guard_leaked: f64,
+    pub guard_tokens: f64,
     /// Per MoE layer, the share of assignments each expert got (mean over micro-batches).
     pub expert_load: Vec<Vec<f32>>,
     /// Per MoE layer, the share of assignments dropped by the capacity limit.
@@ -156,6 +211,14 @@ impl StepStats {
             rec["expert_load"] = json!(self.expert_load);
             rec["dropped"] = json!(self.dropped);
         }
+        if let Some(loss) = self.guard_loss {
+            rec["guard_loss"] = json!(loss);
+            // The share of the step's guarded tokens (over the MoE layers) whose top-k includes
+            // a guarded expert; absent when the step drew none.
+            if self.guard_tokens > 0.0 {
+                rec["guard_leak"] = json!(self.guard_leaked / self.guard_tokens);
+            }
+        }
         rec
     }
 }
@@ -169,6 +232,8 @@ pub struct Stepper {
     pub opt: AdamW,
     pub aux_coef: f64,
     pub z_coef: f64,
+    /// The guarded experts and the other experts, with the guard's settings.
+    router_guard: Option<(Vec<u32>, Vec<u32>, spec::RouterGuard)>,
     pub grad_clip: Option<f64>,
     /// Float32, or bfloat16 for mixed precision: bfloat16 weights and activations in the
     /// forward and backward passes, float32 master weights, gradients and AdamW moments.
@@ -187,12 +252,29 @@ impl Stepper {
         for (name, ranges) in &weights.masks {
             opt.set_mask(name, ranges.clone())?;
         }
+        let router_guard = match &moe.router_guard {
+            None => None,
+            Some(g) => {
+                let Some(m) = &weights.config.moe else {
+                    bail!("moe.router_guard: the model is dense; the guard keeps experts of an MoE out of the top-k")
+                };
+                if let Some(e) = g.experts.iter().find(|&&e| e >= m.experts) {
+                    bail!("moe.router_guard.experts: expert {e} is out of range (the model has {} experts)", m.experts);
+                }
+                let others: Vec<u32> = (0..m.experts).filter(|e| !g.experts.contains(e)).map(|e| e as u32).collect();
+                if others.len() < m.top_k {
+                    bail!("moe.router_guard.experts: {} unguarded experts cannot fill a top-{}", others.len(), m.top_k);
+                }
+                Some((g.experts.iter().map(|&e| e as u32).collect(), others, g.clone()))
+            }
+        };
         Ok(Self {
             weights,
             model,
             opt,
             aux_coef: moe.aux_loss_coef,
             z_coef: moe.z_loss_coef,
+            router_guard,
             grad_clip,
             compute_dtype: DType::F32,
             capacity,
@@ -225,13 +307,13 @@ impl Stepper {
 
     /// Forward and backward over `micro_batches` (inputs, targets), then one AdamW update at `lr`.
     /// In a multi-process run these are this rank's share; every rank has as many.
-    pub fn step(&mut self, micro_batches: &[(Tensor, Tensor)], lr: f64) -> Result<StepStats> {
+    pub fn step(&mut self, micro_batches: &[MicroBatch], lr: f64) -> Result<StepStats> {
         // Each micro-batch's loss is divided by the step's number of micro-batches on all ranks.
         let n = (micro_batches.len() * self.ranks.world()) as f64;
         let mut grads: Vec<Option<Tensor>> = vec![None; self.opt.params.len()];
         let mut stats = StepStats::default();
         let (mut aux_sum, mut z_sum) = (0f64, 0f64);
-        for (inputs, targets) in micro_batches {
+        for MicroBatch { inputs, targets, guarded } in micro_batches {
             let started = Instant::now();
             let mut trace = Trace::default();
             let logits = self.model.forward_rows(inputs, &mut trace)?;
@@ -243,6 +325,13 @@ impl Stepper {
                 aux_sum += aux.to_dtype(DType::F64)?.to_scalar::<f64>()? / n;
                 z_sum += z.to_dtype(DType::F64)?.to_scalar::<f64>()? / n;
                 loss = ((loss + (aux * self.aux_coef)?)? + (z * self.z_coef)?)?;
+                if let (Some((_, _, g)), Some(guarded)) = (&self.router_guard, guarded) {
+                    let (penalty, leaked, tokens) = self.router_guard_loss(&trace.router, guarded)?;
+                    *stats.guard_loss.get_or_insert(0.0) += penalty.to_dtype(DType::F64)?.to_scalar::<f64>()? / n;
+                    stats.guard_leaked += leaked;
+                    stats.guard_tokens += tokens;
+                    loss = (loss + (penalty * g.coef)?)?;
+                }
             }
             let loss = if n > 1.0 { (loss / n)? } else { loss };
             let backward_started = Instant::now();
@@ -344,6 +433,25 @@ impl Stepper {
         Ok(Some((out, assignments)))
     }
 
+    /// The router guard's penalty on one micro-batch, the mean over the MoE layers of
+    /// [`router_guard_penalty`]; and, summed over the layers, the guarded tokens it finds in a
+    /// guarded expert's top-k and the guarded tokens.
+    fn router_guard_loss(&self, router: &[btm_model::model::RouterOutput], guarded: &Tensor) -> Result<(Tensor, f64, f64)> {
+        let (experts, others, g) = self.router_guard.as_ref().expect("a router guard");
+        let k = self.weights.config.moe.as_ref().expect("checked: an MoE").top_k;
+        let mut penalties = Vec::with_capacity(router.len());
+        let (mut leaked, mut tokens) = (0.0, 0.0);
+        for r in router {
+            let (penalty, share) = router_guard_penalty(&r.logits, experts, others, k, g.margin, guarded)?;
+            let count = guarded.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            penalties.push(penalty);
+            leaked += share * count;
+            tokens += count;
+        }
+        let layers = router.len() as f64;
+        Ok(((Tensor::stack(&penalties, 0)?.sum_all()? / layers)?, leaked, tokens))
+    }
+
     /// Sum the step's figures over the ranks (each rank's are already divided by the step's
     /// number of micro-batches, so the sums are the step's means).
     fn sum_stats(&self, stats: &mut StepStats, aux_sum: f64, z_sum: f64) -> Result<()> {
@@ -352,6 +460,8 @@ impl Stepper {
         for load in &stats.expert_load {
             v.extend(load.iter().map(|&x| x as f64));
         }
+        // Every rank guards when one does (the spec is the same).
+        v.extend(stats.guard_loss.iter().chain([&stats.guard_leaked, &stats.guard_tokens]));
         self.ranks.sum(&mut v)?;
         stats.loss = v[0];
         if stats.aux_loss.is_some() {
@@ -368,6 +478,10 @@ impl Stepper {
                 *x = v[at] as f32;
                 at += 1;
             }
+        }
+        for x in stats.guard_loss.iter_mut().chain([&mut stats.guard_leaked, &mut stats.guard_tokens]) {
+            *x = v[at];
+            at += 1;
         }
         Ok(())
     }
@@ -790,9 +904,14 @@ impl<'a> TrainingRun<'a> {
             // everywhere) and trains on micro-batches rank, rank + ranks, ….
             let mut micro = Vec::with_capacity(spec.grad_accum / ranks.world());
             for i in 0..spec.grad_accum {
-                let seqs: Vec<Vec<u32>> = (0..spec.batch_size).map(|_| mixture.next(&mut p.position)).collect();
+                let (seqs, sources): (Vec<Vec<u32>>, Vec<usize>) =
+                    (0..spec.batch_size).map(|_| mixture.next_with_source(&mut p.position)).unzip();
                 if i % ranks.world() == ranks.rank() {
-                    micro.push(to_batch(&seqs, &self.device)?);
+                    let mut batch = MicroBatch::from(to_batch(&seqs, &self.device)?);
+                    if spec.moe.router_guard.is_some() {
+                        batch.guarded = Some(guarded_tokens(&sources, &spec.data.train, spec.seq_len, &self.device)?);
+                    }
+                    micro.push(batch);
                 }
             }
             let stats = stepper.step(&micro, lr)?;
@@ -1030,4 +1149,34 @@ fn resume_from_store(mirror: &Mirror, root: &Path, warn: &mut dyn FnMut(String))
         }
     }
     Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The penalty and its gradient by hand on three tokens, four experts (expert 3 guarded),
+    /// top-2, margin 1: only guarded tokens count, only over-the-bound logits are pushed down,
+    /// and the old logits get no gradient (the bound is held fixed).
+    #[test]
+    fn router_guard_penalty_is_the_squared_hinge_over_guarded_tokens() {
+        let logits = candle_core::Var::from_slice(
+            &[
+                3.0f32, 1.0, 0.0, 0.5, // guarded: t_2 = 1, ℓ_3 = 0.5 → hinge 0.5, in top-2? no
+                0.0, 2.0, 1.0, 1.5, // guarded: t_2 = 1, ℓ_3 = 1.5 → hinge 1.5, in top-2
+                0.0, 0.0, 1.0, 9.0, // not guarded
+            ],
+            (3, 4),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let mask = Tensor::new(&[1f32, 1.0, 0.0], &Device::Cpu).unwrap();
+        let (penalty, leaked) = router_guard_penalty(logits.as_tensor(), &[3], &[0, 1, 2], 2, 1.0, &mask).unwrap();
+        assert!((penalty.to_scalar::<f32>().unwrap() - (0.25 + 2.25) / 2.0).abs() < 1e-6);
+        assert_eq!(leaked, 0.5);
+        let grads = penalty.backward().unwrap();
+        let g = grads.get(logits.as_tensor()).unwrap().to_vec2::<f32>().unwrap();
+        // d/dℓ_3 of mean hinge² = 2·hinge / 2 guarded tokens.
+        assert_eq!(g, vec![vec![0.0, 0.0, 0.0, 0.5], vec![0.0, 0.0, 0.0, 1.5], vec![0.0; 4]]);
+    }
 }

@@ -217,11 +217,12 @@ impl Builder<'_> {
 
     /// A trainer job: `btm train --job <run>/jobs/<name>/job.yaml`.
     fn train_job(&mut self, j: TrainJob) -> Result<String> {
-        let TrainJob { name, kind, deps, init, out, train, valid, params, domain, label, parent, active_params } = j;
+        let TrainJob { name, kind, deps, init, out, train, valid, params, domain, label, parent, active_params, router_guard } = j;
         let t = defaults().overlay(&params);
         let steps = t.steps.unwrap_or(0);
         let tokens = t.tokens();
-        let spec = self.job_spec(&t, init, &out, train, valid, domain);
+        let mut spec = self.job_spec(&t, init, &out, train, valid, domain);
+        spec.moe.router_guard = router_guard;
         let job_dir = self.run.join("jobs").join(name.replace('/', "-"));
         let yaml = serde_yaml::to_string(&spec)?;
         let flops = 6.0 * active_params as f64 * tokens as f64;
@@ -299,6 +300,7 @@ impl Builder<'_> {
                 z_loss_coef: t.z_loss_coef.unwrap_or(job::Moe::default().z_loss_coef),
                 capacity_factor: t.capacity_factor,
                 drop_policy: t.drop_policy.unwrap_or_default(),
+                router_guard: None,
             },
             domain,
             dtype: "float32".into(),
@@ -602,6 +604,8 @@ struct TrainJob<'m> {
     parent: Option<&'m ModelRef>,
     /// Active parameters, for the FLOPs (6 · N_active · tokens).
     active_params: usize,
+    /// The trainer's router guard (an added expert trained in place).
+    router_guard: Option<job::RouterGuard>,
 }
 
 impl<'a> Builder<'a> {
@@ -712,6 +716,7 @@ impl<'a> Builder<'a> {
             label: "seed".into(),
             parent: None,
             active_params: self.dense_n,
+            router_guard: None,
         })?;
         // The config is one more file handed to the seed job.
         let seed = self.jobs.last_mut().expect("seed job");
@@ -763,6 +768,7 @@ impl<'a> Builder<'a> {
                 label: format!("{kind}-{}{}", d.name, arm.sfx),
                 parent: Some(&seed.model),
                 active_params: self.dense_n,
+                router_guard: None,
             })?;
             experts.push(name);
         }
@@ -852,6 +858,7 @@ impl<'a> Builder<'a> {
             label,
             parent: Some(&parent),
             active_params: self.moe_active(p.domains.len(), m.top_k, 1, m.shared_expert_from_seed),
+            router_guard: None,
         })
     }
 
@@ -876,6 +883,7 @@ impl<'a> Builder<'a> {
             label,
             parent: Some(&seed.model),
             active_params: self.dense_n,
+            router_guard: None,
         })
     }
 
@@ -939,6 +947,7 @@ impl<'a> Builder<'a> {
                 label: label.into(),
                 parent: Some(&parent),
                 active_params: self.moe_active(u.experts, u.top_k, u.granularity, false),
+                router_guard: None,
             })?);
         }
         Ok(scored)
@@ -1047,6 +1056,7 @@ impl<'a> Builder<'a> {
                 label: format!("expert-{}", d.name),
                 parent: Some(&base_ref),
                 active_params: self.dense_n,
+                router_guard: None,
             })?;
             // The new domain's own dense expert is scored too: what the MoE's new expert is held to.
             scored.push(name.clone());
@@ -1090,10 +1100,13 @@ impl<'a> Builder<'a> {
         }
         params.aux_loss_coef = over.aux_loss_coef.or(Some(0.0));
         let mut train = vec![domain_source(self.base, d, 1.0 - add.replay)];
+        // The replayed old tokens keep the new expert out of their top-k (the guard's training form).
+        let guard = add.replay > 0.0 && add.guard.coef > 0.0;
         if add.replay > 0.0 {
             let share = add.replay / p.domains.len() as f64;
-            train.extend(p.domains.iter().map(|old| domain_source(self.base, old, share)));
+            train.extend(p.domains.iter().map(|old| job::Source { guarded: guard, ..domain_source(self.base, old, share) }));
         }
+        let router_guard = guard.then(|| job::RouterGuard { experts: vec![index], margin: add.guard.margin, coef: add.guard.coef });
         let label = format!("in-place-{}", d.name);
         self.train_job(TrainJob {
             name: format!("train-in-place/{}", d.name),
@@ -1108,6 +1121,7 @@ impl<'a> Builder<'a> {
             label,
             parent: Some(expert),
             active_params,
+            router_guard,
         })
     }
 
@@ -1164,7 +1178,7 @@ fn init_from(m: &ModelRef) -> job::Init {
 
 /// Domain `d`'s training text as a trainer source at `weight`.
 fn domain_source(base: &Path, d: &crate::pipeline::spec::Domain, weight: f64) -> job::Source {
-    job::Source { path: PathBuf::from(abs(base, &d.train)), weight, format: d.format, text_key: d.text_key.clone() }
+    job::Source { path: PathBuf::from(abs(base, &d.train)), weight, format: d.format, text_key: d.text_key.clone(), guarded: false }
 }
 
 /// `t` trained with `arm_seed`, when the pipeline lists arm seeds.
@@ -1292,10 +1306,20 @@ mod tests {
         assert_eq!(s.init.checkpoint.as_deref(), Some("/runs/t/extended/c"));
         assert_eq!(s.trainable.include, vec!["*.mlp.experts.2.*", "*.mlp.gate.weight[2]"]);
         assert_eq!((s.steps, s.optimizer.lr, s.moe.aux_loss_coef), (Some(5), 0.01, 0.0));
-        let sources: Vec<(String, f64)> = s.data.train.iter().map(|t| (t.path.display().to_string(), t.weight)).collect();
-        assert_eq!(sources, vec![("/base/c.jsonl".to_string(), 0.8), ("/base/a.jsonl".into(), 0.1), ("/base/b.jsonl".into(), 0.1)]);
+        let sources: Vec<(String, f64, bool)> = s.data.train.iter().map(|t| (t.path.display().to_string(), t.weight, t.guarded)).collect();
+        assert_eq!(
+            sources,
+            vec![("/base/c.jsonl".to_string(), 0.8, false), ("/base/a.jsonl".into(), 0.1, true), ("/base/b.jsonl".into(), 0.1, true)]
+        );
+        // The replayed old tokens keep the new expert out of their top-k.
+        assert_eq!(s.moe.router_guard, Some(job::RouterGuard { experts: vec![2], margin: 1.0, coef: 1.0 }));
+        s.validate().unwrap();
         assert!(plan.jobs.iter().any(|j| j.name == "eval/in-place-c/a"));
         assert!(plan.jobs.iter().any(|j| j.name == "eval/expert-c/c"));
+        // `guard: {coef: 0}` leaves the row to the language-model loss.
+        let off = plan(&pipeline(&format!("{extra}  guard: {{coef: 0}}\n")), Path::new("/base"), Path::new("/runs/t")).unwrap();
+        let s = spec(job(&off, "train-in-place/c"));
+        assert!(s.moe.router_guard.is_none() && s.data.train.iter().all(|t| !t.guarded));
     }
 
     /// On Kubernetes a multi-rank job's ranks meet over the TCP collective (no MPI launcher);

@@ -505,6 +505,11 @@ pub fn check(p: &Pipeline, base: &Path) -> Vec<(String, String)> {
         if !(0.0..1.0).contains(&add.replay) {
             problems.push(("add_experts.replay".into(), format!("must lie in [0, 1) (a share of the training data), got {}", add.replay)));
         }
+        for (key, v) in [("add_experts.guard.margin", add.guard.margin), ("add_experts.guard.coef", add.guard.coef)] {
+            if !(v.is_finite() && v >= 0.0) {
+                problems.push((key.into(), format!("must be non-negative, got {v}")));
+            }
+        }
     }
     // The expert and seed phases train dense models: nothing to split by expert.
     let mut dense_phases: Vec<(String, &super::spec::TrainParams)> = vec![("train".into(), &p.train)];

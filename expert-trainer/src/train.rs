@@ -149,7 +149,7 @@ fn guarded_tokens(sources: &[usize], train: &[spec::Source], seq_len: usize, dev
 /// The router guard's penalty ([`spec::RouterGuard`]) on one layer's router logits [T, E]: the
 /// mean over guarded tokens (`mask` [T], 1.0 or 0.0) of Σ_g max(0, ℓ_g − t_k + margin)² over the
 /// guarded experts g, t_k the token's k-th largest logit among the `others` (held fixed: the
-/// bound is the old routing's, not something the new row may push down). Also the share of
+/// bound is the old routing's, not something the new row may push down). Also the number of
 /// guarded tokens whose top-k includes a guarded expert (some ℓ_g above t_k).
 pub fn router_guard_penalty(
     logits: &Tensor,
@@ -168,7 +168,7 @@ pub fn router_guard_penalty(
     let hinge = (&over_kth + margin)?.relu()?.sqr()?.sum(1)?;
     let penalty = ((hinge * &mask)?.sum_all()? / count)?;
     let inside = over_kth.max(1)?.gt(0f32)?.to_dtype(DType::F32)?;
-    let leaked = (inside * &mask)?.sum_all()?.to_scalar::<f32>()? as f64 / count;
+    let leaked = (inside * &mask)?.sum_all()?.to_scalar::<f32>()? as f64;
     Ok((penalty, leaked))
 }
 
@@ -440,15 +440,14 @@ impl Stepper {
         let (experts, others, g) = self.router_guard.as_ref().expect("a router guard");
         let k = self.weights.config.moe.as_ref().expect("checked: an MoE").top_k;
         let mut penalties = Vec::with_capacity(router.len());
-        let (mut leaked, mut tokens) = (0.0, 0.0);
+        let mut leaked = 0.0;
         for r in router {
-            let (penalty, share) = router_guard_penalty(&r.logits, experts, others, k, g.margin, guarded)?;
-            let count = guarded.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            let (penalty, leaked_here) = router_guard_penalty(&r.logits, experts, others, k, g.margin, guarded)?;
             penalties.push(penalty);
-            leaked += share * count;
-            tokens += count;
+            leaked += leaked_here;
         }
         let layers = router.len() as f64;
+        let tokens = guarded.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()? * layers;
         Ok(((Tensor::stack(&penalties, 0)?.sum_all()? / layers)?, leaked, tokens))
     }
 
@@ -1173,7 +1172,7 @@ mod tests {
         let mask = Tensor::new(&[1f32, 1.0, 0.0], &Device::Cpu).unwrap();
         let (penalty, leaked) = router_guard_penalty(logits.as_tensor(), &[3], &[0, 1, 2], 2, 1.0, &mask).unwrap();
         assert!((penalty.to_scalar::<f32>().unwrap() - (0.25 + 2.25) / 2.0).abs() < 1e-6);
-        assert_eq!(leaked, 0.5);
+        assert_eq!(leaked, 1.0);
         let grads = penalty.backward().unwrap();
         let g = grads.get(logits.as_tensor()).unwrap().to_vec2::<f32>().unwrap();
         // d/dℓ_3 of mean hinge² = 2·hinge / 2 guarded tokens.

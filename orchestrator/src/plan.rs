@@ -1313,11 +1313,10 @@ mod tests {
         );
         // The replayed old tokens keep the new expert out of their top-k.
         assert_eq!(s.moe.router_guard, Some(job::RouterGuard { experts: vec![2], margin: 1.0, coef: 1.0 }));
-        s.validate().unwrap();
         assert!(plan.jobs.iter().any(|j| j.name == "eval/in-place-c/a"));
         assert!(plan.jobs.iter().any(|j| j.name == "eval/expert-c/c"));
         // `guard: {coef: 0}` leaves the row to the language-model loss.
-        let off = plan(&pipeline(&format!("{extra}  guard: {{coef: 0}}\n")), Path::new("/base"), Path::new("/runs/t")).unwrap();
+        let off = super::plan(&pipeline(&format!("{extra}  guard: {{coef: 0}}\n")), Path::new("/base"), Path::new("/runs/t")).unwrap();
         let s = spec(job(&off, "train-in-place/c"));
         assert!(s.moe.router_guard.is_none() && s.data.train.iter().all(|t| !t.guarded));
     }

@@ -342,13 +342,9 @@ impl Mixture {
         self.sources.len()
     }
 
-    /// The next training sequence (seq_len + 1 tokens), advancing `pos`.
-    pub fn next(&mut self, pos: &mut Position) -> Vec<u32> {
-        self.next_with_source(pos).0
-    }
-
-    /// The next training sequence and the index of the source it came from.
-    pub fn next_with_source(&mut self, pos: &mut Position) -> (Vec<u32>, usize) {
+    /// The next training sequence (seq_len + 1 tokens) and the index of the source it came
+    /// from, advancing `pos`.
+    pub fn next(&mut self, pos: &mut Position) -> (Vec<u32>, usize) {
         pos.drawn.resize(self.sources.len(), 0);
         let s = if self.sources.len() == 1 {
             0
@@ -472,7 +468,7 @@ mod tests {
         let packed = |p: &Path| Packed::new(tokenize_cached(p, &tok, &cache).unwrap(), 8, "src").unwrap();
         let mut mix = Mixture::new(vec![packed(&a), packed(&b)], &[3.0, 1.0], 5);
         let mut pos = Position::default();
-        let first: Vec<Vec<u32>> = (0..400).map(|_| mix.next(&mut pos)).collect();
+        let first: Vec<Vec<u32>> = (0..400).map(|_| mix.next(&mut pos).0).collect();
         assert_eq!(pos.samples, 400);
         let share = pos.drawn[0] as f64 / 400.0;
         assert!((share - 0.75).abs() < 0.07, "source 0 share {share}");
@@ -487,12 +483,12 @@ mod tests {
         let mut mix3 = Mixture::new(vec![packed(&a), packed(&b)], &[3.0, 1.0], 5);
         let mut pos3 = pos2.clone();
         for s in &first[123..] {
-            assert_eq!(&mix3.next(&mut pos3), s);
+            assert_eq!(&mix3.next(&mut pos3).0, s);
         }
         // Another seed, another order.
         let mut mix4 = Mixture::new(vec![packed(&a), packed(&b)], &[3.0, 1.0], 6);
         let mut pos4 = Position::default();
-        let other: Vec<Vec<u32>> = (0..20).map(|_| mix4.next(&mut pos4)).collect();
+        let other: Vec<Vec<u32>> = (0..20).map(|_| mix4.next(&mut pos4).0).collect();
         assert_ne!(other, first[..20].to_vec());
     }
 

@@ -722,7 +722,9 @@ impl JobSpec {
                 return fail("grad_clip", format!("must be positive (or null for no clipping), got {c}"));
             }
         }
-        for (key, v) in [("moe.aux_loss_coef", self.moe.aux_loss_coef), ("moe.z_loss_coef", self.moe.z_loss_coef)] {
+        let guard = self.moe.router_guard.iter().flat_map(|g| [("moe.router_guard.margin", g.margin), ("moe.router_guard.coef", g.coef)]);
+        for (key, v) in [("moe.aux_loss_coef", self.moe.aux_loss_coef), ("moe.z_loss_coef", self.moe.z_loss_coef)].into_iter().chain(guard)
+        {
             if !(v.is_finite() && v >= 0.0) {
                 return fail(key, format!("must be non-negative, got {v}"));
             }
@@ -730,11 +732,6 @@ impl JobSpec {
         if let Some(g) = &self.moe.router_guard {
             if g.experts.is_empty() {
                 return fail("moe.router_guard.experts", "name at least one expert".into());
-            }
-            for (key, v) in [("moe.router_guard.margin", g.margin), ("moe.router_guard.coef", g.coef)] {
-                if !(v.is_finite() && v >= 0.0) {
-                    return fail(key, format!("must be non-negative, got {v}"));
-                }
             }
             if !self.data.train.iter().any(|s| s.guarded) {
                 return fail("moe.router_guard", "no data.train source is `guarded`: the guard has no tokens to keep out".into());

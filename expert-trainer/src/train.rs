@@ -124,6 +124,14 @@ pub fn to_batch(seqs: &[Vec<u32>], device: &Device) -> Result<(Tensor, Tensor)> 
     Ok((Tensor::from_vec(inputs, (seqs.len(), t), device)?, Tensor::from_vec(targets, (seqs.len(), t), device)?))
 }
 
+/// A job's [`spec::RouterGuard`] on its model: the guarded experts and the others, as indices.
+struct ResolvedGuard {
+    experts: Vec<u32>,
+    others: Vec<u32>,
+    margin: f64,
+    coef: f64,
+}
+
 /// One micro-batch: inputs and targets [B, T], and with a router guard
 /// ([`spec::RouterGuard`]) which of its B·T tokens are guarded (1.0) and which are not (0.0).
 #[derive(Debug, Clone)]
@@ -232,8 +240,7 @@ pub struct Stepper {
     pub opt: AdamW,
     pub aux_coef: f64,
     pub z_coef: f64,
-    /// The guarded experts and the other experts, with the guard's settings.
-    router_guard: Option<(Vec<u32>, Vec<u32>, spec::RouterGuard)>,
+    router_guard: Option<ResolvedGuard>,
     pub grad_clip: Option<f64>,
     /// Float32, or bfloat16 for mixed precision: bfloat16 weights and activations in the
     /// forward and backward passes, float32 master weights, gradients and AdamW moments.
@@ -265,7 +272,7 @@ impl Stepper {
                 if others.len() < m.top_k {
                     bail!("moe.router_guard.experts: {} unguarded experts cannot fill a top-{}", others.len(), m.top_k);
                 }
-                Some((g.experts.iter().map(|&e| e as u32).collect(), others, g.clone()))
+                Some(ResolvedGuard { experts: g.experts.iter().map(|&e| e as u32).collect(), others, margin: g.margin, coef: g.coef })
             }
         };
         Ok(Self {
@@ -325,12 +332,12 @@ impl Stepper {
                 aux_sum += aux.to_dtype(DType::F64)?.to_scalar::<f64>()? / n;
                 z_sum += z.to_dtype(DType::F64)?.to_scalar::<f64>()? / n;
                 loss = ((loss + (aux * self.aux_coef)?)? + (z * self.z_coef)?)?;
-                if let (Some((_, _, g)), Some(guarded)) = (&self.router_guard, guarded) {
+                if let (Some(guard), Some(guarded)) = (&self.router_guard, guarded) {
                     let (penalty, leaked, tokens) = self.router_guard_loss(&trace.router, guarded)?;
                     *stats.guard_loss.get_or_insert(0.0) += penalty.to_dtype(DType::F64)?.to_scalar::<f64>()? / n;
                     stats.guard_leaked += leaked;
                     stats.guard_tokens += tokens;
-                    loss = (loss + (penalty * g.coef)?)?;
+                    loss = (loss + (penalty * guard.coef)?)?;
                 }
             }
             let loss = if n > 1.0 { (loss / n)? } else { loss };
@@ -437,12 +444,12 @@ impl Stepper {
     /// [`router_guard_penalty`]; and, summed over the layers, the guarded tokens it finds in a
     /// guarded expert's top-k and the guarded tokens.
     fn router_guard_loss(&self, router: &[btm_model::model::RouterOutput], guarded: &Tensor) -> Result<(Tensor, f64, f64)> {
-        let (experts, others, g) = self.router_guard.as_ref().expect("a router guard");
+        let g = self.router_guard.as_ref().expect("a router guard");
         let k = self.weights.config.moe.as_ref().expect("checked: an MoE").top_k;
         let mut penalties = Vec::with_capacity(router.len());
         let mut leaked = 0.0;
         for r in router {
-            let (penalty, leaked_here) = router_guard_penalty(&r.logits, experts, others, k, g.margin, guarded)?;
+            let (penalty, leaked_here) = router_guard_penalty(&r.logits, &g.experts, &g.others, k, g.margin, guarded)?;
             penalties.push(penalty);
             leaked += leaked_here;
         }
@@ -903,8 +910,7 @@ impl<'a> TrainingRun<'a> {
             // everywhere) and trains on micro-batches rank, rank + ranks, ….
             let mut micro = Vec::with_capacity(spec.grad_accum / ranks.world());
             for i in 0..spec.grad_accum {
-                let (seqs, sources): (Vec<Vec<u32>>, Vec<usize>) =
-                    (0..spec.batch_size).map(|_| mixture.next_with_source(&mut p.position)).unzip();
+                let (seqs, sources): (Vec<Vec<u32>>, Vec<usize>) = (0..spec.batch_size).map(|_| mixture.next(&mut p.position)).unzip();
                 if i % ranks.world() == ranks.rank() {
                     let mut batch = MicroBatch::from(to_batch(&seqs, &self.device)?);
                     if spec.moe.router_guard.is_some() {

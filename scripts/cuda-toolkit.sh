@@ -3,7 +3,7 @@
 # recipe; the project keeps its own copy so CI can install what it needs).
 #
 #   eval "$(scripts/cuda-toolkit.sh --nvrtc-only)"   # NVRTC only (~100 MB): enough for
-#                                                    # `cargo test -p btm-kernels --features cuda nvrtc`
+#                                                    # `cargo test -p btm-kernels --features nvrtc nvrtc`
 #   eval "$(scripts/cuda-toolkit.sh)"                # nvcc, NVRTC, cuBLAS, cuRAND (~640 MB) and a
 #                                                    # libcuda link stub, for candle's `cuda` build
 #
@@ -44,5 +44,7 @@ if [ "$NVRTC_ONLY" = 0 ]; then
   [ -f "$CR/lib/stubs/libcuda.so" ] || gcc -shared -fPIC -Wl,-soname,libcuda.so.1 \
     -o "$CR/lib/stubs/libcuda.so" "$HERE/libcuda_stub.c"
   ln -sf libcuda.so "$CR/lib/stubs/libcuda.so.1"
+  # LIBRARY_PATH: the linker finds libcudart, which candle-kernels links, in the wheels' lib.
   echo "export PATH=\"$CR/bin:\$PATH\" CUDA_ROOT=\"$CR\" CUDA_HOME=\"$CR\" CUDA_PATH=\"$CR\" CUDA_COMPUTE_CAP=90"
+  echo "export LIBRARY_PATH=\"$CR/lib\${LIBRARY_PATH:+:\$LIBRARY_PATH}\""
 fi

@@ -14,7 +14,7 @@
 
 use std::time::Instant;
 
-use candle_core::{Device, Result, Tensor, Var};
+use candle_core::{DType, Device, Result, Tensor, Var};
 use serde::Serialize;
 
 use crate::moe::{fused_moe, reference_moe, ExpertRef, ExpertWeights, MoeOptions};
@@ -59,12 +59,16 @@ pub struct MoeBenchSpec {
     pub reps: usize,
     /// Also time the reference loop (the slow part); false = fused only.
     pub reference: bool,
+    /// Element type of inputs and weights: float32, or bfloat16 (CUDA; the router stays
+    /// float32 inside the layer either way).
+    #[serde(skip)]
+    pub dtype: DType,
 }
 
 impl Default for MoeBenchSpec {
     /// T = 4096 (the CPU target), hidden 1024, both issue shapes, 3 reps.
     fn default() -> Self {
-        Self { tokens: 4096, hidden: 1024, cases: DEFAULT_CASES.to_vec(), reps: 3, reference: true }
+        Self { tokens: 4096, hidden: 1024, cases: DEFAULT_CASES.to_vec(), reps: 3, reference: true, dtype: DType::F32 }
     }
 }
 
@@ -78,8 +82,12 @@ pub struct MoeBenchResult {
     pub tokens: usize,
     /// Hidden width H, from the spec.
     pub hidden: usize,
-    /// Element type of the run (always `"f32"`).
+    /// Element type of the run (`"f32"` or `"bf16"`).
     pub dtype: &'static str,
+    /// How the grouped products ran: `cpu_tiles` (the `gemm` crate, tile by tile), or on CUDA
+    /// `cublas_grouped` (one `cublasGemmGroupedBatchedEx`) or `cublas_looped` (one
+    /// `cublasGemmEx` per group).
+    pub grouped_gemm_path: &'static str,
     /// `"cpu"`, or the GPU's location as candle prints it.
     pub device: String,
     /// Threads in rayon's pool during the run.
@@ -161,12 +169,12 @@ fn time_alternating(reps: usize, runs: &mut [&mut dyn FnMut() -> Result<()>]) ->
 /// Median GFLOP/s of (the grouped GEMM, one dense GEMM of the same FLOPs) for `case`.
 fn gemm_rates(spec: &MoeBenchSpec, case: MoeCase, device: &Device) -> Result<(f64, f64)> {
     let (rows, h, e, f) = (spec.tokens * case.top_k, spec.hidden, case.experts, case.ffn);
-    let x = Tensor::randn(0f32, 1.0, (rows, h), device)?;
-    let w = Tensor::randn(0f32, 1.0 / (h as f32).sqrt(), (e, f, h), device)?;
+    let x = Tensor::randn(0f32, 1.0, (rows, h), device)?.to_dtype(spec.dtype)?;
+    let w = Tensor::randn(0f32, 1.0 / (h as f32).sqrt(), (e, f, h), device)?.to_dtype(spec.dtype)?;
     // Equal groups (the last takes the remainder): the shape a balanced router produces.
     let offsets: Vec<u32> = (0..=e).map(|i| if i == e { rows } else { i * (rows / e) } as u32).collect();
     let offsets = Tensor::new(offsets.as_slice(), device)?;
-    let dense_w = Tensor::randn(0f32, 1.0 / (h as f32).sqrt(), (h, f), device)?;
+    let dense_w = Tensor::randn(0f32, 1.0 / (h as f32).sqrt(), (h, f), device)?.to_dtype(spec.dtype)?;
     // Synchronize so a GPU's asynchronous launches are timed to completion.
     let mut grouped = || {
         let y = crate::grouped_gemm::grouped_matmul(&x, &w, &offsets)?;
@@ -181,11 +189,11 @@ fn gemm_rates(spec: &MoeBenchSpec, case: MoeCase, device: &Device) -> Result<(f6
     Ok((flops / (t[0].0 * 1e6), flops / (t[1].0 * 1e6)))
 }
 
-/// Run one case on `device` in float32.
+/// Run one case on `device` in `spec.dtype`.
 pub fn bench_case(spec: &MoeBenchSpec, case: MoeCase, device: &Device) -> Result<MoeBenchResult> {
     let (t, h, e, f) = (spec.tokens, spec.hidden, case.experts, case.ffn);
     let randn = |dims: (usize, usize), fan_in: usize| -> Result<Var> {
-        Var::from_tensor(&Tensor::randn(0f32, 1.0 / (fan_in as f32).sqrt(), dims, device)?)
+        Var::from_tensor(&Tensor::randn(0f32, 1.0 / (fan_in as f32).sqrt(), dims, device)?.to_dtype(spec.dtype)?)
     };
     let x = randn((t, h), 1)?;
     let router = randn((e, h), h)?;
@@ -198,17 +206,19 @@ pub fn bench_case(spec: &MoeBenchSpec, case: MoeCase, device: &Device) -> Result
         Ok(Var::from_tensor(&Tensor::stack(&parts, 0)?)?.as_tensor().clone())
     };
     let stacked = ExpertWeights::new(&stack(|v| &v.0)?, &stack(|v| &v.1)?, &stack(|v| &v.2)?)?;
-    let probe = Tensor::randn(0f32, 1.0, (t, h), device)?;
+    let probe = Tensor::randn(0f32, 1.0, (t, h), device)?.to_dtype(spec.dtype)?;
     let opts = MoeOptions { top_k: case.top_k, routing: Routing::SoftmaxThenTopk, capacity: None };
 
     let mut fused = || -> Result<()> {
         let (y, _) = fused_moe(&x, &router, &stacked, &opts)?;
-        (y * &probe)?.sum_all()?.backward().map(drop)
+        (y * &probe)?.sum_all()?.backward().map(drop)?;
+        device.synchronize()
     };
     let refs: Vec<ExpertRef> = per_expert.iter().map(|(g, u, d)| (g.as_tensor(), u.as_tensor(), d.as_tensor())).collect();
     let mut reference = || -> Result<()> {
         let (y, _) = reference_moe(&x, &router, &refs, &opts)?;
-        (y * &probe)?.sum_all()?.backward().map(drop)
+        (y * &probe)?.sum_all()?.backward().map(drop)?;
+        device.synchronize()
     };
     let (fused, reference) = if spec.reference {
         let t = time_alternating(spec.reps, &mut [&mut fused, &mut reference])?;
@@ -224,7 +234,8 @@ pub fn bench_case(spec: &MoeBenchSpec, case: MoeCase, device: &Device) -> Result
         case,
         tokens: t,
         hidden: h,
-        dtype: "f32",
+        dtype: if spec.dtype == DType::BF16 { "bf16" } else { "f32" },
+        grouped_gemm_path: grouped_gemm_path(device),
         device: if device.is_cpu() { "cpu".into() } else { format!("{:?}", device.location()) },
         threads: rayon::current_num_threads(),
         cpu: crate::isa::CpuInfo::current(),
@@ -240,6 +251,22 @@ pub fn bench_case(spec: &MoeBenchSpec, case: MoeCase, device: &Device) -> Result
         fused_cpu_ms,
         reference_cpu_ms: reference.and_then(|r| r.1),
     })
+}
+
+/// How the grouped products ran on `device` (see [`MoeBenchResult::grouped_gemm_path`]).
+fn grouped_gemm_path(device: &Device) -> &'static str {
+    if device.is_cpu() {
+        return "cpu_tiles";
+    }
+    #[cfg(feature = "cuda")]
+    if device.is_cuda() {
+        return match crate::cuda_ops::gemm_path() {
+            crate::cuda_ops::GemmPath::Grouped => "cublas_grouped",
+            crate::cuda_ops::GemmPath::Looped => "cublas_looped",
+            crate::cuda_ops::GemmPath::None => "none",
+        };
+    }
+    "none"
 }
 
 /// Run every case of `spec`, calling `report` after each (for progress output).
@@ -266,7 +293,7 @@ pub fn format_result(r: &MoeBenchResult) -> String {
     };
     format!(
         "moe T={} H={} E={} k={} F={} {} {} ({} threads): fused {:9.1} ms{} {:6.1} GFLOP/s{reference}\n  \
-         grouped GEMM {:6.1} GFLOP/s vs one dense GEMM of the same FLOPs {:6.1} GFLOP/s ({:.0} %)",
+         grouped GEMM ({}) {:6.1} GFLOP/s vs one dense GEMM of the same FLOPs {:6.1} GFLOP/s ({:.0} %)",
         r.tokens,
         r.hidden,
         r.case.experts,
@@ -278,6 +305,7 @@ pub fn format_result(r: &MoeBenchResult) -> String {
         r.fused_ms,
         cpu(r.fused_cpu_ms),
         r.fused_gflops,
+        r.grouped_gemm_path,
         r.grouped_gemm_gflops,
         r.dense_gemm_gflops,
         100.0 * r.grouped_vs_dense
@@ -291,7 +319,7 @@ mod tests {
     #[test]
     fn a_tiny_bench_runs_and_reports_both_paths() {
         let case = MoeCase { experts: 4, top_k: 2, ffn: 8 };
-        let spec = MoeBenchSpec { tokens: 32, hidden: 16, cases: vec![case], reps: 1, reference: true };
+        let spec = MoeBenchSpec { tokens: 32, hidden: 16, cases: vec![case], reps: 1, reference: true, dtype: DType::F32 };
         let mut lines = Vec::new();
         let results = bench_moe(&spec, &Device::Cpu, |r| lines.push(format_result(r))).unwrap();
         assert_eq!(results.len(), 1);

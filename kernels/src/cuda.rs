@@ -6,6 +6,7 @@
 //! - `permute.cu`: permute (optionally scaled), unpermute (per token, no atomics), slot dots.
 //! - `swiglu.cu`: fused SwiGLU forward and backward.
 //! - `grouped_gemm.cu`: forward, dX and dW over ragged groups whose offsets stay on the device.
+//! - `ops.cu`: the row kernels of the candle custom ops on CUDA (`cuda_ops.rs`).
 //!
 //! Every kernel has float32 and bfloat16 variants (`_f32`, `_bf16`) with float32 arithmetic.
 //! Loading `libnvrtc`/`libcuda` is guarded by [`nvrtc_available`] / [`driver_available`],
@@ -33,8 +34,45 @@ impl KernelSource {
     }
 }
 
+/// The row kernels behind the candle custom ops on CUDA (`cuda_ops.rs`).
+pub const OPS: KernelSource = KernelSource {
+    name: "ops.cu",
+    body: include_str!("cuda/ops.cu"),
+    functions: &[
+        "btm_gather_f32",
+        "btm_combine_f32",
+        "btm_slot_dots_f32",
+        "btm_scale_rows_f32",
+        "btm_swiglu_packed_fwd_f32",
+        "btm_swiglu_packed_bwd_f32",
+        "btm_gather_bf16",
+        "btm_combine_bf16",
+        "btm_slot_dots_bf16",
+        "btm_scale_rows_bf16",
+        "btm_swiglu_packed_fwd_bf16",
+        "btm_swiglu_packed_bwd_bf16",
+        "btm_causal_softmax_f32",
+        "btm_causal_softmax_bwd_f32",
+        "btm_rms_norm_f32",
+        "btm_rms_norm_bwd_f32",
+        "btm_nll_f32",
+        "btm_nll_bwd_f32",
+        "btm_causal_softmax_bf16",
+        "btm_causal_softmax_bwd_bf16",
+        "btm_rms_norm_bf16",
+        "btm_rms_norm_bwd_bf16",
+        "btm_nll_bf16",
+        "btm_nll_bwd_bf16",
+        "btm_column_partials",
+        "btm_column_totals_f32",
+        "btm_column_totals_bf16",
+        "btm_adamw_moment",
+        "btm_adamw_update",
+    ],
+};
+
 /// Every kernel source of the crate.
-pub const SOURCES: [KernelSource; 4] = [
+pub const SOURCES: [KernelSource; 5] = [
     KernelSource {
         name: "route.cu",
         body: include_str!("cuda/route.cu"),
@@ -62,6 +100,7 @@ pub const SOURCES: [KernelSource; 4] = [
         body: include_str!("cuda/grouped_gemm.cu"),
         functions: &["moe_gemm_fwd_f32", "moe_gemm_dx_f32", "moe_gemm_dw_f32", "moe_gemm_fwd_bf16", "moe_gemm_dx_bf16", "moe_gemm_dw_bf16"],
     },
+    OPS,
 ];
 
 /// Whether `libnvrtc` can be loaded (without cudarc's panic when it cannot).
@@ -292,7 +331,7 @@ pub mod gpu {
 mod tests {
     use super::*;
 
-    /// `cargo test -p btm-kernels --features cuda nvrtc` — a CUDA syntax error fails it.
+    /// `cargo test -p btm-kernels --features nvrtc nvrtc` — a CUDA syntax error fails it.
     #[test]
     fn nvrtc_compiles_every_kernel() {
         if !nvrtc_available() {

@@ -281,6 +281,39 @@ impl CustomOp3 for GroupedGemm {
         Ok((out, shape))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use crate::cuda_ops::{grouped_gemm, Product};
+        let (n, _) = l1.shape().dims2()?;
+        let groups = match self.0 {
+            Kind::Forward | Kind::InputGrad => l2.shape().dims3()?.0,
+            Kind::WeightGrad => l3.shape().dims1()?.saturating_sub(1),
+        };
+        // The offsets come to the host: cuBLAS's grouped call takes host-side group sizes.
+        let Some((start, end)) = l3.contiguous_offsets() else {
+            candle_core::bail!("{}: offsets must be contiguous", self.name());
+        };
+        let all = s3.device.clone_dtoh(s3.as_cuda_slice::<u32>()?)?;
+        let o: Vec<usize> = all[start..end].iter().map(|&v| v as usize).collect();
+        if o.len() != groups + 1 || o[0] != 0 || o[groups] != n || o.windows(2).any(|w| w[0] > w[1]) {
+            candle_core::bail!("grouped_matmul: offsets {o:?} must rise from 0 to {n} over {groups} groups");
+        }
+        let product = match self.0 {
+            Kind::Forward => Product::Forward,
+            Kind::InputGrad => Product::InputGrad,
+            Kind::WeightGrad => Product::WeightGrad,
+        };
+        grouped_gemm(product, s1, l1, s2, l2, &o)
+    }
+
     fn bwd(
         &self,
         x: &Tensor,
@@ -407,6 +440,46 @@ impl CustomOp2 for PlanGemm {
             out
         });
         Ok((out, shape))
+    }
+
+    /// On CUDA the gathered operand is materialised before cuBLAS's grouped product, and the
+    /// combine runs after it (cuBLAS takes dense operands).
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use crate::cuda_ops::{combine, gather, grouped_gemm, Product};
+        let plan = &*self.plan;
+        let offsets: Vec<usize> = plan.offsets().iter().map(|&o| o as usize).collect();
+        let (a_dims, b_dims) = (l1.shape().dims(), l2.shape().dims());
+        let n = plan.kept();
+        match self.which {
+            Which::GatherForward => {
+                let x = gather(s1, l1, None, plan)?;
+                grouped_gemm(Product::Forward, &x, &Layout::contiguous((n, a_dims[1])), s2, l2, &offsets)
+            }
+            Which::CombineForward => {
+                let (y, _) = grouped_gemm(Product::Forward, s1, l1, s2, l2, &offsets)?;
+                let y = combine(&y, &Layout::contiguous((n, b_dims[1])), None, plan)?;
+                Ok((y, Shape::from((plan.tokens(), b_dims[1]))))
+            }
+            Which::GatherWeightGrad => {
+                let x = gather(s2, l2, None, plan)?;
+                grouped_gemm(Product::WeightGrad, s1, l1, &x, &Layout::contiguous((n, b_dims[1])), &offsets)
+            }
+            Which::CombineInputGrad => {
+                let g = gather(s1, l1, None, plan)?;
+                grouped_gemm(Product::InputGrad, &g, &Layout::contiguous((n, a_dims[1])), s2, l2, &offsets)
+            }
+            Which::CombineWeightGrad => {
+                let g = gather(s1, l1, None, plan)?;
+                grouped_gemm(Product::WeightGrad, &g, &Layout::contiguous((n, a_dims[1])), s2, l2, &offsets)
+            }
+        }
     }
 
     fn bwd(&self, a: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {

@@ -11,6 +11,8 @@
 //! - [`attention`]: causal grouped-query attention with rotary embeddings over packed q/k/v
 //!   rows, FlashAttention-style backward (probabilities recomputed), masked blocks skipped.
 //! - [`norm`]: RMSNorm, forward and backward in one pass each.
+//! - [`softmax`]: the causal softmax of attention scores (scale, mask, softmax in one pass), for
+//!   attention through the vendor library's matrix products (CUDA).
 //! - [`isa`]: the instruction set chosen at run time (baseline, AVX2, AVX-512; capped by
 //!   `BTM_CPU_ISA`) and [`multiversion!`], which compiles a hot loop once per level.
 //! - [`math`]: an inlinable `exp` the kernels' loops vectorise with.
@@ -19,7 +21,10 @@
 //! - [`expert_parallel`]: the fused layer with its experts spread over ranks, tokens sent to
 //!   them by all-to-all ([`expert_parallel_moe`]).
 //! - [`bench`]: fused vs reference timings (`btm bench moe`).
-//! - `cuda` (feature `cuda`): the same kernels as CUDA sources, compiled at run time by NVRTC.
+//! - `cuda` (feature `nvrtc`): the same kernels as CUDA sources, compiled at run time by NVRTC.
+//! - `cuda_ops` (feature `cuda`): the fused layer's candle ops on CUDA (cuBLAS grouped GEMM,
+//!   NVRTC row kernels), so [`fused_moe`] and its backward run on a GPU
+//!   ([`fused_ops_on`]).
 //!
 //! The CPU kernels are multi-threaded with rayon; the matrix products use the `gemm` crate
 //! (the cache-blocked kernels behind candle's CPU matmul).
@@ -27,10 +32,11 @@
 //! Checks:
 //! - `cargo test -p btm-kernels`: every op against its definition and the reference loop,
 //!   finite differences in float64, determinism across thread counts.
-//! - `eval "$(scripts/cuda-toolkit.sh --nvrtc-only)" && cargo test -p btm-kernels --features cuda nvrtc`:
+//! - `eval "$(scripts/cuda-toolkit.sh --nvrtc-only)" && cargo test -p btm-kernels --features nvrtc nvrtc`:
 //!   every CUDA kernel compiles with NVRTC (skips, saying so, when libnvrtc is absent).
-//! - `cargo test -p btm-kernels --features cuda gpu` on a GPU machine: the device kernels
-//!   against the CPU ops.
+//! - `cargo test -p btm-kernels --features cuda gpu` on a GPU machine (`scripts/gpu-check.sh`
+//!   runs this test binary, built and packed here by `scripts/pack-gpu.sh`): the raw kernels
+//!   and the candle ops on CUDA against the CPU ops.
 //! - `cargo run --release -p btm-kernels --example bench_moe -- [--tokens T] [--json]`:
 //!   fused vs reference timings (the code behind `btm bench moe`).
 
@@ -39,8 +45,10 @@
 pub mod attention;
 pub mod bench;
 mod cpu;
-#[cfg(feature = "cuda")]
+#[cfg(feature = "nvrtc")]
 pub mod cuda;
+#[cfg(feature = "cuda")]
+pub mod cuda_ops;
 pub mod expert_parallel;
 pub mod grouped_gemm;
 pub mod isa;
@@ -49,6 +57,7 @@ pub mod moe;
 pub mod norm;
 pub mod permute;
 pub mod router;
+pub mod softmax;
 pub mod swiglu;
 #[cfg(test)]
 mod testing;
@@ -60,4 +69,12 @@ pub use moe::{fused_moe, reference_moe, ExpertWeights, MoeOptions, RouterStats};
 pub use norm::rms_norm;
 pub use permute::{permute, scale_rows, unpermute, unpermute_sum, RoutePlan};
 pub use router::{load_balancing_loss, load_balancing_loss_with_counts, route, z_loss, Capacity, DropPolicy, Routed, Routing};
+pub use softmax::causal_softmax;
 pub use swiglu::swiglu_packed;
+
+/// Whether the fused ops ([`fused_moe`] and the ops under it, [`rms_norm`], [`swiglu_packed`],
+/// [`causal_softmax`]) run on `device`: always on the CPU (float32, float64); on CUDA in builds
+/// with the `cuda` feature (float32, bfloat16).
+pub fn fused_ops_on(device: &candle_core::Device) -> bool {
+    device.is_cpu() || (cfg!(feature = "cuda") && device.is_cuda())
+}

@@ -150,7 +150,18 @@ pub fn route_tokens(x: &Tensor, router: &Tensor, opts: &MoeOptions) -> Result<Ro
     Ok(RouterStats { logits, routed, plan })
 }
 
-/// The fused MoE layer: `x` [T, H] (any float dtype; computed in f64 if `x` is f64, else f32),
+/// The experts' compute dtype for inputs `x`: float64 stays float64 (gradient checks); on CUDA
+/// bfloat16 stays bfloat16 (tensor-core GEMMs, float32 accumulation); everything else runs in
+/// float32.
+fn compute_dtype(x: &Tensor) -> DType {
+    match x.dtype() {
+        DType::F64 => DType::F64,
+        DType::BF16 if x.device().is_cuda() => DType::BF16,
+        _ => DType::F32,
+    }
+}
+
+/// The fused MoE layer: `x` [T, H] (any float dtype; computed as [`compute_dtype`] says),
 /// router [E, H], stacked experts. Returns y [T, H] in `x`'s dtype and the router's record.
 pub fn fused_moe(x: &Tensor, router: &Tensor, experts: &ExpertWeights, opts: &MoeOptions) -> Result<(Tensor, RouterStats)> {
     let (_, h) = x.dims2()?;
@@ -159,7 +170,7 @@ pub fn fused_moe(x: &Tensor, router: &Tensor, experts: &ExpertWeights, opts: &Mo
         candle_core::bail!("fused_moe: x {:?}, router {:?}, experts [{e}, _, {hw}]", x.dims(), router.dims());
     }
     let stats = route_tokens(x, router, opts)?;
-    let dtype = if x.dtype() == DType::F64 { DType::F64 } else { DType::F32 };
+    let dtype = compute_dtype(x);
     let plan = &stats.plan;
     let xc = x.to_dtype(dtype)?;
     let gate_up = gather_matmul(&xc, &experts.gate_up.to_dtype(dtype)?, plan)?;

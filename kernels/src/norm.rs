@@ -1,4 +1,5 @@
-//! Fused RMSNorm (Zhang & Sennrich 2019) for the CPU, with its backward pass.
+//! Fused RMSNorm (Zhang & Sennrich 2019) for the CPU (and CUDA, `cuda_ops.rs`), with its
+//! backward pass.
 //!
 //! `y = x · r · w` with `r = 1 / √(mean(x²) + ε)` per row. With `u = G ⊙ w`:
 //! - `dx = r · u − x · r³ · mean(u ⊙ x)`
@@ -106,6 +107,17 @@ impl CustomOp2 for RmsNorm {
         Ok((out, l1.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        Ok((crate::cuda_ops::rms_norm(s1, l1, s2, l2, self.eps)?, l1.shape().clone()))
+    }
+
     fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let both = x.apply_op3_no_bwd(w, &grad.contiguous()?, &RmsNormGrad { eps: self.eps })?;
         let n = x.elem_count();
@@ -130,6 +142,20 @@ impl CustomOp3 for RmsNormGrad {
         let name = "rms-norm-grad";
         let out =
             by_dtype!(s1.dtype(), name, |T| backward_cpu::<T>(slice(s1, l1, name)?, slice(s2, l2, name)?, slice(s3, l3, name)?, self.eps));
+        Ok((out, Shape::from(l1.shape().elem_count() + l2.shape().elem_count())))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let out = crate::cuda_ops::rms_norm_grad(s1, l1, s2, l2, s3, l3, self.eps)?;
         Ok((out, Shape::from(l1.shape().elem_count() + l2.shape().elem_count())))
     }
 }

@@ -272,6 +272,11 @@ impl CustomOp1 for Permute {
     fn name(&self) -> &'static str {
         "moe-permute"
     }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (_, h) = l.shape().dims2()?;
+        Ok((crate::cuda_ops::gather(s, l, None, &self.0)?, Shape::from((self.0.kept(), h))))
+    }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (_, h) = l.shape().dims2()?;
         let out = by_dtype!(s.dtype(), "permute", |T| permute_cpu::<T>(&self.0, slice(s, l, "permute")?, h, None));
@@ -286,6 +291,11 @@ impl CustomOp1 for UnpermuteSum {
     fn name(&self) -> &'static str {
         "moe-unpermute-sum"
     }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (_, h) = l.shape().dims2()?;
+        Ok((crate::cuda_ops::combine(s, l, None, &self.0)?, Shape::from((self.0.tokens, h))))
+    }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (_, h) = l.shape().dims2()?;
         let out = by_dtype!(s.dtype(), "unpermute_sum", |T| unpermute_cpu::<T>(&self.0, slice(s, l, "unpermute_sum")?, h, None));
@@ -299,6 +309,17 @@ impl CustomOp1 for UnpermuteSum {
 impl CustomOp2 for Unpermute {
     fn name(&self) -> &'static str {
         "moe-unpermute"
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (_, h) = l1.shape().dims2()?;
+        Ok((crate::cuda_ops::combine(s1, l1, Some((s2, l2)), &self.0)?, Shape::from((self.0.tokens, h))))
     }
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         same_dtype(s1, s2, "unpermute")?;
@@ -323,6 +344,17 @@ impl CustomOp2 for PermuteScaled {
     fn name(&self) -> &'static str {
         "moe-permute-scaled"
     }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (_, h) = l1.shape().dims2()?;
+        Ok((crate::cuda_ops::gather(s1, l1, Some((s2, l2)), &self.0)?, Shape::from((self.0.kept(), h))))
+    }
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         same_dtype(s1, s2, "permute_scaled")?;
         let (_, h) = l1.shape().dims2()?;
@@ -339,6 +371,17 @@ impl CustomOp2 for PermuteScaled {
 impl CustomOp2 for SlotDots {
     fn name(&self) -> &'static str {
         "moe-slot-dots"
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let out = crate::cuda_ops::slot_dots(s1, l1, s2, l2, &self.0, false)?;
+        Ok((out, Shape::from((self.0.tokens, self.0.top_k))))
     }
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         same_dtype(s1, s2, "slot_dots")?;
@@ -357,6 +400,16 @@ impl CustomOp2 for SlotDots {
 impl CustomOp2 for ScaleRows {
     fn name(&self) -> &'static str {
         "moe-scale-rows"
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        Ok((crate::cuda_ops::scale_rows(s1, l1, s2, l2, &self.0)?, l1.shape().clone()))
     }
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         same_dtype(s1, s2, "scale_rows")?;
@@ -380,6 +433,17 @@ impl CustomOp2 for ScaleRows {
 impl CustomOp2 for RowDots {
     fn name(&self) -> &'static str {
         "moe-row-dots"
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let out = crate::cuda_ops::slot_dots(s1, l1, s2, l2, &self.0, true)?;
+        Ok((out, Shape::from((self.0.tokens, self.0.top_k))))
     }
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         same_dtype(s1, s2, "row_dots")?;

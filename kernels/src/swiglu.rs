@@ -80,6 +80,11 @@ impl CustomOp1 for SwiGluPacked {
     fn name(&self) -> &'static str {
         "swiglu-packed"
     }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (n, two_f) = l.shape().dims2()?;
+        Ok((crate::cuda_ops::swiglu_packed(s, l)?, Shape::from((n, two_f / 2))))
+    }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (n, two_f) = l.shape().dims2()?;
         let out = by_dtype!(s.dtype(), "swiglu-packed", |T| packed_forward_cpu::<T>(slice(s, l, "swiglu-packed")?, two_f / 2));
@@ -93,6 +98,16 @@ impl CustomOp1 for SwiGluPacked {
 impl CustomOp2 for SwiGluPackedGrad {
     fn name(&self) -> &'static str {
         "swiglu-packed-grad"
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        Ok((crate::cuda_ops::swiglu_packed_grad(s1, l1, s2, l2)?, l1.shape().clone()))
     }
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let name = "swiglu-packed-grad";

@@ -7,7 +7,9 @@
 //! from the autograd graph, so they are not used), and, on the CPU in float32/float64, through
 //! the fused `btm-kernels` ops with hand-written backward passes (one graph node per norm,
 //! attention and SwiGLU instead of chains of ten or twenty), which is what makes CPU training
-//! fast. [`Transformer::set_fused_kernels`] picks the primitives on the CPU too; a test checks
+//! fast. On CUDA (the `cuda` feature of `btm-kernels`) RMSNorm, SwiGLU, the attention's causal
+//! softmax and the MoE layer run as the same ops' CUDA kernels, the matrix products as cuBLAS's.
+//! [`Transformer::set_fused_kernels`] picks the primitives on the CPU too; a test checks
 //! both give the same logits and gradients. Between layers the residual stream is kept as
 //! [B·T, H] rows: a reshape is a graph node whose gradient costs a pass of its own. Numerics
 //! follow transformers' eager implementation: RMSNorm and attention softmax in float32, router
@@ -36,7 +38,7 @@ impl RmsNorm {
 
 impl Module for RmsNorm {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        if self.fused && fused_cpu(xs) && self.weight.dtype() == xs.dtype() {
+        if self.fused && (fused_cpu(xs) || fused_gpu(xs)) && self.weight.dtype() == xs.dtype() {
             return btm_kernels::rms_norm(xs, &self.weight, self.eps);
         }
         let dtype = xs.dtype();
@@ -51,6 +53,13 @@ impl Module for RmsNorm {
 /// tensor: CPU storage in float32 or float64. Other devices and dtypes use the primitives.
 fn fused_cpu(xs: &Tensor) -> bool {
     xs.device().is_cpu() && matches!(xs.dtype(), DType::F32 | DType::F64)
+}
+
+/// Whether the CUDA kernels of `btm-kernels` serve a tensor: CUDA storage in float32 or
+/// bfloat16, in a build with the `cuda` feature. They fuse RMSNorm, SwiGLU and the attention's
+/// causal softmax (the attention's products stay cuBLAS's); RMSNorm and softmax run in float32.
+fn fused_gpu(xs: &Tensor) -> bool {
+    xs.device().is_cuda() && btm_kernels::fused_ops_on(xs.device()) && matches!(xs.dtype(), DType::F32 | DType::BF16)
 }
 
 /// Rotary position embeddings (Su et al. 2021) with the `rotate_half` convention of
@@ -218,8 +227,13 @@ impl Attention {
         let (k, v) = (repeat_kv(&k, group)?, repeat_kv(&v, group)?);
 
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?.broadcast_add(mask)?;
-        let probs = softmax_last(&scores)?.to_dtype(v.dtype())?;
+        let probs = if self.fused && fused_gpu(&q) {
+            // Scale, causal mask and softmax in one kernel, the [T, T] scores kept in q's dtype.
+            btm_kernels::causal_softmax(&q.matmul(&k.t()?)?, scale, self.sliding_window)?
+        } else {
+            let scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?.broadcast_add(mask)?;
+            softmax_last(&scores)?.to_dtype(v.dtype())?
+        };
         let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b * t, self.num_heads * self.head_dim))?;
         self.o_proj.forward(&out)
     }
@@ -282,7 +296,7 @@ impl SwiGlu {
 
 impl Module for SwiGlu {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        if self.fused && fused_cpu(xs) && xs.rank() == 2 {
+        if self.fused && (fused_cpu(xs) || fused_gpu(xs)) && xs.rank() == 2 {
             // Gate and up as one product: the input's gradient is then one GEMM, not two
             // GEMMs and a sum.
             let gate_up = Tensor::cat(&[self.gate_proj.weight(), self.up_proj.weight()], 0)?;
@@ -373,8 +387,9 @@ impl RouterOutput {
 /// A Mixture-of-Experts FFN: a float32 router picks `top_k` of E SwiGLU experts per token;
 /// an optional shared expert (Qwen2-MoE) sees every token, optionally behind a sigmoid gate.
 ///
-/// On the CPU the block runs the fused kernels of `btm-kernels` (permute, grouped GEMM,
-/// unpermute; optional capacity limit with token dropping). Elsewhere, and on request, it runs
+/// On the CPU, and on CUDA in builds with the `cuda` feature, the block runs the fused kernels
+/// of `btm-kernels` (permute, grouped GEMM, unpermute; optional capacity limit with token
+/// dropping). Elsewhere, and on request, it runs
 /// the plain reference path (a loop over experts with `index_select`/`index_add`, dropless),
 /// which the fused kernels are tested against.
 #[derive(Debug, Clone)]
@@ -386,7 +401,7 @@ pub struct MoeBlock {
     shared_expert_gate: Option<Linear>,
     top_k: usize,
     routing: Routing,
-    /// Use the fused kernels (CPU only).
+    /// Use the fused kernels (CPU; CUDA with the `cuda` feature).
     fused: bool,
     /// Whether stacked experts, taken apart for the reference loop, use the fused SwiGLU.
     expert_fused: bool,
@@ -436,7 +451,7 @@ impl MoeBlock {
             ),
         };
         Ok(Self {
-            fused: router.device().is_cpu(),
+            fused: btm_kernels::fused_ops_on(router.device()),
             router,
             experts,
             expert_fused: true,
@@ -532,9 +547,10 @@ impl MoeBlock {
         Ok((out, RouterOutput { logits, routed, dropped: 0 }))
     }
 
-    /// Use the fused kernels (`true`, CPU only) or the reference loop.
+    /// Use the fused kernels (`true`; where [`btm_kernels::fused_ops_on`]) or the
+    /// reference loop.
     pub fn set_fused(&mut self, fused: bool) {
-        self.fused = fused && self.router.device().is_cpu();
+        self.fused = fused && btm_kernels::fused_ops_on(self.router.device());
     }
 
     /// Limit each expert to `ceil(T·k/E · factor)` assignments (fused path); `None` = dropless.

@@ -5,8 +5,17 @@
 //! |--------|-------|--------|--------|------------|-----|-----|-------|
 //! | tiny   | 4096  | 256    | 4      | 4 (4)      | 688 | 256 | 8     |
 //! | small  | 8192  | 512    | 8      | 8 (8)      | 1376| 512 | 8     |
+//! | gpt-125m | 50304 | 768  | 12     | 12 (12)    | 2048| 1024| 16    |
 //!
-//! `--moe` turns every FFN into 4 experts of the same width, top-2 (Mixtral routing).
+//! `--moe` turns every FFN into experts of the same width, top-2 (Mixtral routing): 4 experts
+//! for tiny and small, 8 for gpt-125m (GPT-2 small's shape with a Llama block; its SwiGLU width
+//! 2048 ≈ 8/3 · 768 keeps the parameters besides the input embedding at 124 M, as nanoGPT's
+//! GPT-2 has in all with its tied embedding; untied here, 162 M in all).
+//!
+//! On CUDA ([`run`] with a CUDA device) the step runs in bfloat16 mixed precision (float32
+//! master weights and AdamW moments); the result adds model FLOPs utilisation (PaLM's
+//! 6·N + 12·L·H·T FLOPs per token, N the parameters a token passes through, against the
+//! device's dense bfloat16 peak) and the peak of the device memory pool.
 //!
 //! Under `mpirun -np N` ([`run`] with [`Ranks`] of N), each rank trains its own batch of the
 //! preset's size: the MoE's experts split over the ranks (expert parallelism), a dense model
@@ -29,20 +38,22 @@ use std::time::Instant;
 /// A benchmark shape.
 #[derive(Debug, Clone)]
 pub struct Preset {
+    pub name: &'static str,
     pub config: ModelConfig,
     pub seq_len: usize,
     pub batch_size: usize,
 }
 
 pub fn preset(name: &str, moe: bool) -> Result<Preset> {
-    let (vocab, hidden, layers, heads, ffn, seq_len) = match name {
-        "tiny" => (4096, 256, 4, 4, 688, 256),
-        "small" => (8192, 512, 8, 8, 1376, 512),
-        other => bail!("unknown preset `{other}` (expected tiny or small)"),
+    let (name, vocab, hidden, layers, heads, ffn, seq_len, batch_size, experts) = match name {
+        "tiny" => ("tiny", 4096, 256, 4, 4, 688, 256, 8, 4),
+        "small" => ("small", 8192, 512, 8, 8, 1376, 512, 8, 4),
+        "gpt-125m" => ("gpt-125m", 50304, 768, 12, 12, 2048, 1024, 16, 8),
+        other => bail!("unknown preset `{other}` (expected tiny, small or gpt-125m)"),
     };
     let config = ModelConfig {
         moe: moe.then(|| MoeConfig {
-            experts: 4,
+            experts,
             top_k: 2,
             routing: Routing::TopkThenSoftmax,
             expert_ffn: ffn,
@@ -52,7 +63,18 @@ pub fn preset(name: &str, moe: bool) -> Result<Preset> {
         ..ModelConfig::llama(vocab, hidden, layers, heads, heads, ffn)
     };
     config.validate()?;
-    Ok(Preset { config, seq_len, batch_size: 8 })
+    Ok(Preset { name, config, seq_len, batch_size })
+}
+
+impl Preset {
+    /// Model FLOPs per trained token (forward and backward): PaLM's `6·N + 12·L·H·T` (Chowdhery
+    /// et al. 2022, appendix B), N the non-embedding parameters a token passes through (the
+    /// output projection counted, the input embedding, a lookup, not).
+    pub fn flops_per_token(&self) -> f64 {
+        let c = &self.config;
+        let n = c.num_active_parameters() - c.vocab_size * c.hidden_size;
+        6.0 * n as f64 + 12.0 * (c.num_layers * c.hidden_size * self.seq_len) as f64
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -61,6 +83,18 @@ pub struct BenchResult {
     pub peak_rss_mb: f64,
     pub preset: String,
     pub moe: bool,
+    /// `cpu`, or `cuda` and the GPU's name.
+    pub device: String,
+    /// The forward and backward passes' dtype (`f32`, or `bf16` mixed precision on CUDA).
+    pub dtype: String,
+    /// Model FLOPs per token ([`Preset::flops_per_token`]).
+    pub flops_per_token: f64,
+    /// Achieved model FLOP/s over the device's dense bfloat16 peak (CUDA only).
+    pub mfu: Option<f64>,
+    /// The peak the MFU is taken against, in TFLOP/s.
+    pub peak_tflops: Option<f64>,
+    /// High-water mark of the device memory pool over the timed steps, MiB (CUDA only).
+    pub peak_device_memory_mb: Option<f64>,
     pub threads: usize,
     /// The processor, the instruction set btm's kernels ran with and the GEMM kernels.
     pub cpu: btm_kernels::isa::CpuInfo,
@@ -89,15 +123,33 @@ pub fn peak_rss_mb() -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
+/// Where `btm bench train` runs.
+#[derive(Debug, Clone)]
+pub struct BenchDevice {
+    pub device: Device,
+    /// Dense bfloat16 peak of the GPU in TFLOP/s, for the MFU (`None`: not reported).
+    pub peak_tflops: Option<f64>,
+}
+
+impl BenchDevice {
+    /// The CPU.
+    pub fn cpu() -> Self {
+        Self { device: Device::Cpu, peak_tflops: None }
+    }
+}
+
 /// Time `steps` training steps (after one untimed warm-up step) of `preset`, as one of `ranks`.
-pub fn run(name: &str, moe: bool, threads: usize, steps: usize, ranks: &Ranks) -> Result<BenchResult> {
+pub fn run(name: &str, moe: bool, threads: usize, steps: usize, ranks: &Ranks, on: &BenchDevice) -> Result<BenchResult> {
     crate::train::tune_runtime(Some(threads));
     let p = preset(name, moe)?;
-    let device = Device::Cpu;
+    let device = on.device.clone();
+    let cuda = device.is_cuda();
     let shard = ranks.expert_shard(&p.config)?;
     let weights = Weights::random_sharded(&p.config, 0, &device, &Trainable::default(), shard.as_ref())?;
     let mut stepper = Stepper::new(weights, &Optimizer::default(), &Moe::default(), Some(1.0))?;
     stepper.set_ranks(ranks.clone());
+    let dtype = if cuda { candle_core::DType::BF16 } else { candle_core::DType::F32 };
+    stepper.set_compute_dtype(dtype)?;
     let mut rng = SplitMix64::new(&[ranks.rank() as u64]);
     let mut batch = || {
         let seqs: Vec<Vec<u32>> =
@@ -105,6 +157,11 @@ pub fn run(name: &str, moe: bool, threads: usize, steps: usize, ranks: &Ranks) -
         to_batch(&seqs, &device)
     };
     stepper.step(&[batch()?.into()], 1e-4)?;
+    device.synchronize()?;
+    let memory = crate::device::Memory::of(&device)?;
+    if let Some(m) = &memory {
+        m.reset_peak()?;
+    }
     ranks.barrier()?;
     let mut phases = [Vec::new(), Vec::new(), Vec::new(), Vec::new()];
     let start = Instant::now();
@@ -116,18 +173,31 @@ pub fn run(name: &str, moe: bool, threads: usize, steps: usize, ranks: &Ranks) -
             v.push(x);
         }
     }
+    device.synchronize()?;
     ranks.barrier()?;
     let secs = start.elapsed().as_secs_f64();
+    let peak_device_memory_mb = match &memory {
+        Some(m) => Some(m.peak_bytes()? as f64 / (1 << 20) as f64),
+        None => None,
+    };
     let [forward_s, backward_s, optimizer_s, collective_s] = phases.map(|mut v| {
         v.sort_by(f64::total_cmp);
         v.get(v.len() / 2).copied().unwrap_or(0.0)
     });
     let tokens = (steps * p.batch_size * p.seq_len * ranks.world()) as f64;
+    let flops_per_token = p.flops_per_token();
+    let peak_tflops = on.peak_tflops.filter(|_| cuda);
     Ok(BenchResult {
         tokens_per_s: tokens / secs,
         peak_rss_mb: peak_rss_mb(),
-        preset: name.into(),
+        preset: p.name.into(),
         moe,
+        device: crate::device::describe(&device),
+        dtype: if cuda { "bf16".into() } else { "f32".into() },
+        flops_per_token,
+        mfu: peak_tflops.map(|peak| tokens / secs / ranks.world() as f64 * flops_per_token / (peak * 1e12)),
+        peak_tflops,
+        peak_device_memory_mb,
         threads,
         cpu: btm_kernels::isa::CpuInfo::current(),
         steps,
@@ -155,6 +225,16 @@ mod tests {
         assert_eq!((m.config.hidden_size, m.config.intermediate_size, m.seq_len), (512, 1376, 512));
         assert!(preset("huge", false).is_err());
         assert!(peak_rss_mb() > 0.0);
+        // GPT-2 small's shape: 123.6 M parameters besides the input embedding; per token
+        // 6 · 123,587,328 + 12 · 12 · 768 · 1024 FLOPs (scripts/bench_train_torch.py agrees).
+        let g = preset("gpt-125m", false).unwrap();
+        assert_eq!((g.config.hidden_size, g.config.num_layers, g.config.vocab_size, g.seq_len, g.batch_size), (768, 12, 50304, 1024, 16));
+        assert_eq!(g.config.num_parameters() - 50304 * 768, 123_587_328);
+        assert_eq!(g.flops_per_token(), 854_770_176.0);
+        let gm = preset("gpt-125m", true).unwrap();
+        assert_eq!(gm.config.moe.as_ref().map(|m| (m.experts, m.top_k)), Some((8, 2)));
+        // Two of the eight experts count per token, and each layer's router [8, 768].
+        assert_eq!(gm.flops_per_token(), 854_770_176.0 + 6.0 * (12 * (3 * 768 * 2048 + 8 * 768)) as f64);
     }
 }
 

@@ -16,6 +16,8 @@
 pub mod bench;
 pub mod checkpoint;
 pub mod data;
+pub mod device;
+pub mod device_check;
 pub mod distributed;
 pub mod external;
 pub mod indexed;

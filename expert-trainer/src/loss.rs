@@ -6,7 +6,8 @@
 //! loss makes about ten full passes over the [tokens, vocab] logits and as many temporary
 //! tensors of that size, which is a sizeable share of a small model's step. Rows are split
 //! across threads; each row is computed by exactly one thread in a fixed order, so results do
-//! not depend on the thread count. Other devices use the primitive formulation.
+//! not depend on the thread count. On CUDA the same two passes are the kernels `btm_nll` and
+//! `btm_nll_bwd` of btm-kernels (one block per row). Other devices use the primitive formulation.
 
 use btm_kernels::math::exp_f32;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
@@ -17,14 +18,22 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     // Rows [N, V] go in as they are: a reshape is a graph node, and its gradient costs a pass
     // over the whole [N, V] gradient.
     let logits = if logits.rank() == 2 { logits.clone() } else { logits.reshape(((), v))? };
-    let logits = logits.to_dtype(DType::F32)?;
     let targets = targets.flatten_all()?.to_dtype(DType::U32)?;
     if logits.device().is_cpu() {
-        let logits = logits.contiguous()?;
+        let logits = logits.to_dtype(DType::F32)?.contiguous()?;
         let targets = targets.contiguous()?;
         return logits.apply_op2(&targets, RowNll)?.mean_all();
     }
-    cross_entropy_reference(&logits, &targets)
+    // On CUDA the fused op reads bfloat16 logits as they are (float32 arithmetic): no float32
+    // copy of the [tokens, vocab] matrix.
+    if cfg!(feature = "cuda") && logits.device().is_cuda() && matches!(logits.dtype(), DType::F32 | DType::BF16) {
+        // The kernel indexes rows by target: check the range here, as the CPU op does.
+        if targets.elem_count() > 0 && targets.max_all()?.to_scalar::<u32>()? as usize >= v {
+            candle_core::bail!("cross-entropy: a target is outside the vocabulary ({v})");
+        }
+        return logits.contiguous()?.apply_op2(&targets.contiguous()?, RowNll)?.mean_all();
+    }
+    cross_entropy_reference(&logits.to_dtype(DType::F32)?, &targets)
 }
 
 /// The same loss from differentiable candle primitives (any device).
@@ -137,6 +146,18 @@ impl CustomOp2 for RowNll {
         Ok((CpuStorage::F32(out), Shape::from(n)))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (n, _) = l1.shape().dims2()?;
+        Ok((btm_kernels::cuda_ops::nll(s1, l1, s2, l2)?, Shape::from(n)))
+    }
+
     fn bwd(&self, logits: &Tensor, targets: &Tensor, res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         // The backward pass needs each row's log-sum-exp; nll = lse − logit[target] gives it
         // back without another pass of exponentials. Custom ops take three inputs, so the
@@ -179,6 +200,20 @@ impl CustomOp3 for RowNllGrad {
         let mut out = vec![0f32; n * v];
         par_rows(&mut out, v, |first, block| nll_grad_rows(block, logits, targets, grad, nll, first, v));
         Ok((CpuStorage::F32(out), Shape::from((n, v))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (n, v) = l1.shape().dims2()?;
+        Ok((btm_kernels::cuda_ops::nll_grad(s1, l1, s2, l2, s3, l3)?, Shape::from((n, v))))
     }
 }
 

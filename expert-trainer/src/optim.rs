@@ -15,8 +15,9 @@
 //! On the CPU (float32 weights, moments and gradients) the update runs in place, in three
 //! multi-threaded passes per tensor (m, v, then p) with the clipping factor folded in; as
 //! candle tensor operations it is about a dozen passes and as many temporaries per tensor,
-//! which cost three times the update itself. Other devices use the tensor operations.
-//! Both compute the same f32 expressions in the same order.
+//! which cost three times the update itself. On CUDA (the `cuda` feature) the same three
+//! passes are kernels of btm-kernels (`btm_adamw_moment`, `btm_adamw_update`). Other devices use
+//! the tensor operations. All compute the same f32 expressions in the same order.
 
 use crate::spec;
 use anyhow::{bail, Context, Result};
@@ -53,8 +54,9 @@ pub struct AdamW {
     pub weight_decay: f64,
     /// Updates taken so far.
     pub t: u64,
-    /// Update float32 CPU tensors in place (the default); `false` uses the tensor operations
-    /// everywhere (what other devices use; the in-place kernels are tested against it).
+    /// Update float32 tensors in place on the CPU and on CUDA (the default); `false` uses the
+    /// tensor operations everywhere (what other devices use; the in-place kernels are tested
+    /// against it).
     pub in_place_cpu: bool,
 }
 
@@ -121,7 +123,8 @@ impl AdamW {
         for (p, g) in self.params.iter_mut().zip(grads) {
             let g = g.detach().to_dtype(DType::F32)?;
             let w = p.var.as_tensor();
-            if self.in_place_cpu && w.device().is_cpu() && w.dtype() == DType::F32 {
+            let in_place_here = w.device().is_cpu() || (cfg!(feature = "cuda") && w.device().is_cuda());
+            if self.in_place_cpu && in_place_here && w.dtype() == DType::F32 {
                 let g = g.contiguous()?;
                 let decay = if p.decay { self.weight_decay } else { 0.0 };
                 let whole = std::iter::once(0..w.elem_count()).collect::<Vec<_>>();
@@ -195,12 +198,18 @@ impl AdamW {
 /// The global L2 norm of all gradients (summed in float64 in a fixed order).
 pub fn global_norm(grads: &[Tensor]) -> Result<f64> {
     let mut sum = 0f64;
+    // Off the CPU the per-tensor sums stay on the device and come back as one vector: one
+    // synchronisation per step, not one per tensor.
+    let mut on_device = Vec::new();
     for g in grads {
-        sum += if g.device().is_cpu() && g.dtype() == DType::F32 {
-            g.contiguous()?.apply_op1_no_bwd(&SumOfSquares)?.to_scalar::<f64>()?
+        if g.device().is_cpu() && g.dtype() == DType::F32 {
+            sum += g.contiguous()?.apply_op1_no_bwd(&SumOfSquares)?.to_scalar::<f64>()?;
         } else {
-            g.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?
-        };
+            on_device.push(g.to_dtype(DType::F32)?.sqr()?.sum_all()?);
+        }
+    }
+    if !on_device.is_empty() {
+        sum += Tensor::stack(&on_device, 0)?.to_dtype(DType::F64)?.to_vec1::<f64>()?.iter().sum::<f64>();
     }
     Ok(sum.sqrt())
 }
@@ -274,6 +283,17 @@ impl InplaceOp2 for Moment {
         m.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK)).for_each(|(m, g)| moment_chunk(m, g, beta, rest, scale, square));
         Ok(())
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &mut candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<()> {
+        btm_kernels::cuda_ops::adamw_moment(s1, l1, s2, l2, self.beta, self.scale, self.square)
+    }
 }
 
 /// In place: `p ← p·(1 − η·λ) − η · (m / bc1) / (sqrt(v / bc2) + ε)`.
@@ -309,6 +329,20 @@ impl InplaceOp3 for Update {
             .zip(m.par_chunks(CHUNK).zip(v.par_chunks(CHUNK)))
             .for_each(|(w, (m, v))| update_chunk(w, m, v, [inv_bc1, inv_bc2, lr, eps, keep]));
         Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &mut candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<()> {
+        let k = [1.0 / self.bc1, 1.0 / self.bc2, self.lr, self.eps, 1.0 - self.lr * self.decay];
+        btm_kernels::cuda_ops::adamw_update(s1, l1, s2, l2, s3, l3, k)
     }
 }
 

@@ -518,14 +518,6 @@ pub fn tune_runtime(threads: Option<usize>) {
     }
 }
 
-pub fn device(name: &str) -> Result<Device> {
-    match name {
-        "cpu" => Ok(Device::Cpu),
-        "cuda" => Device::new_cuda(0).context("device: cuda (build btm with `--features cuda`)"),
-        other => bail!("device: unknown device `{other}` (expected cpu or cuda)"),
-    }
-}
-
 /// Lineage fields that describe what a model is made of — its experts and their seeds, the
 /// calibration text its routers were initialised from, the expert output scale, the routing —
 /// which later jobs read (`btm add-expert` takes its background text and scale from them).
@@ -630,7 +622,7 @@ struct TrainingRun<'a> {
 impl<'a> TrainingRun<'a> {
     /// Join the ranks, find the folders and read the model `init` names (config and tokenizer).
     fn open(spec: &'a JobSpec, quiet: bool) -> Result<Self> {
-        let device = device(&spec.device)?;
+        let device = crate::device::open(&spec.device)?;
         let ranks = Ranks::start(spec.data_parallel, spec.expert_parallel, spec.collective)?;
         let out = spec.out_dir()?;
         let mirror = match spec.mirror_url()? {

@@ -53,6 +53,8 @@ enum Command {
     Average(commands::average::AverageArgs),
     /// Train a model from a checkpoint (or from scratch) as a job file says; resumable.
     Train(commands::train::TrainArgs),
+    /// Check a device (CUDA) against the CPU: logits, the fused MoE layer, a training run.
+    DeviceCheck(commands::device_check::DeviceCheckArgs),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(commands::bench::BenchCommand),
@@ -104,6 +106,7 @@ fn main() {
         Command::Average(args) => commands::average::run(args),
         Command::RemoveExpert(args) => commands::remove_expert::run(args),
         Command::Train(args) => commands::train::run(args),
+        Command::DeviceCheck(args) => commands::device_check::run(args),
         Command::Bench(cmd) => commands::bench::run(cmd),
         Command::Completions { shell } => {
             // Into a buffer, then printed: a closed pipe ends the process quietly (see above).

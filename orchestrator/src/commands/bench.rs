@@ -1,11 +1,13 @@
 //! Benchmarks:
-//! - `btm bench train --preset tiny|small [--moe] --threads N [--steps N] [--json]`: training
-//!   throughput (forward + backward + AdamW on random tokens) and peak memory;
+//! - `btm bench train --preset tiny|small|gpt-125m [--moe] [--device cpu|cuda] --threads N
+//!   [--steps N] [--json]`: training throughput (forward + backward + AdamW on random tokens),
+//!   peak memory, and on CUDA model FLOPs utilisation (bfloat16 mixed precision);
 //! - `btm bench merge [--experts 8] [--json]`: merging ~110M-parameter experts, against `cp`;
 //! - `btm bench orchestrate [--jobs N] [--seconds S]`: the orchestrator's own overhead with N
 //!   jobs of known duration on N slots, then one dependent job;
-//! - `btm bench moe --device cpu [--tokens T] [--json]`: one MoE layer forward + backward,
-//!   fused kernels against the reference loop;
+//! - `btm bench moe --device cpu|cuda [--tokens T] [--json]`: one MoE layer forward +
+//!   backward, fused kernels against the reference loop, and the grouped GEMM against one
+//!   dense GEMM of equal FLOPs (bfloat16 on CUDA);
 //! - `btm bench data [--size-mb 2000] [--reps N] [--json]`: tokenizing a generated JSONL through
 //!   btm's data pipeline against the tokenizers crate's `encode_batch`, with peak memory.
 
@@ -75,12 +77,15 @@ pub struct BenchMergeArgs {
 
 #[derive(Args)]
 pub struct BenchMoeArgs {
-    /// cpu (the CUDA kernels are compiled and checked, not yet benchmarked from here).
+    /// cpu, or cuda (GPU 0; a build with the `cuda` feature).
     #[arg(long, value_enum, default_value_t = super::DeviceArg::Cpu)]
     device: super::DeviceArg,
-    /// Tokens per layer call.
-    #[arg(long, default_value_t = 4096)]
-    tokens: usize,
+    /// Element type (default: float32 on the CPU, bfloat16 on CUDA).
+    #[arg(long, value_enum)]
+    dtype: Option<super::DTypeArg>,
+    /// Tokens per layer call (default: 4096 on the CPU, 16384 on CUDA).
+    #[arg(long)]
+    tokens: Option<usize>,
     /// Model width H.
     #[arg(long, default_value_t = 1024)]
     hidden: usize,
@@ -112,6 +117,10 @@ pub enum Preset {
     Tiny,
     /// Hidden 512, 8 layers, sequences of 512.
     Small,
+    /// GPT-2 small's shape with a Llama block: hidden 768, 12 layers, sequences of 1024,
+    /// batches of 16 (the GPU preset; `--moe`: 8 experts, top-2).
+    #[value(name = "gpt-125m")]
+    Gpt125m,
 }
 
 #[derive(Args)]
@@ -119,9 +128,16 @@ pub struct BenchTrainArgs {
     /// Model shape.
     #[arg(long, value_enum, default_value_t = Preset::Tiny)]
     preset: Preset,
-    /// Every FFN becomes 4 experts, top-2.
+    /// Every FFN becomes experts, top-2 (4 experts; 8 for gpt-125m).
     #[arg(long)]
     moe: bool,
+    /// cpu, or cuda (GPU 0, bfloat16 mixed precision; a build with the `cuda` feature).
+    #[arg(long, value_enum, default_value_t = super::DeviceArg::Cpu)]
+    device: super::DeviceArg,
+    /// The GPU's dense bfloat16 peak in TFLOP/s, for the model FLOPs utilisation (default:
+    /// 989.4, the H100/H200 SXM datasheet figure).
+    #[arg(long, default_value_t = 989.4)]
+    peak_tflops: f64,
     /// CPU threads.
     #[arg(long, default_value_t = 2)]
     threads: usize,
@@ -162,13 +178,13 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Orchestrate(args) => bench_orchestrate(args),
         BenchCommand::Data(args) => bench_data(args),
         BenchCommand::Moe(args) => {
-            anyhow::ensure!(
-                args.device == super::DeviceArg::Cpu,
-                "--device cuda: only cpu is benchmarked here; the CUDA kernels are checked by `cargo test -p btm-kernels --features cuda`"
-            );
-            let spec = btm_kernels::bench::MoeBenchSpec { tokens: args.tokens, hidden: args.hidden, reps: args.reps, ..Default::default() };
+            let device = args.device.device()?;
+            let cuda = device.is_cuda();
+            let dtype = args.dtype.map_or(if cuda { candle_core::DType::BF16 } else { candle_core::DType::F32 }, |d| d.dtype());
+            let tokens = args.tokens.unwrap_or(if cuda { 16384 } else { 4096 });
+            let spec = btm_kernels::bench::MoeBenchSpec { tokens, hidden: args.hidden, reps: args.reps, dtype, ..Default::default() };
             let quiet = args.json;
-            let results = btm_kernels::bench::bench_moe(&spec, &candle_core::Device::Cpu, |r| {
+            let results = btm_kernels::bench::bench_moe(&spec, &device, |r| {
                 if !quiet {
                     println!("{}", btm_kernels::bench::format_result(r));
                 }
@@ -197,8 +213,10 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             let preset = match args.preset {
                 Preset::Tiny => "tiny",
                 Preset::Small => "small",
+                Preset::Gpt125m => "gpt-125m",
             };
-            let r = btm_trainer::bench::run(preset, args.moe, args.threads, args.steps, &ranks)?;
+            let on = btm_trainer::bench::BenchDevice { device: args.device.device()?, peak_tflops: Some(args.peak_tflops) };
+            let r = btm_trainer::bench::run(preset, args.moe, args.threads, args.steps, &ranks, &on)?;
             if !ranks.is_root() {
                 return Ok(());
             }
@@ -206,11 +224,14 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
                 println!("{}", serde_json::to_string(&r)?);
             } else {
                 println!(
-                    "train {}{}{}: {:.0} tokens/s ({:.3} s/step: forward {:.3}, backward {:.3}, optimizer {:.3}, of which collectives {:.3}; {} threads, {} parameters), peak RSS {:.0} MiB; {} ({} kernels, gemm {})",
+                    "train {}{}{} on {} ({}): {:.0} tokens/s{} ({:.3} s/step: forward {:.3}, backward {:.3}, optimizer {:.3}, of which collectives {:.3}; {} threads, {} parameters), peak RSS {:.0} MiB{}; {} ({} kernels, gemm {})",
                     r.preset,
                     if r.moe { " moe" } else { "" },
                     if r.ranks > 1 { format!(" on {} ranks (expert_parallel {})", r.ranks, r.expert_parallel) } else { String::new() },
+                    r.device,
+                    r.dtype,
                     r.tokens_per_s,
+                    r.mfu.map_or(String::new(), |m| format!(", MFU {:.1} % of {} TFLOP/s", 100.0 * m, r.peak_tflops.unwrap_or(0.0))),
                     r.step_s,
                     r.forward_s,
                     r.backward_s,
@@ -219,6 +240,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
                     r.threads,
                     r.parameters,
                     r.peak_rss_mb,
+                    r.peak_device_memory_mb.map_or(String::new(), |m| format!(", peak device memory {m:.0} MiB")),
                     r.cpu.model,
                     r.cpu.isa,
                     r.cpu.gemm_kernel

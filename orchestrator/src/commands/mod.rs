@@ -4,6 +4,7 @@ pub mod add_expert;
 pub mod average;
 pub mod bench;
 pub mod convert;
+pub mod device_check;
 pub mod eval;
 pub mod inspect;
 pub mod merge;
@@ -30,9 +31,9 @@ pub enum DeviceArg {
 impl DeviceArg {
     /// The candle device.
     pub fn device(self) -> Result<Device> {
-        Ok(match self {
-            DeviceArg::Cpu => Device::Cpu,
-            DeviceArg::Cuda => Device::new_cuda(0)?,
+        btm_trainer::device::open(match self {
+            DeviceArg::Cpu => "cpu",
+            DeviceArg::Cuda => "cuda",
         })
     }
 }

@@ -63,12 +63,14 @@ pub struct MoeBenchSpec {
     /// float32 inside the layer either way).
     #[serde(skip)]
     pub dtype: DType,
+    /// The device's dense peak in TFLOP/s for the model FLOPs utilisation (GPU runs).
+    pub peak_tflops: Option<f64>,
 }
 
 impl Default for MoeBenchSpec {
     /// T = 4096 (the CPU target), hidden 1024, both issue shapes, 3 reps.
     fn default() -> Self {
-        Self { tokens: 4096, hidden: 1024, cases: DEFAULT_CASES.to_vec(), reps: 3, reference: true, dtype: DType::F32 }
+        Self { tokens: 4096, hidden: 1024, cases: DEFAULT_CASES.to_vec(), reps: 3, reference: true, dtype: DType::F32, peak_tflops: None }
     }
 }
 
@@ -96,6 +98,14 @@ pub struct MoeBenchResult {
     pub cpu: crate::isa::CpuInfo,
     /// Median forward + backward wall milliseconds of the fused layer.
     pub fused_ms: f64,
+    /// Tokens per second through the fused layer, forward and backward.
+    pub tokens_per_s: f64,
+    /// The fused layer's FLOP/s over `peak_tflops` (GPU runs given a peak).
+    pub mfu: Option<f64>,
+    /// The peak it is taken against, TFLOP/s.
+    pub peak_tflops: Option<f64>,
+    /// The device memory pool's high-water mark over one fused forward + backward, MiB (CUDA).
+    pub peak_device_memory_mb: Option<f64>,
     /// Median forward + backward wall milliseconds of the reference loop.
     pub reference_ms: Option<f64>,
     /// reference_ms / fused_ms.
@@ -220,6 +230,7 @@ pub fn bench_case(spec: &MoeBenchSpec, case: MoeCase, device: &Device) -> Result
         (y * &probe)?.sum_all()?.backward().map(drop)?;
         device.synchronize()
     };
+    let peak_device_memory_mb = peak_memory_of(device, &mut fused)?;
     let (fused, reference) = if spec.reference {
         let t = time_alternating(spec.reps, &mut [&mut fused, &mut reference])?;
         (t[0], Some(t[1]))
@@ -240,6 +251,10 @@ pub fn bench_case(spec: &MoeBenchSpec, case: MoeCase, device: &Device) -> Result
         threads: rayon::current_num_threads(),
         cpu: crate::isa::CpuInfo::current(),
         fused_ms,
+        tokens_per_s: t as f64 / (fused_ms / 1e3),
+        mfu: spec.peak_tflops.filter(|_| !device.is_cpu()).map(|peak| gflops(fused_ms) / (peak * 1e3)),
+        peak_tflops: spec.peak_tflops.filter(|_| !device.is_cpu()),
+        peak_device_memory_mb,
         reference_ms: reference.map(|r| r.0),
         speedup: reference.map(|r| r.0 / fused_ms),
         flops,
@@ -251,6 +266,19 @@ pub fn bench_case(spec: &MoeBenchSpec, case: MoeCase, device: &Device) -> Result
         fused_cpu_ms,
         reference_cpu_ms: reference.and_then(|r| r.1),
     })
+}
+
+/// The device memory pool's high-water mark over one run of `run`, in MiB (`None` off CUDA).
+fn peak_memory_of(device: &Device, run: &mut dyn FnMut() -> Result<()>) -> Result<Option<f64>> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = device {
+        run()?;
+        crate::cuda_ops::reset_peak_memory(d)?;
+        run()?;
+        return Ok(Some(crate::cuda_ops::peak_memory(d)? as f64 / (1u64 << 20) as f64));
+    }
+    let _ = (device, run);
+    Ok(None)
 }
 
 /// How the grouped products ran on `device` (see [`MoeBenchResult::grouped_gemm_path`]).
@@ -293,7 +321,7 @@ pub fn format_result(r: &MoeBenchResult) -> String {
     };
     format!(
         "moe T={} H={} E={} k={} F={} {} {} ({} threads): fused {:9.1} ms{} {:6.1} GFLOP/s{reference}\n  \
-         grouped GEMM ({}) {:6.1} GFLOP/s vs one dense GEMM of the same FLOPs {:6.1} GFLOP/s ({:.0} %)",
+         fused {:.0} tokens/s{}{}; grouped GEMM ({}) {:6.1} GFLOP/s vs one dense GEMM of the same FLOPs {:6.1} GFLOP/s ({:.0} %)",
         r.tokens,
         r.hidden,
         r.case.experts,
@@ -305,6 +333,9 @@ pub fn format_result(r: &MoeBenchResult) -> String {
         r.fused_ms,
         cpu(r.fused_cpu_ms),
         r.fused_gflops,
+        r.tokens_per_s,
+        r.mfu.map_or(String::new(), |m| format!(", MFU {:.1} % of {} TFLOP/s", 100.0 * m, r.peak_tflops.unwrap_or(0.0))),
+        r.peak_device_memory_mb.map_or(String::new(), |m| format!(", peak device memory {m:.0} MiB")),
         r.grouped_gemm_path,
         r.grouped_gemm_gflops,
         r.dense_gemm_gflops,
@@ -319,7 +350,8 @@ mod tests {
     #[test]
     fn a_tiny_bench_runs_and_reports_both_paths() {
         let case = MoeCase { experts: 4, top_k: 2, ffn: 8 };
-        let spec = MoeBenchSpec { tokens: 32, hidden: 16, cases: vec![case], reps: 1, reference: true, dtype: DType::F32 };
+        let spec =
+            MoeBenchSpec { tokens: 32, hidden: 16, cases: vec![case], reps: 1, reference: true, dtype: DType::F32, peak_tflops: Some(1.0) };
         let mut lines = Vec::new();
         let results = bench_moe(&spec, &Device::Cpu, |r| lines.push(format_result(r))).unwrap();
         assert_eq!(results.len(), 1);
@@ -330,5 +362,8 @@ mod tests {
         assert_eq!(results[0].flops, 147456.0 + 12288.0);
         let json = serde_json::to_string(&results[0]).unwrap();
         assert!(json.contains("\"experts\":4") && json.contains("\"speedup\":"), "{json}");
+        // 32 tokens in the median fused run; no MFU or device memory on the CPU.
+        assert!((results[0].tokens_per_s * results[0].fused_ms / 1e3 - 32.0).abs() < 1e-6);
+        assert!(results[0].mfu.is_none() && results[0].peak_device_memory_mb.is_none());
     }
 }

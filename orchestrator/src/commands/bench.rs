@@ -92,6 +92,10 @@ pub struct BenchMoeArgs {
     /// Timed repetitions per path (medians are reported).
     #[arg(long, default_value_t = 3)]
     reps: usize,
+    /// The GPU's dense peak in TFLOP/s for the MFU (default: 989.4, the H100/H200 SXM
+    /// datasheet's bfloat16 figure; a float32 run should give the device's float32 peak).
+    #[arg(long, default_value_t = 989.4)]
+    peak_tflops: f64,
     /// Print the result as one JSON object.
     #[arg(long)]
     json: bool,
@@ -182,7 +186,14 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             let cuda = device.is_cuda();
             let dtype = args.dtype.map_or(if cuda { candle_core::DType::BF16 } else { candle_core::DType::F32 }, |d| d.dtype());
             let tokens = args.tokens.unwrap_or(if cuda { 16384 } else { 4096 });
-            let spec = btm_kernels::bench::MoeBenchSpec { tokens, hidden: args.hidden, reps: args.reps, dtype, ..Default::default() };
+            let spec = btm_kernels::bench::MoeBenchSpec {
+                tokens,
+                hidden: args.hidden,
+                reps: args.reps,
+                dtype,
+                peak_tflops: Some(args.peak_tflops),
+                ..Default::default()
+            };
             let quiet = args.json;
             let results = btm_kernels::bench::bench_moe(&spec, &device, |r| {
                 if !quiet {

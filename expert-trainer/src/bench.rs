@@ -131,13 +131,6 @@ pub struct BenchDevice {
     pub peak_tflops: Option<f64>,
 }
 
-impl BenchDevice {
-    /// The CPU.
-    pub fn cpu() -> Self {
-        Self { device: Device::Cpu, peak_tflops: None }
-    }
-}
-
 /// Time `steps` training steps (after one untimed warm-up step) of `preset`, as one of `ranks`.
 pub fn run(name: &str, moe: bool, threads: usize, steps: usize, ranks: &Ranks, on: &BenchDevice) -> Result<BenchResult> {
     crate::train::tune_runtime(Some(threads));

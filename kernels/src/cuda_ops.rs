@@ -29,6 +29,7 @@ use candle_core::{DType, Layout, Result, Shape};
 use cudarc::cublas::sys as cublas;
 use cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
 
+use crate::grouped_gemm::Kind;
 use crate::permute::RoutePlan;
 
 /// Threads per block of the row kernels.
@@ -95,13 +96,26 @@ fn address(s: &CudaStorage, l: &Layout, what: &str) -> Result<u64> {
     Ok(base + (start * size) as u64)
 }
 
-/// A zeroed `dtype` buffer of `n` elements and its address.
+/// A `dtype` buffer of `n` elements for a kernel's output, and its address.
+fn output(dev: &CudaDevice, dtype: DType, n: usize) -> Result<(CudaStorage, u64)> {
+    buffer(dev, dtype, n, false)
+}
+
+/// A zeroed `dtype` buffer of `n` elements, for an output some of which no kernel writes.
 fn zeros(dev: &CudaDevice, dtype: DType, n: usize) -> Result<(CudaStorage, u64)> {
+    buffer(dev, dtype, n, true)
+}
+
+fn buffer(dev: &CudaDevice, dtype: DType, n: usize, zeroed: bool) -> Result<(CudaStorage, u64)> {
     let n = n.max(1);
-    let storage = match dtype {
-        DType::F32 => CudaStorage::wrap_cuda_slice(dev.alloc_zeros::<f32>(n)?, dev.clone()),
-        DType::BF16 => CudaStorage::wrap_cuda_slice(dev.alloc_zeros::<half::bf16>(n)?, dev.clone()),
-        other => candle_core::bail!("CUDA MoE kernels: no {other:?} buffers"),
+    // SAFETY (`alloc`): an uninitialised buffer goes only to kernels that write every element
+    // before anything reads it ([`output`]); the memset of a zeroed one would be a pass of its own.
+    let storage = match (dtype, zeroed) {
+        (DType::F32, true) => CudaStorage::wrap_cuda_slice(dev.alloc_zeros::<f32>(n)?, dev.clone()),
+        (DType::F32, false) => CudaStorage::wrap_cuda_slice(unsafe { dev.alloc::<f32>(n) }?, dev.clone()),
+        (DType::BF16, true) => CudaStorage::wrap_cuda_slice(dev.alloc_zeros::<half::bf16>(n)?, dev.clone()),
+        (DType::BF16, false) => CudaStorage::wrap_cuda_slice(unsafe { dev.alloc::<half::bf16>(n) }?, dev.clone()),
+        (other, _) => candle_core::bail!("CUDA MoE kernels: no {other:?} buffers"),
     };
     let at = address(&storage, &Layout::contiguous(n), "buffer")?;
     Ok((storage, at))
@@ -123,11 +137,16 @@ fn rows_config(rows: usize) -> LaunchConfig {
     LaunchConfig { grid_dim: ((rows as u32).clamp(1, MAX_BLOCKS), 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
 }
 
-/// One launch of `name_{suffix}` from `cuda/ops.cu` over `rows` rows, with `args` pushed in
-/// order (addresses as u64, sizes as u32 or usize).
+/// One launch of `name_{suffix}` from `cuda/ops.cu` for `dtype`, over `rows` rows.
 fn launch(dev: &CudaDevice, name: &str, dtype: DType, rows: usize, args: &[Arg]) -> Result<()> {
     let (suffix, _) = element(dtype, name)?;
-    let func = dev.get_or_load_custom_func(&format!("{name}_{suffix}"), MODULE, ptx(dev)?)?;
+    launch_with(dev, &format!("{name}_{suffix}"), rows_config(rows), args)
+}
+
+/// One launch of the kernel `name` from `cuda/ops.cu` with `cfg`, `args` pushed in order
+/// (addresses as u64, sizes as u32 or usize, scalars as f32).
+fn launch_with(dev: &CudaDevice, name: &str, cfg: LaunchConfig, args: &[Arg]) -> Result<()> {
+    let func = dev.get_or_load_custom_func(name, MODULE, ptx(dev)?)?;
     let mut builder = func.builder();
     for arg in args {
         match arg {
@@ -140,7 +159,7 @@ fn launch(dev: &CudaDevice, name: &str, dtype: DType, rows: usize, args: &[Arg])
     // SAFETY: the argument list matches the kernel's signature in ops.cu, every address points
     // at a live buffer of the sizes the kernel reads and writes, and all of it is queued on the
     // device's stream.
-    unsafe { builder.launch(rows_config(rows)) }.map_err(driver)?;
+    unsafe { builder.launch(cfg) }.map_err(driver)?;
     Ok(())
 }
 
@@ -163,7 +182,7 @@ pub(crate) fn gather(x: &CudaStorage, xl: &Layout, scale: Option<(&CudaStorage, 
     let (_, width) = xl.shape().dims2()?;
     let dev = &x.device;
     let (_rows, rows_at) = upload(dev, plan.rows())?;
-    let (out, out_at) = zeros(dev, x.dtype(), plan.kept() * width)?;
+    let (out, out_at) = output(dev, x.dtype(), plan.kept() * width)?;
     let scale_at = match scale {
         Some((s, l)) => address(s, l, "gather scale")?,
         None => 0,
@@ -186,7 +205,7 @@ pub(crate) fn combine(p: &CudaStorage, pl: &Layout, weights: Option<(&CudaStorag
     let (_, width) = pl.shape().dims2()?;
     let dev = &p.device;
     let (_slots, slots_at) = upload(dev, plan.slot_rows())?;
-    let (out, out_at) = zeros(dev, p.dtype(), plan.tokens() * width)?;
+    let (out, out_at) = output(dev, p.dtype(), plan.tokens() * width)?;
     let w_at = match weights {
         Some((w, l)) => address(w, l, "combine weights")?,
         None => 0,
@@ -217,7 +236,7 @@ pub(crate) fn slot_dots(
     let dev = &p.device;
     let slots = plan.tokens() * plan.top_k();
     let (_slots, slots_at) = upload(dev, plan.slot_rows())?;
-    let (out, out_at) = zeros(dev, p.dtype(), slots)?;
+    let (out, out_at) = output(dev, p.dtype(), slots)?;
     let args = [
         Arg::Ptr(address(p, pl, "slot dots")?),
         Arg::Ptr(address(g, gl, "slot dots")?),
@@ -237,7 +256,7 @@ pub(crate) fn scale_rows(h: &CudaStorage, hl: &Layout, w: &CudaStorage, wl: &Lay
     let (n, width) = hl.shape().dims2()?;
     let dev = &h.device;
     let (_rows, rows_at) = upload(dev, plan.rows())?;
-    let (out, out_at) = zeros(dev, h.dtype(), n * width)?;
+    let (out, out_at) = output(dev, h.dtype(), n * width)?;
     let args = [
         Arg::Ptr(address(h, hl, "scale rows")?),
         Arg::Ptr(address(w, wl, "scale rows")?),
@@ -255,7 +274,7 @@ pub(crate) fn swiglu_packed(x: &CudaStorage, xl: &Layout) -> Result<CudaStorage>
     let (n, two_f) = xl.shape().dims2()?;
     let f = two_f / 2;
     let dev = &x.device;
-    let (out, out_at) = zeros(dev, x.dtype(), n * f)?;
+    let (out, out_at) = output(dev, x.dtype(), n * f)?;
     let args = [Arg::Ptr(address(x, xl, "swiglu")?), Arg::Size(n * f), u32_of(f, "swiglu")?, Arg::Ptr(out_at)];
     launch(dev, "btm_swiglu_packed_fwd", x.dtype(), (n * f).div_ceil(THREADS as usize), &args)?;
     Ok(out)
@@ -266,7 +285,7 @@ pub(crate) fn swiglu_packed_grad(x: &CudaStorage, xl: &Layout, g: &CudaStorage, 
     let (n, two_f) = xl.shape().dims2()?;
     let f = two_f / 2;
     let dev = &x.device;
-    let (out, out_at) = zeros(dev, x.dtype(), n * two_f)?;
+    let (out, out_at) = output(dev, x.dtype(), n * two_f)?;
     let args = [
         Arg::Ptr(address(x, xl, "swiglu grad")?),
         Arg::Ptr(address(g, gl, "swiglu grad")?),
@@ -290,7 +309,7 @@ pub(crate) fn causal_softmax(s: &CudaStorage, l: &Layout, t: usize, scale: f64, 
     let n = l.shape().elem_count();
     let rows = n / t.max(1);
     let dev = &s.device;
-    let (out, out_at) = zeros(dev, s.dtype(), n)?;
+    let (out, out_at) = output(dev, s.dtype(), n)?;
     let window = window.map_or(u32::MAX, |w| u32::try_from(w).unwrap_or(u32::MAX));
     let args = [
         Arg::Ptr(address(s, l, "causal softmax")?),
@@ -316,7 +335,7 @@ pub(crate) fn causal_softmax_grad(
     let n = pl.shape().elem_count();
     let rows = n / t.max(1);
     let dev = &p.device;
-    let (out, out_at) = zeros(dev, p.dtype(), n)?;
+    let (out, out_at) = output(dev, p.dtype(), n)?;
     let args = [
         Arg::Ptr(address(p, pl, "causal softmax grad")?),
         Arg::Ptr(address(dp, dpl, "causal softmax grad")?),
@@ -335,7 +354,7 @@ pub(crate) fn rms_norm(x: &CudaStorage, xl: &Layout, w: &CudaStorage, wl: &Layou
     let h = wl.shape().elem_count();
     let rows = n / h.max(1);
     let dev = &x.device;
-    let (out, out_at) = zeros(dev, x.dtype(), n)?;
+    let (out, out_at) = output(dev, x.dtype(), n)?;
     let args = [
         Arg::Ptr(address(x, xl, "rms norm")?),
         Arg::Ptr(address(w, wl, "rms norm")?),
@@ -364,9 +383,9 @@ pub(crate) fn rms_norm_grad(
     let h = wl.shape().elem_count();
     let rows = n / h.max(1);
     let dev = &x.device;
-    let (out, out_at) = zeros(dev, x.dtype(), n + h)?;
-    let (_, size) = element(x.dtype(), "rms norm grad")?;
-    let (_gxr, gxr_at) = zeros(dev, DType::F32, n)?;
+    let (out, out_at) = output(dev, x.dtype(), n + h)?;
+    let (suffix, size) = element(x.dtype(), "rms norm grad")?;
+    let (_gxr, gxr_at) = output(dev, DType::F32, n)?;
     let args = [
         Arg::Ptr(address(x, xl, "rms norm grad")?),
         Arg::Ptr(address(w, wl, "rms norm grad")?),
@@ -378,25 +397,17 @@ pub(crate) fn rms_norm_grad(
         Arg::Ptr(gxr_at),
     ];
     launch(dev, "btm_rms_norm_bwd", x.dtype(), rows.div_ceil(WARPS), &args)?;
+    // dw: column sums of gxr, partial sums over CHUNK rows, then their totals after dx.
     let parts = rows.div_ceil(CHUNK).max(1);
-    let (_partial, partial_at) = zeros(dev, DType::F32, parts * h)?;
+    let (_partial, partial_at) = output(dev, DType::F32, parts * h)?;
     let column_blocks = (h as u32).div_ceil(THREADS);
-    let func = dev.get_or_load_custom_func("btm_column_partials", MODULE, ptx(dev)?)?;
-    let (rows32, h32, chunk32) = (rows as u32, h as u32, CHUNK as u32);
-    let mut b = func.builder();
-    b.arg(&gxr_at).arg(&rows32).arg(&h32).arg(&chunk32).arg(&partial_at);
-    let cfg = LaunchConfig { grid_dim: (column_blocks, parts as u32, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
-    // SAFETY: the arguments match btm_column_partials; gxr has rows·h and partial parts·h floats.
-    unsafe { b.launch(cfg) }.map_err(driver)?;
+    let grid = |y: usize| LaunchConfig { grid_dim: (column_blocks, y as u32, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+    let (h32, parts32) = (u32_of(h, "rms norm grad")?, u32_of(parts, "rms norm grad")?);
+    let partial_args =
+        [Arg::Ptr(gxr_at), u32_of(rows, "rms norm grad")?, u32_of(h, "rms norm grad")?, Arg::U32(CHUNK as u32), Arg::Ptr(partial_at)];
+    launch_with(dev, "btm_column_partials", grid(parts), &partial_args)?;
     let dw_at = out_at + (n * size) as u64;
-    let (suffix, _) = element(x.dtype(), "rms norm grad")?;
-    let func = dev.get_or_load_custom_func(&format!("btm_column_totals_{suffix}"), MODULE, ptx(dev)?)?;
-    let parts32 = parts as u32;
-    let mut b = func.builder();
-    b.arg(&partial_at).arg(&parts32).arg(&h32).arg(&dw_at);
-    let cfg = LaunchConfig { grid_dim: (column_blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
-    // SAFETY: partial holds parts·h floats; dw_at has room for h elements after dx.
-    unsafe { b.launch(cfg) }.map_err(driver)?;
+    launch_with(dev, &format!("btm_column_totals_{suffix}"), grid(1), &[Arg::Ptr(partial_at), parts32, h32, Arg::Ptr(dw_at)])?;
     Ok(out)
 }
 
@@ -404,7 +415,7 @@ pub(crate) fn rms_norm_grad(
 pub fn nll(logits: &CudaStorage, ll: &Layout, targets: &CudaStorage, tl: &Layout) -> Result<CudaStorage> {
     let (rows, v) = ll.shape().dims2()?;
     let dev = &logits.device;
-    let (out, out_at) = zeros(dev, DType::F32, rows)?;
+    let (out, out_at) = output(dev, DType::F32, rows)?;
     let args = [
         Arg::Ptr(address(logits, ll, "cross-entropy")?),
         Arg::Ptr(address(targets, tl, "cross-entropy targets")?),
@@ -427,7 +438,7 @@ pub fn nll_grad(
 ) -> Result<CudaStorage> {
     let (rows, v) = ll.shape().dims2()?;
     let dev = &logits.device;
-    let (out, out_at) = zeros(dev, logits.dtype(), rows * v)?;
+    let (out, out_at) = output(dev, logits.dtype(), rows * v)?;
     let args = [
         Arg::Ptr(address(logits, ll, "cross-entropy grad")?),
         Arg::Ptr(address(targets, tl, "cross-entropy targets")?),
@@ -438,23 +449,6 @@ pub fn nll_grad(
     ];
     launch(dev, "btm_nll_bwd", logits.dtype(), rows, &args)?;
     Ok(out)
-}
-
-/// A float32 launch of one of ops.cu's un-suffixed element-wise kernels over `n` elements.
-fn launch_elementwise(dev: &CudaDevice, name: &str, n: usize, args: &[Arg]) -> Result<()> {
-    let func = dev.get_or_load_custom_func(name, MODULE, ptx(dev)?)?;
-    let mut builder = func.builder();
-    for arg in args {
-        match arg {
-            Arg::Ptr(p) => builder.arg(p),
-            Arg::U32(v) => builder.arg(v),
-            Arg::Size(v) => builder.arg(v),
-            Arg::F32(v) => builder.arg(v),
-        };
-    }
-    // SAFETY: as in `launch`; the kernel touches the first n elements of each operand.
-    unsafe { builder.launch(rows_config(n.div_ceil(THREADS as usize))) }.map_err(driver)?;
-    Ok(())
 }
 
 fn float32(s: &CudaStorage, what: &str) -> Result<()> {
@@ -482,7 +476,7 @@ pub fn adamw_moment(m: &mut CudaStorage, ml: &Layout, g: &CudaStorage, gl: &Layo
         f32_arg(scale),
         Arg::U32(square as u32),
     ];
-    launch_elementwise(&m.device, "btm_adamw_moment", n, &args)
+    launch_with(&m.device, "btm_adamw_moment", rows_config(n.div_ceil(THREADS as usize)), &args)
 }
 
 /// AdamW's weight update in place: `w ← w·keep − lr · (m·inv_bc1) / (√(v·inv_bc2) + ε)`;
@@ -506,23 +500,13 @@ pub fn adamw_update(
     }
     let mut args = vec![Arg::Ptr(address(w, wl, what)?), Arg::Ptr(address(m, ml, what)?), Arg::Ptr(address(v, vl, what)?), Arg::Size(n)];
     args.extend(k.map(f32_arg));
-    launch_elementwise(&w.device, "btm_adamw_update", n, &args)
+    launch_with(&w.device, "btm_adamw_update", rows_config(n.div_ceil(THREADS as usize)), &args)
 }
 
-/// Which grouped product (see `grouped_gemm.rs`): rows `offsets[e]..offsets[e+1]` are group e.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Product {
-    /// a = X [N,K], b = W [E,M,K] → X_e · W_eᵀ [N, M]
-    Forward,
-    /// a = dY [N,M], b = W [E,M,K] → dY_e · W_e [N, K]
-    InputGrad,
-    /// a = dY [N,M], b = X [N,K] → dY_eᵀ · X_e [E, M, K]
-    WeightGrad,
-}
-
-/// The grouped product on cuBLAS: returns the output and its shape. `offsets` are the host's.
+/// The grouped product `product` (see `grouped_gemm.rs`; rows `offsets[e]..offsets[e+1]` are
+/// group e) on cuBLAS: returns the output and its shape. `offsets` are the host's.
 pub(crate) fn grouped_gemm(
-    product: Product,
+    product: Kind,
     a: &CudaStorage,
     al: &Layout,
     b: &CudaStorage,
@@ -538,12 +522,13 @@ pub(crate) fn grouped_gemm(
     let b_dims = bl.shape().dims().to_vec();
     let groups = offsets.len().saturating_sub(1);
     let (out_len, shape) = match product {
-        Product::Forward => (n * b_dims[1], Shape::from((n, b_dims[1]))),
-        Product::InputGrad => (n * b_dims[2], Shape::from((n, b_dims[2]))),
-        Product::WeightGrad => (groups * a_cols * b_dims[1], Shape::from((groups, a_cols, b_dims[1]))),
+        Kind::Forward => (n * b_dims[1], Shape::from((n, b_dims[1]))),
+        Kind::InputGrad => (n * b_dims[2], Shape::from((n, b_dims[2]))),
+        Kind::WeightGrad => (groups * a_cols * b_dims[1], Shape::from((groups, a_cols, b_dims[1]))),
     };
     let dev = &a.device;
-    let (out, c) = zeros(dev, a.dtype(), out_len)?;
+    // Every output row belongs to a group, but an empty group's dW_e is written by no product.
+    let (out, c) = if product == Kind::WeightGrad { zeros(dev, a.dtype(), out_len)? } else { output(dev, a.dtype(), out_len)? };
     let (a_at, b_at) = (address(a, al, what)?, address(b, bl, what)?);
     let at = |base: u64, elements: usize| base + (elements * size) as u64;
 
@@ -556,7 +541,7 @@ pub(crate) fn grouped_gemm(
             continue; // its output rows (or dW_e) stay zero
         }
         problems.push(match product {
-            Product::Forward => {
+            Kind::Forward => {
                 let (m, k) = (b_dims[1], b_dims[2]);
                 Gemm {
                     trans_a: true,
@@ -572,7 +557,7 @@ pub(crate) fn grouped_gemm(
                     ldc: m,
                 }
             }
-            Product::InputGrad => {
+            Kind::InputGrad => {
                 let (m, k) = (b_dims[1], b_dims[2]);
                 Gemm {
                     trans_a: false,
@@ -588,7 +573,7 @@ pub(crate) fn grouped_gemm(
                     ldc: k,
                 }
             }
-            Product::WeightGrad => {
+            Kind::WeightGrad => {
                 let (m, k) = (a_cols, b_dims[1]);
                 Gemm {
                     trans_a: false,
@@ -841,6 +826,7 @@ mod tests {
 
     use crate::permute::RoutePlan;
     use crate::router::{Capacity, DropPolicy, Routing};
+    use crate::testing::random;
     use crate::{ExpertWeights, MoeOptions};
 
     fn gpu() -> Option<Device> {
@@ -857,20 +843,6 @@ mod tests {
         }
     }
 
-    fn uniform(dims: &[usize], seed: u64) -> Tensor {
-        let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-        let n: usize = dims.iter().product();
-        let v: Vec<f32> = (0..n)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                (state >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
-            })
-            .collect();
-        Tensor::from_vec(v, dims, &Device::Cpu).unwrap()
-    }
-
     /// `f` on the CPU in float32 and on the GPU in `dtype`, from the same values (rounded to
     /// `dtype` for both): output and every input's gradient within `tol` of the largest CPU value.
     fn compare(what: &str, gpu: &Device, dtype: DType, tol: f64, inputs: &[Tensor], f: &dyn Fn(&[Tensor]) -> Result<Tensor>) {
@@ -880,7 +852,7 @@ mod tests {
                 rounded.iter().map(|t| Var::from_tensor(&t.to_dtype(dt).unwrap().to_device(dev).unwrap()).unwrap()).collect();
             let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
             let y = f(&ts).unwrap();
-            let probe = uniform(y.dims(), 99).to_dtype(dt).unwrap().to_device(dev).unwrap();
+            let probe = random(y.dims(), 99, DType::F32).to_dtype(dt).unwrap().to_device(dev).unwrap();
             let grads = (&y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
             let gs = vars.iter().map(|v| grads.get(v).map_or_else(|| v.zeros_like().unwrap(), |g| g.clone())).collect();
             (y, gs)
@@ -901,15 +873,17 @@ mod tests {
     fn gpu_ops_match_the_cpu_ops() {
         let Some(dev) = gpu() else { return };
         for (dtype, tol) in [(DType::F32, 1e-5), (DType::BF16, 2e-2)] {
-            compare("rms_norm", &dev, dtype, tol, &[uniform(&[300, 96], 1), uniform(&[96], 2)], &|v| crate::rms_norm(&v[0], &v[1], 1e-5));
-            compare("swiglu_packed", &dev, dtype, tol, &[uniform(&[77, 2 * 40], 3)], &|v| crate::swiglu_packed(&v[0]));
+            compare("rms_norm", &dev, dtype, tol, &[random(&[300, 96], 1, DType::F32), random(&[96], 2, DType::F32)], &|v| {
+                crate::rms_norm(&v[0], &v[1], 1e-5)
+            });
+            compare("swiglu_packed", &dev, dtype, tol, &[random(&[77, 2 * 40], 3, DType::F32)], &|v| crate::swiglu_packed(&v[0]));
             for window in [None, Some(5)] {
-                compare("causal_softmax", &dev, dtype, tol, &[uniform(&[2, 3, 33, 33], 4)], &|v| {
+                compare("causal_softmax", &dev, dtype, tol, &[random(&[2, 3, 33, 33], 4, DType::F32)], &|v| {
                     crate::causal_softmax(&(&v[0] * 4.0)?, 0.3, window)
                 });
             }
             let offsets = [0u32, 10, 10, 45, 64];
-            compare("grouped_matmul", &dev, dtype, tol, &[uniform(&[64, 24], 5), uniform(&[4, 40, 24], 6)], &|v| {
+            compare("grouped_matmul", &dev, dtype, tol, &[random(&[64, 24], 5, DType::F32), random(&[4, 40, 24], 6, DType::F32)], &|v| {
                 let o = Tensor::new(&offsets, v[0].device())?;
                 crate::grouped_matmul(&v[0], &v[1], &o)
             });
@@ -918,17 +892,17 @@ mod tests {
             let keep: Vec<bool> = (0..100).map(|s| s % 9 != 4).collect();
             let plan = Arc::new(RoutePlan::new(&experts, 2, 6, Some(&keep)).unwrap());
             let n = plan.kept();
-            compare("permute", &dev, dtype, tol, &[uniform(&[50, 16], 7)], &|v| crate::permute(&v[0], &plan));
-            compare("unpermute", &dev, dtype, tol, &[uniform(&[n, 16], 8), uniform(&[50, 2], 9)], &|v| {
+            compare("permute", &dev, dtype, tol, &[random(&[50, 16], 7, DType::F32)], &|v| crate::permute(&v[0], &plan));
+            compare("unpermute", &dev, dtype, tol, &[random(&[n, 16], 8, DType::F32), random(&[50, 2], 9, DType::F32)], &|v| {
                 crate::unpermute(&v[0], &v[1], &plan)
             });
-            compare("scale_rows", &dev, dtype, tol, &[uniform(&[n, 16], 10), uniform(&[50, 2], 11)], &|v| {
+            compare("scale_rows", &dev, dtype, tol, &[random(&[n, 16], 10, DType::F32), random(&[50, 2], 11, DType::F32)], &|v| {
                 crate::scale_rows(&v[0], &v[1], &plan)
             });
-            compare("gather_matmul", &dev, dtype, tol, &[uniform(&[50, 16], 12), uniform(&[6, 20, 16], 13)], &|v| {
+            compare("gather_matmul", &dev, dtype, tol, &[random(&[50, 16], 12, DType::F32), random(&[6, 20, 16], 13, DType::F32)], &|v| {
                 crate::gather_matmul(&v[0], &v[1], &plan)
             });
-            compare("matmul_combine", &dev, dtype, tol, &[uniform(&[n, 20], 14), uniform(&[6, 16, 20], 15)], &|v| {
+            compare("matmul_combine", &dev, dtype, tol, &[random(&[n, 20], 14, DType::F32), random(&[6, 16, 20], 15, DType::F32)], &|v| {
                 crate::matmul_combine(&v[0], &v[1], &plan)
             });
             // The whole layer through the router (x, router, gate_up, down).
@@ -940,10 +914,10 @@ mod tests {
                     dtype,
                     tol * 2.0,
                     &[
-                        uniform(&[64, 32], 16),
-                        (uniform(&[8, 32], 17) * 3.0).unwrap(),
-                        uniform(&[8, 2 * 24, 32], 18),
-                        uniform(&[8, 32, 24], 19),
+                        random(&[64, 32], 16, DType::F32),
+                        (random(&[8, 32], 17, DType::F32) * 3.0).unwrap(),
+                        random(&[8, 2 * 24, 32], 18, DType::F32),
+                        random(&[8, 32, 24], 19, DType::F32),
                     ],
                     &|v| Ok(crate::fused_moe(&v[0], &v[1], &ExpertWeights { gate_up: v[2].clone(), down: v[3].clone() }, &opts)?.0),
                 );

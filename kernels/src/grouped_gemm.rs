@@ -43,7 +43,7 @@ pub fn grouped_matmul(x: &Tensor, w: &Tensor, offsets: &Tensor) -> Result<Tensor
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
+pub(crate) enum Kind {
     /// (X [N,K], W [E,M,K]) → X_e · W_eᵀ [N, M]
     Forward,
     /// (dY [N,M], W [E,M,K]) → dY_e · W_e [N, K]
@@ -55,7 +55,12 @@ enum Kind {
 struct GroupedGemm(Kind);
 
 fn read_offsets(s: &CpuStorage, l: &Layout, groups: usize, rows: usize) -> Result<Vec<usize>> {
-    let o: Vec<usize> = slice::<u32>(s, l, "grouped_matmul offsets")?.iter().map(|&v| v as usize).collect();
+    check_offsets(slice::<u32>(s, l, "grouped_matmul offsets")?, groups, rows)
+}
+
+/// `offsets` as indices, after checking they rise from 0 to `rows` over `groups` groups.
+fn check_offsets(offsets: &[u32], groups: usize, rows: usize) -> Result<Vec<usize>> {
+    let o: Vec<usize> = offsets.iter().map(|&v| v as usize).collect();
     if o.len() != groups + 1 || o[0] != 0 || o[groups] != rows || o.windows(2).any(|w| w[0] > w[1]) {
         candle_core::bail!("grouped_matmul: offsets {o:?} must rise from 0 to {rows} over {groups} groups");
     }
@@ -291,7 +296,6 @@ impl CustomOp3 for GroupedGemm {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use crate::cuda_ops::{grouped_gemm, Product};
         let (n, _) = l1.shape().dims2()?;
         let groups = match self.0 {
             Kind::Forward | Kind::InputGrad => l2.shape().dims3()?.0,
@@ -302,16 +306,8 @@ impl CustomOp3 for GroupedGemm {
             candle_core::bail!("{}: offsets must be contiguous", self.name());
         };
         let all = s3.device.clone_dtoh(s3.as_cuda_slice::<u32>()?)?;
-        let o: Vec<usize> = all[start..end].iter().map(|&v| v as usize).collect();
-        if o.len() != groups + 1 || o[0] != 0 || o[groups] != n || o.windows(2).any(|w| w[0] > w[1]) {
-            candle_core::bail!("grouped_matmul: offsets {o:?} must rise from 0 to {n} over {groups} groups");
-        }
-        let product = match self.0 {
-            Kind::Forward => Product::Forward,
-            Kind::InputGrad => Product::InputGrad,
-            Kind::WeightGrad => Product::WeightGrad,
-        };
-        grouped_gemm(product, s1, l1, s2, l2, &o)
+        let offsets = check_offsets(&all[start..end], groups, n)?;
+        crate::cuda_ops::grouped_gemm(self.0, s1, l1, s2, l2, &offsets)
     }
 
     fn bwd(
@@ -452,7 +448,7 @@ impl CustomOp2 for PlanGemm {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use crate::cuda_ops::{combine, gather, grouped_gemm, Product};
+        use crate::cuda_ops::{combine, gather, grouped_gemm};
         let plan = &*self.plan;
         let offsets: Vec<usize> = plan.offsets().iter().map(|&o| o as usize).collect();
         let (a_dims, b_dims) = (l1.shape().dims(), l2.shape().dims());
@@ -460,24 +456,24 @@ impl CustomOp2 for PlanGemm {
         match self.which {
             Which::GatherForward => {
                 let x = gather(s1, l1, None, plan)?;
-                grouped_gemm(Product::Forward, &x, &Layout::contiguous((n, a_dims[1])), s2, l2, &offsets)
+                grouped_gemm(Kind::Forward, &x, &Layout::contiguous((n, a_dims[1])), s2, l2, &offsets)
             }
             Which::CombineForward => {
-                let (y, _) = grouped_gemm(Product::Forward, s1, l1, s2, l2, &offsets)?;
+                let (y, _) = grouped_gemm(Kind::Forward, s1, l1, s2, l2, &offsets)?;
                 let y = combine(&y, &Layout::contiguous((n, b_dims[1])), None, plan)?;
                 Ok((y, Shape::from((plan.tokens(), b_dims[1]))))
             }
             Which::GatherWeightGrad => {
                 let x = gather(s2, l2, None, plan)?;
-                grouped_gemm(Product::WeightGrad, s1, l1, &x, &Layout::contiguous((n, b_dims[1])), &offsets)
+                grouped_gemm(Kind::WeightGrad, s1, l1, &x, &Layout::contiguous((n, b_dims[1])), &offsets)
             }
             Which::CombineInputGrad => {
                 let g = gather(s1, l1, None, plan)?;
-                grouped_gemm(Product::InputGrad, &g, &Layout::contiguous((n, a_dims[1])), s2, l2, &offsets)
+                grouped_gemm(Kind::InputGrad, &g, &Layout::contiguous((n, a_dims[1])), s2, l2, &offsets)
             }
             Which::CombineWeightGrad => {
                 let g = gather(s1, l1, None, plan)?;
-                grouped_gemm(Product::WeightGrad, &g, &Layout::contiguous((n, a_dims[1])), s2, l2, &offsets)
+                grouped_gemm(Kind::WeightGrad, &g, &Layout::contiguous((n, a_dims[1])), s2, l2, &offsets)
             }
         }
     }

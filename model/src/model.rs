@@ -128,6 +128,32 @@ pub fn causal_mask(seq_len: usize, sliding_window: Option<usize>, device: &Devic
     Tensor::from_vec(mask, (seq_len, seq_len), device)
 }
 
+/// The additive causal mask of one forward pass, built the first time an attention layer needs
+/// it: the fused attention kernels (CPU, and the causal softmax on CUDA) mask by index and never
+/// do, so a fused pass makes no [T, T] mask at all.
+pub struct CausalMask<'a> {
+    seq_len: usize,
+    sliding_window: Option<usize>,
+    device: &'a Device,
+    mask: std::cell::OnceCell<Tensor>,
+}
+
+impl<'a> CausalMask<'a> {
+    /// The mask [`causal_mask`] would make, not made yet.
+    pub fn new(seq_len: usize, sliding_window: Option<usize>, device: &'a Device) -> Self {
+        Self { seq_len, sliding_window, device, mask: std::cell::OnceCell::new() }
+    }
+
+    /// The mask, made on the first call.
+    pub fn get(&self) -> Result<&Tensor> {
+        if let Some(mask) = self.mask.get() {
+            return Ok(mask);
+        }
+        let mask = causal_mask(self.seq_len, self.sliding_window, self.device)?;
+        Ok(self.mask.get_or_init(|| mask))
+    }
+}
+
 /// Softmax over the last dimension from differentiable primitives.
 pub fn softmax_last(xs: &Tensor) -> Result<Tensor> {
     btm_kernels::router::softmax_last(xs)
@@ -212,7 +238,7 @@ impl Attention {
     }
 
     /// Attention over token rows `xs` [B·T, H] of `b` sequences of `t` tokens; returns [B·T, H].
-    pub fn forward(&self, xs: &Tensor, (b, t): (usize, usize), cos: &Tensor, sin: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    pub fn forward(&self, xs: &Tensor, (b, t): (usize, usize), cos: &Tensor, sin: &Tensor, mask: &CausalMask) -> Result<Tensor> {
         if self.fused && fused_cpu(xs) {
             return self.forward_fused(xs, t, cos, sin);
         }
@@ -231,7 +257,7 @@ impl Attention {
             // Scale, causal mask and softmax in one kernel, the [T, T] scores kept in q's dtype.
             btm_kernels::causal_softmax(&q.matmul(&k.t()?)?, scale, self.sliding_window)?
         } else {
-            let scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?.broadcast_add(mask)?;
+            let scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?.broadcast_add(mask.get()?)?;
             softmax_last(&scores)?.to_dtype(v.dtype())?
         };
         let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b * t, self.num_heads * self.head_dim))?;
@@ -613,7 +639,7 @@ impl DecoderLayer {
     /// One layer on token rows `xs` [B·T, H] of `b` sequences of `t` tokens. The residual
     /// stream stays two-dimensional through the layers: every reshape is a graph node whose
     /// gradient candle accumulates with a full pass of its own.
-    fn forward(&self, xs: &Tensor, bt: (usize, usize), cos: &Tensor, sin: &Tensor, mask: &Tensor, trace: &mut Trace) -> Result<Tensor> {
+    fn forward(&self, xs: &Tensor, bt: (usize, usize), cos: &Tensor, sin: &Tensor, mask: &CausalMask, trace: &mut Trace) -> Result<Tensor> {
         let h = (xs + self.self_attn.forward(&self.input_layernorm.forward(xs)?, bt, cos, sin, mask)?)?;
         let normed = self.post_attention_layernorm.forward(&h)?;
         if trace.collect_ffn_inputs {
@@ -731,7 +757,7 @@ impl Transformer {
         }
         let device = input_ids.device();
         let (cos, sin) = self.rotary.tables(t, device)?;
-        let mask = causal_mask(t, self.config.sliding_window, device)?;
+        let mask = CausalMask::new(t, self.config.sliding_window, device);
         let mut xs = self.embed_tokens.embeddings().index_select(&input_ids.flatten_all()?, 0)?;
         for layer in &self.layers {
             xs = layer.forward(&xs, (b, t), &cos, &sin, &mask, trace)?;
@@ -753,7 +779,7 @@ impl Transformer {
             candle_core::bail!("layers {layers:?} out of range (the model has {})", self.layers.len());
         }
         let (cos, sin) = self.rotary.tables(t, xs.device())?;
-        let mask = causal_mask(t, self.config.sliding_window, xs.device())?;
+        let mask = CausalMask::new(t, self.config.sliding_window, xs.device());
         let mut xs = xs.reshape((b * t, ()))?;
         for layer in &self.layers[layers] {
             xs = layer.forward(&xs, (b, t), &cos, &sin, &mask, trace)?;

@@ -208,9 +208,26 @@ pub fn local_rank() -> usize {
         .unwrap_or(0)
 }
 
+/// The GPU this process binds, as an ordinal among the visible ones: its local rank's
+/// ([`gpu_of_rank`] over `CUDA_VISIBLE_DEVICES`). The trainer's device and NCCL agree on it.
+pub fn local_gpu() -> usize {
+    gpu_of_rank(local_rank(), std::env::var("CUDA_VISIBLE_DEVICES").ok().as_deref())
+}
+
+/// The ordinal local rank `rank` binds among `cuda_visible_devices`: its own when the job
+/// sees a GPU per rank or more (`0,1` for two ranks), wrapping when the launcher already
+/// narrowed each rank to fewer (srun's per-task binding shows every rank ordinal 0).
+pub fn gpu_of_rank(rank: usize, cuda_visible_devices: Option<&str>) -> usize {
+    let visible = cuda_visible_devices.map(|v| v.split(',').filter(|s| !s.trim().is_empty()).count());
+    match visible {
+        Some(n) if n > 0 => rank % n,
+        _ => rank,
+    }
+}
+
 #[cfg(feature = "nccl")]
 fn init_nccl(bootstrap: Arc<dyn Collective>) -> Result<Arc<dyn Collective>> {
-    Ok(Arc::new(Nccl::init(bootstrap, local_rank())?))
+    Ok(Arc::new(Nccl::init(bootstrap, local_gpu())?))
 }
 
 #[cfg(not(feature = "nccl"))]
@@ -438,6 +455,15 @@ fn from_bytes(bytes: &[u8], dtype: DType, dims: Vec<usize>, device: &candle_core
 mod tests {
     use super::*;
     use candle_core::{Device, Var};
+
+    #[test]
+    fn each_rank_binds_its_own_gpu_among_the_visible_ones() {
+        assert_eq!(gpu_of_rank(0, None), 0);
+        assert_eq!(gpu_of_rank(1, Some("4,5")), 1);
+        // srun bound every task to one GPU of its own: each sees ordinal 0.
+        assert_eq!(gpu_of_rank(3, Some("2")), 0);
+        assert_eq!(gpu_of_rank(2, Some("")), 2);
+    }
 
     #[test]
     fn one_rank_is_the_identity() {

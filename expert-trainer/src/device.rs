@@ -1,15 +1,93 @@
-//! The device a job computes on: `cpu`, or `cuda` (GPU 0, in builds with the `cuda` feature),
-//! its name for reports, and the GPU memory pool's peak.
+//! The device a job computes on ([`Device`]: `cpu`, or `cuda` in builds with the `cuda`
+//! feature), the dtypes it computes and stores in ([`DType`]), the GPU a rank binds, the
+//! device's name for reports, and the GPU memory pool's peak.
+//!
+//! [`Device`] and [`DType`] are the one vocabulary of job files, pipelines and command-line
+//! flags alike.
 
-use anyhow::{bail, Context, Result};
-use candle_core::Device;
+use anyhow::{bail, Result};
+use serde::{Deserialize, Serialize};
 
-/// The device named `cpu` or `cuda`. A CUDA device keeps freed memory in its pool (as
+/// Where a job computes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Device {
+    /// The CPU.
+    #[default]
+    Cpu,
+    /// A GPU (the local rank's among the visible ones), in a build with the `cuda` feature.
+    Cuda,
+}
+
+impl Device {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Device::Cpu => "cpu",
+            Device::Cuda => "cuda",
+        }
+    }
+
+    /// The candle device; on CUDA the GPU of this process's local rank
+    /// ([`btm_collective::local_gpu`]).
+    pub fn open(self) -> Result<candle_core::Device> {
+        open(self)
+    }
+}
+
+impl std::fmt::Display for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A floating-point dtype: of a training job's forward and backward passes (`float32`, or
+/// `bfloat16` mixed precision), of an evaluation, or of written weights.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum DType {
+    #[default]
+    #[serde(alias = "f32", alias = "fp32")]
+    #[value(alias = "f32", alias = "fp32")]
+    Float32,
+    #[serde(alias = "bf16")]
+    #[value(alias = "bf16")]
+    Bfloat16,
+    #[serde(alias = "f16", alias = "fp16", alias = "half")]
+    #[value(alias = "f16", alias = "fp16", alias = "half")]
+    Float16,
+}
+
+impl DType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DType::Float32 => "float32",
+            DType::Bfloat16 => "bfloat16",
+            DType::Float16 => "float16",
+        }
+    }
+
+    /// The candle dtype.
+    pub fn candle(self) -> candle_core::DType {
+        match self {
+            DType::Float32 => candle_core::DType::F32,
+            DType::Bfloat16 => candle_core::DType::BF16,
+            DType::Float16 => candle_core::DType::F16,
+        }
+    }
+}
+
+impl std::fmt::Display for DType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The candle device for `device`. A CUDA device keeps freed memory in its pool (as
 /// PyTorch's caching allocator does) rather than returning it at every synchronisation.
-pub fn open(name: &str) -> Result<Device> {
-    match name {
-        "cpu" => Ok(Device::Cpu),
-        "cuda" => {
+pub fn open(device: Device) -> Result<candle_core::Device> {
+    match device {
+        Device::Cpu => Ok(candle_core::Device::Cpu),
+        Device::Cuda => {
             #[cfg(feature = "cuda")]
             {
                 let missing = btm_kernels::cuda_ops::missing_libraries();
@@ -20,23 +98,28 @@ pub fn open(name: &str) -> Result<Device> {
                     );
                 }
             }
-            let device = Device::new_cuda(0).context("device: cuda (build btm with `--features cuda`)")?;
+            #[cfg(not(feature = "cuda"))]
+            bail!("device: cuda: this btm was built without CUDA (build it with `--features cuda`)");
             #[cfg(feature = "cuda")]
-            if let Device::Cuda(d) = &device {
-                btm_kernels::cuda_ops::keep_freed_memory(d)?;
+            {
+                use anyhow::Context as _;
+                let ordinal = btm_collective::local_gpu();
+                let device = candle_core::Device::new_cuda(ordinal).with_context(|| format!("device: cuda (GPU {ordinal})"))?;
+                if let candle_core::Device::Cuda(d) = &device {
+                    btm_kernels::cuda_ops::keep_freed_memory(d)?;
+                }
+                Ok(device)
             }
-            Ok(device)
         }
-        other => bail!("device: unknown device `{other}` (expected cpu or cuda)"),
     }
 }
 
 /// `cpu`, or `cuda (<GPU name>)`.
-pub fn describe(device: &Device) -> String {
+pub fn describe(device: &candle_core::Device) -> String {
     match device {
         #[cfg(feature = "cuda")]
-        Device::Cuda(d) => format!("cuda ({})", btm_kernels::cuda_ops::device_name(d)),
-        Device::Cpu => "cpu".into(),
+        candle_core::Device::Cuda(d) => format!("cuda ({})", btm_kernels::cuda_ops::device_name(d)),
+        candle_core::Device::Cpu => "cpu".into(),
         other => format!("{:?}", other.location()),
     }
 }
@@ -49,10 +132,10 @@ pub struct Memory {
 
 impl Memory {
     /// The pool of `device`, or `None` on the CPU.
-    pub fn of(device: &Device) -> Result<Option<Self>> {
+    pub fn of(device: &candle_core::Device) -> Result<Option<Self>> {
         match device {
             #[cfg(feature = "cuda")]
-            Device::Cuda(d) => Ok(Some(Self { device: d.clone() })),
+            candle_core::Device::Cuda(d) => Ok(Some(Self { device: d.clone() })),
             _ => Ok(None),
         }
     }
@@ -70,5 +153,26 @@ impl Memory {
         return Ok(btm_kernels::cuda_ops::peak_memory(&self.device)?);
         #[cfg(not(feature = "cuda"))]
         Ok(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_aliases_are_one_vocabulary() {
+        let d: DType = serde_yaml::from_str("bf16").unwrap();
+        assert_eq!(d, DType::Bfloat16);
+        assert_eq!(serde_yaml::to_string(&DType::Float32).unwrap().trim(), "float32");
+        assert_eq!(serde_yaml::to_string(&Device::Cuda).unwrap().trim(), "cuda");
+        assert!(serde_yaml::from_str::<Device>("tpu").is_err());
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    #[test]
+    fn cuda_without_the_feature_says_how_to_build() {
+        let e = Device::Cuda.open().unwrap_err().to_string();
+        assert!(e.contains("--features cuda"), "{e}");
     }
 }

@@ -19,6 +19,7 @@
 //! schedule: {warmup_steps: 100, decay: cosine, min_lr: 3.0e-5}
 //! ```
 
+pub use crate::device::{DType, Device};
 use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 use sha2::Digest;
@@ -353,10 +354,12 @@ pub struct JobSpec {
     pub grad_clip: Option<f64>,
     #[serde(default)]
     pub seed: u64,
-    #[serde(default = "default_dtype")]
-    pub dtype: String,
-    #[serde(default = "default_device")]
-    pub device: String,
+    /// The forward and backward passes' dtype: `float32`, or `bfloat16` (mixed precision).
+    #[serde(default)]
+    pub dtype: crate::device::DType,
+    /// `cpu`, or `cuda`: the GPU of the process's local rank among `CUDA_VISIBLE_DEVICES`.
+    #[serde(default)]
+    pub device: crate::device::Device,
     /// CPU threads (candle/rayon); default: all cores.
     #[serde(default)]
     pub threads: Option<usize>,
@@ -456,12 +459,6 @@ fn default_z() -> f64 {
 pub fn default_clip() -> Option<f64> {
     Some(1.0)
 }
-fn default_dtype() -> String {
-    "float32".into()
-}
-fn default_device() -> String {
-    "cpu".into()
-}
 fn default_log_interval() -> u64 {
     DEFAULT_LOG_INTERVAL
 }
@@ -488,10 +485,11 @@ impl JobSpec {
     /// precision: float32 master weights, gradients and AdamW moments; meant for GPUs; on the
     /// CPU it runs, slower than float32, without the fused kernels).
     pub fn compute_dtype(&self) -> Result<candle_core::DType> {
-        match self.dtype.as_str() {
-            "float32" => Ok(candle_core::DType::F32),
-            "bfloat16" => Ok(candle_core::DType::BF16),
-            other => bail!("`{other}`: expected float32 or bfloat16"),
+        match self.dtype {
+            crate::device::DType::Float16 => {
+                bail!("`float16`: training in float16 needs loss scaling, which btm does not do; use bfloat16")
+            }
+            d => Ok(d.candle()),
         }
     }
 
@@ -742,9 +740,6 @@ impl JobSpec {
         if let Err(e) = self.compute_dtype() {
             return fail("dtype", format!("{e}"));
         }
-        if !matches!(self.device.as_str(), "cpu" | "cuda") {
-            return fail("device", format!("`{}`: expected cpu or cuda", self.device));
-        }
         if self.threads == Some(0) {
             return fail("threads", "must be positive".into());
         }
@@ -769,14 +764,16 @@ impl JobSpec {
             if !self.trainer.is_btm() {
                 return fail("data_parallel", "an external trainer is launched by its own command; give it its ranks there".into());
             }
-            if matches!(self.collective, btm_collective::Backend::Mpi | btm_collective::Backend::Tcp) && self.device != "cpu" {
+            if matches!(self.collective, btm_collective::Backend::Mpi | btm_collective::Backend::Tcp)
+                && self.device != crate::device::Device::Cpu
+            {
                 return fail(
                     "collective",
                     format!("{} sums host memory; for `device: cuda` give `collective: nccl`", self.collective.as_str()),
                 );
             }
         }
-        if self.collective == btm_collective::Backend::Nccl && self.device != "cuda" {
+        if self.collective == btm_collective::Backend::Nccl && self.device != crate::device::Device::Cuda {
             return fail("collective", format!("nccl moves GPU memory; `device: {}` needs `collective: mpi`", self.device));
         }
         if self.log_interval == 0 {

@@ -622,7 +622,7 @@ struct TrainingRun<'a> {
 impl<'a> TrainingRun<'a> {
     /// Join the ranks, find the folders and read the model `init` names (config and tokenizer).
     fn open(spec: &'a JobSpec, quiet: bool) -> Result<Self> {
-        let device = crate::device::open(&spec.device)?;
+        let device = spec.device.open()?;
         let ranks = Ranks::start(spec.data_parallel, spec.expert_parallel, spec.collective)?;
         let out = spec.out_dir()?;
         let mirror = match spec.mirror_url()? {

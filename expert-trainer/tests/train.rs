@@ -42,7 +42,7 @@ fn bad_specs_name_the_key_and_the_reason() {
             "trainable.include[0]: `*.mlp.gate.weight` matches no tensor",
         ),
         (good.replace("steps: 3\n", ""), "steps: missing"),
-        (good.replace("steps: 3\n", "steps: 3\ndtype: float16\n"), "dtype: `float16`: expected float32 or bfloat16"),
+        (good.replace("steps: 3\n", "steps: 3\ndtype: float16\n"), "dtype: `float16`: training in float16 needs loss scaling"),
         (good.replace("steps: 3\n", "steps: 3\nmoe: {capacity_factor: -1}\n"), "moe.capacity_factor: must be a positive number, got -1"),
         (
             good.replace("steps: 3\n", "steps: 3\nmoe: {capacity_factor: 1.0, drop_policy: random}\n"),

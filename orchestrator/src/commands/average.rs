@@ -26,15 +26,15 @@ pub struct AverageArgs {
     #[arg(long)]
     out: PathBuf,
     /// Where the domain posterior is scored.
-    #[arg(long, value_enum, default_value_t = super::DeviceArg::Cpu)]
-    device: super::DeviceArg,
+    #[arg(long, value_enum, default_value_t = super::Device::Cpu)]
+    device: super::Device,
 }
 
 pub fn run(args: AverageArgs) -> Result<()> {
     let members = super::eval::open_members(&args.experts)?;
     let weights = match &args.weights_from {
         Some(path) => {
-            let device = args.device.device()?;
+            let device = args.device.open()?;
             let models = members.iter().map(|m| Ok(m.load_model(candle_core::DType::F32, &device)?)).collect::<Result<Vec<_>>>()?;
             let tokenizer = members[0].tokenizer()?;
             let docs = super::eval::tokenized(path, &tokenizer, None, None)?;

@@ -78,11 +78,11 @@ pub struct BenchMergeArgs {
 #[derive(Args)]
 pub struct BenchMoeArgs {
     /// cpu, or cuda (GPU 0; a build with the `cuda` feature).
-    #[arg(long, value_enum, default_value_t = super::DeviceArg::Cpu)]
-    device: super::DeviceArg,
+    #[arg(long, value_enum, default_value_t = super::Device::Cpu)]
+    device: super::Device,
     /// Element type (default: float32 on the CPU, bfloat16 on CUDA).
     #[arg(long, value_enum)]
-    dtype: Option<super::DTypeArg>,
+    dtype: Option<super::DType>,
     /// Tokens per layer call (default: 4096 on the CPU, 16384 on CUDA).
     #[arg(long)]
     tokens: Option<usize>,
@@ -136,8 +136,8 @@ pub struct BenchTrainArgs {
     #[arg(long)]
     moe: bool,
     /// cpu, or cuda (GPU 0, bfloat16 mixed precision; a build with the `cuda` feature).
-    #[arg(long, value_enum, default_value_t = super::DeviceArg::Cpu)]
-    device: super::DeviceArg,
+    #[arg(long, value_enum, default_value_t = super::Device::Cpu)]
+    device: super::Device,
     /// The GPU's dense bfloat16 peak in TFLOP/s, for the model FLOPs utilisation (default:
     /// 989.4, the H100/H200 SXM datasheet figure).
     #[arg(long, default_value_t = 989.4)]
@@ -182,9 +182,9 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Orchestrate(args) => bench_orchestrate(args),
         BenchCommand::Data(args) => bench_data(args),
         BenchCommand::Moe(args) => {
-            let device = args.device.device()?;
+            let device = args.device.open()?;
             let cuda = device.is_cuda();
-            let dtype = args.dtype.map_or(if cuda { candle_core::DType::BF16 } else { candle_core::DType::F32 }, |d| d.dtype());
+            let dtype = args.dtype.map_or(if cuda { candle_core::DType::BF16 } else { candle_core::DType::F32 }, |d| d.candle());
             let tokens = args.tokens.unwrap_or(if cuda { 16384 } else { 4096 });
             let spec = btm_kernels::bench::MoeBenchSpec {
                 tokens,
@@ -226,7 +226,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
                 Preset::Small => "small",
                 Preset::Gpt125m => "gpt-125m",
             };
-            let on = btm_trainer::bench::BenchDevice { device: args.device.device()?, peak_tflops: Some(args.peak_tflops) };
+            let on = btm_trainer::bench::BenchDevice { device: args.device.open()?, peak_tflops: Some(args.peak_tflops) };
             let r = btm_trainer::bench::run(preset, args.moe, args.threads, args.steps, &ranks, &on)?;
             if !ranks.is_root() {
                 return Ok(());
@@ -285,7 +285,7 @@ fn bench_orchestrate(args: BenchOrchestrateArgs) -> Result<()> {
     let mut jobs: Vec<Job> = (0..args.jobs).map(|i| sleep(format!("train/{i}"), vec![])).collect();
     jobs.push(sleep("merge".into(), jobs.iter().map(|j| j.name.clone()).collect()));
     let plan = Plan { run_dir: run, jobs };
-    let engine = crate::engine::LocalEngine::new(args.jobs)?;
+    let engine = crate::engine::LocalEngine::new(args.jobs, vec![])?;
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let start = std::time::Instant::now();
     runtime.block_on(crate::executor::execute(&plan, &engine, 0, true))?;

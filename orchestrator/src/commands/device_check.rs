@@ -9,8 +9,8 @@ use clap::Args;
 #[derive(Args)]
 pub struct DeviceCheckArgs {
     /// The device to check against the CPU.
-    #[arg(long, value_enum, default_value_t = super::DeviceArg::Cuda)]
-    device: super::DeviceArg,
+    #[arg(long, value_enum, default_value_t = super::Device::Cuda)]
+    device: super::Device,
     /// The fixture checkpoints (`model/tests/fixtures` of the source tree).
     #[arg(long, default_value = "model/tests/fixtures")]
     fixtures: std::path::PathBuf,
@@ -24,7 +24,7 @@ pub struct DeviceCheckArgs {
 
 pub fn run(args: DeviceCheckArgs) -> Result<()> {
     anyhow::ensure!(args.steps > 0, "--steps must be positive");
-    let device = args.device.device()?;
+    let device = args.device.open()?;
     let r = btm_trainer::device_check::run(&device, &args.fixtures, args.steps)?;
     if args.json {
         println!("{}", serde_json::to_string(&r)?);

@@ -17,50 +17,11 @@ pub mod train;
 pub mod upcycle;
 
 use anyhow::Result;
-use candle_core::{DType, Device};
 
-/// The compute device (`--device`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum DeviceArg {
-    /// The CPU.
-    Cpu,
-    /// GPU 0, in a build with the `cuda` feature.
-    Cuda,
-}
+// `--device` and `--dtype` take the job files' vocabulary.
+pub use btm_trainer::device::{DType, Device};
 
-impl DeviceArg {
-    /// The candle device.
-    pub fn device(self) -> Result<Device> {
-        btm_trainer::device::open(match self {
-            DeviceArg::Cpu => "cpu",
-            DeviceArg::Cuda => "cuda",
-        })
-    }
-}
-
-/// A dtype (`--dtype`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum DTypeArg {
-    #[value(alias = "f32", alias = "fp32")]
-    Float32,
-    #[value(alias = "bf16")]
-    Bfloat16,
-    #[value(alias = "f16", alias = "fp16", alias = "half")]
-    Float16,
-}
-
-impl DTypeArg {
-    /// The candle dtype.
-    pub fn dtype(self) -> DType {
-        match self {
-            DTypeArg::Float32 => DType::F32,
-            DTypeArg::Bfloat16 => DType::BF16,
-            DTypeArg::Float16 => DType::F16,
-        }
-    }
-}
-
-pub fn dtype(name: &str) -> Result<DType> {
+pub fn dtype(name: &str) -> Result<candle_core::DType> {
     Ok(btm_model::checkpoint::parse_dtype(name)?)
 }
 
@@ -118,7 +79,7 @@ impl RouterArgs {
 pub struct OutputArgs {
     /// Dtype on disk (default: the input's).
     #[arg(long, value_enum)]
-    dtype: Option<DTypeArg>,
+    dtype: Option<DType>,
     /// Largest shard in MiB.
     #[arg(long, default_value_t = btm_merger::OutputOptions::default().max_shard_bytes >> 20)]
     shard_mb: u64,
@@ -130,7 +91,7 @@ pub struct OutputArgs {
 impl OutputArgs {
     pub fn options(&self) -> Result<btm_merger::OutputOptions> {
         Ok(btm_merger::OutputOptions {
-            dtype: self.dtype.map(DTypeArg::dtype),
+            dtype: self.dtype.map(DType::candle),
             max_shard_bytes: self.shard_mb << 20,
             overwrite: self.overwrite,
         })

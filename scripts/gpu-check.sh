@@ -15,7 +15,9 @@
 #      one cuBLAS GEMM of equal FLOPs);
 #   4. `btm bench train --device cuda --preset gpt-125m` dense and `--moe` (8 experts, top-2),
 #      each next to `scripts/bench_train_torch.py` on the same GPU (bf16 autocast, SDPA, fused
-#      AdamW), alternating btm and PyTorch.
+#      AdamW), alternating btm and PyTorch;
+#   5. `btm run configs/gpu-smoke.yaml`: seed → two experts on two GPUs (or one after the other)
+#      → merge → continue → eval, every training phase on CUDA; tokens/s per phase.
 # Writes OUT_DIR/gpu-check.json (every result, the acceptance verdicts, the commands) and one
 # log per step. Exits 0 when every step ran, whatever the verdicts say.
 set -uo pipefail
@@ -63,17 +65,22 @@ step() {
 : > "$OUT_DIR/steps.tsv"
 
 step kernel-tests 60 "$BIN/btm-kernels-tests" gpu --test-threads 1 --nocapture
-step device-check 150 "$BIN/btm" device-check --device cuda --fixtures model/tests/fixtures --steps 50 --json
-step bench-moe 90 "$BIN/btm" bench moe --device cuda --json
+step device-check 120 "$BIN/btm" device-check --device cuda --fixtures model/tests/fixtures --steps 50 --json
+step bench-moe 75 "$BIN/btm" bench moe --device cuda --json
 for moe in "" "--moe"; do
   tag="${moe:+-moe}"
-  step "bench-train-btm$tag" 45 "$BIN/btm" bench train --device cuda --preset gpt-125m $moe --steps "$STEPS" --json
-  step "bench-train-torch$tag" 45 python3 scripts/bench_train_torch.py --device cuda --preset gpt-125m $moe --steps "$STEPS" --threads 8
+  step "bench-train-btm$tag" 33 "$BIN/btm" bench train --device cuda --preset gpt-125m $moe --steps "$STEPS" --json
+  step "bench-train-torch$tag" 33 python3 scripts/bench_train_torch.py --device cuda --preset gpt-125m $moe --steps "$STEPS" --threads 8
 done
+# The path a user takes: a pipeline whose phases train on the GPUs (seed, two experts, merge,
+# continued training, eval), each job placed on its own GPU by the local engine.
+SMOKE_RUN="$(mktemp -d)/gpu-smoke"
+step gpu-smoke 90 "$BIN/btm" run configs/gpu-smoke.yaml --run-dir "$SMOKE_RUN"
+cp "$SMOKE_RUN/report.md" "$OUT_DIR/gpu-smoke-report.md" 2>/dev/null || true
 
-python3 - "$OUT_DIR" "$PACK" "$BIN" <<'EOF'
+python3 - "$OUT_DIR" "$PACK" "$BIN" "$SMOKE_RUN" <<'EOF'
 import datetime, json, os, sys
-out, pack, bin_dir = sys.argv[1], sys.argv[2], sys.argv[3]
+out, pack, bin_dir, smoke_run = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
 
 def last_json(name):
     try:
@@ -114,6 +121,23 @@ for tag, label in (("", "dense"), ("-moe", "8-expert top-2 MoE")):
     ratio = b["tokens_per_s"] / t["tokens_per_s"] if b and t else None
     steps[f"bench-train-btm{tag}"]["vs_torch"] = ratio
     verdicts[f"bench train gpt-125m {label}: btm ≥ 1.0× PyTorch" + (f" (measured {ratio:.2f}×)" if ratio else "")] = bool(ratio) and ratio >= 1.0
+# Each training phase of the smoke run: its device, dtype and last tokens/s.
+smoke = {"completed": os.path.exists(os.path.join(smoke_run, "report.md")), "phases": {}}
+try:
+    plan = json.load(open(os.path.join(smoke_run, "plan.json")))
+    for job in plan["jobs"]:
+        t = job.get("train")
+        if not t:
+            continue
+        lines = open(t["metrics"]).read().splitlines() if os.path.exists(t["metrics"]) else []
+        rates = [json.loads(l)["tokens_per_s"] for l in lines if '"tokens_per_s"' in l]
+        smoke["phases"][job["name"]] = {"device": t.get("device"), "dtype": t.get("dtype"), "tokens_per_s": rates[-1] if rates else None}
+except (OSError, ValueError, KeyError) as e:
+    smoke["error"] = repr(e)
+steps["gpu-smoke"]["pipeline"] = smoke
+verdicts["gpu-smoke: seed, experts, merge, continue and eval on CUDA, report written"] = (
+    steps["gpu-smoke"]["exit"] == 0 and smoke["completed"]
+    and bool(smoke["phases"]) and all(p["device"] == "cuda" for p in smoke["phases"].values()))
 report = {
     "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     "pack": open(os.path.join(pack, "COMMIT")).read().split("\n") if os.path.exists(os.path.join(pack, "COMMIT")) else None,

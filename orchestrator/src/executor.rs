@@ -28,6 +28,11 @@ enum Status {
     Failed(String),
 }
 
+/// GPUs a job holds while it runs: each of its tasks' (ranks on one node).
+fn gpus_held(job: &Job) -> usize {
+    job.resources.gpus * job.resources.ranks.max(1)
+}
+
 /// The record that a job finished: written after its outputs were checked.
 pub fn done_marker(run: &Path, job: &Job) -> std::path::PathBuf {
     job.dir(run).join("done.json")
@@ -157,6 +162,11 @@ pub async fn execute(plan: &Plan, engine: &dyn Engine, retries: u32, quiet: bool
         // together (the per-domain trainers) go to the engine as one batch (a Slurm array).
         let running = status.iter().filter(|s| matches!(s, Status::Running { .. })).count();
         let free = engine.slots().saturating_sub(running);
+        // GPUs the engine places itself: a job starts when enough are free, and a later job
+        // that fits starts before an earlier one that does not (no GPU idles while one fits).
+        let gpus_in_use: usize =
+            (0..total).filter(|&i| matches!(status[i], Status::Running { .. })).map(|i| gpus_held(&plan.jobs[i])).sum();
+        let mut gpus_free = engine.gpus().map(|n| n.saturating_sub(gpus_in_use));
         // A failed job stops only what depends on it: the others still run, so a re-run has
         // less left to do.
         let mut ready: Vec<(usize, u32)> = vec![];
@@ -170,9 +180,22 @@ pub async fn execute(plan: &Plan, engine: &dyn Engine, retries: u32, quiet: bool
                 _ => continue,
             };
             let job = &plan.jobs[i];
-            if job.deps.iter().all(|d| index.get(d.as_str()).is_some_and(|&k| status[k] == Status::Done)) {
-                ready.push((i, attempts));
+            if !job.deps.iter().all(|d| index.get(d.as_str()).is_some_and(|&k| status[k] == Status::Done)) {
+                continue;
             }
+            if let (Some(total_gpus), Some(left)) = (engine.gpus(), gpus_free.as_mut()) {
+                let need = gpus_held(job);
+                if need > total_gpus {
+                    say(format!("job {} needs {need} GPUs; the engine has {total_gpus}", job.name));
+                    status[i] = Status::Failed(format!("needs {need} GPUs; the engine has {total_gpus}"));
+                    continue;
+                }
+                if need > *left {
+                    continue;
+                }
+                *left -= need;
+            }
+            ready.push((i, attempts));
         }
         for batch in batches_by_kind(plan, &ready) {
             let mut subs = vec![];
@@ -366,5 +389,69 @@ mod tests {
         let ready: Vec<(usize, u32)> = (0..3).map(|i| (i, 0)).collect();
         let names: Vec<Vec<usize>> = batches_by_kind(&plan, &ready).iter().map(|b| b.iter().map(|&(i, _)| i).collect()).collect();
         assert_eq!(names, vec![vec![0, 2], vec![1]]);
+    }
+
+    /// Run `jobs` (each `sh -c` a script that records its GPUs and times) on a local engine
+    /// with `gpus` GPUs; each job's line: name, CUDA_VISIBLE_DEVICES, start, end (seconds).
+    fn run_on_gpus(jobs: Vec<(&str, usize)>, gpus: usize) -> Vec<(String, Vec<String>, f64, f64)> {
+        let dir = tempfile::tempdir().unwrap();
+        let record = dir.path().join("record.tsv");
+        let jobs = jobs
+            .into_iter()
+            .map(|(name, need)| {
+                let mut j = job(name, JobKind::TrainExpert);
+                j.resources.gpus = need;
+                let script = format!(
+                    "s=$(date +%s.%N); sleep 0.4; echo \"{name}\t$CUDA_VISIBLE_DEVICES\t$s\t$(date +%s.%N)\" >> '{}'",
+                    record.display()
+                );
+                j.args = vec!["-c".into(), script];
+                j
+            })
+            .collect();
+        let plan = Plan { run_dir: dir.path().join("run"), jobs };
+        let ids = (0..gpus).map(|i| i.to_string()).collect();
+        let engine = crate::engine::LocalEngine::new(8, ids).unwrap().with_exe("/bin/sh".into());
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(execute(&plan, &engine, 0, true)).unwrap();
+        let text = std::fs::read_to_string(&record).unwrap();
+        text.lines()
+            .map(|l| {
+                let f: Vec<&str> = l.split('\t').collect();
+                (f[0].to_string(), f[1].split(',').map(String::from).collect(), f[2].parse().unwrap(), f[3].parse().unwrap())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn one_gpu_jobs_never_share_a_gpu_and_never_wait_while_one_is_free() {
+        let runs = run_on_gpus((0..5).map(|i| (["a", "b", "c", "d", "e"][i], 1)).collect(), 2);
+        assert_eq!(runs.len(), 5);
+        for (i, a) in runs.iter().enumerate() {
+            assert_eq!(a.1.len(), 1, "{} holds one GPU: {:?}", a.0, a.1);
+            for b in &runs[i + 1..] {
+                let overlap = a.2 < b.3 && b.2 < a.3;
+                assert!(!(overlap && a.1 == b.1), "{} and {} shared GPU {:?} at once", a.0, b.0, a.1);
+            }
+        }
+        // Every job started at once, or as soon as another ended (the poll is 50 ms).
+        let first = runs.iter().map(|r| r.2).fold(f64::MAX, f64::min);
+        for r in &runs {
+            let freed = runs.iter().filter(|o| o.3 <= r.2 + 0.01).map(|o| r.2 - o.3).fold(f64::MAX, f64::min);
+            assert!(r.2 - first < 0.3 || freed < 0.3, "{} waited {:.2}s with a GPU free", r.0, freed);
+        }
+        let concurrent_at_start = runs.iter().filter(|r| r.2 - first < 0.3).count();
+        assert_eq!(concurrent_at_start, 2, "two GPUs run two jobs at once");
+    }
+
+    #[test]
+    fn a_two_gpu_job_gets_two_distinct_gpus_and_a_one_gpu_job_takes_the_third() {
+        let runs = run_on_gpus(vec![("pair", 2), ("single", 1)], 3);
+        let pair = runs.iter().find(|r| r.0 == "pair").unwrap();
+        let single = runs.iter().find(|r| r.0 == "single").unwrap();
+        assert_eq!(pair.1.len(), 2);
+        assert_ne!(pair.1[0], pair.1[1]);
+        assert!(!pair.1.contains(&single.1[0]));
+        assert!(single.2 < pair.3, "the one-GPU job ran beside the pair");
     }
 }

@@ -83,6 +83,11 @@ pub struct TrainInfo {
     /// The external trainer's command template, when an external engine trains the job.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub external: Option<String>,
+    /// Where it computes, and in what precision.
+    #[serde(default)]
+    pub device: job::Device,
+    #[serde(default)]
+    pub dtype: job::DType,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -170,6 +175,8 @@ fn defaults() -> TrainParams {
         z_loss_coef: Some(moe.z_loss_coef),
         capacity_factor: None,
         drop_policy: None,
+        device: None,
+        dtype: None,
         trainable: None,
         trainer: None,
         resources: None,
@@ -221,8 +228,15 @@ impl Builder<'_> {
         let t = defaults().overlay(&params);
         let steps = t.steps.unwrap_or(0);
         let tokens = t.tokens();
+        let placement = t.placement(&self.p.engine);
         let mut spec = self.job_spec(&t, init, &out, train, valid, domain);
         spec.moe.router_guard = router_guard;
+        spec.device = placement.device;
+        spec.dtype = placement.dtype;
+        // Ranks on GPUs sum their gradients where they live, over NCCL.
+        if placement.device == job::Device::Cuda && spec.ranks() > 1 {
+            spec.collective = btm_collective::Backend::Nccl;
+        }
         let job_dir = self.run.join("jobs").join(name.replace('/', "-"));
         let yaml = serde_yaml::to_string(&spec)?;
         let flops = 6.0 * active_params as f64 * tokens as f64;
@@ -242,12 +256,19 @@ impl Builder<'_> {
             args: vec!["train".into(), "--job".into(), job_file.to_string_lossy().into_owned()],
             files: vec![(job_file, yaml)],
             outputs: vec![out.clone()],
-            train: Some(TrainInfo { steps, tokens, metrics: out.join("metrics.jsonl"), external: spec.trainer.template() }),
+            train: Some(TrainInfo {
+                steps,
+                tokens,
+                metrics: out.join("metrics.jsonl"),
+                external: spec.trainer.template(),
+                device: spec.device,
+                dtype: spec.dtype,
+            }),
             produces: Some(produces),
         });
         let job = self.jobs.last_mut().expect("the job just added");
         job.resources.cpus = resources.cpus_per_task.unwrap_or(job.resources.cpus);
-        job.resources.gpus = resources.gpus_per_task.unwrap_or(job.resources.gpus);
+        job.resources.gpus = placement.gpus_per_task;
         job.resources.memory_mb = resources.memory_mb;
         job.resources.time_limit_min = resources.time_limit_min;
         job.resources.ranks = spec.ranks();
@@ -303,8 +324,8 @@ impl Builder<'_> {
                 router_guard: None,
             },
             domain,
-            dtype: "float32".into(),
-            device: "cpu".into(),
+            dtype: Default::default(),
+            device: Default::default(),
             trainable: t.trainable.clone().unwrap_or_default(),
             resume: "auto".into(),
             token_cache: None,
@@ -1431,6 +1452,38 @@ mod tests {
         let baseline = job(&plan, "baseline");
         assert_eq!((baseline.resources.cpus, baseline.resources.gpus), (8, 1));
         assert_eq!(spec(baseline).trainer.template().as_deref(), Some("exec t {model_in} {model_out}"));
+    }
+
+    /// A phase computes where its GPUs are: CPU and float32 without any, CUDA and bfloat16
+    /// with them; a CUDA phase on the local engine takes a GPU per rank and sums over NCCL.
+    #[test]
+    fn phases_compute_where_their_gpus_are() {
+        use crate::pipeline::spec::{DType, Device, PhaseResources};
+        let dir = tempfile::tempdir().unwrap();
+        let cpu = plan(&pipeline(""), dir.path(), dir.path()).unwrap();
+        for j in cpu.jobs.iter().filter(|j| j.train.is_some()) {
+            assert_eq!((spec(j).device, spec(j).dtype, j.resources.gpus), (Device::Cpu, DType::Float32, 0), "{}", j.name);
+        }
+
+        let mut p = pipeline("");
+        p.train.resources = Some(PhaseResources { gpus_per_task: Some(1), ..Default::default() });
+        let c = p.continue_training.as_mut().unwrap();
+        (c.device, c.data_parallel, c.grad_accum) = (Some(Device::Cuda), Some(2), Some(2));
+        p.domains[1].overrides.dtype = Some(DType::Float32);
+        let plan = plan(&p, dir.path(), dir.path()).unwrap();
+        let placed = |name: &str| {
+            let j = job(&plan, name);
+            let t = j.train.as_ref().unwrap();
+            assert_eq!((t.device, t.dtype), (spec(j).device, spec(j).dtype), "{name}: the plan shows what the job file says");
+            (spec(j).device, spec(j).dtype, j.resources.gpus, spec(j).collective)
+        };
+        let default = btm_collective::Backend::default();
+        assert_eq!(placed("expert/a"), (Device::Cuda, DType::Bfloat16, 1, default));
+        assert_eq!(placed("expert/b"), (Device::Cuda, DType::Float32, 1, default), "a domain's dtype wins");
+        assert_eq!(placed("baseline"), (Device::Cuda, DType::Bfloat16, 1, default), "the baseline trains like the experts");
+        assert_eq!(placed("seed"), (Device::Cpu, DType::Float32, 0, default));
+        assert_eq!(placed("continue/merged"), (Device::Cuda, DType::Bfloat16, 1, btm_collective::Backend::Nccl));
+        assert_eq!(job(&plan, "continue/merged").resources.ranks, 2);
     }
 
     #[test]

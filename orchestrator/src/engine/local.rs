@@ -1,5 +1,7 @@
-//! The local engine: jobs are child processes of `btm run`, `slots` at a time.
+//! The local engine: jobs are child processes of `btm run`, `slots` at a time, each holding
+//! whole GPUs of the engine's pool through `CUDA_VISIBLE_DEVICES`.
 
+use super::gpus::GpuPool;
 use super::{Engine, JobHandle, JobState, Submission};
 use anyhow::{Context, Result};
 use std::collections::HashMap;
@@ -13,15 +15,28 @@ pub struct LocalEngine {
     slots: usize,
     exe: PathBuf,
     children: Mutex<HashMap<JobHandle, Child>>,
+    gpus: Mutex<GpuPool>,
+    /// The GPUs each running job holds.
+    held: Mutex<HashMap<JobHandle, Vec<String>>>,
 }
 
 impl LocalEngine {
-    pub fn new(slots: usize) -> Result<Self> {
+    /// `slots` jobs at a time, sharing the GPUs `gpu_ids` (`CUDA_VISIBLE_DEVICES` ids).
+    pub fn new(slots: usize, gpu_ids: Vec<String>) -> Result<Self> {
         Ok(Self {
             slots: slots.max(1),
             exe: std::env::current_exe().context("locating the btm binary")?,
             children: Mutex::new(HashMap::new()),
+            gpus: Mutex::new(GpuPool::new(gpu_ids)),
+            held: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Run `exe` instead of this binary (tests run their own programs as jobs).
+    #[cfg(test)]
+    pub fn with_exe(mut self, exe: PathBuf) -> Self {
+        self.exe = exe;
+        self
     }
 }
 
@@ -29,6 +44,10 @@ impl LocalEngine {
 impl Engine for LocalEngine {
     fn slots(&self) -> usize {
         self.slots
+    }
+
+    fn gpus(&self) -> Option<usize> {
+        Some(self.gpus.lock().expect("lock").len())
     }
 
     async fn submit(&self, jobs: &[Submission]) -> Result<Vec<JobHandle>> {
@@ -91,10 +110,39 @@ impl LocalEngine {
                 Ok(())
             });
         }
-        let child = command.spawn().with_context(|| format!("starting {}", job.name))?;
+        let gpus = self.place_on_gpus(job, &mut command)?;
+        let child = match command.spawn() {
+            Ok(child) => child,
+            Err(e) => {
+                self.gpus.lock().expect("lock").give_back(&gpus);
+                return Err(e).with_context(|| format!("starting {}", job.name));
+            }
+        };
         let handle = JobHandle(child.id().to_string());
         self.children.lock().expect("lock").insert(handle.clone(), child);
+        self.held.lock().expect("lock").insert(handle.clone(), gpus);
         Ok(handle)
+    }
+
+    /// Give `job` the free GPUs it asks for through `CUDA_VISIBLE_DEVICES` (the executor
+    /// starts a job only when enough are free). A job that asks for none sees none when the
+    /// engine has GPUs, so it cannot take one a GPU job holds.
+    fn place_on_gpus(&self, job: &Submission, command: &mut Command) -> Result<Vec<String>> {
+        let mut pool = self.gpus.lock().expect("lock");
+        if pool.is_empty() {
+            anyhow::ensure!(
+                job.gpus_held() == 0,
+                "{} asks for {} GPUs; the local engine has none (engine.gpus)",
+                job.name,
+                job.gpus_held()
+            );
+            return Ok(vec![]);
+        }
+        let Some(ids) = pool.take(job.gpus_held()) else {
+            anyhow::bail!("{} asks for {} GPUs; {} of the engine's {} are free", job.name, job.gpus_held(), pool.free(), pool.len());
+        };
+        command.env("CUDA_VISIBLE_DEVICES", super::gpus::visible_devices(&ids));
+        Ok(ids)
     }
 
     fn poll(&self, handle: &JobHandle) -> Result<JobState> {
@@ -106,6 +154,9 @@ impl LocalEngine {
             None => JobState::Running,
             Some(status) => {
                 children.remove(handle);
+                if let Some(ids) = self.held.lock().expect("lock").remove(handle) {
+                    self.gpus.lock().expect("lock").give_back(&ids);
+                }
                 if status.success() {
                     JobState::Succeeded
                 } else {

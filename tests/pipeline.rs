@@ -331,3 +331,72 @@ fn validation_errors_name_file_line_column_and_key() {
     let e = validate(d, &format!("{head}{one}{add}"), &[]);
     assert!(e.contains(":7:11: add_experts.replay: must lie in [0, 1) (a share of the training data), got 1.5"), "{e}");
 }
+
+/// Impossible device and precision pairs are named where they are written.
+#[test]
+fn device_and_dtype_errors_name_file_line_column_and_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    std::fs::write(d.join("a.jsonl"), "{\"text\": \"hello\"}\n").unwrap();
+    let seed = repo().join("model/tests/fixtures/llama").display().to_string();
+    let one = "domains:\n  - {name: a, train: a.jsonl, test: a.jsonl}\n";
+    let head = format!("name: t\nseed: {{checkpoint: {seed}}}\n{one}");
+
+    let e = validate(d, &format!("{head}train: {{dtype: float16}}\n"), &[]);
+    assert!(e.contains("p.yaml:5:16: train.dtype: float16 training needs loss scaling"), "{e}");
+    // A cluster places GPUs only where they are asked for.
+    let slurm = "engine: {kind: slurm}\n";
+    let e = validate(d, &format!("{head}{slurm}train: {{device: cuda}}\n"), &[]);
+    assert!(e.contains("p.yaml:6:17: train.device: `cuda`, but this phase asks for no GPU: set train.resources.gpus_per_task"), "{e}");
+    let e =
+        validate(d, &format!("{head}engine: {{kind: local, gpus: 1}}\ncontinue: {{device: cuda, data_parallel: 2, grad_accum: 2}}\n"), &[]);
+    assert!(
+        e.contains("continue.resources.gpus_per_task: each job of this phase needs 2 GPUs (1 per rank × 2 ranks); engine.gpus is 1"),
+        "{e}"
+    );
+    let e = validate(d, &format!("{head}engine: {{kind: local, gpus: many}}\n"), &[]);
+    assert!(e.contains("p.yaml:5:10: engine: gpus: `many`: expected a number of GPUs or `auto`"), "{e}");
+    let e = validate(d, &format!("{head}train: {{device: gpu}}\n"), &[]);
+    assert!(e.contains("train.device: unknown variant `gpu`, expected `cpu` or `cuda`"), "{e}");
+}
+
+/// The quickstart on three GPUs: the dry run places each expert on its own GPU; on a machine
+/// without one, `btm run` stops before any job starts and names what is missing.
+#[test]
+fn the_quickstart_on_gpus_places_each_expert_on_its_own_gpu() {
+    let tmp = tempfile::tempdir().unwrap();
+    let quickstart = repo().join("configs/quickstart.yaml");
+    let sets = ["--set", "train.device=cuda", "--set", "train.dtype=bfloat16", "--set", "engine.gpus=3"];
+    let run_dir = tmp.path().join("run");
+    let out = ok(btm().arg("run").arg(&quickstart).args(sets).arg("--run-dir").arg(&run_dir).arg("--dry-run").output().unwrap());
+    let experts: Vec<String> = ["scripture", "code", "computing"]
+        .iter()
+        .map(|d| {
+            let block = out.split(&format!("\nexpert/{d} [")).nth(1).unwrap_or_else(|| panic!("no expert/{d} in:\n{out}"));
+            block.lines().find(|l| l.trim_start().starts_with("device:")).unwrap().trim().to_string()
+        })
+        .collect();
+    assert_eq!(
+        experts,
+        [
+            "device:  cuda bfloat16, CUDA_VISIBLE_DEVICES=0",
+            "device:  cuda bfloat16, CUDA_VISIBLE_DEVICES=1",
+            "device:  cuda bfloat16, CUDA_VISIBLE_DEVICES=2"
+        ]
+    );
+    let seed = out.split("\nseed [").nth(1).unwrap();
+    assert!(seed.lines().any(|l| l.trim() == "device:  cpu float32"), "{out}");
+
+    if std::path::Path::new("/proc/driver/nvidia/version").exists() {
+        eprintln!("this machine has the NVIDIA driver: the missing-GPU error is not reachable here");
+        return;
+    }
+    let out = btm().arg("run").arg(&quickstart).args(sets).arg("--run-dir").arg(&run_dir).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("jobs train on CUDA") && stderr.contains("the NVIDIA driver: /proc/driver/nvidia/version does not exist"),
+        "{stderr}"
+    );
+    assert!(!run_dir.exists(), "nothing is written before the check");
+}

@@ -43,8 +43,20 @@ fn run_location(location: &str) -> Result<PathBuf> {
 
 fn print_plan(plan: &Plan, engine: &EngineSpec) {
     println!("run folder: {}", plan.run_dir.display());
-    for j in &plan.jobs {
+    let placed = match engine {
+        EngineSpec::Local { slots, gpus, .. } => Some(simulate_gpu_placement(plan, *slots, &local_gpu_ids(plan, *gpus))),
+        _ => None,
+    };
+    for (i, j) in plan.jobs.iter().enumerate() {
         println!("{} [{}] ({:?})", j.name, j.id, j.kind);
+        if let Some(t) = &j.train {
+            let visible = match placed.as_ref().and_then(|p| p[i].as_ref()) {
+                Some(ids) => format!(", CUDA_VISIBLE_DEVICES={}", crate::engine::gpus::visible_devices(ids)),
+                None if j.resources.gpus > 0 => format!(", {} GPU(s) per task, placed by the cluster", j.resources.gpus),
+                None => String::new(),
+            };
+            println!("  device:  {} {}{visible}", t.device, t.dtype);
+        }
         if !j.deps.is_empty() {
             println!("  after:   {}", j.deps.join(", "));
         }
@@ -71,6 +83,77 @@ fn print_plan(plan: &Plan, engine: &EngineSpec) {
     }
 }
 
+/// The local engine's GPU ids for `plan`: none when no job asks for a GPU, so a CPU-only run
+/// never looks for GPUs.
+fn local_gpu_ids(plan: &Plan, gpus: crate::pipeline::spec::Gpus) -> Vec<String> {
+    if plan.jobs.iter().all(|j| j.resources.gpus == 0) {
+        return vec![];
+    }
+    crate::engine::gpus::pool_ids(gpus, std::env::var("CUDA_VISIBLE_DEVICES").ok().as_deref(), crate::engine::gpus::machine_gpus)
+}
+
+/// The GPUs each job would hold on the local engine (`None`: none), if jobs that start
+/// together also end together: the executor's rule (plan order, `slots` jobs at a time, a
+/// job only when enough GPUs are free, the lowest free ones) stepped one wave at a time.
+fn simulate_gpu_placement(plan: &Plan, slots: usize, ids: &[String]) -> Vec<Option<Vec<String>>> {
+    let mut placed: Vec<Option<Vec<String>>> = vec![None; plan.jobs.len()];
+    let mut done = vec![false; plan.jobs.len()];
+    let index: std::collections::HashMap<&str, usize> = plan.jobs.iter().enumerate().map(|(i, j)| (j.name.as_str(), i)).collect();
+    while done.iter().any(|d| !d) {
+        let mut pool = crate::engine::gpus::GpuPool::new(ids.to_vec());
+        let mut wave = vec![];
+        for (i, j) in plan.jobs.iter().enumerate() {
+            let ready = !done[i] && j.deps.iter().all(|d| index.get(d.as_str()).is_none_or(|&k| done[k]));
+            if !ready || wave.len() >= slots.max(1) {
+                continue;
+            }
+            let need = j.resources.gpus * j.resources.ranks.max(1);
+            if need == 0 {
+                wave.push(i);
+            } else if let Some(taken) = pool.take(need) {
+                placed[i] = Some(taken);
+                wave.push(i);
+            } else if need > ids.len() {
+                // It can never start; `btm run` refuses the run before any job does.
+                wave.push(i);
+            }
+        }
+        if wave.is_empty() {
+            break;
+        }
+        for i in wave {
+            done[i] = true;
+        }
+    }
+    placed
+}
+
+/// Stop before any job starts when jobs train on CUDA and this machine cannot: the error
+/// names what is missing (the driver, libcuda, a GPU, CUDA in this btm).
+fn check_local_gpus(plan: &Plan, gpus: crate::pipeline::spec::Gpus, ids: &[String]) -> Result<()> {
+    let on_cuda: Vec<&Job> =
+        plan.jobs.iter().filter(|j| j.train.as_ref().is_some_and(|t| t.device == btm_trainer::device::Device::Cuda)).collect();
+    if on_cuda.is_empty() {
+        return Ok(());
+    }
+    let most = plan.jobs.iter().map(|j| j.resources.gpus * j.resources.ranks.max(1)).max().unwrap_or(0);
+    let btm_trains = on_cuda.iter().any(|j| j.train.as_ref().is_some_and(|t| t.external.is_none()));
+    let asked = match gpus {
+        crate::pipeline::spec::Gpus::Count(n) => Some(n),
+        crate::pipeline::spec::Gpus::Auto => None,
+    };
+    let missing = crate::engine::gpus::Probe::of_this_machine().missing(ids, asked, most, btm_trains);
+    if !missing.is_empty() {
+        bail!(
+            "{} jobs train on CUDA ({}…), but this machine cannot run them; missing:\n  - {}",
+            on_cuda.len(),
+            on_cuda[0].name,
+            missing.join("\n  - ")
+        );
+    }
+    Ok(())
+}
+
 /// How the engine starts the `ranks` processes of a multi-process job.
 fn launch_line(engine: &EngineSpec, ranks: usize) -> String {
     match engine {
@@ -79,6 +162,8 @@ fn launch_line(engine: &EngineSpec, ranks: usize) -> String {
             format!("sbatch --ntasks={ranks} … srun --kill-on-bad-exit=1{}", mpi.as_ref().map_or(String::new(), |m| format!(" --mpi={m}")))
         }
         EngineSpec::Kubernetes(_) => format!("{ranks} pods of the Indexed Job, meeting over the TCP collective"),
+        // Refused at validation: a Ray job is one process.
+        EngineSpec::Ray(_) => format!("{ranks} ranks (not on Ray)"),
     }
 }
 
@@ -129,6 +214,15 @@ pub fn run(args: RunArgs) -> Result<()> {
         }
         return Ok(());
     }
+    // A run that cannot train on this machine's GPUs stops before it writes anything.
+    let local_gpus = match &p.engine {
+        EngineSpec::Local { gpus, .. } => {
+            let ids = local_gpu_ids(&plan, *gpus);
+            check_local_gpus(&plan, *gpus, &ids)?;
+            ids
+        }
+        _ => vec![],
+    };
     run.ensure_dir("").with_context(|| format!("creating {}", plan.run_dir.display()))?;
     // Logs and engine scripts stay on this machine (in the run folder when it is local); the
     // lock guards against a second `btm run` of this run from this machine.
@@ -139,7 +233,7 @@ pub fn run(args: RunArgs) -> Result<()> {
     run.write("plan.json", &serde_json::to_vec_pretty(&plan)?)?;
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let engine: Box<dyn Engine> = match &p.engine {
-        EngineSpec::Local { slots, .. } => Box::new(LocalEngine::new(*slots)?),
+        EngineSpec::Local { slots, .. } => Box::new(LocalEngine::new(*slots, local_gpus)?),
         spec @ EngineSpec::Slurm { .. } => Box::new(SlurmEngine::new(spec, &local)?),
         EngineSpec::Kubernetes(k) => {
             let config = runtime.block_on(crate::engine::kubernetes::discover())?;
@@ -147,6 +241,8 @@ pub fn run(args: RunArgs) -> Result<()> {
             let _in_runtime = runtime.enter();
             Box::new(KubernetesEngine::new(k, &plan.run_dir, config)?)
         }
+        // Connected on the executor's runtime, which then runs its client's connections.
+        EngineSpec::Ray(r) => Box::new(runtime.block_on(crate::engine::ray::RayEngine::connect(r, &plan.run_dir))?),
     };
     let start = std::time::Instant::now();
     let summary = runtime.block_on(crate::executor::execute(&plan, engine.as_ref(), p.engine.retries(), args.quiet))?;
@@ -251,6 +347,22 @@ fn last_metrics(run: &Path, job: &Job) -> Option<Value> {
     text.lines().rev().filter_map(|l| serde_json::from_str::<Value>(l).ok()).find(|v| v.get("loss").is_some())
 }
 
+/// The last `error:` line a job printed (btm's own, or an external trainer's), from its log
+/// in the run (a finished job's) or on this machine (a running one's).
+fn last_error(run: &Path, job: &Job) -> Option<String> {
+    let in_run = crate::executor::folder(run).ok()?.read(job.log(run)).ok().flatten();
+    let bytes = in_run.or_else(|| std::fs::read(job.log(&crate::executor::local_root(run))).ok())?;
+    let text = String::from_utf8_lossy(&bytes);
+    text.lines().rev().map(str::trim).find(|l| l.to_ascii_lowercase().starts_with("error")).map(|l| l.chars().take(300).collect())
+}
+
+/// The engine's own id of a job (`ray job btm-…`), from the `engine.json` its engine wrote.
+fn engine_job(run: &Path, job: &Job) -> Option<String> {
+    let bytes = crate::executor::folder(run).ok()?.read(job.dir(run).join("engine.json")).ok()??;
+    let v: Value = serde_json::from_slice(&bytes).ok()?;
+    Some(format!("{} job {}", v["engine"].as_str()?, v["job"].as_str()?))
+}
+
 pub fn status(args: RunDirArgs) -> Result<()> {
     let plan = crate::report::read_plan(&args.run)?;
     let mut done = 0;
@@ -276,6 +388,14 @@ pub fn status(args: RunDirArgs) -> Result<()> {
                     let left = t.tokens.saturating_sub(m["tokens_seen"].as_u64().unwrap_or(0)) as f64 / tps;
                     line.push_str(&format!(" ETA {left:.0}s"));
                 }
+            }
+        }
+        if let Some(id) = engine_job(&plan.run_dir, j) {
+            line.push_str(&format!(" [{id}]"));
+        }
+        if state == "started" {
+            if let Some(error) = last_error(&plan.run_dir, j) {
+                line.push_str(&format!(" — {error}"));
             }
         }
         if !j.deps.is_empty() && state == "pending" {

@@ -399,6 +399,7 @@ mod tests {
         names
             .iter()
             .map(|n| Submission {
+                id: format!("id-{n}"),
                 name: n.to_string(),
                 args: vec!["train".into(), "--job".into(), format!("/runs/r/jobs/{n}.yaml")],
                 log: PathBuf::from("/tmp/btm-k8s-test.log"),
@@ -547,6 +548,7 @@ mod tests {
     fn a_run_in_a_bucket_needs_no_volume_and_reads_credentials_from_a_secret() {
         let spec: KubernetesSpec = serde_yaml::from_str("{image: 'registry.example/btm:1', env_from_secret: btm-s3}").unwrap();
         let sub = Submission {
+            id: "id-a".into(),
             name: "expert/a".into(),
             args: vec!["train".into()],
             log: PathBuf::from("/cache/runs-local/r/logs/a.log"),

@@ -5,8 +5,10 @@
 
 #[cfg(test)]
 mod fake_http;
+pub mod gpus;
 pub mod kubernetes;
 pub mod local;
+pub mod ray;
 pub mod slurm;
 
 use anyhow::Result;
@@ -22,11 +24,14 @@ pub const POLL_GIVE_UP: std::time::Duration = std::time::Duration::from_secs(15 
 /// What to run: `btm <args>`, its output appended to `log`.
 #[derive(Debug, Clone)]
 pub struct Submission {
+    /// btm's id of the job ([`crate::plan::Job::id`]).
+    pub id: String,
     pub name: String,
     pub args: Vec<String>,
     pub log: PathBuf,
     /// CPUs (threads) for the job; 0: the engine decides (the local engine shares its cores).
     pub cpus: usize,
+    /// GPUs per task (per rank of a multi-rank job).
     pub gpus: usize,
     /// Memory for the job in MiB, overriding the engine block's; `None`: the engine's.
     pub memory_mb: Option<u64>,
@@ -40,9 +45,15 @@ pub struct Submission {
 }
 
 impl Submission {
+    /// GPUs the whole job holds: its tasks' on one node.
+    pub fn gpus_held(&self) -> usize {
+        self.gpus * self.ranks.max(1)
+    }
+
     /// What `job` asks for, its output appended to `log`.
     pub fn for_job(job: &crate::plan::Job, log: PathBuf) -> Self {
         Submission {
+            id: job.id.clone(),
             name: job.name.clone(),
             args: job.args.clone(),
             log,
@@ -73,6 +84,12 @@ pub struct JobHandle(pub String);
 pub trait Engine: Send + Sync {
     /// How many jobs may be submitted and unfinished at once.
     fn slots(&self) -> usize;
+    /// The GPUs this engine hands out to its jobs itself (the local engine's pool), so the
+    /// executor starts a job only when enough of them are free; `None`: the cluster places
+    /// GPUs (or there are none to place).
+    fn gpus(&self) -> Option<usize> {
+        None
+    }
     /// How often the executor polls job states.
     fn poll_interval(&self) -> std::time::Duration {
         std::time::Duration::from_millis(50)
@@ -155,6 +172,7 @@ mod tests {
 
     fn job(name: &str, ranks: usize, nodes: usize) -> Submission {
         Submission {
+            id: format!("id-{name}"),
             name: name.into(),
             args: vec!["train".into(), "--job".into(), format!("/runs/r/jobs/{name}/job.yaml")],
             log: PathBuf::from(format!("/runs/r/logs/{name}.log")),

@@ -662,6 +662,7 @@ mod tests {
         let jobs: Vec<Submission> = ["expert/a", "expert/b"]
             .iter()
             .map(|n| Submission {
+                id: format!("id-{n}"),
                 name: n.to_string(),
                 args: vec!["train".into()],
                 log: run.path().join("a.log"),

@@ -1,7 +1,7 @@
 //! Loading a pipeline: YAML → `${VAR}` interpolation → `--set` overrides → typed spec →
 //! semantic checks. Every error carries `file:line:column` and the key path.
 
-use super::spec::{Domain, Pipeline, SeedSpec};
+use super::spec::{DType, Device, Domain, Pipeline, SeedSpec, TrainParams};
 use serde_yaml::Value;
 use std::collections::HashMap;
 use std::fmt;
@@ -421,6 +421,103 @@ fn check_tokenizer_sources(p: &super::spec::Pipeline, base: &Path, problems: &mu
     }
 }
 
+/// Every training phase as its jobs run it (blocks layered as the plan layers them), under
+/// the key path of the block a user edits to change it.
+fn training_phases(p: &Pipeline) -> Vec<(String, TrainParams)> {
+    let none = TrainParams::default();
+    let mut phases: Vec<(String, TrainParams)> = vec![];
+    phases.extend(p.seed.train.as_ref().map(|t| ("seed.train.train".to_string(), t.train.clone())));
+    for (i, d) in p.domains.iter().enumerate() {
+        let path = if d.overrides == none { "train".to_string() } else { format!("domains[{i}].overrides") };
+        phases.push((path, p.train.overlay(&d.overrides)));
+    }
+    phases.extend(p.continue_training.as_ref().map(|c| ("continue".to_string(), p.train.mix_phase(c))));
+    phases.extend(p.ensemble.as_ref().map(|e| ("ensemble".to_string(), p.train.overlay(e))));
+    if let Some(u) = &p.upcycle {
+        let t = p.train.mix_phase(p.continue_training.as_ref().unwrap_or(&none)).overlay(u.train.as_ref().unwrap_or(&none));
+        phases.push(("upcycle.train".to_string(), t));
+    }
+    if let Some(add) = &p.add_experts {
+        for (i, d) in add.domains.iter().enumerate() {
+            let path = if d.overrides == none { "train".to_string() } else { format!("add_experts.domains[{i}].overrides") };
+            phases.push((path, p.train.overlay(&d.overrides)));
+        }
+        phases.extend(add.train_in_place.as_ref().map(|t| ("add_experts.train_in_place".to_string(), p.train.mix_phase(t))));
+    }
+    phases
+}
+
+/// Device and precision pairs no job can run: float16 training, a CUDA phase that asks for
+/// no GPU, a job that needs more GPUs than the local engine has.
+fn check_devices(p: &Pipeline, problems: &mut Vec<(String, String)>) {
+    let mut seen = vec![];
+    for (path, t) in training_phases(p) {
+        if seen.contains(&path) {
+            continue;
+        }
+        seen.push(path.clone());
+        let placement = t.placement(&p.engine);
+        if placement.dtype == DType::Float16 {
+            problems.push((
+                format!("{path}.dtype"),
+                "float16 training needs loss scaling, which btm does not do: use bfloat16 (or float32)".into(),
+            ));
+        }
+        if placement.device == Device::Cuda && placement.gpus_per_task == 0 {
+            problems.push((
+                format!("{path}.device"),
+                format!("`cuda`, but this phase asks for no GPU: set {path}.resources.gpus_per_task (or the engine's gpus_per_task)"),
+            ));
+        }
+        let ranks = t.data_parallel.unwrap_or(1) * t.expert_parallel.unwrap_or(1);
+        if let super::spec::EngineSpec::Local { gpus: super::spec::Gpus::Count(n), .. } = p.engine {
+            let need = placement.gpus_per_task * ranks;
+            if need > n {
+                problems.push((
+                    format!("{path}.resources.gpus_per_task"),
+                    format!(
+                        "each job of this phase needs {need} GPUs ({} per rank × {ranks} ranks); engine.gpus is {n}",
+                        placement.gpus_per_task
+                    ),
+                ));
+            }
+        }
+    }
+}
+
+/// What the Ray engine cannot run: each job is one entrypoint process on one node, with no
+/// launcher for btm's ranks (`data_parallel`, `expert_parallel`) and no rendezvous for the
+/// nodes of a multi-node torchrun. A one-node torchrun (any `nproc_per_node`) runs.
+fn check_ray(p: &Pipeline, problems: &mut Vec<(String, String)>) {
+    let super::spec::EngineSpec::Ray(r) = &p.engine else { return };
+    if !(r.address.starts_with("http://") || r.address.starts_with("https://")) {
+        let why = format!("`{}` is not an http(s) URL (the Ray dashboard's, e.g. http://HOST:8265)", r.address);
+        problems.push(("engine.address".into(), why));
+    }
+    let mut seen = vec![];
+    for (path, t) in training_phases(p) {
+        if seen.contains(&path) {
+            continue;
+        }
+        seen.push(path.clone());
+        for (key, n) in [("data_parallel", t.data_parallel.unwrap_or(1)), ("expert_parallel", t.expert_parallel.unwrap_or(1))] {
+            if n > 1 {
+                problems.push((
+                    format!("{path}.{key}"),
+                    format!("{n} ranks: the Ray engine runs one process per job, so multi-rank phases need the local, Slurm or Kubernetes engine"),
+                ));
+            }
+        }
+        let nodes = t.trainer.as_ref().map_or(1, |tr| tr.nodes());
+        if nodes > 1 {
+            problems.push((
+                format!("{path}.trainer.nnodes"),
+                format!("{nodes} nodes: the Ray engine runs each job on one node (use nnodes: 1, or the Slurm or Kubernetes engine)"),
+            ));
+        }
+    }
+}
+
 /// Checks types cannot express. Returns (key path, message) pairs.
 pub fn check(p: &Pipeline, base: &Path) -> Vec<(String, String)> {
     let mut problems = vec![];
@@ -628,6 +725,8 @@ pub fn check(p: &Pipeline, base: &Path) -> Vec<(String, String)> {
         }
     }
     check_tokenizer_sources(p, base, &mut problems);
+    check_devices(p, &mut problems);
+    check_ray(p, &mut problems);
     problems
 }
 

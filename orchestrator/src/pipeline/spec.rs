@@ -86,6 +86,11 @@ pub enum EngineSpec {
         /// Retries of a failed job before the run fails.
         #[serde(default = "default_retries")]
         retries: u32,
+        /// GPUs the jobs share, each running job holding its own (`CUDA_VISIBLE_DEVICES`):
+        /// a number, or `auto` (default): the machine's, or those `CUDA_VISIBLE_DEVICES`
+        /// names. Only asked for when a job trains on CUDA.
+        #[serde(default)]
+        gpus: Gpus,
     },
     /// A Slurm cluster, through its command-line tools or slurmrestd. Jobs that become ready
     /// together (the per-domain trainers) are one job array.
@@ -120,6 +125,42 @@ pub enum EngineSpec {
     },
     /// A Kubernetes cluster: one Indexed Job per batch of jobs, through the API server.
     Kubernetes(KubernetesSpec),
+    /// A Ray cluster: each job a Ray job, through the Jobs REST API of its dashboard.
+    Ray(RaySpec),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RaySpec {
+    /// The Ray dashboard's address (Jobs API), e.g. http://127.0.0.1:8265 (https works).
+    pub address: String,
+    /// The environment variable holding the cluster's auth token (`RAY_AUTH_MODE=token`), sent
+    /// as `Authorization: Bearer`; never written to logs or the run. Unset: no token is sent.
+    #[serde(default = "default_ray_token_env")]
+    pub token_env: String,
+    /// Path of `btm` on the Ray nodes (default: this btm's own path, for nodes that share this
+    /// machine's filesystem).
+    #[serde(default)]
+    pub btm: Option<String>,
+    /// Jobs submitted and unfinished at once (Ray queues what its nodes cannot start yet).
+    #[serde(default = "default_slurm_slots")]
+    pub slots: usize,
+    /// CPUs per job (`entrypoint_num_cpus`; also the trainer's threads).
+    #[serde(default = "one")]
+    pub cpus_per_task: usize,
+    /// GPUs per job (`entrypoint_num_gpus`).
+    #[serde(default)]
+    pub gpus_per_task: usize,
+    /// Memory per job in MiB (`entrypoint_memory`, which Ray takes in bytes).
+    #[serde(default)]
+    pub memory_mb: Option<u64>,
+    /// Resubmissions of a failed job; trainers resume from their checkpoints.
+    #[serde(default = "default_retries")]
+    pub retries: u32,
+}
+
+fn default_ray_token_env() -> String {
+    "RAY_AUTH_TOKEN".into()
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -222,6 +263,7 @@ impl EngineSpec {
             EngineSpec::Local { threads_per_job, .. } => *threads_per_job,
             EngineSpec::Slurm { cpus_per_task, .. } => Some(*cpus_per_task),
             EngineSpec::Kubernetes(k) => Some(k.cpus_per_task),
+            EngineSpec::Ray(r) => Some(r.cpus_per_task),
         }
     }
 
@@ -230,6 +272,7 @@ impl EngineSpec {
             EngineSpec::Local { .. } => 0,
             EngineSpec::Slurm { gpus_per_task, .. } => *gpus_per_task,
             EngineSpec::Kubernetes(k) => k.gpus_per_task,
+            EngineSpec::Ray(r) => r.gpus_per_task,
         }
     }
 
@@ -238,7 +281,64 @@ impl EngineSpec {
             EngineSpec::Local { retries, .. } | EngineSpec::Slurm { retries, .. } => *retries,
             // Kubernetes retries pods itself (backoffLimitPerIndex); one more resubmission.
             EngineSpec::Kubernetes(_) => 1,
+            EngineSpec::Ray(r) => r.retries,
         }
+    }
+}
+
+/// The local engine's GPUs: a count, or `auto`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Gpus {
+    /// This many: the first N of `CUDA_VISIBLE_DEVICES`, else GPUs 0…N-1.
+    Count(usize),
+    /// Every GPU the machine has (or `CUDA_VISIBLE_DEVICES` names).
+    #[default]
+    Auto,
+}
+
+impl Serialize for Gpus {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Gpus::Count(n) => s.serialize_u64(*n as u64),
+            Gpus::Auto => s.serialize_str("auto"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Gpus {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = Gpus;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a number of GPUs or `auto`")
+            }
+            fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<Gpus, E> {
+                usize::try_from(n).map(Gpus::Count).map_err(E::custom)
+            }
+            fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<Gpus, E> {
+                usize::try_from(n).map(Gpus::Count).map_err(|_| E::custom(format!("gpus: {n}: expected a number of GPUs or `auto`")))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Gpus, E> {
+                match v {
+                    "auto" => Ok(Gpus::Auto),
+                    other => Err(E::custom(format!("gpus: `{other}`: expected a number of GPUs or `auto`"))),
+                }
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+impl JsonSchema for Gpus {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Gpus".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "description": "A number of GPUs, or `auto`: the machine's (or those CUDA_VISIBLE_DEVICES names).",
+            "oneOf": [{"type": "integer", "minimum": 0}, {"const": "auto"}]
+        })
     }
 }
 
@@ -252,7 +352,7 @@ fn default_retries() -> u32 {
 
 impl Default for EngineSpec {
     fn default() -> Self {
-        EngineSpec::Local { slots: default_slots(), threads_per_job: None, retries: default_retries() }
+        EngineSpec::Local { slots: default_slots(), threads_per_job: None, retries: default_retries(), gpus: Gpus::Auto }
     }
 }
 
@@ -373,6 +473,12 @@ pub struct TrainParams {
     pub capacity_factor: Option<f64>,
     /// `probs` or `position`: which assignments over capacity are dropped.
     pub drop_policy: Option<btm_kernels::DropPolicy>,
+    /// `cpu` or `cuda`. Default: `cuda` when the phase's jobs ask for GPUs
+    /// (`resources.gpus_per_task`, else the engine's), otherwise `cpu`.
+    pub device: Option<Device>,
+    /// `float32`, or `bfloat16` (mixed precision: float32 master weights and optimizer state).
+    /// Default: `bfloat16` on `cuda`, `float32` on `cpu`.
+    pub dtype: Option<DType>,
     /// Which parameters train (globs over Hugging Face tensor names, `*` matches anything);
     /// the rest stay frozen. Set in `train`, it selects for the expert phase only: the merged
     /// MoE's training, the baseline and the upcycled arm train every parameter unless their own
@@ -397,6 +503,15 @@ pub struct TrainParams {
     /// Ranks over which each MoE layer's experts are split (MoE phases: `continue`,
     /// `upcycle.train`); tokens travel to their experts by all-to-all.
     pub expert_parallel: Option<usize>,
+}
+
+/// Where a training phase's jobs compute ([`TrainParams::placement`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Placement {
+    pub device: Device,
+    pub dtype: DType,
+    /// GPUs each task (each rank of a multi-rank job) asks for.
+    pub gpus_per_task: usize,
 }
 
 /// A phase's own resources; every field overrides the engine block's for its jobs.
@@ -445,6 +560,8 @@ impl TrainParams {
             z_loss_coef,
             capacity_factor,
             drop_policy,
+            device,
+            dtype,
             trainable,
             trainer,
             resources,
@@ -467,6 +584,25 @@ impl TrainParams {
         }
     }
 
+    /// Where this phase's jobs compute on `engine`, with what, and how many GPUs each task
+    /// asks for: `device` as written, else `cuda` when the phase asks for GPUs
+    /// (`resources.gpus_per_task`, else the engine's); `dtype` as written, else `bfloat16` on
+    /// CUDA (the precision GPU training uses) and `float32` on the CPU. A CUDA phase on the
+    /// local engine that names no GPU count takes one GPU per rank.
+    pub fn placement(&self, engine: &EngineSpec) -> Placement {
+        let asked = self.resources.as_ref().and_then(|r| r.gpus_per_task);
+        let mut gpus_per_task = asked.unwrap_or_else(|| engine.gpus_per_job());
+        let device = self.device.unwrap_or(if gpus_per_task > 0 { Device::Cuda } else { Device::Cpu });
+        if device == Device::Cuda && asked.is_none() && gpus_per_task == 0 && matches!(engine, EngineSpec::Local { .. }) {
+            gpus_per_task = 1;
+        }
+        let dtype = self.dtype.unwrap_or(match device {
+            Device::Cuda => DType::Bfloat16,
+            Device::Cpu => DType::Float32,
+        });
+        Placement { device, dtype, gpus_per_task }
+    }
+
     /// Tokens one run of these parameters consumes.
     pub fn tokens(&self) -> u64 {
         self.steps.unwrap_or(0) * (self.batch_size.unwrap_or(8) * self.seq_len.unwrap_or(256) * self.grad_accum.unwrap_or(1)) as u64
@@ -478,6 +614,7 @@ impl TrainParams {
 pub use btm_merger::router_init::RouterInit;
 pub use btm_merger::scaling::ScalingMode;
 pub use btm_model::Routing;
+pub use btm_trainer::device::{DType, Device};
 pub use btm_trainer::spec::Decay;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]

@@ -412,3 +412,32 @@ pub fn report(args: RunDirArgs) -> Result<()> {
     println!("report: {}", args.run.join("report.md").display());
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::{JobKind, Resources};
+
+    #[test]
+    fn status_shows_a_jobs_last_error_line() {
+        let run = tempfile::tempdir().unwrap();
+        let job = Job {
+            id: "x".into(),
+            name: "expert/a".into(),
+            kind: JobKind::TrainExpert,
+            deps: vec![],
+            args: vec![],
+            files: vec![],
+            outputs: vec![],
+            resumable: true,
+            resources: Resources::default(),
+            train: None,
+            produces: None,
+        };
+        assert_eq!(last_error(run.path(), &job), None);
+        std::fs::create_dir_all(run.path().join("logs")).unwrap();
+        let log = "step 1 loss 5.0\nerror: device: cuda: cannot load libcuda.so.1 (the NVIDIA driver)\nretrying\n";
+        std::fs::write(job.log(run.path()), log).unwrap();
+        assert_eq!(last_error(run.path(), &job).as_deref(), Some("error: device: cuda: cannot load libcuda.so.1 (the NVIDIA driver)"));
+    }
+}

@@ -51,6 +51,8 @@ enum Command {
     RemoveExpert(commands::remove_expert::RemoveExpertArgs),
     /// Average dense experts' parameters, weighted by their domain prior on a target domain.
     Average(commands::average::AverageArgs),
+    /// Discover domains in unlabelled text (c-BTM: tf-idf, SVD, balanced k-means) and split it by cluster.
+    Cluster(commands::cluster::ClusterArgs),
     /// Train a model from a checkpoint (or from scratch) as a job file says; resumable.
     Train(commands::train::TrainArgs),
     /// Check a device (CUDA) against the CPU: logits, the fused MoE layer, a training run.
@@ -104,6 +106,7 @@ fn main() {
         Command::Upcycle(args) => commands::upcycle::run(args),
         Command::AddExpert(args) => commands::add_expert::run(args),
         Command::Average(args) => commands::average::run(args),
+        Command::Cluster(args) => commands::cluster::run(args),
         Command::RemoveExpert(args) => commands::remove_expert::run(args),
         Command::Train(args) => commands::train::run(args),
         Command::DeviceCheck(args) => commands::device_check::run(args),

@@ -17,9 +17,18 @@ pub struct EvalArgs {
     /// Estimate the ensemble's prior from this held-out JSONL (default: uniform).
     #[arg(long, requires = "ensemble")]
     prior_from: Option<PathBuf>,
-    /// Mix only the K members of largest posterior at each position.
+    /// Mix only the K members of largest weight at each position (posterior, or with
+    /// --clusters the cluster weight).
     #[arg(long, requires = "ensemble")]
     top_k: Option<usize>,
+    /// Weigh the members by c-BTM's cluster weights instead of the posterior: at each position,
+    /// softmax(−‖e − c_j‖²/T) of the context's embedding by the clusterer `btm cluster` saved in
+    /// this folder. Member i is cluster i's expert.
+    #[arg(long, requires = "ensemble", conflicts_with = "prior_from")]
+    clusters: Option<PathBuf>,
+    /// With --clusters: the temperature T (default: the clusterer's; c-BTM's is 0.1).
+    #[arg(long, requires = "clusters")]
+    temperature: Option<f32>,
     /// JSONL file with a `text` field per line (a path or an object-store URL).
     #[arg(long)]
     data: PathBuf,
@@ -36,11 +45,11 @@ pub struct EvalArgs {
     #[arg(long)]
     json: bool,
     /// Compute dtype.
-    #[arg(long, value_enum, default_value_t = super::DTypeArg::Float32)]
-    dtype: super::DTypeArg,
+    #[arg(long, value_enum, default_value_t = super::DType::Float32)]
+    dtype: super::DType,
     /// Where to compute.
-    #[arg(long, value_enum, default_value_t = super::DeviceArg::Cpu)]
-    device: super::DeviceArg,
+    #[arg(long, value_enum, default_value_t = super::Device::Cpu)]
+    device: super::Device,
     /// For an MoE, also report each layer's share of tokens per expert (`routing` in the JSON).
     #[arg(long)]
     routing: bool,
@@ -51,14 +60,17 @@ pub struct EvalArgs {
 
 pub fn run(args: EvalArgs) -> Result<()> {
     anyhow::ensure!(args.seq_len >= 2, "--seq-len must be at least 2");
-    let device = args.device.device()?;
+    let device = args.device.open()?;
+    if args.clusters.is_some() {
+        return run_clustered(&args, &device);
+    }
     if !args.ensemble.is_empty() {
         return run_ensemble(&args, &device);
     }
     let name = args.model.as_deref().expect("clap requires --model or --ensemble");
     let dir = btm_model::storage::local_dir(name)?;
     let ckpt = Checkpoint::open(&dir).with_context(|| format!("opening model {name}"))?;
-    let model = ckpt.load_model(args.dtype.dtype(), &device)?;
+    let model = ckpt.load_model(args.dtype.candle(), &device)?;
     let tokenizer = ckpt.tokenizer()?;
     // Data given as an object-store URL is fetched into the local cache.
     let start = std::time::Instant::now();
@@ -106,7 +118,7 @@ fn run_ensemble(args: &EvalArgs, device: &candle_core::Device) -> Result<()> {
     if let Some(k) = args.top_k {
         anyhow::ensure!(k >= 1 && k <= members.len(), "--top-k {k}: must be between 1 and the {} members", members.len());
     }
-    let dtype = args.dtype.dtype();
+    let dtype = args.dtype.candle();
     let models = members.iter().map(|m| Ok(m.load_model(dtype, device)?)).collect::<Result<Vec<_>>>()?;
     let tokenizer = members[0].tokenizer()?;
     let start = std::time::Instant::now();
@@ -122,6 +134,59 @@ fn run_ensemble(args: &EvalArgs, device: &candle_core::Device) -> Result<()> {
     let mut result = serde_json::to_value(&r)?;
     result["members"] = serde_json::to_value(&args.ensemble)?;
     report(args, &result, docs.len(), r.perplexity, start)
+}
+
+/// c-BTM's ensemble (Gururangan et al. 2023, §2.3): each token is predicted by the members'
+/// mixture weighted by the clusterer's weights of its context, the window's tokens before it
+/// decoded to text (`sequence_scorer_btm.py`'s `_get_context_clusters`, whose first position's
+/// context is empty), kept to the `--top-k` largest:
+/// `p(x_t | x_<t) = Σ_j w_j(x_<t) · p_j(x_t | x_<t)`, `w(x) = softmax(−‖e(x) − c_j‖² / T)`.
+fn run_clustered(args: &EvalArgs, device: &candle_core::Device) -> Result<()> {
+    let dir = args.clusters.as_ref().context("--clusters")?;
+    let mut clusterer = btm_cluster::Clusterer::load(dir)?;
+    if let Some(t) = args.temperature {
+        clusterer = clusterer.with_temperature(t)?;
+    }
+    let members = open_members(&args.ensemble)?;
+    let k = members.len();
+    anyhow::ensure!(
+        clusterer.k() == k,
+        "--clusters {}: {} clusters but {k} ensemble members (member i is cluster i's expert)",
+        dir.display(),
+        clusterer.k()
+    );
+    if let Some(top) = args.top_k {
+        anyhow::ensure!(top >= 1 && top <= k, "--top-k {top}: must be between 1 and the {k} members");
+    }
+    let models = members.iter().map(|m| Ok(m.load_model(args.dtype.candle(), device)?)).collect::<Result<Vec<_>>>()?;
+    let tokenizer = members[0].tokenizer()?;
+    let start = std::time::Instant::now();
+    let docs = tokenized(&args.data, &tokenizer, args.max_docs, args.max_tokens)?;
+    let windows = btm_model::eval::windows(&docs, args.seq_len);
+    let lps = models.iter().map(|m| btm_model::ensemble::token_logprobs(m, &windows, device)).collect::<btm_model::Result<Vec<_>>>()?;
+    let (mut tokens, mut nll, mut mean) = (0u64, 0f64, vec![0f64; k]);
+    for (w, window) in windows.iter().enumerate() {
+        for t in 1..window.len() {
+            let context = tokenizer.decode(&window[..t], true).map_err(|e| anyhow::anyhow!("decoding a context: {e}"))?;
+            let weights = clusterer.weights(&context, args.top_k);
+            // log Σ_j w_j p_j, over the members with weight.
+            let terms: Vec<f64> = (0..k).filter(|&j| weights[j] > 0.0).map(|j| f64::from(weights[j]).ln() + lps[j][w][t - 1]).collect();
+            let max = terms.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            nll -= max + terms.iter().map(|x| (x - max).exp()).sum::<f64>().ln();
+            mean.iter_mut().zip(&weights).for_each(|(m, &x)| *m += f64::from(x));
+            tokens += 1;
+        }
+    }
+    let p = btm_model::eval::Perplexity::from_sums(tokens, nll);
+    let mut result = serde_json::to_value(p)?;
+    result["members"] = serde_json::to_value(&args.ensemble)?;
+    result["clusters"] = serde_json::json!(dir.display().to_string());
+    // The temperature in its shortest decimal form (0.1, not 0.10000000149011612).
+    result["temperature"] = serde_json::json!(clusterer.temperature().to_string().parse::<f64>()?);
+    result["top_k"] = serde_json::json!(args.top_k);
+    // The mean weight each member got over the predicted tokens.
+    result["weights"] = serde_json::to_value(mean.iter().map(|m| m / tokens.max(1) as f64).collect::<Vec<_>>())?;
+    report(args, &result, docs.len(), p, start)
 }
 
 /// Write `result` where `--out` says, print it as `--json` or a line.

@@ -3,6 +3,7 @@
 pub mod add_expert;
 pub mod average;
 pub mod bench;
+pub mod cluster;
 pub mod convert;
 pub mod device_check;
 pub mod eval;

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{btm, domain, every_stage_pipeline, fixture_pipeline, has_checkpoint, ok, repo};
+use common::{btm, domain, every_stage_pipeline, fixture_pipeline, has_checkpoint, ok, repo, sample};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -399,4 +399,55 @@ fn the_quickstart_on_gpus_places_each_expert_on_its_own_gpu() {
         "{stderr}"
     );
     assert!(!run_dir.exists(), "nothing is written before the check");
+}
+
+/// Five one-GPU experts on a local engine with two GPUs, trained by a command trainer that
+/// records the `CUDA_VISIBLE_DEVICES` it was given and when it ran: no two running experts
+/// share a GPU, none waits while a GPU is free, and two run at once. (`device: cpu`: the
+/// trainer holds GPUs without btm computing on them, so no driver is needed.)
+#[test]
+fn five_one_gpu_experts_on_two_gpus_never_share_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let record = d.join("gpus.tsv");
+    let command = format!(
+        "s=$(date +%s.%N); sleep 3; cp -r {{model_in}}/. {{model_out}}/; echo $CUDA_VISIBLE_DEVICES $s $(date +%s.%N) {{model_out}} >> {}",
+        record.display()
+    );
+    let domains: String = (0..5)
+        .map(|i| format!("  - {{name: d{i}, train: {}, test: {}}}\n", sample("scripture", "train"), sample("scripture", "test")))
+        .collect();
+    let yaml = format!(
+        "name: gpus\nstorage: {}\nengine: {{kind: local, slots: 8, gpus: 2, retries: 0}}\nseed: {{checkpoint: {}}}\ndomains:\n{domains}\
+         train: {{steps: 1, batch_size: 2, seq_len: 32, device: cpu, resources: {{gpus_per_task: 1}}, trainer: {{kind: command, command: \"{command}\"}}}}\n\
+         eval: {{split: test, seq_len: 32, max_docs: 1}}\n",
+        d.join("runs").display(),
+        repo().join("model/tests/fixtures/llama").display()
+    );
+    let file = d.join("gpus.yaml");
+    std::fs::write(&file, yaml).unwrap();
+    ok(btm().arg("run").arg(&file).arg("--quiet").output().unwrap());
+    let runs: Vec<(String, f64, f64)> = std::fs::read_to_string(&record)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f[0].to_string(), f[1].parse().unwrap(), f[2].parse().unwrap())
+        })
+        .collect();
+    assert_eq!(runs.len(), 5, "{runs:?}");
+    for (i, a) in runs.iter().enumerate() {
+        assert!(a.0 == "0" || a.0 == "1", "one GPU of the two: {a:?}");
+        for b in &runs[i + 1..] {
+            assert!(!(a.1 < b.2 && b.1 < a.2 && a.0 == b.0), "two experts shared GPU {} at once: {a:?} {b:?}", a.0);
+        }
+    }
+    // Every expert started at once, or soon after another ended: well within the 3 s an expert
+    // takes (the poll is 50 ms; the gap includes btm's own work around the command).
+    let first = runs.iter().map(|r| r.1).fold(f64::MAX, f64::min);
+    for r in &runs {
+        let freed = runs.iter().filter(|o| o.2 <= r.1).map(|o| r.1 - o.2).fold(f64::MAX, f64::min);
+        assert!(r.1 - first < 2.0 || freed < 2.0, "{r:?} waited {freed:.2}s with a GPU free");
+    }
+    assert_eq!(runs.iter().filter(|r| r.1 - first < 2.0).count(), 2, "two GPUs run two experts at once: {runs:?}");
 }

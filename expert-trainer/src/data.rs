@@ -118,7 +118,7 @@ impl Tokens {
         Ok(Self { mmap: t.bin, offset: 0, width: t.width, len: t.len })
     }
 
-    fn open(path: &Path) -> Result<Option<Self>> {
+    pub(crate) fn open(path: &Path) -> Result<Option<Self>> {
         let Ok(file) = std::fs::File::open(path) else {
             return Ok(None);
         };
@@ -128,11 +128,13 @@ impl Tokens {
         if mmap.len() < HEADER || &mmap[..8] != MAGIC {
             return Ok(None);
         }
-        let len = u64::from_le_bytes(mmap[8..16].try_into().expect("8 bytes")) as usize;
-        if mmap.len() != HEADER + 4 * len {
+        // A count that disagrees with the file's size (or whose size overflows) marks a stale
+        // or corrupt cache file: rebuilt, never indexed past its end.
+        let len = u64::from_le_bytes(mmap[8..16].try_into().expect("8 bytes"));
+        if len.checked_mul(4).and_then(|b| b.checked_add(HEADER as u64)) != Some(mmap.len() as u64) {
             return Ok(None);
         }
-        Ok(Some(Self { mmap, offset: HEADER, width: 4, len }))
+        Ok(Some(Self { mmap, offset: HEADER, width: 4, len: len as usize }))
     }
 }
 
@@ -146,8 +148,9 @@ pub struct TokenizerInfo {
 
 impl TokenizerInfo {
     pub fn load(path: &Path, eos_hint: Option<u32>) -> Result<Self> {
-        let bytes = std::fs::read(path).with_context(|| format!("reading tokenizer {}", path.display()))?;
-        let tokenizer = btm_model::tokenizer::load(path)?;
+        let bytes = btm_model::error::read_capped(path, btm_model::error::MAX_TOKENIZER_BYTES, "tokenizer file")
+            .with_context(|| format!("reading tokenizer {}", path.display()))?;
+        let tokenizer = btm_model::tokenizer::from_bytes(path, &bytes)?;
         let eos = match eos_hint {
             Some(e) => e,
             None => tokenizer
@@ -258,7 +261,8 @@ fn write_tokens(
         }
         let encoded: Vec<Vec<u32>> = batch
             .par_iter()
-            .map(|t| tok.tokenizer.encode(t.as_str(), true).map(|e| e.get_ids().to_vec()))
+            // Through btm_model's encode, which names a panic of the tokenizers crate as an error.
+            .map(|t| btm_model::tokenizer::encode(&tok.tokenizer, t))
             .collect::<std::result::Result<_, _>>()
             .map_err(|e| anyhow::anyhow!("tokenizing {source} (documents {ndocs}..): {e}"))?;
         for ids in encoded {
@@ -490,6 +494,36 @@ mod tests {
         let mut pos4 = Position::default();
         let other: Vec<Vec<u32>> = (0..20).map(|_| mix4.next(&mut pos4).0).collect();
         assert_ne!(other, first[..20].to_vec());
+    }
+
+    /// A cache file whose count overflows or disagrees with its size is stale (rebuilt), never
+    /// read past its end; one that matches reads.
+    #[test]
+    fn cache_files_with_mutated_counts_are_rebuilt_not_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("t.tokens");
+        let file = |count: u64, ids: &[u32]| {
+            let mut b = MAGIC.to_vec();
+            b.extend_from_slice(&count.to_le_bytes());
+            ids.iter().for_each(|id| b.extend_from_slice(&id.to_le_bytes()));
+            std::fs::write(&p, b).unwrap();
+        };
+        for count in [u64::MAX, 1 << 62, (u64::MAX - 16) / 4 + 1, 3] {
+            file(count, &[1, 2]);
+            assert!(Tokens::open(&p).unwrap().is_none(), "count {count}");
+        }
+        file(2, &[1, 2]);
+        assert_eq!(Tokens::open(&p).unwrap().unwrap().range(0, 2), vec![1, 2]);
+    }
+
+    /// A tokenizer.json past its bound is refused before it is read (a sparse file).
+    #[test]
+    fn an_oversized_tokenizer_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("tokenizer.json");
+        std::fs::File::create(&p).unwrap().set_len(btm_model::error::MAX_TOKENIZER_BYTES + 1).unwrap();
+        let err = format!("{:#}", TokenizerInfo::load(&p, Some(1)).err().unwrap());
+        assert!(err.contains("tokenizer file of 268435457 bytes exceeds the limit of 256 MiB (268435456 bytes)"), "{err}");
     }
 
     #[test]

@@ -20,6 +20,7 @@ pub mod device;
 pub mod device_check;
 pub mod distributed;
 pub mod external;
+pub mod fuzz_targets;
 pub mod indexed;
 pub mod loss;
 pub mod metrics;

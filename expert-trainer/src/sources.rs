@@ -175,7 +175,13 @@ impl Source {
                         })
                     })
                     .collect::<Result<VecDeque<_>>>()?;
-                Box::new(ParquetTexts { files: chunks, key: self.text_key.clone(), current: None, batch: VecDeque::new() })
+                Box::new(ParquetTexts {
+                    files: chunks,
+                    key: self.text_key.clone(),
+                    current: None,
+                    batch: VecDeque::new(),
+                    reading: String::new(),
+                })
             }
         };
         Ok(Documents { inner, remote })
@@ -239,8 +245,18 @@ impl Chunks {
                 }
             }
         }
-        let end = (start + max).min(self.len());
-        self.get_bytes(start, (end - start) as usize)
+        let end = start.saturating_add(max).min(self.len());
+        self.get_bytes(start, end.saturating_sub(start) as usize)
+    }
+
+    /// `length` bytes from `start`, if the file holds them: a range the file's metadata names
+    /// is checked before anything of its size is allocated or fetched.
+    fn checked_range(&self, start: u64, length: u64) -> std::result::Result<std::ops::Range<u64>, String> {
+        let len = self.len();
+        match start.checked_add(length) {
+            Some(end) if end <= len => Ok(start..end),
+            _ => Err(format!("bytes {start}..{start}+{length} lie beyond the end of the file ({len} bytes)")),
+        }
     }
 }
 
@@ -262,6 +278,7 @@ impl ChunkReader for Chunks {
 
     fn get_bytes(&self, start: u64, length: usize) -> parquet::errors::Result<Bytes> {
         let fail = |e: String| parquet::errors::ParquetError::External(e.into());
+        self.checked_range(start, length as u64).map_err(fail)?;
         match self {
             Chunks::Local(f) => {
                 use std::os::unix::fs::FileExt;
@@ -293,7 +310,12 @@ impl Read for RangeReader {
     fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
         if self.buf.is_empty() {
             if self.pos >= self.chunks.len() {
-                return Ok(0);
+                // The parquet crate reads only page headers through this reader, and a header
+                // never runs past the file's end. A read there is a corrupt header's, and an
+                // error, not an end: the crate's thrift skip ignores a short read and goes on
+                // skipping the rest of what the corrupt header claims (found by fuzzing: a
+                // read that did not end).
+                return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "a page header runs past the end of the file"));
             }
             self.buf = self.chunks.read_some(self.pos, HEADER_READ).map_err(std::io::Error::other)?;
             self.pos += self.buf.len() as u64;
@@ -301,6 +323,21 @@ impl Read for RangeReader {
         let n = out.len().min(self.buf.len());
         out[..n].copy_from_slice(&self.buf.split_to(n));
         Ok(n)
+    }
+}
+
+/// The bytes of a column chunk, from its metadata, once they are checked to lie in the file.
+/// Checked here because the parquet crate's own `byte_range` (which its column readers call)
+/// panics on a negative offset or size, which a corrupt footer can hold.
+fn column_chunk(
+    column: &parquet::file::metadata::ColumnChunkMetaData,
+    chunks: &Chunks,
+) -> std::result::Result<std::ops::Range<u64>, String> {
+    let start = column.dictionary_page_offset().unwrap_or(column.data_page_offset());
+    let len = column.compressed_size();
+    match (u64::try_from(start), u64::try_from(len)) {
+        (Ok(start), Ok(len)) => chunks.checked_range(start, len),
+        _ => Err(format!("offset {start} or size {len} is negative")),
     }
 }
 
@@ -315,6 +352,8 @@ struct ParquetTexts {
     /// reader of the current row group, and the rows read before it.
     current: Option<OpenParquet>,
     batch: VecDeque<String>,
+    /// The file being read (or opened), for an error no reader can name it in.
+    reading: String,
 }
 
 struct OpenParquet {
@@ -331,6 +370,7 @@ impl ParquetTexts {
     /// Open the next file and find its text column.
     fn open_next(&mut self) -> Result<bool> {
         let Some((name, chunks)) = self.files.pop_front() else { return Ok(false) };
+        self.reading.clone_from(&name);
         let reader = SerializedFileReader::new(chunks.clone()).with_context(|| format!("{name}: not a parquet file"))?;
         let schema = reader.metadata().file_metadata().schema_descr_ptr();
         let columns: Vec<String> = (0..schema.num_columns()).map(|i| schema.column(i).path().string()).collect();
@@ -356,8 +396,10 @@ impl ParquetTexts {
                     self.current = None;
                     continue;
                 }
-                let (start, len) = f.reader.metadata().row_group(f.next_row_group).column(f.column).byte_range();
-                f.chunks.prefetch(start..start + len).with_context(|| format!("{}: row group {}", f.name, f.next_row_group))?;
+                let column = f.reader.metadata().row_group(f.next_row_group).column(f.column);
+                let at = || format!("{}: row group {}", f.name, f.next_row_group);
+                let range = column_chunk(column, &f.chunks).map_err(|e| anyhow::anyhow!("{}: column chunk {e}", at()))?;
+                f.chunks.prefetch(range).with_context(at)?;
                 let rg = f.reader.get_row_group(f.next_row_group).with_context(|| format!("{}: row group {}", f.name, f.next_row_group))?;
                 f.next_row_group += 1;
                 match rg.get_column_reader(f.column).with_context(|| format!("{}: reading column `{}`", f.name, self.key))? {
@@ -396,7 +438,16 @@ impl Iterator for ParquetTexts {
     type Item = Result<String>;
     fn next(&mut self) -> Option<Result<String>> {
         if self.batch.is_empty() {
-            match self.fill() {
+            // The parquet crate (60.1) panics on some corrupt files instead of failing (found by
+            // fuzzing: a dictionary-encoded page without a dictionary page reaches an `expect`).
+            // Such a panic is caught and named as the file's error, which ends the source as any
+            // error does, so no state it left half-updated is read again. The panic hook still
+            // prints its message.
+            let filled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.fill())).unwrap_or_else(|panic| {
+                let msg = panic.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| panic.downcast_ref::<String>().cloned());
+                Err(anyhow::anyhow!("{}: the parquet reader panicked on it: {}", self.reading, msg.unwrap_or_default()))
+            });
+            match filled {
                 Ok(true) => {}
                 Ok(false) => return None,
                 Err(e) => {
@@ -484,5 +535,129 @@ mod tests {
         std::fs::write(&bad, b"not parquet at all").unwrap();
         let err = format!("{:#}", Documents::open(&bad.to_string_lossy(), Format::Parquet, "text").unwrap().next().unwrap().unwrap_err());
         assert!(err.contains("bad.parquet: not a parquet file"), "{err}");
+    }
+
+    fn first_error(path: &Path, format: Format) -> String {
+        let docs = Documents::open(&path.to_string_lossy(), format, "text").unwrap();
+        format!("{:#}", docs.filter_map(|d| d.err()).next().expect("an error"))
+    }
+
+    /// A parquet file (found by fuzzing, minimised) whose data page is dictionary-encoded
+    /// without a dictionary page: the parquet crate panics on it; btm names the file instead.
+    #[test]
+    fn a_panic_in_the_parquet_crate_is_a_named_error() {
+        let bytes = hex::decode(concat!(
+            "504152311500151015142c15021510150615060000081c020000001502192c4806736368656d61150200150c250218047465787425000016",
+            "04192c191c26001c150c19350006101918047465787415021602168001168801265a26081c36002815646f63feffffff74203020c3bc6ec3",
+            "af20227122201815646f63756d656e74203020c3bc6ec3af2022712220111100192c15041500150200150015101502003c162a2926000200",
+            "00169204151a169a02157a0016800116022608168801140000191c26001c150c19350006101918047465787415021602168201168a0126e4",
+            "012695011c36001628646f63756d656e74203120c3bc6ec3af2022712220781816646f63756d656e74203120c3bc6ec3af20227122207811",
+            "1100192c15041500150200150015101502003c162c29260002000016ac04151c169403157e001682011602269001168a0114020028197061",
+            "72717565742d72732076657273696f6e2036302e312e30191c1c0000005201000050415231",
+        ))
+        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("dict.parquet");
+        std::fs::write(&p, bytes).unwrap();
+        let err = first_error(&p, Format::Parquet);
+        assert!(err.starts_with(&format!("{}: the parquet reader panicked on it: ", p.display())), "{err}");
+    }
+
+    /// A JSONL source with a 70 MiB line (gzip-compressed to kilobytes: a decompression bomb)
+    /// ends in an error naming the file, the line and the limit; memory stays at the limit.
+    #[test]
+    fn jsonl_lines_beyond_the_limit_are_named() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("bomb.jsonl.gz");
+        let mut enc = flate2::write::GzEncoder::new(std::fs::File::create(&p).unwrap(), flate2::Compression::fast());
+        enc.write_all(b"{\"text\": \"short\"}\n{\"text\": \"").unwrap();
+        let chunk = vec![b'a'; 1 << 20];
+        for _ in 0..70 {
+            enc.write_all(&chunk).unwrap();
+        }
+        enc.finish().unwrap();
+        let err = first_error(&p, Format::Jsonl);
+        assert_eq!(err, format!("{}: line 2 exceeds the limit of 64 MiB (67108864 bytes)", p.display()));
+    }
+
+    /// Truncated and garbage compressed JSONL end in errors naming the file and line.
+    #[test]
+    fn truncated_or_garbage_compressed_jsonl_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let text: String = (0..200).map(|i| format!("{{\"text\": \"document {i}\"}}\n")).collect();
+        let gz = {
+            let mut enc = flate2::write::GzEncoder::new(vec![], flate2::Compression::default());
+            std::io::Write::write_all(&mut enc, text.as_bytes()).unwrap();
+            enc.finish().unwrap()
+        };
+        let zst = zstd::encode_all(text.as_bytes(), 3).unwrap();
+        for (name, bytes) in [("cut.jsonl.gz", &gz[..gz.len() / 2]), ("cut.jsonl.zst", &zst[..zst.len() / 2])] {
+            let p = dir.path().join(name);
+            std::fs::write(&p, bytes).unwrap();
+            let err = first_error(&p, Format::Jsonl);
+            assert!(err.starts_with(&format!("invalid model config: {}:", p.display())) && err.contains(": reading: "), "{err}");
+        }
+        for name in ["junk.jsonl.gz", "junk.jsonl.zst"] {
+            let p = dir.path().join(name);
+            std::fs::write(&p, b"\x1f\x8b garbage \x28\xb5\x2f\xfd garbage").unwrap();
+            let err = first_error(&p, Format::Jsonl);
+            assert!(err.starts_with(&format!("invalid model config: {}:1: reading: ", p.display())), "{err}");
+        }
+    }
+
+    /// A byte range a parquet file's metadata names beyond the file is refused before its
+    /// buffer is allocated; truncated files and garbage are named.
+    #[test]
+    fn parquet_ranges_beyond_the_file_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("d.parquet");
+        std::fs::write(&p, [0u8; 10]).unwrap();
+        let chunks = Chunks::Local(Arc::new(std::fs::File::open(&p).unwrap()));
+        let err = chunks.get_bytes(5, 1 << 40).unwrap_err().to_string();
+        assert!(err.contains("bytes 5..5+1099511627776 lie beyond the end of the file (10 bytes)"), "{err}");
+        assert!(chunks.get_bytes(u64::MAX, 2).is_err());
+        assert_eq!(chunks.get_bytes(2, 8).unwrap().len(), 8);
+        // A page header read that reaches the end of the file is an error, not an end the
+        // parquet crate's skip would ignore (found by fuzzing: a read that did not end).
+        let mut header = [0u8; 8];
+        let mut at_end = chunks.get_read(10).unwrap();
+        assert_eq!(at_end.read(&mut header).unwrap_err().to_string(), "a page header runs past the end of the file");
+        let mut near_end = chunks.get_read(6).unwrap();
+        assert_eq!(near_end.read(&mut header).unwrap(), 4);
+        assert_eq!(near_end.read(&mut header).unwrap_err().kind(), std::io::ErrorKind::UnexpectedEof);
+        write_parquet(&p, &texts(300), "text", 100).unwrap();
+        let bytes = std::fs::read(&p).unwrap();
+        for cut in [bytes.len() - 1, bytes.len() / 2, 7] {
+            std::fs::write(&p, &bytes[..cut]).unwrap();
+            let err = first_error(&p, Format::Parquet);
+            assert!(err.starts_with(&format!("{}: ", p.display())), "{err}");
+        }
+        // Column chunk offsets and sizes from the footer: negative ones (on which the parquet
+        // crate's own byte_range panics; found by fuzzing) and ones past the end are named.
+        let schema = parquet::schema::parser::parse_message_type("message m { OPTIONAL BYTE_ARRAY text (UTF8); }").unwrap();
+        let column = parquet::schema::types::SchemaDescriptor::new(Arc::new(schema)).column(0);
+        let chunk = |start: i64, dict: Option<i64>, size: i64| {
+            let meta = parquet::file::metadata::ColumnChunkMetaData::builder(column.clone())
+                .set_data_page_offset(start)
+                .set_dictionary_page_offset(dict)
+                .set_total_compressed_size(size)
+                .build()
+                .unwrap();
+            column_chunk(&meta, &Chunks::Local(Arc::new(std::fs::File::open(&p).unwrap())))
+        };
+        std::fs::write(&p, &bytes).unwrap();
+        let len = bytes.len() as u64;
+        assert_eq!(chunk(-5, None, 10).unwrap_err(), "offset -5 or size 10 is negative");
+        assert_eq!(chunk(4, Some(-1), 10).unwrap_err(), "offset -1 or size 10 is negative");
+        assert_eq!(chunk(4, None, -10).unwrap_err(), "offset 4 or size -10 is negative");
+        assert_eq!(chunk(4, None, i64::MAX).unwrap_err(), format!("bytes 4..4+{} lie beyond the end of the file ({len} bytes)", i64::MAX));
+        assert_eq!(chunk(4, Some(2), 10).unwrap(), 2..12);
+        // The footer's metadata length, mutated to claim more than the file.
+        let mut bad = bytes.clone();
+        let at = bad.len() - 8;
+        bad[at..at + 4].copy_from_slice(&u32::MAX.to_le_bytes());
+        std::fs::write(&p, &bad).unwrap();
+        assert!(first_error(&p, Format::Parquet).starts_with(&format!("{}: not a parquet file", p.display())));
     }
 }

@@ -14,7 +14,7 @@ pub fn tokenizer_hash(ckpt: &Checkpoint) -> Result<Option<String>> {
     if !path.exists() {
         return Ok(None);
     }
-    let bytes = std::fs::read(&path)?;
+    let bytes = btm_model::error::read_capped(&path, btm_model::error::MAX_TOKENIZER_BYTES, "tokenizer file")?;
     let value: Value = serde_json::from_slice(&bytes).map_err(|e| anyhow::anyhow!("{}: invalid JSON: {e}", path.display()))?;
     Ok(Some(hex::encode(Sha256::digest(serde_json::to_vec(&value)?))))
 }

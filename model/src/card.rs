@@ -7,7 +7,7 @@
 //! mergekit-moe then stops ("the tokenizer does not have a padding token").
 
 use crate::config::ModelConfig;
-use crate::error::{Error, Result};
+use crate::error::{read_capped, Error, Result, MAX_JSON_BYTES};
 use crate::lineage::Lineage;
 use serde_json::{json, Map, Value};
 use std::path::Path;
@@ -31,7 +31,8 @@ pub fn tokenizer_side_files(tokenizer_json: &Path, tokenizer: &[u8], cfg: &Model
     for name in TOKENIZER_SIDE_FILES {
         let p = dir.join(name);
         if p.is_file() {
-            out.push((name.to_string(), std::fs::read(&p).map_err(|e| Error::io(&p, e))?));
+            // Side files are JSON or a Jinja template: kilobytes, read whole under the JSON bound.
+            out.push((name.to_string(), read_capped(&p, MAX_JSON_BYTES, "tokenizer side file")?));
         }
     }
     if !out.iter().any(|(n, _)| n == "tokenizer_config.json") {

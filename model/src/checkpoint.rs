@@ -132,6 +132,11 @@ impl Checkpoint {
             let mut files: Vec<String> = map.values().filter_map(Value::as_str).map(String::from).collect();
             files.sort();
             files.dedup();
+            // The index names files inside the checkpoint; an absolute path or `..` would make
+            // btm map whatever file the index points at.
+            if let Some(bad) = files.iter().find(|f| Path::new(f).components().any(|c| !matches!(c, std::path::Component::Normal(_)))) {
+                return Err(Error::InvalidConfig(format!("{}: shard `{bad}` lies outside the checkpoint", dir.join(INDEX_FILE).display())));
+            }
             files
         } else {
             vec![SINGLE_FILE.to_string()]
@@ -144,8 +149,7 @@ impl Checkpoint {
             let file = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
             // SAFETY: the file is opened read-only; btm never writes a published checkpoint in place.
             let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
-            let st =
-                SafeTensors::deserialize(&mmap).map_err(|e| Error::CorruptSafetensors { path: path.clone(), reason: e.to_string() })?;
+            let st = parse_safetensors(&path, &mmap)?;
             let base = mmap.as_ptr() as usize;
             for (tname, view) in st.tensors() {
                 let start = view.data().as_ptr() as usize - base;
@@ -302,6 +306,95 @@ impl Checkpoint {
     }
 }
 
+/// Largest safetensors header btm parses: the format's own bound (100 MB, as the safetensors
+/// crate enforces), checked before the header's JSON is read.
+pub const MAX_SAFETENSORS_HEADER_BYTES: u64 = 100_000_000;
+
+/// Parse a safetensors file's bytes (`path` is what errors name), checking everything the header
+/// says against the bytes before any of it is used: the header length against
+/// [`MAX_SAFETENSORS_HEADER_BYTES`] and the file, then each tensor's element count (with
+/// overflow checks) times its dtype's size against its byte range, each range inside the data,
+/// and the ranges back to back from the first data byte to the last. Only then is the file handed
+/// to the safetensors crate, which checks it again.
+pub fn parse_safetensors<'a>(path: &Path, bytes: &'a [u8]) -> Result<SafeTensors<'a>> {
+    let corrupt = |reason: String| Error::CorruptSafetensors { path: path.to_path_buf(), reason };
+    let file_len = bytes.len() as u64;
+    let Some(prefix) = bytes.get(..8) else {
+        return Err(corrupt(format!("{file_len} bytes, too short for the 8-byte header length")));
+    };
+    let header_len = u64::from_le_bytes(prefix.try_into().expect("8 bytes"));
+    if header_len > MAX_SAFETENSORS_HEADER_BYTES {
+        let what = format!("safetensors header length {header_len}");
+        return Err(Error::TooLarge { path: path.to_path_buf(), what, limit: MAX_SAFETENSORS_HEADER_BYTES });
+    }
+    // header_len is at most 100 MB here, so this cannot overflow.
+    let data_start = 8 + header_len;
+    if data_start > file_len {
+        return Err(corrupt(format!("header length {header_len} runs past the end of the file ({file_len} bytes)")));
+    }
+    let header: serde_json::Map<String, Value> =
+        serde_json::from_slice(&bytes[8..data_start as usize]).map_err(|e| corrupt(format!("the header is not a JSON object: {e}")))?;
+    let data_len = file_len - data_start;
+    let mut ranges = Vec::with_capacity(header.len());
+    for (name, info) in &header {
+        if name != "__metadata__" {
+            ranges.push((tensor_range(name, info, data_len).map_err(corrupt)?, name));
+        }
+    }
+    // Sorted by start, each range must begin where the previous one ended: no gap, no overlap.
+    ranges.sort_unstable();
+    let mut end = 0;
+    for ((start, stop), name) in ranges {
+        if start != end {
+            return Err(corrupt(format!("tensor `{name}` starts at data byte {start}, but the previous tensor ends at {end}")));
+        }
+        end = stop;
+    }
+    if end != data_len {
+        return Err(corrupt(format!("the tensors end at data byte {end}, but the file holds {data_len} data bytes")));
+    }
+    SafeTensors::deserialize(bytes).map_err(|e| corrupt(e.to_string()))
+}
+
+/// The byte range `[start, stop)` (in the data section of `data_len` bytes) of the header entry
+/// `info` of tensor `name`, once its dtype, shape and offsets agree; else why not.
+fn tensor_range(name: &str, info: &Value, data_len: u64) -> std::result::Result<(u64, u64), String> {
+    let bad = |why: String| format!("tensor `{name}`: {why}");
+    let dtype: Dtype =
+        info.get("dtype").and_then(|d| serde_json::from_value(d.clone()).ok()).ok_or_else(|| bad(format!("no known dtype in {info}")))?;
+    let shape: Vec<u64> = info
+        .get("shape")
+        .and_then(Value::as_array)
+        .and_then(|dims| dims.iter().map(Value::as_u64).collect())
+        .ok_or_else(|| bad(format!("no shape of non-negative integers in {info}")))?;
+    let offsets: Vec<u64> = info
+        .get("data_offsets")
+        .and_then(Value::as_array)
+        .and_then(|o| o.iter().map(Value::as_u64).collect())
+        .filter(|o: &Vec<u64>| o.len() == 2)
+        .ok_or_else(|| bad(format!("no data_offsets [start, end] in {info}")))?;
+    let (start, stop) = (offsets[0], offsets[1]);
+    let elements = shape.iter().try_fold(1u64, |n, &d| n.checked_mul(d));
+    let bits = elements.and_then(|n| n.checked_mul(dtype.bitsize() as u64));
+    let Some(bits) = bits else {
+        return Err(bad(format!("shape {shape:?} of {dtype:?} holds more bytes than 64 bits count")));
+    };
+    if bits % 8 != 0 {
+        return Err(bad(format!("shape {shape:?} of {dtype:?} is not a whole number of bytes")));
+    }
+    if start > stop || stop > data_len {
+        return Err(bad(format!("data_offsets [{start}, {stop}] lie outside the {data_len} data bytes")));
+    }
+    if stop - start != bits / 8 {
+        return Err(bad(format!(
+            "shape {shape:?} of {dtype:?} takes {} bytes, but data_offsets [{start}, {stop}] hold {}",
+            bits / 8,
+            stop - start
+        )));
+    }
+    Ok((start, stop))
+}
+
 /// Map the raw tensors of a file to canonical names, checking presence and shapes.
 fn resolve_names(
     config: &ModelConfig,
@@ -352,10 +445,13 @@ fn fused_expert_slice(spec: &TensorSpec, raw: &HashMap<String, Location>) -> Res
         return Ok(None);
     };
     let (rows, cols) = (spec.shape[0], spec.shape[1]);
-    let want_rows = if fused_name == "gate_up_proj" { 2 * rows } else { rows };
+    // Saturating: a config width too large to double cannot match a tensor that exists.
+    let want_rows = if fused_name == "gate_up_proj" { rows.saturating_mul(2) } else { rows };
     if loc.shape.len() != 3 || loc.shape[1] != want_rows || loc.shape[2] != cols || e >= loc.shape[0] {
         return Err(Error::ShapeMismatch { name: name.clone(), expected: vec![e + 1, want_rows, cols], found: loc.shape.clone() });
     }
+    // The fused tensor's shape was checked against its bytes (parse_safetensors), and expert e's
+    // rows lie inside it, so none of this overflows or leaves the tensor's range.
     let elem = dtype_of(loc.dtype).map_or(0, |d| d.size_in_bytes());
     let start = loc.start + ((e * want_rows + first_row) * cols) * elem;
     Ok(Some(Location { file: loc.file, dtype: loc.dtype, shape: spec.shape.clone(), start, end: start + rows * cols * elem }))
@@ -658,7 +754,7 @@ pub fn write_checkpoint_part(
     }
     write_file("generation_config.json", &serde_json::to_vec_pretty(&generation).expect("json"))?;
     if let Some(tok) = &extras.tokenizer {
-        let bytes = std::fs::read(tok).map_err(|e| Error::io(tok, e))?;
+        let bytes = crate::error::read_capped(tok, crate::error::MAX_TOKENIZER_BYTES, "tokenizer file")?;
         write_file(TOKENIZER, &bytes)?;
         for (name, side) in crate::card::tokenizer_side_files(tok, &bytes, cfg)? {
             write_file(&name, &side)?;
@@ -676,4 +772,113 @@ pub fn rewrite(src: &Checkpoint, dest: &Path, opts: &WriteOptions, lineage: Opti
     let tokenizer = src.dir().join(TOKENIZER);
     let extras = Extras { tokenizer: tokenizer.exists().then_some(tokenizer), lineage };
     write_checkpoint(dest, &src.config, &mut |name| src.tensor(name), &extras, opts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A safetensors file: the header's length, the header, then `data` zero bytes.
+    fn file(header: &str, data: usize) -> Vec<u8> {
+        let mut out = (header.len() as u64).to_le_bytes().to_vec();
+        out.extend_from_slice(header.as_bytes());
+        out.resize(out.len() + data, 0);
+        out
+    }
+
+    fn err(bytes: &[u8]) -> String {
+        parse_safetensors(Path::new("w.safetensors"), bytes).expect_err("an error").to_string()
+    }
+
+    #[test]
+    fn header_lengths_beyond_the_limit_or_the_file_are_named() {
+        let mut huge = (1u64 << 63).to_le_bytes().to_vec();
+        huge.extend_from_slice(b"{}");
+        assert_eq!(err(&huge), "w.safetensors: safetensors header length 9223372036854775808 exceeds the limit of 100000000 bytes");
+        let over = (MAX_SAFETENSORS_HEADER_BYTES + 1).to_le_bytes();
+        assert!(err(&over).contains("header length 100000001 exceeds the limit of 100000000 bytes"));
+        let mut past = 100u64.to_le_bytes().to_vec();
+        past.extend_from_slice(b"{}");
+        assert!(err(&past).ends_with("header length 100 runs past the end of the file (10 bytes)"), "{}", err(&past));
+        assert!(err(b"abc").ends_with("3 bytes, too short for the 8-byte header length"));
+    }
+
+    #[test]
+    fn garbage_is_named_not_a_panic() {
+        // Eight printable bytes read as a header length of about 7.5e18.
+        assert!(err(b"garbage bytes, not a safetensors file").contains("exceeds the limit of 100000000 bytes"));
+        let not_json = file("]]]]", 0);
+        assert!(err(&not_json).contains("w.safetensors: truncated or corrupt safetensors file: the header is not a JSON object"));
+        let no_shape = file(r#"{"t":{"dtype":"F32","data_offsets":[0,0]}}"#, 0);
+        assert!(err(&no_shape).contains("tensor `t`: no shape of non-negative integers"), "{}", err(&no_shape));
+        let bad_dtype = file(r#"{"t":{"dtype":"F33","shape":[],"data_offsets":[0,4]}}"#, 4);
+        assert!(err(&bad_dtype).contains("tensor `t`: no known dtype"), "{}", err(&bad_dtype));
+    }
+
+    #[test]
+    fn shapes_whose_size_overflows_are_named() {
+        // 2^32 · 2^32 elements: the product itself overflows u64.
+        let product = file(r#"{"t":{"dtype":"F32","shape":[4294967296,4294967296],"data_offsets":[0,16]}}"#, 16);
+        assert!(err(&product).ends_with("tensor `t`: shape [4294967296, 4294967296] of F32 holds more bytes than 64 bits count"));
+        // 2^61 elements fit, their 32 bits each do not.
+        let bits = file(r#"{"t":{"dtype":"F32","shape":[2305843009213693952],"data_offsets":[0,16]}}"#, 16);
+        assert!(err(&bits).contains("holds more bytes than 64 bits count"), "{}", err(&bits));
+    }
+
+    #[test]
+    fn offsets_past_the_end_or_inconsistent_are_named() {
+        let past = file(r#"{"t":{"dtype":"F32","shape":[274877906944],"data_offsets":[0,1099511627776]}}"#, 16);
+        assert!(err(&past).ends_with("tensor `t`: data_offsets [0, 1099511627776] lie outside the 16 data bytes"), "{}", err(&past));
+        let backwards = file(r#"{"t":{"dtype":"F32","shape":[0],"data_offsets":[8,0]}}"#, 16);
+        assert!(err(&backwards).contains("data_offsets [8, 0] lie outside"));
+        let size = file(r#"{"t":{"dtype":"F32","shape":[2],"data_offsets":[0,16]}}"#, 16);
+        assert!(err(&size).ends_with("shape [2] of F32 takes 8 bytes, but data_offsets [0, 16] hold 16"), "{}", err(&size));
+        let overlap = r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}"#;
+        assert!(err(&file(overlap, 12)).ends_with("tensor `b` starts at data byte 4, but the previous tensor ends at 8"));
+        let gap = r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[8,16]}}"#;
+        assert!(err(&file(gap, 16)).ends_with("tensor `a` starts at data byte 8, but the previous tensor ends at 0"));
+        let trailing = file(r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#, 16);
+        assert!(err(&trailing).ends_with("the tensors end at data byte 8, but the file holds 16 data bytes"));
+    }
+
+    #[test]
+    fn valid_files_parse_as_before() {
+        let ok = r#"{"__metadata__":{"format":"pt"},"b":{"dtype":"BF16","shape":[0],"data_offsets":[8,8]},"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#;
+        let bytes = file(ok, 8);
+        let st = parse_safetensors(Path::new("w"), &bytes).unwrap();
+        assert_eq!(st.len(), 2);
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama/model.safetensors");
+        let bytes = std::fs::read(fixture.as_path()).unwrap();
+        assert_eq!(parse_safetensors(&fixture, &bytes).unwrap().len(), SafeTensors::deserialize(&bytes).unwrap().len());
+    }
+
+    fn fixture_copy() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama");
+        for f in [CONFIG, SINGLE_FILE] {
+            std::fs::copy(src.join(f), dir.path().join(f)).unwrap();
+        }
+        dir
+    }
+
+    #[test]
+    fn checkpoints_name_the_file_and_the_limit() {
+        let dir = fixture_copy();
+        let weights = dir.path().join(SINGLE_FILE);
+        let mut bytes = std::fs::read(&weights).unwrap();
+        bytes[..8].copy_from_slice(&(1u64 << 63).to_le_bytes());
+        std::fs::write(&weights, &bytes).unwrap();
+        let e = Checkpoint::open(dir.path()).unwrap_err().to_string();
+        assert_eq!(e, format!("{}: safetensors header length 9223372036854775808 exceeds the limit of 100000000 bytes", weights.display()));
+        // A config.json past the JSON bound is refused before it is read (a sparse file).
+        let dir = fixture_copy();
+        std::fs::File::options().write(true).open(dir.path().join(CONFIG)).unwrap().set_len(70 << 20).unwrap();
+        let e = Checkpoint::open(dir.path()).unwrap_err().to_string();
+        assert!(e.ends_with("config.json: JSON file of 73400320 bytes exceeds the limit of 64 MiB (67108864 bytes)"), "{e}");
+        // A shard index may only name files inside the checkpoint.
+        let dir = fixture_copy();
+        std::fs::write(dir.path().join(INDEX_FILE), r#"{"weight_map": {"lm_head.weight": "../../etc/passwd"}}"#).unwrap();
+        let e = Checkpoint::open(dir.path()).unwrap_err().to_string();
+        assert!(e.ends_with("shard `../../etc/passwd` lies outside the checkpoint"), "{e}");
+    }
 }

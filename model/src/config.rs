@@ -6,6 +6,16 @@ use btm_kernels::Routing;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
+/// Largest width btm reads for any one dimension of a model (vocabulary, hidden, FFN, the
+/// attention projections' heads × head_dim): 16 Mi, dozens of times today's largest.
+pub const MAX_DIM: usize = 1 << 24;
+/// Most transformer layers btm reads (today's largest models have a few hundred).
+pub const MAX_LAYERS: usize = 1 << 14;
+/// Most experts per MoE layer btm reads (today's largest have a few hundred).
+pub const MAX_EXPERTS: usize = 1 << 16;
+/// Most tensors a model may have: bounds the tensor list every reader and writer builds.
+pub const MAX_TENSORS: usize = 1 << 20;
+
 /// RoPE frequency scaling.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "rope_type", rename_all = "snake_case")]
@@ -199,7 +209,50 @@ impl ModelConfig {
         }
     }
 
-    /// Check internal consistency; every reader and builder calls this.
+    /// The bounds of [`MAX_DIM`], [`MAX_LAYERS`], [`MAX_EXPERTS`] and [`MAX_TENSORS`], and a
+    /// parameter count that fits 64 bits: a mutated `config.json` ends here, in a named error,
+    /// instead of in a tensor list or shape product that does not fit memory or a `usize`.
+    fn check_bounds(&self) -> Result<()> {
+        let over = |name: &str, v: usize, limit: usize| Err(Error::InvalidConfig(format!("{name} = {v} exceeds btm's limit of {limit}")));
+        let moe = self.moe.as_ref();
+        let shared = moe.and_then(|m| m.shared_expert.as_ref()).map_or(0, |s| s.ffn);
+        for (name, v) in [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_attention_heads × head_dim", self.num_heads.saturating_mul(self.head_dim)),
+            ("num_key_value_heads × head_dim", self.num_kv_heads.saturating_mul(self.head_dim)),
+            ("moe_intermediate_size", moe.map_or(0, |m| m.expert_ffn)),
+            ("shared_expert_intermediate_size", shared),
+        ] {
+            if v > MAX_DIM {
+                return over(name, v, MAX_DIM);
+            }
+        }
+        if self.num_layers > MAX_LAYERS {
+            return over("num_hidden_layers", self.num_layers, MAX_LAYERS);
+        }
+        let experts = moe.map_or(0, |m| m.experts);
+        if experts > MAX_EXPERTS {
+            return over("the number of experts", experts, MAX_EXPERTS);
+        }
+        // At most 16 tensors per layer besides 3 per expert, 3 outside the layers.
+        // Within the bounds above this is below 2^33: no overflow in u64.
+        let tensors = self.num_layers as u64 * (16 + 3 * experts as u64) + 3;
+        if tensors > MAX_TENSORS as u64 {
+            return over("the number of tensors", tensors as usize, MAX_TENSORS);
+        }
+        let params = crate::weights::expected_tensors(self)
+            .iter()
+            .try_fold(0u64, |sum, t| t.shape.iter().try_fold(1u64, |n, &d| n.checked_mul(d as u64))?.checked_add(sum));
+        if params.is_none_or(|p| usize::try_from(p).is_err()) {
+            return Err(Error::InvalidConfig("the model has more parameters than 64 bits count".into()));
+        }
+        Ok(())
+    }
+
+    /// Check internal consistency and btm's bounds ([`MAX_DIM`] and the rest); every reader and
+    /// builder calls this.
     pub fn validate(&self) -> Result<()> {
         let bad = |msg: String| Err(Error::InvalidConfig(msg));
         for (name, v) in [
@@ -238,7 +291,7 @@ impl ModelConfig {
                 return bad(format!("dense layer {l} is out of range (the model has {} layers)", self.num_layers));
             }
         }
-        Ok(())
+        self.check_bounds()
     }
 
     /// Parse a Hugging Face `config.json`.
@@ -347,10 +400,15 @@ impl ModelConfig {
             }),
             Architecture::Qwen2Moe => {
                 let num_layers = need("num_hidden_layers")?;
+                // Bounded before the walk over the layers below, which validate() comes after.
+                if num_layers > MAX_LAYERS {
+                    return Err(Error::InvalidConfig(format!("num_hidden_layers = {num_layers} exceeds btm's limit of {MAX_LAYERS}")));
+                }
                 let step = get_usize("decoder_sparse_step")?.unwrap_or(1).max(1);
-                let mlp_only: Vec<usize> = match cfg.get("mlp_only_layers") {
+                // A set: the list's length is the file's to choose, and each layer looks it up.
+                let mlp_only: std::collections::HashSet<usize> = match cfg.get("mlp_only_layers") {
                     Some(Value::Array(a)) => a.iter().filter_map(Value::as_u64).map(|x| x as usize).collect(),
-                    _ => vec![],
+                    _ => Default::default(),
                 };
                 let dense_layers = (0..num_layers).filter(|l| mlp_only.contains(l) || (l + 1) % step != 0).collect();
                 // btm's zero-output placeholder (`btm.shared_expert: "none"`) is dropped by the
@@ -616,5 +674,37 @@ mod tests {
         });
         let err = cfg.validate().unwrap_err().to_string();
         assert!(err.contains("top-k) = 3 must be between 1 and the number of experts (2)"), "{err}");
+    }
+
+    /// Dimensions a mutated config.json makes huge end in named errors, quickly: before a
+    /// per-layer walk, a tensor list or a shape product that does not fit.
+    #[test]
+    fn configs_beyond_the_bounds_are_named() {
+        let mut hf = tiny().to_hf().unwrap();
+        hf["hidden_size"] = json!(1u64 << 40);
+        let err = ModelConfig::from_hf(&hf).unwrap_err().to_string();
+        assert_eq!(err, "invalid model config: hidden_size = 1099511627776 exceeds btm's limit of 16777216");
+        let mut moe = tiny();
+        moe.moe = Some(MoeConfig {
+            experts: 4,
+            top_k: 2,
+            routing: Routing::SoftmaxThenTopk,
+            expert_ffn: 8,
+            shared_expert: None,
+            dense_layers: vec![],
+        });
+        let mut hf = moe.to_hf().unwrap();
+        assert_eq!(hf["architectures"][0], "Qwen2MoeForCausalLM");
+        hf["num_hidden_layers"] = json!(1u64 << 62);
+        hf["mlp_only_layers"] = json!((0..100_000).collect::<Vec<u64>>());
+        let err = ModelConfig::from_hf(&hf).unwrap_err().to_string();
+        assert_eq!(err, "invalid model config: num_hidden_layers = 4611686018427387904 exceeds btm's limit of 16384");
+        hf["num_hidden_layers"] = json!(16384);
+        hf["num_experts"] = json!(65536);
+        let err = ModelConfig::from_hf(&hf).unwrap_err().to_string();
+        assert!(err.ends_with("the number of tensors = 3221487619 exceeds btm's limit of 1048576"), "{err}");
+        // Every dimension within its bound, but the parameters overflow 64 bits.
+        let huge = ModelConfig::llama(1 << 24, 1 << 24, 1 << 14, 1 << 10, 1 << 10, 1 << 24);
+        assert_eq!(huge.validate().unwrap_err().to_string(), "invalid model config: the model has more parameters than 64 bits count");
     }
 }

@@ -1,6 +1,7 @@
 //! Errors that name what is wrong: the file, the tensor, the shape, the key.
 
-use std::path::PathBuf;
+use std::io::Read;
+use std::path::{Path, PathBuf};
 
 /// This crate's result type, with [`Error`] by default.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -90,6 +91,17 @@ pub enum Error {
     /// An object-store URL, request or transfer failed, or a location lies outside its folder.
     #[error("storage: {0}")]
     Storage(String),
+    /// A file, header or line larger than the bound btm sets on what it reads, so that a
+    /// corrupt or hostile file ends in this error instead of an unbounded allocation.
+    #[error("{}: {what} exceeds the limit of {}", path.display(), describe_limit(*limit))]
+    TooLarge {
+        /// The file (or source) being read.
+        path: PathBuf,
+        /// What is too large, with its size where known (`file of 70000000 bytes`, `line 3`).
+        what: String,
+        /// The bound, in bytes.
+        limit: u64,
+    },
     /// An error from a candle tensor operation (shapes, dtypes, devices).
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
@@ -107,8 +119,72 @@ impl Error {
     }
 }
 
-/// Read a JSON file with errors that name it.
-pub fn read_json(path: &std::path::Path) -> Result<serde_json::Value> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    serde_json::from_slice(&bytes).map_err(|source| Error::Json { path: path.to_path_buf(), source })
+/// Largest JSON metadata file btm reads whole (`config.json`, `btm.json`, `MANIFEST.json`, the
+/// shard index, the tokenizer's side files): real ones are kilobytes, so 64 MiB only stops a
+/// corrupt or hostile file from being read into memory.
+pub const MAX_JSON_BYTES: u64 = 64 << 20;
+
+/// Largest `tokenizer.json` btm reads: big vocabularies with their merges reach tens of MiB.
+pub const MAX_TOKENIZER_BYTES: u64 = 256 << 20;
+
+/// `limit` bytes as errors show it: `64 MiB (67108864 bytes)`.
+pub fn describe_limit(limit: u64) -> String {
+    if limit >= 1 << 20 && limit.is_multiple_of(1 << 20) {
+        format!("{} MiB ({limit} bytes)", limit >> 20)
+    } else {
+        format!("{limit} bytes")
+    }
+}
+
+/// The bytes of `path`, or [`Error::TooLarge`] if it holds more than `limit` bytes; `what`
+/// names the kind of file for the error (`JSON file`, `tokenizer.json`). The size is checked
+/// before reading, and the read itself stops after `limit + 1` bytes, so a file that grows
+/// meanwhile (or a special file whose size the metadata does not tell) is bounded too.
+pub fn read_capped(path: &Path, limit: u64, what: &str) -> Result<Vec<u8>> {
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let size = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    let too_large = |size: String| Error::TooLarge { path: path.to_path_buf(), what: format!("{what} of {size}"), limit };
+    if size > limit {
+        return Err(too_large(format!("{size} bytes")));
+    }
+    let mut bytes = Vec::with_capacity(size as usize);
+    file.take(limit + 1).read_to_end(&mut bytes).map_err(|e| Error::io(path, e))?;
+    if bytes.len() as u64 > limit {
+        return Err(too_large(format!("more than {limit} bytes")));
+    }
+    Ok(bytes)
+}
+
+/// Read a JSON file (at most [`MAX_JSON_BYTES`]) with errors that name it.
+pub fn read_json(path: &Path) -> Result<serde_json::Value> {
+    parse_json(path, &read_capped(path, MAX_JSON_BYTES, "JSON file")?)
+}
+
+/// Parse `bytes` as JSON; errors name `path`.
+pub fn parse_json(path: &Path, bytes: &[u8]) -> Result<serde_json::Value> {
+    serde_json::from_slice(bytes).map_err(|source| Error::Json { path: path.to_path_buf(), source })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_stop_at_the_limit_whatever_the_size_says() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a.json");
+        std::fs::write(&p, b"[1, 2]").unwrap();
+        assert_eq!(read_capped(&p, 6, "JSON file").unwrap(), b"[1, 2]");
+        assert_eq!(
+            read_capped(&p, 5, "JSON file").unwrap_err().to_string(),
+            format!("{}: JSON file of 6 bytes exceeds the limit of 5 bytes", p.display())
+        );
+        assert!(matches!(read_capped(&dir.path().join("none"), 5, "x"), Err(Error::MissingFile(_))));
+        // A file whose metadata says 0 bytes but which holds more is stopped by the read.
+        let proc = Path::new("/proc/self/status");
+        if proc.exists() {
+            let err = read_capped(proc, 8, "status file").unwrap_err().to_string();
+            assert!(err.ends_with("status file of more than 8 bytes exceeds the limit of 8 bytes"), "{err}");
+        }
+    }
 }

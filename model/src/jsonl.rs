@@ -13,25 +13,73 @@ pub fn open_decoded(path: &Path) -> Result<Box<dyn Read + Send>> {
     decoded(&path.to_string_lossy(), Box::new(file))
 }
 
+/// Largest zstd window btm decodes, as log2: 2^27 = 128 MiB, zstd's own default for decoders
+/// (a frame that asks for more, written with `zstd --long=28` or above, is an error rather
+/// than an allocation its header chooses).
+pub const ZSTD_WINDOW_LOG_MAX: u32 = 27;
+
 /// `reader`, decompressed as the extension of `name` (a path or URL) says: `.gz` (gzip),
-/// `.zst`/`.zstd` (zstandard), else as it is.
+/// `.zst`/`.zstd` (zstandard, windows up to 2^[`ZSTD_WINDOW_LOG_MAX`]), else as it is.
 pub fn decoded(name: &str, reader: Box<dyn Read + Send>) -> Result<Box<dyn Read + Send>> {
     let lower = name.to_ascii_lowercase();
     Ok(if lower.ends_with(".gz") {
         Box::new(flate2::read::MultiGzDecoder::new(BufReader::new(reader)))
     } else if lower.ends_with(".zst") || lower.ends_with(".zstd") {
-        Box::new(zstd::stream::read::Decoder::new(reader).map_err(|e| Error::io(Path::new(name), e))?)
+        let mut decoder = zstd::stream::read::Decoder::new(reader).map_err(|e| Error::io(Path::new(name), e))?;
+        decoder.window_log_max(ZSTD_WINDOW_LOG_MAX).map_err(|e| Error::io(Path::new(name), e))?;
+        Box::new(decoder)
     } else {
         reader
     })
 }
 
-/// The text field of each line of a JSONL source, in order, read as a stream.
+/// Longest JSONL line [`Texts`] reads by default, in bytes (without its newline): a document
+/// that large is far beyond any training sequence, and the bound keeps a file without newlines
+/// (or a decompression bomb) from being read into memory whole.
+pub const MAX_LINE_BYTES: usize = 64 << 20;
+
+/// How a bounded line read ended.
+enum Line {
+    /// A line is in the buffer (its newline, and a `\r` before it, removed).
+    Read,
+    /// The end of the input.
+    End,
+    /// The line has more than the limit's bytes; the buffer holds a part of it.
+    TooLong,
+}
+
+/// Read one line of `reader` into `buf` (cleared first), holding at most `limit + 2` bytes of
+/// it whatever the line's length, unlike `BufRead::read_line`, which grows its buffer until a
+/// newline comes. `limit` bounds the line without its ending, which is stripped as
+/// `BufRead::lines` strips it (`\n`, or `\r\n`).
+fn read_line_bounded(reader: &mut impl BufRead, buf: &mut Vec<u8>, limit: usize) -> std::io::Result<Line> {
+    buf.clear();
+    // A line of `limit` bytes and its `\r\n` fit in `limit + 2`; a longer one fills them.
+    let n = reader.by_ref().take(limit as u64 + 2).read_until(b'\n', buf)?;
+    if n == 0 {
+        return Ok(Line::End);
+    }
+    if buf.last() == Some(&b'\n') {
+        buf.pop();
+        if buf.last() == Some(&b'\r') {
+            buf.pop();
+        }
+    }
+    Ok(if buf.len() > limit { Line::TooLong } else { Line::Read })
+}
+
+/// The text field of each line of a JSONL source, in order, read as a stream; lines are read
+/// with a bounded buffer ([`MAX_LINE_BYTES`] unless [`Texts::with_max_line_bytes`] says
+/// otherwise). After a read error or an over-long line the iterator ends: a corrupt stream has
+/// no next line to resynchronise on.
 pub struct Texts {
     name: String,
     key: String,
-    lines: std::io::Lines<BufReader<Box<dyn Read + Send>>>,
+    reader: BufReader<Box<dyn Read + Send>>,
+    buf: Vec<u8>,
     line: usize,
+    max_line: usize,
+    done: bool,
 }
 
 impl Texts {
@@ -49,7 +97,39 @@ impl Texts {
     /// The field `key` of each line of the (already decompressed) `reader`; `name` (a path or
     /// URL) is what errors name.
     pub fn from_reader(name: &str, reader: Box<dyn Read + Send>, key: &str) -> Self {
-        Self { name: name.to_string(), key: key.to_string(), lines: BufReader::with_capacity(1 << 20, reader).lines(), line: 0 }
+        Self {
+            name: name.to_string(),
+            key: key.to_string(),
+            reader: BufReader::with_capacity(1 << 20, reader),
+            buf: Vec::new(),
+            line: 0,
+            max_line: MAX_LINE_BYTES,
+            done: false,
+        }
+    }
+
+    /// The same, with lines of at most `limit` bytes (an [`Error::TooLarge`] naming the file,
+    /// the line and the limit beyond that).
+    pub fn with_max_line_bytes(mut self, limit: usize) -> Self {
+        self.max_line = limit;
+        self
+    }
+
+    /// Read the next line into `buf`, or `None` at the end; errors name the file and line, and
+    /// end the iterator.
+    fn read_line(&mut self) -> Option<Result<()>> {
+        self.line += 1;
+        let err = match read_line_bounded(&mut self.reader, &mut self.buf, self.max_line) {
+            Ok(Line::End) => return None,
+            Ok(Line::Read) => return Some(Ok(())),
+            Ok(Line::TooLong) => {
+                Error::TooLarge { path: self.name.clone().into(), what: format!("line {}", self.line), limit: self.max_line as u64 }
+            }
+            // A truncated or corrupt compressed stream, or a read error: name where.
+            Err(e) => Error::InvalidConfig(format!("{}:{}: reading: {e}", self.name, self.line)),
+        };
+        self.done = true;
+        Some(Err(err))
     }
 }
 
@@ -58,25 +138,30 @@ impl Iterator for Texts {
 
     fn next(&mut self) -> Option<Result<String>> {
         loop {
-            self.line += 1;
-            let line = match self.lines.next()? {
-                Ok(l) => l,
-                // A truncated or corrupt compressed stream, or a read error: name where.
-                Err(e) => return Some(Err(Error::InvalidConfig(format!("{}:{}: reading: {e}", self.name, self.line)))),
+            if self.done {
+                return None;
+            }
+            if let Err(e) = self.read_line()? {
+                return Some(Err(e));
+            }
+            // Captures the fields `name` and `line` only, so `done` can still be set.
+            let bad = |msg: &str| Error::InvalidConfig(format!("{}:{}: {msg}", self.name, self.line));
+            let Ok(text) = std::str::from_utf8(&self.buf) else {
+                self.done = true;
+                return Some(Err(bad("reading: stream did not contain valid UTF-8")));
             };
-            if line.trim().is_empty() {
+            if text.trim().is_empty() {
                 continue;
             }
-            let bad = |msg: String| Error::InvalidConfig(format!("{}:{}: {msg}", self.name, self.line));
-            let v: Value = match serde_json::from_str(&line) {
+            let v: Value = match serde_json::from_str(text) {
                 Ok(v) => v,
-                Err(e) => return Some(Err(bad(format!("invalid JSON: {e}")))),
+                Err(e) => return Some(Err(bad(&format!("invalid JSON: {e}")))),
             };
             let key = &self.key;
             return Some(match v.get(key) {
                 Some(Value::String(s)) => Ok(s.clone()),
-                Some(other) => Err(bad(format!("`{key}` must be a string, got {other}"))),
-                None => Err(bad(format!("no `{key}` field"))),
+                Some(other) => Err(bad(&format!("`{key}` must be a string, got {other}"))),
+                None => Err(bad(&format!("no `{key}` field"))),
             });
         }
     }
@@ -127,5 +212,97 @@ mod tests {
             let err = read_texts(&cut, None).unwrap_err().to_string();
             assert!(err.contains(name) && err.contains("reading"), "{err}");
         }
+    }
+
+    /// `{"text": "aaa…` with `n` bytes of text and no end: made as it is read, never stored.
+    struct EndlessLine {
+        at: usize,
+        len: usize,
+    }
+
+    impl Read for EndlessLine {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            const HEAD: &[u8] = b"{\"text\": \"";
+            let mut n = 0;
+            while n < buf.len() && self.at < self.len {
+                buf[n] = HEAD.get(self.at).copied().unwrap_or(b'a');
+                (n, self.at) = (n + 1, self.at + 1);
+            }
+            Ok(n)
+        }
+    }
+
+    fn endless(len: usize) -> Box<dyn Read + Send> {
+        Box::new(EndlessLine { at: 0, len })
+    }
+
+    /// A 70 MiB line ends in an error naming the file, the line and the default limit; the
+    /// reader holds at most the limit, and the iterator ends after it.
+    #[test]
+    fn a_line_beyond_the_default_limit_is_named() {
+        let mut texts = Texts::from_reader("big.jsonl", endless(70 << 20), "text");
+        let err = texts.next().unwrap().unwrap_err().to_string();
+        assert_eq!(err, "big.jsonl: line 1 exceeds the limit of 64 MiB (67108864 bytes)");
+        assert!(texts.next().is_none());
+    }
+
+    /// The limit is exact: a line of `limit` bytes (before its newline, `\r\n` included) reads;
+    /// one more byte does not, and the error names its line.
+    #[test]
+    fn the_line_limit_is_exact_and_configurable() {
+        let line = |n: usize| format!("{{\"text\": \"{}\"}}", "b".repeat(n - 12));
+        let text = format!("{}\r\n\n{}\n{}", line(40), line(40), line(41));
+        let reader = || Box::new(std::io::Cursor::new(text.clone().into_bytes())) as Box<dyn Read + Send>;
+        let got: Vec<_> = Texts::from_reader("d.jsonl", reader(), "text").with_max_line_bytes(40).collect();
+        assert_eq!(got.len(), 3);
+        assert_eq!(got[0].as_ref().unwrap(), &"b".repeat(28));
+        assert_eq!(got[2].as_ref().unwrap_err().to_string(), "d.jsonl: line 4 exceeds the limit of 40 bytes");
+        let all: Vec<String> = Texts::from_reader("d.jsonl", reader(), "text").with_max_line_bytes(41).collect::<Result<_>>().unwrap();
+        assert_eq!(all.len(), 3);
+        // The last line needs no newline, as before.
+        let last: Vec<String> = Texts::from_reader("d.jsonl", reader(), "text").collect::<Result<_>>().unwrap();
+        assert_eq!(last, all);
+    }
+
+    /// A gzip or zstd bomb (a 70 MiB line in ~70 KB) is bounded like a plain file.
+    #[test]
+    fn decompression_bombs_are_bounded_by_the_line_limit() {
+        let mut gz = vec![];
+        flate2::read::GzEncoder::new(EndlessLine { at: 0, len: 70 << 20 }, flate2::Compression::fast()).read_to_end(&mut gz).unwrap();
+        let mut zst = vec![];
+        zstd::stream::read::Encoder::new(EndlessLine { at: 0, len: 70 << 20 }, 1).unwrap().read_to_end(&mut zst).unwrap();
+        for (name, bytes) in [("bomb.jsonl.gz", gz), ("bomb.jsonl.zst", zst)] {
+            assert!(bytes.len() < 1 << 20, "{name}: {} bytes", bytes.len());
+            let decoded = decoded(name, Box::new(std::io::Cursor::new(bytes))).unwrap();
+            let err = Texts::from_reader(name, decoded, "text").next().unwrap().unwrap_err().to_string();
+            assert_eq!(err, format!("{name}: line 1 exceeds the limit of 64 MiB (67108864 bytes)"));
+        }
+    }
+
+    /// Garbage where a compressed stream or UTF-8 should be: a named error, then the end.
+    #[test]
+    fn garbage_is_named() {
+        for name in ["g.jsonl.gz", "g.jsonl.zst"] {
+            let decoded = decoded(name, Box::new(std::io::Cursor::new(b"garbage, not compressed\n".to_vec()))).unwrap();
+            let mut texts = Texts::from_reader(name, decoded, "text");
+            let err = texts.next().unwrap().unwrap_err().to_string();
+            assert!(err.starts_with(&format!("invalid model config: {name}:1: reading: ")), "{err}");
+            assert!(texts.next().is_none());
+        }
+        let mut texts = Texts::from_reader("g.jsonl", Box::new(std::io::Cursor::new(b"{\"text\": \"\xff\"}\n".to_vec())), "text");
+        assert!(texts.next().unwrap().unwrap_err().to_string().ends_with("g.jsonl:1: reading: stream did not contain valid UTF-8"));
+    }
+
+    /// A zstd frame that asks for a window beyond 2^27 bytes is refused, not allocated.
+    #[test]
+    fn zstd_windows_beyond_the_bound_are_refused() {
+        let mut enc = zstd::stream::write::Encoder::new(vec![], 1).unwrap();
+        enc.window_log(ZSTD_WINDOW_LOG_MAX + 3).unwrap();
+        enc.long_distance_matching(true).unwrap();
+        enc.write_all(b"{\"text\": \"a\"}\n").unwrap();
+        let bytes = enc.finish().unwrap();
+        let decoded = decoded("w.jsonl.zst", Box::new(std::io::Cursor::new(bytes))).unwrap();
+        let err = Texts::from_reader("w.jsonl.zst", decoded, "text").next().unwrap().unwrap_err().to_string();
+        assert!(err.contains("w.jsonl.zst:1: reading: ") && err.contains("too much memory"), "{err}");
     }
 }

@@ -24,6 +24,7 @@ pub mod ensemble;
 pub mod error;
 pub mod eval;
 pub mod folder;
+pub mod fuzz_targets;
 pub mod jsonl;
 pub mod lineage;
 pub mod manifest;

@@ -78,3 +78,20 @@ impl Lineage {
         serde_json::to_vec_pretty(self).expect("lineage serialises")
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn oversized_or_garbage_lineage_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join(LINEAGE);
+        std::fs::write(&p, b"{\"tool\": 7}").unwrap();
+        assert!(Lineage::read(dir.path()).unwrap_err().to_string().starts_with(&format!("{}: invalid JSON", p.display())));
+        // Sparse: refused from its size, never read.
+        std::fs::File::create(&p).unwrap().set_len(crate::error::MAX_JSON_BYTES + 1).unwrap();
+        let err = Lineage::read(dir.path()).unwrap_err().to_string();
+        assert_eq!(err, format!("{}: JSON file of 67108865 bytes exceeds the limit of 64 MiB (67108864 bytes)", p.display()));
+    }
+}

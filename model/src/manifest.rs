@@ -3,7 +3,7 @@
 //! An artefact (checkpoint, model, eval result) is complete exactly when its manifest exists
 //! and every listed file matches it; readers trust nothing without one.
 
-use crate::error::{Error, Result};
+use crate::error::{read_capped, Error, Result, MAX_JSON_BYTES};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
@@ -95,7 +95,7 @@ impl Manifest {
     /// Read and parse `dir/MANIFEST.json` (without checking the files; see [`Self::verify`]).
     pub fn read(dir: &Path) -> Result<Self> {
         let path = dir.join(MANIFEST);
-        let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+        let bytes = read_capped(&path, MAX_JSON_BYTES, "manifest")?;
         let m: Manifest = serde_json::from_slice(&bytes).map_err(|e| Error::Manifest(format!("{}: {e}", path.display())))?;
         if m.format != FORMAT {
             return Err(Error::Manifest(format!("{}: unknown format `{}`", path.display(), m.format)));
@@ -121,7 +121,7 @@ impl Manifest {
     /// The identity of an artefact: SHA-256 of its manifest's bytes.
     pub fn id(dir: &Path) -> Result<String> {
         let path = dir.join(MANIFEST);
-        let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+        let bytes = read_capped(&path, MAX_JSON_BYTES, "manifest")?;
         Ok(hex::encode(Sha256::digest(&bytes)))
     }
 }
@@ -145,5 +145,18 @@ mod tests {
         assert!(m.verify(dir.path()).unwrap_err().to_string().contains("SHA-256 differs"));
         std::fs::write(dir.path().join("a.bin"), b"hel").unwrap();
         assert!(m.verify(dir.path()).unwrap_err().to_string().contains("3 bytes, the manifest says 5"));
+    }
+
+    #[test]
+    fn oversized_or_garbage_manifests_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join(MANIFEST);
+        std::fs::write(&p, b"\x00\x01garbage").unwrap();
+        assert!(Manifest::read(dir.path()).unwrap_err().to_string().starts_with(&format!("manifest: {}: ", p.display())));
+        // Sparse: refused from its size, never read.
+        std::fs::File::create(&p).unwrap().set_len(MAX_JSON_BYTES + 1).unwrap();
+        let want = format!("{}: manifest of 67108865 bytes exceeds the limit of 64 MiB (67108864 bytes)", p.display());
+        assert_eq!(Manifest::read(dir.path()).unwrap_err().to_string(), want);
+        assert_eq!(Manifest::id(dir.path()).unwrap_err().to_string(), want);
     }
 }

@@ -1,7 +1,7 @@
 //! Tokenizers through the `tokenizers` crate: load a `tokenizer.json`, or train a byte-level
 //! BPE tokenizer (GPT-2 style) from JSONL text for seeds trained from scratch.
 
-use crate::error::{Error, Result};
+use crate::error::{read_capped, Error, Result, MAX_TOKENIZER_BYTES};
 use std::path::Path;
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
@@ -17,12 +17,30 @@ pub const BOS: &str = "<s>";
 /// End-of-sequence token of tokenizers btm trains (appended between packed documents).
 pub const EOS: &str = "</s>";
 
-/// Load a `tokenizer.json` ([`Error::MissingFile`] if it does not exist).
+/// Load a `tokenizer.json` ([`Error::MissingFile`] if it does not exist; [`Error::TooLarge`]
+/// beyond [`MAX_TOKENIZER_BYTES`], checked before it is read).
 pub fn load(path: &Path) -> Result<Tokenizer> {
     if !path.exists() {
         return Err(Error::MissingFile(path.to_path_buf()));
     }
-    Tokenizer::from_file(path).map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))
+    from_bytes(path, &read_capped(path, MAX_TOKENIZER_BYTES, "tokenizer file")?)
+}
+
+/// Parse the bytes of a `tokenizer.json` read from `path` (which errors name).
+///
+/// The tokenizers crate (0.23) panics instead of failing on some malformed files: a JSON syntax
+/// error inside `decoder` reaches an `.expect`, as does a corrupt precompiled normalizer. So
+/// the JSON's syntax is checked first (a plain error, no panic), and a panic the crate still
+/// raises is caught and named as an error (its message is printed by the panic hook too).
+pub fn from_bytes(path: &Path, bytes: &[u8]) -> Result<Tokenizer> {
+    let fail = |e: &dyn std::fmt::Display| Error::Tokenizer(format!("{}: {e}", path.display()));
+    // As `Tokenizer::from_file` does: the whole file must be UTF-8, not only its strings.
+    let text = std::str::from_utf8(bytes).map_err(|e| fail(&e))?;
+    serde_json::from_str::<serde::de::IgnoredAny>(text).map_err(|e| fail(&e))?;
+    match std::panic::catch_unwind(|| text.parse::<Tokenizer>()) {
+        Ok(parsed) => parsed.map_err(|e| fail(&e)),
+        Err(panic) => Err(fail(&format!("the tokenizers crate panicked reading it: {}", panic_message(&*panic)))),
+    }
 }
 
 /// Number of embedding rows the tokenizer needs: its largest token id + 1.
@@ -80,8 +98,20 @@ pub fn save(tok: &Tokenizer, path: &Path) -> Result<()> {
 }
 
 /// Token ids of one document as `tokenizer.json` says (its post-processor decides special tokens).
+///
+/// A malformed `tokenizer.json` can load and then make the tokenizers crate panic while encoding
+/// (found by fuzzing: a template naming a special token it does not define, a BPE merge longer
+/// than its buffer); such a panic is caught and named as an error.
 pub fn encode(tok: &Tokenizer, text: &str) -> Result<Vec<u32>> {
-    Ok(tok.encode(text, true).map_err(|e| Error::Tokenizer(e.to_string()))?.get_ids().to_vec())
+    match std::panic::catch_unwind(|| tok.encode(text, true)) {
+        Ok(encoded) => Ok(encoded.map_err(|e| Error::Tokenizer(e.to_string()))?.get_ids().to_vec()),
+        Err(panic) => Err(Error::Tokenizer(format!("the tokenizers crate panicked encoding a text: {}", panic_message(&*panic)))),
+    }
+}
+
+/// The message of a caught panic, when it has one.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| panic.downcast_ref::<String>().cloned()).unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -102,5 +132,49 @@ mod tests {
         assert!(required_vocab(&tok) <= 300);
         let err = check_fits(&tok, 10).unwrap_err().to_string();
         assert!(err.contains("but the model's embedding has only 10 rows"), "{err}");
+    }
+
+    /// A tokenizer.json past the bound is refused before it is read (a sparse file: no memory,
+    /// no disk); garbage is a named error.
+    #[test]
+    fn oversized_or_garbage_tokenizers_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("tokenizer.json");
+        std::fs::File::create(&p).unwrap().set_len(MAX_TOKENIZER_BYTES + 1).unwrap();
+        let err = load(&p).unwrap_err().to_string();
+        assert!(err.ends_with("tokenizer.json: tokenizer file of 268435457 bytes exceeds the limit of 256 MiB (268435456 bytes)"), "{err}");
+        std::fs::write(&p, b"\xff\xfe garbage").unwrap();
+        assert!(load(&p).unwrap_err().to_string().starts_with("tokenizer: "));
+        std::fs::write(&p, b"{\"model\": 3}").unwrap();
+        assert!(load(&p).unwrap_err().to_string().starts_with("tokenizer: "));
+        // A syntax error inside `decoder`, on which tokenizers 0.23 panics (found by fuzzing).
+        std::fs::write(&p, br#"{"model": {"type": "BPE", "vocab": {}, "merges": []}, "decoder": {"type" "x"}}"#).unwrap();
+        let err = load(&p).unwrap_err().to_string();
+        assert!(err.starts_with("tokenizer: ") && err.ends_with("expected `:` at line 1 column 74"), "{err}");
+    }
+
+    /// A tokenizer that loads but whose template names a special token it does not define: the
+    /// tokenizers crate panics encoding with it (found by fuzzing); btm names the error.
+    #[test]
+    fn a_panic_while_encoding_is_a_named_error() {
+        let mut tok = train_bpe(["a b c a b c"; 10].iter(), 270).unwrap();
+        let post = TemplateProcessing::builder().try_single(format!("{BOS} $A")).unwrap().special_tokens(vec![(BOS, 0)]).build().unwrap();
+        tok.with_post_processor(Some(post));
+        let json = tok.to_string(false).unwrap().replace("\"special_tokens\":{\"<s>\"", "\"special_tokens\":{\"<t>\"");
+        let tok: Tokenizer = json.parse().unwrap();
+        let err = encode(&tok, "a b").unwrap_err().to_string();
+        assert_eq!(err, "tokenizer: the tokenizers crate panicked encoding a text: no entry found for key");
+    }
+
+    /// A panic inside the tokenizers crate on a syntactically valid file is caught and named.
+    #[test]
+    fn a_panic_in_the_tokenizers_crate_is_a_named_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("tokenizer.json");
+        // tokenizers 0.23 `.expect`s a Precompiled normalizer to deserialize; this one has no charsmap.
+        let tok = r#"{"model": {"type": "BPE", "vocab": {}, "merges": []}, "normalizer": {"type": "Precompiled"}}"#;
+        std::fs::write(&p, tok).unwrap();
+        let err = load(&p).unwrap_err().to_string();
+        assert!(err.contains("tokenizer.json: the tokenizers crate panicked reading it: Precompiled"), "{err}");
     }
 }

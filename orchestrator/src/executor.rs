@@ -28,11 +28,6 @@ enum Status {
     Failed(String),
 }
 
-/// GPUs a job holds while it runs: each of its tasks' (ranks on one node).
-fn gpus_held(job: &Job) -> usize {
-    job.resources.gpus * job.resources.ranks.max(1)
-}
-
 /// The record that a job finished: written after its outputs were checked.
 pub fn done_marker(run: &Path, job: &Job) -> std::path::PathBuf {
     job.dir(run).join("done.json")
@@ -165,7 +160,7 @@ pub async fn execute(plan: &Plan, engine: &dyn Engine, retries: u32, quiet: bool
         // GPUs the engine places itself: a job starts when enough are free, and a later job
         // that fits starts before an earlier one that does not (no GPU idles while one fits).
         let gpus_in_use: usize =
-            (0..total).filter(|&i| matches!(status[i], Status::Running { .. })).map(|i| gpus_held(&plan.jobs[i])).sum();
+            (0..total).filter(|&i| matches!(status[i], Status::Running { .. })).map(|i| plan.jobs[i].resources.gpus_held()).sum();
         let mut gpus_free = engine.gpus().map(|n| n.saturating_sub(gpus_in_use));
         // A failed job stops only what depends on it: the others still run, so a re-run has
         // less left to do.
@@ -184,7 +179,7 @@ pub async fn execute(plan: &Plan, engine: &dyn Engine, retries: u32, quiet: bool
                 continue;
             }
             if let (Some(total_gpus), Some(left)) = (engine.gpus(), gpus_free.as_mut()) {
-                let need = gpus_held(job);
+                let need = job.resources.gpus_held();
                 if need > total_gpus {
                     say(format!("job {} needs {need} GPUs; the engine has {total_gpus}", job.name));
                     status[i] = Status::Failed(format!("needs {need} GPUs; the engine has {total_gpus}"));

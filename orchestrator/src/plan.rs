@@ -58,6 +58,13 @@ pub struct Resources {
     pub nodes: usize,
 }
 
+impl Resources {
+    /// GPUs the whole job holds while it runs: each of its tasks' (ranks on one node).
+    pub fn gpus_held(&self) -> usize {
+        self.gpus * self.ranks.max(1)
+    }
+}
+
 /// A model the run produces (or starts from), for evaluation and the report.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelRef {

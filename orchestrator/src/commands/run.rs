@@ -107,7 +107,7 @@ fn simulate_gpu_placement(plan: &Plan, slots: usize, ids: &[String]) -> Vec<Opti
             if !ready || wave.len() >= slots.max(1) {
                 continue;
             }
-            let need = j.resources.gpus * j.resources.ranks.max(1);
+            let need = j.resources.gpus_held();
             if need == 0 {
                 wave.push(i);
             } else if let Some(taken) = pool.take(need) {
@@ -136,7 +136,7 @@ fn check_local_gpus(plan: &Plan, gpus: crate::pipeline::spec::Gpus, ids: &[Strin
     if on_cuda.is_empty() {
         return Ok(());
     }
-    let most = plan.jobs.iter().map(|j| j.resources.gpus * j.resources.ranks.max(1)).max().unwrap_or(0);
+    let most = plan.jobs.iter().map(|j| j.resources.gpus_held()).max().unwrap_or(0);
     let btm_trains = on_cuda.iter().any(|j| j.train.as_ref().is_some_and(|t| t.external.is_none()));
     let asked = match gpus {
         crate::pipeline::spec::Gpus::Count(n) => Some(n),

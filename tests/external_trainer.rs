@@ -14,7 +14,7 @@ mod common;
 use common::{btm, fixture_pipeline, ok, path_with, repo, torch_python, torchrun_trainer};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Two experts from the llama fixture, trained by `trainer` (YAML), merged and continued by btm.
 fn pipeline(dir: &Path, name: &str, trainer: &str, steps: u64) -> PathBuf {
@@ -28,12 +28,9 @@ fn typo_file(d: &Path) -> PathBuf {
     pipeline(d, "typo", "{kind: command, command: \"train {model_in} {modle_out}\"}", 4)
 }
 
-fn wait_for(what: &str, deadline: Duration, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !f() {
-        assert!(start.elapsed() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+/// [`common::wait_for`], polling every 100 ms.
+fn wait_for(what: &str, deadline: Duration, f: impl FnMut() -> bool) {
+    common::wait_for(what, deadline, Duration::from_millis(100), f)
 }
 
 #[test]

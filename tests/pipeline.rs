@@ -7,7 +7,7 @@ mod common;
 use common::{btm, domain, every_stage_pipeline, fixture_pipeline, has_checkpoint, ok, repo, sample};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Every stage: tokenizer, seed, experts, merge, upcycle, continue, baseline, add-expert, eval.
 fn miniature(dir: &Path) -> PathBuf {
@@ -163,12 +163,9 @@ fn weights(run: &Path) -> Vec<u8> {
     std::fs::read(run.join("continued/model/model.safetensors")).unwrap()
 }
 
-fn wait_for(what: &str, deadline: Duration, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !f() {
-        assert!(start.elapsed() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+/// [`common::wait_for`], polling every 50 ms.
+fn wait_for(what: &str, deadline: Duration, f: impl FnMut() -> bool) {
+    common::wait_for(what, deadline, Duration::from_millis(50), f)
 }
 
 /// Pids of processes whose command line contains `needle`.

@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 static TURN: Mutex<()> = Mutex::new(());
 
@@ -94,12 +94,9 @@ fn plan_jobs(run: &Path) -> Vec<(String, String)> {
     plan["jobs"].as_array().unwrap().iter().map(|j| (j["name"].as_str().unwrap().into(), j["id"].as_str().unwrap().into())).collect()
 }
 
-fn wait_for(what: &str, deadline: Duration, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !f() {
-        assert!(start.elapsed() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+/// [`common::wait_for`], polling every 200 ms.
+fn wait_for(what: &str, deadline: Duration, f: impl FnMut() -> bool) {
+    common::wait_for(what, deadline, Duration::from_millis(200), f)
 }
 
 #[test]

@@ -296,3 +296,12 @@ pub fn trained_expert(dir: &Path, domain: &str) -> PathBuf {
     ok(btm().args(["train", "--quiet", "--job"]).arg(&file).output().unwrap());
     out.join("model")
 }
+
+/// Poll `f` every `poll` until it holds; fail the test, naming `what`, after `deadline`.
+pub fn wait_for(what: &str, deadline: std::time::Duration, poll: std::time::Duration, mut f: impl FnMut() -> bool) {
+    let start = std::time::Instant::now();
+    while !f() {
+        assert!(start.elapsed() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(poll);
+    }
+}

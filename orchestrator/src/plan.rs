@@ -118,7 +118,17 @@ pub struct Job {
     pub produces: Option<ModelRef>,
 }
 
+/// The stage a job name belongs to: its first part (`expert` of `expert/code`).
+pub fn stage_of(name: &str) -> &str {
+    name.split('/').next().unwrap_or("job")
+}
+
 impl Job {
+    /// The stage a job belongs to: the first part of its name (`expert` of `expert/code`).
+    pub fn stage(&self) -> &str {
+        stage_of(&self.name)
+    }
+
     /// Folder of the job's own files in the run (`jobs/expert-scripture`).
     pub fn dir(&self, run: &Path) -> PathBuf {
         run.join("jobs").join(self.name.replace('/', "-"))

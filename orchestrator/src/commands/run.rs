@@ -181,7 +181,7 @@ fn print_manifests(k: &crate::pipeline::spec::KubernetesSpec, plan: &Plan) -> Re
     for batch in batches {
         let subs: Vec<crate::engine::Submission> =
             batch.iter().map(|j| crate::engine::Submission::for_job(j, j.log(&plan.run_dir))).collect();
-        let stage = batch[0].name.split('/').next().unwrap_or("job");
+        let stage = batch[0].stage();
         let name = crate::engine::kubernetes::object_name(&run_name, stage);
         let m = crate::engine::kubernetes::manifest(k, &plan.run_dir, &name, &subs);
         println!("---\n{}", serde_yaml::to_string(&m)?);

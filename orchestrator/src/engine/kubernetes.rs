@@ -243,7 +243,7 @@ impl Engine for KubernetesEngine {
         if self.spec.volume.is_some() {
             std::fs::create_dir_all(self.run.join("logs"))?;
         }
-        let batch = jobs[0].name.split('/').next().unwrap_or("job");
+        let batch = jobs[0].stage();
         let name = object_name(&self.run_name, batch);
         let job: Job = serde_json::from_value(manifest(&self.spec, &self.run, &name, jobs)).context("the Job manifest")?;
         let refused = |e: kube::Error| match classify(e) {

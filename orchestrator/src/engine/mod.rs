@@ -45,6 +45,11 @@ pub struct Submission {
 }
 
 impl Submission {
+    /// The stage the job belongs to ([`crate::plan::stage_of`]).
+    pub fn stage(&self) -> &str {
+        crate::plan::stage_of(&self.name)
+    }
+
     /// GPUs the whole job holds: its tasks' on one node.
     pub fn gpus_held(&self) -> usize {
         self.gpus * self.ranks.max(1)

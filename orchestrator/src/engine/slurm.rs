@@ -227,7 +227,7 @@ impl SlurmEngine {
     }
 
     fn job_name(jobs: &[Submission]) -> String {
-        let stage = jobs[0].name.split('/').next().unwrap_or("job");
+        let stage = jobs[0].stage();
         format!("btm-{stage}")
     }
 

@@ -297,154 +297,40 @@ impl ModelConfig {
     /// Parse a Hugging Face `config.json`.
     pub fn from_hf(cfg: &Value) -> Result<(Self, Architecture)> {
         let arch = Architecture::detect(cfg)?;
-        let get_usize = |key: &str| -> Result<Option<usize>> {
-            match cfg.get(key) {
-                None | Some(Value::Null) => Ok(None),
-                Some(v) => v
-                    .as_u64()
-                    .map(|x| Some(x as usize))
-                    .ok_or_else(|| Error::InvalidConfig(format!("config.json: `{key}` must be a non-negative integer, got {v}"))),
-            }
-        };
-        let need =
-            |key: &str| -> Result<usize> { get_usize(key)?.ok_or_else(|| Error::InvalidConfig(format!("config.json: missing `{key}`"))) };
-        let get_f64 = |v: &Value, key: &str| -> Result<Option<f64>> {
-            match v.get(key) {
-                None | Some(Value::Null) => Ok(None),
-                Some(x) => {
-                    x.as_f64().map(Some).ok_or_else(|| Error::InvalidConfig(format!("config.json: `{key}` must be a number, got {x}")))
-                }
-            }
-        };
-        let get_bool = |key: &str| cfg.get(key).and_then(Value::as_bool);
-        let token_id = |key: &str| -> Option<u32> {
-            match cfg.get(key) {
-                Some(Value::Number(n)) => n.as_u64().map(|x| x as u32),
-                Some(Value::Array(a)) => a.first().and_then(Value::as_u64).map(|x| x as u32),
-                _ => None,
-            }
-        };
-
-        let hidden_size = need("hidden_size")?;
-        let num_heads = need("num_attention_heads")?;
-        let num_kv_heads = get_usize("num_key_value_heads")?.unwrap_or(num_heads);
+        let hf = HfFields(cfg);
+        let hidden_size = hf.need("hidden_size")?;
+        let num_heads = hf.need("num_attention_heads")?;
+        let num_kv_heads = hf.usize("num_key_value_heads")?.unwrap_or(num_heads);
         if num_heads == 0 {
             return Err(Error::InvalidConfig("num_attention_heads must be positive".into()));
         }
-        let head_dim = get_usize("head_dim")?.unwrap_or(hidden_size / num_heads);
-
-        // RoPE: transformers 5 writes `rope_parameters`; older files a top-level `rope_theta`
-        // plus an optional `rope_scaling`.
-        let rope = match cfg.get("rope_parameters") {
-            Some(v @ Value::Object(_)) => v.clone(),
-            _ => {
-                let mut m = match cfg.get("rope_scaling") {
-                    Some(Value::Object(m)) => m.clone(),
-                    _ => Map::new(),
-                };
-                if let Some(t) = cfg.get("rope_theta") {
-                    m.insert("rope_theta".into(), t.clone());
-                }
-                Value::Object(m)
-            }
-        };
-        let rope_theta = get_f64(&rope, "rope_theta")?.unwrap_or(10000.0);
-        let rope_type = rope.get("rope_type").or_else(|| rope.get("type")).and_then(Value::as_str).unwrap_or("default");
-        let rope_scaling = match rope_type {
-            "default" => None,
-            "llama3" => {
-                let f = |k: &str| {
-                    get_f64(&rope, k)?.ok_or_else(|| Error::InvalidConfig(format!("config.json: llama3 rope scaling needs `{k}`")))
-                };
-                Some(RopeScaling::Llama3 {
-                    factor: f("factor")?,
-                    low_freq_factor: f("low_freq_factor")?,
-                    high_freq_factor: f("high_freq_factor")?,
-                    original_max_position_embeddings: f("original_max_position_embeddings")? as usize,
-                })
-            }
-            other => return Err(Error::Unsupported(format!("rope type `{other}` (btm supports default and llama3)"))),
-        };
-
-        if get_bool("mlp_bias") == Some(true) {
-            return Err(Error::Unsupported("mlp_bias: true (biases in the FFN)".into()));
-        }
-        let (qkv_bias, o_bias) = match arch {
-            Architecture::Llama => {
-                let b = get_bool("attention_bias").unwrap_or(false);
-                (b, b)
-            }
-            Architecture::Qwen2 | Architecture::Qwen2Moe => (true, false),
-            Architecture::Mistral | Architecture::Mixtral => (false, false),
-        };
-        let sliding_window = match arch {
-            Architecture::Mistral | Architecture::Mixtral => get_usize("sliding_window")?,
-            Architecture::Qwen2 | Architecture::Qwen2Moe => {
-                if get_bool("use_sliding_window") == Some(true) {
-                    return Err(Error::Unsupported("Qwen2 use_sliding_window: true".into()));
-                }
-                None
-            }
-            Architecture::Llama => None,
-        };
-
-        let intermediate_size = need("intermediate_size")?;
+        let head_dim = hf.usize("head_dim")?.unwrap_or(hidden_size / num_heads);
+        let (rope_theta, rope_scaling) = rope_from_hf(cfg)?;
+        let (qkv_bias, o_bias, sliding_window) = attention_from_hf(arch, hf)?;
+        let intermediate_size = hf.need("intermediate_size")?;
         let moe = match arch {
-            Architecture::Mixtral => Some(MoeConfig {
-                experts: need("num_local_experts")?,
-                top_k: need("num_experts_per_tok")?,
-                routing: Routing::TopkThenSoftmax,
-                expert_ffn: intermediate_size,
-                shared_expert: None,
-                dense_layers: vec![],
-            }),
-            Architecture::Qwen2Moe => {
-                let num_layers = need("num_hidden_layers")?;
-                // Bounded before the walk over the layers below, which validate() comes after.
-                if num_layers > MAX_LAYERS {
-                    return Err(Error::InvalidConfig(format!("num_hidden_layers = {num_layers} exceeds btm's limit of {MAX_LAYERS}")));
-                }
-                let step = get_usize("decoder_sparse_step")?.unwrap_or(1).max(1);
-                // A set: the list's length is the file's to choose, and each layer looks it up.
-                let mlp_only: std::collections::HashSet<usize> = match cfg.get("mlp_only_layers") {
-                    Some(Value::Array(a)) => a.iter().filter_map(Value::as_u64).map(|x| x as usize).collect(),
-                    _ => Default::default(),
-                };
-                let dense_layers = (0..num_layers).filter(|l| mlp_only.contains(l) || (l + 1) % step != 0).collect();
-                // btm's zero-output placeholder (`btm.shared_expert: "none"`) is dropped by the
-                // checkpoint reader once it has checked the weights really are zero.
-                let shared_ffn = get_usize("shared_expert_intermediate_size")?.unwrap_or(0);
-                let shared_expert = (shared_ffn > 0).then_some(SharedExpertConfig { ffn: shared_ffn, gated: true });
-                Some(MoeConfig {
-                    experts: need("num_experts")?,
-                    top_k: need("num_experts_per_tok")?,
-                    routing: if get_bool("norm_topk_prob").unwrap_or(false) { Routing::TopkThenSoftmax } else { Routing::SoftmaxThenTopk },
-                    expert_ffn: need("moe_intermediate_size")?,
-                    shared_expert,
-                    dense_layers,
-                })
-            }
-            _ => None,
+            Architecture::Mixtral => Some(mixtral_moe_from_hf(hf, intermediate_size)?),
+            Architecture::Qwen2Moe => Some(qwen2_moe_from_hf(hf)?),
+            Architecture::Llama | Architecture::Mistral | Architecture::Qwen2 => None,
         };
-
         let config = ModelConfig {
-            vocab_size: need("vocab_size")?,
+            vocab_size: hf.need("vocab_size")?,
             hidden_size,
-            num_layers: need("num_hidden_layers")?,
+            num_layers: hf.need("num_hidden_layers")?,
             num_heads,
             num_kv_heads,
             head_dim,
             intermediate_size,
-            max_position_embeddings: get_usize("max_position_embeddings")?.unwrap_or(2048),
+            max_position_embeddings: hf.usize("max_position_embeddings")?.unwrap_or(2048),
             rope_theta,
             rope_scaling,
-            rms_norm_eps: get_f64(cfg, "rms_norm_eps")?.unwrap_or(1e-6),
-            tie_word_embeddings: get_bool("tie_word_embeddings").unwrap_or(false),
+            rms_norm_eps: f64_field(cfg, "rms_norm_eps")?.unwrap_or(1e-6),
+            tie_word_embeddings: hf.bool("tie_word_embeddings").unwrap_or(false),
             qkv_bias,
             o_bias,
             sliding_window,
-            bos_token_id: token_id("bos_token_id"),
-            eos_token_id: token_id("eos_token_id"),
+            bos_token_id: hf.token_id("bos_token_id"),
+            eos_token_id: hf.token_id("eos_token_id"),
             moe,
         };
         config.validate()?;
@@ -490,6 +376,28 @@ impl ModelConfig {
         if arch == Architecture::Qwen2Moe && self.o_bias {
             return Err(Error::Unsupported("an MoE with an output-projection bias has no Hugging Face layout btm can write".into()));
         }
+        let mut c = self.hf_common_fields(arch);
+        let obj = c.as_object_mut().expect("object");
+        // What the architecture cannot say itself, for btm's reader (and the curious).
+        let mut btm = Map::new();
+        match (arch, &self.moe) {
+            (Architecture::Llama, _) => self.llama_hf_fields(obj, &mut btm),
+            (Architecture::Mistral, None) => self.mistral_hf_fields(obj)?,
+            (Architecture::Mixtral, Some(m)) => self.mixtral_hf_fields(m, obj),
+            (Architecture::Qwen2Moe, Some(m)) => self.qwen2_moe_hf_fields(m, obj, &mut btm)?,
+            _ => unreachable!("output_architecture matches the MoE config"),
+        }
+        if let Some(m) = &self.moe {
+            btm.insert("routing".into(), json!(m.routing.as_str()));
+        }
+        if !btm.is_empty() {
+            obj.insert("btm".into(), Value::Object(btm));
+        }
+        Ok(c)
+    }
+
+    /// The `config.json` fields every architecture shares: shape, norms, RoPE, special tokens.
+    fn hf_common_fields(&self, arch: Architecture) -> Value {
         let mut c = json!({
             "architectures": [arch.class_name()],
             "model_type": arch.model_type(),
@@ -529,76 +437,225 @@ impl ModelConfig {
                        "original_max_position_embeddings": original_max_position_embeddings}),
             );
         }
-        let mut btm = Map::new();
-        match (arch, &self.moe) {
-            (Architecture::Llama, _) => {
-                if self.qkv_bias != self.o_bias {
-                    // Llama's `attention_bias` covers q, k, v and o alike; a zero o bias is exact.
-                    btm.insert("o_bias".into(), json!("zero"));
-                }
-                obj.insert("attention_bias".into(), json!(self.qkv_bias || self.o_bias));
-                obj.insert("mlp_bias".into(), json!(false));
-            }
-            (Architecture::Mistral, None) => {
-                if self.qkv_bias || self.o_bias {
-                    return Err(Error::Unsupported("attention biases together with sliding-window attention".into()));
-                }
-                obj.insert("sliding_window".into(), json!(self.sliding_window));
-            }
-            (Architecture::Mixtral, Some(m)) => {
-                obj.insert("num_local_experts".into(), json!(m.experts));
-                obj.insert("num_experts_per_tok".into(), json!(m.top_k));
-                obj.insert("intermediate_size".into(), json!(m.expert_ffn));
-                obj.insert("sliding_window".into(), json!(self.sliding_window));
-                obj.insert("router_aux_loss_coef".into(), json!(0.0));
-                obj.insert("output_router_logits".into(), json!(false));
-            }
-            (Architecture::Qwen2Moe, Some(m)) => {
-                if self.sliding_window.is_some() {
-                    return Err(Error::Unsupported("sliding-window attention in a Qwen2-MoE".into()));
-                }
-                obj.insert("num_experts".into(), json!(m.experts));
-                obj.insert("num_experts_per_tok".into(), json!(m.top_k));
-                obj.insert("moe_intermediate_size".into(), json!(m.expert_ffn));
-                obj.insert("shared_expert_intermediate_size".into(), json!(self.written_shared_ffn()));
-                obj.insert("norm_topk_prob".into(), json!(m.routing == Routing::TopkThenSoftmax));
-                obj.insert("decoder_sparse_step".into(), json!(1));
-                obj.insert("mlp_only_layers".into(), json!(m.dense_layers));
-                obj.insert("use_sliding_window".into(), json!(false));
-                obj.insert("qkv_bias".into(), json!(true));
-                obj.insert("router_aux_loss_coef".into(), json!(0.0));
-                obj.insert("output_router_logits".into(), json!(false));
-                match &m.shared_expert {
-                    None => {
-                        btm.insert("shared_expert".into(), json!("none"));
-                        btm.insert(
-                            "note".into(),
-                            json!("Qwen2-MoE always has a shared expert; this one's down_proj is zero, so its output is exactly zero"),
-                        );
-                    }
-                    Some(s) if !s.gated => {
-                        btm.insert("shared_expert".into(), json!("ungated"));
-                        btm.insert(
-                            "note".into(),
-                            json!("the shared expert is ungated: its gate weight is zero (sigmoid = 1/2) and its down_proj is doubled"),
-                        );
-                    }
-                    Some(_) => {}
-                }
-                if !self.qkv_bias {
-                    btm.insert("qkv_bias".into(), json!("zero"));
-                }
-            }
-            _ => unreachable!("output_architecture matches the MoE config"),
-        }
-        if let Some(m) = &self.moe {
-            btm.insert("routing".into(), json!(m.routing.as_str()));
-        }
-        if !btm.is_empty() {
-            obj.insert("btm".into(), Value::Object(btm));
-        }
-        Ok(c)
+        c
     }
+
+    /// Llama's attention and FFN bias switches.
+    fn llama_hf_fields(&self, obj: &mut Map<String, Value>, btm: &mut Map<String, Value>) {
+        if self.qkv_bias != self.o_bias {
+            // Llama's `attention_bias` covers q, k, v and o alike; a zero o bias is exact.
+            btm.insert("o_bias".into(), json!("zero"));
+        }
+        obj.insert("attention_bias".into(), json!(self.qkv_bias || self.o_bias));
+        obj.insert("mlp_bias".into(), json!(false));
+    }
+
+    /// Mistral's sliding window; it has no attention biases.
+    fn mistral_hf_fields(&self, obj: &mut Map<String, Value>) -> Result<()> {
+        if self.qkv_bias || self.o_bias {
+            return Err(Error::Unsupported("attention biases together with sliding-window attention".into()));
+        }
+        obj.insert("sliding_window".into(), json!(self.sliding_window));
+        Ok(())
+    }
+
+    /// Mixtral's experts; its `intermediate_size` is the experts' width.
+    fn mixtral_hf_fields(&self, m: &MoeConfig, obj: &mut Map<String, Value>) {
+        obj.insert("num_local_experts".into(), json!(m.experts));
+        obj.insert("num_experts_per_tok".into(), json!(m.top_k));
+        obj.insert("intermediate_size".into(), json!(m.expert_ffn));
+        obj.insert("sliding_window".into(), json!(self.sliding_window));
+        obj.insert("router_aux_loss_coef".into(), json!(0.0));
+        obj.insert("output_router_logits".into(), json!(false));
+    }
+
+    /// Qwen2-MoE's experts, shared expert and dense layers, with notes in `btm` for the shared
+    /// expert and q/k/v biases it always has but this model may not.
+    fn qwen2_moe_hf_fields(&self, m: &MoeConfig, obj: &mut Map<String, Value>, btm: &mut Map<String, Value>) -> Result<()> {
+        if self.sliding_window.is_some() {
+            return Err(Error::Unsupported("sliding-window attention in a Qwen2-MoE".into()));
+        }
+        obj.insert("num_experts".into(), json!(m.experts));
+        obj.insert("num_experts_per_tok".into(), json!(m.top_k));
+        obj.insert("moe_intermediate_size".into(), json!(m.expert_ffn));
+        obj.insert("shared_expert_intermediate_size".into(), json!(self.written_shared_ffn()));
+        obj.insert("norm_topk_prob".into(), json!(m.routing == Routing::TopkThenSoftmax));
+        obj.insert("decoder_sparse_step".into(), json!(1));
+        obj.insert("mlp_only_layers".into(), json!(m.dense_layers));
+        obj.insert("use_sliding_window".into(), json!(false));
+        obj.insert("qkv_bias".into(), json!(true));
+        obj.insert("router_aux_loss_coef".into(), json!(0.0));
+        obj.insert("output_router_logits".into(), json!(false));
+        match &m.shared_expert {
+            None => {
+                btm.insert("shared_expert".into(), json!("none"));
+                btm.insert(
+                    "note".into(),
+                    json!("Qwen2-MoE always has a shared expert; this one's down_proj is zero, so its output is exactly zero"),
+                );
+            }
+            Some(s) if !s.gated => {
+                btm.insert("shared_expert".into(), json!("ungated"));
+                btm.insert(
+                    "note".into(),
+                    json!("the shared expert is ungated: its gate weight is zero (sigmoid = 1/2) and its down_proj is doubled"),
+                );
+            }
+            Some(_) => {}
+        }
+        if !self.qkv_bias {
+            btm.insert("qkv_bias".into(), json!("zero"));
+        }
+        Ok(())
+    }
+}
+
+/// Typed reads of a `config.json`'s top-level fields, with the errors [`ModelConfig::from_hf`]
+/// reports.
+#[derive(Clone, Copy)]
+struct HfFields<'a>(&'a Value);
+
+impl HfFields<'_> {
+    /// A non-negative integer; `None` when absent or null.
+    fn usize(self, key: &str) -> Result<Option<usize>> {
+        match self.0.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => v
+                .as_u64()
+                .map(|x| Some(x as usize))
+                .ok_or_else(|| Error::InvalidConfig(format!("config.json: `{key}` must be a non-negative integer, got {v}"))),
+        }
+    }
+
+    /// A non-negative integer that must be present.
+    fn need(self, key: &str) -> Result<usize> {
+        self.usize(key)?.ok_or_else(|| Error::InvalidConfig(format!("config.json: missing `{key}`")))
+    }
+
+    /// A boolean; `None` when absent or not a boolean.
+    fn bool(self, key: &str) -> Option<bool> {
+        self.0.get(key).and_then(Value::as_bool)
+    }
+
+    /// A token id, given as a number or as a list whose first element counts.
+    fn token_id(self, key: &str) -> Option<u32> {
+        match self.0.get(key) {
+            Some(Value::Number(n)) => n.as_u64().map(|x| x as u32),
+            Some(Value::Array(a)) => a.first().and_then(Value::as_u64).map(|x| x as u32),
+            _ => None,
+        }
+    }
+}
+
+/// A number in the object `v` (the config itself or its RoPE parameters); `None` when absent or null.
+fn f64_field(v: &Value, key: &str) -> Result<Option<f64>> {
+    match v.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(x) => x.as_f64().map(Some).ok_or_else(|| Error::InvalidConfig(format!("config.json: `{key}` must be a number, got {x}"))),
+    }
+}
+
+/// RoPE θ and scaling. transformers 5 writes `rope_parameters`; older files a top-level
+/// `rope_theta` plus an optional `rope_scaling`.
+fn rope_from_hf(cfg: &Value) -> Result<(f64, Option<RopeScaling>)> {
+    let rope = match cfg.get("rope_parameters") {
+        Some(v @ Value::Object(_)) => v.clone(),
+        _ => {
+            let mut m = match cfg.get("rope_scaling") {
+                Some(Value::Object(m)) => m.clone(),
+                _ => Map::new(),
+            };
+            if let Some(t) = cfg.get("rope_theta") {
+                m.insert("rope_theta".into(), t.clone());
+            }
+            Value::Object(m)
+        }
+    };
+    let rope_theta = f64_field(&rope, "rope_theta")?.unwrap_or(10000.0);
+    let rope_type = rope.get("rope_type").or_else(|| rope.get("type")).and_then(Value::as_str).unwrap_or("default");
+    let rope_scaling = match rope_type {
+        "default" => None,
+        "llama3" => {
+            let f =
+                |k: &str| f64_field(&rope, k)?.ok_or_else(|| Error::InvalidConfig(format!("config.json: llama3 rope scaling needs `{k}`")));
+            Some(RopeScaling::Llama3 {
+                factor: f("factor")?,
+                low_freq_factor: f("low_freq_factor")?,
+                high_freq_factor: f("high_freq_factor")?,
+                original_max_position_embeddings: f("original_max_position_embeddings")? as usize,
+            })
+        }
+        other => return Err(Error::Unsupported(format!("rope type `{other}` (btm supports default and llama3)"))),
+    };
+    Ok((rope_theta, rope_scaling))
+}
+
+/// The attention variant each architecture implies: `(qkv_bias, o_bias, sliding_window)`; also
+/// rejects FFN biases, which no supported architecture has.
+fn attention_from_hf(arch: Architecture, hf: HfFields) -> Result<(bool, bool, Option<usize>)> {
+    if hf.bool("mlp_bias") == Some(true) {
+        return Err(Error::Unsupported("mlp_bias: true (biases in the FFN)".into()));
+    }
+    let (qkv_bias, o_bias) = match arch {
+        Architecture::Llama => {
+            let b = hf.bool("attention_bias").unwrap_or(false);
+            (b, b)
+        }
+        Architecture::Qwen2 | Architecture::Qwen2Moe => (true, false),
+        Architecture::Mistral | Architecture::Mixtral => (false, false),
+    };
+    let sliding_window = match arch {
+        Architecture::Mistral | Architecture::Mixtral => hf.usize("sliding_window")?,
+        Architecture::Qwen2 | Architecture::Qwen2Moe => {
+            if hf.bool("use_sliding_window") == Some(true) {
+                return Err(Error::Unsupported("Qwen2 use_sliding_window: true".into()));
+            }
+            None
+        }
+        Architecture::Llama => None,
+    };
+    Ok((qkv_bias, o_bias, sliding_window))
+}
+
+/// Mixtral's MoE: one FFN width for every expert, no shared expert, no dense layers.
+fn mixtral_moe_from_hf(hf: HfFields, intermediate_size: usize) -> Result<MoeConfig> {
+    Ok(MoeConfig {
+        experts: hf.need("num_local_experts")?,
+        top_k: hf.need("num_experts_per_tok")?,
+        routing: Routing::TopkThenSoftmax,
+        expert_ffn: intermediate_size,
+        shared_expert: None,
+        dense_layers: vec![],
+    })
+}
+
+/// Qwen2-MoE's MoE: routing from `norm_topk_prob`, a gated shared expert, and the dense layers
+/// `mlp_only_layers` and `decoder_sparse_step` leave.
+fn qwen2_moe_from_hf(hf: HfFields) -> Result<MoeConfig> {
+    let num_layers = hf.need("num_hidden_layers")?;
+    // Bounded before the walk over the layers below, which validate() comes after.
+    if num_layers > MAX_LAYERS {
+        return Err(Error::InvalidConfig(format!("num_hidden_layers = {num_layers} exceeds btm's limit of {MAX_LAYERS}")));
+    }
+    let step = hf.usize("decoder_sparse_step")?.unwrap_or(1).max(1);
+    // A set: the list's length is the file's to choose, and each layer looks it up.
+    let mlp_only: std::collections::HashSet<usize> = match hf.0.get("mlp_only_layers") {
+        Some(Value::Array(a)) => a.iter().filter_map(Value::as_u64).map(|x| x as usize).collect(),
+        _ => Default::default(),
+    };
+    let dense_layers = (0..num_layers).filter(|l| mlp_only.contains(l) || (l + 1) % step != 0).collect();
+    // btm's zero-output placeholder (`btm.shared_expert: "none"`) is dropped by the
+    // checkpoint reader once it has checked the weights really are zero.
+    let shared_ffn = hf.usize("shared_expert_intermediate_size")?.unwrap_or(0);
+    let shared_expert = (shared_ffn > 0).then_some(SharedExpertConfig { ffn: shared_ffn, gated: true });
+    Ok(MoeConfig {
+        experts: hf.need("num_experts")?,
+        top_k: hf.need("num_experts_per_tok")?,
+        routing: if hf.bool("norm_topk_prob").unwrap_or(false) { Routing::TopkThenSoftmax } else { Routing::SoftmaxThenTopk },
+        expert_ffn: hf.need("moe_intermediate_size")?,
+        shared_expert,
+        dense_layers,
+    })
 }
 
 #[cfg(test)]

@@ -91,16 +91,6 @@ fn st_dtype(d: DType) -> Result<Dtype> {
     }
 }
 
-/// Parse a dtype name as used on the command line and in configs.
-pub fn parse_dtype(s: &str) -> Result<DType> {
-    match s {
-        "float32" | "f32" | "fp32" => Ok(DType::F32),
-        "bfloat16" | "bf16" => Ok(DType::BF16),
-        "float16" | "f16" | "fp16" | "half" => Ok(DType::F16),
-        other => Err(Error::Unsupported(format!("dtype `{other}` (expected float32, bfloat16 or float16)"))),
-    }
-}
-
 fn torch_dtype_name(d: DType) -> &'static str {
     match d {
         DType::BF16 => "bfloat16",
@@ -664,15 +654,42 @@ pub fn write_checkpoint_part(
     let specs = expected_tensors(&written_config(cfg));
     let st_dt = st_dtype(opts.dtype)?;
     let elem = opts.dtype.size_in_bytes() as u64;
+    let shards = plan_shards(&specs, part, elem, opts.max_shard_bytes);
+    let n = shards.len();
 
-    // Plan shards by writer, then by size: (writer, tensors).
+    let mut known: BTreeMap<String, (u64, String)> = BTreeMap::new();
+    let mut weight_map = serde_json::Map::new();
+    let mut total_size = 0u64;
+    for (i, (writer, shard)) in shards.iter().enumerate() {
+        let file_name = shard_name(i, n);
+        let (header, data_size) = shard_header(arch, shard, elem, st_dt);
+        for spec in shard {
+            weight_map.insert(hf_name(arch, &spec.name), json!(file_name));
+        }
+        total_size += data_size;
+        if *writer == part.writer {
+            let written = write_shard(&dir.join(&file_name), &header, shard, cfg, get, opts.dtype)?;
+            known.insert(file_name, written);
+        }
+    }
+    if part.writer == 0 {
+        let index = (n > 1).then(|| json!({"metadata": {"total_size": total_size}, "weight_map": weight_map}));
+        write_side_files(dir, cfg, extras, opts.dtype, index)?;
+    }
+    Ok(known)
+}
+
+/// The shards of a checkpoint: the tensors grouped by writer (writer 0's first), each group
+/// split where a shard would pass `max_shard_bytes` (a tensor larger than that gets a shard of
+/// its own). Returns (writer, tensors) per shard, in file order.
+fn plan_shards<'s>(specs: &'s [TensorSpec], part: &WriterPart, elem: u64, max_shard_bytes: u64) -> Vec<(usize, Vec<&'s TensorSpec>)> {
     let mut shards: Vec<(usize, Vec<&TensorSpec>)> = vec![];
     for writer in 0..part.writers {
         let mut current = 0u64;
         for spec in specs.iter().filter(|s| (part.owner)(&s.name) == writer) {
             let bytes = spec.shape.iter().product::<usize>() as u64 * elem;
             match shards.last_mut() {
-                Some((w, tensors)) if *w == writer && !(current > 0 && current + bytes > opts.max_shard_bytes) => tensors.push(spec),
+                Some((w, tensors)) if *w == writer && !(current > 0 && current + bytes > max_shard_bytes) => tensors.push(spec),
                 _ => {
                     shards.push((writer, vec![spec]));
                     current = 0;
@@ -681,69 +698,76 @@ pub fn write_checkpoint_part(
             current += bytes;
         }
     }
-    let n = shards.len();
-    let shard_name = |i: usize| {
-        if n == 1 {
-            SINGLE_FILE.to_string()
-        } else {
-            format!("model-{:05}-of-{n:05}.safetensors", i + 1)
-        }
-    };
+    shards
+}
 
-    let mut known: BTreeMap<String, (u64, String)> = BTreeMap::new();
-    let mut weight_map = serde_json::Map::new();
-    let mut total_size = 0u64;
-    for (i, (writer, shard)) in shards.iter().enumerate() {
-        let file_name = shard_name(i);
-        let path = dir.join(&file_name);
-        // Header: every tensor's dtype, shape and byte range, known before any data is written.
-        let mut header = serde_json::Map::new();
-        header.insert("__metadata__".into(), json!({"format": "pt"}));
-        let mut offset = 0u64;
-        for spec in shard {
-            let bytes = spec.shape.iter().product::<usize>() as u64 * elem;
-            let hf = hf_name(arch, &spec.name);
-            header
-                .insert(hf.clone(), json!({"dtype": format!("{st_dt:?}"), "shape": spec.shape, "data_offsets": [offset, offset + bytes]}));
-            weight_map.insert(hf, json!(file_name));
-            offset += bytes;
-        }
-        total_size += offset;
-        if *writer != part.writer {
-            continue;
-        }
-        let mut header = serde_json::to_vec(&header).expect("header serialises");
-        while !header.len().is_multiple_of(8) {
-            header.push(b' ');
-        }
-        let file = std::fs::File::create(&path).map_err(|e| Error::io(&path, e))?;
-        let mut w = HashingWriter { inner: std::io::BufWriter::with_capacity(1 << 20, file), hasher: Sha256::new(), size: 0 };
-        let io = |e| Error::io(&path, e);
-        w.write_all(&(header.len() as u64).to_le_bytes()).map_err(io)?;
-        w.write_all(&header).map_err(io)?;
-        for spec in shard {
-            let t = tensor_to_write(cfg, spec, get)?;
-            if t.dims() != spec.shape.as_slice() {
-                return Err(Error::ShapeMismatch { name: spec.name.clone(), expected: spec.shape.clone(), found: t.dims().to_vec() });
-            }
-            w.write_all(&tensor_bytes(&t, opts.dtype)?).map_err(io)?;
-        }
-        w.flush().map_err(io)?;
-        known.insert(file_name, (w.size, hex::encode(w.hasher.finalize())));
+/// The file name of shard `i` of `n`.
+fn shard_name(i: usize, n: usize) -> String {
+    if n == 1 {
+        SINGLE_FILE.to_string()
+    } else {
+        format!("model-{:05}-of-{n:05}.safetensors", i + 1)
     }
-    if part.writer != 0 {
-        return Ok(known);
+}
+
+/// A shard's safetensors header (every tensor's dtype, shape and byte range under its Hugging
+/// Face name, known before any data is written) and the size of its data.
+fn shard_header(arch: Architecture, shard: &[&TensorSpec], elem: u64, st_dt: Dtype) -> (serde_json::Map<String, Value>, u64) {
+    let mut header = serde_json::Map::new();
+    header.insert("__metadata__".into(), json!({"format": "pt"}));
+    let mut offset = 0u64;
+    for spec in shard {
+        let bytes = spec.shape.iter().product::<usize>() as u64 * elem;
+        header.insert(
+            hf_name(arch, &spec.name),
+            json!({"dtype": format!("{st_dt:?}"), "shape": spec.shape, "data_offsets": [offset, offset + bytes]}),
+        );
+        offset += bytes;
     }
+    (header, offset)
+}
+
+/// Write one safetensors shard at `path`; returns its size and SHA-256, for the manifest.
+fn write_shard(
+    path: &Path,
+    header: &serde_json::Map<String, Value>,
+    shard: &[&TensorSpec],
+    cfg: &ModelConfig,
+    get: &mut dyn FnMut(&str) -> Result<Tensor>,
+    dtype: DType,
+) -> Result<(u64, String)> {
+    let mut header = serde_json::to_vec(header).expect("header serialises");
+    while !header.len().is_multiple_of(8) {
+        header.push(b' ');
+    }
+    let file = std::fs::File::create(path).map_err(|e| Error::io(path, e))?;
+    let mut w = HashingWriter { inner: std::io::BufWriter::with_capacity(1 << 20, file), hasher: Sha256::new(), size: 0 };
+    let io = |e| Error::io(path, e);
+    w.write_all(&(header.len() as u64).to_le_bytes()).map_err(io)?;
+    w.write_all(&header).map_err(io)?;
+    for spec in shard {
+        let t = tensor_to_write(cfg, spec, get)?;
+        if t.dims() != spec.shape.as_slice() {
+            return Err(Error::ShapeMismatch { name: spec.name.clone(), expected: spec.shape.clone(), found: t.dims().to_vec() });
+        }
+        w.write_all(&tensor_bytes(&t, dtype)?).map_err(io)?;
+    }
+    w.flush().map_err(io)?;
+    Ok((w.size, hex::encode(w.hasher.finalize())))
+}
+
+/// Writer 0's files besides its weights: the shard index (`index`, when there are several
+/// shards), config, generation config, tokenizer, lineage and model card.
+fn write_side_files(dir: &Path, cfg: &ModelConfig, extras: &Extras, dtype: DType, index: Option<Value>) -> Result<()> {
     let write_file = |name: &str, bytes: &[u8]| -> Result<()> {
         let p = dir.join(name);
         std::fs::write(&p, bytes).map_err(|e| Error::io(&p, e))
     };
-    if n > 1 {
-        let index = json!({"metadata": {"total_size": total_size}, "weight_map": weight_map});
+    if let Some(index) = index {
         write_file(INDEX_FILE, &serde_json::to_vec_pretty(&index).expect("json"))?;
     }
     let mut hf_config = cfg.to_hf()?;
-    hf_config["torch_dtype"] = json!(torch_dtype_name(opts.dtype));
+    hf_config["torch_dtype"] = json!(torch_dtype_name(dtype));
     write_file(CONFIG, &serde_json::to_vec_pretty(&hf_config).expect("json"))?;
     let mut generation = serde_json::Map::new();
     if let Some(b) = cfg.bos_token_id {
@@ -763,8 +787,7 @@ pub fn write_checkpoint_part(
     if let Some(lineage) = &extras.lineage {
         write_file(LINEAGE, &lineage.to_json())?;
     }
-    write_file(crate::card::CARD, crate::card::model_card(cfg, extras.lineage.as_ref()).as_bytes())?;
-    Ok(known)
+    write_file(crate::card::CARD, crate::card::model_card(cfg, extras.lineage.as_ref()).as_bytes())
 }
 
 /// Copy a checkpoint (optionally to another dtype or shard size) through the writer.

@@ -19,47 +19,18 @@
 //! and the report show its progress and curves.
 
 use crate::metrics::Metrics;
+use crate::outcome::{trained_lineage, Outcome};
 use crate::remote::Mirror;
-use crate::spec::JobSpec;
-use crate::train::Outcome;
+use crate::spec::{JobSpec, Trainer};
 use anyhow::{bail, Context, Result};
 use btm_model::weights::expected_tensors;
 use btm_model::{Checkpoint, Extras, WriteOptions};
 use candle_core::DType;
-use schemars::JsonSchema;
-use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
-
-/// Who trains a phase.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
-pub enum Trainer {
-    /// btm's own trainer.
-    #[default]
-    Btm,
-    /// Any command: a template with `{placeholder}`s (see the README's list), run by `sh -c`.
-    Command { command: String },
-    /// `torchrun --standalone --nproc_per_node N SCRIPT ARGS…` on one node; on `nnodes` > 1, one
-    /// torchrun per node meeting at a c10d rendezvous on the first node, which the engine gives
-    /// ([`RDZV_ENDPOINT`]); `args` may hold placeholders.
-    Torchrun {
-        script: String,
-        #[serde(default)]
-        args: Vec<String>,
-        #[serde(default = "one")]
-        nproc_per_node: usize,
-        #[serde(default = "one")]
-        nnodes: usize,
-    },
-}
-
-fn one() -> usize {
-    1
-}
 
 /// Every placeholder a template may use, with what it becomes.
 pub const PLACEHOLDERS: &[(&str, &str)] = &[
@@ -137,19 +108,6 @@ fn pieces(template: &str) -> Result<Vec<Piece<'_>>> {
 }
 
 impl Trainer {
-    /// Whether btm trains the phase itself.
-    pub fn is_btm(&self) -> bool {
-        matches!(self, Trainer::Btm)
-    }
-
-    /// Nodes one job of this trainer spans (torchrun's `nnodes`; 1 for the others).
-    pub fn nodes(&self) -> usize {
-        match self {
-            Trainer::Torchrun { nnodes, .. } => *nnodes,
-            _ => 1,
-        }
-    }
-
     /// The command template this trainer runs (`None` for btm's own).
     pub fn template(&self) -> Option<String> {
         match self {
@@ -307,7 +265,7 @@ pub fn run(spec: &JobSpec, quiet: bool) -> Result<Outcome> {
 
     let config = check_output(&input, &model_in, &model_out)?;
     let steps = spec.total_steps();
-    let mut lineage = crate::train::trained_lineage(spec, Some(&model_in), steps, steps * spec.tokens_per_step())?;
+    let mut lineage = trained_lineage(spec, Some(&model_in), steps, steps * spec.tokens_per_step())?;
     lineage.extra.insert("trainer".into(), serde_json::Value::String(line.clone()));
     let trained = Checkpoint::open(&model_out)?;
     let model_dir = out.join("model");

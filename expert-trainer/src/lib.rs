@@ -8,8 +8,8 @@
 //! - [`loss`]: cross-entropy, fused on the CPU.
 //! - [`optim`], [`schedule`]: AdamW with decoupled weight decay, clipping, warmup + cosine.
 //! - [`checkpoint`]: atomic, manifest-verified checkpoints with optimizer and data state.
-//! - [`train`]: the loop; [`metrics`]: `metrics.jsonl` and progress lines; [`signals`]:
-//!   SIGINT/SIGTERM → checkpoint and exit.
+//! - [`train`]: the loop; [`outcome`]: how a run ended and its model's lineage; [`metrics`]:
+//!   `metrics.jsonl` and progress lines; [`signals`]: SIGINT/SIGTERM → checkpoint and exit.
 //! - [`remote`]: mirroring checkpoints, metrics and the model to an object store.
 //! - [`bench`]: `btm bench train`.
 
@@ -25,6 +25,7 @@ pub mod indexed;
 pub mod loss;
 pub mod metrics;
 pub mod optim;
+pub mod outcome;
 pub mod remote;
 pub mod schedule;
 pub mod signals;
@@ -34,5 +35,6 @@ pub mod state;
 pub mod tensorboard;
 pub mod train;
 
+pub use outcome::Outcome;
 pub use spec::JobSpec;
-pub use train::{run, Options, Outcome};
+pub use train::{run, Options};

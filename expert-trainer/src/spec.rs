@@ -327,6 +327,46 @@ pub fn glob(pattern: &str, name: &str) -> bool {
     true
 }
 
+/// Who trains a phase.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Trainer {
+    /// btm's own trainer.
+    #[default]
+    Btm,
+    /// Any command: a template with `{placeholder}`s (see the README's list), run by `sh -c`.
+    Command { command: String },
+    /// `torchrun --standalone --nproc_per_node N SCRIPT ARGS…` on one node; on `nnodes` > 1, one
+    /// torchrun per node meeting at a c10d rendezvous on the first node, which the engine gives
+    /// (`BTM_RDZV_ENDPOINT`); `args` may hold placeholders.
+    Torchrun {
+        script: String,
+        #[serde(default)]
+        args: Vec<String>,
+        #[serde(default = "one_usize")]
+        nproc_per_node: usize,
+        #[serde(default = "one_usize")]
+        nnodes: usize,
+    },
+}
+
+// The command line and the check of its placeholders are the `external` module's: the spec
+// only says who trains.
+impl Trainer {
+    /// Whether btm trains the phase itself.
+    pub fn is_btm(&self) -> bool {
+        matches!(self, Trainer::Btm)
+    }
+
+    /// Nodes one job of this trainer spans (torchrun's `nnodes`; 1 for the others).
+    pub fn nodes(&self) -> usize {
+        match self {
+            Trainer::Torchrun { nnodes, .. } => *nnodes,
+            _ => 1,
+        }
+    }
+}
+
 /// A training job.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -388,13 +428,13 @@ pub struct JobSpec {
     #[serde(default)]
     pub work_dir: Option<PathBuf>,
     /// Who trains: btm itself (default), or an external engine through Hugging Face
-    /// checkpoints ([`crate::external`]).
-    #[serde(default, skip_serializing_if = "crate::external::Trainer::is_btm")]
-    pub trainer: crate::external::Trainer,
+    /// checkpoints (the `external` module).
+    #[serde(default, skip_serializing_if = "Trainer::is_btm")]
+    pub trainer: Trainer,
     /// Replicas of each expert (and of every other weight) that train on different data; the
     /// run has `data_parallel × expert_parallel` ranks, launched by `mpirun`/`srun`. Each rank
     /// takes `grad_accum / ranks` of a step's micro-batches, gradients are summed over ranks
-    /// (see [`crate::distributed`]).
+    /// (see the `distributed` module).
     #[serde(default = "one_usize", skip_serializing_if = "is_one")]
     pub data_parallel: usize,
     /// Ranks over which each MoE layer's experts are split (E / expert_parallel per rank);

@@ -21,6 +21,7 @@ use crate::distributed::Ranks;
 use crate::loss::cross_entropy;
 use crate::metrics::{human_duration, Metrics};
 use crate::optim::{clip_scale, AdamW};
+use crate::outcome::{trained_lineage, Outcome};
 use crate::remote::Mirror;
 use crate::schedule::Schedule;
 use crate::signals::StopFlag;
@@ -28,10 +29,9 @@ use crate::sources::Format;
 use crate::spec::{self, JobSpec, Resume};
 use crate::state::Weights;
 use anyhow::{bail, Context, Result};
-use btm_model::lineage::Parent;
 use btm_model::model::Trace;
 use btm_model::weights::expected_tensors;
-use btm_model::{Checkpoint, Extras, Lineage, ModelConfig, Transformer, WriteOptions};
+use btm_model::{Checkpoint, Extras, ModelConfig, Transformer, WriteOptions};
 use candle_core::{DType, Device, Tensor};
 use serde_json::json;
 use std::collections::HashMap;
@@ -49,15 +49,6 @@ pub struct Options {
     /// No progress lines on stderr.
     pub quiet: bool,
     pub on_checkpoint: Option<CheckpointHook>,
-}
-
-/// How a run ended.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Outcome {
-    /// All steps done; the model is at `model_dir`.
-    Finished { step: u64, model_dir: PathBuf },
-    /// Stopped by a signal after writing `checkpoint`; rerun the job to continue.
-    Interrupted { step: u64, signal: i32, checkpoint: PathBuf },
 }
 
 /// A mean next-token loss and the tokens it is over.
@@ -516,56 +507,6 @@ pub fn tune_runtime(threads: Option<usize>) {
         libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
         libc::mallopt(libc::M_TOP_PAD, 64 << 20);
     }
-}
-
-/// Lineage fields that describe what a model is made of — its experts and their seeds, the
-/// calibration text its routers were initialised from, the expert output scale, the routing —
-/// which later jobs read (`btm add-expert` takes its background text and scale from them).
-/// Training does not change them, so a trained model inherits them from the model it started
-/// from; what produced that model (its routing accuracy, warnings) is not inherited.
-pub const INHERITED_LINEAGE: &[&str] = &[
-    "experts",
-    "calibration",
-    "expert_output_scale",
-    "scale",
-    "top_k",
-    "routing",
-    "router_init",
-    "non_expert",
-    "shared_expert",
-    "granularity",
-    "scaling",
-    "projection_scales",
-    "non_expert_on_add",
-];
-
-/// The lineage of a model trained by `spec` for `steps` steps and `tokens_seen` tokens, from
-/// the model in `init_dir` (`None`: from scratch, a seed): its parent (with the manifest hash
-/// where it has one), its domain, and the parent's [`INHERITED_LINEAGE`]. btm's trainer and
-/// external trainers both record their models through it.
-pub fn trained_lineage(spec: &JobSpec, init_dir: Option<&std::path::Path>, steps: u64, tokens_seen: u64) -> Result<Lineage> {
-    let mut l = Lineage::new(if init_dir.is_some() { "expert" } else { "seed" });
-    if let Some(dir) = init_dir {
-        if let Some(p) = Lineage::read(dir)? {
-            for key in INHERITED_LINEAGE {
-                if let Some(v) = p.extra.get(*key) {
-                    l.extra.insert((*key).to_string(), v.clone());
-                }
-            }
-        }
-        if let Some(uri) = &spec.init.checkpoint {
-            let manifest = dir.join(btm_model::manifest::MANIFEST);
-            l.parents.push(Parent {
-                uri: uri.clone(),
-                manifest_sha256: if manifest.exists() { Some(btm_model::Manifest::id(dir)?) } else { None },
-                domain: None,
-            });
-        }
-    }
-    l.domain = spec.domain.clone();
-    l.steps = Some(steps);
-    l.tokens_seen = Some(tokens_seen);
-    Ok(l)
 }
 
 /// Run a training job to the end (or until stopped): one function per phase of

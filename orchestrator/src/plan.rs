@@ -357,8 +357,8 @@ impl Builder<'_> {
             },
             trainer: match t.trainer.clone().unwrap_or_default() {
                 // The script is named relative to the pipeline's folder; the job runs elsewhere.
-                btm_trainer::external::Trainer::Torchrun { script, args, nproc_per_node, nnodes } => {
-                    btm_trainer::external::Trainer::Torchrun { script: abs(self.base, &script), args, nproc_per_node, nnodes }
+                btm_trainer::spec::Trainer::Torchrun { script, args, nproc_per_node, nnodes } => {
+                    btm_trainer::spec::Trainer::Torchrun { script: abs(self.base, &script), args, nproc_per_node, nnodes }
                 }
                 other => other,
             },
@@ -1450,7 +1450,7 @@ mod tests {
             memory_mb: Some(4096),
             time_limit_min: Some(90),
         });
-        p.train.trainer = Some(btm_trainer::external::Trainer::Command { command: "exec t {model_in} {model_out}".into() });
+        p.train.trainer = Some(btm_trainer::spec::Trainer::Command { command: "exec t {model_in} {model_out}".into() });
         p.domains[1].overrides.resources = Some(crate::pipeline::spec::PhaseResources { cpus_per_task: Some(2), ..Default::default() });
         let plan = plan(&p, dir.path(), dir.path()).unwrap();
         let a = job(&plan, "expert/a");

@@ -569,7 +569,7 @@ pub fn check(p: &Pipeline, base: &Path) -> Vec<(String, String)> {
             if let Err(e) = trainer.check() {
                 problems.push((format!("{path}.trainer"), format!("{e:#}")));
             }
-            if let btm_trainer::external::Trainer::Torchrun { script, .. } = trainer {
+            if let btm_trainer::spec::Trainer::Torchrun { script, .. } = trainer {
                 if !Path::new(&resolve(base, script)).is_file() {
                     problems.push((
                         format!("{path}.trainer.script"),

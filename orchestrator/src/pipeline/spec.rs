@@ -490,7 +490,7 @@ pub struct TrainParams {
     /// an external engine through Hugging Face checkpoints (README, "External trainers"). Set
     /// in `train` it holds for the expert phase (and the domains' overrides) and the dense
     /// baseline, which is trained like the experts; the other mix phases set their own.
-    pub trainer: Option<btm_trainer::external::Trainer>,
+    pub trainer: Option<btm_trainer::spec::Trainer>,
     /// What each job of this phase asks of the engine, over the engine block's settings (e.g.
     /// a whole GPU node for the experts, one core for the rest). Like `trainer`, set in `train`
     /// it holds for the expert phase and the baseline, not for the other mix phases.

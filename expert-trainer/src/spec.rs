@@ -694,18 +694,35 @@ impl JobSpec {
     }
 
     /// Check everything that can be checked before work starts; errors name the key path.
+    /// Section by section, in the order the first error is reported.
     pub fn validate(&self) -> Result<()> {
-        let fail = |key: &str, why: String| -> Result<()> { bail!("{key}: {why}") };
         self.moe.capacity()?;
-        // init
+        self.check_init_and_out()?;
+        self.check_length()?;
+        self.check_optimizer_and_schedule()?;
+        self.check_moe()?;
+        self.check_runtime()?;
+        self.check_distributed()?;
+        self.check_cadence()?;
+        self.check_data()?;
+        self.check_resume()?;
+        self.check_model()
+    }
+
+    /// Whether `init.checkpoint` is in an object store (checked when it is fetched, not here).
+    fn init_is_remote(&self) -> bool {
+        self.init.checkpoint.as_ref().is_some_and(|c| c.split_once("://").is_some_and(|(s, _)| s.len() > 1 && s != "file"))
+    }
+
+    /// `init`: a checkpoint, or a config and tokenizer, that exist; `out`: a usable place.
+    fn check_init_and_out(&self) -> Result<()> {
         match (&self.init.checkpoint, &self.init.config, &self.init.tokenizer) {
             (Some(_), None, None) | (None, Some(_), Some(_)) => {}
             (Some(_), _, _) => return fail("init", "give either `checkpoint` or `config` + `tokenizer`, not both".into()),
             (None, _, _) => return fail("init", "give `checkpoint`, or `config` and `tokenizer` to train from scratch".into()),
         }
         if let Some(c) = &self.init.checkpoint {
-            let is_remote = c.split_once("://").is_some_and(|(s, _)| s.len() > 1 && s != "file");
-            if !is_remote {
+            if !self.init_is_remote() {
                 let dir = btm_model::storage::local_dir(c)?;
                 if !dir.join("config.json").is_file() {
                     return fail("init.checkpoint", format!("{}: no config.json there", dir.display()));
@@ -722,7 +739,11 @@ impl JobSpec {
             let parsed = url::Url::parse(&url).with_context(|| format!("out: `{url}`"))?;
             btm_model::storage::store_for(&parsed).context("out")?;
         }
-        // steps
+        Ok(())
+    }
+
+    /// `steps` or `tokens`, and the batch shape: all positive.
+    fn check_length(&self) -> Result<()> {
         match (self.steps, self.tokens) {
             (Some(_), Some(_)) => return fail("steps", "give `steps` or `tokens`, not both".into()),
             (None, None) => return fail("steps", "missing: give `steps` or a `tokens` budget".into()),
@@ -735,7 +756,11 @@ impl JobSpec {
                 return fail(key, "must be positive".into());
             }
         }
-        // optimizer and schedule
+        Ok(())
+    }
+
+    /// AdamW's settings, the schedule's floor, and the gradient clip.
+    fn check_optimizer_and_schedule(&self) -> Result<()> {
         let o = &self.optimizer;
         if !(o.lr.is_finite() && o.lr > 0.0) {
             return fail("optimizer.lr", format!("must be positive, got {}", o.lr));
@@ -760,6 +785,11 @@ impl JobSpec {
                 return fail("grad_clip", format!("must be positive (or null for no clipping), got {c}"));
             }
         }
+        Ok(())
+    }
+
+    /// The MoE losses' coefficients, and the router guard with its guarded sources.
+    fn check_moe(&self) -> Result<()> {
         let guard = self.moe.router_guard.iter().flat_map(|g| [("moe.router_guard.margin", g.margin), ("moe.router_guard.coef", g.coef)]);
         for (key, v) in [("moe.aux_loss_coef", self.moe.aux_loss_coef), ("moe.z_loss_coef", self.moe.z_loss_coef)].into_iter().chain(guard)
         {
@@ -777,12 +807,23 @@ impl JobSpec {
         } else if let Some(i) = self.data.train.iter().position(|s| s.guarded) {
             return fail(&format!("data.train[{i}].guarded"), "needs moe.router_guard (which experts to keep out)".into());
         }
+        Ok(())
+    }
+
+    /// The dtype and CPU threads.
+    fn check_runtime(&self) -> Result<()> {
         if let Err(e) = self.compute_dtype() {
             return fail("dtype", format!("{e}"));
         }
         if self.threads == Some(0) {
             return fail("threads", "must be positive".into());
         }
+        Ok(())
+    }
+
+    /// The ranks, their share of the micro-batches, the trainer that runs them and the
+    /// collective that suits the device.
+    fn check_distributed(&self) -> Result<()> {
         for (key, v) in [("data_parallel", self.data_parallel), ("expert_parallel", self.expert_parallel)] {
             if v == 0 {
                 return fail(key, "must be at least 1".into());
@@ -816,6 +857,11 @@ impl JobSpec {
         if self.collective == btm_collective::Backend::Nccl && self.device != crate::device::Device::Cuda {
             return fail("collective", format!("nccl moves GPU memory; `device: {}` needs `collective: mpi`", self.device));
         }
+        Ok(())
+    }
+
+    /// Logging, checkpointing and validation intervals and sizes.
+    fn check_cadence(&self) -> Result<()> {
         if self.log_interval == 0 {
             return fail("log_interval", "must be positive".into());
         }
@@ -825,7 +871,11 @@ impl JobSpec {
         if self.eval.sequences == 0 && !self.data.valid.is_empty() {
             return fail("eval.sequences", "must be positive when validation data is given".into());
         }
-        // data
+        Ok(())
+    }
+
+    /// `data`: sources that exist and that the trainer can read, with positive weights.
+    fn check_data(&self) -> Result<()> {
         if self.data.train.is_empty() {
             return fail("data.train", "needs at least one source".into());
         }
@@ -859,24 +909,33 @@ impl JobSpec {
         for (i, p) in self.data.valid.iter().enumerate() {
             check_file(&format!("data.valid[{i}]"), p)?;
         }
+        Ok(())
+    }
+
+    /// A `resume` directory that exists.
+    fn check_resume(&self) -> Result<()> {
         if let Resume::From(dir) = self.resume_mode() {
             if !dir.is_dir() {
                 return fail("resume", format!("{}: no such checkpoint directory", dir.display()));
             }
         }
-        // the model
-        let is_remote = self.init.checkpoint.as_ref().is_some_and(|c| c.split_once("://").is_some_and(|(s, _)| s.len() > 1 && s != "file"));
-        if !is_remote {
-            let facts = self.model_facts().context("init")?;
-            if self.seq_len > facts.max_positions {
-                return fail(
-                    "seq_len",
-                    format!("{} is longer than the model's max_position_embeddings ({})", self.seq_len, facts.max_positions),
-                );
-            }
-            self.check_trainable(&facts.tensor_names)?;
-        }
         Ok(())
+    }
+
+    /// The model (when it is local): a sequence length it can hold, and `trainable` patterns
+    /// that match its tensors.
+    fn check_model(&self) -> Result<()> {
+        if self.init_is_remote() {
+            return Ok(());
+        }
+        let facts = self.model_facts().context("init")?;
+        if self.seq_len > facts.max_positions {
+            return fail(
+                "seq_len",
+                format!("{} is longer than the model's max_position_embeddings ({})", self.seq_len, facts.max_positions),
+            );
+        }
+        self.check_trainable(&facts.tensor_names)
     }
 
     /// Every pattern must match at least one tensor, and something must train.
@@ -894,6 +953,11 @@ impl JobSpec {
         }
         Ok(())
     }
+}
+
+/// A validation error: the key path, then why.
+fn fail(key: &str, why: String) -> Result<()> {
+    bail!("{key}: {why}")
 }
 
 fn check_file(key: &str, p: &Path) -> Result<()> {

@@ -89,23 +89,21 @@ pub struct Data {
     pub valid: Vec<PathBuf>,
 }
 
+// The settings blocks below take a missing key from their `Default` impl (`#[serde(default)]`
+// on the struct), so each default is written once, there.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct Optimizer {
-    #[serde(default = "default_lr")]
     pub lr: f64,
-    #[serde(default = "default_betas")]
     pub betas: [f64; 2],
-    #[serde(default = "default_eps")]
     pub eps: f64,
     /// Decoupled weight decay (Loshchilov & Hutter); never applied to norms and biases.
-    #[serde(default = "default_wd")]
     pub weight_decay: f64,
 }
 
 impl Default for Optimizer {
     fn default() -> Self {
-        Self { lr: default_lr(), betas: default_betas(), eps: default_eps(), weight_decay: default_wd() }
+        Self { lr: DEFAULT_LR, betas: [0.9, 0.95], eps: 1e-8, weight_decay: 0.1 }
     }
 }
 
@@ -118,14 +116,11 @@ pub enum Decay {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct Schedule {
-    #[serde(default)]
     pub warmup_steps: u64,
-    #[serde(default = "cosine")]
     pub decay: Decay,
     /// The cosine decays to this; ignored by `constant`.
-    #[serde(default)]
     pub min_lr: f64,
 }
 
@@ -136,58 +131,50 @@ impl Default for Schedule {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct Eval {
     /// Validate every this many steps (and at the start and the end); 0 = start and end only.
-    #[serde(default)]
     pub interval: u64,
     /// Number of `seq_len` windows of the validation stream to score.
-    #[serde(default = "default_eval_sequences")]
     pub sequences: usize,
 }
 
 impl Default for Eval {
     fn default() -> Self {
-        Self { interval: 0, sequences: default_eval_sequences() }
+        Self { interval: 0, sequences: DEFAULT_EVAL_SEQUENCES }
     }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct Checkpointing {
     /// Write a checkpoint every this many steps (and at the end); 0 = at the end only.
-    #[serde(default)]
     pub interval: u64,
     /// How many step checkpoints to keep (the newest).
-    #[serde(default = "default_keep")]
     pub keep: usize,
 }
 
 impl Default for Checkpointing {
     fn default() -> Self {
-        Self { interval: 0, keep: default_keep() }
+        Self { interval: 0, keep: 2 }
     }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct Moe {
     /// Coefficient of the Switch load-balancing loss (mean over MoE layers).
-    #[serde(default = "default_aux")]
     pub aux_loss_coef: f64,
     /// Coefficient of the router z-loss (mean over MoE layers).
-    #[serde(default = "default_z")]
     pub z_loss_coef: f64,
     /// Expert capacity factor: each expert takes at most ceil(T·k/E · factor) assignments per
     /// batch; null = dropless.
-    #[serde(default)]
     pub capacity_factor: Option<f64>,
     /// Which assignments over capacity are dropped: `probs` (the lowest-probability ones, per
     /// expert) or `position` (the latest tokens).
-    #[serde(default)]
     pub drop_policy: btm_kernels::DropPolicy,
     /// Keep some experts out of the top-k of the tokens of `guarded` sources while training.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub router_guard: Option<RouterGuard>,
 }
 
@@ -233,13 +220,7 @@ impl Moe {
 
 impl Default for Moe {
     fn default() -> Self {
-        Self {
-            aux_loss_coef: default_aux(),
-            z_loss_coef: default_z(),
-            capacity_factor: None,
-            drop_policy: Default::default(),
-            router_guard: None,
-        }
+        Self { aux_loss_coef: 0.01, z_loss_coef: 0.001, capacity_factor: None, drop_policy: Default::default(), router_guard: None }
     }
 }
 
@@ -468,33 +449,6 @@ pub const DEFAULT_EVAL_SEQUENCES: usize = 16;
 /// A metrics line every this many steps when `log_interval` is not given.
 pub const DEFAULT_LOG_INTERVAL: u64 = 10;
 
-fn default_lr() -> f64 {
-    DEFAULT_LR
-}
-fn default_betas() -> [f64; 2] {
-    [0.9, 0.95]
-}
-fn default_eps() -> f64 {
-    1e-8
-}
-fn default_wd() -> f64 {
-    0.1
-}
-fn cosine() -> Decay {
-    Decay::Cosine
-}
-fn default_eval_sequences() -> usize {
-    DEFAULT_EVAL_SEQUENCES
-}
-fn default_keep() -> usize {
-    2
-}
-fn default_aux() -> f64 {
-    0.01
-}
-fn default_z() -> f64 {
-    0.001
-}
 /// The global gradient-norm clip when `grad_clip` is not given.
 pub fn default_clip() -> Option<f64> {
     Some(1.0)
@@ -1032,6 +986,39 @@ mod tests {
         assert!(err.contains("data.train[1].guarded: needs moe.router_guard"), "{err}");
         let err = check(&both.replace("[3]}", "[3], margin: -1}")).unwrap_err();
         assert!(err.contains("moe.router_guard.margin: must be non-negative"), "{err}");
+    }
+
+    /// A settings block may give any subset of its keys; the rest are its `Default`'s, and an
+    /// unknown key is still an error.
+    #[test]
+    fn partial_settings_blocks_take_the_rest_from_their_defaults() {
+        let base = "init: {checkpoint: x}\nout: o\ndata: {train: [{path: a}]}\nsteps: 1\nbatch_size: 1\nseq_len: 8\n";
+        let spec = JobSpec::parse(
+            &format!(
+                "{base}optimizer: {{lr: 0.01}}\nschedule: {{warmup_steps: 5}}\neval: {{interval: 3}}\ncheckpoint: {{keep: 4}}\n\
+                 moe: {{z_loss_coef: 0.5}}\n"
+            ),
+            Path::new("/base"),
+        )
+        .unwrap();
+        assert_eq!(spec.optimizer, Optimizer { lr: 0.01, ..Optimizer::default() });
+        assert_eq!(spec.schedule, Schedule { warmup_steps: 5, ..Schedule::default() });
+        assert_eq!(spec.eval, Eval { interval: 3, ..Eval::default() });
+        assert_eq!(spec.checkpoint, Checkpointing { keep: 4, ..Checkpointing::default() });
+        assert_eq!(spec.moe, Moe { z_loss_coef: 0.5, ..Moe::default() });
+        // The defaults themselves, as job files have always read them.
+        let d = JobSpec::parse(base, Path::new("/base")).unwrap();
+        assert_eq!((d.optimizer.lr, d.optimizer.betas, d.optimizer.eps, d.optimizer.weight_decay), (1e-3, [0.9, 0.95], 1e-8, 0.1));
+        assert_eq!((d.schedule.warmup_steps, d.schedule.decay, d.schedule.min_lr), (0, Decay::Cosine, 0.0));
+        assert_eq!((d.eval.interval, d.eval.sequences, d.checkpoint.interval, d.checkpoint.keep), (0, 16, 0, 2));
+        assert_eq!(
+            (d.moe.aux_loss_coef, d.moe.z_loss_coef, d.moe.capacity_factor, d.moe.router_guard.is_none()),
+            (0.01, 0.001, None, true)
+        );
+        let yaml = serde_yaml::to_string(&d).unwrap();
+        assert_eq!(JobSpec::parse(&yaml, Path::new("/base")).unwrap(), d);
+        let err = JobSpec::parse(&format!("{base}schedule: {{min_lr: 0, warmup: 3}}\n"), Path::new("/base")).unwrap_err().to_string();
+        assert!(err.contains("unknown field `warmup`"), "{err}");
     }
 
     #[test]

@@ -19,7 +19,8 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape
 use rayon::prelude::*;
 
 use crate::cpu::{by_dtype, check_float, slice, Real, SendPtr};
-use crate::permute::{unpermute_cpu, unpermute_sum, RoutePlan};
+use crate::permute::{unpermute_cpu, unpermute_sum};
+use crate::plan::{Kind, RoutePlan};
 
 /// Output tile edge (rows, and columns) of one task: large enough that packing operands is
 /// cheap next to the product, small enough to spread a few experts over all threads.
@@ -40,16 +41,6 @@ pub fn grouped_matmul(x: &Tensor, w: &Tensor, offsets: &Tensor) -> Result<Tensor
         candle_core::bail!("grouped_matmul: x is {:?} but weights are {:?}", x.dtype(), w.dtype());
     }
     x.contiguous()?.apply_op3(&w.contiguous()?, &offsets.contiguous()?, GroupedGemm(Kind::Forward))
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Kind {
-    /// (X [N,K], W [E,M,K]) → X_e · W_eᵀ [N, M]
-    Forward,
-    /// (dY [N,M], W [E,M,K]) → dY_e · W_e [N, K]
-    InputGrad,
-    /// (dY [N,M], X [N,K]) → dY_eᵀ · X_e [E, M, K]
-    WeightGrad,
 }
 
 struct GroupedGemm(Kind);

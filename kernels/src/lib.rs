@@ -5,6 +5,8 @@
 //! the other fused ops the model trains with on the CPU:
 //! - [`router`]: float32 logits, top-k in both orders, auxiliary losses, expert capacity.
 //! - [`permute`]: group the routed assignments by expert and back (deterministic, no atomics).
+//! - `plan`: the routing plan ([`RoutePlan`]) and the grouped products' kind, which the CPU ops
+//!   and their CUDA side share; it imports none of the crate's modules.
 //! - [`grouped_gemm`]: all experts' products over ragged groups in one call, also with the
 //!   permutation fused in (rows gathered from the token rows, outputs summed back per token).
 //! - [`swiglu`]: the fused SwiGLU activation, gate and up packed in one tensor.
@@ -23,7 +25,7 @@
 //! - [`bench`]: fused vs reference timings (`btm bench moe`).
 //! - `cuda` (feature `nvrtc`): the same kernels as CUDA sources, compiled at run time by NVRTC.
 //! - `cuda_ops` (feature `cuda`): the fused layer's candle ops on CUDA (cuBLAS grouped GEMM,
-//!   NVRTC row kernels), so [`fused_moe`] and its backward run on a GPU
+//!   NVRTC row kernels; one file per concern), so [`fused_moe`] and its backward run on a GPU
 //!   ([`fused_ops_on`]).
 //!
 //! The CPU kernels are multi-threaded with rayon; the matrix products use the `gemm` crate
@@ -56,6 +58,7 @@ pub mod math;
 pub mod moe;
 pub mod norm;
 pub mod permute;
+mod plan;
 pub mod router;
 pub mod softmax;
 pub mod swiglu;

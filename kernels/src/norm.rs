@@ -1,4 +1,4 @@
-//! Fused RMSNorm (Zhang & Sennrich 2019) for the CPU (and CUDA, `cuda_ops.rs`), with its
+//! Fused RMSNorm (Zhang & Sennrich 2019) for the CPU (and CUDA, `cuda_ops/norm.rs`), with its
 //! backward pass.
 //!
 //! `y = x · r · w` with `r = 1 / √(mean(x²) + ε)` per row. With `u = G ⊙ w`:

@@ -18,117 +18,11 @@
 use std::sync::Arc;
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Device, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::cpu::{by_dtype, rows_per_task, slice, Real};
-
-/// Marks a dropped slot in [`RoutePlan::slot_rows`].
-pub const DROPPED: u32 = u32::MAX;
-
-/// Where each routed assignment lives in the expert-sorted buffer, and back.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RoutePlan {
-    tokens: usize,
-    top_k: usize,
-    /// [E+1] start of each expert's rows; the last entry is the number of kept assignments N.
-    offsets: Vec<u32>,
-    /// [N] the slot `t·k + j` of each permuted row.
-    rows: Vec<u32>,
-    /// [T·k] the permuted row of each slot, or [`DROPPED`].
-    slot_rows: Vec<u32>,
-}
-
-impl RoutePlan {
-    /// Plan for `experts` (row-major [T, k] expert indices); `keep` (same shape) marks the
-    /// assignments that survive the capacity limit, `None` = dropless.
-    pub fn new(experts: &[u32], top_k: usize, num_experts: usize, keep: Option<&[bool]>) -> Result<Self> {
-        if top_k == 0 || !experts.len().is_multiple_of(top_k) {
-            candle_core::bail!("route plan: {} assignments is not a multiple of k = {top_k}", experts.len());
-        }
-        if let Some(keep) = keep {
-            if keep.len() != experts.len() {
-                candle_core::bail!("route plan: keep mask has {} entries, expected {}", keep.len(), experts.len());
-            }
-        }
-        let kept = |s: usize| keep.is_none_or(|k| k[s]);
-        let mut counts = vec![0u32; num_experts];
-        for (s, &e) in experts.iter().enumerate() {
-            if e as usize >= num_experts {
-                candle_core::bail!("route plan: expert index {e} out of range for {num_experts} experts");
-            }
-            if kept(s) {
-                counts[e as usize] += 1;
-            }
-        }
-        let mut offsets = Vec::with_capacity(num_experts + 1);
-        let mut total = 0u32;
-        offsets.push(total);
-        for c in &counts {
-            total += c;
-            offsets.push(total);
-        }
-        let mut next: Vec<u32> = offsets[..num_experts].to_vec();
-        let mut rows = vec![0u32; total as usize];
-        let mut slot_rows = vec![DROPPED; experts.len()];
-        for (s, &e) in experts.iter().enumerate() {
-            if kept(s) {
-                let r = next[e as usize];
-                next[e as usize] += 1;
-                rows[r as usize] = s as u32;
-                slot_rows[s] = r;
-            }
-        }
-        Ok(Self { tokens: experts.len() / top_k, top_k, offsets, rows, slot_rows })
-    }
-
-    /// Plan from a [T, k] u32 tensor of expert indices and an optional keep mask.
-    pub fn from_tensor(experts: &Tensor, num_experts: usize, keep: Option<&[bool]>) -> Result<Self> {
-        let (_, k) = experts.dims2()?;
-        Self::new(&experts.flatten_all()?.to_vec1::<u32>()?, k, num_experts, keep)
-    }
-
-    /// Number of tokens T routed.
-    pub fn tokens(&self) -> usize {
-        self.tokens
-    }
-    /// Experts k per token (the plan has T·k slots).
-    pub fn top_k(&self) -> usize {
-        self.top_k
-    }
-    /// Number of experts E (groups).
-    pub fn num_experts(&self) -> usize {
-        self.offsets.len() - 1
-    }
-    /// Number of kept assignments N (rows of the permuted buffer).
-    pub fn kept(&self) -> usize {
-        self.rows.len()
-    }
-    /// Number of assignments dropped by the capacity limit.
-    pub fn dropped(&self) -> usize {
-        self.tokens * self.top_k - self.kept()
-    }
-    /// [E+1] row offsets of each expert's group.
-    pub fn offsets(&self) -> &[u32] {
-        &self.offsets
-    }
-    /// [N] slot of each permuted row.
-    pub fn rows(&self) -> &[u32] {
-        &self.rows
-    }
-    /// [T·k] permuted row of each slot, or [`DROPPED`].
-    pub fn slot_rows(&self) -> &[u32] {
-        &self.slot_rows
-    }
-    /// Kept assignments per expert.
-    pub fn group_sizes(&self) -> Vec<usize> {
-        self.offsets.windows(2).map(|w| (w[1] - w[0]) as usize).collect()
-    }
-    /// The offsets as a [E+1] u32 tensor, the form [`crate::grouped_matmul`] takes.
-    pub fn offsets_tensor(&self, device: &Device) -> Result<Tensor> {
-        Tensor::from_slice(&self.offsets, self.offsets.len(), device)
-    }
-}
+pub use crate::plan::{RoutePlan, DROPPED};
 
 fn check_rows(t: &Tensor, rows: usize, what: &str) -> Result<usize> {
     let (r, h) = t.dims2()?;
@@ -140,7 +34,7 @@ fn check_rows(t: &Tensor, rows: usize, what: &str) -> Result<usize> {
 
 /// `P[r] = X[token(rows[r])]`: gather token rows [T, H] into the expert-sorted buffer [N, H].
 pub fn permute(x: &Tensor, plan: &Arc<RoutePlan>) -> Result<Tensor> {
-    check_rows(x, plan.tokens, "permute")?;
+    check_rows(x, plan.tokens(), "permute")?;
     x.contiguous()?.apply_op1(Permute(plan.clone()))
 }
 
@@ -154,8 +48,8 @@ pub fn unpermute_sum(p: &Tensor, plan: &Arc<RoutePlan>) -> Result<Tensor> {
 /// `weights` must have the dtype of `p`.
 pub fn unpermute(p: &Tensor, weights: &Tensor, plan: &Arc<RoutePlan>) -> Result<Tensor> {
     check_rows(p, plan.kept(), "unpermute")?;
-    if weights.dims() != [plan.tokens, plan.top_k] {
-        candle_core::bail!("unpermute: weights {:?}, expected [{}, {}]", weights.dims(), plan.tokens, plan.top_k);
+    if weights.dims() != [plan.tokens(), plan.top_k()] {
+        candle_core::bail!("unpermute: weights {:?}, expected [{}, {}]", weights.dims(), plan.tokens(), plan.top_k());
     }
     p.contiguous()?.apply_op2(&weights.contiguous()?, Unpermute(plan.clone()))
 }
@@ -166,8 +60,8 @@ pub fn unpermute(p: &Tensor, weights: &Tensor, plan: &Arc<RoutePlan>) -> Result<
 /// Gradients: `dH[r] = w[slot(r)] · G[r]`, `dw[s] = ⟨H[row(s)], G[row(s)]⟩` (0 if dropped).
 pub fn scale_rows(h: &Tensor, weights: &Tensor, plan: &Arc<RoutePlan>) -> Result<Tensor> {
     check_rows(h, plan.kept(), "scale_rows")?;
-    if weights.dims() != [plan.tokens, plan.top_k] {
-        candle_core::bail!("scale_rows: weights {:?}, expected [{}, {}]", weights.dims(), plan.tokens, plan.top_k);
+    if weights.dims() != [plan.tokens(), plan.top_k()] {
+        candle_core::bail!("scale_rows: weights {:?}, expected [{}, {}]", weights.dims(), plan.tokens(), plan.top_k());
     }
     h.contiguous()?.apply_op2(&weights.contiguous()?, ScaleRows(plan.clone()))
 }
@@ -188,8 +82,8 @@ fn permute_cpu<T: Real>(plan: &RoutePlan, x: &[T], h: usize, scale: Option<&[T]>
     let per = rows_per_task(h);
     out.par_chunks_mut(per * h).enumerate().for_each(|(c, chunk)| {
         for (i, dst) in chunk.chunks_mut(h).enumerate() {
-            let slot = plan.rows[c * per + i] as usize;
-            let src = &x[(slot / plan.top_k) * h..][..h];
+            let slot = plan.rows()[c * per + i] as usize;
+            let src = &x[(slot / plan.top_k()) * h..][..h];
             match scale {
                 None => dst.copy_from_slice(src),
                 Some(w) => {
@@ -203,14 +97,14 @@ fn permute_cpu<T: Real>(plan: &RoutePlan, x: &[T], h: usize, scale: Option<&[T]>
 }
 
 pub(crate) fn unpermute_cpu<T: Real>(plan: &RoutePlan, p: &[T], h: usize, weights: Option<&[T]>) -> Vec<T> {
-    let k = plan.top_k;
-    let mut out = vec![T::zero(); plan.tokens * h];
+    let k = plan.top_k();
+    let mut out = vec![T::zero(); plan.tokens() * h];
     let per = rows_per_task(h);
     out.par_chunks_mut(per * h).enumerate().for_each(|(c, chunk)| {
         for (i, dst) in chunk.chunks_mut(h).enumerate() {
             let t = c * per + i;
             for j in 0..k {
-                let r = plan.slot_rows[t * k + j];
+                let r = plan.slot_rows()[t * k + j];
                 if r == DROPPED {
                     continue;
                 }
@@ -230,13 +124,13 @@ pub(crate) fn unpermute_cpu<T: Real>(plan: &RoutePlan, p: &[T], h: usize, weight
 
 /// `out[s] = ⟨p[row(s)], g[token(s)]⟩`, or `⟨p[row(s)], g[row(s)]⟩` when `g_by_row`.
 fn slot_dots_cpu<T: Real>(plan: &RoutePlan, p: &[T], g: &[T], h: usize, g_by_row: bool) -> Vec<T> {
-    let k = plan.top_k;
-    let mut out = vec![T::zero(); plan.tokens * k];
+    let k = plan.top_k();
+    let mut out = vec![T::zero(); plan.tokens() * k];
     let per = rows_per_task(h * k);
     out.par_chunks_mut(per * k).enumerate().for_each(|(c, chunk)| {
         for (i, d) in chunk.iter_mut().enumerate() {
             let s = c * per * k + i;
-            let r = plan.slot_rows[s];
+            let r = plan.slot_rows()[s];
             if r != DROPPED {
                 let g_at = if g_by_row { r as usize } else { s / k };
                 let (pr, gr) = (&p[r as usize * h..][..h], &g[g_at * h..][..h]);
@@ -254,7 +148,7 @@ fn scale_rows_cpu<T: Real>(plan: &RoutePlan, h: &[T], width: usize, w: &[T]) -> 
     out.par_chunks_mut(per * width).enumerate().for_each(|(c, chunk)| {
         for (i, dst) in chunk.chunks_mut(width).enumerate() {
             let r = c * per + i;
-            let w = w[plan.rows[r] as usize];
+            let w = w[plan.rows()[r] as usize];
             dst.iter_mut().zip(&h[r * width..][..width]).for_each(|(d, &s)| *d = w * s);
         }
     });
@@ -294,12 +188,12 @@ impl CustomOp1 for UnpermuteSum {
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
         let (_, h) = l.shape().dims2()?;
-        Ok((crate::cuda_ops::combine(s, l, None, &self.0)?, Shape::from((self.0.tokens, h))))
+        Ok((crate::cuda_ops::combine(s, l, None, &self.0)?, Shape::from((self.0.tokens(), h))))
     }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (_, h) = l.shape().dims2()?;
         let out = by_dtype!(s.dtype(), "unpermute_sum", |T| unpermute_cpu::<T>(&self.0, slice(s, l, "unpermute_sum")?, h, None));
-        Ok((out, Shape::from((self.0.tokens, h))))
+        Ok((out, Shape::from((self.0.tokens(), h))))
     }
     fn bwd(&self, _p: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         Ok(Some(permute(grad, &self.0)?))
@@ -319,7 +213,7 @@ impl CustomOp2 for Unpermute {
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let (_, h) = l1.shape().dims2()?;
-        Ok((crate::cuda_ops::combine(s1, l1, Some((s2, l2)), &self.0)?, Shape::from((self.0.tokens, h))))
+        Ok((crate::cuda_ops::combine(s1, l1, Some((s2, l2)), &self.0)?, Shape::from((self.0.tokens(), h))))
     }
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         same_dtype(s1, s2, "unpermute")?;
@@ -330,7 +224,7 @@ impl CustomOp2 for Unpermute {
             h,
             Some(slice(s2, l2, "unpermute")?)
         ));
-        Ok((out, Shape::from((self.0.tokens, h))))
+        Ok((out, Shape::from((self.0.tokens(), h))))
     }
     fn bwd(&self, p: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
@@ -381,7 +275,7 @@ impl CustomOp2 for SlotDots {
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let out = crate::cuda_ops::slot_dots(s1, l1, s2, l2, &self.0, false)?;
-        Ok((out, Shape::from((self.0.tokens, self.0.top_k))))
+        Ok((out, Shape::from((self.0.tokens(), self.0.top_k()))))
     }
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         same_dtype(s1, s2, "slot_dots")?;
@@ -393,7 +287,7 @@ impl CustomOp2 for SlotDots {
             h,
             false
         ));
-        Ok((out, Shape::from((self.0.tokens, self.0.top_k))))
+        Ok((out, Shape::from((self.0.tokens(), self.0.top_k()))))
     }
 }
 
@@ -443,7 +337,7 @@ impl CustomOp2 for RowDots {
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let out = crate::cuda_ops::slot_dots(s1, l1, s2, l2, &self.0, true)?;
-        Ok((out, Shape::from((self.0.tokens, self.0.top_k))))
+        Ok((out, Shape::from((self.0.tokens(), self.0.top_k()))))
     }
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         same_dtype(s1, s2, "row_dots")?;
@@ -455,7 +349,7 @@ impl CustomOp2 for RowDots {
             h,
             true
         ));
-        Ok((out, Shape::from((self.0.tokens, self.0.top_k))))
+        Ok((out, Shape::from((self.0.tokens(), self.0.top_k()))))
     }
 }
 

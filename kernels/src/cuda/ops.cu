@@ -1,4 +1,4 @@
-// The element-wise and row kernels behind the candle custom ops on CUDA (`cuda_ops.rs`): the
+// The element-wise and row kernels behind the candle custom ops on CUDA (`cuda_ops/`): the
 // permutations of permute.rs and the packed SwiGLU of swiglu.rs. Row index arrays come from the
 // host's routing plan (`RoutePlan`); every operand, the routing weights too, has the op's element
 // type, and arithmetic is float32. Grid-stride loops over rows (one block per row at a time);

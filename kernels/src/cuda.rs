@@ -6,7 +6,7 @@
 //! - `permute.cu`: permute (optionally scaled), unpermute (per token, no atomics), slot dots.
 //! - `swiglu.cu`: fused SwiGLU forward and backward.
 //! - `grouped_gemm.cu`: forward, dX and dW over ragged groups whose offsets stay on the device.
-//! - `ops.cu`: the row kernels of the candle custom ops on CUDA (`cuda_ops.rs`).
+//! - `ops.cu`: the row kernels of the candle custom ops on CUDA (`cuda_ops/`).
 //!
 //! Every kernel has float32 and bfloat16 variants (`_f32`, `_bf16`) with float32 arithmetic.
 //! Loading `libnvrtc`/`libcuda` is guarded by [`nvrtc_available`] / [`driver_available`],
@@ -34,7 +34,7 @@ impl KernelSource {
     }
 }
 
-/// The row kernels behind the candle custom ops on CUDA (`cuda_ops.rs`).
+/// The row kernels behind the candle custom ops on CUDA (`cuda_ops/`).
 pub const OPS: KernelSource = KernelSource {
     name: "ops.cu",
     body: include_str!("cuda/ops.cu"),
@@ -122,11 +122,6 @@ pub fn compile(src: &KernelSource, arch: &'static str) -> Result<Ptx, String> {
     }
     let opts = CompileOptions { arch: Some(arch), name: Some(src.name.into()), ..Default::default() };
     compile_ptx_with_opts(src.source(), opts).map_err(|e| format!("{}: {e}", src.name))
-}
-
-/// Compile every source; the PTX of each, by source name.
-pub fn compile_all(arch: &'static str) -> Result<Vec<(&'static str, Ptx)>, String> {
-    SOURCES.iter().map(|s| Ok((s.name, compile(s, arch)?))).collect()
 }
 
 /// The float32 kernels loaded on one GPU, with launchers that mirror the CPU ops. Group sizes

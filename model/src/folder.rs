@@ -97,14 +97,6 @@ impl Folder {
         matches!(self.kind, Kind::Remote { .. })
     }
 
-    /// The local directory, for a local folder.
-    pub fn local_path(&self) -> Option<&Path> {
-        match &self.kind {
-            Kind::Local(p) => Some(p),
-            Kind::Remote { .. } => None,
-        }
-    }
-
     /// The full location of `rel` (a path, or a URL for a remote folder).
     pub fn join(&self, rel: &str) -> String {
         let rel = rel.trim_matches('/');

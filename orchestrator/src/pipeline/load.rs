@@ -518,12 +518,39 @@ fn check_ray(p: &Pipeline, problems: &mut Vec<(String, String)>) {
     }
 }
 
-/// Checks types cannot express. Returns (key path, message) pairs.
+/// Checks types cannot express. Returns (key path, message) pairs, section by section in the
+/// order they are reported.
 pub fn check(p: &Pipeline, base: &Path) -> Vec<(String, String)> {
     let mut problems = vec![];
+    check_name(p, &mut problems);
+    check_seed(p, &mut problems);
+    check_domain_lists(p, base, &mut problems);
+    check_every_train_block(p, base, &mut problems);
+    check_add_experts(p, &mut problems);
+    check_phase_layouts(p, &mut problems);
+    check_dense_phases(p, &mut problems);
+    check_seed_trainer(p, &mut problems);
+    check_merge(p, &mut problems);
+    check_upcycle(p, &mut problems);
+    check_arm_seeds(p, &mut problems);
+    check_slurm(p, &mut problems);
+    check_continue(p, &mut problems);
+    check_eval(p, &mut problems);
+    check_tokenizer_sources(p, base, &mut problems);
+    check_devices(p, &mut problems);
+    check_ray(p, &mut problems);
+    problems
+}
+
+/// The run's name becomes a folder (and an object-store prefix).
+fn check_name(p: &Pipeline, problems: &mut Vec<(String, String)>) {
     if !valid_name(&p.name) {
         problems.push(("name".into(), format!("`{}` cannot be used as a path segment (use letters, digits, `-`, `_`, `.`)", p.name)));
     }
+}
+
+/// The seed comes from exactly one of `checkpoint` and `train`.
+fn check_seed(p: &Pipeline, problems: &mut Vec<(String, String)>) {
     match &p.seed {
         SeedSpec { checkpoint: Some(_), train: Some(_) } => {
             problems.push(("seed".into(), "give either `checkpoint` or `train`, not both".into()))
@@ -533,93 +560,103 @@ pub fn check(p: &Pipeline, base: &Path) -> Vec<(String, String)> {
         }
         _ => {}
     }
+}
+
+/// `domains` (at least one) and `add_experts.domains`, with names unique across both.
+fn check_domain_lists(p: &Pipeline, base: &Path, problems: &mut Vec<(String, String)>) {
     if p.domains.is_empty() {
         problems.push(("domains".into(), "at least one domain is needed".into()));
     }
     let mut seen = vec![];
-    check_domains(&p.domains, "domains", base, &mut seen, &mut problems);
+    check_domains(&p.domains, "domains", base, &mut seen, problems);
     if let Some(add) = &p.add_experts {
-        check_domains(&add.domains, "add_experts.domains", base, &mut seen, &mut problems);
+        check_domains(&add.domains, "add_experts.domains", base, &mut seen, problems);
     }
-    let mut check_params = |path: &str, t: &super::spec::TrainParams| {
-        if let Some(lr) = t.lr {
-            if !(lr > 0.0 && lr.is_finite()) {
-                problems.push((format!("{path}.lr"), format!("must be a positive number, got {lr}")));
-            }
-        }
-        for (k, v) in [("batch_size", t.batch_size), ("seq_len", t.seq_len), ("grad_accum", t.grad_accum)] {
-            if v == Some(0) {
-                problems.push((format!("{path}.{k}"), "must be positive".into()));
-            }
-        }
-        for (k, v) in [("data_parallel", t.data_parallel), ("expert_parallel", t.expert_parallel)] {
-            if v == Some(0) {
-                problems.push((format!("{path}.{k}"), "must be at least 1".into()));
-            }
-        }
-        let ranks = t.data_parallel.unwrap_or(1) * t.expert_parallel.unwrap_or(1);
-        if ranks > 1 && t.trainer.as_ref().is_some_and(|tr| !tr.is_btm()) {
-            problems.push((
-                format!("{path}.data_parallel"),
-                "an external trainer is launched by its own command (torchrun's nproc_per_node); btm's ranks are for its own trainer"
-                    .into(),
-            ));
-        }
-        if let Some(trainer) = &t.trainer {
-            if let Err(e) = trainer.check() {
-                problems.push((format!("{path}.trainer"), format!("{e:#}")));
-            }
-            if let btm_trainer::spec::Trainer::Torchrun { script, .. } = trainer {
-                if !Path::new(&resolve(base, script)).is_file() {
-                    problems.push((
-                        format!("{path}.trainer.script"),
-                        format!("{script}: no such file (relative paths start at the pipeline's folder)"),
-                    ));
-                }
-            }
-        }
-    };
-    check_params("train", &p.train);
+}
+
+/// Every block of training parameters, as written (before any layering).
+fn check_every_train_block(p: &Pipeline, base: &Path, problems: &mut Vec<(String, String)>) {
+    check_train_params("train", &p.train, base, problems);
     for (i, d) in p.domains.iter().enumerate() {
-        check_params(&format!("domains[{i}].overrides"), &d.overrides);
+        check_train_params(&format!("domains[{i}].overrides"), &d.overrides, base, problems);
     }
     if let Some(c) = &p.continue_training {
-        check_params("continue", c);
+        check_train_params("continue", c, base, problems);
     }
     if let Some(e) = &p.ensemble {
-        check_params("ensemble", e);
+        check_train_params("ensemble", e, base, problems);
     }
     if let Some(t) = &p.seed.train {
-        check_params("seed.train.train", &t.train);
+        check_train_params("seed.train.train", &t.train, base, problems);
     }
     if let Some(t) = p.upcycle.as_ref().and_then(|u| u.train.as_ref()) {
-        check_params("upcycle.train", t);
+        check_train_params("upcycle.train", t, base, problems);
     }
-    if let Some(add) = &p.add_experts {
-        if let Some(t) = &add.train_in_place {
-            check_params("add_experts.train_in_place", t);
+    if let Some(t) = p.add_experts.as_ref().and_then(|add| add.train_in_place.as_ref()) {
+        check_train_params("add_experts.train_in_place", t, base, problems);
+    }
+}
+
+/// One block of training parameters, at key path `path`: positive sizes and learning rate,
+/// btm's ranks only for btm's trainer, an external trainer that checks out.
+fn check_train_params(path: &str, t: &TrainParams, base: &Path, problems: &mut Vec<(String, String)>) {
+    if let Some(lr) = t.lr {
+        if !(lr > 0.0 && lr.is_finite()) {
+            problems.push((format!("{path}.lr"), format!("must be a positive number, got {lr}")));
         }
-        if !(0.0..1.0).contains(&add.replay) {
-            problems.push(("add_experts.replay".into(), format!("must lie in [0, 1) (a share of the training data), got {}", add.replay)));
+    }
+    for (k, v) in [("batch_size", t.batch_size), ("seq_len", t.seq_len), ("grad_accum", t.grad_accum)] {
+        if v == Some(0) {
+            problems.push((format!("{path}.{k}"), "must be positive".into()));
         }
-        for (key, v) in [("add_experts.guard.margin", add.guard.margin), ("add_experts.guard.coef", add.guard.coef)] {
-            if !(v.is_finite() && v >= 0.0) {
-                problems.push((key.into(), format!("must be non-negative, got {v}")));
+    }
+    for (k, v) in [("data_parallel", t.data_parallel), ("expert_parallel", t.expert_parallel)] {
+        if v == Some(0) {
+            problems.push((format!("{path}.{k}"), "must be at least 1".into()));
+        }
+    }
+    let ranks = t.data_parallel.unwrap_or(1) * t.expert_parallel.unwrap_or(1);
+    if ranks > 1 && t.trainer.as_ref().is_some_and(|tr| !tr.is_btm()) {
+        problems.push((
+            format!("{path}.data_parallel"),
+            "an external trainer is launched by its own command (torchrun's nproc_per_node); btm's ranks are for its own trainer".into(),
+        ));
+    }
+    if let Some(trainer) = &t.trainer {
+        if let Err(e) = trainer.check() {
+            problems.push((format!("{path}.trainer"), format!("{e:#}")));
+        }
+        if let btm_trainer::spec::Trainer::Torchrun { script, .. } = trainer {
+            if !Path::new(&resolve(base, script)).is_file() {
+                problems.push((
+                    format!("{path}.trainer.script"),
+                    format!("{script}: no such file (relative paths start at the pipeline's folder)"),
+                ));
             }
         }
     }
-    // The expert and seed phases train dense models: nothing to split by expert.
-    let mut dense_phases: Vec<(String, &super::spec::TrainParams)> = vec![("train".into(), &p.train)];
-    dense_phases.extend(p.seed.train.as_ref().map(|t| ("seed.train.train".to_string(), &t.train)));
-    dense_phases.extend(p.domains.iter().enumerate().map(|(i, d)| (format!("domains[{i}].overrides"), &d.overrides)));
-    dense_phases.extend(p.ensemble.as_ref().map(|t| ("ensemble".to_string(), t)));
-    // Each phase as its jobs will run it (a domain's overrides over `train`, a mix phase's
-    // block over `train`'s hyperparameters).
-    let mut phases: Vec<(String, super::spec::TrainParams)> = vec![("train".into(), p.train.clone())];
+}
+
+/// `add_experts`' replay share and forgetting guard.
+fn check_add_experts(p: &Pipeline, problems: &mut Vec<(String, String)>) {
+    let Some(add) = &p.add_experts else { return };
+    if !(0.0..1.0).contains(&add.replay) {
+        problems.push(("add_experts.replay".into(), format!("must lie in [0, 1) (a share of the training data), got {}", add.replay)));
+    }
+    for (key, v) in [("add_experts.guard.margin", add.guard.margin), ("add_experts.guard.coef", add.guard.coef)] {
+        if !(v.is_finite() && v >= 0.0) {
+            problems.push((key.into(), format!("must be non-negative, got {v}")));
+        }
+    }
+}
+
+/// Each phase as its jobs will run it (a domain's overrides over `train`, a mix phase's block
+/// over `train`'s hyperparameters): nodes the engine can give, micro-batches the ranks share.
+fn check_phase_layouts(p: &Pipeline, problems: &mut Vec<(String, String)>) {
+    let mut phases: Vec<(String, TrainParams)> = vec![("train".into(), p.train.clone())];
     phases.extend(p.seed.train.as_ref().map(|t| ("seed.train.train".to_string(), t.train.clone())));
     // A domain whose overrides leave the layout alone has `train`'s (already checked).
-    let sets_layout =
-        |t: &super::spec::TrainParams| t.grad_accum.or(t.data_parallel).or(t.expert_parallel).is_some() || t.trainer.is_some();
+    let sets_layout = |t: &TrainParams| t.grad_accum.or(t.data_parallel).or(t.expert_parallel).is_some() || t.trainer.is_some();
     phases.extend(
         p.domains
             .iter()
@@ -649,6 +686,14 @@ pub fn check(p: &Pipeline, base: &Path) -> Vec<(String, String)> {
             ));
         }
     }
+}
+
+/// The expert and seed phases train dense models: nothing to split by expert.
+fn check_dense_phases(p: &Pipeline, problems: &mut Vec<(String, String)>) {
+    let mut dense_phases: Vec<(String, &TrainParams)> = vec![("train".into(), &p.train)];
+    dense_phases.extend(p.seed.train.as_ref().map(|t| ("seed.train.train".to_string(), &t.train)));
+    dense_phases.extend(p.domains.iter().enumerate().map(|(i, d)| (format!("domains[{i}].overrides"), &d.overrides)));
+    dense_phases.extend(p.ensemble.as_ref().map(|t| ("ensemble".to_string(), t)));
     for (path, t) in dense_phases {
         if t.expert_parallel.is_some_and(|ep| ep > 1) {
             problems.push((
@@ -657,52 +702,72 @@ pub fn check(p: &Pipeline, base: &Path) -> Vec<(String, String)> {
             ));
         }
     }
+}
+
+/// A seed trained from scratch is btm's to train.
+fn check_seed_trainer(p: &Pipeline, problems: &mut Vec<(String, String)>) {
     if p.seed.train.as_ref().and_then(|t| t.train.trainer.as_ref()).is_some_and(|tr| !tr.is_btm()) {
         problems.push((
             "seed.train.train.trainer".into(),
             "a seed trained from scratch has no model to start from, and external trainers start from one: train it with btm, or give `seed.checkpoint`".into(),
         ));
     }
-    if let Some(m) = &p.merge {
-        let experts = p.domains.len();
-        if m.top_k == 0 || m.top_k > experts {
-            problems.push(("merge.top_k".into(), format!("must be between 1 and the number of domains ({experts}), got {}", m.top_k)));
-        }
-        let calibrated = std::iter::once(&m.router_init)
-            .chain(&m.also_router_init)
-            .find(|init| matches!(init, super::spec::RouterInit::Centroid | super::spec::RouterInit::Fit));
-        if let Some(init) = calibrated {
-            for (i, d) in p.domains.iter().enumerate() {
-                if d.valid.is_none() {
-                    problems.push((
-                        format!("domains[{i}].valid"),
-                        format!("`{}` router init takes calibration text from every domain's `valid` file", init.as_str()),
-                    ));
-                }
-            }
-        }
-        for (i, init) in m.also_router_init.iter().enumerate() {
-            if *init == m.router_init || m.also_router_init[..i].contains(init) {
-                problems.push((format!("merge.also_router_init[{i}]"), format!("`{}` is already merged", init.as_str())));
-            }
-        }
-        if let super::spec::NonExpertSource::Expert(from) = &m.non_expert {
-            if !p.domains.iter().any(|d| &d.name == from) {
-                problems.push(("merge.non_expert".into(), format!("no domain named `{from}`")));
+}
+
+/// `merge`: its top-k within the experts, calibration text for the router inits that need it,
+/// each router init merged once, a non-expert source that is one of the domains.
+fn check_merge(p: &Pipeline, problems: &mut Vec<(String, String)>) {
+    let Some(m) = &p.merge else { return };
+    let experts = p.domains.len();
+    if m.top_k == 0 || m.top_k > experts {
+        problems.push(("merge.top_k".into(), format!("must be between 1 and the number of domains ({experts}), got {}", m.top_k)));
+    }
+    let calibrated = std::iter::once(&m.router_init)
+        .chain(&m.also_router_init)
+        .find(|init| matches!(init, super::spec::RouterInit::Centroid | super::spec::RouterInit::Fit));
+    if let Some(init) = calibrated {
+        for (i, d) in p.domains.iter().enumerate() {
+            if d.valid.is_none() {
+                problems.push((
+                    format!("domains[{i}].valid"),
+                    format!("`{}` router init takes calibration text from every domain's `valid` file", init.as_str()),
+                ));
             }
         }
     }
+    for (i, init) in m.also_router_init.iter().enumerate() {
+        if *init == m.router_init || m.also_router_init[..i].contains(init) {
+            problems.push((format!("merge.also_router_init[{i}]"), format!("`{}` is already merged", init.as_str())));
+        }
+    }
+    if let super::spec::NonExpertSource::Expert(from) = &m.non_expert {
+        if !p.domains.iter().any(|d| &d.name == from) {
+            problems.push(("merge.non_expert".into(), format!("no domain named `{from}`")));
+        }
+    }
+}
+
+/// `upcycle`: its top-k within its experts.
+fn check_upcycle(p: &Pipeline, problems: &mut Vec<(String, String)>) {
     if let Some(u) = &p.upcycle {
         if u.top_k == 0 || u.top_k > u.experts {
             problems.push(("upcycle.top_k".into(), format!("must be between 1 and upcycle.experts ({})", u.experts)));
         }
     }
+}
+
+/// `arm_seeds`: each seed once.
+fn check_arm_seeds(p: &Pipeline, problems: &mut Vec<(String, String)>) {
     let mut seen_seeds = std::collections::HashSet::new();
     for (i, s) in p.arm_seeds.iter().enumerate() {
         if !seen_seeds.insert(*s) {
             problems.push((format!("arm_seeds[{i}]"), format!("seed {s} is listed twice")));
         }
     }
+}
+
+/// The Slurm engine's REST API: given when asked for, at an http(s) URL.
+fn check_slurm(p: &Pipeline, problems: &mut Vec<(String, String)>) {
     if let super::spec::EngineSpec::Slurm { api, rest, .. } = &p.engine {
         match (api, rest) {
             (super::spec::SlurmApi::Rest, None) => {
@@ -714,9 +779,17 @@ pub fn check(p: &Pipeline, base: &Path) -> Vec<(String, String)> {
             _ => {}
         }
     }
+}
+
+/// `continue` trains an MoE, which `merge` or `upcycle` makes.
+fn check_continue(p: &Pipeline, problems: &mut Vec<(String, String)>) {
     if p.continue_training.is_some() && p.merge.is_none() && p.upcycle.is_none() {
         problems.push(("continue".into(), "needs an MoE to continue: add `merge` or `upcycle`".into()));
     }
+}
+
+/// `eval`: the split it scores exists for every domain.
+fn check_eval(p: &Pipeline, problems: &mut Vec<(String, String)>) {
     if p.eval.split == super::spec::Split::Test {
         for (i, d) in p.domains.iter().enumerate() {
             if d.test.is_none() {
@@ -724,10 +797,6 @@ pub fn check(p: &Pipeline, base: &Path) -> Vec<(String, String)> {
             }
         }
     }
-    check_tokenizer_sources(p, base, &mut problems);
-    check_devices(p, &mut problems);
-    check_ray(p, &mut problems);
-    problems
 }
 
 #[cfg(test)]

@@ -486,26 +486,7 @@ pub fn write(run: &Path) -> Result<Written> {
     let rows = rows(&plan);
     let table = table(&rows);
     let folder = crate::executor::folder(run)?;
-    let mut figures: Vec<(String, String, String)> = vec![]; // (caption, file, svg)
-    let series = metric_series(&plan, "loss");
-    if !series.is_empty() {
-        figures.push(("Training loss of every training job".into(), "loss.svg".into(), loss_plot(&series)));
-    }
-    let valid = metric_series(&plan, "val_ppl");
-    if !valid.is_empty() {
-        figures.push((
-            "Validation perplexity of every training job".into(),
-            "valid.svg".into(),
-            line_plot(&valid, "validation perplexity"),
-        ));
-    }
-    if let Some(svg) = arms_bar_chart(&rows) {
-        figures.push(("Each arm's test perplexity per domain".into(), "arms.svg".into(), svg));
-    }
-    for r in rows.iter().filter(|r| !r.routing.is_empty()) {
-        let title = format!("{}: % of each domain's tokens routed to each expert", r.label);
-        figures.push((title.clone(), format!("routing-{}.svg", r.label), routing_heatmap(&title, &r.routing)));
-    }
+    let figures = report_figures(&plan, &rows);
     for (_, file, svg) in &figures {
         folder.write(format!("plots/{file}"), svg.as_bytes())?;
     }
@@ -513,6 +494,51 @@ pub fn write(run: &Path) -> Result<Written> {
     let mut md = String::new();
     let name = run.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let _ = writeln!(md, "# btm run `{name}`\n");
+    perplexity_section(&mut md, &rows, &table);
+    let arms = arms_table(&rows);
+    if let Some(arms) = &arms {
+        arms_section(&mut md, arms);
+    }
+    let _ = writeln!(md, "\n## Plots\n");
+    for (caption, file, _) in &figures {
+        let _ = writeln!(md, "![{caption}](plots/{file})\n");
+    }
+    jobs_section(&mut md, run, &plan);
+    folder.write("report.md", md.as_bytes())?;
+
+    folder.write("report.html", report_html(&name, &md, &figures).as_bytes())?;
+    Ok(Written { table, arms, best_btm_arm: best_btm_arm(&rows) })
+}
+
+/// The report's figures, as (caption, file under `plots/`, SVG): training loss, validation
+/// perplexity, the arms' bars and each routed model's routing heatmap, those the run has.
+fn report_figures(plan: &Plan, rows: &[Row]) -> Vec<(String, String, String)> {
+    let mut figures: Vec<(String, String, String)> = vec![];
+    let series = metric_series(plan, "loss");
+    if !series.is_empty() {
+        figures.push(("Training loss of every training job".into(), "loss.svg".into(), loss_plot(&series)));
+    }
+    let valid = metric_series(plan, "val_ppl");
+    if !valid.is_empty() {
+        figures.push((
+            "Validation perplexity of every training job".into(),
+            "valid.svg".into(),
+            line_plot(&valid, "validation perplexity"),
+        ));
+    }
+    if let Some(svg) = arms_bar_chart(rows) {
+        figures.push(("Each arm's test perplexity per domain".into(), "arms.svg".into(), svg));
+    }
+    for r in rows.iter().filter(|r| !r.routing.is_empty()) {
+        let title = format!("{}: % of each domain's tokens routed to each expert", r.label);
+        figures.push((title.clone(), format!("routing-{}.svg", r.label), routing_heatmap(&title, &r.routing)));
+    }
+    figures
+}
+
+/// The report's Perplexity section: what it measures, `table`, and the best MoE against the
+/// dense baseline when the run has both.
+fn perplexity_section(md: &mut String, rows: &[Row], table: &str) {
     let _ = writeln!(md, "## Perplexity\n");
     let _ = writeln!(
         md,
@@ -527,7 +553,7 @@ pub fn write(run: &Path) -> Result<Written> {
             ""
         }
     );
-    md.push_str(&table);
+    md.push_str(table);
     if let (Some(best), Some(base)) = (
         rows.iter().filter(|r| r.label == "continued" || r.label == "merged").min_by(|a, b| a.average().total_cmp(&b.average())),
         rows.iter().find(|r| r.label == "baseline"),
@@ -542,56 +568,56 @@ pub fn write(run: &Path) -> Result<Written> {
             base.average()
         );
     }
-    let arms = arms_table(&rows);
-    if let Some(arms) = &arms {
-        let _ = writeln!(md, "\n## Arms\n");
-        let _ = writeln!(
-            md,
-            "The compute-matched comparison: each arm's average perplexity over the domains, once per training \
-             seed (`-s<seed>` models), their mean, and the mean relative to the dense baseline's (negative = \
-             lower perplexity than dense). *experts* is each domain's expert on its own domain: the in-domain \
-             ceiling, not a single model. Beside them, what each arm cost to train (FLOPs after the seed, the \
-             mean over its runs) and what it costs to use: the parameters that work on each token (an MoE's \
-             active ones; every member of an ensemble, since each scores the prefix for the domain posterior).\n"
-        );
-        md.push_str(arms);
-    }
-    let _ = writeln!(md, "\n## Plots\n");
-    for (caption, file, _) in &figures {
-        let _ = writeln!(md, "![{caption}](plots/{file})\n");
-    }
+}
+
+/// The report's Arms section: what the comparison means, then the `arms` table.
+fn arms_section(md: &mut String, arms: &str) {
+    let _ = writeln!(md, "\n## Arms\n");
+    let _ = writeln!(
+        md,
+        "The compute-matched comparison: each arm's average perplexity over the domains, once per training \
+         seed (`-s<seed>` models), their mean, and the mean relative to the dense baseline's (negative = \
+         lower perplexity than dense). *experts* is each domain's expert on its own domain: the in-domain \
+         ceiling, not a single model. Beside them, what each arm cost to train (FLOPs after the seed, the \
+         mean over its runs) and what it costs to use: the parameters that work on each token (an MoE's \
+         active ones; every member of an ensemble, since each scores the prefix for the domain posterior).\n"
+    );
+    md.push_str(arms);
+}
+
+/// The report's Jobs and lineage section: every job's id, run time, and the model it produced
+/// with that model's lineage.
+fn jobs_section(md: &mut String, run: &Path, plan: &Plan) {
     let _ = writeln!(md, "## Jobs and lineage\n");
     let _ = writeln!(md, "| job | id | seconds | produces | lineage |\n|---|---|---:|---|---|");
     for j in &plan.jobs {
         let secs = crate::executor::job_seconds(run, j).map_or("–".into(), |s| format!("{s:.1}"));
         let (produces, lineage) = match &j.produces {
-            Some(m) => {
-                let l = read_in_run(&plan, &m.dir.join(btm_model::lineage::LINEAGE))
-                    .and_then(|b| serde_json::from_slice::<btm_model::Lineage>(&b).ok());
-                let lineage = l.map_or("–".into(), |l| {
-                    let parents: Vec<String> = l
-                        .parents
-                        .iter()
-                        .map(|p| {
-                            format!(
-                                "{}{}",
-                                p.domain.clone().map(|d| format!("{d}:")).unwrap_or_default(),
-                                p.manifest_sha256.as_deref().map_or("?", |h| &h[..12.min(h.len())])
-                            )
-                        })
-                        .collect();
-                    format!("{} ← [{}]{}", l.kind, parents.join(", "), l.steps.map(|s| format!(", {s} steps")).unwrap_or_default())
-                });
-                (m.label.clone(), lineage)
-            }
+            Some(m) => (m.label.clone(), lineage_cell(plan, &m.dir)),
             None => ("–".into(), "–".into()),
         };
         let _ = writeln!(md, "| {} | `{}` | {secs} | {produces} | {lineage} |", j.name, j.id);
     }
-    folder.write("report.md", md.as_bytes())?;
+}
 
-    folder.write("report.html", report_html(&name, &md, &figures).as_bytes())?;
-    Ok(Written { table, arms, best_btm_arm: best_btm_arm(&rows) })
+/// The lineage of the model in `dir` as one table cell: its kind, its parents (domain and
+/// manifest hash prefix) and its steps; `–` when it has none.
+fn lineage_cell(plan: &Plan, dir: &Path) -> String {
+    let l = read_in_run(plan, &dir.join(btm_model::lineage::LINEAGE)).and_then(|b| serde_json::from_slice::<btm_model::Lineage>(&b).ok());
+    l.map_or("–".into(), |l| {
+        let parents: Vec<String> = l
+            .parents
+            .iter()
+            .map(|p| {
+                format!(
+                    "{}{}",
+                    p.domain.clone().map(|d| format!("{d}:")).unwrap_or_default(),
+                    p.manifest_sha256.as_deref().map_or("?", |h| &h[..12.min(h.len())])
+                )
+            })
+            .collect();
+        format!("{} ← [{}]{}", l.kind, parents.join(", "), l.steps.map(|s| format!(", {s} steps")).unwrap_or_default())
+    })
 }
 
 /// `report.html`: the Markdown report itself rendered (headings, paragraphs, tables), with the

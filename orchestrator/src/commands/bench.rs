@@ -163,103 +163,112 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             std::thread::sleep(std::time::Duration::from_secs_f64(seconds));
             Ok(())
         }
-        BenchCommand::Merge(args) => {
-            let tmp = tempfile::tempdir()?;
-            let dir = args.dir.clone().unwrap_or_else(|| tmp.path().to_path_buf());
-            let shape = btm_merger::bench::BenchShape { experts: args.experts, ..Default::default() };
-            let r = btm_merger::bench::run(&dir, &shape)?;
-            if args.json {
-                println!("{}", serde_json::to_string(&r)?);
-            } else {
-                println!(
-                    "merge {} experts of {} parameters: {:.1}s ({:.0} MB/s) vs cp {:.1}s ({:.0} MB/s): {:.2}× cp; peak RSS {:.0} MiB (target {:.0} MiB)",
-                    shape.experts, r.params_per_expert, r.merge_seconds, r.merge_mb_per_s, r.cp_seconds, r.cp_mb_per_s,
-                    r.throughput_vs_cp, r.peak_rss_mb, r.rss_target_mb
-                );
-            }
-            Ok(())
-        }
+        BenchCommand::Merge(args) => bench_merge(args),
         BenchCommand::Orchestrate(args) => bench_orchestrate(args),
         BenchCommand::Data(args) => bench_data(args),
-        BenchCommand::Moe(args) => {
-            let device = args.device.open()?;
-            let cuda = device.is_cuda();
-            let dtype = args.dtype.map_or(if cuda { candle_core::DType::BF16 } else { candle_core::DType::F32 }, |d| d.candle());
-            let tokens = args.tokens.unwrap_or(if cuda { 16384 } else { 4096 });
-            let spec = btm_kernels::bench::MoeBenchSpec {
-                tokens,
-                hidden: args.hidden,
-                reps: args.reps,
-                dtype,
-                peak_tflops: Some(args.peak_tflops),
-                ..Default::default()
-            };
-            let quiet = args.json;
-            let results = btm_kernels::bench::bench_moe(&spec, &device, |r| {
-                if !quiet {
-                    println!("{}", btm_kernels::bench::format_result(r));
-                }
-            })?;
-            if args.json {
-                println!("{}", serde_json::to_string(&results)?);
-            }
-            Ok(())
-        }
-        BenchCommand::Train(args) => {
-            anyhow::ensure!(args.threads > 0 && args.steps > 0 && args.ranks > 0, "--threads, --steps and --ranks must be positive");
-            if args.ranks > 1 && btm_collective::launched_world_size().is_none() {
-                // Start the ranks: this same command under mpirun.
-                let launch = crate::engine::local_mpi_launch(args.ranks);
-                let status = std::process::Command::new(&launch[0])
-                    .args(&launch[1..])
-                    .arg(std::env::current_exe()?)
-                    .args(std::env::args_os().skip(1))
-                    .status()
-                    .map_err(|e| anyhow::anyhow!("starting mpirun: {e} (install Open MPI or MPICH)"))?;
-                anyhow::ensure!(status.success(), "the {} ranks failed ({status})", args.ranks);
-                return Ok(());
-            }
-            let (dp, ep) = if args.moe { (1, args.ranks) } else { (args.ranks, 1) };
-            let ranks = btm_trainer::distributed::Ranks::start(dp, ep, Default::default())?;
-            let preset = match args.preset {
-                Preset::Tiny => "tiny",
-                Preset::Small => "small",
-                Preset::Gpt125m => "gpt-125m",
-            };
-            let on = btm_trainer::bench::BenchDevice { device: args.device.open()?, peak_tflops: Some(args.peak_tflops) };
-            let r = btm_trainer::bench::run(preset, args.moe, args.threads, args.steps, &ranks, &on)?;
-            if !ranks.is_root() {
-                return Ok(());
-            }
-            if args.json {
-                println!("{}", serde_json::to_string(&r)?);
-            } else {
-                println!(
-                    "train {}{}{} on {} ({}): {:.0} tokens/s{} ({:.3} s/step: forward {:.3}, backward {:.3}, optimizer {:.3}, of which collectives {:.3}; {} threads, {} parameters), peak RSS {:.0} MiB{}; {} ({} kernels, gemm {})",
-                    r.preset,
-                    if r.moe { " moe" } else { "" },
-                    if r.ranks > 1 { format!(" on {} ranks (expert_parallel {})", r.ranks, r.expert_parallel) } else { String::new() },
-                    r.device,
-                    r.dtype,
-                    r.tokens_per_s,
-                    r.mfu.map_or(String::new(), |m| format!(", MFU {:.1} % of {} TFLOP/s", 100.0 * m, r.peak_tflops.unwrap_or(0.0))),
-                    r.step_s,
-                    r.forward_s,
-                    r.backward_s,
-                    r.optimizer_s,
-                    r.collective_s,
-                    r.threads,
-                    r.parameters,
-                    r.peak_rss_mb,
-                    r.peak_device_memory_mb.map_or(String::new(), |m| format!(", peak device memory {m:.0} MiB")),
-                    r.cpu.model,
-                    r.cpu.isa,
-                    r.cpu.gemm_kernel
-                );
-            }
-            Ok(())
-        }
+        BenchCommand::Moe(args) => bench_moe(args),
+        BenchCommand::Train(args) => bench_train(args),
     }
+}
+
+/// Merge synthetic experts; throughput and peak memory against `cp`.
+fn bench_merge(args: BenchMergeArgs) -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let dir = args.dir.clone().unwrap_or_else(|| tmp.path().to_path_buf());
+    let shape = btm_merger::bench::BenchShape { experts: args.experts, ..Default::default() };
+    let r = btm_merger::bench::run(&dir, &shape)?;
+    if args.json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        println!(
+            "merge {} experts of {} parameters: {:.1}s ({:.0} MB/s) vs cp {:.1}s ({:.0} MB/s): {:.2}× cp; peak RSS {:.0} MiB (target {:.0} MiB)",
+            shape.experts, r.params_per_expert, r.merge_seconds, r.merge_mb_per_s, r.cp_seconds, r.cp_mb_per_s,
+            r.throughput_vs_cp, r.peak_rss_mb, r.rss_target_mb
+        );
+    }
+    Ok(())
+}
+
+/// One MoE layer forward + backward, fused kernels against the reference loop.
+fn bench_moe(args: BenchMoeArgs) -> Result<()> {
+    let device = args.device.open()?;
+    let cuda = device.is_cuda();
+    let dtype = args.dtype.map_or(if cuda { candle_core::DType::BF16 } else { candle_core::DType::F32 }, |d| d.candle());
+    let tokens = args.tokens.unwrap_or(if cuda { 16384 } else { 4096 });
+    let spec = btm_kernels::bench::MoeBenchSpec {
+        tokens,
+        hidden: args.hidden,
+        reps: args.reps,
+        dtype,
+        peak_tflops: Some(args.peak_tflops),
+        ..Default::default()
+    };
+    let quiet = args.json;
+    let results = btm_kernels::bench::bench_moe(&spec, &device, |r| {
+        if !quiet {
+            println!("{}", btm_kernels::bench::format_result(r));
+        }
+    })?;
+    if args.json {
+        println!("{}", serde_json::to_string(&results)?);
+    }
+    Ok(())
+}
+
+/// Training throughput of a preset; with `--ranks` above 1, first starts the ranks under mpirun.
+fn bench_train(args: BenchTrainArgs) -> Result<()> {
+    anyhow::ensure!(args.threads > 0 && args.steps > 0 && args.ranks > 0, "--threads, --steps and --ranks must be positive");
+    if args.ranks > 1 && btm_collective::launched_world_size().is_none() {
+        // Start the ranks: this same command under mpirun.
+        let launch = crate::engine::local_mpi_launch(args.ranks);
+        let status = std::process::Command::new(&launch[0])
+            .args(&launch[1..])
+            .arg(std::env::current_exe()?)
+            .args(std::env::args_os().skip(1))
+            .status()
+            .map_err(|e| anyhow::anyhow!("starting mpirun: {e} (install Open MPI or MPICH)"))?;
+        anyhow::ensure!(status.success(), "the {} ranks failed ({status})", args.ranks);
+        return Ok(());
+    }
+    let (dp, ep) = if args.moe { (1, args.ranks) } else { (args.ranks, 1) };
+    let ranks = btm_trainer::distributed::Ranks::start(dp, ep, Default::default())?;
+    let preset = match args.preset {
+        Preset::Tiny => "tiny",
+        Preset::Small => "small",
+        Preset::Gpt125m => "gpt-125m",
+    };
+    let on = btm_trainer::bench::BenchDevice { device: args.device.open()?, peak_tflops: Some(args.peak_tflops) };
+    let r = btm_trainer::bench::run(preset, args.moe, args.threads, args.steps, &ranks, &on)?;
+    if !ranks.is_root() {
+        return Ok(());
+    }
+    if args.json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        println!(
+            "train {}{}{} on {} ({}): {:.0} tokens/s{} ({:.3} s/step: forward {:.3}, backward {:.3}, optimizer {:.3}, of which collectives {:.3}; {} threads, {} parameters), peak RSS {:.0} MiB{}; {} ({} kernels, gemm {})",
+            r.preset,
+            if r.moe { " moe" } else { "" },
+            if r.ranks > 1 { format!(" on {} ranks (expert_parallel {})", r.ranks, r.expert_parallel) } else { String::new() },
+            r.device,
+            r.dtype,
+            r.tokens_per_s,
+            r.mfu.map_or(String::new(), |m| format!(", MFU {:.1} % of {} TFLOP/s", 100.0 * m, r.peak_tflops.unwrap_or(0.0))),
+            r.step_s,
+            r.forward_s,
+            r.backward_s,
+            r.optimizer_s,
+            r.collective_s,
+            r.threads,
+            r.parameters,
+            r.peak_rss_mb,
+            r.peak_device_memory_mb.map_or(String::new(), |m| format!(", peak device memory {m:.0} MiB")),
+            r.cpu.model,
+            r.cpu.isa,
+            r.cpu.gemm_kernel
+        );
+    }
+    Ok(())
 }
 
 /// N sleep jobs of known duration on N slots, then one dependent sleep job: everything above

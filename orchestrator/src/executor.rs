@@ -4,7 +4,7 @@
 
 use crate::engine::{Engine, JobHandle, JobState, Submission};
 use crate::plan::{Job, Plan};
-use anyhow::{bail, Result};
+use anyhow::{anyhow, bail, Result};
 use btm_model::folder::Folder;
 use serde_json::json;
 use std::collections::HashMap;
@@ -131,58 +131,110 @@ pub struct Summary {
 
 /// Run every job of `plan` on `engine`; `retries` failed attempts are retried per job.
 pub async fn execute(plan: &Plan, engine: &dyn Engine, retries: u32, quiet: bool) -> Result<Summary> {
-    let run = &plan.run_dir;
-    // Job logs are written on this machine (see `local_root`).
-    let logs = local_root(run);
-    let total = plan.jobs.len();
-    let index: HashMap<&str, usize> = plan.jobs.iter().enumerate().map(|(i, j)| (j.name.as_str(), i)).collect();
-    let mut status: Vec<Status> = plan.jobs.iter().map(|j| if is_done(run, j) { Status::Done } else { Status::Waiting }).collect();
-    let mut summary = Summary {
-        skipped: plan.jobs.iter().zip(&status).filter(|(_, s)| **s == Status::Done).map(|(j, _)| j.name.clone()).collect(),
-        ..Default::default()
-    };
-    let say = |msg: String| {
-        if !quiet {
-            eprintln!("{msg}");
-        }
-    };
-    if !summary.skipped.is_empty() {
-        say(format!("{} of {total} jobs already done", summary.skipped.len()));
-    }
-    let mut interrupted = false;
+    let mut walk = Walk::new(plan, engine, retries, quiet);
     let mut ctrl_c = Box::pin(tokio::signal::ctrl_c());
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
-        // Start what is ready, up to the engine's slots; jobs of one kind that become ready
-        // together (the per-domain trainers) go to the engine as one batch (a Slurm array).
-        let running = status.iter().filter(|s| matches!(s, Status::Running { .. })).count();
+        let ready = walk.ready_jobs();
+        walk.start(&ready).await?;
+        walk.poll().await?;
+        if walk.finished()? {
+            return Ok(walk.summary);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(engine.poll_interval()) => {}
+            _ = &mut ctrl_c, if !walk.interrupted => {
+                walk.interrupted = true;
+                walk.say("stopping: asking running jobs to checkpoint and exit…".into());
+                cancel_all(engine, &walk.status).await?;
+            }
+            _ = sigterm.recv(), if !walk.interrupted => {
+                walk.interrupted = true;
+                cancel_all(engine, &walk.status).await?;
+            }
+        }
+    }
+}
+
+/// The state of one [`execute`]: every job's status and what the run did so far.
+struct Walk<'a> {
+    plan: &'a Plan,
+    engine: &'a dyn Engine,
+    run: &'a Path,
+    /// Where job logs are written: on this machine (see `local_root`).
+    logs: PathBuf,
+    /// A job's position in the plan, by name.
+    index: HashMap<&'a str, usize>,
+    /// Per job, in plan order.
+    status: Vec<Status>,
+    summary: Summary,
+    retries: u32,
+    quiet: bool,
+    /// Ctrl-C or SIGTERM came: nothing new starts, and failures are not retried.
+    interrupted: bool,
+}
+
+impl<'a> Walk<'a> {
+    /// Jobs already done (same id, outputs complete) are skipped.
+    fn new(plan: &'a Plan, engine: &'a dyn Engine, retries: u32, quiet: bool) -> Self {
+        let run = &plan.run_dir;
+        let index = plan.jobs.iter().enumerate().map(|(i, j)| (j.name.as_str(), i)).collect();
+        let status: Vec<Status> = plan.jobs.iter().map(|j| if is_done(run, j) { Status::Done } else { Status::Waiting }).collect();
+        let summary = Summary {
+            skipped: plan.jobs.iter().zip(&status).filter(|(_, s)| **s == Status::Done).map(|(j, _)| j.name.clone()).collect(),
+            ..Default::default()
+        };
+        let walk = Walk { plan, engine, run, logs: local_root(run), index, status, summary, retries, quiet, interrupted: false };
+        if !walk.summary.skipped.is_empty() {
+            walk.say(format!("{} of {} jobs already done", walk.summary.skipped.len(), walk.total()));
+        }
+        walk
+    }
+
+    fn total(&self) -> usize {
+        self.plan.jobs.len()
+    }
+
+    fn say(&self, msg: String) {
+        if !self.quiet {
+            eprintln!("{msg}");
+        }
+    }
+
+    /// The jobs to start now, with their failed attempts so far: those whose dependencies are
+    /// done, up to the engine's slots. A job that needs more GPUs than the engine has fails.
+    fn ready_jobs(&mut self) -> Vec<(usize, u32)> {
+        let (plan, engine) = (self.plan, self.engine);
+        let running = self.status.iter().filter(|s| matches!(s, Status::Running { .. })).count();
         let free = engine.slots().saturating_sub(running);
         // GPUs the engine places itself: a job starts when enough are free, and a later job
         // that fits starts before an earlier one that does not (no GPU idles while one fits).
-        let gpus_in_use: usize =
-            (0..total).filter(|&i| matches!(status[i], Status::Running { .. })).map(|i| plan.jobs[i].resources.gpus_held()).sum();
+        let gpus_in_use: usize = (0..self.total())
+            .filter(|&i| matches!(self.status[i], Status::Running { .. }))
+            .map(|i| plan.jobs[i].resources.gpus_held())
+            .sum();
         let mut gpus_free = engine.gpus().map(|n| n.saturating_sub(gpus_in_use));
         // A failed job stops only what depends on it: the others still run, so a re-run has
         // less left to do.
         let mut ready: Vec<(usize, u32)> = vec![];
-        for i in 0..total {
-            if ready.len() >= free || interrupted {
+        for i in 0..self.total() {
+            if ready.len() >= free || self.interrupted {
                 break;
             }
-            let attempts = match &status[i] {
+            let attempts = match &self.status[i] {
                 Status::Waiting => 0,
                 Status::Backoff { attempts, not_before } if Instant::now() >= *not_before => *attempts,
                 _ => continue,
             };
             let job = &plan.jobs[i];
-            if !job.deps.iter().all(|d| index.get(d.as_str()).is_some_and(|&k| status[k] == Status::Done)) {
+            if !job.deps.iter().all(|d| self.index.get(d.as_str()).is_some_and(|&k| self.status[k] == Status::Done)) {
                 continue;
             }
             if let (Some(total_gpus), Some(left)) = (engine.gpus(), gpus_free.as_mut()) {
                 let need = job.resources.gpus_held();
                 if need > total_gpus {
-                    say(format!("job {} needs {need} GPUs; the engine has {total_gpus}", job.name));
-                    status[i] = Status::Failed(format!("needs {need} GPUs; the engine has {total_gpus}"));
+                    self.say(format!("job {} needs {need} GPUs; the engine has {total_gpus}", job.name));
+                    self.status[i] = Status::Failed(format!("needs {need} GPUs; the engine has {total_gpus}"));
                     continue;
                 }
                 if need > *left {
@@ -192,115 +244,126 @@ pub async fn execute(plan: &Plan, engine: &dyn Engine, retries: u32, quiet: bool
             }
             ready.push((i, attempts));
         }
-        for batch in batches_by_kind(plan, &ready) {
+        ready
+    }
+
+    /// Start `ready`: jobs of one kind that become ready together (the per-domain trainers) go
+    /// to the engine as one batch (a Slurm array).
+    async fn start(&mut self, ready: &[(usize, u32)]) -> Result<()> {
+        let plan = self.plan;
+        for batch in batches_by_kind(plan, ready) {
             let mut subs = vec![];
             for &(i, _) in &batch {
                 let job = &plan.jobs[i];
-                prepare(run, job)?;
-                subs.push(Submission::for_job(job, job.log(&logs)));
+                prepare(self.run, job)?;
+                subs.push(Submission::for_job(job, job.log(&self.logs)));
             }
-            let handles = engine.submit(&subs).await?;
+            let handles = self.engine.submit(&subs).await?;
             for (&(i, attempts), handle) in batch.iter().zip(handles) {
-                say(format!(
-                    "[{:>3}/{total}] start {}{}",
-                    done_count(&status) + 1,
+                self.say(format!(
+                    "[{:>3}/{}] start {}{}",
+                    done_count(&self.status) + 1,
+                    self.total(),
                     plan.jobs[i].name,
                     if attempts > 0 { format!(" (retry {attempts})") } else { String::new() }
                 ));
-                status[i] = Status::Running { handle, attempts, started: Instant::now() };
+                self.status[i] = Status::Running { handle, attempts, started: Instant::now() };
             }
         }
+        Ok(())
+    }
 
-        // Poll the running jobs.
-        for i in 0..total {
-            let Status::Running { handle, attempts, started } = &status[i] else { continue };
-            let job = &plan.jobs[i];
-            match engine.state(handle).await? {
+    /// Ask the engine about every running job, and record those that ended.
+    async fn poll(&mut self) -> Result<()> {
+        for i in 0..self.total() {
+            let Status::Running { handle, attempts, started } = &self.status[i] else { continue };
+            let (attempts, started) = (*attempts, *started);
+            match self.engine.state(handle).await? {
                 JobState::Running => {}
-                JobState::Succeeded if outputs_complete(run, job)? => {
-                    let secs = started.elapsed().as_secs_f64();
-                    keep_log(run, &logs, job);
-                    folder(run)?.write(
-                        done_marker(run, job),
-                        &serde_json::to_vec_pretty(&json!({"id": job.id, "name": job.name, "seconds": secs}))?,
-                    )?;
-                    status[i] = Status::Done;
-                    summary.ran.push(job.name.clone());
-                    say(format!("[{:>3}/{total}] done  {} ({secs:.1}s)", done_count(&status), job.name));
-                }
-                state => {
-                    keep_log(run, &logs, job);
-                    let why = match state {
-                        JobState::Failed(why) => why,
-                        _ => "finished without its outputs".into(),
-                    };
-                    let attempts = attempts + 1;
-                    if interrupted {
-                        status[i] = Status::Waiting;
-                    } else if attempts <= retries {
-                        let wait = Duration::from_secs(2u64.pow(attempts.min(6)));
-                        say(format!(
-                            "job {} failed ({why}); retrying in {}s — log: {}",
-                            job.name,
-                            wait.as_secs(),
-                            job.log(&logs).display()
-                        ));
-                        status[i] = Status::Backoff { attempts, not_before: Instant::now() + wait };
-                    } else {
-                        say(format!("job {} failed ({why}) — log: {}", job.name, job.log(&logs).display()));
-                        status[i] = Status::Failed(why);
-                    }
-                }
+                JobState::Succeeded if outputs_complete(self.run, &self.plan.jobs[i])? => self.succeeded(i, started)?,
+                state => self.failed(i, attempts, state),
             }
         }
+        Ok(())
+    }
 
-        let running = status.iter().any(|s| matches!(s, Status::Running { .. }));
-        if !running {
-            if interrupted {
-                bail!("interrupted; run `btm run` again to continue where it stopped");
-            }
-            if status.iter().all(|s| *s == Status::Done) {
-                return Ok(summary);
-            }
-            let waiting_on_backoff = status.iter().any(|s| matches!(s, Status::Backoff { .. }));
-            if !waiting_on_backoff && free_jobs_blocked(plan, &status, &index) {
-                let failed: Vec<(usize, &String)> = status
-                    .iter()
-                    .enumerate()
-                    .filter_map(|(i, s)| if let Status::Failed(why) = s { Some((i, why)) } else { None })
-                    .collect();
-                if let Some(&(i, why)) = failed.first() {
-                    let more = match failed.len() {
-                        1 => String::new(),
-                        n => format!(
-                            "; {} other failed jobs: {}",
-                            n - 1,
-                            failed[1..].iter().map(|&(k, _)| plan.jobs[k].name.as_str()).collect::<Vec<_>>().join(", ")
-                        ),
-                    };
-                    let blocked = status.iter().filter(|s| **s == Status::Waiting).count();
-                    bail!(
-                        "job {} failed: {why} (see {}){more}; {blocked} jobs that depend on failed ones did not start, the rest finished (run `btm run` again after fixing it)",
-                        plan.jobs[i].name,
-                        plan.jobs[i].log(&logs).display()
-                    );
-                }
-                bail!("no job can start: the plan has a dependency that is never produced");
-            }
-        }
+    /// Job `i` ended with its outputs: its log is kept and its `done.json` written.
+    fn succeeded(&mut self, i: usize, started: Instant) -> Result<()> {
+        let job = &self.plan.jobs[i];
+        let secs = started.elapsed().as_secs_f64();
+        keep_log(self.run, &self.logs, job);
+        folder(self.run)?
+            .write(done_marker(self.run, job), &serde_json::to_vec_pretty(&json!({"id": job.id, "name": job.name, "seconds": secs}))?)?;
+        self.status[i] = Status::Done;
+        self.summary.ran.push(job.name.clone());
+        self.say(format!("[{:>3}/{}] done  {} ({secs:.1}s)", done_count(&self.status), self.total(), job.name));
+        Ok(())
+    }
 
-        tokio::select! {
-            _ = tokio::time::sleep(engine.poll_interval()) => {}
-            _ = &mut ctrl_c, if !interrupted => {
-                interrupted = true;
-                say("stopping: asking running jobs to checkpoint and exit…".into());
-                cancel_all(engine, &status).await?;
-            }
-            _ = sigterm.recv(), if !interrupted => {
-                interrupted = true;
-                cancel_all(engine, &status).await?;
-            }
+    /// Job `i` failed, or ended without its outputs, after `attempts` earlier failed attempts:
+    /// it waits again (interrupted), backs off for a retry, or fails for good.
+    fn failed(&mut self, i: usize, attempts: u32, state: JobState) {
+        let job = &self.plan.jobs[i];
+        keep_log(self.run, &self.logs, job);
+        let why = match state {
+            JobState::Failed(why) => why,
+            _ => "finished without its outputs".into(),
+        };
+        let attempts = attempts + 1;
+        if self.interrupted {
+            self.status[i] = Status::Waiting;
+        } else if attempts <= self.retries {
+            let wait = Duration::from_secs(2u64.pow(attempts.min(6)));
+            self.say(format!("job {} failed ({why}); retrying in {}s — log: {}", job.name, wait.as_secs(), job.log(&self.logs).display()));
+            self.status[i] = Status::Backoff { attempts, not_before: Instant::now() + wait };
+        } else {
+            self.say(format!("job {} failed ({why}) — log: {}", job.name, job.log(&self.logs).display()));
+            self.status[i] = Status::Failed(why);
         }
+    }
+
+    /// Whether every job is done; an error when nothing runs and the run cannot go on
+    /// (interrupted, or the jobs left wait on failed ones).
+    fn finished(&self) -> Result<bool> {
+        if self.status.iter().any(|s| matches!(s, Status::Running { .. })) {
+            return Ok(false);
+        }
+        if self.interrupted {
+            bail!("interrupted; run `btm run` again to continue where it stopped");
+        }
+        if self.status.iter().all(|s| *s == Status::Done) {
+            return Ok(true);
+        }
+        let waiting_on_backoff = self.status.iter().any(|s| matches!(s, Status::Backoff { .. }));
+        if !waiting_on_backoff && free_jobs_blocked(self.plan, &self.status, &self.index) {
+            return Err(self.blocked_error());
+        }
+        Ok(false)
+    }
+
+    /// Why no job can start: the first failed job (and how many others failed), or a
+    /// dependency nothing produces.
+    fn blocked_error(&self) -> anyhow::Error {
+        let plan = self.plan;
+        let failed: Vec<(usize, &String)> =
+            self.status.iter().enumerate().filter_map(|(i, s)| if let Status::Failed(why) = s { Some((i, why)) } else { None }).collect();
+        let Some(&(i, why)) = failed.first() else {
+            return anyhow!("no job can start: the plan has a dependency that is never produced");
+        };
+        let more = match failed.len() {
+            1 => String::new(),
+            n => format!(
+                "; {} other failed jobs: {}",
+                n - 1,
+                failed[1..].iter().map(|&(k, _)| plan.jobs[k].name.as_str()).collect::<Vec<_>>().join(", ")
+            ),
+        };
+        let blocked = self.status.iter().filter(|s| **s == Status::Waiting).count();
+        anyhow!(
+            "job {} failed: {why} (see {}){more}; {blocked} jobs that depend on failed ones did not start, the rest finished (run `btm run` again after fixing it)",
+            plan.jobs[i].name,
+            plan.jobs[i].log(&self.logs).display()
+        )
     }
 }
 
@@ -313,22 +376,31 @@ async fn cancel_all(engine: &dyn Engine, status: &[Status]) -> Result<()> {
     Ok(())
 }
 
-/// Ready jobs grouped by kind, each group in plan order, groups in order of first appearance:
-/// every job lands in exactly one batch, however the kinds interleave (the experts and
-/// baselines of several arm seeds do).
-fn batches_by_kind(plan: &Plan, ready: &[(usize, u32)]) -> Vec<Vec<(usize, u32)>> {
-    // Jobs of one kind that ask for different resources (a domain's `overrides`) cannot share
-    // one array: the key is the kind and the resources.
-    type Key<'a> = (crate::plan::JobKind, &'a crate::plan::Resources);
-    let mut batches: Vec<(Key, Vec<(usize, u32)>)> = vec![];
-    for &(i, attempts) in ready {
-        let kind = (plan.jobs[i].kind, &plan.jobs[i].resources);
-        match batches.iter_mut().find(|(k, _)| *k == kind) {
-            Some((_, batch)) => batch.push((i, attempts)),
-            None => batches.push((kind, vec![(i, attempts)])),
+/// `items` grouped by `key`, each group in the order of `items`, groups in order of first
+/// appearance: every item lands in exactly one group, however the keys interleave (the
+/// experts and baselines of several arm seeds do). Both the executor's batches and the
+/// Kubernetes dry run's manifests group with this, on keys built from [`batch_key`].
+pub(crate) fn group_by_key<T, K: PartialEq>(items: impl IntoIterator<Item = T>, key: impl Fn(&T) -> K) -> Vec<Vec<T>> {
+    let mut groups: Vec<(K, Vec<T>)> = vec![];
+    for item in items {
+        let k = key(&item);
+        match groups.iter_mut().find(|(g, _)| *g == k) {
+            Some((_, group)) => group.push(item),
+            None => groups.push((k, vec![item])),
         }
     }
-    batches.into_iter().map(|(_, b)| b).collect()
+    groups.into_iter().map(|(_, g)| g).collect()
+}
+
+/// What jobs submitted together as one array must share: the kind, and the resources (jobs
+/// of one kind with a domain's `overrides` ask for others and cannot share one array).
+pub(crate) fn batch_key(job: &Job) -> (crate::plan::JobKind, &crate::plan::Resources) {
+    (job.kind, &job.resources)
+}
+
+/// Ready jobs grouped by [`batch_key`] (see [`group_by_key`]).
+fn batches_by_kind(plan: &Plan, ready: &[(usize, u32)]) -> Vec<Vec<(usize, u32)>> {
+    group_by_key(ready.iter().copied(), |&(i, _)| batch_key(&plan.jobs[i]))
 }
 
 fn done_count(status: &[Status]) -> usize {

@@ -170,13 +170,10 @@ fn launch_line(engine: &EngineSpec, ranks: usize) -> String {
 /// The Indexed Jobs `btm run` would create: one per batch of jobs of one kind with the same
 /// dependencies (the executor submits such jobs together when they become ready).
 fn print_manifests(k: &crate::pipeline::spec::KubernetesSpec, plan: &Plan) -> Result<()> {
-    let mut batches: Vec<Vec<&Job>> = vec![];
-    for j in &plan.jobs {
-        match batches.iter_mut().find(|b| b[0].kind == j.kind && b[0].deps == j.deps && b[0].resources == j.resources) {
-            Some(b) => b.push(j),
-            None => batches.push(vec![j]),
-        }
-    }
+    // The executor batches the jobs that are ready at one moment by `batch_key` alone; the dry
+    // run sees the whole plan at once, so it adds the dependencies: only jobs with the same
+    // dependencies become ready together, and so share one array.
+    let batches = crate::executor::group_by_key(&plan.jobs, |j| (crate::executor::batch_key(*j), &j.deps));
     let run_name = plan.run_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     for batch in batches {
         let subs: Vec<crate::engine::Submission> =

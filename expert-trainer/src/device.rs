@@ -40,47 +40,7 @@ impl std::fmt::Display for Device {
     }
 }
 
-/// A floating-point dtype: of a training job's forward and backward passes (`float32`, or
-/// `bfloat16` mixed precision), of an evaluation, or of written weights.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum DType {
-    #[default]
-    #[serde(alias = "f32", alias = "fp32")]
-    #[value(alias = "f32", alias = "fp32")]
-    Float32,
-    #[serde(alias = "bf16")]
-    #[value(alias = "bf16")]
-    Bfloat16,
-    #[serde(alias = "f16", alias = "fp16", alias = "half")]
-    #[value(alias = "f16", alias = "fp16", alias = "half")]
-    Float16,
-}
-
-impl DType {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DType::Float32 => "float32",
-            DType::Bfloat16 => "bfloat16",
-            DType::Float16 => "float16",
-        }
-    }
-
-    /// The candle dtype.
-    pub fn candle(self) -> candle_core::DType {
-        match self {
-            DType::Float32 => candle_core::DType::F32,
-            DType::Bfloat16 => candle_core::DType::BF16,
-            DType::Float16 => candle_core::DType::F16,
-        }
-    }
-}
-
-impl std::fmt::Display for DType {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+pub use btm_model::DType;
 
 /// The candle device for `device`. A CUDA device keeps freed memory in its pool (as
 /// PyTorch's caching allocator does) rather than returning it at every synchronisation.

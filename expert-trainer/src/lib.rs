@@ -22,6 +22,7 @@ pub mod distributed;
 pub mod external;
 pub mod fuzz_targets;
 pub mod indexed;
+pub mod jobs;
 pub mod loss;
 pub mod metrics;
 pub mod optim;

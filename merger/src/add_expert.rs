@@ -85,9 +85,11 @@ impl AddExpertOptions {
 }
 
 /// The non-expert weights of the extended MoE.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
 #[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+#[serde(rename_all = "snake_case")]
 pub enum NonExpertOnAdd {
+    #[default]
     /// The MoE's, unchanged (the old domains keep their function exactly where they route).
     Keep,
     /// Re-averaged with the new expert's: (E·θ_moe + θ_new)/(E+1).

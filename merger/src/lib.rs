@@ -23,6 +23,7 @@ pub mod names;
 pub mod remove_expert;
 pub mod router_init;
 pub mod scaling;
+pub mod spec;
 pub mod upcycle;
 
 #[cfg(test)]
@@ -32,6 +33,7 @@ pub use add_expert::{add_expert, AddExpertOptions, NonExpertOnAdd};
 pub use merge::{merge, MergeOptions, MergeReport, NonExpert};
 pub use router_init::{RouterInit, RouterOptions};
 pub use scaling::ScalingMode;
+pub use spec::{AddExpertSpec, MergeSpec, OutputSpec, RemoveExpertSpec, RouterSpec, UpcycleSpec};
 pub use upcycle::{upcycle, UpcycleOptions};
 
 use anyhow::{bail, Result};

@@ -20,14 +20,19 @@ use anyhow::{bail, ensure, Context, Result};
 use btm_kernels::Routing;
 use btm_model::{Checkpoint, Extras, Lineage, ModelConfig, MoeConfig, SharedExpertConfig};
 use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-/// Where the non-expert weights come from.
-#[derive(Debug, Clone, PartialEq)]
+/// Where the non-expert weights come from. Written `average`, `weighted` (the weights given
+/// beside it) or `from:<ref>`: one grammar for the command line, job specs and pipelines, where
+/// `<ref>` is a checkpoint in a job and a domain (or `seed`) in a pipeline's `merge`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub enum NonExpert {
     /// Mean over the experts (BTX).
+    #[default]
     Average,
     /// Σ_i w_i θ_i / Σ_i w_i, one weight per expert.
     Weighted(Vec<f64>),
@@ -35,19 +40,54 @@ pub enum NonExpert {
     From(PathBuf),
 }
 
-impl NonExpert {
-    /// Parse `average`, `weighted` (needs `weights`) or `from:CKPT`.
-    pub fn parse(s: &str, weights: Option<Vec<f64>>) -> Result<Self> {
-        match (s, weights) {
-            ("average", None) => Ok(NonExpert::Average),
-            ("weighted", Some(w)) => Ok(NonExpert::Weighted(w)),
-            ("weighted", None) => bail!("--non-expert weighted needs --weights W1 W2 … (one per expert)"),
-            (other, w) => match other.strip_prefix("from:") {
-                Some(path) if !path.is_empty() && w.is_none() => Ok(NonExpert::From(PathBuf::from(path))),
-                _ if w.is_some() => bail!("--weights only goes with --non-expert weighted"),
-                _ => bail!("unknown --non-expert `{other}` (expected average, weighted or from:CKPT)"),
+impl std::str::FromStr for NonExpert {
+    type Err = String;
+    /// `weighted` parses to empty weights: they are given beside it (`--weights`).
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "average" => Ok(NonExpert::Average),
+            "weighted" => Ok(NonExpert::Weighted(vec![])),
+            other => match other.strip_prefix("from:") {
+                Some(path) if !path.is_empty() => Ok(NonExpert::From(PathBuf::from(path))),
+                _ => Err(format!("unknown non-expert source `{other}` (expected average, weighted or from:CKPT)")),
             },
         }
+    }
+}
+
+impl TryFrom<String> for NonExpert {
+    type Error = String;
+    fn try_from(s: String) -> std::result::Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl std::fmt::Display for NonExpert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NonExpert::Average => f.write_str("average"),
+            NonExpert::Weighted(_) => f.write_str("weighted"),
+            NonExpert::From(p) => write!(f, "from:{}", p.display()),
+        }
+    }
+}
+
+impl From<NonExpert> for String {
+    fn from(n: NonExpert) -> String {
+        n.to_string()
+    }
+}
+
+impl schemars::JsonSchema for NonExpert {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "NonExpert".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "string",
+            "pattern": "^(average|weighted|from:.+)$",
+            "description": "`average`, `weighted` (with `weights`) or `from:<checkpoint>`"
+        })
     }
 }
 
@@ -580,8 +620,10 @@ mod tests {
             let e1 = t(&out, "model.layers.0.mlp.experts.1.up_proj.weight");
             assert_eq!(rel_diff(&t(&b, "model.layers.0.mlp.up_proj.weight"), &e1), 0.0);
         }
-        assert!(NonExpert::parse("weighted", None).unwrap_err().to_string().contains("--weights"));
-        assert_eq!(NonExpert::parse("from:/x", None).unwrap(), NonExpert::From("/x".into()));
+        assert_eq!("weighted".parse::<NonExpert>().unwrap(), NonExpert::Weighted(vec![]));
+        assert_eq!("from:/x".parse::<NonExpert>().unwrap(), NonExpert::From("/x".into()));
+        assert!("from:".parse::<NonExpert>().unwrap_err().contains("expected average"));
+        assert_eq!(NonExpert::From("/x".into()).to_string(), "from:/x");
     }
 
     #[test]

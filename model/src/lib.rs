@@ -20,6 +20,7 @@
 pub mod card;
 pub mod checkpoint;
 pub mod config;
+pub mod dtype;
 pub mod ensemble;
 pub mod error;
 pub mod eval;
@@ -37,6 +38,7 @@ pub mod weights;
 pub use btm_kernels::Routing;
 pub use checkpoint::{write_checkpoint, write_checkpoint_files, write_checkpoint_part, Checkpoint, Extras, WriteOptions, WriterPart};
 pub use config::{Architecture, ModelConfig, MoeConfig, RopeScaling, SharedExpertConfig};
+pub use dtype::DType;
 pub use error::{Error, Result};
 pub use lineage::Lineage;
 pub use manifest::Manifest;

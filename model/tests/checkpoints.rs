@@ -4,7 +4,7 @@
 //! checkpoints of every architecture btm reads, with the logits and perplexity `transformers`
 //! computes for them in float32.
 
-use btm_model::checkpoint::{parse_dtype, rewrite, write_checkpoint, Extras, WriteOptions};
+use btm_model::checkpoint::{rewrite, write_checkpoint, Extras, WriteOptions};
 use btm_model::eval::perplexity;
 use btm_model::{Checkpoint, Error, Transformer};
 use candle_core::{DType, Device, Tensor};
@@ -110,7 +110,7 @@ fn read_write_read_is_bit_identical_in_every_dtype_and_sharding() {
 
         // bfloat16 and float16: converting once, then read → write → read is exact.
         for dtype in ["bfloat16", "float16"] {
-            let opts = WriteOptions { dtype: parse_dtype(dtype).unwrap(), ..Default::default() };
+            let opts = WriteOptions { dtype: dtype.parse::<btm_model::DType>().unwrap().candle(), ..Default::default() };
             let first = tmp.path().join(format!("{name}-{dtype}-1"));
             rewrite(&src, &first, &opts, None).unwrap();
             let first = Checkpoint::open(&first).unwrap();

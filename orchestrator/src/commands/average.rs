@@ -5,32 +5,24 @@
 use anyhow::{Context, Result};
 use btm_model::lineage::{Lineage, Parent};
 use btm_model::{Extras, WriteOptions};
+use btm_trainer::jobs::AverageSpec;
 use clap::Args;
 use std::path::PathBuf;
 
 #[derive(Args)]
 pub struct AverageArgs {
-    /// Dense experts of one architecture and tokenizer (directories or object-store URLs).
-    #[arg(long, num_args = 2.., required = true)]
-    experts: Vec<String>,
-    /// Weights: the ensemble's domain prior estimated on this held-out JSONL of the target domain.
-    #[arg(long, conflicts_with = "weights", required_unless_present = "weights")]
-    weights_from: Option<PathBuf>,
-    /// Weights given, one per expert (normalised to sum to 1).
-    #[arg(long, num_args = 1..)]
-    weights: Vec<f64>,
-    /// Window length for estimating the prior.
-    #[arg(long, default_value_t = 128)]
-    seq_len: usize,
-    /// The averaged model's folder (Hugging Face layout; written atomically, manifest last).
-    #[arg(long)]
-    out: PathBuf,
-    /// Where the domain posterior is scored.
-    #[arg(long, value_enum, default_value_t = super::Device::Cpu)]
-    device: super::Device,
+    /// The average's job file (JSON or YAML, the keys of the flags below), as a pipeline's plan
+    /// writes it; instead of the flags.
+    #[arg(long, exclusive = true)]
+    spec: Option<PathBuf>,
+    #[command(flatten)]
+    flags: Option<AverageSpec>,
 }
 
 pub fn run(args: AverageArgs) -> Result<()> {
+    let args = super::spec_or_flags(args.spec.as_deref(), args.flags)?;
+    anyhow::ensure!(args.experts.len() >= 2, "average: give at least two experts");
+    anyhow::ensure!(args.weights_from.is_some() != !args.weights.is_empty(), "average: give --weights-from or --weights, one of them");
     let members = super::eval::open_members(&args.experts)?;
     let weights = match &args.weights_from {
         Some(path) => {

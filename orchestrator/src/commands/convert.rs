@@ -15,13 +15,13 @@ pub struct ConvertArgs {
     #[arg(long)]
     out: PathBuf,
     #[command(flatten)]
-    output: super::OutputArgs,
+    output: btm_merger::OutputSpec,
 }
 
 pub fn run(args: ConvertArgs) -> Result<()> {
     let dir = btm_model::storage::local_dir(&args.model)?;
     let src = Checkpoint::open(&dir)?;
-    let opts = args.output.options()?.write_options(src.dtype());
+    let opts = args.output.options().write_options(src.dtype());
     let mut lineage = src.lineage()?.unwrap_or_else(|| Lineage::new("import"));
     lineage.parents =
         vec![btm_model::lineage::Parent { uri: args.model.clone(), manifest_sha256: Some(src.id()?), domain: lineage.domain.clone() }];

@@ -2,63 +2,23 @@
 
 use anyhow::{Context, Result};
 use btm_model::Checkpoint;
+use btm_trainer::jobs::EvalSpec;
 use clap::Args;
 use std::path::PathBuf;
 
 #[derive(Args)]
 pub struct EvalArgs {
-    /// Model directory or object-store URL (file://, s3://, gs://, az://).
-    #[arg(long, required_unless_present = "ensemble", conflicts_with = "ensemble")]
-    model: Option<String>,
-    /// Score the ensemble of these dense experts instead (BTM's ELMforest): each token predicted
-    /// by their mixture weighted by the domain posterior (`btm_model::ensemble`).
-    #[arg(long, num_args = 1..)]
-    ensemble: Vec<String>,
-    /// Estimate the ensemble's prior from this held-out JSONL (default: uniform).
-    #[arg(long, requires = "ensemble")]
-    prior_from: Option<PathBuf>,
-    /// Mix only the K members of largest weight at each position (posterior, or with
-    /// --clusters the cluster weight).
-    #[arg(long, requires = "ensemble")]
-    top_k: Option<usize>,
-    /// Weigh the members by c-BTM's cluster weights instead of the posterior: at each position,
-    /// softmax(−‖e − c_j‖²/T) of the context's embedding by the clusterer `btm cluster` saved in
-    /// this folder. Member i is cluster i's expert.
-    #[arg(long, requires = "ensemble", conflicts_with = "prior_from")]
-    clusters: Option<PathBuf>,
-    /// With --clusters: the temperature T (default: the clusterer's; c-BTM's is 0.1).
-    #[arg(long, requires = "clusters")]
-    temperature: Option<f32>,
-    /// JSONL file with a `text` field per line (a path or an object-store URL).
-    #[arg(long)]
-    data: PathBuf,
-    /// Longest window, in tokens; documents are cut into non-overlapping windows.
-    #[arg(long, default_value_t = 128)]
-    seq_len: usize,
-    /// Score only the first N documents.
-    #[arg(long)]
-    max_docs: Option<usize>,
-    /// Use at most N tokens of text: documents in file order, the last one cut short.
-    #[arg(long)]
-    max_tokens: Option<usize>,
-    /// Print one JSON line {"tokens", "nll", "ppl"}.
-    #[arg(long)]
-    json: bool,
-    /// Compute dtype.
-    #[arg(long, value_enum, default_value_t = super::DType::Float32)]
-    dtype: super::DType,
-    /// Where to compute.
-    #[arg(long, value_enum, default_value_t = super::Device::Cpu)]
-    device: super::Device,
-    /// For an MoE, also report each layer's share of tokens per expert (`routing` in the JSON).
-    #[arg(long)]
-    routing: bool,
-    /// Also write the JSON result to this file (atomically) or object-store URL.
-    #[arg(long)]
-    out: Option<PathBuf>,
+    /// The evaluation's job file (JSON or YAML, the keys of the flags below), as a pipeline's
+    /// plan writes it; instead of the flags.
+    #[arg(long, exclusive = true)]
+    spec: Option<PathBuf>,
+    #[command(flatten)]
+    flags: Option<EvalSpec>,
 }
 
 pub fn run(args: EvalArgs) -> Result<()> {
+    let args = super::spec_or_flags(args.spec.as_deref(), args.flags)?;
+    anyhow::ensure!(args.model.is_some() != !args.ensemble.is_empty(), "give --model or --ensemble, one of them");
     anyhow::ensure!(args.seq_len >= 2, "--seq-len must be at least 2");
     let device = args.device.open()?;
     if args.clusters.is_some() {
@@ -113,7 +73,7 @@ pub fn tokenized(
     Ok(docs)
 }
 
-fn run_ensemble(args: &EvalArgs, device: &candle_core::Device) -> Result<()> {
+fn run_ensemble(args: &EvalSpec, device: &candle_core::Device) -> Result<()> {
     let members = open_members(&args.ensemble)?;
     if let Some(k) = args.top_k {
         anyhow::ensure!(k >= 1 && k <= members.len(), "--top-k {k}: must be between 1 and the {} members", members.len());
@@ -141,7 +101,7 @@ fn run_ensemble(args: &EvalArgs, device: &candle_core::Device) -> Result<()> {
 /// decoded to text (`sequence_scorer_btm.py`'s `_get_context_clusters`, whose first position's
 /// context is empty), kept to the `--top-k` largest:
 /// `p(x_t | x_<t) = Σ_j w_j(x_<t) · p_j(x_t | x_<t)`, `w(x) = softmax(−‖e(x) − c_j‖² / T)`.
-fn run_clustered(args: &EvalArgs, device: &candle_core::Device) -> Result<()> {
+fn run_clustered(args: &EvalSpec, device: &candle_core::Device) -> Result<()> {
     let dir = args.clusters.as_ref().context("--clusters")?;
     let mut clusterer = btm_cluster::Clusterer::load(dir)?;
     if let Some(t) = args.temperature {
@@ -191,7 +151,7 @@ fn run_clustered(args: &EvalArgs, device: &candle_core::Device) -> Result<()> {
 
 /// Write `result` where `--out` says, print it as `--json` or a line.
 fn report(
-    args: &EvalArgs,
+    args: &EvalSpec,
     result: &serde_json::Value,
     docs: usize,
     p: btm_model::eval::Perplexity,

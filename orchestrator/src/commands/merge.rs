@@ -1,78 +1,45 @@
 //! `btm merge`: assemble trained dense experts into a Mixture of Experts.
 
 use anyhow::Result;
-use btm_merger::merge::{merge, MergeOptions, NonExpert};
-use btm_model::Routing;
+use btm_merger::merge::merge;
+use btm_merger::MergeSpec;
 use clap::Args;
 use std::path::PathBuf;
 
 #[derive(Args)]
 pub struct MergeArgs {
-    /// Dense expert checkpoints (directories or URLs); expert i's FFN becomes expert i.
-    #[arg(long, num_args = 1.., required_unless_present = "mergekit_config")]
-    experts: Vec<String>,
+    /// The merge's job file (JSON or YAML, the keys of the flags below), as a pipeline's plan
+    /// writes it; instead of the flags.
+    #[arg(long, exclusive = true)]
+    spec: Option<PathBuf>,
     /// Take the merge from a mergekit-moe YAML instead (base_model, gate_mode, experts with
     /// positive_prompts, experts_per_token, dtype, shared_experts); what btm cannot honour is
     /// an error. --out, --shard-mb and --overwrite still apply.
-    #[arg(long, conflicts_with_all = ["experts", "calib", "top_k", "routing", "non_expert", "weights", "shared_expert"])]
+    #[arg(long, requires = "out", conflicts_with_all = ["experts", "calib", "top_k", "routing", "non_expert", "weights", "shared_expert"])]
     mergekit_config: Option<PathBuf>,
-    /// The merged MoE's folder (or object-store URL).
-    #[arg(long)]
-    out: PathBuf,
-    /// Experts per token.
-    #[arg(long, default_value_t = 2)]
-    top_k: usize,
-    /// topk_then_softmax (Mixtral) or softmax_then_topk (Qwen2-MoE, norm_topk_prob false).
-    #[arg(long, default_value = "topk_then_softmax")]
-    routing: Routing,
     #[command(flatten)]
-    router: super::RouterArgs,
-    /// Calibration text per expert, in expert order: NAME=FILE.jsonl …
-    #[arg(long, num_args = 1..)]
-    calib: Vec<String>,
-    /// Non-expert weights: average (BTX) | weighted (with --weights) | from:CKPT.
-    #[arg(long, default_value = "average")]
-    non_expert: String,
-    /// One weight per expert for --non-expert weighted.
-    #[arg(long, num_args = 1..)]
-    weights: Option<Vec<f64>>,
-    /// Keep this dense model's FFN as an always-on shared expert.
-    #[arg(long)]
-    shared_expert: Option<String>,
+    flags: Option<MergeSpec>,
     #[command(flatten)]
-    output: super::OutputArgs,
-}
-
-/// The merge the flags ask for, writing `out`.
-fn options(args: &MergeArgs, out: &std::path::Path) -> Result<MergeOptions> {
-    let experts = args.experts.iter().map(|e| btm_model::storage::local_dir(e)).collect::<Result<Vec<_>, _>>()?;
-    let mut o = MergeOptions::new(experts, out);
-    o.top_k = args.top_k;
-    o.routing = args.routing;
-    o.router = args.router.options(!args.calib.is_empty());
-    o.calib = args.calib.iter().map(|c| super::fetch_named(c)).collect::<Result<_>>()?;
-    o.non_expert = match args.non_expert.strip_prefix("from:") {
-        Some(ckpt) => NonExpert::From(btm_model::storage::local_dir(ckpt)?),
-        None => NonExpert::parse(&args.non_expert, args.weights.clone())?,
-    };
-    o.shared_expert = args.shared_expert.as_deref().map(btm_model::storage::local_dir).transpose()?;
-    o.output = args.output.options()?;
-    Ok(o)
+    router: btm_merger::RouterSpec,
+    #[command(flatten)]
+    output: btm_merger::OutputSpec,
 }
 
 pub fn run(args: MergeArgs) -> Result<()> {
+    let flags = args.flags.map(|f| MergeSpec { router: args.router, output: args.output, ..f });
+    let spec = super::spec_or_flags(args.spec.as_deref(), flags)?;
     // An object-store --out is written locally, then uploaded manifest last.
-    let output = btm_model::folder::Output::new(&args.out.to_string_lossy())?;
+    let output = btm_model::folder::Output::new(&spec.out)?;
     let calib_dir = tempfile::tempdir()?;
     let o = match &args.mergekit_config {
         Some(file) => {
             let mut o = super::mergekit::read(file)?.options(output.path(), calib_dir.path())?;
             let dtype = o.output.dtype;
-            o.output = args.output.options()?;
+            o.output = spec.output.options();
             o.output.dtype = dtype.or(o.output.dtype);
             o
         }
-        None => options(&args, output.path())?,
+        None => spec.options(output.path(), super::local_dir, super::fetch_file)?,
     };
     let start = std::time::Instant::now();
     let report = merge(&o)?;
@@ -83,7 +50,7 @@ pub fn run(args: MergeArgs) -> Result<()> {
     let m = report.config.moe.as_ref().expect("an MoE");
     println!(
         "wrote {} as {}: {} experts, top-{}, {}, router {} ({:.1}s)",
-        args.out.display(),
+        spec.out,
         report.config.output_architecture().class_name(),
         m.experts,
         m.top_k,

@@ -19,7 +19,7 @@
 use anyhow::{bail, ensure, Context, Result};
 use btm_merger::merge::{MergeOptions, NonExpert};
 use btm_merger::RouterInit;
-use btm_model::Routing;
+use btm_model::{DType, Routing};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 
@@ -157,7 +157,7 @@ impl MergekitMoe {
             _ => bail!("shared_experts: at most one (as in mergekit)"),
         }
         if let Some(d) = &self.dtype {
-            o.output.dtype = Some(super::dtype(d).context("dtype")?);
+            o.output.dtype = Some(d.parse::<DType>().context("dtype")?.candle());
         }
         Ok(o)
     }

@@ -2,35 +2,31 @@
 //! or in an object store; see `btm_trainer::sources`).
 
 use anyhow::Result;
+use btm_trainer::jobs::TokenizerSpec;
 use clap::Subcommand;
 use std::path::PathBuf;
 
 #[derive(Subcommand)]
 pub enum TokenizerCommand {
     /// Train a byte-level BPE tokenizer (`<s>` = 0 is prepended, `</s>` = 1 ends documents).
-    Train {
-        /// Text sources: JSONL (`.jsonl`, `.gz`, `.zst`), parquet (a file, a folder of shards or
-        /// a `*` glob), paths or URLs.
-        #[arg(long, num_args = 1.., required = true)]
-        data: Vec<PathBuf>,
-        /// The JSON field or parquet column holding the text.
-        #[arg(long, default_value = btm_trainer::sources::DEFAULT_TEXT_KEY)]
-        text_key: String,
-        /// Tokens in the vocabulary, special tokens included.
-        #[arg(long, default_value_t = 8192)]
-        vocab_size: usize,
-        /// Use at most this many documents per file.
-        #[arg(long)]
-        max_docs: Option<usize>,
-        /// Where to write tokenizer.json.
-        #[arg(long)]
-        out: PathBuf,
-    },
+    Train(TrainArgs),
+}
+
+/// `btm tokenizer train`: its flags, or its job file.
+#[derive(clap::Args)]
+pub struct TrainArgs {
+    /// The job file (JSON or YAML, the keys of the flags below), as a pipeline's plan writes it;
+    /// instead of the flags.
+    #[arg(long, exclusive = true)]
+    spec: Option<PathBuf>,
+    #[command(flatten)]
+    flags: Option<TokenizerSpec>,
 }
 
 pub fn run(cmd: TokenizerCommand) -> Result<()> {
     match cmd {
-        TokenizerCommand::Train { data, text_key, vocab_size, max_docs, out } => {
+        TokenizerCommand::Train(args) => {
+            let TokenizerSpec { data, text_key, vocab_size, max_docs, out } = super::spec_or_flags(args.spec.as_deref(), args.flags)?;
             let mut texts = Vec::new();
             for f in &data {
                 let location = f.to_string_lossy();

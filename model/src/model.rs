@@ -9,43 +9,66 @@
 //! attention and SwiGLU instead of chains of ten or twenty), which is what makes CPU training
 //! fast. On CUDA (the `cuda` feature of `btm-kernels`) RMSNorm, SwiGLU, the attention's causal
 //! softmax and the MoE layer run as the same ops' CUDA kernels, the matrix products as cuBLAS's.
-//! [`Transformer::set_fused_kernels`] picks the primitives on the CPU too; a test checks
-//! both give the same logits and gradients. Between layers the residual stream is kept as
-//! [B·T, H] rows: a reshape is a graph node whose gradient costs a pass of its own. Numerics
-//! follow transformers' eager implementation: RMSNorm and attention softmax in float32, router
-//! in float32.
+//! The model holds one [`Kernels`] policy ([`Transformer::set_kernels`]) that picks between the
+//! two, on the CPU too, and every block asks it (`Kernels::fuses`) rather than testing devices
+//! and dtypes itself; a test checks both give the same logits and gradients. Between layers the
+//! residual stream is kept as [B·T, H] rows: a reshape is a graph node whose gradient costs a
+//! pass of its own. Numerics follow transformers' eager implementation: RMSNorm and attention
+//! softmax in float32, router in float32.
 
 use crate::config::{ModelConfig, MoeConfig, RopeScaling};
 use btm_kernels::{route, Capacity, ExpertShard, ExpertWeights, MoeOptions, Routed, Routing};
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::{Embedding, VarBuilder};
 
-/// Root-mean-square layer norm (Zhang & Sennrich 2019), computed in float32 as Llama does.
-#[derive(Debug, Clone)]
-pub struct RmsNorm {
-    weight: Tensor,
-    eps: f64,
-    /// Use the fused CPU kernel where it applies (see [`fused_cpu`]).
-    fused: bool,
+/// Which implementation the model's blocks run: the fused `btm-kernels` ops (one graph node
+/// with a hand-written backward each) or chains of candle primitives (the reference the kernels
+/// are tested against). A [`Transformer`] holds one and hands it to every block's forward pass;
+/// `Kernels::fuses` is the one place that decides, per block and tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Kernels {
+    /// Norms, attention and SwiGLUs (dense, shared, and the routed experts of the reference
+    /// loop) through the fused ops where they serve the tensor (CPU in float32/float64; CUDA in
+    /// float32/bfloat16 with the `cuda` feature); `false`: the primitive chains everywhere.
+    pub fused_ops: bool,
+    /// MoE layers through the fused layer where [`btm_kernels::fused_ops_on`] the device;
+    /// `false`: the plain loop over experts. Expert-parallel layers take the fused layer always.
+    pub fused_moe: bool,
 }
 
-impl RmsNorm {
-    /// A norm over the last dimension of width `size`, its gain `vb`'s `weight`, shape `[size]`.
-    pub fn new(size: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
-        Ok(Self { weight: vb.get(size, "weight")?, eps, fused: true })
-    }
-}
+impl Kernels {
+    /// The fused ops and the fused MoE layer wherever they apply: the default.
+    pub const FUSED: Self = Self { fused_ops: true, fused_moe: true };
 
-impl Module for RmsNorm {
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        if self.fused && (fused_cpu(xs) || fused_gpu(xs)) && self.weight.dtype() == xs.dtype() {
-            return btm_kernels::rms_norm(xs, &self.weight, self.eps);
+    /// Whether `op` on `xs` runs through the fused kernels: the policy asks for them and they
+    /// serve `xs`'s device and dtype.
+    fn fuses(self, op: Op, xs: &Tensor) -> bool {
+        match op {
+            Op::RmsNorm | Op::SwiGlu => self.fused_ops && (fused_cpu(xs) || fused_gpu(xs)),
+            Op::Attention => self.fused_ops && fused_cpu(xs),
+            Op::CausalSoftmax => self.fused_ops && fused_gpu(xs),
+            Op::Moe => self.fused_moe && btm_kernels::fused_ops_on(xs.device()),
         }
-        let dtype = xs.dtype();
-        let xs = xs.to_dtype(DType::F32)?;
-        let inv_rms = (xs.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?.sqrt()?.recip()?;
-        xs.broadcast_mul(&inv_rms)?.to_dtype(dtype)?.broadcast_mul(&self.weight)
     }
+}
+
+impl Default for Kernels {
+    fn default() -> Self {
+        Self::FUSED
+    }
+}
+
+/// The blocks that have a fused form, as `Kernels::fuses` tells them apart.
+#[derive(Debug, Clone, Copy)]
+enum Op {
+    RmsNorm,
+    SwiGlu,
+    /// The whole attention map in one op (CPU).
+    Attention,
+    /// The attention's scale, mask and softmax in one kernel, the products cuBLAS's (CUDA).
+    CausalSoftmax,
+    /// The routed experts: the fused layer instead of the loop over experts.
+    Moe,
 }
 
 /// Whether the fused CPU kernels of `btm-kernels` (one graph node with a hand-written backward
@@ -60,6 +83,38 @@ fn fused_cpu(xs: &Tensor) -> bool {
 /// causal softmax (the attention's products stay cuBLAS's); RMSNorm and softmax run in float32.
 fn fused_gpu(xs: &Tensor) -> bool {
     xs.device().is_cuda() && btm_kernels::fused_ops_on(xs.device()) && matches!(xs.dtype(), DType::F32 | DType::BF16)
+}
+
+/// Root-mean-square layer norm (Zhang & Sennrich 2019), computed in float32 as Llama does.
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    /// A norm over the last dimension of width `size`, its gain `vb`'s `weight`, shape `[size]`.
+    pub fn new(size: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        Ok(Self { weight: vb.get(size, "weight")?, eps })
+    }
+
+    /// The norm of `xs` with the implementation `kernels` picks.
+    pub fn forward_with(&self, xs: &Tensor, kernels: Kernels) -> Result<Tensor> {
+        if kernels.fuses(Op::RmsNorm, xs) && self.weight.dtype() == xs.dtype() {
+            return btm_kernels::rms_norm(xs, &self.weight, self.eps);
+        }
+        let dtype = xs.dtype();
+        let xs = xs.to_dtype(DType::F32)?;
+        let inv_rms = (xs.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?.sqrt()?.recip()?;
+        xs.broadcast_mul(&inv_rms)?.to_dtype(dtype)?.broadcast_mul(&self.weight)
+    }
+}
+
+impl Module for RmsNorm {
+    /// The norm with the default [`Kernels`].
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        self.forward_with(xs, Kernels::FUSED)
+    }
 }
 
 /// Rotary position embeddings (Su et al. 2021) with the `rotate_half` convention of
@@ -217,7 +272,6 @@ pub struct Attention {
     num_kv_heads: usize,
     head_dim: usize,
     sliding_window: Option<usize>,
-    fused: bool,
 }
 
 impl Attention {
@@ -233,13 +287,21 @@ impl Attention {
             num_kv_heads: cfg.num_kv_heads,
             head_dim: d,
             sliding_window: cfg.sliding_window,
-            fused: true,
         })
     }
 
-    /// Attention over token rows `xs` [B·T, H] of `b` sequences of `t` tokens; returns [B·T, H].
-    pub fn forward(&self, xs: &Tensor, (b, t): (usize, usize), cos: &Tensor, sin: &Tensor, mask: &CausalMask) -> Result<Tensor> {
-        if self.fused && fused_cpu(xs) {
+    /// Attention over token rows `xs` [B·T, H] of `b` sequences of `t` tokens, with the
+    /// implementation `kernels` picks; returns [B·T, H].
+    pub fn forward(
+        &self,
+        xs: &Tensor,
+        (b, t): (usize, usize),
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &CausalMask,
+        kernels: Kernels,
+    ) -> Result<Tensor> {
+        if kernels.fuses(Op::Attention, xs) {
             return self.forward_fused(xs, t, cos, sin);
         }
         let xs = &xs.reshape((b, t, ()))?;
@@ -253,7 +315,7 @@ impl Attention {
         let (k, v) = (repeat_kv(&k, group)?, repeat_kv(&v, group)?);
 
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let probs = if self.fused && fused_gpu(&q) {
+        let probs = if kernels.fuses(Op::CausalSoftmax, &q) {
             // Scale, causal mask and softmax in one kernel, the [T, T] scores kept in q's dtype.
             btm_kernels::causal_softmax(&q.matmul(&k.t()?)?, scale, self.sliding_window)?
         } else {
@@ -305,7 +367,6 @@ pub struct SwiGlu {
     gate_proj: Linear,
     up_proj: Linear,
     down_proj: Linear,
-    fused: bool,
 }
 
 impl SwiGlu {
@@ -315,14 +376,12 @@ impl SwiGlu {
             gate_proj: linear(hidden, ffn, false, vb.pp("gate_proj"))?,
             up_proj: linear(hidden, ffn, false, vb.pp("up_proj"))?,
             down_proj: linear(ffn, hidden, false, vb.pp("down_proj"))?,
-            fused: true,
         })
     }
-}
 
-impl Module for SwiGlu {
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        if self.fused && (fused_cpu(xs) || fused_gpu(xs)) && xs.rank() == 2 {
+    /// The FFN on `xs` with the implementation `kernels` picks.
+    pub fn forward_with(&self, xs: &Tensor, kernels: Kernels) -> Result<Tensor> {
+        if kernels.fuses(Op::SwiGlu, xs) && xs.rank() == 2 {
             // Gate and up as one product: the input's gradient is then one GEMM, not two
             // GEMMs and a sum.
             let gate_up = Tensor::cat(&[self.gate_proj.weight(), self.up_proj.weight()], 0)?;
@@ -331,6 +390,13 @@ impl Module for SwiGlu {
         }
         let gate = self.gate_proj.forward(xs)?.silu()?;
         self.down_proj.forward(&(gate * self.up_proj.forward(xs)?)?)
+    }
+}
+
+impl Module for SwiGlu {
+    /// The FFN with the default [`Kernels`].
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        self.forward_with(xs, Kernels::FUSED)
     }
 }
 
@@ -353,7 +419,7 @@ enum Experts {
 
 impl Experts {
     /// One SwiGLU per expert (views into stacked weights; gradients flow back to them).
-    fn each(&self, fused: bool) -> Result<Vec<SwiGlu>> {
+    fn each(&self) -> Result<Vec<SwiGlu>> {
         match self {
             Experts::Each(experts) => Ok(experts.clone()),
             Experts::Stacked(w) => {
@@ -365,7 +431,6 @@ impl Experts {
                             gate_proj: Linear::new(gate_up.narrow(0, 0, f)?, None),
                             up_proj: Linear::new(gate_up.narrow(0, f, f)?, None),
                             down_proj: Linear::new(w.down.get(i)?, None),
-                            fused,
                         })
                     })
                     .collect()
@@ -427,10 +492,6 @@ pub struct MoeBlock {
     shared_expert_gate: Option<Linear>,
     top_k: usize,
     routing: Routing,
-    /// Use the fused kernels (CPU; CUDA with the `cuda` feature).
-    fused: bool,
-    /// Whether stacked experts, taken apart for the reference loop, use the fused SwiGLU.
-    expert_fused: bool,
     /// Expert capacity (fused path only); `None` = dropless.
     capacity: Option<Capacity>,
     /// Expert parallelism: this rank holds only `shard.local()` of the experts, and tokens go
@@ -477,10 +538,8 @@ impl MoeBlock {
             ),
         };
         Ok(Self {
-            fused: btm_kernels::fused_ops_on(router.device()),
             router,
             experts,
-            expert_fused: true,
             shared_expert,
             shared_expert_gate,
             top_k: moe.top_k,
@@ -496,16 +555,21 @@ impl MoeBlock {
     }
 
     /// The layer on `xs` [..., H] (any leading dimensions), returning the same shape; pushes
-    /// the router's decisions onto `record` when given.
+    /// the router's decisions onto `record` when given. Runs with the default [`Kernels`].
     pub fn forward(&self, xs: &Tensor, record: Option<&mut Vec<RouterOutput>>) -> Result<Tensor> {
+        self.forward_with(xs, Kernels::FUSED, record)
+    }
+
+    /// [`Self::forward`] with the implementation `kernels` picks.
+    pub fn forward_with(&self, xs: &Tensor, kernels: Kernels, record: Option<&mut Vec<RouterOutput>>) -> Result<Tensor> {
         let dims = xs.dims().to_vec();
         let hidden = *dims.last().expect("hidden dim");
         let xs = if xs.rank() == 2 { xs.clone() } else { xs.reshape(((), hidden))? };
         // Expert-parallel layers always take the fused path: only it exchanges tokens.
-        let fused = self.fused || self.shard.is_some();
-        let (mut out, router) = if fused { self.routed_fused(&xs)? } else { self.routed_reference(&xs)? };
+        let fused = kernels.fuses(Op::Moe, &xs) || self.shard.is_some();
+        let (mut out, router) = if fused { self.routed_fused(&xs)? } else { self.routed_reference(&xs, kernels)? };
         if let Some(shared) = &self.shared_expert {
-            let mut s = shared.forward(&xs)?;
+            let mut s = shared.forward_with(&xs, kernels)?;
             if let Some(gate) = &self.shared_expert_gate {
                 s = s.broadcast_mul(&sigmoid(&gate.forward(&xs)?)?)?;
             }
@@ -543,14 +607,14 @@ impl MoeBlock {
     }
 
     /// The routed experts by the plain loop (the reference the fused kernels are tested against).
-    fn routed_reference(&self, xs: &Tensor) -> Result<(Tensor, RouterOutput)> {
+    fn routed_reference(&self, xs: &Tensor, kernels: Kernels) -> Result<(Tensor, RouterOutput)> {
         let logits = self.router_logits(xs)?;
         let routed = route(&logits, self.top_k, self.routing)?;
 
         // Group the T·k assignments by expert on the host: the reference loop.
         let k = self.top_k;
         let assignments = routed.experts.flatten_all()?.to_vec1::<u32>()?;
-        let experts = self.experts.each(self.expert_fused)?;
+        let experts = self.experts.each()?;
         let mut tokens: Vec<Vec<u32>> = vec![Vec::new(); experts.len()];
         let mut slots: Vec<Vec<u32>> = vec![Vec::new(); experts.len()];
         for (slot, &e) in assignments.iter().enumerate() {
@@ -566,17 +630,11 @@ impl MoeBlock {
             let n = tokens[e].len();
             let token_idx = Tensor::from_slice(&tokens[e], n, xs.device())?;
             let slot_idx = Tensor::from_slice(&slots[e], n, xs.device())?;
-            let y = expert.forward(&xs.index_select(&token_idx, 0)?)?;
+            let y = expert.forward_with(&xs.index_select(&token_idx, 0)?, kernels)?;
             let w = weights.index_select(&slot_idx, 0)?.to_dtype(y.dtype())?.unsqueeze(1)?;
             out = out.index_add(&token_idx, &y.broadcast_mul(&w)?, 0)?;
         }
         Ok((out, RouterOutput { logits, routed, dropped: 0 }))
-    }
-
-    /// Use the fused kernels (`true`; where [`btm_kernels::fused_ops_on`]) or the
-    /// reference loop.
-    pub fn set_fused(&mut self, fused: bool) {
-        self.fused = fused && btm_kernels::fused_ops_on(self.router.device());
     }
 
     /// Limit each expert to `ceil(T·k/E · factor)` assignments (fused path); `None` = dropless.
@@ -639,18 +697,32 @@ impl DecoderLayer {
     /// One layer on token rows `xs` [B·T, H] of `b` sequences of `t` tokens. The residual
     /// stream stays two-dimensional through the layers: every reshape is a graph node whose
     /// gradient candle accumulates with a full pass of its own.
-    fn forward(&self, xs: &Tensor, bt: (usize, usize), cos: &Tensor, sin: &Tensor, mask: &CausalMask, trace: &mut Trace) -> Result<Tensor> {
-        let h = (xs + self.self_attn.forward(&self.input_layernorm.forward(xs)?, bt, cos, sin, mask)?)?;
-        let normed = self.post_attention_layernorm.forward(&h)?;
+    fn forward(&self, xs: &Tensor, pass: &Pass, trace: &mut Trace) -> Result<Tensor> {
+        let Pass { bt, cos, sin, mask, kernels } = pass;
+        let kernels = *kernels;
+        let normed = self.input_layernorm.forward_with(xs, kernels)?;
+        let h = (xs + self.self_attn.forward(&normed, *bt, cos, sin, mask, kernels)?)?;
+        let normed = self.post_attention_layernorm.forward_with(&h, kernels)?;
         if trace.collect_ffn_inputs {
             trace.ffn_inputs.push(normed.reshape((bt.0, bt.1, ()))?);
         }
         let ffn = match &self.mlp {
-            Ffn::Dense(mlp) => mlp.forward(&normed)?,
-            Ffn::Moe(moe) => moe.forward(&normed, Some(&mut trace.router))?,
+            Ffn::Dense(mlp) => mlp.forward_with(&normed, kernels)?,
+            Ffn::Moe(moe) => moe.forward_with(&normed, kernels, Some(&mut trace.router))?,
         };
         h + ffn
     }
+}
+
+/// What every layer of one forward pass shares.
+struct Pass<'a> {
+    /// Sequences B and tokens per sequence T.
+    bt: (usize, usize),
+    /// Rotary tables for positions 0..T.
+    cos: Tensor,
+    sin: Tensor,
+    mask: CausalMask<'a>,
+    kernels: Kernels,
 }
 
 /// The whole model: embeddings, decoder layers, final norm and LM head.
@@ -662,6 +734,8 @@ pub struct Transformer {
     lm_head: Linear,
     rotary: Rotary,
     config: ModelConfig,
+    /// The implementation every forward pass runs its blocks with.
+    kernels: Kernels,
 }
 
 impl Transformer {
@@ -688,6 +762,7 @@ impl Transformer {
             lm_head,
             rotary: Rotary::new(cfg),
             config: cfg.clone(),
+            kernels: Kernels::FUSED,
         })
     }
 
@@ -703,33 +778,27 @@ impl Transformer {
         })
     }
 
-    /// Run MoE layers through the fused kernels (default on the CPU) or the reference loop.
-    pub fn set_fused_moe(&mut self, fused: bool) {
-        self.moe_blocks().for_each(|m| m.set_fused(fused));
+    /// The implementation the blocks run with ([`Kernels::FUSED`] unless set).
+    pub fn kernels(&self) -> Kernels {
+        self.kernels
     }
 
-    /// Run norms, attention and dense FFNs through the fused CPU kernels (the default where
-    /// they apply: CPU, float32/float64) or through chains of candle primitives (the reference
-    /// the kernels are tested against; what other devices and dtypes always use).
+    /// Run every block with the implementation `kernels` picks.
+    pub fn set_kernels(&mut self, kernels: Kernels) {
+        self.kernels = kernels;
+    }
+
+    /// Run MoE layers through the fused kernels (default on the CPU) or the reference loop:
+    /// [`Kernels::fused_moe`].
+    pub fn set_fused_moe(&mut self, fused: bool) {
+        self.kernels.fused_moe = fused;
+    }
+
+    /// Run norms, attention and dense FFNs through the fused kernels (the default where they
+    /// apply) or through chains of candle primitives (the reference the kernels are tested
+    /// against; what other devices and dtypes always use): [`Kernels::fused_ops`].
     pub fn set_fused_kernels(&mut self, fused: bool) {
-        self.norm.fused = fused;
-        for layer in &mut self.layers {
-            layer.input_layernorm.fused = fused;
-            layer.post_attention_layernorm.fused = fused;
-            layer.self_attn.fused = fused;
-            match &mut layer.mlp {
-                Ffn::Dense(mlp) => mlp.fused = fused,
-                Ffn::Moe(moe) => {
-                    moe.expert_fused = fused;
-                    if let Experts::Each(experts) = &mut moe.experts {
-                        experts.iter_mut().for_each(|e| e.fused = fused);
-                    }
-                    if let Some(e) = moe.shared_expert.as_mut() {
-                        e.fused = fused;
-                    }
-                }
-            }
-        }
+        self.kernels.fused_ops = fused;
     }
 
     /// Expert capacity for every MoE layer; `None` = dropless (the default).
@@ -755,14 +824,19 @@ impl Transformer {
         if t > self.config.max_position_embeddings {
             candle_core::bail!("sequence of {t} tokens is longer than max_position_embeddings ({})", self.config.max_position_embeddings);
         }
-        let device = input_ids.device();
-        let (cos, sin) = self.rotary.tables(t, device)?;
-        let mask = CausalMask::new(t, self.config.sliding_window, device);
+        let pass = self.pass((b, t), input_ids.device())?;
         let mut xs = self.embed_tokens.embeddings().index_select(&input_ids.flatten_all()?, 0)?;
         for layer in &self.layers {
-            xs = layer.forward(&xs, (b, t), &cos, &sin, &mask, trace)?;
+            xs = layer.forward(&xs, &pass, trace)?;
         }
-        self.lm_head.forward(&self.norm.forward(&xs)?)
+        self.lm_head.forward(&self.norm.forward_with(&xs, self.kernels)?)
+    }
+
+    /// The tables, mask and kernels the layers of a pass over `b` sequences of `t` tokens share.
+    fn pass<'a>(&self, (b, t): (usize, usize), device: &'a Device) -> Result<Pass<'a>> {
+        let (cos, sin) = self.rotary.tables(t, device)?;
+        let mask = CausalMask::new(t, self.config.sliding_window, device);
+        Ok(Pass { bt: (b, t), cos, sin, mask, kernels: self.kernels })
     }
 
     /// The residual stream before layer 0: token embeddings [B, T, H] for ids [B, T].
@@ -778,11 +852,10 @@ impl Transformer {
         if layers.end > self.layers.len() {
             candle_core::bail!("layers {layers:?} out of range (the model has {})", self.layers.len());
         }
-        let (cos, sin) = self.rotary.tables(t, xs.device())?;
-        let mask = CausalMask::new(t, self.config.sliding_window, xs.device());
+        let pass = self.pass((b, t), xs.device())?;
         let mut xs = xs.reshape((b * t, ()))?;
         for layer in &self.layers[layers] {
-            xs = layer.forward(&xs, (b, t), &cos, &sin, &mask, trace)?;
+            xs = layer.forward(&xs, &pass, trace)?;
         }
         xs.reshape((b, t, ()))
     }
@@ -933,6 +1006,8 @@ mod tests {
             (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap() / scale
         };
         assert!(rel_diff(&lf, &lp) < 1e-6, "logits differ by {}", rel_diff(&lf, &lp));
+        // Not bitwise equal: the policy did switch `plain` to the primitive chains.
+        assert!(rel_diff(&lf, &lp) > 0.0, "fused and primitive logits are identical");
         for (name, var) in &vars {
             let (a, b) = (gf.get(var).unwrap(), gp.get(var).unwrap_or_else(|| panic!("no gradient for {name}")));
             assert!(rel_diff(a, b) < 1e-5, "gradient of {name} differs by {}", rel_diff(a, b));
@@ -942,7 +1017,7 @@ mod tests {
     #[test]
     fn rms_norm_has_gradient() {
         let x = candle_core::Var::new(&[[1f32, 2.0, 3.0]], &Device::Cpu).unwrap();
-        let norm = RmsNorm { weight: Tensor::new(&[1f32, 1.0, 1.0], &Device::Cpu).unwrap(), eps: 1e-6, fused: true };
+        let norm = RmsNorm { weight: Tensor::new(&[1f32, 1.0, 1.0], &Device::Cpu).unwrap(), eps: 1e-6 };
         let y = norm.forward(x.as_tensor()).unwrap();
         let g = y.narrow(1, 0, 1).unwrap().sum_all().unwrap().backward().unwrap();
         assert!(g.get(x.as_tensor()).is_some());

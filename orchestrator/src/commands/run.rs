@@ -173,7 +173,7 @@ fn print_manifests(k: &crate::pipeline::spec::KubernetesSpec, plan: &Plan) -> Re
     // The executor batches the jobs that are ready at one moment by `batch_key` alone; the dry
     // run sees the whole plan at once, so it adds the dependencies: only jobs with the same
     // dependencies become ready together, and so share one array.
-    let batches = crate::executor::group_by_key(&plan.jobs, |j| (crate::executor::batch_key(*j), &j.deps));
+    let batches = crate::executor::group_by_key(&plan.jobs, |j| (crate::executor::batch_key(j), &j.deps));
     let run_name = plan.run_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     for batch in batches {
         let subs: Vec<crate::engine::Submission> =

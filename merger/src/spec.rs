@@ -180,7 +180,7 @@ pub struct UpcycleSpec {
     pub granularity: usize,
     /// topk_then_softmax (Mixtral) or softmax_then_topk (Qwen2-MoE, norm_topk_prob false).
     #[cfg_attr(feature = "clap", arg(long, value_enum, default_value_t = upcycle_defaults().routing))]
-    #[serde(default = "default_routing")]
+    #[serde(default = "default_upcycle_routing")]
     pub routing: Routing,
     /// exact (√a on up and down) or megatron (a^(1/3) on gate, up and down).
     #[cfg_attr(feature = "clap", arg(long, value_enum, default_value_t = upcycle_defaults().scaling))]
@@ -206,6 +206,9 @@ pub struct UpcycleSpec {
 /// [`UpcycleOptions::new`]: where the upcycle's defaults are written.
 fn upcycle_defaults() -> UpcycleOptions {
     UpcycleOptions::new("", "", 1, 1)
+}
+fn default_upcycle_routing() -> Routing {
+    upcycle_defaults().routing
 }
 fn default_granularity() -> usize {
     upcycle_defaults().granularity
@@ -341,6 +344,24 @@ impl MergeSpec {
 }
 
 impl UpcycleSpec {
+    /// Upcycle `model` into `experts` experts, `top_k` per token, written to `out`; the rest
+    /// at its defaults.
+    pub fn new(model: String, experts: usize, top_k: usize, out: String) -> Self {
+        let d = upcycle_defaults();
+        Self {
+            model,
+            experts,
+            top_k,
+            granularity: d.granularity,
+            routing: d.routing,
+            scaling: d.scaling,
+            router_std: d.router_std,
+            seed: d.seed,
+            out,
+            output: OutputSpec::default(),
+        }
+    }
+
     /// The upcycle this spec asks for, writing `out`.
     pub fn options(&self, out: &Path, local: Local) -> anyhow::Result<UpcycleOptions> {
         let mut o = UpcycleOptions::new(local(&self.model)?, out, self.experts, self.top_k);
@@ -355,6 +376,26 @@ impl UpcycleSpec {
 }
 
 impl AddExpertSpec {
+    /// Append `expert` to `moe`, written to `out`; the rest at its defaults.
+    pub fn new(moe: String, expert: String, out: String) -> Self {
+        let guard = GuardOptions::default();
+        Self {
+            moe,
+            expert,
+            out,
+            calib: None,
+            name: None,
+            background: vec![],
+            router: RouterSpec::default(),
+            margin: guard.margin,
+            no_guard: false,
+            guard_tolerance: guard.tolerance,
+            guard_steps: guard.steps,
+            non_expert: NonExpertOnAdd::default(),
+            output: OutputSpec::default(),
+        }
+    }
+
     /// The addition this spec asks for, writing `out`.
     pub fn options(&self, out: &Path, local: Local, fetch: Local) -> anyhow::Result<AddExpertOptions> {
         let mut o = AddExpertOptions::new(local(&self.moe)?, local(&self.expert)?, out);
@@ -403,6 +444,14 @@ mod tests {
         );
         let err = serde_json::from_str::<MergeSpec>(r#"{"experts": [], "out": "o", "topk": 3}"#).unwrap_err();
         assert!(err.to_string().contains("unknown field `topk`"), "{err}");
+    }
+
+    #[test]
+    fn constructors_give_the_spec_files_defaults() {
+        let u: UpcycleSpec = serde_json::from_str(r#"{"model": "d", "experts": 4, "top_k": 2, "out": "o"}"#).unwrap();
+        assert_eq!(u, UpcycleSpec::new("d".into(), 4, 2, "o".into()));
+        let a: AddExpertSpec = serde_json::from_str(r#"{"moe": "m", "expert": "e", "out": "o"}"#).unwrap();
+        assert_eq!(a, AddExpertSpec::new("m".into(), "e".into(), "o".into()));
     }
 
     #[test]

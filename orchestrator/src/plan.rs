@@ -20,7 +20,9 @@
 use crate::pipeline::load::resolve;
 use crate::pipeline::spec::{NonExpertSource, Pipeline, TrainParams};
 use anyhow::{bail, Context, Result};
+use btm_merger::merge::NonExpert;
 use btm_model::ModelConfig;
+use btm_trainer::jobs::{AverageSpec, EvalSpec, TokenizerSpec};
 use btm_trainer::spec as job;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -211,19 +213,17 @@ fn abs(base: &Path, location: &str) -> String {
 }
 
 impl Builder<'_> {
-    fn id_of(&self, name: &str) -> String {
-        self.jobs.iter().find(|j| j.name == name).map(|j| j.id.clone()).unwrap_or_default()
-    }
-
-    fn add(&mut self, job: NewJob) -> String {
+    /// Add `job` to the plan; its dependencies are handles of jobs added before it, so each
+    /// has an id to hash.
+    fn add(&mut self, job: NewJob) -> JobRef {
         let NewJob { name, kind, deps, args, files, outputs, train, produces } = job;
-        let dep_ids: Vec<String> = deps.iter().map(|d| self.id_of(d)).collect();
+        let dep_ids: Vec<String> = deps.iter().map(|d| self.jobs[d.0].id.clone()).collect();
         let id = job_id(kind, &name, &args, &files, &dep_ids);
         self.jobs.push(Job {
             id,
-            name: name.clone(),
+            name,
             kind,
-            deps,
+            deps: deps.iter().map(|d| self.jobs[d.0].name.clone()).collect(),
             args,
             files,
             outputs,
@@ -232,15 +232,27 @@ impl Builder<'_> {
             train,
             produces,
         });
-        name
+        JobRef(self.jobs.len() - 1)
     }
 
-    fn model(&self, name: &str) -> ModelRef {
-        self.jobs.iter().find(|j| j.name == name).and_then(|j| j.produces.clone()).expect("job produces a model")
+    /// Job `name` that runs `btm <command> --spec FILE`, its `spec` written to
+    /// `jobs/<name>/spec.json` (so the spec is part of the job's id).
+    fn spec_job(&mut self, command: &[&str], spec: &impl Serialize, job: NewJob) -> JobRef {
+        let file = self.run.join("jobs").join(job.name.replace('/', "-")).join("spec.json");
+        // Plain data (strings, numbers, enums) always serializes.
+        let json = serde_json::to_string_pretty(spec).expect("a job spec serializes");
+        let mut args: Vec<String> = command.iter().map(|c| c.to_string()).collect();
+        args.extend(["--spec".to_string(), file.to_string_lossy().into_owned()]);
+        self.add(NewJob { args, files: vec![(file, json)], ..job })
+    }
+
+    /// The model job `j` produces.
+    fn model(&self, j: JobRef) -> ModelRef {
+        self.jobs[j.0].produces.clone().expect("job produces a model")
     }
 
     /// A trainer job: `btm train --job <run>/jobs/<name>/job.yaml`.
-    fn train_job(&mut self, j: TrainJob) -> Result<String> {
+    fn train_job(&mut self, j: TrainJob) -> Result<JobRef> {
         let TrainJob { name, kind, deps, init, out, train, valid, params, domain, label, parent, active_params, router_guard } = j;
         let t = defaults().overlay(&params);
         let steps = t.steps.unwrap_or(0);
@@ -266,7 +278,7 @@ impl Builder<'_> {
         };
         let job_file = job_dir.join("job.yaml");
         let resources = t.resources.clone().unwrap_or_default();
-        let name = self.add(NewJob {
+        let handle = self.add(NewJob {
             name,
             kind,
             deps,
@@ -283,14 +295,14 @@ impl Builder<'_> {
             }),
             produces: Some(produces),
         });
-        let job = self.jobs.last_mut().expect("the job just added");
+        let job = &mut self.jobs[handle.0];
         job.resources.cpus = resources.cpus_per_task.unwrap_or(job.resources.cpus);
         job.resources.gpus = placement.gpus_per_task;
         job.resources.memory_mb = resources.memory_mb;
         job.resources.time_limit_min = resources.time_limit_min;
         job.resources.ranks = spec.ranks();
         job.resources.nodes = spec.trainer.nodes();
-        Ok(name)
+        Ok(handle)
     }
 
     /// The `btm train` job file of a training job: the phase's parameters `t` (defaults
@@ -367,17 +379,18 @@ impl Builder<'_> {
 
     /// The experts BTM's ensemble and average are made of, for the arm with suffix `sfx`: the
     /// ensemble arm's when the pipeline has one, else the branch-train-merge arm's.
-    fn ensemble_members(&self, sfx: &str) -> Vec<(String, PathBuf)> {
+    fn ensemble_members(&self, sfx: &str) -> Vec<(JobRef, PathBuf)> {
         let prefix = if self.p.ensemble.is_some() { format!("ensemble-expert{sfx}/") } else { format!("expert{sfx}/") };
         self.trained_experts(&prefix)
     }
 
     /// The expert-training jobs named `<prefix>…`, with their model folders.
-    fn trained_experts(&self, prefix: &str) -> Vec<(String, PathBuf)> {
+    fn trained_experts(&self, prefix: &str) -> Vec<(JobRef, PathBuf)> {
         self.jobs
             .iter()
-            .filter(|j| j.kind == JobKind::TrainExpert && j.name.starts_with(prefix))
-            .filter_map(|j| j.produces.as_ref().map(|m| (j.name.clone(), m.dir.clone())))
+            .enumerate()
+            .filter(|(_, j)| j.kind == JobKind::TrainExpert && j.name.starts_with(prefix))
+            .filter_map(|(i, j)| j.produces.as_ref().map(|m| (JobRef(i), m.dir.clone())))
             .collect()
     }
 
@@ -390,7 +403,7 @@ impl Builder<'_> {
         if experts.is_empty() {
             return;
         }
-        let extended: Vec<(String, PathBuf)> = experts.iter().cloned().chain(self.trained_experts("added/")).collect();
+        let extended: Vec<(JobRef, PathBuf)> = experts.iter().cloned().chain(self.trained_experts("added/")).collect();
         let p = self.p;
         let all_domains: Vec<&crate::pipeline::spec::Domain> =
             p.domains.iter().chain(p.add_experts.iter().flat_map(|a| a.domains.iter())).collect();
@@ -415,32 +428,27 @@ impl Builder<'_> {
     }
 
     /// `btm eval --ensemble` of `members` on domain `d` (prior from its `valid` file).
-    fn ensemble_eval_job(&mut self, label: &str, top_k: Option<usize>, members: &[(String, PathBuf)], d: &crate::pipeline::spec::Domain) {
-        let mut what = vec!["--ensemble".to_string()];
-        what.extend(members.iter().map(|(_, dir)| dir.to_string_lossy().into_owned()));
-        if let Some(valid) = &d.valid {
-            what.extend(["--prior-from".into(), abs(self.base, valid)]);
-        }
-        if let Some(k) = top_k {
-            what.extend(["--top-k".into(), k.to_string()]);
-        }
-        let deps = members.iter().map(|(name, _)| name.clone()).collect();
-        self.eval_job(label, d, what, vec![], deps);
+    fn ensemble_eval_job(&mut self, label: &str, top_k: Option<usize>, members: &[(JobRef, PathBuf)], d: &crate::pipeline::spec::Domain) {
+        let ensemble = members.iter().map(|(_, dir)| dir.to_string_lossy().into_owned()).collect();
+        let scoring =
+            Scoring { ensemble, prior_from: d.valid.as_ref().map(|v| PathBuf::from(abs(self.base, v))), top_k, ..Scoring::default() };
+        let deps = members.iter().map(|(job, _)| *job).collect();
+        self.eval_job(label, d, scoring, deps);
     }
 
     /// One eval job per domain for model `m` (made by job `dep`, if the run makes it).
-    fn eval_jobs(&mut self, m: &ModelRef, dep: Option<&str>) {
+    fn eval_jobs(&mut self, m: &ModelRef, dep: Option<JobRef>) {
         // The added domains too: the models before the addition set the new domain's baseline.
         for d in self.p.domains.iter().chain(self.p.add_experts.iter().flat_map(|a| a.domains.iter())) {
-            let what = vec!["--model".into(), m.dir.to_string_lossy().into_owned()];
-            self.eval_job(&m.label, d, what, vec!["--routing".into()], dep.iter().map(|d| d.to_string()).collect());
+            let scoring = Scoring { model: Some(m.dir.to_string_lossy().into_owned()), routing: true, ..Scoring::default() };
+            self.eval_job(&m.label, d, scoring, dep.into_iter().collect());
         }
     }
 
-    /// Job `eval/<label>/<domain>`: `btm eval <what> --data … --seq-len … --json <flags> --out …`
-    /// on `d`'s evaluation split (none when the domain has no such file), capped as `eval` says.
-    /// The arguments' order is part of every eval job's id.
-    fn eval_job(&mut self, label: &str, d: &crate::pipeline::spec::Domain, what: Vec<String>, flags: Vec<String>, deps: Vec<String>) {
+    /// Job `eval/<label>/<domain>`: `btm eval` of what `scoring` names on `d`'s evaluation split
+    /// (none when the domain has no such file), capped as `eval` says, its JSON written to
+    /// `eval/<label>/<domain>.json`.
+    fn eval_job(&mut self, label: &str, d: &crate::pipeline::spec::Domain, scoring: Scoring, deps: Vec<JobRef>) {
         let e = &self.p.eval;
         let data = match e.split {
             crate::pipeline::spec::Split::Test => d.test.as_ref(),
@@ -448,28 +456,38 @@ impl Builder<'_> {
         };
         let Some(data) = data else { return };
         let out = self.run.join("eval").join(label).join(format!("{}.json", d.name));
-        let mut args = vec!["eval".to_string()];
-        args.extend(what);
-        args.extend(["--data".into(), abs(self.base, data), "--seq-len".into(), e.seq_len.to_string(), "--json".into()]);
-        args.extend(flags);
-        args.extend(["--out".into(), out.to_string_lossy().into_owned()]);
-        if let Some(n) = e.max_docs {
-            args.extend(["--max-docs".into(), n.to_string()]);
-        }
-        if let Some(n) = e.max_tokens {
-            args.extend(["--max-tokens".into(), n.to_string()]);
-        }
-        self.add(NewJob {
-            name: format!("eval/{label}/{}", d.name),
-            kind: JobKind::Eval,
-            deps,
-            args,
-            files: vec![],
-            outputs: vec![out],
-            train: None,
-            produces: None,
-        });
+        let Scoring { model, ensemble, prior_from, top_k, routing } = scoring;
+        let spec = EvalSpec {
+            model,
+            ensemble,
+            prior_from,
+            top_k,
+            clusters: None,
+            temperature: None,
+            data: PathBuf::from(abs(self.base, data)),
+            seq_len: e.seq_len,
+            max_docs: e.max_docs,
+            max_tokens: e.max_tokens,
+            json: true,
+            dtype: Default::default(),
+            device: Default::default(),
+            routing,
+            out: Some(out.clone()),
+        };
+        let name = format!("eval/{label}/{}", d.name);
+        self.spec_job(&["eval"], &spec, NewJob::new(name, JobKind::Eval, deps, vec![out]));
     }
+}
+
+/// What an eval job scores: a model, or an ensemble of experts (with its prior and top-k).
+#[derive(Default)]
+struct Scoring {
+    model: Option<String>,
+    ensemble: Vec<String>,
+    prior_from: Option<PathBuf>,
+    top_k: Option<usize>,
+    /// Also report an MoE's routing shares.
+    routing: bool,
 }
 
 fn dense_active_params(cfg: &btm_model::ModelConfig) -> usize {
@@ -504,7 +522,7 @@ fn seed_config(p: &Pipeline, base: &Path) -> Result<btm_model::ModelConfig> {
 pub fn plan(p: &Pipeline, base: &Path, run_dir: &Path) -> Result<Plan> {
     let mut b = Builder::new(p, base, run_dir)?;
     let seed = b.seed_phase()?;
-    let mut scored: Vec<String> = seed.job.iter().cloned().collect();
+    let mut scored: Vec<JobRef> = seed.job.into_iter().collect();
     let arm_seeds: Vec<Option<u64>> = match p.arm_seeds.as_slice() {
         [] => vec![None],
         seeds => seeds.iter().copied().map(Some).collect(),
@@ -515,24 +533,24 @@ pub fn plan(p: &Pipeline, base: &Path, run_dir: &Path) -> Result<Plan> {
         let experts = b.expert_phase(&seed, &arm)?;
         // Repeats are scored as finished arms only (evaluation is a large share of a small run).
         if arm.first {
-            scored.extend(experts.iter().cloned());
+            scored.extend(experts.iter().copied());
         }
         if let Some(m) = &p.merge {
             let merged = b.merge_phase(&seed, &arm, m, m.router_init, &experts)?;
             if arm.first {
-                scored.push(merged.clone());
-                first_merge = Some(merged.clone());
+                scored.push(merged);
+                first_merge = Some(merged);
             }
             if let Some(c) = &p.continue_training {
-                scored.push(b.continue_merged_phase(&arm, m, c, &merged)?);
+                scored.push(b.continue_merged_phase(&arm, m, c, merged)?);
             }
             // The same experts under other router inits: a controlled comparison of the init.
             for &init in m.also_router_init.iter().filter(|_| arm.first) {
                 let variant = Arm { sfx: format!("{}-{}", arm.sfx, init.as_str()), ..arm.clone() };
                 let merged = b.merge_phase(&seed, &variant, m, init, &experts)?;
-                scored.push(merged.clone());
+                scored.push(merged);
                 if let Some(c) = &p.continue_training {
-                    scored.push(b.continue_merged_phase(&variant, m, c, &merged)?);
+                    scored.push(b.continue_merged_phase(&variant, m, c, merged)?);
                 }
             }
         }
@@ -550,7 +568,7 @@ pub fn plan(p: &Pipeline, base: &Path, run_dir: &Path) -> Result<Plan> {
         scored.extend(b.upcycle_phase(&seed, u, arm_seeds[0])?);
     }
     if let Some(add) = &p.add_experts {
-        scored.extend(b.add_expert_phase(&seed, add, first_merge.as_deref().zip(p.merge.as_ref()))?);
+        scored.extend(b.add_expert_phase(&seed, add, first_merge.zip(p.merge.as_ref()))?);
     }
     b.eval_phase(&seed, scored);
     Ok(Plan { run_dir: b.run, jobs: b.jobs })
@@ -577,13 +595,13 @@ struct Builder<'a> {
 
 /// The seed model: the job that trains it (`None` for a given checkpoint) and the model.
 struct Seed {
-    job: Option<String>,
+    job: Option<JobRef>,
     model: ModelRef,
 }
 
 impl Seed {
-    fn deps(&self) -> Vec<String> {
-        self.job.iter().cloned().collect()
+    fn deps(&self) -> Vec<JobRef> {
+        self.job.into_iter().collect()
     }
     fn init(&self) -> job::Init {
         init_from(&self.model)
@@ -617,7 +635,7 @@ impl Arm {
 struct NewJob {
     name: String,
     kind: JobKind,
-    deps: Vec<String>,
+    deps: Vec<JobRef>,
     args: Vec<String>,
     files: Vec<(PathBuf, String)>,
     outputs: Vec<PathBuf>,
@@ -625,11 +643,24 @@ struct NewJob {
     produces: Option<ModelRef>,
 }
 
+impl NewJob {
+    /// A job that makes no model and is no trainer; `args` and `files` are filled in by
+    /// [`Builder::spec_job`].
+    fn new(name: String, kind: JobKind, deps: Vec<JobRef>, outputs: Vec<PathBuf>) -> Self {
+        Self { name, kind, deps, args: vec![], files: vec![], outputs, train: None, produces: None }
+    }
+}
+
+/// A job of the plan under construction (its index): what a phase gets back and what later
+/// jobs depend on, so a dependency cannot name a job that does not exist.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct JobRef(usize);
+
 /// A training job to add: where it starts, what it reads, how it trains and what it makes.
 struct TrainJob<'m> {
     name: String,
     kind: JobKind,
-    deps: Vec<String>,
+    deps: Vec<JobRef>,
     init: job::Init,
     out: PathBuf,
     train: Vec<job::Source>,
@@ -718,30 +749,22 @@ impl<'a> Builder<'a> {
             });
         };
         let tok_out = self.run.join("tokenizer").join("tokenizer.json");
-        let mut args = vec!["tokenizer".into(), "train".into(), "--data".into()];
-        args.extend(self.train_files.iter().cloned());
-        if let Some(key) = p.domains.first().and_then(|d| d.text_key.clone()) {
-            // Validation checked every domain reads its text under this one key.
-            args.extend(["--text-key".into(), key]);
-        }
-        args.extend(["--vocab-size".into(), t.tokenizer.vocab_size.to_string()]);
-        if let Some(n) = t.tokenizer.max_docs_per_domain {
-            args.extend(["--max-docs".into(), n.to_string()]);
-        }
-        args.extend(["--out".into(), tok_out.to_string_lossy().into_owned()]);
-        let tok = self.add(NewJob {
-            name: "tokenizer".into(),
-            kind: JobKind::Tokenizer,
-            deps: vec![],
-            args,
-            files: vec![],
-            outputs: vec![tok_out.clone()],
-            train: None,
-            produces: None,
-        });
+        let spec = TokenizerSpec {
+            data: self.train_files.iter().map(PathBuf::from).collect(),
+            // Validation checked every domain reads its text under one key.
+            text_key: p.domains.first().and_then(|d| d.text_key.clone()).unwrap_or_else(|| btm_trainer::sources::DEFAULT_TEXT_KEY.into()),
+            vocab_size: t.tokenizer.vocab_size,
+            max_docs: t.tokenizer.max_docs_per_domain,
+            out: tok_out.clone(),
+        };
+        let tok = self.spec_job(
+            &["tokenizer", "train"],
+            &spec,
+            NewJob::new("tokenizer".into(), JobKind::Tokenizer, vec![], vec![tok_out.clone()]),
+        );
         let config_file = self.run.join("jobs").join("seed").join("config.json");
         let config_json = serde_json::to_string_pretty(&self.seed_cfg.to_hf()?)?;
-        let name = self.train_job(TrainJob {
+        let job = self.train_job(TrainJob {
             name: "seed".into(),
             kind: JobKind::TrainSeed,
             deps: vec![tok],
@@ -757,13 +780,12 @@ impl<'a> Builder<'a> {
             router_guard: None,
         })?;
         // The config is one more file handed to the seed job.
-        let seed = self.jobs.last_mut().expect("seed job");
-        seed.files.push((config_file, config_json));
-        Ok(Seed { model: self.model(&name), job: Some(name) })
+        self.jobs[job.0].files.push((config_file, config_json));
+        Ok(Seed { model: self.model(job), job: Some(job) })
     }
 
     /// Branch and train: one expert per domain from the seed, no communication between them.
-    fn expert_phase(&mut self, seed: &Seed, arm: &Arm) -> Result<Vec<String>> {
+    fn expert_phase(&mut self, seed: &Seed, arm: &Arm) -> Result<Vec<JobRef>> {
         let p = self.p;
         let params = p.domains.iter().map(|d| p.train.overlay(&d.overrides)).collect();
         self.domain_experts(seed, arm, "expert", params)
@@ -772,7 +794,7 @@ impl<'a> Builder<'a> {
     /// BTM's own arm: one expert per domain from the seed, trained on its own domain for an
     /// even share of the dense baseline's post-seed tokens (or `e.steps`), scored later as an
     /// ensemble and a parameter average rather than merged.
-    fn ensemble_arm_phase(&mut self, seed: &Seed, arm: &Arm, e: &TrainParams) -> Result<Vec<String>> {
+    fn ensemble_arm_phase(&mut self, seed: &Seed, arm: &Arm, e: &TrainParams) -> Result<Vec<JobRef>> {
         let p = self.p;
         let even_share = |params: &TrainParams| self.matched_steps(params).div_ceil(p.domains.len() as u64);
         let params: Vec<TrainParams> = p
@@ -789,7 +811,7 @@ impl<'a> Builder<'a> {
     /// One expert per domain, branched from the seed and trained on that domain with its
     /// `params` (one per domain, in order) under the arm's seed: jobs `<kind><sfx>/<domain>`,
     /// models `<kind>s<sfx>/<domain>` labelled `<kind>-<domain><sfx>`.
-    fn domain_experts(&mut self, seed: &Seed, arm: &Arm, kind: &str, params: Vec<TrainParams>) -> Result<Vec<String>> {
+    fn domain_experts(&mut self, seed: &Seed, arm: &Arm, kind: &str, params: Vec<TrainParams>) -> Result<Vec<JobRef>> {
         let p = self.p;
         let mut experts = vec![];
         for (d, params) in p.domains.iter().zip(params) {
@@ -820,73 +842,65 @@ impl<'a> Builder<'a> {
         arm: &Arm,
         m: &crate::pipeline::spec::MergeSpec,
         router_init: crate::pipeline::spec::RouterInit,
-        experts: &[String],
-    ) -> Result<String> {
+        experts: &[JobRef],
+    ) -> Result<JobRef> {
         let p = self.p;
         let out = self.run.join(format!("merged{}", arm.sfx));
-        let mut args: Vec<String> = vec!["merge".into(), "--experts".into()];
-        for e in experts {
-            args.push(self.model(e).dir.to_string_lossy().into_owned());
-        }
-        args.extend([
-            "--out".into(),
-            out.to_string_lossy().into_owned(),
-            "--top-k".into(),
-            m.top_k.to_string(),
-            "--routing".into(),
-            m.routing.as_str().into(),
-            "--router-init".into(),
-            router_init.as_str().into(),
-            "--calib-tokens".into(),
-            m.calib_tokens.to_string(),
-        ]);
-        if matches!(router_init, crate::pipeline::spec::RouterInit::Centroid | crate::pipeline::spec::RouterInit::Fit) {
-            args.push("--calib".into());
-            for d in &p.domains {
-                args.push(format!("{}={}", d.name, abs(self.base, d.valid.as_deref().expect("validated"))));
-            }
-        }
+        let calibrated = matches!(router_init, crate::pipeline::spec::RouterInit::Centroid | crate::pipeline::spec::RouterInit::Fit);
+        let calib = if calibrated {
+            p.domains.iter().map(|d| format!("{}={}", d.name, abs(self.base, d.valid.as_deref().expect("validated")))).collect()
+        } else {
+            vec![]
+        };
         let non_expert = match &m.non_expert {
             NonExpertSource::Expert(domain) => {
                 let i = p.domains.iter().position(|d| &d.name == domain).expect("validated");
-                format!("from:{}", self.model(&experts[i]).dir.display())
+                NonExpert::From(self.model(experts[i]).dir)
             }
-            NonExpertSource::Seed => format!("from:{}", seed.model.dir.display()),
-            NonExpertSource::Average => "average".into(),
+            NonExpertSource::Seed => NonExpert::From(seed.model.dir.clone()),
+            NonExpertSource::Average => NonExpert::Average,
         };
-        args.extend(["--non-expert".into(), non_expert]);
-        if m.shared_expert_from_seed {
-            args.extend(["--shared-expert".into(), seed.model.dir.to_string_lossy().into_owned()]);
-        }
-        let tokens: u64 = experts.iter().map(|e| self.model(e).tokens_after_seed).sum();
-        let flops: f64 = experts.iter().map(|e| self.model(e).flops_after_seed).sum();
-        Ok(self.add(NewJob {
-            name: format!("merge{}", arm.sfx),
-            kind: JobKind::Merge,
-            deps: experts.to_vec(),
-            args,
-            files: vec![],
-            outputs: vec![out.clone()],
-            train: None,
-            produces: Some(ModelRef {
-                label: format!("merged{}", arm.sfx),
-                dir: out,
-                tokens_after_seed: tokens,
-                flops_after_seed: flops,
-                active_params: self.moe_active(p.domains.len(), m.top_k, 1, m.shared_expert_from_seed),
-            }),
-        }))
+        let spec = btm_merger::MergeSpec {
+            experts: experts.iter().map(|e| self.model(*e).dir.to_string_lossy().into_owned()).collect(),
+            out: out.to_string_lossy().into_owned(),
+            top_k: m.top_k,
+            routing: m.routing,
+            router: btm_merger::RouterSpec { init: Some(router_init), calib_tokens: m.calib_tokens, ..Default::default() },
+            calib,
+            non_expert,
+            weights: None,
+            shared_expert: m.shared_expert_from_seed.then(|| seed.model.dir.to_string_lossy().into_owned()),
+            output: Default::default(),
+        };
+        let tokens: u64 = experts.iter().map(|e| self.model(*e).tokens_after_seed).sum();
+        let flops: f64 = experts.iter().map(|e| self.model(*e).flops_after_seed).sum();
+        let produces = ModelRef {
+            label: format!("merged{}", arm.sfx),
+            dir: out.clone(),
+            tokens_after_seed: tokens,
+            flops_after_seed: flops,
+            active_params: self.moe_active(p.domains.len(), m.top_k, 1, m.shared_expert_from_seed),
+        };
+        let job =
+            NewJob { produces: Some(produces), ..NewJob::new(format!("merge{}", arm.sfx), JobKind::Merge, experts.to_vec(), vec![out]) };
+        Ok(self.spec_job(&["merge"], &spec, job))
     }
 
     /// Continue training the merged MoE on the mix.
-    fn continue_merged_phase(&mut self, arm: &Arm, m: &crate::pipeline::spec::MergeSpec, c: &TrainParams, merged: &str) -> Result<String> {
+    fn continue_merged_phase(
+        &mut self,
+        arm: &Arm,
+        m: &crate::pipeline::spec::MergeSpec,
+        c: &TrainParams,
+        merged: JobRef,
+    ) -> Result<JobRef> {
         let p = self.p;
         let parent = self.model(merged);
         let label = format!("continued{}", arm.sfx);
         self.train_job(TrainJob {
             name: format!("continue/merged{}", arm.sfx),
             kind: JobKind::Continue,
-            deps: vec![merged.to_string()],
+            deps: vec![merged],
             init: init_from(&parent),
             out: self.run.join(&label),
             train: self.mix(),
@@ -903,7 +917,7 @@ impl<'a> Builder<'a> {
     /// The compute-matched dense baseline: the seed trained on the mix for as many tokens as
     /// the experts and the merged MoE's continued training together, by the experts' trainer
     /// and resources (the same recipe, so the comparison is like for like).
-    fn baseline_phase(&mut self, seed: &Seed, arm: &Arm) -> Result<String> {
+    fn baseline_phase(&mut self, seed: &Seed, arm: &Arm) -> Result<JobRef> {
         let p = self.p;
         let recipe = TrainParams { trainer: p.train.trainer.clone(), resources: p.train.resources.clone(), ..TrainParams::default() };
         let params = TrainParams { steps: Some(self.matched_steps(&p.train)), ..arm.seeded(p.train.mix_phase(&recipe)) };
@@ -927,55 +941,42 @@ impl<'a> Builder<'a> {
 
     /// Upcycle the seed, and train the upcycled MoE on the mix for the matched budget (under
     /// the first arm seed). Returns the models to score.
-    fn upcycle_phase(&mut self, seed: &Seed, u: &crate::pipeline::spec::UpcycleSpec, arm_seed: Option<u64>) -> Result<Vec<String>> {
+    fn upcycle_phase(&mut self, seed: &Seed, u: &crate::pipeline::spec::UpcycleSpec, arm_seed: Option<u64>) -> Result<Vec<JobRef>> {
         let p = self.p;
         let out = self.run.join("upcycled");
-        let args = vec![
-            "upcycle".into(),
-            "--model".into(),
-            seed.model.dir.to_string_lossy().into_owned(),
-            "--experts".into(),
-            u.experts.to_string(),
-            "--top-k".into(),
-            u.top_k.to_string(),
-            "--granularity".into(),
-            u.granularity.to_string(),
-            "--routing".into(),
-            u.routing.as_str().into(),
-            "--scaling".into(),
-            u.scaling.as_str().into(),
-            "--out".into(),
-            out.to_string_lossy().into_owned(),
-        ];
-        let name = self.add(NewJob {
-            name: "upcycle".into(),
-            kind: JobKind::Upcycle,
-            deps: seed.deps(),
-            args,
-            files: vec![],
-            outputs: vec![out.clone()],
-            train: None,
-            produces: Some(ModelRef {
-                label: "upcycled".into(),
-                dir: out,
-                tokens_after_seed: 0,
-                flops_after_seed: 0.0,
-                active_params: self.moe_active(u.experts, u.top_k, u.granularity, false),
-            }),
-        });
-        let mut scored = vec![name.clone()];
+        let spec = btm_merger::UpcycleSpec {
+            granularity: u.granularity,
+            routing: u.routing,
+            scaling: u.scaling,
+            ..btm_merger::UpcycleSpec::new(
+                seed.model.dir.to_string_lossy().into_owned(),
+                u.experts,
+                u.top_k,
+                out.to_string_lossy().into_owned(),
+            )
+        };
+        let produces = ModelRef {
+            label: "upcycled".into(),
+            dir: out.clone(),
+            tokens_after_seed: 0,
+            flops_after_seed: 0.0,
+            active_params: self.moe_active(u.experts, u.top_k, u.granularity, false),
+        };
+        let job = NewJob { produces: Some(produces), ..NewJob::new("upcycle".into(), JobKind::Upcycle, seed.deps(), vec![out]) };
+        let name = self.spec_job(&["upcycle"], &spec, job);
+        let mut scored = vec![name];
         if p.continue_training.is_some() || u.train.is_some() {
             let mut params = p.train.mix_phase(p.continue_training.as_ref().unwrap_or(&TrainParams::default()));
             params = params.overlay(u.train.as_ref().unwrap_or(&TrainParams::default()));
             if u.train.as_ref().and_then(|t| t.steps).is_none() {
                 params.steps = Some(self.matched_steps(&params));
             }
-            let parent = self.model(&name);
+            let parent = self.model(name);
             let label = "upcycled-continued";
             scored.push(self.train_job(TrainJob {
                 name: "continue/upcycled".into(),
                 kind: JobKind::Continue,
-                deps: vec![name.clone()],
+                deps: vec![name],
                 init: init_from(&parent),
                 out: self.run.join(label),
                 train: self.mix(),
@@ -997,8 +998,8 @@ impl<'a> Builder<'a> {
     fn moe_to_extend(
         &self,
         add: &crate::pipeline::spec::AddExperts,
-        first_merge: Option<(&str, &crate::pipeline::spec::MergeSpec)>,
-    ) -> Result<((Vec<String>, PathBuf), ModelConfig)> {
+        first_merge: Option<(JobRef, &crate::pipeline::spec::MergeSpec)>,
+    ) -> Result<((Vec<JobRef>, PathBuf), ModelConfig)> {
         let p = self.p;
         Ok(match (&add.moe, first_merge) {
             (Some(loc), _) => {
@@ -1011,7 +1012,7 @@ impl<'a> Builder<'a> {
             }
             (None, Some((n, m))) => {
                 let cfg = self.moe_config(p.domains.len(), m.top_k, 1, m.shared_expert_from_seed);
-                ((vec![n.to_string()], self.model(n).dir), cfg)
+                ((vec![n], self.model(n).dir), cfg)
             }
             (None, None) => bail!("add_experts.moe: give an MoE checkpoint, or add `merge` so the run makes one"),
         })
@@ -1021,44 +1022,35 @@ impl<'a> Builder<'a> {
     /// `moe` (the job ids it waits for, its folder), writing `out`.
     fn add_expert_job(
         &mut self,
-        moe: &(Vec<String>, PathBuf),
-        expert: &str,
+        moe: &(Vec<JobRef>, PathBuf),
+        expert: JobRef,
         d: &crate::pipeline::spec::Domain,
         out: &Path,
         active_params: usize,
-    ) -> String {
-        let mut args = vec![
-            "add-expert".into(),
-            "--moe".into(),
-            moe.1.to_string_lossy().into_owned(),
-            "--expert".into(),
-            self.model(expert).dir.to_string_lossy().into_owned(),
-            "--out".into(),
-            out.to_string_lossy().into_owned(),
-            "--name".into(),
-            d.name.clone(),
-        ];
-        if let Some(v) = &d.valid {
-            args.extend(["--calib".into(), abs(self.base, v)]);
-        }
+    ) -> JobRef {
+        let spec = btm_merger::AddExpertSpec {
+            name: Some(d.name.clone()),
+            calib: d.valid.as_ref().map(|v| abs(self.base, v)),
+            ..btm_merger::AddExpertSpec::new(
+                moe.1.to_string_lossy().into_owned(),
+                self.model(expert).dir.to_string_lossy().into_owned(),
+                out.to_string_lossy().into_owned(),
+            )
+        };
         let mut deps = moe.0.clone();
-        deps.push(expert.to_string());
-        self.add(NewJob {
-            name: format!("add-expert/{}", d.name),
-            kind: JobKind::AddExpert,
-            deps,
-            args,
-            files: vec![],
-            outputs: vec![out.to_path_buf()],
-            train: None,
-            produces: Some(ModelRef {
-                label: format!("extended-{}", d.name),
-                dir: out.to_path_buf(),
-                tokens_after_seed: 0,
-                flops_after_seed: 0.0,
-                active_params,
-            }),
-        })
+        deps.push(expert);
+        let produces = ModelRef {
+            label: format!("extended-{}", d.name),
+            dir: out.to_path_buf(),
+            tokens_after_seed: 0,
+            flops_after_seed: 0.0,
+            active_params,
+        };
+        let job = NewJob {
+            produces: Some(produces),
+            ..NewJob::new(format!("add-expert/{}", d.name), JobKind::AddExpert, deps, vec![out.to_path_buf()])
+        };
+        self.spec_job(&["add-expert"], &spec, job)
     }
 
     /// Add experts for new domains to an existing MoE (the run's first merge, or `moe`), one
@@ -1068,8 +1060,8 @@ impl<'a> Builder<'a> {
         &mut self,
         seed: &Seed,
         add: &crate::pipeline::spec::AddExperts,
-        first_merge: Option<(&str, &crate::pipeline::spec::MergeSpec)>,
-    ) -> Result<Vec<String>> {
+        first_merge: Option<(JobRef, &crate::pipeline::spec::MergeSpec)>,
+    ) -> Result<Vec<JobRef>> {
         let p = self.p;
         let (mut moe, mut moe_cfg) = self.moe_to_extend(add, first_merge)?;
         let base_ref = match &add.base {
@@ -1097,18 +1089,18 @@ impl<'a> Builder<'a> {
                 router_guard: None,
             })?;
             // The new domain's own dense expert is scored too: what the MoE's new expert is held to.
-            scored.push(name.clone());
+            scored.push(name);
             let out = self.run.join("extended").join(&d.name);
             // The new expert's index, and the extended MoE's shape.
             let index = moe_cfg.moe.as_ref().expect("an MoE").experts;
             moe_cfg.moe.as_mut().expect("an MoE").experts += 1;
-            let added = self.add_expert_job(&moe, &name, d, &out, moe_cfg.num_active_parameters());
-            scored.push(added.clone());
-            moe = (vec![added.clone()], out.clone());
+            let added = self.add_expert_job(&moe, name, d, &out, moe_cfg.num_active_parameters());
+            scored.push(added);
+            moe = (vec![added], out.clone());
             if let Some(t) = &add.train_in_place {
-                let expert = self.model(&name);
-                let trained = self.train_in_place_job(add, d, t, &added, &out, index, moe_cfg.num_active_parameters(), &expert)?;
-                moe = (vec![trained.clone()], self.model(&trained).dir);
+                let expert = self.model(name);
+                let trained = self.train_in_place_job(add, d, t, added, &out, index, moe_cfg.num_active_parameters(), &expert)?;
+                moe = (vec![trained], self.model(trained).dir);
                 scored.push(trained);
             }
         }
@@ -1124,12 +1116,12 @@ impl<'a> Builder<'a> {
         add: &crate::pipeline::spec::AddExperts,
         d: &crate::pipeline::spec::Domain,
         over: &TrainParams,
-        added: &str,
+        added: JobRef,
         extended: &Path,
         index: usize,
         active_params: usize,
         expert: &ModelRef,
-    ) -> Result<String> {
+    ) -> Result<JobRef> {
         let p = self.p;
         let mut params = p.train.mix_phase(over);
         if params.trainable.is_none() {
@@ -1149,7 +1141,7 @@ impl<'a> Builder<'a> {
         self.train_job(TrainJob {
             name: format!("train-in-place/{}", d.name),
             kind: JobKind::TrainInPlace,
-            deps: vec![added.to_string()],
+            deps: vec![added],
             init: job::Init { checkpoint: Some(extended.to_string_lossy().into_owned()), config: None, tokenizer: None },
             out: self.run.join("in-place").join(&d.name),
             train,
@@ -1164,13 +1156,13 @@ impl<'a> Builder<'a> {
     }
 
     /// Score every model on every domain (a given seed too), and BTM's ensemble.
-    fn eval_phase(&mut self, seed: &Seed, scored: Vec<String>) {
+    fn eval_phase(&mut self, seed: &Seed, scored: Vec<JobRef>) {
         if seed.job.is_none() {
             self.eval_jobs(&seed.model, None);
         }
-        for name in scored {
-            let m = self.model(&name);
-            self.eval_jobs(&m, Some(&name));
+        for job in scored {
+            let m = self.model(job);
+            self.eval_jobs(&m, Some(job));
         }
         if self.p.eval.ensemble || self.p.ensemble.is_some() {
             self.ensemble_eval_jobs();
@@ -1191,20 +1183,19 @@ impl<'a> Builder<'a> {
         for d in &self.p.domains {
             let Some(valid) = &d.valid else { continue };
             let out = self.run.join("averaged").join(&d.name);
-            let mut args = vec!["average".to_string(), "--experts".into()];
-            args.extend(experts.iter().map(|(_, dir)| dir.to_string_lossy().into_owned()));
-            args.extend(["--weights-from".into(), abs(self.base, valid), "--out".into(), out.to_string_lossy().into_owned()]);
-            let job = self.add(NewJob {
-                name: format!("average/{}", d.name),
-                kind: JobKind::Merge,
-                deps: experts.iter().map(|(name, _)| name.clone()).collect(),
-                args,
-                files: vec![],
-                outputs: vec![out.clone()],
-                train: None,
-                produces: None,
-            });
-            self.eval_job("averaged", d, vec!["--model".into(), out.to_string_lossy().into_owned()], vec![], vec![job]);
+            let spec = AverageSpec {
+                experts: experts.iter().map(|(_, dir)| dir.to_string_lossy().into_owned()).collect(),
+                weights_from: Some(PathBuf::from(abs(self.base, valid))),
+                weights: vec![],
+                seq_len: btm_trainer::jobs::DEFAULT_SEQ_LEN,
+                out: out.clone(),
+                device: Default::default(),
+            };
+            let deps = experts.iter().map(|(job, _)| *job).collect();
+            let job =
+                self.spec_job(&["average"], &spec, NewJob::new(format!("average/{}", d.name), JobKind::Merge, deps, vec![out.clone()]));
+            let scoring = Scoring { model: Some(out.to_string_lossy().into_owned()), ..Scoring::default() };
+            self.eval_job("averaged", d, scoring, vec![job]);
         }
     }
 }
@@ -1234,69 +1225,86 @@ impl TrainParams {
 mod tests {
     use super::*;
 
-    /// Recorded before `plan` was cut into one function per phase; the added domain's eval jobs
-    /// (every model scored on it, and its own expert on every domain) joined later, every other id
-    /// unchanged.
+    /// Re-pinned when every job became its typed spec file (`btm <kind> --spec FILE`), with
+    /// every phase: the seed's tokenizer, experts, merge under two router inits, continued
+    /// training, baseline, arm repeats, upcycling, an added expert trained in place, the ensemble
+    /// and the parameter average.
     const PINNED_IDS: &[&str] = &[
-        "tokenizer ee386f646af2883f",
-        "seed 056a9a9f7b0e85cd",
-        "expert/a 4d95a36f958d44a8",
-        "expert/b f183efadfca822d1",
-        "merge f1cccb9c5e7f4d6a",
-        "continue/merged 2ffedaad0883aa92",
-        "baseline a3e84837182905c1",
-        "expert-s2/a 8935e23495eebd60",
-        "expert-s2/b 6ea57288b0b5b27c",
-        "merge-s2 84ca77fc0472ce31",
-        "continue/merged-s2 02e24b8b32462439",
-        "baseline-s2 f7fc5797ec4e8638",
-        "upcycle 9fcc946f241d9e45",
-        "continue/upcycled 7558e3b040745b69",
-        "added/c be8b6d5af4be4f25",
-        "add-expert/c 85718df0d3fddd8a",
-        "eval/seed/a 0f2b8e5c75fd5717",
-        "eval/seed/b e289055f68b2b8be",
-        "eval/seed/c 72b22f81ee1a009d",
-        "eval/expert-a/a 5b5027902096b9ff",
-        "eval/expert-a/b f01e061adaee0d82",
-        "eval/expert-a/c f49a602c8c3f9ab7",
-        "eval/expert-b/a fbcd42a5eb876f15",
-        "eval/expert-b/b bc117a00c74d809a",
-        "eval/expert-b/c d9f2270240b5c387",
-        "eval/merged/a 8bdfc591bb5c7b07",
-        "eval/merged/b c3c0c7cc2dde7425",
-        "eval/merged/c 285839c45a751811",
-        "eval/continued/a 0e8d5288c6723b53",
-        "eval/continued/b e7c93e70c18ab9e3",
-        "eval/continued/c 9538f4c19a289792",
-        "eval/baseline/a 9fead90cf90b7522",
-        "eval/baseline/b be30e5ea847de2a1",
-        "eval/baseline/c cf5d8f1e8bf78fb9",
-        "eval/continued-s2/a 4d7d163c4a1c2628",
-        "eval/continued-s2/b 44a393f289ed3234",
-        "eval/continued-s2/c 74b3a4512cdc3523",
-        "eval/baseline-s2/a 839d8112d5baa12d",
-        "eval/baseline-s2/b c9fc8519b5ec9024",
-        "eval/baseline-s2/c 4ed18c6e4db41c14",
-        "eval/upcycled/a cd7e4be97ad19ca6",
-        "eval/upcycled/b 5983c29179321211",
-        "eval/upcycled/c 709b9925490e3e56",
-        "eval/upcycled-continued/a eb44e33312c6428d",
-        "eval/upcycled-continued/b 9e011928ef2cd777",
-        "eval/upcycled-continued/c 85123c732bdea487",
-        "eval/expert-c/a c6783d7550866ace",
-        "eval/expert-c/b 343b8d406fa93e2f",
-        "eval/expert-c/c 0652861391559959",
-        "eval/extended-c/a b21501d519c882a6",
-        "eval/extended-c/b d3eaf386f0cc1851",
-        "eval/extended-c/c 9d6a5c8ff4e6eb4f",
-        "eval/ensemble/a 43e515f60e4915a0",
-        "eval/ensemble/b 35bb0f91099924e4",
-        "eval/ensemble-top1/a 323b3938a5385439",
-        "eval/ensemble-top1/b 76c47ee7f5af435f",
-        "eval/ensemble-extended/a 4565e4d177f70ef9",
-        "eval/ensemble-extended/b c1e52053629ae33b",
-        "eval/ensemble-extended/c 7becb4238b1a8c0e",
+        "tokenizer 38ae527b45e17fea",
+        "seed 8aa2dd54186ec0aa",
+        "expert/a 38ea8af7255bf9b5",
+        "expert/b 1c13faeea7ea1f16",
+        "merge fea80916fd0b555b",
+        "continue/merged 8494875a1923f466",
+        "merge-fit 2d201818baf98304",
+        "continue/merged-fit 5bc3fc4ca5d8ecbb",
+        "baseline 04564383a06a088e",
+        "expert-s2/a 5aefe0b657c9e7a1",
+        "expert-s2/b 34f69211039a878a",
+        "merge-s2 ce3370780c2388cb",
+        "continue/merged-s2 5ee89286ed95ba97",
+        "baseline-s2 d15ffe699527aaa7",
+        "upcycle 90b52f14fd2a02d5",
+        "continue/upcycled b72a083e64ef74c9",
+        "added/c a477106b84d23886",
+        "add-expert/c f22389f609011376",
+        "train-in-place/c f1d55230d131c77f",
+        "eval/seed/a e92a58108a663d0e",
+        "eval/seed/b 95b27ce4b11538fc",
+        "eval/seed/c 1412b49d9b7ae8a0",
+        "eval/expert-a/a f96191d9abc884b0",
+        "eval/expert-a/b 545f5ba514519532",
+        "eval/expert-a/c cd47084942ec517b",
+        "eval/expert-b/a 043faf40e42a3826",
+        "eval/expert-b/b 49bd9a980daed2c4",
+        "eval/expert-b/c 9b904a37511f0954",
+        "eval/merged/a bf4683ed99c4886e",
+        "eval/merged/b 4d2a6db863bdb8cb",
+        "eval/merged/c ac20d84cccdd6b5f",
+        "eval/continued/a c9ee811918cbc380",
+        "eval/continued/b 6c0ba30834d0d62b",
+        "eval/continued/c 3eb97d41df3f00f9",
+        "eval/merged-fit/a 4c905c566d361dd7",
+        "eval/merged-fit/b c31824e0ad1627ae",
+        "eval/merged-fit/c aaf596a53d30f581",
+        "eval/continued-fit/a e1bcfe98ed4444e4",
+        "eval/continued-fit/b 646c943a9c62f5f8",
+        "eval/continued-fit/c b66b322ca2e3c402",
+        "eval/baseline/a 59820fe81d595db7",
+        "eval/baseline/b 053382cecb33bc10",
+        "eval/baseline/c 4cccdf322549a52f",
+        "eval/continued-s2/a 0388472e2b3c8f5f",
+        "eval/continued-s2/b 0da2ef628ef48101",
+        "eval/continued-s2/c 1c6420b81ade4196",
+        "eval/baseline-s2/a daa8d85f3f0032f2",
+        "eval/baseline-s2/b abf2d0c0aafa9d9f",
+        "eval/baseline-s2/c c0254e9ede42eadc",
+        "eval/upcycled/a a6962688c98bd65a",
+        "eval/upcycled/b 8a0cbe66014ae7d2",
+        "eval/upcycled/c bb5fd652a03d12ee",
+        "eval/upcycled-continued/a e3f9e21cd454dfd9",
+        "eval/upcycled-continued/b 85a3ab66687567cd",
+        "eval/upcycled-continued/c ead37c66a1b116a9",
+        "eval/expert-c/a 114bcef14a4e7cec",
+        "eval/expert-c/b f08b24630c24f14e",
+        "eval/expert-c/c 02d8309a1b4c6477",
+        "eval/extended-c/a 52ad0635f94662f8",
+        "eval/extended-c/b 1b5fd839195aa478",
+        "eval/extended-c/c 50c6f0aeaa79c3ef",
+        "eval/in-place-c/a 4789238469284e64",
+        "eval/in-place-c/b 6a7f98d42c119315",
+        "eval/in-place-c/c 4f87b03f79cf8f63",
+        "eval/ensemble/a 2be8646c6a41b53a",
+        "eval/ensemble/b b3cd2ed34d8a137b",
+        "eval/ensemble-top1/a 0f594684897f5680",
+        "eval/ensemble-top1/b 5be8276d339aa3d3",
+        "eval/ensemble-extended/a ee8dc1c1552d75ee",
+        "eval/ensemble-extended/b 1d6c3fdcf887cd52",
+        "eval/ensemble-extended/c 87d476823840cd33",
+        "average/a a6fb32bc7817ad4d",
+        "eval/averaged/a 6f0f7b2cba694adb",
+        "average/b d8a85be2051a53ba",
+        "eval/averaged/b 039b1dadf712b33f",
     ];
 
     fn pipeline(extra: &str) -> Pipeline {
@@ -1315,6 +1323,11 @@ mod tests {
     }
 
     fn spec(j: &Job) -> job::JobSpec {
+        spec_file(j)
+    }
+
+    /// The spec a job runs, as its file in the run holds it.
+    fn spec_file<T: serde::de::DeserializeOwned>(j: &Job) -> T {
         serde_yaml::from_str(&j.files[0].1).unwrap()
     }
 
@@ -1323,9 +1336,11 @@ mod tests {
     /// (and would redo that job in every existing run).
     #[test]
     fn job_ids_are_pinned() {
-        let extra = "upcycle: {experts: 2, top_k: 1}\narm_seeds: [1, 2]\nadd_experts:\n  domains:\n    - {name: c, train: c.jsonl, valid: c.jsonl, test: c.jsonl}\n";
+        let extra = "upcycle: {experts: 2, top_k: 1}\narm_seeds: [1, 2]\nadd_experts:\n  domains:\n    - {name: c, train: c.jsonl, valid: c.jsonl, test: c.jsonl}\n  train_in_place: {steps: 5}\n";
         let mut p = pipeline(extra);
         p.eval.ensemble = true;
+        p.eval.averaged = true;
+        p.merge.as_mut().unwrap().also_router_init = vec![crate::pipeline::spec::RouterInit::Fit];
         let plan = plan(&p, Path::new("/base"), Path::new("/runs/t")).unwrap();
         let ids: Vec<String> = plan.jobs.iter().map(|j| format!("{} {}", j.name, j.id)).collect();
         assert_eq!(ids, PINNED_IDS, "{ids:#?}");
@@ -1402,9 +1417,9 @@ mod tests {
         // The fit router: the first seed's experts, merged again and continued like the main merge.
         let fit = job(&plan, "merge-fit");
         assert_eq!(fit.deps, vec!["expert/a", "expert/b"]);
-        let init = fit.args.iter().position(|a| a == "--router-init").unwrap();
-        assert_eq!(fit.args[init + 1], "fit");
-        assert!(fit.args.iter().any(|a| a == "--calib"));
+        let fit_spec: btm_merger::MergeSpec = spec_file(fit);
+        assert_eq!(fit_spec.router.init, Some(btm_merger::RouterInit::Fit));
+        assert_eq!(fit_spec.calib.len(), 2, "a fitted router is calibrated on every domain");
         assert_eq!(job(&plan, "continue/merged-fit").deps, vec!["merge-fit"]);
         assert_eq!(spec(job(&plan, "continue/merged-fit")).seed, 3);
         assert!(plan.jobs.iter().any(|j| j.name == "eval/continued-fit/a"));
@@ -1521,9 +1536,8 @@ mod tests {
         p.domains[1].overrides.trainable = Some(serde_yaml::from_str("{exclude: ['lm_head.*']}").unwrap());
         p.merge.as_mut().unwrap().non_expert = NonExpertSource::Seed;
         let plan = plan(&p, dir.path(), dir.path()).unwrap();
-        let merge = &job(&plan, "merge").args;
-        let seed_model = format!("from:{}", job(&plan, "seed").produces.as_ref().unwrap().dir.display());
-        assert_eq!(merge[merge.iter().position(|a| a == "--non-expert").unwrap() + 1], seed_model);
+        let merge: btm_merger::MergeSpec = spec_file(job(&plan, "merge"));
+        assert_eq!(merge.non_expert, NonExpert::From(job(&plan, "seed").produces.clone().unwrap().dir));
         assert_eq!(spec(job(&plan, "expert/a")).trainable.include, vec!["*.mlp.*"]);
         assert_eq!(spec(job(&plan, "expert/b")).trainable.exclude, vec!["lm_head.*"], "a domain's own selection wins");
         for name in ["continue/merged", "baseline", "continue/upcycled"] {

@@ -22,7 +22,7 @@ pub struct AverageArgs {
 pub fn run(args: AverageArgs) -> Result<()> {
     let args = super::spec_or_flags(args.spec.as_deref(), args.flags)?;
     anyhow::ensure!(args.experts.len() >= 2, "average: give at least two experts");
-    anyhow::ensure!(args.weights_from.is_some() != !args.weights.is_empty(), "average: give --weights-from or --weights, one of them");
+    anyhow::ensure!(args.weights_from.is_some() == args.weights.is_empty(), "average: give --weights-from or --weights, one of them");
     let members = super::eval::open_members(&args.experts)?;
     let weights = match &args.weights_from {
         Some(path) => {

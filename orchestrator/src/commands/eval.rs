@@ -18,7 +18,7 @@ pub struct EvalArgs {
 
 pub fn run(args: EvalArgs) -> Result<()> {
     let args = super::spec_or_flags(args.spec.as_deref(), args.flags)?;
-    anyhow::ensure!(args.model.is_some() != !args.ensemble.is_empty(), "give --model or --ensemble, one of them");
+    anyhow::ensure!(args.model.is_some() == args.ensemble.is_empty(), "give --model or --ensemble, one of them");
     anyhow::ensure!(args.seq_len >= 2, "--seq-len must be at least 2");
     let device = args.device.open()?;
     if args.clusters.is_some() {

@@ -675,13 +675,14 @@ pub enum NonExpertSource {
 impl TryFrom<String> for NonExpertSource {
     type Error = String;
     fn try_from(s: String) -> Result<Self, String> {
-        match s.as_str() {
-            "average" => Ok(NonExpertSource::Average),
-            "seed" => Ok(NonExpertSource::Seed),
-            other => match other.strip_prefix("from:") {
-                Some(domain) if !domain.is_empty() => Ok(NonExpertSource::Expert(domain.to_string())),
-                _ => Err(format!("`{other}`: expected `average`, `seed` or `from:<domain>`")),
-            },
+        // The merger's grammar (`btm_merger::merge::NonExpert`), `from:` naming a domain here,
+        // plus `seed`; weights are a job's, not a pipeline's.
+        let expected = || format!("`{s}`: expected `average`, `seed` or `from:<domain>`");
+        match s.parse::<btm_merger::merge::NonExpert>() {
+            _ if s == "seed" => Ok(NonExpertSource::Seed),
+            Ok(btm_merger::merge::NonExpert::Average) => Ok(NonExpertSource::Average),
+            Ok(btm_merger::merge::NonExpert::From(domain)) => Ok(NonExpertSource::Expert(domain.to_string_lossy().into_owned())),
+            Ok(btm_merger::merge::NonExpert::Weighted(_)) | Err(_) => Err(expected()),
         }
     }
 }

@@ -70,6 +70,24 @@ pub fn every_stage_pipeline(dir: &Path, storage: &str, extra: &str) -> PathBuf {
     file
 }
 
+/// A seed of about 1.8 M parameters (7 MB of weights, 15 MB of optimizer state) and one
+/// expert, the run in `storage`, checkpoints every 2 steps: with 5 MiB parts (S3's smallest)
+/// every checkpoint is a multipart upload. Written to `dir/NAME.yaml`.
+pub fn multipart_pipeline(dir: &Path, name: &str, storage: &str) -> PathBuf {
+    let yaml = format!(
+        "name: {name}\nstorage: {storage}\nengine: {{kind: local, slots: 1, threads_per_job: 1, retries: 0}}\n\
+         seed:\n  train:\n    model: {{hidden_size: 256, layers: 2, heads: 4, ffn: 688, max_positions: 64}}\n    \
+         tokenizer: {{vocab_size: 512, max_docs_per_domain: 20}}\n    train: {{steps: 2, batch_size: 2, seq_len: 32}}\n\
+         domains:\n{}\
+         train: {{steps: 4, batch_size: 2, seq_len: 32, checkpoint_interval: 2}}\n\
+         eval: {{split: test, seq_len: 32, max_docs: 1}}\n",
+        domain("scripture"),
+    );
+    let file = dir.join(format!("{name}.yaml"));
+    std::fs::write(&file, yaml).unwrap();
+    file
+}
+
 /// Whether a trainer's output folder holds a published checkpoint.
 pub fn has_checkpoint(expert: &Path) -> bool {
     // Published checkpoints only, as the trainer lists them: a hidden `.step-*.partial-*`

@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # Every test suite of btm, with the real components the tests start: a one-node Slurm, a
-# one-node Ray head, an S3-compatible server, Open MPI, PyTorch + transformers + mergekit + TensorBoard (the
-# reference implementations), the Kubernetes schema validator and CUDA's NVRTC compiler
-# (every CUDA kernel is compiled, even without a GPU).
+# one-node Ray head, an S3-compatible server, Azurite (the Azure Blob emulator, from npm), Open
+# MPI, PyTorch + transformers + mergekit + TensorBoard (the reference implementations), the
+# Kubernetes schema validator and CUDA's NVRTC compiler (every CUDA kernel is compiled, even
+# without a GPU).
 #
 #   scripts/test.sh            # as root: installs what is missing, then runs every suite
 #                              # otherwise: names what is missing, before any build
 #
-# Downloads are cached under ~/.cache/btm-ci (Python venvs) and ~/.cache/cuda13-wheels; the
-# first run fetches about 3 GB (PyTorch, CUDA's NVRTC). docs/testing.md lists what each suite
-# needs and every BTM_* variable.
+# Downloads are cached under ~/.cache/btm-ci (Python venvs, Azurite) and
+# ~/.cache/cuda13-wheels; the first run fetches about 3 GB (PyTorch, CUDA's NVRTC).
+# docs/testing.md lists what each suite needs and every BTM_* variable.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CACHE="${HOME}/.cache/btm-ci"
@@ -19,6 +20,7 @@ APT_PACKAGES=(build-essential pkg-config python3-venv python3-pip openmpi-bin li
 # What is missing, before anything is built.
 missing=()
 command -v cargo >/dev/null || missing+=("a Rust toolchain >= 1.92 (https://rustup.rs; Debian's rustc is too old)")
+command -v npm >/dev/null || missing+=("Node.js >= 20 with npm (for Azurite, the Azure Blob emulator; https://nodejs.org)")
 missing_apt=()
 for pkg in "${APT_PACKAGES[@]}"; do dpkg -s "$pkg" >/dev/null 2>&1 || missing_apt+=("$pkg"); done
 if [ "${#missing_apt[@]}" -gt 0 ]; then
@@ -57,13 +59,20 @@ TORCH_VENV="$CACHE/torch-venv"
   && "$TORCH_VENV/bin/python" -c "import torch, transformers, tensorboard, mergekit" 2>/dev/null || {
   python3 -m venv "$TORCH_VENV" && "$TORCH_VENV/bin/pip" install -q "torch==2.9.1" "transformers>=5,<6" "tensorboard>=2.16" "mergekit==0.1.5"; }
 
+# Azurite, Microsoft's Azure Storage emulator, from npm (the Azure Blob tests start it).
+AZURITE="$CACHE/azurite"
+[ -x "$AZURITE/node_modules/.bin/azurite-blob" ] \
+  && [ "$(node -p "require('$AZURITE/node_modules/azurite/package.json').version" 2>/dev/null)" = 3.35.0 ] \
+  || npm install --silent --no-fund --no-audit --prefix "$AZURITE" azurite@3.35.0 >&2
+
 # CUDA 13's NVRTC from PyPI (no GPU needed): every CUDA kernel source is compiled in a test.
 eval "$(bash scripts/cuda-toolkit.sh --nvrtc-only)"
 
 # A component that is missing now fails its tests instead of skipping them.
 export BTM_KUBERNETES_VALIDATE="$VENV/bin/kubernetes-validate" BTM_PYTHON="$TORCH_VENV/bin/python"
+export BTM_AZURITE="$AZURITE/node_modules/.bin/azurite-blob"
 export BTM_REQUIRE_SLURM=1 BTM_REQUIRE_KUBERNETES_VALIDATE=1 BTM_REQUIRE_TORCH=1 BTM_REQUIRE_MERGEKIT=1
-export BTM_REQUIRE_S3=1 BTM_REQUIRE_NVRTC=1 BTM_REQUIRE_RAY=1
+export BTM_REQUIRE_S3=1 BTM_REQUIRE_NVRTC=1 BTM_REQUIRE_RAY=1 BTM_REQUIRE_AZURITE=1
 
 # The suites: the workspace (with MPI); the kernels and trainer again with AVX2 kernels only
 # (the CPU dispatch's other path); the CUDA kernel sources under NVRTC; the NCCL and GPU tests'

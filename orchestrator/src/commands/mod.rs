@@ -35,7 +35,9 @@ pub fn spec_or_flags<T: serde::de::DeserializeOwned>(file: Option<&std::path::Pa
 /// Parse the job spec file at `path`; errors name the file, the line and column.
 pub fn read_spec<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> Result<T> {
     use anyhow::Context as _;
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading job spec {}", path.display()))?;
+    // A run in an object store keeps its specs there: fetched like `btm train --job`'s file.
+    let local = btm_model::folder::fetch_file(&path.to_string_lossy())?;
+    let text = std::fs::read_to_string(&local).with_context(|| format!("reading job spec {}", path.display()))?;
     serde_yaml::from_str(&text).map_err(|e| anyhow::anyhow!("job spec {}: {e}", path.display()))
 }
 

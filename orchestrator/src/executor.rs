@@ -441,7 +441,11 @@ mod tests {
     fn interleaved_kinds_give_each_job_one_batch() {
         use JobKind::*;
         let kinds = [TrainExpert, TrainExpert, Baseline, TrainExpert, Baseline, Eval];
-        let plan = Plan { run_dir: "run".into(), jobs: kinds.iter().enumerate().map(|(i, &k)| job(&format!("j{i}"), k)).collect() };
+        let plan = Plan {
+            run_dir: "run".into(),
+            jobs: kinds.iter().enumerate().map(|(i, &k)| job(&format!("j{i}"), k)).collect(),
+            format: crate::plan::PLAN_FORMAT,
+        };
         let ready: Vec<(usize, u32)> = (0..kinds.len()).map(|i| (i, 0)).collect();
         let batches = batches_by_kind(&plan, &ready);
         let names: Vec<Vec<usize>> = batches.iter().map(|b| b.iter().map(|&(i, _)| i).collect()).collect();
@@ -452,7 +456,7 @@ mod tests {
     fn jobs_of_one_kind_asking_for_other_resources_go_in_their_own_batch() {
         let mut jobs: Vec<Job> = (0..3).map(|i| job(&format!("expert/{i}"), JobKind::TrainExpert)).collect();
         jobs[1].resources.cpus = 8;
-        let plan = Plan { run_dir: "run".into(), jobs };
+        let plan = Plan { run_dir: "run".into(), jobs, format: crate::plan::PLAN_FORMAT };
         let ready: Vec<(usize, u32)> = (0..3).map(|i| (i, 0)).collect();
         let names: Vec<Vec<usize>> = batches_by_kind(&plan, &ready).iter().map(|b| b.iter().map(|&(i, _)| i).collect()).collect();
         assert_eq!(names, vec![vec![0, 2], vec![1]]);
@@ -476,7 +480,7 @@ mod tests {
                 j
             })
             .collect();
-        let plan = Plan { run_dir: dir.path().join("run"), jobs };
+        let plan = Plan { run_dir: dir.path().join("run"), jobs, format: crate::plan::PLAN_FORMAT };
         let ids = (0..gpus).map(|i| i.to_string()).collect();
         let engine = crate::engine::LocalEngine::new(8, ids).unwrap().with_exe("/bin/sh".into());
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();

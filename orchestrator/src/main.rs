@@ -154,4 +154,122 @@ mod tests {
         walk(&Cli::command(), "btm", &mut missing);
         assert!(missing.is_empty(), "without help text: {missing:#?}");
     }
+
+    /// Flags → spec → file → `--spec FILE` → spec gives the same job, for every job kind.
+    #[test]
+    fn every_job_kind_round_trips_from_flags_through_its_spec_file() {
+        let dir = tempfile::tempdir().unwrap();
+        fn value<T: serde::Serialize>(spec: anyhow::Result<T>) -> serde_json::Value {
+            serde_json::to_value(spec.unwrap()).unwrap()
+        }
+        fn spec_of(argv: &[&str]) -> serde_json::Value {
+            let cli = Cli::try_parse_from(argv).unwrap_or_else(|e| panic!("{argv:?}: {e}"));
+            match cli.command {
+                Command::Merge(a) => value(a.into_spec()),
+                Command::Upcycle(a) => value(a.into_spec()),
+                Command::AddExpert(a) => value(a.into_spec()),
+                Command::RemoveExpert(a) => value(a.into_spec()),
+                Command::Eval(a) => value(a.into_spec()),
+                Command::Average(a) => value(a.into_spec()),
+                Command::Tokenizer(commands::tokenizer::TokenizerCommand::Train(a)) => value(a.into_spec()),
+                _ => panic!("{argv:?}: not a job kind"),
+            }
+        }
+        let jobs: &[&[&str]] = &[
+            &[
+                "merge",
+                "--experts",
+                "a",
+                "b",
+                "--out",
+                "o",
+                "--top-k",
+                "1",
+                "--router-init",
+                "fit",
+                "--fit-steps",
+                "7",
+                "--calib",
+                "a=x.jsonl",
+                "b=y.jsonl",
+                "--non-expert",
+                "from:/s",
+                "--shard-mb",
+                "9",
+                "--dtype",
+                "bf16",
+            ],
+            &[
+                "upcycle",
+                "--model",
+                "d",
+                "--experts",
+                "8",
+                "--top-k",
+                "2",
+                "--granularity",
+                "2",
+                "--scaling",
+                "megatron",
+                "--out",
+                "o",
+                "--overwrite",
+            ],
+            &[
+                "add-expert",
+                "--moe",
+                "m",
+                "--expert",
+                "e",
+                "--out",
+                "o",
+                "--calib",
+                "c.jsonl",
+                "--name",
+                "law",
+                "--no-guard",
+                "--router-init",
+                "centroid",
+                "--non-expert",
+                "average",
+            ],
+            &["remove-expert", "--moe", "m", "--expert", "2", "--out", "o"],
+            &[
+                "eval",
+                "--ensemble",
+                "a",
+                "b",
+                "--prior-from",
+                "v.jsonl",
+                "--top-k",
+                "1",
+                "--data",
+                "t.jsonl",
+                "--max-tokens",
+                "100",
+                "--json",
+                "--out",
+                "r.json",
+            ],
+            &["average", "--experts", "a", "b", "--weights", "0.3", "0.7", "--out", "o"],
+            &["tokenizer", "train", "--data", "a.jsonl", "b.parquet", "--vocab-size", "512", "--out", "t.json"],
+        ];
+        for (i, flags) in jobs.iter().enumerate() {
+            let kind: Vec<&str> = flags.iter().take_while(|a| !a.starts_with("--")).copied().collect();
+            let from_flags = spec_of(&[&["btm"], *flags].concat());
+            let file = dir.path().join(format!("{i}.json"));
+            std::fs::write(&file, serde_json::to_string_pretty(&from_flags).unwrap()).unwrap();
+            let from_file = spec_of(&[&["btm"], &kind[..], &["--spec", file.to_str().unwrap()]].concat());
+            assert_eq!(from_flags, from_file, "{kind:?}");
+        }
+        // A mistyped key in a spec file is named, with where it is.
+        let file = dir.path().join("bad.yaml");
+        std::fs::write(&file, "moe: m\nexpert: 1\nout: o\noverwrit: true\n").unwrap();
+        let Command::RemoveExpert(a) = Cli::try_parse_from(["btm", "remove-expert", "--spec", file.to_str().unwrap()]).unwrap().command
+        else {
+            unreachable!()
+        };
+        let err = a.into_spec().unwrap_err().to_string();
+        assert!(err.contains("unknown field `overwrit`") && err.contains("line 4"), "{err}");
+    }
 }

@@ -145,7 +145,14 @@ impl Job {
 pub struct Plan {
     pub run_dir: PathBuf,
     pub jobs: Vec<Job>,
+    /// How this btm writes jobs ([`PLAN_FORMAT`]); 0 in plans written before it was recorded.
+    #[serde(default)]
+    pub format: u32,
 }
+
+/// The way jobs are written, raised when every job's id changes with it: 1 passed argv,
+/// 2 writes each job's typed spec file.
+pub const PLAN_FORMAT: u32 = 2;
 
 /// A job's id: SHA-256 (first 16 hex digits) of its kind, name, arguments, the files it is
 /// handed (paths and contents) and its dependencies' ids. An unchanged job keeps its id across
@@ -571,7 +578,7 @@ pub fn plan(p: &Pipeline, base: &Path, run_dir: &Path) -> Result<Plan> {
         scored.extend(b.add_expert_phase(&seed, add, first_merge.zip(p.merge.as_ref()))?);
     }
     b.eval_phase(&seed, scored);
-    Ok(Plan { run_dir: b.run, jobs: b.jobs })
+    Ok(Plan { run_dir: b.run, jobs: b.jobs, format: PLAN_FORMAT })
 }
 
 /// The plan under construction and what every phase reads: the pipeline, its folder, the run

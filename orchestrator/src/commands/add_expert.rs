@@ -20,9 +20,16 @@ pub struct AddExpertArgs {
     output: btm_merger::OutputSpec,
 }
 
+impl AddExpertArgs {
+    /// The addition's spec: its file, or the flags.
+    pub fn into_spec(self) -> Result<AddExpertSpec> {
+        let flags = self.flags.map(|f| AddExpertSpec { router: self.router, output: self.output, ..f });
+        super::spec_or_flags(self.spec.as_deref(), flags)
+    }
+}
+
 pub fn run(args: AddExpertArgs) -> Result<()> {
-    let flags = args.flags.map(|f| AddExpertSpec { router: args.router, output: args.output, ..f });
-    let spec = super::spec_or_flags(args.spec.as_deref(), flags)?;
+    let spec = args.into_spec()?;
     // An object-store --out is written locally, then uploaded manifest last.
     let output = btm_model::folder::Output::new(&spec.out)?;
     let o = spec.options(output.path(), super::local_dir, super::fetch_file)?;

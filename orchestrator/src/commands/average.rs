@@ -19,8 +19,15 @@ pub struct AverageArgs {
     flags: Option<AverageSpec>,
 }
 
+impl AverageArgs {
+    /// The job's spec: its file, or the flags.
+    pub fn into_spec(self) -> Result<AverageSpec> {
+        super::spec_or_flags(self.spec.as_deref(), self.flags)
+    }
+}
+
 pub fn run(args: AverageArgs) -> Result<()> {
-    let args = super::spec_or_flags(args.spec.as_deref(), args.flags)?;
+    let args = args.into_spec()?;
     anyhow::ensure!(args.experts.len() >= 2, "average: give at least two experts");
     anyhow::ensure!(args.weights_from.is_some() == args.weights.is_empty(), "average: give --weights-from or --weights, one of them");
     let members = super::eval::open_members(&args.experts)?;

@@ -293,7 +293,7 @@ fn bench_orchestrate(args: BenchOrchestrateArgs) -> Result<()> {
     };
     let mut jobs: Vec<Job> = (0..args.jobs).map(|i| sleep(format!("train/{i}"), vec![])).collect();
     jobs.push(sleep("merge".into(), jobs.iter().map(|j| j.name.clone()).collect()));
-    let plan = Plan { run_dir: run, jobs };
+    let plan = Plan { run_dir: run, jobs, format: crate::plan::PLAN_FORMAT };
     let engine = crate::engine::LocalEngine::new(args.jobs, vec![])?;
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let start = std::time::Instant::now();

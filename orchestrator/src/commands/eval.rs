@@ -16,8 +16,15 @@ pub struct EvalArgs {
     flags: Option<EvalSpec>,
 }
 
+impl EvalArgs {
+    /// The job's spec: its file, or the flags.
+    pub fn into_spec(self) -> Result<EvalSpec> {
+        super::spec_or_flags(self.spec.as_deref(), self.flags)
+    }
+}
+
 pub fn run(args: EvalArgs) -> Result<()> {
-    let args = super::spec_or_flags(args.spec.as_deref(), args.flags)?;
+    let args = args.into_spec()?;
     anyhow::ensure!(args.model.is_some() == args.ensemble.is_empty(), "give --model or --ensemble, one of them");
     anyhow::ensure!(args.seq_len >= 2, "--seq-len must be at least 2");
     let device = args.device.open()?;

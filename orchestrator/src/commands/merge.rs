@@ -25,13 +25,21 @@ pub struct MergeArgs {
     output: btm_merger::OutputSpec,
 }
 
+impl MergeArgs {
+    /// The merge's spec: its file, or the flags.
+    pub fn into_spec(self) -> Result<MergeSpec> {
+        let flags = self.flags.map(|f| MergeSpec { router: self.router, output: self.output, ..f });
+        super::spec_or_flags(self.spec.as_deref(), flags)
+    }
+}
+
 pub fn run(args: MergeArgs) -> Result<()> {
-    let flags = args.flags.map(|f| MergeSpec { router: args.router, output: args.output, ..f });
-    let spec = super::spec_or_flags(args.spec.as_deref(), flags)?;
+    let mergekit_config = args.mergekit_config.clone();
+    let spec = args.into_spec()?;
     // An object-store --out is written locally, then uploaded manifest last.
     let output = btm_model::folder::Output::new(&spec.out)?;
     let calib_dir = tempfile::tempdir()?;
-    let o = match &args.mergekit_config {
+    let o = match &mergekit_config {
         Some(file) => {
             let mut o = super::mergekit::read(file)?.options(output.path(), calib_dir.path())?;
             let dtype = o.output.dtype;

@@ -16,8 +16,15 @@ pub struct RemoveExpertArgs {
     flags: Option<RemoveExpertSpec>,
 }
 
+impl RemoveExpertArgs {
+    /// The job's spec: its file, or the flags.
+    pub fn into_spec(self) -> Result<RemoveExpertSpec> {
+        super::spec_or_flags(self.spec.as_deref(), self.flags)
+    }
+}
+
 pub fn run(args: RemoveExpertArgs) -> Result<()> {
-    let spec = super::spec_or_flags(args.spec.as_deref(), args.flags)?;
+    let spec = args.into_spec()?;
     let report = remove_expert(&spec.options(super::local_dir)?)?;
     for w in &report.warnings {
         eprintln!("warning: {w}");

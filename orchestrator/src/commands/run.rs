@@ -226,6 +226,15 @@ pub fn run(args: RunArgs) -> Result<()> {
     let local = crate::executor::local_root(&plan.run_dir);
     std::fs::create_dir_all(&local).with_context(|| format!("creating {}", local.display()))?;
     let _lock = RunLock::take(&local)?;
+    let redone = redone_by_an_older_plan(&run, &plan)?;
+    if !redone.is_empty() {
+        eprintln!(
+            "note: {} was planned by an older btm, whose jobs this one writes differently; {} finished job(s) will run again: {}",
+            plan.run_dir.display(),
+            redone.len(),
+            redone.join(", ")
+        );
+    }
     run.write("pipeline.yaml", loaded.resolved_yaml.as_bytes())?;
     run.write("plan.json", &serde_json::to_vec_pretty(&plan)?)?;
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
@@ -410,10 +419,55 @@ pub fn report(args: RunDirArgs) -> Result<()> {
     Ok(())
 }
 
+/// The jobs a run folder holds as finished that `plan` will run again because the folder was
+/// planned by an older btm (a lower [`crate::plan::PLAN_FORMAT`]): every job's id changed
+/// with the format. Empty for a new run or one planned by this btm.
+fn redone_by_an_older_plan(run: &btm_model::folder::Folder, plan: &crate::plan::Plan) -> Result<Vec<String>> {
+    let Some(bytes) = run.read("plan.json")? else { return Ok(vec![]) };
+    let format = serde_json::from_slice::<serde_json::Value>(&bytes).ok().and_then(|v| v["format"].as_u64()).unwrap_or(0);
+    if format >= crate::plan::PLAN_FORMAT as u64 {
+        return Ok(vec![]);
+    }
+    let finished = |j: &&crate::plan::Job| run.exists(crate::executor::done_marker(&plan.run_dir, j)).unwrap_or(false);
+    Ok(plan.jobs.iter().filter(finished).filter(|j| !crate::executor::is_done(&plan.run_dir, j)).map(|j| j.name.clone()).collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::plan::{JobKind, Resources};
+
+    /// A run planned before job specs: its finished jobs are named as redone; once this btm
+    /// has planned it, nothing is.
+    #[test]
+    fn a_run_planned_by_an_older_btm_names_the_jobs_it_redoes() {
+        let dir = tempfile::tempdir().unwrap();
+        let job = |name: &str| crate::plan::Job {
+            id: format!("{name}-new"),
+            name: name.into(),
+            kind: JobKind::Eval,
+            deps: vec![],
+            args: vec![],
+            files: vec![],
+            outputs: vec![],
+            resumable: false,
+            resources: Resources::default(),
+            train: None,
+            produces: None,
+        };
+        let plan = crate::plan::Plan {
+            run_dir: dir.path().to_path_buf(),
+            jobs: vec![job("done"), job("never-ran")],
+            format: crate::plan::PLAN_FORMAT,
+        };
+        let run = crate::executor::folder(dir.path()).unwrap();
+        assert!(redone_by_an_older_plan(&run, &plan).unwrap().is_empty(), "a new run");
+        run.write("plan.json", br#"{"run_dir": "x", "jobs": []}"#).unwrap();
+        run.write("jobs/done/done.json", br#"{"id": "done-old"}"#).unwrap();
+        assert_eq!(redone_by_an_older_plan(&run, &plan).unwrap(), vec!["done"]);
+        run.write("plan.json", &serde_json::to_vec(&plan).unwrap()).unwrap();
+        assert!(redone_by_an_older_plan(&run, &plan).unwrap().is_empty(), "planned by this btm");
+    }
 
     #[test]
     fn status_shows_a_jobs_last_error_line() {

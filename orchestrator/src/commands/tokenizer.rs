@@ -23,10 +23,17 @@ pub struct TrainArgs {
     flags: Option<TokenizerSpec>,
 }
 
+impl TrainArgs {
+    /// The job's spec: its file, or the flags.
+    pub fn into_spec(self) -> Result<TokenizerSpec> {
+        super::spec_or_flags(self.spec.as_deref(), self.flags)
+    }
+}
+
 pub fn run(cmd: TokenizerCommand) -> Result<()> {
     match cmd {
         TokenizerCommand::Train(args) => {
-            let TokenizerSpec { data, text_key, vocab_size, max_docs, out } = super::spec_or_flags(args.spec.as_deref(), args.flags)?;
+            let TokenizerSpec { data, text_key, vocab_size, max_docs, out } = args.into_spec()?;
             let mut texts = Vec::new();
             for f in &data {
                 let location = f.to_string_lossy();

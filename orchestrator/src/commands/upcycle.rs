@@ -18,9 +18,16 @@ pub struct UpcycleArgs {
     output: btm_merger::OutputSpec,
 }
 
+impl UpcycleArgs {
+    /// The upcycle's spec: its file, or the flags.
+    pub fn into_spec(self) -> Result<UpcycleSpec> {
+        let flags = self.flags.map(|f| UpcycleSpec { output: self.output, ..f });
+        super::spec_or_flags(self.spec.as_deref(), flags)
+    }
+}
+
 pub fn run(args: UpcycleArgs) -> Result<()> {
-    let flags = args.flags.map(|f| UpcycleSpec { output: args.output, ..f });
-    let spec = super::spec_or_flags(args.spec.as_deref(), flags)?;
+    let spec = args.into_spec()?;
     // An object-store --out is written locally, then uploaded manifest last.
     let output = btm_model::folder::Output::new(&spec.out)?;
     let o = spec.options(output.path(), super::local_dir)?;

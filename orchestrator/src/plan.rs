@@ -18,7 +18,7 @@
 //! ```
 
 use crate::pipeline::load::resolve;
-use crate::pipeline::spec::{NonExpertSource, Pipeline, TrainParams};
+use crate::pipeline::spec::{NonExpertSource, Pipeline, TrainArgs, TrainParams};
 use anyhow::{bail, Context, Result};
 use btm_merger::merge::NonExpert;
 use btm_model::ModelConfig;
@@ -174,43 +174,6 @@ pub fn job_id(kind: JobKind, name: &str, args: &[String], files: &[(PathBuf, Str
     hex::encode(h.finalize())[..16].to_string()
 }
 
-/// Training defaults under the pipeline's `train` blocks: the shape and cadence of a phase,
-/// and the trainer's own defaults (`btm_trainer::spec`) for the optimizer, clipping,
-/// validation, logging and the MoE losses.
-fn defaults() -> TrainParams {
-    let (optimizer, moe) = (job::Optimizer::default(), job::Moe::default());
-    TrainParams {
-        steps: Some(100),
-        batch_size: Some(8),
-        seq_len: Some(128),
-        grad_accum: Some(1),
-        lr: Some(optimizer.lr),
-        min_lr: None,
-        warmup_steps: Some(10),
-        decay: Some(job::Schedule::default().decay),
-        weight_decay: Some(optimizer.weight_decay),
-        betas: Some(optimizer.betas),
-        grad_clip: job::default_clip(),
-        seed: Some(0),
-        checkpoint_interval: Some(50),
-        keep_checkpoints: Some(job::Checkpointing::default().keep),
-        eval_interval: Some(0),
-        eval_sequences: Some(job::Eval::default().sequences),
-        log_interval: Some(job::DEFAULT_LOG_INTERVAL),
-        aux_loss_coef: Some(moe.aux_loss_coef),
-        z_loss_coef: Some(moe.z_loss_coef),
-        capacity_factor: None,
-        drop_policy: None,
-        device: None,
-        dtype: None,
-        trainable: None,
-        trainer: None,
-        resources: None,
-        data_parallel: None,
-        expert_parallel: None,
-    }
-}
-
 fn abs(base: &Path, location: &str) -> String {
     let r = resolve(base, location);
     if r.contains("://") {
@@ -261,10 +224,9 @@ impl Builder<'_> {
     /// A trainer job: `btm train --job <run>/jobs/<name>/job.yaml`.
     fn train_job(&mut self, j: TrainJob) -> Result<JobRef> {
         let TrainJob { name, kind, deps, init, out, train, valid, params, domain, label, parent, active_params, router_guard } = j;
-        let t = defaults().overlay(&params);
-        let steps = t.steps.unwrap_or(0);
-        let tokens = t.tokens();
-        let placement = t.placement(&self.p.engine);
+        let placement = params.placement(&self.p.engine);
+        let t = params.resolve();
+        let (steps, tokens) = (t.steps, t.tokens());
         let mut spec = self.job_spec(&t, init, &out, train, valid, domain);
         spec.moe.router_guard = router_guard;
         spec.device = placement.device;
@@ -284,7 +246,7 @@ impl Builder<'_> {
             active_params,
         };
         let job_file = job_dir.join("job.yaml");
-        let resources = t.resources.clone().unwrap_or_default();
+        let resources = t.resources.clone();
         let handle = self.add(NewJob {
             name,
             kind,
@@ -312,11 +274,11 @@ impl Builder<'_> {
         Ok(handle)
     }
 
-    /// The `btm train` job file of a training job: the phase's parameters `t` (defaults
-    /// filled in) as the trainer's [`job::JobSpec`].
+    /// The `btm train` job file of a training job: the phase's settings `t` as the trainer's
+    /// [`job::JobSpec`].
     fn job_spec(
         &self,
-        t: &TrainParams,
+        t: &TrainArgs,
         init: job::Init,
         out: &Path,
         train: Vec<job::Source>,
@@ -327,57 +289,45 @@ impl Builder<'_> {
             init,
             out: out.to_string_lossy().into_owned(),
             data: job::Data { train, valid: valid.into_iter().map(PathBuf::from).collect() },
-            steps: Some(t.steps.unwrap_or(0)),
+            steps: Some(t.steps),
             tokens: None,
-            batch_size: t.batch_size.unwrap_or(8),
-            seq_len: t.seq_len.unwrap_or(128),
-            grad_accum: t.grad_accum.unwrap_or(1),
-            optimizer: job::Optimizer {
-                lr: t.lr.unwrap_or(job::DEFAULT_LR),
-                betas: t.betas.unwrap_or(job::Optimizer::default().betas),
-                eps: job::Optimizer::default().eps,
-                weight_decay: t.weight_decay.unwrap_or(job::Optimizer::default().weight_decay),
-            },
-            schedule: job::Schedule {
-                warmup_steps: t.warmup_steps.unwrap_or(0),
-                decay: t.decay.unwrap_or(job::Schedule::default().decay),
-                min_lr: t.min_lr.unwrap_or(t.lr.unwrap_or(job::DEFAULT_LR) * 0.1),
-            },
+            batch_size: t.batch_size,
+            seq_len: t.seq_len,
+            grad_accum: t.grad_accum,
+            optimizer: job::Optimizer { lr: t.lr, betas: t.betas, weight_decay: t.weight_decay, ..job::Optimizer::default() },
+            schedule: job::Schedule { warmup_steps: t.warmup_steps, decay: t.decay, min_lr: t.min_lr },
             grad_clip: t.grad_clip,
-            seed: t.seed.unwrap_or(0),
-            threads: t.resources.as_ref().and_then(|r| r.cpus_per_task).or(self.threads),
-            eval: job::Eval { interval: t.eval_interval.unwrap_or(0), sequences: t.eval_sequences.unwrap_or(job::DEFAULT_EVAL_SEQUENCES) },
-            checkpoint: job::Checkpointing {
-                interval: t.checkpoint_interval.unwrap_or(0),
-                keep: t.keep_checkpoints.unwrap_or(job::Checkpointing::default().keep),
-            },
-            log_interval: t.log_interval.unwrap_or(job::DEFAULT_LOG_INTERVAL),
+            seed: t.seed,
+            threads: t.resources.cpus_per_task.or(self.threads),
+            eval: job::Eval { interval: t.eval_interval, sequences: t.eval_sequences },
+            checkpoint: job::Checkpointing { interval: t.checkpoint_interval, keep: t.keep_checkpoints },
+            log_interval: t.log_interval,
             moe: job::Moe {
-                aux_loss_coef: t.aux_loss_coef.unwrap_or(job::Moe::default().aux_loss_coef),
-                z_loss_coef: t.z_loss_coef.unwrap_or(job::Moe::default().z_loss_coef),
+                aux_loss_coef: t.aux_loss_coef,
+                z_loss_coef: t.z_loss_coef,
                 capacity_factor: t.capacity_factor,
-                drop_policy: t.drop_policy.unwrap_or_default(),
+                drop_policy: t.drop_policy,
                 router_guard: None,
             },
             domain,
             dtype: Default::default(),
             device: Default::default(),
-            trainable: t.trainable.clone().unwrap_or_default(),
+            trainable: t.trainable.clone(),
             resume: "auto".into(),
             token_cache: None,
             work_dir: None,
-            data_parallel: t.data_parallel.unwrap_or(1),
-            expert_parallel: t.expert_parallel.unwrap_or(1),
+            data_parallel: t.data_parallel,
+            expert_parallel: t.expert_parallel,
             // Kubernetes starts each rank in a pod of its own, with no MPI launcher: the ranks
             // meet over sockets. Local and Slurm runs start them with mpirun / srun.
             collective: match self.p.engine {
                 crate::pipeline::spec::EngineSpec::Kubernetes(_) => btm_collective::Backend::Tcp,
                 _ => Default::default(),
             },
-            trainer: match t.trainer.clone().unwrap_or_default() {
+            trainer: match t.trainer.clone() {
                 // The script is named relative to the pipeline's folder; the job runs elsewhere.
-                btm_trainer::spec::Trainer::Torchrun { script, args, nproc_per_node, nnodes } => {
-                    btm_trainer::spec::Trainer::Torchrun { script: abs(self.base, &script), args, nproc_per_node, nnodes }
+                job::Trainer::Torchrun { script, args, nproc_per_node, nnodes } => {
+                    job::Trainer::Torchrun { script: abs(self.base, &script), args, nproc_per_node, nnodes }
                 }
                 other => other,
             },
@@ -739,8 +689,8 @@ impl<'a> Builder<'a> {
             (Some(_), Some(c)) => p.train.mix_phase(c).tokens_or_default(),
             _ => 0,
         };
-        let t = defaults().overlay(t);
-        let per_step = (t.tokens() / t.steps.unwrap_or(1).max(1)).max(1);
+        let t = t.resolve();
+        let per_step = (t.tokens() / t.steps.max(1)).max(1);
         (expert_tokens + continued_tokens).div_ceil(per_step)
     }
 
@@ -1224,7 +1174,7 @@ fn with_arm_seed(arm_seed: Option<u64>, t: TrainParams) -> TrainParams {
 
 impl TrainParams {
     fn tokens_or_default(&self) -> u64 {
-        defaults().overlay(self).tokens()
+        self.resolve().tokens()
     }
 }
 

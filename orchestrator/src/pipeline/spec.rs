@@ -603,9 +603,122 @@ impl TrainParams {
         Placement { device, dtype, gpus_per_task }
     }
 
-    /// Tokens one run of these parameters consumes.
+    /// These settings over the defaults ([`TrainArgs::default`]): what the phase's jobs run.
+    pub fn resolve(&self) -> TrainArgs {
+        let d = TrainArgs::default();
+        let lr = self.lr.unwrap_or(d.lr);
+        TrainArgs {
+            steps: self.steps.unwrap_or(d.steps),
+            batch_size: self.batch_size.unwrap_or(d.batch_size),
+            seq_len: self.seq_len.unwrap_or(d.seq_len),
+            grad_accum: self.grad_accum.unwrap_or(d.grad_accum),
+            lr,
+            min_lr: self.min_lr.unwrap_or(MIN_LR_FRACTION * lr),
+            warmup_steps: self.warmup_steps.unwrap_or(d.warmup_steps),
+            decay: self.decay.unwrap_or(d.decay),
+            weight_decay: self.weight_decay.unwrap_or(d.weight_decay),
+            betas: self.betas.unwrap_or(d.betas),
+            grad_clip: self.grad_clip.or(d.grad_clip),
+            seed: self.seed.unwrap_or(d.seed),
+            checkpoint_interval: self.checkpoint_interval.unwrap_or(d.checkpoint_interval),
+            keep_checkpoints: self.keep_checkpoints.unwrap_or(d.keep_checkpoints),
+            eval_interval: self.eval_interval.unwrap_or(d.eval_interval),
+            eval_sequences: self.eval_sequences.unwrap_or(d.eval_sequences),
+            log_interval: self.log_interval.unwrap_or(d.log_interval),
+            aux_loss_coef: self.aux_loss_coef.unwrap_or(d.aux_loss_coef),
+            z_loss_coef: self.z_loss_coef.unwrap_or(d.z_loss_coef),
+            capacity_factor: self.capacity_factor.or(d.capacity_factor),
+            drop_policy: self.drop_policy.unwrap_or(d.drop_policy),
+            trainable: self.trainable.clone().unwrap_or(d.trainable),
+            trainer: self.trainer.clone().unwrap_or(d.trainer),
+            resources: self.resources.clone().unwrap_or(d.resources),
+            data_parallel: self.data_parallel.unwrap_or(d.data_parallel),
+            expert_parallel: self.expert_parallel.unwrap_or(d.expert_parallel),
+        }
+    }
+}
+
+/// The final learning rate of the cosine decay as a share of the peak, unless `min_lr` is
+/// given: 10 %, as Chinchilla (Hoffmann et al. 2022) and Llama train. A job file written by
+/// hand keeps the trainer's own default, 0.
+pub const MIN_LR_FRACTION: f64 = 0.1;
+
+/// A training phase's settings with every default in place: what its job file is written from.
+/// The pipeline's defaults are [`TrainArgs::default`], written once; a `train` block
+/// ([`TrainParams`]) patches them. Where and in what precision the phase computes depends on
+/// the engine too: [`TrainParams::placement`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainArgs {
+    pub steps: u64,
+    pub batch_size: usize,
+    pub seq_len: usize,
+    pub grad_accum: usize,
+    pub lr: f64,
+    pub min_lr: f64,
+    pub warmup_steps: u64,
+    pub decay: Decay,
+    pub weight_decay: f64,
+    pub betas: [f64; 2],
+    pub grad_clip: Option<f64>,
+    pub seed: u64,
+    pub checkpoint_interval: u64,
+    pub keep_checkpoints: usize,
+    pub eval_interval: u64,
+    pub eval_sequences: usize,
+    pub log_interval: u64,
+    pub aux_loss_coef: f64,
+    pub z_loss_coef: f64,
+    pub capacity_factor: Option<f64>,
+    pub drop_policy: btm_kernels::DropPolicy,
+    pub trainable: btm_trainer::spec::Trainable,
+    pub trainer: btm_trainer::spec::Trainer,
+    pub resources: PhaseResources,
+    pub data_parallel: usize,
+    pub expert_parallel: usize,
+}
+
+impl Default for TrainArgs {
+    /// A phase's shape and cadence are the pipeline's (a short run that warms up and keeps
+    /// checkpoints to resume from); the optimizer, clipping, validation, logging and MoE losses
+    /// are the trainer's own ([`btm_trainer::spec`]).
+    fn default() -> Self {
+        let (optimizer, moe) = (btm_trainer::spec::Optimizer::default(), btm_trainer::spec::Moe::default());
+        let lr = optimizer.lr;
+        Self {
+            steps: 100,
+            batch_size: 8,
+            seq_len: 128,
+            grad_accum: 1,
+            lr,
+            min_lr: MIN_LR_FRACTION * lr,
+            warmup_steps: 10,
+            decay: btm_trainer::spec::Schedule::default().decay,
+            weight_decay: optimizer.weight_decay,
+            betas: optimizer.betas,
+            grad_clip: btm_trainer::spec::default_clip(),
+            seed: 0,
+            checkpoint_interval: 50,
+            keep_checkpoints: btm_trainer::spec::Checkpointing::default().keep,
+            eval_interval: 0,
+            eval_sequences: btm_trainer::spec::Eval::default().sequences,
+            log_interval: btm_trainer::spec::DEFAULT_LOG_INTERVAL,
+            aux_loss_coef: moe.aux_loss_coef,
+            z_loss_coef: moe.z_loss_coef,
+            capacity_factor: moe.capacity_factor,
+            drop_policy: moe.drop_policy,
+            trainable: Default::default(),
+            trainer: Default::default(),
+            resources: Default::default(),
+            data_parallel: 1,
+            expert_parallel: 1,
+        }
+    }
+}
+
+impl TrainArgs {
+    /// Tokens one run of these settings consumes.
     pub fn tokens(&self) -> u64 {
-        self.steps.unwrap_or(0) * (self.batch_size.unwrap_or(8) * self.seq_len.unwrap_or(256) * self.grad_accum.unwrap_or(1)) as u64
+        self.steps * (self.batch_size * self.seq_len * self.grad_accum) as u64
     }
 }
 
@@ -847,5 +960,20 @@ pub struct InPlaceGuard {
 impl Default for InPlaceGuard {
     fn default() -> Self {
         Self { margin: btm_trainer::spec::default_guard_margin(), coef: btm_trainer::spec::default_guard_coef() }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A phase that sets nothing runs the defaults; `min_lr` follows the phase's own `lr`.
+    #[test]
+    fn train_blocks_patch_the_defaults_written_once() {
+        assert_eq!(TrainParams::default().resolve(), TrainArgs::default());
+        let t = TrainParams { lr: Some(0.02), warmup_steps: Some(0), ..Default::default() }.resolve();
+        assert_eq!((t.lr, t.min_lr, t.warmup_steps, t.steps), (0.02, MIN_LR_FRACTION * 0.02, 0, TrainArgs::default().steps));
+        let t = TrainParams { seq_len: Some(64), steps: Some(3), ..Default::default() }.resolve();
+        assert_eq!(t.tokens(), 3 * 8 * 64);
     }
 }

@@ -36,6 +36,8 @@ struct Azurite {
     bin: PathBuf,
     child: Option<Child>,
     port: u16,
+    /// The port btm and the tests talk to: Azurite's own, or a [`relay`]'s in front of it.
+    front: u16,
     location: PathBuf,
     http: reqwest::Client,
     runtime: tokio::runtime::Runtime,
@@ -72,7 +74,7 @@ impl Azurite {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         // No pooled connections: one kept from before a restart would be dead.
         let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).pool_max_idle_per_host(0).build().unwrap();
-        let mut a = Azurite { bin, child: None, port: 0, location: dir.path().join("azurite"), http, runtime, _dir: dir };
+        let mut a = Azurite { bin, child: None, port: 0, front: 0, location: dir.path().join("azurite"), http, runtime, _dir: dir };
         a.spawn(fault);
         let status = a.request(reqwest::Method::PUT, "", &[("restype", "container")], vec![], &[]).status;
         assert_eq!(status, 201, "creating the container");
@@ -106,6 +108,9 @@ impl Azurite {
             }
         };
         self.port = port;
+        if self.front == 0 {
+            self.front = port;
+        }
         // Drain the access log (one line per request answered), counting the blocks stored on
         // the fault's path.
         let pid = child.id() as libc::pid_t;
@@ -134,7 +139,12 @@ impl Azurite {
 
     /// The account's URL, as in an Azurite connection string.
     fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}/{AZURITE_ACCOUNT}", self.port)
+        format!("http://127.0.0.1:{}/{AZURITE_ACCOUNT}", self.front)
+    }
+
+    /// Put a [`relay`] in front of the emulator: from now on the endpoint is the relay's.
+    fn behind_relay(&mut self) {
+        self.front = relay(self.port);
     }
 
     /// `btm` in `dir` with its cache in `dir/cache`, configured for the emulator the way an
@@ -251,6 +261,41 @@ impl Response {
         assert!((200..300).contains(&self.status), "Azurite answered {}: {}", self.status, String::from_utf8_lossy(&self.body));
         self.body
     }
+}
+
+/// A TCP relay on a free loopback port to `backend`'s; its port. A connection made while
+/// nothing listens at the backend waits for it (up to a minute), as one made through a load
+/// balancer in front of a restarting service would: Azurite takes a second or two to start,
+/// longer than object_store's jittered retries of a refused connection may last.
+fn relay(backend: u16) -> u16 {
+    use std::net::{Shutdown, TcpListener, TcpStream};
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for client in listener.incoming().map_while(Result::ok) {
+            std::thread::spawn(move || {
+                let start = Instant::now();
+                let server = loop {
+                    match TcpStream::connect(("127.0.0.1", backend)) {
+                        Ok(s) => break s,
+                        Err(_) if start.elapsed() < Duration::from_secs(60) => std::thread::sleep(Duration::from_millis(20)),
+                        Err(_) => return,
+                    }
+                };
+                // Each direction until its end closes; a closed backend closes the client too.
+                let pipe = |mut from: TcpStream, mut to: TcpStream| {
+                    let _ = std::io::copy(&mut from, &mut to);
+                    let _ = to.shutdown(Shutdown::Write);
+                    let _ = from.shutdown(Shutdown::Read);
+                };
+                let (c, s) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                let up = std::thread::spawn(move || pipe(c, s));
+                pipe(server, client);
+                let _ = up.join();
+            });
+        }
+    });
+    port
 }
 
 /// The text of every `<tag>…</tag>` in `xml` (Azurite's listings; the names here need no unescaping).
@@ -465,7 +510,7 @@ fn wait_for_fault(az: &mut Azurite, run: &mut Child, dir: &Path) {
     let start = Instant::now();
     loop {
         if let Some(status) = az.exited() {
-            eprintln!("Azurite stopped ({status})");
+            assert!(status.success(), "Azurite should have stopped cleanly on the fault's SIGTERM: {status}");
             return;
         }
         if let Some(status) = run.try_wait().unwrap() {
@@ -504,11 +549,13 @@ fn published_checkpoints_verify(az: &Azurite, prefix: &str) -> Vec<String> {
 #[test]
 fn the_emulator_restarting_during_a_checkpoint_upload_is_survived() {
     let Some(mut az) = Azurite::start(Some(FAULT)) else { return };
+    az.behind_relay();
     let tmp = tempfile::tempdir().unwrap();
     let file = multipart_pipeline(tmp.path(), "restart", &format!("az://{CONTAINER}/runs"));
     let mut run = spawn_run(&az, tmp.path(), &file);
     wait_for_fault(&mut az, &mut run, tmp.path());
-    // Started again at once on the same workspace and port: the upload retries its blocks.
+    // Started again at once on the same workspace and port: the upload retries its blocks (the
+    // relay holds the connections made meanwhile).
     az.spawn(None);
     let out = ok(run.wait_with_output().unwrap());
     assert!(out.contains("| expert-scripture |"), "{out}");
@@ -539,9 +586,10 @@ fn an_emulator_gone_during_a_checkpoint_upload_fails_cleanly_and_a_rerun_complet
     assert!(secs < 180.0, "a dead store should fail the run within a minute or two, took {secs:.0}s");
 
     az.spawn(None);
-    // The checkpoint being uploaded was never published: no manifest, and its interrupted file
-    // not committed (uncommitted blocks are invisible to readers).
+    // The checkpoint being uploaded has some files but no manifest: not published (and its
+    // interrupted file's blocks, never committed, are invisible to readers).
     let ckpts = "runs/gone/seed/checkpoints";
+    assert!(!az.objects(&format!("{ckpts}/step-00000002/")).is_empty(), "{:#?}", az.objects("runs/gone/"));
     assert!(published_checkpoints_verify(&az, ckpts).is_empty(), "{:#?}", az.objects("runs/gone/"));
     let out = ok(spawn_run(&az, tmp.path(), &file).wait_with_output().unwrap());
     assert!(out.contains("| expert-scripture |"), "{out}");

@@ -42,7 +42,7 @@ mod nccl_backend;
 pub use nccl_backend::{nccl_available, Nccl};
 
 /// Which collective engine a multi-process run uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Backend {
     /// The system's MPI (CPU processes; `mpirun`, `srun --mpi=…`).

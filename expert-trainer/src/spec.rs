@@ -27,7 +27,7 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 /// Where the weights come from.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Init {
     /// A checkpoint directory or object-store URL in Hugging Face layout.
@@ -42,7 +42,7 @@ pub struct Init {
 }
 
 /// One training data source.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Source {
     /// The text ([`crate::sources`]): a JSONL file (`.jsonl`, `.jsonl.gz`, `.jsonl.zst`), a
@@ -81,7 +81,7 @@ impl Source {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Data {
     pub train: Vec<Source>,
@@ -91,7 +91,7 @@ pub struct Data {
 
 // The settings blocks below take a missing key from their `Default` impl (`#[serde(default)]`
 // on the struct), so each default is written once, there.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct Optimizer {
     pub lr: f64,
@@ -115,7 +115,7 @@ pub enum Decay {
     Constant,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct Schedule {
     pub warmup_steps: u64,
@@ -130,7 +130,7 @@ impl Default for Schedule {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct Eval {
     /// Validate every this many steps (and at the start and the end); 0 = start and end only.
@@ -145,7 +145,7 @@ impl Default for Eval {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct Checkpointing {
     /// Write a checkpoint every this many steps (and at the end); 0 = at the end only.
@@ -160,7 +160,7 @@ impl Default for Checkpointing {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct Moe {
     /// Coefficient of the Switch load-balancing loss (mean over MoE layers).
@@ -186,7 +186,7 @@ pub struct Moe {
 /// fixed (a squared-hinge exterior penalty, Nocedal & Wright 2006, §17.1). The language-model
 /// loss on replayed old text alone does not keep the row away: it pulls old tokens to the new
 /// expert wherever it helps them a little, and their outputs change.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RouterGuard {
     /// The guarded experts (the added ones), 0-based.
@@ -349,7 +349,7 @@ impl Trainer {
 }
 
 /// A training job.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct JobSpec {
     pub init: Init,

@@ -30,8 +30,12 @@ enum Command {
     Report(commands::run::RunDirArgs),
     /// Check a pipeline file without running it.
     Validate(commands::pipeline::ValidateArgs),
-    /// Print the pipeline files' JSON Schema (for editors).
-    Schema,
+    /// Print the JSON Schema of pipeline files, or of one kind of job file (for editors).
+    Schema {
+        /// Which file: `pipeline`, or a job kind (`train`, `merge`, `eval`, ...).
+        #[arg(value_enum, default_value_t = commands::pipeline::SchemaKind::default())]
+        kind: commands::pipeline::SchemaKind,
+    },
     /// Perplexity of a model on a JSONL file (one `{"text": ...}` per line).
     Eval(commands::eval::EvalArgs),
     /// Show a checkpoint's architecture, shape and parameter counts.
@@ -97,7 +101,7 @@ fn main() {
         Command::Status(args) => commands::run::status(args),
         Command::Report(args) => commands::run::report(args),
         Command::Validate(args) => commands::pipeline::validate(args),
-        Command::Schema => commands::pipeline::schema(),
+        Command::Schema { kind } => commands::pipeline::schema(kind),
         Command::Eval(args) => commands::eval::run(args),
         Command::Inspect(args) => commands::inspect::run(args),
         Command::Convert(args) => commands::convert::run(args),

@@ -24,8 +24,44 @@ pub fn validate(args: ValidateArgs) -> Result<()> {
     }
 }
 
-pub fn schema() -> Result<()> {
-    let schema = schemars::schema_for!(crate::pipeline::Pipeline);
+/// Which file `btm schema` describes: a pipeline, or a job file of one kind.
+#[derive(Debug, Clone, Copy, Default, clap::ValueEnum)]
+pub enum SchemaKind {
+    /// A pipeline YAML.
+    #[default]
+    Pipeline,
+    /// `btm train --job FILE`.
+    Train,
+    /// `btm merge --spec FILE`.
+    Merge,
+    /// `btm upcycle --spec FILE`.
+    Upcycle,
+    /// `btm add-expert --spec FILE`.
+    AddExpert,
+    /// `btm remove-expert --spec FILE`.
+    RemoveExpert,
+    /// `btm eval --spec FILE`.
+    Eval,
+    /// `btm average --spec FILE`.
+    Average,
+    /// `btm tokenizer train --spec FILE`.
+    Tokenizer,
+}
+
+/// Print the JSON Schema of a pipeline or of one kind of job file.
+pub fn schema(kind: SchemaKind) -> Result<()> {
+    use schemars::schema_for;
+    let schema = match kind {
+        SchemaKind::Pipeline => schema_for!(crate::pipeline::Pipeline),
+        SchemaKind::Train => schema_for!(btm_trainer::JobSpec),
+        SchemaKind::Merge => schema_for!(btm_merger::MergeSpec),
+        SchemaKind::Upcycle => schema_for!(btm_merger::UpcycleSpec),
+        SchemaKind::AddExpert => schema_for!(btm_merger::AddExpertSpec),
+        SchemaKind::RemoveExpert => schema_for!(btm_merger::RemoveExpertSpec),
+        SchemaKind::Eval => schema_for!(btm_trainer::jobs::EvalSpec),
+        SchemaKind::Average => schema_for!(btm_trainer::jobs::AverageSpec),
+        SchemaKind::Tokenizer => schema_for!(btm_trainer::jobs::TokenizerSpec),
+    };
     println!("{}", serde_json::to_string_pretty(&schema)?);
     Ok(())
 }

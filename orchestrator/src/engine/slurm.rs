@@ -5,6 +5,11 @@
 //!   `DELETE …/job/{id}`) with a JWT read from the environment variable the pipeline names,
 //!   sent in `X-SLURM-USER-TOKEN` and never logged.
 //!
+//! A job array may not be wider than the cluster's `MaxArraySize` (task indices run below it),
+//! so more ready jobs than that go in as several arrays; the size is read once from
+//! `scontrol show config` (Slurm's default, 1001, when it cannot be read: slurmrestd serves no
+//! configuration).
+//!
 //! Slurm forgets finished jobs after `MinJobAge`, so terminal states are remembered here.
 //! Jobs are submitted with `--requeue`, so Slurm requeues a task whose node fails; a task that
 //! fails anyway (preempted, cancelled, node lost) is resubmitted by the executor's retries and
@@ -16,7 +21,7 @@ use anyhow::{bail, ensure, Context, Result};
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 pub struct SlurmEngine {
@@ -34,6 +39,29 @@ pub struct SlurmEngine {
     known: Mutex<HashMap<JobHandle, (JobState, Instant)>>,
     /// Since when polls about a handle have found Slurm unreachable.
     unreachable_since: Mutex<HashMap<JobHandle, Instant>>,
+    /// The cluster's `MaxArraySize`, read at the first submission.
+    max_array_size: OnceLock<usize>,
+}
+
+/// Slurm's default `MaxArraySize`, assumed when the cluster's cannot be read.
+pub const DEFAULT_MAX_ARRAY_SIZE: usize = 1001;
+
+/// How long `scontrol show config` may take (it retries an unreachable controller for ~10 s).
+const SCONTROL_CONFIG_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// `MaxArraySize` from `scontrol show config`'s output (`MaxArraySize            = 1001`).
+fn parse_max_array_size(config: &str) -> Option<usize> {
+    config.lines().find_map(|l| {
+        let (key, value) = l.split_once('=')?;
+        (key.trim() == "MaxArraySize").then(|| value.trim().parse().ok())?
+    })
+}
+
+/// The ranges of `n` jobs submitted as one array each, none wider than `max_array_size` (task
+/// indices are below it). A `MaxArraySize` of 0 disables arrays: every job goes alone.
+fn array_chunks(n: usize, max_array_size: usize) -> Vec<std::ops::Range<usize>> {
+    let width = max_array_size.max(1);
+    (0..n).step_by(width).map(|start| start..(start + width).min(n)).collect()
 }
 
 struct Rest {
@@ -202,7 +230,35 @@ impl SlurmEngine {
             run: run.to_path_buf(),
             known: Mutex::new(HashMap::new()),
             unreachable_since: Mutex::new(HashMap::new()),
+            max_array_size: OnceLock::new(),
         })
+    }
+
+    /// The cluster's `MaxArraySize`, asked of `scontrol show config` once;
+    /// [`DEFAULT_MAX_ARRAY_SIZE`] when it cannot be read (no scontrol, no controller, a REST-only
+    /// setup: slurmrestd serves no configuration).
+    async fn max_array_size(&self) -> usize {
+        if let Some(n) = self.max_array_size.get() {
+            return *n;
+        }
+        let asked = tokio::time::timeout(SCONTROL_CONFIG_TIMEOUT, slurm_tool("scontrol").args(["show", "config"]).output()).await;
+        let n = match asked {
+            Ok(Ok(out)) if out.status.success() => parse_max_array_size(&String::from_utf8_lossy(&out.stdout)),
+            _ => None,
+        };
+        let n = n.unwrap_or_else(|| {
+            eprintln!("btm: could not read Slurm's MaxArraySize from `scontrol show config`; assuming {DEFAULT_MAX_ARRAY_SIZE}");
+            DEFAULT_MAX_ARRAY_SIZE
+        });
+        *self.max_array_size.get_or_init(|| n)
+    }
+
+    /// Submit `jobs` as one array (or one job).
+    async fn submit_array(&self, jobs: &[Submission]) -> Result<Vec<JobHandle>> {
+        match (&self.api, &self.rest) {
+            (SlurmApi::Rest, Some(rest)) => self.submit_rest(rest, jobs).await,
+            _ => self.submit_cli(jobs).await,
+        }
     }
 
     /// Write the array script into the run (kept for inspection).
@@ -559,10 +615,28 @@ impl Engine for SlurmEngine {
     }
 
     async fn submit(&self, jobs: &[Submission]) -> Result<Vec<JobHandle>> {
-        match (&self.api, &self.rest) {
-            (SlurmApi::Rest, Some(rest)) => self.submit_rest(rest, jobs).await,
-            _ => self.submit_cli(jobs).await,
+        let chunks = array_chunks(jobs.len(), self.max_array_size().await);
+        let mut handles = Vec::with_capacity(jobs.len());
+        // The Slurm job id of each array submitted, to cancel if a later one fails: the
+        // executor knows none of them unless all are in.
+        let mut submitted = vec![];
+        for range in chunks {
+            match self.submit_array(&jobs[range]).await {
+                Ok(h) => {
+                    submitted.push(JobHandle(h[0].0.split('_').next().unwrap_or(&h[0].0).to_string()));
+                    handles.extend(h);
+                }
+                Err(e) => {
+                    for id in &submitted {
+                        if let Err(c) = self.cancel(id).await {
+                            eprintln!("btm: cancelling Slurm job {} after a failed submission: {c:#}", id.0);
+                        }
+                    }
+                    return Err(e);
+                }
+            }
         }
+        Ok(handles)
     }
 
     async fn state(&self, handle: &JobHandle) -> Result<JobState> {
@@ -678,6 +752,65 @@ mod tests {
         let (a, b) = (rt.block_on(engine.state(&handles[0])).unwrap(), rt.block_on(engine.state(&handles[1])).unwrap());
         let seen = server.join().unwrap();
         (seen[1].3.clone(), seen[1].1.clone(), a, b)
+    }
+
+    #[test]
+    fn max_array_size_is_read_from_scontrol_show_config() {
+        let config = "Configuration data as of 2026-12-07T08:00:00\nMaxArraySize            = 4\nMaxArraySizeX = 9\nMaxJobCount             = 10000\n";
+        assert_eq!(parse_max_array_size(config), Some(4));
+        assert_eq!(parse_max_array_size("MaxJobCount             = 10000\n"), None);
+        assert_eq!(parse_max_array_size("MaxArraySize = (null)\n"), None);
+    }
+
+    #[test]
+    fn arrays_are_never_wider_than_max_array_size() {
+        assert_eq!(array_chunks(2500, 1001), vec![0..1001, 1001..2002, 2002..2500]);
+        assert_eq!(array_chunks(1001, 1001), vec![0..1001]);
+        assert_eq!(array_chunks(1002, 1001), vec![0..1001, 1001..1002]);
+        assert_eq!(array_chunks(3, 0), vec![0..1, 1..2, 2..3], "MaxArraySize 0: no arrays");
+        assert!(array_chunks(0, 1001).is_empty());
+    }
+
+    /// Five jobs on a cluster whose MaxArraySize is 2 go in as arrays 0-1, 0-1 and a lone job,
+    /// and the handles follow the jobs' order.
+    #[test]
+    fn a_stage_wider_than_max_array_size_goes_in_as_several_arrays() {
+        let next_id = std::sync::atomic::AtomicU64::new(12);
+        let (url, server) = fake_api(4, move |method, path| match (method, path) {
+            (_, "/openapi/v3") => (200, real_openapi_v0038()),
+            _ => (200, json!({"job_id": next_id.fetch_add(1, std::sync::atomic::Ordering::SeqCst)})),
+        });
+        std::env::set_var("BTM_TEST_SLURM_JWT", "t");
+        let spec: EngineSpec =
+            serde_yaml::from_str(&format!("{{kind: slurm, api: rest, rest: {{url: '{url}', token_env: BTM_TEST_SLURM_JWT}}}}")).unwrap();
+        let run = tempfile::tempdir().unwrap();
+        let engine = SlurmEngine::new(&spec, run.path()).unwrap();
+        engine.max_array_size.set(2).unwrap();
+        let jobs: Vec<Submission> = (0..5)
+            .map(|i| Submission {
+                id: format!("id-{i}"),
+                name: format!("expert/{i}"),
+                args: vec!["train".into()],
+                log: run.path().join(format!("{i}.log")),
+                cpus: 1,
+                gpus: 0,
+                memory_mb: None,
+                time_limit_min: None,
+                ranks: 1,
+                nodes: 1,
+            })
+            .collect();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let handles = rt.block_on(engine.submit(&jobs)).unwrap();
+        let names: Vec<&str> = handles.iter().map(|h| h.0.as_str()).collect();
+        assert_eq!(names, ["12_0", "12_1", "13_0", "13_1", "14"]);
+        let seen = server.join().unwrap();
+        let posts: Vec<&Value> = seen.iter().filter(|r| r.0 == "POST").map(|r| &r.3).collect();
+        let arrays: Vec<&Value> = posts.iter().map(|b| &b["job"]["array"]).collect();
+        assert_eq!(arrays, [&json!("0-1"), &json!("0-1"), &Value::Null]);
+        // Each array's script runs its own jobs by task index.
+        let script = posts[1]["script"].as_str().unwrap();
+        assert!(script.contains("  0) ") && script.contains("2.log") && script.contains("3.log") && !script.contains("4.log"), "{script}");
     }
 
     /// Against a real slurmrestd's own OpenAPI document (v0.0.38): the submission fits its

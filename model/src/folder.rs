@@ -164,26 +164,73 @@ impl Folder {
         }
     }
 
-    /// The bytes of the file at `loc`, `None` when there is none.
+    /// The bytes of the file at `loc`, `None` when there is none, whatever its size: for files
+    /// whose size btm bounds itself (a job's log, a download it asked for). Small metadata
+    /// another process may have written (plan.json, done.json, manifests) is read with
+    /// [`Folder::read_capped`], so a corrupt or hostile file cannot take all memory.
     pub fn read(&self, loc: impl AsRef<Path>) -> Result<Option<Vec<u8>>> {
-        let rel = self.rel(loc.as_ref())?;
+        self.read_bounded(loc.as_ref(), None)
+    }
+
+    /// [`Folder::read`], ending in [`Error::TooLarge`] when the file holds more than `limit`
+    /// bytes; no more than `limit` bytes (and one chunk) are ever held.
+    pub fn read_capped(&self, loc: impl AsRef<Path>, limit: u64) -> Result<Option<Vec<u8>>> {
+        self.read_bounded(loc.as_ref(), Some(limit))
+    }
+
+    fn read_bounded(&self, loc: &Path, limit: Option<u64>) -> Result<Option<Vec<u8>>> {
+        let rel = self.rel(loc)?;
+        let too_large = |limit: u64, size: String| Error::TooLarge { path: self.join(&rel).into(), what: format!("file of {size}"), limit };
         match &self.kind {
             Kind::Local(root) => {
                 let path = root.join(&rel);
-                match std::fs::read(&path) {
-                    Ok(b) => Ok(Some(b)),
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-                    Err(e) => Err(Error::io(&path, e)),
+                let file = match std::fs::File::open(&path) {
+                    Ok(f) => f,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                    Err(e) => return Err(Error::io(&path, e)),
+                };
+                let Some(limit) = limit else {
+                    let mut bytes = Vec::new();
+                    (&file).read_to_end(&mut bytes).map_err(|e| Error::io(&path, e))?;
+                    return Ok(Some(bytes));
+                };
+                let size = file.metadata().map_err(|e| Error::io(&path, e))?.len();
+                if size > limit {
+                    return Err(too_large(limit, format!("{size} bytes")));
                 }
+                // The read stops after `limit + 1` bytes, so a file that grows meanwhile is
+                // bounded too.
+                let mut bytes = Vec::with_capacity(size as usize);
+                file.take(limit + 1).read_to_end(&mut bytes).map_err(|e| Error::io(&path, e))?;
+                if bytes.len() as u64 > limit {
+                    return Err(too_large(limit, format!("more than {limit} bytes")));
+                }
+                Ok(Some(bytes))
             }
             Kind::Remote { store, prefix, runtime } => {
                 let key = Self::key(prefix, &rel);
                 Self::block(runtime, async {
-                    match store.get(&key).await {
-                        Ok(r) => r.bytes().await.map(|b| Some(b.to_vec())).map_err(|e| self.err("reading", &rel, e)),
-                        Err(object_store::Error::NotFound { .. }) => Ok(None),
-                        Err(e) => Err(self.err("reading", &rel, e)),
+                    let r = match store.get(&key).await {
+                        Ok(r) => r,
+                        Err(object_store::Error::NotFound { .. }) => return Ok(None),
+                        Err(e) => return Err(self.err("reading", &rel, e)),
+                    };
+                    let Some(limit) = limit else {
+                        return r.bytes().await.map(|b| Some(b.to_vec())).map_err(|e| self.err("reading", &rel, e));
+                    };
+                    if r.meta.size > limit {
+                        return Err(too_large(limit, format!("{} bytes", r.meta.size)));
                     }
+                    // The stream is counted too, in case the store sends more than it said.
+                    let mut bytes = Vec::with_capacity(r.meta.size as usize);
+                    let mut stream = r.into_stream();
+                    while let Some(chunk) = stream.try_next().await.map_err(|e| self.err("reading", &rel, e))? {
+                        if (bytes.len() + chunk.len()) as u64 > limit {
+                            return Err(too_large(limit, format!("more than {limit} bytes")));
+                        }
+                        bytes.extend_from_slice(&chunk);
+                    }
+                    Ok(Some(bytes))
                 })
             }
         }
@@ -475,7 +522,7 @@ pub fn fetch_dir(location: &str) -> Result<PathBuf> {
         return Ok(PathBuf::from(location.strip_prefix("file://").unwrap_or(location)));
     }
     let folder = Folder::open(location)?;
-    let key = match folder.read(MANIFEST)? {
+    let key = match folder.read_capped(MANIFEST, crate::error::MAX_JSON_BYTES)? {
         Some(bytes) => short_hash(&[&bytes]),
         None => {
             let files = folder.list("")?;
@@ -685,6 +732,22 @@ mod tests {
         assert!(!f.exists("jobs/a").unwrap());
         f.remove("never/was").unwrap();
         assert_eq!(f.join("x/y"), format!("{}/x/y", root.display()));
+    }
+
+    #[test]
+    fn capped_reads_end_in_a_named_error_above_the_limit() {
+        let tmp = tempfile::tempdir().unwrap();
+        let local = Folder::open(&tmp.path().join("local").to_string_lossy()).unwrap();
+        let store = Folder::open(&format!("file://{}", tmp.path().join("store").display())).unwrap();
+        for f in [&local, &store] {
+            f.write("plan.json", &[b' '; 100]).unwrap();
+            assert_eq!(f.read_capped("plan.json", 100).unwrap().unwrap().len(), 100, "{f:?}");
+            let err = f.read_capped("plan.json", 99).unwrap_err();
+            assert!(matches!(err, Error::TooLarge { limit: 99, .. }), "{f:?}: {err}");
+            assert!(err.to_string().contains("plan.json: file of 100 bytes exceeds the limit of 99 bytes"), "{err}");
+            assert!(f.read_capped("done.json", 99).unwrap().is_none(), "{f:?}");
+            assert_eq!(f.read("plan.json").unwrap().unwrap().len(), 100, "{f:?}: read stays unbounded");
+        }
     }
 
     #[test]

@@ -36,6 +36,12 @@ What it makes (under --out, normally ``model/tests/fixtures``):
   - ``qwen2_moe``          Qwen2MoeForCausalLM, 4 experts top-2, norm_topk_prob false,
                            shared expert + sigmoid gate, legacy per-expert tensors
   - ``qwen2_moe_normtopk`` the same weights with norm_topk_prob true
+  - ``qwen3``              Qwen3ForCausalLM, per-head q_norm/k_norm, head_dim 16 != 32/4,
+                           no biases, tied
+  - ``qwen3_moe``          Qwen3MoeForCausalLM, q_norm/k_norm, head_dim 16, 3 layers with
+                           layer 1 dense (mlp_only_layers), 4 experts top-2, norm_topk_prob
+                           true, no shared expert, legacy per-expert tensors
+  - ``qwen3_moe_softmax``  the same weights with norm_topk_prob false
 
   ``expected.safetensors`` holds ``input_ids`` (int64 [2, 16], random ids from the
   vocab) and ``logits`` (float32 [2, 16, vocab]) = ``model(input_ids).logits``
@@ -287,6 +293,13 @@ def model_specs():
                       router_aux_loss_coef=0.001, output_router_logits=False)
     # Both Qwen2-MoE fixtures share their weights (same seed); the seed search checks both variants.
     qwen_variants = [{"norm_topk_prob": False}, {"norm_topk_prob": True}]
+    # Qwen3-MoE: head_dim 16 != 32/4, 3 layers with layer 1 dense (`mlp_only_layers`), no shared
+    # expert; both fixtures share their weights, as the Qwen2-MoE pair does.
+    qwen3_moe_common = dict(COMMON, num_hidden_layers=3, head_dim=16, num_experts=4, num_experts_per_tok=2,
+                            moe_intermediate_size=24, decoder_sparse_step=1, mlp_only_layers=[1],
+                            attention_bias=False, tie_word_embeddings=False, use_sliding_window=False,
+                            router_aux_loss_coef=0.001, output_router_logits=False)
+    qwen3_variants = qwen_variants
     return [
         dict(name="llama", seed=1001, cls=T.LlamaForCausalLM,
              config=T.LlamaConfig(**COMMON, tie_word_embeddings=False, rope_parameters=llama3)),
@@ -314,6 +327,16 @@ def model_specs():
                                      rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})),
         dict(name="qwen2_moe_normtopk", seed=1007, cls=T.Qwen2MoeForCausalLM, moe="qwen2_moe", gap_variants=qwen_variants,
              config=T.Qwen2MoeConfig(**moe_common, norm_topk_prob=True,
+                                     rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})),
+        dict(name="qwen3", seed=1011, cls=T.Qwen3ForCausalLM,
+             config=T.Qwen3Config(**COMMON, head_dim=16, tie_word_embeddings=True, attention_bias=False,
+                                  use_sliding_window=False,
+                                  rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})),
+        dict(name="qwen3_moe", seed=1012, cls=T.Qwen3MoeForCausalLM, moe="qwen3_moe", gap_variants=qwen3_variants,
+             config=T.Qwen3MoeConfig(**qwen3_moe_common, norm_topk_prob=True,
+                                     rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})),
+        dict(name="qwen3_moe_softmax", seed=1012, cls=T.Qwen3MoeForCausalLM, moe="qwen3_moe", gap_variants=qwen3_variants,
+             config=T.Qwen3MoeConfig(**qwen3_moe_common, norm_topk_prob=False,
                                      rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})),
     ]
 
@@ -356,7 +379,9 @@ def router_min_gap(model, batches):
         top = torch.sort(probs, dim=-1, descending=True).values
         gaps.append(float((top[:, k - 1] - top[:, k]).min()))
 
-    handles = [layer.mlp.gate.register_forward_hook(hook) for layer in model.model.layers]
+    # Dense layers among MoE ones (Qwen3-MoE's mlp_only_layers) have no router.
+    handles = [layer.mlp.gate.register_forward_hook(hook) for layer in model.model.layers
+               if hasattr(getattr(layer.mlp, "gate", None), "weight")]
     try:
         with torch.no_grad():
             for ids in batches:
@@ -592,7 +617,10 @@ head_dim 16 != hidden/heads, legacy top-level `rope_theta`), mistral (sliding_wi
 qwen2 (q/k/v biases, tied), mixtral (legacy per-expert `block_sparse_moe.experts.E.w1/w2/w3`),
 mixtral_fused (same weights as mixtral, transformers-5 fused `mlp.experts.gate_up_proj` /
 `mlp.experts.down_proj`, so its expected outputs equal mixtral's), qwen2_moe (legacy per-expert,
-shared expert, norm_topk_prob false), qwen2_moe_normtopk (same weights, norm_topk_prob true).
+shared expert, norm_topk_prob false), qwen2_moe_normtopk (same weights, norm_topk_prob true),
+qwen3 (per-head q_norm/k_norm, head_dim 16 != hidden/heads, tied), qwen3_moe (q/k norms,
+head_dim 16, layer 1 of 3 dense via mlp_only_layers, no shared expert, norm_topk_prob true),
+qwen3_moe_softmax (same weights, norm_topk_prob false).
 """
 
 

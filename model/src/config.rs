@@ -1,5 +1,6 @@
 //! The model's shape: [`ModelConfig`] (dense or MoE) and its translation to and from
-//! Hugging Face `config.json` for the Llama, Mistral, Qwen2, Mixtral and Qwen2-MoE families.
+//! Hugging Face `config.json` for the Llama, Mistral, Qwen2, Qwen3, Mixtral, Qwen2-MoE and
+//! Qwen3-MoE families.
 
 use crate::error::{Error, Result};
 use btm_kernels::Routing;
@@ -94,6 +95,10 @@ pub struct ModelConfig {
     pub o_bias: bool,
     /// Mistral's sliding-window attention: a token attends to at most this many positions.
     pub sliding_window: Option<usize>,
+    /// Qwen3's per-head RMSNorm of queries and keys (`self_attn.{q,k}_norm`, width `head_dim`),
+    /// applied before RoPE.
+    #[serde(default)]
+    pub qk_norm: bool,
     /// Beginning-of-sequence token id, if `config.json` gives one (the first of a list).
     pub bos_token_id: Option<u32>,
     /// End-of-sequence token id, if `config.json` gives one (the first of a list).
@@ -115,12 +120,23 @@ pub enum Architecture {
     Mixtral,
     /// `Qwen2MoeForCausalLM`: MoE with q/k/v biases, a gated shared expert and optional dense layers.
     Qwen2Moe,
+    /// `Qwen3ForCausalLM`: dense with per-head q/k RMSNorms, optional attention biases.
+    Qwen3,
+    /// `Qwen3MoeForCausalLM`: Qwen3's attention, MoE without a shared expert, optional dense layers.
+    Qwen3Moe,
 }
 
 impl Architecture {
     /// Every architecture, in the order [`Self::detect`] tries them.
-    pub const ALL: [Architecture; 5] =
-        [Architecture::Llama, Architecture::Mistral, Architecture::Qwen2, Architecture::Mixtral, Architecture::Qwen2Moe];
+    pub const ALL: [Architecture; 7] = [
+        Architecture::Llama,
+        Architecture::Mistral,
+        Architecture::Qwen2,
+        Architecture::Mixtral,
+        Architecture::Qwen2Moe,
+        Architecture::Qwen3,
+        Architecture::Qwen3Moe,
+    ];
 
     /// The class name in `config.json`'s `architectures`, e.g. `LlamaForCausalLM`.
     pub fn class_name(self) -> &'static str {
@@ -130,6 +146,8 @@ impl Architecture {
             Architecture::Qwen2 => "Qwen2ForCausalLM",
             Architecture::Mixtral => "MixtralForCausalLM",
             Architecture::Qwen2Moe => "Qwen2MoeForCausalLM",
+            Architecture::Qwen3 => "Qwen3ForCausalLM",
+            Architecture::Qwen3Moe => "Qwen3MoeForCausalLM",
         }
     }
 
@@ -141,6 +159,8 @@ impl Architecture {
             Architecture::Qwen2 => "qwen2",
             Architecture::Mixtral => "mixtral",
             Architecture::Qwen2Moe => "qwen2_moe",
+            Architecture::Qwen3 => "qwen3",
+            Architecture::Qwen3Moe => "qwen3_moe",
         }
     }
 
@@ -179,6 +199,7 @@ impl ModelConfig {
             qkv_bias: false,
             o_bias: false,
             sliding_window: None,
+            qk_norm: false,
             bos_token_id: Some(0),
             eos_token_id: Some(1),
             moe: None,
@@ -236,9 +257,10 @@ impl ModelConfig {
         if experts > MAX_EXPERTS {
             return over("the number of experts", experts, MAX_EXPERTS);
         }
-        // At most 16 tensors per layer besides 3 per expert, 3 outside the layers.
-        // Within the bounds above this is below 2^33: no overflow in u64.
-        let tensors = self.num_layers as u64 * (16 + 3 * experts as u64) + 3;
+        // At most 16 tensors per layer (18 with q/k norms) besides 3 per expert, 3 outside the
+        // layers. Within the bounds above this is below 2^33: no overflow in u64.
+        let per_layer = if self.qk_norm { 18 } else { 16 };
+        let tensors = self.num_layers as u64 * (per_layer + 3 * experts as u64) + 3;
         if tensors > MAX_TENSORS as u64 {
             return over("the number of tensors", tensors as usize, MAX_TENSORS);
         }
@@ -304,14 +326,17 @@ impl ModelConfig {
         if num_heads == 0 {
             return Err(Error::InvalidConfig("num_attention_heads must be positive".into()));
         }
-        let head_dim = hf.usize("head_dim")?.unwrap_or(hidden_size / num_heads);
+        // Qwen3's config class defaults head_dim to 128, not hidden / heads.
+        let default_head_dim = if arch == Architecture::Qwen3 { 128 } else { hidden_size / num_heads };
+        let head_dim = hf.usize("head_dim")?.unwrap_or(default_head_dim);
         let (rope_theta, rope_scaling) = rope_from_hf(cfg)?;
         let (qkv_bias, o_bias, sliding_window) = attention_from_hf(arch, hf)?;
         let intermediate_size = hf.need("intermediate_size")?;
         let moe = match arch {
             Architecture::Mixtral => Some(mixtral_moe_from_hf(hf, intermediate_size)?),
-            Architecture::Qwen2Moe => Some(qwen2_moe_from_hf(hf)?),
-            Architecture::Llama | Architecture::Mistral | Architecture::Qwen2 => None,
+            Architecture::Qwen2Moe => Some(qwen_moe_from_hf(hf, true)?),
+            Architecture::Qwen3Moe => Some(qwen_moe_from_hf(hf, false)?),
+            Architecture::Llama | Architecture::Mistral | Architecture::Qwen2 | Architecture::Qwen3 => None,
         };
         let config = ModelConfig {
             vocab_size: hf.need("vocab_size")?,
@@ -329,6 +354,7 @@ impl ModelConfig {
             qkv_bias,
             o_bias,
             sliding_window,
+            qk_norm: matches!(arch, Architecture::Qwen3 | Architecture::Qwen3Moe),
             bos_token_id: hf.token_id("bos_token_id"),
             eos_token_id: hf.token_id("eos_token_id"),
             moe,
@@ -337,12 +363,15 @@ impl ModelConfig {
         Ok((config, arch))
     }
 
-    /// The architecture btm writes this model as: dense → Llama (Mistral with sliding-window
-    /// attention); `topk_then_softmax` MoE →
-    /// Mixtral (or Qwen2-MoE with `norm_topk_prob: true` when Mixtral cannot hold it: attention
-    /// biases, a shared expert, dense layers); `softmax_then_topk` MoE → Qwen2-MoE with
-    /// `norm_topk_prob: false`.
+    /// The architecture btm writes this model as: with q/k norms, Qwen3 (dense) or Qwen3-MoE;
+    /// otherwise dense → Llama (Mistral with sliding-window attention); `topk_then_softmax`
+    /// MoE → Mixtral (or Qwen2-MoE with `norm_topk_prob: true` when Mixtral cannot hold it:
+    /// attention biases, a shared expert, dense layers); `softmax_then_topk` MoE → Qwen2-MoE
+    /// with `norm_topk_prob: false`.
     pub fn output_architecture(&self) -> Architecture {
+        if self.qk_norm {
+            return if self.moe.is_some() { Architecture::Qwen3Moe } else { Architecture::Qwen3 };
+        }
         match &self.moe {
             None if self.sliding_window.is_some() => Architecture::Mistral,
             None => Architecture::Llama,
@@ -385,6 +414,11 @@ impl ModelConfig {
             (Architecture::Mistral, None) => self.mistral_hf_fields(obj)?,
             (Architecture::Mixtral, Some(m)) => self.mixtral_hf_fields(m, obj),
             (Architecture::Qwen2Moe, Some(m)) => self.qwen2_moe_hf_fields(m, obj, &mut btm)?,
+            (Architecture::Qwen3, None) => self.qwen3_hf_fields(obj, &mut btm)?,
+            (Architecture::Qwen3Moe, Some(m)) => {
+                self.qwen3_hf_fields(obj, &mut btm)?;
+                self.qwen3_moe_hf_fields(m, obj)?;
+            }
             _ => unreachable!("output_architecture matches the MoE config"),
         }
         if let Some(m) = &self.moe {
@@ -510,6 +544,36 @@ impl ModelConfig {
     }
 }
 
+impl ModelConfig {
+    /// Qwen3's attention: one `attention_bias` for q, k, v and o (as Llama's), no sliding window.
+    fn qwen3_hf_fields(&self, obj: &mut Map<String, Value>, btm: &mut Map<String, Value>) -> Result<()> {
+        if self.sliding_window.is_some() {
+            return Err(Error::Unsupported("sliding-window attention in a Qwen3 model".into()));
+        }
+        self.llama_hf_fields(obj, btm);
+        obj.remove("mlp_bias");
+        obj.insert("use_sliding_window".into(), json!(false));
+        obj.insert("sliding_window".into(), Value::Null);
+        Ok(())
+    }
+
+    /// Qwen3-MoE's experts and dense layers; it has no shared expert.
+    fn qwen3_moe_hf_fields(&self, m: &MoeConfig, obj: &mut Map<String, Value>) -> Result<()> {
+        if m.shared_expert.is_some() {
+            return Err(Error::Unsupported("a shared expert in a Qwen3-MoE (Qwen3MoeForCausalLM has none)".into()));
+        }
+        obj.insert("num_experts".into(), json!(m.experts));
+        obj.insert("num_experts_per_tok".into(), json!(m.top_k));
+        obj.insert("moe_intermediate_size".into(), json!(m.expert_ffn));
+        obj.insert("norm_topk_prob".into(), json!(m.routing == Routing::TopkThenSoftmax));
+        obj.insert("decoder_sparse_step".into(), json!(1));
+        obj.insert("mlp_only_layers".into(), json!(m.dense_layers));
+        obj.insert("router_aux_loss_coef".into(), json!(0.0));
+        obj.insert("output_router_logits".into(), json!(false));
+        Ok(())
+    }
+}
+
 /// Typed reads of a `config.json`'s top-level fields, with the errors [`ModelConfig::from_hf`]
 /// reports.
 #[derive(Clone, Copy)]
@@ -597,7 +661,7 @@ fn attention_from_hf(arch: Architecture, hf: HfFields) -> Result<(bool, bool, Op
         return Err(Error::Unsupported("mlp_bias: true (biases in the FFN)".into()));
     }
     let (qkv_bias, o_bias) = match arch {
-        Architecture::Llama => {
+        Architecture::Llama | Architecture::Qwen3 | Architecture::Qwen3Moe => {
             let b = hf.bool("attention_bias").unwrap_or(false);
             (b, b)
         }
@@ -606,9 +670,9 @@ fn attention_from_hf(arch: Architecture, hf: HfFields) -> Result<(bool, bool, Op
     };
     let sliding_window = match arch {
         Architecture::Mistral | Architecture::Mixtral => hf.usize("sliding_window")?,
-        Architecture::Qwen2 | Architecture::Qwen2Moe => {
+        Architecture::Qwen2 | Architecture::Qwen2Moe | Architecture::Qwen3 | Architecture::Qwen3Moe => {
             if hf.bool("use_sliding_window") == Some(true) {
-                return Err(Error::Unsupported("Qwen2 use_sliding_window: true".into()));
+                return Err(Error::Unsupported(format!("{} use_sliding_window: true", arch.class_name())));
             }
             None
         }
@@ -629,9 +693,11 @@ fn mixtral_moe_from_hf(hf: HfFields, intermediate_size: usize) -> Result<MoeConf
     })
 }
 
-/// Qwen2-MoE's MoE: routing from `norm_topk_prob`, a gated shared expert, and the dense layers
-/// `mlp_only_layers` and `decoder_sparse_step` leave.
-fn qwen2_moe_from_hf(hf: HfFields) -> Result<MoeConfig> {
+/// Qwen2-MoE's and Qwen3-MoE's MoE: routing from `norm_topk_prob` (true: the top-k
+/// probabilities renormalised, which is a softmax over the top-k logits), the dense layers
+/// `mlp_only_layers` and `decoder_sparse_step` leave, and (Qwen2-MoE only, `shared`) a gated
+/// shared expert.
+fn qwen_moe_from_hf(hf: HfFields, shared: bool) -> Result<MoeConfig> {
     let num_layers = hf.need("num_hidden_layers")?;
     // Bounded before the walk over the layers below, which validate() comes after.
     if num_layers > MAX_LAYERS {
@@ -646,10 +712,15 @@ fn qwen2_moe_from_hf(hf: HfFields) -> Result<MoeConfig> {
     let dense_layers = (0..num_layers).filter(|l| mlp_only.contains(l) || (l + 1) % step != 0).collect();
     // btm's zero-output placeholder (`btm.shared_expert: "none"`) is dropped by the
     // checkpoint reader once it has checked the weights really are zero.
-    let shared_ffn = hf.usize("shared_expert_intermediate_size")?.unwrap_or(0);
+    let shared_ffn = if shared { hf.usize("shared_expert_intermediate_size")?.unwrap_or(0) } else { 0 };
     let shared_expert = (shared_ffn > 0).then_some(SharedExpertConfig { ffn: shared_ffn, gated: true });
+    // transformers 5 saves Qwen3-MoE's `num_experts` under its attribute-map name.
+    let experts = match hf.usize("num_experts")? {
+        Some(e) => e,
+        None => hf.usize("num_local_experts")?.ok_or_else(|| Error::InvalidConfig("config.json: missing `num_experts`".into()))?,
+    };
     Ok(MoeConfig {
-        experts: hf.need("num_experts")?,
+        experts,
         top_k: hf.need("num_experts_per_tok")?,
         routing: if hf.bool("norm_topk_prob").unwrap_or(false) { Routing::TopkThenSoftmax } else { Routing::SoftmaxThenTopk },
         expert_ffn: hf.need("moe_intermediate_size")?,

@@ -268,6 +268,8 @@ pub struct Attention {
     k_proj: Linear,
     v_proj: Linear,
     o_proj: Linear,
+    /// Qwen3's RMSNorms over each query and key head (width `head_dim`), before RoPE.
+    qk_norm: Option<(RmsNorm, RmsNorm)>,
     num_heads: usize,
     num_kv_heads: usize,
     head_dim: usize,
@@ -283,6 +285,11 @@ impl Attention {
             k_proj: linear(h, cfg.num_kv_heads * d, cfg.qkv_bias, vb.pp("k_proj"))?,
             v_proj: linear(h, cfg.num_kv_heads * d, cfg.qkv_bias, vb.pp("v_proj"))?,
             o_proj: linear(cfg.num_heads * d, h, cfg.o_bias, vb.pp("o_proj"))?,
+            qk_norm: if cfg.qk_norm {
+                Some((RmsNorm::new(d, cfg.rms_norm_eps, vb.pp("q_norm"))?, RmsNorm::new(d, cfg.rms_norm_eps, vb.pp("k_norm"))?))
+            } else {
+                None
+            },
             num_heads: cfg.num_heads,
             num_kv_heads: cfg.num_kv_heads,
             head_dim: d,
@@ -305,12 +312,17 @@ impl Attention {
             return self.forward_fused(xs, t, cos, sin);
         }
         let xs = &xs.reshape((b, t, ()))?;
-        let heads = |proj: &Linear, n: usize| -> Result<Tensor> {
-            proj.forward(xs)?.reshape((b, t, n, self.head_dim))?.transpose(1, 2)?.contiguous()
+        let heads = |proj: &Linear, n: usize, norm: Option<&RmsNorm>| -> Result<Tensor> {
+            let mut x = proj.forward(xs)?.reshape((b, t, n, self.head_dim))?;
+            if let Some(norm) = norm {
+                x = norm.forward_with(&x, kernels)?;
+            }
+            x.transpose(1, 2)?.contiguous()
         };
-        let q = apply_rotary(&heads(&self.q_proj, self.num_heads)?, cos, sin)?;
-        let k = apply_rotary(&heads(&self.k_proj, self.num_kv_heads)?, cos, sin)?;
-        let v = heads(&self.v_proj, self.num_kv_heads)?;
+        let (q_norm, k_norm) = self.qk_norm.as_ref().map(|(q, k)| (q, k)).unzip();
+        let q = apply_rotary(&heads(&self.q_proj, self.num_heads, q_norm)?, cos, sin)?;
+        let k = apply_rotary(&heads(&self.k_proj, self.num_kv_heads, k_norm)?, cos, sin)?;
+        let v = heads(&self.v_proj, self.num_kv_heads, None)?;
         let group = self.num_heads / self.num_kv_heads;
         let (k, v) = (repeat_kv(&k, group)?, repeat_kv(&v, group)?);
 
@@ -340,6 +352,17 @@ impl Attention {
             qkv = qkv.broadcast_add(&Tensor::cat(&[bq, bk, bv], 0)?)?;
         } else if projections.iter().any(|p| p.bias.is_some()) {
             candle_core::bail!("attention: q, k and v projections must all have biases or none");
+        }
+        if let Some((q_norm, k_norm)) = &self.qk_norm {
+            // Each head's D columns normalised as rows of width D, before the op rotates them.
+            let rows = qkv.dim(0)?;
+            let (hq, hk) = (self.num_heads * d, self.num_kv_heads * d);
+            let norm = |norm: &RmsNorm, start: usize, width: usize| -> Result<Tensor> {
+                let x = qkv.narrow(1, start, width)?.contiguous()?.reshape((rows * width / d, d))?;
+                norm.forward_with(&x, Kernels::FUSED)?.reshape((rows, width))
+            };
+            let (q, k) = (norm(q_norm, 0, hq)?, norm(k_norm, hq, hk)?);
+            qkv = Tensor::cat(&[&q, &k, &qkv.narrow(1, hq + hk, hk)?], 1)?;
         }
         let shape = btm_kernels::AttentionShape {
             heads: self.num_heads,

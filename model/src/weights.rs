@@ -35,6 +35,11 @@ pub fn expected_tensors(cfg: &ModelConfig) -> Vec<TensorSpec> {
                 out.push(spec(format!("{p}.self_attn.{name}.bias"), &[rows]));
             }
         }
+        if cfg.qk_norm {
+            for name in ["q_norm", "k_norm"] {
+                out.push(spec(format!("{p}.self_attn.{name}.weight"), &[cfg.head_dim]));
+            }
+        }
         out.push(spec(format!("{p}.self_attn.o_proj.weight"), &[h, q]));
         if cfg.o_bias {
             out.push(spec(format!("{p}.self_attn.o_proj.bias"), &[h]));

@@ -14,7 +14,19 @@ fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
 
-const MODELS: [&str; 8] = ["llama", "llama_legacy", "mistral", "qwen2", "mixtral", "mixtral_fused", "qwen2_moe", "qwen2_moe_normtopk"];
+const MODELS: [&str; 11] = [
+    "llama",
+    "llama_legacy",
+    "mistral",
+    "qwen2",
+    "mixtral",
+    "mixtral_fused",
+    "qwen2_moe",
+    "qwen2_moe_normtopk",
+    "qwen3",
+    "qwen3_moe",
+    "qwen3_moe_softmax",
+];
 
 fn expected_eval(dir: &Path) -> (u64, f64) {
     let v: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("expected.json")).unwrap()).unwrap();
@@ -72,6 +84,63 @@ fn architectures_are_understood() {
     assert_eq!(qwen.routing, Routing::SoftmaxThenTopk);
     assert_eq!(qwen.shared_expert.unwrap().ffn, 40);
     assert_eq!(open("qwen2_moe_normtopk").config.moe.unwrap().routing, Routing::TopkThenSoftmax);
+    let qwen3 = open("qwen3");
+    assert_eq!(qwen3.architecture, Architecture::Qwen3);
+    // head_dim 16 while hidden / heads is 8: q/k/v/o and the q/k norms are shaped by head_dim.
+    assert_eq!((qwen3.config.head_dim, qwen3.config.hidden_size / qwen3.config.num_heads), (16, 8));
+    assert!(qwen3.config.qk_norm && !qwen3.config.qkv_bias && !qwen3.config.o_bias && qwen3.config.tie_word_embeddings);
+    assert_eq!(qwen3.tensor("model.layers.1.self_attn.k_norm.weight").unwrap().dims(), [16]);
+    let qwen3_moe = open("qwen3_moe");
+    assert_eq!(qwen3_moe.architecture, Architecture::Qwen3Moe);
+    assert!(qwen3_moe.config.qk_norm);
+    let m = qwen3_moe.config.moe.clone().unwrap();
+    assert_eq!((m.experts, m.top_k, m.expert_ffn, m.routing), (4, 2, 24, Routing::TopkThenSoftmax));
+    assert!(m.shared_expert.is_none());
+    assert_eq!(m.dense_layers, [1]);
+    assert_eq!(qwen3_moe.tensor("model.layers.1.mlp.gate_proj.weight").unwrap().dims(), [64, 32]);
+    assert_eq!(open("qwen3_moe_softmax").config.moe.unwrap().routing, Routing::SoftmaxThenTopk);
+}
+
+/// The q/k norms through the primitive chains (what CUDA in other dtypes and the reference
+/// path run) match transformers too, not only through the fused CPU kernels.
+#[test]
+fn qwen3_primitive_chains_match_transformers() {
+    for name in ["qwen3", "qwen3_moe", "qwen3_moe_softmax"] {
+        let dir = fixtures().join(name);
+        let mut model = Checkpoint::open(&dir).unwrap().load_model(DType::F32, &Device::Cpu).unwrap();
+        model.set_fused_kernels(false);
+        model.set_fused_moe(false);
+        let diff = max_logit_diff(&model, &dir);
+        assert!(diff <= 1e-4, "{name}: max |Δlogit| = {diff} through the primitive chains");
+    }
+}
+
+/// What btm writes for a Qwen3 family model is that family's config.json, with the q/k norms
+/// under transformers' names, and no sliding window or shared expert it cannot hold.
+#[test]
+fn qwen3_is_written_as_qwen3() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (name, class) in [("qwen3", "Qwen3ForCausalLM"), ("qwen3_moe", "Qwen3MoeForCausalLM")] {
+        let src = Checkpoint::open(fixtures().join(name)).unwrap();
+        let out = tmp.path().join(name);
+        rewrite(&src, &out, &WriteOptions::default(), None).unwrap();
+        let hf: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+        assert_eq!(hf["architectures"][0], class);
+        assert_eq!(hf["head_dim"], 16);
+        assert_eq!(hf["attention_bias"], false);
+        let st = out.join("model.safetensors");
+        let bytes = std::fs::read(&st).unwrap();
+        let names: Vec<String> =
+            btm_model::checkpoint::parse_safetensors(&st, &bytes).unwrap().names().into_iter().map(String::from).collect();
+        assert!(names.iter().any(|n| n == "model.layers.0.self_attn.q_norm.weight"), "{names:?}");
+        if name == "qwen3_moe" {
+            assert_eq!((hf["norm_topk_prob"].as_bool(), hf["mlp_only_layers"].clone()), (Some(true), serde_json::json!([1])));
+            assert!(hf.get("shared_expert_intermediate_size").is_none());
+        }
+    }
+    let mut cfg = Checkpoint::open(fixtures().join("qwen3")).unwrap().config;
+    cfg.sliding_window = Some(8);
+    assert_eq!(cfg.to_hf().unwrap_err().to_string(), "unsupported: sliding-window attention in a Qwen3 model");
 }
 
 fn assert_same_tensors(a: &Checkpoint, b: &Checkpoint) {
@@ -271,7 +340,7 @@ fn moe_placeholders_are_exact_and_dropped_on_read() {
 
 #[test]
 fn fused_moe_kernels_match_the_reference_loop() {
-    for name in ["mixtral", "qwen2_moe", "qwen2_moe_normtopk"] {
+    for name in ["mixtral", "qwen2_moe", "qwen2_moe_normtopk", "qwen3_moe", "qwen3_moe_softmax"] {
         let ckpt = Checkpoint::open(fixtures().join(name)).unwrap();
         let fused = ckpt.load_model(DType::F32, &Device::Cpu).unwrap();
         let mut reference = ckpt.load_model(DType::F32, &Device::Cpu).unwrap();

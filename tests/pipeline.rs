@@ -32,7 +32,7 @@ fn every_stage_runs_and_a_second_run_does_nothing() {
         "added/computing",
         "add-expert/computing",
         "train-in-place/computing",
-        "eval/merged/code",
+        "eval/merged",
     ] {
         assert!(dry.contains(&format!("\n{job} [")) || dry.contains(&format!("{job} [")), "{job} missing from the plan:\n{dry}");
     }

@@ -151,3 +151,44 @@ pub struct AverageSpec {
     #[serde(default)]
     pub device: Device,
 }
+
+/// The eval job of a plan: one model (or ensemble), `base`, scored on several domains, each with
+/// its own text, output and (for an ensemble) prior's text: one job per model rather than one
+/// per model and domain, so a run's jobs grow linearly with its domains. With no `domains`,
+/// `base` is scored as it stands (the command's flags).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EvalBatch {
+    pub base: EvalSpec,
+    #[serde(default)]
+    pub domains: Vec<EvalDomain>,
+}
+
+/// One domain of an [`EvalBatch`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EvalDomain {
+    /// JSONL text to score.
+    pub data: PathBuf,
+    /// Where the JSON result goes.
+    pub out: PathBuf,
+    /// The ensemble prior's held-out text for this domain.
+    #[serde(default)]
+    pub prior_from: Option<PathBuf>,
+}
+
+impl EvalBatch {
+    /// The evaluations this batch runs, in order.
+    pub fn specs(&self) -> Vec<EvalSpec> {
+        if self.domains.is_empty() {
+            return vec![self.base.clone()];
+        }
+        let each = |d: &EvalDomain| EvalSpec {
+            data: d.data.clone(),
+            out: Some(d.out.clone()),
+            prior_from: d.prior_from.clone().or_else(|| self.base.prior_from.clone()),
+            ..self.base.clone()
+        };
+        self.domains.iter().map(each).collect()
+    }
+}

@@ -18,11 +18,11 @@
 //! ```
 
 use crate::pipeline::load::resolve;
-use crate::pipeline::spec::{NonExpertSource, Pipeline, TrainArgs, TrainParams};
+use crate::pipeline::spec::{NonExpertSource, Pipeline, TrainArgs, TrainParams, CROSS_DOMAIN_SAMPLE, WIDE_RUN_DOMAINS};
 use anyhow::{bail, Context, Result};
 use btm_merger::merge::NonExpert;
 use btm_model::ModelConfig;
-use btm_trainer::jobs::{AverageSpec, EvalSpec, TokenizerSpec};
+use btm_trainer::jobs::{AverageSpec, EvalBatch, EvalSpec, TokenizerSpec};
 use btm_trainer::spec as job;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -182,7 +182,7 @@ fn abs(base: &Path, location: &str) -> String {
     std::path::absolute(&r).map(|p| p.to_string_lossy().into_owned()).unwrap_or(r)
 }
 
-impl Builder<'_> {
+impl<'a> Builder<'a> {
     /// Add `job` to the plan; its dependencies are handles of jobs added before it, so each
     /// has an id to hash.
     fn add(&mut self, job: NewJob) -> JobRef {
@@ -351,7 +351,7 @@ impl Builder<'_> {
             .collect()
     }
 
-    /// Scores of BTM's ensemble: the first arm seed's experts, all of them and top-1, per
+    /// Scores of BTM's ensemble: the first arm seed's experts, all of them and top-1, on each
     /// domain, each domain's prior estimated on its `valid` file; the ensemble arm's repeats
     /// (`ensemble-s<seed>`); with `add_experts`, also `ensemble-extended`, the experts plus the
     /// added ones, on the added domains too.
@@ -378,50 +378,70 @@ impl Builder<'_> {
             sets.push(("ensemble-extended".to_string(), None, extended, all_domains));
         }
         for (label, top_k, members, domains) in sets {
-            for d in domains {
-                self.ensemble_eval_job(&label, top_k, &members, d);
-            }
+            let scoring = Scoring {
+                ensemble: members.iter().map(|(_, dir)| dir.to_string_lossy().into_owned()).collect(),
+                top_k,
+                ..Scoring::default()
+            };
+            let deps = members.iter().map(|(job, _)| *job).collect();
+            self.eval_job(&label, &domains, scoring, deps);
         }
     }
 
-    /// `btm eval --ensemble` of `members` on domain `d` (prior from its `valid` file).
-    fn ensemble_eval_job(&mut self, label: &str, top_k: Option<usize>, members: &[(JobRef, PathBuf)], d: &crate::pipeline::spec::Domain) {
-        let ensemble = members.iter().map(|(_, dir)| dir.to_string_lossy().into_owned()).collect();
-        let scoring =
-            Scoring { ensemble, prior_from: d.valid.as_ref().map(|v| PathBuf::from(abs(self.base, v))), top_k, ..Scoring::default() };
-        let deps = members.iter().map(|(job, _)| *job).collect();
-        self.eval_job(label, d, scoring, deps);
-    }
-
-    /// One eval job per domain for model `m` (made by job `dep`, if the run makes it).
+    /// Job `eval/<label>`: model `m` (made by job `dep`, if the run makes it) on the domains it
+    /// is scored on ([`Self::domains_scored_by`]).
     fn eval_jobs(&mut self, m: &ModelRef, dep: Option<JobRef>) {
-        // The added domains too: the models before the addition set the new domain's baseline.
-        for d in self.p.domains.iter().chain(self.p.add_experts.iter().flat_map(|a| a.domains.iter())) {
-            let scoring = Scoring { model: Some(m.dir.to_string_lossy().into_owned()), routing: true, ..Scoring::default() };
-            self.eval_job(&m.label, d, scoring, dep.into_iter().collect());
-        }
+        let domains = self.domains_scored_by(dep);
+        let scoring = Scoring { model: Some(m.dir.to_string_lossy().into_owned()), routing: true, ..Scoring::default() };
+        self.eval_job(&m.label, &domains, scoring, dep.into_iter().collect());
     }
 
-    /// Job `eval/<label>/<domain>`: `btm eval` of what `scoring` names on `d`'s evaluation split
-    /// (none when the domain has no such file), capped as `eval` says, its JSON written to
-    /// `eval/<label>/<domain>.json`.
-    fn eval_job(&mut self, label: &str, d: &crate::pipeline::spec::Domain, scoring: Scoring, deps: Vec<JobRef>) {
+    /// Every domain, the added ones too (the models before the addition set the new domain's
+    /// baseline); in a wide run, an expert's own domain and the few after it, unless the pipeline
+    /// asks for the full table.
+    fn domains_scored_by(&self, job: Option<JobRef>) -> Vec<&'a crate::pipeline::spec::Domain> {
+        let p = self.p;
+        let all: Vec<&crate::pipeline::spec::Domain> =
+            p.domains.iter().chain(p.add_experts.iter().flat_map(|a| a.domains.iter())).collect();
+        let expert_domain =
+            job.filter(|j| self.jobs[j.0].kind == JobKind::TrainExpert).and_then(|j| self.jobs[j.0].name.rsplit('/').next());
+        let (Some(own), false) = (expert_domain, all.len() <= WIDE_RUN_DOMAINS || p.eval.full_table) else { return all };
+        let Some(at) = all.iter().position(|d| d.name == own) else { return all };
+        (0..=CROSS_DOMAIN_SAMPLE.min(all.len() - 1)).map(|k| all[(at + k) % all.len()]).collect()
+    }
+
+    /// Job `eval/<label>`: `btm eval` of what `scoring` names on each of `domains`' evaluation
+    /// split (a domain without one is skipped), capped as `eval` says, each domain's JSON written
+    /// to `eval/<label>/<domain>.json`. An ensemble's prior is estimated on each domain's `valid`
+    /// file.
+    fn eval_job(&mut self, label: &str, domains: &[&crate::pipeline::spec::Domain], scoring: Scoring, deps: Vec<JobRef>) {
         let e = &self.p.eval;
-        let data = match e.split {
-            crate::pipeline::spec::Split::Test => d.test.as_ref(),
-            crate::pipeline::spec::Split::Valid => d.valid.as_ref(),
-        };
-        let Some(data) = data else { return };
-        let out = self.run.join("eval").join(label).join(format!("{}.json", d.name));
-        let Scoring { model, ensemble, prior_from, top_k, routing } = scoring;
-        let spec = EvalSpec {
+        let ensemble = !scoring.ensemble.is_empty();
+        let mut batch = vec![];
+        for d in domains {
+            let data = match e.split {
+                crate::pipeline::spec::Split::Test => d.test.as_ref(),
+                crate::pipeline::spec::Split::Valid => d.valid.as_ref(),
+            };
+            let Some(data) = data else { continue };
+            batch.push(btm_trainer::jobs::EvalDomain {
+                data: PathBuf::from(abs(self.base, data)),
+                out: self.run.join("eval").join(label).join(format!("{}.json", d.name)),
+                prior_from: d.valid.as_ref().filter(|_| ensemble).map(|v| PathBuf::from(abs(self.base, v))),
+            });
+        }
+        if batch.is_empty() {
+            return;
+        }
+        let Scoring { model, ensemble, top_k, routing } = scoring;
+        let base = EvalSpec {
             model,
             ensemble,
-            prior_from,
+            prior_from: None,
             top_k,
             clusters: None,
             temperature: None,
-            data: PathBuf::from(abs(self.base, data)),
+            data: PathBuf::new(),
             seq_len: e.seq_len,
             max_docs: e.max_docs,
             max_tokens: e.max_tokens,
@@ -429,19 +449,19 @@ impl Builder<'_> {
             dtype: Default::default(),
             device: Default::default(),
             routing,
-            out: Some(out.clone()),
+            out: None,
         };
-        let name = format!("eval/{label}/{}", d.name);
-        self.spec_job(&["eval"], &spec, NewJob::new(name, JobKind::Eval, deps, vec![out]));
+        let outputs = batch.iter().map(|d| d.out.clone()).collect();
+        let name = format!("eval/{label}");
+        self.spec_job(&["eval"], &EvalBatch { base, domains: batch }, NewJob::new(name, JobKind::Eval, deps, outputs));
     }
 }
 
-/// What an eval job scores: a model, or an ensemble of experts (with its prior and top-k).
+/// What an eval job scores: a model, or an ensemble of experts (with its top-k).
 #[derive(Default)]
 struct Scoring {
     model: Option<String>,
     ensemble: Vec<String>,
-    prior_from: Option<PathBuf>,
     top_k: Option<usize>,
     /// Also report an MoE's routing shares.
     routing: bool,
@@ -1151,8 +1171,9 @@ impl<'a> Builder<'a> {
             let deps = experts.iter().map(|(job, _)| *job).collect();
             let job =
                 self.spec_job(&["average"], &spec, NewJob::new(format!("average/{}", d.name), JobKind::Merge, deps, vec![out.clone()]));
+            // Each domain's average is a model of its own, scored on that domain only.
             let scoring = Scoring { model: Some(out.to_string_lossy().into_owned()), ..Scoring::default() };
-            self.eval_job("averaged", d, scoring, vec![job]);
+            self.eval_job(&format!("averaged/{}", d.name), &[d], scoring, vec![job]);
         }
     }
 }
@@ -1206,62 +1227,28 @@ mod tests {
         "added/c a477106b84d23886",
         "add-expert/c f22389f609011376",
         "train-in-place/c f1d55230d131c77f",
-        "eval/seed/a e92a58108a663d0e",
-        "eval/seed/b 95b27ce4b11538fc",
-        "eval/seed/c 1412b49d9b7ae8a0",
-        "eval/expert-a/a f96191d9abc884b0",
-        "eval/expert-a/b 545f5ba514519532",
-        "eval/expert-a/c cd47084942ec517b",
-        "eval/expert-b/a 043faf40e42a3826",
-        "eval/expert-b/b 49bd9a980daed2c4",
-        "eval/expert-b/c 9b904a37511f0954",
-        "eval/merged/a bf4683ed99c4886e",
-        "eval/merged/b 4d2a6db863bdb8cb",
-        "eval/merged/c ac20d84cccdd6b5f",
-        "eval/continued/a c9ee811918cbc380",
-        "eval/continued/b 6c0ba30834d0d62b",
-        "eval/continued/c 3eb97d41df3f00f9",
-        "eval/merged-fit/a 4c905c566d361dd7",
-        "eval/merged-fit/b c31824e0ad1627ae",
-        "eval/merged-fit/c aaf596a53d30f581",
-        "eval/continued-fit/a e1bcfe98ed4444e4",
-        "eval/continued-fit/b 646c943a9c62f5f8",
-        "eval/continued-fit/c b66b322ca2e3c402",
-        "eval/baseline/a 59820fe81d595db7",
-        "eval/baseline/b 053382cecb33bc10",
-        "eval/baseline/c 4cccdf322549a52f",
-        "eval/continued-s2/a 0388472e2b3c8f5f",
-        "eval/continued-s2/b 0da2ef628ef48101",
-        "eval/continued-s2/c 1c6420b81ade4196",
-        "eval/baseline-s2/a daa8d85f3f0032f2",
-        "eval/baseline-s2/b abf2d0c0aafa9d9f",
-        "eval/baseline-s2/c c0254e9ede42eadc",
-        "eval/upcycled/a a6962688c98bd65a",
-        "eval/upcycled/b 8a0cbe66014ae7d2",
-        "eval/upcycled/c bb5fd652a03d12ee",
-        "eval/upcycled-continued/a e3f9e21cd454dfd9",
-        "eval/upcycled-continued/b 85a3ab66687567cd",
-        "eval/upcycled-continued/c ead37c66a1b116a9",
-        "eval/expert-c/a 114bcef14a4e7cec",
-        "eval/expert-c/b f08b24630c24f14e",
-        "eval/expert-c/c 02d8309a1b4c6477",
-        "eval/extended-c/a 52ad0635f94662f8",
-        "eval/extended-c/b 1b5fd839195aa478",
-        "eval/extended-c/c 50c6f0aeaa79c3ef",
-        "eval/in-place-c/a 4789238469284e64",
-        "eval/in-place-c/b 6a7f98d42c119315",
-        "eval/in-place-c/c 4f87b03f79cf8f63",
-        "eval/ensemble/a 2be8646c6a41b53a",
-        "eval/ensemble/b b3cd2ed34d8a137b",
-        "eval/ensemble-top1/a 0f594684897f5680",
-        "eval/ensemble-top1/b 5be8276d339aa3d3",
-        "eval/ensemble-extended/a ee8dc1c1552d75ee",
-        "eval/ensemble-extended/b 1d6c3fdcf887cd52",
-        "eval/ensemble-extended/c 87d476823840cd33",
+        "eval/seed 9421b7483917fa53",
+        "eval/expert-a 063aa21369cd5d86",
+        "eval/expert-b 3b5cb3e074fa1b5a",
+        "eval/merged 80f0e6c091a1900a",
+        "eval/continued ea3c6744d0a544ce",
+        "eval/merged-fit 2cee0f25d9e405dd",
+        "eval/continued-fit 40ef9eb800a5809c",
+        "eval/baseline 8948fc6b46599b0e",
+        "eval/continued-s2 cb602f0b6cccfd60",
+        "eval/baseline-s2 442c837f3c40152e",
+        "eval/upcycled 819fc783db9cb3b7",
+        "eval/upcycled-continued fee700f178d008b0",
+        "eval/expert-c 46ab85590e2fcd15",
+        "eval/extended-c ce3788cc2ef38088",
+        "eval/in-place-c c920699b27c20ff6",
+        "eval/ensemble fa81e7e6cc1074e8",
+        "eval/ensemble-top1 228cca2c142d530a",
+        "eval/ensemble-extended bd098697b9b260cf",
         "average/a a6fb32bc7817ad4d",
-        "eval/averaged/a 6f0f7b2cba694adb",
+        "eval/averaged/a 79b6e093da5f65e9",
         "average/b d8a85be2051a53ba",
-        "eval/averaged/b 039b1dadf712b33f",
+        "eval/averaged/b ccdd986fe04e5ad4",
     ];
 
     fn pipeline(extra: &str) -> Pipeline {
@@ -1277,6 +1264,12 @@ mod tests {
 
     fn job<'a>(plan: &'a Plan, name: &str) -> &'a Job {
         plan.jobs.iter().find(|j| j.name == name).unwrap_or_else(|| panic!("no job {name}"))
+    }
+
+    /// Whether the plan scores model `label` on `domain`.
+    fn scored(plan: &Plan, label: &str, domain: &str) -> bool {
+        let file = format!("eval/{label}/{domain}.json");
+        plan.jobs.iter().any(|j| j.name.starts_with(&format!("eval/{label}")) && j.outputs.iter().any(|o| o.ends_with(&file)))
     }
 
     fn spec(j: &Job) -> job::JobSpec {
@@ -1303,6 +1296,31 @@ mod tests {
         assert_eq!(ids, PINNED_IDS, "{ids:#?}");
     }
 
+    /// One eval job per model: the plan grows linearly with the domains. A wide run scores each
+    /// expert on its own domain and the few after it, unless `eval.full_table` asks for all.
+    #[test]
+    fn a_wide_run_plans_linearly_many_jobs() {
+        let n = 40;
+        let domains: String =
+            (0..n).map(|i| format!("  - {{name: d{i}, train: d{i}.jsonl, valid: d{i}.jsonl, test: d{i}.jsonl}}\n")).collect();
+        let yaml = format!(
+            "name: w\nseed:\n  train:\n    model: {{hidden_size: 32, layers: 1, heads: 2, ffn: 64}}\n    tokenizer: {{vocab_size: 300}}\n\
+             domains:\n{domains}train: {{steps: 2}}\nmerge: {{top_k: 1}}\neval: {{ensemble: true}}\n"
+        );
+        let mut p: Pipeline = serde_yaml::from_str(&yaml).unwrap();
+        let sampled = plan(&p, Path::new("/base"), Path::new("/runs/w")).unwrap();
+        // tokenizer, seed, n experts, merge; eval: seed, n experts, merged, ensemble, top-1.
+        assert_eq!(sampled.jobs.len(), 3 + n + 1 + n + 3);
+        let expert = job(&sampled, "eval/expert-d39");
+        let scored: Vec<String> = expert.outputs.iter().map(|o| o.file_stem().unwrap().to_string_lossy().into_owned()).collect();
+        assert_eq!(scored, ["d39", "d0", "d1", "d2", "d3", "d4", "d5", "d6", "d7"], "its own domain first, then the next ones");
+        assert_eq!(job(&sampled, "eval/merged").outputs.len(), n, "a model that is not one domain's expert sees every domain");
+        p.eval.full_table = true;
+        let full = plan(&p, Path::new("/base"), Path::new("/runs/w")).unwrap();
+        assert_eq!(job(&full, "eval/expert-d39").outputs.len(), n);
+        assert_eq!(full.jobs.len(), sampled.jobs.len(), "still one eval job per model");
+    }
+
     /// `add_experts.train_in_place`: after `add-expert`, the new expert (index 2 of a two-domain
     /// merge) and its router row train in the extended MoE, without the load-balancing loss, on
     /// the new domain plus the old domains' replay; the next phase and the scores read its model.
@@ -1323,8 +1341,8 @@ mod tests {
         );
         // The replayed old tokens keep the new expert out of their top-k.
         assert_eq!(s.moe.router_guard, Some(job::RouterGuard { experts: vec![2], margin: 1.0, coef: 1.0 }));
-        assert!(plan.jobs.iter().any(|j| j.name == "eval/in-place-c/a"));
-        assert!(plan.jobs.iter().any(|j| j.name == "eval/expert-c/c"));
+        assert!(scored(&plan, "in-place-c", "a"));
+        assert!(scored(&plan, "expert-c", "c"));
         // `guard: {coef: 0}` leaves the row to the language-model loss.
         let off = super::plan(&pipeline(&format!("{extra}  guard: {{coef: 0}}\n")), Path::new("/base"), Path::new("/runs/t")).unwrap();
         let s = spec(job(&off, "train-in-place/c"));
@@ -1366,11 +1384,11 @@ mod tests {
         let members: u64 =
             ["ensemble-expert/a", "ensemble-expert/b"].iter().map(|n| job(&plan, n).produces.as_ref().unwrap().tokens_after_seed).sum();
         assert!(members >= baseline_tokens && members < baseline_tokens + 2 * 128, "{members} vs {baseline_tokens}");
-        let ensemble = job(&plan, "eval/ensemble/a");
+        let ensemble = job(&plan, "eval/ensemble");
         assert_eq!(ensemble.deps, vec!["ensemble-expert/a", "ensemble-expert/b"]);
-        assert_eq!(job(&plan, "eval/ensemble-s7/b").deps, vec!["ensemble-expert-s7/a", "ensemble-expert-s7/b"]);
+        assert_eq!(job(&plan, "eval/ensemble-s7").deps, vec!["ensemble-expert-s7/a", "ensemble-expert-s7/b"]);
         assert_eq!(job(&plan, "average/a").deps, vec!["ensemble-expert/a", "ensemble-expert/b"]);
-        assert!(plan.jobs.iter().any(|j| j.name == "eval/ensemble-expert-a/b"), "the first seed's members are scored");
+        assert!(scored(&plan, "ensemble-expert-a", "b"), "the first seed's members are scored");
         // The fit router: the first seed's experts, merged again and continued like the main merge.
         let fit = job(&plan, "merge-fit");
         assert_eq!(fit.deps, vec!["expert/a", "expert/b"]);
@@ -1379,7 +1397,7 @@ mod tests {
         assert_eq!(fit_spec.calib.len(), 2, "a fitted router is calibrated on every domain");
         assert_eq!(job(&plan, "continue/merged-fit").deps, vec!["merge-fit"]);
         assert_eq!(spec(job(&plan, "continue/merged-fit")).seed, 3);
-        assert!(plan.jobs.iter().any(|j| j.name == "eval/continued-fit/a"));
+        assert!(scored(&plan, "continued-fit", "a"));
         assert!(!plan.jobs.iter().any(|j| j.name == "merge-s7-fit"), "the comparison runs under the first arm seed");
     }
 
@@ -1404,8 +1422,8 @@ mod tests {
         assert_eq!(job(&plan, "merge-s7").deps, vec!["expert-s7/a", "expert-s7/b"]);
         assert!(job(&plan, "continue/merged-s7").args.iter().any(|a| a.contains("jobs/continue-merged-s7")));
         // Repeats are scored as finished arms only.
-        assert!(plan.jobs.iter().any(|j| j.name == "eval/continued-s7/a"));
-        assert!(plan.jobs.iter().any(|j| j.name == "eval/baseline-s7/b"));
+        assert!(scored(&plan, "continued-s7", "a"));
+        assert!(scored(&plan, "baseline-s7", "b"));
         assert!(!plan.jobs.iter().any(|j| j.name.starts_with("eval/merged-s7") || j.name.starts_with("eval/expert-a-s7")));
     }
 

@@ -60,11 +60,11 @@ pub fn rows(plan: &Plan) -> Vec<Row> {
         .filter_map(|j| j.name.strip_prefix("added/"))
         .map(String::from)
         .collect();
-    for j in plan.jobs.iter().filter(|j| j.kind == JobKind::Eval) {
-        // eval/<label>/<domain>
-        let mut parts = j.name.splitn(3, '/').skip(1);
-        let (Some(label), Some(domain)) = (parts.next(), parts.next()) else { continue };
-        let Some(out) = j.outputs.first() else { continue };
+    // Job eval/<label> (or eval/averaged/<domain>) writes eval/<label>/<domain>.json per domain.
+    let scores = plan.jobs.iter().filter(|j| j.kind == JobKind::Eval).flat_map(|j| j.outputs.iter().map(move |out| (j, out)));
+    for (j, out) in scores {
+        let Some(label) = j.name.split('/').nth(1) else { continue };
+        let Some(domain) = out.file_stem().map(|d| d.to_string_lossy().into_owned()) else { continue };
         let Some(Ok(v)) = read_in_run(plan, out).map(|b| serde_json::from_slice::<Value>(&b)) else {
             continue;
         };

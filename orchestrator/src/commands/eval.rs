@@ -2,7 +2,7 @@
 
 use anyhow::{Context, Result};
 use btm_model::Checkpoint;
-use btm_trainer::jobs::EvalSpec;
+use btm_trainer::jobs::{EvalBatch, EvalSpec};
 use clap::Args;
 use std::path::PathBuf;
 
@@ -17,14 +17,22 @@ pub struct EvalArgs {
 }
 
 impl EvalArgs {
-    /// The job's spec: its file, or the flags.
-    pub fn into_spec(self) -> Result<EvalSpec> {
-        super::spec_or_flags(self.spec.as_deref(), self.flags)
+    /// The job's spec: its file (a batch of domains), or the flags (one evaluation).
+    pub fn into_spec(self) -> Result<EvalBatch> {
+        let flags = self.flags.map(|base| EvalBatch { base, domains: vec![] });
+        super::spec_or_flags(self.spec.as_deref(), flags)
     }
 }
 
 pub fn run(args: EvalArgs) -> Result<()> {
-    let args = args.into_spec()?;
+    for spec in args.into_spec()?.specs() {
+        run_one(spec)?;
+    }
+    Ok(())
+}
+
+/// One evaluation: a model, an ensemble or a cluster-routed ensemble on one text.
+fn run_one(args: EvalSpec) -> Result<()> {
     anyhow::ensure!(args.model.is_some() == args.ensemble.is_empty(), "give --model or --ensemble, one of them");
     anyhow::ensure!(args.seq_len >= 2, "--seq-len must be at least 2");
     let device = args.device.open()?;

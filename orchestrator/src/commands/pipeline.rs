@@ -58,7 +58,7 @@ pub fn schema(kind: SchemaKind) -> Result<()> {
         SchemaKind::Upcycle => schema_for!(btm_merger::UpcycleSpec),
         SchemaKind::AddExpert => schema_for!(btm_merger::AddExpertSpec),
         SchemaKind::RemoveExpert => schema_for!(btm_merger::RemoveExpertSpec),
-        SchemaKind::Eval => schema_for!(btm_trainer::jobs::EvalSpec),
+        SchemaKind::Eval => schema_for!(btm_trainer::jobs::EvalBatch),
         SchemaKind::Average => schema_for!(btm_trainer::jobs::AverageSpec),
         SchemaKind::Tokenizer => schema_for!(btm_trainer::jobs::TokenizerSpec),
     };

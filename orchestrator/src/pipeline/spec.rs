@@ -887,7 +887,18 @@ pub struct EvalSpec {
     /// file), one dense model per domain, scored on that domain: row `averaged`.
     #[serde(default)]
     pub averaged: bool,
+    /// Score every expert on every domain even in a wide run (more than
+    /// [`WIDE_RUN_DOMAINS`] domains), where each expert is otherwise scored on its own domain
+    /// and the [`CROSS_DOMAIN_SAMPLE`] after it: the full table grows as the square of the
+    /// domains.
+    #[serde(default)]
+    pub full_table: bool,
 }
+
+/// Domains above which a run is wide: its experts are scored on a sample of the other domains.
+pub const WIDE_RUN_DOMAINS: usize = 16;
+/// Other domains each expert of a wide run is scored on.
+pub const CROSS_DOMAIN_SAMPLE: usize = 8;
 
 fn default_split() -> Split {
     Split::Test
@@ -906,6 +917,7 @@ impl Default for EvalSpec {
             baseline: false,
             ensemble: false,
             averaged: false,
+            full_table: false,
         }
     }
 }

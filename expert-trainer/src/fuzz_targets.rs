@@ -49,6 +49,15 @@ pub fn jsonl_source(data: &[u8], name: &str) -> Result<()> {
     drain(&path, Format::Jsonl)
 }
 
+/// [`jsonl_source`] on an input whose first byte picks the decompression
+/// ([`btm_model::fuzz_targets::jsonl_name`]): the form the fuzz target and its corpus use.
+pub fn jsonl_source_input(data: &[u8]) -> Result<()> {
+    match data.split_first() {
+        Some((&kind, rest)) => jsonl_source(rest, btm_model::fuzz_targets::jsonl_name(kind)),
+        None => Ok(()),
+    }
+}
+
 /// A parquet training source with a `text` column, read through [`Documents`].
 pub fn parquet_source(data: &[u8]) -> Result<()> {
     let (_dir, path) = written("d.parquet", data)?;

@@ -90,6 +90,20 @@ pub fn jsonl(data: &[u8], name: &str) -> Result<()> {
     Ok(())
 }
 
+/// [`jsonl`] on an input whose first byte picks the decompression, as a source's extension
+/// would: the form the fuzz target and its corpus use.
+pub fn jsonl_input(data: &[u8]) -> Result<()> {
+    match data.split_first() {
+        Some((&kind, rest)) => jsonl(rest, jsonl_name(kind)),
+        None => Ok(()),
+    }
+}
+
+/// The JSONL source name an input's first byte picks (see [`jsonl_input`]).
+pub fn jsonl_name(kind: u8) -> &'static str {
+    ["d.jsonl", "d.jsonl.gz", "d.jsonl.zst"][kind as usize % 3]
+}
+
 /// A checkpoint directory, opened by [`Checkpoint::open`] and every tensor read. `data` is a
 /// little-endian u32 `n`, then `config.json` (`n` bytes), then `model.safetensors` (the rest);
 /// seed it with a fixture's two files so mutations reach the tensor checks.

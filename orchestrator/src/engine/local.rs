@@ -72,11 +72,60 @@ impl Engine for LocalEngine {
     }
 }
 
+/// Set on every local job to its log's path (unique to the job on this machine); the job's
+/// processes and whatever they start inherit it.
+const JOB_MARK: &str = "BTM_LOCAL_JOB";
+
+/// Processes other than this one carrying `mark` (see [`JOB_MARK`]); zombies and other users'
+/// processes are not read.
+fn leftovers(mark: &str) -> Vec<i32> {
+    let want = format!("{JOB_MARK}={mark}");
+    let me = std::process::id() as i32;
+    let Ok(dir) = std::fs::read_dir("/proc") else { return vec![] };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&pid| pid != me)
+        .filter(|pid| std::fs::read(format!("/proc/{pid}/environ")).is_ok_and(|env| env.split(|&b| b == 0).any(|v| v == want.as_bytes())))
+        .collect()
+}
+
+/// Stop what an earlier attempt of this job left running before the next one starts. The
+/// job's own process dies with its parent (`PR_SET_PDEATHSIG`), but the processes it started
+/// need not: an external trainer's command under `sh -c` outlives a killed orchestrator and
+/// would write into the folders the new attempt uses. SIGTERM first (a trainer may
+/// checkpoint), then SIGKILL.
+fn stop_leftovers(job: &str, mark: &str) -> Result<()> {
+    let gone = |signal: libc::c_int, wait: std::time::Duration| {
+        for pid in leftovers(mark) {
+            // SAFETY: signalling a process of an earlier attempt of this job (it carries the mark).
+            unsafe { libc::kill(pid, signal) };
+        }
+        let until = std::time::Instant::now() + wait;
+        while !leftovers(mark).is_empty() {
+            if std::time::Instant::now() > until {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        true
+    };
+    if leftovers(mark).is_empty() {
+        return Ok(());
+    }
+    eprintln!("{job}: stopping processes an earlier attempt left running: {:?}", leftovers(mark));
+    if gone(libc::SIGTERM, std::time::Duration::from_secs(10)) || gone(libc::SIGKILL, std::time::Duration::from_secs(5)) {
+        return Ok(());
+    }
+    anyhow::bail!("{job}: processes of an earlier attempt do not exit: {:?}", leftovers(mark))
+}
+
 impl LocalEngine {
     fn spawn(&self, job: &Submission, threads: usize) -> Result<JobHandle> {
         if let Some(dir) = job.log.parent() {
             std::fs::create_dir_all(dir)?;
         }
+        let mark = job.log.to_string_lossy().into_owned();
+        stop_leftovers(&job.name, &mark)?;
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -98,6 +147,7 @@ impl LocalEngine {
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
+            .env(JOB_MARK, &mark)
             // Its own process group: a Ctrl-C in the terminal reaches the orchestrator, which
             // then stops the children in order (SIGTERM → checkpoint → exit).
             .process_group(0);

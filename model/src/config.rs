@@ -757,7 +757,15 @@ mod tests {
         let mut llama3 = tiny();
         llama3.rope_scaling =
             Some(RopeScaling::Llama3 { factor: 8.0, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_position_embeddings: 16 });
+        let qwen3 = ModelConfig { qk_norm: true, head_dim: 6, qkv_bias: true, o_bias: true, ..tiny() };
+        let mut qwen3_moe = ModelConfig { qk_norm: true, head_dim: 6, ..mixtral.clone() };
+        qwen3_moe.moe.as_mut().unwrap().dense_layers = vec![1];
+        let mut qwen3_moe_softmax = qwen3_moe.clone();
+        qwen3_moe_softmax.moe.as_mut().unwrap().routing = Routing::SoftmaxThenTopk;
         for (cfg, arch) in [
+            (qwen3, Architecture::Qwen3),
+            (qwen3_moe, Architecture::Qwen3Moe),
+            (qwen3_moe_softmax, Architecture::Qwen3Moe),
             (dense, Architecture::Llama),
             (mixtral, Architecture::Mixtral),
             (qwen, Architecture::Qwen2Moe),
@@ -783,10 +791,36 @@ mod tests {
         }
     }
 
+    /// transformers' Qwen3 config defaults: head_dim 128 when absent, `num_local_experts` as
+    /// transformers 5 saves `num_experts`; what Qwen3-MoE cannot hold is refused by name.
+    #[test]
+    fn qwen3_config_defaults_and_limits() {
+        let mut hf = ModelConfig { qk_norm: true, ..ModelConfig::llama(64, 256, 2, 4, 2, 32) }.to_hf().unwrap();
+        hf.as_object_mut().unwrap().remove("head_dim");
+        assert_eq!(ModelConfig::from_hf(&hf).unwrap().0.head_dim, 128);
+        hf["use_sliding_window"] = json!(true);
+        assert_eq!(ModelConfig::from_hf(&hf).unwrap_err().to_string(), "unsupported: Qwen3ForCausalLM use_sliding_window: true");
+        let mut moe = ModelConfig { qk_norm: true, ..tiny() };
+        moe.moe = Some(MoeConfig {
+            experts: 4,
+            top_k: 2,
+            routing: Routing::TopkThenSoftmax,
+            expert_ffn: 8,
+            shared_expert: None,
+            dense_layers: vec![],
+        });
+        let mut hf = moe.to_hf().unwrap();
+        let experts = hf.as_object_mut().unwrap().remove("num_experts").unwrap();
+        hf["num_local_experts"] = experts;
+        assert_eq!(ModelConfig::from_hf(&hf).unwrap().0, moe);
+        moe.moe.as_mut().unwrap().shared_expert = Some(SharedExpertConfig { ffn: 8, gated: true });
+        assert_eq!(moe.to_hf().unwrap_err().to_string(), "unsupported: a shared expert in a Qwen3-MoE (Qwen3MoeForCausalLM has none)");
+    }
+
     #[test]
     fn unknown_architecture_is_named() {
         let err = ModelConfig::from_hf(&json!({"architectures": ["GPT2LMHeadModel"]})).unwrap_err();
-        assert_eq!(err.to_string(), "unknown architecture `GPT2LMHeadModel` (btm reads LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, MixtralForCausalLM, Qwen2MoeForCausalLM)");
+        assert_eq!(err.to_string(), "unknown architecture `GPT2LMHeadModel` (btm reads LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, MixtralForCausalLM, Qwen2MoeForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCausalLM)");
     }
 
     #[test]

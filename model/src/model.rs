@@ -974,12 +974,20 @@ mod tests {
     /// The fused CPU kernels and the primitive chains give one model the same logits and the
     /// same gradient for every weight: grouped-query attention, a sliding window shorter than
     /// the sequence, q/k/v biases, tied embeddings, a dense layer and an MoE layer with a shared
-    /// expert.
+    /// expert; and again with Qwen3's q/k norms (whose weights must get the same gradient).
     #[test]
     fn fused_kernels_match_the_primitive_chains_in_value_and_gradient() {
+        fused_matches_primitive(false);
+        fused_matches_primitive(true);
+    }
+
+    fn fused_matches_primitive(qk_norm: bool) {
         use crate::config::SharedExpertConfig;
         use candle_core::Var;
         let cfg = ModelConfig {
+            qk_norm,
+            // head_dim 6 != 16 / 4, so the norms' width is head_dim's.
+            head_dim: if qk_norm { 6 } else { 4 },
             qkv_bias: true,
             sliding_window: Some(5),
             tie_word_embeddings: true,
@@ -1031,9 +1039,66 @@ mod tests {
         assert!(rel_diff(&lf, &lp) < 1e-6, "logits differ by {}", rel_diff(&lf, &lp));
         // Not bitwise equal: the policy did switch `plain` to the primitive chains.
         assert!(rel_diff(&lf, &lp) > 0.0, "fused and primitive logits are identical");
+        let mut norm_grads = 0;
         for (name, var) in &vars {
             let (a, b) = (gf.get(var).unwrap(), gp.get(var).unwrap_or_else(|| panic!("no gradient for {name}")));
             assert!(rel_diff(a, b) < 1e-5, "gradient of {name} differs by {}", rel_diff(a, b));
+            if name.ends_with("q_norm.weight") || name.ends_with("k_norm.weight") {
+                assert_eq!(a.dims(), [6]);
+                assert!(a.abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap() > 0.0, "{name}: zero gradient");
+                norm_grads += 1;
+            }
+        }
+        assert_eq!(norm_grads, if qk_norm { 4 } else { 0 });
+    }
+
+    /// The gradient of a q_norm weight agrees with a central finite difference of the loss
+    /// (through the fused kernels, float64 throughout; the primitive chains take norms in
+    /// float32, too coarse for differences, and the test above ties their gradients to these).
+    #[test]
+    fn qk_norm_gradient_matches_finite_differences() {
+        let cfg = ModelConfig { qk_norm: true, head_dim: 6, ..ModelConfig::llama(23, 12, 1, 2, 1, 16) };
+        let mut x = 0.21f64;
+        let mut tensors: std::collections::HashMap<String, Tensor> = crate::weights::expected_tensors(&cfg)
+            .into_iter()
+            .map(|spec| {
+                let n: usize = spec.shape.iter().product();
+                let values: Vec<f64> = (0..n)
+                    .map(|_| {
+                        x = (x * 3.3 + 0.17).fract();
+                        x - 0.5
+                    })
+                    .collect();
+                (spec.name, Tensor::from_vec(values, spec.shape.as_slice(), &Device::Cpu).unwrap())
+            })
+            .collect();
+        let name = "model.layers.0.self_attn.q_norm.weight";
+        let ids = Tensor::from_vec((0..10u32).map(|i| (i * 5) % 23).collect(), (1, 10), &Device::Cpu).unwrap();
+        let probe =
+            Tensor::from_vec((0..230).map(|i| ((i * 7) % 13) as f64 / 13.0 - 0.5).collect::<Vec<_>>(), (1, 10, 23), &Device::Cpu).unwrap();
+        {
+            let loss = |t: &std::collections::HashMap<String, Tensor>| {
+                let m = Transformer::new(&cfg, VarBuilder::from_tensors(t.clone(), DType::F64, &Device::Cpu)).unwrap();
+                (m.forward(&ids).unwrap() * &probe).unwrap().sum_all().unwrap()
+            };
+            let var = candle_core::Var::from_tensor(&tensors[name]).unwrap();
+            let mut with_var = tensors.clone();
+            with_var.insert(name.into(), var.as_tensor().clone());
+            let grad = loss(&with_var).backward().unwrap().get(&var).unwrap().to_vec1::<f64>().unwrap();
+            let w = tensors[name].to_vec1::<f64>().unwrap();
+            for i in 0..w.len() {
+                let eps = 1e-5;
+                let mut at = |d: f64| {
+                    let mut v = w.clone();
+                    v[i] += d;
+                    tensors.insert(name.into(), Tensor::from_vec(v, w.len(), &Device::Cpu).unwrap());
+                    loss(&tensors).to_scalar::<f64>().unwrap()
+                };
+                let numeric = (at(eps) - at(-eps)) / (2.0 * eps);
+                assert!((numeric - grad[i]).abs() <= 1e-7 * numeric.abs().max(1.0), "w[{i}]: {numeric} vs {}", grad[i]);
+                assert!(grad[i].abs() > 1e-6, "w[{i}]: the loss does not depend on q_norm");
+            }
+            tensors.insert(name.into(), Tensor::from_vec(w, 6, &Device::Cpu).unwrap());
         }
     }
 

@@ -58,7 +58,10 @@ pub fn same_trunk(a: &Checkpoint, b: &Checkpoint) -> Result<()> {
             .filter(|(k, v)| ob.get(*k) != Some(v))
             .map(|(k, v)| format!("{k}: {v} vs {}", ob.get(k).unwrap_or(&Value::Null)))
             .collect();
-        bail!("architecture mismatch between {} and {}: {}", a.dir().display(), b.dir().display(), diffs.join(", "));
+        // Name the families too: a Qwen3 expert beside a Llama one differs in more than a field.
+        let (fa, fb) = (a.config.output_architecture(), b.config.output_architecture());
+        let families = if fa == fb { String::new() } else { format!(" ({} vs {})", fa.class_name(), fb.class_name()) };
+        bail!("architecture mismatch between {} and {}{families}: {}", a.dir().display(), b.dir().display(), diffs.join(", "));
     }
     Ok(())
 }

@@ -542,6 +542,37 @@ mod tests {
         }
     }
 
+    /// Qwen3 experts merge into a Qwen3-MoE (q/k norms kept, averaged like the rest of the
+    /// trunk); copies of one model give back its function in both routing modes.
+    #[test]
+    fn qwen3_experts_merge_into_a_qwen3_moe() {
+        let tmp = tempfile::tempdir().unwrap();
+        let copies = vec![fixture("qwen3"); 3];
+        for (routing, init, k) in [(Routing::TopkThenSoftmax, RouterInit::Random, 2), (Routing::SoftmaxThenTopk, RouterInit::Zero, 1)] {
+            let out = tmp.path().join(format!("qwen3-{}", routing.as_str()));
+            let mut o = MergeOptions::new(copies.clone(), &out);
+            (o.routing, o.router.init, o.top_k, o.router.std) = (routing, init, k, 1.0);
+            let report = merge(&o).unwrap();
+            assert_eq!(report.config.output_architecture(), btm_model::Architecture::Qwen3Moe);
+            let ck = Checkpoint::open(&out).unwrap();
+            assert_eq!(ck.architecture, btm_model::Architecture::Qwen3Moe);
+            assert!(ck.config.qk_norm && ck.config.head_dim == 16);
+            let d = rel_diff(&logits(&fixture("qwen3")), &logits(&out));
+            assert!(d <= 1e-5, "{routing:?} k={k}: {d}");
+        }
+        // Different experts: the q/k norm weights are averaged as non-expert weights.
+        let a = perturbed(&fixture("qwen3"), &tmp.path().join("a"), 1, 0.5, true, "a");
+        let b = perturbed(&fixture("qwen3"), &tmp.path().join("b"), 2, 0.5, true, "b");
+        let out = tmp.path().join("qwen3-ab");
+        merge(&MergeOptions::new(vec![a.clone(), b.clone()], &out)).unwrap();
+        let name = "model.layers.1.self_attn.k_norm.weight";
+        let t = |dir: &Path| Checkpoint::open(dir).unwrap().tensor(name).unwrap();
+        let want = ((t(&a) + t(&b)).unwrap() * 0.5).unwrap();
+        assert!(rel_diff(&want, &t(&out)) < 1e-6);
+        assert!(rel_diff(&t(&a), &t(&out)) > 1e-3, "the experts' k_norm weights should differ");
+        assert!(ppl(&out).is_finite());
+    }
+
     #[test]
     fn centroid_and_fit_routers_send_domains_to_their_experts() {
         let tmp = tempfile::tempdir().unwrap();
@@ -667,6 +698,15 @@ mod tests {
         assert!(run(&|o| o.top_k = 3).contains("--top-k 3 must be between 1 and the number of experts (2)"));
         assert!(run(&|o| o.experts.push(fixture("qwen2"))).contains("architecture mismatch"));
         assert!(run(&|o| o.experts.push(fixture("mixtral"))).contains("already a Mixture of Experts"));
+        // Families do not mix: a Qwen3 expert beside Llama ones is refused by name.
+        let err = run(&|o| o.experts[1] = fixture("qwen3"));
+        assert!(err.contains("(LlamaForCausalLM vs Qwen3ForCausalLM)") && err.contains("qk_norm: false vs true"), "{err}");
+        // Qwen3-MoE has no shared expert.
+        let qwen3 = |o: &mut MergeOptions| {
+            o.experts = vec![fixture("qwen3"), fixture("qwen3")];
+            o.shared_expert = Some(fixture("qwen3"));
+        };
+        assert!(run(&qwen3).contains("a shared expert in a Qwen3-MoE"));
         let missing = |o: &mut MergeOptions| {
             o.router.init = RouterInit::Centroid;
             o.calib = vec![calib[0].clone(), ("code".into(), "/nonexistent/code.jsonl".into())];

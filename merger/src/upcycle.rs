@@ -164,13 +164,25 @@ mod tests {
     #[test]
     fn topk_then_softmax_is_exact_for_any_granularity() {
         let tmp = tempfile::tempdir().unwrap();
-        for (model, e, k, g) in [("llama", 4, 2, 1), ("llama", 4, 2, 2), ("llama", 8, 4, 4), ("qwen2", 4, 2, 2), ("mistral", 6, 2, 2)] {
+        for (model, e, k, g) in [
+            ("llama", 4, 2, 1),
+            ("llama", 4, 2, 2),
+            ("llama", 8, 4, 4),
+            ("qwen2", 4, 2, 2),
+            ("mistral", 6, 2, 2),
+            ("qwen3", 4, 2, 1),
+            ("qwen3", 4, 2, 2),
+        ] {
             let out = tmp.path().join(format!("{model}-{e}-{k}-{g}"));
             let mut o = opts(model, &out, e, k, g, Routing::TopkThenSoftmax);
             o.router_std = 1.0; // any router: exactness must not depend on it
             upcycle(&o).unwrap();
             let ck = Checkpoint::open(&out).unwrap();
             assert_eq!(ck.config.moe.as_ref().unwrap().expert_ffn, 64 / g);
+            // The family is kept: a Qwen3 model upcycles into a Qwen3-MoE.
+            if model == "qwen3" {
+                assert_eq!(ck.architecture, btm_model::Architecture::Qwen3Moe);
+            }
             let (dense, moe) = (logits(&fixture(model)), logits(&out));
             let d = rel_diff(&dense, &moe);
             assert!(d <= 1e-5, "{model} E={e} k={k} G={g}: relative logit difference {d}");
@@ -191,6 +203,16 @@ mod tests {
             let d = rel_diff(&logits(&fixture("llama")), &logits(&out));
             assert!(d <= 1e-5, "E={e} k={k} G={g}: {d}");
         }
+        // Qwen3 → Qwen3-MoE with norm_topk_prob false.
+        let out = tmp.path().join("qwen3-softmax");
+        let mut o = opts("qwen3", &out, 4, 2, 2, Routing::SoftmaxThenTopk);
+        o.router_std = 0.0;
+        upcycle(&o).unwrap();
+        let ck = Checkpoint::open(&out).unwrap();
+        assert_eq!(ck.architecture, btm_model::Architecture::Qwen3Moe);
+        assert_eq!(ck.config.moe.as_ref().unwrap().routing, Routing::SoftmaxThenTopk);
+        let d = rel_diff(&logits(&fixture("qwen3")), &logits(&out));
+        assert!(d <= 1e-5, "qwen3 softmax_then_topk: {d}");
     }
 
     #[test]

@@ -96,9 +96,11 @@ enum Output {
     Missing,
 }
 
-/// Each job of the run's plan: its name, its folder under `jobs/`, and its output.
+/// Each job of the run's plan: its name, its folder under `jobs/`, and its output; none
+/// before the plan is written.
 fn outputs(run: &Path) -> Vec<(String, PathBuf, Output)> {
-    let plan: serde_json::Value = serde_json::from_slice(&std::fs::read(run.join("plan.json")).unwrap()).unwrap();
+    let Ok(plan) = std::fs::read(run.join("plan.json")) else { return vec![] };
+    let plan: serde_json::Value = serde_json::from_slice(&plan).unwrap();
     plan["jobs"]
         .as_array()
         .unwrap()
@@ -118,9 +120,10 @@ fn outputs(run: &Path) -> Vec<(String, PathBuf, Output)> {
 }
 
 /// The `btm` job processes (not `btm run`) of the run whose jobs are under `jobs`: job folder
-/// name and pid.
+/// name and pid. A job's child between fork and exec shows its parent's command line: only
+/// the topmost process of a job counts.
 fn job_processes(jobs: &str) -> Vec<(String, i32)> {
-    let mut out = vec![];
+    let mut found = vec![];
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
         let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
         let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else { continue };
@@ -128,11 +131,14 @@ fn job_processes(jobs: &str) -> Vec<(String, i32)> {
         if !args.first().is_some_and(|a| a.ends_with("/btm")) {
             continue;
         }
-        if let Some(job) = args.iter().find_map(|a| a.strip_prefix(jobs)) {
-            out.push((job.split('/').next().unwrap_or("").to_string(), pid));
-        }
+        let Some(job) = args.iter().find_map(|a| a.strip_prefix(jobs)) else { continue };
+        // The parent pid: the first field after the command name's closing parenthesis.
+        let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+        let ppid = stat.rsplit_once(')').and_then(|(_, r)| r.split_whitespace().nth(1)?.parse::<i32>().ok()).unwrap_or(0);
+        found.push((job.split('/').next().unwrap_or("").to_string(), pid, ppid));
     }
-    out
+    let pids: Vec<i32> = found.iter().map(|f| f.1).collect();
+    found.into_iter().filter(|(_, _, ppid)| !pids.contains(ppid)).map(|(job, pid, _)| (job, pid)).collect()
 }
 
 /// Samples the run's job processes every 10 ms until dropped, noting any moment two
@@ -328,7 +334,11 @@ fn trial(
         return Err(overlaps.join("\n"));
     }
     trainer_attempts(&dir.join("trainer.log"))?;
-    for ((name, _, got), (_, _, want)) in outputs(&run).iter().zip(reference) {
+    let last = outputs(&run);
+    if last.len() != reference.len() {
+        return Err(format!("{} jobs in the plan, the reference has {}", last.len(), reference.len()));
+    }
+    for ((name, _, got), (_, _, want)) in last.iter().zip(reference) {
         if got != want {
             return Err(format!("{name}: the output differs from the undisturbed run's"));
         }

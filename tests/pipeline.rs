@@ -448,3 +448,47 @@ fn five_one_gpu_experts_on_two_gpus_never_share_one() {
     }
     assert_eq!(runs.iter().filter(|r| r.1 - first < 2.0).count(), 2, "two GPUs run two experts at once: {runs:?}");
 }
+
+/// `domains: {discover}`: three sources shuffled into one unlabelled file; the cluster job
+/// finds the domains, the run trains, merges and scores one expert per cluster, the ensemble
+/// weighed by the clusterer (c-BTM), and the report has their rows.
+#[test]
+fn discovered_domains_run_end_to_end() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut docs: Vec<String> = vec![];
+    for d in ["scripture", "code", "computing"] {
+        let text = std::fs::read_to_string(repo().join(format!("data/sample/{d}/train.jsonl"))).unwrap();
+        docs.extend(text.lines().map(String::from));
+    }
+    // A fixed interleaving: no source's documents stay together.
+    let n = docs.len();
+    let shuffled: Vec<&String> = (0..n).map(|i| &docs[(i * 37) % n]).collect();
+    let unlabelled = tmp.path().join("all.jsonl");
+    std::fs::write(&unlabelled, shuffled.iter().map(|l| format!("{l}\n")).collect::<String>()).unwrap();
+    let yaml = format!(
+        "name: disc\nstorage: {}\nengine: {{kind: local, slots: 2, threads_per_job: 1}}\n\
+         seed:\n  train:\n    model: {{hidden_size: 32, layers: 1, heads: 2, ffn: 64, max_positions: 64}}\n    \
+         tokenizer: {{vocab_size: 300}}\n    train: {{steps: 4, batch_size: 4, seq_len: 32}}\n\
+         domains:\n  discover: {{data: [all.jsonl], k: 3, seed: 1}}\n\
+         train: {{steps: 4, batch_size: 4, seq_len: 32}}\n\
+         merge: {{top_k: 1, router_init: centroid, calib_tokens: 256}}\n\
+         eval: {{split: test, seq_len: 32, max_docs: 2, ensemble: true}}\n",
+        tmp.path().join("runs").display()
+    );
+    let file = tmp.path().join("disc.yaml");
+    std::fs::write(&file, yaml).unwrap();
+    ok(btm().arg("validate").arg(&file).output().unwrap());
+    let out = ok(btm().arg("run").arg(&file).arg("--quiet").output().unwrap());
+    for model in ["expert-cluster-0", "expert-cluster-1", "expert-cluster-2", "merged", "ensemble"] {
+        assert!(out.contains(&format!("| {model} |")), "{model} missing from the table:\n{out}");
+    }
+    let run = tmp.path().join("runs/disc");
+    assert!(run.join("clusters/cluster-2/train.jsonl").exists() && run.join("report.md").exists());
+    let spec = std::fs::read_to_string(run.join("jobs/eval-ensemble/spec.json")).unwrap();
+    assert!(spec.contains("\"clusters\""), "the ensemble is weighed by the clusterer: {spec}");
+    // A discover block with a missing file and one cluster is refused with where it is.
+    std::fs::write(&file, std::fs::read_to_string(&file).unwrap().replace("[all.jsonl], k: 3", "[none.jsonl], k: 1")).unwrap();
+    let bad = btm().arg("validate").arg(&file).output().unwrap();
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(!bad.status.success() && err.contains("domains.discover.k") && err.contains("domains.discover.data[0]"), "{err}");
+}

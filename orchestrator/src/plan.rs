@@ -31,6 +31,8 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum JobKind {
+    /// `btm cluster`: the domains of a pipeline that discovers them.
+    Cluster,
     Tokenizer,
     TrainSeed,
     TrainExpert,
@@ -393,7 +395,8 @@ impl<'a> Builder<'a> {
     fn eval_jobs(&mut self, m: &ModelRef, dep: Option<JobRef>) {
         let domains = self.domains_scored_by(dep);
         let scoring = Scoring { model: Some(m.dir.to_string_lossy().into_owned()), routing: true, ..Scoring::default() };
-        self.eval_job(&m.label, &domains, scoring, dep.into_iter().collect());
+        // A given seed waits for the domains' data only.
+        self.eval_job(&m.label, &domains, scoring, dep.or(self.data_job).into_iter().collect());
     }
 
     /// Every domain, the added ones too (the models before the addition set the new domain's
@@ -434,12 +437,17 @@ impl<'a> Builder<'a> {
             return;
         }
         let Scoring { model, ensemble, top_k, routing } = scoring;
+        // Discovered domains' experts are weighed by the clusterer (c-BTM), not the posterior.
+        let clusters = (!ensemble.is_empty() && self.p.discover.is_some()).then(|| self.run.join(CLUSTERS));
+        if clusters.is_some() {
+            batch.iter_mut().for_each(|d| d.prior_from = None);
+        }
         let base = EvalSpec {
             model,
             ensemble,
             prior_from: None,
             top_k,
-            clusters: None,
+            clusters,
             temperature: None,
             data: PathBuf::new(),
             seq_len: e.seq_len,
@@ -497,7 +505,18 @@ fn seed_config(p: &Pipeline, base: &Path) -> Result<btm_model::ModelConfig> {
 /// executor starts ready jobs in plan order); each arm seed repeats experts, merge, continue and
 /// baseline, the first keeping the plain names.
 pub fn plan(p: &Pipeline, base: &Path, run_dir: &Path) -> Result<Plan> {
+    // Discovered domains are the cluster job's splits, in the run.
+    let discovered;
+    let p = match &p.discover {
+        Some(d) => {
+            let clusters = run_root(run_dir)?.join(CLUSTERS);
+            discovered = Pipeline { domains: crate::pipeline::load::discovered_domains(d.k, &clusters), ..p.clone() };
+            &discovered
+        }
+        None => p,
+    };
     let mut b = Builder::new(p, base, run_dir)?;
+    b.discover_phase();
     let seed = b.seed_phase()?;
     let mut scored: Vec<JobRef> = seed.job.into_iter().collect();
     let arm_seeds: Vec<Option<u64>> = match p.arm_seeds.as_slice() {
@@ -551,6 +570,15 @@ pub fn plan(p: &Pipeline, base: &Path, run_dir: &Path) -> Result<Plan> {
     Ok(Plan { run_dir: b.run, jobs: b.jobs, format: PLAN_FORMAT })
 }
 
+/// The run folder's location: an object-store run keeps its URL (joined like a path:
+/// `s3://b/runs/x/seed`), a local one is made absolute.
+fn run_root(run_dir: &Path) -> Result<PathBuf> {
+    Ok(if btm_model::folder::is_remote(&run_dir.to_string_lossy()) { run_dir.to_path_buf() } else { std::path::absolute(run_dir)? })
+}
+
+/// Where a run that discovers its domains keeps the clusters (`btm cluster --out`).
+const CLUSTERS: &str = "clusters";
+
 /// The plan under construction and what every phase reads: the pipeline, its folder, the run
 /// folder, the seed's shape and the domains' files.
 struct Builder<'a> {
@@ -560,6 +588,8 @@ struct Builder<'a> {
     jobs: Vec<Job>,
     /// Threads per job; `None` lets the local engine decide when the job starts.
     threads: Option<usize>,
+    /// The job that writes the domains' data (`discover`'s cluster job), if the run makes it.
+    data_job: Option<JobRef>,
     seed_cfg: btm_model::ModelConfig,
     /// Active parameters of the dense seed (and its experts and baseline).
     dense_n: usize,
@@ -573,12 +603,14 @@ struct Builder<'a> {
 /// The seed model: the job that trains it (`None` for a given checkpoint) and the model.
 struct Seed {
     job: Option<JobRef>,
+    /// The job writing the domains' data, which a given seed's branches wait for.
+    data: Option<JobRef>,
     model: ModelRef,
 }
 
 impl Seed {
     fn deps(&self) -> Vec<JobRef> {
-        self.job.into_iter().collect()
+        self.job.or(self.data).into_iter().collect()
     }
     fn init(&self) -> job::Init {
         init_from(&self.model)
@@ -657,14 +689,14 @@ struct TrainJob<'m> {
 impl<'a> Builder<'a> {
     fn new(p: &'a Pipeline, base: &'a Path, run_dir: &Path) -> Result<Self> {
         // An object-store run keeps its URL (joined like a path: `s3://b/runs/x/seed`).
-        let run =
-            if btm_model::folder::is_remote(&run_dir.to_string_lossy()) { run_dir.to_path_buf() } else { std::path::absolute(run_dir)? };
+        let run = run_root(run_dir)?;
         let seed_cfg = seed_config(p, base)?;
         Ok(Self {
             p,
             base,
             run,
             jobs: vec![],
+            data_job: None,
             threads: p.engine.threads_per_job(),
             dense_n: dense_active_params(&seed_cfg),
             seed_cfg,
@@ -714,6 +746,20 @@ impl<'a> Builder<'a> {
         (expert_tokens + continued_tokens).div_ceil(per_step)
     }
 
+    /// `domains: {discover}`: `btm cluster` of the unlabelled text into the run's clusters
+    /// folder, whose splits are the domains' data.
+    fn discover_phase(&mut self) {
+        let Some(d) = &self.p.discover else { return };
+        let data = d.data.iter().map(|f| abs(self.base, f)).collect();
+        let out = self.run.join(CLUSTERS);
+        let mut spec = btm_cluster::ClusterSpec::new(data, d.k, out.clone());
+        spec.text_key = d.text_key.clone().unwrap_or(spec.text_key);
+        spec.sample = d.sample.unwrap_or(spec.sample);
+        spec.seed = d.seed.unwrap_or(spec.seed);
+        spec.plain = d.plain;
+        self.data_job = Some(self.spec_job(&["cluster"], &spec, NewJob::new("cluster".into(), JobKind::Cluster, vec![], vec![out])));
+    }
+
     /// The seed: a tokenizer and a seed trained here, or an existing checkpoint.
     fn seed_phase(&mut self) -> Result<Seed> {
         let p = self.p;
@@ -722,6 +768,7 @@ impl<'a> Builder<'a> {
             let dir = btm_model::storage::local_dir(&location)?;
             return Ok(Seed {
                 job: None,
+                data: self.data_job,
                 model: ModelRef { label: "seed".into(), dir, tokens_after_seed: 0, flops_after_seed: 0.0, active_params: self.dense_n },
             });
         };
@@ -737,7 +784,7 @@ impl<'a> Builder<'a> {
         let tok = self.spec_job(
             &["tokenizer", "train"],
             &spec,
-            NewJob::new("tokenizer".into(), JobKind::Tokenizer, vec![], vec![tok_out.clone()]),
+            NewJob::new("tokenizer".into(), JobKind::Tokenizer, self.data_job.into_iter().collect(), vec![tok_out.clone()]),
         );
         let config_file = self.run.join("jobs").join("seed").join("config.json");
         let config_json = serde_json::to_string_pretty(&self.seed_cfg.to_hf()?)?;
@@ -758,7 +805,7 @@ impl<'a> Builder<'a> {
         })?;
         // The config is one more file handed to the seed job.
         self.jobs[job.0].files.push((config_file, config_json));
-        Ok(Seed { model: self.model(job), job: Some(job) })
+        Ok(Seed { model: self.model(job), job: Some(job), data: self.data_job })
     }
 
     /// Branch and train: one expert per domain from the seed, no communication between them.
@@ -1319,6 +1366,30 @@ mod tests {
         let full = plan(&p, Path::new("/base"), Path::new("/runs/w")).unwrap();
         assert_eq!(job(&full, "eval/expert-d39").outputs.len(), n);
         assert_eq!(full.jobs.len(), sampled.jobs.len(), "still one eval job per model");
+    }
+
+    /// `domains: {discover}`: the cluster job runs first, its clusters are the domains (their
+    /// files the job's splits), and the ensemble is weighed by the clusterer.
+    #[test]
+    fn discovered_domains_come_from_a_cluster_job_that_runs_first() {
+        let yaml = "name: d\nseed:\n  train:\n    model: {hidden_size: 32, layers: 1, heads: 2, ffn: 64}\n    tokenizer: {vocab_size: 300}\n\
+                    domains: []\ndiscover: {data: [all.jsonl], k: 3, seed: 5}\ntrain: {steps: 2}\nmerge: {top_k: 1}\neval: {ensemble: true}\n";
+        let mut p: Pipeline = serde_yaml::from_str(yaml).unwrap();
+        p.domains = crate::pipeline::load::discovered_domains(3, Path::new(""));
+        let plan = plan(&p, Path::new("/base"), Path::new("/runs/d")).unwrap();
+        assert_eq!(plan.jobs[0].name, "cluster");
+        let cluster: btm_cluster::ClusterSpec = spec_file(&plan.jobs[0]);
+        assert_eq!(
+            (cluster.data, cluster.k, cluster.seed, cluster.out),
+            (vec!["/base/all.jsonl".to_string()], 3, 5, PathBuf::from("/runs/d/clusters"))
+        );
+        assert_eq!(job(&plan, "tokenizer").deps, vec!["cluster"]);
+        let expert = spec(job(&plan, "expert/cluster-2"));
+        assert_eq!(expert.data.train[0].path, PathBuf::from("/runs/d/clusters/cluster-2/train.jsonl"));
+        assert!(scored(&plan, "merged", "cluster-1"));
+        let ensemble: EvalBatch = spec_file(job(&plan, "eval/ensemble"));
+        assert_eq!(ensemble.base.clusters, Some(PathBuf::from("/runs/d/clusters")));
+        assert!(ensemble.domains.iter().all(|d| d.prior_from.is_none()), "the clusterer weighs the experts");
     }
 
     /// `add_experts.train_in_place`: after `add-expert`, the new expert (index 2 of a two-domain

@@ -3,7 +3,7 @@
 //! `btm cluster assign`: place documents with the clusterer a run saved.
 
 use anyhow::{Context, Result};
-use btm_cluster::{Clusterer, DiscoverOptions, FitOptions, Summary, TfidfOptions};
+use btm_cluster::{ClusterSpec, Clusterer, Summary};
 use btm_trainer::sources::DEFAULT_TEXT_KEY;
 use clap::{Args, Subcommand};
 use std::io::Write;
@@ -15,8 +15,12 @@ use std::path::PathBuf;
 pub struct ClusterArgs {
     #[command(subcommand)]
     command: Option<ClusterCommand>,
+    /// The clustering's job file (JSON or YAML, the keys of the flags below), as a pipeline's
+    /// plan writes it; instead of the flags.
+    #[arg(long, exclusive = true)]
+    spec: Option<PathBuf>,
     #[command(flatten)]
-    discover: DiscoverArgs,
+    discover: Option<ClusterSpec>,
 }
 
 /// The subcommands of `btm cluster`.
@@ -24,61 +28,6 @@ pub struct ClusterArgs {
 pub enum ClusterCommand {
     /// Place documents with a saved clusterer: one {"cluster": i} line per document, in order.
     Assign(AssignArgs),
-}
-
-/// Fit a clusterer and split the text by cluster.
-#[derive(Args)]
-pub struct DiscoverArgs {
-    /// Text sources: JSONL (.jsonl, .gz, .zst) or parquet (a file, a folder of shards or a `*`
-    /// glob), paths or URLs; their documents in order, file after file.
-    #[arg(long, num_args = 1.., required = true)]
-    data: Vec<String>,
-    /// Clusters: one expert's training data each.
-    #[arg(long, required = true)]
-    k: Option<usize>,
-    /// The folder to write (assignments.jsonl, cluster-<i>/{train,valid,test}.jsonl, the
-    /// clusterer, summary.json); published whole when done.
-    #[arg(long, required = true)]
-    out: Option<PathBuf>,
-    /// The JSON field or parquet column holding the text.
-    #[arg(long, default_value = DEFAULT_TEXT_KEY)]
-    text_key: String,
-    /// Fit on a uniform sample of this many documents (all of them when fewer).
-    #[arg(long, default_value_t = DiscoverOptions::default().sample)]
-    sample: usize,
-    /// Seed of the sample, the SVD and k-means, and the splits.
-    #[arg(long, default_value_t = FitOptions::default().seed)]
-    seed: u64,
-    /// Temperature of the mixture weights the clusterer gives new text (c-BTM: 0.1).
-    #[arg(long, default_value_t = FitOptions::default().temperature)]
-    temperature: f32,
-    /// Balanced k-means, every cluster of the fit within a size bound (c-BTM; the default).
-    #[arg(long, conflicts_with = "plain")]
-    balanced: bool,
-    /// Plain k-means: clusters as large as the data makes them.
-    #[arg(long)]
-    plain: bool,
-    /// Balanced: no cluster above ⌈B·n/k⌉ of the n sample documents (1: equal sizes).
-    #[arg(long, default_value_t = 1.0)]
-    balance: f64,
-    /// Shares of each cluster's train, valid and test splits.
-    #[arg(long, value_delimiter = ',', default_value = "0.9,0.05,0.05")]
-    split_fractions: Vec<f64>,
-    /// Dimensions of the truncated SVD.
-    #[arg(long, default_value_t = FitOptions::default().dims)]
-    dims: usize,
-    /// Keep only terms in at least this many sample documents.
-    #[arg(long, default_value_t = TfidfOptions::default().min_df)]
-    min_df: usize,
-    /// Keep at most this many terms, the most frequent (0: all).
-    #[arg(long, default_value_t = TfidfOptions::default().max_features.unwrap_or(0))]
-    max_features: usize,
-    /// Weigh a term by 1 + ln(count) instead of its count.
-    #[arg(long)]
-    sublinear_tf: bool,
-    /// Replace --out if it exists.
-    #[arg(long)]
-    overwrite: bool,
 }
 
 /// `btm cluster assign`.
@@ -107,42 +56,23 @@ pub struct AssignArgs {
     temperature: Option<f32>,
 }
 
-pub fn run(args: ClusterArgs) -> Result<()> {
-    match args.command {
-        Some(ClusterCommand::Assign(a)) => assign(a),
-        None => discover(args.discover),
+impl ClusterArgs {
+    /// The clustering's spec: its file, or the flags.
+    pub fn into_spec(self) -> Result<ClusterSpec> {
+        super::spec_or_flags(self.spec.as_deref(), self.discover)
     }
 }
 
-fn discover(args: DiscoverArgs) -> Result<()> {
-    let k = args.k.context("--k is required")?;
-    let out = args.out.context("--out is required")?;
-    let split_fractions: [f64; 3] = args
-        .split_fractions
-        .as_slice()
-        .try_into()
-        .map_err(|_| anyhow::anyhow!("--split-fractions takes three numbers (train,valid,test), not {:?}", args.split_fractions))?;
-    let options = DiscoverOptions {
-        fit: FitOptions {
-            k,
-            dims: args.dims,
-            tfidf: TfidfOptions {
-                sublinear_tf: args.sublinear_tf,
-                min_df: args.min_df,
-                max_features: (args.max_features > 0).then_some(args.max_features),
-            },
-            balance: (!args.plain).then_some(args.balance),
-            seed: args.seed,
-            temperature: args.temperature,
-            ..FitOptions::default()
-        },
-        sample: args.sample,
-        text_key: args.text_key,
-        split_fractions,
-        overwrite: args.overwrite,
-    };
-    let summary = btm_cluster::discover(&args.data, &out, &options)?;
-    print_summary(&summary, &out);
+pub fn run(mut args: ClusterArgs) -> Result<()> {
+    match args.command.take() {
+        Some(ClusterCommand::Assign(a)) => assign(a),
+        None => discover(args.into_spec()?),
+    }
+}
+
+fn discover(spec: ClusterSpec) -> Result<()> {
+    let summary = btm_cluster::discover(&spec.data, &spec.out, &spec.options()?)?;
+    print_summary(&summary, &spec.out);
     Ok(())
 }
 

@@ -299,6 +299,9 @@ pub fn load(file: &Path, sets: &[String]) -> Result<Loaded, PipelineErrors> {
     // Values given with --set have no place in the file.
     let set_paths: Vec<String> = sets.iter().filter_map(|s| s.split_once('=').map(|(p, _)| set_path_to_key_path(p))).collect();
     let at = |path: &str, message: String| {
+        // `discover` is read from under `domains` (lift_discover).
+        let path = if path == "discover" || path.starts_with("discover.") { format!("domains.{path}") } else { path.to_string() };
+        let path = path.as_str();
         if set_paths.iter().any(|s| path == s || path.starts_with(&format!("{s}.")) || path.starts_with(&format!("{s}["))) {
             return err(0, 0, path, format!("{message} (set with --set)"));
         }
@@ -315,7 +318,7 @@ pub fn load(file: &Path, sets: &[String]) -> Result<Loaded, PipelineErrors> {
     for s in sets {
         apply_set(&mut value, s).map_err(|m| PipelineErrors(vec![err(0, 0, "", m)]))?;
     }
-    let pipeline: Pipeline = serde_path_to_error::deserialize(value.clone()).map_err(|e| {
+    let mut pipeline: Pipeline = serde_path_to_error::deserialize(lift_discover(value.clone())).map_err(|e| {
         let path = key_path(e.path());
         let message = e.inner().to_string();
         // serde_yaml appends its own (meaningless for a Value) location; drop it.
@@ -323,11 +326,50 @@ pub fn load(file: &Path, sets: &[String]) -> Result<Loaded, PipelineErrors> {
         PipelineErrors(vec![at(&path, suggest(&message))])
     })?;
     let base_dir = file.parent().map(Path::to_path_buf).unwrap_or_default();
+    if let Some(d) = &pipeline.discover {
+        pipeline.domains = discovered_domains(d.k, Path::new(""));
+    }
     let problems = check(&pipeline, &base_dir);
     if !problems.is_empty() {
         return Err(PipelineErrors(problems.into_iter().map(|(p, m)| at(&p, m)).collect()));
     }
     Ok(Loaded { resolved_yaml: serde_yaml::to_string(&value).unwrap_or_default(), pipeline, base_dir })
+}
+
+/// `domains: {discover: X}` → `discover: X` and `domains: []`: the pipeline reads `discover` as
+/// a field of its own, and the domains are filled in once the clusters' folder is known.
+fn lift_discover(mut value: Value) -> Value {
+    let Some(map) = value.as_mapping_mut() else { return value };
+    let discover = match map.get_mut("domains").and_then(Value::as_mapping_mut) {
+        Some(domains) if domains.contains_key("discover") => domains.remove("discover"),
+        _ => return value,
+    };
+    let leftover = map.get("domains").and_then(Value::as_mapping).is_some_and(|m| !m.is_empty());
+    if !leftover {
+        map.insert("domains".into(), Value::Sequence(vec![]));
+    }
+    map.insert("discover".into(), discover.unwrap_or(Value::Null));
+    value
+}
+
+/// The domains `discover` makes: `cluster-<i>`, its train, valid and test splits as `btm
+/// cluster` writes them under `clusters`.
+pub fn discovered_domains(k: usize, clusters: &Path) -> Vec<Domain> {
+    (0..k)
+        .map(|i| {
+            let name = super::spec::cluster_domain_name(i);
+            let split = |s: &str| clusters.join(&name).join(format!("{s}.jsonl")).to_string_lossy().into_owned();
+            Domain {
+                train: split("train"),
+                valid: Some(split("valid")),
+                test: Some(split("test")),
+                name,
+                format: None,
+                text_key: None,
+                overrides: Default::default(),
+            }
+        })
+        .collect()
 }
 
 /// A name that can be a path segment in every object store.
@@ -390,6 +432,19 @@ fn check_domains(domains: &[Domain], list: &str, base: &Path, seen: &mut Vec<Str
                 check_data(base, &format!("{p}.{key}"), loc, problems);
             }
         }
+    }
+}
+
+/// `domains.discover`: its text exists, and it makes at least two clusters.
+fn check_discover(d: &super::spec::Discover, base: &Path, problems: &mut Vec<(String, String)>) {
+    if d.data.is_empty() {
+        problems.push(("domains.discover.data".into(), "give at least one file of unlabelled text".into()));
+    }
+    for (i, f) in d.data.iter().enumerate() {
+        check_data(base, &format!("domains.discover.data[{i}]"), f, problems);
+    }
+    if d.k < 2 {
+        problems.push(("domains.discover.k".into(), format!("must be at least 2 (one expert per cluster), got {}", d.k)));
     }
 }
 
@@ -564,11 +619,16 @@ fn check_seed(p: &Pipeline, problems: &mut Vec<(String, String)>) {
 
 /// `domains` (at least one) and `add_experts.domains`, with names unique across both.
 fn check_domain_lists(p: &Pipeline, base: &Path, problems: &mut Vec<(String, String)>) {
-    if p.domains.is_empty() {
-        problems.push(("domains".into(), "at least one domain is needed".into()));
-    }
     let mut seen = vec![];
-    check_domains(&p.domains, "domains", base, &mut seen, problems);
+    match &p.discover {
+        // Discovered domains' files are written by the run's cluster job.
+        Some(d) => {
+            check_discover(d, base, problems);
+            seen.extend(p.domains.iter().map(|d| d.name.clone()));
+        }
+        None if p.domains.is_empty() => problems.push(("domains".into(), "at least one domain is needed".into())),
+        None => check_domains(&p.domains, "domains", base, &mut seen, problems),
+    }
     if let Some(add) = &p.add_experts {
         check_domains(&add.domains, "add_experts.domains", base, &mut seen, problems);
     }

@@ -31,7 +31,12 @@ pub struct Pipeline {
     #[serde(default)]
     pub engine: EngineSpec,
     pub seed: SeedSpec,
+    /// The domains: a list, or `{discover: …}` to find them in unlabelled text (c-BTM); then
+    /// the list holds the discovered ones, `cluster-0` … `cluster-<k-1>`.
     pub domains: Vec<Domain>,
+    /// Written as `domains: {discover: …}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub discover: Option<Discover>,
     /// Hyperparameters of every expert's training (per-domain `overrides` win).
     #[serde(default)]
     pub train: TrainParams,
@@ -440,6 +445,36 @@ pub struct Domain {
     /// Training hyperparameters for this domain's expert only.
     #[serde(default)]
     pub overrides: TrainParams,
+}
+
+/// `domains: {discover: …}`: domains found in unlabelled text the c-BTM way (Gururangan et al.
+/// 2023; `btm cluster`): a cluster job runs first and its clusters become domains `cluster-0` …
+/// `cluster-<k-1>`, each trained, validated and tested on its cluster's split. The ensemble then
+/// weighs its experts by the clusterer's weights of the context rather than the posterior.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Discover {
+    /// The unlabelled text: JSONL or parquet, paths (relative to the pipeline) or URLs.
+    pub data: Vec<String>,
+    /// Clusters, and so experts.
+    pub k: usize,
+    /// The JSON field or parquet column holding the text (default `text`).
+    #[serde(default)]
+    pub text_key: Option<String>,
+    /// Documents the clusterer is fitted on (default: `btm cluster`'s).
+    #[serde(default)]
+    pub sample: Option<usize>,
+    /// Seed of the sample, the projection, k-means and the splits.
+    #[serde(default)]
+    pub seed: Option<u64>,
+    /// Plain k-means instead of balanced.
+    #[serde(default)]
+    pub plain: bool,
+}
+
+/// The domain `discover` names cluster `i`.
+pub fn cluster_domain_name(i: usize) -> String {
+    format!("cluster-{i}")
 }
 
 /// Training hyperparameters; every field is optional so blocks can be layered

@@ -176,6 +176,7 @@ mod tests {
                 Command::Eval(a) => value(a.into_spec()),
                 Command::Average(a) => value(a.into_spec()),
                 Command::Tokenizer(commands::tokenizer::TokenizerCommand::Train(a)) => value(a.into_spec()),
+                Command::Cluster(a) => value(a.into_spec()),
                 _ => panic!("{argv:?}: not a job kind"),
             }
         }
@@ -257,6 +258,7 @@ mod tests {
             ],
             &["average", "--experts", "a", "b", "--weights", "0.3", "0.7", "--out", "o"],
             &["tokenizer", "train", "--data", "a.jsonl", "b.parquet", "--vocab-size", "512", "--out", "t.json"],
+            &["cluster", "--data", "u.jsonl", "--k", "8", "--out", "c", "--plain", "--split-fractions", "0.8,0.1,0.1", "--min-df", "1"],
         ];
         for (i, flags) in jobs.iter().enumerate() {
             let kind: Vec<&str> = flags.iter().take_while(|a| !a.starts_with("--")).copied().collect();

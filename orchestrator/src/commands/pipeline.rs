@@ -46,6 +46,8 @@ pub enum SchemaKind {
     Average,
     /// `btm tokenizer train --spec FILE`.
     Tokenizer,
+    /// `btm cluster --spec FILE`.
+    Cluster,
 }
 
 /// Print the JSON Schema of a pipeline or of one kind of job file.
@@ -61,6 +63,7 @@ pub fn schema(kind: SchemaKind) -> Result<()> {
         SchemaKind::Eval => schema_for!(btm_trainer::jobs::EvalBatch),
         SchemaKind::Average => schema_for!(btm_trainer::jobs::AverageSpec),
         SchemaKind::Tokenizer => schema_for!(btm_trainer::jobs::TokenizerSpec),
+        SchemaKind::Cluster => schema_for!(btm_cluster::ClusterSpec),
     };
     println!("{}", serde_json::to_string_pretty(&schema)?);
     Ok(())

@@ -9,7 +9,9 @@
 //!   backward, fused kernels against the reference loop, and the grouped GEMM against one
 //!   dense GEMM of equal FLOPs (bfloat16 on CUDA);
 //! - `btm bench data [--size-mb 2000] [--reps N] [--json]`: tokenizing a generated JSONL through
-//!   btm's data pipeline against the tokenizers crate's `encode_batch`, with peak memory.
+//!   btm's data pipeline against the tokenizers crate's `encode_batch`, with peak memory;
+//! - `btm bench cluster [--mb 2048] [--data FILE...] [--k 8] [--json]`: domain discovery
+//!   (`btm cluster`) over a generated JSONL of real text, in MB/s, with peak memory.
 
 use anyhow::Result;
 use clap::{Args, Subcommand};
@@ -27,6 +29,9 @@ pub enum BenchCommand {
     /// Tokenizing a generated JSONL source: btm's data pipeline against the tokenizers
     /// crate's batch encoder; throughput and peak memory.
     Data(BenchDataArgs),
+    /// Domain discovery (`btm cluster`) over a generated JSONL of real text; throughput and
+    /// peak memory.
+    Cluster(BenchClusterArgs),
     /// A job of known duration (what `bench orchestrate` runs).
     #[command(hide = true)]
     Sleep {
@@ -57,6 +62,33 @@ pub struct BenchDataArgs {
     /// Repetitions of each side, alternating (medians are reported).
     #[arg(long, default_value_t = 1)]
     reps: usize,
+    /// Print the result as one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+pub struct BenchClusterArgs {
+    /// Size of the generated JSONL source in MiB.
+    #[arg(long, default_value_t = 2048)]
+    mb: u64,
+    /// JSONL files whose documents the source is cut from (default: the bundled sample's
+    /// training text, `data/sample/*/train.jsonl`, compiled in).
+    #[arg(long, num_args = 1..)]
+    data: Vec<std::path::PathBuf>,
+    /// Cluster this existing source as it is instead of generating one.
+    #[arg(long, conflicts_with_all = ["data", "mb"])]
+    source: Option<std::path::PathBuf>,
+    /// Clusters.
+    #[arg(long, default_value_t = 8)]
+    k: usize,
+    /// Documents the clusterer is fitted on (as `btm cluster --sample`).
+    #[arg(long, default_value_t = btm_cluster::DiscoverOptions::default().sample)]
+    sample: usize,
+    /// Where the generated source and the clusters go (default: a temporary folder; needs
+    /// twice --mb).
+    #[arg(long)]
+    dir: Option<std::path::PathBuf>,
     /// Print the result as one JSON object.
     #[arg(long)]
     json: bool,
@@ -103,9 +135,12 @@ pub struct BenchMoeArgs {
 
 #[derive(Args)]
 pub struct BenchOrchestrateArgs {
-    /// Parallel jobs (and slots).
+    /// Independent jobs.
     #[arg(long, default_value_t = 4)]
     jobs: usize,
+    /// Jobs run at once (default: all of them).
+    #[arg(long)]
+    slots: Option<usize>,
     /// Duration of each job.
     #[arg(long, default_value_t = 5.0)]
     seconds: f64,
@@ -166,6 +201,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Merge(args) => bench_merge(args),
         BenchCommand::Orchestrate(args) => bench_orchestrate(args),
         BenchCommand::Data(args) => bench_data(args),
+        BenchCommand::Cluster(args) => bench_cluster(args),
         BenchCommand::Moe(args) => bench_moe(args),
         BenchCommand::Train(args) => bench_train(args),
     }
@@ -294,21 +330,24 @@ fn bench_orchestrate(args: BenchOrchestrateArgs) -> Result<()> {
     let mut jobs: Vec<Job> = (0..args.jobs).map(|i| sleep(format!("train/{i}"), vec![])).collect();
     jobs.push(sleep("merge".into(), jobs.iter().map(|j| j.name.clone()).collect()));
     let plan = Plan { run_dir: run, jobs, format: crate::plan::PLAN_FORMAT };
-    let engine = crate::engine::LocalEngine::new(args.jobs, vec![])?;
+    let slots = args.slots.unwrap_or(args.jobs).clamp(1, args.jobs);
+    let engine = crate::engine::LocalEngine::new(slots, vec![])?;
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let start = std::time::Instant::now();
     runtime.block_on(crate::executor::execute(&plan, &engine, 0, true))?;
     let wall = start.elapsed().as_secs_f64();
-    let ideal = 2.0 * args.seconds;
+    // The jobs in waves of `slots`, then the dependent one.
+    let ideal = (args.jobs.div_ceil(slots) + 1) as f64 * args.seconds;
     let overhead = (wall - ideal) / wall * 100.0;
+    let per_job_ms = (wall - ideal) / (args.jobs + 1) as f64 * 1e3;
     if args.json {
         println!(
             "{}",
-            serde_json::json!({"jobs": args.jobs, "job_seconds": args.seconds, "wall_s": wall, "ideal_s": ideal, "overhead_pct": overhead})
+            serde_json::json!({"jobs": args.jobs, "slots": slots, "job_seconds": args.seconds, "wall_s": wall, "ideal_s": ideal, "overhead_pct": overhead, "overhead_per_job_ms": per_job_ms})
         );
     } else {
         println!(
-            "{} parallel jobs of {:.1}s then one dependent job: wall {wall:.2}s, ideal {ideal:.2}s, overhead {overhead:.2} %",
+            "{} jobs of {}s on {slots} slots, then one dependent job: wall {wall:.2}s, ideal {ideal:.2}s, overhead {overhead:.2} % ({per_job_ms:.1} ms per job)",
             args.jobs, args.seconds
         );
     }
@@ -355,4 +394,177 @@ fn bench_data(args: BenchDataArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The bundled sample's training text, the default material of `bench cluster`'s source.
+const SAMPLE_TRAIN: [&str; 3] = [
+    include_str!("../../../data/sample/code/train.jsonl"),
+    include_str!("../../../data/sample/computing/train.jsonl"),
+    include_str!("../../../data/sample/scripture/train.jsonl"),
+];
+
+/// The documents of [`SAMPLE_TRAIN`].
+fn sample_texts() -> Result<Vec<String>> {
+    let mut all = Vec::new();
+    for (i, s) in SAMPLE_TRAIN.iter().enumerate() {
+        let reader = Box::new(std::io::Cursor::new(s.as_bytes()));
+        for t in btm_model::jsonl::Texts::from_reader(&format!("bundled sample {i}"), reader, "text") {
+            all.push(t?);
+        }
+    }
+    Ok(all)
+}
+
+/// Write about `bytes` of JSONL to `path`, each line `{"text": …}` a random run of 50 to 2000
+/// whitespace-separated words (line breaks kept) cut from one of `texts`: real text whose
+/// documents rarely repeat, so the clusterer sees a vocabulary like a real corpus's.
+fn write_cut_source(path: &std::path::Path, texts: &[String], bytes: u64) -> Result<u64> {
+    use std::io::Write;
+    // Word boundaries of each text: (start, end) byte offsets.
+    let words: Vec<Vec<(usize, usize)>> = texts
+        .iter()
+        .map(|t| {
+            let mut spans = Vec::new();
+            let mut start = None;
+            for (i, c) in t.char_indices() {
+                match (c.is_whitespace(), start) {
+                    (true, Some(s)) => {
+                        spans.push((s, i));
+                        start = None;
+                    }
+                    (false, None) => start = Some(i),
+                    _ => {}
+                }
+            }
+            if let Some(s) = start {
+                spans.push((s, t.len()));
+            }
+            spans
+        })
+        .collect();
+    let usable: Vec<usize> = (0..texts.len()).filter(|&i| !words[i].is_empty()).collect();
+    anyhow::ensure!(!usable.is_empty(), "the source material holds no words");
+    let mut rng = btm_trainer::data::SplitMix64::new(&[0xC1_0573, bytes]);
+    let file = std::fs::File::create(path).map_err(|e| anyhow::anyhow!("creating {}: {e}", path.display()))?;
+    let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
+    let mut written = 0u64;
+    while written < bytes {
+        let t = usable[rng.below(usable.len() as u64) as usize];
+        let spans = &words[t];
+        let len = (50 + rng.below(1951) as usize).min(spans.len());
+        let first = rng.below((spans.len() - len + 1) as u64) as usize;
+        let text = &texts[t][spans[first].0..spans[first + len - 1].1];
+        let mut line = serde_json::to_vec(&serde_json::json!({ "text": text }))?;
+        line.push(b'\n');
+        w.write_all(&line)?;
+        written += line.len() as u64;
+    }
+    w.flush()?;
+    Ok(written)
+}
+
+/// Domain discovery over a generated (or given) source: MB/s of the whole `btm cluster` run
+/// (both passes and the fit) and the process's peak resident memory.
+fn bench_cluster(args: BenchClusterArgs) -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let dir = args.dir.clone().unwrap_or_else(|| tmp.path().to_path_buf());
+    std::fs::create_dir_all(&dir)?;
+    let source = match &args.source {
+        Some(s) => s.clone(),
+        None => {
+            let texts: Vec<String> = if args.data.is_empty() {
+                sample_texts()?
+            } else {
+                let mut all = Vec::new();
+                for d in &args.data {
+                    all.extend(btm_model::jsonl::read_texts(d, None)?);
+                }
+                all
+            };
+            let s = dir.join("bench-cluster.jsonl");
+            let start = std::time::Instant::now();
+            let n = write_cut_source(&s, &texts, args.mb << 20)?;
+            if !args.json {
+                println!(
+                    "generated {} ({:.0} MiB from {} documents) in {:.1}s",
+                    s.display(),
+                    n as f64 / 1048576.0,
+                    texts.len(),
+                    start.elapsed().as_secs_f64()
+                );
+            }
+            s
+        }
+    };
+    let source_bytes = std::fs::metadata(&source)?.len();
+    let out = dir.join("bench-clusters");
+    let options = btm_cluster::DiscoverOptions {
+        fit: btm_cluster::FitOptions { k: args.k, ..Default::default() },
+        sample: args.sample,
+        overwrite: true,
+        ..Default::default()
+    };
+    let rss_before = btm_trainer::bench::peak_rss_mb();
+    let start = std::time::Instant::now();
+    let s = btm_cluster::discover(&[source.to_string_lossy().into_owned()], &out, &options)?;
+    let seconds = start.elapsed().as_secs_f64();
+    let peak = btm_trainer::bench::peak_rss_mb();
+    let cpu = btm_kernels::isa::CpuInfo::current();
+    // rayon's global pool, which discovery's parallel pass runs on, has one thread a core.
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mib = source_bytes as f64 / 1048576.0;
+    let r = serde_json::json!({
+        "source_bytes": source_bytes,
+        "documents": s.documents,
+        "k": s.k,
+        "sample_documents": s.sample_documents,
+        "vocabulary": s.vocabulary,
+        "dims": s.dims,
+        "seconds": seconds,
+        "phase_seconds": s.phase_seconds,
+        "mib_per_s": mib / seconds,
+        "peak_rss_mb": peak,
+        "peak_rss_before_mb": rss_before,
+        "threads": threads,
+        "cpu": cpu.model,
+        "isa": cpu.isa,
+    });
+    if args.json {
+        println!("{r}");
+    } else {
+        println!(
+            "{} ({}), {threads} threads: clustered {mib:.0} MiB, {} documents, into {} clusters (fitted on {}, {} terms, {} dimensions) in {seconds:.1}s: {:.2} MiB/s (sample {:.1}s, fit {:.1}s, assign and write {:.1}s); peak RSS {peak:.0} MiB",
+            cpu.model, cpu.isa, s.documents, s.k, s.sample_documents, s.vocabulary, s.dims, mib / seconds,
+            s.phase_seconds[0], s.phase_seconds[1], s.phase_seconds[2]
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cut_source_reaches_its_size_with_runs_of_the_texts_words() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.jsonl");
+        let texts = vec!["alpha beta\ngamma delta".repeat(40), "one two three".to_string()];
+        let n = write_cut_source(&path, &texts, 20_000).unwrap();
+        assert_eq!(n, std::fs::metadata(&path).unwrap().len());
+        assert!((20_000..20_000 + 20_000).contains(&n), "{n}");
+        let docs = btm_model::jsonl::read_texts(&path, None).unwrap();
+        assert!(docs.len() > 5);
+        for d in &docs {
+            assert!(texts.iter().any(|t| t.contains(d.as_str())), "{d:?} is not a run of a text");
+            assert!(!d.starts_with(char::is_whitespace) && !d.ends_with(char::is_whitespace));
+        }
+        // Different cuts, not one document repeated.
+        assert!(docs.iter().any(|d| d != &docs[0]));
+    }
+
+    #[test]
+    fn the_bundled_sample_parses() {
+        assert!(sample_texts().unwrap().len() > 3);
+    }
 }

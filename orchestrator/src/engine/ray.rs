@@ -25,10 +25,14 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// Object-store and cache settings that are not secrets, passed to the jobs when set here;
-/// credentials come from the nodes' own environment, never from here (Ray shows a job's
-/// runtime environment to anyone who can read its job list).
+/// credentials come from the nodes' own environment unless `forward_credentials` says
+/// otherwise (Ray shows a job's runtime environment to anyone who can read its job list).
 const FORWARDED_ENV: [&str; 6] =
     ["BTM_CACHE", "AWS_ENDPOINT", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ALLOW_HTTP", "BTM_UPLOAD_PART_BYTES"];
+
+/// Prefixes of the variables the object stores read (object_store's `from_env`), credentials
+/// among them: passed to the jobs only with `forward_credentials: true`.
+const STORE_ENV_PREFIXES: [&str; 3] = ["AWS_", "AZURE_", "GOOGLE_"];
 
 /// Attempts of one job btm looks through for one it may follow before it gives up.
 const MAX_ATTEMPTS: u32 = 100;
@@ -44,6 +48,7 @@ pub struct RayEngine {
     run: PathBuf,
     slots: usize,
     memory_mb: Option<u64>,
+    forward_credentials: bool,
     jobs: Mutex<HashMap<JobHandle, Followed>>,
 }
 
@@ -176,9 +181,24 @@ impl RayEngine {
     /// (`GET /api/version`), so a wrong one is a named error before any job starts.
     pub async fn connect(spec: &RaySpec, run: &Path) -> Result<Self> {
         let token = std::env::var(&spec.token_env).ok().filter(|t| !t.is_empty());
-        let client = reqwest::Client::builder().timeout(Duration::from_secs(30)).connect_timeout(Duration::from_secs(10)).build()?;
-        let api = Api { client, base: spec.address.trim_end_matches('/').to_string(), token, token_env: spec.token_env.clone() };
+        let mut builder = reqwest::Client::builder().timeout(Duration::from_secs(30)).connect_timeout(Duration::from_secs(10));
+        if let Some(file) = &spec.ca_cert {
+            let pem = std::fs::read(file).with_context(|| format!("engine.ca_cert: reading {file}"))?;
+            let certs =
+                reqwest::Certificate::from_pem_bundle(&pem).with_context(|| format!("engine.ca_cert: {file} is not PEM certificates"))?;
+            builder = builder.tls_certs_merge(certs);
+        }
+        let api = Api {
+            client: builder.build()?,
+            base: spec.address.trim_end_matches('/').to_string(),
+            token,
+            token_env: spec.token_env.clone(),
+        };
         match api.send(Method::GET, "/api/version", None).await {
+            Err(Failure::Unreachable(why)) if why.contains("certificate") => bail!(
+                "engine.address: the TLS certificate of {} is not trusted ({why}); name its CA in engine.ca_cert (or SSL_CERT_FILE)",
+                api.base
+            ),
             Err(Failure::Unreachable(why)) => bail!("engine.address: no Ray dashboard answers at {} ({why})", api.base),
             Err(Failure::Fatal(e)) => return Err(e),
             Ok((200, text)) if serde_json::from_str::<Value>(&text).is_ok_and(|v| v["ray_version"].is_string()) => {}
@@ -196,6 +216,7 @@ impl RayEngine {
             run: run.to_path_buf(),
             slots: spec.slots.max(1),
             memory_mb: spec.memory_mb,
+            forward_credentials: spec.forward_credentials,
             jobs: Mutex::new(HashMap::new()),
         })
     }
@@ -219,6 +240,14 @@ impl RayEngine {
         for key in FORWARDED_ENV {
             if let Ok(value) = std::env::var(key) {
                 env[key] = json!(value);
+            }
+        }
+        if self.forward_credentials {
+            for (key, value) in std::env::vars() {
+                // Never the Ray token, whatever variable holds it.
+                if STORE_ENV_PREFIXES.iter().any(|p| key.starts_with(p)) && key != self.api.token_env {
+                    env[key] = json!(value);
+                }
             }
         }
         let mut body = json!({
@@ -476,6 +505,29 @@ mod tests {
         assert_eq!(posts[0]["entrypoint_memory"].as_u64(), Some(3 * 1024 * 1024));
         assert_eq!(posts[0]["runtime_env"]["env_vars"]["RAYON_NUM_THREADS"], "2");
         assert!(seen.iter().all(|r| r.2 == "Bearer secret"), "{seen:?}");
+    }
+
+    /// Object-store variables go to the jobs only with `forward_credentials`, and the Ray token
+    /// never, even in a variable with a store's prefix.
+    #[test]
+    fn credentials_are_forwarded_only_when_asked() {
+        std::env::set_var("AWS_BTM_TEST_FORWARDED_KEY", "key-1");
+        std::env::set_var("AWS_BTM_TEST_RAY_TOKEN", "token-1");
+        let run = tempfile::tempdir().unwrap();
+        let engine = |forward_credentials| RayEngine {
+            api: Api { client: reqwest::Client::new(), base: "http://ray".into(), token: None, token_env: "AWS_BTM_TEST_RAY_TOKEN".into() },
+            btm: "btm".into(),
+            run: run.path().to_path_buf(),
+            slots: 1,
+            memory_mb: None,
+            forward_credentials,
+            jobs: Mutex::new(HashMap::new()),
+        };
+        let env = |forward| engine(forward).request(&submission(run.path()), "abc").unwrap()["runtime_env"]["env_vars"].clone();
+        assert!(env(false).get("AWS_BTM_TEST_FORWARDED_KEY").is_none(), "{}", env(false));
+        let forwarded = env(true);
+        assert_eq!(forwarded["AWS_BTM_TEST_FORWARDED_KEY"], "key-1");
+        assert!(!forwarded.to_string().contains("token-1"), "{forwarded}");
     }
 
     /// A poll Ray does not answer leaves the job running; Ray's 404 fails it; 401 stops the

@@ -162,6 +162,15 @@ pub struct RaySpec {
     /// Resubmissions of a failed job; trainers resume from their checkpoints.
     #[serde(default = "default_retries")]
     pub retries: u32,
+    /// A PEM file of CA certificates to trust for an `https://` address, besides the system's
+    /// (and `SSL_CERT_FILE`'s).
+    #[serde(default)]
+    pub ca_cert: Option<String>,
+    /// Also pass this machine's object-store credentials (every `AWS_*`, `AZURE_*` and
+    /// `GOOGLE_*` variable) to the jobs, for nodes without their own. Ray shows them to anyone
+    /// who can read its job list, so they are not passed by default.
+    #[serde(default)]
+    pub forward_credentials: bool,
 }
 
 fn default_ray_token_env() -> String {

@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{btm, fixture_pipeline, has_checkpoint, ok, repo, torchrun_trainer};
+use common::{btm, fixture_pipeline, has_checkpoint, ok, repo, torchrun_trainer, S3Server, BUCKET};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -278,6 +278,169 @@ fn a_head_restarted_mid_run_gives_the_same_model() {
     assert_eq!(std::fs::read(run.join("merged/model.safetensors")).unwrap(), want, "the restarted run's model differs");
     let log = std::fs::read_to_string(run.join("logs/expert-code.log")).unwrap();
     assert!(log.contains("resuming from"), "{log}");
+}
+
+/// A run kept in S3 (the test's own server on 127.0.0.1) with its jobs on Ray: the jobs' runtime
+/// environment carries the store's endpoint and, with `forward_credentials: true`, its keys
+/// (the head's workers have none of their own); never the Ray token.
+#[test]
+fn runs_kept_in_s3_work_with_ray_workers() {
+    let Some(head) = head() else { return };
+    let Some(s3) = S3Server::start() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let engine = "{kind: ray, address: \"${BTM_RAY_ADDRESS}\", cpus_per_task: 1, memory_mb: 400, retries: 0, forward_credentials: true}";
+    let train = "steps: 4, batch_size: 4, seq_len: 32, checkpoint_interval: 2";
+    let file = fixture_pipeline(tmp.path(), "ray-s3", &format!("s3://{BUCKET}/runs"), engine, train, "");
+    let mut cmd = btm();
+    s3.env(&mut cmd).env("BTM_CACHE", tmp.path().join("cache")).arg("run").arg(&file);
+    let out = ok(cmd.output().unwrap());
+    assert!(out.contains("| merged |") && out.contains(&format!("report: s3://{BUCKET}/runs/ray-s3/report.md")), "{out}");
+    let objects = s3.objects("runs/ray-s3");
+    for o in ["report.md", "merged/MANIFEST.json", "experts/code/model/MANIFEST.json", "jobs/merge/done.json"] {
+        assert!(objects.contains(&format!("runs/ray-s3/{o}")), "{o} is not in the bucket: {objects:#?}");
+    }
+    assert!(!tmp.path().join("runs").exists(), "the run went to the local disk");
+    let plan: Value = serde_json::from_slice(&std::fs::read(s3.dir("runs/ray-s3/plan.json")).unwrap()).unwrap();
+    let ray = head.jobs_of(Path::new(&format!("s3://{BUCKET}/runs/ray-s3")));
+    let jobs = plan["jobs"].as_array().unwrap();
+    assert_eq!(ray.len(), jobs.len(), "{ray:#?}");
+    for job in &ray {
+        assert_eq!(job["status"], "SUCCEEDED", "{job:#}");
+        let env = &job["runtime_env"]["env_vars"];
+        assert_eq!(env["AWS_ENDPOINT"], format!("http://127.0.0.1:{}", s3.port), "{job:#}");
+        assert_eq!((env["AWS_ALLOW_HTTP"].as_str(), env["AWS_SECRET_ACCESS_KEY"].as_str()), (Some("true"), Some("btm-test-secret")));
+        assert!(env.get("RAY_AUTH_TOKEN").is_none() && !job.to_string().contains(&head.token), "the Ray token went to a job: {job:#}");
+    }
+}
+
+/// A TLS-terminating proxy (python's ssl, a thread per connection) on a free loopback port in
+/// front of the head's plain-HTTP dashboard; killed when dropped.
+struct TlsProxy {
+    child: std::process::Child,
+    port: u16,
+}
+
+const PROXY: &str = r#"
+import select, socket, ssl, sys, threading
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.load_cert_chain(sys.argv[1], sys.argv[2])
+upstream = ("127.0.0.1", int(sys.argv[3]))
+srv = socket.socket()
+srv.bind(("127.0.0.1", 0))
+srv.listen(64)
+print(srv.getsockname()[1], flush=True)
+def serve(c):
+    try:
+        t = ctx.wrap_socket(c, server_side=True)
+    except (ssl.SSLError, OSError):
+        c.close()
+        return
+    u = socket.create_connection(upstream)
+    try:
+        while True:
+            ready = [t] if t.pending() else select.select([t, u], [], [])[0]
+            for s in ready:
+                data = s.recv(65536)
+                if not data:
+                    return
+                (u if s is t else t).sendall(data)
+    except (ssl.SSLError, OSError):
+        pass
+    finally:
+        t.close()
+        u.close()
+while True:
+    c, _ = srv.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"#;
+
+impl TlsProxy {
+    fn start(dir: &Path, cert: &Path, key: &Path, upstream: u16) -> Self {
+        use std::io::BufRead;
+        let script = dir.join("tls-proxy.py");
+        std::fs::write(&script, PROXY).unwrap();
+        let mut child = Command::new("python3")
+            .arg(&script)
+            .arg(cert)
+            .arg(key)
+            .arg(upstream.to_string())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("python3 (for the TLS proxy)");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let port = line.trim().parse().unwrap_or_else(|_| panic!("the TLS proxy said `{line}`"));
+        TlsProxy { child, port }
+    }
+}
+
+impl Drop for TlsProxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `openssl` in `dir`.
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl").args(args).current_dir(dir).output().expect("openssl (for the test certificates)");
+    assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A CA `NAME.pem` (key `NAME.key`) in `dir`.
+fn ca(dir: &Path, name: &str) {
+    let (pem, key) = (format!("{name}.pem"), format!("{name}.key"));
+    let subject = format!("/CN=btm test {name}");
+    openssl(dir, &["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", &key, "-out", &pem, "-subj", &subject, "-days", "1"]);
+}
+
+/// The engine behind an `https://` address (a TLS proxy whose certificate a CA made at test
+/// time signed): trusted through `ca_cert` or `SSL_CERT_FILE`, the pipeline runs and every job
+/// succeeds; a certificate nothing here trusts is a named error.
+#[test]
+fn https_addresses_work_and_an_untrusted_certificate_is_a_named_error() {
+    let Some(head) = head() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    ca(dir, "ca");
+    ca(dir, "other-ca");
+    openssl(dir, &["req", "-newkey", "rsa:2048", "-nodes", "-keyout", "leaf.key", "-out", "leaf.csr", "-subj", "/CN=127.0.0.1"]);
+    std::fs::write(dir.join("leaf.ext"), "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n").unwrap();
+    let sign = "x509 -req -in leaf.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out leaf.pem -days 1 -extfile leaf.ext";
+    openssl(dir, &sign.split(' ').collect::<Vec<_>>());
+    let upstream = head.address.rsplit(':').next().and_then(|p| p.trim_end_matches('/').parse().ok()).expect("a port in BTM_RAY_ADDRESS");
+    let proxy = TlsProxy::start(dir, &dir.join("leaf.pem"), &dir.join("leaf.key"), upstream);
+    let address = format!("https://127.0.0.1:{}", proxy.port);
+    let engine = |ca_cert: &str| format!("{{kind: ray, address: \"{address}\", cpus_per_task: 1, memory_mb: 400, retries: 0{ca_cert}}}");
+    let run = |file: &Path| btm().arg("run").arg(file).env_remove("SSL_CERT_FILE").env_remove("SSL_CERT_DIR").output().unwrap();
+
+    // Neither the system nor a wrong CA file trusts the proxy's certificate.
+    for (name, ca_cert) in [("untrusted", String::new()), ("wrong-ca", format!(", ca_cert: {}", dir.join("other-ca.pem").display()))] {
+        let file = pipeline(dir, name, &engine(&ca_cert), 2);
+        let out = run(&file);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{err}");
+        assert!(
+            err.contains(&format!("engine.address: the TLS certificate of {address} is not trusted")) && err.contains("ca_cert"),
+            "{err}"
+        );
+    }
+
+    let file = pipeline(dir, "https-run", &engine(&format!(", ca_cert: {}", dir.join("ca.pem").display())), 2);
+    let out = run(&file);
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && text.contains("| merged |"), "{text}");
+    let runs = dir.join("runs/https-run");
+    let ray = head.jobs_of(&runs);
+    assert_eq!(ray.len(), plan_jobs(&runs).len(), "{ray:#?}");
+    assert!(ray.iter().all(|j| j["status"] == "SUCCEEDED"), "{ray:#?}");
+    let record: Value = serde_json::from_slice(&std::fs::read(runs.join("jobs/merge/engine.json")).unwrap()).unwrap();
+    assert_eq!(record["address"], address.as_str());
+
+    // The standard SSL_CERT_FILE is trusted too: the same run, without ca_cert, reaches Ray.
+    let file = pipeline(dir, "https-run", &engine(""), 2);
+    let again = ok(btm().arg("run").arg(&file).env("SSL_CERT_FILE", dir.join("ca.pem")).output().unwrap());
+    assert!(again.contains("nothing to do"), "{again}");
 }
 
 fn walk(dir: &Path) -> Vec<PathBuf> {

@@ -42,6 +42,12 @@ What it makes (under --out, normally ``model/tests/fixtures``):
                            layer 1 dense (mlp_only_layers), 4 experts top-2, norm_topk_prob
                            true, no shared expert, legacy per-expert tensors
   - ``qwen3_moe_softmax``  the same weights with norm_topk_prob false
+  - ``olmo2``              Olmo2ForCausalLM, post-sublayer norms (no pre-norms), q_norm/k_norm
+                           over the full projection width, GQA, untied
+  - ``olmoe``              OlmoeForCausalLM, pre-norms, full-width q/k norms, clip_qkv 2.0,
+                           4 experts top-2, norm_topk_prob false, legacy per-expert tensors
+  - ``flex_olmo``          FlexOlmoForCausalLM, OLMo2's layers with 4 experts top-2,
+                           norm_topk_prob true, legacy per-expert tensors
 
   ``expected.safetensors`` holds ``input_ids`` (int64 [2, 16], random ids from the
   vocab) and ``logits`` (float32 [2, 16, vocab]) = ``model(input_ids).logits``
@@ -300,6 +306,11 @@ def model_specs():
                             attention_bias=False, tie_word_embeddings=False, use_sliding_window=False,
                             router_aux_loss_coef=0.001, output_router_logits=False)
     qwen3_variants = qwen_variants
+    # OLMo: the experts are `intermediate_size` wide (24, as the other MoE fixtures' experts).
+    olmo_moe_common = dict(COMMON, intermediate_size=24, num_experts=4, num_experts_per_tok=2,
+                           tie_word_embeddings=False, attention_bias=False,
+                           router_aux_loss_coef=0.001, output_router_logits=False)
+    olmo_rope = {"rope_type": "default", "rope_theta": 500000.0}
     return [
         dict(name="llama", seed=1001, cls=T.LlamaForCausalLM,
              config=T.LlamaConfig(**COMMON, tie_word_embeddings=False, rope_parameters=llama3)),
@@ -338,6 +349,15 @@ def model_specs():
         dict(name="qwen3_moe_softmax", seed=1012, cls=T.Qwen3MoeForCausalLM, moe="qwen3_moe", gap_variants=qwen3_variants,
              config=T.Qwen3MoeConfig(**qwen3_moe_common, norm_topk_prob=False,
                                      rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})),
+        dict(name="olmo2", seed=1021, cls=T.Olmo2ForCausalLM,
+             config=T.Olmo2Config(**COMMON, tie_word_embeddings=False, attention_bias=False,
+                                  rope_parameters=olmo_rope)),
+        # clip_qkv 2.0: the normalised queries and keys have unit RMS, so some entries are clipped.
+        dict(name="olmoe", seed=1022, cls=T.OlmoeForCausalLM, moe="olmoe",
+             config=T.OlmoeConfig(**olmo_moe_common, norm_topk_prob=False, clip_qkv=2.0,
+                                  rope_parameters=olmo_rope)),
+        dict(name="flex_olmo", seed=1023, cls=T.FlexOlmoForCausalLM, moe="flex_olmo",
+             config=T.FlexOlmoConfig(**olmo_moe_common, norm_topk_prob=True, rope_parameters=olmo_rope)),
     ]
 
 
@@ -620,7 +640,9 @@ mixtral_fused (same weights as mixtral, transformers-5 fused `mlp.experts.gate_u
 shared expert, norm_topk_prob false), qwen2_moe_normtopk (same weights, norm_topk_prob true),
 qwen3 (per-head q_norm/k_norm, head_dim 16 != hidden/heads, tied), qwen3_moe (q/k norms,
 head_dim 16, layer 1 of 3 dense via mlp_only_layers, no shared expert, norm_topk_prob true),
-qwen3_moe_softmax (same weights, norm_topk_prob false).
+qwen3_moe_softmax (same weights, norm_topk_prob false), olmo2 (post-sublayer norms, full-width
+q_norm/k_norm), olmoe (pre-norms, full-width q/k norms, clip_qkv 2.0, norm_topk_prob false),
+flex_olmo (OLMo2's layers with 4 experts top-2, norm_topk_prob true).
 """
 
 

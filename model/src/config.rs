@@ -99,6 +99,18 @@ pub struct ModelConfig {
     /// applied before RoPE.
     #[serde(default)]
     pub qk_norm: bool,
+    /// OLMo's q/k norms: each RMSNorm spans the whole projection (all heads, width
+    /// `heads × head_dim`) instead of one head; only with `qk_norm`.
+    #[serde(default)]
+    pub qk_norm_full: bool,
+    /// OLMo2's post-norm layers: no norm before attention or the FFN; instead each sublayer's
+    /// output is normalised (`post_attention_layernorm`, `post_feedforward_layernorm`) before
+    /// the residual add.
+    #[serde(default)]
+    pub post_norms: bool,
+    /// OLMoE's `clip_qkv`: queries, keys and values clamped to [-c, c] after the q/k norms.
+    #[serde(default)]
+    pub clip_qkv: Option<f64>,
     /// Beginning-of-sequence token id, if `config.json` gives one (the first of a list).
     pub bos_token_id: Option<u32>,
     /// End-of-sequence token id, if `config.json` gives one (the first of a list).
@@ -124,11 +136,17 @@ pub enum Architecture {
     Qwen3,
     /// `Qwen3MoeForCausalLM`: Qwen3's attention, MoE without a shared expert, optional dense layers.
     Qwen3Moe,
+    /// `Olmo2ForCausalLM`: dense, post-sublayer norms, q/k norms over the full projection width.
+    Olmo2,
+    /// `OlmoeForCausalLM`: pre-norm MoE (every layer) with full-width q/k norms, optional `clip_qkv`.
+    Olmoe,
+    /// `FlexOlmoForCausalLM`: OLMo2's layers with an MoE (every layer) for the FFN.
+    FlexOlmo,
 }
 
 impl Architecture {
     /// Every architecture, in the order [`Self::detect`] tries them.
-    pub const ALL: [Architecture; 7] = [
+    pub const ALL: [Architecture; 10] = [
         Architecture::Llama,
         Architecture::Mistral,
         Architecture::Qwen2,
@@ -136,6 +154,9 @@ impl Architecture {
         Architecture::Qwen2Moe,
         Architecture::Qwen3,
         Architecture::Qwen3Moe,
+        Architecture::Olmo2,
+        Architecture::Olmoe,
+        Architecture::FlexOlmo,
     ];
 
     /// The class name in `config.json`'s `architectures`, e.g. `LlamaForCausalLM`.
@@ -148,6 +169,9 @@ impl Architecture {
             Architecture::Qwen2Moe => "Qwen2MoeForCausalLM",
             Architecture::Qwen3 => "Qwen3ForCausalLM",
             Architecture::Qwen3Moe => "Qwen3MoeForCausalLM",
+            Architecture::Olmo2 => "Olmo2ForCausalLM",
+            Architecture::Olmoe => "OlmoeForCausalLM",
+            Architecture::FlexOlmo => "FlexOlmoForCausalLM",
         }
     }
 
@@ -161,6 +185,9 @@ impl Architecture {
             Architecture::Qwen2Moe => "qwen2_moe",
             Architecture::Qwen3 => "qwen3",
             Architecture::Qwen3Moe => "qwen3_moe",
+            Architecture::Olmo2 => "olmo2",
+            Architecture::Olmoe => "olmoe",
+            Architecture::FlexOlmo => "flex_olmo",
         }
     }
 
@@ -200,6 +227,9 @@ impl ModelConfig {
             o_bias: false,
             sliding_window: None,
             qk_norm: false,
+            qk_norm_full: false,
+            post_norms: false,
+            clip_qkv: None,
             bos_token_id: Some(0),
             eos_token_id: Some(1),
             moe: None,
@@ -299,6 +329,14 @@ impl ModelConfig {
                 self.num_heads, self.num_kv_heads
             ));
         }
+        if self.qk_norm_full && !self.qk_norm {
+            return bad("qk_norm_full needs qk_norm".into());
+        }
+        if let Some(c) = self.clip_qkv {
+            if !(c.is_finite() && c > 0.0) {
+                return bad(format!("clip_qkv {c} must be positive and finite"));
+            }
+        }
         if let Some(m) = &self.moe {
             if m.experts == 0 || m.expert_ffn == 0 {
                 return bad("an MoE needs at least one expert of positive width".into());
@@ -336,8 +374,20 @@ impl ModelConfig {
             Architecture::Mixtral => Some(mixtral_moe_from_hf(hf, intermediate_size)?),
             Architecture::Qwen2Moe => Some(qwen_moe_from_hf(hf, true)?),
             Architecture::Qwen3Moe => Some(qwen_moe_from_hf(hf, false)?),
-            Architecture::Llama | Architecture::Mistral | Architecture::Qwen2 | Architecture::Qwen3 => None,
+            Architecture::Olmoe | Architecture::FlexOlmo => Some(olmo_moe_from_hf(hf, intermediate_size)?),
+            Architecture::Llama | Architecture::Mistral | Architecture::Qwen2 | Architecture::Qwen3 | Architecture::Olmo2 => None,
         };
+        let olmo = matches!(arch, Architecture::Olmo2 | Architecture::Olmoe | Architecture::FlexOlmo);
+        // OLMoE's q norm is as wide as the residual stream (transformers sizes it hidden_size),
+        // which is the projection's width only when head_dim is hidden / heads.
+        if arch == Architecture::Olmoe && num_heads * head_dim != hidden_size {
+            return Err(Error::Unsupported(format!(
+                "OlmoeForCausalLM with head_dim {head_dim} != hidden_size / num_attention_heads (its q_norm is hidden_size wide)"
+            )));
+        }
+        let clip_qkv = if arch == Architecture::Olmoe { f64_field(cfg, "clip_qkv")? } else { None };
+        // The OLMo config classes default ε to 1e-5 (FlexOlmo to 1e-6, as the others).
+        let default_eps = if matches!(arch, Architecture::Olmo2 | Architecture::Olmoe) { 1e-5 } else { 1e-6 };
         let config = ModelConfig {
             vocab_size: hf.need("vocab_size")?,
             hidden_size,
@@ -349,12 +399,15 @@ impl ModelConfig {
             max_position_embeddings: hf.usize("max_position_embeddings")?.unwrap_or(2048),
             rope_theta,
             rope_scaling,
-            rms_norm_eps: f64_field(cfg, "rms_norm_eps")?.unwrap_or(1e-6),
+            rms_norm_eps: f64_field(cfg, "rms_norm_eps")?.unwrap_or(default_eps),
             tie_word_embeddings: hf.bool("tie_word_embeddings").unwrap_or(false),
             qkv_bias,
             o_bias,
             sliding_window,
-            qk_norm: matches!(arch, Architecture::Qwen3 | Architecture::Qwen3Moe),
+            qk_norm: olmo || matches!(arch, Architecture::Qwen3 | Architecture::Qwen3Moe),
+            qk_norm_full: olmo,
+            post_norms: matches!(arch, Architecture::Olmo2 | Architecture::FlexOlmo),
+            clip_qkv,
             bos_token_id: hf.token_id("bos_token_id"),
             eos_token_id: hf.token_id("eos_token_id"),
             moe,
@@ -368,7 +421,17 @@ impl ModelConfig {
     /// MoE → Mixtral (or Qwen2-MoE with `norm_topk_prob: true` when Mixtral cannot hold it:
     /// attention biases, a shared expert, dense layers); `softmax_then_topk` MoE → Qwen2-MoE
     /// with `norm_topk_prob: false`.
+    ///
+    /// OLMo layouts come first: post-norms → OLMo2 (dense) or FlexOlmo (MoE); full-width q/k
+    /// norms with pre-norms → OLMoE (a dense such model has no class, and [`Self::to_hf`]
+    /// refuses it).
     pub fn output_architecture(&self) -> Architecture {
+        if self.post_norms {
+            return if self.moe.is_some() { Architecture::FlexOlmo } else { Architecture::Olmo2 };
+        }
+        if self.qk_norm_full {
+            return Architecture::Olmoe;
+        }
         if self.qk_norm {
             return if self.moe.is_some() { Architecture::Qwen3Moe } else { Architecture::Qwen3 };
         }
@@ -418,6 +481,16 @@ impl ModelConfig {
             (Architecture::Qwen3Moe, Some(m)) => {
                 self.qwen3_hf_fields(obj, &mut btm)?;
                 self.qwen3_moe_hf_fields(m, obj)?;
+            }
+            (Architecture::Olmo2, None) => self.olmo_hf_fields(arch, obj, &mut btm)?,
+            (Architecture::Olmoe | Architecture::FlexOlmo, Some(m)) => {
+                self.olmo_hf_fields(arch, obj, &mut btm)?;
+                self.olmo_moe_hf_fields(arch, m, obj)?;
+            }
+            (Architecture::Olmoe, None) => {
+                return Err(Error::Unsupported(
+                    "a dense model with full-width q/k norms and pre-norms (OLMoE's attention has no dense class)".into(),
+                ))
             }
             _ => unreachable!("output_architecture matches the MoE config"),
         }
@@ -574,6 +647,53 @@ impl ModelConfig {
     }
 }
 
+impl ModelConfig {
+    /// The OLMo families' attention: full-width q/k norms, one `attention_bias` for q, k, v
+    /// and o (as Llama's), no sliding window; `clip_qkv` only in OLMoE, post-norms everywhere
+    /// but OLMoE.
+    fn olmo_hf_fields(&self, arch: Architecture, obj: &mut Map<String, Value>, btm: &mut Map<String, Value>) -> Result<()> {
+        let name = arch.class_name();
+        if !(self.qk_norm && self.qk_norm_full) {
+            return Err(Error::Unsupported(format!("{name} without full-width q/k norms")));
+        }
+        if self.sliding_window.is_some() {
+            return Err(Error::Unsupported(format!("sliding-window attention in a model written as {name}")));
+        }
+        if arch == Architecture::Olmoe {
+            if self.num_heads * self.head_dim != self.hidden_size {
+                return Err(Error::Unsupported(format!(
+                    "{name} with num_attention_heads × head_dim != hidden_size (its q_norm is hidden_size wide)"
+                )));
+            }
+            obj.insert("clip_qkv".into(), json!(self.clip_qkv));
+        } else if self.clip_qkv.is_some() {
+            return Err(Error::Unsupported(format!("clip_qkv in a model written as {name}")));
+        }
+        self.llama_hf_fields(obj, btm);
+        obj.remove("mlp_bias");
+        Ok(())
+    }
+
+    /// OLMoE's and FlexOlmo's MoE: every layer routed, experts as wide as `intermediate_size`,
+    /// no shared expert.
+    fn olmo_moe_hf_fields(&self, arch: Architecture, m: &MoeConfig, obj: &mut Map<String, Value>) -> Result<()> {
+        let name = arch.class_name();
+        if m.shared_expert.is_some() {
+            return Err(Error::Unsupported(format!("a shared expert in a model written as {name} (it has none)")));
+        }
+        if !m.dense_layers.is_empty() {
+            return Err(Error::Unsupported(format!("dense layers among MoE ones in a model written as {name}")));
+        }
+        obj.insert("num_experts".into(), json!(m.experts));
+        obj.insert("num_experts_per_tok".into(), json!(m.top_k));
+        obj.insert("intermediate_size".into(), json!(m.expert_ffn));
+        obj.insert("norm_topk_prob".into(), json!(m.routing == Routing::TopkThenSoftmax));
+        obj.insert("router_aux_loss_coef".into(), json!(0.0));
+        obj.insert("output_router_logits".into(), json!(false));
+        Ok(())
+    }
+}
+
 /// Typed reads of a `config.json`'s top-level fields, with the errors [`ModelConfig::from_hf`]
 /// reports.
 #[derive(Clone, Copy)]
@@ -661,7 +781,12 @@ fn attention_from_hf(arch: Architecture, hf: HfFields) -> Result<(bool, bool, Op
         return Err(Error::Unsupported("mlp_bias: true (biases in the FFN)".into()));
     }
     let (qkv_bias, o_bias) = match arch {
-        Architecture::Llama | Architecture::Qwen3 | Architecture::Qwen3Moe => {
+        Architecture::Llama
+        | Architecture::Qwen3
+        | Architecture::Qwen3Moe
+        | Architecture::Olmo2
+        | Architecture::Olmoe
+        | Architecture::FlexOlmo => {
             let b = hf.bool("attention_bias").unwrap_or(false);
             (b, b)
         }
@@ -676,7 +801,7 @@ fn attention_from_hf(arch: Architecture, hf: HfFields) -> Result<(bool, bool, Op
             }
             None
         }
-        Architecture::Llama => None,
+        Architecture::Llama | Architecture::Olmo2 | Architecture::Olmoe | Architecture::FlexOlmo => None,
     };
     Ok((qkv_bias, o_bias, sliding_window))
 }
@@ -687,6 +812,25 @@ fn mixtral_moe_from_hf(hf: HfFields, intermediate_size: usize) -> Result<MoeConf
         experts: hf.need("num_local_experts")?,
         top_k: hf.need("num_experts_per_tok")?,
         routing: Routing::TopkThenSoftmax,
+        expert_ffn: intermediate_size,
+        shared_expert: None,
+        dense_layers: vec![],
+    })
+}
+
+/// OLMoE's and FlexOlmo's MoE: every layer routed, the experts `intermediate_size` wide,
+/// softmax then top-k (`norm_topk_prob: true` renormalises the top-k, i.e. a softmax over the
+/// top-k logits), no shared expert.
+fn olmo_moe_from_hf(hf: HfFields, intermediate_size: usize) -> Result<MoeConfig> {
+    // transformers 5 saves `num_experts` under its attribute-map name.
+    let experts = match hf.usize("num_experts")? {
+        Some(e) => e,
+        None => hf.usize("num_local_experts")?.ok_or_else(|| Error::InvalidConfig("config.json: missing `num_experts`".into()))?,
+    };
+    Ok(MoeConfig {
+        experts,
+        top_k: hf.need("num_experts_per_tok")?,
+        routing: if hf.bool("norm_topk_prob").unwrap_or(false) { Routing::TopkThenSoftmax } else { Routing::SoftmaxThenTopk },
         expert_ffn: intermediate_size,
         shared_expert: None,
         dense_layers: vec![],
@@ -820,7 +964,7 @@ mod tests {
     #[test]
     fn unknown_architecture_is_named() {
         let err = ModelConfig::from_hf(&json!({"architectures": ["GPT2LMHeadModel"]})).unwrap_err();
-        assert_eq!(err.to_string(), "unknown architecture `GPT2LMHeadModel` (btm reads LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, MixtralForCausalLM, Qwen2MoeForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCausalLM)");
+        assert_eq!(err.to_string(), "unknown architecture `GPT2LMHeadModel` (btm reads LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, MixtralForCausalLM, Qwen2MoeForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCausalLM, Olmo2ForCausalLM, OlmoeForCausalLM, FlexOlmoForCausalLM)");
     }
 
     #[test]

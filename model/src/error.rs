@@ -10,7 +10,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// `config.json` names a class (or `model_type`) btm does not read; holds that name.
-    #[error("unknown architecture `{0}` (btm reads LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, MixtralForCausalLM, Qwen2MoeForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCausalLM)")]
+    #[error("unknown architecture `{0}` (btm reads LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, MixtralForCausalLM, Qwen2MoeForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCausalLM, Olmo2ForCausalLM, OlmoeForCausalLM, FlexOlmoForCausalLM)")]
     UnknownArchitecture(String),
     /// A config value is missing, malformed or inconsistent (e.g. heads not a multiple of KV heads).
     #[error("invalid model config: {0}")]

@@ -270,6 +270,10 @@ pub struct Attention {
     o_proj: Linear,
     /// Qwen3's RMSNorms over each query and key head (width `head_dim`), before RoPE.
     qk_norm: Option<(RmsNorm, RmsNorm)>,
+    /// The q/k norms span the whole projection (OLMo), not one head.
+    qk_norm_full: bool,
+    /// OLMoE's clamp of q, k and v to [-c, c], after the q/k norms.
+    clip_qkv: Option<f64>,
     num_heads: usize,
     num_kv_heads: usize,
     head_dim: usize,
@@ -286,10 +290,13 @@ impl Attention {
             v_proj: linear(h, cfg.num_kv_heads * d, cfg.qkv_bias, vb.pp("v_proj"))?,
             o_proj: linear(cfg.num_heads * d, h, cfg.o_bias, vb.pp("o_proj"))?,
             qk_norm: if cfg.qk_norm {
-                Some((RmsNorm::new(d, cfg.rms_norm_eps, vb.pp("q_norm"))?, RmsNorm::new(d, cfg.rms_norm_eps, vb.pp("k_norm"))?))
+                let (qw, kw) = if cfg.qk_norm_full { (cfg.num_heads * d, cfg.num_kv_heads * d) } else { (d, d) };
+                Some((RmsNorm::new(qw, cfg.rms_norm_eps, vb.pp("q_norm"))?, RmsNorm::new(kw, cfg.rms_norm_eps, vb.pp("k_norm"))?))
             } else {
                 None
             },
+            qk_norm_full: cfg.qk_norm_full,
+            clip_qkv: cfg.clip_qkv,
             num_heads: cfg.num_heads,
             num_kv_heads: cfg.num_kv_heads,
             head_dim: d,
@@ -313,9 +320,14 @@ impl Attention {
         }
         let xs = &xs.reshape((b, t, ()))?;
         let heads = |proj: &Linear, n: usize, norm: Option<&RmsNorm>| -> Result<Tensor> {
-            let mut x = proj.forward(xs)?.reshape((b, t, n, self.head_dim))?;
-            if let Some(norm) = norm {
-                x = norm.forward_with(&x, kernels)?;
+            let mut x = proj.forward(xs)?;
+            match norm {
+                Some(norm) if self.qk_norm_full => x = norm.forward_with(&x, kernels)?.reshape((b, t, n, self.head_dim))?,
+                Some(norm) => x = norm.forward_with(&x.reshape((b, t, n, self.head_dim))?, kernels)?,
+                None => x = x.reshape((b, t, n, self.head_dim))?,
+            }
+            if let Some(c) = self.clip_qkv {
+                x = x.clamp(-c, c)?;
             }
             x.transpose(1, 2)?.contiguous()
         };
@@ -354,15 +366,20 @@ impl Attention {
             candle_core::bail!("attention: q, k and v projections must all have biases or none");
         }
         if let Some((q_norm, k_norm)) = &self.qk_norm {
-            // Each head's D columns normalised as rows of width D, before the op rotates them.
+            // Each head's D columns normalised as rows of width D (Qwen3), or the whole
+            // projection as one row (OLMo), before the op rotates them.
             let rows = qkv.dim(0)?;
             let (hq, hk) = (self.num_heads * d, self.num_kv_heads * d);
             let norm = |norm: &RmsNorm, start: usize, width: usize| -> Result<Tensor> {
-                let x = qkv.narrow(1, start, width)?.contiguous()?.reshape((rows * width / d, d))?;
+                let row = if self.qk_norm_full { width } else { d };
+                let x = qkv.narrow(1, start, width)?.contiguous()?.reshape((rows * width / row, row))?;
                 norm.forward_with(&x, Kernels::FUSED)?.reshape((rows, width))
             };
             let (q, k) = (norm(q_norm, 0, hq)?, norm(k_norm, hq, hk)?);
             qkv = Tensor::cat(&[&q, &k, &qkv.narrow(1, hq + hk, hk)?], 1)?;
+        }
+        if let Some(c) = self.clip_qkv {
+            qkv = qkv.clamp(-c, c)?;
         }
         let shape = btm_kernels::AttentionShape {
             heads: self.num_heads,
@@ -680,19 +697,25 @@ pub enum Ffn {
     Moe(MoeBlock),
 }
 
-/// One pre-norm decoder layer: x + attn(norm(x)), then h + ffn(norm(h)).
+/// One decoder layer: pre-norm x + attn(norm(x)), then h + ffn(norm(h)); or OLMo2's
+/// post-norm x + norm(attn(x)), then h + norm(ffn(h)).
 #[derive(Debug, Clone)]
 pub struct DecoderLayer {
-    input_layernorm: RmsNorm,
+    /// The norm before attention; `None` in a post-norm layer.
+    input_layernorm: Option<RmsNorm>,
     self_attn: Attention,
+    /// Before the FFN in a pre-norm layer; on the attention output in a post-norm one.
     post_attention_layernorm: RmsNorm,
+    /// The norm on the FFN output; only in a post-norm layer.
+    post_feedforward_layernorm: Option<RmsNorm>,
     mlp: Ffn,
 }
 
 /// What to collect during a forward pass, beyond the logits.
 #[derive(Debug, Default)]
 pub struct Trace {
-    /// Collect every layer's FFN input (the post-attention norm output — the router's input).
+    /// Collect every layer's FFN input (the router's input: the post-attention norm output, or in
+    /// a post-norm layer the residual stream itself).
     pub collect_ffn_inputs: bool,
     /// One [B, T, H] tensor per layer when `collect_ffn_inputs` is set.
     pub ffn_inputs: Vec<Tensor>,
@@ -709,10 +732,12 @@ impl DecoderLayer {
             Some(moe) => Ffn::Moe(MoeBlock::new_sharded(h, moe, vb.pp("mlp"), shard)?),
             None => Ffn::Dense(SwiGlu::new(h, cfg.intermediate_size, vb.pp("mlp"))?),
         };
+        let norm = |name: &str| RmsNorm::new(h, cfg.rms_norm_eps, vb.pp(name));
         Ok(Self {
-            input_layernorm: RmsNorm::new(h, cfg.rms_norm_eps, vb.pp("input_layernorm"))?,
+            input_layernorm: if cfg.post_norms { None } else { Some(norm("input_layernorm")?) },
             self_attn: Attention::new(cfg, vb.pp("self_attn"))?,
-            post_attention_layernorm: RmsNorm::new(h, cfg.rms_norm_eps, vb.pp("post_attention_layernorm"))?,
+            post_attention_layernorm: norm("post_attention_layernorm")?,
+            post_feedforward_layernorm: if cfg.post_norms { Some(norm("post_feedforward_layernorm")?) } else { None },
             mlp,
         })
     }
@@ -723,17 +748,30 @@ impl DecoderLayer {
     fn forward(&self, xs: &Tensor, pass: &Pass, trace: &mut Trace) -> Result<Tensor> {
         let Pass { bt, cos, sin, mask, kernels } = pass;
         let kernels = *kernels;
-        let normed = self.input_layernorm.forward_with(xs, kernels)?;
-        let h = (xs + self.self_attn.forward(&normed, *bt, cos, sin, mask, kernels)?)?;
-        let normed = self.post_attention_layernorm.forward_with(&h, kernels)?;
+        let (h, ffn_in) = match &self.input_layernorm {
+            Some(input_norm) => {
+                let normed = input_norm.forward_with(xs, kernels)?;
+                let h = (xs + self.self_attn.forward(&normed, *bt, cos, sin, mask, kernels)?)?;
+                let normed = self.post_attention_layernorm.forward_with(&h, kernels)?;
+                (h, normed)
+            }
+            None => {
+                let attn = self.self_attn.forward(xs, *bt, cos, sin, mask, kernels)?;
+                let h = (xs + self.post_attention_layernorm.forward_with(&attn, kernels)?)?;
+                (h.clone(), h)
+            }
+        };
         if trace.collect_ffn_inputs {
-            trace.ffn_inputs.push(normed.reshape((bt.0, bt.1, ()))?);
+            trace.ffn_inputs.push(ffn_in.reshape((bt.0, bt.1, ()))?);
         }
         let ffn = match &self.mlp {
-            Ffn::Dense(mlp) => mlp.forward_with(&normed, kernels)?,
-            Ffn::Moe(moe) => moe.forward_with(&normed, kernels, Some(&mut trace.router))?,
+            Ffn::Dense(mlp) => mlp.forward_with(&ffn_in, kernels)?,
+            Ffn::Moe(moe) => moe.forward_with(&ffn_in, kernels, Some(&mut trace.router))?,
         };
-        h + ffn
+        match &self.post_feedforward_layernorm {
+            Some(norm) => h + norm.forward_with(&ffn, kernels)?,
+            None => h + ffn,
+        }
     }
 }
 
@@ -974,18 +1012,24 @@ mod tests {
     /// The fused CPU kernels and the primitive chains give one model the same logits and the
     /// same gradient for every weight: grouped-query attention, a sliding window shorter than
     /// the sequence, q/k/v biases, tied embeddings, a dense layer and an MoE layer with a shared
-    /// expert; and again with Qwen3's q/k norms (whose weights must get the same gradient).
+    /// expert; and again with Qwen3's q/k norms (whose weights must get the same gradient), and
+    /// with OLMo's: full-width q/k norms, post-norms and clip_qkv.
     #[test]
     fn fused_kernels_match_the_primitive_chains_in_value_and_gradient() {
-        fused_matches_primitive(false);
-        fused_matches_primitive(true);
+        fused_matches_primitive(false, false);
+        fused_matches_primitive(true, false);
+        fused_matches_primitive(true, true);
     }
 
-    fn fused_matches_primitive(qk_norm: bool) {
+    fn fused_matches_primitive(qk_norm: bool, olmo: bool) {
         use crate::config::SharedExpertConfig;
         use candle_core::Var;
         let cfg = ModelConfig {
             qk_norm,
+            qk_norm_full: olmo,
+            post_norms: olmo,
+            // The normalised q and k have unit RMS: a clip at 1.2 cuts some entries.
+            clip_qkv: olmo.then_some(1.2),
             // head_dim 6 != 16 / 4, so the norms' width is head_dim's.
             head_dim: if qk_norm { 6 } else { 4 },
             qkv_bias: true,
@@ -1044,7 +1088,14 @@ mod tests {
             let (a, b) = (gf.get(var).unwrap(), gp.get(var).unwrap_or_else(|| panic!("no gradient for {name}")));
             assert!(rel_diff(a, b) < 1e-5, "gradient of {name} differs by {}", rel_diff(a, b));
             if name.ends_with("q_norm.weight") || name.ends_with("k_norm.weight") {
-                assert_eq!(a.dims(), [6]);
+                let heads = if !olmo {
+                    1
+                } else if name.ends_with("q_norm.weight") {
+                    4
+                } else {
+                    2
+                };
+                assert_eq!(a.dims(), [6 * heads]);
                 assert!(a.abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap() > 0.0, "{name}: zero gradient");
                 norm_grads += 1;
             }

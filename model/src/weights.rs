@@ -28,7 +28,10 @@ pub fn expected_tensors(cfg: &ModelConfig) -> Vec<TensorSpec> {
     let mut out = vec![spec("model.embed_tokens.weight".into(), &[v, h])];
     for l in 0..cfg.num_layers {
         let p = format!("model.layers.{l}");
-        out.push(spec(format!("{p}.input_layernorm.weight"), &[h]));
+        // OLMo2's post-norm layers have no norm before attention.
+        if !cfg.post_norms {
+            out.push(spec(format!("{p}.input_layernorm.weight"), &[h]));
+        }
         for (name, rows) in [("q_proj", q), ("k_proj", kv), ("v_proj", kv)] {
             out.push(spec(format!("{p}.self_attn.{name}.weight"), &[rows, h]));
             if cfg.qkv_bias {
@@ -36,8 +39,10 @@ pub fn expected_tensors(cfg: &ModelConfig) -> Vec<TensorSpec> {
             }
         }
         if cfg.qk_norm {
-            for name in ["q_norm", "k_norm"] {
-                out.push(spec(format!("{p}.self_attn.{name}.weight"), &[cfg.head_dim]));
+            // Qwen3 normalises each head, OLMo the whole projection.
+            let (qn, kn) = if cfg.qk_norm_full { (q, kv) } else { (cfg.head_dim, cfg.head_dim) };
+            for (name, width) in [("q_norm", qn), ("k_norm", kn)] {
+                out.push(spec(format!("{p}.self_attn.{name}.weight"), &[width]));
             }
         }
         out.push(spec(format!("{p}.self_attn.o_proj.weight"), &[h, q]));
@@ -45,6 +50,9 @@ pub fn expected_tensors(cfg: &ModelConfig) -> Vec<TensorSpec> {
             out.push(spec(format!("{p}.self_attn.o_proj.bias"), &[h]));
         }
         out.push(spec(format!("{p}.post_attention_layernorm.weight"), &[h]));
+        if cfg.post_norms {
+            out.push(spec(format!("{p}.post_feedforward_layernorm.weight"), &[h]));
+        }
         match cfg.moe.as_ref().filter(|_| cfg.is_moe_layer(l)) {
             None => push_swiglu(&mut out, &format!("{p}.mlp"), h, cfg.intermediate_size),
             Some(m) => {

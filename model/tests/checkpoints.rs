@@ -14,7 +14,7 @@ fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
 
-const MODELS: [&str; 11] = [
+const MODELS: [&str; 14] = [
     "llama",
     "llama_legacy",
     "mistral",
@@ -26,6 +26,9 @@ const MODELS: [&str; 11] = [
     "qwen3",
     "qwen3_moe",
     "qwen3_moe_softmax",
+    "olmo2",
+    "olmoe",
+    "flex_olmo",
 ];
 
 fn expected_eval(dir: &Path) -> (u64, f64) {
@@ -141,6 +144,84 @@ fn qwen3_is_written_as_qwen3() {
     let mut cfg = Checkpoint::open(fixtures().join("qwen3")).unwrap().config;
     cfg.sliding_window = Some(8);
     assert_eq!(cfg.to_hf().unwrap_err().to_string(), "unsupported: sliding-window attention in a Qwen3 model");
+}
+
+/// The OLMo families: OLMo2's post-norms and full-width q/k norms, OLMoE's pre-norm MoE with
+/// clip_qkv, FlexOlmo's post-norm MoE.
+#[test]
+fn olmo_architectures_are_understood() {
+    use btm_model::{Architecture, Routing};
+    let open = |name: &str| Checkpoint::open(fixtures().join(name)).unwrap();
+    let olmo2 = open("olmo2");
+    assert_eq!(olmo2.architecture, Architecture::Olmo2);
+    let c = &olmo2.config;
+    assert!(c.qk_norm && c.qk_norm_full && c.post_norms && c.clip_qkv.is_none() && c.moe.is_none());
+    // The norms span all heads: 4 query heads and 2 key heads of 8.
+    assert_eq!(olmo2.tensor("model.layers.1.self_attn.q_norm.weight").unwrap().dims(), [32]);
+    assert_eq!(olmo2.tensor("model.layers.1.self_attn.k_norm.weight").unwrap().dims(), [16]);
+    assert!(olmo2.tensor_specs().iter().all(|s| !s.name.contains("input_layernorm")));
+    let olmoe = open("olmoe");
+    assert_eq!(olmoe.architecture, Architecture::Olmoe);
+    let c = &olmoe.config;
+    assert!(c.qk_norm && c.qk_norm_full && !c.post_norms && c.clip_qkv == Some(2.0));
+    let m = c.moe.clone().unwrap();
+    assert_eq!((m.experts, m.top_k, m.expert_ffn, m.routing), (4, 2, 24, Routing::SoftmaxThenTopk));
+    assert!(m.shared_expert.is_none() && m.dense_layers.is_empty());
+    let flex = open("flex_olmo");
+    assert_eq!(flex.architecture, Architecture::FlexOlmo);
+    assert!(flex.config.post_norms && flex.config.qk_norm_full && flex.config.clip_qkv.is_none());
+    assert_eq!(flex.config.moe.unwrap().routing, Routing::TopkThenSoftmax);
+}
+
+/// OLMo's norms and clip through the primitive chains too, not only the fused CPU kernels.
+#[test]
+fn olmo_primitive_chains_match_transformers() {
+    for name in ["olmo2", "olmoe", "flex_olmo"] {
+        let dir = fixtures().join(name);
+        let mut model = Checkpoint::open(&dir).unwrap().load_model(DType::F32, &Device::Cpu).unwrap();
+        model.set_fused_kernels(false);
+        model.set_fused_moe(false);
+        let diff = max_logit_diff(&model, &dir);
+        assert!(diff <= 1e-4, "{name}: max |Δlogit| = {diff} through the primitive chains");
+    }
+    // The fixture's clip_qkv bites: without it the logits move.
+    let dir = fixtures().join("olmoe");
+    let mut ckpt = Checkpoint::open(&dir).unwrap();
+    ckpt.config.clip_qkv = None;
+    let diff = max_logit_diff(&ckpt.load_model(DType::F32, &Device::Cpu).unwrap(), &dir);
+    assert!(diff > 1e-3, "olmoe without clip_qkv: max |Δlogit| = {diff}");
+}
+
+/// Each OLMo family is written as itself, and what its class cannot hold is refused by name.
+#[test]
+fn olmo_is_written_as_its_family() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (name, class) in [("olmo2", "Olmo2ForCausalLM"), ("olmoe", "OlmoeForCausalLM"), ("flex_olmo", "FlexOlmoForCausalLM")] {
+        let src = Checkpoint::open(fixtures().join(name)).unwrap();
+        let out = tmp.path().join(name);
+        rewrite(&src, &out, &WriteOptions::default(), None).unwrap();
+        let hf: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+        assert_eq!(hf["architectures"][0], class);
+        assert_eq!(hf["attention_bias"], false);
+        assert_eq!(hf.get("clip_qkv").and_then(|v| v.as_f64()), (name == "olmoe").then_some(2.0));
+        if name != "olmo2" {
+            assert_eq!(hf["num_experts"], 4);
+            assert_eq!(hf["intermediate_size"], 24);
+            assert_eq!(hf["norm_topk_prob"], name == "flex_olmo");
+        }
+    }
+    let cfg = Checkpoint::open(fixtures().join("olmo2")).unwrap().config;
+    let refused = |f: &dyn Fn(&mut btm_model::ModelConfig)| {
+        let mut c = cfg.clone();
+        f(&mut c);
+        c.to_hf().unwrap_err().to_string()
+    };
+    assert_eq!(refused(&|c| c.clip_qkv = Some(1.0)), "unsupported: clip_qkv in a model written as Olmo2ForCausalLM");
+    assert_eq!(refused(&|c| c.qk_norm_full = false), "unsupported: Olmo2ForCausalLM without full-width q/k norms");
+    assert!(refused(&|c| c.post_norms = false).contains("OLMoE's attention has no dense class"));
+    let mut olmoe = Checkpoint::open(fixtures().join("olmoe")).unwrap().config;
+    olmoe.moe.as_mut().unwrap().dense_layers = vec![0];
+    assert_eq!(olmoe.to_hf().unwrap_err().to_string(), "unsupported: dense layers among MoE ones in a model written as OlmoeForCausalLM");
 }
 
 fn assert_same_tensors(a: &Checkpoint, b: &Checkpoint) {
@@ -340,7 +421,7 @@ fn moe_placeholders_are_exact_and_dropped_on_read() {
 
 #[test]
 fn fused_moe_kernels_match_the_reference_loop() {
-    for name in ["mixtral", "qwen2_moe", "qwen2_moe_normtopk", "qwen3_moe", "qwen3_moe_softmax"] {
+    for name in ["mixtral", "qwen2_moe", "qwen2_moe_normtopk", "qwen3_moe", "qwen3_moe_softmax", "olmoe", "flex_olmo"] {
         let ckpt = Checkpoint::open(fixtures().join(name)).unwrap();
         let fused = ckpt.load_model(DType::F32, &Device::Cpu).unwrap();
         let mut reference = ckpt.load_model(DType::F32, &Device::Cpu).unwrap();

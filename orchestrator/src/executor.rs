@@ -28,6 +28,12 @@ enum Status {
     Failed(String),
 }
 
+/// The most a job's small records (`done.json`, `started.json`, `engine.json`) may hold: a
+/// larger one is not btm's, and is refused rather than read whole.
+pub const MARKER_LIMIT: u64 = 1 << 20;
+/// The most `plan.json` may hold (a run of 1,024 domains writes a few MB).
+pub const PLAN_LIMIT: u64 = 256 << 20;
+
 /// The record that a job finished: written after its outputs were checked.
 pub fn done_marker(run: &Path, job: &Job) -> std::path::PathBuf {
     job.dir(run).join("done.json")
@@ -53,13 +59,13 @@ pub fn local_root(run: &Path) -> PathBuf {
 
 /// How long a finished job ran, from its `done.json`.
 pub fn job_seconds(run: &Path, job: &Job) -> Option<f64> {
-    let bytes = folder(run).ok()?.read(done_marker(run, job)).ok()??;
+    let bytes = folder(run).ok()?.read_capped(done_marker(run, job), MARKER_LIMIT).ok()??;
     serde_json::from_slice::<serde_json::Value>(&bytes).ok()?["seconds"].as_f64()
 }
 
 /// Whether `job` finished with exactly this id (config and inputs unchanged).
 pub fn is_done(run: &Path, job: &Job) -> bool {
-    let Ok(Some(bytes)) = folder(run).and_then(|f| Ok(f.read(done_marker(run, job))?)) else {
+    let Ok(Some(bytes)) = folder(run).and_then(|f| Ok(f.read_capped(done_marker(run, job), MARKER_LIMIT)?)) else {
         return false;
     };
     let Ok(v) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
@@ -91,8 +97,10 @@ fn prepare(run: &Path, job: &Job) -> Result<()> {
     let dir = job.dir(run);
     f.ensure_dir(&dir)?;
     let started = dir.join("started.json");
-    let same_id =
-        f.read(&started)?.and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok()).is_some_and(|v| v["id"] == job.id.as_str());
+    let same_id = f
+        .read_capped(&started, MARKER_LIMIT)?
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .is_some_and(|v| v["id"] == job.id.as_str());
     if !(job.resumable && same_id) {
         for o in &job.outputs {
             f.remove(o)?;

@@ -40,8 +40,9 @@ impl Row {
 }
 
 pub fn read_plan(run: &Path) -> Result<Plan> {
-    let bytes =
-        crate::executor::folder(run)?.read("plan.json")?.with_context(|| format!("{}: not a btm run (no plan.json)", run.display()))?;
+    let bytes = crate::executor::folder(run)?
+        .read_capped("plan.json", crate::executor::PLAN_LIMIT)?
+        .with_context(|| format!("{}: not a btm run (no plan.json)", run.display()))?;
     Ok(serde_json::from_slice(&bytes)?)
 }
 

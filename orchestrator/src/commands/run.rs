@@ -364,7 +364,7 @@ fn last_error(run: &Path, job: &Job) -> Option<String> {
 
 /// The engine's own id of a job (`ray job btm-…`), from the `engine.json` its engine wrote.
 fn engine_job(run: &Path, job: &Job) -> Option<String> {
-    let bytes = crate::executor::folder(run).ok()?.read(job.dir(run).join("engine.json")).ok()??;
+    let bytes = crate::executor::folder(run).ok()?.read_capped(job.dir(run).join("engine.json"), crate::executor::MARKER_LIMIT).ok()??;
     let v: Value = serde_json::from_slice(&bytes).ok()?;
     Some(format!("{} job {}", v["engine"].as_str()?, v["job"].as_str()?))
 }
@@ -423,7 +423,7 @@ pub fn report(args: RunDirArgs) -> Result<()> {
 /// planned by an older btm (a lower [`crate::plan::PLAN_FORMAT`]): every job's id changed
 /// with the format. Empty for a new run or one planned by this btm.
 fn redone_by_an_older_plan(run: &btm_model::folder::Folder, plan: &crate::plan::Plan) -> Result<Vec<String>> {
-    let Some(bytes) = run.read("plan.json")? else { return Ok(vec![]) };
+    let Some(bytes) = run.read_capped("plan.json", crate::executor::PLAN_LIMIT)? else { return Ok(vec![]) };
     let format = serde_json::from_slice::<serde_json::Value>(&bytes).ok().and_then(|v| v["format"].as_u64()).unwrap_or(0);
     if format >= crate::plan::PLAN_FORMAT as u64 {
         return Ok(vec![]);

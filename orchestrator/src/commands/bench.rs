@@ -496,7 +496,7 @@ fn bench_cluster(args: BenchClusterArgs) -> Result<()> {
             s
         }
     };
-    let source_bytes = std::fs::metadata(&source)?.len();
+    let source_bytes = std::fs::metadata(&source).map_err(|e| anyhow::anyhow!("{}: {e}", source.display()))?.len();
     let out = dir.join("bench-clusters");
     let options = btm_cluster::DiscoverOptions {
         fit: btm_cluster::FitOptions { k: args.k, ..Default::default() },

@@ -573,6 +573,39 @@ mod tests {
         assert!(ppl(&out).is_finite());
     }
 
+    /// OLMo2 experts merge into a FlexOlmo (post-norms and full-width q/k norms kept, averaged
+    /// like the rest of the trunk); copies of one model give back its function in both routing
+    /// modes.
+    #[test]
+    fn olmo2_experts_merge_into_a_flex_olmo() {
+        let tmp = tempfile::tempdir().unwrap();
+        let copies = vec![fixture("olmo2"); 3];
+        for (routing, init, k) in [(Routing::TopkThenSoftmax, RouterInit::Random, 2), (Routing::SoftmaxThenTopk, RouterInit::Zero, 1)] {
+            let out = tmp.path().join(format!("olmo2-{}", routing.as_str()));
+            let mut o = MergeOptions::new(copies.clone(), &out);
+            (o.routing, o.router.init, o.top_k, o.router.std) = (routing, init, k, 1.0);
+            let report = merge(&o).unwrap();
+            assert_eq!(report.config.output_architecture(), btm_model::Architecture::FlexOlmo);
+            let ck = Checkpoint::open(&out).unwrap();
+            assert_eq!(ck.architecture, btm_model::Architecture::FlexOlmo);
+            assert!(ck.config.post_norms && ck.config.qk_norm_full);
+            let d = rel_diff(&logits(&fixture("olmo2")), &logits(&out));
+            assert!(d <= 1e-5, "{routing:?} k={k}: {d}");
+        }
+        // Different experts: the post-FFN norm and q norm weights are averaged as trunk weights.
+        let a = perturbed(&fixture("olmo2"), &tmp.path().join("a"), 1, 0.5, true, "a");
+        let b = perturbed(&fixture("olmo2"), &tmp.path().join("b"), 2, 0.5, true, "b");
+        let out = tmp.path().join("olmo2-ab");
+        merge(&MergeOptions::new(vec![a.clone(), b.clone()], &out)).unwrap();
+        for name in ["model.layers.1.self_attn.q_norm.weight", "model.layers.0.post_feedforward_layernorm.weight"] {
+            let t = |dir: &Path| Checkpoint::open(dir).unwrap().tensor(name).unwrap();
+            let want = ((t(&a) + t(&b)).unwrap() * 0.5).unwrap();
+            assert!(rel_diff(&want, &t(&out)) < 1e-6, "{name}");
+            assert!(rel_diff(&t(&a), &t(&out)) > 1e-3, "the experts' {name} should differ");
+        }
+        assert!(ppl(&out).is_finite());
+    }
+
     #[test]
     fn centroid_and_fit_routers_send_domains_to_their_experts() {
         let tmp = tempfile::tempdir().unwrap();
@@ -707,6 +740,15 @@ mod tests {
             o.shared_expert = Some(fixture("qwen3"));
         };
         assert!(run(&qwen3).contains("a shared expert in a Qwen3-MoE"));
+        // Nor do OLMo2 and Qwen3, though both have q/k norms.
+        let err = run(&|o| o.experts = vec![fixture("qwen3"), fixture("olmo2")]);
+        assert!(err.contains("(Qwen3ForCausalLM vs Olmo2ForCausalLM)") && err.contains("post_norms: false vs true"), "{err}");
+        // FlexOlmo has no shared expert either.
+        let olmo2 = |o: &mut MergeOptions| {
+            o.experts = vec![fixture("olmo2"), fixture("olmo2")];
+            o.shared_expert = Some(fixture("olmo2"));
+        };
+        assert!(run(&olmo2).contains("a shared expert in a model written as FlexOlmoForCausalLM"));
         let missing = |o: &mut MergeOptions| {
             o.router.init = RouterInit::Centroid;
             o.calib = vec![calib[0].clone(), ("code".into(), "/nonexistent/code.jsonl".into())];

@@ -172,6 +172,8 @@ mod tests {
             ("mistral", 6, 2, 2),
             ("qwen3", 4, 2, 1),
             ("qwen3", 4, 2, 2),
+            ("olmo2", 4, 2, 1),
+            ("olmo2", 4, 2, 2),
         ] {
             let out = tmp.path().join(format!("{model}-{e}-{k}-{g}"));
             let mut o = opts(model, &out, e, k, g, Routing::TopkThenSoftmax);
@@ -182,6 +184,11 @@ mod tests {
             // The family is kept: a Qwen3 model upcycles into a Qwen3-MoE.
             if model == "qwen3" {
                 assert_eq!(ck.architecture, btm_model::Architecture::Qwen3Moe);
+            }
+            // OLMo2's post-norms and full-width q/k norms make a FlexOlmo.
+            if model == "olmo2" {
+                assert_eq!(ck.architecture, btm_model::Architecture::FlexOlmo);
+                assert!(ck.config.post_norms && ck.config.qk_norm_full);
             }
             let (dense, moe) = (logits(&fixture(model)), logits(&out));
             let d = rel_diff(&dense, &moe);
@@ -213,6 +220,16 @@ mod tests {
         assert_eq!(ck.config.moe.as_ref().unwrap().routing, Routing::SoftmaxThenTopk);
         let d = rel_diff(&logits(&fixture("qwen3")), &logits(&out));
         assert!(d <= 1e-5, "qwen3 softmax_then_topk: {d}");
+        // OLMo2 → FlexOlmo with norm_topk_prob false.
+        let out = tmp.path().join("olmo2-softmax");
+        let mut o = opts("olmo2", &out, 4, 2, 2, Routing::SoftmaxThenTopk);
+        o.router_std = 0.0;
+        upcycle(&o).unwrap();
+        let ck = Checkpoint::open(&out).unwrap();
+        assert_eq!(ck.architecture, btm_model::Architecture::FlexOlmo);
+        assert_eq!(ck.config.moe.as_ref().unwrap().routing, Routing::SoftmaxThenTopk);
+        let d = rel_diff(&logits(&fixture("olmo2")), &logits(&out));
+        assert!(d <= 1e-5, "olmo2 softmax_then_topk: {d}");
     }
 
     #[test]

@@ -37,8 +37,21 @@ use crate::state::Weights;
 use crate::train::{to_batch, Stepper};
 
 /// The fixture checkpoints whose logits are compared (every architecture btm reads).
-pub const FIXTURES: [&str; 10] =
-    ["llama", "llama_legacy", "mistral", "qwen2", "mixtral", "mixtral_fused", "qwen2_moe", "qwen2_moe_normtopk", "qwen3", "qwen3_moe"];
+pub const FIXTURES: [&str; 13] = [
+    "llama",
+    "llama_legacy",
+    "mistral",
+    "qwen2",
+    "mixtral",
+    "mixtral_fused",
+    "qwen2_moe",
+    "qwen2_moe_normtopk",
+    "qwen3",
+    "qwen3_moe",
+    "olmo2",
+    "olmoe",
+    "flex_olmo",
+];
 
 /// One comparison: what, the largest difference measured, the tolerance, and the verdict.
 #[derive(Debug, Clone, Serialize)]

@@ -1,7 +1,9 @@
 //! Replays the fuzz targets' seed corpora and regressions (`fuzz/corpus/<target>`,
 //! `fuzz/regressions/<target>`) through the plain functions the cargo-fuzz targets call, on
 //! stable and in a few seconds, so every CI run checks that no input kept in the tree panics
-//! or hangs again. Fuzzing itself (nightly, libFuzzer) is described in docs/testing.md.
+//! or hangs again. Fuzzing itself (nightly, libFuzzer) is described in docs/testing.md. The
+//! model crate's readers are replayed here too (this crate depends on it), so the replay is
+//! written once.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -70,4 +72,34 @@ fn megatron_dataset() {
 #[test]
 fn token_cache() {
     replay("token_cache", btm_trainer::fuzz_targets::token_cache);
+}
+
+#[test]
+fn safetensors() {
+    replay("safetensors", btm_model::fuzz_targets::safetensors);
+}
+
+#[test]
+fn config_json() {
+    replay("config_json", btm_model::fuzz_targets::config_json);
+}
+
+#[test]
+fn tokenizer_json() {
+    replay("tokenizer_json", btm_model::fuzz_targets::tokenizer_json);
+}
+
+#[test]
+fn manifest_and_lineage() {
+    replay("manifest_and_lineage", btm_model::fuzz_targets::manifest_and_lineage);
+}
+
+#[test]
+fn jsonl() {
+    replay("jsonl", btm_model::fuzz_targets::jsonl_input);
+}
+
+#[test]
+fn checkpoint() {
+    replay("checkpoint", btm_model::fuzz_targets::checkpoint);
 }

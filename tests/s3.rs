@@ -9,7 +9,7 @@
 
 mod common;
 
-use common::{btm, domain, every_stage_pipeline, fixture_pipeline, ok, S3Server, BUCKET};
+use common::{btm, every_stage_pipeline, fixture_pipeline, ok, S3Server, BUCKET};
 use std::path::Path;
 use std::process::Command;
 
@@ -127,21 +127,9 @@ fn a_missing_bucket_or_a_dead_endpoint_is_a_named_error() {
     assert!(!err.contains("btm-test-secret"), "the secret key was printed:\n{err}");
 }
 
-/// A seed of about 1.8 M parameters (7 MB of weights, 15 MB of optimizer state) and one
-/// expert: with 5 MiB parts (S3's smallest) every checkpoint is a multipart upload.
+/// [`common::multipart_pipeline`] with its run in the test bucket.
 fn multipart(dir: &Path, name: &str) -> std::path::PathBuf {
-    let yaml = format!(
-        "name: {name}\nstorage: s3://{BUCKET}/runs\nengine: {{kind: local, slots: 1, threads_per_job: 1, retries: 0}}\n\
-         seed:\n  train:\n    model: {{hidden_size: 256, layers: 2, heads: 4, ffn: 688, max_positions: 64}}\n    \
-         tokenizer: {{vocab_size: 512, max_docs_per_domain: 20}}\n    train: {{steps: 2, batch_size: 2, seq_len: 32}}\n\
-         domains:\n{}\
-         train: {{steps: 4, batch_size: 2, seq_len: 32, checkpoint_interval: 2}}\n\
-         eval: {{split: test, seq_len: 32, max_docs: 1}}\n",
-        domain("scripture"),
-    );
-    let file = dir.join(format!("{name}.yaml"));
-    std::fs::write(&file, yaml).unwrap();
-    file
+    common::multipart_pipeline(dir, name, &format!("s3://{BUCKET}/runs"))
 }
 
 /// The server dies right after storing the 3rd part of a checkpoint file: the seed's.

@@ -113,3 +113,39 @@ pub fn moments(ckpt: &Path) -> std::collections::BTreeMap<String, Vec<f32>> {
     }
     out
 }
+
+/// Two training steps of fixture `model` with only each layer's `layer_tensors` (names under
+/// `model.layers.<l>.`, without `.weight`) trainable and no weight decay, so only a gradient can
+/// move them. Returns the fixture, the trained model, the names of the tensors that changed
+/// (sorted) and the names that should have (sorted).
+pub fn train_layer_tensors(
+    model: &str,
+    layer_tensors: &[&str],
+) -> (btm_model::Checkpoint, btm_model::Checkpoint, Vec<String>, Vec<String>) {
+    use btm_model::Checkpoint;
+    let (dir, train, valid) = data_dir();
+    let out = dir.path().join("out");
+    let include: Vec<String> = layer_tensors.iter().map(|n| format!("'*.{n}.weight'")).collect();
+    let extra = format!("steps: 2\ntrainable: {{include: [{}]}}\n", include.join(", "));
+    let yaml = job_yaml(model, &train, &valid, &out, &dir.path().join("cache"), &extra).replace("weight_decay: 0.1", "weight_decay: 0.0");
+    assert!(yaml.contains("weight_decay: 0.0"));
+    let spec = btm_trainer::JobSpec::parse(&yaml, dir.path()).unwrap();
+    let outcome = btm_trainer::run(&spec, btm_trainer::Options { quiet: true, ..Default::default() }).unwrap();
+    let btm_trainer::Outcome::Finished { model_dir, .. } = outcome else { panic!("{outcome:?}") };
+    let before = Checkpoint::open(fixtures().join(model)).unwrap();
+    let after = Checkpoint::open(&model_dir).unwrap();
+    let mut changed = Vec::new();
+    for spec in before.tensor_specs() {
+        let a = before.tensor(&spec.name).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let b = after.tensor(&spec.name).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        if a != b {
+            changed.push(spec.name);
+        }
+    }
+    changed.sort();
+    let layers = before.config.num_layers;
+    let mut want: Vec<String> =
+        (0..layers).flat_map(|l| layer_tensors.iter().map(move |n| format!("model.layers.{l}.{n}.weight"))).collect();
+    want.sort();
+    (before, after, changed, want)
+}

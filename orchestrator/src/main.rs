@@ -1,16 +1,9 @@
 //! `btm`: grow language models the Branch-Train-Merge way.
 //!
-//! One binary with subcommands; each subcommand lives in `commands/` and is a thin layer
-//! over the library crates (`btm-model`, and the trainer, merger and kernels as they land).
+//! One binary with subcommands; each subcommand lives in the `btm` library's `commands/` and is
+//! a thin layer over the library crates (`btm-model`, and the trainer, merger and kernels).
 
-mod commands;
-mod engine;
-mod executor;
-mod inputs;
-mod pipeline;
-mod plan;
-mod report;
-
+use btm::commands;
 use clap::{CommandFactory, Parser, Subcommand};
 
 #[derive(Parser)]

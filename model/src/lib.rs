@@ -26,6 +26,7 @@ pub mod error;
 pub mod eval;
 pub mod folder;
 pub mod fuzz_targets;
+pub mod gguf;
 pub mod jsonl;
 pub mod lineage;
 pub mod manifest;

@@ -35,6 +35,9 @@ enum Command {
     Inspect(commands::inspect::InspectArgs),
     /// Rewrite a checkpoint (to another dtype or shard size) in btm's output layout.
     Convert(commands::convert::ConvertArgs),
+    /// Write a checkpoint for another runtime: `btm export gguf` (llama.cpp).
+    #[command(subcommand)]
+    Export(commands::export::ExportCommand),
     /// Tokenizer utilities.
     #[command(subcommand)]
     Tokenizer(commands::tokenizer::TokenizerCommand),
@@ -98,6 +101,7 @@ fn main() {
         Command::Eval(args) => commands::eval::run(args),
         Command::Inspect(args) => commands::inspect::run(args),
         Command::Convert(args) => commands::convert::run(args),
+        Command::Export(cmd) => commands::export::run(cmd),
         Command::Tokenizer(cmd) => commands::tokenizer::run(cmd),
         Command::Merge(args) => commands::merge::run(args),
         Command::Upcycle(args) => commands::upcycle::run(args),

@@ -7,6 +7,7 @@ pub mod cluster;
 pub mod convert;
 pub mod device_check;
 pub mod eval;
+pub mod export;
 pub mod inspect;
 pub mod merge;
 pub mod mergekit;

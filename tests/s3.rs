@@ -288,3 +288,123 @@ fn training_sources_in_the_bucket_are_streamed_not_downloaded() {
     let second = job("second");
     assert!(!second.contains("tokenized s3://"), "the second job tokenized again:\n{second}");
 }
+
+/// Two experts made by a command trainer that copies its input, merged and evaluated: a
+/// pipeline of real jobs and real publishing with no training time, its run in the bucket
+/// under `runs/NAME`.
+fn copying_pipeline(dir: &Path, name: &str) -> std::path::PathBuf {
+    let train = "steps: 2, batch_size: 4, seq_len: 32, trainer: {kind: command, command: \"cp -r {model_in}/. {model_out}/\"}";
+    let engine = "{kind: local, slots: 2, threads_per_job: 1, retries: 0}";
+    fixture_pipeline(dir, name, &format!("s3://{BUCKET}/runs"), engine, train, "")
+}
+
+/// Every file of the model published at `prefix` in the bucket, by name, after checking it
+/// against its manifest.
+fn published_model(s3: &S3Server, prefix: &str) -> std::collections::BTreeMap<String, Vec<u8>> {
+    let d = s3.dir(prefix);
+    btm_model::Manifest::read(&d).unwrap().verify(&d).unwrap_or_else(|e| panic!("{prefix}: {e}"));
+    std::fs::read_dir(&d)
+        .unwrap()
+        .map(|e| e.unwrap())
+        .map(|e| (e.file_name().to_string_lossy().into_owned(), std::fs::read(e.path()).unwrap()))
+        .collect()
+}
+
+/// Two published models hold the same files, and the same weights, config and tokenizer bytes
+/// (their `btm.json`, model card and manifest also record where this machine cached the
+/// inputs, which differs between runs).
+fn same_model(a: &std::collections::BTreeMap<String, Vec<u8>>, b: &std::collections::BTreeMap<String, Vec<u8>>, what: &str) {
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>(), "{what}: other files");
+    for (name, bytes) in a.iter().filter(|(n, _)| !["btm.json", "README.md", "MANIFEST.json"].contains(&n.as_str())) {
+        assert!(bytes == &b[name], "{what}: {name} differs");
+    }
+    assert!(a.contains_key("model.safetensors"), "{what}: {:?}", a.keys());
+}
+
+/// The same pipeline against a fault-free server and against one that fails a fifth of all
+/// requests (503 SlowDown or 500 InternalError) and slows another fifth: object_store's
+/// bounded retries carry the run through, to the same model bytes.
+#[test]
+fn a_store_failing_and_slowing_a_share_of_requests_is_retried_through() {
+    let Some(clean) = S3Server::start() else { return };
+    let faults = tempfile::tempdir().unwrap();
+    let log = faults.path().join("faults.log");
+    let flaky_args =
+        ["--fail-rate", "0.2", "--delay-rate", "0.2", "--delay-ms", "30", "--fault-seed", "38", "--fault-log", log.to_str().unwrap()];
+    let Some(flaky) = S3Server::start_with(&flaky_args) else { return };
+    let run = |s3: &S3Server| {
+        let tmp = tempfile::tempdir().unwrap();
+        let file = copying_pipeline(tmp.path(), "flaky");
+        let start = std::time::Instant::now();
+        let out = ok(btm_s3(s3, tmp.path()).arg("run").arg(&file).arg("--quiet").output().unwrap());
+        assert!(out.contains("| merged |"), "{out}");
+        start.elapsed().as_secs_f64()
+    };
+    let clean_secs = run(&clean);
+    let flaky_secs = run(&flaky);
+    let lines = std::fs::read_to_string(&log).unwrap();
+    let failed = lines.lines().filter(|l| l.starts_with("failed ")).count();
+    let delayed = lines.lines().filter(|l| l.starts_with("delayed ")).count();
+    eprintln!("fault-free {clean_secs:.1}s; with {failed} requests failed and {delayed} delayed {flaky_secs:.1}s");
+    assert!(failed >= 10 && delayed >= 10, "too few faults to test anything: {failed} failed, {delayed} delayed");
+    for model in ["runs/flaky/merged", "runs/flaky/experts/code/model"] {
+        same_model(&published_model(&flaky, model), &published_model(&clean, model), model);
+    }
+    for eval in ["runs/flaky/eval/merged/code.json", "runs/flaky/eval/merged/scripture.json"] {
+        let value =
+            |s3: &S3Server| serde_json::from_slice::<serde_json::Value>(&std::fs::read(s3.dir(eval)).unwrap()).unwrap()["ppl"].clone();
+        assert_eq!(value(&flaky), value(&clean), "{eval}");
+    }
+}
+
+/// A store that fails every request: the run ends in an error naming the store, the S3 error
+/// and the retries, in bounded time (the retry bounds cut to two here; by default ten and 60 s).
+#[test]
+fn a_store_failing_every_request_is_a_named_error_in_bounded_time() {
+    let Some(s3) = S3Server::start_with(&["--fail-rate", "1"]) else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let file = copying_pipeline(tmp.path(), "down");
+    let start = std::time::Instant::now();
+    let out = btm_s3(&s3, tmp.path()).env("BTM_STORE_MAX_RETRIES", "2").arg("run").arg(&file).output().unwrap();
+    let secs = start.elapsed().as_secs_f64();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("run storage `s3://{BUCKET}/runs/down`")), "{err}");
+    assert!(err.contains("after 2 retries") && (err.contains("SlowDown") || err.contains("InternalError")), "{err}");
+    assert!(secs < 30.0, "a failing store took {secs:.0}s to report");
+    let out = btm_s3(&s3, tmp.path()).env("BTM_STORE_MAX_RETRIES", "many").arg("run").arg(&file).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("BTM_STORE_MAX_RETRIES=`many`: not a whole number"), "{err}");
+}
+
+/// The store refuses the merged model's manifest, the last object of its publishing: the merge
+/// job fails with its files in the bucket but no manifest, nothing takes that folder for a
+/// model (the job is not done, `btm status` says so), and the re-run against a healthy store
+/// redoes the merge, to the bytes of an undisturbed run.
+#[test]
+fn a_publish_cut_before_its_manifest_is_not_taken_for_complete() {
+    let Some(clean) = S3Server::start() else { return };
+    let Some(mut s3) = S3Server::start_with(&["--fail-rate", "1", "--fault-path", "/merged/MANIFEST.json"]) else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let file = copying_pipeline(tmp.path(), "cut");
+    let out = btm_s3(&s3, tmp.path()).env("BTM_STORE_MAX_RETRIES", "2").arg("run").arg(&file).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("job merge failed"), "{err}");
+    let merged = s3.objects("runs/cut/merged");
+    assert!(merged.iter().any(|o| o.ends_with("/model.safetensors")), "the merge never got to publish: {merged:?}");
+    assert!(!merged.iter().any(|o| o.ends_with("/MANIFEST.json")), "{merged:?}");
+    assert!(!s3.dir("runs/cut/jobs/merge/done.json").exists());
+    let url = format!("s3://{BUCKET}/runs/cut");
+    let status = ok(btm_s3(&s3, tmp.path()).args(["status", &url]).output().unwrap());
+    let line = status.lines().find(|l| l.starts_with("merge ")).unwrap_or_else(|| panic!("{status}"));
+    assert!(!line.contains("done"), "{status}");
+
+    // The same server, healthy, on the same root.
+    s3.restart(&[]);
+    let out = ok(btm_s3(&s3, tmp.path()).arg("run").arg(&file).output().unwrap());
+    assert!(out.contains("| merged |"), "{out}");
+    let reference = tempfile::tempdir().unwrap();
+    ok(btm_s3(&clean, reference.path()).arg("run").arg(copying_pipeline(reference.path(), "cut")).arg("--quiet").output().unwrap());
+    same_model(&published_model(&s3, "runs/cut/merged"), &published_model(&clean, "runs/cut/merged"), "the redone merge");
+}

@@ -4,9 +4,13 @@
 //! and `AZURE_STORAGE_USE_EMULATOR` for Azure Blob and Azurite; see [`azure`]) are downloaded
 //! once into a local cache and verified against their `MANIFEST.json` when they have one.
 //!
-//! Every store retries failed requests with exponential backoff (100 ms doubling up to 5 s,
-//! at most 10 times and 60 s), on top of object_store's 5 s connect and 30 s request
-//! timeouts, so an unreachable or dead server fails a job within about a minute.
+//! Every store retries failed requests (5xx answers such as S3's `503 SlowDown`, 429, request
+//! timeouts, connection errors) with exponential backoff: 100 ms doubling up to 5 s, jittered,
+//! at most 10 retries and no retry begun after 60 s (object_store's [`RetryConfig`]), on top of
+//! object_store's 5 s connect and 30 s request timeouts, so an unreachable, dead or always
+//! failing server fails a job within about a minute and a half, naming the request and the
+//! retries. `BTM_STORE_MAX_RETRIES` and `BTM_STORE_RETRY_TIMEOUT_S` change the two bounds (for
+//! a flakier store, or a test that wants its failure in a second).
 
 use crate::error::{Error, Result};
 use object_store::path::Path as StorePath;
@@ -16,12 +20,19 @@ use std::sync::Arc;
 use std::time::Duration;
 use url::Url;
 
-fn retry() -> RetryConfig {
-    RetryConfig {
-        backoff: BackoffConfig { init_backoff: Duration::from_millis(100), max_backoff: Duration::from_secs(5), base: 2.0 },
-        max_retries: 10,
-        retry_timeout: Duration::from_secs(60),
+/// The retry bounds of every store (see the module docs), from the environment when set.
+fn retry() -> Result<RetryConfig> {
+    fn var<T: std::str::FromStr>(name: &str, default: T) -> Result<T> {
+        match std::env::var(name) {
+            Ok(v) => v.trim().parse().map_err(|_| Error::Storage(format!("{name}=`{v}`: not a whole number"))),
+            Err(_) => Ok(default),
+        }
     }
+    Ok(RetryConfig {
+        backoff: BackoffConfig { init_backoff: Duration::from_millis(100), max_backoff: Duration::from_secs(5), base: 2.0 },
+        max_retries: var("BTM_STORE_MAX_RETRIES", 10usize)?,
+        retry_timeout: Duration::from_secs(var("BTM_STORE_RETRY_TIMEOUT_S", 60u64)?),
+    })
 }
 
 /// Build a store for a URL; returns the store and the path inside it.
@@ -31,10 +42,10 @@ pub fn store_for(url: &Url) -> Result<(Arc<dyn ObjectStore>, StorePath)> {
     let store: Arc<dyn ObjectStore> = match url.scheme() {
         "file" => Arc::new(object_store::local::LocalFileSystem::new()),
         "s3" | "s3a" => {
-            Arc::new(object_store::aws::AmazonS3Builder::from_env().with_url(url.as_str()).with_retry(retry()).build().map_err(err)?)
+            Arc::new(object_store::aws::AmazonS3Builder::from_env().with_url(url.as_str()).with_retry(retry()?).build().map_err(err)?)
         }
         "gs" => Arc::new(
-            object_store::gcp::GoogleCloudStorageBuilder::from_env().with_url(url.as_str()).with_retry(retry()).build().map_err(err)?,
+            object_store::gcp::GoogleCloudStorageBuilder::from_env().with_url(url.as_str()).with_retry(retry()?).build().map_err(err)?,
         ),
         "az" | "abfs" | "abfss" | "azure" => Arc::new(azure(url)?.build().map_err(err)?),
         other => return Err(Error::Storage(format!("{url}: unsupported URL scheme `{other}`"))),
@@ -61,7 +72,7 @@ pub const AZURITE_KEY: &str = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuF
 /// (`AZURITE_BLOB_STORAGE_URL`, or `http://127.0.0.1:10000`), which ignores the endpoint.
 pub fn azure(url: &Url) -> Result<object_store::azure::MicrosoftAzureBuilder> {
     use object_store::azure::{AzureConfigKey, MicrosoftAzureBuilder};
-    let mut b = MicrosoftAzureBuilder::from_env().with_url(url.as_str()).with_retry(retry());
+    let mut b = MicrosoftAzureBuilder::from_env().with_url(url.as_str()).with_retry(retry()?);
     let get = |b: &MicrosoftAzureBuilder, key| b.get_config_value(&key).filter(|v| !v.is_empty());
     // object_store's own parsing of the flag (1/true/on/yes/y).
     let emulator =

@@ -36,7 +36,7 @@ pub fn domain(name: &str) -> String {
 pub fn fixture_pipeline(dir: &Path, name: &str, storage: &str, engine: &str, train: &str, tail: &str) -> PathBuf {
     let yaml = format!(
         "name: {name}\nstorage: {storage}\nengine: {engine}\nseed: {{checkpoint: {}}}\ndomains:\n{}{}\
-         train: {{{train}}}\n\
+         experts: {{{train}}}\n\
          merge: {{top_k: 1, router_init: centroid, calib_tokens: 512}}\n{tail}\
          eval: {{split: test, seq_len: 32, max_docs: 1}}\n",
         repo().join("model/tests/fixtures/llama").display(),
@@ -54,10 +54,10 @@ pub fn fixture_pipeline(dir: &Path, name: &str, storage: &str, engine: &str, tra
 pub fn every_stage_pipeline(dir: &Path, storage: &str, extra: &str) -> PathBuf {
     let yaml = format!(
         "name: mini\nstorage: {storage}\nengine: {{kind: local, slots: 2, threads_per_job: 1}}\n\
-         seed:\n  train:\n    model: {{hidden_size: 32, layers: 1, heads: 2, ffn: 64, max_positions: 64}}\n    \
-         tokenizer: {{vocab_size: 300, max_docs_per_domain: 20}}\n    train: {{steps: 6, batch_size: 4, seq_len: 32}}\n\
+         seed:\n  model: {{hidden_size: 32, layers: 1, heads: 2, ffn: 64, max_positions: 64}}\n  \
+         tokenizer: {{vocab_size: 300, max_docs_per_domain: 20}}\n  train: {{steps: 6, batch_size: 4, seq_len: 32}}\n\
          domains:\n{}{}\
-         train: {{steps: 6, batch_size: 4, seq_len: 32, checkpoint_interval: 3}}\n\
+         experts: {{steps: 6, batch_size: 4, seq_len: 32, checkpoint_interval: 3}}\n\
          merge: {{top_k: 1, router_init: centroid, calib_tokens: 512}}\n\
          upcycle: {{experts: 2, top_k: 1}}\n\
          continue: {{steps: 3}}\n\
@@ -76,10 +76,10 @@ pub fn every_stage_pipeline(dir: &Path, storage: &str, extra: &str) -> PathBuf {
 pub fn multipart_pipeline(dir: &Path, name: &str, storage: &str) -> PathBuf {
     let yaml = format!(
         "name: {name}\nstorage: {storage}\nengine: {{kind: local, slots: 1, threads_per_job: 1, retries: 0}}\n\
-         seed:\n  train:\n    model: {{hidden_size: 256, layers: 2, heads: 4, ffn: 688, max_positions: 64}}\n    \
-         tokenizer: {{vocab_size: 512, max_docs_per_domain: 20}}\n    train: {{steps: 2, batch_size: 2, seq_len: 32}}\n\
+         seed:\n  model: {{hidden_size: 256, layers: 2, heads: 4, ffn: 688, max_positions: 64}}\n  \
+         tokenizer: {{vocab_size: 512, max_docs_per_domain: 20}}\n  train: {{steps: 2, batch_size: 2, seq_len: 32}}\n\
          domains:\n{}\
-         train: {{steps: 4, batch_size: 2, seq_len: 32, checkpoint_interval: 2}}\n\
+         experts: {{steps: 4, batch_size: 2, seq_len: 32, checkpoint_interval: 2}}\n\
          eval: {{split: test, seq_len: 32, max_docs: 1}}\n",
         domain("scripture"),
     );
@@ -164,6 +164,16 @@ impl S3Server {
         std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
         self.port = line.trim().rsplit(':').next().and_then(|p| p.parse().ok()).unwrap_or_else(|| panic!("btm-s3-server said `{line}`"));
         self.child = Some(child);
+    }
+
+    /// Stop the server and start it again on the same root and port, with `extra` arguments
+    /// (other faults, or none).
+    pub fn restart(&mut self, extra: &[&str]) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.spawn(extra);
     }
 
     /// The server's exit status once it has exited by itself (a fault it was told to inject).

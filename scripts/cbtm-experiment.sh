@@ -55,7 +55,7 @@ done
 
 # The arms. A tiny model and few steps: a 2-core CPU runs the whole in minutes.
 common="engine: {kind: local, slots: 2, threads_per_job: 1}
-train: {steps: ${EXPERT_STEPS:-60}, batch_size: 16, seq_len: 128, lr: 3.0e-3, warmup_steps: 10, checkpoint_interval: 1000}
+experts: {steps: ${EXPERT_STEPS:-60}, batch_size: 16, seq_len: 128, lr: 3.0e-3, warmup_steps: 10, checkpoint_interval: 1000}
 merge: {top_k: 1, router_init: centroid, calib_tokens: 2048}"
 eval="eval: {split: test, seq_len: 128, max_tokens: ${MAX_TOKENS:-16384}"
 {

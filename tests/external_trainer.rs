@@ -132,7 +132,7 @@ fn contract_failures_are_named_and_the_rest_of_the_run_goes_on() {
     let file = d.join("scratch.yaml");
     let yaml = std::fs::read_to_string(typo_file(d)).unwrap().replacen(
         &format!("seed: {{checkpoint: {}}}", repo().join("model/tests/fixtures/llama").display()),
-        "seed: {train: {model: {hidden_size: 32, layers: 1, heads: 2, ffn: 64, max_positions: 64}, tokenizer: {vocab_size: 300}, train: {steps: 2, trainer: {kind: command, command: \"true\"}}}}",
+        "seed: {model: {hidden_size: 32, layers: 1, heads: 2, ffn: 64, max_positions: 64}, tokenizer: {vocab_size: 300}, train: {steps: 2, trainer: {kind: command, command: \"true\"}}}",
         1,
     );
     std::fs::write(&file, yaml).unwrap();

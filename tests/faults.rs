@@ -75,7 +75,7 @@ fn pipeline(dir: &Path, trainer: &Path) -> PathBuf {
     let yaml = format!(
         "name: faults\nstorage: {}\nengine: {{kind: local, slots: 2, threads_per_job: 1, retries: 2}}\nseed: {{checkpoint: {}}}\n\
          domains:\n{}{}\
-         train: {{steps: 30, batch_size: 4, seq_len: 32, checkpoint_interval: 3}}\n\
+         experts: {{steps: 30, batch_size: 4, seq_len: 32, checkpoint_interval: 3}}\n\
          merge: {{top_k: 1, router_init: centroid, calib_tokens: 512}}\n\
          eval: {{split: test, seq_len: 32, max_docs: 1}}\n",
         dir.join("runs").display(),

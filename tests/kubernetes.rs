@@ -37,7 +37,7 @@ fn dry_run_manifests_with(tmp: &std::path::Path, storage: &str, engine_extra: &s
     for d in ["scripture", "code", "computing"] {
         yaml.push_str(&domain(d));
     }
-    yaml.push_str(&format!("train: {{{train}}}\nmerge: {{top_k: 2}}\n"));
+    yaml.push_str(&format!("experts: {{{train}}}\nmerge: {{top_k: 2}}\n"));
     let file = tmp.join("k8s.yaml");
     std::fs::write(&file, yaml).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_btm")).arg("run").arg(&file).arg("--dry-run").output().unwrap();

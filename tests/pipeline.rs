@@ -269,8 +269,8 @@ fn validation_errors_name_file_line_column_and_key() {
     let one = "domains:\n  - {name: a, train: data/a.jsonl, test: data/a.jsonl}\n";
 
     // Unknown key, with a suggestion.
-    let e = validate(d, &format!("{head}{one}train:\n  stesp: 10\n"), &[]);
-    assert_eq!(e, "error: p.yaml:6:3: train.stesp: unknown key `stesp`; did you mean `steps`?\n");
+    let e = validate(d, &format!("{head}{one}experts:\n  stesp: 10\n"), &[]);
+    assert_eq!(e, "error: p.yaml:6:3: experts.stesp: unknown key `stesp`; did you mean `steps`?\n");
     // Unknown key, no close match.
     let e = validate(d, &format!("{head}{one}colour: red\n"), &[]);
     assert!(
@@ -278,8 +278,8 @@ fn validation_errors_name_file_line_column_and_key() {
         "{e}"
     );
     // Wrong type.
-    let e = validate(d, &format!("{head}{one}train: {{steps: ten}}\n"), &[]);
-    assert_eq!(e, "error: p.yaml:5:16: train.steps: invalid type: string \"ten\", expected u64\n");
+    let e = validate(d, &format!("{head}{one}experts: {{steps: ten}}\n"), &[]);
+    assert_eq!(e, "error: p.yaml:5:18: experts.steps: invalid type: string \"ten\", expected u64\n");
     // Duplicate names, names unusable as path segments, missing and empty data.
     let e = validate(
         d,
@@ -296,10 +296,10 @@ fn validation_errors_name_file_line_column_and_key() {
          p.yaml:6:26: domains[2].train: data file `data/empty.jsonl` is empty\n"
     );
     // Semantic checks on values.
-    let e = validate(d, &format!("{head}{one}train: {{lr: -0.1}}\nmerge: {{top_k: 3, router_init: centroid}}\n"), &[]);
+    let e = validate(d, &format!("{head}{one}experts: {{lr: -0.1}}\nmerge: {{top_k: 3, router_init: centroid}}\n"), &[]);
     assert_eq!(
         e,
-        "error: p.yaml:5:13: train.lr: must be a positive number, got -0.1\n\
+        "error: p.yaml:5:15: experts.lr: must be a positive number, got -0.1\n\
          p.yaml:6:16: merge.top_k: must be between 1 and the number of domains (1), got 3\n\
          p.yaml:4:6: domains[0].valid: `centroid` router init takes calibration text from every domain's `valid` file\n"
     );
@@ -311,18 +311,18 @@ fn validation_errors_name_file_line_column_and_key() {
     assert_eq!(e, "error: p.yaml:1:7: name: environment variable `BTM_E2E_UNSET` is not set\n");
     // Both or neither seed source.
     let e = validate(d, &format!("name: t\nseed: {{}}\n{one}"), &[]);
-    assert_eq!(e, "error: p.yaml:2:1: seed: give `checkpoint` (an existing model) or `train`\n");
+    assert_eq!(e, "error: p.yaml:2:1: seed: give `checkpoint` (an existing model) or `model` (a seed to train here)\n");
     // Multi-process phases: ranks that cannot share a step, expert parallelism of a dense phase.
-    let e = validate(d, &format!("{head}{one}train: {{grad_accum: 3, data_parallel: 2, expert_parallel: 2}}\n"), &[]);
+    let e = validate(d, &format!("{head}{one}experts: {{grad_accum: 3, data_parallel: 2, expert_parallel: 2}}\n"), &[]);
     assert_eq!(
         e,
-        "error: p.yaml:5:21: train.grad_accum: 3 is not a multiple of the 4 ranks (data_parallel × expert_parallel): each rank takes an equal share of a step's micro-batches\n\
-         p.yaml:5:59: train.expert_parallel: this phase trains dense models; expert parallelism is for the MoE phases (`continue`, `upcycle.train`)\n"
+        "error: p.yaml:5:23: experts.grad_accum: 3 is not a multiple of the 4 ranks (data_parallel × expert_parallel): each rank takes an equal share of a step's micro-batches\n\
+         p.yaml:5:61: experts.expert_parallel: this phase trains dense models; expert parallelism is for the MoE phases (`continue`, `upcycle.train`)\n"
     );
     // A multi-node torchrun on the local engine.
     let script = repo().join("scripts/train_hf.py").display().to_string();
-    let e = validate(d, &format!("{head}{one}train: {{trainer: {{kind: torchrun, script: {script}, nnodes: 2}}}}\n"), &[]);
-    assert!(e.contains("train.trainer.nnodes: 2 nodes need a cluster engine (Slurm or Kubernetes)"), "{e}");
+    let e = validate(d, &format!("{head}{one}experts: {{trainer: {{kind: torchrun, script: {script}, nnodes: 2}}}}\n"), &[]);
+    assert!(e.contains("experts.trainer.nnodes: 2 nodes need a cluster engine (Slurm or Kubernetes)"), "{e}");
     // Replay is a share of the in-place training data.
     let add = "add_experts:\n  domains: [{name: b, train: data/a.jsonl, test: data/a.jsonl}]\n  replay: 1.5\n";
     let e = validate(d, &format!("{head}{one}{add}"), &[]);
@@ -339,12 +339,12 @@ fn device_and_dtype_errors_name_file_line_column_and_key() {
     let one = "domains:\n  - {name: a, train: a.jsonl, test: a.jsonl}\n";
     let head = format!("name: t\nseed: {{checkpoint: {seed}}}\n{one}");
 
-    let e = validate(d, &format!("{head}train: {{dtype: float16}}\n"), &[]);
-    assert!(e.contains("p.yaml:5:16: train.dtype: float16 training needs loss scaling"), "{e}");
+    let e = validate(d, &format!("{head}experts: {{dtype: float16}}\n"), &[]);
+    assert!(e.contains("p.yaml:5:18: experts.dtype: float16 training needs loss scaling"), "{e}");
     // A cluster places GPUs only where they are asked for.
     let slurm = "engine: {kind: slurm}\n";
-    let e = validate(d, &format!("{head}{slurm}train: {{device: cuda}}\n"), &[]);
-    assert!(e.contains("p.yaml:6:17: train.device: `cuda`, but this phase asks for no GPU: set train.resources.gpus_per_task"), "{e}");
+    let e = validate(d, &format!("{head}{slurm}experts: {{device: cuda}}\n"), &[]);
+    assert!(e.contains("p.yaml:6:19: experts.device: `cuda`, but this phase asks for no GPU: set experts.resources.gpus_per_task"), "{e}");
     let e =
         validate(d, &format!("{head}engine: {{kind: local, gpus: 1}}\ncontinue: {{device: cuda, data_parallel: 2, grad_accum: 2}}\n"), &[]);
     assert!(
@@ -353,8 +353,8 @@ fn device_and_dtype_errors_name_file_line_column_and_key() {
     );
     let e = validate(d, &format!("{head}engine: {{kind: local, gpus: many}}\n"), &[]);
     assert!(e.contains("p.yaml:5:10: engine: gpus: `many`: expected a number of GPUs or `auto`"), "{e}");
-    let e = validate(d, &format!("{head}train: {{device: gpu}}\n"), &[]);
-    assert!(e.contains("train.device: unknown variant `gpu`, expected `cpu` or `cuda`"), "{e}");
+    let e = validate(d, &format!("{head}experts: {{device: gpu}}\n"), &[]);
+    assert!(e.contains("experts.device: unknown variant `gpu`, expected `cpu` or `cuda`"), "{e}");
 }
 
 /// The quickstart on three GPUs: the dry run places each expert on its own GPU; on a machine
@@ -363,7 +363,7 @@ fn device_and_dtype_errors_name_file_line_column_and_key() {
 fn the_quickstart_on_gpus_places_each_expert_on_its_own_gpu() {
     let tmp = tempfile::tempdir().unwrap();
     let quickstart = repo().join("configs/quickstart.yaml");
-    let sets = ["--set", "train.device=cuda", "--set", "train.dtype=bfloat16", "--set", "engine.gpus=3"];
+    let sets = ["--set", "experts.device=cuda", "--set", "experts.dtype=bfloat16", "--set", "engine.gpus=3"];
     let run_dir = tmp.path().join("run");
     let out = ok(btm().arg("run").arg(&quickstart).args(sets).arg("--run-dir").arg(&run_dir).arg("--dry-run").output().unwrap());
     let experts: Vec<String> = ["scripture", "code", "computing"]
@@ -416,7 +416,7 @@ fn five_one_gpu_experts_on_two_gpus_never_share_one() {
         .collect();
     let yaml = format!(
         "name: gpus\nstorage: {}\nengine: {{kind: local, slots: 8, gpus: 2, retries: 0}}\nseed: {{checkpoint: {}}}\ndomains:\n{domains}\
-         train: {{steps: 1, batch_size: 2, seq_len: 32, device: cpu, resources: {{gpus_per_task: 1}}, trainer: {{kind: command, command: \"{command}\"}}}}\n\
+         experts: {{steps: 1, batch_size: 2, seq_len: 32, device: cpu, resources: {{gpus_per_task: 1}}, trainer: {{kind: command, command: \"{command}\"}}}}\n\
          eval: {{split: test, seq_len: 32, max_docs: 1}}\n",
         d.join("runs").display(),
         repo().join("model/tests/fixtures/llama").display()
@@ -467,10 +467,10 @@ fn discovered_domains_run_end_to_end() {
     std::fs::write(&unlabelled, shuffled.iter().map(|l| format!("{l}\n")).collect::<String>()).unwrap();
     let yaml = format!(
         "name: disc\nstorage: {}\nengine: {{kind: local, slots: 2, threads_per_job: 1}}\n\
-         seed:\n  train:\n    model: {{hidden_size: 32, layers: 1, heads: 2, ffn: 64, max_positions: 64}}\n    \
-         tokenizer: {{vocab_size: 300}}\n    train: {{steps: 4, batch_size: 4, seq_len: 32}}\n\
+         seed:\n  model: {{hidden_size: 32, layers: 1, heads: 2, ffn: 64, max_positions: 64}}\n  \
+         tokenizer: {{vocab_size: 300}}\n  train: {{steps: 4, batch_size: 4, seq_len: 32}}\n\
          domains:\n  discover: {{data: [all.jsonl], k: 3, seed: 1}}\n\
-         train: {{steps: 4, batch_size: 4, seq_len: 32}}\n\
+         experts: {{steps: 4, batch_size: 4, seq_len: 32}}\n\
          merge: {{top_k: 1, router_init: centroid, calib_tokens: 256}}\n\
          eval: {{split: test, seq_len: 32, max_docs: 2, ensemble: true}}\n",
         tmp.path().join("runs").display()

@@ -339,7 +339,7 @@ impl<'a> Builder<'a> {
     /// The experts BTM's ensemble and average are made of, for the arm with suffix `sfx`: the
     /// ensemble arm's when the pipeline has one, else the branch-train-merge arm's.
     fn ensemble_members(&self, sfx: &str) -> Vec<(JobRef, PathBuf)> {
-        let prefix = if self.p.ensemble.is_some() { format!("ensemble-expert{sfx}/") } else { format!("expert{sfx}/") };
+        let prefix = if self.p.ensemble_arm.is_some() { format!("ensemble-expert{sfx}/") } else { format!("expert{sfx}/") };
         self.trained_experts(&prefix)
     }
 
@@ -370,7 +370,7 @@ impl<'a> Builder<'a> {
             ("ensemble".to_string(), None, experts.clone(), p.domains.iter().collect::<Vec<_>>()),
             ("ensemble-top1".to_string(), Some(1), experts.clone(), p.domains.iter().collect()),
         ];
-        if p.ensemble.is_some() {
+        if p.ensemble_arm.is_some() {
             for s in p.arm_seeds.iter().skip(1) {
                 let label = format!("ensemble-s{s}");
                 sets.push((label, None, self.ensemble_members(&format!("-s{s}")), p.domains.iter().collect()));
@@ -481,11 +481,11 @@ fn dense_active_params(cfg: &btm_model::ModelConfig) -> usize {
 
 /// The seed's config: from the pipeline's shape, or read from the given checkpoint.
 fn seed_config(p: &Pipeline, base: &Path) -> Result<btm_model::ModelConfig> {
-    if let Some(t) = &p.seed.train {
-        let m = &t.model;
+    if let Some(t) = p.seed.scratch() {
+        let m = t.model;
         let heads = m.heads;
         if heads == 0 || m.hidden_size % heads != 0 {
-            bail!("seed.train.model: hidden_size {} must be a multiple of heads {heads}", m.hidden_size);
+            bail!("seed.model: hidden_size {} must be a multiple of heads {heads}", m.hidden_size);
         }
         let cfg = btm_model::ModelConfig {
             max_position_embeddings: m.max_positions,
@@ -493,7 +493,7 @@ fn seed_config(p: &Pipeline, base: &Path) -> Result<btm_model::ModelConfig> {
             tie_word_embeddings: m.tie_embeddings,
             ..btm_model::ModelConfig::llama(t.tokenizer.vocab_size, m.hidden_size, m.layers, heads, m.kv_heads.unwrap_or(heads), m.ffn)
         };
-        cfg.validate().context("seed.train.model")?;
+        cfg.validate().context("seed.model")?;
         return Ok(cfg);
     }
     let location = p.seed.checkpoint.as_deref().expect("validated: seed has a checkpoint");
@@ -550,7 +550,7 @@ pub fn plan(p: &Pipeline, base: &Path, run_dir: &Path) -> Result<Plan> {
                 }
             }
         }
-        if let Some(e) = &p.ensemble {
+        if let Some(e) = &p.ensemble_arm {
             let members = b.ensemble_arm_phase(&seed, &arm, e)?;
             if arm.first {
                 scored.extend(members);
@@ -736,9 +736,9 @@ impl<'a> Builder<'a> {
     /// of the upcycled arm.
     fn matched_steps(&self, t: &TrainParams) -> u64 {
         let p = self.p;
-        let expert_tokens: u64 = p.domains.iter().map(|d| p.train.overlay(&d.overrides).tokens_or_default()).sum();
+        let expert_tokens: u64 = p.domains.iter().map(|d| p.experts.overlay(&d.overrides).tokens_or_default()).sum();
         let continued_tokens = match (&p.merge, &p.continue_training) {
-            (Some(_), Some(c)) => p.train.mix_phase(c).tokens_or_default(),
+            (Some(_), Some(c)) => p.experts.mix_phase(c).tokens_or_default(),
             _ => 0,
         };
         let t = t.resolve();
@@ -763,7 +763,7 @@ impl<'a> Builder<'a> {
     /// The seed: a tokenizer and a seed trained here, or an existing checkpoint.
     fn seed_phase(&mut self) -> Result<Seed> {
         let p = self.p;
-        let Some(t) = &p.seed.train else {
+        let Some(t) = p.seed.scratch() else {
             let location = abs(self.base, p.seed.checkpoint.as_deref().expect("validated"));
             let dir = btm_model::storage::local_dir(&location)?;
             return Ok(Seed {
@@ -811,7 +811,7 @@ impl<'a> Builder<'a> {
     /// Branch and train: one expert per domain from the seed, no communication between them.
     fn expert_phase(&mut self, seed: &Seed, arm: &Arm) -> Result<Vec<JobRef>> {
         let p = self.p;
-        let params = p.domains.iter().map(|d| p.train.overlay(&d.overrides)).collect();
+        let params = p.domains.iter().map(|d| p.experts.overlay(&d.overrides)).collect();
         self.domain_experts(seed, arm, "expert", params)
     }
 
@@ -825,7 +825,7 @@ impl<'a> Builder<'a> {
             .domains
             .iter()
             .map(|d| {
-                let params = p.train.overlay(&d.overrides).overlay(e);
+                let params = p.experts.overlay(&d.overrides).overlay(e);
                 TrainParams { steps: e.steps.or_else(|| Some(even_share(&params))), ..params }
             })
             .collect();
@@ -929,7 +929,7 @@ impl<'a> Builder<'a> {
             out: self.run.join(&label),
             train: self.mix(),
             valid: self.valid_files.clone(),
-            params: arm.seeded(p.train.mix_phase(c)),
+            params: arm.seeded(p.experts.mix_phase(c)),
             domain: None,
             label,
             parent: Some(&parent),
@@ -943,8 +943,8 @@ impl<'a> Builder<'a> {
     /// and resources (the same recipe, so the comparison is like for like).
     fn baseline_phase(&mut self, seed: &Seed, arm: &Arm) -> Result<JobRef> {
         let p = self.p;
-        let recipe = TrainParams { trainer: p.train.trainer.clone(), resources: p.train.resources.clone(), ..TrainParams::default() };
-        let params = TrainParams { steps: Some(self.matched_steps(&p.train)), ..arm.seeded(p.train.mix_phase(&recipe)) };
+        let recipe = TrainParams { trainer: p.experts.trainer.clone(), resources: p.experts.resources.clone(), ..TrainParams::default() };
+        let params = TrainParams { steps: Some(self.matched_steps(&p.experts)), ..arm.seeded(p.experts.mix_phase(&recipe)) };
         let label = format!("baseline{}", arm.sfx);
         self.train_job(TrainJob {
             name: label.clone(),
@@ -990,7 +990,7 @@ impl<'a> Builder<'a> {
         let name = self.spec_job(&["upcycle"], &spec, job);
         let mut scored = vec![name];
         if p.continue_training.is_some() || u.train.is_some() {
-            let mut params = p.train.mix_phase(p.continue_training.as_ref().unwrap_or(&TrainParams::default()));
+            let mut params = p.experts.mix_phase(p.continue_training.as_ref().unwrap_or(&TrainParams::default()));
             params = params.overlay(u.train.as_ref().unwrap_or(&TrainParams::default()));
             if u.train.as_ref().and_then(|t| t.steps).is_none() {
                 params.steps = Some(self.matched_steps(&params));
@@ -1105,7 +1105,7 @@ impl<'a> Builder<'a> {
                 out: self.run.join("added").join(&d.name),
                 train: vec![domain_source(self.base, d, 1.0)],
                 valid: d.valid.iter().map(|v| abs(self.base, v)).collect(),
-                params: p.train.overlay(&d.overrides),
+                params: p.experts.overlay(&d.overrides),
                 domain: Some(d.name.clone()),
                 label: format!("expert-{}", d.name),
                 parent: Some(&base_ref),
@@ -1147,7 +1147,7 @@ impl<'a> Builder<'a> {
         expert: &ModelRef,
     ) -> Result<JobRef> {
         let p = self.p;
-        let mut params = p.train.mix_phase(over);
+        let mut params = p.experts.mix_phase(over);
         if params.trainable.is_none() {
             let selection = vec![format!("*.mlp.experts.{index}.*"), format!("*.mlp.gate.weight[{index}]")];
             params.trainable = Some(btm_trainer::spec::Trainable { include: selection, exclude: vec![] });
@@ -1188,7 +1188,7 @@ impl<'a> Builder<'a> {
             let m = self.model(job);
             self.eval_jobs(&m, Some(job));
         }
-        if self.p.eval.ensemble || self.p.ensemble.is_some() {
+        if self.p.eval.ensemble || self.p.ensemble_arm.is_some() {
             self.ensemble_eval_jobs();
         }
         if self.p.eval.averaged {
@@ -1300,9 +1300,9 @@ mod tests {
 
     fn pipeline(extra: &str) -> Pipeline {
         let yaml = format!(
-            "name: t\nseed:\n  train:\n    model: {{hidden_size: 32, layers: 1, heads: 2, ffn: 64}}\n    tokenizer: {{vocab_size: 300}}\n\
+            "name: t\nseed:\n  model: {{hidden_size: 32, layers: 1, heads: 2, ffn: 64}}\n  tokenizer: {{vocab_size: 300}}\n\
              domains:\n  - {{name: a, train: a.jsonl, valid: a.jsonl, test: a.jsonl}}\n  - {{name: b, train: b.jsonl, valid: b.jsonl, test: b.jsonl}}\n\
-             train: {{steps: 10, batch_size: 4, seq_len: 32}}\n\
+             experts: {{steps: 10, batch_size: 4, seq_len: 32}}\n\
              merge: {{top_k: 1}}\ncontinue: {{steps: 6, batch_size: 2}}\n\
              eval: {{baseline: true}}\n{extra}"
         );
@@ -1351,8 +1351,8 @@ mod tests {
         let domains: String =
             (0..n).map(|i| format!("  - {{name: d{i}, train: d{i}.jsonl, valid: d{i}.jsonl, test: d{i}.jsonl}}\n")).collect();
         let yaml = format!(
-            "name: w\nseed:\n  train:\n    model: {{hidden_size: 32, layers: 1, heads: 2, ffn: 64}}\n    tokenizer: {{vocab_size: 300}}\n\
-             domains:\n{domains}train: {{steps: 2}}\nmerge: {{top_k: 1}}\neval: {{ensemble: true}}\n"
+            "name: w\nseed:\n  model: {{hidden_size: 32, layers: 1, heads: 2, ffn: 64}}\n  tokenizer: {{vocab_size: 300}}\n\
+             domains:\n{domains}experts: {{steps: 2}}\nmerge: {{top_k: 1}}\neval: {{ensemble: true}}\n"
         );
         let mut p: Pipeline = serde_yaml::from_str(&yaml).unwrap();
         let sampled = plan(&p, Path::new("/base"), Path::new("/runs/w")).unwrap();
@@ -1372,8 +1372,8 @@ mod tests {
     /// files the job's splits), and the ensemble is weighed by the clusterer.
     #[test]
     fn discovered_domains_come_from_a_cluster_job_that_runs_first() {
-        let yaml = "name: d\nseed:\n  train:\n    model: {hidden_size: 32, layers: 1, heads: 2, ffn: 64}\n    tokenizer: {vocab_size: 300}\n\
-                    domains: []\ndiscover: {data: [all.jsonl], k: 3, seed: 5}\ntrain: {steps: 2}\nmerge: {top_k: 1}\neval: {ensemble: true}\n";
+        let yaml = "name: d\nseed:\n  model: {hidden_size: 32, layers: 1, heads: 2, ffn: 64}\n  tokenizer: {vocab_size: 300}\n\
+                    domains: []\ndiscover: {data: [all.jsonl], k: 3, seed: 5}\nexperts: {steps: 2}\nmerge: {top_k: 1}\neval: {ensemble: true}\n";
         let mut p: Pipeline = serde_yaml::from_str(yaml).unwrap();
         p.domains = crate::pipeline::load::discovered_domains(3, Path::new(""));
         let plan = plan(&p, Path::new("/base"), Path::new("/runs/d")).unwrap();
@@ -1425,8 +1425,8 @@ mod tests {
     #[test]
     fn kubernetes_ranks_use_the_tcp_collective() {
         let mut p = pipeline("");
-        p.train.data_parallel = Some(2);
-        p.train.grad_accum = Some(2);
+        p.experts.data_parallel = Some(2);
+        p.experts.grad_accum = Some(2);
         let local = plan(&p, Path::new("/base"), Path::new("/runs/t")).unwrap();
         assert_eq!(spec(job(&local, "expert/a")).collective, btm_collective::Backend::Mpi);
         p.engine = serde_yaml::from_str("{kind: kubernetes, image: btm:1}").unwrap();
@@ -1442,7 +1442,7 @@ mod tests {
     #[test]
     fn the_ensemble_arm_is_compute_matched_and_other_router_inits_are_merged_from_the_same_experts() {
         let dir = tempfile::tempdir().unwrap();
-        let mut p = pipeline("ensemble: {lr: 0.002}\narm_seeds: [3, 7]\n");
+        let mut p = pipeline("ensemble_arm: {lr: 0.002}\narm_seeds: [3, 7]\n");
         p.eval.averaged = true;
         p.merge.as_mut().unwrap().also_router_init = vec![crate::pipeline::spec::RouterInit::Fit];
         let plan = plan(&p, dir.path(), dir.path()).unwrap();
@@ -1505,13 +1505,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let base = plan(&pipeline(""), dir.path(), dir.path()).unwrap();
         let mut p = pipeline("");
-        p.train.resources = Some(crate::pipeline::spec::PhaseResources {
+        p.experts.resources = Some(crate::pipeline::spec::PhaseResources {
             cpus_per_task: Some(8),
             gpus_per_task: Some(1),
             memory_mb: Some(4096),
             time_limit_min: Some(90),
         });
-        p.train.trainer = Some(btm_trainer::spec::Trainer::Command { command: "exec t {model_in} {model_out}".into() });
+        p.experts.trainer = Some(btm_trainer::spec::Trainer::Command { command: "exec t {model_in} {model_out}".into() });
         p.domains[1].overrides.resources = Some(crate::pipeline::spec::PhaseResources { cpus_per_task: Some(2), ..Default::default() });
         let plan = plan(&p, dir.path(), dir.path()).unwrap();
         let a = job(&plan, "expert/a");
@@ -1544,7 +1544,7 @@ mod tests {
         }
 
         let mut p = pipeline("");
-        p.train.resources = Some(PhaseResources { gpus_per_task: Some(1), ..Default::default() });
+        p.experts.resources = Some(PhaseResources { gpus_per_task: Some(1), ..Default::default() });
         let c = p.continue_training.as_mut().unwrap();
         (c.device, c.data_parallel, c.grad_accum) = (Some(Device::Cuda), Some(2), Some(2));
         p.domains[1].overrides.dtype = Some(DType::Float32);
@@ -1578,7 +1578,7 @@ mod tests {
     fn trainable_in_train_freezes_the_expert_phase_only_and_the_merge_can_keep_the_seeds_weights() {
         let dir = tempfile::tempdir().unwrap();
         let mut p = pipeline("upcycle: {experts: 2, top_k: 1}\n");
-        p.train.trainable = Some(serde_yaml::from_str("{include: ['*.mlp.*']}").unwrap());
+        p.experts.trainable = Some(serde_yaml::from_str("{include: ['*.mlp.*']}").unwrap());
         p.domains[1].overrides.trainable = Some(serde_yaml::from_str("{exclude: ['lm_head.*']}").unwrap());
         p.merge.as_mut().unwrap().non_expert = NonExpertSource::Seed;
         let plan = plan(&p, dir.path(), dir.path()).unwrap();

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 pub struct ValidateArgs {
     /// The pipeline YAML.
     pub file: PathBuf,
-    /// Override a value: `--set train.lr=3e-4` (repeatable).
+    /// Override a value: `--set experts.lr=3e-4` (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub sets: Vec<String>,
 }
@@ -16,6 +16,9 @@ pub struct ValidateArgs {
 pub fn validate(args: ValidateArgs) -> Result<()> {
     match crate::pipeline::load(&args.file, &args.sets) {
         Ok(loaded) => {
+            for w in &loaded.warnings {
+                eprintln!("warning: {w}");
+            }
             let p = &loaded.pipeline;
             println!("{}: ok (run `{}`, {} domains)", args.file.display(), p.name, p.domains.len());
             Ok(())

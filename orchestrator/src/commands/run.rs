@@ -18,7 +18,7 @@ pub struct RunArgs {
     /// Where the run lives (default: `<storage>/<name>` from the pipeline).
     #[arg(long)]
     pub run_dir: Option<String>,
-    /// Override a value: `--set train.lr=3e-4` (repeatable).
+    /// Override a value: `--set experts.lr=3e-4` (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub sets: Vec<String>,
     /// Print the job plan (every job, its inputs, outputs and resources) and stop.
@@ -192,6 +192,9 @@ fn print_manifests(k: &crate::pipeline::spec::KubernetesSpec, plan: &Plan) -> Re
 
 pub fn run(args: RunArgs) -> Result<()> {
     let loaded = crate::pipeline::load(&args.pipeline, &args.sets).map_err(anyhow::Error::new)?;
+    for w in &loaded.warnings {
+        eprintln!("warning: {w}");
+    }
     let p = &loaded.pipeline;
     let run_dir = match &args.run_dir {
         Some(d) => run_location(d)?,

@@ -1,7 +1,7 @@
 //! Loading a pipeline: YAML → `${VAR}` interpolation → `--set` overrides → typed spec →
 //! semantic checks. Every error carries `file:line:column` and the key path.
 
-use super::spec::{DType, Device, Domain, Pipeline, SeedSpec, TrainParams};
+use super::spec::{DType, Device, Domain, Pipeline, TrainParams};
 use serde_yaml::Value;
 use std::collections::HashMap;
 use std::fmt;
@@ -283,6 +283,8 @@ pub struct Loaded {
     pub base_dir: PathBuf,
     /// The spec after interpolation and overrides, as YAML (stored in the run).
     pub resolved_yaml: String,
+    /// Old key names the file used, each naming its new one (`warning: …` on the console).
+    pub warnings: Vec<PipelineError>,
 }
 
 /// Load, interpolate, override and check a pipeline file.
@@ -318,6 +320,16 @@ pub fn load(file: &Path, sets: &[String]) -> Result<Loaded, PipelineErrors> {
     for s in sets {
         apply_set(&mut value, s).map_err(|m| PipelineErrors(vec![err(0, 0, "", m)]))?;
     }
+    let renamed = rename_old_keys(&mut value).map_err(|(p, m)| PipelineErrors(vec![at(&p, m)]))?;
+    let warnings = renamed
+        .iter()
+        .map(|(old, new)| {
+            let (line, column) = spans.find_key(old);
+            err(line, column, old, format!("`{old}` is now `{new}`; the old name still works but will be removed"))
+        })
+        .collect();
+    // Errors point at the key the file wrote: an old name's new path is mapped back.
+    let at = |path: &str, message: String| at(&old_path(&renamed, path), message);
     let mut pipeline: Pipeline = serde_path_to_error::deserialize(lift_discover(value.clone())).map_err(|e| {
         let path = key_path(e.path());
         let message = e.inner().to_string();
@@ -333,7 +345,58 @@ pub fn load(file: &Path, sets: &[String]) -> Result<Loaded, PipelineErrors> {
     if !problems.is_empty() {
         return Err(PipelineErrors(problems.into_iter().map(|(p, m)| at(&p, m)).collect()));
     }
-    Ok(Loaded { resolved_yaml: serde_yaml::to_string(&value).unwrap_or_default(), pipeline, base_dir })
+    Ok(Loaded { resolved_yaml: serde_yaml::to_string(&value).unwrap_or_default(), pipeline, base_dir, warnings })
+}
+
+/// Keys renamed so that a reader can guess them: (old, new), at the top level. `train` was the
+/// expert phase; `ensemble` trained BTM's own arm and was easily confused with `eval.ensemble`.
+const RENAMED_KEYS: [(&str, &str); 2] = [("train", "experts"), ("ensemble", "ensemble_arm")];
+
+/// Moves the old key names to the new ones and returns the (old, new) key paths it moved; a
+/// file that writes both is an error. `seed.train: {model, tokenizer, train}` became
+/// `seed: {model, tokenizer, train}`: one level less.
+fn rename_old_keys(value: &mut Value) -> Result<Vec<(String, String)>, (String, String)> {
+    let mut renamed = vec![];
+    let Some(map) = value.as_mapping_mut() else { return Ok(renamed) };
+    for (old, new) in RENAMED_KEYS {
+        let Some(v) = map.remove(old) else { continue };
+        if map.contains_key(new) {
+            return Err((old.into(), format!("`{old}` is the old name of `{new}`: give only `{new}`")));
+        }
+        map.insert(new.into(), v);
+        renamed.push((old.to_string(), new.to_string()));
+    }
+    let Some(seed) = map.get_mut("seed").and_then(Value::as_mapping_mut) else { return Ok(renamed) };
+    let old_layout = seed.get("train").and_then(Value::as_mapping).is_some_and(|t| t.contains_key("model") || t.contains_key("tokenizer"));
+    if old_layout {
+        let Some(Value::Mapping(mut old)) = seed.remove("train") else { unreachable!("checked above") };
+        for key in ["model", "tokenizer", "train"] {
+            let Some(v) = old.remove(key) else { continue };
+            if seed.contains_key(key) {
+                return Err((format!("seed.train.{key}"), format!("`seed.train.{key}` is the old place of `seed.{key}`: give only `seed.{key}`")));
+            }
+            seed.insert(key.into(), v);
+            renamed.push((format!("seed.train.{key}"), format!("seed.{key}")));
+        }
+        // Anything else left under the old `seed.train` is an unknown key there.
+        if let Some((k, _)) = old.into_iter().next() {
+            let k = k.as_str().unwrap_or("?").to_string();
+            return Err((format!("seed.train.{k}"), format!("unknown key `{k}`; expected one of `model`, `tokenizer`, `train`")));
+        }
+    }
+    Ok(renamed)
+}
+
+/// The key path as the file wrote it, for a path under a renamed key.
+fn old_path(renamed: &[(String, String)], path: &str) -> String {
+    for (old, new) in renamed {
+        if let Some(rest) = path.strip_prefix(new.as_str()) {
+            if rest.is_empty() || rest.starts_with('.') || rest.starts_with('[') {
+                return format!("{old}{rest}");
+            }
+        }
+    }
+    path.to_string()
 }
 
 /// `domains: {discover: X}` → `discover: X` and `domains: []`: the pipeline reads `discover` as
@@ -448,10 +511,10 @@ fn check_discover(d: &super::spec::Discover, base: &Path, problems: &mut Vec<(St
     }
 }
 
-/// With `seed.train`, the tokenizer is trained on every domain's training text: text (not an
+/// With `seed.model`, the tokenizer is trained on every domain's training text: text (not an
 /// indexed dataset), read under one key.
 fn check_tokenizer_sources(p: &super::spec::Pipeline, base: &Path, problems: &mut Vec<(String, String)>) {
-    if p.seed.train.is_none() {
+    if p.seed.scratch().is_none() {
         return;
     }
     let key = |d: &super::spec::Domain| d.text_key.clone().unwrap_or_else(|| btm_trainer::sources::DEFAULT_TEXT_KEY.into());
@@ -460,14 +523,14 @@ fn check_tokenizer_sources(p: &super::spec::Pipeline, base: &Path, problems: &mu
         if format == btm_trainer::sources::Format::Indexed {
             problems.push((
                 format!("domains[{i}].train"),
-                "an indexed dataset is tokens already: `seed.train` needs text to train its tokenizer on (give `seed.checkpoint`)".into(),
+                "an indexed dataset is tokens already: `seed.tokenizer` needs text to train on (give `seed.checkpoint`)".into(),
             ));
         }
         if key(d) != key(&p.domains[0]) {
             problems.push((
                 format!("domains[{i}].text_key"),
                 format!(
-                    "`{}` differs from domains[0]'s `{}`: `seed.train` trains its tokenizer on every domain's text under one key",
+                    "`{}` differs from domains[0]'s `{}`: `seed.tokenizer` is trained on every domain's text under one key",
                     key(d),
                     key(&p.domains[0])
                 ),
@@ -481,23 +544,23 @@ fn check_tokenizer_sources(p: &super::spec::Pipeline, base: &Path, problems: &mu
 fn training_phases(p: &Pipeline) -> Vec<(String, TrainParams)> {
     let none = TrainParams::default();
     let mut phases: Vec<(String, TrainParams)> = vec![];
-    phases.extend(p.seed.train.as_ref().map(|t| ("seed.train.train".to_string(), t.train.clone())));
+    phases.extend(p.seed.scratch().map(|t| ("seed.train".to_string(), t.train.clone())));
     for (i, d) in p.domains.iter().enumerate() {
-        let path = if d.overrides == none { "train".to_string() } else { format!("domains[{i}].overrides") };
-        phases.push((path, p.train.overlay(&d.overrides)));
+        let path = if d.overrides == none { "experts".to_string() } else { format!("domains[{i}].overrides") };
+        phases.push((path, p.experts.overlay(&d.overrides)));
     }
-    phases.extend(p.continue_training.as_ref().map(|c| ("continue".to_string(), p.train.mix_phase(c))));
-    phases.extend(p.ensemble.as_ref().map(|e| ("ensemble".to_string(), p.train.overlay(e))));
+    phases.extend(p.continue_training.as_ref().map(|c| ("continue".to_string(), p.experts.mix_phase(c))));
+    phases.extend(p.ensemble_arm.as_ref().map(|e| ("ensemble_arm".to_string(), p.experts.overlay(e))));
     if let Some(u) = &p.upcycle {
-        let t = p.train.mix_phase(p.continue_training.as_ref().unwrap_or(&none)).overlay(u.train.as_ref().unwrap_or(&none));
+        let t = p.experts.mix_phase(p.continue_training.as_ref().unwrap_or(&none)).overlay(u.train.as_ref().unwrap_or(&none));
         phases.push(("upcycle.train".to_string(), t));
     }
     if let Some(add) = &p.add_experts {
         for (i, d) in add.domains.iter().enumerate() {
-            let path = if d.overrides == none { "train".to_string() } else { format!("add_experts.domains[{i}].overrides") };
-            phases.push((path, p.train.overlay(&d.overrides)));
+            let path = if d.overrides == none { "experts".to_string() } else { format!("add_experts.domains[{i}].overrides") };
+            phases.push((path, p.experts.overlay(&d.overrides)));
         }
-        phases.extend(add.train_in_place.as_ref().map(|t| ("add_experts.train_in_place".to_string(), p.train.mix_phase(t))));
+        phases.extend(add.train_in_place.as_ref().map(|t| ("add_experts.train_in_place".to_string(), p.experts.mix_phase(t))));
     }
     phases
 }
@@ -604,14 +667,21 @@ fn check_name(p: &Pipeline, problems: &mut Vec<(String, String)>) {
     }
 }
 
-/// The seed comes from exactly one of `checkpoint` and `train`.
+/// The seed comes from exactly one of `checkpoint` and `model` (with its `tokenizer`); `train`
+/// only goes with `model`.
 fn check_seed(p: &Pipeline, problems: &mut Vec<(String, String)>) {
-    match &p.seed {
-        SeedSpec { checkpoint: Some(_), train: Some(_) } => {
-            problems.push(("seed".into(), "give either `checkpoint` or `train`, not both".into()))
+    let s = &p.seed;
+    match (&s.checkpoint, &s.model) {
+        (Some(_), Some(_)) => problems.push(("seed".into(), "give either `checkpoint` or `model`, not both".into())),
+        (None, None) => problems.push(("seed".into(), "give `checkpoint` (an existing model) or `model` (a seed to train here)".into())),
+        (None, Some(_)) if s.tokenizer.is_none() => {
+            problems.push(("seed".into(), "a seed trained here needs `tokenizer: {vocab_size: N}` beside `model`".into()))
         }
-        SeedSpec { checkpoint: None, train: None } => {
-            problems.push(("seed".into(), "give `checkpoint` (an existing model) or `train`".into()))
+        (Some(_), None) if s.tokenizer.is_some() => {
+            problems.push(("seed.tokenizer".into(), "a checkpoint brings its own tokenizer: `tokenizer` goes with `model`".into()))
+        }
+        (Some(_), None) if s.train != TrainParams::default() => {
+            problems.push(("seed.train".into(), "a checkpoint is not trained again: `train` goes with `model`".into()))
         }
         _ => {}
     }
@@ -636,19 +706,17 @@ fn check_domain_lists(p: &Pipeline, base: &Path, problems: &mut Vec<(String, Str
 
 /// Every block of training parameters, as written (before any layering).
 fn check_every_train_block(p: &Pipeline, base: &Path, problems: &mut Vec<(String, String)>) {
-    check_train_params("train", &p.train, base, problems);
+    check_train_params("experts", &p.experts, base, problems);
     for (i, d) in p.domains.iter().enumerate() {
         check_train_params(&format!("domains[{i}].overrides"), &d.overrides, base, problems);
     }
     if let Some(c) = &p.continue_training {
         check_train_params("continue", c, base, problems);
     }
-    if let Some(e) = &p.ensemble {
-        check_train_params("ensemble", e, base, problems);
+    if let Some(e) = &p.ensemble_arm {
+        check_train_params("ensemble_arm", e, base, problems);
     }
-    if let Some(t) = &p.seed.train {
-        check_train_params("seed.train.train", &t.train, base, problems);
-    }
+    check_train_params("seed.train", &p.seed.train, base, problems);
     if let Some(t) = p.upcycle.as_ref().and_then(|u| u.train.as_ref()) {
         check_train_params("upcycle.train", t, base, problems);
     }
@@ -710,23 +778,23 @@ fn check_add_experts(p: &Pipeline, problems: &mut Vec<(String, String)>) {
     }
 }
 
-/// Each phase as its jobs will run it (a domain's overrides over `train`, a mix phase's block
-/// over `train`'s hyperparameters): nodes the engine can give, micro-batches the ranks share.
+/// Each phase as its jobs will run it (a domain's overrides over `experts`, a mix phase's block
+/// over `experts`' hyperparameters): nodes the engine can give, micro-batches the ranks share.
 fn check_phase_layouts(p: &Pipeline, problems: &mut Vec<(String, String)>) {
-    let mut phases: Vec<(String, TrainParams)> = vec![("train".into(), p.train.clone())];
-    phases.extend(p.seed.train.as_ref().map(|t| ("seed.train.train".to_string(), t.train.clone())));
-    // A domain whose overrides leave the layout alone has `train`'s (already checked).
+    let mut phases: Vec<(String, TrainParams)> = vec![("experts".into(), p.experts.clone())];
+    phases.extend(p.seed.scratch().map(|t| ("seed.train".to_string(), t.train.clone())));
+    // A domain whose overrides leave the layout alone has `experts`' (already checked).
     let sets_layout = |t: &TrainParams| t.grad_accum.or(t.data_parallel).or(t.expert_parallel).is_some() || t.trainer.is_some();
     phases.extend(
         p.domains
             .iter()
             .enumerate()
             .filter(|(_, d)| sets_layout(&d.overrides))
-            .map(|(i, d)| (format!("domains[{i}].overrides"), p.train.overlay(&d.overrides))),
+            .map(|(i, d)| (format!("domains[{i}].overrides"), p.experts.overlay(&d.overrides))),
     );
-    phases.extend(p.continue_training.as_ref().map(|t| ("continue".to_string(), p.train.mix_phase(t))));
-    phases.extend(p.ensemble.as_ref().map(|t| ("ensemble".to_string(), p.train.overlay(t))));
-    phases.extend(p.upcycle.as_ref().and_then(|u| u.train.as_ref()).map(|t| ("upcycle.train".to_string(), p.train.mix_phase(t))));
+    phases.extend(p.continue_training.as_ref().map(|t| ("continue".to_string(), p.experts.mix_phase(t))));
+    phases.extend(p.ensemble_arm.as_ref().map(|t| ("ensemble_arm".to_string(), p.experts.overlay(t))));
+    phases.extend(p.upcycle.as_ref().and_then(|u| u.train.as_ref()).map(|t| ("upcycle.train".to_string(), p.experts.mix_phase(t))));
     for (path, t) in &phases {
         let nodes = t.trainer.as_ref().map_or(1, |tr| tr.nodes());
         if nodes > 1 && matches!(p.engine, super::spec::EngineSpec::Local { .. }) {
@@ -750,10 +818,10 @@ fn check_phase_layouts(p: &Pipeline, problems: &mut Vec<(String, String)>) {
 
 /// The expert and seed phases train dense models: nothing to split by expert.
 fn check_dense_phases(p: &Pipeline, problems: &mut Vec<(String, String)>) {
-    let mut dense_phases: Vec<(String, &TrainParams)> = vec![("train".into(), &p.train)];
-    dense_phases.extend(p.seed.train.as_ref().map(|t| ("seed.train.train".to_string(), &t.train)));
+    let mut dense_phases: Vec<(String, &TrainParams)> = vec![("experts".into(), &p.experts)];
+    dense_phases.extend(p.seed.scratch().map(|t| ("seed.train".to_string(), t.train)));
     dense_phases.extend(p.domains.iter().enumerate().map(|(i, d)| (format!("domains[{i}].overrides"), &d.overrides)));
-    dense_phases.extend(p.ensemble.as_ref().map(|t| ("ensemble".to_string(), t)));
+    dense_phases.extend(p.ensemble_arm.as_ref().map(|t| ("ensemble_arm".to_string(), t)));
     for (path, t) in dense_phases {
         if t.expert_parallel.is_some_and(|ep| ep > 1) {
             problems.push((
@@ -766,9 +834,9 @@ fn check_dense_phases(p: &Pipeline, problems: &mut Vec<(String, String)>) {
 
 /// A seed trained from scratch is btm's to train.
 fn check_seed_trainer(p: &Pipeline, problems: &mut Vec<(String, String)>) {
-    if p.seed.train.as_ref().and_then(|t| t.train.trainer.as_ref()).is_some_and(|tr| !tr.is_btm()) {
+    if p.seed.train.trainer.as_ref().is_some_and(|tr| !tr.is_btm()) {
         problems.push((
-            "seed.train.train.trainer".into(),
+            "seed.train.trainer".into(),
             "a seed trained from scratch has no model to start from, and external trainers start from one: train it with btm, or give `seed.checkpoint`".into(),
         ));
     }
@@ -908,5 +976,43 @@ mod tests {
         let f = write(dir.path(), "p.yaml", "name: x\nstorage: ${BTM_TEST_UNSET_VAR_1}/runs\n");
         let e = load(&f, &[]).unwrap_err().to_string();
         assert!(e.ends_with("p.yaml:2:10: storage: environment variable `BTM_TEST_UNSET_VAR_1` is not set"), "{e}");
+    }
+
+    /// A pipeline in the old names (`train`, `ensemble`, `seed.train.{model,tokenizer,train}`)
+    /// loads as the same pipeline in the new ones, with one warning per old key at its place;
+    /// an error under an old key still points at the key the file wrote.
+    #[test]
+    fn old_key_names_load_with_warnings() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.jsonl"), "{\"text\": \"x\"}\n").unwrap();
+        let body = |seed: &str, experts: &str, arm: &str| {
+            format!("name: x\nseed:\n{seed}\ndomains: [{{name: a, train: a.jsonl, test: a.jsonl}}]\n{experts}: {{steps: 3, lr: 0.01}}\n{arm}: {{steps: 2}}\n")
+        };
+        let new_seed = "  model: {hidden_size: 8, layers: 1, heads: 2, ffn: 16}\n  tokenizer: {vocab_size: 300}\n  train: {steps: 4}";
+        let old_seed =
+            "  train:\n    model: {hidden_size: 8, layers: 1, heads: 2, ffn: 16}\n    tokenizer: {vocab_size: 300}\n    train: {steps: 4}";
+        let new = load(&write(dir.path(), "new.yaml", &body(new_seed, "experts", "ensemble_arm")), &[]).unwrap();
+        let old = load(&write(dir.path(), "old.yaml", &body(old_seed, "train", "ensemble")), &[]).unwrap();
+        assert!(new.warnings.is_empty());
+        assert_eq!(old.pipeline, new.pipeline);
+        let warnings: Vec<String> = old.warnings.iter().map(|w| format!("{}:{} {}", w.line, w.column, w.message)).collect();
+        assert_eq!(
+            warnings,
+            [
+                "8:1 `train` is now `experts`; the old name still works but will be removed",
+                "9:1 `ensemble` is now `ensemble_arm`; the old name still works but will be removed",
+                "4:5 `seed.train.model` is now `seed.model`; the old name still works but will be removed",
+                "5:5 `seed.train.tokenizer` is now `seed.tokenizer`; the old name still works but will be removed",
+                "6:5 `seed.train.train` is now `seed.train`; the old name still works but will be removed",
+            ]
+        );
+        let bad = body(&old_seed.replace("steps: 4", "steps: 4, lr: -2"), "train", "ensemble").replace("lr: 0.01", "lr: -1");
+        let e = load(&write(dir.path(), "bad.yaml", &bad), &[]).unwrap_err();
+        let paths: Vec<(usize, &str)> = e.0.iter().map(|e| (e.line, e.path.as_str())).collect();
+        assert!(paths.contains(&(8, "train.lr")), "{e}");
+        assert!(paths.contains(&(6, "seed.train.train.lr")), "{e}");
+        let both = body(new_seed, "experts", "ensemble_arm") + "train: {steps: 1}\n";
+        let e = load(&write(dir.path(), "both.yaml", &both), &[]).unwrap_err().to_string();
+        assert!(e.contains("train: `train` is the old name of `experts`: give only `experts`"), "{e}");
     }
 }

@@ -37,9 +37,10 @@ pub struct Pipeline {
     /// Written as `domains: {discover: …}`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub discover: Option<Discover>,
-    /// Hyperparameters of every expert's training (per-domain `overrides` win).
+    /// Hyperparameters of every expert's training (per-domain `overrides` win). The dense
+    /// baseline is trained like the experts: it takes this block's `trainer` and `resources`.
     #[serde(default)]
-    pub train: TrainParams,
+    pub experts: TrainParams,
     /// Merge the trained experts into an MoE (omit to only train experts).
     #[serde(default)]
     pub merge: Option<MergeSpec>,
@@ -63,12 +64,12 @@ pub struct Pipeline {
     /// BTM's own arm (ELMforest, Li et al. 2022): the seed branched into one expert per domain,
     /// each trained on its own domain, with the dense baseline's post-seed tokens split evenly
     /// between them (BTM's compute-matched setting) unless `steps` says otherwise; these
-    /// hyperparameters override `train` (and each domain's `overrides`). Its experts, not the
+    /// hyperparameters override `experts` (and each domain's `overrides`). Its experts, not the
     /// btm-merge arm's, are then scored as the posterior-weighted ensemble (rows `ensemble`,
     /// `ensemble-top1`; `eval.ensemble` implied) and, with `eval.averaged`, as the per-domain
     /// parameter average. Repeated per arm seed (`ensemble-s<seed>`).
     #[serde(default)]
-    pub ensemble: Option<TrainParams>,
+    pub ensemble_arm: Option<TrainParams>,
 }
 
 fn default_storage() -> String {
@@ -370,25 +371,38 @@ impl Default for EngineSpec {
     }
 }
 
-/// The model every expert branches from: an existing checkpoint, or one trained here.
+/// The model every expert branches from: an existing checkpoint, or one trained here from
+/// `model` and `tokenizer` with the hyperparameters in `train`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SeedSpec {
     /// An existing Hugging Face checkpoint (folder or URL).
     #[serde(default)]
     pub checkpoint: Option<String>,
-    /// Train a seed from scratch on the mix of all domains.
+    /// Train a seed from scratch on the mix of all domains, of this shape.
     #[serde(default)]
-    pub train: Option<SeedTrain>,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct SeedTrain {
-    pub model: ModelShape,
-    pub tokenizer: TokenizerSpec,
+    pub model: Option<ModelShape>,
+    /// The seed's tokenizer, trained first on every domain's training text (with `model`).
+    #[serde(default)]
+    pub tokenizer: Option<TokenizerSpec>,
+    /// Hyperparameters of the seed's training (with `model`).
     #[serde(default)]
     pub train: TrainParams,
+}
+
+/// A seed trained here ([`SeedSpec::scratch`]).
+#[derive(Debug, Clone, Copy)]
+pub struct SeedTrain<'a> {
+    pub model: &'a ModelShape,
+    pub tokenizer: &'a TokenizerSpec,
+    pub train: &'a TrainParams,
+}
+
+impl SeedSpec {
+    /// The seed to train here, when `model` and `tokenizer` are given.
+    pub fn scratch(&self) -> Option<SeedTrain<'_>> {
+        Some(SeedTrain { model: self.model.as_ref()?, tokenizer: self.tokenizer.as_ref()?, train: &self.train })
+    }
 }
 
 /// The shape of a Llama-style seed trained from scratch.
@@ -487,7 +501,7 @@ pub fn cluster_domain_name(i: usize) -> String {
 }
 
 /// Training hyperparameters; every field is optional so blocks can be layered
-/// (defaults ← `train` ← a domain's `overrides`).
+/// (defaults ← `experts` ← a domain's `overrides`).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TrainParams {
@@ -524,7 +538,7 @@ pub struct TrainParams {
     /// Default: `bfloat16` on `cuda`, `float32` on `cpu`.
     pub dtype: Option<DType>,
     /// Which parameters train (globs over Hugging Face tensor names, `*` matches anything);
-    /// the rest stay frozen. Set in `train`, it selects for the expert phase only: the merged
+    /// the rest stay frozen. Set in `experts`, it selects for the expert phase only: the merged
     /// MoE's training, the baseline and the upcycled arm train every parameter unless their own
     /// block sets it. E.g. `{include: ["*.mlp.*"]}` keeps the seed's embeddings and attention,
     /// so the merge's non-expert weights are exactly the seed's.
@@ -532,17 +546,17 @@ pub struct TrainParams {
     /// Who trains this phase: `{kind: btm}` (default), `{kind: command, command: "… {model_in}
     /// … {model_out} …"}` or `{kind: torchrun, script: train.py, args: […], nproc_per_node: N}`:
     /// an external engine through Hugging Face checkpoints (README, "External trainers"). Set
-    /// in `train` it holds for the expert phase (and the domains' overrides) and the dense
+    /// in `experts` it holds for the expert phase (and the domains' overrides) and the dense
     /// baseline, which is trained like the experts; the other mix phases set their own.
     pub trainer: Option<btm_trainer::spec::Trainer>,
     /// What each job of this phase asks of the engine, over the engine block's settings (e.g.
-    /// a whole GPU node for the experts, one core for the rest). Like `trainer`, set in `train`
+    /// a whole GPU node for the experts, one core for the rest). Like `trainer`, set in `experts`
     /// it holds for the expert phase and the baseline, not for the other mix phases.
     pub resources: Option<PhaseResources>,
     /// Ranks that train this phase's model on different micro-batches, gradients summed over
     /// them (launched with `mpirun`, `srun`; needs btm built with `--features mpi`). A step's
     /// `grad_accum` micro-batches are shared among the `data_parallel × expert_parallel` ranks.
-    /// Like `resources`, set in `train` it holds for the expert phase, not for the mix phases.
+    /// Like `resources`, set in `experts` it holds for the expert phase, not for the mix phases.
     pub data_parallel: Option<usize>,
     /// Ranks over which each MoE layer's experts are split (MoE phases: `continue`,
     /// `upcycle.train`); tokens travel to their experts by all-to-all.
@@ -615,7 +629,7 @@ impl TrainParams {
     }
 
     /// A mix-phase block (`continue`, the baseline, the upcycled arm's `train`) layered over
-    /// `train`: every hyperparameter inherits, but not `train`'s `trainable`, which belongs
+    /// `experts`: every hyperparameter inherits, but not `experts`' `trainable`, which belongs
     /// to the expert phase.
     pub fn mix_phase(&self, over: &TrainParams) -> TrainParams {
         TrainParams {
@@ -688,8 +702,8 @@ impl TrainParams {
 pub const MIN_LR_FRACTION: f64 = 0.1;
 
 /// A training phase's settings with every default in place: what its job file is written from.
-/// The pipeline's defaults are [`TrainArgs::default`], written once; a `train` block
-/// ([`TrainParams`]) patches them. Where and in what precision the phase computes depends on
+/// The pipeline's defaults are [`TrainArgs::default`], written once; a block of training
+/// parameters ([`TrainParams`]) patches them. Where and in what precision the phase computes depends on
 /// the engine too: [`TrainParams::placement`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct TrainArgs {
@@ -881,7 +895,7 @@ pub struct UpcycleSpec {
     /// `exact` (√a on up and down) or `megatron` (a^(1/3) on gate, up and down).
     #[serde(default = "default_scaling")]
     pub scaling: ScalingMode,
-    /// Training of the upcycled MoE on the mix, over `train` ← `continue`. Without `steps`
+    /// Training of the upcycled MoE on the mix, over `experts` ← `continue`. Without `steps`
     /// it trains for as many tokens as the dense baseline (the experts' plus the merged MoE's
     /// continued training), so the arms are compute-matched. The upcycling paper trains with a
     /// high, pre-training-like peak learning rate: set `lr` here.
@@ -978,7 +992,7 @@ pub struct AddExperts {
     pub domains: Vec<Domain>,
     /// Train each added expert where it will live (DEMix, Gururangan et al. 2022; FlexOlmo):
     /// after `add-expert`, only its FFN and its router row train, inside the otherwise frozen
-    /// MoE, on its domain plus a replay of the old ones (`replay`). Settings over `train`'s;
+    /// MoE, on its domain plus a replay of the old ones (`replay`). Settings over `experts`'s;
     /// `trainable` defaults to the new expert and its router row, and the load-balancing loss is
     /// off unless set here (it would pull the old domains' tokens to the new expert).
     #[serde(default)]

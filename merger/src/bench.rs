@@ -195,4 +195,24 @@ mod tests {
         }
         assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 3, "only the inputs remain");
     }
+
+    /// A merge of 64 experts keeps the benchmark's memory target (2 × the largest tensor +
+    /// 300 MB) although its output (1.6 GB) and its inputs (2.7 GB) are each several times that:
+    /// every output tensor is made from the memory-mapped inputs and written before the next.
+    /// About 7 GB of disk (`BTM_BENCH_DIR`, default a temporary folder) and a minute or two:
+    /// `cargo test -p btm-merger --release --lib -- --ignored sixty_four --nocapture`.
+    #[test]
+    #[ignore = "writes about 7 GB; run by hand"]
+    fn sixty_four_experts_merge_within_the_memory_target() {
+        let base = std::env::var_os("BTM_BENCH_DIR").map_or_else(std::env::temp_dir, PathBuf::from);
+        let tmp = tempfile::tempdir_in(base).unwrap();
+        let shape = BenchShape { experts: 64, hidden: 256, layers: 8, ffn: 1024, vocab: 8192, heads: 4 };
+        let r = run(tmp.path(), &shape).unwrap();
+        eprintln!("{}", serde_json::to_string(&r).unwrap());
+        let mb = |b: u64| b as f64 / 1048576.0;
+        assert!(mb(r.output_bytes) > 4.0 * r.rss_target_mb, "the output should dwarf the target: {r:?}");
+        if cfg!(target_os = "linux") {
+            assert!(r.peak_rss_mb <= r.rss_target_mb, "peak {:.0} MiB over the target {:.0} MiB: {r:?}", r.peak_rss_mb, r.rss_target_mb);
+        }
+    }
 }

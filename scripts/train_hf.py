@@ -1,6 +1,6 @@
 """A reference external trainer for btm: PyTorch + transformers, data-parallel, resumable.
 
-btm hands a training phase to any command that honours its contract (README, "External
+btm hands a training phase to any command that honours its contract (docs/training.md, "External
 trainers"): start from the Hugging Face model in ``--model-in``, leave a Hugging Face checkpoint
 of the same architecture in ``--model-out`` and exit 0; after a kill, running again resumes
 from this script's own checkpoints in ``--work-dir``. This script is the example to copy: the

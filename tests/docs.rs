@@ -113,3 +113,39 @@ fn the_complete_pipelines_in_docs_pipeline_md_validate() {
         );
     }
 }
+
+fn readme() -> String {
+    std::fs::read_to_string(repo_root().join("README.md")).expect("README.md")
+}
+
+/// The first code block after `heading` (its language tag and the block's text).
+fn first_block_after<'a>(doc: &'a str, heading: &str) -> &'a str {
+    let at = doc.find(heading).unwrap_or_else(|| panic!("README.md has no `{heading}`"));
+    let block = doc[at..].split("```").nth(1).unwrap_or_else(|| panic!("no code block after `{heading}`"));
+    block.split_once('\n').map_or(block, |(_, body)| body)
+}
+
+/// The README's pipeline is the quickstart's, so it runs as written.
+#[test]
+fn the_readme_pipeline_is_the_quickstart() {
+    let shown: serde_yaml::Value = serde_yaml::from_str(first_block_after(&readme(), "## A pipeline")).expect("README's pipeline parses");
+    let file = std::fs::read_to_string(repo_root().join("configs/quickstart.yaml")).unwrap();
+    let quickstart: serde_yaml::Value = serde_yaml::from_str(&file).unwrap();
+    assert_eq!(shown, quickstart, "README.md's pipeline differs from configs/quickstart.yaml");
+}
+
+/// The README shows two commands, the second of them short and exactly what CI runs.
+#[test]
+fn the_readme_test_command_is_what_ci_runs() {
+    let commands: Vec<String> = first_block_after(&readme(), "## The two commands")
+        .lines()
+        .map(|l| l.split(" #").next().unwrap_or(l).trim().to_string())
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .collect();
+    assert_eq!(commands.len(), 2, "README.md's two commands: {commands:?}");
+    let test_command = &commands[1];
+    assert!(test_command.len() <= 80, "the test command is {} characters: {test_command}", test_command.len());
+    let ci = std::fs::read_to_string(repo_root().join(".ci/run")).unwrap();
+    let ci_last = ci.lines().rev().find(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#')).unwrap().trim();
+    assert_eq!(ci_last, test_command, ".ci/run must end with the README's test command");
+}

@@ -315,7 +315,7 @@ pub enum Trainer {
     /// btm's own trainer.
     #[default]
     Btm,
-    /// Any command: a template with `{placeholder}`s (see the README's list), run by `sh -c`.
+    /// Any command: a template with `{placeholder}`s (docs/training.md lists them), run by `sh -c`.
     Command { command: String },
     /// `torchrun --standalone --nproc_per_node N SCRIPT ARGS…` on one node; on `nnodes` > 1, one
     /// torchrun per node meeting at a c10d rendezvous on the first node, which the engine gives

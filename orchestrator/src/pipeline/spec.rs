@@ -545,7 +545,7 @@ pub struct TrainParams {
     pub trainable: Option<btm_trainer::spec::Trainable>,
     /// Who trains this phase: `{kind: btm}` (default), `{kind: command, command: "… {model_in}
     /// … {model_out} …"}` or `{kind: torchrun, script: train.py, args: […], nproc_per_node: N}`:
-    /// an external engine through Hugging Face checkpoints (README, "External trainers"). Set
+    /// an external engine through Hugging Face checkpoints (docs/training.md, "External trainers"). Set
     /// in `experts` it holds for the expert phase (and the domains' overrides) and the dense
     /// baseline, which is trained like the experts; the other mix phases set their own.
     pub trainer: Option<btm_trainer::spec::Trainer>,
@@ -1000,7 +1000,7 @@ pub struct AddExperts {
     /// Share of the in-place training data drawn from the old domains' training text (split
     /// evenly among them): the guard keeps the new router row away from their tokens, and where
     /// no bias-free row can (a first layer's inputs), the new expert learns to serve them. 0.3,
-    /// measured: at 0.1 the old domains lost up to 2.2 % (README, "Adding a domain later").
+    /// measured: at 0.1 the old domains lost up to 2.2 % (docs/adding-domains.md).
     #[serde(default = "default_replay")]
     pub replay: f64,
     /// While training in place, the replayed old tokens keep the new expert out of their

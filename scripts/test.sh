@@ -56,8 +56,8 @@ VENV="$CACHE/venv"
 [ -x "$VENV/bin/kubernetes-validate" ] || { python3 -m venv "$VENV" && "$VENV/bin/pip" install -q kubernetes-validate; }
 TORCH_VENV="$CACHE/torch-venv"
 [ -x "$TORCH_VENV/bin/torchrun" ] && [ -x "$TORCH_VENV/bin/mergekit-moe" ] \
-  && "$TORCH_VENV/bin/python" -c "import torch, transformers, tensorboard, mergekit" 2>/dev/null || {
-  python3 -m venv "$TORCH_VENV" && "$TORCH_VENV/bin/pip" install -q "torch==2.9.1" "transformers>=5,<6" "tensorboard>=2.16" "mergekit==0.1.5"; }
+  && "$TORCH_VENV/bin/python" -c "import torch, transformers, tensorboard, mergekit, gguf" 2>/dev/null || {
+  python3 -m venv "$TORCH_VENV" && "$TORCH_VENV/bin/pip" install -q "torch==2.9.1" "transformers>=5,<6" "tensorboard>=2.16" "mergekit==0.1.5" "gguf==0.19.0"; }
 
 # Azurite, Microsoft's Azure Storage emulator, from npm (the Azure Blob tests start it).
 AZURITE="$CACHE/azurite"

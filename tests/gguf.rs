@@ -6,7 +6,8 @@
 //!
 //! Skipped without a Python that has torch, transformers and gguf; `BTM_REQUIRE_TORCH=1` (set by
 //! scripts/test.sh) makes a missing one a failure. llama.cpp itself (its perplexity on these
-//! files against transformers') is measured by scripts/gguf_ppl.py, recorded in docs/performance.md ("GGUF export and llama.cpp").
+//! files against transformers') is measured by scripts/gguf_ppl.py, recorded in
+//! docs/performance.md ("GGUF export and llama.cpp").
 
 mod common;
 

@@ -6,7 +6,9 @@
 pub mod commands;
 pub mod engine;
 pub mod executor;
+pub mod fuzz_targets;
 pub mod inputs;
 pub mod pipeline;
 pub mod plan;
 pub mod report;
+pub mod yaml;

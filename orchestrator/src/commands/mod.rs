@@ -38,8 +38,8 @@ pub fn read_spec<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> Resu
     use anyhow::Context as _;
     // A run in an object store keeps its specs there: fetched like `btm train --job`'s file.
     let local = btm_model::folder::fetch_file(&path.to_string_lossy())?;
-    let text = std::fs::read_to_string(&local).with_context(|| format!("reading job spec {}", path.display()))?;
-    serde_yaml::from_str(&text).map_err(|e| anyhow::anyhow!("job spec {}: {e}", path.display()))
+    let text = crate::yaml::read_to_string(&local).with_context(|| format!("reading job spec {}", path.display()))?;
+    crate::yaml::from_str(&text).map_err(|e| anyhow::anyhow!("job spec {}: {e}", path.display()))
 }
 
 /// A local folder for an input location (an object-store URL is fetched into the cache).

@@ -267,11 +267,7 @@ impl Engine for KubernetesEngine {
     }
 
     async fn state(&self, handle: &JobHandle) -> Result<JobState> {
-        let (name, indices) = handle.0.rsplit_once('/').context("kubernetes job handle")?;
-        let (first, last) = match indices.split_once('-') {
-            Some((a, b)) => (a.parse::<u64>()?, b.parse::<u64>()?),
-            None => (indices.parse::<u64>()?, indices.parse::<u64>()?),
-        };
+        let (name, first, last) = job_indices(&handle.0)?;
         let job = match self.jobs.get(name).await {
             Ok(job) => {
                 self.unreachable_since.lock().expect("lock").remove(name);
@@ -291,13 +287,7 @@ impl Engine for KubernetesEngine {
                 }
             },
         };
-        let states: Vec<JobState> = (first..=last).map(|i| index_state(job.status.as_ref(), i)).collect();
-        // A job is done when every node is; it failed when any node gave up.
-        Ok(match states.iter().find(|s| matches!(s, JobState::Failed(_))) {
-            Some(failed) => failed.clone(),
-            None if states.iter().all(|s| *s == JobState::Succeeded) => JobState::Succeeded,
-            None => JobState::Running,
-        })
+        Ok(indices_state(job.status.as_ref(), first, last))
     }
 
     async fn cancel(&self, handle: &JobHandle) -> Result<()> {
@@ -311,6 +301,34 @@ impl Engine for KubernetesEngine {
                 ApiFailure::Refused(m) | ApiFailure::Transient(m) => bail!(m),
             },
         }
+    }
+}
+
+/// The most indices one handle names: the nodes of one job (a pod each).
+const MAX_HANDLE_INDICES: u64 = 1 << 16;
+
+/// A handle's Job name and its first and last index (`NAME/3` or `NAME/3-5`, a multi-node job).
+pub fn job_indices(handle: &str) -> Result<(&str, u64, u64)> {
+    let (name, indices) = handle.rsplit_once('/').context("kubernetes job handle")?;
+    let (first, last) = match indices.split_once('-') {
+        Some((a, b)) => (a.parse::<u64>()?, b.parse::<u64>()?),
+        None => (indices.parse::<u64>()?, indices.parse::<u64>()?),
+    };
+    anyhow::ensure!(
+        first <= last && last - first < MAX_HANDLE_INDICES,
+        "kubernetes job handle `{handle}`: indices {first}-{last} are not a job's nodes"
+    );
+    Ok((name, first, last))
+}
+
+/// The state of a job that holds indices `first..=last` of an Indexed Job, from its `status`.
+pub fn indices_state(status: Option<&JobStatus>, first: u64, last: u64) -> JobState {
+    let states: Vec<JobState> = (first..=last).map(|i| index_state(status, i)).collect();
+    // A job is done when every node is; it failed when any node gave up.
+    match states.iter().find(|s| matches!(s, JobState::Failed(_))) {
+        Some(failed) => failed.clone(),
+        None if states.iter().all(|s| *s == JobState::Succeeded) => JobState::Succeeded,
+        None => JobState::Running,
     }
 }
 

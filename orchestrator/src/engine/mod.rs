@@ -16,6 +16,22 @@ use std::path::PathBuf;
 
 pub use local::LocalEngine;
 
+/// An HTTP answer's body as text, refused once it passes `limit` bytes: a server (or a proxy in
+/// front of it) that streams without end must not take the orchestrator's memory with it.
+pub async fn answer_text(mut resp: reqwest::Response, limit: usize) -> Result<String> {
+    if let Some(len) = resp.content_length().filter(|&n| n > limit as u64) {
+        anyhow::bail!("answer of {len} bytes, over btm's limit of {limit}");
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = resp.chunk().await? {
+        if body.len() + chunk.len() > limit {
+            anyhow::bail!("answer of more than {limit} bytes, over btm's limit");
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(String::from_utf8_lossy(&body).into_owned())
+}
+
 /// How long an engine's polls may keep failing (cluster unreachable) before the run stops,
 /// leaving its jobs to the cluster (a re-run picks them up). A failed poll never fails a job by
 /// itself: that would start a second trainer on a task that may still be running.

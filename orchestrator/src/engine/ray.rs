@@ -92,7 +92,7 @@ impl Api {
         let unreachable = |e: reqwest::Error| Failure::Unreachable(format!("{method} {path}: {:#}", anyhow::Error::from(e)));
         let resp = req.send().await.map_err(unreachable)?;
         let status = resp.status().as_u16();
-        let text = resp.text().await.map_err(unreachable)?;
+        let text = super::answer_text(resp, MAX_ANSWER_BYTES).await.map_err(|e| Failure::Unreachable(format!("{method} {path}: {e:#}")))?;
         if status == 401 || status == 403 {
             return Err(Failure::Fatal(self.refused(status, &text)));
         }
@@ -138,12 +138,12 @@ impl Api {
 
 /// Whether a server error is Ray's refusal of the request: the dashboard answers its job
 /// agent's 400 (a duplicate submission id, a bad field) with a 500 whose traceback says so.
-fn refusal(text: &str) -> bool {
+pub fn refusal(text: &str) -> bool {
     text.contains("already exists") || text.contains("status code 4")
 }
 
 /// What Ray said, in one line: the last line of a traceback (`ValueError: …`), or the text.
-fn ray_error(text: &str) -> String {
+pub fn ray_error(text: &str) -> String {
     let line = text.lines().map(str::trim).rfind(|l| !l.is_empty() && *l != ".").unwrap_or("");
     line.chars().take(300).collect()
 }
@@ -158,8 +158,17 @@ pub fn submission_id(name: &str, id: &str, attempt: u32) -> String {
     }
 }
 
+/// The most of an answer btm reads from Ray: a job's record is a few KiB, its log (`GET
+/// /api/jobs/{id}/logs`, appended to the job's log) can be long.
+pub const MAX_ANSWER_BYTES: usize = 64 << 20;
+
+/// A Ray job's record, from its `GET /api/jobs/{id}` answer.
+pub fn job_answer(text: &str) -> Result<Value> {
+    Ok(serde_json::from_str(text)?)
+}
+
 /// A Ray job's state from its `GET /api/jobs/{id}` answer.
-fn to_state(v: &Value) -> JobState {
+pub fn to_state(v: &Value) -> JobState {
     let status = v["status"].as_str().unwrap_or("");
     match status {
         "SUCCEEDED" => JobState::Succeeded,
@@ -301,7 +310,7 @@ impl RayEngine {
         }
         let (status, text) = self.api.send_patiently(Method::GET, &format!("/api/jobs/{sid}"), None).await?;
         let existing: Value = match status {
-            200 => serde_json::from_str(&text).with_context(|| format!("Ray's answer about job {sid} is not JSON"))?,
+            200 => job_answer(&text).with_context(|| format!("Ray's answer about job {sid} is not JSON"))?,
             // Deleted between the two requests: the id is free again.
             404 => return Box::pin(self.submit_or_follow(body, sid)).await,
             _ => bail!("Ray job {sid} exists but cannot be read (HTTP {status}): {}", ray_error(&text)),
@@ -328,7 +337,7 @@ impl RayEngine {
             s => return Err(Failure::Fatal(anyhow!("Ray job {}: HTTP {s}: {}", handle.0, ray_error(&text)))),
         }
         // Not JSON: a proxy's error page in front of the dashboard; ask again.
-        let v: Value = serde_json::from_str(&text).map_err(|e| Failure::Unreachable(format!("answer not JSON: {e}")))?;
+        let v: Value = job_answer(&text).map_err(|e| Failure::Unreachable(format!("answer not JSON: {e}")))?;
         let state = to_state(&v);
         let limit = self.jobs.lock().expect("lock").get(handle).and_then(|f| f.time_limit_min);
         if let (JobState::Running, Some(min), Some(started)) = (&state, limit, v["start_time"].as_u64()) {

@@ -50,7 +50,7 @@ pub const DEFAULT_MAX_ARRAY_SIZE: usize = 1001;
 const SCONTROL_CONFIG_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// `MaxArraySize` from `scontrol show config`'s output (`MaxArraySize            = 1001`).
-fn parse_max_array_size(config: &str) -> Option<usize> {
+pub fn parse_max_array_size(config: &str) -> Option<usize> {
     config.lines().find_map(|l| {
         let (key, value) = l.split_once('=')?;
         (key.trim() == "MaxArraySize").then(|| value.trim().parse().ok())?
@@ -325,11 +325,7 @@ impl SlurmEngine {
         if !out.status.success() {
             bail!("sbatch failed: {}", String::from_utf8_lossy(&out.stderr).trim());
         }
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let id = stdout.trim().split(';').next().unwrap_or("").to_string();
-        if id.parse::<u64>().is_err() {
-            bail!("sbatch printed no job id: `{}`", stdout.trim());
-        }
+        let id = sbatch_job_id(&String::from_utf8_lossy(&out.stdout))?;
         Ok(Self::handles(&id, jobs.len()))
     }
 
@@ -337,18 +333,16 @@ impl SlurmEngine {
     /// while); `Err(Poll::Unreachable)` when Slurm could not be asked.
     async fn state_cli(&self, handle: &JobHandle) -> Result<JobState, Poll> {
         let out = slurm_tool("squeue").args(["-h", "-o", "%T", "-j", &handle.0]).output().await.map_err(Poll::unreachable)?;
-        let text = String::from_utf8_lossy(&out.stdout);
-        if let Some(state) = text.lines().map(str::trim).find(|l| !l.is_empty()) {
-            return Ok(to_state(state));
+        if let Some(state) = squeue_state(&String::from_utf8_lossy(&out.stdout)) {
+            return Ok(state);
         }
         let squeue_err = String::from_utf8_lossy(&out.stderr).into_owned();
         if !out.status.success() && !unknown_job(&squeue_err) {
             return Err(Poll::Unreachable(format!("squeue: {}", squeue_err.trim())));
         }
         let out = slurm_tool("scontrol").args(["show", "job", "-o", &handle.0]).output().await.map_err(Poll::unreachable)?;
-        let text = String::from_utf8_lossy(&out.stdout);
-        match text.split_whitespace().find_map(|kv| kv.strip_prefix("JobState=")) {
-            Some(state) => Ok(to_state(state)),
+        match scontrol_state(&String::from_utf8_lossy(&out.stdout)) {
+            Some(state) => Ok(state),
             None => {
                 let err = String::from_utf8_lossy(&out.stderr);
                 if out.status.success() || unknown_job(&err) {
@@ -370,6 +364,9 @@ impl SlurmEngine {
 }
 
 /// slurmrestd's OpenAPI document (`GET /openapi/v3`), fetched once when the engine starts.
+/// The most of slurmrestd's OpenAPI document btm reads (Slurm 24.05's is about 1 MiB).
+const MAX_OPENAPI_BYTES: usize = 64 << 20;
+
 fn openapi_document(client: &reqwest::Client, url: &str, user: &str, token: &str) -> Result<Value> {
     let request = client
         .get(format!("{}/openapi/v3", url.trim_end_matches('/')))
@@ -384,7 +381,8 @@ fn openapi_document(client: &reqwest::Client, url: &str, user: &str, token: &str
                 let resp = request.send().await?;
                 let status = resp.status();
                 ensure!(status.is_success(), "HTTP {status}");
-                Ok(resp.json::<Value>().await?)
+                let text = super::answer_text(resp, MAX_OPENAPI_BYTES).await?;
+                Ok(serde_json::from_str::<Value>(&text)?)
             })
         })
         .join()
@@ -452,18 +450,14 @@ impl Rest {
         }
         let resp = req.send().await.with_context(|| format!("slurmrestd {method} {path}"))?;
         let status = resp.status();
-        let text = resp.text().await?;
+        let text = super::answer_text(resp, MAX_REST_ANSWER_BYTES).await.with_context(|| format!("slurmrestd {method} {path}"))?;
         if status == reqwest::StatusCode::UNAUTHORIZED
             || status == reqwest::StatusCode::FORBIDDEN
             || text.contains("Authentication failure")
         {
             bail!("slurmrestd rejected the token in `{}` (expired or wrong?) for user `{}`: HTTP {status}", self.token_env, self.user);
         }
-        let v: Value = serde_json::from_str(&text).with_context(|| format!("slurmrestd {method} {path}: HTTP {status}, not JSON"))?;
-        let errors: Vec<String> = v["errors"]
-            .as_array()
-            .map(|a| a.iter().map(|e| e["description"].as_str().or(e["error"].as_str()).unwrap_or("error").to_string()).collect())
-            .unwrap_or_default();
+        let (v, errors) = rest_answer(&text).with_context(|| format!("slurmrestd {method} {path}: HTTP {status}"))?;
         if !errors.is_empty() {
             let joined = errors.join("; ");
             // slurmrestd 22.05 answers a bad token with unhelpful errors ("Zero Bytes were
@@ -488,7 +482,10 @@ impl Rest {
             .send()
             .await;
         match resp {
-            Ok(r) => r.json::<Value>().await.is_ok_and(|v| v["errors"].as_array().is_none_or(|e| e.is_empty())),
+            Ok(r) => match super::answer_text(r, MAX_REST_ANSWER_BYTES).await {
+                Ok(text) => rest_answer(&text).is_ok_and(|(_, errors)| errors.is_empty()),
+                Err(_) => false,
+            },
             Err(_) => false,
         }
     }
@@ -572,15 +569,12 @@ impl SlurmEngine {
             );
         }
         let v = rest.call(reqwest::Method::POST, "/job/submit", Some(json!({"script": script, "job": job}))).await?;
-        let id = v["job_id"].as_u64().context("slurmrestd: the submit answer has no job_id")?;
+        let id = rest_submitted_id(&v)?;
         Ok(Self::handles(&id.to_string(), jobs.len()))
     }
 
     async fn state_rest(&self, rest: &Rest, handle: &JobHandle) -> Result<JobState, Poll> {
-        let (job_id, task) = match handle.0.split_once('_') {
-            Some((j, t)) => (j, Some(t.parse::<u64>().map_err(|e| Poll::Fatal(e.into()))?)),
-            None => (handle.0.as_str(), None),
-        };
+        let (job_id, task) = array_task(&handle.0).map_err(Poll::Fatal)?;
         let v = match rest.call(reqwest::Method::GET, &format!("/job/{job_id}"), None).await {
             Ok(v) => v,
             Err(e) if e.to_string().contains("token") => return Err(Poll::Fatal(e)),
@@ -589,18 +583,71 @@ impl SlurmEngine {
             // No answer (slurmrestd or the controller down, a timeout): unknown, not failed.
             Err(e) => return Err(Poll::Unreachable(format!("{e:#}"))),
         };
-        let jobs = v["jobs"].as_array().cloned().unwrap_or_default();
-        let state = |j: &Value| answered_state(&j["job_state"]);
-        let mine = jobs.iter().find(|j| match task {
-            None => true,
-            Some(t) => answered_number(&j["array_task_id"]) == Some(t),
-        });
-        Ok(match mine {
-            Some(j) => to_state(&state(j)),
-            // A pending array keeps its unstarted tasks in one record.
-            None if jobs.iter().any(|j| unfinished(&state(j))) => JobState::Running,
-            None => JobState::Failed("unknown to Slurm".into()),
-        })
+        Ok(rest_job_state(&v, task))
+    }
+}
+
+/// The job id `sbatch --parsable` prints (`ID` or `ID;CLUSTER`).
+pub fn sbatch_job_id(stdout: &str) -> Result<String> {
+    let id = stdout.trim().split(';').next().unwrap_or("").to_string();
+    if id.parse::<u64>().is_err() {
+        bail!("sbatch printed no job id: `{}`", stdout.trim());
+    }
+    Ok(id)
+}
+
+/// The state `squeue -h -o %T` prints (its first non-empty line); `None` when it printed none.
+pub fn squeue_state(stdout: &str) -> Option<JobState> {
+    stdout.lines().map(str::trim).find(|l| !l.is_empty()).map(to_state)
+}
+
+/// The `JobState=` of `scontrol show job -o`'s output; `None` when it has none.
+pub fn scontrol_state(stdout: &str) -> Option<JobState> {
+    stdout.split_whitespace().find_map(|kv| kv.strip_prefix("JobState=")).map(to_state)
+}
+
+/// The most of a slurmrestd answer btm reads: a job's record or a submission's answer is a
+/// few KiB; the OpenAPI document, read separately, is larger.
+pub const MAX_REST_ANSWER_BYTES: usize = 16 << 20;
+
+/// A slurmrestd answer's JSON and the errors it reports in `errors` (often with HTTP 500).
+pub fn rest_answer(text: &str) -> Result<(Value, Vec<String>)> {
+    ensure!(text.len() <= MAX_REST_ANSWER_BYTES, "answer of {} bytes, over btm's limit of {MAX_REST_ANSWER_BYTES}", text.len());
+    let v: Value = serde_json::from_str(text).context("not JSON")?;
+    let errors: Vec<String> = v["errors"]
+        .as_array()
+        .map(|a| a.iter().map(|e| e["description"].as_str().or(e["error"].as_str()).unwrap_or("error").to_string()).collect())
+        .unwrap_or_default();
+    Ok((v, errors))
+}
+
+/// The job id of a slurmrestd `POST /job/submit` answer.
+pub fn rest_submitted_id(answer: &Value) -> Result<u64> {
+    answer["job_id"].as_u64().context("slurmrestd: the submit answer has no job_id")
+}
+
+/// A Slurm handle's job id and array task (`123_4`), or the job alone (`123`).
+pub fn array_task(handle: &str) -> Result<(&str, Option<u64>)> {
+    Ok(match handle.split_once('_') {
+        Some((j, t)) => (j, Some(t.parse::<u64>().with_context(|| format!("Slurm job handle `{handle}`"))?)),
+        None => (handle, None),
+    })
+}
+
+/// The state of array task `task` (or of the job, `None`) from slurmrestd's `GET /job/{id}`
+/// answer.
+pub fn rest_job_state(answer: &Value, task: Option<u64>) -> JobState {
+    let jobs = answer["jobs"].as_array().map(Vec::as_slice).unwrap_or_default();
+    let state = |j: &Value| answered_state(&j["job_state"]);
+    let mine = jobs.iter().find(|j| match task {
+        None => true,
+        Some(t) => answered_number(&j["array_task_id"]) == Some(t),
+    });
+    match mine {
+        Some(j) => to_state(&state(j)),
+        // A pending array keeps its unstarted tasks in one record.
+        None if jobs.iter().any(|j| unfinished(&state(j))) => JobState::Running,
+        None => JobState::Failed("unknown to Slurm".into()),
     }
 }
 

@@ -292,8 +292,8 @@ pub fn load(file: &Path, sets: &[String]) -> Result<Loaded, PipelineErrors> {
     let name = file.display().to_string();
     let err =
         |line, column, path: &str, message: String| PipelineError { file: name.clone(), line, column, path: path.to_string(), message };
-    let text = std::fs::read_to_string(file).map_err(|e| PipelineErrors(vec![err(0, 0, "", format!("cannot read: {e}"))]))?;
-    let mut value: Value = serde_yaml::from_str(&text).map_err(|e| {
+    let text = crate::yaml::read_to_string(file).map_err(|e| PipelineErrors(vec![err(0, 0, "", format!("cannot read: {e}"))]))?;
+    let mut value: Value = crate::yaml::from_str(&text).map_err(|e| {
         let (line, col) = e.location().map_or((0, 0), |l| (l.line(), l.column()));
         PipelineErrors(vec![err(line, col, "", format!("invalid YAML: {e}"))])
     })?;

@@ -339,6 +339,11 @@ pub fn load(file: &Path, sets: &[String]) -> Result<Loaded, PipelineErrors> {
     })?;
     let base_dir = file.parent().map(Path::to_path_buf).unwrap_or_default();
     if let Some(d) = &pipeline.discover {
+        // Before the domains are made: a `k` of 10^12 would allocate them without bound.
+        if d.k > MAX_DISCOVERED_DOMAINS {
+            let message = format!("at most {MAX_DISCOVERED_DOMAINS} clusters (one expert each), got {}", d.k);
+            return Err(PipelineErrors(vec![at("discover.k", message)]));
+        }
         pipeline.domains = discovered_domains(d.k, Path::new(""));
     }
     let problems = check(&pipeline, &base_dir);
@@ -347,6 +352,10 @@ pub fn load(file: &Path, sets: &[String]) -> Result<Loaded, PipelineErrors> {
     }
     Ok(Loaded { resolved_yaml: serde_yaml::to_string(&value).unwrap_or_default(), pipeline, base_dir, warnings })
 }
+
+/// The most domains `domains.discover.k` may ask for: c-BTM trains up to 128 experts, and btm
+/// plans runs of 1,024 domains.
+pub const MAX_DISCOVERED_DOMAINS: usize = 65_536;
 
 /// Keys renamed so that a reader can guess them: (old, new), at the top level. `train` was the
 /// expert phase; `ensemble` trained BTM's own arm and was easily confused with `eval.ensemble`.
@@ -935,6 +944,17 @@ mod tests {
         let p = dir.join(name);
         std::fs::write(&p, text).unwrap();
         p
+    }
+
+    /// Found while writing the pipeline fuzz target (its input is in
+    /// fuzz/regressions/pipeline_yaml): a huge `k` made as many domains before any check ran.
+    #[test]
+    fn a_huge_discover_k_is_refused_before_domains_are_made() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = write(dir.path(), "p.yaml", "name: t\nseed:\n  model: {hidden_size: 32, layers: 1, heads: 2, ffn: 64}\n  tokenizer: {vocab_size: 300}\n\
+             domains:\n  discover: {data: [u.jsonl], k: 1000000000000}\nexperts: {steps: 10}\n");
+        let err = load(&f, &[]).unwrap_err().to_string();
+        assert!(err.contains("domains.discover.k") && err.contains(&format!("at most {MAX_DISCOVERED_DOMAINS} clusters")), "{err}");
     }
 
     #[test]

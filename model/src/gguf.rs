@@ -1134,6 +1134,49 @@ mod tests {
         }
     }
 
+    /// Without `--outtype`, llama.cpp's `auto`: f16 for a float32 checkpoint, bf16 for a
+    /// bfloat16 one (here a sharded one: every shard is read), whose bf16 matrices are copied
+    /// bit for bit.
+    #[test]
+    fn the_default_type_follows_the_checkpoint_as_llama_cpp_does() {
+        let tmp = tempfile::tempdir().unwrap();
+        let f32_ckpt = Checkpoint::open(fixture("qwen3")).unwrap();
+        let bf16_dir = tmp.path().join("bf16");
+        let opts = crate::checkpoint::WriteOptions { dtype: DType::BF16, max_shard_bytes: 20_000, overwrite: false };
+        crate::checkpoint::rewrite(&f32_ckpt, &bf16_dir, &opts, None).unwrap();
+        assert!(bf16_dir.join(crate::checkpoint::INDEX_FILE).exists(), "the bf16 copy is sharded");
+        for (dir, want) in [(fixture("qwen3"), OutType::F16), (bf16_dir, OutType::Bf16)] {
+            let ckpt = Checkpoint::open(&dir).unwrap();
+            let out = tmp.path().join("m.gguf");
+            let summary = export(&ckpt, &out, &ExportOptions::default()).unwrap();
+            assert_eq!(summary.outtype, want);
+            let mut file = std::fs::File::open(&out).unwrap();
+            let content = Content::read(&mut file).unwrap();
+            assert_eq!(content.metadata["general.file_type"].to_u32().unwrap(), want.file_type());
+            assert_eq!(content.metadata["general.name"].to_string().unwrap(), dir.file_name().unwrap().to_str().unwrap());
+            for (name, info) in &content.tensor_infos {
+                let got = content.tensor(&mut file, name, &Device::Cpu).unwrap().dequantize(&Device::Cpu).unwrap();
+                let source = expected(&ckpt, name).unwrap();
+                if info.ggml_dtype == GgmlDType::BF16 {
+                    assert_eq!(source.dtype(), DType::BF16);
+                }
+                assert_eq!(
+                    max_abs_diff(&got, &source.to_dtype(DType::F32).unwrap().to_dtype(want_dtype(info.ggml_dtype)).unwrap()),
+                    0.0,
+                    "{name}"
+                );
+            }
+        }
+    }
+
+    fn want_dtype(t: GgmlDType) -> DType {
+        match t {
+            GgmlDType::F16 => DType::F16,
+            GgmlDType::BF16 => DType::BF16,
+            _ => DType::F32,
+        }
+    }
+
     #[test]
     fn refuses_what_llama_cpp_cannot_compute_by_name() {
         let cases = [

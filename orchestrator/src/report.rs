@@ -145,6 +145,96 @@ pub fn table(rows: &[Row]) -> String {
     s
 }
 
+/// Domains above which the report's perplexity table is summarised ([`summary_table`]): a
+/// column per domain stops being readable, and the whole table is in `perplexity.csv`.
+pub const TABLE_DOMAINS: usize = 12;
+/// Models of one family (`expert-<domain>`, …) above which the summary shows the family as one
+/// row of means.
+const FAMILY_ROWS: usize = 8;
+
+/// All domains any row was scored on, sorted.
+fn all_domains(rows: &[Row]) -> BTreeSet<String> {
+    rows.iter().flat_map(|r| r.ppl.keys().cloned()).collect()
+}
+
+/// The family of a model named after a domain (`expert-code` → `expert-`, `code`), if it is.
+fn family<'a>(label: &'a str, domains: &BTreeSet<String>) -> Option<(&'a str, &'a str)> {
+    label.char_indices().filter(|&(_, c)| c == '-').map(|(i, _)| label.split_at(i + 1)).find(|(_, d)| domains.contains(*d))
+}
+
+/// The perplexity table of a wide run (more than [`TABLE_DOMAINS`] domains) as Markdown: per
+/// model, how many domains it was scored on, its perplexity on its own domain (a domain's
+/// expert), and its average; a family of more than [`FAMILY_ROWS`] domain-named models
+/// (`expert-<domain>`) as one row of their means.
+pub fn summary_table(rows: &[Row]) -> String {
+    let domains = all_domains(rows);
+    let mut s = String::from(
+        "| model | domains scored | in-domain | average | tokens after seed | training FLOPs after seed |\n|---|---:|---:|---:|---:|---:|\n",
+    );
+    let mut families: BTreeMap<&str, Vec<&Row>> = BTreeMap::new();
+    for r in rows {
+        if let Some((prefix, _)) = family(&r.label, &domains) {
+            families.entry(prefix).or_default().push(r);
+        }
+    }
+    let in_domain = |r: &Row| family(&r.label, &domains).and_then(|(_, d)| r.ppl.get(d).copied());
+    let mut shown_families = BTreeSet::new();
+    for r in rows {
+        let group = family(&r.label, &domains).map(|(p, _)| p).filter(|p| families[p].len() > FAMILY_ROWS);
+        let Some(prefix) = group else {
+            let own = in_domain(r).map_or("–".to_string(), |p| format!("{p:.3}"));
+            let _ = writeln!(
+                s,
+                "| {} | {} | {own} | {:.3} | {} | {:.3e} |",
+                r.label,
+                r.ppl.len(),
+                r.average(),
+                r.tokens_after_seed,
+                r.flops_after_seed
+            );
+            continue;
+        };
+        if !shown_families.insert(prefix) {
+            continue;
+        }
+        let members = &families[prefix];
+        let (lo, hi) = members.iter().fold((usize::MAX, 0), |(lo, hi), r| (lo.min(r.ppl.len()), hi.max(r.ppl.len())));
+        let scored = if lo == hi { lo.to_string() } else { format!("{lo}–{hi}") };
+        let own: Vec<f64> = members.iter().filter_map(|r| in_domain(r)).collect();
+        let own = if own.is_empty() { "–".to_string() } else { format!("{:.3}", mean(&own)) };
+        let _ = writeln!(
+            s,
+            "| {prefix}<domain>: {} models, means | {scored} | {own} | {:.3} | {:.0} | {:.3e} |",
+            members.len(),
+            mean(&members.iter().map(|r| r.average()).collect::<Vec<_>>()),
+            mean(&members.iter().map(|r| r.tokens_after_seed as f64).collect::<Vec<_>>()),
+            mean(&members.iter().map(|r| r.flops_after_seed).collect::<Vec<_>>()),
+        );
+    }
+    s
+}
+
+/// Every score of every model, one `model,domain,perplexity` line each: the whole table, however
+/// wide (`perplexity.csv` beside the report).
+pub fn perplexity_csv(rows: &[Row]) -> String {
+    let mut s = String::from("model,domain,perplexity\n");
+    for r in rows {
+        for (d, p) in &r.ppl {
+            let _ = writeln!(s, "{},{},{p}", csv_field(&r.label), csv_field(d));
+        }
+    }
+    s
+}
+
+/// One CSV field (RFC 4180): quoted when it holds a comma, a quote or a line break.
+fn csv_field(text: &str) -> String {
+    if text.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", text.replace('"', "\"\""))
+    } else {
+        text.to_string()
+    }
+}
+
 /// Whether `label` is `base` or a repeat of it with another arm seed (`base-s<seed>`).
 fn is_arm(label: &str, base: &str) -> bool {
     label == base
@@ -297,6 +387,10 @@ pub fn line_plot(series: &[(String, Vec<(f64, f64)>)], y_label: &str) -> String 
         let dash = if i >= PALETTE.len() { r#" stroke-dasharray="6 3""# } else { "" };
         let path: Vec<String> = points.iter().map(|&(x, y)| format!("{:.1},{:.1}", sx(x), sy(y))).collect();
         let _ = write!(s, r#"<polyline fill="none" stroke="{color}" stroke-width="1.5"{dash} points="{}"/>"#, path.join(" "));
+        // The legend keeps to the plot's height: past LEGEND_ENTRIES series, a count of the rest.
+        if i >= LEGEND_ENTRIES {
+            continue;
+        }
         let ly = top + 14.0 + 16.0 * i as f64;
         let _ = write!(
             s,
@@ -306,23 +400,72 @@ pub fn line_plot(series: &[(String, Vec<(f64, f64)>)], y_label: &str) -> String 
         );
         let _ = write!(s, r#"<text x="{}" y="{}">{}</text>"#, w - right + 35.0, ly + 4.0, esc(name));
     }
+    if series.len() > LEGEND_ENTRIES {
+        let ly = top + 14.0 + 16.0 * LEGEND_ENTRIES as f64;
+        let _ = write!(s, r#"<text x="{}" y="{}">… {} more</text>"#, w - right + 10.0, ly + 4.0, series.len() - LEGEND_ENTRIES);
+    }
     s.push_str("</svg>");
     s
 }
 
-/// Share of each domain's tokens sent to each expert, one panel per MoE layer.
+/// Series a plot's legend names (the height of the plot holds about 22).
+const LEGEND_ENTRIES: usize = 20;
+
+/// Rows or columns a heatmap draws at most: past it, neighbours are binned together.
+const HEATMAP_CELLS: usize = 32;
+
+/// `n` items in at most `most` bins of consecutive items: the ranges.
+fn bins(n: usize, most: usize) -> Vec<std::ops::Range<usize>> {
+    let size = n.div_ceil(most.max(1)).max(1);
+    (0..n).step_by(size).map(|start| start..(start + size).min(n)).collect()
+}
+
+/// Share of each domain's tokens sent to each expert, one panel per MoE layer. Past
+/// [`HEATMAP_CELLS`] domains or experts, consecutive ones are binned: a cell is then the mean
+/// over its domains of the share sent to any of its experts (rows still sum to 100 %).
 pub fn routing_heatmap(title: &str, routing: &BTreeMap<String, Vec<Vec<f64>>>) -> String {
-    let domains: Vec<&String> = routing.keys().collect();
+    let names: Vec<&String> = routing.keys().collect();
     let layers = routing.values().map(|r| r.len()).max().unwrap_or(0);
-    let experts = routing.values().flat_map(|r| r.iter().map(|l| l.len())).max().unwrap_or(0);
-    let cell = 36.0;
-    let label_w = 110.0;
-    let panel_w = experts as f64 * cell + 20.0;
+    let n_experts = routing.values().flat_map(|r| r.iter().map(|l| l.len())).max().unwrap_or(0);
+    let (domain_bins, expert_bins) = (bins(names.len(), HEATMAP_CELLS), bins(n_experts, HEATMAP_CELLS));
+    let label = |r: &std::ops::Range<usize>, name: &dyn Fn(usize) -> String| {
+        if r.len() == 1 {
+            name(r.start)
+        } else {
+            format!("{}…{}", name(r.start), name(r.end - 1))
+        }
+    };
+    let domains: Vec<String> = domain_bins.iter().map(|r| label(r, &|i| names[i].clone())).collect();
+    let experts: Vec<String> = expert_bins.iter().map(|r| label(r, &|i| i.to_string())).collect();
+    // [layer][domain bin][expert bin]
+    let cells: Vec<Vec<Vec<f64>>> = (0..layers)
+        .map(|l| {
+            domain_bins
+                .iter()
+                .map(|dr| {
+                    expert_bins
+                        .iter()
+                        .map(|er| {
+                            let sum: f64 = dr
+                                .clone()
+                                .map(|d| routing[names[d]].get(l).map_or(0.0, |row| er.clone().filter_map(|e| row.get(e)).sum::<f64>()))
+                                .sum();
+                            sum / dr.len() as f64
+                        })
+                        .collect()
+                })
+                .collect()
+        })
+        .collect();
+    let binned = names.len() > domains.len() || n_experts > experts.len();
+    let cell = if binned { 30.0 } else { 36.0 };
+    let label_w = if binned { 150.0 } else { 110.0 };
+    let panel_w = experts.len() as f64 * cell + 20.0;
     let w = (label_w + panel_w * layers as f64 + 10.0).max(8.0 + 7.0 * title.chars().count() as f64);
-    let h = 50.0 + domains.len() as f64 * cell + 30.0;
+    let h = 50.0 + domains.len() as f64 * cell + if binned { 80.0 } else { 30.0 };
     let mut s = format!(r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="11">"#);
     let _ = write!(s, r#"<text x="4" y="14" font-size="13">{}</text>"#, esc(title));
-    for l in 0..layers {
+    for (l, panel) in cells.iter().enumerate() {
         let x0 = label_w + l as f64 * panel_w;
         let _ = write!(s, r#"<text x="{}" y="34">layer {l}</text>"#, x0);
         for (di, d) in domains.iter().enumerate() {
@@ -330,14 +473,14 @@ pub fn routing_heatmap(title: &str, routing: &BTreeMap<String, Vec<Vec<f64>>>) -
             if l == 0 {
                 let _ = write!(s, r#"<text x="{}" y="{}" text-anchor="end">{}</text>"#, label_w - 6.0, y + cell / 2.0 + 4.0, esc(d));
             }
-            let row = routing[*d].get(l).cloned().unwrap_or_default();
-            for (e, share) in row.iter().enumerate() {
+            for (e, share) in panel[di].iter().enumerate() {
                 let shade = (255.0 * (1.0 - share.clamp(0.0, 1.0))) as u8;
                 let x = x0 + e as f64 * cell;
                 let _ = write!(
                     s,
-                    r##"<rect x="{x}" y="{y}" width="{cell}" height="{cell}" fill="rgb({shade},{shade},255)" stroke="#fff"><title>{} → expert {e}: {:.1}%</title></rect>"##,
+                    r##"<rect x="{x}" y="{y}" width="{cell}" height="{cell}" fill="rgb({shade},{shade},255)" stroke="#fff"><title>{} → expert {}: {:.1}%</title></rect>"##,
                     esc(d),
+                    experts[e],
                     share * 100.0
                 );
                 let ink = if *share > 0.55 { "#fff" } else { "#000" };
@@ -350,13 +493,15 @@ pub fn routing_heatmap(title: &str, routing: &BTreeMap<String, Vec<Vec<f64>>>) -
                 );
             }
         }
-        for e in 0..experts {
-            let _ = write!(
-                s,
-                r#"<text x="{}" y="{}" text-anchor="middle">{e}</text>"#,
-                x0 + e as f64 * cell + cell / 2.0,
-                42.0 + domains.len() as f64 * cell + 14.0
-            );
+        for (e, name) in experts.iter().enumerate() {
+            // Binned expert labels (`0…31`) run down their column, not into the next one.
+            let (x, bottom) = (x0 + e as f64 * cell + cell / 2.0, 42.0 + domains.len() as f64 * cell);
+            if binned {
+                let (x, y) = (x - 4.0, bottom + 4.0);
+                let _ = write!(s, r#"<text x="{x}" y="{y}" transform="rotate(90 {x} {y})">{name}</text>"#);
+            } else {
+                let _ = write!(s, r#"<text x="{x}" y="{}" text-anchor="middle">{name}</text>"#, bottom + 14.0);
+            }
         }
     }
     s.push_str("</svg>");
@@ -404,11 +549,19 @@ pub fn arms_bar_chart(rows: &[Row]) -> Option<String> {
     .filter_map(|(name, label)| Some((name, pick(label)?)))
     .collect();
     let dense = arms.first().filter(|(name, _)| *name == "dense")?.1;
-    let domains: Vec<&String> = dense.ppl.keys().filter(|d| !dense.added_domains.contains(*d)).collect();
-    if arms.len() < 2 || domains.is_empty() {
+    let all: Vec<&String> = dense.ppl.keys().filter(|d| !dense.added_domains.contains(*d)).collect();
+    if arms.len() < 2 || all.is_empty() {
         return None;
     }
-    let y_max = arms.iter().flat_map(|(_, r)| domains.iter().filter_map(|d| r.ppl.get(*d))).fold(1.0f64, |m, &p| m.max(p)) * 1.05;
+    // Past HEATMAP_CELLS domains, consecutive ones share a group of bars: each arm's mean over them.
+    let groups = bins(all.len(), HEATMAP_CELLS);
+    let domains: Vec<String> =
+        groups.iter().map(|g| if g.len() == 1 { all[g.start].clone() } else { format!("{}…{}", all[g.start], all[g.end - 1]) }).collect();
+    let value = |r: &Row, g: usize| -> Option<f64> {
+        let v: Vec<f64> = groups[g].clone().filter_map(|d| r.ppl.get(all[d]).copied()).collect();
+        (!v.is_empty()).then(|| mean(&v))
+    };
+    let y_max = arms.iter().flat_map(|(_, r)| (0..groups.len()).filter_map(|g| value(r, g))).fold(1.0f64, |m, p| m.max(p)) * 1.05;
     let (bar, gap, left, top, bottom, legend) = (18.0, 24.0, 60.0, 20.0, 40.0, 130.0);
     let group = bar * arms.len() as f64 + gap;
     let (ph, pw) = (300.0, group * domains.len() as f64);
@@ -429,7 +582,7 @@ pub fn arms_bar_chart(rows: &[Row]) -> Option<String> {
     for (di, d) in domains.iter().enumerate() {
         let x0 = left + gap / 2.0 + di as f64 * group;
         for (ai, (name, r)) in arms.iter().enumerate() {
-            let Some(&p) = r.ppl.get(*d) else { continue };
+            let Some(p) = value(r, di) else { continue };
             let x = x0 + ai as f64 * bar;
             let _ = write!(
                 s,
@@ -485,8 +638,10 @@ pub fn best_btm_arm(rows: &[Row]) -> Option<(String, f64)> {
 pub fn write(run: &Path) -> Result<Written> {
     let plan = read_plan(run)?;
     let rows = rows(&plan);
-    let table = table(&rows);
+    let wide = all_domains(&rows).len() > TABLE_DOMAINS;
+    let table = if wide { summary_table(&rows) } else { table(&rows) };
     let folder = crate::executor::folder(run)?;
+    folder.write("perplexity.csv", perplexity_csv(&rows).as_bytes())?;
     let figures = report_figures(&plan, &rows);
     for (_, file, svg) in &figures {
         folder.write(format!("plots/{file}"), svg.as_bytes())?;
@@ -495,7 +650,7 @@ pub fn write(run: &Path) -> Result<Written> {
     let mut md = String::new();
     let name = run.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let _ = writeln!(md, "# btm run `{name}`\n");
-    perplexity_section(&mut md, &rows, &table);
+    perplexity_section(&mut md, &rows, &table, wide);
     let arms = arms_table(&rows);
     if let Some(arms) = &arms {
         arms_section(&mut md, arms);
@@ -504,7 +659,8 @@ pub fn write(run: &Path) -> Result<Written> {
     for (caption, file, _) in &figures {
         let _ = writeln!(md, "![{caption}](plots/{file})\n");
     }
-    jobs_section(&mut md, run, &plan);
+    let jobs_csv = jobs_section(&mut md, run, &plan);
+    folder.write("jobs.csv", jobs_csv.as_bytes())?;
     folder.write("report.md", md.as_bytes())?;
 
     folder.write("report.html", report_html(&name, &md, &figures).as_bytes())?;
@@ -539,12 +695,12 @@ fn report_figures(plan: &Plan, rows: &[Row]) -> Vec<(String, String, String)> {
 
 /// The report's Perplexity section: what it measures, `table`, and the best MoE against the
 /// dense baseline when the run has both.
-fn perplexity_section(md: &mut String, rows: &[Row], table: &str) {
+fn perplexity_section(md: &mut String, rows: &[Row], table: &str, wide: bool) {
     let _ = writeln!(md, "## Perplexity\n");
     let _ = writeln!(
         md,
         "Per-domain perplexity on the evaluation split (each document on its own, non-overlapping windows; \
-         see README). *Training FLOPs after seed* counts 6 · N_active · tokens for every training job on the \
+         see docs/models.md, \"Perplexity convention\"). *Training FLOPs after seed* counts 6 · N_active · tokens for every training job on the \
          way from the seed to the model (the forward and backward pass of every active parameter for every \
          training token; the seed's own training and the merge's calibration passes are not counted).{}\n",
         if rows.iter().any(|r| !r.added_domains.is_empty()) {
@@ -554,6 +710,14 @@ fn perplexity_section(md: &mut String, rows: &[Row], table: &str) {
             ""
         }
     );
+    if wide {
+        let _ = writeln!(
+            md,
+            "{} domains: each model's perplexity on its own domain (a domain's expert) and its average, a family of \
+             domain-named models as one row of means. Every score is in [perplexity.csv](perplexity.csv).\n",
+            all_domains(rows).len()
+        );
+    }
     md.push_str(table);
     if let (Some(best), Some(base)) = (
         rows.iter().filter(|r| r.label == "continued" || r.label == "merged").min_by(|a, b| a.average().total_cmp(&b.average())),
@@ -586,19 +750,66 @@ fn arms_section(md: &mut String, arms: &str) {
     md.push_str(arms);
 }
 
+/// Jobs up to which the report's Jobs section lists every job; past it, counts and run times
+/// per stage (every job is in `jobs.csv`).
+const REPORT_JOBS: usize = 60;
+
 /// The report's Jobs and lineage section: every job's id, run time, and the model it produced
-/// with that model's lineage.
-fn jobs_section(md: &mut String, run: &Path, plan: &Plan) {
+/// with that model's lineage (a wide run: per stage, its jobs, how many finished, their total
+/// and longest run time). Returns the whole list as CSV (`jobs.csv`).
+fn jobs_section(md: &mut String, run: &Path, plan: &Plan) -> String {
     let _ = writeln!(md, "## Jobs and lineage\n");
-    let _ = writeln!(md, "| job | id | seconds | produces | lineage |\n|---|---|---:|---|---|");
+    let mut csv = String::from("job,id,seconds,produces,lineage\n");
+    let mut lines = vec![];
+    // stage → (jobs, finished, total seconds, longest)
+    let mut stages: Vec<(&str, usize, usize, f64, f64)> = vec![];
     for j in &plan.jobs {
-        let secs = crate::executor::job_seconds(run, j).map_or("–".into(), |s| format!("{s:.1}"));
+        let seconds = crate::executor::job_seconds(run, j);
+        let secs = seconds.map_or("–".into(), |s| format!("{s:.1}"));
         let (produces, lineage) = match &j.produces {
             Some(m) => (m.label.clone(), lineage_cell(plan, &m.dir)),
             None => ("–".into(), "–".into()),
         };
-        let _ = writeln!(md, "| {} | `{}` | {secs} | {produces} | {lineage} |", j.name, j.id);
+        let _ = writeln!(
+            csv,
+            "{},{},{},{},{}",
+            csv_field(&j.name),
+            csv_field(&j.id),
+            seconds.map_or(String::new(), |s| format!("{s:.1}")),
+            csv_field(j.produces.as_ref().map_or("", |m| m.label.as_str())),
+            csv_field(if lineage == "–" { "" } else { &lineage })
+        );
+        lines.push(format!("| {} | `{}` | {secs} | {produces} | {lineage} |", j.name, j.id));
+        let stage = j.name.split('/').next().unwrap_or(&j.name);
+        let at = match stages.iter().position(|s| s.0 == stage) {
+            Some(i) => i,
+            None => {
+                stages.push((stage, 0, 0, 0.0, 0.0));
+                stages.len() - 1
+            }
+        };
+        let s = &mut stages[at];
+        s.1 += 1;
+        if let Some(t) = seconds {
+            s.2 += 1;
+            s.3 += t;
+            s.4 = s.4.max(t);
+        }
     }
+    if plan.jobs.len() <= REPORT_JOBS {
+        let _ = writeln!(md, "| job | id | seconds | produces | lineage |\n|---|---|---:|---|---|");
+        for l in lines {
+            let _ = writeln!(md, "{l}");
+        }
+    } else {
+        let _ =
+            writeln!(md, "{} jobs, by stage. Every job's id, run time, model and lineage is in [jobs.csv](jobs.csv).\n", plan.jobs.len());
+        let _ = writeln!(md, "| stage | jobs | finished | seconds, total | seconds, longest |\n|---|---:|---:|---:|---:|");
+        for (stage, jobs, finished, total, longest) in stages {
+            let _ = writeln!(md, "| {stage} | {jobs} | {finished} | {total:.1} | {longest:.1} |");
+        }
+    }
+    csv
 }
 
 /// The lineage of the model in `dir` as one table cell: its kind, its parents (domain and
@@ -661,6 +872,14 @@ fn report_html(name: &str, md: &str, figures: &[(String, String, String)]) -> St
 
 /// One line of the report's Markdown as HTML: escaped, `code` and *emphasis* marked up.
 fn inline_html(text: &str) -> String {
+    // A `[label](target)` link: the report's own files (perplexity.csv, jobs.csv).
+    if let Some((before, rest)) = text.split_once('[') {
+        if let Some((label, target, after)) = rest.split_once("](").and_then(|(l, r)| r.split_once(')').map(|(t, a)| (l, t, a))) {
+            if !label.contains('[') && !target.is_empty() && !target.contains([' ', '"']) {
+                return format!("{}<a href=\"{}\">{}</a>{}", inline_html(before), esc(target), inline_html(label), inline_html(after));
+            }
+        }
+    }
     let mut out = String::new();
     let (mut code, mut em) = (false, false);
     for c in esc(text).chars() {
@@ -763,6 +982,8 @@ mod tests {
                   ## Plots\n\n![Training loss](plots/loss.svg)\n\n## Jobs and lineage\n\n| job | id |\n|---|---|\n| seed | `abc` |\n";
         let figures = vec![("Training loss".to_string(), "loss.svg".to_string(), "<svg>plot</svg>".to_string())];
         let html = report_html("x", md, &figures);
+        let linked = report_html("x", "Every score is in [perplexity.csv](perplexity.csv).", &[]);
+        assert!(linked.contains(r#"<p>Every score is in <a href="perplexity.csv">perplexity.csv</a>.</p>"#), "{linked}");
         for needle in [
             "<h1>btm run <code>x</code></h1>",
             "<h2>Perplexity</h2>",
@@ -777,6 +998,59 @@ mod tests {
         ] {
             assert!(html.contains(needle), "`{needle}` missing from:\n{html}");
         }
+    }
+
+    /// A run of 1,024 domains: the table a model per line with its own-domain and average
+    /// perplexity, the experts one line of means, every score in the CSV; the heatmap of a
+    /// 1,024-expert MoE and the bar chart binned to at most 32 cells a side.
+    #[test]
+    fn a_wide_runs_table_and_plots_are_summarised() {
+        let n = 1024;
+        let domains: Vec<String> = (0..n).map(|i| format!("d{i:04}")).collect();
+        let scored = |label: &str, on: &[usize], ppl: f64| Row {
+            label: label.into(),
+            ppl: on.iter().map(|&d| (domains[d].clone(), ppl + d as f64 / n as f64)).collect(),
+            tokens_after_seed: 100,
+            flops_after_seed: 1e9,
+            routing: BTreeMap::new(),
+            added_domains: BTreeSet::new(),
+            active_params: 10,
+        };
+        let every: Vec<usize> = (0..n).collect();
+        let mut rows = vec![scored("baseline", &every, 20.0), scored("merged", &every, 10.0), scored("continued", &every, 9.0)];
+        // Each expert on its own domain (5) and the next eight (6).
+        for (i, own) in domains.iter().enumerate() {
+            let mut r = scored(&format!("expert-{own}"), &(0..9).map(|k| (i + k) % n).collect::<Vec<_>>(), 6.0);
+            r.ppl.insert(own.clone(), 5.0);
+            rows.push(r);
+        }
+        let t = summary_table(&rows);
+        assert_eq!(t.lines().count(), 2 + 4, "{t}");
+        assert!(t.contains("| merged | 1024 | – | 10.500 | 100 | 1.000e9 |"), "{t}");
+        assert!(t.contains("| expert-<domain>: 1024 models, means | 9 | 5.000 |"), "{t}");
+        let csv = perplexity_csv(&rows);
+        assert_eq!(csv.lines().count(), 1 + 3 * n + 9 * n);
+        assert!(csv.contains("\nexpert-d0007,d0007,5\n") && csv.contains("\nmerged,d1023,10.9990234375\n"), "{}", &csv[..300]);
+        assert_eq!(csv_field("a,b \"c\""), "\"a,b \"\"c\"\"\"");
+
+        let routing: BTreeMap<String, Vec<Vec<f64>>> = (0..n)
+            .map(|d| {
+                let mut row = vec![0.0; n];
+                row[d] = 1.0;
+                (domains[d].clone(), vec![row])
+            })
+            .collect();
+        let svg = routing_heatmap("merged", &routing);
+        assert_eq!(svg.matches("<rect").count(), 32 * 32, "one layer of 32 × 32 cells");
+        // Each domain sends everything to its own expert: the diagonal bins hold it all.
+        assert!(svg.contains("d0000…d0031 → expert 0…31: 100.0%") && svg.contains("d0000…d0031 → expert 32…63: 0.0%"), "binned cells");
+        assert!(svg.len() < 400_000, "{} bytes", svg.len());
+        let bars = arms_bar_chart(&rows).unwrap();
+        assert_eq!(bars.matches("<rect x=").count(), 2 * 32 + 2, "two arms over 32 groups, two legend keys");
+        assert!(bars.contains("<title>btm-merge on d0000…d0031:"), "{}", &bars[..600]);
+        let series: Vec<(String, Vec<(f64, f64)>)> = (0..n).map(|i| (format!("expert-{i}"), vec![(0.0, 5.0), (10.0, 4.0)])).collect();
+        let plot = loss_plot(&series);
+        assert!(plot.matches("<line ").count() == LEGEND_ENTRIES && plot.contains(&format!("… {} more", n - LEGEND_ENTRIES)));
     }
 
     #[test]

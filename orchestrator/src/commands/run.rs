@@ -348,6 +348,12 @@ impl RunLock {
 pub struct RunDirArgs {
     /// The run folder (a path or an object-store URL).
     pub run: PathBuf,
+    /// Everything, however wide the run: `btm status` lists every job (by default a run of
+    /// more than 40 jobs is summarised: counts per stage, the started jobs, the next pending
+    /// ones); `btm report` prints the whole perplexity table (by default summarised above 12
+    /// domains; the whole table is always in `perplexity.csv`).
+    #[arg(long)]
+    pub all: bool,
 }
 
 fn last_metrics(run: &Path, job: &Job) -> Option<Value> {
@@ -372,52 +378,153 @@ fn engine_job(run: &Path, job: &Job) -> Option<String> {
     Some(format!("{} job {}", v["engine"].as_str()?, v["job"].as_str()?))
 }
 
+/// Where a job stands, from the markers in its folder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum JobState {
+    Done,
+    /// Started and not done: running, or ended without its outputs.
+    Started,
+    Pending,
+}
+
+impl JobState {
+    fn word(self) -> &'static str {
+        match self {
+            JobState::Done => "done",
+            JobState::Started => "started",
+            JobState::Pending => "pending",
+        }
+    }
+}
+
+/// Jobs up to which `btm status` lists every one; past it, a summary (see [`status_summary`]).
+const STATUS_LIST_JOBS: usize = 40;
+/// Started jobs a summary lists (running or failed: the ones to look at) before eliding.
+const STATUS_STARTED_SHOWN: usize = 20;
+/// Pending jobs a summary lists (those next to start first) before eliding.
+const STATUS_PENDING_SHOWN: usize = 10;
+
+/// A job's status line: name, state, training progress, engine id, last error, dependencies.
+fn status_line(run: &Path, j: &Job, state: JobState, width: usize) -> String {
+    let mut line = format!("{:<width$} {:<8}", j.name, state.word());
+    if let (Some(t), Some(m)) = (&j.train, last_metrics(run, j)) {
+        let step = m["step"].as_u64().unwrap_or(0);
+        line.push_str(&format!(" step {step}/{}", t.steps));
+        if let Some(loss) = m["loss"].as_f64() {
+            line.push_str(&format!(" loss {loss:.3}"));
+        }
+        if state != JobState::Done {
+            if let Some(tps) = m["tokens_per_s"].as_f64().filter(|t| *t > 0.0) {
+                let left = t.tokens.saturating_sub(m["tokens_seen"].as_u64().unwrap_or(0)) as f64 / tps;
+                line.push_str(&format!(" ETA {left:.0}s"));
+            }
+        }
+    }
+    if let Some(id) = engine_job(run, j) {
+        line.push_str(&format!(" [{id}]"));
+    }
+    if state == JobState::Started {
+        if let Some(error) = last_error(run, j) {
+            line.push_str(&format!(" — {error}"));
+        }
+    }
+    if !j.deps.is_empty() && state == JobState::Pending {
+        line.push_str(&format!(" (after {})", j.deps.join(", ")));
+    }
+    line
+}
+
+/// A job's stage: its name up to the first `/` (`expert/code` → `expert`).
+fn stage(name: &str) -> &str {
+    name.split('/').next().unwrap_or(name)
+}
+
+/// The status of a wide run in a bounded number of lines: a table of jobs per stage and state,
+/// every started job (up to [`STATUS_STARTED_SHOWN`]), the pending jobs next to start (those
+/// whose dependencies are done first, up to [`STATUS_PENDING_SHOWN`]), each list ending in
+/// `… N more` when cut. `line` renders one job (it reads that job's metrics and log, so only
+/// the jobs shown are read).
+fn status_summary(jobs: &[Job], states: &[JobState], mut line: impl FnMut(&Job, JobState) -> String) -> Vec<String> {
+    let mut stages: Vec<(&str, [usize; 3])> = vec![];
+    for (j, s) in jobs.iter().zip(states) {
+        let at = match stages.iter().position(|(name, _)| *name == stage(&j.name)) {
+            Some(i) => i,
+            None => {
+                stages.push((stage(&j.name), [0; 3]));
+                stages.len() - 1
+            }
+        };
+        stages[at].1[*s as usize] += 1;
+    }
+    let width = stages.iter().map(|(n, _)| n.len()).max().unwrap_or(0).max("stage".len());
+    let mut out = vec![
+        format!("{} jobs in {} stages (btm status --all lists every job):", jobs.len(), stages.len()),
+        format!("  {:<width$} {:>7} {:>7} {:>7} {:>7}", "stage", "jobs", "done", "started", "pending"),
+    ];
+    for (name, [done, started, pending]) in &stages {
+        out.push(format!("  {name:<width$} {:>7} {done:>7} {started:>7} {pending:>7}", done + started + pending));
+    }
+    let mut list = |title: &str, picked: Vec<usize>, shown: usize, state: JobState| {
+        if picked.is_empty() {
+            return;
+        }
+        out.push(format!("{title} ({}):", picked.len()));
+        for &i in picked.iter().take(shown) {
+            out.push(format!("  {}", line(&jobs[i], state)));
+        }
+        if picked.len() > shown {
+            out.push(format!("  … {} more", picked.len() - shown));
+        }
+    };
+    let of = |want: JobState| (0..jobs.len()).filter(|&i| states[i] == want).collect::<Vec<_>>();
+    list("started", of(JobState::Started), STATUS_STARTED_SHOWN, JobState::Started);
+    let done: std::collections::HashSet<&str> =
+        jobs.iter().zip(states).filter(|(_, s)| **s == JobState::Done).map(|(j, _)| j.name.as_str()).collect();
+    let mut pending = of(JobState::Pending);
+    // Stable: plan order among the ready ones, then among the waiting ones.
+    pending.sort_by_key(|&i| !jobs[i].deps.iter().all(|d| done.contains(d.as_str())));
+    list("pending, next to start first", pending, STATUS_PENDING_SHOWN, JobState::Pending);
+    out
+}
+
 pub fn status(args: RunDirArgs) -> Result<()> {
     let plan = crate::report::read_plan(&args.run)?;
-    let mut done = 0;
-    let width = plan.jobs.iter().map(|j| j.name.len()).max().unwrap_or(0);
+    let run = crate::executor::folder(&plan.run_dir)?;
+    let mut states = Vec::with_capacity(plan.jobs.len());
     for j in &plan.jobs {
-        let state = if crate::executor::is_done(&plan.run_dir, j) {
-            done += 1;
-            "done".to_string()
-        } else if crate::executor::folder(&plan.run_dir)?.exists(j.dir(&plan.run_dir).join("started.json"))? {
-            "started".to_string()
+        states.push(if crate::executor::is_done(&plan.run_dir, j) {
+            JobState::Done
+        } else if run.exists(j.dir(&plan.run_dir).join("started.json"))? {
+            JobState::Started
         } else {
-            "pending".to_string()
-        };
-        let mut line = format!("{:<width$} {:<8}", j.name, state);
-        if let (Some(t), Some(m)) = (&j.train, last_metrics(&plan.run_dir, j)) {
-            let step = m["step"].as_u64().unwrap_or(0);
-            line.push_str(&format!(" step {step}/{}", t.steps));
-            if let Some(loss) = m["loss"].as_f64() {
-                line.push_str(&format!(" loss {loss:.3}"));
-            }
-            if state != "done" {
-                if let Some(tps) = m["tokens_per_s"].as_f64().filter(|t| *t > 0.0) {
-                    let left = t.tokens.saturating_sub(m["tokens_seen"].as_u64().unwrap_or(0)) as f64 / tps;
-                    line.push_str(&format!(" ETA {left:.0}s"));
-                }
-            }
+            JobState::Pending
+        });
+    }
+    let done = states.iter().filter(|s| **s == JobState::Done).count();
+    if args.all || plan.jobs.len() <= STATUS_LIST_JOBS {
+        let width = plan.jobs.iter().map(|j| j.name.len()).max().unwrap_or(0);
+        for (j, state) in plan.jobs.iter().zip(&states) {
+            println!("{}", status_line(&plan.run_dir, j, *state, width));
         }
-        if let Some(id) = engine_job(&plan.run_dir, j) {
-            line.push_str(&format!(" [{id}]"));
+    } else {
+        // Only the jobs listed are padded to one another.
+        let width = plan.jobs.iter().zip(&states).filter(|(_, s)| **s != JobState::Done).map(|(j, _)| j.name.len()).max().unwrap_or(0);
+        let width = width.min(40);
+        for l in status_summary(&plan.jobs, &states, |j, s| status_line(&plan.run_dir, j, s, width)) {
+            println!("{l}");
         }
-        if state == "started" {
-            if let Some(error) = last_error(&plan.run_dir, j) {
-                line.push_str(&format!(" — {error}"));
-            }
-        }
-        if !j.deps.is_empty() && state == "pending" {
-            line.push_str(&format!(" (after {})", j.deps.join(", ")));
-        }
-        println!("{line}");
     }
     println!("{done}/{} jobs done", plan.jobs.len());
     Ok(())
 }
 
 pub fn report(args: RunDirArgs) -> Result<()> {
-    println!("{}", crate::report::write(&args.run)?.table);
+    let written = crate::report::write(&args.run)?;
+    if args.all {
+        println!("{}", crate::report::table(&crate::report::rows(&crate::report::read_plan(&args.run)?)));
+    } else {
+        println!("{}", written.table);
+    }
     println!("report: {}", args.run.join("report.md").display());
     Ok(())
 }
@@ -470,6 +577,59 @@ mod tests {
         assert_eq!(redone_by_an_older_plan(&run, &plan).unwrap(), vec!["done"]);
         run.write("plan.json", &serde_json::to_vec(&plan).unwrap()).unwrap();
         assert!(redone_by_an_older_plan(&run, &plan).unwrap().is_empty(), "planned by this btm");
+    }
+
+    /// The status of a run of 1,024 domains (2,052 jobs) fits in a screen or two whatever the
+    /// jobs' states: counts per stage, the started jobs, the next pending ones, `… N more`.
+    #[test]
+    fn the_status_of_a_wide_run_stays_under_a_line_bound() {
+        let job = |name: String, deps: Vec<String>| Job {
+            id: name.clone(),
+            name,
+            kind: JobKind::Eval,
+            deps,
+            args: vec![],
+            files: vec![],
+            outputs: vec![],
+            resumable: false,
+            resources: Resources::default(),
+            train: None,
+            produces: None,
+        };
+        let n = 1024;
+        let mut jobs = vec![job("tokenizer".into(), vec![]), job("seed".into(), vec!["tokenizer".into()])];
+        jobs.extend((0..n).map(|i| job(format!("expert/d{i}"), vec!["seed".into()])));
+        jobs.push(job("merge".into(), (0..n).map(|i| format!("expert/d{i}")).collect()));
+        jobs.extend((0..n).map(|i| job(format!("eval/expert-d{i}"), vec![format!("expert/d{i}")])));
+        jobs.push(job("eval/merged".into(), vec!["merge".into()]));
+        let bound = 12 + STATUS_STARTED_SHOWN + STATUS_PENDING_SHOWN;
+        // Half the experts done and evaluated, 30 experts started, the rest pending.
+        let domain = |name: &str| name.rsplit_once("/d").or_else(|| name.rsplit_once("-d")).and_then(|(_, i)| i.parse::<usize>().ok());
+        let states: Vec<JobState> = jobs
+            .iter()
+            .map(|j| match (j.name.as_str(), domain(&j.name)) {
+                ("tokenizer" | "seed", _) => JobState::Done,
+                (_, Some(d)) if d < n / 2 => JobState::Done,
+                (name, Some(d)) if name.starts_with("expert/") && d < n / 2 + 30 => JobState::Started,
+                _ => JobState::Pending,
+            })
+            .collect();
+        let lines = status_summary(&jobs, &states, |j, s| format!("{} {}", j.name, s.word()));
+        let text = lines.join("\n");
+        assert!(lines.len() <= bound, "{} lines:\n{text}", lines.len());
+        assert!(text.contains(&format!("{} jobs in 5 stages", jobs.len())), "{text}");
+        let expert = format!("  {:<9} {:>7} {:>7} {:>7} {:>7}", "expert", n, n / 2, 30, n / 2 - 30);
+        assert!(lines.contains(&expert), "{text}");
+        assert!(text.contains("started (30):") && text.contains("expert/d512 started") && text.contains("  … 10 more"), "{text}");
+        // The ready ones first: the experts not started (their seed is done), before the evals
+        // and the merge that wait on experts.
+        assert!(text.contains("pending, next to start first") && text.contains("  expert/d542 pending"), "{text}");
+        assert!(text.contains(&format!("  … {} more", (n / 2 - 30) + (n / 2) + 2 - STATUS_PENDING_SHOWN)), "{text}");
+        // Every state alike: still bounded.
+        for all in [JobState::Done, JobState::Started, JobState::Pending] {
+            let lines = status_summary(&jobs, &vec![all; jobs.len()], |j, s| format!("{} {}", j.name, s.word()));
+            assert!(lines.len() <= bound, "{all:?}: {} lines", lines.len());
+        }
     }
 
     #[test]

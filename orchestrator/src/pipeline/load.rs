@@ -596,9 +596,9 @@ fn check_devices(p: &Pipeline, problems: &mut Vec<(String, String)>) {
                 format!("`cuda`, but this phase asks for no GPU: set {path}.resources.gpus_per_task (or the engine's gpus_per_task)"),
             ));
         }
-        let ranks = t.data_parallel.unwrap_or(1) * t.expert_parallel.unwrap_or(1);
+        let ranks = t.data_parallel.unwrap_or(1).saturating_mul(t.expert_parallel.unwrap_or(1));
         if let super::spec::EngineSpec::Local { gpus: super::spec::Gpus::Count(n), .. } = p.engine {
-            let need = placement.gpus_per_task * ranks;
+            let need = placement.gpus_per_task.saturating_mul(ranks);
             if need > n {
                 problems.push((
                     format!("{path}.resources.gpus_per_task"),
@@ -752,7 +752,7 @@ fn check_train_params(path: &str, t: &TrainParams, base: &Path, problems: &mut V
             problems.push((format!("{path}.{k}"), "must be at least 1".into()));
         }
     }
-    let ranks = t.data_parallel.unwrap_or(1) * t.expert_parallel.unwrap_or(1);
+    let ranks = t.data_parallel.unwrap_or(1).saturating_mul(t.expert_parallel.unwrap_or(1));
     if ranks > 1 && t.trainer.as_ref().is_some_and(|tr| !tr.is_btm()) {
         problems.push((
             format!("{path}.data_parallel"),
@@ -812,7 +812,7 @@ fn check_phase_layouts(p: &Pipeline, problems: &mut Vec<(String, String)>) {
                 format!("{nodes} nodes need a cluster engine (Slurm or Kubernetes); the local engine runs one node"),
             ));
         }
-        let ranks = t.data_parallel.unwrap_or(1) * t.expert_parallel.unwrap_or(1);
+        let ranks = t.data_parallel.unwrap_or(1).saturating_mul(t.expert_parallel.unwrap_or(1));
         let grad_accum = t.grad_accum.unwrap_or(1);
         if ranks > 1 && !grad_accum.is_multiple_of(ranks) {
             problems.push((
@@ -955,6 +955,18 @@ mod tests {
              domains:\n  discover: {data: [u.jsonl], k: 1000000000000}\nexperts: {steps: 10}\n");
         let err = load(&f, &[]).unwrap_err().to_string();
         assert!(err.contains("domains.discover.k") && err.contains(&format!("at most {MAX_DISCOVERED_DOMAINS} clusters")), "{err}");
+    }
+
+    /// Found reading the checks for the fuzz target (input: fuzz/regressions/pipeline_yaml):
+    /// `data_parallel × expert_parallel` overflowed (a panic in debug builds, a wrong rank
+    /// count in release); the product saturates and is checked like any other.
+    #[test]
+    fn huge_parallel_degrees_are_checked_without_overflow() {
+        let dir = tempfile::tempdir().unwrap();
+        let yaml = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../fuzz/regressions/pipeline_yaml/ranks-overflow.yaml")).unwrap();
+        let f = write(dir.path(), "p.yaml", &yaml);
+        let err = load(&f, &[]).unwrap_err().to_string();
+        assert!(err.contains("grad_accum") && err.contains(&format!("{} ranks", usize::MAX)), "{err}");
     }
 
     #[test]

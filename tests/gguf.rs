@@ -169,3 +169,39 @@ fn export_refuses_what_llama_cpp_cannot_run_and_writes_nothing() {
     assert!(err.contains("FlexOlmoForCausalLM: llama.cpp has no architecture"), "{err}");
     assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0, "a refused export left a file");
 }
+
+/// llama.cpp itself, opt-in (building llama-cpp-python takes tens of minutes on 2 cores): with
+/// `BTM_LLAMA_PYTHON` naming a Python that has it (docs/performance.md, "GGUF export and
+/// llama.cpp", gives the build command), each exportable family's fixture is exported in f32 and
+/// llama.cpp's perplexity must equal transformers' within 1e-6 relative, with the same token ids
+/// from llama.cpp's tokenizer. Skipped when the variable is unset.
+#[test]
+fn llama_cpp_scores_every_family_as_transformers_does() {
+    let Some(llama_python) = std::env::var_os("BTM_LLAMA_PYTHON") else {
+        eprintln!("skipped: set BTM_LLAMA_PYTHON to a Python with llama-cpp-python");
+        return;
+    };
+    let Some(python) = common::torch_python() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    for fixture in ["llama", "mixtral", "qwen2", "qwen2_moe", "qwen3", "olmo2"] {
+        let model = repo().join("model/tests/fixtures").join(fixture);
+        let out = tmp.path().join(format!("{fixture}.gguf"));
+        ok(btm().args(["export", "gguf", "--outtype", "f32", "--model"]).arg(&model).arg("--out").arg(&out).output().unwrap());
+        let run = Command::new(&python)
+            .arg(repo().join("scripts/gguf_ppl.py"))
+            .arg("--model")
+            .arg(&model)
+            .arg("--gguf")
+            .arg(&out)
+            .arg("--data")
+            .arg(repo().join("model/tests/fixtures/eval.jsonl"))
+            .args(["--seq-len", "64", "--tolerance", "1e-6", "--llama-python"])
+            .arg(&llama_python)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&run.stdout);
+        assert!(run.status.success(), "{fixture}: {stdout}\n{}", String::from_utf8_lossy(&run.stderr));
+        let result: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+        assert_eq!(result["tokenizer_same_ids_docs"], "7/7", "{fixture}: {result}");
+    }
+}

@@ -382,7 +382,10 @@ fn rename_old_keys(value: &mut Value) -> Result<Vec<(String, String)>, (String, 
         for key in ["model", "tokenizer", "train"] {
             let Some(v) = old.remove(key) else { continue };
             if seed.contains_key(key) {
-                return Err((format!("seed.train.{key}"), format!("`seed.train.{key}` is the old place of `seed.{key}`: give only `seed.{key}`")));
+                return Err((
+                    format!("seed.train.{key}"),
+                    format!("`seed.train.{key}` is the old place of `seed.{key}`: give only `seed.{key}`"),
+                ));
             }
             seed.insert(key.into(), v);
             renamed.push((format!("seed.train.{key}"), format!("seed.{key}")));
@@ -951,8 +954,12 @@ mod tests {
     #[test]
     fn a_huge_discover_k_is_refused_before_domains_are_made() {
         let dir = tempfile::tempdir().unwrap();
-        let f = write(dir.path(), "p.yaml", "name: t\nseed:\n  model: {hidden_size: 32, layers: 1, heads: 2, ffn: 64}\n  tokenizer: {vocab_size: 300}\n\
-             domains:\n  discover: {data: [u.jsonl], k: 1000000000000}\nexperts: {steps: 10}\n");
+        let f = write(
+            dir.path(),
+            "p.yaml",
+            "name: t\nseed:\n  model: {hidden_size: 32, layers: 1, heads: 2, ffn: 64}\n  tokenizer: {vocab_size: 300}\n\
+             domains:\n  discover: {data: [u.jsonl], k: 1000000000000}\nexperts: {steps: 10}\n",
+        );
         let err = load(&f, &[]).unwrap_err().to_string();
         assert!(err.contains("domains.discover.k") && err.contains(&format!("at most {MAX_DISCOVERED_DOMAINS} clusters")), "{err}");
     }
@@ -963,7 +970,8 @@ mod tests {
     #[test]
     fn huge_parallel_degrees_are_checked_without_overflow() {
         let dir = tempfile::tempdir().unwrap();
-        let yaml = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../fuzz/regressions/pipeline_yaml/ranks-overflow.yaml")).unwrap();
+        let yaml =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../fuzz/regressions/pipeline_yaml/ranks-overflow.yaml")).unwrap();
         let f = write(dir.path(), "p.yaml", &yaml);
         let err = load(&f, &[]).unwrap_err().to_string();
         assert!(err.contains("grad_accum") && err.contains(&format!("{} ranks", usize::MAX)), "{err}");

@@ -1,10 +1,10 @@
-//! Replays the orchestrator's fuzz targets' seed corpora and regressions (`fuzz/corpus/<target>`,
+//! Replays every fuzz target's seed corpus and regressions (`fuzz/corpus/<target>`,
 //! `fuzz/regressions/<target>`) through the plain functions the cargo-fuzz targets call
-//! ([`btm::fuzz_targets`]), on stable and in a few seconds, so every CI run checks that no
-//! input kept in the tree panics or hangs again: pipeline files, job specs, and the answers of
-//! Slurm, Kubernetes and Ray. The same replay as expert-trainer/tests/fuzz_replay.rs (which
-//! replays the model's and the trainer's targets). Fuzzing itself is described in
-//! docs/testing.md.
+//! ([`btm::fuzz_targets`], [`btm_trainer::fuzz_targets`], [`btm_model::fuzz_targets`]), on
+//! stable and in a few seconds, so every CI run checks that no input kept in the tree panics or
+//! hangs again: pipeline files, job specs, the answers of Slurm, Kubernetes and Ray, model
+//! folders and training data. It lives here because this crate depends on the other two, so the
+//! replay is written once. Fuzzing itself is described in docs/testing.md.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -73,4 +73,59 @@ fn kubernetes_answers() {
 #[test]
 fn ray_answers() {
     replay("ray_answers", btm::fuzz_targets::ray_answers);
+}
+
+#[test]
+fn jsonl_source() {
+    replay("jsonl_source", btm_trainer::fuzz_targets::jsonl_source_input);
+}
+
+#[test]
+fn parquet_source() {
+    replay("parquet_source", btm_trainer::fuzz_targets::parquet_source);
+}
+
+#[test]
+fn megatron_index() {
+    replay("megatron_index", btm_trainer::fuzz_targets::megatron_index);
+}
+
+#[test]
+fn megatron_dataset() {
+    replay("megatron_dataset", btm_trainer::fuzz_targets::megatron_dataset);
+}
+
+#[test]
+fn token_cache() {
+    replay("token_cache", btm_trainer::fuzz_targets::token_cache);
+}
+
+#[test]
+fn safetensors() {
+    replay("safetensors", btm_model::fuzz_targets::safetensors);
+}
+
+#[test]
+fn config_json() {
+    replay("config_json", btm_model::fuzz_targets::config_json);
+}
+
+#[test]
+fn tokenizer_json() {
+    replay("tokenizer_json", btm_model::fuzz_targets::tokenizer_json);
+}
+
+#[test]
+fn manifest_and_lineage() {
+    replay("manifest_and_lineage", btm_model::fuzz_targets::manifest_and_lineage);
+}
+
+#[test]
+fn jsonl() {
+    replay("jsonl", btm_model::fuzz_targets::jsonl_input);
+}
+
+#[test]
+fn checkpoint() {
+    replay("checkpoint", btm_model::fuzz_targets::checkpoint);
 }

@@ -427,22 +427,10 @@ fn free_jobs_blocked(plan: &Plan, status: &[Status], index: &HashMap<&str, usize
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::plan::{Job, JobKind, Resources};
+    use crate::plan::{Job, JobKind};
 
     fn job(name: &str, kind: JobKind) -> Job {
-        Job {
-            id: name.into(),
-            name: name.into(),
-            kind,
-            deps: vec![],
-            args: vec![],
-            files: vec![],
-            outputs: vec![],
-            resumable: false,
-            resources: Resources::default(),
-            train: None,
-            produces: None,
-        }
+        Job::named(name, kind, vec![])
     }
 
     #[test]

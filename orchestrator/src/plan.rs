@@ -141,6 +141,25 @@ impl Job {
     pub fn log(&self, run: &Path) -> PathBuf {
         run.join("logs").join(format!("{}.log", self.name.replace('/', "-")))
     }
+
+    /// A job of nothing but a name (also its id), a kind and dependencies: what the executor's
+    /// and the status's tests schedule.
+    #[cfg(test)]
+    pub fn named(name: &str, kind: JobKind, deps: Vec<String>) -> Job {
+        Job {
+            id: name.into(),
+            name: name.into(),
+            kind,
+            deps,
+            args: vec![],
+            files: vec![],
+            outputs: vec![],
+            resumable: false,
+            resources: Resources::default(),
+            train: None,
+            produces: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

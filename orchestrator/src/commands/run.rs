@@ -545,26 +545,14 @@ fn redone_by_an_older_plan(run: &btm_model::folder::Folder, plan: &crate::plan::
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::plan::{JobKind, Resources};
+    use crate::plan::JobKind;
 
     /// A run planned before job specs: its finished jobs are named as redone; once this btm
     /// has planned it, nothing is.
     #[test]
     fn a_run_planned_by_an_older_btm_names_the_jobs_it_redoes() {
         let dir = tempfile::tempdir().unwrap();
-        let job = |name: &str| crate::plan::Job {
-            id: format!("{name}-new"),
-            name: name.into(),
-            kind: JobKind::Eval,
-            deps: vec![],
-            args: vec![],
-            files: vec![],
-            outputs: vec![],
-            resumable: false,
-            resources: Resources::default(),
-            train: None,
-            produces: None,
-        };
+        let job = |name: &str| crate::plan::Job { id: format!("{name}-new"), ..crate::plan::Job::named(name, JobKind::Eval, vec![]) };
         let plan = crate::plan::Plan {
             run_dir: dir.path().to_path_buf(),
             jobs: vec![job("done"), job("never-ran")],
@@ -583,19 +571,7 @@ mod tests {
     /// jobs' states: counts per stage, the started jobs, the next pending ones, `… N more`.
     #[test]
     fn the_status_of_a_wide_run_stays_under_a_line_bound() {
-        let job = |name: String, deps: Vec<String>| Job {
-            id: name.clone(),
-            name,
-            kind: JobKind::Eval,
-            deps,
-            args: vec![],
-            files: vec![],
-            outputs: vec![],
-            resumable: false,
-            resources: Resources::default(),
-            train: None,
-            produces: None,
-        };
+        let job = |name: String, deps: Vec<String>| Job::named(&name, JobKind::Eval, deps);
         let n = 1024;
         let mut jobs = vec![job("tokenizer".into(), vec![]), job("seed".into(), vec!["tokenizer".into()])];
         jobs.extend((0..n).map(|i| job(format!("expert/d{i}"), vec!["seed".into()])));
@@ -635,19 +611,7 @@ mod tests {
     #[test]
     fn status_shows_a_jobs_last_error_line() {
         let run = tempfile::tempdir().unwrap();
-        let job = Job {
-            id: "x".into(),
-            name: "expert/a".into(),
-            kind: JobKind::TrainExpert,
-            deps: vec![],
-            args: vec![],
-            files: vec![],
-            outputs: vec![],
-            resumable: true,
-            resources: Resources::default(),
-            train: None,
-            produces: None,
-        };
+        let job = Job { id: "x".into(), resumable: true, ..Job::named("expert/a", JobKind::TrainExpert, vec![]) };
         assert_eq!(last_error(run.path(), &job), None);
         std::fs::create_dir_all(run.path().join("logs")).unwrap();
         let log = "step 1 loss 5.0\nerror: device: cuda: cannot load libcuda.so.1 (the NVIDIA driver)\nretrying\n";

@@ -776,7 +776,9 @@ impl Default for TrainArgs {
 impl TrainArgs {
     /// Tokens one run of these settings consumes.
     pub fn tokens(&self) -> u64 {
-        self.steps * (self.batch_size * self.seq_len * self.grad_accum) as u64
+        // Saturating: a mistyped size must end in the checks' named errors, not an overflow.
+        let per_step = self.batch_size.saturating_mul(self.seq_len).saturating_mul(self.grad_accum);
+        self.steps.saturating_mul(u64::try_from(per_step).unwrap_or(u64::MAX))
     }
 }
 
@@ -1036,6 +1038,14 @@ impl Default for InPlaceGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tokens_saturate_instead_of_overflowing() {
+        let small = TrainArgs { steps: 10, batch_size: 4, seq_len: 32, grad_accum: 2, ..TrainArgs::default() };
+        assert_eq!(small.tokens(), 2560);
+        let huge = TrainArgs { steps: u64::MAX / 2, batch_size: usize::MAX, ..TrainArgs::default() };
+        assert_eq!(huge.tokens(), u64::MAX);
+    }
 
     /// A phase that sets nothing runs the defaults; `min_lr` follows the phase's own `lr`.
     #[test]

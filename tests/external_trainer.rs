@@ -127,7 +127,7 @@ fn contract_failures_are_named_and_the_rest_of_the_run_goes_on() {
     let out = btm().arg("validate").arg(&file).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(err.contains("typo.yaml:8:") && err.contains("train.trainer: unknown placeholder `{modle_out}`"), "{err}");
+    assert!(err.contains("typo.yaml:8:") && err.contains("experts.trainer: unknown placeholder `{modle_out}`"), "{err}");
     // A seed trained from scratch cannot go to an external trainer (it has no model to start from).
     let file = d.join("scratch.yaml");
     let yaml = std::fs::read_to_string(typo_file(d)).unwrap().replacen(
@@ -138,7 +138,7 @@ fn contract_failures_are_named_and_the_rest_of_the_run_goes_on() {
     std::fs::write(&file, yaml).unwrap();
     let out = btm().arg("validate").arg(&file).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("seed.train.train.trainer: a seed trained from scratch has no model to start from"), "{err}");
+    assert!(err.contains("seed.train.trainer: a seed trained from scratch has no model to start from"), "{err}");
 }
 
 /// A two-node torchrun launch, both "nodes" on this machine: each runs `btm train --job` with

@@ -171,11 +171,11 @@ fn what_ray_cannot_run_is_refused_at_validation() {
         (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
     };
     let (passed, err) = validate("grad_accum: 2, data_parallel: 2");
-    assert!(!passed && err.contains("train.data_parallel: 2 ranks: the Ray engine runs one process per job"), "{err}");
+    assert!(!passed && err.contains("experts.data_parallel: 2 ranks: the Ray engine runs one process per job"), "{err}");
     let (passed, err) = validate(&format!("trainer: {}", torchrun_trainer()));
     assert!(passed, "{err}");
     let (passed, err) = validate(&format!("trainer: {}", torchrun_trainer().replace("nproc_per_node: 2", "nproc_per_node: 2, nnodes: 2")));
-    assert!(!passed && err.contains("train.trainer.nnodes: 2 nodes: the Ray engine runs each job on one node"), "{err}");
+    assert!(!passed && err.contains("experts.trainer.nnodes: 2 nodes: the Ray engine runs each job on one node"), "{err}");
 }
 
 /// One expert's entrypoint exits 1: that job fails with Ray's word for it, what depends on it

@@ -6,33 +6,10 @@
 use object_store::aws::AmazonS3Builder;
 use object_store::path::Path as StorePath;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// A server process, killed when dropped (also when an assertion fails).
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start(root: &std::path::Path, extra: &[&str]) -> (Server, u16) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_btm-s3-server"))
-        .args(["--root", root.to_str().unwrap(), "--access-key", "ak", "--secret-key", "sk"])
-        .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let port = line.trim().rsplit(':').next().and_then(|p| p.parse().ok()).unwrap_or_else(|| panic!("no port in `{line}`"));
-    (Server(child), port)
-}
+mod common;
+use common::start;
 
 fn store(port: u16, max_retries: usize) -> impl ObjectStore {
     let backoff =
@@ -55,8 +32,11 @@ async fn a_share_of_failed_and_slow_requests_is_retried_through() {
     std::fs::create_dir(tmp.path().join("btm-test")).unwrap();
     let log = tmp.path().join("faults.log");
     let log_arg = log.to_str().unwrap();
-    let (_server, port) =
-        start(tmp.path(), &["--fail-rate", "0.3", "--delay-rate", "0.3", "--delay-ms", "20", "--fault-seed", "38", "--fault-log", log_arg]);
+    let (_server, port) = start(
+        tmp.path(),
+        0,
+        &["--fail-rate", "0.3", "--delay-rate", "0.3", "--delay-ms", "20", "--fault-seed", "38", "--fault-log", log_arg],
+    );
     let s = store(port, 10);
     for i in 0..40u32 {
         let key = StorePath::from(format!("k/{i}"));
@@ -75,7 +55,7 @@ async fn a_share_of_failed_and_slow_requests_is_retried_through() {
 async fn every_request_failed_ends_in_a_named_error_after_the_retries() {
     let tmp = tempfile::tempdir().unwrap();
     std::fs::create_dir(tmp.path().join("btm-test")).unwrap();
-    let (_server, port) = start(tmp.path(), &["--fail-rate", "1"]);
+    let (_server, port) = start(tmp.path(), 0, &["--fail-rate", "1"]);
     let start = Instant::now();
     let e = store(port, 3).put(&StorePath::from("x"), PutPayload::from_static(b"x")).await.unwrap_err().to_string();
     assert!(e.contains("after 3 retries") && (e.contains("SlowDown") || e.contains("InternalError")), "{e}");

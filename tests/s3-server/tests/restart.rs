@@ -5,32 +5,9 @@
 use object_store::aws::AmazonS3Builder;
 use object_store::path::Path as StorePath;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 
-/// A server process, killed when dropped (also when an assertion fails).
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start(root: &std::path::Path, port: u16, extra: &[&str]) -> (Server, u16) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_btm-s3-server"))
-        .args(["--root", root.to_str().unwrap(), "--port", &port.to_string(), "--access-key", "ak", "--secret-key", "sk"])
-        .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let port = line.trim().rsplit(':').next().and_then(|p| p.parse().ok()).unwrap_or_else(|| panic!("no port in `{line}`"));
-    (Server(child), port)
-}
+mod common;
+use common::start;
 
 fn store(port: u16, secret: &str) -> impl ObjectStore {
     AmazonS3Builder::new()

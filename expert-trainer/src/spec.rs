@@ -489,14 +489,14 @@ impl JobSpec {
 
     /// Parse YAML; relative paths are resolved against `base`.
     pub fn parse(yaml: &str, base: &Path) -> Result<Self> {
-        let mut spec: JobSpec = serde_yaml::from_str(yaml).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let mut spec: JobSpec = btm_model::yaml::from_str(yaml).map_err(|e| anyhow::anyhow!("{e}"))?;
         spec.resolve_paths(base);
         Ok(spec)
     }
 
     /// Read, parse and validate a job file.
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading job spec {}", path.display()))?;
+        let text = btm_model::yaml::read_to_string(path).with_context(|| format!("reading job spec {}", path.display()))?;
         let base = path.parent().unwrap_or(Path::new("."));
         let mut spec = Self::parse(&text, base).with_context(|| format!("job spec {}", path.display()))?;
         spec.fetch_inputs().with_context(|| format!("job spec {}", path.display()))?;
@@ -1028,5 +1028,19 @@ mod tests {
         assert_eq!(spec.total_steps(), 11); // 96 tokens a step
         assert_eq!(spec.data.train[0].path, PathBuf::from("/base/a"));
         assert_eq!(spec.out, "/base/o");
+    }
+
+    /// `btm train --job` reads job files with the same bounds as pipelines: a long anchored
+    /// list aliased many times is refused by name, before anything is built.
+    #[test]
+    fn job_files_are_read_with_the_yaml_bounds() {
+        let list = vec!["a.jsonl"; 2000].join(", ");
+        let text = format!(
+            "init: {{checkpoint: x}}\nout: o\ndata: {{train: [{{path: a}}], valid: &v [{list}]}}\nsteps: 1\nbatch_size: 1\n\
+             seq_len: 8\nextra: [{}]\n",
+            vec!["*v"; 1000].join(", ")
+        );
+        let err = JobSpec::parse(&text, Path::new("/base")).unwrap_err().to_string();
+        assert!(err.contains("once aliases are expanded"), "{err}");
     }
 }

@@ -35,6 +35,7 @@ pub mod publish;
 pub mod storage;
 pub mod tokenizer;
 pub mod weights;
+pub mod yaml;
 
 pub use btm_kernels::Routing;
 pub use checkpoint::{write_checkpoint, write_checkpoint_files, write_checkpoint_part, Checkpoint, Extras, WriteOptions, WriterPart};

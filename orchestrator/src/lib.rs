@@ -11,4 +11,5 @@ pub mod inputs;
 pub mod pipeline;
 pub mod plan;
 pub mod report;
-pub mod yaml;
+/// YAML read with bounds (in btm-model, so that `btm train --job` reads job files the same way).
+pub use btm_model::yaml;

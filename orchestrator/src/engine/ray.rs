@@ -50,6 +50,9 @@ pub struct RayEngine {
     memory_mb: Option<u64>,
     forward_credentials: bool,
     jobs: Mutex<HashMap<JobHandle, Followed>>,
+    /// Submission ids of attempts that had succeeded when this run found them, and were
+    /// followed for their outputs: a second submission of the job moves past them.
+    adopted: Mutex<std::collections::HashSet<String>>,
 }
 
 /// What btm keeps about a Ray job it follows.
@@ -227,6 +230,7 @@ impl RayEngine {
             memory_mb: spec.memory_mb,
             forward_credentials: spec.forward_credentials,
             jobs: Mutex::new(HashMap::new()),
+            adopted: Default::default(),
         })
     }
 
@@ -298,8 +302,9 @@ impl RayEngine {
     }
 
     /// Submit `body` as Ray job `sid`: true when submitted now, or already submitted with the
-    /// same entrypoint and metadata and unfinished (followed); false when an earlier attempt
-    /// of this job holds the id and has ended.
+    /// same entrypoint and metadata and unfinished, or succeeded and not followed before
+    /// (followed); false when an earlier attempt of this job holds the id and has failed, or
+    /// was followed already.
     async fn submit_or_follow(&self, body: &Value, sid: &str) -> Result<bool> {
         let (status, text) = self.api.send_patiently(Method::POST, "/api/jobs/", Some(body)).await?;
         if (200..300).contains(&status) {
@@ -322,7 +327,13 @@ impl RayEngine {
                 existing["entrypoint"].as_str().unwrap_or("?")
             );
         }
-        Ok(to_state(&existing) == JobState::Running)
+        match to_state(&existing) {
+            JobState::Running => Ok(true),
+            // It ended well after its `btm run` stopped: follow it once, so that its outputs are
+            // taken without training again. If they are incomplete, the retry moves on.
+            JobState::Succeeded => Ok(self.adopted.lock().expect("lock").insert(sid.to_string())),
+            JobState::Failed(_) => Ok(false),
+        }
     }
 
     /// The job's state from Ray; `Failure::Unreachable` when Ray could not be asked.
@@ -516,6 +527,30 @@ mod tests {
         assert!(seen.iter().all(|r| r.2 == "Bearer secret"), "{seen:?}");
     }
 
+    /// An attempt that succeeded after its `btm run` was killed is followed (its outputs are
+    /// taken as they are), once: if the job is submitted again (its outputs were incomplete),
+    /// the next attempt is submitted.
+    #[test]
+    fn a_succeeded_attempt_is_followed_once() {
+        let run = tempfile::tempdir().unwrap();
+        let metadata = json!({"btm_job": "expert/code", "btm_job_id": "abc", "btm_run": run.path().to_string_lossy()});
+        let entrypoint = "/opt/btm train --job '/r/it'\\''s.yaml'";
+        let (url, server) = fake_api(7, move |method, path| match (method, path) {
+            ("GET", "/api/version") => (200, json!({"ray_version": "2.60.0"})),
+            ("POST", _) => (500, json!(DUPLICATE)),
+            _ => (200, json!({"status": "SUCCEEDED", "entrypoint": entrypoint, "metadata": metadata})),
+        });
+        let spec: RaySpec = serde_yaml::from_str(&format!("{{address: '{url}', token_env: BTM_TEST_RAY_TOKEN, btm: /opt/btm}}")).unwrap();
+        std::env::set_var("BTM_TEST_RAY_TOKEN", "secret");
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let engine = rt.block_on(RayEngine::connect(&spec, run.path())).unwrap();
+        let first = rt.block_on(engine.submit(&[submission(run.path())])).unwrap();
+        assert_eq!(first[0].0, "btm-expert-code-abc");
+        let second = rt.block_on(engine.submit(&[submission(run.path())])).unwrap();
+        assert_eq!(second[0].0, "btm-expert-code-abc-2");
+        server.join().unwrap();
+    }
+
     /// Object-store variables go to the jobs only with `forward_credentials`, and the Ray token
     /// never, even in a variable with a store's prefix.
     #[test]
@@ -531,6 +566,7 @@ mod tests {
             memory_mb: None,
             forward_credentials,
             jobs: Mutex::new(HashMap::new()),
+            adopted: Default::default(),
         };
         let env = |forward| engine(forward).request(&submission(run.path()), "abc").unwrap()["runtime_env"]["env_vars"].clone();
         assert!(env(false).get("AWS_BTM_TEST_FORWARDED_KEY").is_none(), "{}", env(false));

@@ -212,12 +212,23 @@ fn classify(e: kube::Error) -> ApiFailure {
     }
 }
 
+/// The largest answer read from the API server. btm reads one Job or Service at a time (a few
+/// KiB); a longer answer fails as the body passes this, instead of being read into memory.
+pub const MAX_ANSWER_BYTES: usize = 16 << 20;
+
+fn capped_answer<B>(answer: http::Response<B>) -> http::Response<http_body_util::Limited<B>> {
+    answer.map(|body| http_body_util::Limited::new(body, MAX_ANSWER_BYTES))
+}
+
 impl KubernetesEngine {
     /// The engine on the cluster `config` reaches. Call inside a Tokio runtime (the client's
     /// connection pool runs on it).
     pub fn new(spec: &KubernetesSpec, run: &Path, config: kube::Config) -> Result<Self> {
         let namespace = spec.namespace.clone().unwrap_or_else(|| config.default_namespace.clone());
-        let client = kube::Client::try_from(config).context("the Kubernetes client")?;
+        let client = kube::client::ClientBuilder::try_from(config)
+            .context("the Kubernetes client")?
+            .with_layer(&tower::util::MapResponseLayer::new(capped_answer))
+            .build();
         Ok(Self {
             spec: spec.clone(),
             run: run.to_path_buf(),
@@ -464,6 +475,16 @@ mod tests {
         // Deleting the Job takes its pods with it, in the background.
         assert!(seen[3].1.ends_with("/jobs/x-1"), "{}", seen[3].1);
         assert_eq!(seen[3].3["propagationPolicy"], "Background");
+    }
+
+    /// An answer past MAX_ANSWER_BYTES fails by name as its body passes the cap; it is never
+    /// read whole. (The fake server's write then fails too: its thread is left to end.)
+    #[test]
+    fn an_oversized_answer_is_refused_by_name() {
+        let (url, _server) = fake_api(1, |_, _| (201, job_json("x", json!({"pad": "x".repeat(MAX_ANSWER_BYTES)}))));
+        let (engine, rt) = engine(&spec(), kubeconfig(&url, None, "{}"));
+        let err = rt.block_on(engine.submit(&submissions(&["expert/a"], 1))).unwrap_err();
+        assert!(format!("{err:#}").contains("length limit exceeded"), "{err:#}");
     }
 
     /// A poll the API server fails (a 500) leaves the job running; a Job that is gone (404) has

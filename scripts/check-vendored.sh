@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The vendored crates in third_party/ must be crates.io's release plus the patch beside them,
-# nothing else: fetch each release with cargo, apply the patch to a copy of its src/, and
-# compare with the vendored src/. Exits non-zero, naming the files, on any drift.
+# nothing else: fetch each release with cargo, apply the patch to a copy of its src/ and
+# build.rs, and compare with the vendored ones. Exits non-zero, naming the files, on any drift.
 #
 #   bash scripts/check-vendored.sh
 set -euo pipefail
@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
-# A throwaway package whose only purpose is to make cargo download the two releases.
+# A throwaway package whose only purpose is to make cargo download the releases.
 mkdir -p "$work/fetch/src"
 cat > "$work/fetch/Cargo.toml" <<'EOF'
 [package]
@@ -19,6 +19,7 @@ edition = "2021"
 [dependencies]
 candle-core = { version = "=0.11.1", default-features = false }
 gemm-common = { version = "=0.19.0", default-features = false }
+candle-kernels = "=0.11.1"
 EOF
 touch "$work/fetch/src/lib.rs"
 (cd "$work/fetch" && cargo fetch -q)
@@ -31,8 +32,10 @@ check() { # name version vendored-dir patch
     [ -d "$upstream/src" ] || { echo "check-vendored: $name $version was not fetched ($upstream)" >&2; exit 1; }
     mkdir -p "$work/$name"
     cp -r "$upstream/src" "$work/$name/src"
+    [ -f "$upstream/build.rs" ] && cp "$upstream/build.rs" "$work/$name/build.rs"
     (cd "$work/$name" && patch -s -p1 < "$OLDPWD/$patch")
-    if diff -r "$work/$name/src" "$vendored/src" > "$work/$name.diff"; then
+    if diff -r "$work/$name/src" "$vendored/src" > "$work/$name.diff" \
+        && { [ ! -f "$work/$name/build.rs" ] || diff "$work/$name/build.rs" "$vendored/build.rs" >> "$work/$name.diff"; }; then
         echo "check-vendored: $vendored = $name $version + $patch"
     else
         echo "check-vendored: $vendored drifted from $name $version + $patch:" >&2
@@ -42,4 +45,5 @@ check() { # name version vendored-dir patch
 }
 check candle-core 0.11.1 third_party/candle-core third_party/candle-core-backprop.patch
 check gemm-common 0.19.0 third_party/gemm-common third_party/gemm-common-isa-cap.patch
+check candle-kernels 0.11.1 third_party/candle-kernels third_party/candle-kernels-check-only.patch
 exit $status

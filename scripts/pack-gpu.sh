@@ -13,6 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 LIMIT_MB="${BTM_PACK_LIMIT_MB:-48}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-target/cuda}"
+unset BTM_CUDA_CHECK_ONLY  # candle's kernels are compiled for real here (third_party/README.md)
 eval "$(scripts/cuda-toolkit.sh)"
 
 cargo build --release --locked -p btm --features cuda

@@ -74,10 +74,53 @@ export BTM_AZURITE="$AZURITE/node_modules/.bin/azurite-blob"
 export BTM_REQUIRE_SLURM=1 BTM_REQUIRE_KUBERNETES_VALIDATE=1 BTM_REQUIRE_TORCH=1 BTM_REQUIRE_MERGEKIT=1
 export BTM_REQUIRE_S3=1 BTM_REQUIRE_NVRTC=1 BTM_REQUIRE_RAY=1 BTM_REQUIRE_AZURITE=1
 
-# The suites: the workspace (with MPI); the kernels and trainer again with AVX2 kernels only
-# (the CPU dispatch's other path); the CUDA kernel sources under NVRTC; the NCCL and GPU tests'
-# build (they skip at run time without a GPU).
-cargo test --workspace --locked --features btm/mpi
-BTM_CPU_ISA=avx2 cargo test -p btm-kernels -p btm-trainer --lib --locked
-cargo test -p btm-kernels --features nvrtc --locked nvrtc
-cargo test -p btm-collective -p btm-kernels --features nccl --locked gpu
+# Build every suite first, benchmarks too, in one build: the workspace with MPI, the CUDA
+# kernel sources for NVRTC and the NCCL backend (their tests skip at run time without libnvrtc
+# or a GPU). One feature set for every suite means nothing is compiled twice.
+WS=(--workspace --locked --features btm/mpi,btm-kernels/nvrtc,btm-kernels/nccl)
+cargo test "${WS[@]}" --all-targets --no-run
+
+# Then run them, BTM_TEST_JOBS (default 3) at a time. Most of a suite's time is spent waiting on
+# what it drives (Slurm, Ray, the object stores, Python, btm's own subprocesses), so suites side
+# by side finish sooner than one after another. Each suite's output is printed when it ends.
+# The list: every integration-test target (the longest first), every crate's unit tests (the
+# CUDA kernel sources under NVRTC and the GPU tests among them), the doc tests, and the kernels
+# and trainer again with AVX2 kernels only (the CPU dispatch's other path).
+LONGEST_FIRST=(ray slurm external_trainer s3 azure)
+targets=$(cargo metadata --no-deps --format-version 1 | python3 -c '
+import json, sys
+print("\n".join(sorted({t["name"] for p in json.load(sys.stdin)["packages"] for t in p["targets"] if "test" in t["kind"]})))')
+suites=()
+for t in "${LONGEST_FIRST[@]}"; do grep -qx "$t" <<<"$targets" && suites+=("cargo test ${WS[*]} --test $t"); done
+suites+=("cargo test ${WS[*]} --lib" "BTM_CPU_ISA=avx2 unit_tests btm_kernels btm_trainer")
+for t in $targets; do [[ " ${LONGEST_FIRST[*]} " == *" $t "* ]] || suites+=("cargo test ${WS[*]} --test $t"); done
+suites+=("cargo test ${WS[*]} --bins" "cargo test ${WS[*]} --doc")
+# The unit-test executables of the crates named, run from their crates' folders as cargo would
+# (`cargo test -p` would resolve features anew and rebuild).
+unit_tests() {
+  cargo test $WS_ARGS --lib --no-run --message-format=json 2>/dev/null | python3 -c '
+import json, sys
+for m in map(json.loads, sys.stdin):
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] in sys.argv[1:]:
+        print(m["manifest_path"].rsplit("/", 1)[0], m["executable"])' "$@" >"$logs/unit-tests-$$"
+  [ "$(wc -l <"$logs/unit-tests-$$")" = "$#" ] || { echo "unit_tests: expected $# executables for $*" >&2; return 1; }
+  while read -r dir exe; do (cd "$dir" && "$exe") || return 1; done <"$logs/unit-tests-$$"
+}
+logs=$(mktemp -d)
+export -f unit_tests
+export logs WS_ARGS="${WS[*]}"
+run_suite() { # index, command
+  local start=$SECONDS
+  if bash -c "$2" >"$logs/$1.log" 2>&1; then echo "ok $1" >"$logs/$1.status"; else echo "FAILED $1" >"$logs/$1.status"; fi
+  printf 'test.sh: %-6s %4d s  %s\n' "$(cut -d' ' -f1 "$logs/$1.status")" $((SECONDS - start)) "$2"
+  grep -q '^ok' "$logs/$1.status" || cat "$logs/$1.log"
+}
+start=$SECONDS
+for i in "${!suites[@]}"; do
+  while [ "$(jobs -rp | wc -l)" -ge "${BTM_TEST_JOBS:-3}" ]; do wait -n || true; done
+  run_suite "$i" "${suites[$i]}" &
+done
+wait
+failed=$(cat "$logs"/*.status | grep -c '^FAILED' || true)
+echo "test.sh: ${#suites[@]} suites in $((SECONDS - start)) s, $failed failed"
+[ "$failed" = 0 ]

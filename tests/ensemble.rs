@@ -49,6 +49,24 @@ fn the_ensemble_mixes_by_the_domain_posterior_and_the_average_is_a_model() {
     assert!((w.iter().sum::<f64>() - 1.0).abs() < 1e-9 && w[1] > w[0], "{fitted}");
     assert_eq!(fitted["top_k"], 1);
 
+    // A batch (a run's one eval job per model over its domains) loads the members once and
+    // scores each domain exactly as the single evaluation does, each with its own prior.
+    let (on_test, on_valid) = (tmp.path().join("on-test.json"), tmp.path().join("on-valid.json"));
+    let batch = serde_json::json!({
+        "base": {"ensemble": [&base, &code], "top_k": 1, "data": "unused", "seq_len": 32, "max_docs": 3},
+        "domains": [
+            {"data": &test, "out": &on_test, "prior_from": &valid},
+            {"data": &valid, "out": &on_valid},
+        ],
+    });
+    let spec = tmp.path().join("eval-batch.json");
+    std::fs::write(&spec, batch.to_string()).unwrap();
+    ok(btm().args(["eval", "--spec"]).arg(&spec).output().unwrap());
+    let read = |p: &std::path::Path| serde_json::from_slice::<serde_json::Value>(&std::fs::read(p).unwrap()).unwrap();
+    assert_eq!(read(&on_test), fitted);
+    let uniform = eval(&["--ensemble", &base, &code, "--top-k", "1", "--data", &valid]);
+    assert_eq!(read(&on_valid), uniform);
+
     // The average with weights (1, 0) is the first model; with the fitted prior it is a model
     // that evaluates.
     let avg = tmp.path().join("avg");

@@ -25,37 +25,149 @@ impl EvalArgs {
 }
 
 pub fn run(args: EvalArgs) -> Result<()> {
-    for spec in args.into_spec()?.specs() {
-        run_one(spec)?;
+    let specs = args.into_spec()?.specs();
+    // Every evaluation of a batch scores the same model (or ensemble) on the same device; only
+    // the text and the output differ. Loading it once matters: a 1,024-expert MoE loaded again
+    // for each of 1,024 small domains took most of a wide run's time.
+    let scorer = Scorer::open(&specs[0])?;
+    for spec in &specs {
+        scorer.score(spec)?;
     }
     Ok(())
 }
 
-/// One evaluation: a model, an ensemble or a cluster-routed ensemble on one text.
-fn run_one(args: EvalSpec) -> Result<()> {
-    anyhow::ensure!(args.model.is_some() == args.ensemble.is_empty(), "give --model or --ensemble, one of them");
-    anyhow::ensure!(args.seq_len >= 2, "--seq-len must be at least 2");
-    let device = args.device.open()?;
-    if args.clusters.is_some() {
-        return run_clustered(&args, &device);
+/// What a batch scores, loaded once: a model, an ensemble, or a cluster-routed ensemble.
+struct Scorer {
+    device: candle_core::Device,
+    tokenizer: btm_model::tokenizer::Tokenizer,
+    models: Vec<btm_model::Transformer>,
+    kind: ScorerKind,
+}
+
+enum ScorerKind {
+    Model,
+    Ensemble,
+    Clustered(Box<btm_cluster::Clusterer>),
+}
+
+impl Scorer {
+    /// Check the arguments the batch shares and load its models.
+    fn open(args: &EvalSpec) -> Result<Self> {
+        anyhow::ensure!(args.model.is_some() == args.ensemble.is_empty(), "give --model or --ensemble, one of them");
+        anyhow::ensure!(args.seq_len >= 2, "--seq-len must be at least 2");
+        let device = args.device.open()?;
+        let dtype = args.dtype.candle();
+        let kind = match &args.clusters {
+            Some(dir) => {
+                let mut clusterer = btm_cluster::Clusterer::load(dir)?;
+                if let Some(t) = args.temperature {
+                    clusterer = clusterer.with_temperature(t)?;
+                }
+                anyhow::ensure!(
+                    clusterer.k() == args.ensemble.len(),
+                    "--clusters {}: {} clusters but {} ensemble members (member i is cluster i's expert)",
+                    dir.display(),
+                    clusterer.k(),
+                    args.ensemble.len()
+                );
+                ScorerKind::Clustered(Box::new(clusterer))
+            }
+            None if args.ensemble.is_empty() => ScorerKind::Model,
+            None => ScorerKind::Ensemble,
+        };
+        if !args.ensemble.is_empty() {
+            if let Some(k) = args.top_k {
+                let n = args.ensemble.len();
+                anyhow::ensure!(k >= 1 && k <= n, "--top-k {k}: must be between 1 and the {n} members");
+            }
+        }
+        let members = match &args.model {
+            Some(name) => {
+                let dir = btm_model::storage::local_dir(name)?;
+                vec![Checkpoint::open(&dir).with_context(|| format!("opening model {name}"))?]
+            }
+            None => open_members(&args.ensemble)?,
+        };
+        let models = members.iter().map(|m| Ok(m.load_model(dtype, &device)?)).collect::<Result<Vec<_>>>()?;
+        let tokenizer = members[0].tokenizer()?;
+        Ok(Self { device, tokenizer, models, kind })
     }
-    if !args.ensemble.is_empty() {
-        return run_ensemble(&args, &device);
+
+    /// One evaluation: the loaded model(s) on `args.data`, reported as `args` says.
+    fn score(&self, args: &EvalSpec) -> Result<()> {
+        match &self.kind {
+            ScorerKind::Model => self.score_model(args),
+            ScorerKind::Ensemble => self.score_ensemble(args),
+            ScorerKind::Clustered(clusterer) => self.score_clustered(clusterer, args),
+        }
     }
-    let name = args.model.as_deref().expect("clap requires --model or --ensemble");
-    let dir = btm_model::storage::local_dir(name)?;
-    let ckpt = Checkpoint::open(&dir).with_context(|| format!("opening model {name}"))?;
-    let model = ckpt.load_model(args.dtype.candle(), &device)?;
-    let tokenizer = ckpt.tokenizer()?;
-    // Data given as an object-store URL is fetched into the local cache.
-    let start = std::time::Instant::now();
-    let docs = tokenized(&args.data, &tokenizer, args.max_docs, args.max_tokens)?;
-    let (p, routing) = btm_model::eval::score(&model, &docs, args.seq_len, &device, args.routing)?;
-    let mut result = serde_json::to_value(p)?;
-    if let Some(shares) = &routing {
-        result["routing"] = serde_json::to_value(shares)?;
+
+    fn score_model(&self, args: &EvalSpec) -> Result<()> {
+        // Data given as an object-store URL is fetched into the local cache.
+        let start = std::time::Instant::now();
+        let docs = tokenized(&args.data, &self.tokenizer, args.max_docs, args.max_tokens)?;
+        let (p, routing) = btm_model::eval::score(&self.models[0], &docs, args.seq_len, &self.device, args.routing)?;
+        let mut result = serde_json::to_value(p)?;
+        if let Some(shares) = &routing {
+            result["routing"] = serde_json::to_value(shares)?;
+        }
+        report(args, &result, docs.len(), p, start)
     }
-    report(&args, &result, docs.len(), p, start)
+
+    fn score_ensemble(&self, args: &EvalSpec) -> Result<()> {
+        let (models, tokenizer, device) = (&self.models, &self.tokenizer, &self.device);
+        let start = std::time::Instant::now();
+        let prior = match &args.prior_from {
+            None => vec![1.0; models.len()],
+            Some(path) => {
+                let held_out = tokenized(path, tokenizer, args.max_docs, args.max_tokens)?;
+                btm_model::ensemble::estimate_prior(models, &held_out, args.seq_len, device)?
+            }
+        };
+        let docs = tokenized(&args.data, tokenizer, args.max_docs, args.max_tokens)?;
+        let r = btm_model::ensemble::perplexity(models, &prior, args.top_k, &docs, args.seq_len, device)?;
+        let mut result = serde_json::to_value(&r)?;
+        result["members"] = serde_json::to_value(&args.ensemble)?;
+        report(args, &result, docs.len(), r.perplexity, start)
+    }
+
+    /// c-BTM's ensemble (Gururangan et al. 2023, §2.3): each token is predicted by the members'
+    /// mixture weighted by the clusterer's weights of its context, the window's tokens before it
+    /// decoded to text (`sequence_scorer_btm.py`'s `_get_context_clusters`, whose first position's
+    /// context is empty), kept to the `--top-k` largest:
+    /// `p(x_t | x_<t) = Σ_j w_j(x_<t) · p_j(x_t | x_<t)`, `w(x) = softmax(−‖e(x) − c_j‖² / T)`.
+    fn score_clustered(&self, clusterer: &btm_cluster::Clusterer, args: &EvalSpec) -> Result<()> {
+        let (models, tokenizer, device) = (&self.models, &self.tokenizer, &self.device);
+        let dir = args.clusters.as_ref().context("--clusters")?;
+        let k = models.len();
+        let start = std::time::Instant::now();
+        let docs = tokenized(&args.data, tokenizer, args.max_docs, args.max_tokens)?;
+        let windows = btm_model::eval::windows(&docs, args.seq_len);
+        let lps = models.iter().map(|m| btm_model::ensemble::token_logprobs(m, &windows, device)).collect::<btm_model::Result<Vec<_>>>()?;
+        let (mut tokens, mut nll, mut mean) = (0u64, 0f64, vec![0f64; k]);
+        for (w, window) in windows.iter().enumerate() {
+            for t in 1..window.len() {
+                let context = tokenizer.decode(&window[..t], true).map_err(|e| anyhow::anyhow!("decoding a context: {e}"))?;
+                let weights = clusterer.weights(&context, args.top_k);
+                // log Σ_j w_j p_j, over the members with weight.
+                let terms: Vec<f64> = (0..k).filter(|&j| weights[j] > 0.0).map(|j| f64::from(weights[j]).ln() + lps[j][w][t - 1]).collect();
+                let max = terms.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                nll -= max + terms.iter().map(|x| (x - max).exp()).sum::<f64>().ln();
+                mean.iter_mut().zip(&weights).for_each(|(m, &x)| *m += f64::from(x));
+                tokens += 1;
+            }
+        }
+        let p = btm_model::eval::Perplexity::from_sums(tokens, nll);
+        let mut result = serde_json::to_value(p)?;
+        result["members"] = serde_json::to_value(&args.ensemble)?;
+        result["clusters"] = serde_json::json!(dir.display().to_string());
+        // The temperature in its shortest decimal form (0.1, not 0.10000000149011612).
+        result["temperature"] = serde_json::json!(clusterer.temperature().to_string().parse::<f64>()?);
+        result["top_k"] = serde_json::json!(args.top_k);
+        // The mean weight each member got over the predicted tokens.
+        result["weights"] = serde_json::to_value(mean.iter().map(|m| m / tokens.max(1) as f64).collect::<Vec<_>>())?;
+        report(args, &result, docs.len(), p, start)
+    }
 }
 
 /// Members of an ensemble (or of an average), checked to share one tokenizer.
@@ -68,7 +180,6 @@ pub fn open_members(names: &[String]) -> Result<Vec<Checkpoint>> {
     Ok(members)
 }
 
-/// The documents of a JSONL file (path or URL), tokenized, capped as the flags say.
 /// The first `max_docs` documents of a JSONL file (path or URL), each tokenized on its own,
 /// cut to `max_tokens` tokens in all.
 pub fn tokenized(
@@ -86,82 +197,6 @@ pub fn tokenized(
         truncate_to_tokens(&mut docs, cap);
     }
     Ok(docs)
-}
-
-fn run_ensemble(args: &EvalSpec, device: &candle_core::Device) -> Result<()> {
-    let members = open_members(&args.ensemble)?;
-    if let Some(k) = args.top_k {
-        anyhow::ensure!(k >= 1 && k <= members.len(), "--top-k {k}: must be between 1 and the {} members", members.len());
-    }
-    let dtype = args.dtype.candle();
-    let models = members.iter().map(|m| Ok(m.load_model(dtype, device)?)).collect::<Result<Vec<_>>>()?;
-    let tokenizer = members[0].tokenizer()?;
-    let start = std::time::Instant::now();
-    let prior = match &args.prior_from {
-        None => vec![1.0; models.len()],
-        Some(path) => {
-            let held_out = tokenized(path, &tokenizer, args.max_docs, args.max_tokens)?;
-            btm_model::ensemble::estimate_prior(&models, &held_out, args.seq_len, device)?
-        }
-    };
-    let docs = tokenized(&args.data, &tokenizer, args.max_docs, args.max_tokens)?;
-    let r = btm_model::ensemble::perplexity(&models, &prior, args.top_k, &docs, args.seq_len, device)?;
-    let mut result = serde_json::to_value(&r)?;
-    result["members"] = serde_json::to_value(&args.ensemble)?;
-    report(args, &result, docs.len(), r.perplexity, start)
-}
-
-/// c-BTM's ensemble (Gururangan et al. 2023, §2.3): each token is predicted by the members'
-/// mixture weighted by the clusterer's weights of its context, the window's tokens before it
-/// decoded to text (`sequence_scorer_btm.py`'s `_get_context_clusters`, whose first position's
-/// context is empty), kept to the `--top-k` largest:
-/// `p(x_t | x_<t) = Σ_j w_j(x_<t) · p_j(x_t | x_<t)`, `w(x) = softmax(−‖e(x) − c_j‖² / T)`.
-fn run_clustered(args: &EvalSpec, device: &candle_core::Device) -> Result<()> {
-    let dir = args.clusters.as_ref().context("--clusters")?;
-    let mut clusterer = btm_cluster::Clusterer::load(dir)?;
-    if let Some(t) = args.temperature {
-        clusterer = clusterer.with_temperature(t)?;
-    }
-    let members = open_members(&args.ensemble)?;
-    let k = members.len();
-    anyhow::ensure!(
-        clusterer.k() == k,
-        "--clusters {}: {} clusters but {k} ensemble members (member i is cluster i's expert)",
-        dir.display(),
-        clusterer.k()
-    );
-    if let Some(top) = args.top_k {
-        anyhow::ensure!(top >= 1 && top <= k, "--top-k {top}: must be between 1 and the {k} members");
-    }
-    let models = members.iter().map(|m| Ok(m.load_model(args.dtype.candle(), device)?)).collect::<Result<Vec<_>>>()?;
-    let tokenizer = members[0].tokenizer()?;
-    let start = std::time::Instant::now();
-    let docs = tokenized(&args.data, &tokenizer, args.max_docs, args.max_tokens)?;
-    let windows = btm_model::eval::windows(&docs, args.seq_len);
-    let lps = models.iter().map(|m| btm_model::ensemble::token_logprobs(m, &windows, device)).collect::<btm_model::Result<Vec<_>>>()?;
-    let (mut tokens, mut nll, mut mean) = (0u64, 0f64, vec![0f64; k]);
-    for (w, window) in windows.iter().enumerate() {
-        for t in 1..window.len() {
-            let context = tokenizer.decode(&window[..t], true).map_err(|e| anyhow::anyhow!("decoding a context: {e}"))?;
-            let weights = clusterer.weights(&context, args.top_k);
-            // log Σ_j w_j p_j, over the members with weight.
-            let terms: Vec<f64> = (0..k).filter(|&j| weights[j] > 0.0).map(|j| f64::from(weights[j]).ln() + lps[j][w][t - 1]).collect();
-            let max = terms.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-            nll -= max + terms.iter().map(|x| (x - max).exp()).sum::<f64>().ln();
-            mean.iter_mut().zip(&weights).for_each(|(m, &x)| *m += f64::from(x));
-            tokens += 1;
-        }
-    }
-    let p = btm_model::eval::Perplexity::from_sums(tokens, nll);
-    let mut result = serde_json::to_value(p)?;
-    result["members"] = serde_json::to_value(&args.ensemble)?;
-    result["clusters"] = serde_json::json!(dir.display().to_string());
-    // The temperature in its shortest decimal form (0.1, not 0.10000000149011612).
-    result["temperature"] = serde_json::json!(clusterer.temperature().to_string().parse::<f64>()?);
-    result["top_k"] = serde_json::json!(args.top_k);
-    // The mean weight each member got over the predicted tokens.
-    result["weights"] = serde_json::to_value(mean.iter().map(|m| m / tokens.max(1) as f64).collect::<Vec<_>>())?;
-    report(args, &result, docs.len(), p, start)
 }
 
 /// Write `result` where `--out` says, print it as `--json` or a line.

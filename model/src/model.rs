@@ -568,7 +568,17 @@ impl MoeBlock {
                 down: stacked.get((e, hidden, f), STACKED_DOWN)?,
             })
         } else {
-            Experts::Each((0..e).map(|i| SwiGlu::new(hidden, f, vb.pp("experts").pp(i))).collect::<Result<Vec<_>>>()?)
+            let each = (0..e).map(|i| SwiGlu::new(hidden, f, vb.pp("experts").pp(i))).collect::<Result<Vec<_>>>()?;
+            let weights = |s: &SwiGlu| [s.gate_proj.weight().clone(), s.up_proj.weight().clone(), s.down_proj.weight().clone()];
+            if each.iter().flat_map(weights).any(|w| w.track_op()) {
+                // Trained per expert: stacked on each call, so gradients reach every expert's own tensors.
+                Experts::Each(each)
+            } else {
+                // Weights no gradient flows to (a checkpoint loaded to score or merge): stacked once
+                // here rather than copied on every forward pass, which dominated scoring a wide MoE.
+                let refs: Vec<_> = each.iter().map(|s| (s.gate_proj.weight(), s.up_proj.weight(), s.down_proj.weight())).collect();
+                Experts::Stacked(ExpertWeights::stack(&refs)?)
+            }
         };
         let (shared_expert, shared_expert_gate) = match &moe.shared_expert {
             None => (None, None),
@@ -983,14 +993,28 @@ mod tests {
         let build = |t: &std::collections::HashMap<String, Tensor>| {
             Transformer::new(&cfg, VarBuilder::from_tensors(t.clone(), DType::F64, &Device::Cpu)).unwrap()
         };
-        let (mut a, mut b) = (build(&per_expert), build(&stacked));
+        // Per-expert weights being trained (variables) stay per expert; loaded ones are stacked once.
+        let trained: std::collections::HashMap<String, Tensor> =
+            per_expert.iter().map(|(k, t)| (k.clone(), candle_core::Var::from_tensor(t).unwrap().as_tensor().clone())).collect();
+        let (mut a, mut b, mut c) = (build(&per_expert), build(&stacked), build(&trained));
+        let experts = |m: &Transformer| match &m.layers[0].mlp {
+            Ffn::Moe(block) => match block.experts {
+                Experts::Each(_) => "each",
+                Experts::Stacked(_) => "stacked",
+            },
+            Ffn::Dense(_) => "dense",
+        };
+        assert_eq!([experts(&a), experts(&b), experts(&c)], ["stacked", "stacked", "each"]);
         let ids = Tensor::from_vec((0..22u32).map(|i| (i * 7) % 29).collect(), (2, 11), &Device::Cpu).unwrap();
         for fused in [true, false] {
-            a.set_fused_moe(fused);
-            b.set_fused_moe(fused);
-            let (la, lb) = (a.forward(&ids).unwrap(), b.forward(&ids).unwrap());
-            let diff = (la - lb).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
-            assert!(diff < 1e-12, "fused {fused}: logits differ by {diff}");
+            for m in [&mut a, &mut b, &mut c] {
+                m.set_fused_moe(fused);
+            }
+            let la = a.forward(&ids).unwrap();
+            for other in [&b, &c] {
+                let diff = (&la - other.forward(&ids).unwrap()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+                assert!(diff < 1e-12, "fused {fused}: logits differ by {diff}");
+            }
         }
     }
 

@@ -92,6 +92,8 @@ fn every_stage_runs_and_a_second_run_does_nothing() {
 
     let status = ok(btm().arg("status").arg(&run).output().unwrap());
     assert!(status.contains("expert/code") && status.contains("done") && status.contains("step 6/6"), "{status}");
+    // The pipeline file names its run folder, as `btm run` places it.
+    assert_eq!(ok(btm().arg("status").arg(&file).output().unwrap()), status);
 }
 
 /// TensorBoard's own reader finds every training job's curves in `<job>/tb/`: the step records

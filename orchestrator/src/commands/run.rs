@@ -346,7 +346,8 @@ impl RunLock {
 
 #[derive(Args)]
 pub struct RunDirArgs {
-    /// The run folder (a path or an object-store URL).
+    /// The run folder (a path or an object-store URL), or the pipeline file, whose run folder
+    /// is then the one `btm run` gives it by default (`<storage>/<name>`).
     pub run: PathBuf,
     /// Everything, however wide the run: `btm status` lists every job (by default a run of
     /// more than 40 jobs is summarised: counts per stage, the started jobs, the next pending
@@ -354,6 +355,18 @@ pub struct RunDirArgs {
     /// domains; the whole table is always in `perplexity.csv`).
     #[arg(long)]
     pub all: bool,
+}
+
+impl RunDirArgs {
+    /// The run folder: as given, or a pipeline file's default one.
+    fn folder(&self) -> Result<PathBuf> {
+        if !self.run.is_file() {
+            return Ok(self.run.clone());
+        }
+        let loaded = crate::pipeline::load(&self.run, &[]).map_err(anyhow::Error::new)?;
+        let p = &loaded.pipeline;
+        Ok(run_location(&p.storage)?.join(&p.name))
+    }
 }
 
 fn last_metrics(run: &Path, job: &Job) -> Option<Value> {
@@ -488,7 +501,7 @@ fn status_summary(jobs: &[Job], states: &[JobState], mut line: impl FnMut(&Job, 
 }
 
 pub fn status(args: RunDirArgs) -> Result<()> {
-    let plan = crate::report::read_plan(&args.run)?;
+    let plan = crate::report::read_plan(&args.folder()?)?;
     let run = crate::executor::folder(&plan.run_dir)?;
     let mut states = Vec::with_capacity(plan.jobs.len());
     for j in &plan.jobs {
@@ -519,13 +532,14 @@ pub fn status(args: RunDirArgs) -> Result<()> {
 }
 
 pub fn report(args: RunDirArgs) -> Result<()> {
-    let written = crate::report::write(&args.run)?;
+    let run = args.folder()?;
+    let written = crate::report::write(&run)?;
     if args.all {
-        println!("{}", crate::report::table(&crate::report::rows(&crate::report::read_plan(&args.run)?)));
+        println!("{}", crate::report::table(&crate::report::rows(&crate::report::read_plan(&run)?)));
     } else {
         println!("{}", written.table);
     }
-    println!("report: {}", args.run.join("report.md").display());
+    println!("report: {}", run.join("report.md").display());
     Ok(())
 }
 

@@ -209,7 +209,9 @@ fn a_failing_entrypoint_fails_its_dependants_and_the_rest_finish() {
 fn a_rerun_follows_the_ray_jobs_it_submitted_and_refuses_foreign_ones() {
     let Some(head) = head() else { return };
     let tmp = tempfile::tempdir().unwrap();
-    let file = pipeline(tmp.path(), "ray-follow", &engine(0), 60);
+    // Long enough that the expert still runs on Ray when btm is killed after its first checkpoint
+    // (step 5), on a fast CPU too.
+    let file = pipeline(tmp.path(), "ray-follow", &engine(0), 600);
     let run = tmp.path().join("runs/ray-follow");
     let mut child = btm().arg("run").arg(&file).arg("--quiet").stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
     wait_for("an expert checkpoint", Duration::from_secs(300), || has_checkpoint(&run.join("experts/code")));

@@ -419,6 +419,11 @@ impl SwiGlu {
         })
     }
 
+    /// Its weights as an MoE expert: gate, up [F, H] and down [H, F].
+    fn weights(&self) -> btm_kernels::moe::ExpertRef<'_> {
+        (self.gate_proj.weight(), self.up_proj.weight(), self.down_proj.weight())
+    }
+
     /// The FFN on `xs` with the implementation `kernels` picks.
     pub fn forward_with(&self, xs: &Tensor, kernels: Kernels) -> Result<Tensor> {
         if kernels.fuses(Op::SwiGlu, xs) && xs.rank() == 2 {
@@ -569,14 +574,13 @@ impl MoeBlock {
             })
         } else {
             let each = (0..e).map(|i| SwiGlu::new(hidden, f, vb.pp("experts").pp(i))).collect::<Result<Vec<_>>>()?;
-            let weights = |s: &SwiGlu| [s.gate_proj.weight().clone(), s.up_proj.weight().clone(), s.down_proj.weight().clone()];
-            if each.iter().flat_map(weights).any(|w| w.track_op()) {
+            let refs: Vec<_> = each.iter().map(SwiGlu::weights).collect();
+            if refs.iter().any(|(g, u, d)| g.track_op() || u.track_op() || d.track_op()) {
                 // Trained per expert: stacked on each call, so gradients reach every expert's own tensors.
                 Experts::Each(each)
             } else {
                 // Weights no gradient flows to (a checkpoint loaded to score or merge): stacked once
                 // here rather than copied on every forward pass, which dominated scoring a wide MoE.
-                let refs: Vec<_> = each.iter().map(|s| (s.gate_proj.weight(), s.up_proj.weight(), s.down_proj.weight())).collect();
                 Experts::Stacked(ExpertWeights::stack(&refs)?)
             }
         };
@@ -642,7 +646,7 @@ impl MoeBlock {
         let weights = match &self.experts {
             Experts::Stacked(weights) => weights,
             Experts::Each(experts) => {
-                let refs: Vec<_> = experts.iter().map(|e| (e.gate_proj.weight(), e.up_proj.weight(), e.down_proj.weight())).collect();
+                let refs: Vec<_> = experts.iter().map(SwiGlu::weights).collect();
                 stacked_now = ExpertWeights::stack(&refs)?;
                 &stacked_now
             }

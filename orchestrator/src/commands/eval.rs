@@ -82,10 +82,7 @@ impl Scorer {
             }
         }
         let members = match &args.model {
-            Some(name) => {
-                let dir = btm_model::storage::local_dir(name)?;
-                vec![Checkpoint::open(&dir).with_context(|| format!("opening model {name}"))?]
-            }
+            Some(name) => vec![open_model(name)?],
             None => open_members(&args.ensemble)?,
         };
         let models = members.iter().map(|m| Ok(m.load_model(dtype, &device)?)).collect::<Result<Vec<_>>>()?;
@@ -170,12 +167,14 @@ impl Scorer {
     }
 }
 
+/// The model folder or URL `name` (a URL is fetched into the local cache).
+fn open_model(name: &str) -> Result<Checkpoint> {
+    Checkpoint::open(btm_model::storage::local_dir(name)?).with_context(|| format!("opening model {name}"))
+}
+
 /// Members of an ensemble (or of an average), checked to share one tokenizer.
 pub fn open_members(names: &[String]) -> Result<Vec<Checkpoint>> {
-    let members = names
-        .iter()
-        .map(|m| Checkpoint::open(btm_model::storage::local_dir(m)?).with_context(|| format!("opening model {m}")))
-        .collect::<Result<Vec<_>>>()?;
+    let members = names.iter().map(|m| open_model(m)).collect::<Result<Vec<_>>>()?;
     btm_model::ensemble::check_members(&members)?;
     Ok(members)
 }

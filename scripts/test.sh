@@ -107,6 +107,7 @@ for m in map(json.loads, sys.stdin):
   while read -r dir exe; do (cd "$dir" && "$exe") || return 1; done <"$logs/unit-tests-$$"
 }
 logs=$(mktemp -d)
+trap 'rm -rf "$logs"; bash scripts/ray-local.sh stop; bash scripts/slurm-local.sh stop' EXIT
 export -f unit_tests
 export logs WS_ARGS="${WS[*]}"
 run_suite() { # index, command

@@ -68,7 +68,9 @@ fn cli_runs_the_experts_as_an_array_and_survives_a_cancelled_task() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
-    let file = pipeline(tmp.path(), "slurm-cli", "{kind: slurm, api: cli, cpus_per_task: 1, mem_per_cpu_mb: 400, retries: 2}", 60);
+    // Long enough that the cancel lands mid-training: 60 steps took a quarter of a second on a
+    // Zen 4, ending before the poll below could catch the task between checkpoint and done.
+    let file = pipeline(tmp.path(), "slurm-cli", "{kind: slurm, api: cli, cpus_per_task: 1, mem_per_cpu_mb: 400, retries: 2}", 600);
     let run = tmp.path().join("runs/slurm-cli");
     let child = btm().arg("run").arg(&file).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
 

@@ -345,7 +345,7 @@ fn column_chunk(
 /// The pages of a text column chunk, each dictionary page checked before the parquet crate
 /// decodes it. The crate (60.1) sizes a dictionary by the count in its page header before it
 /// reads a value, so a corrupt count allocates without bound and aborts the process (found by
-/// fuzzing: 1.2 billion values claimed in a 500-byte file). A plain-encoded text value takes at
+/// fuzzing: 1.2 billion values claimed in a 574-byte file). A plain-encoded text value takes at
 /// least its 4-byte length, so a dictionary page holds at most a quarter of its bytes in values.
 struct CheckedPages(Box<dyn PageReader>);
 

@@ -154,10 +154,12 @@ fn the_model_card_carries_the_validation_perplexities(run: &Path) {
     assert_eq!(results, recorded);
 }
 
-/// Experts from an existing seed, merged, continued: small enough to run three times.
+/// Experts from an existing seed, merged, continued: small enough to run four times, long
+/// enough (200 steps, about 2 s on a Zen 4) that a kill after the first checkpoint (step 10)
+/// lands while the experts still train; at 40 steps they could finish between two polls.
 fn resumable(dir: &Path, name: &str) -> PathBuf {
     let engine = "{kind: local, slots: 2, threads_per_job: 1, retries: 2}";
-    let train = "steps: 40, batch_size: 4, seq_len: 32, checkpoint_interval: 5";
+    let train = "steps: 200, batch_size: 4, seq_len: 32, checkpoint_interval: 10";
     fixture_pipeline(dir, name, &dir.join("runs").display().to_string(), engine, train, "continue: {steps: 4, checkpoint_interval: 2}\n")
 }
 
